@@ -1,0 +1,2216 @@
+#!/usr/bin/env python3
+"""chatroom: a LAN chat room in one file.
+
+One script is both ends. ``python chatroom.py --host`` runs a room host that
+advertises itself on the LAN by mDNS (``_chatroom._tcp.local.``);
+``python chatroom.py --cli --room R --user U`` finds a host by itself and joins
+room R as user U from a terminal; ``python chatroom.py --discover`` lists the
+hosts on the LAN; with no arguments it opens the desktop window. People in a
+room chat in any language and are told by ``[SYSTEM]`` notices, which nobody
+can fake, who comes and goes. Only the standard library is needed to import
+this file; zeroconf enables discovery and PySimpleGUI the window (each is
+imported where it is used, and a missing one is named in a friendly error).
+
+The file reads top to bottom; each section uses only the sections above it:
+
+ 1. LIMITS AND DEFAULTS   every tunable, error classes, small helpers
+ 2. WIRE PROTOCOL         frames, events, the Wire state machine (sans-I/O)
+ 3. ROOMS                 IDs, members, history, help (pure state machine)
+ 4. DISCOVERY             mDNS advertise and browse (zeroconf)
+ 5. MEDIA                 (reserved for video and voice calls)
+ 6. HOST                  asyncio listener, sessions, bounded outboxes
+ 7. CLIENT CORE           one asyncio loop in a thread, one event stream
+ 8. TERMINAL CLIENT       --cli: stdin lines in, events out (text or JSON)
+ 9. DESKTOP GUI           (reserved for the PySimpleGUI window)
+10. MAIN                  argparse and the entry points
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+import argparse
+import asyncio
+import collections
+import dataclasses
+import enum
+import ipaddress
+import json
+import logging
+import math
+import os
+import re
+import secrets
+import signal
+import socket
+import struct
+import sys
+import threading
+import time
+import unicodedata
+from typing import Any, Callable, ClassVar, Iterable
+
+log = logging.getLogger("chatroom")
+
+
+# =============================================================================
+# 1. LIMITS AND DEFAULTS: every tunable, the error classes, small helpers
+# =============================================================================
+# The numbers a maintainer looks for first, in one place. Each one that a
+# person might want to change has a command-line flag in 10. MAIN; the code
+# below receives them as arguments and never reads these globals behind its
+# caller's back, so tests can use small limits without patching anything.
+
+PROTOCOL_VERSION = 1                # bumped on any incompatible wire change
+DEFAULT_PORT = 47300                # TCP port of a host (--port; 0 = any free)
+SERVICE_TYPE = "_chatroom._tcp.local."
+
+MAX_FRAME_BYTES = 256 * 1024        # largest frame body either side accepts
+MAX_MESSAGE_BYTES = 16 * 1024       # largest chat text, in UTF-8 bytes
+MAX_ID_CHARS = 32                   # User and Room IDs, after NFC
+MAX_ROOM_MEMBERS = 256              # a room past this refuses new members
+MAX_SESSIONS = 1024                 # connections a host holds at once
+HISTORY_LIMIT = 100                 # messages replayed to a late joiner
+
+HELLO_TIMEOUT_S = 5.0               # a login must finish within this
+CONNECT_TIMEOUT_S = 5.0             # client: TCP connect + login
+PING_INTERVAL_S = 15.0              # host pings a connection this quiet
+PEER_SILENCE_S = 45.0               # no byte for this long: the peer is gone
+CLOSE_TIMEOUT_S = 2.0               # flushing goodbyes before aborting
+OUTBOX_LIMIT_BYTES = 4 * 1024 * 1024  # queued for one peer before "too slow"
+SEND_STALL_S = 20.0                 # queued bytes, no progress: "too slow"
+TICK_S = 1.0                        # host housekeeping period
+
+DISCOVERY_TIMEOUT_S = 2.0           # --discover listens this long
+DISCOVERY_SETTLE_S = 0.6            # --cli stops browsing this long after a find
+ADVERTISE_DEBOUNCE_S = 0.5          # coalesce TXT updates as rooms change
+
+READ_CHUNK_BYTES = 256 * 1024       # one socket read
+
+@dataclasses.dataclass(frozen=True)
+class Limits:
+    """The tunables a host or client runs with; defaults are the constants
+    above, and 10. MAIN builds one from the command-line flags."""
+    max_frame_bytes: int = MAX_FRAME_BYTES
+    max_message_bytes: int = MAX_MESSAGE_BYTES
+    max_room_members: int = MAX_ROOM_MEMBERS
+    max_sessions: int = MAX_SESSIONS
+    history_limit: int = HISTORY_LIMIT
+    hello_timeout_s: float = HELLO_TIMEOUT_S
+    connect_timeout_s: float = CONNECT_TIMEOUT_S
+    ping_interval_s: float = PING_INTERVAL_S
+    peer_silence_s: float = PEER_SILENCE_S
+    close_timeout_s: float = CLOSE_TIMEOUT_S
+    outbox_limit_bytes: int = OUTBOX_LIMIT_BYTES
+    send_stall_s: float = SEND_STALL_S
+
+
+# Error codes a peer or a script may see, in `error{code,message}` events.
+# A test (or a bot) matches on the code; the message is for people.
+ERROR_CODES = frozenset({
+    "user_taken", "bad_user_id", "bad_room_id", "room_full", "host_full",
+    "message_too_long", "bad_message", "no_such_user", "version_mismatch",
+    "bad_frame", "login_timeout", "too_slow", "host_unreachable", "no_host",
+    "ambiguous_host", "unknown_command", "not_connected", "calls_unavailable",
+    "missing_package",
+})
+
+
+class ChatError(Exception):
+    """Base of every error this program raises on purpose.
+
+    `code` is one of ERROR_CODES and is what machines match on; `message` is
+    a sentence for a person.
+    """
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+
+
+class ProtocolError(ChatError):
+    """Someone broke the wire protocol (see LocalError, RemoteError)."""
+
+
+class LocalError(ProtocolError):
+    """We tried to send something the protocol forbids now: a bug on our side."""
+
+
+class RemoteError(ProtocolError):
+    """The peer broke the protocol; the connection must be closed."""
+
+
+class Refused(ChatError):
+    """A well-formed request that policy refuses (taken ID, long message...)."""
+
+
+class MissingPackage(ChatError):
+    """An optional package this feature needs is not installed."""
+
+    def __init__(self, package: str, feature: str) -> None:
+        super().__init__("missing_package", f"{feature} needs the {package} package: "
+                         f"pip install -r requirements.txt (or pip install {package})")
+
+
+def unix_now() -> float:
+    """Wall-clock time in Unix seconds, millisecond precision (what `ts` holds)."""
+    return round(time.time(), 3)
+
+
+def printable(text: str) -> str:
+    """`text` made safe for a terminal: controls and bidi overrides escaped.
+
+    Text from the network may carry ANSI escapes or U+202E; printed raw they
+    would recolour the terminal or reverse a line to forge another one.
+    """
+    out = []
+    for ch in text:
+        if ch in "\t":
+            out.append(ch)
+        elif unicodedata.category(ch) in ("Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"):
+            out.append(f"\\u{ord(ch):04x}")
+        else:
+            out.append(ch)
+    return "".join(out)
+
+
+def parse_server(text: str, default_port: int = DEFAULT_PORT) -> tuple[str, int]:
+    """'HOST', 'HOST:PORT', '[V6]:PORT' or a bare IPv6 address -> (host, port).
+
+    Raises ValueError with a sentence for a person.
+    """
+    text = text.strip()
+    if not text:
+        raise ValueError("empty server address")
+    if text.startswith("["):
+        host, sep, rest = text[1:].partition("]")
+        if not sep or (rest and not rest.startswith(":")):
+            raise ValueError(f"bad server address {text!r}")
+        port_text = rest[1:]
+    elif text.count(":") == 1:
+        host, port_text = text.split(":")
+    else:
+        host, port_text = text, ""          # a name, IPv4, or bare IPv6
+    if not host:
+        raise ValueError(f"bad server address {text!r}")
+    if not port_text:
+        return host, default_port
+    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        raise ValueError(f"bad port in {text!r}")
+    return host, int(port_text)
+
+
+# =============================================================================
+# 2. WIRE PROTOCOL: frames, events, the Wire state machine (sans-I/O)
+# =============================================================================
+# Bytes in -> events out; events in -> bytes out. Nothing in this section
+# touches a socket, a clock or a thread, so every rule here is tested (and
+# fuzzed) without a network. Need I/O? You are in the wrong section: see
+# the HOST (6) and CLIENT CORE (7) sections.
+#
+# Theory of operation. A connection carries frames. A frame is a 4-byte
+# big-endian body length, then the body. A body that starts with "{" is one
+# UTF-8 JSON object with a "type" field naming an Event class below; a body
+# that starts with 0x00 is binary data for a file transfer (issue: files),
+# never base64. A header announcing more than MAX_FRAME_BYTES is refused
+# before anything is buffered. Every field of every event is checked (type,
+# length, characters) by the rule named after the field, so a value that
+# reaches the rooms or the screen has a known shape. Unknown fields are
+# ignored (a newer minor peer may add some); unknown types, missing fields,
+# and fields of the wrong shape are protocol errors.
+#
+# The Wire keeps one state per connection; TRANSITIONS says which event each
+# side may send in each state. The table is keyed by the sender's role, not
+# "us/them", so the same table serves the host end and the client end.
+
+_HEADER = struct.Struct(">I")
+_DATA_TAG = 0x00
+_JSON_TAG = ord("{")
+
+
+class Role(enum.Enum):
+    CLIENT = "client"
+    HOST = "host"
+
+
+class State(enum.Enum):
+    AWAITING_HELLO = "awaiting hello"       # client has not logged in yet
+    AWAITING_WELCOME = "awaiting welcome"   # login sent, answer pending
+    READY = "ready"                         # in a room
+    CLOSING = "closing"                     # client said bye; host may finish
+    CLOSED = "closed"                       # nothing more may be sent
+
+
+# --- Field rules -------------------------------------------------------------
+# One rule per field name, used by every event that has the field: a `user`
+# is checked the same way wherever it appears. A rule returns the value
+# (possibly normalised) or raises ValueError with the reason.
+
+_TOKEN_RE = re.compile(r"[A-Za-z0-9_.:-]+\Z")
+_SURROGATE_RE = re.compile("[\ud800-\udfff]")
+
+
+def _rule_int(low: int, high: int) -> Callable[[Any], int]:
+    def check(value: Any) -> int:
+        if type(value) is not int or not low <= value <= high:
+            raise ValueError(f"expected an integer in [{low}, {high}]")
+        return value
+    return check
+
+
+def _rule_str(max_chars: int, *, empty: bool = True) -> Callable[[Any], str]:
+    def check(value: Any) -> str:
+        if type(value) is not str:
+            raise ValueError("expected a string")
+        if len(value) > max_chars:
+            raise ValueError(f"longer than {max_chars} characters")
+        if not empty and not value:
+            raise ValueError("empty")
+        if _SURROGATE_RE.search(value):     # JSON "\ud800" decodes to one
+            raise ValueError("lone surrogate")
+        return value
+    return check
+
+
+def _rule_token(max_chars: int) -> Callable[[Any], str]:
+    def check(value: Any) -> str:
+        if type(value) is not str or not 0 < len(value) <= max_chars \
+                or not _TOKEN_RE.match(value):
+            raise ValueError(f"expected 1-{max_chars} of [A-Za-z0-9_.:-]")
+        return value
+    return check
+
+
+def _rule_bool(value: Any) -> bool:
+    if type(value) is not bool:
+        raise ValueError("expected true or false")
+    return value
+
+
+def _rule_ts(value: Any) -> float:
+    if type(value) not in (int, float) or not math.isfinite(value) \
+            or not 0 <= value < 2 ** 40:
+        raise ValueError("expected a Unix time in seconds")
+    return value
+
+
+def _rule_list(item: Callable[[Any], Any], max_items: int) -> Callable[[Any], tuple]:
+    def check(value: Any) -> tuple:
+        if type(value) is not list or len(value) > max_items:
+            raise ValueError(f"expected a list of at most {max_items} items")
+        return tuple(item(v) for v in value)
+    return check
+
+
+_NAME = _rule_str(4 * MAX_ID_CHARS, empty=False)  # IDs proper are checked in 3
+FIELD_RULES: dict[str, Callable[[Any], Any]] = {
+    "version": _rule_int(0, 65535),
+    "software": _rule_str(64),
+    "room": _NAME,
+    "user": _NAME,
+    "sender": _NAME,
+    "host": _rule_str(256),
+    "members": _rule_list(_NAME, 4 * MAX_ROOM_MEMBERS),
+    "text": _rule_str(MAX_FRAME_BYTES),
+    "id": _rule_token(64),
+    "seq": _rule_int(0, 2 ** 53),
+    "ts": _rule_ts,
+    "history": _rule_bool,
+    "event": _rule_token(32),
+    "code": _rule_token(40),
+    "message": _rule_str(2000),
+    "reason": _rule_str(200),
+    "n": _rule_int(0, 2 ** 53),
+}
+
+# A dataclass field whose Python name is a keyword travels under another name.
+WIRE_NAMES = {"sender": "from"}
+
+
+# --- Events ------------------------------------------------------------------
+
+EVENT_TYPES: dict[str, type[Event]] = {}
+
+
+@dataclasses.dataclass(frozen=True)
+class Event:
+    """One protocol message. Subclasses set TYPE, the JSON "type" field."""
+
+    TYPE: ClassVar[str] = ""
+
+    def to_wire(self) -> dict:
+        """The JSON object for this event (field names as on the wire)."""
+        out: dict[str, Any] = {"type": self.TYPE}
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            out[WIRE_NAMES.get(field.name, field.name)] = (
+                list(value) if isinstance(value, tuple) else value)
+        return out
+
+    @classmethod
+    def from_wire(cls, obj: dict) -> Event:
+        """Build an event from a decoded JSON object; RemoteError if malformed."""
+        kind = obj.get("type")
+        event_cls = EVENT_TYPES.get(kind) if type(kind) is str else None
+        if event_cls is None:
+            raise RemoteError("bad_frame", f"unknown message type {kind!r}")
+        values = {}
+        for field in dataclasses.fields(event_cls):
+            key = WIRE_NAMES.get(field.name, field.name)
+            if key not in obj:
+                if field.default is not dataclasses.MISSING:
+                    continue
+                raise RemoteError("bad_frame", f"{kind}: missing field {key!r}")
+            try:
+                values[field.name] = FIELD_RULES[field.name](obj[key])
+            except ValueError as exc:
+                raise RemoteError("bad_frame", f"{kind}.{key}: {exc}") from None
+        return event_cls(**values)
+
+
+def _event(cls: type[Event]) -> type[Event]:
+    """Register an event class under its TYPE; every field must have a rule."""
+    missing = [f.name for f in dataclasses.fields(cls) if f.name not in FIELD_RULES]
+    assert not missing, f"{cls.__name__}: no FIELD_RULES for {missing}"
+    EVENT_TYPES[cls.TYPE] = cls
+    return cls
+
+
+# Client -> host. Verbs, present tense.
+
+@_event
+@dataclasses.dataclass(frozen=True)
+class Hello(Event):
+    """Log in: the first frame a client sends, naming the protocol version."""
+    TYPE = "hello"
+    version: int
+    room: str
+    user: str
+    software: str = ""
+
+
+@_event
+@dataclasses.dataclass(frozen=True)
+class Say(Event):
+    """Send `text` to the room. `id` is chosen by the sender and comes back
+    in the host's confirmation, so a resend is recognised, never doubled."""
+    TYPE = "say"
+    id: str
+    text: str
+
+
+@_event
+@dataclasses.dataclass(frozen=True)
+class Who(Event):
+    """Ask for the member list."""
+    TYPE = "who"
+
+
+@_event
+@dataclasses.dataclass(frozen=True)
+class Bye(Event):
+    """Leave the room; the host answers with Closing and closes."""
+    TYPE = "bye"
+
+
+@_event
+@dataclasses.dataclass(frozen=True)
+class Ping(Event):
+    """Are you there? Either side may ask; the other answers Pong(n)."""
+    TYPE = "ping"
+    n: int
+
+
+@_event
+@dataclasses.dataclass(frozen=True)
+class Pong(Event):
+    TYPE = "pong"
+    n: int
+
+
+# Host -> client. Their TYPE names are the client's event vocabulary
+# (section 7), so what the host says is what a script reads.
+
+@_event
+@dataclasses.dataclass(frozen=True)
+class Welcome(Event):
+    """Login accepted: you are `user` in `room`; `members` in join order."""
+    TYPE = "welcome"
+    version: int
+    room: str
+    user: str
+    members: tuple
+    host: str = ""
+
+
+@_event
+@dataclasses.dataclass(frozen=True)
+class Message(Event):
+    """A chat message, stamped by the host. `seq` counts per room."""
+    TYPE = "message"
+    seq: int
+    id: str
+    sender: str
+    text: str
+    ts: float
+    history: bool = False
+
+
+@_event
+@dataclasses.dataclass(frozen=True)
+class System(Event):
+    """A [SYSTEM] notice: only the host can send one."""
+    TYPE = "system"
+    seq: int
+    event: str
+    user: str
+    text: str
+    ts: float
+
+
+@_event
+@dataclasses.dataclass(frozen=True)
+class Help(Event):
+    TYPE = "help"
+    text: str
+
+
+@_event
+@dataclasses.dataclass(frozen=True)
+class Members(Event):
+    TYPE = "members"
+    members: tuple
+
+
+@_event
+@dataclasses.dataclass(frozen=True)
+class Error(Event):
+    """Something was refused. `id` names the request it answers, if any."""
+    TYPE = "error"
+    code: str
+    message: str
+    id: str = "-"
+
+
+@_event
+@dataclasses.dataclass(frozen=True)
+class Closing(Event):
+    """The host is closing this connection (bye answered, shutdown, ...)."""
+    TYPE = "closing"
+    reason: str
+
+
+# --- Transitions -------------------------------------------------------------
+# (state, event class, sender role) -> next state. A pair not listed is a
+# protocol error: LocalError when we send it, RemoteError when we receive it.
+
+TRANSITIONS: dict[tuple[State, type[Event], Role], State] = {}
+
+
+def _allow(state: State, role: Role, events: Iterable[type[Event]],
+           then: State | None = None) -> None:
+    for event_cls in events:
+        TRANSITIONS[(state, event_cls, role)] = then or state
+
+
+_CLIENT_IN_ROOM = (Say, Who, Ping, Pong)
+_HOST_IN_ROOM = (Message, System, Help, Members, Error, Ping, Pong)
+
+_allow(State.AWAITING_HELLO, Role.CLIENT, [Hello], State.AWAITING_WELCOME)
+_allow(State.AWAITING_HELLO, Role.HOST, [Error], State.CLOSED)   # full, bad frame
+_allow(State.AWAITING_WELCOME, Role.HOST, [Welcome], State.READY)
+_allow(State.AWAITING_WELCOME, Role.HOST, [Error], State.CLOSED)  # login refused
+_allow(State.READY, Role.CLIENT, _CLIENT_IN_ROOM)
+_allow(State.READY, Role.CLIENT, [Bye], State.CLOSING)
+_allow(State.READY, Role.HOST, _HOST_IN_ROOM)
+_allow(State.READY, Role.HOST, [Closing], State.CLOSED)
+_allow(State.CLOSING, Role.CLIENT, [Pong])
+_allow(State.CLOSING, Role.HOST, _HOST_IN_ROOM)
+_allow(State.CLOSING, Role.HOST, [Closing], State.CLOSED)
+# After the host has seen a broken stream it still explains why, once.
+_allow(State.CLOSED, Role.HOST, [Error], State.CLOSED)
+
+
+# --- Framing -----------------------------------------------------------------
+
+def encode(event: Event) -> bytes:
+    """One complete frame (header and body) for `event`."""
+    body = json.dumps(event.to_wire(), ensure_ascii=False, separators=(",", ":"),
+                      allow_nan=False).encode("utf-8")
+    return _HEADER.pack(len(body)) + body
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict:
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        raise ValueError("duplicate key")
+    return obj
+
+
+def decode_body(body: bytes) -> Event:
+    """The event in one frame body. Raises RemoteError, never anything else."""
+    if not body:
+        raise RemoteError("bad_frame", "empty frame")
+    if body[0] != _JSON_TAG:
+        raise RemoteError("bad_frame", f"unknown frame kind 0x{body[0]:02x}")
+    try:
+        obj = json.loads(body.decode("utf-8"), parse_constant=_reject_constant,
+                         object_pairs_hook=_no_duplicate_keys)
+    except UnicodeDecodeError:
+        raise RemoteError("bad_frame", "frame is not UTF-8") from None
+    except (ValueError, RecursionError) as exc:
+        raise RemoteError("bad_frame", f"frame is not JSON ({exc})") from None
+    if type(obj) is not dict:
+        raise RemoteError("bad_frame", "frame is not a JSON object")
+    return Event.from_wire(obj)
+
+
+class FrameDecoder:
+    """Splits a byte stream into frame bodies, refusing oversized ones early."""
+
+    def __init__(self, max_frame_bytes: int = MAX_FRAME_BYTES) -> None:
+        self.max_frame_bytes = max_frame_bytes
+        self._buffer = bytearray()      # bytes received but not yet a whole frame
+
+    @property
+    def pending(self) -> int:
+        """Bytes held that do not make a whole frame yet."""
+        return len(self._buffer)
+
+    def feed(self, data: bytes) -> list[bytes]:
+        """Add bytes; return the bodies of every frame now complete.
+
+        Raises RemoteError when a header announces more than the limit; the
+        body is then never buffered, so a 4 GiB prefix costs nothing.
+        """
+        buffer = self._buffer
+        buffer += data
+        bodies = []
+        start = 0
+        while len(buffer) - start >= _HEADER.size:
+            (size,) = _HEADER.unpack_from(buffer, start)
+            if size > self.max_frame_bytes:
+                raise RemoteError("bad_frame", f"frame of {size} bytes announced; "
+                                  f"the limit is {self.max_frame_bytes}")
+            end = start + _HEADER.size + size
+            if len(buffer) < end:
+                break
+            bodies.append(bytes(buffer[start + _HEADER.size:end]))
+            start = end
+        if start:
+            del buffer[:start]
+        return bodies
+
+
+class Wire:
+    """One end of a chatroom connection. Owns no socket and never blocks.
+
+    Feed what the socket read to `receive`; write what `send` returns.
+    """
+
+    def __init__(self, role: Role, max_frame_bytes: int = MAX_FRAME_BYTES) -> None:
+        self.role = role
+        self.peer_role = Role.HOST if role is Role.CLIENT else Role.CLIENT
+        self.state = State.AWAITING_HELLO
+        self._decoder = FrameDecoder(max_frame_bytes)
+
+    def receive(self, data: bytes) -> list[Event]:
+        """Feed bytes from the peer (b"" = end of stream); return whole events.
+
+        Returns the events completed by `data`, in order; at end of stream the
+        state becomes CLOSED. Raises RemoteError if the peer broke the
+        protocol (garbage, an oversized or half frame, an event not allowed
+        now), after which the Wire is CLOSED and the caller must close the
+        connection. If this raises anything else, that is a bug.
+        """
+        if not data:
+            half = self._decoder.pending
+            self.state = State.CLOSED
+            if half:
+                raise RemoteError("bad_frame", f"connection closed inside a frame "
+                                  f"({half} bytes pending)")
+            return []
+        if self.state is State.CLOSED:
+            raise RemoteError("bad_frame", "data after the connection closed")
+        try:
+            events = [decode_body(body) for body in self._decoder.feed(data)]
+            for event in events:
+                self._advance(event, self.peer_role, RemoteError)
+        except RemoteError:
+            self.state = State.CLOSED
+            raise
+        return events
+
+    def send(self, event: Event) -> bytes:
+        """The frame for `event`, after checking that we may send it now.
+
+        Raises LocalError if the protocol forbids it in this state (a bug in
+        the caller); the state is then unchanged.
+        """
+        self.check_send(event)
+        return encode(event)
+
+    def check_send(self, event: Event) -> None:
+        """Advance the state for an event we are about to send (see `send`).
+
+        Split from `send` so a broadcast encodes one frame for many Wires.
+        """
+        self._advance(event, self.role, LocalError)
+
+    def _advance(self, event: Event, sender: Role, error: type[ProtocolError]) -> None:
+        key = (self.state, type(event), sender)
+        if key not in TRANSITIONS:
+            raise error("bad_frame", f"can't handle {event.TYPE!r} from the "
+                        f"{sender.value} when state={self.state.value}")
+        self.state = TRANSITIONS[key]
+
+
+# =============================================================================
+# 3. ROOMS: IDs, members, history and help, as a pure state machine
+# =============================================================================
+# Decides what goes to whom and returns it as data: a list of Deliveries,
+# (member handle, Event). It never sends anything, never reads a clock (time
+# arrives as `now`), and knows nothing of sockets, so the rules below are
+# tested with plain calls. A member handle is any hashable the caller picks
+# (the host uses its Session object); rooms never look inside it.
+#
+# The rules, also in README.md:
+# - "A User ID is 1-32 characters after NFC normalisation: letters of any
+#   script, digits, space, `_ - .`; no control, format or bidi characters, no
+#   leading or trailing space; compared case-insensitively." Combining marks
+#   may follow a letter (scripts such as Devanagari need them). Room IDs
+#   follow the same rules.
+# - "SYSTEM in any case, or a name that imitates it, is refused as a User ID":
+#   names are compared by a skeleton that folds width, case, look-alike
+#   Cyrillic and Greek letters and drops separators.
+# - "When the last member leaves, the room and all it knew about its members
+#   is forgotten."
+
+Delivery = tuple[Any, Event]
+
+_ID_PUNCTUATION = frozenset(" _-.")
+_MAX_MARKS_IN_A_ROW = 3
+
+# Letters that look like the Latin ones in "system" (Unicode confusables).
+_LOOKALIKES = str.maketrans({
+    "ѕ": "s", "ꜱ": "s", "ς": "s", "5": "s", "у": "y", "ү": "y", "γ": "y",
+    "т": "t", "τ": "t", "7": "t", "е": "e", "ё": "e", "є": "e", "ε": "e",
+    "3": "e", "м": "m", "μ": "m",
+})
+
+
+def check_id(raw: str, kind: str) -> str:
+    """The display form of a User or Room ID, or Refused(bad_<kind>_id).
+
+    `kind` is "user" or "room". The result is NFC-normalised; compare two
+    IDs with `id_key`, never with ==.
+    """
+    code = f"bad_{kind}_id"
+    label = "User ID" if kind == "user" else "Room ID"
+    name = unicodedata.normalize("NFC", raw)
+    if not 1 <= len(name) <= MAX_ID_CHARS:
+        raise Refused(code, f"a {label} has 1 to {MAX_ID_CHARS} characters")
+    if name != name.strip():
+        raise Refused(code, f"a {label} can't start or end with a space")
+    marks = 0                       # combining marks since the last base letter
+    after_letter = False
+    for ch in name:
+        category = unicodedata.category(ch)
+        if category[0] == "M":
+            marks += 1
+            if not after_letter or marks > _MAX_MARKS_IN_A_ROW:
+                raise Refused(code, f"a {label} can't have stray combining marks")
+            continue
+        marks = 0
+        after_letter = category[0] == "L"
+        if not (after_letter or category == "Nd" or ch in _ID_PUNCTUATION):
+            raise Refused(code, f"a {label} may hold letters, digits, space and "
+                          f"_ - . (not U+{ord(ch):04X})")
+    return name
+
+
+def id_key(name: str) -> str:
+    """The identity of an ID: two IDs are the same when their keys are equal.
+
+    NFKC folds width and compatibility forms ("ａｌｉｃｅ" is "alice"), then
+    casefold makes "Alice" and "alice" one name.
+    """
+    return unicodedata.normalize("NFKC", name).casefold()
+
+
+def imitates_system(name: str) -> bool:
+    """True for SYSTEM, "System", "S.Y.S.T.E.M", "ЅYЅТЕМ", "5Y5TEM" and such."""
+    skeleton = "".join(ch for ch in id_key(name).translate(_LOOKALIKES)
+                       if ch not in _ID_PUNCTUATION)
+    skeleton = unicodedata.normalize("NFKD", skeleton)
+    skeleton = "".join(ch for ch in skeleton if unicodedata.category(ch)[0] != "M")
+    return skeleton == "system"
+
+
+def check_text(text: str, max_bytes: int) -> str:
+    """A chat text fit to broadcast, or Refused(message_too_long | bad_message).
+
+    "A message over the size limit is refused with message_too_long, never
+    cut silently." Tabs and newlines are kept; other control characters and
+    bidi overrides are refused, since they could make the text display as
+    something it is not.
+    """
+    size = len(text.encode("utf-8"))
+    if size > max_bytes:
+        raise Refused("message_too_long",
+                      f"message is {size} bytes; the limit is {max_bytes}")
+    if not text.strip():
+        raise Refused("bad_message", "message is empty")
+    for ch in text:
+        if ch not in "\t\n" and unicodedata.category(ch) in ("Cc", "Cf", "Cs", "Co"):
+            raise Refused("bad_message",
+                          f"message holds control character U+{ord(ch):04X}")
+    return text
+
+
+HELP_TEXT = """\
+HELP
+1. Text chat: type a line and press Enter (or Send). Everyone in this room
+   sees it with your name and the time. Rooms are independent: nothing you
+   say reaches another room.
+2. Video and voice calls:
+   2.1 Type /CHECK USERID to call someone in this room; the host picks the
+       ports for you.
+   2.2 Or type "ip_of_someone port1 port2" and press the video button to
+       call an address directly with ports you choose.
+   2.3 Only the person you call is told "<you> CALL YOU".
+   2.4 The call connects when they call you back within 1 minute; if they
+       don't, the call fails and you are told they may be busy.
+   2.5 In a video window, ESC closes the call with that person; Backspace
+       on your own window closes all your calls.
+3. Files: /send PATH sends a file to everyone in the room; /send PATH @USER
+   sends it to that person only. Chat keeps flowing while files move.
+4. System notices: entering and leaving the room, and incoming calls, are
+   announced by [SYSTEM] lines. Only the host can send them: a user's text
+   that starts with [SYSTEM] is still shown as that user's message, and
+   nobody can be called SYSTEM.
+5. Commands: /who lists the members, /quit leaves, help shows this text
+   (to you alone)."""
+
+
+@dataclasses.dataclass
+class Member:
+    user: str                   # display form, as the person typed it (NFC)
+    joined: float               # Unix time
+
+
+@dataclasses.dataclass
+class Room:
+    """One room's state. Held only while the room has members."""
+    name: str
+    members: dict[Any, Member] = dataclasses.field(default_factory=dict)
+    by_key: dict[str, Any] = dataclasses.field(default_factory=dict)  # id_key -> handle
+    seq: int = 0                # last sequence number given to a room event
+    history: collections.deque = dataclasses.field(default_factory=collections.deque)
+
+    def user_list(self) -> tuple[str, ...]:
+        return tuple(m.user for m in self.members.values())   # dicts keep join order
+
+
+class Rooms:
+    """Every room of one host, and who is in which.
+
+    Each method returns the Deliveries it causes, or raises Refused for a
+    request the caller must refuse (then nothing changed).
+    """
+
+    def __init__(self, *, host_name: str = "", history_limit: int = HISTORY_LIMIT,
+                 max_message_bytes: int = MAX_MESSAGE_BYTES,
+                 max_members: int = MAX_ROOM_MEMBERS) -> None:
+        self.host_name = host_name
+        self.history_limit = history_limit
+        self.max_message_bytes = max_message_bytes
+        self.max_members = max_members
+        self._rooms: dict[str, Room] = {}       # id_key(room) -> Room
+        self._where: dict[Any, Room] = {}       # member handle -> its room
+
+    # --- queries ---
+
+    def summary(self) -> list[tuple[str, int]]:
+        """(room, member count) for every open room, largest first."""
+        return sorted(((r.name, len(r.members)) for r in self._rooms.values()),
+                      key=lambda pair: (-pair[1], id_key(pair[0])))
+
+    def room_of(self, member: Any) -> Room | None:
+        return self._where.get(member)
+
+    def user_of(self, member: Any) -> str | None:
+        room = self._where.get(member)
+        return room.members[member].user if room else None
+
+    def find(self, member: Any, user: str) -> Any | None:
+        """The handle of `user` in `member`'s room, or None."""
+        room = self._where.get(member)
+        return room.by_key.get(id_key(user)) if room else None
+
+    def __len__(self) -> int:
+        return len(self._rooms)
+
+    # --- commands ---
+
+    def join(self, member: Any, room_name: str, user: str, now: float) -> list[Delivery]:
+        """Put `member` into a room as `user`.
+
+        Delivers Welcome and the room's history (oldest first, history=True)
+        to the joiner, then an "enter" notice to everyone in the room.
+        Raises Refused: bad_room_id, bad_user_id, user_taken, room_full.
+        """
+        if member in self._where:
+            raise Refused("bad_frame", "already in a room")
+        room_name = check_id(room_name, "room")
+        user = check_id(user, "user")
+        if imitates_system(user):
+            raise Refused("bad_user_id", f"{user!r} is reserved for system notices")
+        room = self._rooms.get(id_key(room_name))
+        if room is not None:
+            if id_key(user) in room.by_key:
+                raise Refused("user_taken", f"{user!r} is already in room {room.name!r}")
+            if len(room.members) >= self.max_members:
+                raise Refused("room_full", f"room {room.name!r} has "
+                              f"{self.max_members} members, the most it takes")
+        else:
+            room = Room(room_name, history=collections.deque(maxlen=self.history_limit))
+            self._rooms[id_key(room_name)] = room
+        room.members[member] = Member(user, now)
+        room.by_key[id_key(user)] = member
+        self._where[member] = room
+        out: list[Delivery] = [(member, Welcome(PROTOCOL_VERSION, room.name, user,
+                                                room.user_list(), self.host_name))]
+        out += [(member, dataclasses.replace(m, history=True)) for m in room.history]
+        out += self._notice(room, "enter", user, f"{user} entered the room", now)
+        return out
+
+    def say(self, member: Any, text: str, msg_id: str, now: float) -> list[Delivery]:
+        """A member's chat line: to everyone in the room, the sender included
+        (that copy is the host's confirmation). `help` in any letter case
+        goes back to the sender alone as the help text. A refused text comes
+        back to the sender as an Error naming `msg_id`.
+        """
+        room = self._where[member]
+        if text.strip().casefold() == "help":
+            return [(member, Help(HELP_TEXT))]
+        try:
+            check_text(text, self.max_message_bytes)
+        except Refused as refusal:
+            return [(member, Error(refusal.code, refusal.message, msg_id))]
+        sender = room.members[member].user
+        for earlier in room.history:        # a resend: confirm again, never double
+            if earlier.id == msg_id and id_key(earlier.sender) == id_key(sender):
+                return [(member, earlier)]
+        room.seq += 1
+        message = Message(room.seq, msg_id, sender, text, now)
+        room.history.append(message)
+        return [(m, message) for m in room.members]
+
+    def who(self, member: Any) -> list[Delivery]:
+        return [(member, Members(self._where[member].user_list()))]
+
+    def leave(self, member: Any, now: float, why: str = "") -> list[Delivery]:
+        """Take `member` out of its room (a no-op if it is in none).
+
+        Everyone left is told; an empty room is forgotten with its history.
+        """
+        room = self._where.pop(member, None)
+        if room is None:
+            return []
+        user = room.members.pop(member).user
+        del room.by_key[id_key(user)]
+        if not room.members:
+            del self._rooms[id_key(room.name)]
+            return []
+        text = f"{user} left the room" + (f" ({why})" if why else "")
+        return self._notice(room, "leave", user, text, now)
+
+    def _notice(self, room: Room, event: str, user: str, text: str,
+                now: float) -> list[Delivery]:
+        room.seq += 1
+        notice = System(room.seq, event, user, f"[SYSTEM] {text}", now)
+        return [(m, notice) for m in room.members]
+
+
+# =============================================================================
+# 4. DISCOVERY: advertise a host and browse for hosts with mDNS (zeroconf)
+# =============================================================================
+# A host registers one `_chatroom._tcp.local.` service whose TXT record says
+# the protocol version (`v`), the host's name (`n`), how many rooms are open
+# (`rc`) and, while they fit in a single packet, each room with its member
+# count (`r0`, `r1`, ... = "3 lobby"). The record is updated, at most every
+# ADVERTISE_DEBOUNCE_S, as rooms come and go, and withdrawn when the host
+# stops. Browsing asks multicast (QM) questions: about 150 ms to find a host
+# on these machines, against about 1.1 s with zeroconf's default question.
+#
+# Everything read from the LAN is untrusted: TXT values are decoded and
+# checked like wire fields, and a malformed record is skipped, not trusted.
+# zeroconf is imported here, inside functions, so `import chatroom` works
+# without it. `interface` (the --interface flag) restricts mDNS to one
+# address; tests always pass 127.0.0.1.
+
+TXT_BUDGET_BYTES = 900              # keeps the record inside one mDNS packet
+
+
+@dataclasses.dataclass(frozen=True)
+class HostInfo:
+    """One host seen on the LAN."""
+    name: str
+    address: str
+    port: int
+    rooms: tuple[tuple[str, int], ...]
+    version: int
+    rooms_total: int = 0            # rooms open, listed or not
+    key: str = ""                   # the mDNS service name, unique on the LAN
+
+    def to_event(self) -> dict:
+        """The `host` event of the client vocabulary."""
+        return {"type": "host", "name": self.name, "address": self.address,
+                "port": self.port, "version": self.version,
+                "rooms": [{"room": r, "members": n} for r, n in self.rooms],
+                "rooms_total": self.rooms_total}
+
+
+def encode_txt(name: str, rooms: list[tuple[str, int]]) -> dict[str, str]:
+    """TXT properties for a host; rooms beyond the budget are only counted."""
+    props = {"v": str(PROTOCOL_VERSION), "n": name[:63], "rc": str(len(rooms))}
+    used = sum(len(k) + len(v.encode()) + 2 for k, v in props.items())
+    for index, (room, count) in enumerate(rooms):
+        key, value = f"r{index}", f"{count} {room}"
+        cost = len(key) + len(value.encode()) + 2
+        if used + cost > TXT_BUDGET_BYTES:
+            break
+        props[key] = value
+        used += cost
+    return props
+
+
+def decode_txt(props: dict[bytes, bytes | None]) -> tuple[str, int, list, int] | None:
+    """(name, version, rooms, rooms_total) from TXT properties, or None if the
+    record is not a well-formed chatroom record."""
+    text = {}
+    for key, value in props.items():
+        try:
+            text[key.decode("utf-8")] = (value or b"").decode("utf-8")
+        except (UnicodeDecodeError, AttributeError):
+            return None
+    try:
+        version = FIELD_RULES["version"](int(text.get("v", "")))
+        name = FIELD_RULES["host"](text.get("n", ""))
+        total = int(text.get("rc", "0"))
+    except ValueError:
+        return None
+    rooms = []
+    for index in range(min(total, MAX_SESSIONS)):
+        count, _, room = text.get(f"r{index}", "").partition(" ")
+        if not count.isdigit() or not room or len(room) > 4 * MAX_ID_CHARS:
+            break
+        rooms.append((room, int(count)))
+    return printable(name), version, rooms, max(total, len(rooms))
+
+
+def _zeroconf():
+    """zeroconf's names we use, or MissingPackage."""
+    try:
+        import zeroconf
+        from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZeroconf
+    except ImportError:
+        raise MissingPackage("zeroconf", "LAN discovery") from None
+    return zeroconf, AsyncZeroconf, AsyncServiceBrowser, AsyncServiceInfo
+
+
+def _open_zeroconf(interface: str | None):
+    """An AsyncZeroconf on one interface address, or on every interface."""
+    zeroconf, AsyncZeroconf, _, _ = _zeroconf()
+    if interface is None:
+        return AsyncZeroconf(interfaces=zeroconf.InterfaceChoice.All,
+                             ip_version=zeroconf.IPVersion.V4Only)
+    version = ipaddress.ip_address(interface).version
+    return AsyncZeroconf(interfaces=[interface], ip_version=(
+        zeroconf.IPVersion.V4Only if version == 4 else zeroconf.IPVersion.V6Only))
+
+
+def lan_addresses() -> list[str]:
+    """This machine's IPv4 addresses, loopback last (what a host advertises)."""
+    try:
+        import ifaddr                       # a dependency of zeroconf
+    except ImportError:
+        raise MissingPackage("zeroconf", "LAN discovery") from None
+    found = [ip.ip for adapter in ifaddr.get_adapters() for ip in adapter.ips
+             if isinstance(ip.ip, str)]
+    return sorted(set(found), key=lambda a: (a.startswith("127."), a))
+
+
+class Advertiser:
+    """Keeps one host registered on mDNS, its TXT record current."""
+
+    def __init__(self, name: str, port: int, interface: str | None = None) -> None:
+        self.name = name
+        self.port = port
+        self.interface = interface
+        self._azc = None                # AsyncZeroconf, once started
+        self._info = None               # the registered ServiceInfo
+        self._rooms: list[tuple[str, int]] = []
+        self._update_task: asyncio.Task | None = None
+        self._server = f"chatroom-{secrets.token_hex(4)}.local."   # our A record
+
+    async def start(self) -> None:
+        """Register; returns once probing and announcing are done (~1.6 s)."""
+        self._azc = _open_zeroconf(self.interface)
+        self._info = self._make_info(f"{self._instance()} ({self.port}).{SERVICE_TYPE}")
+        announced = await self._azc.async_register_service(self._info,
+                                                           allow_name_change=True)
+        await announced
+        self._info = self._make_info(self._info.name)   # the name may have changed
+
+    def _instance(self) -> str:
+        return re.sub(r"[.\x00-\x1f]", "_", self.name)[:40] or "chatroom"
+
+    def _make_info(self, service_name: str):
+        _, _, _, AsyncServiceInfo = _zeroconf()
+        addresses = [self.interface] if self.interface else [
+            a for a in lan_addresses() if not a.startswith("127.")] or ["127.0.0.1"]
+        return AsyncServiceInfo(
+            SERVICE_TYPE, service_name, port=self.port, parsed_addresses=addresses,
+            properties=encode_txt(self.name, self._rooms), server=self._server)
+
+    def rooms_changed(self, rooms: list[tuple[str, int]]) -> None:
+        """Note the rooms now open; the TXT record follows within a moment."""
+        self._rooms = rooms
+        if self._azc is not None and self._update_task is None:
+            self._update_task = asyncio.get_running_loop().create_task(
+                self._update_soon(), name="mdns:update")
+
+    async def _update_soon(self) -> None:
+        try:
+            await asyncio.sleep(ADVERTISE_DEBOUNCE_S)   # one update per burst
+        finally:
+            self._update_task = None
+        if self._azc is None:
+            return
+        self._info = self._make_info(self._info.name)
+        try:
+            await self._azc.async_update_service(self._info)
+        except Exception:                   # a flaky LAN must not stop the host
+            log.warning("mDNS update failed", exc_info=True)
+
+    async def close(self) -> None:
+        """Withdraw the record (goodbye packets) and stop. Safe to call twice."""
+        azc, self._azc = self._azc, None
+        if self._update_task is not None:
+            self._update_task.cancel()
+        if azc is None:
+            return
+        try:
+            await (await azc.async_unregister_service(self._info))
+        except Exception:
+            log.warning("mDNS goodbye failed", exc_info=True)
+        finally:
+            await azc.async_close()
+
+
+class HostBrowser:
+    """Watches the LAN for hosts; `hosts` is always the current view.
+
+    `on_change(hosts)` runs on the event loop after each addition, update or
+    removal, with a fresh list sorted by name.
+    """
+
+    def __init__(self, interface: str | None = None,
+                 on_change: Callable[[list[HostInfo]], None] | None = None,
+                 question_type: str = "QM") -> None:
+        self.interface = interface
+        self.on_change = on_change
+        self.question_type = question_type  # "QM" (fast) or "default" (bench)
+        self.hosts: dict[str, HostInfo] = {}
+        self._azc = None
+        self._browser = None
+        self._tasks: set[asyncio.Task] = set()
+
+    async def start(self) -> None:
+        zeroconf, _, AsyncServiceBrowser, _ = _zeroconf()
+        self._azc = _open_zeroconf(self.interface)
+        question = (zeroconf.DNSQuestionType.QM if self.question_type == "QM" else None)
+        self._question = question
+        self._browser = AsyncServiceBrowser(
+            self._azc.zeroconf, SERVICE_TYPE, handlers=[self._on_service],
+            question_type=question)
+
+    def _on_service(self, zeroconf: Any, service_type: str, name: str,
+                    state_change: Any) -> None:
+        if state_change.name == "Removed":
+            if self.hosts.pop(name, None) is not None:
+                self._changed()
+            return
+        task = asyncio.get_running_loop().create_task(self._resolve(name),
+                                                      name=f"mdns:resolve:{name}")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _resolve(self, name: str) -> None:
+        _, _, _, AsyncServiceInfo = _zeroconf()
+        info = AsyncServiceInfo(SERVICE_TYPE, name)
+        if not await info.async_request(self._azc.zeroconf, 1500,
+                                        question_type=self._question):
+            return
+        decoded = decode_txt(info.properties or {})
+        addresses = info.parsed_addresses()
+        if decoded is None or not addresses or not info.port:
+            return
+        host_name, version, rooms, total = decoded
+        if self.interface in addresses:
+            addresses = [self.interface]
+        self.hosts[name] = HostInfo(host_name, addresses[0], info.port,
+                                    tuple(rooms), version, total, name)
+        self._changed()
+
+    def _changed(self) -> None:
+        if self.on_change is not None:
+            self.on_change(self.sorted_hosts())
+
+    def sorted_hosts(self) -> list[HostInfo]:
+        return sorted(self.hosts.values(), key=lambda h: (id_key(h.name), h.address, h.port))
+
+    async def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        if self._browser is not None:
+            await self._browser.async_cancel()
+            self._browser = None
+        if self._azc is not None:
+            await self._azc.async_close()
+            self._azc = None
+
+
+async def discover(timeout: float = DISCOVERY_TIMEOUT_S, *, interface: str | None = None,
+                   settle: float | None = None, name: str | None = None) -> list[HostInfo]:
+    """The hosts found within `timeout` seconds, sorted by name.
+
+    With `settle`, stop early once a host has been found and nothing new
+    has appeared for `settle` seconds. With `name`, keep only hosts of that
+    name (compared like IDs).
+    """
+    changed = asyncio.Event()
+    browser = HostBrowser(interface, on_change=lambda hosts: changed.set())
+
+    def wanted() -> list[HostInfo]:
+        return [h for h in browser.sorted_hosts()
+                if name is None or id_key(h.name) == id_key(name)]
+
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    await browser.start()
+    try:
+        while (left := deadline - loop.time()) > 0:
+            wait = min(left, settle) if settle is not None and wanted() else left
+            changed.clear()
+            try:
+                await asyncio.wait_for(changed.wait(), wait)
+            except TimeoutError:
+                if settle is not None and wanted():
+                    break
+        return wanted()
+    finally:
+        await browser.close()
+
+
+# =============================================================================
+# 5. MEDIA: (reserved) camera, microphone and UDP streams for calls
+# =============================================================================
+# Video and voice calls are a later issue. Until they land, the terminal
+# client and the window answer /CHECK and the video button with a clear
+# `calls_unavailable` error; nothing in the sections below depends on media.
+
+
+# =============================================================================
+# 6. HOST: asyncio listener, one session per connection, bounded outboxes
+# =============================================================================
+# Owns sockets and time; decisions come from 3. ROOMS and bytes from 2. WIRE.
+# `Link` (one framed connection with its own bounded outbox and its single
+# writer task) is shared with 7. CLIENT CORE, which is why it opens this
+# section rather than living in the host proper.
+#
+# Rules this section keeps (README.md, "Protocol and host rules"):
+# - A broadcast never awaits a peer: it offers a frame to each member's
+#   outbox and moves on. A peer whose outbox passes `outbox_limit_bytes`, or
+#   which makes no progress on a non-empty outbox for `send_stall_s`, is too
+#   slow and is disconnected; silently dropping its messages instead would
+#   break "never loses a message", and waiting for it would slow its room.
+# - Every wait on a peer has a deadline: the login (`hello_timeout_s`),
+#   silence (`ping_interval_s`, then `peer_silence_s`), and the goodbye
+#   flush (`close_timeout_s`, then the transport is aborted).
+# - A broken stream gets one error frame with the reason and is closed; no
+#   input reaches anything but that connection's own session.
+# - Shutdown, in the order websockets uses: stop accepting, withdraw the
+#   mDNS record and tell every session at once, wait for the handlers for
+#   `close_timeout_s`, then abort whatever is still open.
+
+_WRITE_BATCH_BYTES = 256 * 1024
+
+
+class Link:
+    """One framed connection: a Wire, a bounded outbox, and one writer task.
+
+    Only the writer task writes to the socket, so frames never interleave,
+    and it drains after each batch, so backpressure stays with this peer.
+    Create it inside a running event loop.
+    """
+
+    def __init__(self, wire: Wire, reader: asyncio.StreamReader,
+                 writer: asyncio.StreamWriter, limits: Limits, name: str) -> None:
+        self.wire = wire
+        self.reader = reader
+        self.writer = writer
+        self.limits = limits
+        self.name = name                    # "ip:port", for logs and task names
+        loop = asyncio.get_running_loop()
+        self.last_heard = loop.time()       # last byte received
+        self.last_progress = loop.time()    # last time the outbox got shorter
+        self.queued_bytes = 0
+        self.closing = False                # no new frames are accepted
+        self.close_reason = ""
+        self._outbox: collections.deque[bytes] = collections.deque()
+        self._wakeup = asyncio.Event()
+        self._abort_timer: asyncio.TimerHandle | None = None
+        self.writer_task = loop.create_task(self._write_loop(), name=f"outbox:{name}")
+
+    # --- sending ---
+
+    def offer(self, event: Event, frame: bytes | None = None) -> bool:
+        """Queue `event` without waiting (`frame`: its bytes, if already encoded).
+
+        Returns False, queuing nothing, when the link is closing or the
+        outbox would pass its limit: this peer can't keep up.
+        """
+        if self.closing:
+            return False
+        if frame is None:
+            frame = encode(event)
+        if self.queued_bytes + len(frame) > self.limits.outbox_limit_bytes:
+            return False
+        self.wire.check_send(event)
+        self._push(frame)
+        return True
+
+    def _push(self, frame: bytes) -> None:
+        if not self._outbox:
+            self.last_progress = asyncio.get_running_loop().time()
+        self._outbox.append(frame)
+        self.queued_bytes += len(frame)
+        self._wakeup.set()
+
+    def close_with(self, event: Event | None, reason: str) -> None:
+        """Send `event` (if any) after what is queued, then close gracefully.
+
+        A peer that does not take the bytes within `close_timeout_s` is cut
+        off. Safe to call more than once; the first reason is kept.
+        """
+        if self.closing:
+            return
+        self.closing = True
+        self.close_reason = reason
+        if event is not None:
+            try:
+                self.wire.check_send(event)
+                self._push(encode(event))   # past the limit: it's the last one
+            except LocalError:
+                pass                        # nothing more may be said: just close
+        self._wakeup.set()
+        self._abort_timer = asyncio.get_running_loop().call_later(
+            self.limits.close_timeout_s, self.abort, reason)
+
+    def abort(self, reason: str = "aborted") -> None:
+        """Drop the connection now, discarding what is queued."""
+        if not self.closing:
+            self.closing = True
+            self.close_reason = reason
+        self._outbox.clear()
+        self.queued_bytes = 0
+        self._wakeup.set()
+        self.writer.transport.abort()
+
+    async def _write_loop(self) -> None:
+        writer = self.writer
+        try:
+            while True:
+                if not self._outbox:
+                    if self.closing:
+                        break
+                    self._wakeup.clear()
+                    await self._wakeup.wait()
+                    continue
+                batch, size = [], 0
+                while self._outbox and size < _WRITE_BATCH_BYTES:
+                    frame = self._outbox.popleft()
+                    batch.append(frame)
+                    size += len(frame)
+                writer.writelines(batch)
+                await writer.drain()
+                self.queued_bytes -= size
+                self.last_progress = asyncio.get_running_loop().time()
+        except (ConnectionError, OSError):
+            pass                            # the reader sees the same and ends
+        finally:
+            if self._abort_timer is not None:
+                self._abort_timer.cancel()
+            writer.close()                  # flushes what the transport holds
+
+    # --- receiving ---
+
+    async def receive(self) -> list[Event] | None:
+        """The next events from the peer; None at end of stream.
+
+        Raises RemoteError if the peer broke the protocol.
+        """
+        try:
+            data = await self.reader.read(READ_CHUNK_BYTES)
+        except (ConnectionError, OSError):
+            data = b""
+        self.last_heard = asyncio.get_running_loop().time()
+        events = self.wire.receive(data)
+        return events if data else None
+
+    async def finish(self) -> None:
+        """Close (if nobody has yet) and wait for the writer to end, aborting
+        the connection if the peer won't take the last bytes in time."""
+        if not self.closing:
+            self.close_with(None, "closed")
+        done, _ = await asyncio.wait({self.writer_task},
+                                     timeout=self.limits.close_timeout_s)
+        if not done:
+            self.abort(self.close_reason)
+            await asyncio.wait({self.writer_task})
+
+
+class Session:
+    """The host's side of one client connection."""
+
+    def __init__(self, host: Host, link: Link) -> None:
+        self.host = host
+        self.link = link
+        self.started = asyncio.get_running_loop().time()
+        self.last_ping = self.started       # when we last pinged, or connected
+        self.ping_count = 0
+
+    def __repr__(self) -> str:
+        return f"<Session {self.link.name} {self.link.wire.state.value}>"
+
+    async def run(self) -> None:
+        link = self.link
+        try:
+            while not link.closing:
+                try:
+                    events = await link.receive()
+                except RemoteError as exc:
+                    log.info("%s broke the protocol: %s", link.name, exc.message)
+                    link.close_with(Error(exc.code, exc.message), "bad frame")
+                    break
+                if events is None:
+                    link.close_with(None, "connection lost")
+                    break
+                for event in events:
+                    self.host.dispatch(self, event)
+                    if link.closing:
+                        break
+        finally:
+            self.host.forget(self)
+            await link.finish()
+
+
+class Host:
+    """A room host: accepts connections, runs the rooms, advertises itself.
+
+    `await start()` binds (then `port` is the real port) and, when
+    advertising, registers on mDNS; `await close()` shuts down cleanly.
+    """
+
+    def __init__(self, *, bind: str = "0.0.0.0", port: int = DEFAULT_PORT,
+                 name: str | None = None, advertise: bool = True,
+                 interface: str | None = None, limits: Limits = Limits()) -> None:
+        self.bind = bind
+        self.port = port
+        self.name = name or socket.gethostname()
+        self.interface = interface
+        self.limits = limits
+        self.rooms = Rooms(host_name=self.name, history_limit=limits.history_limit,
+                           max_message_bytes=limits.max_message_bytes,
+                           max_members=limits.max_room_members)
+        self.sessions: set[Session] = set()
+        self.advertiser = Advertiser(self.name, port, interface) if advertise else None
+        self._server: asyncio.base_events.Server | None = None
+        self._handlers: set[asyncio.Task] = set()
+        self._ticker: asyncio.Task | None = None
+        self._closed = asyncio.Event()
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(
+            self._handle, self.bind, self.port, limit=READ_CHUNK_BYTES)
+        self.port = self._server.sockets[0].getsockname()[1]
+        self._ticker = asyncio.get_running_loop().create_task(self._tick(), name="host:tick")
+        if self.advertiser is not None:
+            self.advertiser.port = self.port
+            await self.advertiser.start()
+        log.info("host %r listening on %s:%d", self.name, self.bind, self.port)
+
+    async def wait_closed(self) -> None:
+        await self._closed.wait()
+
+    async def close(self, reason: str = "host_shutdown") -> None:
+        """Stop accepting, withdraw mDNS, say goodbye to everyone, and wait
+        at most `close_timeout_s` before aborting what is left. Idempotent."""
+        if self._server is None:
+            await self._closed.wait()
+            return
+        server, self._server = self._server, None
+        server.close()
+        if self._ticker is not None:
+            self._ticker.cancel()
+        for session in list(self.sessions):
+            if session.link.wire.state is State.AWAITING_HELLO:
+                session.link.abort(reason)
+            else:
+                session.link.close_with(Closing(reason), reason)
+        withdraw = self.advertiser.close() if self.advertiser else asyncio.sleep(0)
+        handlers = list(self._handlers)
+        await asyncio.gather(withdraw, return_exceptions=True)
+        if handlers:
+            _, pending = await asyncio.wait(handlers, timeout=self.limits.close_timeout_s)
+            if pending:
+                for session in list(self.sessions):
+                    session.link.abort(reason)
+                await asyncio.wait(pending)
+        await server.wait_closed()
+        self._closed.set()
+        log.info("host %r closed", self.name)
+
+    # --- connections ---
+
+    async def _handle(self, reader: asyncio.StreamReader,
+                      writer: asyncio.StreamWriter) -> None:
+        """One connection, from accept to the last byte. Never raises."""
+        peer = writer.get_extra_info("peername") or ("?", 0)
+        link = Link(Wire(Role.HOST, self.limits.max_frame_bytes), reader, writer,
+                    self.limits, f"{peer[0]}:{peer[1]}")
+        session = Session(self, link)
+        task = asyncio.current_task()
+        self._handlers.add(task)
+        try:
+            if self._server is None:
+                link.abort("host_shutdown")
+            elif len(self.sessions) >= self.limits.max_sessions:
+                link.close_with(Error("host_full", "this host is full; try later"), "full")
+            self.sessions.add(session)
+            await session.run()
+        except Exception:
+            log.exception("session %s failed", link.name)
+            link.abort("internal error")
+        finally:
+            self.sessions.discard(session)
+            self._handlers.discard(task)
+
+    def forget(self, session: Session) -> None:
+        """Take a session out of its room (idempotent; the handler's last act)."""
+        if self.rooms.room_of(session) is None:
+            return
+        why = session.link.close_reason
+        shown = "" if why in ("bye", "host_shutdown") else why
+        self.deliver(self.rooms.leave(session, unix_now(), shown))
+        self._rooms_changed()
+
+    def _rooms_changed(self) -> None:
+        if self.advertiser is not None:
+            self.advertiser.rooms_changed(self.rooms.summary())
+
+    # --- dispatch ---
+
+    def dispatch(self, session: Session, event: Event) -> None:
+        """Act on one event from a session's peer (the Wire has checked that
+        it is allowed now)."""
+        handler = self._handlers_by_type.get(type(event))
+        if handler is not None:
+            handler(self, session, event)
+
+    def _on_hello(self, session: Session, hello: Hello) -> None:
+        link = session.link
+        if hello.version != PROTOCOL_VERSION:
+            link.close_with(Error("version_mismatch", f"this host speaks protocol "
+                                  f"version {PROTOCOL_VERSION}; you sent {hello.version}"),
+                            "version mismatch")
+            return
+        try:
+            deliveries = self.rooms.join(session, hello.room, hello.user, unix_now())
+        except Refused as refusal:
+            link.close_with(Error(refusal.code, refusal.message), refusal.code)
+            return
+        log.info("%s joined %r as %r", link.name, hello.room, hello.user)
+        self.deliver(deliveries)
+        self._rooms_changed()
+
+    def _on_say(self, session: Session, say: Say) -> None:
+        self.deliver(self.rooms.say(session, say.text, say.id, unix_now()))
+
+    def _on_who(self, session: Session, who: Who) -> None:
+        self.deliver(self.rooms.who(session))
+
+    def _on_bye(self, session: Session, bye: Bye) -> None:
+        session.link.close_reason = "bye"
+        self.forget(session)
+        session.link.close_with(Closing("bye"), "bye")
+
+    def _on_ping(self, session: Session, ping: Ping) -> None:
+        self.deliver([(session, Pong(ping.n))])
+
+    _handlers_by_type: ClassVar[dict] = {
+        Hello: _on_hello, Say: _on_say, Who: _on_who, Bye: _on_bye, Ping: _on_ping,
+    }
+
+    def deliver(self, deliveries: list[Delivery]) -> None:
+        """Offer each event to its recipient's outbox; never waits.
+
+        A frame is encoded once per event however many receive it. A
+        recipient that can't take it is disconnected as too slow, after the
+        loop, so its leave notice is delivered like any other.
+        """
+        frames: dict[int, bytes] = {}
+        too_slow = []
+        for session, event in deliveries:
+            frame = frames.get(id(event))
+            if frame is None:
+                frame = frames[id(event)] = encode(event)
+            if not session.link.offer(event, frame) and not session.link.closing:
+                too_slow.append(session)
+        for session in too_slow:
+            log.warning("%s is too slow; disconnecting it", session.link.name)
+            session.link.abort("too slow")
+            self.forget(session)
+
+    # --- housekeeping ---
+
+    async def _tick(self) -> None:
+        """Once per TICK_S: login deadlines, pings, silence, stalled peers."""
+        loop = asyncio.get_running_loop()
+        limits = self.limits
+        while True:
+            await asyncio.sleep(TICK_S)
+            now = loop.time()
+            for session in list(self.sessions):
+                link = session.link
+                if link.closing:
+                    continue
+                if link.wire.state is State.AWAITING_HELLO or \
+                        link.wire.state is State.AWAITING_WELCOME:
+                    if now - session.started > limits.hello_timeout_s:
+                        link.close_with(Error("login_timeout", "the login took too long"),
+                                        "login timeout")
+                elif now - link.last_heard > limits.peer_silence_s:
+                    link.abort("connection lost")
+                    self.forget(session)
+                elif link.queued_bytes and now - link.last_progress > limits.send_stall_s:
+                    link.abort("too slow")
+                    self.forget(session)
+                elif min(now - link.last_heard, now - session.last_ping) > \
+                        limits.ping_interval_s:
+                    session.last_ping = now
+                    session.ping_count += 1
+                    self.deliver([(session, Ping(session.ping_count))])
+
+
+# =============================================================================
+# 7. CLIENT CORE: one asyncio loop in a thread, one event stream
+# =============================================================================
+# What every front end shares: the terminal client (8) and the window (9)
+# call the thread-safe methods of ClientCore and receive plain dict events
+# through one callback. Those dicts are the program's event vocabulary; the
+# terminal's --json mode prints exactly them, one per line:
+#
+#   ready{room,user,members,host,address,port}   message{from,text,ts,history,seq,id}
+#   system{event,user,text,ts,seq}   help{text}   members{members}
+#   error{code,message[,id]}   closed{reason}   host{name,address,port,rooms,...}
+#
+# The host's frames already carry most of these names (2. WIRE PROTOCOL), so
+# an event is the host's frame, checked, with `welcome` renamed `ready`.
+# `closed` is emitted exactly once per join attempt, last; its reason is one
+# of CLOSED_REASONS. The callback runs on the core's thread and must not
+# block: the window forwards it with write_event_value, the terminal prints.
+
+CLOSED_REASONS = {
+    "quit": "You left the room.",
+    "host_shutdown": "The host is shutting down.",
+    "connection_lost": "The connection to the host was lost.",
+    "refused": "The host refused the login.",
+    "unreachable": "The host could not be reached.",
+    "login_timeout": "The host did not answer the login in time.",
+    "protocol_error": "The host sent something this client does not understand.",
+}
+
+
+def ui_event(event: Event) -> dict:
+    """The vocabulary dict for an event received from the host."""
+    out = event.to_wire()
+    if isinstance(event, Welcome):
+        out["type"] = "ready"
+        del out["version"]
+    elif isinstance(event, Error) and event.id == "-":
+        del out["id"]
+    return out
+
+
+class ClientCore:
+    """One chat connection, driven from any thread.
+
+    `start()` runs an asyncio loop in a daemon thread. Every command returns
+    a concurrent.futures.Future at once; its result is for whoever cares,
+    since the outcome also arrives as events. `on_event(dict)` is called on
+    the core's thread for every event.
+    """
+
+    def __init__(self, on_event: Callable[[dict], None], limits: Limits = Limits()) -> None:
+        self.on_event = on_event
+        self.limits = limits
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._link: Link | None = None      # the connection, while there is one
+        self._reader: asyncio.Task | None = None
+        self._ready = False                 # logged in
+        self._id_prefix = secrets.token_hex(4)
+        self._next_id = 0
+
+    # --- thread plumbing ---
+
+    def start(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        started = threading.Event()
+        self._thread = threading.Thread(target=self._run_loop, args=(started,),
+                                        name="chatroom-core", daemon=True)
+        self._thread.start()
+        started.wait()
+
+    def _run_loop(self, started: threading.Event) -> None:
+        asyncio.set_event_loop(self.loop)
+        self.loop.call_soon(started.set)
+        try:
+            self.loop.run_forever()
+        finally:
+            pending = asyncio.all_tasks(self.loop)
+            for task in pending:
+                task.cancel()
+            self.loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+            self.loop.close()
+
+    def submit(self, coro) -> Any:
+        """Run a coroutine on the core's loop; returns a concurrent Future."""
+        return asyncio.run_coroutine_threadsafe(coro, self.loop)
+
+    def stop(self, timeout: float = CLOSE_TIMEOUT_S + 1) -> None:
+        """Leave (if in a room), stop the loop and join the thread. Blocks for
+        at most about `timeout` seconds; call it from any thread but the core's."""
+        if self._thread is None:
+            return
+        try:
+            self.submit(self._leave()).result(timeout)
+        except Exception:
+            pass
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(timeout)
+        self._thread = None
+
+    def _emit(self, event: dict) -> None:
+        try:
+            self.on_event(event)
+        except Exception:
+            log.exception("event handler failed on %r", event.get("type"))
+
+    def _error(self, code: str, message: str) -> None:
+        self._emit({"type": "error", "code": code, "message": message})
+
+    # --- commands (any thread) ---
+
+    def join(self, host: str, port: int, room: str, user: str) -> Any:
+        """Connect and log in. Future -> True once `ready`, else False."""
+        return self.submit(self._join(host, port, room, user))
+
+    def say(self, text: str) -> Any:
+        """Send a chat line. Future -> the message id, or None if refused."""
+        return self.submit(self._say(text))
+
+    def who(self) -> Any:
+        return self.submit(self._send(Who()))
+
+    def leave(self) -> Any:
+        """Leave the room. Future -> None once `closed` has been emitted."""
+        return self.submit(self._leave())
+
+    @property
+    def connected(self) -> bool:
+        return self._ready
+
+    # --- the connection (core thread) ---
+
+    async def _join(self, host: str, port: int, room: str, user: str) -> bool:
+        if self._link is not None:
+            self._error("bad_frame", "already connected; leave first")
+            return False
+        limits = self.limits
+        try:
+            reader, writer = await asyncio.wait_for(
+                asyncio.open_connection(host, port, limit=READ_CHUNK_BYTES),
+                limits.connect_timeout_s)
+        except (OSError, TimeoutError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else \
+                "no answer" if isinstance(exc, TimeoutError) else str(exc)
+            self._error("host_unreachable", f"can't reach {host}:{port}: {reason}")
+            self._emit({"type": "closed", "reason": "unreachable"})
+            return False
+        link = Link(Wire(Role.CLIENT, limits.max_frame_bytes), reader, writer, limits,
+                    f"{host}:{port}")
+        link.offer(Hello(PROTOCOL_VERSION, room, user, f"chatroom/{__version__}"))
+        self._link = link
+        joined = asyncio.get_running_loop().create_future()
+        self._reader = asyncio.get_running_loop().create_task(
+            self._read_loop(link, joined, host, port), name=f"reader:{host}:{port}")
+        return await joined
+
+    async def _read_loop(self, link: Link, joined: asyncio.Future,
+                         host: str, port: int) -> None:
+        """Every event from the host, until the connection ends; then `closed`."""
+        reason = "connection_lost"
+        try:
+            while True:
+                wait = (self.limits.peer_silence_s if self._ready
+                        else self.limits.hello_timeout_s)
+                try:
+                    events = await asyncio.wait_for(link.receive(), wait)
+                except TimeoutError:
+                    reason = "connection_lost" if self._ready else "login_timeout"
+                    break
+                except RemoteError as exc:
+                    self._error(exc.code, f"the host broke the protocol: {exc.message}")
+                    reason = "protocol_error"
+                    break
+                if events is None:
+                    break
+                for event in events:
+                    reason = self._on_host_event(link, event, joined, host, port) or reason
+                if link.wire.state is State.CLOSED:
+                    break
+        finally:
+            self._ready = False
+            self._link = None
+            if reason in ("connection_lost", "login_timeout", "protocol_error"):
+                link.abort(reason)          # nothing more to say to this host
+            await link.finish()
+            if not joined.done():
+                joined.set_result(False)
+            self._emit({"type": "closed", "reason": reason})
+
+    def _on_host_event(self, link: Link, event: Event, joined: asyncio.Future,
+                       host: str, port: int) -> str | None:
+        """Handle one event; returns a closing reason when it ends the session."""
+        if isinstance(event, Ping):
+            link.offer(Pong(event.n))
+            return None
+        if isinstance(event, Pong):
+            return None
+        if isinstance(event, Closing):
+            return "quit" if event.reason == "bye" else event.reason
+        out = ui_event(event)
+        if isinstance(event, Welcome):
+            self._ready = True
+            out.update(address=host, port=port)
+        self._emit(out)
+        if isinstance(event, Welcome):
+            joined.set_result(True)
+        elif isinstance(event, Error) and link.wire.state is State.CLOSED:
+            return "refused"
+        return None
+
+    async def _send(self, event: Event) -> bool:
+        """Queue `event` for the host, waiting while our outbox is full."""
+        link = self._link
+        if link is None or not self._ready:
+            self._error("not_connected", "not in a room")
+            return False
+        while not link.offer(event):
+            if link.closing:
+                self._error("not_connected", "the connection is closing")
+                return False
+            await asyncio.sleep(0.01)       # our own outbox is full: wait our turn
+        return True
+
+    async def _say(self, text: str) -> str | None:
+        try:
+            check_text(text, self.limits.max_message_bytes)
+        except Refused as refusal:
+            self._error(refusal.code, refusal.message)
+            return None
+        self._next_id += 1
+        msg_id = f"{self._id_prefix}-{self._next_id}"
+        return msg_id if await self._send(Say(msg_id, text)) else None
+
+    async def _leave(self) -> None:
+        link, reader = self._link, self._reader
+        if link is None or reader is None:
+            return
+        if self._ready and link.offer(Bye()):
+            self._ready = False
+            done, _ = await asyncio.wait({reader}, timeout=self.limits.close_timeout_s * 2)
+            if done:
+                return
+        link.abort("quit")
+        await asyncio.wait({reader})
+
+
+# =============================================================================
+# 8. TERMINAL CLIENT: --cli, stdin lines in, events out (text or JSON)
+# =============================================================================
+# A thin front end over 7. CLIENT CORE. Each event is printed as one JSON
+# object per line (--json, flushed as written) or as a line for a person;
+# diagnostics go to stderr. Stdin lines are what a person types: text to
+# send, or a command (/who, /quit, ...). Reading stdin happens on its own
+# daemon thread so the main thread can notice the end of the session (the
+# host going away) while a read is pending.
+
+EXIT_OK = 0
+EXIT_REFUSED = 1            # login refused, host unreachable, no host found
+EXIT_USAGE = 2              # argparse's own code
+EXIT_DISCONNECTED = 3       # the session ended other than by our leaving
+
+_EXIT_FOR_REASON = {"quit": EXIT_OK, "refused": EXIT_REFUSED, "unreachable": EXIT_REFUSED,
+                    "login_timeout": EXIT_REFUSED}
+
+
+class Printer:
+    """Writes events to stdout as JSON lines or as text for a person.
+
+    Thread-safe; the core's thread and the main thread both print.
+    """
+
+    def __init__(self, json_mode: bool, stream: Any = None) -> None:
+        self.json_mode = json_mode
+        self.stream = stream or sys.stdout
+        self._lock = threading.Lock()
+
+    def __call__(self, event: dict) -> None:
+        if self.json_mode:
+            line = json.dumps(event, ensure_ascii=False)
+        else:
+            line = self.format(event)
+            if line is None:
+                return
+        with self._lock:
+            self.stream.write(line + "\n")
+            self.stream.flush()
+
+    @staticmethod
+    def format(event: dict) -> str | None:
+        """The line a person sees for `event` (None: nothing to show)."""
+        kind = event.get("type")
+        clock = time.strftime("%H:%M:%S", time.localtime(event.get("ts", time.time())))
+        if kind == "message":
+            lines = printable_lines(event["text"])
+            mark = "  (earlier)" if event.get("history") else ""
+            head = f"[{clock}] {printable(event['from'])}: {lines[0]}{mark}"
+            return "\n".join([head] + ["    | " + line for line in lines[1:]])
+        if kind == "system":
+            return f"[{clock}] {printable(event['text'])}"
+        if kind == "ready":
+            members = ", ".join(printable(m) for m in event["members"])
+            return (f"Joined room {printable(event['room'])} on "
+                    f"{printable(event.get('host') or event['address'])} "
+                    f"({event['address']}:{event['port']}) as {printable(event['user'])}."
+                    f"\nIn the room: {members}. Type help for help, /quit to leave.")
+        if kind == "help":
+            return printable_block(event["text"])
+        if kind == "members":
+            return f"In the room ({len(event['members'])}): " + ", ".join(
+                printable(m) for m in event["members"])
+        if kind == "error":
+            return f"! {printable(event['message'])} ({event['code']})"
+        if kind == "closed":
+            return CLOSED_REASONS.get(event["reason"], f"Disconnected ({event['reason']}).")
+        if kind == "host":
+            rooms = ", ".join(f"{printable(r['room'])} ({r['members']})" for r in event["rooms"])
+            more = event.get("rooms_total", 0) - len(event["rooms"])
+            rooms += f" and {more} more" if more > 0 else ""
+            return (f"{printable(event['name'])}  {event['address']}:{event['port']}  "
+                    f"rooms: {rooms or 'none yet'}")
+        if kind == "listening":
+            return (f"Hosting as {printable(event['name'])} on {event['address']}:"
+                    f"{event['port']}" + (" (advertised on the LAN)"
+                                          if event.get("advertised") else "")
+                    + ". Ctrl-C stops.")
+        return None
+
+
+def printable_lines(text: str) -> list[str]:
+    """Lines of a message, each safe to print (see `printable`)."""
+    return [printable(line) for line in text.split("\n")] or [""]
+
+
+def printable_block(text: str) -> str:
+    return "\n".join(printable_lines(text))
+
+
+def _is_call_command(line: str) -> bool:
+    return line.split(maxsplit=1)[0].casefold() == "/check" if line.strip() else False
+
+
+def handle_line(core: ClientCore, line: str, emit: Callable[[dict], None]) -> bool:
+    """Act on one typed line. Returns False when the person asked to leave."""
+    line = line.rstrip("\r\n")
+    if not line.strip():
+        return True
+    command = line.split(maxsplit=1)[0].casefold()
+    if command == "/quit":
+        return False
+    if command == "/who":
+        core.who().result()
+    elif _is_call_command(line):
+        emit({"type": "error", "code": "calls_unavailable",
+              "message": "video and voice calls are not available yet"})
+    elif line.startswith("//"):
+        core.say(line[1:]).result()         # "//x" sends "/x"
+    elif line.startswith("/"):
+        emit({"type": "error", "code": "unknown_command",
+              "message": f"unknown command {command}; type help for help "
+                         f"(start a line with // to send a literal /)"})
+    else:
+        core.say(line).result()             # waits while our outbox is full
+    return True
+
+
+def choose_host(hosts: list[HostInfo], json_mode: bool, emit: Callable[[dict], None],
+                stdin: Any) -> HostInfo | None:
+    """The one host to join, asking the person if several were found."""
+    if len(hosts) == 1:
+        return hosts[0]
+    if not hosts:
+        emit({"type": "error", "code": "no_host",
+              "message": "no chatroom host found on the LAN; start one with --host "
+                         "or give its address with --server HOST[:PORT]"})
+        return None
+    if json_mode:
+        emit({"type": "error", "code": "ambiguous_host",
+              "message": f"{len(hosts)} hosts found; pick one with --server or --name",
+              "hosts": [h.to_event() for h in hosts]})
+        return None
+    print("Several hosts were found:")
+    for number, host in enumerate(hosts, 1):
+        print(f"  {number}. {Printer.format(host.to_event())}")
+    while True:
+        print(f"Join which one? [1-{len(hosts)}] ", end="", flush=True)
+        answer = stdin.readline()
+        if not answer:
+            return None
+        if answer.strip().isdigit() and 1 <= int(answer) <= len(hosts):
+            return hosts[int(answer) - 1]
+
+
+def run_terminal(args: argparse.Namespace, limits: Limits) -> int:
+    """--cli: join a room and chat from stdin. Returns the exit status."""
+    printer = Printer(args.json)
+    stdin = sys.stdin
+    ended = threading.Event()
+    closed_reason = []
+
+    def on_event(event: dict) -> None:
+        printer(event)
+        if event["type"] == "closed":
+            closed_reason.append(event["reason"])
+            ended.set()
+
+    core = ClientCore(on_event, limits)
+    core.start()
+    try:
+        if args.server:
+            host, port = parse_server(args.server)
+        else:
+            hosts = core.submit(discover(args.timeout, interface=args.interface,
+                                         settle=DISCOVERY_SETTLE_S, name=args.name)
+                                ).result()
+            chosen = choose_host(hosts, args.json, printer, stdin)
+            if chosen is None:
+                return EXIT_REFUSED
+            host, port = chosen.address, chosen.port
+        if not core.join(host, port, args.room, args.user).result():
+            ended.wait(limits.close_timeout_s)
+            return EXIT_REFUSED
+
+        def read_stdin() -> None:
+            for line in stdin:
+                if ended.is_set() or not handle_line(core, line, printer):
+                    break
+            core.leave()
+
+        threading.Thread(target=read_stdin, name="stdin", daemon=True).start()
+        while not ended.wait(0.5):          # a timed wait lets Ctrl-C through
+            pass
+    except KeyboardInterrupt:
+        core.leave()
+        ended.wait(limits.close_timeout_s * 2)
+        closed_reason[:] = ["quit"]
+    finally:
+        core.stop()
+    return _EXIT_FOR_REASON.get(closed_reason[0] if closed_reason else "quit",
+                                EXIT_DISCONNECTED)
+
+
+def run_discover(args: argparse.Namespace) -> int:
+    """--discover: list the hosts found within --timeout seconds."""
+    printer = Printer(args.json)
+    hosts = asyncio.run(discover(args.timeout, interface=args.interface, name=args.name))
+    for host in hosts:
+        printer(host.to_event())
+    if not hosts:
+        print(f"No chatroom host answered within {args.timeout:g} s.", file=sys.stderr)
+    return EXIT_OK
+
+
+# =============================================================================
+# 9. DESKTOP GUI: (reserved) the PySimpleGUI launcher and chat window
+# =============================================================================
+# The window consumes the same event vocabulary as 8. TERMINAL CLIENT, through
+# the same ClientCore. It lands with its own issue.
+
+
+def run_gui(args: argparse.Namespace, limits: Limits) -> int:  # pragma: no cover
+    print("The desktop window is not built yet; use --cli, --host or --discover "
+          "(see --help).", file=sys.stderr)
+    return EXIT_USAGE
+
+
+# =============================================================================
+# 10. MAIN: argparse and the entry points
+# =============================================================================
+# Builds every object from the flags and passes them down; nothing above
+# reads a global that main() sets. `python chatroom.py` with no mode opens
+# the window; --host, --cli and --discover are the other modes.
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="chatroom", description="A LAN chat room: host a room, find hosts, chat.",
+        epilog="With no mode, the desktop window opens.")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--host", action="store_true", help="run a room host")
+    mode.add_argument("--cli", action="store_true", help="chat in this terminal")
+    mode.add_argument("--discover", action="store_true", help="list hosts on the LAN")
+    parser.add_argument("--version", action="version",
+                        version=f"chatroom {__version__} (protocol {PROTOCOL_VERSION})")
+    parser.add_argument("--json", action="store_true",
+                        help="one JSON event per stdout line (for scripts)")
+    parser.add_argument("--room", help="Room ID to join (--cli)")
+    parser.add_argument("--user", help="your User ID in the room (--cli)")
+    parser.add_argument("--server", metavar="HOST[:PORT]",
+                        help="join this host instead of discovering one (--cli)")
+    parser.add_argument("--name", help="the host's advertised name (--host); with "
+                        "--cli or --discover, only hosts of this name")
+    parser.add_argument("--port", type=int, default=DEFAULT_PORT,
+                        help=f"host's TCP port (default {DEFAULT_PORT}; 0 = any free)")
+    parser.add_argument("--interface", metavar="ADDR",
+                        help="listen and use mDNS on this address only (default: the LAN)")
+    parser.add_argument("--no-advertise", action="store_true",
+                        help="host without announcing itself on mDNS")
+    parser.add_argument("--timeout", type=float, default=DISCOVERY_TIMEOUT_S,
+                        help=f"seconds to look for hosts (default {DISCOVERY_TIMEOUT_S:g})")
+    parser.add_argument("--history", type=int, default=HISTORY_LIMIT, metavar="N",
+                        help=f"messages a late joiner gets (default {HISTORY_LIMIT})")
+    parser.add_argument("--max-message-bytes", type=int, default=MAX_MESSAGE_BYTES,
+                        metavar="N", help=f"longest chat text (default {MAX_MESSAGE_BYTES})")
+    parser.add_argument("--login-timeout", type=float, default=HELLO_TIMEOUT_S,
+                        metavar="S", help=f"seconds a login may take (default "
+                        f"{HELLO_TIMEOUT_S:g})")
+    parser.add_argument("--outbox-limit", type=int, default=OUTBOX_LIMIT_BYTES,
+                        metavar="BYTES", help="bytes queued for one peer before it is "
+                        f"disconnected as too slow (default {OUTBOX_LIMIT_BYTES})")
+    parser.add_argument("--max-sessions", type=int, default=MAX_SESSIONS, metavar="N",
+                        help=f"connections a host holds at once (default {MAX_SESSIONS})")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log more to stderr")
+    return parser
+
+
+def limits_from(args: argparse.Namespace) -> Limits:
+    if args.history < 0 or args.max_message_bytes < 1 or args.outbox_limit < 1024:
+        raise ValueError("--history, --max-message-bytes or --outbox-limit out of range")
+    return Limits(history_limit=args.history, max_message_bytes=args.max_message_bytes,
+                  hello_timeout_s=args.login_timeout, outbox_limit_bytes=args.outbox_limit,
+                  max_sessions=args.max_sessions,
+                  max_frame_bytes=max(MAX_FRAME_BYTES, 4 * args.max_message_bytes + 4096))
+
+
+def run_host(args: argparse.Namespace, limits: Limits) -> int:
+    """--host: serve rooms until Ctrl-C or SIGTERM. Returns the exit status."""
+    printer = Printer(args.json)
+    bind = args.interface or "0.0.0.0"
+
+    async def serve() -> None:
+        host = Host(bind=bind, port=args.port, name=args.name,
+                    advertise=not args.no_advertise, interface=args.interface,
+                    limits=limits)
+        stop = asyncio.Event()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            try:                            # also when a shell started us with
+                asyncio.get_running_loop().add_signal_handler(signum, stop.set)
+            except (NotImplementedError, RuntimeError):  # SIGINT ignored
+                pass                        # Windows: Ctrl-C raises KeyboardInterrupt
+        await host.start()
+        try:
+            printer({"type": "listening", "address": bind, "port": host.port,
+                     "name": host.name, "advertised": host.advertiser is not None})
+            await stop.wait()
+        finally:
+            await host.close()
+
+    try:
+        asyncio.run(serve())
+    except KeyboardInterrupt:
+        pass
+    except OSError as exc:
+        printer({"type": "error", "code": "host_unreachable",
+                 "message": f"can't listen on {bind}:{args.port}: {exc.strerror or exc}"})
+        return EXIT_REFUSED
+    except MissingPackage as exc:
+        printer({"type": "error", "code": exc.code, "message": exc.message})
+        return EXIT_REFUSED
+    printer({"type": "closed", "reason": "host_shutdown"})
+    return EXIT_OK
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure"):  # JSON and Chinese on any console
+            stream.reconfigure(encoding="utf-8", errors="replace")
+    logging.basicConfig(level=logging.DEBUG if args.verbose else
+                        logging.WARNING if args.json or args.cli else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
+    try:
+        limits = limits_from(args)
+        if args.cli and not (args.room and args.user):
+            parser.error("--cli needs --room and --user")
+        if args.server:
+            parse_server(args.server)
+    except ValueError as exc:
+        parser.error(str(exc))
+    try:
+        if args.host:
+            return run_host(args, limits)
+        if args.cli:
+            return run_terminal(args, limits)
+        if args.discover:
+            return run_discover(args)
+        return run_gui(args, limits)
+    except MissingPackage as exc:
+        Printer(args.json)({"type": "error", "code": exc.code, "message": exc.message})
+        return EXIT_REFUSED
+
+
+if __name__ == "__main__":
+    sys.exit(main())
