@@ -32,8 +32,11 @@ __version__ = "0.1.0"
 import argparse
 import asyncio
 import collections
+import concurrent.futures
 import dataclasses
 import enum
+import errno
+import hashlib
 import ipaddress
 import json
 import logging
@@ -41,13 +44,17 @@ import math
 import os
 import re
 import secrets
+import shutil
 import signal
+import stat
 import socket
 import struct
 import sys
+import tempfile
 import threading
 import time
 import unicodedata
+from pathlib import Path
 from typing import Any, Callable, ClassVar, Iterable
 
 log = logging.getLogger("chatroom")
@@ -87,6 +94,13 @@ ADVERTISE_DEBOUNCE_S = 0.5          # coalesce TXT updates as rooms change
 
 READ_CHUNK_BYTES = 256 * 1024       # one socket read
 
+MAX_CHUNK_BYTES = 64 * 1024         # file data per frame: text overtakes files
+MAX_FILE_SIZE = 4 * 1024 ** 3       # largest file a host relays (--max-file-size)
+FILE_IO_BYTES = 1024 * 1024         # one disk read or write of a file
+BULK_HIGH_WATER = 1024 * 1024       # file bytes queued for one peer at most
+MAX_TRANSFERS = 8                   # uploads in progress per session
+PROGRESS_INTERVAL_S = 0.25          # file_progress events per transfer, at most
+
 @dataclasses.dataclass(frozen=True)
 class Limits:
     """The tunables a host or client runs with; defaults are the constants
@@ -103,6 +117,7 @@ class Limits:
     close_timeout_s: float = CLOSE_TIMEOUT_S
     outbox_limit_bytes: int = OUTBOX_LIMIT_BYTES
     send_stall_s: float = SEND_STALL_S
+    max_file_size: int = MAX_FILE_SIZE
 
 
 # Error codes a peer or a script may see, in `error{code,message}` events.
@@ -112,7 +127,8 @@ ERROR_CODES = frozenset({
     "message_too_long", "bad_message", "no_such_user", "version_mismatch",
     "bad_frame", "login_timeout", "too_slow", "host_unreachable", "no_host",
     "ambiguous_host", "unknown_command", "not_connected", "calls_unavailable",
-    "missing_package",
+    "missing_package", "file_too_large", "not_a_file", "disk_full", "checksum_mismatch",
+    "sender_left", "recipient_left", "file_io", "busy", "cancelled", "host_shutdown",
 })
 
 
@@ -322,6 +338,13 @@ FIELD_RULES: dict[str, Callable[[Any], Any]] = {
     "message": _rule_str(2000),
     "reason": _rule_str(200),
     "n": _rule_int(0, 2 ** 53),
+    "transfer": _rule_int(1, 2 ** 31),
+    "name": _rule_str(1024, empty=False),   # a file name; sanitised by receivers
+    "size": _rule_int(0, 2 ** 53),
+    "to": _rule_str(4 * MAX_ID_CHARS),      # "" = the whole room
+    "recipient": _rule_str(4 * MAX_ID_CHARS),
+    "sha256": _rule_token(64),
+    "max_file_size": _rule_int(0, 2 ** 53),
 }
 
 # A dataclass field whose Python name is a keyword travels under another name.
@@ -442,6 +465,7 @@ class Welcome(Event):
     user: str
     members: tuple
     host: str = ""
+    max_file_size: int = 0
 
 
 @_event
@@ -501,6 +525,108 @@ class Closing(Event):
     reason: str
 
 
+# Files. A transfer number names one file moving in one direction on one
+# connection: the client numbers its uploads, the host numbers the
+# downloads it sends; data frames (Chunk) carry the number. The sender of
+# the bytes may FileAbort its transfer; the receiver may FileRefuse it.
+
+@_event
+@dataclasses.dataclass(frozen=True)
+class FileOffer(Event):
+    """client -> host: I want to send a file of `size` bytes to `to` (a
+    user) or, with to="", to everyone else in the room. Wait for FileAccept."""
+    TYPE = "file_offer"
+    transfer: int
+    name: str
+    size: int
+    to: str = ""
+
+
+@_event
+@dataclasses.dataclass(frozen=True)
+class FileAccept(Event):
+    """host -> client: send the data of your transfer now."""
+    TYPE = "file_accept"
+    transfer: int
+
+
+@_event
+@dataclasses.dataclass(frozen=True)
+class FileAnnounce(Event):
+    """host -> client: a file is coming to you as transfer `transfer`."""
+    TYPE = "file"
+    transfer: int
+    sender: str
+    name: str
+    size: int
+    to: str = ""
+
+
+@_event
+@dataclasses.dataclass(frozen=True)
+class FileEnd(Event):
+    """Either way: all data of the transfer has been sent; this is its hash."""
+    TYPE = "file_end"
+    transfer: int
+    sha256: str
+
+
+@_event
+@dataclasses.dataclass(frozen=True)
+class FileAbort(Event):
+    """The sender of the bytes stops its transfer (the file is not coming)."""
+    TYPE = "file_abort"
+    transfer: int
+    code: str
+    reason: str
+
+
+@_event
+@dataclasses.dataclass(frozen=True)
+class FileRefuse(Event):
+    """The receiver of the bytes refuses or failed the transfer. From the host
+    about an upload, `recipient` names the one that failed ("" = all)."""
+    TYPE = "file_refuse"
+    transfer: int
+    code: str
+    reason: str
+    recipient: str = ""
+
+
+@_event
+@dataclasses.dataclass(frozen=True)
+class FileStored(Event):
+    """host -> client: the host holds every byte of your upload."""
+    TYPE = "file_stored"
+    transfer: int
+
+
+@_event
+@dataclasses.dataclass(frozen=True)
+class FileSaved(Event):
+    """client -> host: I saved your download, size and hash verified."""
+    TYPE = "file_saved"
+    transfer: int
+
+
+@_event
+@dataclasses.dataclass(frozen=True)
+class FileDelivered(Event):
+    """host -> client: `user` saved your upload, verified."""
+    TYPE = "file_delivered"
+    transfer: int
+    user: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Chunk(Event):
+    """A piece of a file (at most MAX_CHUNK_BYTES), in a binary frame: 0x00,
+    the transfer number (4 bytes, big-endian), then the raw bytes."""
+    TYPE = "chunk"
+    transfer: int
+    data: bytes
+
+
 # --- Transitions -------------------------------------------------------------
 # (state, event class, sender role) -> next state. A pair not listed is a
 # protocol error: LocalError when we send it, RemoteError when we receive it.
@@ -514,8 +640,11 @@ def _allow(state: State, role: Role, events: Iterable[type[Event]],
         TRANSITIONS[(state, event_cls, role)] = then or state
 
 
-_CLIENT_IN_ROOM = (Say, Who, Ping, Pong)
-_HOST_IN_ROOM = (Message, System, Help, Members, Error, Ping, Pong)
+_CLIENT_IN_ROOM = (Say, Who, Ping, Pong, FileOffer, FileEnd, FileAbort, FileRefuse,
+                   FileSaved, Chunk)
+_HOST_IN_ROOM = (Message, System, Help, Members, Error, Ping, Pong, FileAccept,
+                 FileAnnounce, FileEnd, FileAbort, FileRefuse, FileStored, FileDelivered,
+                 Chunk)
 
 _allow(State.AWAITING_HELLO, Role.CLIENT, [Hello], State.AWAITING_WELCOME)
 _allow(State.AWAITING_HELLO, Role.HOST, [Error], State.CLOSED)   # full, bad frame
@@ -534,8 +663,21 @@ _allow(State.CLOSED, Role.HOST, [Error], State.CLOSED)
 
 # --- Framing -----------------------------------------------------------------
 
+_CHUNK_HEADER = struct.Struct(">IBI")    # frame length, 0x00, transfer
+
+
+def chunk_header(transfer: int, size: int) -> bytes:
+    """The bytes that go before `size` bytes of file data in a Chunk frame.
+
+    Kept apart from the data so a chunk is written without being copied.
+    """
+    return _CHUNK_HEADER.pack(size + 5, _DATA_TAG, transfer)
+
+
 def encode(event: Event) -> bytes:
     """One complete frame (header and body) for `event`."""
+    if isinstance(event, Chunk):
+        return chunk_header(event.transfer, len(event.data)) + bytes(event.data)
     body = json.dumps(event.to_wire(), ensure_ascii=False, separators=(",", ":"),
                       allow_nan=False).encode("utf-8")
     return _HEADER.pack(len(body)) + body
@@ -556,6 +698,13 @@ def decode_body(body: bytes) -> Event:
     """The event in one frame body. Raises RemoteError, never anything else."""
     if not body:
         raise RemoteError("bad_frame", "empty frame")
+    if body[0] == _DATA_TAG:
+        if not 5 <= len(body) <= MAX_CHUNK_BYTES + 5:
+            raise RemoteError("bad_frame", f"data frame of {len(body)} bytes")
+        transfer = int.from_bytes(body[1:5], "big")
+        if not 1 <= transfer <= 2 ** 31:
+            raise RemoteError("bad_frame", "data frame for transfer 0")
+        return Chunk(transfer, memoryview(body)[5:])
     if body[0] != _JSON_TAG:
         raise RemoteError("bad_frame", f"unknown frame kind 0x{body[0]:02x}")
     try:
@@ -826,8 +975,9 @@ class Rooms:
 
     def __init__(self, *, host_name: str = "", history_limit: int = HISTORY_LIMIT,
                  max_message_bytes: int = MAX_MESSAGE_BYTES,
-                 max_members: int = MAX_ROOM_MEMBERS) -> None:
+                 max_members: int = MAX_ROOM_MEMBERS, max_file_size: int = 0) -> None:
         self.host_name = host_name
+        self.max_file_size = max_file_size
         self.history_limit = history_limit
         self.max_message_bytes = max_message_bytes
         self.max_members = max_members
@@ -885,7 +1035,8 @@ class Rooms:
         room.by_key[id_key(user)] = member
         self._where[member] = room
         out: list[Delivery] = [(member, Welcome(PROTOCOL_VERSION, room.name, user,
-                                                room.user_list(), self.host_name))]
+                                                room.user_list(), self.host_name,
+                                                self.max_file_size))]
         out += [(member, dataclasses.replace(m, history=True)) for m in room.history]
         out += self._notice(room, "enter", user, f"{user} entered the room", now)
         return out
@@ -915,6 +1066,24 @@ class Rooms:
     def who(self, member: Any) -> list[Delivery]:
         return [(member, Members(self._where[member].user_list()))]
 
+    def recipients(self, member: Any, to: str) -> list[Any]:
+        """Who receives a file `member` sends: `to` alone, or with to="",
+        everyone else in the room. Raises Refused(no_such_user) when that is
+        nobody (an unknown user, oneself, an empty room).
+        """
+        room = self._where[member]
+        if not to:
+            others = [m for m in room.members if m is not member]
+            if not others:
+                raise Refused("no_such_user", "nobody else is in the room")
+            return others
+        target = room.by_key.get(id_key(to))
+        if target is None:
+            raise Refused("no_such_user", f"{to!r} is not in room {room.name!r}")
+        if target is member:
+            raise Refused("no_such_user", "you can't send a file to yourself")
+        return [target]
+
     def leave(self, member: Any, now: float, why: str = "") -> list[Delivery]:
         """Take `member` out of its room (a no-op if it is in none).
 
@@ -937,6 +1106,60 @@ class Rooms:
         notice = System(room.seq, event, user, f"[SYSTEM] {text}", now)
         return [(m, notice) for m in room.members]
 
+
+
+# --- File names ----------------------------------------------------------------
+# "Saved names are sanitised: no path parts (../../etc/passwd, ..\\..\\x,
+# absolute paths), no control characters, no Windows reserved names (CON,
+# NUL.txt, ...), no trailing dots or spaces, a capped length; a dot-file
+# arrives visible; an existing file is never overwritten (name (1).ext)."
+
+MAX_FILE_NAME_BYTES = 180           # leaves room for " (123)" and ".part" suffixes
+_WINDOWS_FORBIDDEN = frozenset('<>:"/\\|?*')
+_WINDOWS_RESERVED = frozenset(
+    ["CON", "PRN", "AUX", "NUL", "CONIN$", "CONOUT$"]
+    + [f"{dev}{n}" for dev in ("COM", "LPT") for n in "0123456789¹²³"])
+
+
+def safe_filename(name: str) -> str:
+    """A name that is safe to create in a downloads folder on any system.
+
+    Only the last path component survives (either slash); control, format
+    and bidi characters go; characters Windows forbids become "_"; leading
+    dots (hidden files) and trailing dots and spaces go; a reserved device
+    name gets a "_" in front; the result fits MAX_FILE_NAME_BYTES of UTF-8,
+    keeping the extension. Never empty: "file" if nothing is left.
+    """
+    name = unicodedata.normalize("NFC", name)
+    name = re.split(r"[/\\]", name)[-1]
+    name = "".join("_" if ch in _WINDOWS_FORBIDDEN else ch for ch in name
+                   if unicodedata.category(ch) not in ("Cc", "Cf", "Cs", "Co", "Cn",
+                                                       "Zl", "Zp"))
+    name = name.strip().lstrip(".").rstrip(". ").strip()
+    stem, dot, ext = name.partition(".")
+    if stem.rstrip(" ").upper() in _WINDOWS_RESERVED:
+        name = "_" + name
+    if len(name.encode("utf-8")) > MAX_FILE_NAME_BYTES:
+        base, dot, ext = name.rpartition(".")
+        if not dot or len(ext.encode("utf-8")) > 16:
+            base, ext = name, ""
+        suffix = f".{ext}" if ext else ""
+        budget = MAX_FILE_NAME_BYTES - len(suffix.encode("utf-8"))
+        base = base.encode("utf-8")[:budget].decode("utf-8", "ignore").rstrip(". ")
+        name = base + suffix
+    return name or "file"
+
+
+def numbered_names(name: str) -> Iterable[str]:
+    """name.ext, then "name (1).ext", "name (2).ext", ... (an endless supply)."""
+    base, dot, ext = name.rpartition(".")
+    if not base:                            # no extension, or ".ext" alone
+        base, dot, ext = name, "", ""
+    yield name
+    number = 1
+    while True:
+        yield f"{base} ({number}){dot}{ext}"
+        number += 1
 
 # =============================================================================
 # 4. DISCOVERY: advertise a host and browse for hosts with mDNS (zeroconf)
@@ -1255,11 +1478,13 @@ _WRITE_BATCH_BYTES = 256 * 1024
 
 
 class Link:
-    """One framed connection: a Wire, a bounded outbox, and one writer task.
+    """One framed connection: a Wire, two bounded outboxes, one writer task.
 
-    Only the writer task writes to the socket, so frames never interleave,
-    and it drains after each batch, so backpressure stays with this peer.
-    Create it inside a running event loop.
+    Control and text frames go to the urgent lane; file data to the bulk
+    lane, which is written only when the urgent lane is empty, so a chat
+    line overtakes a file. Only the writer task writes to the socket, so
+    frames never interleave, and it drains after each batch, so
+    backpressure stays with this peer. Create it inside a running loop.
     """
 
     def __init__(self, wire: Wire, reader: asyncio.StreamReader,
@@ -1271,22 +1496,27 @@ class Link:
         self.name = name                    # "ip:port", for logs and task names
         loop = asyncio.get_running_loop()
         self.last_heard = loop.time()       # last byte received
-        self.last_progress = loop.time()    # last time the outbox got shorter
-        self.queued_bytes = 0
+        self.last_progress = loop.time()    # last time an outbox got shorter
+        self.queued_bytes = 0               # in the urgent lane
+        self.bulk_bytes = 0                 # in the bulk lane
         self.closing = False                # no new frames are accepted
         self.close_reason = ""
-        self._outbox: collections.deque[bytes] = collections.deque()
+        self._urgent: collections.deque[bytes] = collections.deque()
+        self._bulk: collections.deque[tuple[bytes, Any]] = collections.deque()
         self._wakeup = asyncio.Event()
+        self._bulk_room = asyncio.Event()   # set while the bulk lane takes more
+        self._bulk_room.set()
         self._abort_timer: asyncio.TimerHandle | None = None
         self.writer_task = loop.create_task(self._write_loop(), name=f"outbox:{name}")
 
     # --- sending ---
 
     def offer(self, event: Event, frame: bytes | None = None) -> bool:
-        """Queue `event` without waiting (`frame`: its bytes, if already encoded).
+        """Queue `event` in the urgent lane without waiting (`frame`: its
+        bytes, if already encoded).
 
         Returns False, queuing nothing, when the link is closing or the
-        outbox would pass its limit: this peer can't keep up.
+        urgent lane would pass its limit: this peer can't keep up.
         """
         if self.closing:
             return False
@@ -1298,10 +1528,42 @@ class Link:
         self._push(frame)
         return True
 
-    def _push(self, frame: bytes) -> None:
-        if not self._outbox:
+    def offer_chunk(self, transfer: int, data: Any) -> None:
+        """Queue file data (at most MAX_CHUNK_BYTES) in the bulk lane.
+
+        The caller keeps the lane bounded by awaiting `bulk_room()` before
+        each batch. Does nothing once the link is closing.
+        """
+        if self.closing:
+            return
+        self.wire.check_send(_CHUNK_PROBE)
+        if not self._urgent and not self._bulk:
             self.last_progress = asyncio.get_running_loop().time()
-        self._outbox.append(frame)
+        self._bulk.append((chunk_header(transfer, len(data)), data))
+        self.bulk_bytes += len(data) + _CHUNK_HEADER.size
+        if self.bulk_bytes >= BULK_HIGH_WATER:
+            self._bulk_room.clear()
+        self._wakeup.set()
+
+    def offer_after_bulk(self, event: Event) -> None:
+        """Queue a control event behind the file data already queued (a
+        FileEnd must not overtake the last chunks of its file)."""
+        if self.closing:
+            return
+        self.wire.check_send(event)
+        self._bulk.append((encode(event), b""))
+        self.bulk_bytes += _CHUNK_HEADER.size
+        self._wakeup.set()
+
+    async def bulk_room(self) -> bool:
+        """Wait until the bulk lane can take more. False if the link closed."""
+        await self._bulk_room.wait()
+        return not self.closing
+
+    def _push(self, frame: bytes) -> None:
+        if not self._urgent and not self._bulk:
+            self.last_progress = asyncio.get_running_loop().time()
+        self._urgent.append(frame)
         self.queued_bytes += len(frame)
         self._wakeup.set()
 
@@ -1315,6 +1577,7 @@ class Link:
             return
         self.closing = True
         self.close_reason = reason
+        self._drop_bulk()
         if event is not None:
             try:
                 self.wire.check_send(event)
@@ -1330,35 +1593,55 @@ class Link:
         if not self.closing:
             self.closing = True
             self.close_reason = reason
-        self._outbox.clear()
+        self._urgent.clear()
         self.queued_bytes = 0
+        self._drop_bulk()
         self._wakeup.set()
         self.writer.transport.abort()
+
+    def _drop_bulk(self) -> None:
+        self._bulk.clear()
+        self.bulk_bytes = 0
+        self._bulk_room.set()               # wake producers: they see `closing`
 
     async def _write_loop(self) -> None:
         writer = self.writer
         try:
             while True:
-                if not self._outbox:
-                    if self.closing:
-                        break
+                if self._urgent:
+                    batch, size = [], 0
+                    while self._urgent and size < _WRITE_BATCH_BYTES:
+                        frame = self._urgent.popleft()
+                        batch.append(frame)
+                        size += len(frame)
+                    writer.writelines(batch)
+                    await writer.drain()
+                    self.queued_bytes -= size
+                elif self._bulk:
+                    batch, size = [], 0
+                    while self._bulk and size < _WRITE_BATCH_BYTES and not self._urgent:
+                        header, data = self._bulk.popleft()
+                        batch += (header, data)
+                        size += len(header) + len(data)
+                    writer.writelines(batch)
+                    await writer.drain()
+                    self.bulk_bytes = max(0, self.bulk_bytes - size)
+                    if self.bulk_bytes < BULK_HIGH_WATER // 2:
+                        self._bulk_room.set()
+                elif self.closing:
+                    break
+                else:
                     self._wakeup.clear()
                     await self._wakeup.wait()
                     continue
-                batch, size = [], 0
-                while self._outbox and size < _WRITE_BATCH_BYTES:
-                    frame = self._outbox.popleft()
-                    batch.append(frame)
-                    size += len(frame)
-                writer.writelines(batch)
-                await writer.drain()
-                self.queued_bytes -= size
                 self.last_progress = asyncio.get_running_loop().time()
         except (ConnectionError, OSError):
             pass                            # the reader sees the same and ends
         finally:
             if self._abort_timer is not None:
                 self._abort_timer.cancel()
+            self.closing = True
+            self._drop_bulk()
             writer.close()                  # flushes what the transport holds
 
     # --- receiving ---
@@ -1388,6 +1671,198 @@ class Link:
             await asyncio.wait({self.writer_task})
 
 
+_CHUNK_PROBE = Chunk(1, b"")                # what check_send needs to know: the type
+
+
+class Upload:
+    """A file coming into the host from one session, spooled to disk.
+
+    The host spools rather than relaying chunk by chunk: the sender goes at
+    the speed of the host's disk, and each recipient reads the spool at its
+    own pace, so a slow recipient never slows the others or the sender (a
+    chunk-by-chunk relay would have to hold every recipient to the
+    slowest, or buffer without bound). Memory stays flat: at most
+    _SPOOL_BATCHES batches of FILE_IO_BYTES wait for the disk, and each
+    recipient's bulk lane is bounded. The spool file is deleted once the
+    upload and every relay reading it are done.
+    """
+
+    def __init__(self, host: Host, sender: Session, offer: FileOffer, sender_name: str,
+                 path: str) -> None:
+        self.host = host
+        self.sender: Session | None = sender    # None once the sender has left
+        self.offer = offer
+        self.sender_name = sender_name
+        self.path = path                    # the spool file
+        self.received = 0                   # bytes taken from the network
+        self.stored = 0                     # bytes written to the spool
+        self.sha256 = ""                    # as the sender announced it, at the end
+        self.complete = False               # every byte stored, size checked
+        self.failure: FileAbort | None = None   # why the upload failed, if it did
+        self.readers = 1                    # the spool task and each relay
+        self._pending: list[Any] = []       # chunks not yet batched for the disk
+        self._pending_bytes = 0
+        self._batches: collections.deque[bytes | None] = collections.deque()
+        self._queued = asyncio.Event()      # a batch (or the end) is waiting
+        self._room = asyncio.Event()        # fewer than _SPOOL_BATCHES wait
+        self._room.set()
+        self._grew = asyncio.Event()        # set when `stored` grows or it ends
+        self._file = open(path, "wb", buffering=0)
+        self.task = asyncio.get_running_loop().create_task(
+            self._spool(), name=f"spool:{sender.link.name}:{offer.transfer}")
+
+    def add(self, data: Any) -> Any:
+        """Take one chunk; returns an awaitable when the disk is behind."""
+        if self.failure or self.complete or self.sha256:
+            return None
+        if self.received + len(data) > self.offer.size:
+            self.fail("bad_frame", "more data than the offer announced")
+            return None
+        self.received += len(data)
+        self._pending.append(data)
+        self._pending_bytes += len(data)
+        if self._pending_bytes >= FILE_IO_BYTES:
+            return self._enqueue(self._take_pending())
+        return None
+
+    def end(self, sha256: str) -> Any:
+        """The sender says all data is sent; returns an awaitable like `add`."""
+        if self.failure or self.complete or self.sha256:
+            return None
+        self.sha256 = sha256
+        if self._pending:
+            self._enqueue(self._take_pending())
+        return self._enqueue(None)
+
+    def _take_pending(self) -> bytes:
+        batch = b"".join(self._pending)
+        self._pending, self._pending_bytes = [], 0
+        return batch
+
+    def _enqueue(self, batch: bytes | None) -> Any:
+        self._batches.append(batch)
+        self._queued.set()
+        if len(self._batches) >= _SPOOL_BATCHES:
+            self._room.clear()
+            return self._room.wait()
+        return None
+
+    async def _spool(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            while True:
+                if not self._batches:
+                    self._queued.clear()
+                    await self._queued.wait()
+                    continue
+                batch = self._batches.popleft()
+                if len(self._batches) < _SPOOL_BATCHES:
+                    self._room.set()
+                if batch is None or self.failure:
+                    break
+                await loop.run_in_executor(self.host.io, self._file.write, batch)
+                self.stored += len(batch)
+                self._wake()
+            if not self.failure:
+                if self.stored != self.offer.size:
+                    self.fail("bad_frame", f"the sender sent {self.stored} of "
+                              f"{self.offer.size} bytes")
+                else:
+                    self.complete = True
+                    self._wake()
+                    self._tell_sender(FileStored(self.offer.transfer))
+        except OSError as exc:
+            code = "disk_full" if exc.errno == errno.ENOSPC else "file_io"
+            self.fail(code, f"the host could not store the file: {exc.strerror}")
+        finally:
+            self._batches.clear()
+            self._room.set()
+            await loop.run_in_executor(self.host.io, self._file.close)
+            self.release()
+
+    def fail(self, code: str, reason: str) -> None:
+        """Stop the upload: the sender and every recipient still waiting are told."""
+        if self.failure or self.complete:
+            return
+        self.failure = FileAbort(self.offer.transfer, code, reason)
+        self._tell_sender(FileRefuse(self.offer.transfer, code, reason))
+        self._batches.clear()
+        self._batches.append(None)
+        self._queued.set()
+        self._room.set()
+        self._wake()
+
+    def release(self) -> None:
+        """One reader (the spool task or a relay) is done with the spool file."""
+        self.readers -= 1
+        if self.readers == 0:
+            self.host.forget_upload(self)
+
+    def _tell_sender(self, event: Event) -> None:
+        if self.sender is not None:
+            self.host.deliver([(self.sender, event)])
+
+    def _wake(self) -> None:
+        self._grew.set()
+        self._grew = asyncio.Event()
+
+    async def grown(self) -> None:
+        """Wait until more is stored, or the upload completes or fails."""
+        await self._grew.wait()
+
+
+_SPOOL_BATCHES = 4                  # FILE_IO_BYTES batches waiting for the disk
+
+
+class Relay:
+    """One upload going to one recipient, at the recipient's own pace."""
+
+    def __init__(self, upload: Upload, recipient: Session, number: int) -> None:
+        self.upload = upload
+        self.recipient = recipient
+        self.number = number                # the recipient's transfer number
+        self.sent = 0
+        self.finished = False               # the recipient said saved or refused
+        upload.readers += 1
+        self.task = asyncio.get_running_loop().create_task(
+            self._run(), name=f"relay:{recipient.link.name}:{number}")
+
+    async def _run(self) -> None:
+        upload, link, host = self.upload, self.recipient.link, self.upload.host
+        offer = upload.offer
+        host.deliver([(self.recipient, FileAnnounce(
+            self.number, upload.sender_name, offer.name, offer.size, offer.to))])
+        loop = asyncio.get_running_loop()
+        spool = None
+        try:
+            spool = await loop.run_in_executor(host.io, open, upload.path, "rb", 0)
+            while not link.closing:
+                if upload.failure is not None:
+                    host.deliver([(self.recipient, dataclasses.replace(
+                        upload.failure, transfer=self.number))])
+                    return
+                if self.sent < upload.stored:
+                    if not await link.bulk_room():
+                        return
+                    want = min(FILE_IO_BYTES, upload.stored - self.sent)
+                    data = memoryview(await loop.run_in_executor(host.io, spool.read, want))
+                    for start in range(0, len(data), MAX_CHUNK_BYTES):
+                        link.offer_chunk(self.number, data[start:start + MAX_CHUNK_BYTES])
+                    self.sent += len(data)
+                elif upload.complete:
+                    link.offer_after_bulk(FileEnd(self.number, upload.sha256))
+                    return
+                else:
+                    await upload.grown()
+        except OSError as exc:              # the spool vanished: tell, don't crash
+            host.deliver([(self.recipient, FileAbort(self.number, "file_io",
+                                                     f"the host lost the file: {exc}"))])
+        finally:
+            if spool is not None:
+                await loop.run_in_executor(host.io, spool.close)
+            upload.release()
+
+
 class Session:
     """The host's side of one client connection."""
 
@@ -1397,6 +1872,9 @@ class Session:
         self.started = asyncio.get_running_loop().time()
         self.last_ping = self.started       # when we last pinged, or connected
         self.ping_count = 0
+        self.uploads: dict[int, Upload] = {}      # by the client's transfer number
+        self.downloads: dict[int, Relay] = {}     # by our transfer number
+        self.next_download = 0
 
     def __repr__(self) -> str:
         return f"<Session {self.link.name} {self.link.wire.state.value}>"
@@ -1415,7 +1893,9 @@ class Session:
                     link.close_with(None, "connection lost")
                     break
                 for event in events:
-                    self.host.dispatch(self, event)
+                    pause = self.host.dispatch(self, event)
+                    if pause is not None:
+                        await pause         # the spool is behind: stop reading
                     if link.closing:
                         break
         finally:
@@ -1432,7 +1912,8 @@ class Host:
 
     def __init__(self, *, bind: str = "0.0.0.0", port: int = DEFAULT_PORT,
                  name: str | None = None, advertise: bool = True,
-                 interface: str | None = None, limits: Limits = Limits()) -> None:
+                 interface: str | None = None, limits: Limits = Limits(),
+                 spool_dir: str | None = None) -> None:
         self.bind = bind
         self.port = port
         self.name = name or socket.gethostname()
@@ -1440,15 +1921,22 @@ class Host:
         self.limits = limits
         self.rooms = Rooms(host_name=self.name, history_limit=limits.history_limit,
                            max_message_bytes=limits.max_message_bytes,
-                           max_members=limits.max_room_members)
+                           max_members=limits.max_room_members,
+                           max_file_size=limits.max_file_size)
         self.sessions: set[Session] = set()
         self.advertiser = Advertiser(self.name, port, interface) if advertise else None
         self._server: asyncio.base_events.Server | None = None
         self._handlers: set[asyncio.Task] = set()
         self._ticker: asyncio.Task | None = None
         self._closed = asyncio.Event()
+        self._spool_parent = spool_dir      # where our spool folder goes
+        self.spool_dir = ""                 # our own folder, made by start()
+        self.io: concurrent.futures.ThreadPoolExecutor | None = None   # disk work
+        self.uploads: set[Upload] = set()
 
     async def start(self) -> None:
+        self.spool_dir = tempfile.mkdtemp(prefix="chatroom-spool-", dir=self._spool_parent)
+        self.io = concurrent.futures.ThreadPoolExecutor(4, thread_name_prefix="host-io")
         self._server = await asyncio.start_server(
             self._handle, self.bind, self.port, limit=READ_CHUNK_BYTES)
         self.port = self._server.sockets[0].getsockname()[1]
@@ -1486,6 +1974,13 @@ class Host:
                     session.link.abort(reason)
                 await asyncio.wait(pending)
         await server.wait_closed()
+        for upload in list(self.uploads):   # handlers are gone; finish their tasks
+            upload.fail("host_shutdown", "the host is shutting down")
+        tasks = [u.task for u in self.uploads]
+        if tasks:
+            await asyncio.wait(tasks, timeout=self.limits.close_timeout_s)
+        self.io.shutdown(wait=False, cancel_futures=True)
+        shutil.rmtree(self.spool_dir, ignore_errors=True)
         self._closed.set()
         log.info("host %r closed", self.name)
 
@@ -1515,9 +2010,27 @@ class Host:
             self._handlers.discard(task)
 
     def forget(self, session: Session) -> None:
-        """Take a session out of its room (idempotent; the handler's last act)."""
+        """Take a session out of its room (idempotent; the handler's last act).
+
+        Its unfinished uploads fail (recipients are told the sender left;
+        a complete upload goes on to its recipients), and the senders of
+        files still coming to it are told it left.
+        """
         if self.rooms.room_of(session) is None:
             return
+        user = self.rooms.user_of(session)
+        for upload in session.uploads.values():
+            upload.sender = None
+            upload.fail("sender_left", f"{user} left before the file was complete")
+        session.uploads.clear()
+        for relay in session.downloads.values():
+            relay.task.cancel()
+            if not relay.finished:
+                relay.finished = True
+                relay.upload._tell_sender(FileRefuse(
+                    relay.upload.offer.transfer, "recipient_left",
+                    f"{user} left before saving the file", user))
+        session.downloads.clear()
         why = session.link.close_reason
         shown = "" if why in ("bye", "host_shutdown") else why
         self.deliver(self.rooms.leave(session, unix_now(), shown))
@@ -1529,12 +2042,13 @@ class Host:
 
     # --- dispatch ---
 
-    def dispatch(self, session: Session, event: Event) -> None:
+    def dispatch(self, session: Session, event: Event) -> Any:
         """Act on one event from a session's peer (the Wire has checked that
-        it is allowed now)."""
+        it is allowed now). Returns an awaitable when the session must stop
+        reading until it completes (its file is arriving faster than the
+        disk takes it), else None."""
         handler = self._handlers_by_type.get(type(event))
-        if handler is not None:
-            handler(self, session, event)
+        return handler(self, session, event) if handler is not None else None
 
     def _on_hello(self, session: Session, hello: Hello) -> None:
         link = session.link
@@ -1566,8 +2080,84 @@ class Host:
     def _on_ping(self, session: Session, ping: Ping) -> None:
         self.deliver([(session, Pong(ping.n))])
 
+    def _on_file_offer(self, session: Session, offer: FileOffer) -> None:
+        def refuse(code: str, reason: str) -> None:
+            self.deliver([(session, FileRefuse(offer.transfer, code, reason))])
+
+        if offer.transfer in session.uploads:
+            return refuse("bad_frame", f"transfer {offer.transfer} is already in use")
+        if len(session.uploads) >= MAX_TRANSFERS:
+            return refuse("busy", f"at most {MAX_TRANSFERS} files at once; wait "
+                          "for one to finish")
+        if offer.size > self.limits.max_file_size:
+            return refuse("file_too_large", f"the file is {offer.size} bytes; this "
+                          f"host takes at most {self.limits.max_file_size}")
+        try:
+            recipients = self.rooms.recipients(session, offer.to)
+        except Refused as refusal:
+            return refuse(refusal.code, refusal.message)
+        try:
+            if shutil.disk_usage(self.spool_dir).free < offer.size + FILE_IO_BYTES * 16:
+                return refuse("disk_full", "the host's disk has no room for the file")
+            handle, path = tempfile.mkstemp(prefix="up-", dir=self.spool_dir)
+            os.close(handle)
+            upload = Upload(self, session, offer, self.rooms.user_of(session), path)
+        except OSError as exc:
+            return refuse("file_io", f"the host can't store files: {exc.strerror}")
+        session.uploads[offer.transfer] = upload
+        self.uploads.add(upload)
+        for recipient in recipients:
+            recipient.next_download += 1
+            number = recipient.next_download
+            recipient.downloads[number] = Relay(upload, recipient, number)
+        log.info("%s sends %r (%d bytes) to %d", session.link.name, offer.name,
+                 offer.size, len(recipients))
+        self.deliver([(session, FileAccept(offer.transfer))])
+
+    def _on_chunk(self, session: Session, chunk: Chunk) -> Any:
+        upload = session.uploads.get(chunk.transfer)
+        return upload.add(chunk.data) if upload is not None else None  # late: ignore
+
+    def _on_file_end(self, session: Session, end: FileEnd) -> Any:
+        upload = session.uploads.get(end.transfer)
+        return upload.end(end.sha256) if upload is not None else None
+
+    def _on_file_abort(self, session: Session, abort: FileAbort) -> None:
+        upload = session.uploads.pop(abort.transfer, None)
+        if upload is not None:
+            upload.sender = None            # it knows; don't answer its abort
+            upload.fail(abort.code, f"{upload.sender_name} cancelled: {abort.reason}")
+
+    def _on_file_done(self, session: Session, event: FileSaved | FileRefuse) -> None:
+        """A recipient saved (FileSaved) or gave up on (FileRefuse) a download."""
+        relay = session.downloads.pop(event.transfer, None)
+        if relay is None or relay.finished:
+            return
+        relay.finished = True
+        user = self.rooms.user_of(session) or "?"
+        upload = relay.upload
+        if isinstance(event, FileSaved):
+            upload._tell_sender(FileDelivered(upload.offer.transfer, user))
+        else:
+            relay.task.cancel()
+            upload._tell_sender(FileRefuse(upload.offer.transfer, event.code,
+                                           f"{user}: {event.reason}", user))
+
+    def forget_upload(self, upload: Upload) -> None:
+        """The upload and its relays are done: drop it and its spool file."""
+        self.uploads.discard(upload)
+        if upload.sender is not None and \
+                upload.sender.uploads.get(upload.offer.transfer) is upload:
+            del upload.sender.uploads[upload.offer.transfer]
+        try:
+            os.unlink(upload.path)
+        except OSError:
+            pass
+
     _handlers_by_type: ClassVar[dict] = {
         Hello: _on_hello, Say: _on_say, Who: _on_who, Bye: _on_bye, Ping: _on_ping,
+        FileOffer: _on_file_offer, Chunk: _on_chunk, FileEnd: _on_file_end,
+        FileAbort: _on_file_abort, FileSaved: _on_file_done, FileRefuse: _on_file_done,
     }
 
     def deliver(self, deliveries: list[Delivery]) -> None:
@@ -1611,7 +2201,8 @@ class Host:
                 elif now - link.last_heard > limits.peer_silence_s:
                     link.abort("connection lost")
                     self.forget(session)
-                elif link.queued_bytes and now - link.last_progress > limits.send_stall_s:
+                elif (link.queued_bytes or link.bulk_bytes) and \
+                        now - link.last_progress > limits.send_stall_s:
                     link.abort("too slow")
                     self.forget(session)
                 elif min(now - link.last_heard, now - session.last_ping) > \
@@ -1661,6 +2252,146 @@ def ui_event(event: Event) -> dict:
     return out
 
 
+def default_downloads_dir() -> Path:
+    """A `chatroom` folder in the person's usual downloads folder.
+
+    Linux: XDG_DOWNLOAD_DIR from ~/.config/user-dirs.dirs when set there;
+    everywhere else (and as the fallback) ~/Downloads.
+    """
+    home = Path.home()
+    base = home / "Downloads"
+    config = Path(os.environ.get("XDG_CONFIG_HOME") or home / ".config") / "user-dirs.dirs"
+    try:
+        for line in config.read_text(encoding="utf-8").splitlines():
+            key, _, value = line.partition("=")
+            if key.strip() == "XDG_DOWNLOAD_DIR":
+                value = value.strip().strip('"').replace("$HOME", str(home))
+                if value and Path(value).is_absolute() and Path(value) != home:
+                    base = Path(value)
+    except (OSError, UnicodeDecodeError):
+        pass
+    return base / "chatroom"
+
+
+_PART_RE = re.compile(r"\..*\.chatroom-(\d+)-[0-9a-f]+\.part\Z")
+
+
+def claim_name(part: Path, folder: Path, name: str) -> Path:
+    """Give the verified file `part` its final name in `folder`, never
+    overwriting: "name.ext", else "name (1).ext", ... Returns the path."""
+    for candidate in numbered_names(name):
+        target = folder / candidate
+        try:
+            os.link(part, target)           # atomic, and fails if target exists
+        except FileExistsError:
+            continue
+        except OSError:                     # no hard links here (FAT, ...)
+            if os.path.lexists(target):
+                continue
+            os.rename(part, target)         # Windows: refuses to overwrite too
+            return target
+        os.unlink(part)
+        return target
+    raise OSError(errno.EEXIST, "no free name")   # pragma: no cover (endless supply)
+
+
+def remove_stale_parts(folder: Path) -> None:
+    """Delete .part files left by chatroom processes that no longer run."""
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return
+    for entry in entries:
+        match = _PART_RE.match(entry.name)
+        if match and not _process_alive(int(match.group(1))):
+            try:
+                os.unlink(entry.path)
+            except OSError:
+                pass
+
+
+def _process_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    if os.name == "nt":                     # pragma: no cover (no cheap check)
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+    return True
+
+
+class Progress:
+    """Paces file_progress events: at most one per PROGRESS_INTERVAL_S."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.started = time.monotonic()
+        self._last = 0.0
+        self._last_done = -1
+
+    def event(self, base: dict, done: int, force: bool = False) -> dict | None:
+        """A file_progress event for `done` bytes, or None if one was sent
+        less than PROGRESS_INTERVAL_S ago (`force`: unless it said the same)."""
+        now = time.monotonic()
+        if done == self._last_done or not force and now - self._last < PROGRESS_INTERVAL_S:
+            return None
+        self._last, self._last_done = now, done
+        elapsed = max(now - self.started, 1e-6)
+        rate = done / elapsed
+        left = (self.size - done) / rate if rate > 0 else None
+        return dict({"type": "file_progress"}, **base, bytes=done, size=self.size,
+                    percent=round(100.0 * done / self.size, 1) if self.size else 100.0,
+                    rate=round(rate), eta=round(left, 1) if left is not None else None)
+
+
+@dataclasses.dataclass(eq=False)
+class OutgoingFile:
+    """A file we send (client side)."""
+    transfer: int
+    path: Path
+    name: str
+    size: int
+    to: str
+    accepted: asyncio.Future                # -> True (send it) or False (refused)
+    progress: Progress
+    sent: int = 0
+    sha256: str = ""
+    stored: bool = False                    # the host has every byte
+    failed: bool = False
+
+    def base(self) -> dict:
+        return {"transfer": self.transfer, "name": self.name, "direction": "send",
+                "to": self.to or None}
+
+
+@dataclasses.dataclass(eq=False)
+class IncomingFile:
+    """A file coming to us (client side), written to a hidden .part file."""
+    transfer: int
+    sender: str
+    name: str                               # as the sender called it
+    safe_name: str                          # what we will call it
+    size: int
+    to: str
+    part: Path
+    progress: Progress
+    received: int = 0
+    failed: bool = False
+    file: Any = None                        # open only inside the write thread
+    hasher: Any = dataclasses.field(default_factory=hashlib.sha256)
+    batch: list = dataclasses.field(default_factory=list)
+    batch_bytes: int = 0
+    writes: collections.deque = dataclasses.field(default_factory=collections.deque)
+
+    def base(self) -> dict:
+        return {"transfer": self.transfer, "name": self.safe_name, "direction": "receive",
+                "from": self.sender}
+
+
 class ClientCore:
     """One chat connection, driven from any thread.
 
@@ -1670,9 +2401,12 @@ class ClientCore:
     the core's thread for every event.
     """
 
-    def __init__(self, on_event: Callable[[dict], None], limits: Limits = Limits()) -> None:
+    def __init__(self, on_event: Callable[[dict], None], limits: Limits = Limits(),
+                 downloads: Path | None = None) -> None:
         self.on_event = on_event
         self.limits = limits
+        self.downloads = Path(os.path.abspath(os.path.expanduser(
+            downloads or default_downloads_dir())))
         self.loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._link: Link | None = None      # the connection, while there is one
@@ -1680,6 +2414,15 @@ class ClientCore:
         self._ready = False                 # logged in
         self._id_prefix = secrets.token_hex(4)
         self._next_id = 0
+        self._host_max_file = 0             # the host's --max-file-size, from ready
+        self._uploads: dict[int, OutgoingFile] = {}
+        self._downloads: dict[int, IncomingFile] = {}
+        self._next_transfer = 0
+        self._downloads_checked = False     # stale .part files removed once
+        # One thread reads files we send, one writes files we get: each keeps
+        # its own order, and neither blocks the loop or the other.
+        self._read_io = concurrent.futures.ThreadPoolExecutor(1, "file-read")
+        self._write_io = concurrent.futures.ThreadPoolExecutor(1, "file-write")
 
     # --- thread plumbing ---
 
@@ -1719,8 +2462,13 @@ class ClientCore:
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(timeout)
         self._thread = None
+        self._read_io.shutdown(wait=False, cancel_futures=True)
+        self._write_io.shutdown(wait=False, cancel_futures=True)
 
-    def _emit(self, event: dict) -> None:
+    def _emit(self, event: dict | None) -> None:
+        """Hand one event to the front end (None, from a paced source: nothing)."""
+        if event is None:
+            return
         try:
             self.on_event(event)
         except Exception:
@@ -1742,9 +2490,15 @@ class ClientCore:
     def who(self) -> Any:
         return self.submit(self._send(Who()))
 
-    def leave(self) -> Any:
-        """Leave the room. Future -> None once `closed` has been emitted."""
-        return self.submit(self._leave())
+    def send_file(self, path: str | Path, to: str | None = None) -> Any:
+        """Send a file to everyone else in the room, or to user `to` alone.
+        Future -> the transfer number, or None if it was refused at once."""
+        return self.submit(self._send_file(Path(path), to or ""))
+
+    def leave(self, wait_for_uploads: bool = False) -> Any:
+        """Leave the room, first letting our uploads reach the host if
+        `wait_for_uploads`. Future -> None once `closed` has been emitted."""
+        return self.submit(self._leave(wait_for_uploads))
 
     @property
     def connected(self) -> bool:
@@ -1796,12 +2550,17 @@ class ClientCore:
                 if events is None:
                     break
                 for event in events:
-                    reason = self._on_host_event(link, event, joined, host, port) or reason
+                    outcome = self._on_host_event(link, event, joined, host, port)
+                    if isinstance(outcome, str):
+                        reason = outcome
+                    elif outcome is not None:
+                        await outcome       # our disk is behind: stop reading
                 if link.wire.state is State.CLOSED:
                     break
         finally:
             self._ready = False
             self._link = None
+            self._fail_all_transfers()
             if reason in ("connection_lost", "login_timeout", "protocol_error"):
                 link.abort(reason)          # nothing more to say to this host
             await link.finish()
@@ -1810,8 +2569,13 @@ class ClientCore:
             self._emit({"type": "closed", "reason": reason})
 
     def _on_host_event(self, link: Link, event: Event, joined: asyncio.Future,
-                       host: str, port: int) -> str | None:
-        """Handle one event; returns a closing reason when it ends the session."""
+                       host: str, port: int) -> Any:
+        """Handle one event. Returns a closing reason (str) when it ends the
+        session, an awaitable when reading must pause until it is done, or
+        None."""
+        file_handler = self._file_handlers.get(type(event))
+        if file_handler is not None:
+            return file_handler(self, event)
         if isinstance(event, Ping):
             link.offer(Pong(event.n))
             return None
@@ -1822,6 +2586,7 @@ class ClientCore:
         out = ui_event(event)
         if isinstance(event, Welcome):
             self._ready = True
+            self._host_max_file = event.max_file_size
             out.update(address=host, port=port)
         self._emit(out)
         if isinstance(event, Welcome):
@@ -1853,10 +2618,13 @@ class ClientCore:
         msg_id = f"{self._id_prefix}-{self._next_id}"
         return msg_id if await self._send(Say(msg_id, text)) else None
 
-    async def _leave(self) -> None:
+    async def _leave(self, wait_for_uploads: bool = False) -> None:
         link, reader = self._link, self._reader
         if link is None or reader is None:
             return
+        while wait_for_uploads and self._link is link and any(
+                not (up.stored or up.failed) for up in self._uploads.values()):
+            await asyncio.sleep(0.05)
         if self._ready and link.offer(Bye()):
             self._ready = False
             done, _ = await asyncio.wait({reader}, timeout=self.limits.close_timeout_s * 2)
@@ -1865,6 +2633,306 @@ class ClientCore:
         link.abort("quit")
         await asyncio.wait({reader})
 
+
+    # --- files we send (core thread) ---
+
+    def _file_failed(self, base: dict, code: str, reason: str, **extra: Any) -> None:
+        self._emit({"type": "file_failed", **base, "code": code, "reason": reason, **extra})
+
+    async def _send_file(self, path: Path, to: str) -> int | None:
+        loop = asyncio.get_running_loop()
+        base = {"transfer": None, "name": path.name or str(path), "direction": "send",
+                "to": to or None}
+
+        def refuse(code: str, reason: str) -> None:
+            self._error(code, reason)
+            self._file_failed(base, code, reason)
+
+        link = self._link
+        if link is None or not self._ready:
+            refuse("not_connected", "not in a room")
+            return None
+        try:
+            handle, size = await loop.run_in_executor(self._read_io, _open_regular, path)
+        except OSError as exc:
+            refuse("not_a_file", f"can't send {str(path)!r}: {exc.strerror or exc}")
+            return None
+        if self._host_max_file and size > self._host_max_file:
+            handle.close()
+            refuse("file_too_large", f"{path.name} is {size} bytes; the host takes "
+                   f"at most {self._host_max_file}")
+            return None
+        self._next_transfer += 1
+        up = OutgoingFile(self._next_transfer, path, path.name, size, to,
+                          loop.create_future(), Progress(size))
+        self._uploads[up.transfer] = up
+        try:
+            link.offer(FileOffer(up.transfer, up.name, size, to))
+            self._emit(up.progress.event(up.base(), 0, force=True))
+            if not await up.accepted:
+                return None                 # refused: file_failed already emitted
+            hasher = hashlib.sha256()
+            while not up.failed:
+                want = min(FILE_IO_BYTES, size - up.sent + 1)   # +1: notice growth
+                if not await link.bulk_room():
+                    return up.transfer      # the link closed: reported as it closed
+                data = await loop.run_in_executor(self._read_io, _read_and_hash,
+                                                  handle, want, hasher)
+                if not data or up.failed:
+                    break
+                if up.sent + len(data) > size:
+                    break                   # the file grew while we sent it
+                view = memoryview(data)
+                for start in range(0, len(view), MAX_CHUNK_BYTES):
+                    link.offer_chunk(up.transfer, view[start:start + MAX_CHUNK_BYTES])
+                up.sent += len(data)
+                self._emit(up.progress.event(up.base(), up.sent))
+            if up.failed:
+                return up.transfer
+            if up.sent != size or data:
+                up.failed = True
+                link.offer(FileAbort(up.transfer, "file_io", "the file changed while "
+                                     "it was being sent"))
+                self._file_failed(up.base(), "file_io", f"{up.name} changed while it "
+                                  "was being sent; send it again")
+                return up.transfer
+            up.sha256 = hasher.hexdigest()
+            link.offer_after_bulk(FileEnd(up.transfer, up.sha256))
+            self._emit(up.progress.event(up.base(), up.sent, force=True))
+            return up.transfer
+        except OSError as exc:
+            up.failed = True
+            if not link.closing:
+                link.offer(FileAbort(up.transfer, "file_io", f"read error: {exc}"))
+            self._file_failed(up.base(), "file_io", f"can't read {up.name}: "
+                              f"{exc.strerror or exc}")
+            return up.transfer
+        finally:
+            loop.run_in_executor(self._read_io, handle.close)
+
+    def _on_file_accept(self, event: FileAccept) -> None:
+        up = self._uploads.get(event.transfer)
+        if up is not None and not up.accepted.done():
+            up.accepted.set_result(True)
+
+    def _on_file_refuse(self, event: FileRefuse) -> None:
+        up = self._uploads.get(event.transfer)
+        if up is None:
+            return
+        if event.recipient:                 # one recipient failed; others go on
+            self._file_failed(up.base(), event.code, event.reason, user=event.recipient)
+            return
+        if not up.failed:
+            up.failed = True
+            if not up.accepted.done():      # refused before it started
+                self._error(event.code, event.reason)
+                up.accepted.set_result(False)
+            self._file_failed(up.base(), event.code, event.reason)
+
+    def _on_file_stored(self, event: FileStored) -> None:
+        up = self._uploads.get(event.transfer)
+        if up is not None and not up.failed:
+            up.stored = True
+            self._emit({"type": "file_sent", "transfer": up.transfer, "name": up.name,
+                        "size": up.size, "sha256": up.sha256, "to": up.to or None})
+
+    def _on_file_delivered(self, event: FileDelivered) -> None:
+        up = self._uploads.get(event.transfer)
+        if up is not None:
+            self._emit({"type": "file_delivered", "transfer": up.transfer,
+                        "name": up.name, "user": event.user})
+
+    # --- files we receive (core thread; disk work on the write thread) ---
+
+    def _on_file_announce(self, event: FileAnnounce) -> None:
+        safe = safe_filename(event.name)
+        tag = f"chatroom-{os.getpid()}-{secrets.token_hex(4)}"
+        part = self.downloads / f".{safe}.{tag}.part"
+        dl = IncomingFile(event.transfer, event.sender, event.name, safe, event.size,
+                          event.to, part, Progress(event.size))
+        self._downloads[dl.transfer] = dl
+        self._emit({"type": "file_offer", "transfer": dl.transfer, "from": dl.sender,
+                    "name": safe, "size": dl.size, "to": dl.to or None})
+        first = not self._downloads_checked
+        self._downloads_checked = True
+        self._write(dl, _open_part, dl, self.downloads, first)
+
+    def _on_chunk(self, chunk: Chunk) -> Any:
+        dl = self._downloads.get(chunk.transfer)
+        if dl is None or dl.failed:
+            return None                     # a download we gave up on: ignore
+        if dl.received + len(chunk.data) > dl.size:
+            self._fail_download(dl, "bad_frame", "more data than announced")
+            return None
+        dl.received += len(chunk.data)
+        dl.batch.append(chunk.data)
+        dl.batch_bytes += len(chunk.data)
+        if dl.batch_bytes >= FILE_IO_BYTES:
+            self._flush_batch(dl)
+        self._emit(dl.progress.event(dl.base(), dl.received))
+        if len(dl.writes) > 4:              # the disk is behind: pause reading
+            return asyncio.wait({dl.writes[0]})
+        return None
+
+    def _flush_batch(self, dl: IncomingFile) -> None:
+        if dl.batch:
+            batch = b"".join(dl.batch)
+            dl.batch, dl.batch_bytes = [], 0
+            self._write(dl, _write_and_hash, dl, batch)
+
+    def _write(self, dl: IncomingFile, job: Callable, *args: Any) -> asyncio.Future:
+        """Run `job` on the write thread, in order; a failure fails `dl`."""
+        future = asyncio.get_running_loop().run_in_executor(self._write_io, job, *args)
+        dl.writes.append(future)
+
+        def done(f: asyncio.Future) -> None:
+            if dl.writes and dl.writes[0] is f:
+                dl.writes.popleft()
+            else:
+                try:
+                    dl.writes.remove(f)
+                except ValueError:
+                    pass
+            if not f.cancelled() and f.exception() is not None and not dl.failed:
+                exc = f.exception()
+                code = "disk_full" if getattr(exc, "errno", None) == errno.ENOSPC \
+                    else "file_io"
+                reason = "the disk is full" if code == "disk_full" else \
+                    f"can't write {dl.safe_name}: {getattr(exc, 'strerror', '') or exc}"
+                self._fail_download(dl, code, reason)
+        future.add_done_callback(done)
+        return future
+
+    def _on_file_end(self, event: FileEnd) -> None:
+        dl = self._downloads.get(event.transfer)
+        if dl is None or dl.failed:
+            return
+        self._flush_batch(dl)
+        if dl.received != dl.size:
+            self._fail_download(dl, "bad_frame", f"got {dl.received} of {dl.size} bytes")
+            return
+        finish = self._write(dl, _finish_part, dl, event.sha256, self.downloads)
+
+        def finished(f: asyncio.Future) -> None:
+            if f.cancelled() or dl.failed:
+                return
+            if f.exception() is not None:
+                return                      # reported by _write's callback
+            path, digest = f.result()
+            if path is None:
+                self._fail_download(dl, "checksum_mismatch", f"{dl.safe_name} arrived "
+                                    "damaged (SHA-256 mismatch); it was deleted")
+                return
+            self._downloads.pop(dl.transfer, None)
+            self._emit(dl.progress.event(dl.base(), dl.received, force=True))
+            self._emit({"type": "file_received", "transfer": dl.transfer,
+                        "from": dl.sender, "name": path.name, "path": str(path),
+                        "size": dl.size, "sha256": digest})
+            if self._link is not None:
+                self._link.offer(FileSaved(dl.transfer))
+        finish.add_done_callback(finished)
+
+    def _on_file_abort(self, event: FileAbort) -> None:
+        dl = self._downloads.get(event.transfer)
+        if dl is not None:
+            self._fail_download(dl, event.code, event.reason, tell_host=False)
+
+    def _fail_download(self, dl: IncomingFile, code: str, reason: str,
+                       tell_host: bool = True) -> None:
+        """Give up on a download: delete its .part, tell the host and the UI."""
+        if dl.failed:
+            return
+        dl.failed = True
+        dl.batch, dl.batch_bytes = [], 0
+        self._downloads.pop(dl.transfer, None)
+        asyncio.get_running_loop().run_in_executor(self._write_io, _discard_part, dl)
+        if tell_host and self._link is not None:
+            self._link.offer(FileRefuse(dl.transfer, code, reason))
+        self._file_failed(dl.base(), code, reason)
+
+    def _fail_all_transfers(self) -> None:
+        """The connection ended: whatever is still moving has failed."""
+        reason = "the connection to the host ended"
+        for dl in list(self._downloads.values()):
+            self._fail_download(dl, "cancelled", reason, tell_host=False)
+        for up in self._uploads.values():
+            if not up.accepted.done():
+                up.accepted.set_result(False)
+            if not (up.stored or up.failed):
+                up.failed = True
+                self._file_failed(up.base(), "cancelled", reason)
+        self._uploads.clear()
+
+    _file_handlers: ClassVar[dict] = {
+        FileAccept: _on_file_accept, FileRefuse: _on_file_refuse,
+        FileStored: _on_file_stored, FileDelivered: _on_file_delivered,
+        FileAnnounce: _on_file_announce, Chunk: _on_chunk, FileEnd: _on_file_end,
+        FileAbort: _on_file_abort,
+    }
+
+
+# --- Disk work for files: these run on the core's file threads, never the loop
+
+def _open_regular(path: Path) -> tuple[Any, int]:
+    """An open regular file and its size; OSError for anything else."""
+    handle = open(path, "rb", buffering=0)
+    try:
+        info = os.fstat(handle.fileno())
+        if not stat.S_ISREG(info.st_mode):
+            raise OSError(errno.EINVAL, "not a regular file")
+    except BaseException:
+        handle.close()
+        raise
+    return handle, info.st_size
+
+
+def _read_and_hash(handle: Any, size: int, hasher: Any) -> bytes:
+    data = handle.read(size)
+    hasher.update(data)                     # releases the GIL for large buffers
+    return data
+
+
+def _open_part(dl: IncomingFile, folder: Path, first: bool) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    if first:
+        remove_stale_parts(folder)
+    if shutil.disk_usage(folder).free < dl.size:
+        raise OSError(errno.ENOSPC, "not enough free space for the file")
+    descriptor = os.open(dl.part, os.O_WRONLY | os.O_CREAT | os.O_EXCL |
+                         getattr(os, "O_BINARY", 0), 0o644)
+    dl.file = os.fdopen(descriptor, "wb", buffering=0)
+
+
+def _write_and_hash(dl: IncomingFile, data: bytes) -> None:
+    if dl.failed or dl.file is None:
+        return
+    view = memoryview(data)
+    while view:                             # a raw write may be partial
+        written = dl.file.write(view)
+        view = view[written:]
+    dl.hasher.update(data)
+
+
+def _finish_part(dl: IncomingFile, expected: str, folder: Path) -> tuple[Path | None, str]:
+    """Close, verify and name the download. (None, digest) on a mismatch,
+    after deleting the .part; (final path, digest) when it matches."""
+    dl.file.close()
+    dl.file = None
+    digest = dl.hasher.hexdigest()
+    if digest != expected:
+        dl.part.unlink(missing_ok=True)
+        return None, digest
+    return claim_name(dl.part, folder, dl.safe_name), digest
+
+
+def _discard_part(dl: IncomingFile) -> None:
+    if dl.file is not None:
+        dl.file.close()
+        dl.file = None
+    try:
+        dl.part.unlink(missing_ok=True)
+    except OSError:
+        pass
 
 # =============================================================================
 # 8. TERMINAL CLIENT: --cli, stdin lines in, events out (text or JSON)
@@ -1895,10 +2963,22 @@ class Printer:
         self.json_mode = json_mode
         self.stream = stream or sys.stdout
         self._lock = threading.Lock()
+        self._progress_shown: dict[tuple, float] = {}   # transfer -> when printed
+
+    def _progress_due(self, event: dict) -> bool:
+        """A person gets a progress line per transfer at most once a second."""
+        key = (event.get("direction"), event.get("transfer"))
+        now = time.monotonic()
+        if event["bytes"] in (0, event["size"]) or now - self._progress_shown.get(key, 0) >= 1:
+            self._progress_shown[key] = now
+            return True
+        return False
 
     def __call__(self, event: dict) -> None:
         if self.json_mode:
             line = json.dumps(event, ensure_ascii=False)
+        elif event.get("type") == "file_progress" and not self._progress_due(event):
+            return
         else:
             line = self.format(event)
             if line is None:
@@ -1940,12 +3020,49 @@ class Printer:
             rooms += f" and {more} more" if more > 0 else ""
             return (f"{printable(event['name'])}  {event['address']}:{event['port']}  "
                     f"rooms: {rooms or 'none yet'}")
+        if kind == "file_offer":
+            whom = "you" if event.get("to") else "the room"
+            return (f"[{clock}] {printable(event['from'])} is sending {whom} "
+                    f"{printable(event['name'])} ({human_size(event['size'])})")
+        if kind == "file_progress":
+            arrow = "->" if event["direction"] == "send" else "<-"
+            if not event["bytes"] and event["size"]:
+                return f"  {arrow} {printable(event['name'])}: starting " \
+                       f"({human_size(event['size'])})"
+            eta = event.get("eta")
+            left = f", {eta:.0f} s left" if eta is not None and event["bytes"] < \
+                event["size"] else ""
+            return (f"  {arrow} {printable(event['name'])}: {event['percent']:.0f}% of "
+                    f"{human_size(event['size'])}, {human_size(event['rate'])}/s{left}")
+        if kind == "file_received":
+            return (f"[{clock}] Saved {printable(event['name'])} from "
+                    f"{printable(event['from'])}: {printable(event['path'])} "
+                    f"({human_size(event['size'])}, SHA-256 {event['sha256'][:12]}...)")
+        if kind == "file_sent":
+            whom = printable(event["to"]) if event.get("to") else "the room"
+            return f"[{clock}] Sent {printable(event['name'])} " \
+                   f"({human_size(event['size'])}) to {whom}."
+        if kind == "file_delivered":
+            return f"[{clock}] {printable(event['user'])} saved {printable(event['name'])}."
+        if kind == "file_failed":
+            who = f" ({printable(event['user'])})" if event.get("user") else ""
+            return (f"! {printable(event.get('name') or 'file')}{who}: "
+                    f"{printable(event['reason'])} ({event['code']})")
         if kind == "listening":
             return (f"Hosting as {printable(event['name'])} on {event['address']}:"
                     f"{event['port']}" + (" (advertised on the LAN)"
                                           if event.get("advertised") else "")
                     + ". Ctrl-C stops.")
         return None
+
+
+def human_size(size: float) -> str:
+    """1536 -> "1.5 KB" (decimal units, as file managers show them)."""
+    for unit in ("B", "KB", "MB", "GB"):
+        if size < 1000 or unit == "GB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1000
+    return f"{size:.1f} TB"                 # pragma: no cover
 
 
 def printable_lines(text: str) -> list[str]:
@@ -1961,6 +3078,24 @@ def _is_call_command(line: str) -> bool:
     return line.split(maxsplit=1)[0].casefold() == "/check" if line.strip() else False
 
 
+def parse_send(line: str) -> tuple[str, str | None]:
+    """(path, user or None) from "/send PATH" or "/send PATH @USER".
+
+    PATH is the rest of the line after "/send ", less a final " @USER", so
+    names with spaces need no quotes (quotes around the whole path are
+    dropped, as a terminal's drag and drop adds them). A leading ~ is the
+    home folder.
+    """
+    rest = line.strip()[len("/send"):].strip()
+    to = None
+    path, sep, user = rest.rpartition(" @")
+    if sep and user.strip() and not any(ch in user for ch in "/\\"):
+        rest, to = path.rstrip(), user.strip()
+    if len(rest) >= 2 and rest[0] == rest[-1] and rest[0] in "'\"":
+        rest = rest[1:-1]
+    return (os.path.expanduser(rest) if rest else ""), to
+
+
 def handle_line(core: ClientCore, line: str, emit: Callable[[dict], None]) -> bool:
     """Act on one typed line. Returns False when the person asked to leave."""
     line = line.rstrip("\r\n")
@@ -1971,6 +3106,13 @@ def handle_line(core: ClientCore, line: str, emit: Callable[[dict], None]) -> bo
         return False
     if command == "/who":
         core.who().result()
+    elif command == "/send":
+        path, to = parse_send(line)
+        if not path:
+            emit({"type": "error", "code": "not_a_file",
+                  "message": "usage: /send PATH  or  /send PATH @USER"})
+        else:
+            core.send_file(path, to)
     elif _is_call_command(line):
         emit({"type": "error", "code": "calls_unavailable",
               "message": "video and voice calls are not available yet"})
@@ -2025,7 +3167,7 @@ def run_terminal(args: argparse.Namespace, limits: Limits) -> int:
             closed_reason.append(event["reason"])
             ended.set()
 
-    core = ClientCore(on_event, limits)
+    core = ClientCore(on_event, limits, args.downloads)
     core.start()
     try:
         if args.server:
@@ -2046,7 +3188,7 @@ def run_terminal(args: argparse.Namespace, limits: Limits) -> int:
             for line in stdin:
                 if ended.is_set() or not handle_line(core, line, printer):
                     break
-            core.leave()
+            core.leave(wait_for_uploads=True)   # files already sent still go
 
         threading.Thread(target=read_stdin, name="stdin", daemon=True).start()
         while not ended.wait(0.5):          # a timed wait lets Ctrl-C through
@@ -2131,8 +3273,23 @@ def build_parser() -> argparse.ArgumentParser:
                         f"disconnected as too slow (default {OUTBOX_LIMIT_BYTES})")
     parser.add_argument("--max-sessions", type=int, default=MAX_SESSIONS, metavar="N",
                         help=f"connections a host holds at once (default {MAX_SESSIONS})")
+    parser.add_argument("--downloads", metavar="DIR", help="where received files go "
+                        "(default: a chatroom folder in your downloads folder)")
+    parser.add_argument("--max-file-size", type=parse_size, default=MAX_FILE_SIZE,
+                        metavar="SIZE", help="largest file a host relays, e.g. 200M, 4G "
+                        f"(default {human_size(MAX_FILE_SIZE)})")
+    parser.add_argument("--spool-dir", metavar="DIR", help="where a host keeps files "
+                        "while it relays them (default: the system's temp folder)")
     parser.add_argument("-v", "--verbose", action="store_true", help="log more to stderr")
     return parser
+
+
+def parse_size(text: str) -> int:
+    """"4096", "200K", "200M", "4G" (binary multiples) -> bytes."""
+    match = re.fullmatch(r"\s*(\d+)\s*([KMGT]?)i?B?\s*", text, re.IGNORECASE)
+    if not match:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r}")
+    return int(match.group(1)) * 1024 ** " KMGT".index(match.group(2).upper() or " ")
 
 
 def limits_from(args: argparse.Namespace) -> Limits:
@@ -2140,7 +3297,7 @@ def limits_from(args: argparse.Namespace) -> Limits:
         raise ValueError("--history, --max-message-bytes or --outbox-limit out of range")
     return Limits(history_limit=args.history, max_message_bytes=args.max_message_bytes,
                   hello_timeout_s=args.login_timeout, outbox_limit_bytes=args.outbox_limit,
-                  max_sessions=args.max_sessions,
+                  max_sessions=args.max_sessions, max_file_size=args.max_file_size,
                   max_frame_bytes=max(MAX_FRAME_BYTES, 4 * args.max_message_bytes + 4096))
 
 
@@ -2152,7 +3309,7 @@ def run_host(args: argparse.Namespace, limits: Limits) -> int:
     async def serve() -> None:
         host = Host(bind=bind, port=args.port, name=args.name,
                     advertise=not args.no_advertise, interface=args.interface,
-                    limits=limits)
+                    limits=limits, spool_dir=args.spool_dir)
         stop = asyncio.Event()
         for signum in (signal.SIGINT, signal.SIGTERM):
             try:                            # also when a shell started us with
