@@ -38,6 +38,7 @@ import enum
 import errno
 import hashlib
 import ipaddress
+import itertools
 import json
 import logging
 import math
@@ -92,12 +93,11 @@ DISCOVERY_TIMEOUT_S = 2.0           # --discover listens this long
 DISCOVERY_SETTLE_S = 0.6            # --cli stops browsing this long after a find
 ADVERTISE_DEBOUNCE_S = 0.5          # coalesce TXT updates as rooms change
 
-READ_CHUNK_BYTES = 256 * 1024       # one socket read
-
 MAX_CHUNK_BYTES = 64 * 1024         # file data per frame: text overtakes files
 MAX_FILE_SIZE = 4 * 1024 ** 3       # largest file a host relays (--max-file-size)
 FILE_IO_BYTES = 1024 * 1024         # one disk read or write of a file
 BULK_HIGH_WATER = 1024 * 1024       # file bytes queued for one peer at most
+RELAY_WINDOW_BYTES = 4 * 1024 * 1024  # a host keeps this much of a file in memory
 MAX_TRANSFERS = 8                   # uploads in progress per session
 PROGRESS_INTERVAL_S = 0.25          # file_progress events per transfer, at most
 
@@ -211,6 +211,8 @@ def parse_server(text: str, default_port: int = DEFAULT_PORT) -> tuple[str, int]
     if not host:
         raise ValueError(f"bad server address {text!r}")
     if not port_text:
+        if text.endswith(":"):
+            raise ValueError(f"bad port in {text!r}")
         return host, default_port
     if not port_text.isdigit() or not 0 < int(port_text) < 65536:
         raise ValueError(f"bad port in {text!r}")
@@ -305,8 +307,9 @@ def _rule_bool(value: Any) -> bool:
 
 
 def _rule_ts(value: Any) -> float:
-    if type(value) not in (int, float) or not math.isfinite(value) \
-            or not 0 <= value < 2 ** 40:
+    # Range first: math.isfinite(10**400) raises OverflowError, not False.
+    if type(value) not in (int, float) or not 0 <= value < 2 ** 40 \
+            or not math.isfinite(value):
         raise ValueError("expected a Unix time in seconds")
     return value
 
@@ -657,7 +660,7 @@ _allow(State.READY, Role.HOST, [Closing], State.CLOSED)
 _allow(State.CLOSING, Role.CLIENT, [Pong])
 _allow(State.CLOSING, Role.HOST, _HOST_IN_ROOM)
 _allow(State.CLOSING, Role.HOST, [Closing], State.CLOSED)
-# After the host has seen a broken stream it still explains why, once.
+# After the host has seen a broken stream it still explains why.
 _allow(State.CLOSED, Role.HOST, [Error], State.CLOSED)
 
 
@@ -675,11 +678,17 @@ def chunk_header(transfer: int, size: int) -> bytes:
 
 
 def encode(event: Event) -> bytes:
-    """One complete frame (header and body) for `event`."""
+    """One complete frame (header and body) for `event`.
+
+    Raises LocalError if a field can't travel (a lone surrogate, NaN).
+    """
     if isinstance(event, Chunk):
         return chunk_header(event.transfer, len(event.data)) + bytes(event.data)
-    body = json.dumps(event.to_wire(), ensure_ascii=False, separators=(",", ":"),
-                      allow_nan=False).encode("utf-8")
+    try:
+        body = json.dumps(event.to_wire(), ensure_ascii=False, separators=(",", ":"),
+                          allow_nan=False).encode("utf-8")
+    except (UnicodeEncodeError, ValueError) as exc:
+        raise LocalError("bad_frame", f"can't encode {event.TYPE!r}: {exc}") from None
     return _HEADER.pack(len(body)) + body
 
 
@@ -702,13 +711,14 @@ def decode_body(body: bytes) -> Event:
         if not 5 <= len(body) <= MAX_CHUNK_BYTES + 5:
             raise RemoteError("bad_frame", f"data frame of {len(body)} bytes")
         transfer = int.from_bytes(body[1:5], "big")
+        body = memoryview(body)
         if not 1 <= transfer <= 2 ** 31:
             raise RemoteError("bad_frame", "data frame for transfer 0")
-        return Chunk(transfer, memoryview(body)[5:])
+        return Chunk(transfer, body[5:])
     if body[0] != _JSON_TAG:
         raise RemoteError("bad_frame", f"unknown frame kind 0x{body[0]:02x}")
     try:
-        obj = json.loads(body.decode("utf-8"), parse_constant=_reject_constant,
+        obj = json.loads(str(body, "utf-8"), parse_constant=_reject_constant,
                          object_pairs_hook=_no_duplicate_keys)
     except UnicodeDecodeError:
         raise RemoteError("bad_frame", "frame is not UTF-8") from None
@@ -720,40 +730,71 @@ def decode_body(body: bytes) -> Event:
 
 
 class FrameDecoder:
-    """Splits a byte stream into frame bodies, refusing oversized ones early."""
+    """Splits a byte stream into frame bodies, refusing oversized ones early.
+
+    A body that lies whole inside one piece of received data comes back as
+    a memoryview of it, without a copy (file data is most of the traffic);
+    only a frame split across reads is assembled in a buffer.
+    """
 
     def __init__(self, max_frame_bytes: int = MAX_FRAME_BYTES) -> None:
         self.max_frame_bytes = max_frame_bytes
-        self._buffer = bytearray()      # bytes received but not yet a whole frame
+        self._partial = bytearray()     # the start of a frame split across reads
+        self._need = 0                  # its whole size, header included, once known
 
     @property
     def pending(self) -> int:
         """Bytes held that do not make a whole frame yet."""
-        return len(self._buffer)
+        return len(self._partial)
 
-    def feed(self, data: bytes) -> list[bytes]:
-        """Add bytes; return the bodies of every frame now complete.
+    def _frame_size(self, header: Any) -> int:
+        (size,) = _HEADER.unpack_from(header)
+        if size > self.max_frame_bytes:
+            raise RemoteError("bad_frame", f"frame of {size} bytes announced; "
+                              f"the limit is {self.max_frame_bytes}")
+        return _HEADER.size + size
+
+    def feed(self, data: bytes) -> list[Any]:
+        """Add bytes; return the bodies (bytes-like) of every frame now complete.
 
         Raises RemoteError when a header announces more than the limit; the
         body is then never buffered, so a 4 GiB prefix costs nothing.
         """
-        buffer = self._buffer
-        buffer += data
-        bodies = []
-        start = 0
-        while len(buffer) - start >= _HEADER.size:
-            (size,) = _HEADER.unpack_from(buffer, start)
-            if size > self.max_frame_bytes:
-                raise RemoteError("bad_frame", f"frame of {size} bytes announced; "
-                                  f"the limit is {self.max_frame_bytes}")
-            end = start + _HEADER.size + size
-            if len(buffer) < end:
+        view = memoryview(data)
+        bodies: list[Any] = []
+        if self._partial:
+            view = self._continue(view, bodies)
+        position, length = 0, len(view)
+        while length - position >= _HEADER.size:
+            end = position + self._frame_size(view[position:position + _HEADER.size])
+            if end > length:
                 break
-            bodies.append(bytes(buffer[start + _HEADER.size:end]))
-            start = end
-        if start:
-            del buffer[:start]
+            bodies.append(view[position + _HEADER.size:end])
+            position = end
+        if position < length:
+            self._partial += view[position:]
+            self._need = 0
+            if len(self._partial) >= _HEADER.size:
+                self._need = self._frame_size(self._partial)
         return bodies
+
+    def _continue(self, view: memoryview, bodies: list[Any]) -> memoryview:
+        """Complete the split frame from `view`; return what is left of it."""
+        partial = self._partial
+        if not self._need:
+            take = _HEADER.size - len(partial)
+            partial += view[:take]
+            view = view[take:]
+            if len(partial) < _HEADER.size:
+                return view
+            self._need = self._frame_size(partial)
+        take = self._need - len(partial)
+        partial += view[:take]
+        if len(partial) == self._need:
+            bodies.append(bytes(partial[_HEADER.size:]))
+            self._partial = bytearray()
+            self._need = 0
+        return view[take:]
 
 
 class Wire:
@@ -798,11 +839,13 @@ class Wire:
     def send(self, event: Event) -> bytes:
         """The frame for `event`, after checking that we may send it now.
 
-        Raises LocalError if the protocol forbids it in this state (a bug in
-        the caller); the state is then unchanged.
+        Raises LocalError if the protocol forbids it in this state, or if the
+        event can't be encoded (a bug in the caller); the state is then
+        unchanged.
         """
+        frame = encode(event)
         self.check_send(event)
-        return encode(event)
+        return frame
 
     def check_send(self, event: Event) -> None:
         """Advance the state for an event we are about to send (see `send`).
@@ -846,10 +889,12 @@ _ID_PUNCTUATION = frozenset(" _-.")
 _MAX_MARKS_IN_A_ROW = 3
 
 # Letters that look like the Latin ones in "system" (Unicode confusables).
-_LOOKALIKES = str.maketrans({
-    "ѕ": "s", "ꜱ": "s", "ς": "s", "5": "s", "у": "y", "ү": "y", "γ": "y",
-    "т": "t", "τ": "t", "7": "t", "е": "e", "ё": "e", "є": "e", "ε": "e",
-    "3": "e", "м": "m", "μ": "m",
+_LOOKALIKES = str.maketrans({        # after casefold, so lower case only
+    "ѕ": "s", "ꜱ": "s", "ς": "s", "σ": "s", "5": "s",
+    "у": "y", "ү": "y", "γ": "y", "υ": "y", "ʏ": "y", "ў": "y",
+    "т": "t", "τ": "t", "ᴛ": "t", "7": "t",
+    "е": "e", "ё": "e", "є": "e", "ε": "e", "ᴇ": "e", "3": "e",
+    "м": "m", "μ": "m", "ᴍ": "m",
 })
 
 
@@ -1474,7 +1519,57 @@ async def discover(timeout: float = DISCOVERY_TIMEOUT_S, *, interface: str | Non
 #   mDNS record and tell every session at once, wait for the handlers for
 #   `close_timeout_s`, then abort whatever is still open.
 
-_WRITE_BATCH_BYTES = 256 * 1024
+_WRITE_BATCH_BYTES = 256 * 1024    # frames handed to the transport at once
+_TRANSPORT_HIGH_WATER = 512 * 1024  # the transport's own buffer, before we wait
+_INCOMING_LIMIT_BYTES = 2 * 1024 * 1024   # decoded but unhandled: stop reading
+
+
+class LinkProtocol(asyncio.Protocol):
+    """asyncio's callbacks for one connection, forwarded to its Link.
+
+    A Protocol rather than asyncio streams: received data goes straight to
+    the frame decoder, which slices file data out of it without copying.
+    """
+
+    def __init__(self, on_open: Callable[[LinkProtocol], None] | None = None) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.link: Link | None = None
+        self._on_open = on_open
+        self._early: list[bytes] = []       # data that came before attach()
+
+    def attach(self, link: Link) -> None:
+        self.link = link
+        for data in self._early:
+            link._data_received(data)
+        self._early = []
+
+    def connection_made(self, transport: asyncio.Transport) -> None:
+        self.transport = transport
+        transport.set_write_buffer_limits(high=_TRANSPORT_HIGH_WATER)
+        if self._on_open is not None:
+            self._on_open(self)
+
+    def data_received(self, data: bytes) -> None:
+        if self.link is None:
+            self._early.append(data)
+        else:
+            self.link._data_received(data)
+
+    def eof_received(self) -> bool:
+        self.data_received(b"")
+        return False                        # close our side too
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.link is not None:
+            self.link._connection_lost()
+
+    def pause_writing(self) -> None:
+        if self.link is not None:
+            self.link._can_write.clear()
+
+    def resume_writing(self) -> None:
+        if self.link is not None:
+            self.link._can_write.set()
 
 
 class Link:
@@ -1482,16 +1577,17 @@ class Link:
 
     Control and text frames go to the urgent lane; file data to the bulk
     lane, which is written only when the urgent lane is empty, so a chat
-    line overtakes a file. Only the writer task writes to the socket, so
-    frames never interleave, and it drains after each batch, so
-    backpressure stays with this peer. Create it inside a running loop.
+    line overtakes a file. Only the writer task writes to the transport, so
+    frames never interleave, and it waits whenever the transport's buffer is
+    full, so backpressure stays with this peer. Incoming frames are decoded
+    as they arrive and wait for `receive()`; when too much waits, reading
+    pauses. Create it inside a running loop, then `protocol.attach(link)`.
     """
 
-    def __init__(self, wire: Wire, reader: asyncio.StreamReader,
-                 writer: asyncio.StreamWriter, limits: Limits, name: str) -> None:
+    def __init__(self, wire: Wire, transport: asyncio.Transport, limits: Limits,
+                 name: str) -> None:
         self.wire = wire
-        self.reader = reader
-        self.writer = writer
+        self.transport = transport
         self.limits = limits
         self.name = name                    # "ip:port", for logs and task names
         loop = asyncio.get_running_loop()
@@ -1506,6 +1602,15 @@ class Link:
         self._wakeup = asyncio.Event()
         self._bulk_room = asyncio.Event()   # set while the bulk lane takes more
         self._bulk_room.set()
+        self._can_write = asyncio.Event()   # cleared while the transport is full
+        self._can_write.set()
+        self._incoming: collections.deque[Event] = collections.deque()
+        self._incoming_bytes = 0
+        self._arrived = asyncio.Event()     # set when `receive` has something to say
+        self._reading_paused = False
+        self._eof = False                   # the peer finished (or vanished)
+        self._lost = False                  # the transport is gone
+        self._error: RemoteError | None = None
         self._abort_timer: asyncio.TimerHandle | None = None
         self.writer_task = loop.create_task(self._write_loop(), name=f"outbox:{name}")
 
@@ -1580,8 +1685,7 @@ class Link:
         self._drop_bulk()
         if event is not None:
             try:
-                self.wire.check_send(event)
-                self._push(encode(event))   # past the limit: it's the last one
+                self._push(self.wire.send(event))  # past the limit: it's the last one
             except LocalError:
                 pass                        # nothing more may be said: just close
         self._wakeup.set()
@@ -1597,7 +1701,7 @@ class Link:
         self.queued_bytes = 0
         self._drop_bulk()
         self._wakeup.set()
-        self.writer.transport.abort()
+        self.transport.abort()
 
     def _drop_bulk(self) -> None:
         self._bulk.clear()
@@ -1605,17 +1709,16 @@ class Link:
         self._bulk_room.set()               # wake producers: they see `closing`
 
     async def _write_loop(self) -> None:
-        writer = self.writer
+        transport = self.transport
         try:
-            while True:
+            while not self._lost:
                 if self._urgent:
                     batch, size = [], 0
                     while self._urgent and size < _WRITE_BATCH_BYTES:
                         frame = self._urgent.popleft()
                         batch.append(frame)
                         size += len(frame)
-                    writer.writelines(batch)
-                    await writer.drain()
+                    transport.writelines(batch)
                     self.queued_bytes -= size
                 elif self._bulk:
                     batch, size = [], 0
@@ -1623,8 +1726,7 @@ class Link:
                         header, data = self._bulk.popleft()
                         batch += (header, data)
                         size += len(header) + len(data)
-                    writer.writelines(batch)
-                    await writer.drain()
+                    transport.writelines(batch)
                     self.bulk_bytes = max(0, self.bulk_bytes - size)
                     if self.bulk_bytes < BULK_HIGH_WATER // 2:
                         self._bulk_room.set()
@@ -1635,29 +1737,70 @@ class Link:
                     await self._wakeup.wait()
                     continue
                 self.last_progress = asyncio.get_running_loop().time()
-        except (ConnectionError, OSError):
-            pass                            # the reader sees the same and ends
+                await self._can_write.wait()    # the transport has room again
         finally:
             if self._abort_timer is not None:
                 self._abort_timer.cancel()
             self.closing = True
             self._drop_bulk()
-            writer.close()                  # flushes what the transport holds
+            transport.close()               # flushes what the transport holds
 
     # --- receiving ---
 
-    async def receive(self) -> list[Event] | None:
-        """The next events from the peer; None at end of stream.
-
-        Raises RemoteError if the peer broke the protocol.
-        """
-        try:
-            data = await self.reader.read(READ_CHUNK_BYTES)
-        except (ConnectionError, OSError):
-            data = b""
+    def _data_received(self, data: bytes) -> None:
         self.last_heard = asyncio.get_running_loop().time()
-        events = self.wire.receive(data)
-        return events if data else None
+        if self._error is not None or self._eof:
+            return
+        try:
+            events = self.wire.receive(data)
+        except RemoteError as exc:
+            self._error = exc
+            self._arrived.set()
+            if not self._lost:
+                self.transport.pause_reading()
+            return
+        if not data:
+            self._eof = True
+        for event in events:
+            self._incoming.append(event)
+            if type(event) is Chunk:
+                self._incoming_bytes += len(event.data)
+        self._arrived.set()
+        if not self._reading_paused and not self._lost and (
+                self._incoming_bytes > _INCOMING_LIMIT_BYTES or len(self._incoming) > 4096):
+            self._reading_paused = True     # the consumer is behind: stop reading
+            self.transport.pause_reading()
+
+    def _connection_lost(self) -> None:
+        if not self._eof and self._error is None:
+            self._data_received(b"")        # a half frame left is an error
+        self._lost = True
+        self.closing = True
+        self._can_write.set()               # wake everyone who waits on the peer
+        self._arrived.set()
+        self._wakeup.set()
+        self._bulk_room.set()
+
+    async def receive(self) -> list[Event] | None:
+        """The next events from the peer, in order; None at end of stream.
+
+        Raises RemoteError if the peer broke the protocol (after the events
+        that came before the breakage have been returned).
+        """
+        while not self._incoming:
+            if self._error is not None:
+                raise self._error
+            if self._eof:
+                return None
+            self._arrived.clear()
+            await self._arrived.wait()
+        events = list(self._incoming)
+        self._incoming.clear()
+        self._incoming_bytes = 0
+        if self._reading_paused and not self._lost:
+            self._reading_paused = False
+            self.transport.resume_reading()
+        return events
 
     async def finish(self) -> None:
         """Close (if nobody has yet) and wait for the writer to end, aborting
@@ -1675,110 +1818,130 @@ _CHUNK_PROBE = Chunk(1, b"")                # what check_send needs to know: the
 
 
 class Upload:
-    """A file coming into the host from one session, spooled to disk.
+    """A file coming into the host from one session, on its way to recipients.
 
-    The host spools rather than relaying chunk by chunk: the sender goes at
-    the speed of the host's disk, and each recipient reads the spool at its
-    own pace, so a slow recipient never slows the others or the sender (a
-    chunk-by-chunk relay would have to hold every recipient to the
-    slowest, or buffer without bound). Memory stays flat: at most
-    _SPOOL_BATCHES batches of FILE_IO_BYTES wait for the disk, and each
-    recipient's bulk lane is bounded. The spool file is deleted once the
-    upload and every relay reading it are done.
+    Recent data stays in memory, in a window of about RELAY_WINDOW_BYTES,
+    and every recipient that keeps up is served from there. A chunk leaves
+    the window only after it has been written to a spool file if some
+    recipient still needs it; that recipient then catches up from disk at
+    its own pace. So a slow recipient never slows the others or the sender
+    (a plain relay would hold everyone to the slowest, or buffer without
+    bound), nothing touches the disk while everyone keeps up, and memory
+    stays flat whatever the file's size. The sender is paused only when the
+    disk can't keep up with the spilling.
     """
 
-    def __init__(self, host: Host, sender: Session, offer: FileOffer, sender_name: str,
-                 path: str) -> None:
+    def __init__(self, host: Host, sender: Session, offer: FileOffer,
+                 sender_name: str) -> None:
         self.host = host
         self.sender: Session | None = sender    # None once the sender has left
         self.offer = offer
         self.sender_name = sender_name
-        self.path = path                    # the spool file
         self.received = 0                   # bytes taken from the network
-        self.stored = 0                     # bytes written to the spool
         self.sha256 = ""                    # as the sender announced it, at the end
-        self.complete = False               # every byte stored, size checked
+        self.complete = False               # every byte received, size checked
         self.failure: FileAbort | None = None   # why the upload failed, if it did
-        self.readers = 1                    # the spool task and each relay
-        self._pending: list[Any] = []       # chunks not yet batched for the disk
-        self._pending_bytes = 0
-        self._batches: collections.deque[bytes | None] = collections.deque()
-        self._queued = asyncio.Event()      # a batch (or the end) is waiting
-        self._room = asyncio.Event()        # fewer than _SPOOL_BATCHES wait
+        self.relays: list[Relay] = []
+        self.window: collections.deque[Any] = collections.deque()  # chunks in memory
+        self.window_bytes = 0
+        self.base_offset = 0                # file offset of window[0]
+        self.base_index = 0                 # chunk number of window[0]
+        self.spool_path = ""                # made when something must be spilled
+        self._spool = None                  # its write handle (in the io thread)
+        self.readers = 1                    # the evicting task and each relay
+        self._over = asyncio.Event()        # the window is over its size
+        self._room = asyncio.Event()        # the sender may go on
         self._room.set()
-        self._grew = asyncio.Event()        # set when `stored` grows or it ends
-        self._file = open(path, "wb", buffering=0)
+        self._grew = asyncio.Event()        # set when data arrives or it ends
         self.task = asyncio.get_running_loop().create_task(
-            self._spool(), name=f"spool:{sender.link.name}:{offer.transfer}")
+            self._evict(), name=f"upload:{sender.link.name}:{offer.transfer}")
 
     def add(self, data: Any) -> Any:
-        """Take one chunk; returns an awaitable when the disk is behind."""
-        if self.failure or self.complete or self.sha256:
+        """Take one chunk; returns an awaitable when the sender must wait."""
+        if self.failure or self.complete or self.sha256 or not data:
             return None
         if self.received + len(data) > self.offer.size:
             self.fail("bad_frame", "more data than the offer announced")
             return None
         self.received += len(data)
-        self._pending.append(data)
-        self._pending_bytes += len(data)
-        if self._pending_bytes >= FILE_IO_BYTES:
-            return self._enqueue(self._take_pending())
+        self.window.append(data)
+        self.window_bytes += len(data)
+        self._wake()
+        if self.window_bytes > RELAY_WINDOW_BYTES:
+            self._over.set()
+            if self.window_bytes > 2 * RELAY_WINDOW_BYTES:
+                self._room.clear()
+                return self._room.wait()
         return None
 
-    def end(self, sha256: str) -> Any:
-        """The sender says all data is sent; returns an awaitable like `add`."""
+    def end(self, sha256: str) -> None:
+        """The sender says all data is sent, and what its hash is."""
         if self.failure or self.complete or self.sha256:
-            return None
+            return
         self.sha256 = sha256
-        if self._pending:
-            self._enqueue(self._take_pending())
-        return self._enqueue(None)
+        if self.received != self.offer.size:
+            self.fail("bad_frame", f"the sender sent {self.received} of "
+                      f"{self.offer.size} bytes")
+            return
+        self.complete = True
+        self._wake()
+        self._over.set()                    # the evicting task may finish now
+        self._tell_sender(FileStored(self.offer.transfer))
 
-    def _take_pending(self) -> bytes:
-        batch = b"".join(self._pending)
-        self._pending, self._pending_bytes = [], 0
-        return batch
+    def needs(self, end: int) -> bool:
+        """Does a recipient still need bytes before file offset `end`?"""
+        return any(not relay.done and relay.offset < end for relay in self.relays)
 
-    def _enqueue(self, batch: bytes | None) -> Any:
-        self._batches.append(batch)
-        self._queued.set()
-        if len(self._batches) >= _SPOOL_BATCHES:
-            self._room.clear()
-            return self._room.wait()
-        return None
-
-    async def _spool(self) -> None:
+    async def _evict(self) -> None:
+        """Keep the window near its size, spilling what someone still needs."""
         loop = asyncio.get_running_loop()
         try:
-            while True:
-                if not self._batches:
-                    self._queued.clear()
-                    await self._queued.wait()
-                    continue
-                batch = self._batches.popleft()
-                if len(self._batches) < _SPOOL_BATCHES:
-                    self._room.set()
-                if batch is None or self.failure:
-                    break
-                await loop.run_in_executor(self.host.io, self._file.write, batch)
-                self.stored += len(batch)
-                self._wake()
-            if not self.failure:
-                if self.stored != self.offer.size:
-                    self.fail("bad_frame", f"the sender sent {self.stored} of "
-                              f"{self.offer.size} bytes")
-                else:
-                    self.complete = True
+            while not self.failure:
+                await self._over.wait()
+                while self.window_bytes > RELAY_WINDOW_BYTES and not self.failure:
+                    count, size = 0, 0
+                    for chunk in self.window:
+                        if size >= FILE_IO_BYTES:
+                            break
+                        count += 1
+                        size += len(chunk)
+                    if self.needs(self.base_offset + size):
+                        batch = list(itertools.islice(self.window, count))
+                        await loop.run_in_executor(self.host.io, self._spill,
+                                                   self.base_offset, batch)
+                    if self.failure:
+                        break
+                    for _ in range(count):
+                        self.window.popleft()
+                    self.window_bytes -= size
+                    self.base_offset += size
+                    self.base_index += count
+                    if self.window_bytes <= 2 * RELAY_WINDOW_BYTES:
+                        self._room.set()
                     self._wake()
-                    self._tell_sender(FileStored(self.offer.transfer))
+                self._over.clear()
+                if self.complete:
+                    break
         except OSError as exc:
             code = "disk_full" if exc.errno == errno.ENOSPC else "file_io"
-            self.fail(code, f"the host could not store the file: {exc.strerror}")
+            self.fail(code, f"the host could not keep the file: {exc.strerror}")
         finally:
-            self._batches.clear()
             self._room.set()
-            await loop.run_in_executor(self.host.io, self._file.close)
+            if self._spool is not None:
+                await loop.run_in_executor(self.host.io, self._spool.close)
             self.release()
+
+    def _spill(self, offset: int, chunks: list[Any]) -> None:
+        """Write chunks at `offset` of the spool file (io thread)."""
+        if self._spool is None:
+            handle, self.spool_path = tempfile.mkstemp(prefix="up-",
+                                                       dir=self.host.spool_dir)
+            self._spool = os.fdopen(handle, "r+b", buffering=0)
+        self._spool.seek(offset)
+        for chunk in chunks:
+            view = memoryview(chunk)
+            while view:
+                view = view[self._spool.write(view):]
 
     def fail(self, code: str, reason: str) -> None:
         """Stop the upload: the sender and every recipient still waiting are told."""
@@ -1786,16 +1949,17 @@ class Upload:
             return
         self.failure = FileAbort(self.offer.transfer, code, reason)
         self._tell_sender(FileRefuse(self.offer.transfer, code, reason))
-        self._batches.clear()
-        self._batches.append(None)
-        self._queued.set()
+        self.window.clear()
+        self.window_bytes = 0
+        self._over.set()
         self._room.set()
         self._wake()
 
     def release(self) -> None:
-        """One reader (the spool task or a relay) is done with the spool file."""
+        """One reader (the evicting task or a relay) is done."""
         self.readers -= 1
         if self.readers == 0:
+            self.window.clear()
             self.host.forget_upload(self)
 
     def _tell_sender(self, event: Event) -> None:
@@ -1807,11 +1971,8 @@ class Upload:
         self._grew = asyncio.Event()
 
     async def grown(self) -> None:
-        """Wait until more is stored, or the upload completes or fails."""
+        """Wait until more arrives, the window moves, or the upload ends."""
         await self._grew.wait()
-
-
-_SPOOL_BATCHES = 4                  # FILE_IO_BYTES batches waiting for the disk
 
 
 class Relay:
@@ -1821,8 +1982,11 @@ class Relay:
         self.upload = upload
         self.recipient = recipient
         self.number = number                # the recipient's transfer number
-        self.sent = 0
+        self.offset = 0                     # bytes handed to the recipient's link
+        self.index = 0                      # chunks handed over (while in memory)
+        self.done = False                   # sent all it will send
         self.finished = False               # the recipient said saved or refused
+        upload.relays.append(self)
         upload.readers += 1
         self.task = asyncio.get_running_loop().create_task(
             self._run(), name=f"relay:{recipient.link.name}:{number}")
@@ -1833,22 +1997,38 @@ class Relay:
         host.deliver([(self.recipient, FileAnnounce(
             self.number, upload.sender_name, offer.name, offer.size, offer.to))])
         loop = asyncio.get_running_loop()
-        spool = None
+        spool = None                        # our read handle, once we need the disk
         try:
-            spool = await loop.run_in_executor(host.io, open, upload.path, "rb", 0)
             while not link.closing:
                 if upload.failure is not None:
                     host.deliver([(self.recipient, dataclasses.replace(
                         upload.failure, transfer=self.number))])
                     return
-                if self.sent < upload.stored:
+                if self.offset < upload.received:
                     if not await link.bulk_room():
                         return
-                    want = min(FILE_IO_BYTES, upload.stored - self.sent)
-                    data = memoryview(await loop.run_in_executor(host.io, spool.read, want))
-                    for start in range(0, len(data), MAX_CHUNK_BYTES):
-                        link.offer_chunk(self.number, data[start:start + MAX_CHUNK_BYTES])
-                    self.sent += len(data)
+                    if self.offset < upload.base_offset:    # fell behind: disk
+                        if spool is None:
+                            spool = await loop.run_in_executor(
+                                host.io, open, upload.spool_path, "rb", 0)
+                        want = min(FILE_IO_BYTES, upload.base_offset - self.offset)
+                        data = memoryview(await loop.run_in_executor(
+                            host.io, _read_at, spool, self.offset, want))
+                        for start in range(0, len(data), MAX_CHUNK_BYTES):
+                            link.offer_chunk(self.number, data[start:start + MAX_CHUNK_BYTES])
+                        self.offset += len(data)
+                        continue
+                    if self.offset == upload.base_offset:   # caught up with memory
+                        self.index = upload.base_index
+                    sent = 0
+                    for chunk in itertools.islice(upload.window,
+                                                  self.index - upload.base_index, None):
+                        link.offer_chunk(self.number, chunk)
+                        self.offset += len(chunk)
+                        self.index += 1
+                        sent += len(chunk)
+                        if sent >= FILE_IO_BYTES:
+                            break
                 elif upload.complete:
                     link.offer_after_bulk(FileEnd(self.number, upload.sha256))
                     return
@@ -1858,9 +2038,15 @@ class Relay:
             host.deliver([(self.recipient, FileAbort(self.number, "file_io",
                                                      f"the host lost the file: {exc}"))])
         finally:
+            self.done = True
             if spool is not None:
                 await loop.run_in_executor(host.io, spool.close)
             upload.release()
+
+
+def _read_at(handle: Any, offset: int, size: int) -> bytes:
+    handle.seek(offset)
+    return handle.read(size)
 
 
 class Session:
@@ -1937,8 +2123,8 @@ class Host:
     async def start(self) -> None:
         self.spool_dir = tempfile.mkdtemp(prefix="chatroom-spool-", dir=self._spool_parent)
         self.io = concurrent.futures.ThreadPoolExecutor(4, thread_name_prefix="host-io")
-        self._server = await asyncio.start_server(
-            self._handle, self.bind, self.port, limit=READ_CHUNK_BYTES)
+        self._server = await asyncio.get_running_loop().create_server(
+            lambda: LinkProtocol(self._accept), self.bind, self.port)
         self.port = self._server.sockets[0].getsockname()[1]
         self._ticker = asyncio.get_running_loop().create_task(self._tick(), name="host:tick")
         if self.advertiser is not None:
@@ -1976,7 +2162,7 @@ class Host:
         await server.wait_closed()
         for upload in list(self.uploads):   # handlers are gone; finish their tasks
             upload.fail("host_shutdown", "the host is shutting down")
-        tasks = [u.task for u in self.uploads]
+        tasks = [t for u in self.uploads for t in [u.task] + [r.task for r in u.relays]]
         if tasks:
             await asyncio.wait(tasks, timeout=self.limits.close_timeout_s)
         self.io.shutdown(wait=False, cancel_futures=True)
@@ -1986,15 +2172,20 @@ class Host:
 
     # --- connections ---
 
-    async def _handle(self, reader: asyncio.StreamReader,
-                      writer: asyncio.StreamWriter) -> None:
-        """One connection, from accept to the last byte. Never raises."""
-        peer = writer.get_extra_info("peername") or ("?", 0)
-        link = Link(Wire(Role.HOST, self.limits.max_frame_bytes), reader, writer,
+    def _accept(self, protocol: LinkProtocol) -> None:
+        """A new connection: give it a Link and a handler task."""
+        peer = protocol.transport.get_extra_info("peername") or ("?", 0)
+        link = Link(Wire(Role.HOST, self.limits.max_frame_bytes), protocol.transport,
                     self.limits, f"{peer[0]}:{peer[1]}")
+        protocol.attach(link)
+        task = asyncio.get_running_loop().create_task(self._handle(link),
+                                                      name=f"session:{link.name}")
+        self._handlers.add(task)
+
+    async def _handle(self, link: Link) -> None:
+        """One connection, from accept to the last byte. Never raises."""
         session = Session(self, link)
         task = asyncio.current_task()
-        self._handlers.add(task)
         try:
             if self._server is None:
                 link.abort("host_shutdown")
@@ -2096,14 +2287,7 @@ class Host:
             recipients = self.rooms.recipients(session, offer.to)
         except Refused as refusal:
             return refuse(refusal.code, refusal.message)
-        try:
-            if shutil.disk_usage(self.spool_dir).free < offer.size + FILE_IO_BYTES * 16:
-                return refuse("disk_full", "the host's disk has no room for the file")
-            handle, path = tempfile.mkstemp(prefix="up-", dir=self.spool_dir)
-            os.close(handle)
-            upload = Upload(self, session, offer, self.rooms.user_of(session), path)
-        except OSError as exc:
-            return refuse("file_io", f"the host can't store files: {exc.strerror}")
+        upload = Upload(self, session, offer, self.rooms.user_of(session))
         session.uploads[offer.transfer] = upload
         self.uploads.add(upload)
         for recipient in recipients:
@@ -2118,9 +2302,10 @@ class Host:
         upload = session.uploads.get(chunk.transfer)
         return upload.add(chunk.data) if upload is not None else None  # late: ignore
 
-    def _on_file_end(self, session: Session, end: FileEnd) -> Any:
+    def _on_file_end(self, session: Session, end: FileEnd) -> None:
         upload = session.uploads.get(end.transfer)
-        return upload.end(end.sha256) if upload is not None else None
+        if upload is not None:
+            upload.end(end.sha256)
 
     def _on_file_abort(self, session: Session, abort: FileAbort) -> None:
         upload = session.uploads.pop(abort.transfer, None)
@@ -2149,10 +2334,11 @@ class Host:
         if upload.sender is not None and \
                 upload.sender.uploads.get(upload.offer.transfer) is upload:
             del upload.sender.uploads[upload.offer.transfer]
-        try:
-            os.unlink(upload.path)
-        except OSError:
-            pass
+        if upload.spool_path:
+            try:
+                os.unlink(upload.spool_path)
+            except OSError:
+                pass
 
     _handlers_by_type: ClassVar[dict] = {
         Hello: _on_hello, Say: _on_say, Who: _on_who, Bye: _on_bye, Ping: _on_ping,
@@ -2511,18 +2697,19 @@ class ClientCore:
             self._error("bad_frame", "already connected; leave first")
             return False
         limits = self.limits
+        loop = asyncio.get_running_loop()
         try:
-            reader, writer = await asyncio.wait_for(
-                asyncio.open_connection(host, port, limit=READ_CHUNK_BYTES),
-                limits.connect_timeout_s)
+            transport, protocol = await asyncio.wait_for(
+                loop.create_connection(LinkProtocol, host, port), limits.connect_timeout_s)
         except (OSError, TimeoutError) as exc:
             reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else \
                 "no answer" if isinstance(exc, TimeoutError) else str(exc)
             self._error("host_unreachable", f"can't reach {host}:{port}: {reason}")
             self._emit({"type": "closed", "reason": "unreachable"})
             return False
-        link = Link(Wire(Role.CLIENT, limits.max_frame_bytes), reader, writer, limits,
+        link = Link(Wire(Role.CLIENT, limits.max_frame_bytes), transport, limits,
                     f"{host}:{port}")
+        protocol.attach(link)
         link.offer(Hello(PROTOCOL_VERSION, room, user, f"chatroom/{__version__}"))
         self._link = link
         joined = asyncio.get_running_loop().create_future()
@@ -2776,7 +2963,7 @@ class ClientCore:
 
     def _flush_batch(self, dl: IncomingFile) -> None:
         if dl.batch:
-            batch = b"".join(dl.batch)
+            batch = dl.batch                # chunks as received: no copy here
             dl.batch, dl.batch_bytes = [], 0
             self._write(dl, _write_and_hash, dl, batch)
 
@@ -2903,14 +3090,14 @@ def _open_part(dl: IncomingFile, folder: Path, first: bool) -> None:
     dl.file = os.fdopen(descriptor, "wb", buffering=0)
 
 
-def _write_and_hash(dl: IncomingFile, data: bytes) -> None:
+def _write_and_hash(dl: IncomingFile, chunks: list[Any]) -> None:
     if dl.failed or dl.file is None:
         return
-    view = memoryview(data)
-    while view:                             # a raw write may be partial
-        written = dl.file.write(view)
-        view = view[written:]
-    dl.hasher.update(data)
+    for chunk in chunks:
+        view = memoryview(chunk)
+        while view:                         # a raw write may be partial
+            view = view[dl.file.write(view):]
+        dl.hasher.update(chunk)             # releases the GIL for large buffers
 
 
 def _finish_part(dl: IncomingFile, expected: str, folder: Path) -> tuple[Path | None, str]:
