@@ -2137,8 +2137,13 @@ class Host:
 
     async def close(self, reason: str = "host_shutdown") -> None:
         """Stop accepting, withdraw mDNS, say goodbye to everyone, and wait
-        at most `close_timeout_s` before aborting what is left. Idempotent."""
+        at most `close_timeout_s` before aborting what is left. Idempotent,
+        and harmless on a host that never started (or failed to)."""
         if self._server is None:
+            if self.io is None:             # never started: only the advertiser
+                if self.advertiser is not None:
+                    await self.advertiser.close()
+                self._closed.set()
             await self._closed.wait()
             return
         server, self._server = self._server, None
@@ -2600,6 +2605,8 @@ class ClientCore:
         self._ready = False                 # logged in
         self._id_prefix = secrets.token_hex(4)
         self._next_id = 0
+        self._browser: HostBrowser | None = None  # while watching the LAN
+        self._host: Host | None = None      # a host run in this process
         self._host_max_file = 0             # the host's --max-file-size, from ready
         self._uploads: dict[int, OutgoingFile] = {}
         self._downloads: dict[int, IncomingFile] = {}
@@ -2642,7 +2649,7 @@ class ClientCore:
         if self._thread is None:
             return
         try:
-            self.submit(self._leave()).result(timeout)
+            self.submit(self._shutdown()).result(timeout)
         except Exception:
             pass
         self.loop.call_soon_threadsafe(self.loop.stop)
@@ -2676,6 +2683,24 @@ class ClientCore:
     def who(self) -> Any:
         return self.submit(self._send(Who()))
 
+    def watch_hosts(self, interface: str | None = None) -> Any:
+        """Browse the LAN until `unwatch_hosts()`: a `hosts{hosts}` event (a
+        list of `host` events) now and whenever a host or its rooms change.
+        Future -> True, or False (with an `error`) if discovery can't run."""
+        return self.submit(self._watch_hosts(interface))
+
+    def unwatch_hosts(self) -> Any:
+        return self.submit(self._unwatch_hosts())
+
+    def start_host(self, *, port: int = DEFAULT_PORT, name: str | None = None,
+                   interface: str | None = None, advertise: bool = True,
+                   limits: Limits | None = None) -> Any:
+        """Run a room host in this process (the window's "Host a room here").
+        Emits `listening{address,port,name,advertised}`, or an `error`.
+        Future -> the port, or None. `stop()` shuts the host down too."""
+        return self.submit(self._start_host(port, name, interface, advertise,
+                                            limits or self.limits))
+
     def send_file(self, path: str | Path, to: str | None = None) -> Any:
         """Send a file to everyone else in the room, or to user `to` alone.
         Future -> the transfer number, or None if it was refused at once."""
@@ -2689,6 +2714,60 @@ class ClientCore:
     @property
     def connected(self) -> bool:
         return self._ready
+
+    # --- the LAN and an in-process host (core thread) ---
+
+    async def _watch_hosts(self, interface: str | None) -> bool:
+        if self._browser is not None:
+            return True
+
+        def changed(hosts: list[HostInfo]) -> None:
+            self._emit({"type": "hosts", "hosts": [h.to_event() for h in hosts]})
+
+        browser = HostBrowser(interface, on_change=changed)
+        try:
+            await browser.start()
+        except (MissingPackage, OSError) as exc:
+            await browser.close()
+            message = exc.message if isinstance(exc, ChatError) else str(exc)
+            self._error("missing_package" if isinstance(exc, MissingPackage)
+                        else "no_host", f"can't look for hosts: {message}")
+            return False
+        self._browser = browser
+        changed([])
+        return True
+
+    async def _unwatch_hosts(self) -> None:
+        browser, self._browser = self._browser, None
+        if browser is not None:
+            await browser.close()
+
+    async def _start_host(self, port: int, name: str | None, interface: str | None,
+                          advertise: bool, limits: Limits) -> int | None:
+        if self._host is not None:
+            return self._host.port
+        host = Host(bind=interface or "0.0.0.0", port=port, name=name,
+                    advertise=advertise, interface=interface, limits=limits)
+        try:
+            await host.start()
+        except (OSError, MissingPackage) as exc:
+            await host.close()
+            message = exc.message if isinstance(exc, ChatError) else \
+                (exc.strerror or str(exc))
+            self._error("host_unreachable", f"can't host on port {port}: {message}")
+            return None
+        self._host = host
+        self._emit({"type": "listening", "address": host.bind, "port": host.port,
+                    "name": host.name, "advertised": host.advertiser is not None})
+        return host.port
+
+    async def _shutdown(self) -> None:
+        """Everything `stop()` ends: the room, the LAN watch, the host."""
+        await self._leave()
+        await self._unwatch_hosts()
+        host, self._host = self._host, None
+        if host is not None:
+            await host.close()
 
     # --- the connection (core thread) ---
 
