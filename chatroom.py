@@ -954,6 +954,8 @@ def check_text(text: str, max_bytes: int) -> str:
     bidi overrides are refused, since they could make the text display as
     something it is not.
     """
+    if _SURROGATE_RE.search(text):          # undecodable input, e.g. from stdin
+        raise Refused("bad_message", "message is not valid Unicode text")
     size = len(text.encode("utf-8"))
     if size > max_bytes:
         raise Refused("message_too_long",
@@ -1277,7 +1279,8 @@ def decode_txt(props: dict[bytes, bytes | None]) -> tuple[str, int, list, int] |
     rooms = []
     for index in range(min(total, MAX_SESSIONS)):
         count, _, room = text.get(f"r{index}", "").partition(" ")
-        if not count.isdigit() or not room or len(room) > 4 * MAX_ID_CHARS:
+        if not (count.isascii() and count.isdecimal()) or not room \
+                or len(room) > 4 * MAX_ID_CHARS:
             break
         rooms.append((room, int(count)))
     return printable(name), version, rooms, max(total, len(rooms))
@@ -1557,7 +1560,7 @@ class LinkProtocol(asyncio.Protocol):
 
     def eof_received(self) -> bool:
         self.data_received(b"")
-        return False                        # close our side too
+        return True                         # keep writing: the Link closes when done
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.link is not None:
@@ -1751,16 +1754,15 @@ class Link:
         self.last_heard = asyncio.get_running_loop().time()
         if self._error is not None or self._eof:
             return
+        self._eof = not data
         try:
             events = self.wire.receive(data)
-        except RemoteError as exc:
+        except RemoteError as exc:          # at EOF: the peer stopped inside a frame
             self._error = exc
             self._arrived.set()
-            if not self._lost:
+            if not self._lost and not self._eof:
                 self.transport.pause_reading()
             return
-        if not data:
-            self._eof = True
         for event in events:
             self._incoming.append(event)
             if type(event) is Chunk:
@@ -1770,6 +1772,11 @@ class Link:
                 self._incoming_bytes > _INCOMING_LIMIT_BYTES or len(self._incoming) > 4096):
             self._reading_paused = True     # the consumer is behind: stop reading
             self.transport.pause_reading()
+
+    @property
+    def at_eof(self) -> bool:
+        """The peer has finished or vanished (what was received may remain)."""
+        return self._eof or self._lost
 
     def _connection_lost(self) -> None:
         if not self._eof and self._error is None:
@@ -2081,7 +2088,12 @@ class Session:
                 for event in events:
                     pause = self.host.dispatch(self, event)
                     if pause is not None:
-                        await pause         # the spool is behind: stop reading
+                        await pause         # the host can't take more file yet
+                    elif type(event) is not Chunk:
+                        # Let the other peers' writers run between messages: one
+                        # read can hold hundreds of them, and outboxes measured
+                        # before any writer ran would call every reader slow.
+                        await asyncio.sleep(0)
                     if link.closing:
                         break
         finally:
@@ -2377,8 +2389,12 @@ class Host:
         """Once per TICK_S: login deadlines, pings, silence, stalled peers."""
         loop = asyncio.get_running_loop()
         limits = self.limits
+        # Short limits (tests) need a finer tick, or a peer that answers every
+        # ping could be found silent between a tick and the next.
+        period = min(TICK_S, limits.ping_interval_s / 4, limits.peer_silence_s / 4,
+                     limits.hello_timeout_s / 4)
         while True:
-            await asyncio.sleep(TICK_S)
+            await asyncio.sleep(period)
             now = loop.time()
             for session in list(self.sessions):
                 link = session.link
@@ -2788,8 +2804,14 @@ class ClientCore:
             return False
         link = Link(Wire(Role.CLIENT, limits.max_frame_bytes), transport, limits,
                     f"{host}:{port}")
-        protocol.attach(link)
-        link.offer(Hello(PROTOCOL_VERSION, room, user, f"chatroom/{__version__}"))
+        try:
+            link.offer(Hello(PROTOCOL_VERSION, room, user, f"chatroom/{__version__}"))
+        except LocalError:                  # undecodable text, e.g. from argv
+            link.abort("refused")
+            self._error("bad_user_id", "the Room ID and User ID must be valid text")
+            self._emit({"type": "closed", "reason": "refused"})
+            return False
+        protocol.attach(link)               # after the hello: a host may answer at once
         self._link = link
         joined = asyncio.get_running_loop().create_future()
         self._reader = asyncio.get_running_loop().create_task(
@@ -2810,6 +2832,8 @@ class ClientCore:
                     reason = "connection_lost" if self._ready else "login_timeout"
                     break
                 except RemoteError as exc:
+                    if link.at_eof:         # cut off inside a frame: just lost
+                        break
                     self._error(exc.code, f"the host broke the protocol: {exc.message}")
                     reason = "protocol_error"
                     break
@@ -3340,8 +3364,6 @@ def printable_block(text: str) -> str:
     return "\n".join(printable_lines(text))
 
 
-def _is_call_command(line: str) -> bool:
-    return line.split(maxsplit=1)[0].casefold() == "/check" if line.strip() else False
 
 
 def parse_send(line: str) -> tuple[str, str | None]:
@@ -3367,7 +3389,8 @@ def handle_line(core: ClientCore, line: str, emit: Callable[[dict], None]) -> bo
     line = line.rstrip("\r\n")
     if not line.strip():
         return True
-    command = line.split(maxsplit=1)[0].casefold()
+    # A command starts the line; " /quit" is text, like any line with a space first.
+    command = line.split(maxsplit=1)[0].casefold() if line.startswith("/") else ""
     if command == "/quit":
         return False
     if command == "/who":
@@ -3379,7 +3402,7 @@ def handle_line(core: ClientCore, line: str, emit: Callable[[dict], None]) -> bo
                   "message": "usage: /send PATH  or  /send PATH @USER"})
         else:
             core.send_file(path, to)
-    elif _is_call_command(line):
+    elif command == "/check":
         emit({"type": "error", "code": "calls_unavailable",
               "message": "video and voice calls are not available yet"})
     elif line.startswith("//"):
@@ -3451,9 +3474,12 @@ def run_terminal(args: argparse.Namespace, limits: Limits) -> int:
             return EXIT_REFUSED
 
         def read_stdin() -> None:
-            for line in stdin:
-                if ended.is_set() or not handle_line(core, line, printer):
-                    break
+            try:
+                for line in stdin:
+                    if ended.is_set() or not handle_line(core, line, printer):
+                        break
+            except Exception:               # never leave the session hanging
+                log.exception("reading stdin failed")
             core.leave(wait_for_uploads=True)   # files already sent still go
 
         threading.Thread(target=read_stdin, name="stdin", daemon=True).start()
@@ -3608,9 +3634,9 @@ def run_host(args: argparse.Namespace, limits: Limits) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    for stream in (sys.stdout, sys.stderr):
-        if hasattr(stream, "reconfigure"):  # JSON and Chinese on any console
-            stream.reconfigure(encoding="utf-8", errors="replace")
+    for stream in (sys.stdout, sys.stderr, sys.stdin):
+        if hasattr(stream, "reconfigure"):  # JSON and Chinese on any console,
+            stream.reconfigure(encoding="utf-8", errors="replace")  # bad bytes too
     logging.basicConfig(level=logging.DEBUG if args.verbose else
                         logging.WARNING if args.json or args.cli else logging.INFO,
                         format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
