@@ -2569,6 +2569,13 @@ class OutgoingFile:
     sha256: str = ""
     stored: bool = False                    # the host has every byte
     failed: bool = False
+    settled: asyncio.Future | None = None   # done once stored or failed
+
+    def settle(self, *, stored: bool = False, failed: bool = False) -> None:
+        self.stored = self.stored or stored
+        self.failed = self.failed or failed
+        if self.settled is not None and not self.settled.done():
+            self.settled.set_result(None)
 
     def base(self) -> dict:
         return {"transfer": self.transfer, "name": self.name, "direction": "send",
@@ -2625,6 +2632,7 @@ class ClientCore:
         self._host: Host | None = None      # a host run in this process
         self._host_max_file = 0             # the host's --max-file-size, from ready
         self._uploads: dict[int, OutgoingFile] = {}
+        self._sending: set[asyncio.Task] = set()    # send_file calls not yet queued
         self._downloads: dict[int, IncomingFile] = {}
         self._next_transfer = 0
         self._downloads_checked = False     # stale .part files removed once
@@ -2912,9 +2920,15 @@ class ClientCore:
         link, reader = self._link, self._reader
         if link is None or reader is None:
             return
-        while wait_for_uploads and self._link is link and any(
-                not (up.stored or up.failed) for up in self._uploads.values()):
-            await asyncio.sleep(0.05)
+        if wait_for_uploads:                # files asked for before leaving still go
+            for group in (lambda: list(self._sending),
+                          lambda: [up.settled for up in self._uploads.values()]):
+                pending = [f for f in group() if not f.done()]
+                if pending:                 # all done, or the link ends first
+                    waiting = asyncio.gather(*pending, return_exceptions=True)
+                    await asyncio.wait([waiting, reader],
+                                       return_when=asyncio.FIRST_COMPLETED)
+                    waiting.cancel()
         if self._ready and link.offer(Bye()):
             self._ready = False
             done, _ = await asyncio.wait({reader}, timeout=self.limits.close_timeout_s * 2)
@@ -2930,6 +2944,9 @@ class ClientCore:
         self._emit({"type": "file_failed", **base, "code": code, "reason": reason, **extra})
 
     async def _send_file(self, path: Path, to: str) -> int | None:
+        task = asyncio.current_task()       # before any await: a leave() queued
+        self._sending.add(task)             # after us must see us
+        task.add_done_callback(self._sending.discard)
         loop = asyncio.get_running_loop()
         base = {"transfer": None, "name": path.name or str(path), "direction": "send",
                 "to": to or None}
@@ -2954,7 +2971,7 @@ class ClientCore:
             return None
         self._next_transfer += 1
         up = OutgoingFile(self._next_transfer, path, path.name, size, to,
-                          loop.create_future(), Progress(size))
+                          loop.create_future(), Progress(size), settled=loop.create_future())
         self._uploads[up.transfer] = up
         try:
             link.offer(FileOffer(up.transfer, up.name, size, to))
@@ -2980,7 +2997,7 @@ class ClientCore:
             if up.failed:
                 return up.transfer
             if up.sent != size or data:
-                up.failed = True
+                up.settle(failed=True)
                 link.offer(FileAbort(up.transfer, "file_io", "the file changed while "
                                      "it was being sent"))
                 self._file_failed(up.base(), "file_io", f"{up.name} changed while it "
@@ -2991,7 +3008,7 @@ class ClientCore:
             self._emit(up.progress.event(up.base(), up.sent, force=True))
             return up.transfer
         except OSError as exc:
-            up.failed = True
+            up.settle(failed=True)
             if not link.closing:
                 link.offer(FileAbort(up.transfer, "file_io", f"read error: {exc}"))
             self._file_failed(up.base(), "file_io", f"can't read {up.name}: "
@@ -3013,7 +3030,7 @@ class ClientCore:
             self._file_failed(up.base(), event.code, event.reason, user=event.recipient)
             return
         if not up.failed:
-            up.failed = True
+            up.settle(failed=True)
             if not up.accepted.done():      # refused before it started
                 self._error(event.code, event.reason)
                 up.accepted.set_result(False)
@@ -3022,7 +3039,7 @@ class ClientCore:
     def _on_file_stored(self, event: FileStored) -> None:
         up = self._uploads.get(event.transfer)
         if up is not None and not up.failed:
-            up.stored = True
+            up.settle(stored=True)
             self._emit({"type": "file_sent", "transfer": up.transfer, "name": up.name,
                         "size": up.size, "sha256": up.sha256, "to": up.to or None})
 
@@ -3149,7 +3166,7 @@ class ClientCore:
             if not up.accepted.done():
                 up.accepted.set_result(False)
             if not (up.stored or up.failed):
-                up.failed = True
+                up.settle(failed=True)
                 self._file_failed(up.base(), "cancelled", reason)
         self._uploads.clear()
 
