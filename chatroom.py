@@ -1155,7 +1155,7 @@ class Rooms:
 
 
 
-# --- File names ----------------------------------------------------------------
+# --- File names --------------------------------------------------------------
 # "Saved names are sanitised: no path parts (../../etc/passwd, ..\\..\\x,
 # absolute paths), no control characters, no Windows reserved names (CON,
 # NUL.txt, ...), no trailing dots or spaces, a capped length; a dot-file
@@ -1522,6 +1522,8 @@ async def discover(timeout: float = DISCOVERY_TIMEOUT_S, *, interface: str | Non
 #   mDNS record and tell every session at once, wait for the handlers for
 #   `close_timeout_s`, then abort whatever is still open.
 
+# --- Connections (shared with 7. CLIENT CORE) --------------------------------
+
 _WRITE_BATCH_BYTES = 256 * 1024    # frames handed to the transport at once
 _TRANSPORT_HIGH_WATER = 512 * 1024  # the transport's own buffer, before we wait
 _INCOMING_LIMIT_BYTES = 2 * 1024 * 1024   # decoded but unhandled: stop reading
@@ -1824,6 +1826,8 @@ class Link:
 _CHUNK_PROBE = Chunk(1, b"")                # what check_send needs to know: the type
 
 
+# --- File relay --------------------------------------------------------------
+
 class Upload:
     """A file coming into the host from one session, on its way to recipients.
 
@@ -2055,6 +2059,8 @@ def _read_at(handle: Any, offset: int, size: int) -> bytes:
     handle.seek(offset)
     return handle.read(size)
 
+
+# --- Sessions and the host ---------------------------------------------------
 
 class Session:
     """The host's side of one client connection."""
@@ -2459,6 +2465,8 @@ def ui_event(event: Event) -> dict:
     return out
 
 
+# --- Files on the client side ------------------------------------------------
+
 def default_downloads_dir() -> Path:
     """A `chatroom` folder in the person's usual downloads folder.
 
@@ -2605,6 +2613,8 @@ class IncomingFile:
         return {"transfer": self.transfer, "name": self.safe_name, "direction": "receive",
                 "from": self.sender}
 
+
+# --- The core ----------------------------------------------------------------
 
 class ClientCore:
     """One chat connection, driven from any thread.
@@ -3178,7 +3188,7 @@ class ClientCore:
     }
 
 
-# --- Disk work for files: these run on the core's file threads, never the loop
+# --- Disk work for files (on the core's file threads, never the loop) ---------
 
 def _open_regular(path: Path) -> tuple[Any, int]:
     """An open regular file and its size; OSError for anything else."""
