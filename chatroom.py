@@ -97,7 +97,8 @@ MAX_CHUNK_BYTES = 64 * 1024         # file data per frame: text overtakes files
 MAX_FILE_SIZE = 4 * 1024 ** 3       # largest file a host relays (--max-file-size)
 FILE_IO_BYTES = 1024 * 1024         # one disk read or write of a file
 BULK_HIGH_WATER = 1024 * 1024       # file bytes queued for one peer at most
-RELAY_WINDOW_BYTES = 4 * 1024 * 1024  # a host keeps this much of a file in memory
+RELAY_WINDOW_BYTES = 4 * 1024 * 1024  # a host keeps this much of a file in memory,
+RELAY_WINDOW_MAX_BYTES = 16 * 1024 ** 2  # or this much while recipients drift apart
 MAX_TRANSFERS = 8                   # uploads in progress per session
 PROGRESS_INTERVAL_S = 0.25          # file_progress events per transfer, at most
 
@@ -1831,15 +1832,17 @@ _CHUNK_PROBE = Chunk(1, b"")                # what check_send needs to know: the
 class Upload:
     """A file coming into the host from one session, on its way to recipients.
 
-    Recent data stays in memory, in a window of about RELAY_WINDOW_BYTES,
-    and every recipient that keeps up is served from there. A chunk leaves
-    the window only after it has been written to a spool file if some
-    recipient still needs it; that recipient then catches up from disk at
-    its own pace. So a slow recipient never slows the others or the sender
-    (a plain relay would hold everyone to the slowest, or buffer without
-    bound), nothing touches the disk while everyone keeps up, and memory
-    stays flat whatever the file's size. The sender is paused only when the
-    disk can't keep up with the spilling.
+    Recent data stays in memory, in a window of RELAY_WINDOW_BYTES (up to
+    RELAY_WINDOW_MAX_BYTES while recipients drift apart), and every
+    recipient that keeps up is served from there. A chunk leaves the window
+    when no recipient needs it any more; or, once the window is at its
+    largest and the leading recipient keeps up while another lags, after
+    it has been written to a spool file, from which the laggard catches up
+    at its own pace. When every recipient is behind, the sender is paused
+    instead: spilling then would cost a disk write and read for nothing. So a slow recipient never
+    slows the others (a plain relay would hold everyone to the slowest, or
+    buffer without bound), nothing touches the disk unless recipients
+    drift apart, and memory stays flat whatever the file's size.
     """
 
     def __init__(self, host: Host, sender: Session, offer: FileOffer,
@@ -1864,6 +1867,7 @@ class Upload:
         self._room = asyncio.Event()        # the sender may go on
         self._room.set()
         self._grew = asyncio.Event()        # set when data arrives or it ends
+        self._moved = asyncio.Event()       # set when a relay advances or ends
         self.task = asyncio.get_running_loop().create_task(
             self._evict(), name=f"upload:{sender.link.name}:{offer.transfer}")
 
@@ -1880,7 +1884,7 @@ class Upload:
         self._wake()
         if self.window_bytes > RELAY_WINDOW_BYTES:
             self._over.set()
-            if self.window_bytes > 2 * RELAY_WINDOW_BYTES:
+            if self.window_bytes > RELAY_WINDOW_MAX_BYTES:
                 self._room.clear()
                 return self._room.wait()
         return None
@@ -1903,6 +1907,14 @@ class Upload:
         """Does a recipient still need bytes before file offset `end`?"""
         return any(not relay.done and relay.offset < end for relay in self.relays)
 
+    def leader_keeps_up(self) -> bool:
+        """Is some recipient within a window of the newest data?"""
+        return any(not relay.done and relay.offset >= self.received - RELAY_WINDOW_BYTES
+                   for relay in self.relays)
+
+    def relay_moved(self) -> None:
+        self._moved.set()
+
     async def _evict(self) -> None:
         """Keep the window near its size, spilling what someone still needs."""
         loop = asyncio.get_running_loop()
@@ -1917,6 +1929,11 @@ class Upload:
                         count += 1
                         size += len(chunk)
                     if self.needs(self.base_offset + size):
+                        if self.window_bytes < RELAY_WINDOW_MAX_BYTES or \
+                                not self.leader_keeps_up():  # wait for the relays
+                            self._moved.clear()
+                            await self._moved.wait()
+                            continue
                         batch = list(itertools.islice(self.window, count))
                         await loop.run_in_executor(self.host.io, self._spill,
                                                    self.base_offset, batch)
@@ -1927,7 +1944,7 @@ class Upload:
                     self.window_bytes -= size
                     self.base_offset += size
                     self.base_index += count
-                    if self.window_bytes <= 2 * RELAY_WINDOW_BYTES:
+                    if self.window_bytes <= RELAY_WINDOW_MAX_BYTES:
                         self._room.set()
                     self._wake()
                 self._over.clear()
@@ -1964,6 +1981,7 @@ class Upload:
         self.window_bytes = 0
         self._over.set()
         self._room.set()
+        self._moved.set()
         self._wake()
 
     def release(self) -> None:
@@ -2040,6 +2058,7 @@ class Relay:
                         sent += len(chunk)
                         if sent >= FILE_IO_BYTES:
                             break
+                    upload.relay_moved()
                 elif upload.complete:
                     link.offer_after_bulk(FileEnd(self.number, upload.sha256))
                     return
@@ -2050,6 +2069,7 @@ class Relay:
                                                      f"the host lost the file: {exc}"))])
         finally:
             self.done = True
+            upload.relay_moved()
             if spool is not None:
                 await loop.run_in_executor(host.io, spool.close)
             upload.release()
