@@ -1626,10 +1626,11 @@ class Link:
         """Queue `event` in the urgent lane without waiting (`frame`: its
         bytes, if already encoded).
 
-        Returns False, queuing nothing, when the link is closing or the
-        urgent lane would pass its limit: this peer can't keep up.
+        Returns False, queuing nothing, when the link no longer accepts
+        frames (see `accepting`) or the urgent lane would pass its limit:
+        then, if it still accepts, this peer can't keep up.
         """
-        if self.closing:
+        if not self.accepting:
             return False
         if frame is None:
             frame = encode(event)
@@ -1639,13 +1640,19 @@ class Link:
         self._push(frame)
         return True
 
+    @property
+    def accepting(self) -> bool:
+        """Can frames still be queued? Not once closing, nor once the peer
+        has ended its side (its Wire is CLOSED before its session notices)."""
+        return not self.closing and self.wire.state is not State.CLOSED
+
     def offer_chunk(self, transfer: int, data: Any) -> None:
         """Queue file data (at most MAX_CHUNK_BYTES) in the bulk lane.
 
         The caller keeps the lane bounded by awaiting `bulk_room()` before
         each batch. Does nothing once the link is closing.
         """
-        if self.closing:
+        if not self.accepting:
             return
         self.wire.check_send(_CHUNK_PROBE)
         if not self._urgent and not self._bulk:
@@ -1659,7 +1666,7 @@ class Link:
     def offer_after_bulk(self, event: Event) -> None:
         """Queue a control event behind the file data already queued (a
         FileEnd must not overtake the last chunks of its file)."""
-        if self.closing:
+        if not self.accepting:
             return
         self.wire.check_send(event)
         self._bulk.append((encode(event), b""))
@@ -2402,7 +2409,7 @@ class Host:
             frame = frames.get(id(event))
             if frame is None:
                 frame = frames[id(event)] = encode(event)
-            if not session.link.offer(event, frame) and not session.link.closing:
+            if not session.link.offer(event, frame) and session.link.accepting:
                 too_slow.append(session)
         for session in too_slow:
             log.warning("%s is too slow; disconnecting it", session.link.name)

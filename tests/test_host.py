@@ -216,6 +216,26 @@ async def test_member_breaking_the_protocol_leaves_with_notice(make_host, client
     assert (await alice.say_and_confirm("still here", "a1")).text == "still here"
 
 
+async def test_many_members_leaving_at_once_break_nothing(make_host, clients, caplog):
+    """Twenty members drop at the same moment while the room still has
+    others. This used to raise LocalError in the handler of whichever session
+    delivered a leave notice to a peer whose end was already closed."""
+    host = await make_host()
+    stayer = await clients(host.port, "lobby", "stayer")
+    leavers = [await clients(host.port, "lobby", f"leaver{i}") for i in range(20)]
+    with caplog.at_level("ERROR", logger="chatroom"):
+        for leaver in leavers:
+            leaver.writer.transport.abort()         # all gone in one loop turn
+        left = set()
+        while len(left) < len(leavers):
+            notice = await stayer.until(lambda e: isinstance(e, System) and e.event == "leave")
+            left.add(notice.user)
+    assert left == {f"leaver{i}" for i in range(20)}
+    assert not [r for r in caplog.records if r.levelname == "ERROR"], caplog.text
+    newcomer = await clients(host.port, "lobby", "newcomer")
+    assert (await newcomer.say_and_confirm("the host is fine", "n1")).text == "the host is fine"
+
+
 # --- login ---------------------------------------------------------------------
 
 async def test_login_timeout_silent_and_slowloris(make_host, clients):
