@@ -1183,19 +1183,33 @@ def safe_filename(name: str) -> str:
     name = "".join("_" if ch in _WINDOWS_FORBIDDEN else ch for ch in name
                    if unicodedata.category(ch) not in ("Cc", "Cf", "Cs", "Co", "Cn",
                                                        "Zl", "Zp"))
-    name = name.strip().lstrip(".").rstrip(". ").strip()
-    stem, dot, ext = name.partition(".")
-    if stem.rstrip(" ").upper() in _WINDOWS_RESERVED:
-        name = "_" + name
-    if len(name.encode("utf-8")) > MAX_FILE_NAME_BYTES:
-        base, dot, ext = name.rpartition(".")
-        if not dot or len(ext.encode("utf-8")) > 16:
-            base, ext = name, ""
-        suffix = f".{ext}" if ext else ""
-        budget = MAX_FILE_NAME_BYTES - len(suffix.encode("utf-8"))
-        base = base.encode("utf-8")[:budget].decode("utf-8", "ignore").rstrip(". ")
-        name = base + suffix
+    name = _fit(_trim_ends(name))
+    # Last, so no later step can turn the name into a device ("nul" + spaces + "x").
+    if name.partition(".")[0].rstrip(" ").upper() in _WINDOWS_RESERVED:
+        name = _fit("_" + name)
     return name or "file"
+
+
+def _fit(name: str) -> str:
+    """`name` cut to MAX_FILE_NAME_BYTES of UTF-8, keeping a short extension."""
+    if len(name.encode("utf-8")) <= MAX_FILE_NAME_BYTES:
+        return name
+    base, dot, ext = name.rpartition(".")
+    if not dot or len(ext.encode("utf-8")) > 16:
+        base, ext = name, ""
+    suffix = f".{ext}" if ext else ""
+    budget = MAX_FILE_NAME_BYTES - len(suffix.encode("utf-8"))
+    return _trim_ends(base.encode("utf-8")[:budget].decode("utf-8", "ignore") + suffix)
+
+
+def _trim_ends(name: str) -> str:
+    """No whitespace (any kind) at either end, no dot first or last: repeated,
+    because each rule can expose work for another (". .bashrc")."""
+    while True:
+        trimmed = name.strip().lstrip(".").rstrip(".").strip()
+        if trimmed == name:
+            return name
+        name = trimmed
 
 
 def numbered_names(name: str) -> Iterable[str]:
@@ -2717,7 +2731,9 @@ class ClientCore:
         self._thread.join(timeout)
         self._thread = None
         self._read_io.shutdown(wait=False, cancel_futures=True)
-        self._write_io.shutdown(wait=False, cancel_futures=True)
+        # Not cancelled: what is queued there includes deleting .part files.
+        # Writes of failed downloads return at once, so this ends quickly.
+        self._write_io.shutdown(wait=False)
 
     def _emit(self, event: dict | None) -> None:
         """Hand one event to the front end (None, from a paced source: nothing)."""
@@ -2884,13 +2900,17 @@ class ClientCore:
                     break
                 if events is None:
                     break
+                ended = False
                 for event in events:
                     outcome = self._on_host_event(link, event, joined, host, port)
                     if isinstance(outcome, str):
-                        reason = outcome
-                    elif outcome is not None:
+                        reason, ended = outcome, True   # the host's last word
+                        break
+                    if outcome is not None:
                         await outcome       # our disk is behind: stop reading
-                if link.wire.state is State.CLOSED:
+                # Not `link.wire.state`: it moves as frames are decoded, so it
+                # can say CLOSED before the closing event has been handled here.
+                if ended:
                     break
         finally:
             self._ready = False
@@ -2926,8 +2946,8 @@ class ClientCore:
         self._emit(out)
         if isinstance(event, Welcome):
             joined.set_result(True)
-        elif isinstance(event, Error) and link.wire.state is State.CLOSED:
-            return "refused"
+        elif isinstance(event, Error) and not joined.done():
+            return "refused"                # an error before the welcome: no login
         return None
 
     async def _send(self, event: Event) -> bool:
@@ -2966,6 +2986,8 @@ class ClientCore:
                     await asyncio.wait([waiting, reader],
                                        return_when=asyncio.FIRST_COMPLETED)
                     waiting.cancel()
+        for dl in list(self._downloads.values()):   # drop, not write, what still comes
+            self._fail_download(dl, "cancelled", "you left the room", tell_host=False)
         if self._ready and link.offer(Bye()):
             self._ready = False
             done, _ = await asyncio.wait({reader}, timeout=self.limits.close_timeout_s * 2)
@@ -3430,11 +3452,13 @@ def parse_send(line: str) -> tuple[str, str | None]:
     """
     rest = line.strip()[len("/send"):].strip()
     to = None
-    path, sep, user = rest.rpartition(" @")
-    if sep and user.strip() and not any(ch in user for ch in "/\\"):
-        rest, to = path.rstrip(), user.strip()
-    if len(rest) >= 2 and rest[0] == rest[-1] and rest[0] in "'\"":
-        rest = rest[1:-1]
+    quoted = re.fullmatch(r"""(["'])(.+?)\1(?:\s+@(.+))?""", rest)
+    if quoted:                              # a User ID has no quotes: unambiguous
+        rest, to = quoted.group(2), (quoted.group(3) or "").strip() or None
+    else:
+        path, sep, user = rest.rpartition(" @")
+        if sep and user.strip() and not any(ch in user for ch in "/\\"):
+            rest, to = path.rstrip(), user.strip()
     return (os.path.expanduser(rest) if rest else ""), to
 
 
