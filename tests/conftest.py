@@ -34,6 +34,7 @@ from typing import Any, Callable
 import pytest
 
 CHATROOM = Path(__file__).resolve().parent.parent / "chatroom.py"
+PROGRAM = [sys.executable, str(CHATROOM)]   # tests of the built executable pass another
 LOOPBACK = "127.0.0.1"
 DEFAULT_TIMEOUT = 10.0          # a failure deadline, never a performance promise
 
@@ -62,12 +63,13 @@ class ChatProcess:
     which things arrived.
     """
 
-    def __init__(self, args: list[str], *, json_mode: bool = True, label: str = "") -> None:
+    def __init__(self, args: list[str], *, json_mode: bool = True, label: str = "",
+                 program: list[str] | None = None) -> None:
         self.args = args
         self.json_mode = json_mode
         self.label = label or " ".join(args)
         self.proc = subprocess.Popen(
-            [sys.executable, str(CHATROOM), *args],
+            [*(program or PROGRAM), *args],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
             env=_env())
         self.items: list[Any] = []
@@ -241,9 +243,9 @@ class ChatProcess:
 class HostProcess(ChatProcess):
     """`chatroom.py --host --json --port 0 --interface 127.0.0.1 --no-advertise`."""
 
-    def __init__(self, *flags: str) -> None:
+    def __init__(self, *flags: str, program: list[str] | None = None) -> None:
         super().__init__(["--host", "--json", "--port", "0", "--interface", LOOPBACK,
-                          "--no-advertise", *flags], label="host")
+                          "--no-advertise", *flags], label="host", program=program)
         self.listening = self.wait_for(lambda e: True)
         assert self.listening.get("type") == "listening", \
             f"the host's first stdout line is not `listening`: {self.listening!r}"
@@ -264,11 +266,12 @@ class Client(ChatProcess):
     ready: dict | None = None           # the `ready` event, once `join` saw it
 
     def __init__(self, port: int, room: str, user: str, *flags: str,
-                 json_mode: bool = True) -> None:
+                 json_mode: bool = True, program: list[str] | None = None) -> None:
         args = ["--cli", "--server", f"{LOOPBACK}:{port}", "--room", room, "--user", user]
         if json_mode:
             args.insert(1, "--json")
-        super().__init__([*args, *flags], json_mode=json_mode, label=f"client {user}")
+        super().__init__([*args, *flags], json_mode=json_mode, label=f"client {user}",
+                         program=program)
         self.room = room
         self.user = user
 

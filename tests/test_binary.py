@@ -1,0 +1,135 @@
+"""The packaged executable, tested as built (issue: ship it).
+
+A session fixture builds `dist/chatroom` from build.spec with PyInstaller
+into a temporary folder (or takes the one named by $CHATROOM_BINARY), and
+every test here runs that executable, never chatroom.py: --version and
+--help, a host and two terminal clients chatting on loopback, discovery on
+127.0.0.1 finding the host, a file crossing. The launcher window is tested
+from the executable in test_gui.py's binary test.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+
+from conftest import LOOPBACK, ChatProcess, Client, HostProcess
+
+ROOT = Path(__file__).resolve().parent.parent
+BUILD_TIMEOUT_S = 900
+
+
+@pytest.fixture(scope="session")
+def binary(tmp_path_factory) -> Path:
+    """The executable under test: $CHATROOM_BINARY, or a fresh build."""
+    given = os.environ.get("CHATROOM_BINARY")
+    if given:
+        return Path(given).resolve()
+    out = tmp_path_factory.mktemp("pyinstaller")
+    build = subprocess.run(
+        [sys.executable, "-m", "PyInstaller", str(ROOT / "build.spec"), "--noconfirm",
+         "--distpath", str(out / "dist"), "--workpath", str(out / "build"),
+         "--log-level", "WARN"],
+        cwd=ROOT, capture_output=True, text=True, timeout=BUILD_TIMEOUT_S)
+    assert build.returncode == 0, build.stderr[-4000:]
+    path = out / "dist" / ("chatroom.exe" if os.name == "nt" else "chatroom")
+    assert path.is_file(), f"no executable in {out / 'dist'}"
+    return path
+
+
+def run(binary: Path, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run([str(binary), *args], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_version_and_help(binary):
+    version = run(binary, "--version")
+    assert version.returncode == 0, version.stderr
+    assert version.stdout.startswith("chatroom "), version.stdout
+    assert "protocol" in version.stdout
+    usage = run(binary, "--help")
+    assert usage.returncode == 0, usage.stderr
+    for flag in ("--host", "--cli", "--discover", "--version", "--json", "--interface"):
+        assert flag in usage.stdout, flag
+
+
+@pytest.fixture
+def processes():
+    started = []
+    yield started
+    for process in started:
+        process.cleanup()
+
+
+def test_host_and_two_clients_chat(binary, processes):
+    program = [str(binary)]
+    host = HostProcess(program=program)
+    processes.append(host)
+    alice = Client(host.port, "大厅", "alice", program=program)
+    processes.append(alice)
+    alice.wait_for("ready")
+    bob = Client(host.port, "大厅", "bob", program=program)
+    processes.append(bob)
+    assert bob.wait_for("ready")["members"] == ["alice", "bob"]
+    alice.send("你好 from the executable")
+    got = bob.wait_for(lambda e: e["type"] == "message" and e["from"] == "alice")
+    assert got["text"] == "你好 from the executable"
+    bob.send("help")
+    assert "/CHECK" in bob.wait_for("help")["text"]
+    bob.close_stdin()
+    assert bob.wait() == 0
+    assert alice.wait_for(lambda e: e["type"] == "system" and e["event"] == "leave")
+    assert host.stop() == 0
+    assert alice.wait_for("closed")["reason"] == "host_shutdown"
+
+
+def test_discovery_finds_the_host(binary, processes):
+    """A host advertised on 127.0.0.1 is found by --discover and joined by a
+    --cli that was given no --server."""
+    name = f"binary-{uuid.uuid4().hex[:8]}"
+    program = [str(binary)]
+    host = ChatProcess(["--host", "--json", "--port", "0", "--interface", LOOPBACK,
+                        "--name", name], program=program, label="host")
+    processes.append(host)
+    listening = host.wait_for("listening", timeout=30)
+    assert listening["advertised"] is True
+    found = run(binary, "--discover", "--json", "--interface", LOOPBACK, "--timeout", "3",
+                "--name", name)
+    assert found.returncode == 0, found.stderr
+    hosts = [json.loads(line) for line in found.stdout.splitlines()]
+    assert [(h["type"], h["name"], h["address"], h["port"]) for h in hosts] == \
+        [("host", name, LOOPBACK, listening["port"])]
+    joiner = ChatProcess(["--cli", "--json", "--interface", LOOPBACK, "--name", name,
+                          "--room", "r", "--user", "u"], program=program, label="joiner")
+    processes.append(joiner)
+    assert joiner.wait_for("ready", timeout=30)["port"] == listening["port"]
+
+
+def test_a_file_crosses(binary, processes, tmp_path):
+    program = [str(binary)]
+    host = HostProcess(program=program)
+    processes.append(host)
+    sender = Client(host.port, "files", "alice", "--downloads", str(tmp_path / "a"),
+                    program=program)
+    processes.append(sender)
+    sender.wait_for("ready")
+    receiver = Client(host.port, "files", "bob", "--downloads", str(tmp_path / "b"),
+                      program=program)
+    processes.append(receiver)
+    receiver.wait_for("ready")
+    source = tmp_path / "报告 final.bin"
+    data = os.urandom(3 * 1024 * 1024 + 17)
+    source.write_bytes(data)
+    sender.send(f"/send {source}")
+    got = receiver.wait_for("file_received", timeout=60)
+    assert got["sha256"] == hashlib.sha256(data).hexdigest()
+    assert Path(got["path"]).read_bytes() == data
+    assert Path(got["path"]).parent == tmp_path / "b"
+    assert sender.wait_for("file_sent")["size"] == len(data)
