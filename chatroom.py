@@ -3892,6 +3892,7 @@ class ChatEntry:
     top: int = 0
     bottom: int = 0
     text_item: int = 0              # the item holding its main text
+    links: dict[str, int] = dataclasses.field(default_factory=dict)  # clickable items
 
 
 class ChatView(Canvas):
@@ -3917,6 +3918,7 @@ class ChatView(Canvas):
         self._width = max(int(widget.cget("width")), look.px(320))
         self._y = self._margin = look.px(14)
         self._relayout_job: str | None = None
+        self._painted = 0.0                 # when we last made Tk paint (see add)
         widget.configure(yscrollincrement=look.px(24), background=self.background)
         widget.bind("<Configure>", self._on_configure)
         for sequence in ("<MouseWheel>", "<Button-4>", "<Button-5>"):
@@ -3936,6 +3938,11 @@ class ChatView(Canvas):
         self._set_scrollregion()
         if follow:
             self.widget.yview_moveto(1.0)
+        if time.monotonic() - self._painted > 0.1:
+            # Tk paints when it has nothing else to do; a flood of events
+            # would leave the screen stale until it ends. Paint now and then.
+            self._painted = time.monotonic()
+            self.widget.update_idletasks()
         if self.trace.enabled:
             self.trace("shown", kind=kind, **{k: v for k, v in data.items()
                                               if isinstance(v, (str, int, float, bool))},
@@ -3955,7 +3962,9 @@ class ChatView(Canvas):
             self._relayout()
         if self.trace.enabled:
             self.trace("file_card", **{k: v for k, v in entry.data.items()
-                                       if isinstance(v, (str, int, float, bool))})
+                                       if isinstance(v, (str, int, float, bool))},
+                       links={name: self.widget.bbox(item) for name, item in entry.links.items()},
+                       **self.where(entry))
         return entry
 
     def where(self, entry: ChatEntry) -> dict:
@@ -3970,6 +3979,7 @@ class ChatView(Canvas):
 
     def _paint(self, entry: ChatEntry, top: int) -> None:
         entry.top = top
+        entry.links.clear()
         entry.bottom = self.painters[entry.kind](self, entry, top) + self.look.px(10)
 
     def _forget(self, entry: ChatEntry) -> None:
@@ -4163,9 +4173,9 @@ class ChatView(Canvas):
             for label, action, target in (("Show in folder", "folder",
                                            str(Path(data["path"]).parent)),
                                           ("Open", "open", data["path"])):
-                link = draw.create_text(right, status_y, anchor="ne", text=label,
-                                        font=self.fonts["name"], fill=COLOURS["accent"],
-                                        tags=(tag, f"{tag}-{action}"))
+                link = entry.links[action] = draw.create_text(
+                    right, status_y, anchor="ne", text=label, font=self.fonts["name"],
+                    fill=COLOURS["accent"], tags=(tag, f"{tag}-{action}"))
                 draw.tag_bind(f"{tag}-{action}", "<Button-1>",
                               lambda _e, a=action, t=target: self.post((_CHAT, a), t))
                 draw.tag_bind(f"{tag}-{action}", "<Enter>",
@@ -4315,40 +4325,42 @@ def _screen_box(widget: Any) -> list[int]:
 
 def app_icon_png(size: int = 64) -> bytes:
     """The program's icon, a blue speech bubble with three dots, as PNG
-    bytes (drawn here, so the single file needs no image beside it)."""
+    bytes (drawn here, so the single file needs no image beside it).
+
+    Each shape is a signed distance (negative inside, in icon widths); a
+    pixel is covered by 0.5 minus its distance in pixels, which anti-aliases
+    the edges in one pass (a few milliseconds at 64 x 64)."""
     import zlib
+    tail = ((0.2, 0.66), (0.42, 0.8), (0.13, 0.93))     # a triangle, clockwise on screen
+    edges = []
+    for (x1, y1), (x2, y2) in zip(tail, tail[1:] + tail[:1]):
+        length = math.hypot(x2 - x1, y2 - y1)
+        edges.append((x1, y1, (y2 - y1) / length, (x1 - x2) / length))   # outward normal
 
-    def inside(x: float, y: float) -> int:   # 0 outside, 1 bubble, 2 a dot
-        for dot_x in (0.32, 0.5, 0.68):
-            if math.hypot(x - dot_x, y - 0.46) < 0.055:
-                return 2
-        if math.hypot(x - 0.5, y - 0.46) < 0.40:
-            return 1
-        # The tail: a triangle under the bubble's lower left.
-        a, b, c = (0.2, 0.66), (0.42, 0.8), (0.13, 0.93)
-        sign = [(p[0] - x) * (q[1] - y) - (p[1] - y) * (q[0] - x)
-                for p, q in ((a, b), (b, c), (c, a))]
-        return 1 if all(s > 0 for s in sign) or all(s < 0 for s in sign) else 0
+    def cover(distance: float) -> float:
+        return min(1.0, max(0.0, 0.5 - distance * size))
 
-    blue, steps = _rgb(COLOURS["accent"]), 4
+    blue = _rgb(COLOURS["accent"])
     rows = []
-    for py in range(size):
-        row = bytearray(b"\0")              # PNG filter type 0 for the row
-        for px_ in range(size):
-            hits = [inside((px_ + (i + 0.5) / steps) / size, (py + (j + 0.5) / steps) / size)
-                    for i in range(steps) for j in range(steps)]
-            cover = sum(1 for h in hits if h) / len(hits)
-            white = sum(1 for h in hits if h == 2) / max(1, sum(1 for h in hits if h))
-            colour = [round(c + (255 - c) * white) for c in blue]
-            row += bytes(colour) + bytes([round(255 * cover)])
-        rows.append(bytes(row))
+    for row in range(size):
+        line = bytearray(b"\0")             # PNG filter type 0 for each row
+        y = (row + 0.5) / size
+        for column in range(size):
+            x = (column + 0.5) / size
+            bubble = min(math.hypot(x - 0.5, y - 0.46) - 0.40,
+                         max((x - ex) * nx + (y - ey) * ny for ex, ey, nx, ny in edges))
+            dots = min(math.hypot(x - dx, y - 0.46) for dx in (0.32, 0.5, 0.68)) - 0.055
+            white = cover(dots)
+            line += bytes(round(c + (255 - c) * white) for c in blue)
+            line.append(round(255 * cover(bubble)))
+        rows.append(bytes(line))
 
     def chunk(kind: bytes, data: bytes) -> bytes:
         return (struct.pack(">I", len(data)) + kind + data
                 + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF))
 
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", size, size, 8, 6,
-                                                              0, 0, 0))
+    header = struct.pack(">IIBBBBB", size, size, 8, 6, 0, 0, 0)    # 8-bit RGBA
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header)
             + chunk(b"IDAT", zlib.compress(b"".join(rows), 9)) + chunk(b"IEND", b""))
 
 
@@ -4379,7 +4391,7 @@ class Launcher:
             header_text_color=COLOURS["muted"], header_font=look.font(9, "bold"),
             header_relief="flat", header_border_width=0, border_width=0,
             selected_row_colors=(COLOURS["mine_text"], COLOURS["accent"]),
-            sbar_trough_color=COLOURS["panel"], pad=(0, (px(6), px(4))))
+            hide_vertical_scroll=True, pad=(0, (px(6), px(4))))
         ids = sg.Column([[
             sg.Column([[_label("ROOM ID", look)], [_field((_ROOM, "room"), look,
                                                           prefill.get("room", ""))]],
@@ -4563,7 +4575,7 @@ class ChatWindow:
             _button("Leave", (_CHAT, "leave"), look, primary=False)]
         side = sg.Column([
             [sg.Text("MEMBERS", font=look.font(9, "bold"), text_color=COLOURS["muted"],
-                     pad=(px(12), (px(10), px(4)))),
+                     background_color=COLOURS["panel"], pad=(px(12), (px(10), px(4)))),
              sg.Text("", key=(_CHAT, "count"), font=look.font(9), pad=(0, (px(10), px(4))),
                      text_color=COLOURS["faint"], background_color=COLOURS["panel"])],
             [sg.Canvas(key=(_CHAT, "members"), size=(px(210), px(300)), pad=0,
@@ -4580,7 +4592,7 @@ class ChatWindow:
             _button("Send", (_CHAT, "send"), look, bind_return_key=True)]
         layout = [
             header,
-            [sg.Column([[sg.Canvas(key=(_CHAT, "view"), size=(px(600), px(440)), pad=0,
+            [sg.Column([[sg.Canvas(key=(_CHAT, "view"), size=(px(640), px(470)), pad=0,
                                    background_color=COLOURS["chat"], expand_x=True,
                                    expand_y=True)]], expand_x=True, expand_y=True,
                        pad=(0, (px(10), px(8)))),

@@ -23,7 +23,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "chatroom.py"
@@ -78,7 +78,11 @@ class Xvfb:
                               timeout=20).stdout
 
     def click(self, x: float, y: float) -> None:
-        self.run("xdotool", "mousemove", str(round(x)), str(round(y)), "click", "1")
+        """Point, then click: Tk buttons fire only for a pointer that
+        entered them, so come from one pixel aside."""
+        x, y = round(x), round(y)
+        self.run("xdotool", "mousemove", str(x - 1), str(y), "sleep", "0.05",
+                 "mousemove", str(x), str(y), "sleep", "0.05", "click", "1")
 
     def double_click(self, x: float, y: float) -> None:
         self.run("xdotool", "mousemove", str(round(x)), str(round(y)), "click",
@@ -106,32 +110,72 @@ class Xvfb:
     def close_window(self, xid: int) -> None:
         """What a window manager does when you click a window's X: send it a
         WM_DELETE_WINDOW client message (Xvfb has no window manager)."""
-        x11 = ctypes.CDLL(ctypes.util.find_library("X11"))
+        with _XDisplay(self.display) as (x11, display):
+            event = _ClientMessage(type=33, window=xid, format=32,       # 33: ClientMessage
+                                   message_type=x11.XInternAtom(display, b"WM_PROTOCOLS", 0))
+            event.data[0] = x11.XInternAtom(display, b"WM_DELETE_WINDOW", 0)
+            x11.XSendEvent(display, xid, 0, 0, ctypes.byref(event))
+            x11.XFlush(display)
+
+    def wait_viewable(self, xid: int, timeout: float = 5) -> None:
+        """Wait until the window is mapped and on screen: a click sent before
+        that would land on the root window and be lost."""
+        deadline = time.monotonic() + timeout
+        while True:
+            with _XDisplay(self.display) as (x11, display):
+                attributes = _WindowAttributes()
+                if x11.XGetWindowAttributes(display, xid, ctypes.byref(attributes)) and \
+                        attributes.map_state == 2:                          # IsViewable
+                    return
+            if time.monotonic() > deadline:
+                raise AssertionError(f"window {xid:#x} never became viewable")
+            time.sleep(0.05)
+
+
+class _ClientMessage(ctypes.Structure):
+    _fields_ = [("type", ctypes.c_int), ("serial", ctypes.c_ulong),
+                ("send_event", ctypes.c_int), ("display", ctypes.c_void_p),
+                ("window", ctypes.c_ulong), ("message_type", ctypes.c_ulong),
+                ("format", ctypes.c_int), ("data", ctypes.c_long * 5),
+                ("pad", ctypes.c_long * 12)]            # an XEvent is 24 longs
+
+
+class _WindowAttributes(ctypes.Structure):             # Xlib's XWindowAttributes
+    _fields_ = [("x", ctypes.c_int), ("y", ctypes.c_int), ("width", ctypes.c_int),
+                ("height", ctypes.c_int), ("border_width", ctypes.c_int),
+                ("depth", ctypes.c_int), ("visual", ctypes.c_void_p),
+                ("root", ctypes.c_ulong), ("class_", ctypes.c_int),
+                ("bit_gravity", ctypes.c_int), ("win_gravity", ctypes.c_int),
+                ("backing_store", ctypes.c_int), ("backing_planes", ctypes.c_ulong),
+                ("backing_pixel", ctypes.c_ulong), ("save_under", ctypes.c_int),
+                ("colormap", ctypes.c_ulong), ("map_installed", ctypes.c_int),
+                ("map_state", ctypes.c_int), ("all_event_masks", ctypes.c_long),
+                ("your_event_mask", ctypes.c_long), ("do_not_propagate_mask", ctypes.c_long),
+                ("override_redirect", ctypes.c_int), ("screen", ctypes.c_void_p)]
+
+
+class _XDisplay:
+    """libX11 through ctypes (it comes with Tk): `with _XDisplay(":5") as (x11, d)`."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        x11 = self.x11 = ctypes.CDLL(ctypes.util.find_library("X11"))
         x11.XOpenDisplay.restype = ctypes.c_void_p
         x11.XOpenDisplay.argtypes = [ctypes.c_char_p]
         x11.XInternAtom.restype = ctypes.c_ulong
         x11.XInternAtom.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_int]
         x11.XSendEvent.argtypes = [ctypes.c_void_p, ctypes.c_ulong, ctypes.c_int,
                                    ctypes.c_long, ctypes.c_void_p]
+        x11.XGetWindowAttributes.argtypes = [ctypes.c_void_p, ctypes.c_ulong, ctypes.c_void_p]
         x11.XFlush.argtypes = x11.XCloseDisplay.argtypes = [ctypes.c_void_p]
 
-        class ClientMessage(ctypes.Structure):
-            _fields_ = [("type", ctypes.c_int), ("serial", ctypes.c_ulong),
-                        ("send_event", ctypes.c_int), ("display", ctypes.c_void_p),
-                        ("window", ctypes.c_ulong), ("message_type", ctypes.c_ulong),
-                        ("format", ctypes.c_int), ("data", ctypes.c_long * 5),
-                        ("pad", ctypes.c_long * 12)]    # XEvent is 24 longs
+    def __enter__(self):
+        self.display = self.x11.XOpenDisplay(self.name.encode())
+        assert self.display, f"can't open display {self.name}"
+        return self.x11, self.display
 
-        display = x11.XOpenDisplay(self.display.encode())
-        assert display, f"can't open display {self.display}"
-        try:
-            event = ClientMessage(type=33, window=xid, format=32,     # 33: ClientMessage
-                                  message_type=x11.XInternAtom(display, b"WM_PROTOCOLS", 0))
-            event.data[0] = x11.XInternAtom(display, b"WM_DELETE_WINDOW", 0)
-            x11.XSendEvent(display, xid, 0, 0, ctypes.byref(event))
-            x11.XFlush(display)
-        finally:
-            x11.XCloseDisplay(display)
+    def __exit__(self, *exc) -> None:
+        self.x11.XCloseDisplay(self.display)
 
 
 class Proc:
@@ -254,7 +298,9 @@ class Gui(Proc):
                              timeout, start)
 
     def click(self, window: str, element: str) -> None:
-        x, y, w, h = self.window(window)["elements"][element]
+        layout = self.window(window)
+        self.x.wait_viewable(layout["xid"])
+        x, y, w, h = layout["elements"][element]
         self.x.click(x + w / 2, y + h / 2)
 
     def type_into(self, window: str, element: str, text: str, enter: bool = False) -> None:
