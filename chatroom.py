@@ -3555,7 +3555,7 @@ def pick_font_family(available: Iterable[str]) -> str | None:
 def avatar_colour(user: str) -> str:
     """A colour for `user`'s avatar: the same on every machine and every run
     (from SHA-256 of the ID's identity, not Python's salted hash)."""
-    digest = hashlib.sha256(id_key(user).encode("utf-8")).digest()
+    digest = hashlib.sha256(("chatroom avatar " + id_key(user)).encode("utf-8")).digest()
     return AVATAR_COLOURS[digest[0] % len(AVATAR_COLOURS)]
 
 
@@ -3641,10 +3641,7 @@ def apply_theme(look: Look) -> None:
     sg.set_options(font=look.font(10), scaling=look.scaling, dpi_awareness=True,
                    element_padding=(look.px(4), look.px(3)),
                    margins=(look.px(18), look.px(14)), border_width=0,
-                   use_ttk_buttons=False, suppress_error_popups=True,
-                   sbar_trough_color=COLOURS["chat"], sbar_background_color=COLOURS["line"],
-                   sbar_arrow_color=COLOURS["muted"], sbar_frame_color=COLOURS["chat"],
-                   sbar_relief="flat", sbar_width=look.px(10), sbar_arrow_width=look.px(10))
+                   use_ttk_buttons=False, suppress_error_popups=True)
 
 
 # --- Settings remembered between runs ----------------------------------------
@@ -3827,8 +3824,9 @@ def _rgb(colour: str) -> tuple[int, int, int]:
     return int(colour[1:3], 16), int(colour[3:5], 16), int(colour[5:7], 16)
 
 
-class Canvas:
-    """Drawing helpers over one tk Canvas: rounded boxes, avatars, elided text."""
+class Drawing:
+    """Drawing helpers over one tk Canvas: rounded boxes, avatars, elided text.
+    `background` is the colour the anti-aliased edges blend into."""
 
     def __init__(self, widget: Any, look: Look, images: Images, background: str) -> None:
         import tkinter.font
@@ -3845,7 +3843,8 @@ class Canvas:
     def box(self, tags: Any, x1: float, y1: float, x2: float, y2: float, radius: int,
             fill: str) -> None:
         """A filled box with anti-aliased round corners: two rectangles in a
-        cross and four corner images, all tagged `tags`."""
+        cross and four corner images, all tagged `tags`. Its corners blend
+        into `self.background`."""
         x1, y1, x2, y2 = round(x1), round(y1), round(x2), round(y2)
         r = max(1, min(radius, (x2 - x1) // 2, (y2 - y1) // 2))
         draw = self.widget
@@ -3857,10 +3856,13 @@ class Canvas:
                               image=self.images.corner(r, which, fill, self.background))
 
     def avatar(self, tags: Any, x: float, y: float, size: int, user: str,
-               colour: str | None = None, text: str | None = None) -> None:
-        """A round avatar: `user`'s colour and initials, top-left at (x, y)."""
-        self.widget.create_image(round(x), round(y), anchor="nw", tags=tags, image=self.images.disc(
-            size, colour or avatar_colour(user), self.background))
+               colour: str | None = None, text: str | None = None,
+               background: str | None = None) -> None:
+        """A round avatar, top-left at (x, y): `user`'s colour and initials
+        (or `colour` and `text`), blending into `background` (or ours)."""
+        disc = self.images.disc(size, colour or avatar_colour(user),
+                                background or self.background)
+        self.widget.create_image(round(x), round(y), anchor="nw", tags=tags, image=disc)
         font = "initials" if size >= self.look.px(30) else "initials_small"
         self.widget.create_text(x + size / 2, y + size / 2, text=text or initials(user),
                                 fill="#FFFFFF", font=self.fonts[font], tags=tags)
@@ -3895,7 +3897,7 @@ class ChatEntry:
     links: dict[str, int] = dataclasses.field(default_factory=dict)  # clickable items
 
 
-class ChatView(Canvas):
+class ChatView(Drawing):
     """The conversation, drawn on a tk Canvas, newest at the bottom.
 
     A person's message is always a bubble with an avatar, a name and a time:
@@ -3906,10 +3908,9 @@ class ChatView(Canvas):
     entries; follows new ones while you are at the bottom.
     """
 
-    def __init__(self, widget: Any, look: Look, images: Images, me: str,
+    def __init__(self, widget: Any, look: Look, images: Images,
                  post: Callable[[tuple, Any], None], trace: GuiTrace) -> None:
         super().__init__(widget, look, images, COLOURS["chat"])
-        self.me = id_key(me)
         self.post = post                    # sends ("-CHAT-", ...) events to the loop
         self.trace = trace
         self.entries: collections.deque[ChatEntry] = collections.deque()
@@ -4013,6 +4014,12 @@ class ChatView(Canvas):
         self._set_scrollregion()
         if follow:
             self.widget.yview_moveto(1.0)
+
+    def close(self) -> None:
+        """The window is going: a pending redraw must not find it gone."""
+        if self._relayout_job is not None:
+            self.widget.after_cancel(self._relayout_job)
+            self._relayout_job = None
 
     def _on_wheel(self, event: Any) -> None:
         if event.num == 4 or getattr(event, "delta", 0) > 0:
@@ -4193,7 +4200,7 @@ class ChatView(Canvas):
     }
 
 
-class MemberList(Canvas):
+class MemberList(Drawing):
     """The room's members with their avatars, "Everyone" first; a click
     picks who a file goes to (the room, or one person)."""
 
@@ -4250,18 +4257,24 @@ class MemberList(Canvas):
             if picked:
                 draw.create_rectangle(0, top, width, top + self._row,
                                       fill=COLOURS["accent_soft"], outline="")
-            background = COLOURS["accent_soft"] if picked else COLOURS["panel"]
-            self.background = background    # the avatar's corners blend into the row
+            row = COLOURS["accent_soft"] if picked else COLOURS["panel"]
             y = top + (self._row - size) / 2
             if user is None:
-                self.avatar("row", px(10), y, size, "", COLOURS["muted"], "All")
+                self.avatar("row", px(10), y, size, "", COLOURS["muted"], "All", row)
             else:
-                self.avatar("row", px(10), y, size, user)
+                self.avatar("row", px(10), y, size, user, background=row)
             draw.create_text(px(10) + size + px(10), top + self._row / 2, anchor="w",
                              text=self.elide(label, "body", width - size - px(34)),
                              font=self.fonts["body"], fill=COLOURS["text"])
-        self.background = COLOURS["panel"]
         draw.configure(scrollregion=(0, 0, width, len(self._rows()) * self._row))
+
+    def screen_rows(self) -> list[dict]:
+        """For the trace: each row's user (None: everyone) and screen box."""
+        draw = self.widget
+        x, y = draw.winfo_rootx(), draw.winfo_rooty() - round(draw.canvasy(0))
+        return [{"user": user, "box": [x, y + index * self._row, draw.winfo_width(),
+                                       self._row]}
+                for index, (user, _label) in enumerate(self._rows())]
 
     def _on_click(self, event: Any) -> None:
         index = int(self.widget.canvasy(event.y) // self._row)
@@ -4285,6 +4298,8 @@ def _field(key: tuple, look: Look, default: str = "", **options: Any) -> Any:
     import PySimpleGUI as sg
     return sg.Column([[sg.Input(default, key=key, border_width=0, expand_x=True,
                                 background_color=COLOURS["panel"],
+                                disabled_readonly_background_color=COLOURS["panel"],
+                                disabled_readonly_text_color=COLOURS["faint"],
                                 pad=(look.px(8), look.px(7)), **options)]],
                      background_color=COLOURS["panel"], expand_x=True,
                      pad=(0, (look.px(2), look.px(8))))
@@ -4312,9 +4327,10 @@ def _polish_buttons(window: Any, look: Look) -> None:
         if isinstance(element, sg.Button) and element.Widget is not None:
             foreground, background = element.ButtonColor
             hover = COLOURS["accent_dark"] if background == COLOURS["accent"] else COLOURS["line"]
-            element.Widget.configure(padx=look.px(14), pady=look.px(5), relief="flat",
+            element.Widget.configure(padx=look.px(14), pady=look.px(7), relief="flat",
                                      cursor="hand2", highlightthickness=0,
-                                     activebackground=hover, activeforeground=foreground)
+                                     activebackground=hover, activeforeground=foreground,
+                                     disabledforeground=COLOURS["faint"])
 
 
 def _screen_box(widget: Any) -> list[int]:
@@ -4583,7 +4599,8 @@ class ChatWindow:
             [sg.Text("", key=(_CHAT, "target"), font=look.font(9), size=(28, 2),
                      text_color=COLOURS["muted"], background_color=COLOURS["panel"],
                      pad=(px(12), (px(6), px(12))))],
-        ], background_color=COLOURS["panel"], expand_y=True, pad=((px(12), 0), 0))
+        ], background_color=COLOURS["panel"], expand_y=True, pad=((px(12), 0), 0),
+            key=(_CHAT, "side"))
         footer = [
             _button("Send file", (_CHAT, "file"), look, primary=False),
             _button("Video call", (_CHAT, "video"), look, primary=False),
@@ -4592,7 +4609,7 @@ class ChatWindow:
             _button("Send", (_CHAT, "send"), look, bind_return_key=True)]
         layout = [
             header,
-            [sg.Column([[sg.Canvas(key=(_CHAT, "view"), size=(px(640), px(470)), pad=0,
+            [sg.Column([[sg.Canvas(key=(_CHAT, "view"), size=(px(660), px(520)), pad=0,
                                    background_color=COLOURS["chat"], expand_x=True,
                                    expand_y=True)]], expand_x=True, expand_y=True,
                        pad=(0, (px(10), px(8)))),
@@ -4606,11 +4623,17 @@ class ChatWindow:
                                 enable_close_attempted_event=True, resizable=True,
                                 icon=images.icon(64), font=look.font(10))
         _polish_buttons(self.window, look)
+        # PySimpleGUI lets the last element of a row decide how the row fills;
+        # the members' column (tall only) would stop the conversation from
+        # growing sideways. The row fills both ways; the members keep their width.
+        side = self.window[(_CHAT, "side")].Widget
+        side.master.pack_configure(expand=True, fill="both")
+        side.pack_configure(expand=False, fill="y")
         self.window.set_min_size((px(720), px(480)))
         post = self.window.write_event_value
         view = self.window[(_CHAT, "view")].Widget
         self._add_scrollbar(view)
-        self.view = ChatView(view, look, images, self.me, post, trace)
+        self.view = ChatView(view, look, images, post, trace)
         self.members = MemberList(self.window[(_CHAT, "members")].Widget, look, images,
                                   self.me, post)
         self.members.set(ready["members"])
@@ -4678,11 +4701,14 @@ class ChatWindow:
 
     def count(self) -> None:
         self.window[(_CHAT, "count")].update(f"{len(self.members.members)}")
-        self.trace("members", members=self.members.members)
+        if self.trace.enabled:
+            self.trace("members", members=self.members.members,
+                       rows=self.members.screen_rows())
 
     def pick(self, user: str | None) -> None:
         """Files now go to `user` alone, or to the room (None)."""
         self.members.pick(user)
+        self.trace("picked", user=user)
         self.window[(_CHAT, "target")].update(
             "Files you send go to everyone in the room." if user is None else
             f'Files you send go to {printable(user)} only. Pick "Everyone" '
@@ -4774,6 +4800,7 @@ class ChatWindow:
                                           "view", "members")})
 
     def close(self) -> None:
+        self.view.close()
         self.window.close()
 
 
@@ -5100,8 +5127,12 @@ class GuiApp:
     def send_file(self, path: str, to: str | None) -> None:
         self._quietly("send_file", self.core.send_file(path, to))
 
-    def on_send_file_button(self, values: dict) -> None:  # pragma: no cover (a modal
-        """Pick a file with the system's dialog; send it (tests use /send)."""  # dialog)
+    def on_send_file_button(self, values: dict) -> None:
+        """Pick a file in Tk's dialog and send it to whoever the members
+        list has picked. The dialog is modal, but Tk runs its own loop under
+        it: the window repaints, and core events wait in the queue."""
+        if self.phase is not Phase.CHATTING:
+            return
         from tkinter import filedialog
         path = filedialog.askopenfilename(parent=self.chat.window.TKroot,
                                           title="Send a file")

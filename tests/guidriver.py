@@ -94,6 +94,22 @@ class Xvfb:
     def key(self, *keys: str) -> None:
         self.run("xdotool", "key", *keys)
 
+    def find_window(self, title: str, timeout: float = 5) -> tuple[int, int, int, int, int]:
+        """(id, x, y, width, height) of the window called `title`, once shown."""
+        deadline = time.monotonic() + timeout
+        while True:
+            found = subprocess.run(["xdotool", "search", "--onlyvisible", "--name", title],
+                                   env=self.env(), capture_output=True).stdout.split()
+            if found:
+                xid = int(found[-1])
+                geometry = self.run("xdotool", "getwindowgeometry", str(xid)).decode()
+                numbers = [int(n) for n in
+                           geometry.replace(",", " ").replace("x", " ").split() if n.isdigit()]
+                return xid, numbers[0], numbers[1], numbers[-2], numbers[-1]
+            if time.monotonic() > deadline:
+                raise AssertionError(f"no window called {title!r}")
+            time.sleep(0.1)
+
     def screenshot(self, path: Path, xid: int | None = None) -> None:
         """A PNG of one window (by X id) or of the whole screen."""
         self.run("import", "-window", str(xid) if xid else "root", str(path))

@@ -339,13 +339,31 @@ def test_a_file_arrives_with_its_progress_bar_and_opens(x, tmp_path, procs):
         time.sleep(0.05)
     assert opened.read_text().strip() == str(saved)
 
-    # And the other way: /send in the window, to bob alone.
+    # And the other way, to bob alone: pick him in the members list, press
+    # "Send file", choose the file in the dialog. Carol gets nothing.
+    carol = Cli(host.port, "r", "carol", downloads=tmp_path / "carol-downloads")
+    procs.append(carol)
+    members = gui.wait_for(lambda e: e.get("gui") == "members" and len(e["members"]) == 3)
+    bob_row = next(r for r in members["rows"] if r["user"] == "bob")["box"]
+    x.click(bob_row[0] + bob_row[2] / 2, bob_row[1] + bob_row[3] / 2)
+    gui.wait_for(lambda e: e.get("gui") == "picked" and e["user"] == "bob")
     (tmp_path / "back.txt").write_text("返回 back")
-    gui.type_into("chat", "input", f"/send {tmp_path / 'back.txt'} @bob", enter=True)
+    gui.click("chat", "file")
+    _, dx, dy, dw, dh = x.find_window("Send a file")
+    # Xvfb has no window manager: keys go to the window under the pointer.
+    x.run("xdotool", "mousemove", str(dx + dw // 2), str(dy + dh // 2))
+    x.type(str(tmp_path / "back.txt"))
+    x.key("Return")
     got = cli.wait_for(lambda e: e.get("type") == "file_received", 20)
     assert Path(got["path"]).read_text() == "返回 back"
+    offer = cli.wait_for(lambda e: e.get("type") == "file_offer")
+    assert offer["to"] == "bob"
     gui.wait_for(lambda e: e.get("gui") == "file_card" and e["direction"] == "send"
                  and e["status"] == "Saved by bob")
+    # /send PATH @USER in the input line does the same.
+    gui.type_into("chat", "input", f"/send {tmp_path / 'back.txt'} @carol", enter=True)
+    assert carol.wait_for(lambda e: e.get("type") == "file_received", 20)["from"] == "alice"
+    assert not [e for e in carol.lines if e.get("type") == "file_offer" and e["to"] != "carol"]
     gui.close("chat")
     assert_exits_cleanly(gui)
 
