@@ -4536,7 +4536,10 @@ class Launcher:
         if not self.trace.enabled:
             return
         window = self.window
-        window.refresh()
+        # Geometry settles in Tk's idle tasks. Not window.refresh(): it would
+        # also run a click waiting in the queue, inside this handler, and
+        # PySimpleGUI would lose it.
+        window.TKroot.update_idletasks()
         tree = window[(_ROOM, "hosts")].Widget
         rows = []
         for index, host in enumerate(self.hosts):
@@ -4546,6 +4549,7 @@ class Launcher:
                                  box[2], box[3]] if box else None})
         self.trace("window", name="launcher", xid=int(window.TKroot.wm_frame(), 16),
                    box=_screen_box(window.TKroot), rows=rows,
+                   fields={name: self.field(name) for name in ("address", "room", "user")},
                    elements={name: _screen_box(window[(_ROOM, name)].Widget)
                              for name in ("join", "host", "address", "room", "user")})
 
@@ -4792,7 +4796,7 @@ class ChatWindow:
     def trace_layout(self) -> None:
         if not self.trace.enabled:
             return
-        self.window.refresh()
+        self.window.TKroot.update_idletasks()       # not refresh(): see Launcher
         self.trace("window", name="chat", xid=int(self.window.TKroot.wm_frame(), 16),
                    box=_screen_box(self.window.TKroot),
                    elements={name: _screen_box(self.window[(_CHAT, name)].Widget)
