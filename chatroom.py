@@ -3546,6 +3546,8 @@ NET_EVENT = "-NET-"                 # ("-NET-", type): an event from the core
 CORE_EVENT = "-CORE-"               # ("-CORE-", what): a command's outcome
 
 
+# --- The look: fonts, avatars, theme, --scale --------------------------------
+
 def pick_font_family(available: Iterable[str]) -> str | None:
     """The first of CJK_FONT_FAMILIES in `available`, or None."""
     names = set(available)
@@ -3773,6 +3775,51 @@ def open_with_os(path: str | Path) -> None:
 # computed once per size and colour: each pixel is the fill blended over the
 # background by how much of it the shape covers.
 
+def _rgb(colour: str) -> tuple[int, int, int]:
+    return int(colour[1:3], 16), int(colour[3:5], 16), int(colour[5:7], 16)
+
+
+def app_icon_png(size: int = 64) -> bytes:
+    """The program's icon, a blue speech bubble with three dots, as PNG
+    bytes (drawn here, so the single file needs no image beside it).
+
+    Each shape is a signed distance (negative inside, in icon widths); a
+    pixel is covered by 0.5 minus its distance in pixels, which anti-aliases
+    the edges in one pass (a few milliseconds at 64 x 64)."""
+    import zlib
+    tail = ((0.2, 0.66), (0.42, 0.8), (0.13, 0.93))     # a triangle, clockwise on screen
+    edges = []
+    for (x1, y1), (x2, y2) in zip(tail, tail[1:] + tail[:1]):
+        length = math.hypot(x2 - x1, y2 - y1)
+        edges.append((x1, y1, (y2 - y1) / length, (x1 - x2) / length))   # outward normal
+
+    def cover(distance: float) -> float:
+        return min(1.0, max(0.0, 0.5 - distance * size))
+
+    blue = _rgb(COLOURS["accent"])
+    rows = []
+    for row in range(size):
+        line = bytearray(b"\0")             # PNG filter type 0 for each row
+        y = (row + 0.5) / size
+        for column in range(size):
+            x = (column + 0.5) / size
+            bubble = min(math.hypot(x - 0.5, y - 0.46) - 0.40,
+                         max((x - ex) * nx + (y - ey) * ny for ex, ey, nx, ny in edges))
+            dots = min(math.hypot(x - dx, y - 0.46) for dx in (0.32, 0.5, 0.68)) - 0.055
+            white = cover(dots)
+            line += bytes(round(c + (255 - c) * white) for c in blue)
+            line.append(round(255 * cover(bubble)))
+        rows.append(bytes(line))
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (struct.pack(">I", len(data)) + kind + data
+                + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF))
+
+    header = struct.pack(">IIBBBBB", size, size, 8, 6, 0, 0, 0)    # 8-bit RGBA
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header)
+            + chunk(b"IDAT", zlib.compress(b"".join(rows), 9)) + chunk(b"IEND", b""))
+
+
 class Images:
     """Anti-aliased discs and bubble corners as Tk images, cached (Tk frees
     an image as soon as Python drops it, so the cache also keeps them)."""
@@ -3818,10 +3865,6 @@ class Images:
             image.put(" ".join(rows))
             self._cache[key] = image
         return image
-
-
-def _rgb(colour: str) -> tuple[int, int, int]:
-    return int(colour[1:3], 16), int(colour[3:5], 16), int(colour[5:7], 16)
 
 
 class Drawing:
@@ -3882,7 +3925,7 @@ class Drawing:
         return text[:low] + "..."
 
 
-# --- The conversation: bubbles, notices and file cards on a canvas ----------
+# --- The conversation: bubbles, notices and file cards on a canvas -----------
 
 @dataclasses.dataclass(eq=False)
 class ChatEntry:
@@ -3964,7 +4007,8 @@ class ChatView(Drawing):
         if self.trace.enabled:
             self.trace("file_card", **{k: v for k, v in entry.data.items()
                                        if isinstance(v, (str, int, float, bool))},
-                       links={name: self.widget.bbox(item) for name, item in entry.links.items()},
+                       links={name: self.widget.bbox(item)
+                              for name, item in entry.links.items()},
                        **self.where(entry))
         return entry
 
@@ -4123,9 +4167,9 @@ class ChatView(Drawing):
         pad = px(14)
         x = self._margin
         width = min(self._width - 2 * self._margin, px(640))
-        title = draw.create_text(x + pad, top + pad, anchor="nw", text="Help · only you see this",
-                                 font=self.fonts["bold"], fill=COLOURS["accent"],
-                                 tags=entry.tag)
+        title = draw.create_text(x + pad, top + pad, anchor="nw",
+                                 text="Help · only you see this", font=self.fonts["bold"],
+                                 fill=COLOURS["accent"], tags=entry.tag)
         entry.text_item = draw.create_text(
             x + pad, draw.bbox(title)[3] + px(6), anchor="nw", width=width - 2 * pad,
             text=printable_block(entry.data["text"]), font=self.fonts["small"],
@@ -4290,7 +4334,7 @@ class MemberList(Drawing):
                                  else 1, "units")
 
 
-# --- Widgets shared by the windows ---------------------------------------------
+# --- Widgets shared by the windows -------------------------------------------
 
 def _field(key: tuple, look: Look, default: str = "", **options: Any) -> Any:
     """An input inside a white box: tk entries have no inner padding, so the
@@ -4326,7 +4370,8 @@ def _polish_buttons(window: Any, look: Look) -> None:
     for element in window.element_list():
         if isinstance(element, sg.Button) and element.Widget is not None:
             foreground, background = element.ButtonColor
-            hover = COLOURS["accent_dark"] if background == COLOURS["accent"] else COLOURS["line"]
+            primary = background == COLOURS["accent"]
+            hover = COLOURS["accent_dark"] if primary else COLOURS["line"]
             element.Widget.configure(padx=look.px(14), pady=look.px(7), relief="flat",
                                      cursor="hand2", highlightthickness=0,
                                      activebackground=hover, activeforeground=foreground,
@@ -4339,48 +4384,7 @@ def _screen_box(widget: Any) -> list[int]:
             widget.winfo_height()]
 
 
-def app_icon_png(size: int = 64) -> bytes:
-    """The program's icon, a blue speech bubble with three dots, as PNG
-    bytes (drawn here, so the single file needs no image beside it).
-
-    Each shape is a signed distance (negative inside, in icon widths); a
-    pixel is covered by 0.5 minus its distance in pixels, which anti-aliases
-    the edges in one pass (a few milliseconds at 64 x 64)."""
-    import zlib
-    tail = ((0.2, 0.66), (0.42, 0.8), (0.13, 0.93))     # a triangle, clockwise on screen
-    edges = []
-    for (x1, y1), (x2, y2) in zip(tail, tail[1:] + tail[:1]):
-        length = math.hypot(x2 - x1, y2 - y1)
-        edges.append((x1, y1, (y2 - y1) / length, (x1 - x2) / length))   # outward normal
-
-    def cover(distance: float) -> float:
-        return min(1.0, max(0.0, 0.5 - distance * size))
-
-    blue = _rgb(COLOURS["accent"])
-    rows = []
-    for row in range(size):
-        line = bytearray(b"\0")             # PNG filter type 0 for each row
-        y = (row + 0.5) / size
-        for column in range(size):
-            x = (column + 0.5) / size
-            bubble = min(math.hypot(x - 0.5, y - 0.46) - 0.40,
-                         max((x - ex) * nx + (y - ey) * ny for ex, ey, nx, ny in edges))
-            dots = min(math.hypot(x - dx, y - 0.46) for dx in (0.32, 0.5, 0.68)) - 0.055
-            white = cover(dots)
-            line += bytes(round(c + (255 - c) * white) for c in blue)
-            line.append(round(255 * cover(bubble)))
-        rows.append(bytes(line))
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return (struct.pack(">I", len(data)) + kind + data
-                + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF))
-
-    header = struct.pack(">IIBBBBB", size, size, 8, 6, 0, 0, 0)    # 8-bit RGBA
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header)
-            + chunk(b"IDAT", zlib.compress(b"".join(rows), 9)) + chunk(b"IEND", b""))
-
-
-# --- The launcher ----------------------------------------------------------------
+# --- The launcher ------------------------------------------------------------
 
 class Launcher:
     """The first window: hosts found on the LAN (live), an address field,
@@ -4438,9 +4442,11 @@ class Launcher:
                                 enable_close_attempted_event=True, resizable=True,
                                 icon=images.icon(64), font=look.font(10))
         _polish_buttons(self.window, look)
-        tree = self.window[(_ROOM, "hosts")].Widget
-        for column in tree["columns"]:      # headings over their column's text
-            tree.heading(column, anchor="w")
+        table = self.window[(_ROOM, "hosts")]
+        for column in table.Widget["columns"]:  # headings over their column's text
+            table.Widget.heading(column, anchor="w")
+        table.ttk_style.configure(table.table_ttk_style_name + ".Heading",
+                                  padding=(look.px(3), look.px(2)))
         self.window[(_ROOM, "hosts")].bind("<Double-Button-1>", "double")
         self.window.set_min_size(self.window.size)
 
@@ -4567,7 +4573,7 @@ def _rooms_text(host: dict) -> str:
     return (text or "no rooms yet") + (f" and {more} more" if more > 0 else "")
 
 
-# --- The chat window -------------------------------------------------------------
+# --- The chat window ---------------------------------------------------------
 
 class ChatWindow:
     """One room: the conversation, the members, a line to type in, and
@@ -4582,13 +4588,13 @@ class ChatWindow:
         self.last_seq = 0                   # the room's seq already shown (no doubles)
         self.history_started = False
         px = look.px
-        where = printable(ready.get("host") or ready["address"])
+        where = (f"on {printable(ready.get('host') or ready['address'])} · "
+                 f"{_address_text(ready['address'], ready['port'])}")
         header = [
             sg.Image(data=images.icon(px(36)), pad=((0, px(10)), 0)),
             sg.Column([[sg.Text(printable(self.room), font=look.font(15, "bold"), pad=0,
                                 key=(_CHAT, "title"))],
-                       [sg.Text(f"on {where} · {_address_text(ready['address'], ready['port'])}"
-                                f" · you are {printable(self.me)}", font=look.font(9),
+                       [sg.Text(f"{where} · you are {printable(self.me)}", font=look.font(9),
                                 text_color=COLOURS["muted"], pad=0, key=(_CHAT, "subtitle"))]],
                       pad=0),
             sg.Push(),
@@ -4754,7 +4760,8 @@ class ChatWindow:
         if self.view.files.get(key) is None or self.view.files[key].data["state"] != "moving":
             return
         eta = event.get("eta")
-        left = f" · {eta:.0f} s left" if eta is not None and event["bytes"] < event["size"] else ""
+        moving = eta is not None and event["bytes"] < event["size"]
+        left = f" · {eta:.0f} s left" if moving else ""
         self.view.update_file(key, percent=event["percent"], status=(
             f"{event['percent']:.0f}% · {human_size(event['rate'])}/s{left}"
             if event["bytes"] else "Starting..."))
@@ -4816,7 +4823,7 @@ def _sentence(text: str) -> str:
     return text[0].upper() + text[1:] + ("" if text[-1] in ".!?" else ".")
 
 
-# --- Call windows (reserved) -------------------------------------------------------
+# --- Call windows (reserved) -------------------------------------------------
 # Calls land with 5. MEDIA. Each call will get its own window, keyed here by
 # the peer, read by the same loop as the others (GuiApp.windows lists them,
 # so closing the last window still ends the program, and GuiApp.quit hides
@@ -4840,7 +4847,7 @@ class CallWindows:
         self.windows.clear()
 
 
-# --- The app: one core, the windows, one read loop -----------------------------------
+# --- The app: one core, the windows, one read loop ---------------------------
 
 class Phase(enum.Enum):
     CHOOSING = "choosing"           # the launcher waits for you
@@ -4867,8 +4874,10 @@ class LoopStats:
         """Milliseconds (median, 99th percentile, max) since the last summary."""
         def ms(values: list[float]) -> dict:
             ordered = sorted(values) or [0.0]
-            pick = lambda q: round(1000 * ordered[min(len(ordered) - 1, int(q * len(ordered)))], 3)
-            return {"p50": pick(0.5), "p99": pick(0.99), "max": pick(1.0)}
+
+            def at(q: float) -> float:
+                return round(1000 * ordered[min(len(ordered) - 1, int(q * len(ordered)))], 3)
+            return {"p50": at(0.5), "p99": at(0.99), "max": at(1.0)}
         out = {"count": len(self.reads), "read_ms": ms(self.reads),
                "handler_ms": ms(self.handlers)}
         self.reads, self.handlers = [], []

@@ -48,6 +48,10 @@ def shoot(scale: float, out: Path, suffix: str) -> None:
         for port, room, user in ((lab.port, "学习小组", "小明"), (lab.port, "lobby", "bob"),
                                  (library.port, "movie night", "carol")):
             started.append(Cli(port, room, user, downloads=work / user))
+        # Let the hosts' mDNS records settle first (updates are debounced and
+        # rate-limited): HostBrowser (section 4) can keep a stale record when
+        # a resolve started before an update finishes after it.
+        time.sleep(2)
         gui = Gui(x, work / "config", ["--room", "学习小组", "--user", "alice", "--scale",
                                        str(scale), "--downloads", str(work / "alice")])
         started.append(gui)
@@ -55,9 +59,17 @@ def shoot(scale: float, out: Path, suffix: str) -> None:
         def launcher_shows_both(event: dict) -> bool:
             rooms = {r["name"]: r["rooms"] for r in event.get("rows", [])}
             return (event.get("gui") == "window" and event["name"] == "launcher"
-                    and len(rooms.get("Lab-PC", [])) == 2 and rooms.get("Library"))
+                    and len(rooms.get("Lab-PC", [])) == 2 and len(rooms.get("Library", [])) == 1)
 
-        layout = gui.wait_for(launcher_shows_both, 20)
+        gui.wait_for(launcher_shows_both, 20)
+        deadline = time.monotonic() + 20
+        while True:                         # mDNS updates trickle in: wait for a quiet second
+            layout = gui.window("launcher")
+            time.sleep(1)
+            if launcher_shows_both(layout) and layout is gui.window("launcher"):
+                break
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the launcher never settled: {layout['rows']}")
         row = next(r for r in layout["rows"] if r["name"] == "Lab-PC")
         x.wait_viewable(layout["xid"])
         x.click(row["box"][0] + row["box"][2] / 3, row["box"][1] + row["box"][3] / 2)
