@@ -3726,11 +3726,14 @@ class GuiBridge:
                quiet: bool = False) -> None:
         """When `future` (a core command) is done, post ("-CORE-", what) with
         its result (`describe`d) unless `quiet`, or ("-CORE-", "failed") with
-        the error. The callback runs on the core's thread, or right here if
+        the error; nothing if it was cancelled (the core stopped: we are
+        closing). The callback runs on the core's thread, or right here if
         the future is already done: both may post."""
         def done(f: Any) -> None:
-            if f.cancelled() or f.exception() is not None:
-                self.post((CORE_EVENT, "failed"), f"{what}: {f.exception() or 'cancelled'}")
+            if f.cancelled():
+                return
+            if f.exception() is not None:
+                self.post((CORE_EVENT, "failed"), f"{what}: {f.exception()}")
             elif not quiet:
                 self.post((CORE_EVENT, what), describe(f.result()) if describe else f.result())
         future.add_done_callback(done)
@@ -4961,14 +4964,16 @@ class GuiApp:
         self._set_phase(Phase.CHOOSING)
         while self.phase is not Phase.STOPPED:
             started = time.perf_counter()
-            window, event, values = self.sg.read_all_windows(
+            _window, event, values = self.sg.read_all_windows(
                 timeout=100 if self.phase is Phase.STOPPING else None)
             read = time.perf_counter()
             self.dispatch(event, values)
-            self.stats.note(read - started, time.perf_counter() - read)
-            if self.trace.enabled and len(self.stats.reads) >= 500:
-                self.trace("loop", **self.stats.summary())
-        self.trace("loop", **self.stats.summary())
+            if self.trace.enabled:
+                self.stats.note(read - started, time.perf_counter() - read)
+                if len(self.stats.reads) >= 500:
+                    self.trace("loop", **self.stats.summary())
+        if self.trace.enabled:
+            self.trace("loop", **self.stats.summary())
         return EXIT_OK
 
     def dispatch(self, event: Any, values: Any) -> None:
@@ -5079,10 +5084,10 @@ class GuiApp:
                            "ends it for everyone.")
 
     def on_error(self, event: dict) -> None:
-        if self.phase in (Phase.JOINING, Phase.HOSTING):
+        if self.phase is Phase.JOINING:
             self.launcher.error(_JOIN_ERRORS.get(event["code"], _sentence)(event["message"]))
-        elif self.phase is Phase.CHOOSING:
-            self.launcher.error(_sentence(event["message"]))   # the LAN watch failed
+        elif self.phase in (Phase.HOSTING, Phase.CHOOSING):   # no host, or no LAN watch
+            self.launcher.error(_sentence(event["message"]))
         elif self.chat is not None:
             self.chat.on_error(event)
 
@@ -5110,10 +5115,12 @@ class GuiApp:
         if not line.strip():
             return
         command = line.split(maxsplit=1)[0].casefold()
-        if line.startswith("//"):
+        if command in self.commands:        # in the terminal's order (8. handle_line)
+            self.commands[command](line)
+        elif line.startswith("//"):
             self.say(line[1:])              # "//x" sends "/x"
         elif line.startswith("/"):
-            self.commands.get(command, self.on_unknown_command)(line)
+            self.on_unknown_command(line)
         else:
             self.say(line)                  # "help" too: the host answers it
 

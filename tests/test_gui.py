@@ -188,13 +188,15 @@ def test_the_bridge_posts_core_events_and_command_outcomes_as_tuple_keys():
     window = FakeWindow()
     bridge = chatroom.GuiBridge(window)
     bridge.on_event({"type": "message", "text": "hi"})
-    done, failed, quiet = (concurrent.futures.Future() for _ in range(3))
+    done, failed, quiet, cancelled = (concurrent.futures.Future() for _ in range(4))
     bridge.report("hosted", done)
     bridge.report("said", failed)
     bridge.report("leave", quiet, quiet=True)
+    bridge.report("watch", cancelled)
     done.set_result(47300)
     failed.set_exception(RuntimeError("boom"))
     quiet.set_result(None)
+    cancelled.cancel()                      # the core stopped under it: nothing to say
     assert window.posted == [(("-NET-", "message"), {"type": "message", "text": "hi"}),
                              (("-CORE-", "hosted"), 47300),
                              (("-CORE-", "failed"), "said: boom")]
@@ -211,6 +213,15 @@ def test_scale_flag_and_icon():
     png = chatroom.app_icon_png(32)
     assert png.startswith(b"\x89PNG\r\n\x1a\n") and png[16:24] == bytes.fromhex(
         "0000002000000020")                                      # 32 x 32
+
+
+def test_without_a_display_the_window_says_so_and_exits(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in ("DISPLAY", "WAYLAND_DISPLAY")}
+    out = subprocess.run([sys.executable, str(Path(chatroom.__file__)), "--interface",
+                          LOOPBACK], env=dict(env, XDG_CONFIG_HOME=str(tmp_path)),
+                         capture_output=True, text=True, timeout=30)
+    assert out.returncode == 1
+    assert "can't open a window" in out.stderr and "--cli" in out.stderr
 
 
 # --- the window, under Xvfb ---------------------------------------------------------
@@ -381,14 +392,17 @@ def test_a_file_arrives_with_its_progress_bar_and_opens(x, tmp_path, procs):
     assert saved.parent == tmp_path / "gui-downloads"
     assert hashlib.sha256(saved.read_bytes()).digest() == hashlib.sha256(data).digest()
 
-    # "Open" on the card hands the file to the system's opener.
+    # "Open" and "Show in folder" on the card hand the file, then its folder,
+    # to the system's opener.
     time.sleep(0.3)
-    box = on_screen(done, done["links"]["open"])
-    x.click(box[0] + box[2] / 2, box[1] + box[3] / 2)
-    deadline = time.monotonic() + 5
-    while not opened.exists() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert opened.read_text().strip() == str(saved)
+    for link, expected in (("open", [str(saved)]), ("folder", [str(saved), str(saved.parent)])):
+        box = on_screen(done, done["links"][link])
+        x.click(box[0] + box[2] / 2, box[1] + box[3] / 2)
+        deadline = time.monotonic() + 5
+        while (not opened.exists() or len(opened.read_text().split("\n")) <= len(expected)) \
+                and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert opened.read_text().splitlines() == expected
 
     # And the other way, to bob alone: pick him in the members list, press
     # "Send file", choose the file in the dialog. Carol gets nothing.
@@ -539,6 +553,23 @@ def test_closing_the_launcher_while_joining(x, tmp_path, procs):
         assert_exits_cleanly(gui)
     finally:
         silent.close()
+
+
+@pytest.mark.parametrize("delay", [0.0, 0.6])
+def test_closing_the_launcher_while_the_host_starts(x, tmp_path, procs, delay):
+    name = unique("starting")
+    gui = start_gui(x, tmp_path, procs, "--port", "0", "--name", name, "--room", "r",
+                    "--user", "u")
+    gui.click("launcher", "host")
+    gui.phase("hosting")
+    time.sleep(delay)                       # the mDNS registration takes ~1.6 s
+    gui.close("launcher")
+    assert_exits_cleanly(gui)
+    found = Proc(["--discover", "--json", "--interface", LOOPBACK, "--name", name,
+                  "--timeout", "1.5"])
+    procs.append(found)
+    assert found.wait_exit(10) == 0
+    assert not [e for e in found.lines if e.get("type") == "host"]
 
 
 def test_closing_the_chat_window_during_a_file_transfer(x, tmp_path, procs):
