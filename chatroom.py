@@ -4588,7 +4588,7 @@ class ChatWindow:
         self.trace = trace
         self.me = ready["user"]
         self.room = ready["room"]
-        self.last_seq = 0                   # the room's seq already shown (no doubles)
+        self.seen: collections.deque[int] = collections.deque(maxlen=1024)  # seqs shown
         self.history_started = False
         px = look.px
         where = (f"on {printable(ready.get('host') or ready['address'])} · "
@@ -4618,7 +4618,7 @@ class ChatWindow:
             _button("Send file", (_CHAT, "file"), look, primary=False),
             _button("Video call", (_CHAT, "video"), look, primary=False),
             sg.Column([[_field((_CHAT, "input"), look, focus=True)]], expand_x=True,
-                       pad=(look.px(8), 0)),
+                       pad=(px(8), 0)),
             _button("Send", (_CHAT, "send"), look, bind_return_key=True)]
         layout = [
             header,
@@ -4676,9 +4676,9 @@ class ChatWindow:
     # --- events from the room ---
 
     def on_message(self, event: dict) -> None:
-        if event.get("seq", 0) and event["seq"] <= self.last_seq:
+        if event.get("seq") in self.seen:
             return                          # shown already (a resent confirmation)
-        self.last_seq = max(self.last_seq, event.get("seq", 0))
+        self.seen.append(event.get("seq"))
         if event.get("history") and not self.history_started:
             self.history_started = True
             self.view.add("divider", text="Earlier messages")
@@ -4688,7 +4688,6 @@ class ChatWindow:
                                     "mine": id_key(event["from"]) == id_key(self.me)})
 
     def on_system(self, event: dict) -> None:
-        self.last_seq = max(self.last_seq, event.get("seq", 0))
         self.view.add("notice", style="system", text=event["text"], ts=event.get("ts"))
         if event.get("event") == "enter":
             self.members.add(event["user"])
