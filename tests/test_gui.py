@@ -268,13 +268,26 @@ def test_two_people_chat_in_chinese_and_english(x, tmp_path, procs):
     cli.say("你好世界")
     hanzi = gui.shown(lambda e: e["kind"] == "message" and e["text"] == "你好世界")
     assert hanzi["from"] == "小明" and hanzi["mine"] is False
-    cli.say("\u0378\u0378\u0378\u0378")    # unassigned: every font draws its "missing" box
-    tofu = gui.shown(lambda e: e["kind"] == "message" and e["text"] == "\u0378" * 4)
+    # Its pixels must not be the box a font draws for a glyph it lacks. The
+    # window shows unassigned code points (U+0378...) as \u escapes, never
+    # as glyphs, so the reference is real letters of scripts these fonts
+    # lack: two different letters that draw the same are both that box.
+    candidates = [("\u0f40" * 4, "\u0f41" * 4),       # Tibetan KA, KHA
+                  ("\u1780" * 4, "\u1781" * 4),       # Khmer KA, KHA
+                  ("\ua4d0" * 4, "\ua4d1" * 4)]       # Lisu BA, PA
+    for pair in candidates:
+        for text in pair:
+            cli.say(text)
+    shown = {text: gui.shown(lambda e, t=text: e["kind"] == "message" and e["text"] == t)
+             for pair in candidates for text in pair}
     time.sleep(0.5)                        # let Tk paint
-    width1, height1, hanzi_pixels = x.pixels(on_screen(tofu, hanzi["bbox"]))
-    width2, height2, tofu_pixels = x.pixels(on_screen(tofu, tofu["bbox"]))
-    assert ink(hanzi_pixels) > 100, "no text where the Chinese bubble is"
-    assert (width1, height1, hanzi_pixels) != (width2, height2, tofu_pixels), \
+    now = shown[candidates[-1][1]]         # the newest record has the view's origin
+    pixels = {text: x.pixels(on_screen(now, record["bbox"]))
+              for text, record in [("你好世界", hanzi), *shown.items()]}
+    boxes = [pixels[a] for a, b in candidates if pixels[a] == pixels[b]]
+    assert boxes, "every candidate script has a font here: add a script none covers"
+    assert ink(pixels["你好世界"][2]) > 100, "no text where the Chinese bubble is"
+    assert pixels["你好世界"] != boxes[0], \
         "Chinese renders as the missing-glyph box: is fonts-noto-cjk installed?"
 
     # A user's text can't pass for a notice: it is that user's bubble.
