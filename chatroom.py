@@ -3585,16 +3585,1797 @@ def run_discover(args: argparse.Namespace) -> int:
 
 
 # =============================================================================
-# 9. DESKTOP GUI: (reserved) the PySimpleGUI launcher and chat window
+# 9. DESKTOP GUI: the launcher, the chat window, (later) call windows
 # =============================================================================
-# The window consumes the same event vocabulary as 8. TERMINAL CLIENT, through
-# the same ClientCore. It lands with its own issue.
+# A third front end over 7. CLIENT CORE, beside 8. TERMINAL CLIENT: it reads
+# the same event dicts and decides nothing the core decides. It owns the main
+# thread and never blocks it. The core's thread reaches the window only
+# through GuiBridge, whose one call is `window.write_event_value(("-NET-",
+# type), event)`; commands go the other way as ClientCore methods that return
+# a future at once, and what a future brings back (a port, a refusal) comes
+# home as a ("-CORE-", ...) event from a done-callback. So no handler below
+# touches a socket, sleeps, or waits on a future.
+#
+# It owns the look (one theme, a font that draws Chinese, --scale), the
+# launcher (hosts on the LAN, live; an address field; Room and User IDs
+# remembered in a small settings file; Join; "Host a room here"), the chat
+# window (bubbles with avatars, [SYSTEM] notices, members, files with a
+# progress bar each) and leaving from anywhere. It must not touch the wire,
+# the rooms' rules or a socket. PySimpleGUI and tkinter are imported inside
+# the functions that need them, so `import chatroom` works with no display.
+
+GUI_MAX_SHOWN = 1000                # chat entries kept on screen; older ones go
+GUI_STOP_WAIT_S = 4.0               # closing: wait this long for the core, then go
+GUI_TRACE_ENV = "CHATROOM_GUI_TRACE"  # test hook, see GuiTrace
+
+# Families that draw Simplified Chinese and Latin well, in order of
+# preference: Linux (fonts-noto-cjk), Windows, macOS, then older names. The
+# first one tkinter.font.families() lists is used for every text of every
+# window; with none of them, Tk's default font is used and Chinese depends on
+# the system's own fallback (boxes where there is none).
+CJK_FONT_FAMILIES = ("Noto Sans CJK SC", "Microsoft YaHei", "PingFang SC",
+                     "Source Han Sans SC", "WenQuanYi Micro Hei")
+
+COLOURS = {
+    "window": "#F5F6FA",            # window background
+    "chat": "#ECEFF5",              # behind the bubbles
+    "panel": "#FFFFFF",             # fields, cards, the members list
+    "text": "#1F2430",
+    "muted": "#6B7385",
+    "faint": "#A3A9B5",
+    "line": "#DCE0E8",
+    "accent": "#3367D6",
+    "accent_dark": "#2853B0",
+    "accent_soft": "#DCE6FB",
+    "mine": "#3367D6",              # my bubbles
+    "mine_text": "#FFFFFF",
+    "theirs": "#FFFFFF",            # everyone else's
+    "system": "#DEE2EA",            # [SYSTEM] notices from the host
+    "system_text": "#4A5263",
+    "info": "#E1E9FA",              # notes from this program
+    "info_text": "#2C4A8A",
+    "error": "#FBE3E1",
+    "error_text": "#A8261B",
+    "ok": "#2E9B5F",
+    "track": "#E3E7EE",             # an empty progress bar
+}
+
+# Avatar backgrounds: saturated enough for white initials, distinct in pairs.
+AVATAR_COLOURS = ("#E0605E", "#E28A3B", "#C49A1D", "#4FA56B", "#2F9E97", "#3D8BD9",
+                  "#5C6BD6", "#8E62D0", "#C45BB0", "#D65B86", "#6F8A3C", "#7A7F8C")
+
+_ROOM = "-LAUNCHER-"                # the launcher's element keys: (_ROOM, name)
+_CHAT = "-CHAT-"                    # the chat window's: (_CHAT, name)
+NET_EVENT = "-NET-"                 # ("-NET-", type): an event from the core
+CORE_EVENT = "-CORE-"               # ("-CORE-", what): a command's outcome
 
 
-def run_gui(args: argparse.Namespace, limits: Limits) -> int:  # pragma: no cover
-    print("The desktop window is not built yet; use --cli, --host or --discover "
-          "(see --help).", file=sys.stderr)
-    return EXIT_USAGE
+# --- The look: fonts, avatars, theme, --scale --------------------------------
+
+def pick_font_family(available: Iterable[str]) -> str | None:
+    """The first of CJK_FONT_FAMILIES in `available`, or None."""
+    names = set(available)
+    return next((family for family in CJK_FONT_FAMILIES if family in names), None)
+
+
+def avatar_colour(user: str) -> str:
+    """A colour for `user`'s avatar: the same on every machine and every run
+    (from SHA-256 of the ID's identity, not Python's salted hash)."""
+    digest = hashlib.sha256(("chatroom avatar " + id_key(user)).encode("utf-8")).digest()
+    return AVATAR_COLOURS[digest[0] % len(AVATAR_COLOURS)]
+
+
+def initials(user: str) -> str:
+    """What an avatar shows: one wide character (小明 -> 小), else the first
+    letter of the first two words (Ada Lovelace -> AL, bob -> B)."""
+    words = [w for w in re.split(r"[\s_.\-]+", user.strip()) if w]
+    if not words:
+        return "?"
+    first = words[0][0]
+    if unicodedata.east_asian_width(first) in "WF":
+        return first
+    letters = "".join(w[0] for w in words[:2] if unicodedata.category(w[0])[0] in "LN")
+    return (letters or first).upper()
+
+
+def parse_scale(text: str) -> float:
+    """--scale: a factor from 0.5 to 4 (argparse type)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0.5 <= value <= 4:
+        raise argparse.ArgumentTypeError("--scale takes a factor from 0.5 to 4")
+    return value
+
+
+def _clock(ts: float) -> str:
+    """"14:02" today, "03 Mar 14:02" on another day."""
+    when, now = time.localtime(ts), time.localtime()
+    return time.strftime("%H:%M" if when[:3] == now[:3] else "%d %b %H:%M", when)
+
+
+@dataclasses.dataclass(frozen=True)
+class Look:
+    """The fonts and sizes of every window.
+
+    `family` is the font family for all text; `scaling` is Tk's pixels per
+    point (the screen's own value times --scale); `unit` turns a size designed
+    for 100% on a 96-dpi screen into pixels, so `px(n)` grows with --scale
+    exactly as the fonts do.
+    """
+    family: str
+    scaling: float
+    unit: float
+
+    def px(self, size: float) -> int:
+        return max(1, round(size * self.unit))
+
+    def font(self, points: int, style: str = "") -> tuple:
+        return (self.family, points, style) if style else (self.family, points)
+
+
+def measure_screen(scale: float) -> Look:
+    """The Look for this display: asks Tk which fonts it has and its scaling.
+
+    Uses a throwaway Tk root because PySimpleGUI's own is made with the first
+    window, and the fonts must be known before any layout is written.
+    """
+    import tkinter
+    import tkinter.font
+    root = tkinter.Tk()
+    root.withdraw()
+    try:
+        family = (pick_font_family(tkinter.font.families(root))
+                  or tkinter.font.nametofont("TkDefaultFont", root).actual("family"))
+        scaling = float(root.tk.call("tk", "scaling")) * scale
+    finally:
+        root.destroy()
+    return Look(family=family, scaling=scaling, unit=scaling / (96 / 72))
+
+
+def apply_theme(look: Look) -> None:
+    """One PySimpleGUI theme and default options for every window."""
+    import PySimpleGUI as sg
+    sg.theme_add_new("chatroom", {
+        "BACKGROUND": COLOURS["window"], "TEXT": COLOURS["text"],
+        "INPUT": COLOURS["panel"], "TEXT_INPUT": COLOURS["text"],
+        "SCROLL": COLOURS["line"], "BUTTON": (COLOURS["mine_text"], COLOURS["accent"]),
+        "PROGRESS": (COLOURS["accent"], COLOURS["track"]), "BORDER": 0,
+        "SLIDER_DEPTH": 0, "PROGRESS_DEPTH": 0})
+    sg.theme("chatroom")
+    sg.set_options(font=look.font(10), scaling=look.scaling, dpi_awareness=True,
+                   element_padding=(look.px(4), look.px(3)),
+                   margins=(look.px(18), look.px(14)), border_width=0,
+                   use_ttk_buttons=False, suppress_error_popups=True)
+
+
+# --- Settings remembered between runs ----------------------------------------
+
+_SETTINGS_KEYS = ("room", "user", "address")
+_SETTINGS_MAX_CHARS = 256
+
+
+def settings_path(platform: str | None = None, environ: dict | None = None,
+                  home: Path | None = None) -> Path:
+    """Where the launcher remembers the last Room ID, User ID and address:
+    %APPDATA%\\chatroom on Windows, ~/Library/Application Support/chatroom on
+    macOS, $XDG_CONFIG_HOME/chatroom (else ~/.config/chatroom) elsewhere."""
+    platform = platform or sys.platform
+    environ = os.environ if environ is None else environ
+    home = home or Path.home()
+    if platform.startswith("win"):
+        base = Path(environ.get("APPDATA") or home / "AppData" / "Roaming")
+    elif platform == "darwin":
+        base = home / "Library" / "Application Support"
+    else:
+        xdg = environ.get("XDG_CONFIG_HOME", "")
+        base = Path(xdg) if os.path.isabs(xdg) else home / ".config"   # the spec:
+    return base / "chatroom" / "settings.json"                         # relative = unset
+
+
+def load_settings(path: Path) -> dict[str, str]:
+    """The remembered fields; {} (never an exception) for a missing,
+    unreadable or corrupt file. Only short strings of known keys survive."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, UnicodeDecodeError, RecursionError):
+        return {}
+    if not isinstance(data, dict):
+        return {}
+    return {key: value for key, value in data.items() if key in _SETTINGS_KEYS
+            and isinstance(value, str) and len(value) <= _SETTINGS_MAX_CHARS}
+
+
+def save_settings(path: Path, settings: dict[str, str]) -> bool:
+    """Write the settings atomically (a crash leaves the old file or the new
+    one, never half of one). False, logged, if the disk says no."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        part = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        part.write_text(json.dumps(settings, ensure_ascii=False, indent=1), encoding="utf-8")
+        os.replace(part, path)
+        return True
+    except OSError as exc:
+        log.warning("can't save settings to %s: %s", path, exc)
+        return False
+
+
+# --- From the core's thread to the window ------------------------------------
+
+class GuiBridge:
+    """Turns core callbacks into window events; the only GUI object the core
+    thread uses.
+
+    Every event goes to one window, the launcher, which lives as long as the
+    program (hidden while you chat): so no event is lost while the chat
+    window opens or closes. The app's read loop takes it from there.
+    `detach()` is called only after the core has stopped, so no thread can
+    be posting at that moment.
+    """
+
+    def __init__(self, window: Any) -> None:
+        self._window = window
+
+    def on_event(self, event: dict) -> None:        # runs on the core thread
+        self.post((NET_EVENT, event["type"]), event)
+
+    def post(self, key: tuple, value: Any = None) -> None:
+        """Queue `key` with `value` for the read loop; any thread."""
+        window = self._window
+        if window is not None:
+            window.write_event_value(key, value)
+
+    def report(self, what: str, future: Any, describe: Callable[[Any], Any] | None = None,
+               quiet: bool = False) -> None:
+        """When `future` (a core command) is done, post ("-CORE-", what) with
+        its result (`describe`d) unless `quiet`, or ("-CORE-", "failed") with
+        the error; nothing if it was cancelled (the core stopped: we are
+        closing). The callback runs on the core's thread, or right here if
+        the future is already done: both may post."""
+        def done(f: Any) -> None:
+            if f.cancelled():
+                return
+            if f.exception() is not None:
+                self.post((CORE_EVENT, "failed"), f"{what}: {f.exception()}")
+            elif not quiet:
+                self.post((CORE_EVENT, what), describe(f.result()) if describe else f.result())
+        future.add_done_callback(done)
+
+    def detach(self) -> None:
+        self._window = None
+
+
+class GuiTrace:
+    """Test hook: with CHATROOM_GUI_TRACE=1 in the environment, the window
+    also prints what it does as JSON lines on stdout (events handled, what
+    it drew and where, window ids, loop timings) for tests to follow."""
+
+    def __init__(self, enabled: bool, stream: Any = None) -> None:
+        self.enabled = enabled
+        self.stream = stream or sys.stdout
+
+    def __call__(self, what: str, **fields: Any) -> None:
+        if self.enabled:
+            self.stream.write(json.dumps({"gui": what, **fields}, ensure_ascii=False,
+                                         default=str) + "\n")
+            self.stream.flush()
+
+
+def open_with_os(path: str | Path) -> None:
+    """Open a file or folder with the desktop's default application and
+    return at once. Raises OSError if there is no opener."""
+    import subprocess                       # here: only the window opens files
+    if sys.platform.startswith("win"):      # pragma: no cover (Windows only)
+        os.startfile(path)
+    elif sys.platform == "darwin":          # pragma: no cover (macOS only)
+        subprocess.Popen(["open", str(path)])
+    else:
+        subprocess.Popen(["xdg-open", str(path)], stdin=subprocess.DEVNULL,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                         start_new_session=True)
+
+
+# --- Drawing: anti-aliased shapes as images ----------------------------------
+# Tk's canvas draws ovals and curves without anti-aliasing, so a round avatar
+# or a bubble's corner would look jagged. These are small images instead,
+# computed once per size and colour: each pixel is the fill blended over the
+# background by how much of it the shape covers.
+
+def _rgb(colour: str) -> tuple[int, int, int]:
+    return int(colour[1:3], 16), int(colour[3:5], 16), int(colour[5:7], 16)
+
+
+def app_icon_png(size: int = 64) -> bytes:
+    """The program's icon, a blue speech bubble with three dots, as PNG
+    bytes (drawn here, so the single file needs no image beside it).
+
+    Each shape is a signed distance (negative inside, in icon widths); a
+    pixel is covered by 0.5 minus its distance in pixels, which anti-aliases
+    the edges in one pass (a few milliseconds at 64 x 64)."""
+    import zlib
+    tail = ((0.2, 0.66), (0.42, 0.8), (0.13, 0.93))     # a triangle, clockwise on screen
+    edges = []
+    for (x1, y1), (x2, y2) in zip(tail, tail[1:] + tail[:1]):
+        length = math.hypot(x2 - x1, y2 - y1)
+        edges.append((x1, y1, (y2 - y1) / length, (x1 - x2) / length))   # outward normal
+
+    def cover(distance: float) -> float:
+        return min(1.0, max(0.0, 0.5 - distance * size))
+
+    blue = _rgb(COLOURS["accent"])
+    rows = []
+    for row in range(size):
+        line = bytearray(b"\0")             # PNG filter type 0 for each row
+        y = (row + 0.5) / size
+        for column in range(size):
+            x = (column + 0.5) / size
+            bubble = min(math.hypot(x - 0.5, y - 0.46) - 0.40,
+                         max((x - ex) * nx + (y - ey) * ny for ex, ey, nx, ny in edges))
+            dots = min(math.hypot(x - dx, y - 0.46) for dx in (0.32, 0.5, 0.68)) - 0.055
+            white = cover(dots)
+            line += bytes(round(c + (255 - c) * white) for c in blue)
+            line.append(round(255 * cover(bubble)))
+        rows.append(bytes(line))
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (struct.pack(">I", len(data)) + kind + data
+                + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF))
+
+    header = struct.pack(">IIBBBBB", size, size, 8, 6, 0, 0, 0)    # 8-bit RGBA
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header)
+            + chunk(b"IDAT", zlib.compress(b"".join(rows), 9)) + chunk(b"IEND", b""))
+
+
+class Images:
+    """Anti-aliased discs and bubble corners as Tk images, cached (Tk frees
+    an image as soon as Python drops it, so the cache also keeps them)."""
+
+    def __init__(self) -> None:
+        self._cache: dict[tuple, Any] = {}
+
+    def icon(self, size: int) -> bytes:
+        """The program's icon (app_icon_png), base64 as PySimpleGUI takes it."""
+        key = ("icon", size)
+        if key not in self._cache:
+            import base64
+            self._cache[key] = base64.b64encode(app_icon_png(size))
+        return self._cache[key]
+
+    def disc(self, diameter: int, fill: str, background: str) -> Any:
+        return self._image(("disc", diameter, fill, background), diameter, diameter,
+                           diameter / 2, diameter / 2, diameter / 2, fill, background)
+
+    def corner(self, radius: int, which: str, fill: str, background: str) -> Any:
+        """One quarter disc, `which` in "nw ne sw se", for a rounded box."""
+        cx = radius if "w" in which else 0
+        cy = radius if "n" in which else 0
+        return self._image(("corner", radius, which, fill, background), radius, radius,
+                           cx, cy, radius, fill, background)
+
+    def _image(self, key: tuple, width: int, height: int, cx: float, cy: float,
+               radius: float, fill: str, background: str) -> Any:
+        image = self._cache.get(key)
+        if image is None:
+            import tkinter
+            image = tkinter.PhotoImage(width=width, height=height)
+            ink, paper = _rgb(fill), _rgb(background)
+            rows = []
+            for y in range(height):
+                row = []
+                for x in range(width):
+                    cover = min(1.0, max(0.0, radius + 0.5 - math.hypot(x + 0.5 - cx,
+                                                                         y + 0.5 - cy)))
+                    row.append("#%02x%02x%02x" % tuple(
+                        round(p + (i - p) * cover) for i, p in zip(ink, paper)))
+                rows.append("{" + " ".join(row) + "}")
+            image.put(" ".join(rows))
+            self._cache[key] = image
+        return image
+
+
+class Drawing:
+    """Drawing helpers over one tk Canvas: rounded boxes, avatars, elided text.
+    `background` is the colour the anti-aliased edges blend into."""
+
+    def __init__(self, widget: Any, look: Look, images: Images, background: str) -> None:
+        import tkinter.font
+        self.widget = widget
+        self.look = look
+        self.images = images
+        self.background = background
+        self.fonts = {name: tkinter.font.Font(root=widget, font=spec) for name, spec in {
+            "body": look.font(11), "small": look.font(9), "name": look.font(9, "bold"),
+            "bold": look.font(10, "bold"), "label": look.font(7, "bold"),
+            "initials": look.font(11, "bold"), "initials_small": look.font(9, "bold"),
+        }.items()}
+
+    def box(self, tags: Any, x1: float, y1: float, x2: float, y2: float, radius: int,
+            fill: str) -> None:
+        """A filled box with anti-aliased round corners: two rectangles in a
+        cross and four corner images, all tagged `tags`. Its corners blend
+        into `self.background`."""
+        x1, y1, x2, y2 = round(x1), round(y1), round(x2), round(y2)
+        r = max(1, min(radius, (x2 - x1) // 2, (y2 - y1) // 2))
+        draw = self.widget
+        draw.create_rectangle(x1 + r, y1, x2 - r, y2, fill=fill, outline="", tags=tags)
+        draw.create_rectangle(x1, y1 + r, x2, y2 - r, fill=fill, outline="", tags=tags)
+        for which, x, y in (("nw", x1, y1), ("ne", x2 - r, y1), ("sw", x1, y2 - r),
+                            ("se", x2 - r, y2 - r)):
+            draw.create_image(x, y, anchor="nw", tags=tags,
+                              image=self.images.corner(r, which, fill, self.background))
+
+    def avatar(self, tags: Any, x: float, y: float, size: int, user: str,
+               colour: str | None = None, text: str | None = None,
+               background: str | None = None) -> None:
+        """A round avatar, top-left at (x, y): `user`'s colour and initials
+        (or `colour` and `text`), blending into `background` (or ours)."""
+        disc = self.images.disc(size, colour or avatar_colour(user),
+                                background or self.background)
+        self.widget.create_image(round(x), round(y), anchor="nw", tags=tags, image=disc)
+        font = "initials" if size >= self.look.px(30) else "initials_small"
+        self.widget.create_text(x + size / 2, y + size / 2, text=text or initials(user),
+                                fill="#FFFFFF", font=self.fonts[font], tags=tags)
+
+    def elide(self, text: str, font: str, width: int) -> str:
+        """`text` cut to `width` pixels in `font`, with an ellipsis if cut."""
+        measure = self.fonts[font].measure
+        if measure(text) <= width:
+            return text
+        low, high = 0, len(text)
+        while low < high:
+            middle = (low + high + 1) // 2
+            if measure(text[:middle] + "...") <= width:
+                low = middle
+            else:
+                high = middle - 1
+        return text[:low] + "..."
+
+
+# --- The conversation: bubbles, notices and file cards on a canvas -----------
+
+@dataclasses.dataclass(eq=False)
+class ChatEntry:
+    """One thing in the conversation. `data` is all it takes to draw it again
+    (after a resize, or when a file's progress changes)."""
+    kind: str                       # a key of ChatView.painters
+    data: dict
+    tag: str                        # every canvas item of the entry has it
+    top: int = 0
+    bottom: int = 0
+    text_item: int = 0              # the item holding its main text
+    links: dict[str, int] = dataclasses.field(default_factory=dict)  # clickable items
+
+
+class ChatView(Drawing):
+    """The conversation, drawn on a tk Canvas, newest at the bottom.
+
+    A person's message is always a bubble with an avatar, a name and a time:
+    mine on the right, everyone else's on the left. A [SYSTEM] notice is a
+    centred grey line and nothing else is drawn that way, so no text a user
+    sends can look like one. Notes from this program (errors, the answer to
+    /who) are centred too, in their own colours. Keeps the last GUI_MAX_SHOWN
+    entries; follows new ones while you are at the bottom.
+    """
+
+    def __init__(self, widget: Any, look: Look, images: Images,
+                 post: Callable[[tuple, Any], None], trace: GuiTrace) -> None:
+        super().__init__(widget, look, images, COLOURS["chat"])
+        self.post = post                    # sends ("-CHAT-", ...) events to the loop
+        self.trace = trace
+        self.entries: collections.deque[ChatEntry] = collections.deque()
+        self.files: dict[tuple[str, int], ChatEntry] = {}   # (direction, transfer)
+        self._names = itertools.count()
+        self._width = max(int(widget.cget("width")), look.px(320))
+        self._y = self._margin = look.px(14)
+        self._relayout_job: str | None = None
+        self._painted = 0.0                 # when we last made Tk paint (see add)
+        widget.configure(yscrollincrement=look.px(24), background=self.background)
+        widget.bind("<Configure>", self._on_configure)
+        for sequence in ("<MouseWheel>", "<Button-4>", "<Button-5>"):
+            widget.bind(sequence, self._on_wheel)
+
+    # --- what the chat window calls ---
+
+    def add(self, kind: str, **data: Any) -> ChatEntry:
+        """Draw a new entry at the bottom; returns it."""
+        entry = ChatEntry(kind, data, f"e{next(self._names)}")
+        follow = self._at_bottom() or data.get("mine")
+        self._paint(entry, self._y)
+        self.entries.append(entry)
+        self._y = entry.bottom
+        while len(self.entries) > GUI_MAX_SHOWN:
+            self._forget(self.entries.popleft())
+        self._set_scrollregion()
+        if follow:
+            self.widget.yview_moveto(1.0)
+        if time.monotonic() - self._painted > 0.1:
+            # Tk paints when it has nothing else to do; a flood of events
+            # would leave the screen stale until it ends. Paint now and then.
+            self._painted = time.monotonic()
+            self.widget.update_idletasks()
+        if self.trace.enabled:
+            self.trace("shown", kind=kind, **{k: v for k, v in data.items()
+                                              if isinstance(v, (str, int, float, bool))},
+                       **self.where(entry))
+        return entry
+
+    def update_file(self, key: tuple[str, int], **changes: Any) -> ChatEntry | None:
+        """Change a file card (progress, status) and draw it again in place."""
+        entry = self.files.get(key)
+        if entry is None:
+            return None
+        entry.data.update(changes)
+        self.widget.delete(entry.tag)
+        bottom = entry.bottom
+        self._paint(entry, entry.top)
+        if entry.bottom != bottom:          # cards keep their height; if not, redo all
+            self._relayout()
+        if self.trace.enabled:
+            self.trace("file_card", **{k: v for k, v in entry.data.items()
+                                       if isinstance(v, (str, int, float, bool))},
+                       links={name: self.widget.bbox(item)
+                              for name, item in entry.links.items()},
+                       **self.where(entry))
+        return entry
+
+    def where(self, entry: ChatEntry) -> dict:
+        """For the trace: the entry's text in canvas coordinates, and where
+        canvas (0, 0) is on the screen now (it moves as the view scrolls)."""
+        widget = self.widget
+        return {"bbox": widget.bbox(entry.text_item) if entry.text_item else None,
+                "origin": [widget.winfo_rootx() - round(widget.canvasx(0)),
+                           widget.winfo_rooty() - round(widget.canvasy(0))]}
+
+    # --- layout ---
+
+    def _paint(self, entry: ChatEntry, top: int) -> None:
+        entry.top = top
+        entry.links.clear()
+        entry.bottom = self.painters[entry.kind](self, entry, top) + self.look.px(10)
+
+    def _forget(self, entry: ChatEntry) -> None:
+        self.widget.delete(entry.tag)
+        if entry.kind == "file":
+            self.files.pop((entry.data["direction"], entry.data["transfer"]), None)
+
+    def _set_scrollregion(self) -> None:
+        top = self.entries[0].top - self._margin if self.entries else 0
+        self.widget.configure(scrollregion=(0, top, self._width, self._y + self._margin))
+
+    def _at_bottom(self) -> bool:
+        return self.widget.yview()[1] >= 0.999
+
+    def _on_configure(self, event: Any) -> None:
+        if event.width != self._width:
+            self._width = event.width
+            if self._relayout_job is not None:
+                self.widget.after_cancel(self._relayout_job)
+            # Dragging a window's edge sends many of these: redraw once it rests.
+            self._relayout_job = self.widget.after(80, self._relayout)
+
+    def _relayout(self) -> None:
+        self._relayout_job = None
+        follow = self._at_bottom()
+        self.widget.delete("all")
+        self._y = self._margin
+        for entry in self.entries:
+            self._paint(entry, self._y)
+            self._y = entry.bottom
+        self._set_scrollregion()
+        if follow:
+            self.widget.yview_moveto(1.0)
+
+    def close(self) -> None:
+        """The window is going: a pending redraw must not find it gone."""
+        if self._relayout_job is not None:
+            self.widget.after_cancel(self._relayout_job)
+            self._relayout_job = None
+
+    def _on_wheel(self, event: Any) -> None:
+        if event.num == 4 or getattr(event, "delta", 0) > 0:
+            self.widget.yview_scroll(-2, "units")
+        else:
+            self.widget.yview_scroll(2, "units")
+
+    def _text_width(self) -> int:
+        """How wide a bubble's text may be at the current window width."""
+        px = self.look.px
+        room = self._width - 2 * self._margin - 2 * (px(36) + px(10))
+        return max(px(160), min(px(520), int(room * 0.78)))
+
+    # --- painters: each draws an entry from `top` down and returns its bottom ---
+
+    def _head(self, entry: ChatEntry, top: int, user: str, ts: float | None,
+              mine: bool) -> tuple[int, int]:
+        """Avatar, name and time of a message or file card; returns the
+        bubble's outer x (its left edge, or right edge for mine) and the y
+        where it starts."""
+        px, draw, tag = self.look.px, self.widget, entry.tag
+        size, gap = px(36), px(10)
+        x_avatar = self._width - self._margin - size if mine else self._margin
+        edge = x_avatar - gap if mine else x_avatar + size + gap
+        anchor = "ne" if mine else "nw"
+        self.avatar(tag, x_avatar, top, size, user)
+        name = draw.create_text(edge, top, text=printable(user), anchor=anchor,
+                                font=self.fonts["name"], fill=COLOURS["muted"], tags=tag)
+        if ts is not None:
+            x1, _, x2, _ = draw.bbox(name)
+            draw.create_text(x1 - px(8) if mine else x2 + px(8), top, text=_clock(ts),
+                             anchor=anchor, font=self.fonts["small"],
+                             fill=COLOURS["faint"], tags=tag)
+        return edge, draw.bbox(name)[3] + px(3)
+
+    def _paint_message(self, entry: ChatEntry, top: int) -> int:
+        px, draw, data = self.look.px, self.widget, entry.data
+        mine = data["mine"]
+        edge, y = self._head(entry, top, data["from"], data.get("ts"), mine)
+        pad_x, pad_y = px(12), px(8)
+        entry.text_item = draw.create_text(
+            edge - pad_x if mine else edge + pad_x, y + pad_y,
+            text=printable_block(data["text"]), anchor="ne" if mine else "nw",
+            width=self._text_width(), font=self.fonts["body"],
+            fill=COLOURS["mine_text"] if mine else COLOURS["text"], tags=entry.tag)
+        x1, y1, x2, y2 = draw.bbox(entry.text_item)
+        self.box((entry.tag, entry.tag + "-box"), x1 - pad_x, y1 - pad_y, x2 + pad_x,
+                 y2 + pad_y, px(14), COLOURS["mine"] if mine else COLOURS["theirs"])
+        draw.tag_lower(entry.tag + "-box", entry.text_item)
+        return max(y2 + pad_y, top + px(36))
+
+    _NOTICE_COLOURS = {"system": ("system", "system_text"), "info": ("info", "info_text"),
+                       "error": ("error", "error_text")}
+
+    def _paint_notice(self, entry: ChatEntry, top: int) -> int:
+        """A centred line: a host's [SYSTEM] notice or this program's note."""
+        px, draw, data = self.look.px, self.widget, entry.data
+        fill, ink = self._NOTICE_COLOURS[data["style"]]
+        text = printable_block(data["text"])
+        if data.get("ts") is not None:
+            text += "   " + _clock(data["ts"])
+        pad_x, pad_y = px(12), px(4)
+        entry.text_item = draw.create_text(
+            self._width / 2, top + pad_y, text=text, anchor="n", justify="center",
+            width=self._width - 2 * self._margin - 2 * pad_x, font=self.fonts["small"],
+            fill=COLOURS[ink], tags=entry.tag)
+        x1, y1, x2, y2 = draw.bbox(entry.text_item)
+        self.box((entry.tag, entry.tag + "-box"), x1 - pad_x, y1 - pad_y, x2 + pad_x,
+                 y2 + pad_y, px(11), COLOURS[fill])
+        draw.tag_lower(entry.tag + "-box", entry.text_item)
+        return y2 + pad_y
+
+    def _paint_divider(self, entry: ChatEntry, top: int) -> int:
+        """"—— Earlier messages ——": where the history replay starts."""
+        px, draw = self.look.px, self.widget
+        entry.text_item = draw.create_text(self._width / 2, top, text=entry.data["text"],
+                                           anchor="n", font=self.fonts["small"],
+                                           fill=COLOURS["faint"], tags=entry.tag)
+        x1, y1, x2, y2 = draw.bbox(entry.text_item)
+        middle = (y1 + y2) // 2
+        for start, end in ((self._margin, x1 - px(10)), (x2 + px(10),
+                                                         self._width - self._margin)):
+            if end > start:
+                draw.create_line(start, middle, end, middle, fill=COLOURS["line"],
+                                 tags=entry.tag)
+        return y2
+
+    def _paint_echo(self, entry: ChatEntry, top: int) -> int:
+        """A command you typed (/CHECK bob), right-aligned and quiet: shown
+        so the answer below it makes sense, never sent as chat."""
+        draw = self.widget
+        entry.text_item = draw.create_text(
+            self._width - self._margin, top, text="› " + printable(entry.data["text"]),
+            anchor="ne", width=self._text_width(), font=self.fonts["small"],
+            fill=COLOURS["muted"], tags=entry.tag)
+        return draw.bbox(entry.text_item)[3]
+
+    def _paint_help(self, entry: ChatEntry, top: int) -> int:
+        """The host's answer to `help`: a card on the left, to you alone."""
+        px, draw = self.look.px, self.widget
+        pad = px(14)
+        x = self._margin
+        width = min(self._width - 2 * self._margin, px(640))
+        title = draw.create_text(x + pad, top + pad, anchor="nw",
+                                 text="Help · only you see this", font=self.fonts["bold"],
+                                 fill=COLOURS["accent"], tags=entry.tag)
+        entry.text_item = draw.create_text(
+            x + pad, draw.bbox(title)[3] + px(6), anchor="nw", width=width - 2 * pad,
+            text=printable_block(entry.data["text"]), font=self.fonts["small"],
+            fill=COLOURS["text"], tags=entry.tag)
+        bottom = draw.bbox(entry.text_item)[3] + pad
+        self.box((entry.tag, entry.tag + "-box"), x, top, x + width, bottom, px(14),
+                 COLOURS["panel"])
+        draw.tag_lower(entry.tag + "-box", title)
+        return bottom
+
+    def _paint_file(self, entry: ChatEntry, top: int) -> int:
+        """A file on its way: who, the name and size, a progress bar, the
+        state, and, once it is saved here, Open and Show in folder."""
+        px, draw, data, tag = self.look.px, self.widget, entry.data, entry.tag
+        mine = data["direction"] == "send"
+        edge, y = self._head(entry, top, data["user"], data.get("ts"), mine)
+        pad, width, icon_w, icon_h = px(12), px(300), px(34), px(42)
+        x1 = edge - width if mine else edge
+        x2 = x1 + width
+        bottom = y + 2 * pad + icon_h + px(34)
+        self.box(tag, x1, y, x2, bottom, px(14), COLOURS["theirs"])
+        # The file's "icon": a tinted tile with its extension.
+        self.box(tag, x1 + pad, y + pad, x1 + pad + icon_w, y + pad + icon_h, px(5),
+                 COLOURS["accent_soft"])
+        extension = os.path.splitext(data["name"])[1][1:5].upper() or "FILE"
+        draw.create_text(x1 + pad + icon_w / 2, y + pad + icon_h / 2, text=extension,
+                         font=self.fonts["label"], fill=COLOURS["accent"], tags=tag)
+        text_x = x1 + pad + icon_w + px(10)
+        entry.text_item = draw.create_text(
+            text_x, y + pad + px(2), anchor="nw", font=self.fonts["bold"],
+            fill=COLOURS["text"], tags=tag,
+            text=self.elide(printable(data["name"]), "bold", x2 - pad - text_x))
+        draw.create_text(text_x, y + pad + icon_h - px(2), anchor="sw", text=data["detail"],
+                         font=self.fonts["small"], fill=COLOURS["muted"], tags=tag)
+        # The progress bar, then one line of state (and links when saved).
+        bar_y = y + pad + icon_h + px(10)
+        bar_colour = {"failed": COLOURS["error_text"], "done": COLOURS["ok"]}.get(
+            data["state"], COLOURS["accent"])
+        draw.create_rectangle(x1 + pad, bar_y, x2 - pad, bar_y + px(5), fill=COLOURS["track"],
+                              outline="", tags=tag)
+        filled = (x2 - x1 - 2 * pad) * min(100.0, max(0.0, data["percent"])) / 100
+        if filled >= 1:
+            draw.create_rectangle(x1 + pad, bar_y, x1 + pad + filled, bar_y + px(5),
+                                  fill=bar_colour, outline="", tags=tag)
+        status_y = bar_y + px(13)
+        status = draw.create_text(
+            x1 + pad, status_y, anchor="nw", font=self.fonts["small"], tags=tag,
+            fill=COLOURS["error_text"] if data["state"] == "failed" else COLOURS["muted"],
+            text=self.elide(data["status"], "small", x2 - x1 - 2 * pad))
+        if data.get("path"):
+            right = x2 - pad
+            for label, action, target in (("Show in folder", "folder",
+                                           str(Path(data["path"]).parent)),
+                                          ("Open", "open", data["path"])):
+                link = entry.links[action] = draw.create_text(
+                    right, status_y, anchor="ne", text=label, font=self.fonts["name"],
+                    fill=COLOURS["accent"], tags=(tag, f"{tag}-{action}"))
+                draw.tag_bind(f"{tag}-{action}", "<Button-1>",
+                              lambda _e, a=action, t=target: self.post((_CHAT, a), t))
+                draw.tag_bind(f"{tag}-{action}", "<Enter>",
+                              lambda _e: self.widget.configure(cursor="hand2"))
+                draw.tag_bind(f"{tag}-{action}", "<Leave>",
+                              lambda _e: self.widget.configure(cursor=""))
+                right = draw.bbox(link)[0] - px(12)
+            draw.itemconfigure(status, text=self.elide(data["status"], "small",
+                                                      right - x1 - pad))
+        return bottom
+
+    painters: ClassVar[dict[str, Callable]] = {
+        "message": _paint_message, "notice": _paint_notice, "divider": _paint_divider,
+        "echo": _paint_echo, "help": _paint_help, "file": _paint_file,
+    }
+
+
+class MemberList(Drawing):
+    """The room's members with their avatars, "Everyone" first; a click
+    picks who a file goes to (the room, or one person)."""
+
+    def __init__(self, widget: Any, look: Look, images: Images, me: str,
+                 post: Callable[[tuple, Any], None]) -> None:
+        super().__init__(widget, look, images, COLOURS["panel"])
+        self.me = me
+        self.post = post
+        self.members: list[str] = []        # in join order
+        self.picked: str | None = None      # None = everyone
+        self._row = look.px(40)
+        widget.configure(background=self.background, yscrollincrement=self._row)
+        widget.bind("<Button-1>", self._on_click)
+        widget.bind("<Configure>", lambda _e: self._paint())
+        for sequence in ("<MouseWheel>", "<Button-4>", "<Button-5>"):
+            widget.bind(sequence, self._on_wheel)
+
+    def set(self, members: Iterable[str]) -> None:
+        self.members = list(members)
+        if self.picked is not None and not any(id_key(m) == id_key(self.picked)
+                                               for m in self.members):
+            self.picked = None
+            self.post((_CHAT, "pick"), None)
+        self._paint()
+
+    def add(self, user: str) -> None:
+        if not any(id_key(m) == id_key(user) for m in self.members):
+            self.set(self.members + [user])
+
+    def remove(self, user: str) -> None:
+        self.set(m for m in self.members if id_key(m) != id_key(user))
+
+    def pick(self, user: str | None) -> None:
+        self.picked = user
+        self._paint()
+
+    def _rows(self) -> list[tuple[str | None, str]]:
+        rows: list[tuple[str | None, str]] = [(None, "Everyone in the room")]
+        for member in self.members:
+            mine = id_key(member) == id_key(self.me)
+            rows.append((member, printable(member) + ("  (you)" if mine else "")))
+        return rows
+
+    def _paint(self) -> None:
+        px, draw = self.look.px, self.widget
+        draw.delete("all")
+        width = max(int(draw.winfo_width()), int(draw.cget("width")))
+        size = px(28)
+        for index, (user, label) in enumerate(self._rows()):
+            top = index * self._row
+            picked = (user is None and self.picked is None) or (
+                user is not None and self.picked is not None
+                and id_key(user) == id_key(self.picked))
+            if picked:
+                draw.create_rectangle(0, top, width, top + self._row,
+                                      fill=COLOURS["accent_soft"], outline="")
+            row = COLOURS["accent_soft"] if picked else COLOURS["panel"]
+            y = top + (self._row - size) / 2
+            if user is None:
+                self.avatar("row", px(10), y, size, "", COLOURS["muted"], "All", row)
+            else:
+                self.avatar("row", px(10), y, size, user, background=row)
+            draw.create_text(px(10) + size + px(10), top + self._row / 2, anchor="w",
+                             text=self.elide(label, "body", width - size - px(34)),
+                             font=self.fonts["body"], fill=COLOURS["text"])
+        draw.configure(scrollregion=(0, 0, width, len(self._rows()) * self._row))
+
+    def screen_rows(self) -> list[dict]:
+        """For the trace: each row's user (None: everyone) and screen box."""
+        draw = self.widget
+        x, y = draw.winfo_rootx(), draw.winfo_rooty() - round(draw.canvasy(0))
+        return [{"user": user, "box": [x, y + index * self._row, draw.winfo_width(),
+                                       self._row]}
+                for index, (user, _label) in enumerate(self._rows())]
+
+    def _on_click(self, event: Any) -> None:
+        index = int(self.widget.canvasy(event.y) // self._row)
+        rows = self._rows()
+        if 0 <= index < len(rows):
+            user = rows[index][0]
+            if user is not None and id_key(user) == id_key(self.me):
+                user = None                 # a file to yourself: you mean the room
+            self.post((_CHAT, "pick"), user)
+
+    def _on_wheel(self, event: Any) -> None:
+        self.widget.yview_scroll(-1 if event.num == 4 or getattr(event, "delta", 0) > 0
+                                 else 1, "units")
+
+
+# --- Widgets shared by the windows -------------------------------------------
+
+def _field(key: tuple, look: Look, default: str = "", **options: Any) -> Any:
+    """An input inside a white box: tk entries have no inner padding, so the
+    box gives them room to breathe."""
+    import PySimpleGUI as sg
+    return sg.Column([[sg.Input(default, key=key, border_width=0, expand_x=True,
+                                background_color=COLOURS["panel"],
+                                disabled_readonly_background_color=COLOURS["panel"],
+                                disabled_readonly_text_color=COLOURS["faint"],
+                                pad=(look.px(8), look.px(7)), **options)]],
+                     background_color=COLOURS["panel"], expand_x=True,
+                     pad=(0, (look.px(2), look.px(8))))
+
+
+def _label(text: str, look: Look, **options: Any) -> Any:
+    import PySimpleGUI as sg
+    return sg.Text(text, font=look.font(9, "bold"), text_color=COLOURS["muted"],
+                   pad=(0, 0), **options)
+
+
+def _button(text: str, key: tuple, look: Look, primary: bool = True, **options: Any) -> Any:
+    import PySimpleGUI as sg
+    colours = ((COLOURS["mine_text"], COLOURS["accent"]) if primary
+               else (COLOURS["accent"], COLOURS["accent_soft"]))
+    return sg.Button(text, key=key, button_color=colours, border_width=0,
+                     font=look.font(10, "bold"), **options)
+
+
+def _polish_buttons(window: Any, look: Look) -> None:
+    """What PySimpleGUI doesn't expose for tk buttons: inner padding, a
+    hover colour, a hand cursor, no focus ring."""
+    import PySimpleGUI as sg
+    for element in window.element_list():
+        if isinstance(element, sg.Button) and element.Widget is not None:
+            foreground, background = element.ButtonColor
+            primary = background == COLOURS["accent"]
+            hover = COLOURS["accent_dark"] if primary else COLOURS["line"]
+            element.Widget.configure(padx=look.px(14), pady=look.px(7), relief="flat",
+                                     cursor="hand2", highlightthickness=0,
+                                     activebackground=hover, activeforeground=foreground,
+                                     disabledforeground=COLOURS["faint"])
+
+
+def _screen_box(widget: Any) -> list[int]:
+    """[x, y, width, height] of a widget on the screen (for the trace)."""
+    return [widget.winfo_rootx(), widget.winfo_rooty(), widget.winfo_width(),
+            widget.winfo_height()]
+
+
+# --- The launcher ------------------------------------------------------------
+
+class Launcher:
+    """The first window: hosts found on the LAN (live), an address field,
+    the Room and User IDs, Join and "Host a room here". Problems show in
+    red under the fields; the window stays.
+
+    It also receives every core event (see GuiBridge), so it lives until
+    the program ends: hidden while you chat, shown again when you leave.
+    """
+
+    def __init__(self, look: Look, images: Images, prefill: dict[str, str],
+                 trace: GuiTrace) -> None:
+        import PySimpleGUI as sg
+        self.look = look
+        self.trace = trace
+        self.hosts: list[dict] = []         # `host` events, in the table's order
+        px = look.px
+        table = sg.Table(
+            values=[], headings=["Host", "Address", "Rooms (people)"], key=(_ROOM, "hosts"),
+            col_widths=[14, 15, 24], auto_size_columns=False, num_rows=6,
+            justification="left", enable_events=True, expand_x=True, select_mode="browse",
+            row_height=px(30), font=look.font(10), background_color=COLOURS["panel"],
+            text_color=COLOURS["text"], header_background_color=COLOURS["window"],
+            header_text_color=COLOURS["muted"], header_font=look.font(9, "bold"),
+            header_relief="flat", header_border_width=0, border_width=0,
+            selected_row_colors=(COLOURS["mine_text"], COLOURS["accent"]),
+            hide_vertical_scroll=True, pad=(0, (px(6), px(4))))
+        ids = sg.Column([[
+            sg.Column([[_label("ROOM ID", look)], [_field((_ROOM, "room"), look,
+                                                          prefill.get("room", ""))]],
+                      expand_x=True, pad=((0, px(8)), 0)),
+            sg.Column([[_label("USER ID", look)], [_field((_ROOM, "user"), look,
+                                                          prefill.get("user", ""))]],
+                      expand_x=True, pad=((px(8), 0), 0))]], expand_x=True, pad=0)
+        layout = [
+            [sg.Image(data=images.icon(px(44)), pad=((0, px(10)), 0)),
+             sg.Column([[sg.Text("chatroom", font=look.font(18, "bold"),
+                                 text_color=COLOURS["accent"], pad=0)],
+                        [sg.Text("Chat with the people on your network.",
+                                 text_color=COLOURS["muted"], pad=0)]], pad=0)],
+            [sg.Text("HOSTS ON YOUR NETWORK", font=look.font(9, "bold"),
+                     text_color=COLOURS["muted"], pad=(0, (px(16), 0)))],
+            [table],
+            [sg.Text("Looking for hosts...", key=(_ROOM, "hint"), font=look.font(9),
+                     text_color=COLOURS["muted"], pad=(0, (0, px(12))), expand_x=True)],
+            [_label("ADDRESS  (pick a host above, or type host or host:port)", look)],
+            [_field((_ROOM, "address"), look, prefill.get("address", ""))],
+            [ids],
+            [sg.Text("", key=(_ROOM, "status"), font=look.font(10), expand_x=True,
+                     text_color=COLOURS["error_text"], pad=(0, (px(2), px(8))))],
+            [_button("Host a room here", (_ROOM, "host"), look, primary=False), sg.Push(),
+             _button("Join", (_ROOM, "join"), look, bind_return_key=True)],
+        ]
+        self.window = sg.Window("chatroom", layout, finalize=True,
+                                enable_close_attempted_event=True, resizable=True,
+                                icon=images.icon(64), font=look.font(10))
+        _polish_buttons(self.window, look)
+        table = self.window[(_ROOM, "hosts")]
+        for column in table.Widget["columns"]:  # headings over their column's text
+            table.Widget.heading(column, anchor="w")
+        table.ttk_style.configure(table.table_ttk_style_name + ".Heading",
+                                  padding=(look.px(3), look.px(2)))
+        self.window[(_ROOM, "hosts")].bind("<Double-Button-1>", "double")
+        self.window.set_min_size(self.window.size)
+
+    # --- the hosts found ---
+
+    def show_hosts(self, event: dict) -> None:
+        """Refresh the table from a `hosts` event."""
+        self.hosts = hosts = event["hosts"]
+        self.window[(_ROOM, "hosts")].update(values=[
+            [printable(h["name"]), f"{h['address']}:{h['port']}", _rooms_text(h)]
+            for h in hosts])
+        self.window[(_ROOM, "hint")].update(
+            f"{len(hosts)} host{'s' if len(hosts) != 1 else ''} found. Pick one, "
+            'or start one with "Host a room here".' if hosts else
+            'No host found yet. Still looking... or start one with "Host a room here".')
+        self.trace_layout()
+
+    def use_row(self, index: int) -> None:
+        """A host was picked: its address goes in the field, and its biggest
+        room in Room ID if that is empty."""
+        if not 0 <= index < len(self.hosts):
+            return
+        host = self.hosts[index]
+        self.window[(_ROOM, "address")].update(_address_text(host["address"], host["port"]))
+        if not self.field("room") and host["rooms"]:
+            self.window[(_ROOM, "room")].update(host["rooms"][0]["room"])
+
+    # --- the form ---
+
+    def field(self, name: str) -> str:
+        return self.window[(_ROOM, name)].get().strip()
+
+    def form(self) -> tuple[str, int, str, str] | None:
+        """(host, port, room, user) from the fields, or None after showing
+        what is wrong. Checks what can be checked here; the host has the
+        last word (a taken ID, a full room)."""
+        ids = self.ids()
+        if ids is None:
+            return None
+        address = self.field("address")
+        if not address and len(self.hosts) == 1:
+            address = _address_text(self.hosts[0]["address"], self.hosts[0]["port"])
+        if not address:
+            self.error("Pick a host in the list, or type its address.")
+            return None
+        try:
+            host, port = parse_server(address)
+        except ValueError as exc:
+            self.error(f"Address: {exc}.")
+            return None
+        return (host, port) + ids
+
+    def ids(self) -> tuple[str, str] | None:
+        """(room, user) if both look valid, else None after saying why."""
+        checked = []
+        for kind, label in (("room", "Room ID"), ("user", "User ID")):
+            raw = self.field(kind)
+            if not raw:
+                self.error(f"Type a {label}.")
+                return None
+            try:
+                checked.append(check_id(raw, kind))
+            except Refused as refusal:
+                self.error(f"{label}: {refusal.message}.")
+                return None
+        if imitates_system(checked[1]):
+            self.error("User ID: SYSTEM, and names that look like it, are kept for "
+                       "the host's notices.")
+            return None
+        return checked[0], checked[1]
+
+    def error(self, text: str) -> None:
+        self.window[(_ROOM, "status")].update(text, text_color=COLOURS["error_text"])
+        self.trace("launcher_status", text=text, error=True)
+
+    def status(self, text: str) -> None:
+        self.window[(_ROOM, "status")].update(text, text_color=COLOURS["muted"])
+        self.trace("launcher_status", text=text, error=False)
+
+    def busy(self, busy: bool) -> None:
+        for name in ("join", "host"):
+            self.window[(_ROOM, name)].update(disabled=busy)
+
+    def typed_address(self) -> str:
+        """The address field, unless it only holds a discovered host (those
+        are found again next time; a typed one is worth remembering)."""
+        address = self.field("address")
+        found = {_address_text(h["address"], h["port"]) for h in self.hosts}
+        return "" if address in found else address
+
+    def trace_layout(self) -> None:
+        """For the trace: where the window, its buttons and host rows are."""
+        if not self.trace.enabled:
+            return
+        window = self.window
+        # Geometry settles in Tk's idle tasks. Not window.refresh(): it would
+        # also run a click waiting in the queue, inside this handler, and
+        # PySimpleGUI would lose it.
+        window.TKroot.update_idletasks()
+        tree = window[(_ROOM, "hosts")].Widget
+        rows = []
+        for index, host in enumerate(self.hosts):
+            box = tree.bbox(str(index + 1))
+            rows.append({"name": host["name"], "port": host["port"], "rooms": host["rooms"],
+                         "box": [tree.winfo_rootx() + box[0], tree.winfo_rooty() + box[1],
+                                 box[2], box[3]] if box else None})
+        self.trace("window", name="launcher", xid=int(window.TKroot.wm_frame(), 16),
+                   box=_screen_box(window.TKroot), rows=rows,
+                   fields={name: self.field(name) for name in ("address", "room", "user")},
+                   elements={name: _screen_box(window[(_ROOM, name)].Widget)
+                             for name in ("join", "host", "address", "room", "user")})
+
+
+def _address_text(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _rooms_text(host: dict) -> str:
+    """"lobby (3), 学习 (2) and 4 more" for a `host` event."""
+    if host.get("version") != PROTOCOL_VERSION:
+        return f"speaks protocol {host.get('version')}; this is {PROTOCOL_VERSION}"
+    text = ", ".join(f"{printable(r['room'])} ({r['members']})" for r in host["rooms"])
+    more = host.get("rooms_total", 0) - len(host["rooms"])
+    return (text or "no rooms yet") + (f" and {more} more" if more > 0 else "")
+
+
+# --- The chat window ---------------------------------------------------------
+
+class ChatWindow:
+    """One room: the conversation, the members, a line to type in, and
+    buttons to send a file or (later) start a video call."""
+
+    def __init__(self, look: Look, images: Images, ready: dict, trace: GuiTrace) -> None:
+        import PySimpleGUI as sg
+        self.look = look
+        self.trace = trace
+        self.me = ready["user"]
+        self.room = ready["room"]
+        self.seen: collections.deque[int] = collections.deque(maxlen=1024)  # seqs shown
+        self.history_started = False
+        px = look.px
+        where = (f"on {printable(ready.get('host') or ready['address'])} · "
+                 f"{_address_text(ready['address'], ready['port'])}")
+        header = [
+            sg.Image(data=images.icon(px(36)), pad=((0, px(10)), 0)),
+            sg.Column([[sg.Text(printable(self.room), font=look.font(15, "bold"), pad=0,
+                                key=(_CHAT, "title"))],
+                       [sg.Text(f"{where} · you are {printable(self.me)}", font=look.font(9),
+                                text_color=COLOURS["muted"], pad=0, key=(_CHAT, "subtitle"))]],
+                      pad=0),
+            sg.Push(),
+            _button("Leave", (_CHAT, "leave"), look, primary=False)]
+        side = sg.Column([
+            [sg.Text("MEMBERS", font=look.font(9, "bold"), text_color=COLOURS["muted"],
+                     background_color=COLOURS["panel"], pad=(px(12), (px(10), px(4)))),
+             sg.Text("", key=(_CHAT, "count"), font=look.font(9), pad=(0, (px(10), px(4))),
+                     text_color=COLOURS["faint"], background_color=COLOURS["panel"])],
+            [sg.Canvas(key=(_CHAT, "members"), size=(px(210), px(300)), pad=0,
+                       background_color=COLOURS["panel"], expand_y=True, expand_x=True)],
+            [sg.Text("", key=(_CHAT, "target"), font=look.font(9), size=(28, 2),
+                     text_color=COLOURS["muted"], background_color=COLOURS["panel"],
+                     pad=(px(12), (px(6), px(12))))],
+        ], background_color=COLOURS["panel"], expand_y=True, pad=((px(12), 0), 0),
+            key=(_CHAT, "side"))
+        footer = [
+            _button("Send file", (_CHAT, "file"), look, primary=False),
+            _button("Video call", (_CHAT, "video"), look, primary=False),
+            sg.Column([[_field((_CHAT, "input"), look, focus=True)]], expand_x=True,
+                       pad=(px(8), 0)),
+            _button("Send", (_CHAT, "send"), look, bind_return_key=True)]
+        layout = [
+            header,
+            [sg.Column([[sg.Canvas(key=(_CHAT, "view"), size=(px(660), px(520)), pad=0,
+                                   background_color=COLOURS["chat"], expand_x=True,
+                                   expand_y=True)]], expand_x=True, expand_y=True,
+                       pad=(0, (px(10), px(8)))),
+             side],
+            footer,
+            [sg.Text("Enter sends · help shows what you can do · /who lists the "
+                     "members · /send PATH sends a file", font=look.font(8),
+                     text_color=COLOURS["faint"], pad=0)],
+        ]
+        self.window = sg.Window(f"{printable(self.room)} · chatroom", layout, finalize=True,
+                                enable_close_attempted_event=True, resizable=True,
+                                icon=images.icon(64), font=look.font(10))
+        _polish_buttons(self.window, look)
+        # PySimpleGUI lets the last element of a row decide how the row fills;
+        # the members' column (tall only) would stop the conversation from
+        # growing sideways. The row fills both ways; the members keep their width.
+        side = self.window[(_CHAT, "side")].Widget
+        side.master.pack_configure(expand=True, fill="both")
+        side.pack_configure(expand=False, fill="y")
+        self.window.set_min_size((px(720), px(480)))
+        post = self.window.write_event_value
+        view = self.window[(_CHAT, "view")].Widget
+        self._add_scrollbar(view)
+        self.view = ChatView(view, look, images, post, trace)
+        self.members = MemberList(self.window[(_CHAT, "members")].Widget, look, images,
+                                  self.me, post)
+        self.members.set(ready["members"])
+        self.pick(None)
+        self.count()
+        self.trace_layout()
+
+    def _add_scrollbar(self, canvas: Any) -> None:
+        """A slim scrollbar beside the conversation (PySimpleGUI's Canvas has
+        none): a thumb in a trough, no arrows."""
+        from tkinter import ttk
+        style = ttk.Style(canvas)
+        style.layout("Chat.Vertical.TScrollbar", [("Vertical.Scrollbar.trough", {
+            "sticky": "ns", "children": [("Vertical.Scrollbar.thumb",
+                                          {"expand": "1", "sticky": "nswe"})]})])
+        style.configure("Chat.Vertical.TScrollbar", troughcolor=COLOURS["chat"],
+                        background=COLOURS["line"], bordercolor=COLOURS["chat"],
+                        lightcolor=COLOURS["line"], darkcolor=COLOURS["line"],
+                        troughrelief="flat", relief="flat", borderwidth=0,
+                        width=self.look.px(8))
+        style.map("Chat.Vertical.TScrollbar", background=[("active", COLOURS["faint"])])
+        bar = ttk.Scrollbar(canvas.master, orient="vertical", command=canvas.yview,
+                            style="Chat.Vertical.TScrollbar")
+        canvas.configure(yscrollcommand=bar.set)
+        bar.pack(side="right", fill="y", before=canvas)
+
+    # --- events from the room ---
+
+    def on_message(self, event: dict) -> None:
+        if event.get("seq") in self.seen:
+            return                          # shown already (a resent confirmation)
+        self.seen.append(event.get("seq"))
+        if event.get("history") and not self.history_started:
+            self.history_started = True
+            self.view.add("divider", text="Earlier messages")
+        self.view.add("message", **{"from": event["from"], "text": event["text"],
+                                    "ts": event.get("ts"), "seq": event.get("seq", 0),
+                                    "history": bool(event.get("history")),
+                                    "mine": id_key(event["from"]) == id_key(self.me)})
+
+    def on_system(self, event: dict) -> None:
+        self.view.add("notice", style="system", text=event["text"], ts=event.get("ts"))
+        if event.get("event") == "enter":
+            self.members.add(event["user"])
+        elif event.get("event") == "leave":
+            self.members.remove(event["user"])
+        self.count()
+
+    def on_members(self, event: dict) -> None:
+        self.members.set(event["members"])
+        self.count()
+        self.note(f"In the room ({len(event['members'])}): "
+                  + ", ".join(printable(m) for m in event["members"]))
+
+    def on_help(self, event: dict) -> None:
+        self.view.add("help", text=event["text"])
+
+    def on_error(self, event: dict) -> None:
+        self.note(_sentence(event["message"]), "error")
+
+    def note(self, text: str, style: str = "info") -> None:
+        """A line from this program (not the host): centred, in its colours."""
+        self.view.add("notice", style=style, text=text)
+
+    def count(self) -> None:
+        self.window[(_CHAT, "count")].update(f"{len(self.members.members)}")
+        if self.trace.enabled:
+            self.trace("members", members=self.members.members,
+                       rows=self.members.screen_rows())
+
+    def pick(self, user: str | None) -> None:
+        """Files now go to `user` alone, or to the room (None)."""
+        self.members.pick(user)
+        self.trace("picked", user=user)
+        self.window[(_CHAT, "target")].update(
+            "Files you send go to everyone in the room." if user is None else
+            f'Files you send go to {printable(user)} only. Pick "Everyone" '
+            "to send to all.")
+
+    def ended(self, reason: str) -> None:
+        """The connection is gone: say why; typing is over, Leave goes back."""
+        self.note(CLOSED_REASONS.get(reason, f"Disconnected ({reason})."), "error")
+        for name in ("input", "send", "file", "video"):
+            self.window[(_CHAT, name)].update(disabled=True)
+        self.window[(_CHAT, "leave")].update("Back to hosts")
+
+    def take_input(self) -> str:
+        element = self.window[(_CHAT, "input")]
+        text = element.get()
+        element.update("")
+        return text
+
+    def restore_input(self, text: str) -> None:
+        """A refused line comes back to the field, unless you typed on."""
+        element = self.window[(_CHAT, "input")]
+        if not element.get():
+            element.update(text)
+
+    # --- files: one card per transfer ---
+
+    def on_file_offer(self, event: dict) -> None:
+        size = human_size(event["size"])
+        self._card("receive", event["transfer"], event["name"], event["from"],
+                   f"{size} · {'for you only' if event.get('to') else 'for everyone'}")
+
+    def on_file_progress(self, event: dict) -> None:
+        key = (event["direction"], event["transfer"])
+        if key not in self.view.files and event["direction"] == "send":
+            to = event.get("to")
+            self._card("send", event["transfer"], event["name"], self.me,
+                       f"{human_size(event['size'])} · to "
+                       f"{printable(to) if to else 'everyone'}")
+        if self.view.files.get(key) is None or self.view.files[key].data["state"] != "moving":
+            return
+        eta = event.get("eta")
+        moving = eta is not None and event["bytes"] < event["size"]
+        left = f" · {eta:.0f} s left" if moving else ""
+        self.view.update_file(key, percent=event["percent"], status=(
+            f"{event['percent']:.0f}% · {human_size(event['rate'])}/s{left}"
+            if event["bytes"] else "Starting..."))
+
+    def on_file_received(self, event: dict) -> None:
+        self.view.update_file(("receive", event["transfer"]), state="done", percent=100.0,
+                              path=event["path"], name=event["name"],
+                              status=f"Saved · {human_size(event['size'])}")
+
+    def on_file_sent(self, event: dict) -> None:
+        self.view.update_file(("send", event["transfer"]), state="done", percent=100.0,
+                              status="Sent · the host has it all")
+
+    def on_file_delivered(self, event: dict) -> None:
+        entry = self.view.files.get(("send", event["transfer"]))
+        if entry is not None:
+            saved = entry.data.get("saved_by", []) + [printable(event["user"])]
+            self.view.update_file(("send", event["transfer"]), saved_by=saved,
+                                  status="Saved by " + ", ".join(saved))
+
+    def on_file_failed(self, event: dict) -> None:
+        key = (event["direction"], event.get("transfer"))
+        entry = self.view.files.get(key)
+        if entry is None:
+            return                          # refused at once: its `error` said why
+        if event.get("user"):               # one recipient failed; the others go on
+            self.note(f"{printable(event['name'])}: {printable(event['user'])} didn't get "
+                      f"it: {printable(event['reason'])}", "error")
+            return
+        self.view.update_file(key, state="failed",
+                              status="Failed: " + printable(event["reason"]))
+
+    def _card(self, direction: str, transfer: int, name: str, user: str, detail: str) -> None:
+        entry = self.view.add("file", direction=direction, transfer=transfer, name=name,
+                              user=user, ts=unix_now(), detail=detail, percent=0.0,
+                              status="Waiting...", state="moving", path="")
+        self.view.files[(direction, transfer)] = entry
+
+    def trace_layout(self) -> None:
+        if not self.trace.enabled:
+            return
+        self.window.TKroot.update_idletasks()       # not refresh(): see Launcher
+        self.trace("window", name="chat", xid=int(self.window.TKroot.wm_frame(), 16),
+                   box=_screen_box(self.window.TKroot),
+                   elements={name: _screen_box(self.window[(_CHAT, name)].Widget)
+                             for name in ("input", "send", "file", "video", "leave",
+                                          "view", "members")})
+
+    def close(self) -> None:
+        self.view.close()
+        self.window.close()
+
+
+def _sentence(text: str) -> str:
+    """"message is too long" -> "Message is too long." (errors read as sentences)."""
+    text = printable(text.strip())
+    if not text:
+        return text
+    return text[0].upper() + text[1:] + ("" if text[-1] in ".!?" else ".")
+
+
+# --- Call windows (reserved) -------------------------------------------------
+# Calls land with 5. MEDIA. Each call will get its own window, keyed here by
+# the peer, read by the same loop as the others (GuiApp.windows lists them,
+# so closing the last window still ends the program, and GuiApp.quit hides
+# them with the rest). Until then every request gets calls_unavailable.
+
+class CallWindows:
+    """The video windows of the calls in progress (none until calls land)."""
+
+    def __init__(self) -> None:
+        self.windows: dict[str, Any] = {}   # peer -> its video window
+
+    def request(self, how: str) -> dict:
+        """Start a call (`/CHECK USER`, or the video button with "ip port1
+        port2"). Returns the event to show: for now, calls_unavailable."""
+        return {"type": "error", "code": "calls_unavailable",
+                "message": "video and voice calls are not available yet"}
+
+    def close_all(self) -> None:
+        for window in self.windows.values():
+            window.close()
+        self.windows.clear()
+
+
+# --- The app: one core, the windows, one read loop ---------------------------
+
+class Phase(enum.Enum):
+    CHOOSING = "choosing"           # the launcher waits for you
+    HOSTING = "hosting"             # starting a host in this process, then joining it
+    JOINING = "joining"             # connecting and logging in
+    CHATTING = "chatting"           # in a room
+    ENDED = "ended"                 # the connection ended; the chat window says why
+    STOPPING = "stopping"           # closing: windows hidden, the core stopping
+    STOPPED = "stopped"             # the loop is over
+
+
+class LoopStats:
+    """How long the loop waits in read and spends in handlers (for the trace)."""
+
+    def __init__(self) -> None:
+        self.reads: list[float] = []
+        self.handlers: list[float] = []
+
+    def note(self, read_s: float, handler_s: float) -> None:
+        self.reads.append(read_s)
+        self.handlers.append(handler_s)
+
+    def summary(self) -> dict:
+        """Milliseconds (median, 99th percentile, max) since the last summary."""
+        def ms(values: list[float]) -> dict:
+            ordered = sorted(values) or [0.0]
+
+            def at(q: float) -> float:
+                return round(1000 * ordered[min(len(ordered) - 1, int(q * len(ordered)))], 3)
+            return {"p50": at(0.5), "p99": at(0.99), "max": at(1.0)}
+        out = {"count": len(self.reads), "read_ms": ms(self.reads),
+               "handler_ms": ms(self.handlers)}
+        self.reads, self.handlers = [], []
+        return out
+
+
+class GuiApp:
+    """The desktop program: one ClientCore, the launcher, the chat window
+    (while in a room), the call windows (later), and the loop that reads
+    them all.
+
+    Every event reaches one handler through two dicts: `posted` for events
+    written with write_event_value (from the core, a done-callback, or a
+    canvas click), which get the posted value, and `clicked` for element
+    events, which get the window's values. Nothing else decides anything.
+    """
+
+    def __init__(self, args: argparse.Namespace, limits: Limits, look: Look,
+                 settings_file: Path, trace: GuiTrace) -> None:
+        import PySimpleGUI as sg
+        self.sg = sg
+        self.args = args
+        self.look = look
+        self.trace = trace
+        self.settings_file = settings_file
+        self.images = Images()
+        prefill = load_settings(settings_file)
+        prefill.update({key: value for key, value in (
+            ("room", args.room), ("user", args.user), ("address", args.server)) if value})
+        self.launcher = Launcher(look, self.images, prefill, trace)
+        self.bridge = GuiBridge(self.launcher.window)
+        self.core = ClientCore(self.bridge.on_event, limits, args.downloads)
+        self.chat: ChatWindow | None = None
+        self.calls = CallWindows()
+        self.phase = Phase.CHOOSING
+        self.hosted_port: int | None = None  # our in-process host, once it listens
+        self.joining: dict = {}             # what the launcher asked for
+        self.stop_deadline = 0.0
+        self.stats = LoopStats()
+        self.posted: dict[tuple, Callable[[Any], None]] = {
+            (NET_EVENT, "hosts"): self.launcher.show_hosts,
+            (NET_EVENT, "listening"): self.on_listening,
+            (NET_EVENT, "ready"): self.on_ready,
+            (NET_EVENT, "error"): self.on_error,
+            (NET_EVENT, "closed"): self.on_closed,
+            (CORE_EVENT, "hosted"): self.on_hosted,
+            (CORE_EVENT, "said"): self.on_said,
+            (CORE_EVENT, "failed"): self.on_failed,
+            (CORE_EVENT, "stopped"): lambda _value: self.finish(),
+            (_CHAT, "pick"): self.on_pick_member,
+            (_CHAT, "open"): self.on_open,
+            (_CHAT, "folder"): self.on_open,
+        }
+        for kind in ("message", "system", "help", "members", "file_offer", "file_progress",
+                     "file_received", "file_sent", "file_delivered", "file_failed"):
+            self.posted[(NET_EVENT, kind)] = self._to_chat(f"on_{kind}")
+        self.clicked: dict[Any, Callable[[dict], None]] = {
+            (_ROOM, "join"): self.on_join,
+            (_ROOM, "host"): self.on_host,
+            (_ROOM, "hosts"): self.on_pick_host,
+            ((_ROOM, "hosts"), "double"): self.on_double_click_host,
+            (_CHAT, "send"): self.on_send,
+            (_CHAT, "file"): self.on_send_file_button,
+            (_CHAT, "video"): self.on_video_button,
+            (_CHAT, "leave"): self.on_leave,
+        }
+        self.commands: dict[str, Callable[[str], None]] = {
+            "/who": lambda _line: self._quietly("who", self.core.who()),
+            "/quit": lambda _line: self.on_leave({}),
+            "/send": self.on_send_command,
+            "/check": self.on_call_command,
+        }
+
+    # --- the loop ---
+
+    def run(self) -> int:
+        """Show the launcher and handle events until the last window closes."""
+        self.core.start()
+        self._quietly("watch", self.core.watch_hosts(self.args.interface))
+        self.launcher.trace_layout()
+        self._set_phase(Phase.CHOOSING)
+        while self.phase is not Phase.STOPPED:
+            started = time.perf_counter()
+            _window, event, values = self.sg.read_all_windows(
+                timeout=100 if self.phase is Phase.STOPPING else None)
+            read = time.perf_counter()
+            self.dispatch(event, values)
+            if self.trace.enabled:
+                self.stats.note(read - started, time.perf_counter() - read)
+                if len(self.stats.reads) >= 500:
+                    self.trace("loop", **self.stats.summary())
+        if self.trace.enabled:
+            self.trace("loop", **self.stats.summary())
+        return EXIT_OK
+
+    def dispatch(self, event: Any, values: Any) -> None:
+        """Hand one event to its handler."""
+        if event in (self.sg.WIN_CLOSED, self.sg.WINDOW_CLOSE_ATTEMPTED_EVENT):
+            self.quit()
+        elif event == self.sg.TIMEOUT_EVENT:
+            if self.phase is Phase.STOPPING and time.monotonic() > self.stop_deadline:
+                self.finish()               # the core didn't stop in time: go anyway
+        elif event in self.posted:
+            value = values[event]
+            if self.trace.enabled and event[0] == NET_EVENT:
+                self.trace("event", event=value)
+            self.posted[event](value)
+        elif event in self.clicked:
+            self.clicked[event](values)
+
+    def _to_chat(self, method: str) -> Callable[[dict], None]:
+        """A handler that passes a room event to the chat window, if open."""
+        def handler(event: dict) -> None:
+            if self.chat is not None and self.phase in (Phase.CHATTING, Phase.ENDED):
+                getattr(self.chat, method)(event)
+        return handler
+
+    def _set_phase(self, phase: Phase) -> None:
+        self.phase = phase
+        self.trace("phase", phase=phase.value)
+
+    def _quietly(self, what: str, future: Any) -> None:
+        """A command whose outcome arrives as events: only a crash is reported."""
+        self.bridge.report(what, future, quiet=True)
+
+    # --- the launcher ---
+
+    def on_pick_host(self, values: dict) -> None:
+        for index in values[(_ROOM, "hosts")][:1]:
+            self.launcher.use_row(index)
+
+    def on_double_click_host(self, values: dict) -> None:
+        self.on_pick_host(values)
+        self.on_join(values)
+
+    def on_join(self, values: dict) -> None:
+        if self.phase is not Phase.CHOOSING:
+            return
+        form = self.launcher.form()
+        if form is not None:
+            self.joining = {"address": self.launcher.typed_address()}
+            self.join(*form)
+
+    def join(self, host: str, port: int, room: str, user: str) -> None:
+        self.joining.update(room=room, user=user)
+        self._set_phase(Phase.JOINING)
+        self.launcher.busy(True)
+        self.launcher.status(f"Joining {room} at {_address_text(host, port)}...")
+        self._quietly("join", self.core.join(host, port, room, user))
+
+    def on_host(self, values: dict) -> None:
+        """"Host a room here": start a host in this process, then join it."""
+        if self.phase is not Phase.CHOOSING:
+            return
+        ids = self.launcher.ids()
+        if ids is None:
+            return
+        self.joining = {"address": self.launcher.typed_address(), "ids": ids}
+        if self.hosted_port is not None:    # still hosting from before: join again
+            self.join(self.args.interface or "127.0.0.1", self.hosted_port, *ids)
+            return
+        self._set_phase(Phase.HOSTING)
+        self.launcher.busy(True)
+        self.launcher.status("Starting a host on this computer...")
+        self.bridge.report("hosted", self.core.start_host(
+            port=self.args.port, name=self.args.name, interface=self.args.interface,
+            advertise=not self.args.no_advertise))
+
+    def on_listening(self, event: dict) -> None:
+        self.trace("listening", port=event["port"], name=event["name"])
+
+    def on_hosted(self, port: int | None) -> None:
+        """The in-process host listens on `port` (None: it could not start,
+        and an `error` said why)."""
+        if self.phase is not Phase.HOSTING:
+            return
+        if port is None:
+            self._set_phase(Phase.CHOOSING)
+            self.launcher.busy(False)
+            return
+        self.hosted_port = port
+        # The host listens on --interface, or on every address: reach it by
+        # loopback then, which works with no network at all.
+        self.join(self.args.interface or "127.0.0.1", port, *self.joining["ids"])
+
+    def on_ready(self, event: dict) -> None:
+        if self.phase is not Phase.JOINING:
+            return
+        settings = {"room": event["room"], "user": event["user"]}
+        if self.joining.get("address"):
+            settings["address"] = self.joining["address"]
+        save_settings(self.settings_file, settings)
+        self.chat = ChatWindow(self.look, self.images, event, self.trace)
+        self.launcher.window.hide()
+        self.launcher.busy(False)
+        self.launcher.status("")
+        self._set_phase(Phase.CHATTING)
+        if self.hosted_port is not None:
+            self.chat.note(f"You are hosting this room on port {self.hosted_port}; "
+                           "people on your network can find it. Closing this window "
+                           "ends it for everyone.")
+
+    def on_error(self, event: dict) -> None:
+        if self.phase is Phase.JOINING:
+            self.launcher.error(_JOIN_ERRORS.get(event["code"], _sentence)(event["message"]))
+        elif self.phase in (Phase.HOSTING, Phase.CHOOSING):   # no host, or no LAN watch
+            self.launcher.error(_sentence(event["message"]))
+        elif self.chat is not None:
+            self.chat.on_error(event)
+
+    def on_closed(self, event: dict) -> None:
+        reason = event["reason"]
+        if self.phase is Phase.JOINING:
+            self._set_phase(Phase.CHOOSING)
+            self.launcher.busy(False)
+            if reason not in ("refused", "unreachable"):   # those had an `error` first
+                self.launcher.error(CLOSED_REASONS.get(reason, reason))
+        elif self.phase is Phase.CHATTING and self.chat is not None:
+            if reason == "quit":
+                self.back_to_launcher()
+            else:
+                self._set_phase(Phase.ENDED)
+                self.chat.ended(reason)
+
+    # --- the chat window ---
+
+    def on_send(self, values: dict) -> None:
+        """Enter or Send: a line of chat, or a command as in the terminal."""
+        if self.phase is not Phase.CHATTING:
+            return
+        line = self.chat.take_input().rstrip("\r\n")
+        if not line.strip():
+            return
+        command = line.split(maxsplit=1)[0].casefold()
+        if command in self.commands:        # in the terminal's order (8. handle_line)
+            self.commands[command](line)
+        elif line.startswith("//"):
+            self.say(line[1:])              # "//x" sends "/x"
+        elif line.startswith("/"):
+            self.on_unknown_command(line)
+        else:
+            self.say(line)                  # "help" too: the host answers it
+
+    def say(self, text: str) -> None:
+        self.bridge.report("said", self.core.say(text), lambda msg_id: (text, msg_id))
+
+    def on_said(self, outcome: tuple[str, str | None]) -> None:
+        text, msg_id = outcome
+        if msg_id is None and self.chat is not None:   # refused: an `error` says why
+            self.chat.restore_input(text)
+
+    def on_unknown_command(self, line: str) -> None:
+        self.chat.view.add("echo", text=line)
+        self.chat.note(f"Unknown command {line.split()[0]}. Type help for help; start a "
+                       "line with // to send a literal /.", "error")
+
+    def on_send_command(self, line: str) -> None:
+        path, to = parse_send(line)
+        if not path:
+            self.chat.note("Usage: /send PATH  or  /send PATH @USER", "error")
+            return
+        self.send_file(path, to)
+
+    def send_file(self, path: str, to: str | None) -> None:
+        self._quietly("send_file", self.core.send_file(path, to))
+
+    def on_send_file_button(self, values: dict) -> None:
+        """Pick a file in Tk's dialog and send it to whoever the members
+        list has picked. The dialog is modal, but Tk runs its own loop under
+        it: the window repaints, and core events wait in the queue."""
+        if self.phase is not Phase.CHATTING:
+            return
+        from tkinter import filedialog
+        path = filedialog.askopenfilename(parent=self.chat.window.TKroot,
+                                          title="Send a file")
+        if path:
+            self.send_file(path, self.chat.members.picked)
+
+    def on_call_command(self, line: str) -> None:
+        self.chat.view.add("echo", text=line)
+        self.chat.on_error(self.calls.request(line))
+
+    def on_video_button(self, values: dict) -> None:
+        if self.phase is not Phase.CHATTING:
+            return
+        line = self.chat.take_input().strip()
+        self.chat.view.add("echo", text=f"Video call {line}".strip())
+        self.chat.on_error(self.calls.request(line))
+
+    def on_leave(self, values: dict) -> None:
+        if self.phase is Phase.CHATTING:
+            self._quietly("leave", self.core.leave(wait_for_uploads=False))
+            self.chat.note("Leaving...")       # `closed` (quit) brings the launcher back
+        elif self.phase is Phase.ENDED:
+            self.back_to_launcher()
+
+    def back_to_launcher(self) -> None:
+        room = self.chat.room if self.chat else ""
+        if self.chat is not None:
+            self.chat.close()
+            self.chat = None
+        self.launcher.window.un_hide()
+        self._set_phase(Phase.CHOOSING)
+        self.launcher.status(f"You left {room}." + (
+            f" Your host still runs on port {self.hosted_port}." if self.hosted_port else ""))
+        self.launcher.trace_layout()
+
+    def on_pick_member(self, user: str | None) -> None:
+        if self.chat is not None:
+            self.chat.pick(user)
+
+    def on_open(self, path: str) -> None:
+        """Open a received file, or its folder, with the system's opener."""
+        try:
+            open_with_os(path)
+        except OSError as exc:
+            if self.chat is not None:
+                self.chat.note(f"Can't open {printable(path)}: {exc.strerror or exc}", "error")
+
+    def on_failed(self, message: str) -> None:
+        """A command crashed in the core (a bug): say so rather than hang."""
+        log.error("core command failed: %s", message)
+        if self.chat is not None:
+            self.chat.note(f"Something went wrong: {printable(message)}", "error")
+        else:
+            self.launcher.error(f"Something went wrong: {printable(message)}")
+
+    # --- leaving from anywhere ---
+
+    def windows(self) -> list[Any]:
+        return ([self.launcher.window] + ([self.chat.window] if self.chat else [])
+                + list(self.calls.windows.values()))
+
+    def quit(self) -> None:
+        """A window's close button: every window goes at once, the core stops
+        in its own thread (leaving the room, withdrawing our host's mDNS
+        record), and the loop ends when it is done, or after GUI_STOP_WAIT_S."""
+        if self.phase in (Phase.STOPPING, Phase.STOPPED):
+            return
+        self._set_phase(Phase.STOPPING)
+        for window in self.windows():
+            window.hide()
+        self.stop_deadline = time.monotonic() + GUI_STOP_WAIT_S
+
+        def stop_core() -> None:            # blocks for a moment: never on the loop
+            self.core.stop()
+            self.bridge.post((CORE_EVENT, "stopped"))
+
+        threading.Thread(target=stop_core, name="chatroom-stop", daemon=True).start()
+
+    def finish(self) -> None:
+        if self.phase is Phase.STOPPED:
+            return
+        self.bridge.detach()
+        self.calls.close_all()
+        if self.chat is not None:
+            self.chat.close()
+            self.chat = None
+        self.launcher.window.close()
+        self._set_phase(Phase.STOPPED)
+
+
+# What the launcher says when a join fails, by error code; the host's own
+# sentence is kept where it says more than we could.
+_JOIN_ERRORS: dict[str, Callable[[str], str]] = {
+    "user_taken": lambda m: "That User ID is already in this room. Pick another one.",
+    "version_mismatch": lambda m: "This host runs a different version of chatroom: "
+                                  + _sentence(m),
+    "host_unreachable": lambda m: _sentence(m) + " Check the address, and that the "
+                                                 "host is running.",
+}
+
+
+def run_gui(args: argparse.Namespace, limits: Limits) -> int:
+    """The desktop window (no mode flag). Returns the exit status."""
+    try:
+        import PySimpleGUI as sg            # here: only the window needs it
+    except ImportError:
+        raise MissingPackage("PySimpleGUI", "The desktop window") from None
+    log.debug("PySimpleGUI %s", sg.version)
+    import tkinter
+    try:
+        look = measure_screen(args.scale)
+    except tkinter.TclError as exc:
+        print(f"chatroom: can't open a window ({exc}); use --cli in a terminal, "
+              "or --host to run a host.", file=sys.stderr)
+        return EXIT_REFUSED
+    apply_theme(look)
+    log.info("font: %s, tk scaling %.2f", look.family, look.scaling)
+    app = GuiApp(args, limits, look, settings_path(),
+                 GuiTrace(os.environ.get(GUI_TRACE_ENV) == "1"))
+    return app.run()
 
 
 # =============================================================================
@@ -3650,6 +5431,9 @@ def build_parser() -> argparse.ArgumentParser:
                         f"(default {human_size(MAX_FILE_SIZE)})")
     parser.add_argument("--spool-dir", metavar="DIR", help="where a host keeps files "
                         "while it relays them (default: the system's temp folder)")
+    parser.add_argument("--scale", type=parse_scale, default=1.0, metavar="FACTOR",
+                        help="the window's size: text and spacing times FACTOR "
+                        "(default 1.0; 1.5 = 150%%)")
     parser.add_argument("-v", "--verbose", action="store_true", help="log more to stderr")
     return parser
 

@@ -1,0 +1,334 @@
+"""Drive chatroom's desktop window from tests and tools, on 127.0.0.1 only.
+
+- `Xvfb`: a private X display on a free number, stopped by its PID.
+- `Gui`: `chatroom.py` with no mode, run with CHATROOM_GUI_TRACE=1 so it prints
+  what it does as JSON lines (windows and where their buttons are, events
+  handled, what it drew); driven like a person would with xdotool (clicks,
+  typing) and closed like a window manager would (WM_DELETE_WINDOW).
+- `Host` and `Cli`: `--host --json` and `--cli --json` beside it.
+
+Every process here is started by us and stopped by its PID, never by name.
+Not a test module: tests/test_gui.py and tools/screenshots.py import it.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import json
+import os
+import random
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Callable
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPT = ROOT / "chatroom.py"
+LOOPBACK = "127.0.0.1"
+
+
+class Xvfb:
+    """An X server of our own: `Xvfb :N -screen 0 WxHx24 -nolisten tcp`."""
+
+    def __init__(self, width: int = 1280, height: int = 800) -> None:
+        self.size = (width, height)
+        self.proc: subprocess.Popen | None = None
+        self.display = ""
+
+    def start(self) -> "Xvfb":
+        first = random.randrange(100, 900)
+        for number in range(first, first + 50):
+            if Path(f"/tmp/.X{number}-lock").exists() or \
+                    Path(f"/tmp/.X11-unix/X{number}").exists():
+                continue                    # somebody else's display
+            proc = subprocess.Popen(
+                ["Xvfb", f":{number}", "-screen", "0", f"{self.size[0]}x{self.size[1]}x24",
+                 "-nolisten", "tcp"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            deadline = time.monotonic() + 5
+            while time.monotonic() < deadline and proc.poll() is None:
+                if Path(f"/tmp/.X11-unix/X{number}").exists():
+                    self.proc, self.display = proc, f":{number}"
+                    time.sleep(0.1)
+                    return self
+                time.sleep(0.05)
+            if proc.poll() is None:         # never came up: not ours to wait for
+                proc.kill()
+            proc.wait()
+        raise RuntimeError("no free X display number for Xvfb")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def env(self) -> dict[str, str]:
+        return dict(os.environ, DISPLAY=self.display)
+
+    def run(self, *argv: str, input: bytes | None = None) -> bytes:
+        """Run an X tool (xdotool, import) on this display; its stdout."""
+        return subprocess.run(argv, env=self.env(), input=input, check=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              timeout=20).stdout
+
+    def click(self, x: float, y: float) -> None:
+        """Point, then click: Tk buttons fire only for a pointer that
+        entered them, so come from one pixel aside."""
+        x, y = round(x), round(y)
+        self.run("xdotool", "mousemove", str(x - 1), str(y), "sleep", "0.05",
+                 "mousemove", str(x), str(y), "sleep", "0.05", "click", "1")
+
+    def double_click(self, x: float, y: float) -> None:
+        self.run("xdotool", "mousemove", str(round(x)), str(round(y)), "click",
+                 "--repeat", "2", "--delay", "80", "1")
+
+    def type(self, text: str) -> None:
+        self.run("xdotool", "type", "--delay", "15", text)
+
+    def key(self, *keys: str) -> None:
+        self.run("xdotool", "key", *keys)
+
+    def find_window(self, title: str, timeout: float = 5) -> tuple[int, int, int, int, int]:
+        """(id, x, y, width, height) of the window called `title`, once shown."""
+        deadline = time.monotonic() + timeout
+        while True:
+            found = subprocess.run(["xdotool", "search", "--onlyvisible", "--name", title],
+                                   env=self.env(), capture_output=True).stdout.split()
+            if found:
+                xid = int(found[-1])
+                geometry = self.run("xdotool", "getwindowgeometry", str(xid)).decode()
+                numbers = [int(n) for n in
+                           geometry.replace(",", " ").replace("x", " ").split() if n.isdigit()]
+                return xid, numbers[0], numbers[1], numbers[-2], numbers[-1]
+            if time.monotonic() > deadline:
+                raise AssertionError(f"no window called {title!r}")
+            time.sleep(0.1)
+
+    def screenshot(self, path: Path, xid: int | None = None) -> None:
+        """A PNG of one window (by X id) or of the whole screen."""
+        self.run("import", "-window", str(xid) if xid else "root", str(path))
+
+    def pixels(self, box: tuple[int, int, int, int]) -> tuple[int, int, bytes]:
+        """(width, height, RGB bytes) of the screen in box = (x, y, w, h)."""
+        x, y, w, h = box
+        data = self.run("import", "-window", "root", "-crop", f"{w}x{h}+{x}+{y}", "+repage",
+                        "-depth", "8", "ppm:-")
+        magic, width, height, maxval, pixels = data.split(maxsplit=4)
+        assert magic == b"P6" and maxval == b"255", data[:20]
+        return int(width), int(height), pixels
+
+    def close_window(self, xid: int) -> None:
+        """What a window manager does when you click a window's X: send it a
+        WM_DELETE_WINDOW client message (Xvfb has no window manager)."""
+        with _XDisplay(self.display) as (x11, display):
+            event = _ClientMessage(type=33, window=xid, format=32,       # 33: ClientMessage
+                                   message_type=x11.XInternAtom(display, b"WM_PROTOCOLS", 0))
+            event.data[0] = x11.XInternAtom(display, b"WM_DELETE_WINDOW", 0)
+            x11.XSendEvent(display, xid, 0, 0, ctypes.byref(event))
+            x11.XFlush(display)
+
+    def wait_viewable(self, xid: int, timeout: float = 5) -> None:
+        """Wait until the window is mapped and on screen: a click sent before
+        that would land on the root window and be lost."""
+        deadline = time.monotonic() + timeout
+        while True:
+            with _XDisplay(self.display) as (x11, display):
+                attributes = _WindowAttributes()
+                if x11.XGetWindowAttributes(display, xid, ctypes.byref(attributes)) and \
+                        attributes.map_state == 2:                          # IsViewable
+                    return
+            if time.monotonic() > deadline:
+                raise AssertionError(f"window {xid:#x} never became viewable")
+            time.sleep(0.05)
+
+
+class _ClientMessage(ctypes.Structure):
+    _fields_ = [("type", ctypes.c_int), ("serial", ctypes.c_ulong),
+                ("send_event", ctypes.c_int), ("display", ctypes.c_void_p),
+                ("window", ctypes.c_ulong), ("message_type", ctypes.c_ulong),
+                ("format", ctypes.c_int), ("data", ctypes.c_long * 5),
+                ("pad", ctypes.c_long * 12)]            # an XEvent is 24 longs
+
+
+class _WindowAttributes(ctypes.Structure):             # Xlib's XWindowAttributes
+    _fields_ = [("x", ctypes.c_int), ("y", ctypes.c_int), ("width", ctypes.c_int),
+                ("height", ctypes.c_int), ("border_width", ctypes.c_int),
+                ("depth", ctypes.c_int), ("visual", ctypes.c_void_p),
+                ("root", ctypes.c_ulong), ("class_", ctypes.c_int),
+                ("bit_gravity", ctypes.c_int), ("win_gravity", ctypes.c_int),
+                ("backing_store", ctypes.c_int), ("backing_planes", ctypes.c_ulong),
+                ("backing_pixel", ctypes.c_ulong), ("save_under", ctypes.c_int),
+                ("colormap", ctypes.c_ulong), ("map_installed", ctypes.c_int),
+                ("map_state", ctypes.c_int), ("all_event_masks", ctypes.c_long),
+                ("your_event_mask", ctypes.c_long), ("do_not_propagate_mask", ctypes.c_long),
+                ("override_redirect", ctypes.c_int), ("screen", ctypes.c_void_p)]
+
+
+class _XDisplay:
+    """libX11 through ctypes (it comes with Tk): `with _XDisplay(":5") as (x11, d)`."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        x11 = self.x11 = ctypes.CDLL(ctypes.util.find_library("X11"))
+        x11.XOpenDisplay.restype = ctypes.c_void_p
+        x11.XOpenDisplay.argtypes = [ctypes.c_char_p]
+        x11.XInternAtom.restype = ctypes.c_ulong
+        x11.XInternAtom.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_int]
+        x11.XSendEvent.argtypes = [ctypes.c_void_p, ctypes.c_ulong, ctypes.c_int,
+                                   ctypes.c_long, ctypes.c_void_p]
+        x11.XGetWindowAttributes.argtypes = [ctypes.c_void_p, ctypes.c_ulong, ctypes.c_void_p]
+        x11.XFlush.argtypes = x11.XCloseDisplay.argtypes = [ctypes.c_void_p]
+
+    def __enter__(self):
+        self.display = self.x11.XOpenDisplay(self.name.encode())
+        assert self.display, f"can't open display {self.name}"
+        return self.x11, self.display
+
+    def __exit__(self, *exc) -> None:
+        self.x11.XCloseDisplay(self.display)
+
+
+class Proc:
+    """A chatroom process whose stdout is JSON lines, read as they come."""
+
+    def __init__(self, argv: list[str], env: dict[str, str] | None = None,
+                 stdin: bool = False) -> None:
+        self.argv = [sys.executable, str(SCRIPT)] + argv
+        self.proc = subprocess.Popen(self.argv, env=env, stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE,
+                                     stdin=subprocess.PIPE if stdin else subprocess.DEVNULL)
+        self.lines: list[dict] = []         # every JSON line so far
+        self.stamps: list[float] = []       # when each arrived (time.monotonic)
+        self.stderr: list[str] = []
+        self._changed = threading.Condition()
+        threading.Thread(target=self._read_stdout, daemon=True).start()
+        threading.Thread(target=self._read_stderr, daemon=True).start()
+
+    def _read_stdout(self) -> None:
+        for raw in self.proc.stdout:
+            try:
+                item = json.loads(raw)
+            except ValueError:
+                item = {"raw": raw.decode("utf-8", "replace")}
+            with self._changed:
+                self.lines.append(item)
+                self.stamps.append(time.monotonic())
+                self._changed.notify_all()
+        with self._changed:
+            self._changed.notify_all()
+
+    def _read_stderr(self) -> None:
+        for raw in self.proc.stderr:
+            self.stderr.append(raw.decode("utf-8", "replace"))
+
+    def wait_for(self, match: Callable[[dict], bool], timeout: float = 10,
+                 start: int = 0) -> dict:
+        """The first line from index `start` on that `match`es; waits for it."""
+        deadline = time.monotonic() + timeout
+        with self._changed:
+            index = start
+            while True:
+                while index < len(self.lines):
+                    if match(self.lines[index]):
+                        return self.lines[index]
+                    index += 1
+                left = deadline - time.monotonic()
+                if left <= 0 or (self.proc.poll() is not None and index >= len(self.lines)):
+                    raise AssertionError(
+                        f"no matching line within {timeout} s from {self.argv[2:]}; last "
+                        f"lines: {self.lines[-5:]}; stderr: {''.join(self.stderr)[-2000:]}")
+                self._changed.wait(min(left, 0.2))
+
+    def mark(self) -> int:
+        """The index of the next line (for wait_for(start=...))."""
+        with self._changed:
+            return len(self.lines)
+
+    def wait_exit(self, timeout: float) -> int:
+        return self.proc.wait(timeout)
+
+    def stop(self) -> None:
+        """End the process if it still runs (terminate, then kill), by PID."""
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+class Host(Proc):
+    """`--host --json` on 127.0.0.1, any free port; `port` once listening."""
+
+    def __init__(self, name: str, advertise: bool = True, extra: list[str] = ()) -> None:
+        super().__init__(["--host", "--json", "--port", "0", "--interface", LOOPBACK,
+                          "--name", name] + ([] if advertise else ["--no-advertise"])
+                         + list(extra))
+        self.name = name
+        self.port = self.wait_for(lambda e: e.get("type") == "listening", 15)["port"]
+
+
+class Cli(Proc):
+    """`--cli --json` joined to a host on 127.0.0.1; `say()` types a line."""
+
+    def __init__(self, port: int, room: str, user: str, downloads: Path | None = None) -> None:
+        super().__init__(["--cli", "--json", "--server", f"{LOOPBACK}:{port}", "--room", room,
+                          "--user", user] + (["--downloads", str(downloads)] if downloads
+                                             else []), stdin=True)
+        self.ready = self.wait_for(lambda e: e.get("type") in ("ready", "closed"), 10)
+
+    def say(self, line: str) -> None:
+        self.proc.stdin.write((line + "\n").encode("utf-8"))
+        self.proc.stdin.flush()
+
+    def quit(self) -> int:
+        self.say("/quit")
+        return self.wait_exit(10)
+
+
+class Gui(Proc):
+    """The desktop window with its trace hook, on display `x`."""
+
+    def __init__(self, x: Xvfb, config: Path, args: list[str] = (),
+                 env: dict[str, str] | None = None) -> None:
+        environment = dict(x.env(), CHATROOM_GUI_TRACE="1", XDG_CONFIG_HOME=str(config),
+                           **(env or {}))
+        super().__init__(["--interface", LOOPBACK] + list(args), env=environment)
+        self.x = x
+
+    def window(self, name: str, timeout: float = 15, start: int = 0) -> dict:
+        """The latest layout the trace gave for window `name` ("launcher", "chat")."""
+        self.wait_for(lambda e: e.get("gui") == "window" and e["name"] == name, timeout, start)
+        with self._changed:
+            return [e for e in self.lines if e.get("gui") == "window" and e["name"] == name][-1]
+
+    def phase(self, phase: str, timeout: float = 10, start: int = 0) -> dict:
+        return self.wait_for(lambda e: e.get("gui") == "phase" and e["phase"] == phase,
+                             timeout, start)
+
+    def click(self, window: str, element: str) -> None:
+        layout = self.window(window)
+        self.x.wait_viewable(layout["xid"])
+        x, y, w, h = layout["elements"][element]
+        self.x.click(x + w / 2, y + h / 2)
+
+    def type_into(self, window: str, element: str, text: str, enter: bool = False) -> None:
+        self.click(window, element)
+        self.x.key("ctrl+slash", "BackSpace")   # Tk entries: select all, delete it
+        if text:
+            self.x.type(text)
+        if enter:
+            self.x.key("Return")
+
+    def close(self, window: str) -> None:
+        self.x.close_window(self.window(window)["xid"])
+
+    def shown(self, match: Callable[[dict], bool], timeout: float = 10, start: int = 0) -> dict:
+        return self.wait_for(lambda e: e.get("gui") == "shown" and match(e), timeout, start)

@@ -1,0 +1,136 @@
+#!/usr/bin/env python3
+"""Screenshots of chatroom's windows for the README, made on a private Xvfb.
+
+    python tools/screenshots.py [--out docs] [--scales 1 1.5]
+
+For each scale it starts an Xvfb of its own (a free display number), two
+hosts and a few terminal clients on 127.0.0.1, and the window; then it clicks
+and types through the window with xdotool and saves, by window id:
+
+    docs/launcher.png      the launcher, with hosts found on the network
+    docs/chat.png          a room: Chinese and English bubbles, [SYSTEM]
+                           notices, a file saved and one still arriving
+    docs/launcher-150.png, docs/chat-150.png   the same at --scale 1.5
+
+It also writes the program's icon to assets/icon.png (and assets/icon.ico
+when ImageMagick's convert is there). Everything it starts, it stops by PID.
+Needs: Xvfb, xdotool, ImageMagick (apt-get install xvfb xdotool imagemagick).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+
+import chatroom  # noqa: E402  (the paths above first)
+from guidriver import Cli, Gui, Host, Xvfb  # noqa: E402
+
+
+def shoot(scale: float, out: Path, suffix: str) -> None:
+    size = (1280, 800) if scale <= 1 else (round(1280 * scale), round(800 * scale))
+    x = Xvfb(*size).start()
+    started: list = []
+    work = Path(tempfile.mkdtemp(prefix="chatroom-shots-"))
+    try:
+        lab = Host("Lab-PC")
+        library = Host("Library")
+        started += [lab, library]
+        # People already in rooms, so the launcher has something to show.
+        for port, room, user in ((lab.port, "学习小组", "小明"), (lab.port, "lobby", "bob"),
+                                 (library.port, "movie night", "carol")):
+            started.append(Cli(port, room, user, downloads=work / user))
+        # Let the hosts' mDNS records settle first (updates are debounced and
+        # rate-limited): HostBrowser (section 4) can keep a stale record when
+        # a resolve started before an update finishes after it.
+        time.sleep(2)
+        gui = Gui(x, work / "config", ["--room", "学习小组", "--user", "alice", "--scale",
+                                       str(scale), "--downloads", str(work / "alice")])
+        started.append(gui)
+
+        def launcher_shows_both(event: dict) -> bool:
+            rooms = {r["name"]: r["rooms"] for r in event.get("rows", [])}
+            return (event.get("gui") == "window" and event["name"] == "launcher"
+                    and len(rooms.get("Lab-PC", [])) == 2 and len(rooms.get("Library", [])) == 1)
+
+        gui.wait_for(launcher_shows_both, 20)
+        deadline = time.monotonic() + 20
+        while True:                         # mDNS updates trickle in: wait for a quiet second
+            layout = gui.window("launcher")
+            time.sleep(1)
+            if launcher_shows_both(layout) and layout is gui.window("launcher"):
+                break
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the launcher never settled: {layout['rows']}")
+        row = next(r for r in layout["rows"] if r["name"] == "Lab-PC")
+        x.wait_viewable(layout["xid"])
+        x.click(row["box"][0] + row["box"][2] / 3, row["box"][1] + row["box"][3] / 2)
+        time.sleep(0.6)
+        x.screenshot(out / f"launcher{suffix}.png", layout["xid"])
+
+        gui.click("launcher", "join")
+        gui.phase("chatting")
+        xiaoming = next(p for p in started if isinstance(p, Cli) and p.ready["user"] == "小明")
+        xiaoming.say("大家好！今天下午三点在图书馆开会，别忘了带笔记本。")
+        gui.shown(lambda e: e.get("text", "").startswith("大家好"))
+        gui.type_into("chat", "input", "Hi 小明! See you at three — 我会准时到。", enter=True)
+        gui.shown(lambda e: e.get("mine") is True)
+        notes = work / "课程笔记.pdf"
+        notes.write_bytes(os.urandom(2_400_000))
+        xiaoming.say(f"/send {notes}")
+        gui.wait_for(lambda e: e.get("gui") == "file_card" and e["state"] == "done", 20)
+        bob = Cli(lab.port, "学习小组", "bob", downloads=work / "bob2")
+        started.append(bob)
+        bob.say("Could someone share last week's slides? 谢谢！")
+        gui.shown(lambda e: e.get("text", "").startswith("Could someone"))
+        recording = work / "lecture-recording.mp4"
+        with open(recording, "wb") as big:
+            big.truncate(3 * 1024 ** 3)    # sparse: slow enough to catch in the middle
+        bob.say(f"/send {recording}")
+        gui.wait_for(lambda e: e.get("gui") == "file_card" and e["name"] == recording.name
+                     and 25 < e["percent"] < 75, 60)
+        time.sleep(0.3)
+        x.screenshot(out / f"chat{suffix}.png", gui.window("chat")["xid"])
+        gui.close("chat")
+        gui.wait_exit(10)
+    finally:
+        for proc in reversed(started):
+            proc.stop()
+        x.stop()
+        shutil.rmtree(work, ignore_errors=True)
+    print(f"wrote {out / f'launcher{suffix}.png'} and {out / f'chat{suffix}.png'}")
+
+
+def write_icon(assets: Path) -> None:
+    assets.mkdir(exist_ok=True)
+    (assets / "icon.png").write_bytes(chatroom.app_icon_png(256))
+    convert = "/usr/bin/convert"            # ImageMagick's, not another `convert` on PATH
+    if Path(convert).exists():
+        subprocess.run([convert, str(assets / "icon.png"), "-define",
+                        "icon:auto-resize=256,64,48,32,16", str(assets / "icon.ico")],
+                       check=True)
+    print(f"wrote {assets / 'icon.png'}")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, default=ROOT / "docs")
+    parser.add_argument("--scales", type=float, nargs="+", default=[1.0, 1.5])
+    args = parser.parse_args()
+    args.out.mkdir(exist_ok=True)
+    write_icon(ROOT / "assets")
+    for scale in args.scales:
+        shoot(scale, args.out, "" if scale == 1 else f"-{round(scale * 100)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
