@@ -1417,7 +1417,7 @@ class HostBrowser:
         self.hosts: dict[str, HostInfo] = {}
         self._azc = None
         self._browser = None
-        self._tasks: set[asyncio.Task] = set()
+        self._resolving: dict[str, asyncio.Task] = {}   # the newest resolve per name
 
     async def start(self) -> None:
         zeroconf, _, AsyncServiceBrowser, _ = _zeroconf()
@@ -1430,14 +1430,20 @@ class HostBrowser:
 
     def _on_service(self, zeroconf: Any, service_type: str, name: str,
                     state_change: Any) -> None:
+        # One resolve per name at a time: two racing resolves could finish out
+        # of order and leave an older TXT record (fewer rooms) in `hosts`.
+        earlier = self._resolving.pop(name, None)
+        if earlier is not None:
+            earlier.cancel()
         if state_change.name == "Removed":
             if self.hosts.pop(name, None) is not None:
                 self._changed()
             return
         task = asyncio.get_running_loop().create_task(self._resolve(name),
                                                       name=f"mdns:resolve:{name}")
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._resolving[name] = task
+        task.add_done_callback(
+            lambda done: self._resolving.get(name) is done and self._resolving.pop(name))
 
     async def _resolve(self, name: str) -> None:
         _, _, _, AsyncServiceInfo = _zeroconf()
@@ -1464,7 +1470,7 @@ class HostBrowser:
         return sorted(self.hosts.values(), key=lambda h: (id_key(h.name), h.address, h.port))
 
     async def close(self) -> None:
-        for task in list(self._tasks):
+        for task in list(self._resolving.values()):
             task.cancel()
         if self._browser is not None:
             await self._browser.async_cancel()
@@ -2180,16 +2186,39 @@ class Host:
         self.uploads: set[Upload] = set()
 
     async def start(self) -> None:
+        """Bind and advertise. On failure (a taken port, say) everything
+        started is undone before the error propagates; `close()` is then a
+        no-op."""
         self.spool_dir = tempfile.mkdtemp(prefix="chatroom-spool-", dir=self._spool_parent)
         self.io = concurrent.futures.ThreadPoolExecutor(4, thread_name_prefix="host-io")
-        self._server = await asyncio.get_running_loop().create_server(
-            lambda: LinkProtocol(self._accept), self.bind, self.port)
-        self.port = self._server.sockets[0].getsockname()[1]
-        self._ticker = asyncio.get_running_loop().create_task(self._tick(), name="host:tick")
-        if self.advertiser is not None:
-            self.advertiser.port = self.port
-            await self.advertiser.start()
+        try:
+            self._server = await asyncio.get_running_loop().create_server(
+                lambda: LinkProtocol(self._accept), self.bind, self.port)
+            self.port = self._server.sockets[0].getsockname()[1]
+            self._ticker = asyncio.get_running_loop().create_task(self._tick(),
+                                                                  name="host:tick")
+            if self.advertiser is not None:
+                self.advertiser.port = self.port
+                await self.advertiser.start()
+        except BaseException:
+            await self._abandon()
+            raise
         log.info("host %r listening on %s:%d", self.name, self.bind, self.port)
+
+    async def _abandon(self) -> None:
+        """Undo a start that failed half way."""
+        server, self._server = self._server, None
+        if server is not None:
+            server.close()
+            await server.wait_closed()
+        if self._ticker is not None:
+            self._ticker.cancel()
+        if self.advertiser is not None:
+            await self.advertiser.close()
+        self.io.shutdown(wait=False, cancel_futures=True)
+        self.io = None
+        shutil.rmtree(self.spool_dir, ignore_errors=True)
+        self._closed.set()
 
     async def wait_closed(self) -> None:
         await self._closed.wait()
@@ -2199,7 +2228,7 @@ class Host:
         at most `close_timeout_s` before aborting what is left. Idempotent,
         and harmless on a host that never started (or failed to)."""
         if self._server is None:
-            if self.io is None:             # never started: only the advertiser
+            if self.io is None and not self._closed.is_set():  # never started
                 if self.advertiser is not None:
                     await self.advertiser.close()
                 self._closed.set()

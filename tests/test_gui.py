@@ -529,8 +529,6 @@ def test_join_problems_show_inline_and_the_launcher_stays(x, tmp_path, procs):
     assert_exits_cleanly(gui)
 
 
-@pytest.mark.xfail(strict=True, reason="section 6: Host.close() never returns after a "
-                   "failed Host.start(), so ClientCore.start_host() never answers")
 def test_hosting_on_a_taken_port_says_so_in_the_launcher(x, tmp_path, procs):
     host = Host(unique("taken"), advertise=False)
     procs.append(host)

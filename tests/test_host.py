@@ -12,6 +12,7 @@ hang fail fast (the machine is shared and noisy).
 from __future__ import annotations
 
 import asyncio
+import os
 import collections
 import contextlib
 import struct
@@ -629,3 +630,15 @@ async def test_client_core_answering_pings_stays_connected(make_host, clients, c
     msg_id = await asyncio.wrap_future(core.say("still here"))
     got = await events.wait_for(lambda e: e["type"] == "message" and e["id"] == msg_id)
     assert got["text"] == "still here"
+
+
+async def test_start_on_a_taken_port_raises_and_close_returns(make_host):
+    """A failed start undoes itself. This used to leave close() waiting
+    forever, so the window's "Host a room here" never answered."""
+    first = await make_host()
+    second = chatroom.Host(bind=LOCAL, port=first.port, name="second", advertise=False)
+    with pytest.raises(OSError):
+        await second.start()
+    async with asyncio.timeout(DEADLINE_S):
+        await second.close()
+    assert not os.path.exists(second.spool_dir)
