@@ -18,10 +18,10 @@ The file reads top to bottom; each section uses only the sections above it:
  3. ROOMS                 IDs, members, history, help (pure state machine)
  4. DISCOVERY             mDNS advertise and browse (zeroconf)
  5. MEDIA                 (reserved for video and voice calls)
- 6. HOST                  asyncio listener, sessions, bounded outboxes
- 7. CLIENT CORE           one asyncio loop in a thread, one event stream
+ 6. HOST                  asyncio listener, sessions, bounded outboxes, file relay
+ 7. CLIENT CORE           one asyncio loop in a thread, one event stream, files
  8. TERMINAL CLIENT       --cli: stdin lines in, events out (text or JSON)
- 9. DESKTOP GUI           (reserved for the PySimpleGUI window)
+ 9. DESKTOP GUI           launcher (hosts on the LAN), chat window, (later) calls
 10. MAIN                  argparse and the entry points
 """
 
@@ -5386,6 +5386,26 @@ _JOIN_ERRORS: dict[str, Callable[[str], str]] = {
 }
 
 
+def hide_own_console() -> None:  # pragma: no cover (Windows only)
+    """Hide the console window Windows opened for a double-clicked executable.
+
+    The executable is a console program, so --cli and --json work from a
+    terminal; double-clicked, it would show an empty console behind the
+    window. When no other process shares the console (a terminal would),
+    it was made for us, and we hide it.
+    """
+    if os.name != "nt":
+        return
+    import ctypes
+    kernel32 = ctypes.windll.kernel32
+    ours = 2 if getattr(sys, "frozen", False) else 1   # + PyInstaller's bootloader
+    attached = (ctypes.c_uint * 4)()
+    if kernel32.GetConsoleProcessList(attached, 4) <= ours:
+        console = kernel32.GetConsoleWindow()
+        if console:
+            ctypes.windll.user32.ShowWindow(console, 0)     # SW_HIDE
+
+
 def run_gui(args: argparse.Namespace, limits: Limits) -> int:
     """The desktop window (no mode flag). Returns the exit status."""
     try:
@@ -5402,6 +5422,7 @@ def run_gui(args: argparse.Namespace, limits: Limits) -> int:
         return EXIT_REFUSED
     apply_theme(look)
     log.info("font: %s, tk scaling %.2f", look.family, look.scaling)
+    hide_own_console()
     app = GuiApp(args, limits, look, settings_path(),
                  GuiTrace(os.environ.get(GUI_TRACE_ENV) == "1"))
     return app.run()

@@ -198,8 +198,8 @@ class Proc:
     """A chatroom process whose stdout is JSON lines, read as they come."""
 
     def __init__(self, argv: list[str], env: dict[str, str] | None = None,
-                 stdin: bool = False) -> None:
-        self.argv = [sys.executable, str(SCRIPT)] + argv
+                 stdin: bool = False, program: list[str] | None = None) -> None:
+        self.argv = (program or [sys.executable, str(SCRIPT)]) + argv
         self.proc = subprocess.Popen(self.argv, env=env, stdout=subprocess.PIPE,
                                      stderr=subprocess.PIPE,
                                      stdin=subprocess.PIPE if stdin else subprocess.DEVNULL)
@@ -267,10 +267,11 @@ class Proc:
 class Host(Proc):
     """`--host --json` on 127.0.0.1, any free port; `port` once listening."""
 
-    def __init__(self, name: str, advertise: bool = True, extra: list[str] = ()) -> None:
+    def __init__(self, name: str, advertise: bool = True, extra: list[str] = (),
+                 program: list[str] | None = None) -> None:
         super().__init__(["--host", "--json", "--port", "0", "--interface", LOOPBACK,
                           "--name", name] + ([] if advertise else ["--no-advertise"])
-                         + list(extra))
+                         + list(extra), program=program)
         self.name = name
         self.port = self.wait_for(lambda e: e.get("type") == "listening", 15)["port"]
 
@@ -278,10 +279,11 @@ class Host(Proc):
 class Cli(Proc):
     """`--cli --json` joined to a host on 127.0.0.1; `say()` types a line."""
 
-    def __init__(self, port: int, room: str, user: str, downloads: Path | None = None) -> None:
+    def __init__(self, port: int, room: str, user: str, downloads: Path | None = None,
+                 program: list[str] | None = None) -> None:
         super().__init__(["--cli", "--json", "--server", f"{LOOPBACK}:{port}", "--room", room,
                           "--user", user] + (["--downloads", str(downloads)] if downloads
-                                             else []), stdin=True)
+                                             else []), stdin=True, program=program)
         self.ready = self.wait_for(lambda e: e.get("type") in ("ready", "closed"), 10)
 
     def say(self, line: str) -> None:
@@ -297,10 +299,11 @@ class Gui(Proc):
     """The desktop window with its trace hook, on display `x`."""
 
     def __init__(self, x: Xvfb, config: Path, args: list[str] = (),
-                 env: dict[str, str] | None = None) -> None:
+                 env: dict[str, str] | None = None, program: list[str] | None = None) -> None:
         environment = dict(x.env(), CHATROOM_GUI_TRACE="1", XDG_CONFIG_HOME=str(config),
                            **(env or {}))
-        super().__init__(["--interface", LOOPBACK] + list(args), env=environment)
+        super().__init__(["--interface", LOOPBACK] + list(args), env=environment,
+                         program=program)
         self.x = x
 
     def window(self, name: str, timeout: float = 15, start: int = 0) -> dict:
@@ -332,3 +335,15 @@ class Gui(Proc):
 
     def shown(self, match: Callable[[dict], bool], timeout: float = 10, start: int = 0) -> dict:
         return self.wait_for(lambda e: e.get("gui") == "shown" and match(e), timeout, start)
+
+
+def on_screen(record: dict, bbox: list[int]) -> tuple[int, int, int, int]:
+    """A canvas bbox as a screen box, with the view origin of `record`."""
+    ox, oy = record["origin"]
+    return bbox[0] + ox, bbox[1] + oy, bbox[2] - bbox[0], bbox[3] - bbox[1]
+
+
+def ink(pixels: bytes) -> int:
+    """How many pixels are dark (text on a light bubble)."""
+    return sum(1 for i in range(0, len(pixels), 3)
+               if pixels[i] + pixels[i + 1] + pixels[i + 2] < 3 * 128)

@@ -15,6 +15,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 import uuid
 from pathlib import Path
 
@@ -133,3 +134,50 @@ def test_a_file_crosses(binary, processes, tmp_path):
     assert Path(got["path"]).read_bytes() == data
     assert Path(got["path"]).parent == tmp_path / "b"
     assert sender.wait_for("file_sent")["size"] == len(data)
+
+
+def test_the_launcher_opens_and_a_person_joins_from_it(binary, tmp_path):
+    """Double-click equivalent: the executable with no mode opens the
+    launcher; our host (advertised on 127.0.0.1) appears in its list; a
+    person clicks it, types a Room ID and a User ID, presses Join, and the
+    chat window shows a Chinese message from a terminal client, in pixels."""
+    from guidriver import Cli, Gui, Host, Xvfb, ink, on_screen
+    program = [str(binary)]
+    name = f"binary-gui-{uuid.uuid4().hex[:8]}"
+    x = Xvfb(1280, 800).start()
+    started = []
+    try:
+        host = Host(name, program=program)
+        started.append(host)
+        gui = Gui(x, tmp_path / "config", ["--downloads", str(tmp_path / "gui")],
+                  program=program)
+        started.append(gui)
+        listed = gui.wait_for(lambda e: e.get("gui") == "window" and e["name"] == "launcher"
+                              and any(r["name"] == name and r["box"] for r in e["rows"]), 30)
+        x.screenshot(tmp_path / "launcher.png", listed["xid"])
+        row = next(r for r in listed["rows"] if r["name"] == name)
+        x.wait_viewable(listed["xid"])
+        x.click(row["box"][0] + row["box"][2] / 2, row["box"][1] + row["box"][3] / 2)
+        gui.type_into("launcher", "room", "大厅")
+        gui.type_into("launcher", "user", "alice")
+        gui.click("launcher", "join")
+        gui.phase("chatting", 20)
+        bob = Cli(host.port, "大厅", "bob", program=program)
+        started.append(bob)
+        assert bob.ready["members"] == ["alice", "bob"]
+        bob.say("你好, from the executable")
+        bubble = gui.shown(lambda e: e["kind"] == "message"
+                           and e["text"] == "你好, from the executable", 15)
+        assert bubble["from"] == "bob"
+        time.sleep(0.5)                         # let Tk paint
+        chat = gui.window("chat")
+        x.screenshot(tmp_path / "chat.png", chat["xid"])
+        _, _, pixels = x.pixels(on_screen(bubble, bubble["bbox"]))
+        assert ink(pixels) > 100, "no text drawn where the message bubble is"
+        assert (tmp_path / "launcher.png").stat().st_size > 5000
+        gui.close("chat")
+        assert gui.wait_exit(15) == 0
+    finally:
+        for process in started:
+            process.stop()
+        x.stop()
