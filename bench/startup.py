@@ -1,0 +1,113 @@
+#!/usr/bin/env python3
+"""bench/startup.py -- how big is the executable, and how fast does it start?
+
+Builds dist/chatroom from build.spec (or takes --binary), then prints its
+size, the median time to `--version`, and the median time from launch to the
+launcher window being on screen (under an Xvfb this script starts), for the
+executable and, measured in the same run, for `python chatroom.py` from
+source, with the ratios. With --trims it also builds once without build.spec's
+EXCLUDES and prints what they save.
+
+    python bench/startup.py
+    python bench/startup.py --binary dist/chatroom --runs 7
+
+Loopback only (the window browses mDNS on 127.0.0.1); every process it
+starts, it stops.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
+from guidriver import Xvfb  # noqa: E402  (the tests' Xvfb helper)
+
+
+def build(out: Path, spec: Path) -> Path:
+    subprocess.run([sys.executable, "-m", "PyInstaller", str(spec), "--noconfirm",
+                    "--distpath", str(out / "dist"), "--workpath", str(out / "build"),
+                    "--log-level", "ERROR"], cwd=ROOT, check=True)
+    return out / "dist" / ("chatroom.exe" if os.name == "nt" else "chatroom")
+
+
+def time_version(program: list[str], runs: int) -> float:
+    times = []
+    for _ in range(runs):
+        started = time.perf_counter()
+        subprocess.run([*program, "--version"], check=True, capture_output=True)
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+def time_launcher(program: list[str], runs: int, x: Xvfb, config: Path) -> float:
+    """Seconds from launch to the launcher's first layout (the window's trace
+    hook reports it once Tk has mapped the window)."""
+    times = []
+    env = dict(x.env(), CHATROOM_GUI_TRACE="1", XDG_CONFIG_HOME=str(config))
+    for _ in range(runs):
+        started = time.perf_counter()
+        proc = subprocess.Popen([*program, "--interface", "127.0.0.1"], env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        try:
+            for line in proc.stdout:
+                event = json.loads(line)
+                if event.get("gui") == "window" and event.get("name") == "launcher":
+                    times.append(time.perf_counter() - started)
+                    break
+        finally:
+            proc.terminate()
+            proc.wait(10)
+    return statistics.median(times)
+
+
+def measure(program: list[str], runs: int, x: Xvfb, config: Path) -> dict:
+    return {"version_s": round(time_version(program, runs), 3),
+            "launcher_window_s": round(time_launcher(program, max(3, runs // 2), x, config), 3)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--binary", type=Path, help="an executable already built")
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--trims", action="store_true",
+                        help="also build without EXCLUDES and report the difference")
+    args = parser.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="chatroom-startup-"))
+    x = Xvfb(1280, 800).start()
+    try:
+        binary = args.binary or build(work / "trimmed", ROOT / "build.spec")
+        result = {"executable_mib": round(binary.stat().st_size / 2 ** 20, 1)}
+        exe = measure([str(binary)], args.runs, x, work / "config")
+        source = measure([sys.executable, str(ROOT / "chatroom.py")], args.runs, x,
+                         work / "config")
+        result.update({f"executable_{k}": v for k, v in exe.items()})
+        result.update({f"source_{k}": v for k, v in source.items()})
+        result.update({f"ratio_{k}": round(exe[k] / source[k], 2) for k in exe})
+        if args.trims:
+            spec = (ROOT / "build.spec").read_text()
+            untrimmed = work / "untrimmed.spec"
+            untrimmed.write_text(spec.replace("excludes=EXCLUDES", "excludes=[]")
+                                 .replace("Path(SPECPATH)", f"Path({str(ROOT)!r})"))
+            full = build(work / "untrimmed", untrimmed)
+            result["untrimmed_mib"] = round(full.stat().st_size / 2 ** 20, 1)
+            result["trims_save_mib"] = round(result["untrimmed_mib"]
+                                             - result["executable_mib"], 1)
+            result["untrimmed_version_s"] = round(time_version([str(full)], args.runs), 3)
+        print(json.dumps(result))
+    finally:
+        x.stop()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
