@@ -141,6 +141,7 @@ class ChatError(Exception):
     """
 
     def __init__(self, code: str, message: str) -> None:
+        assert code in ERROR_CODES, f"undocumented error code {code!r}"
         super().__init__(f"{code}: {message}")
         self.code = code
         self.message = message
@@ -2819,6 +2820,7 @@ class ClientCore:
 
     @property
     def connected(self) -> bool:
+        """In a room (logged in, not yet left)."""
         return self._ready
 
     # --- the LAN and an in-process host (core thread) ---
@@ -3341,8 +3343,8 @@ def _discard_part(dl: IncomingFile) -> None:
 
 EXIT_OK = 0
 EXIT_REFUSED = 1            # login refused, host unreachable, no host found
-EXIT_USAGE = 2              # argparse's own code
 EXIT_DISCONNECTED = 3       # the session ended other than by our leaving
+# (2 is argparse's, for bad flags.)
 
 _EXIT_FOR_REASON = {"quit": EXIT_OK, "refused": EXIT_REFUSED, "unreachable": EXIT_REFUSED,
                     "login_timeout": EXIT_REFUSED}
