@@ -5480,7 +5480,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: a chatroom folder in your downloads folder)")
     parser.add_argument("--max-file-size", type=parse_size, default=MAX_FILE_SIZE,
                         metavar="SIZE", help="largest file a host relays, e.g. 200M, 4G "
-                        f"(default {human_size(MAX_FILE_SIZE)})")
+                        "(default 4G)")
     parser.add_argument("--spool-dir", metavar="DIR", help="where a host keeps files "
                         "while it relays them (default: the system's temp folder)")
     parser.add_argument("--scale", type=parse_scale, default=1.0, metavar="FACTOR",
