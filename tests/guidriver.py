@@ -30,6 +30,17 @@ SCRIPT = ROOT / "chatroom.py"
 LOOPBACK = "127.0.0.1"
 
 
+def end_process(proc: subprocess.Popen) -> None:
+    """Terminate a process we started if it still runs; kill it after 5 s."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 class Xvfb:
     """An X server of our own: `Xvfb :N -screen 0 WxHx24 -nolisten tcp`."""
 
@@ -60,13 +71,8 @@ class Xvfb:
         raise RuntimeError("no free X display number for Xvfb")
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        if self.proc is not None:
+            end_process(self.proc)
 
     def env(self) -> dict[str, str]:
         return dict(os.environ, DISPLAY=self.display)
@@ -255,13 +261,7 @@ class Proc:
 
     def stop(self) -> None:
         """End the process if it still runs (terminate, then kill), by PID."""
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        end_process(self.proc)
 
 
 class Host(Proc):
