@@ -11,18 +11,28 @@ can fake, who comes and goes. Only the standard library is needed to import
 this file; zeroconf enables discovery and PySimpleGUI the window (each is
 imported where it is used, and a missing one is named in a friendly error).
 
-The file reads top to bottom; each section uses only the sections above it:
+The file reads top to bottom; each section uses only the sections above it
+(tests/test_map.py holds this map and that rule true):
 
  1. LIMITS AND DEFAULTS   every tunable, error classes, small helpers
  2. WIRE PROTOCOL         frames, events, the Wire state machine (sans-I/O)
- 3. ROOMS                 IDs, members, history, help (pure state machine)
- 4. DISCOVERY             mDNS advertise and browse (zeroconf)
- 5. MEDIA                 (reserved for video and voice calls)
- 6. HOST                  asyncio listener, sessions, bounded outboxes, file relay
- 7. CLIENT CORE           one asyncio loop in a thread, one event stream, files
- 8. TERMINAL CLIENT       --cli: stdin lines in, events out (text or JSON)
- 9. DESKTOP GUI           launcher (hosts on the LAN), chat window, (later) calls
-10. MAIN                  argparse and the entry points
+ 3. ROOMS                 IDs, members, history, help, file names (pure)
+ 4. CALLS                 (reserved) invitations, links and groups (pure)
+ 5. MEDIA PACKETS         (reserved) sealing, packets, reassembly (pure)
+ 6. DISCOVERY             mDNS advertise and browse (zeroconf)
+ 7. MEDIA DEVICES         (reserved) cameras, codecs, microphones, speakers
+ 8. CONNECTIONS           Link: one framed TCP connection, two lanes, one writer
+ 9. HOST                  sessions, rooms, the file relay, shutdown (asyncio)
+10. CLIENT FILES          files we send and receive, beside the client core
+11. CLIENT CORE           one asyncio loop in a thread, one event stream
+12. COMMANDS              one parser for what a person types
+13. TERMINAL CLIENT       --cli: stdin lines in, events out (text or JSON)
+14. GUI LOOK              theme, fonts, --scale, the trace hook, drawing
+15. GUI CONVERSATION      bubbles, notices and file cards; the members list
+16. GUI WINDOWS           the launcher and the chat window
+17. GUI CALLS             (reserved) call windows
+18. GUI APP               the bridge from the core, settings, phases, the loop
+19. MAIN                  argparse and the entry points
 """
 
 from __future__ import annotations
@@ -47,16 +57,18 @@ import re
 import secrets
 import shutil
 import signal
-import stat
 import socket
+import stat
 import struct
 import sys
 import tempfile
 import threading
 import time
+import typing
 import unicodedata
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Iterable
+from typing import Any, ClassVar
 
 log = logging.getLogger("chatroom")
 
@@ -64,18 +76,28 @@ log = logging.getLogger("chatroom")
 # =============================================================================
 # 1. LIMITS AND DEFAULTS: every tunable, the error classes, small helpers
 # =============================================================================
-# The numbers a maintainer looks for first, in one place. Each one that a
-# person might want to change has a command-line flag in 10. MAIN; the code
-# below receives them as arguments and never reads these globals behind its
-# caller's back, so tests can use small limits without patching anything.
+# The numbers a maintainer looks for first, in one place. The first block is
+# fixed by the protocol: changing one changes the wire. The rest are
+# tunables: each is a field of `Limits`, with the constant as its default,
+# and the code below reads it from the Limits it was given, never from the
+# global, so tests can use small limits without patching anything. Those a
+# person might want to change have a command-line flag in 19. MAIN.
+
+# --- Fixed by the protocol ---------------------------------------------------
 
 PROTOCOL_VERSION = 1                # bumped on any incompatible wire change
 DEFAULT_PORT = 47300                # TCP port of a host (--port; 0 = any free)
 SERVICE_TYPE = "_chatroom._tcp.local."
-
-MAX_FRAME_BYTES = 256 * 1024        # largest frame body either side accepts
-MAX_MESSAGE_BYTES = 16 * 1024       # largest chat text, in UTF-8 bytes
+MAX_FRAME_BYTES = 256 * 1024        # largest frame body, unless Limits allow more
+MAX_CHUNK_BYTES = 64 * 1024         # file data per frame: text overtakes files
 MAX_ID_CHARS = 32                   # User and Room IDs, after NFC
+MAX_ROOM_MEMBERS_CAP = 1024         # most members a room may be set to hold: a
+                                    # Welcome naming them all fits one frame
+MAX_ROOMS_LISTED = 1024             # rooms read from one host's mDNS record, at most
+
+# --- Tunables: the defaults of Limits ----------------------------------------
+
+MAX_MESSAGE_BYTES = 16 * 1024       # largest chat text, in UTF-8 bytes
 MAX_ROOM_MEMBERS = 256              # a room past this refuses new members
 MAX_SESSIONS = 1024                 # connections a host holds at once
 HISTORY_LIMIT = 100                 # messages replayed to a late joiner
@@ -87,13 +109,18 @@ PEER_SILENCE_S = 45.0               # no byte for this long: the peer is gone
 CLOSE_TIMEOUT_S = 2.0               # flushing goodbyes before aborting
 OUTBOX_LIMIT_BYTES = 4 * 1024 * 1024  # queued for one peer before "too slow"
 SEND_STALL_S = 20.0                 # queued bytes, no progress: "too slow"
-TICK_S = 1.0                        # host housekeeping period
+TICK_S = 1.0                        # host housekeeping period, at most
+
+WRITE_BATCH_BYTES = 256 * 1024      # frames handed to a transport at once
+TRANSPORT_HIGH_WATER = 512 * 1024   # a transport's own buffer, before we wait
+INCOMING_LIMIT_BYTES = 2 * 1024 * 1024  # decoded but unhandled: stop reading,
+INCOMING_LIMIT_EVENTS = 4096        # or this many events waiting
 
 DISCOVERY_TIMEOUT_S = 2.0           # --discover listens this long
 DISCOVERY_SETTLE_S = 0.6            # --cli stops browsing this long after a find
 ADVERTISE_DEBOUNCE_S = 0.5          # coalesce TXT updates as rooms change
+RESOLVE_TIMEOUT_S = 1.5             # one mDNS resolve of a host, at most
 
-MAX_CHUNK_BYTES = 64 * 1024         # file data per frame: text overtakes files
 MAX_FILE_SIZE = 4 * 1024 ** 3       # largest file a host relays (--max-file-size)
 FILE_IO_BYTES = 1024 * 1024         # one disk read or write of a file
 BULK_HIGH_WATER = 1024 * 1024       # file bytes queued for one peer at most
@@ -101,11 +128,17 @@ RELAY_WINDOW_BYTES = 4 * 1024 * 1024  # a host keeps this much of a file in memo
 RELAY_WINDOW_MAX_BYTES = 16 * 1024 ** 2  # or this much while recipients drift apart
 MAX_TRANSFERS = 8                   # uploads in progress per session
 PROGRESS_INTERVAL_S = 0.25          # file_progress events per transfer, at most
+DISK_QUEUE_WRITES = 4               # a download's writes queued before reading pauses
+HOST_IO_THREADS = 4                 # a host's threads for spool files
+
+GUI_MAX_SHOWN = 1000                # chat entries kept on screen; older ones go
+GUI_STOP_WAIT_S = 4.0               # closing: wait this long for the core, then go
+
 
 @dataclasses.dataclass(frozen=True)
 class Limits:
     """The tunables a host or client runs with; defaults are the constants
-    above, and 10. MAIN builds one from the command-line flags."""
+    above, and 19. MAIN builds one from the command-line flags."""
     max_frame_bytes: int = MAX_FRAME_BYTES
     max_message_bytes: int = MAX_MESSAGE_BYTES
     max_room_members: int = MAX_ROOM_MEMBERS
@@ -118,7 +151,25 @@ class Limits:
     close_timeout_s: float = CLOSE_TIMEOUT_S
     outbox_limit_bytes: int = OUTBOX_LIMIT_BYTES
     send_stall_s: float = SEND_STALL_S
+    tick_s: float = TICK_S
+    write_batch_bytes: int = WRITE_BATCH_BYTES
+    transport_high_water: int = TRANSPORT_HIGH_WATER
+    incoming_limit_bytes: int = INCOMING_LIMIT_BYTES
+    incoming_limit_events: int = INCOMING_LIMIT_EVENTS
+    discovery_settle_s: float = DISCOVERY_SETTLE_S
+    advertise_debounce_s: float = ADVERTISE_DEBOUNCE_S
+    resolve_timeout_s: float = RESOLVE_TIMEOUT_S
     max_file_size: int = MAX_FILE_SIZE
+    file_io_bytes: int = FILE_IO_BYTES
+    bulk_high_water: int = BULK_HIGH_WATER
+    relay_window_bytes: int = RELAY_WINDOW_BYTES
+    relay_window_max_bytes: int = RELAY_WINDOW_MAX_BYTES
+    max_transfers: int = MAX_TRANSFERS
+    progress_interval_s: float = PROGRESS_INTERVAL_S
+    disk_queue_writes: int = DISK_QUEUE_WRITES
+    host_io_threads: int = HOST_IO_THREADS
+    gui_max_shown: int = GUI_MAX_SHOWN
+    gui_stop_wait_s: float = GUI_STOP_WAIT_S
 
 
 # Error codes a peer or a script may see, in `error{code,message}` events.
@@ -126,7 +177,7 @@ class Limits:
 ERROR_CODES = frozenset({
     "user_taken", "bad_user_id", "bad_room_id", "room_full", "host_full",
     "message_too_long", "bad_message", "no_such_user", "version_mismatch",
-    "bad_frame", "login_timeout", "too_slow", "host_unreachable", "no_host",
+    "bad_frame", "login_timeout", "host_unreachable", "no_host",
     "ambiguous_host", "unknown_command", "not_connected", "calls_unavailable",
     "missing_package", "file_too_large", "not_a_file", "disk_full", "checksum_mismatch",
     "sender_left", "recipient_left", "file_io", "busy", "cancelled", "host_shutdown",
@@ -141,7 +192,8 @@ class ChatError(Exception):
     """
 
     def __init__(self, code: str, message: str) -> None:
-        assert code in ERROR_CODES, f"undocumented error code {code!r}"
+        if code not in ERROR_CODES:         # a bug here, not the peer's: say so loudly
+            raise ValueError(f"undocumented error code {code!r}")
         super().__init__(f"{code}: {message}")
         self.code = code
         self.message = message
@@ -174,6 +226,15 @@ class MissingPackage(ChatError):
 def unix_now() -> float:
     """Wall-clock time in Unix seconds, millisecond precision (what `ts` holds)."""
     return round(time.time(), 3)
+
+
+def log_failure(future: Any, what: str) -> None:
+    """Log the exception of a future nobody awaits (a job handed to a thread
+    pool, say), once it is done: an error must never vanish silently."""
+    def done(f: Any) -> None:
+        if not f.cancelled() and f.exception() is not None:
+            log.error("%s failed", what, exc_info=f.exception())
+    future.add_done_callback(done)
 
 
 def printable(text: str) -> str:
@@ -332,7 +393,7 @@ FIELD_RULES: dict[str, Callable[[Any], Any]] = {
     "user": _NAME,
     "sender": _NAME,
     "host": _rule_str(256),
-    "members": _rule_list(_NAME, 4 * MAX_ROOM_MEMBERS),
+    "members": _rule_list(_NAME, MAX_ROOM_MEMBERS_CAP),
     "text": _rule_str(MAX_FRAME_BYTES),
     "id": _rule_token(64),
     "seq": _rule_int(0, 2 ** 53),
@@ -400,7 +461,8 @@ class Event:
 def _event(cls: type[Event]) -> type[Event]:
     """Register an event class under its TYPE; every field must have a rule."""
     missing = [f.name for f in dataclasses.fields(cls) if f.name not in FIELD_RULES]
-    assert not missing, f"{cls.__name__}: no FIELD_RULES for {missing}"
+    if missing:
+        raise TypeError(f"{cls.__name__}: no FIELD_RULES for {missing}")
     EVENT_TYPES[cls.TYPE] = cls
     return cls
 
@@ -629,7 +691,7 @@ class Chunk(Event):
     the transfer number (4 bytes, big-endian), then the raw bytes."""
     TYPE = "chunk"
     transfer: int
-    data: bytes
+    data: bytes | memoryview            # a slice of what was received: no copy
 
 
 # --- Transitions -------------------------------------------------------------
@@ -713,10 +775,9 @@ def decode_body(body: bytes) -> Event:
         if not 5 <= len(body) <= MAX_CHUNK_BYTES + 5:
             raise RemoteError("bad_frame", f"data frame of {len(body)} bytes")
         transfer = int.from_bytes(body[1:5], "big")
-        body = memoryview(body)
         if not 1 <= transfer <= 2 ** 31:
             raise RemoteError("bad_frame", "data frame for transfer 0")
-        return Chunk(transfer, body[5:])
+        return Chunk(transfer, memoryview(body)[5:])    # file data: never copied
     if body[0] != _JSON_TAG:
         raise RemoteError("bad_frame", f"unknown frame kind 0x{body[0]:02x}")
     try:
@@ -865,7 +926,7 @@ class Wire:
 
 
 # =============================================================================
-# 3. ROOMS: IDs, members, history and help, as a pure state machine
+# 3. ROOMS: IDs, members, history, help and file names, as pure rules
 # =============================================================================
 # Decides what goes to whom and returns it as data: a list of Deliveries,
 # (member handle, Event). It never sends anything, never reads a clock (time
@@ -976,16 +1037,10 @@ HELP
 1. Text chat: type a line and press Enter (or Send). Everyone in this room
    sees it with your name and the time. Rooms are independent: nothing you
    say reaches another room.
-2. Video and voice calls:
-   2.1 Type /CHECK USERID to call someone in this room; the host picks the
-       ports for you.
-   2.2 Or type "ip_of_someone port1 port2" and press the video button to
-       call an address directly with ports you choose.
-   2.3 Only the person you call is told "<you> CALL YOU".
-   2.4 The call connects when they call you back within 1 minute; if they
-       don't, the call fails and you are told they may be busy.
-   2.5 In a video window, ESC closes the call with that person; Backspace
-       on your own window closes all your calls.
+2. Video and voice calls are not available yet: /CHECK USERID and the video
+   button say so. When they come, /CHECK USERID calls someone in this room
+   (they call you back within 1 minute to connect), or "ip port1 port2" and
+   the video button call an address directly.
 3. Files: /send PATH sends a file to everyone in the room; /send PATH @USER
    sends it to that person only. Chat keeps flowing while files move.
 4. System notices: entering and leaving the room, and incoming calls, are
@@ -1046,11 +1101,6 @@ class Rooms:
     def user_of(self, member: Any) -> str | None:
         room = self._where.get(member)
         return room.members[member].user if room else None
-
-    def find(self, member: Any, user: str) -> Any | None:
-        """The handle of `user` in `member`'s room, or None."""
-        room = self._where.get(member)
-        return room.by_key.get(id_key(user)) if room else None
 
     def __len__(self) -> int:
         return len(self._rooms)
@@ -1225,13 +1275,29 @@ def numbered_names(name: str) -> Iterable[str]:
         number += 1
 
 # =============================================================================
-# 4. DISCOVERY: advertise a host and browse for hosts with mDNS (zeroconf)
+# 4. CALLS: (reserved) invitations, links and groups, as a pure state machine
+# =============================================================================
+# Video and voice calls are the next piece of work. Their rules (who may call
+# whom, the one-minute rule, group calls) will live here, free of I/O, with
+# time passed in. Until they land, /CHECK and the video button answer
+# `calls_unavailable`; nothing below depends on this section.
+
+
+# =============================================================================
+# 5. MEDIA PACKETS: (reserved) sealing, packets, reassembly, jitter buffer
+# =============================================================================
+# Pure code for calls: what a UDP media packet holds and how frames are cut
+# into packets and put back together. Reserved, like 4. CALLS.
+
+
+# =============================================================================
+# 6. DISCOVERY: advertise a host and browse for hosts with mDNS (zeroconf)
 # =============================================================================
 # A host registers one `_chatroom._tcp.local.` service whose TXT record says
 # the protocol version (`v`), the host's name (`n`), how many rooms are open
 # (`rc`) and, while they fit in a single packet, each room with its member
 # count (`r0`, `r1`, ... = "3 lobby"). The record is updated, at most every
-# ADVERTISE_DEBOUNCE_S, as rooms come and go, and withdrawn when the host
+# `advertise_debounce_s`, as rooms come and go, and withdrawn when the host
 # stops. Browsing asks multicast (QM) questions: about 150 ms to find a host
 # on these machines, against about 1.1 s with zeroconf's default question.
 #
@@ -1293,7 +1359,7 @@ def decode_txt(props: dict[bytes, bytes | None]) -> tuple[str, int, list, int] |
     except ValueError:
         return None
     rooms = []
-    for index in range(min(total, MAX_SESSIONS)):
+    for index in range(min(total, MAX_ROOMS_LISTED)):
         count, _, room = text.get(f"r{index}", "").partition(" ")
         if not (count.isascii() and count.isdecimal()) or not room \
                 or len(room) > 4 * MAX_ID_CHARS:
@@ -1326,7 +1392,7 @@ def _open_zeroconf(interface: str | None):
 def lan_addresses() -> list[str]:
     """This machine's IPv4 addresses, loopback last (what a host advertises)."""
     try:
-        import ifaddr                       # a dependency of zeroconf
+        import ifaddr  # a dependency of zeroconf
     except ImportError:
         raise MissingPackage("zeroconf", "LAN discovery") from None
     found = [ip.ip for adapter in ifaddr.get_adapters() for ip in adapter.ips
@@ -1337,12 +1403,14 @@ def lan_addresses() -> list[str]:
 class Advertiser:
     """Keeps one host registered on mDNS, its TXT record current."""
 
-    def __init__(self, name: str, port: int, interface: str | None = None) -> None:
+    def __init__(self, name: str, port: int, interface: str | None = None,
+                 debounce_s: float = ADVERTISE_DEBOUNCE_S) -> None:
         self.name = name
         self.port = port
         self.interface = interface
-        self._azc = None                # AsyncZeroconf, once started
-        self._info = None               # the registered ServiceInfo
+        self.debounce_s = debounce_s    # one TXT update per burst of room changes
+        self._azc: Any = None           # AsyncZeroconf, once started
+        self._info: Any = None          # the registered ServiceInfo
         self._rooms: list[tuple[str, int]] = []
         self._update_task: asyncio.Task | None = None
         self._server = f"chatroom-{secrets.token_hex(4)}.local."   # our A record
@@ -1376,7 +1444,7 @@ class Advertiser:
 
     async def _update_soon(self) -> None:
         try:
-            await asyncio.sleep(ADVERTISE_DEBOUNCE_S)   # one update per burst
+            await asyncio.sleep(self.debounce_s)
         finally:
             self._update_task = None
         if self._azc is None:
@@ -1411,13 +1479,16 @@ class HostBrowser:
 
     def __init__(self, interface: str | None = None,
                  on_change: Callable[[list[HostInfo]], None] | None = None,
-                 question_type: str = "QM") -> None:
+                 question_type: str = "QM",
+                 resolve_timeout_s: float = RESOLVE_TIMEOUT_S) -> None:
         self.interface = interface
         self.on_change = on_change
         self.question_type = question_type  # "QM" (fast) or "default" (bench)
+        self.resolve_timeout_s = resolve_timeout_s
         self.hosts: dict[str, HostInfo] = {}
-        self._azc = None
-        self._browser = None
+        self._azc: Any = None
+        self._browser: Any = None
+        self._question: Any = None          # the DNSQuestionType asked
         self._resolving: dict[str, asyncio.Task] = {}   # the newest resolve per name
 
     async def start(self) -> None:
@@ -1443,13 +1514,15 @@ class HostBrowser:
         task = asyncio.get_running_loop().create_task(self._resolve(name),
                                                       name=f"mdns:resolve:{name}")
         self._resolving[name] = task
+        log_failure(task, f"resolving {name}")
         task.add_done_callback(
             lambda done: self._resolving.get(name) is done and self._resolving.pop(name))
 
     async def _resolve(self, name: str) -> None:
         _, _, _, AsyncServiceInfo = _zeroconf()
         info = AsyncServiceInfo(SERVICE_TYPE, name)
-        if not await info.async_request(self._azc.zeroconf, 1500,
+        if not await info.async_request(self._azc.zeroconf,
+                                        round(1000 * self.resolve_timeout_s),
                                         question_type=self._question):
             return
         decoded = decode_txt(info.properties or {})
@@ -1514,41 +1587,28 @@ async def discover(timeout: float = DISCOVERY_TIMEOUT_S, *, interface: str | Non
 
 
 # =============================================================================
-# 5. MEDIA: (reserved) camera, microphone and UDP streams for calls
+# 7. MEDIA DEVICES: (reserved) cameras, codecs, microphones and speakers
 # =============================================================================
-# Video and voice calls are a later issue. Until they land, the terminal
-# client and the window answer /CHECK and the video button with a clear
-# `calls_unavailable` error; nothing in the sections below depends on media.
+# The threads that capture, encode, decode and play for calls. Reserved,
+# like section 4.
 
 
 # =============================================================================
-# 6. HOST: asyncio listener, one session per connection, bounded outboxes
+# 8. CONNECTIONS: Link, one framed TCP connection with two lanes and one writer
 # =============================================================================
-# Owns sockets and time; decisions come from 3. ROOMS and bytes from 2. WIRE.
-# `Link` (one framed connection with its own bounded outbox and its single
-# writer task) is shared with 7. CLIENT CORE, which is why it opens this
-# section rather than living in the host proper.
+# What the host (9) and the client core (11) both talk through. A Link owns
+# one TCP connection: what arrives goes through its Wire (2) and waits, as
+# events, until the owner asks for it; what the owner sends waits in one of
+# two bounded lanes, urgent (control and chat) before bulk (file data), and
+# a single writer task writes it, so frames never interleave and a chat line
+# overtakes a file. It knows nothing of rooms, files or calls, and never
+# decides who is too slow: it reports, its owner decides.
 #
-# Rules this section keeps (README.md, "Protocol and host rules"):
-# - A broadcast never awaits a peer: it offers a frame to each member's
-#   outbox and moves on. A peer whose outbox passes `outbox_limit_bytes`, or
-#   which makes no progress on a non-empty outbox for `send_stall_s`, is too
-#   slow and is disconnected; silently dropping its messages instead would
-#   break "never loses a message", and waiting for it would slow its room.
-# - Every wait on a peer has a deadline: the login (`hello_timeout_s`),
-#   silence (`ping_interval_s`, then `peer_silence_s`), and the goodbye
-#   flush (`close_timeout_s`, then the transport is aborted).
-# - A broken stream gets one error frame with the reason and is closed; no
-#   input reaches anything but that connection's own session.
-# - Shutdown, in the order websockets uses: stop accepting, withdraw the
-#   mDNS record and tell every session at once, wait for the handlers for
-#   `close_timeout_s`, then abort whatever is still open.
-
-# --- Connections (shared with 7. CLIENT CORE) --------------------------------
-
-_WRITE_BATCH_BYTES = 256 * 1024    # frames handed to the transport at once
-_TRANSPORT_HIGH_WATER = 512 * 1024  # the transport's own buffer, before we wait
-_INCOMING_LIMIT_BYTES = 2 * 1024 * 1024   # decoded but unhandled: stop reading
+# Rules it keeps: every lane has a limit (`outbox_limit_bytes` for urgent,
+# `bulk_high_water` for bulk); when the transport's own buffer is full the
+# writer waits (backpressure stays with this peer); when too many received
+# events wait unhandled, reading pauses; a graceful close that the peer does
+# not take within `close_timeout_s` becomes an abort.
 
 
 class LinkProtocol(asyncio.Protocol):
@@ -1558,7 +1618,8 @@ class LinkProtocol(asyncio.Protocol):
     the frame decoder, which slices file data out of it without copying.
     """
 
-    def __init__(self, on_open: Callable[[LinkProtocol], None] | None = None) -> None:
+    def __init__(self, on_open: Callable[[LinkProtocol, asyncio.Transport], None]
+                 | None = None) -> None:
         self.transport: asyncio.Transport | None = None
         self.link: Link | None = None
         self._on_open = on_open
@@ -1570,11 +1631,10 @@ class LinkProtocol(asyncio.Protocol):
             link._data_received(data)
         self._early = []
 
-    def connection_made(self, transport: asyncio.Transport) -> None:
-        self.transport = transport
-        transport.set_write_buffer_limits(high=_TRANSPORT_HIGH_WATER)
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = typing.cast(asyncio.Transport, transport)   # TCP: always
         if self._on_open is not None:
-            self._on_open(self)
+            self._on_open(self, self.transport)
 
     def data_received(self, data: bytes) -> None:
         if self.link is None:
@@ -1617,6 +1677,7 @@ class Link:
         self.transport = transport
         self.limits = limits
         self.name = name                    # "ip:port", for logs and task names
+        transport.set_write_buffer_limits(high=limits.transport_high_water)
         loop = asyncio.get_running_loop()
         self.last_heard = loop.time()       # last byte received
         self.last_progress = loop.time()    # last time an outbox got shorter
@@ -1627,6 +1688,7 @@ class Link:
         self._urgent: collections.deque[bytes] = collections.deque()
         self._bulk: collections.deque[tuple[bytes, Any]] = collections.deque()
         self._wakeup = asyncio.Event()
+        self._urgent_room = asyncio.Event()  # set when the urgent lane got shorter
         self._bulk_room = asyncio.Event()   # set while the bulk lane takes more
         self._bulk_room.set()
         self._can_write = asyncio.Event()   # cleared while the transport is full
@@ -1640,6 +1702,7 @@ class Link:
         self._error: RemoteError | None = None
         self._abort_timer: asyncio.TimerHandle | None = None
         self.writer_task = loop.create_task(self._write_loop(), name=f"outbox:{name}")
+        log_failure(self.writer_task, f"writing to {name}")
 
     # --- sending ---
 
@@ -1680,7 +1743,7 @@ class Link:
             self.last_progress = asyncio.get_running_loop().time()
         self._bulk.append((chunk_header(transfer, len(data)), data))
         self.bulk_bytes += len(data) + _CHUNK_HEADER.size
-        if self.bulk_bytes >= BULK_HIGH_WATER:
+        if self.bulk_bytes >= self.limits.bulk_high_water:
             self._bulk_room.clear()
         self._wakeup.set()
 
@@ -1698,6 +1761,17 @@ class Link:
         """Wait until the bulk lane can take more. False if the link closed."""
         await self._bulk_room.wait()
         return not self.closing
+
+    async def offer_when_room(self, event: Event) -> bool:
+        """Queue `event` in the urgent lane, waiting while it is full (for a
+        sender that would rather wait than be refused: our own typing).
+        False, queuing nothing, once the link no longer accepts frames."""
+        while not self.offer(event):
+            if not self.accepting:
+                return False
+            self._urgent_room.clear()
+            await self._urgent_room.wait()  # the writer took some, or we closed
+        return True
 
     def _push(self, frame: bytes) -> None:
         if not self._urgent and not self._bulk:
@@ -1748,21 +1822,23 @@ class Link:
             while not self._lost:
                 if self._urgent:
                     batch, size = [], 0
-                    while self._urgent and size < _WRITE_BATCH_BYTES:
+                    while self._urgent and size < self.limits.write_batch_bytes:
                         frame = self._urgent.popleft()
                         batch.append(frame)
                         size += len(frame)
                     transport.writelines(batch)
                     self.queued_bytes -= size
+                    self._urgent_room.set()
                 elif self._bulk:
                     batch, size = [], 0
-                    while self._bulk and size < _WRITE_BATCH_BYTES and not self._urgent:
+                    while self._bulk and size < self.limits.write_batch_bytes \
+                            and not self._urgent:
                         header, data = self._bulk.popleft()
                         batch += (header, data)
                         size += len(header) + len(data)
                     transport.writelines(batch)
                     self.bulk_bytes = max(0, self.bulk_bytes - size)
-                    if self.bulk_bytes < BULK_HIGH_WATER // 2:
+                    if self.bulk_bytes < self.limits.bulk_high_water // 2:
                         self._bulk_room.set()
                 elif self.closing:
                     break
@@ -1777,6 +1853,7 @@ class Link:
                 self._abort_timer.cancel()
             self.closing = True
             self._drop_bulk()
+            self._urgent_room.set()         # wake a waiting sender: it sees `closing`
             transport.close()               # flushes what the transport holds
 
     # --- receiving ---
@@ -1800,7 +1877,8 @@ class Link:
                 self._incoming_bytes += len(event.data)
         self._arrived.set()
         if not self._reading_paused and not self._lost and (
-                self._incoming_bytes > _INCOMING_LIMIT_BYTES or len(self._incoming) > 4096):
+                self._incoming_bytes > self.limits.incoming_limit_bytes
+                or len(self._incoming) > self.limits.incoming_limit_events):
             self._reading_paused = True     # the consumer is behind: stop reading
             self.transport.pause_reading()
 
@@ -1818,6 +1896,7 @@ class Link:
         self._arrived.set()
         self._wakeup.set()
         self._bulk_room.set()
+        self._urgent_room.set()
 
     async def receive(self) -> list[Event] | None:
         """The next events from the peer, in order; None at end of stream.
@@ -1855,33 +1934,88 @@ class Link:
 _CHUNK_PROBE = Chunk(1, b"")                # what check_send needs to know: the type
 
 
+# =============================================================================
+# 9. HOST: sessions, rooms, the file relay, shutdown (asyncio)
+# =============================================================================
+# The room host: accepts connections, gives each a Session over a Link (8),
+# runs every room decision through Rooms (3), relays files through
+# HostFiles, and advertises itself through 6. DISCOVERY. Owns sockets,
+# time and the spool folder; decides nothing that 3. ROOMS decides.
+#
+# Rules this section keeps (README.md, "Protocol and host rules"):
+# - A broadcast never awaits a peer: it offers a frame to each member's
+#   outbox and moves on. A peer whose outbox passes `outbox_limit_bytes`, or
+#   which makes no progress on a non-empty outbox for `send_stall_s`, is too
+#   slow and is disconnected; silently dropping its messages instead would
+#   break "never loses a message", and waiting for it would slow its room.
+# - Every wait on a peer has a deadline: the login (`hello_timeout_s`),
+#   silence (`ping_interval_s`, then `peer_silence_s`), and the goodbye
+#   flush (`close_timeout_s`, then the transport is aborted).
+# - A broken stream gets one error frame with the reason and is closed; no
+#   input reaches anything but that connection's own session.
+# - Shutdown, in the order websockets uses: stop accepting, withdraw the
+#   mDNS record and tell every session at once, wait for the handlers for
+#   `close_timeout_s`, then abort whatever is still open.
+
 # --- File relay --------------------------------------------------------------
+# HostFiles owns the host's side of files: the uploads coming in, the relays
+# going out, the spool folder and the threads that write it. The host hands
+# it every file event (its dispatch table says which) and tells it when a
+# session goes; HostFiles answers through the host's `deliver`, so rooms and
+# sessions never learn how a file moves.
+
+class UploadState(enum.Enum):
+    RECEIVING = "receiving"         # data is arriving from the sender
+    COMPLETE = "complete"           # every byte arrived, the size matched
+    FAILED = "failed"               # it ended without the file (see `failure`)
+
+
+class RelayState(enum.Enum):
+    SENDING = "sending"             # handing the file to the recipient's link
+    SENT = "sent"                   # sent all it will send; awaiting the answer
+    FINISHED = "finished"           # the recipient saved it, refused it, or left
+
+
+# (state, what happened) -> the next state. A pair not listed does not move:
+# it is late or repeated news (a failure after the end, a second answer).
+UPLOAD_MOVES: dict[tuple[UploadState, str], UploadState] = {
+    (UploadState.RECEIVING, "ended"): UploadState.COMPLETE,
+    (UploadState.RECEIVING, "failed"): UploadState.FAILED,
+}
+RELAY_MOVES: dict[tuple[RelayState, str], RelayState] = {
+    (RelayState.SENDING, "sent"): RelayState.SENT,
+    (RelayState.SENDING, "answered"): RelayState.FINISHED,
+    (RelayState.SENT, "answered"): RelayState.FINISHED,
+}
+
 
 class Upload:
     """A file coming into the host from one session, on its way to recipients.
 
-    Recent data stays in memory, in a window of RELAY_WINDOW_BYTES (up to
-    RELAY_WINDOW_MAX_BYTES while recipients drift apart), and every
+    Recent data stays in memory, in a window of `relay_window_bytes` (up to
+    `relay_window_max_bytes` while recipients drift apart), and every
     recipient that keeps up is served from there. A chunk leaves the window
     when no recipient needs it any more; or, once the window is at its
-    largest and the leading recipient keeps up while another lags, after
-    it has been written to a spool file, from which the laggard catches up
-    at its own pace. When every recipient is behind, the sender is paused
-    instead: spilling then would cost a disk write and read for nothing. So a slow recipient never
-    slows the others (a plain relay would hold everyone to the slowest, or
-    buffer without bound), nothing touches the disk unless recipients
-    drift apart, and memory stays flat whatever the file's size.
+    largest and the leading recipient keeps up while another lags, after it
+    has been written to a spool file, from which the laggard catches up at
+    its own pace. When every recipient is behind, the sender is paused
+    instead: spilling then would cost a disk write and read for nothing. So
+    a slow recipient never slows the others (a plain relay would hold
+    everyone to the slowest, or buffer without bound), nothing touches the
+    disk unless recipients drift apart, and memory stays flat whatever the
+    file's size.
     """
 
-    def __init__(self, host: Host, sender: Session, offer: FileOffer,
+    def __init__(self, files: HostFiles, sender: Session, offer: FileOffer,
                  sender_name: str) -> None:
-        self.host = host
+        self.files = files
+        self.limits = files.limits
         self.sender: Session | None = sender    # None once the sender has left
         self.offer = offer
         self.sender_name = sender_name
+        self.state = UploadState.RECEIVING
         self.received = 0                   # bytes taken from the network
         self.sha256 = ""                    # as the sender announced it, at the end
-        self.complete = False               # every byte received, size checked
         self.failure: FileAbort | None = None   # why the upload failed, if it did
         self.relays: list[Relay] = []
         self.window: collections.deque[Any] = collections.deque()  # chunks in memory
@@ -1889,7 +2023,7 @@ class Upload:
         self.base_offset = 0                # file offset of window[0]
         self.base_index = 0                 # chunk number of window[0]
         self.spool_path = ""                # made when something must be spilled
-        self._spool = None                  # its write handle (in the io thread)
+        self._spool: Any = None             # its write handle (in the io thread)
         self.readers = 1                    # the evicting task and each relay
         self._over = asyncio.Event()        # the window is over its size
         self._room = asyncio.Event()        # the sender may go on
@@ -1898,10 +2032,19 @@ class Upload:
         self._moved = asyncio.Event()       # set when a relay advances or ends
         self.task = asyncio.get_running_loop().create_task(
             self._evict(), name=f"upload:{sender.link.name}:{offer.transfer}")
+        log_failure(self.task, f"relaying {offer.name!r}")
+
+    def _move(self, what: str) -> bool:
+        """Take the lifecycle step `what`; False if it doesn't apply now."""
+        state = UPLOAD_MOVES.get((self.state, what))
+        if state is None:
+            return False
+        self.state = state
+        return True
 
     def add(self, data: Any) -> Any:
         """Take one chunk; returns an awaitable when the sender must wait."""
-        if self.failure or self.complete or self.sha256 or not data:
+        if self.state is not UploadState.RECEIVING or self.sha256 or not data:
             return None
         if self.received + len(data) > self.offer.size:
             self.fail("bad_frame", "more data than the offer announced")
@@ -1910,35 +2053,35 @@ class Upload:
         self.window.append(data)
         self.window_bytes += len(data)
         self._wake()
-        if self.window_bytes > RELAY_WINDOW_BYTES:
+        if self.window_bytes > self.limits.relay_window_bytes:
             self._over.set()
-            if self.window_bytes > RELAY_WINDOW_MAX_BYTES:
+            if self.window_bytes > self.limits.relay_window_max_bytes:
                 self._room.clear()
                 return self._room.wait()
         return None
 
     def end(self, sha256: str) -> None:
         """The sender says all data is sent, and what its hash is."""
-        if self.failure or self.complete or self.sha256:
+        if self.state is not UploadState.RECEIVING or self.sha256:
             return
         self.sha256 = sha256
         if self.received != self.offer.size:
             self.fail("bad_frame", f"the sender sent {self.received} of "
                       f"{self.offer.size} bytes")
             return
-        self.complete = True
+        self._move("ended")
         self._wake()
         self._over.set()                    # the evicting task may finish now
-        self._tell_sender(FileStored(self.offer.transfer))
+        self.tell_sender(FileStored(self.offer.transfer))
 
     def needs(self, end: int) -> bool:
         """Does a recipient still need bytes before file offset `end`?"""
-        return any(not relay.done and relay.offset < end for relay in self.relays)
+        return any(relay.sending and relay.offset < end for relay in self.relays)
 
     def leader_keeps_up(self) -> bool:
         """Is some recipient within a window of the newest data?"""
-        return any(not relay.done and relay.offset >= self.received - RELAY_WINDOW_BYTES
-                   for relay in self.relays)
+        behind = self.received - self.limits.relay_window_bytes
+        return any(relay.sending and relay.offset >= behind for relay in self.relays)
 
     def relay_moved(self) -> None:
         self._moved.set()
@@ -1946,37 +2089,39 @@ class Upload:
     async def _evict(self) -> None:
         """Keep the window near its size, spilling what someone still needs."""
         loop = asyncio.get_running_loop()
+        limits = self.limits
         try:
-            while not self.failure:
+            while self.state is not UploadState.FAILED:
                 await self._over.wait()
-                while self.window_bytes > RELAY_WINDOW_BYTES and not self.failure:
+                while self.window_bytes > limits.relay_window_bytes and \
+                        self.state is not UploadState.FAILED:
                     count, size = 0, 0
                     for chunk in self.window:
-                        if size >= FILE_IO_BYTES:
+                        if size >= limits.file_io_bytes:
                             break
                         count += 1
                         size += len(chunk)
                     if self.needs(self.base_offset + size):
-                        if self.window_bytes < RELAY_WINDOW_MAX_BYTES or \
+                        if self.window_bytes < limits.relay_window_max_bytes or \
                                 not self.leader_keeps_up():  # wait for the relays
                             self._moved.clear()
                             await self._moved.wait()
                             continue
                         batch = list(itertools.islice(self.window, count))
-                        await loop.run_in_executor(self.host.io, self._spill,
+                        await loop.run_in_executor(self.files.io, self._spill,
                                                    self.base_offset, batch)
-                    if self.failure:
+                    if self.state is UploadState.FAILED:
                         break
                     for _ in range(count):
                         self.window.popleft()
                     self.window_bytes -= size
                     self.base_offset += size
                     self.base_index += count
-                    if self.window_bytes <= RELAY_WINDOW_MAX_BYTES:
+                    if self.window_bytes <= limits.relay_window_max_bytes:
                         self._room.set()
                     self._wake()
                 self._over.clear()
-                if self.complete:
+                if self.state is UploadState.COMPLETE:
                     break
         except OSError as exc:
             code = "disk_full" if exc.errno == errno.ENOSPC else "file_io"
@@ -1984,14 +2129,14 @@ class Upload:
         finally:
             self._room.set()
             if self._spool is not None:
-                await loop.run_in_executor(self.host.io, self._spool.close)
+                await loop.run_in_executor(self.files.io, self._spool.close)
             self.release()
 
     def _spill(self, offset: int, chunks: list[Any]) -> None:
         """Write chunks at `offset` of the spool file (io thread)."""
         if self._spool is None:
             handle, self.spool_path = tempfile.mkstemp(prefix="up-",
-                                                       dir=self.host.spool_dir)
+                                                       dir=self.files.spool_dir)
             self._spool = os.fdopen(handle, "r+b", buffering=0)
         self._spool.seek(offset)
         for chunk in chunks:
@@ -2001,10 +2146,10 @@ class Upload:
 
     def fail(self, code: str, reason: str) -> None:
         """Stop the upload: the sender and every recipient still waiting are told."""
-        if self.failure or self.complete:
-            return
+        if not self._move("failed"):
+            return                          # complete, or failed already
         self.failure = FileAbort(self.offer.transfer, code, reason)
-        self._tell_sender(FileRefuse(self.offer.transfer, code, reason))
+        self.tell_sender(FileRefuse(self.offer.transfer, code, reason))
         self.window.clear()
         self.window_bytes = 0
         self._over.set()
@@ -2017,11 +2162,11 @@ class Upload:
         self.readers -= 1
         if self.readers == 0:
             self.window.clear()
-            self.host.forget_upload(self)
+            self.files.forget_upload(self)
 
-    def _tell_sender(self, event: Event) -> None:
+    def tell_sender(self, event: Event) -> None:
         if self.sender is not None:
-            self.host.deliver([(self.sender, event)])
+            self.files.deliver([(self.sender, event)])
 
     def _wake(self) -> None:
         self._grew.set()
@@ -2039,26 +2184,40 @@ class Relay:
         self.upload = upload
         self.recipient = recipient
         self.number = number                # the recipient's transfer number
+        self.state = RelayState.SENDING
         self.offset = 0                     # bytes handed to the recipient's link
         self.index = 0                      # chunks handed over (while in memory)
-        self.done = False                   # sent all it will send
-        self.finished = False               # the recipient said saved or refused
         upload.relays.append(self)
         upload.readers += 1
         self.task = asyncio.get_running_loop().create_task(
             self._run(), name=f"relay:{recipient.link.name}:{number}")
+        log_failure(self.task, f"relaying {upload.offer.name!r} to {recipient.link.name}")
+
+    @property
+    def sending(self) -> bool:
+        return self.state is RelayState.SENDING
+
+    def answered(self) -> bool:
+        """The recipient saved, refused or left: True if that is news (the
+        first answer), and then the relay stops sending."""
+        state = RELAY_MOVES.get((self.state, "answered"))
+        if state is None:
+            return False
+        self.state = state
+        self.task.cancel()
+        return True
 
     async def _run(self) -> None:
-        upload, link, host = self.upload, self.recipient.link, self.upload.host
-        offer = upload.offer
-        host.deliver([(self.recipient, FileAnnounce(
+        upload, link, files = self.upload, self.recipient.link, self.upload.files
+        offer, limits = upload.offer, upload.limits
+        files.deliver([(self.recipient, FileAnnounce(
             self.number, upload.sender_name, offer.name, offer.size, offer.to))])
         loop = asyncio.get_running_loop()
         spool = None                        # our read handle, once we need the disk
         try:
             while not link.closing:
                 if upload.failure is not None:
-                    host.deliver([(self.recipient, dataclasses.replace(
+                    files.deliver([(self.recipient, dataclasses.replace(
                         upload.failure, transfer=self.number))])
                     return
                 if self.offset < upload.received:
@@ -2067,10 +2226,10 @@ class Relay:
                     if self.offset < upload.base_offset:    # fell behind: disk
                         if spool is None:
                             spool = await loop.run_in_executor(
-                                host.io, open, upload.spool_path, "rb", 0)
-                        want = min(FILE_IO_BYTES, upload.base_offset - self.offset)
+                                files.io, open, upload.spool_path, "rb", 0)
+                        want = min(limits.file_io_bytes, upload.base_offset - self.offset)
                         data = memoryview(await loop.run_in_executor(
-                            host.io, _read_at, spool, self.offset, want))
+                            files.io, _read_at, spool, self.offset, want))
                         for start in range(0, len(data), MAX_CHUNK_BYTES):
                             link.offer_chunk(self.number, data[start:start + MAX_CHUNK_BYTES])
                         self.offset += len(data)
@@ -2084,22 +2243,22 @@ class Relay:
                         self.offset += len(chunk)
                         self.index += 1
                         sent += len(chunk)
-                        if sent >= FILE_IO_BYTES:
+                        if sent >= limits.file_io_bytes:
                             break
                     upload.relay_moved()
-                elif upload.complete:
+                elif upload.state is UploadState.COMPLETE:
                     link.offer_after_bulk(FileEnd(self.number, upload.sha256))
                     return
                 else:
                     await upload.grown()
         except OSError as exc:              # the spool vanished: tell, don't crash
-            host.deliver([(self.recipient, FileAbort(self.number, "file_io",
-                                                     f"the host lost the file: {exc}"))])
+            files.deliver([(self.recipient, FileAbort(self.number, "file_io",
+                                                      f"the host lost the file: {exc}"))])
         finally:
-            self.done = True
+            self.state = RELAY_MOVES.get((self.state, "sent"), self.state)
             upload.relay_moved()
             if spool is not None:
-                await loop.run_in_executor(host.io, spool.close)
+                await loop.run_in_executor(files.io, spool.close)
             upload.release()
 
 
@@ -2108,7 +2267,144 @@ def _read_at(handle: Any, offset: int, size: int) -> bytes:
     return handle.read(size)
 
 
+class HostFiles:
+    """The host's file relay: uploads, their relays, the spool folder.
+
+    `start()` makes the spool folder and the io threads; `close()` fails
+    what is still moving and removes them. The `on_*` methods take one
+    file event from a session (the Wire has checked it may come now);
+    `forget(session, user)` is called when a session leaves its room.
+    """
+
+    def __init__(self, limits: Limits, rooms: Rooms,
+                 deliver: Callable[[list[Delivery]], None],
+                 spool_parent: str | None = None) -> None:
+        self.limits = limits
+        self.rooms = rooms                  # read only: who a file goes to
+        self.deliver = deliver              # the host's: offer events to sessions
+        self._spool_parent = spool_parent   # where our spool folder goes
+        self.spool_dir = ""                 # our own folder, made by start()
+        self.io: concurrent.futures.ThreadPoolExecutor | None = None   # disk work
+        self.uploads: set[Upload] = set()
+
+    def start(self) -> None:
+        self.spool_dir = tempfile.mkdtemp(prefix="chatroom-spool-", dir=self._spool_parent)
+        self.io = concurrent.futures.ThreadPoolExecutor(self.limits.host_io_threads,
+                                                        thread_name_prefix="host-io")
+
+    async def close(self) -> None:
+        """Fail every upload still moving, wait (briefly) for their tasks,
+        then stop the io threads and remove the spool folder."""
+        for upload in list(self.uploads):
+            upload.fail("host_shutdown", "the host is shutting down")
+        tasks = [t for u in self.uploads for t in [u.task] + [r.task for r in u.relays]]
+        if tasks:
+            await asyncio.wait(tasks, timeout=self.limits.close_timeout_s)
+        self.abandon()
+
+    def abandon(self) -> None:
+        """Stop the io threads and remove the spool folder, now."""
+        if self.io is not None:
+            self.io.shutdown(wait=False, cancel_futures=True)
+            self.io = None
+        if self.spool_dir:
+            shutil.rmtree(self.spool_dir, ignore_errors=True)
+
+    # --- events from a session ---
+
+    def on_offer(self, session: Session, offer: FileOffer) -> None:
+        def refuse(code: str, reason: str) -> None:
+            self.deliver([(session, FileRefuse(offer.transfer, code, reason))])
+
+        limits = self.limits
+        if offer.transfer in session.uploads:
+            return refuse("bad_frame", f"transfer {offer.transfer} is already in use")
+        if len(session.uploads) >= limits.max_transfers:
+            return refuse("busy", f"at most {limits.max_transfers} files at once; wait "
+                          "for one to finish")
+        if offer.size > limits.max_file_size:
+            return refuse("file_too_large", f"the file is {offer.size} bytes; this "
+                          f"host takes at most {limits.max_file_size}")
+        try:
+            recipients = self.rooms.recipients(session, offer.to)
+        except Refused as refusal:
+            return refuse(refusal.code, refusal.message)
+        upload = Upload(self, session, offer, self.rooms.user_of(session) or "?")
+        session.uploads[offer.transfer] = upload
+        self.uploads.add(upload)
+        for recipient in recipients:
+            recipient.next_download += 1
+            number = recipient.next_download
+            recipient.downloads[number] = Relay(upload, recipient, number)
+        log.info("%s sends %r (%d bytes) to %d", session.link.name, offer.name,
+                 offer.size, len(recipients))
+        self.deliver([(session, FileAccept(offer.transfer))])
+
+    def on_chunk(self, session: Session, chunk: Chunk) -> Any:
+        """File data; returns an awaitable when the session must stop
+        reading until it completes (the relay's window is full)."""
+        upload = session.uploads.get(chunk.transfer)
+        return upload.add(chunk.data) if upload is not None else None  # late: ignore
+
+    def on_end(self, session: Session, end: FileEnd) -> None:
+        upload = session.uploads.get(end.transfer)
+        if upload is not None:
+            upload.end(end.sha256)
+
+    def on_abort(self, session: Session, abort: FileAbort) -> None:
+        upload = session.uploads.pop(abort.transfer, None)
+        if upload is not None:
+            upload.sender = None            # it knows; don't answer its abort
+            upload.fail(abort.code, f"{upload.sender_name} cancelled: {abort.reason}")
+
+    def on_answer(self, session: Session, event: FileSaved | FileRefuse) -> None:
+        """A recipient saved (FileSaved) or gave up on (FileRefuse) a download."""
+        relay = session.downloads.pop(event.transfer, None)
+        if relay is None or not relay.answered():
+            return
+        user = self.rooms.user_of(session) or "?"
+        upload = relay.upload
+        if isinstance(event, FileSaved):
+            upload.tell_sender(FileDelivered(upload.offer.transfer, user))
+        else:
+            upload.tell_sender(FileRefuse(upload.offer.transfer, event.code,
+                                          f"{user}: {event.reason}", user))
+
+    # --- sessions going, uploads ending ---
+
+    def forget(self, session: Session, user: str) -> None:
+        """`session` (`user`) left its room: its unfinished uploads fail
+        (recipients are told the sender left; a complete upload goes on to
+        its recipients), and the senders of files still coming to it are
+        told it left."""
+        for upload in session.uploads.values():
+            upload.sender = None
+            upload.fail("sender_left", f"{user} left before the file was complete")
+        session.uploads.clear()
+        for relay in session.downloads.values():
+            if relay.answered():
+                relay.upload.tell_sender(FileRefuse(
+                    relay.upload.offer.transfer, "recipient_left",
+                    f"{user} left before saving the file", user))
+        session.downloads.clear()
+
+    def forget_upload(self, upload: Upload) -> None:
+        """The upload and its relays are done: drop it and its spool file."""
+        self.uploads.discard(upload)
+        if upload.sender is not None and \
+                upload.sender.uploads.get(upload.offer.transfer) is upload:
+            del upload.sender.uploads[upload.offer.transfer]
+        if upload.spool_path:
+            try:
+                os.unlink(upload.spool_path)
+            except OSError as exc:          # the folder goes at close anyway
+                log.warning("can't remove spool file %s: %s", upload.spool_path, exc)
+
+
 # --- Sessions and the host ---------------------------------------------------
+
+_TICKS_PER_DEADLINE = 4     # the host looks at each deadline this often, at least
+
 
 class Session:
     """The host's side of one client connection."""
@@ -2175,29 +2471,38 @@ class Host:
                            max_message_bytes=limits.max_message_bytes,
                            max_members=limits.max_room_members,
                            max_file_size=limits.max_file_size)
+        self.files = HostFiles(limits, self.rooms, self.deliver, spool_dir)
         self.sessions: set[Session] = set()
-        self.advertiser = Advertiser(self.name, port, interface) if advertise else None
-        self._server: asyncio.base_events.Server | None = None
+        self.advertiser = Advertiser(self.name, port, interface,
+                                     limits.advertise_debounce_s) if advertise else None
+        self._server: asyncio.Server | None = None
         self._handlers: set[asyncio.Task] = set()
         self._ticker: asyncio.Task | None = None
         self._closed = asyncio.Event()
-        self._spool_parent = spool_dir      # where our spool folder goes
-        self.spool_dir = ""                 # our own folder, made by start()
-        self.io: concurrent.futures.ThreadPoolExecutor | None = None   # disk work
-        self.uploads: set[Upload] = set()
+        self._started = False               # start() was called (close() then cleans up)
+        # What each event from a client does: the Wire has already checked
+        # that the event may come in the session's state.
+        self._dispatch: dict[type[Event], Callable[[Session, Any], Any]] = {
+            Hello: self._on_hello, Say: self._on_say, Who: self._on_who, Bye: self._on_bye,
+            Ping: self._on_ping,
+            FileOffer: self.files.on_offer, Chunk: self.files.on_chunk,
+            FileEnd: self.files.on_end, FileAbort: self.files.on_abort,
+            FileSaved: self.files.on_answer, FileRefuse: self.files.on_answer,
+        }
 
     async def start(self) -> None:
         """Bind and advertise. On failure (a taken port, say) everything
         started is undone before the error propagates; `close()` is then a
         no-op."""
-        self.spool_dir = tempfile.mkdtemp(prefix="chatroom-spool-", dir=self._spool_parent)
-        self.io = concurrent.futures.ThreadPoolExecutor(4, thread_name_prefix="host-io")
+        self._started = True
+        self.files.start()
         try:
             self._server = await asyncio.get_running_loop().create_server(
                 lambda: LinkProtocol(self._accept), self.bind, self.port)
             self.port = self._server.sockets[0].getsockname()[1]
             self._ticker = asyncio.get_running_loop().create_task(self._tick(),
                                                                   name="host:tick")
+            log_failure(self._ticker, "the host's housekeeping")
             if self.advertiser is not None:
                 self.advertiser.port = self.port
                 await self.advertiser.start()
@@ -2216,9 +2521,7 @@ class Host:
             self._ticker.cancel()
         if self.advertiser is not None:
             await self.advertiser.close()
-        self.io.shutdown(wait=False, cancel_futures=True)
-        self.io = None
-        shutil.rmtree(self.spool_dir, ignore_errors=True)
+        self.files.abandon()
         self._closed.set()
 
     async def wait_closed(self) -> None:
@@ -2229,7 +2532,7 @@ class Host:
         at most `close_timeout_s` before aborting what is left. Idempotent,
         and harmless on a host that never started (or failed to)."""
         if self._server is None:
-            if self.io is None and not self._closed.is_set():  # never started
+            if not self._started and not self._closed.is_set():  # never started
                 if self.advertiser is not None:
                     await self.advertiser.close()
                 self._closed.set()
@@ -2254,22 +2557,16 @@ class Host:
                     session.link.abort(reason)
                 await asyncio.wait(pending)
         await server.wait_closed()
-        for upload in list(self.uploads):   # handlers are gone; finish their tasks
-            upload.fail("host_shutdown", "the host is shutting down")
-        tasks = [t for u in self.uploads for t in [u.task] + [r.task for r in u.relays]]
-        if tasks:
-            await asyncio.wait(tasks, timeout=self.limits.close_timeout_s)
-        self.io.shutdown(wait=False, cancel_futures=True)
-        shutil.rmtree(self.spool_dir, ignore_errors=True)
+        await self.files.close()            # handlers are gone; finish their tasks
         self._closed.set()
         log.info("host %r closed", self.name)
 
     # --- connections ---
 
-    def _accept(self, protocol: LinkProtocol) -> None:
+    def _accept(self, protocol: LinkProtocol, transport: asyncio.Transport) -> None:
         """A new connection: give it a Link and a handler task."""
-        peer = protocol.transport.get_extra_info("peername") or ("?", 0)
-        link = Link(Wire(Role.HOST, self.limits.max_frame_bytes), protocol.transport,
+        peer = transport.get_extra_info("peername") or ("?", 0)
+        link = Link(Wire(Role.HOST, self.limits.max_frame_bytes), transport,
                     self.limits, f"{peer[0]}:{peer[1]}")
         protocol.attach(link)
         task = asyncio.get_running_loop().create_task(self._handle(link),
@@ -2295,27 +2592,13 @@ class Host:
             self._handlers.discard(task)
 
     def forget(self, session: Session) -> None:
-        """Take a session out of its room (idempotent; the handler's last act).
-
-        Its unfinished uploads fail (recipients are told the sender left;
-        a complete upload goes on to its recipients), and the senders of
-        files still coming to it are told it left.
-        """
-        if self.rooms.room_of(session) is None:
-            return
+        """Take a session out of its room (idempotent; the handler's last
+        act): its files are dealt with (HostFiles.forget), and the room is
+        told."""
         user = self.rooms.user_of(session)
-        for upload in session.uploads.values():
-            upload.sender = None
-            upload.fail("sender_left", f"{user} left before the file was complete")
-        session.uploads.clear()
-        for relay in session.downloads.values():
-            relay.task.cancel()
-            if not relay.finished:
-                relay.finished = True
-                relay.upload._tell_sender(FileRefuse(
-                    relay.upload.offer.transfer, "recipient_left",
-                    f"{user} left before saving the file", user))
-        session.downloads.clear()
+        if user is None:
+            return
+        self.files.forget(session, user)
         why = session.link.close_reason
         shown = "" if why in ("bye", "host_shutdown") else why
         self.deliver(self.rooms.leave(session, unix_now(), shown))
@@ -2332,8 +2615,8 @@ class Host:
         it is allowed now). Returns an awaitable when the session must stop
         reading until it completes (its file is arriving faster than the
         disk takes it), else None."""
-        handler = self._handlers_by_type.get(type(event))
-        return handler(self, session, event) if handler is not None else None
+        handler = self._dispatch.get(type(event))
+        return handler(session, event) if handler is not None else None
 
     def _on_hello(self, session: Session, hello: Hello) -> None:
         link = session.link
@@ -2365,81 +2648,6 @@ class Host:
     def _on_ping(self, session: Session, ping: Ping) -> None:
         self.deliver([(session, Pong(ping.n))])
 
-    def _on_file_offer(self, session: Session, offer: FileOffer) -> None:
-        def refuse(code: str, reason: str) -> None:
-            self.deliver([(session, FileRefuse(offer.transfer, code, reason))])
-
-        if offer.transfer in session.uploads:
-            return refuse("bad_frame", f"transfer {offer.transfer} is already in use")
-        if len(session.uploads) >= MAX_TRANSFERS:
-            return refuse("busy", f"at most {MAX_TRANSFERS} files at once; wait "
-                          "for one to finish")
-        if offer.size > self.limits.max_file_size:
-            return refuse("file_too_large", f"the file is {offer.size} bytes; this "
-                          f"host takes at most {self.limits.max_file_size}")
-        try:
-            recipients = self.rooms.recipients(session, offer.to)
-        except Refused as refusal:
-            return refuse(refusal.code, refusal.message)
-        upload = Upload(self, session, offer, self.rooms.user_of(session))
-        session.uploads[offer.transfer] = upload
-        self.uploads.add(upload)
-        for recipient in recipients:
-            recipient.next_download += 1
-            number = recipient.next_download
-            recipient.downloads[number] = Relay(upload, recipient, number)
-        log.info("%s sends %r (%d bytes) to %d", session.link.name, offer.name,
-                 offer.size, len(recipients))
-        self.deliver([(session, FileAccept(offer.transfer))])
-
-    def _on_chunk(self, session: Session, chunk: Chunk) -> Any:
-        upload = session.uploads.get(chunk.transfer)
-        return upload.add(chunk.data) if upload is not None else None  # late: ignore
-
-    def _on_file_end(self, session: Session, end: FileEnd) -> None:
-        upload = session.uploads.get(end.transfer)
-        if upload is not None:
-            upload.end(end.sha256)
-
-    def _on_file_abort(self, session: Session, abort: FileAbort) -> None:
-        upload = session.uploads.pop(abort.transfer, None)
-        if upload is not None:
-            upload.sender = None            # it knows; don't answer its abort
-            upload.fail(abort.code, f"{upload.sender_name} cancelled: {abort.reason}")
-
-    def _on_file_done(self, session: Session, event: FileSaved | FileRefuse) -> None:
-        """A recipient saved (FileSaved) or gave up on (FileRefuse) a download."""
-        relay = session.downloads.pop(event.transfer, None)
-        if relay is None or relay.finished:
-            return
-        relay.finished = True
-        user = self.rooms.user_of(session) or "?"
-        upload = relay.upload
-        if isinstance(event, FileSaved):
-            upload._tell_sender(FileDelivered(upload.offer.transfer, user))
-        else:
-            relay.task.cancel()
-            upload._tell_sender(FileRefuse(upload.offer.transfer, event.code,
-                                           f"{user}: {event.reason}", user))
-
-    def forget_upload(self, upload: Upload) -> None:
-        """The upload and its relays are done: drop it and its spool file."""
-        self.uploads.discard(upload)
-        if upload.sender is not None and \
-                upload.sender.uploads.get(upload.offer.transfer) is upload:
-            del upload.sender.uploads[upload.offer.transfer]
-        if upload.spool_path:
-            try:
-                os.unlink(upload.spool_path)
-            except OSError:
-                pass
-
-    _handlers_by_type: ClassVar[dict] = {
-        Hello: _on_hello, Say: _on_say, Who: _on_who, Bye: _on_bye, Ping: _on_ping,
-        FileOffer: _on_file_offer, Chunk: _on_chunk, FileEnd: _on_file_end,
-        FileAbort: _on_file_abort, FileSaved: _on_file_done, FileRefuse: _on_file_done,
-    }
-
     def deliver(self, deliveries: list[Delivery]) -> None:
         """Offer each event to its recipient's outbox; never waits.
 
@@ -2463,13 +2671,13 @@ class Host:
     # --- housekeeping ---
 
     async def _tick(self) -> None:
-        """Once per TICK_S: login deadlines, pings, silence, stalled peers."""
+        """Once per `tick_s`: login deadlines, pings, silence, stalled peers."""
         loop = asyncio.get_running_loop()
         limits = self.limits
         # Short limits (tests) need a finer tick, or a peer that answers every
         # ping could be found silent between a tick and the next.
-        period = min(TICK_S, limits.ping_interval_s / 4, limits.peer_silence_s / 4,
-                     limits.hello_timeout_s / 4)
+        period = min(limits.tick_s, *(deadline / _TICKS_PER_DEADLINE for deadline in (
+            limits.ping_interval_s, limits.peer_silence_s, limits.hello_timeout_s)))
         while True:
             await asyncio.sleep(period)
             now = loop.time()
@@ -2497,46 +2705,20 @@ class Host:
 
 
 # =============================================================================
-# 7. CLIENT CORE: one asyncio loop in a thread, one event stream
+# 10. CLIENT FILES: files we send and receive, beside the client core
 # =============================================================================
-# What every front end shares: the terminal client (8) and the window (9)
-# call the thread-safe methods of ClientCore and receive plain dict events
-# through one callback. Those dicts are the program's event vocabulary; the
-# terminal's --json mode prints exactly them, one per line:
+# ClientFiles does for one client what HostFiles (9) does for the host: it
+# offers our files, streams them from disk in chunks that chat overtakes,
+# and writes what arrives to a hidden .part file that gets its final name
+# only once its size and SHA-256 match. ClientCore (11) owns it and feeds
+# it; it never opens a connection or reads a line a person typed.
 #
-#   ready{room,user,members,host,address,port}   message{from,text,ts,history,seq,id}
-#   system{event,user,text,ts,seq}   help{text}   members{members}
-#   error{code,message[,id]}   closed{reason}   host{name,address,port,rooms,...}
-#
-# The host's frames already carry most of these names (2. WIRE PROTOCOL), so
-# an event is the host's frame, checked, with `welcome` renamed `ready`.
-# `closed` is emitted exactly once per join attempt, last; its reason is one
-# of CLOSED_REASONS. The callback runs on the core's thread and must not
-# block: the window forwards it with write_event_value, the terminal prints.
-
-CLOSED_REASONS = {
-    "quit": "You left the room.",
-    "host_shutdown": "The host is shutting down.",
-    "connection_lost": "The connection to the host was lost.",
-    "refused": "The host refused the login.",
-    "unreachable": "The host could not be reached.",
-    "login_timeout": "The host did not answer the login in time.",
-    "protocol_error": "The host sent something this client does not understand.",
-}
-
-
-def ui_event(event: Event) -> dict:
-    """The vocabulary dict for an event received from the host."""
-    out = event.to_wire()
-    if isinstance(event, Welcome):
-        out["type"] = "ready"
-        del out["version"]
-    elif isinstance(event, Error) and event.id == "-":
-        del out["id"]
-    return out
-
-
-# --- Files on the client side ------------------------------------------------
+# Rules it keeps (README.md, "Files"): "A file is written under a hidden
+# name and gets its final name only once its size and SHA-256 match";
+# "an existing file is never overwritten"; "names are untrusted" (3.
+# safe_filename); every disk read and write runs on a thread, never on the
+# loop; a disk that falls behind pauses reading from the host instead of
+# buffering without bound.
 
 def default_downloads_dir() -> Path:
     """A `chatroom` folder in the person's usual downloads folder.
@@ -2611,19 +2793,20 @@ def _process_alive(pid: int) -> bool:
 
 
 class Progress:
-    """Paces file_progress events: at most one per PROGRESS_INTERVAL_S."""
+    """Paces file_progress events: at most one per `interval_s`."""
 
-    def __init__(self, size: int) -> None:
+    def __init__(self, size: int, interval_s: float = PROGRESS_INTERVAL_S) -> None:
         self.size = size
+        self.interval_s = interval_s
         self.started = time.monotonic()
         self._last = 0.0
         self._last_done = -1
 
     def event(self, base: dict, done: int, force: bool = False) -> dict | None:
         """A file_progress event for `done` bytes, or None if one was sent
-        less than PROGRESS_INTERVAL_S ago (`force`: unless it said the same)."""
+        less than `interval_s` ago (`force`: unless it said the same)."""
         now = time.monotonic()
-        if done == self._last_done or not force and now - self._last < PROGRESS_INTERVAL_S:
+        if done == self._last_done or (not force and now - self._last < self.interval_s):
             return None
         self._last, self._last_done = now, done
         elapsed = max(now - self.started, 1e-6)
@@ -2632,6 +2815,40 @@ class Progress:
         return dict({"type": "file_progress"}, **base, bytes=done, size=self.size,
                     percent=round(100.0 * done / self.size, 1) if self.size else 100.0,
                     rate=round(rate), eta=round(left, 1) if left is not None else None)
+
+
+class SendState(enum.Enum):
+    OFFERED = "offered"             # file_offer sent; waiting for file_accept
+    SENDING = "sending"             # the data is going out
+    ENDED = "ended"                 # every byte and file_end queued
+    STORED = "stored"               # the host has every byte (file_sent said so)
+    FAILED = "failed"               # refused, failed or cancelled (file_failed said so)
+
+
+class ReceiveState(enum.Enum):
+    RECEIVING = "receiving"         # data is arriving, written to the .part file
+    VERIFYING = "verifying"         # all arrived; hashing and naming it
+    SAVED = "saved"                 # under its final name (file_received said so)
+    FAILED = "failed"               # given up; the .part file is deleted
+
+
+# (state, what happened) -> the next state. A pair not listed does not move:
+# late or repeated news (a refusal after the end), or a host that broke the
+# order of things, which is ignored rather than believed.
+SEND_MOVES: dict[tuple[SendState, str], SendState] = {
+    (SendState.OFFERED, "accepted"): SendState.SENDING,
+    (SendState.SENDING, "ended"): SendState.ENDED,
+    (SendState.ENDED, "stored"): SendState.STORED,
+    (SendState.OFFERED, "failed"): SendState.FAILED,
+    (SendState.SENDING, "failed"): SendState.FAILED,
+    (SendState.ENDED, "failed"): SendState.FAILED,
+}
+RECEIVE_MOVES: dict[tuple[ReceiveState, str], ReceiveState] = {
+    (ReceiveState.RECEIVING, "ended"): ReceiveState.VERIFYING,
+    (ReceiveState.VERIFYING, "saved"): ReceiveState.SAVED,
+    (ReceiveState.RECEIVING, "failed"): ReceiveState.FAILED,
+    (ReceiveState.VERIFYING, "failed"): ReceiveState.FAILED,
+}
 
 
 @dataclasses.dataclass(eq=False)
@@ -2643,18 +2860,24 @@ class OutgoingFile:
     size: int
     to: str
     accepted: asyncio.Future                # -> True (send it) or False (refused)
+    settled: asyncio.Future                 # done once STORED or FAILED
     progress: Progress
+    state: SendState = SendState.OFFERED
     sent: int = 0
     sha256: str = ""
-    stored: bool = False                    # the host has every byte
-    failed: bool = False
-    settled: asyncio.Future | None = None   # done once stored or failed
 
-    def settle(self, *, stored: bool = False, failed: bool = False) -> None:
-        self.stored = self.stored or stored
-        self.failed = self.failed or failed
-        if self.settled is not None and not self.settled.done():
-            self.settled.set_result(None)
+    def move(self, what: str) -> bool:
+        """Take the lifecycle step `what`; False if it doesn't apply now."""
+        state = SEND_MOVES.get((self.state, what))
+        if state is None:
+            return False
+        self.state = state
+        if state in (SendState.STORED, SendState.FAILED):
+            if not self.accepted.done():
+                self.accepted.set_result(False)
+            if not self.settled.done():
+                self.settled.set_result(None)
+        return True
 
     def base(self) -> dict:
         return {"transfer": self.transfer, "name": self.name, "direction": "send",
@@ -2672,381 +2895,128 @@ class IncomingFile:
     to: str
     part: Path
     progress: Progress
+    state: ReceiveState = ReceiveState.RECEIVING
     received: int = 0
-    failed: bool = False
     file: Any = None                        # open only inside the write thread
     hasher: Any = dataclasses.field(default_factory=hashlib.sha256)
     batch: list = dataclasses.field(default_factory=list)
     batch_bytes: int = 0
     writes: collections.deque = dataclasses.field(default_factory=collections.deque)
 
+    def move(self, what: str) -> bool:
+        """Take the lifecycle step `what`; False if it doesn't apply now."""
+        state = RECEIVE_MOVES.get((self.state, what))
+        if state is None:
+            return False
+        self.state = state
+        return True
+
+    @property
+    def failed(self) -> bool:               # read by the write thread too
+        return self.state is ReceiveState.FAILED
+
     def base(self) -> dict:
         return {"transfer": self.transfer, "name": self.safe_name, "direction": "receive",
                 "from": self.sender}
 
 
-# --- The core ----------------------------------------------------------------
+class ClientFiles:
+    """Every file this client sends or receives, beside ClientCore.
 
-class ClientCore:
-    """One chat connection, driven from any thread.
-
-    `start()` runs an asyncio loop in a daemon thread. Every command returns
-    a concurrent.futures.Future at once; its result is for whoever cares,
-    since the outcome also arrives as events. `on_event(dict)` is called on
-    the core's thread for every event.
+    Lives on the core's loop. The core hands it the connection once the
+    login is accepted (`attach`), every file event from the host
+    (`handlers`), and the end of the connection (`connection_ended`); it
+    talks to the host through that Link and to the front end through
+    `emit`. Disk work runs on two threads of its own: one reads the files
+    we send, one writes the files we get, so each keeps its order and
+    neither blocks the loop or the other.
     """
 
-    def __init__(self, on_event: Callable[[dict], None], limits: Limits = Limits(),
-                 downloads: Path | None = None) -> None:
-        self.on_event = on_event
+    def __init__(self, limits: Limits, downloads: Path,
+                 emit: Callable[[dict | None], None]) -> None:
         self.limits = limits
-        self.downloads = Path(os.path.abspath(os.path.expanduser(
-            downloads or default_downloads_dir())))
-        self.loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
-        self._link: Link | None = None      # the connection, while there is one
-        self._reader: asyncio.Task | None = None
-        self._ready = False                 # logged in
-        self._id_prefix = secrets.token_hex(4)
-        self._next_id = 0
-        self._browser: HostBrowser | None = None  # while watching the LAN
-        self._host: Host | None = None      # a host run in this process
-        self._host_max_file = 0             # the host's --max-file-size, from ready
-        self._uploads: dict[int, OutgoingFile] = {}
-        self._sending: set[asyncio.Task] = set()    # send_file calls not yet queued
-        self._downloads: dict[int, IncomingFile] = {}
+        self.downloads = downloads
+        self.emit = emit
+        self.link: Link | None = None       # while logged in
+        self.host_max_file = 0              # the host's --max-file-size, from ready
+        self.uploads: dict[int, OutgoingFile] = {}
+        self.downloads_by_number: dict[int, IncomingFile] = {}
+        self._sending: set[asyncio.Task] = set()    # send() calls not yet queued
         self._next_transfer = 0
         self._downloads_checked = False     # stale .part files removed once
-        # One thread reads files we send, one writes files we get: each keeps
-        # its own order, and neither blocks the loop or the other.
         self._read_io = concurrent.futures.ThreadPoolExecutor(1, "file-read")
         self._write_io = concurrent.futures.ThreadPoolExecutor(1, "file-write")
+        self.handlers: dict[type[Event], Callable[[Any], Any]] = {
+            FileAccept: self._on_accept, FileRefuse: self._on_refuse,
+            FileStored: self._on_stored, FileDelivered: self._on_delivered,
+            FileAnnounce: self._on_announce, Chunk: self._on_chunk, FileEnd: self._on_end,
+            FileAbort: self._on_abort,
+        }
 
-    # --- thread plumbing ---
+    # --- the connection ---
 
-    def start(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        started = threading.Event()
-        self._thread = threading.Thread(target=self._run_loop, args=(started,),
-                                        name="chatroom-core", daemon=True)
-        self._thread.start()
-        started.wait()
+    def attach(self, link: Link, host_max_file: int) -> None:
+        """Logged in on `link`; the host takes files of at most `host_max_file`."""
+        self.link = link
+        self.host_max_file = host_max_file
 
-    def _run_loop(self, started: threading.Event) -> None:
-        asyncio.set_event_loop(self.loop)
-        self.loop.call_soon(started.set)
-        try:
-            self.loop.run_forever()
-        finally:
-            pending = asyncio.all_tasks(self.loop)
-            for task in pending:
-                task.cancel()
-            self.loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
-            self.loop.close()
+    def connection_ended(self) -> None:
+        """The connection is gone: whatever is still moving has failed."""
+        self.link = None
+        reason = "the connection to the host ended"
+        for dl in list(self.downloads_by_number.values()):
+            self._fail_download(dl, "cancelled", reason, tell_host=False)
+        for up in self.uploads.values():
+            if up.move("failed"):
+                self._file_failed(up.base(), "cancelled", reason)
+        self.uploads.clear()
 
-    def submit(self, coro) -> Any:
-        """Run a coroutine on the core's loop; returns a concurrent Future."""
-        return asyncio.run_coroutine_threadsafe(coro, self.loop)
+    async def settle_uploads(self, until: asyncio.Future) -> None:
+        """Wait until every file we asked to send has reached the host (or
+        failed), or `until` is done (the connection ended)."""
+        for group in (lambda: list(self._sending),
+                      lambda: [up.settled for up in self.uploads.values()]):
+            pending = [f for f in group() if not f.done()]
+            if pending:
+                waiting = asyncio.gather(*pending, return_exceptions=True)
+                await asyncio.wait([waiting, until], return_when=asyncio.FIRST_COMPLETED)
+                waiting.cancel()
 
-    def stop(self, timeout: float = CLOSE_TIMEOUT_S + 1) -> None:
-        """Leave (if in a room), stop the loop and join the thread. Blocks for
-        at most about `timeout` seconds; call it from any thread but the core's."""
-        if self._thread is None:
-            return
-        try:
-            self.submit(self._shutdown()).result(timeout)
-        except Exception:
-            pass
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self._thread.join(timeout)
-        self._thread = None
+    def drop_downloads(self, reason: str) -> None:
+        """We are leaving: drop, not write, what still comes."""
+        for dl in list(self.downloads_by_number.values()):
+            self._fail_download(dl, "cancelled", reason, tell_host=False)
+
+    def close(self) -> None:
+        """The core is stopping (its loop is gone): let the threads go."""
         self._read_io.shutdown(wait=False, cancel_futures=True)
         # Not cancelled: what is queued there includes deleting .part files.
         # Writes of failed downloads return at once, so this ends quickly.
         self._write_io.shutdown(wait=False)
 
-    def _emit(self, event: dict | None) -> None:
-        """Hand one event to the front end (None, from a paced source: nothing)."""
-        if event is None:
-            return
-        try:
-            self.on_event(event)
-        except Exception:
-            log.exception("event handler failed on %r", event.get("type"))
-
-    def _error(self, code: str, message: str) -> None:
-        self._emit({"type": "error", "code": code, "message": message})
-
-    # --- commands (any thread) ---
-
-    def join(self, host: str, port: int, room: str, user: str) -> Any:
-        """Connect and log in. Future -> True once `ready`, else False."""
-        return self.submit(self._join(host, port, room, user))
-
-    def say(self, text: str) -> Any:
-        """Send a chat line. Future -> the message id, or None if refused."""
-        return self.submit(self._say(text))
-
-    def who(self) -> Any:
-        return self.submit(self._send(Who()))
-
-    def watch_hosts(self, interface: str | None = None) -> Any:
-        """Browse the LAN until `unwatch_hosts()`: a `hosts{hosts}` event (a
-        list of `host` events) now and whenever a host or its rooms change.
-        Future -> True, or False (with an `error`) if discovery can't run."""
-        return self.submit(self._watch_hosts(interface))
-
-    def unwatch_hosts(self) -> Any:
-        return self.submit(self._unwatch_hosts())
-
-    def start_host(self, *, port: int = DEFAULT_PORT, name: str | None = None,
-                   interface: str | None = None, advertise: bool = True,
-                   limits: Limits | None = None) -> Any:
-        """Run a room host in this process (the window's "Host a room here").
-        Emits `listening{address,port,name,advertised}`, or an `error`.
-        Future -> the port, or None. `stop()` shuts the host down too."""
-        return self.submit(self._start_host(port, name, interface, advertise,
-                                            limits or self.limits))
-
-    def send_file(self, path: str | Path, to: str | None = None) -> Any:
-        """Send a file to everyone else in the room, or to user `to` alone.
-        Future -> the transfer number, or None if it was refused at once."""
-        return self.submit(self._send_file(Path(path), to or ""))
-
-    def leave(self, wait_for_uploads: bool = False) -> Any:
-        """Leave the room, first letting our uploads reach the host if
-        `wait_for_uploads`. Future -> None once `closed` has been emitted."""
-        return self.submit(self._leave(wait_for_uploads))
-
-    @property
-    def connected(self) -> bool:
-        """In a room (logged in, not yet left)."""
-        return self._ready
-
-    # --- the LAN and an in-process host (core thread) ---
-
-    async def _watch_hosts(self, interface: str | None) -> bool:
-        if self._browser is not None:
-            return True
-
-        def changed(hosts: list[HostInfo]) -> None:
-            self._emit({"type": "hosts", "hosts": [h.to_event() for h in hosts]})
-
-        browser = HostBrowser(interface, on_change=changed)
-        try:
-            await browser.start()
-        except (MissingPackage, OSError) as exc:
-            await browser.close()
-            message = exc.message if isinstance(exc, ChatError) else str(exc)
-            self._error("missing_package" if isinstance(exc, MissingPackage)
-                        else "no_host", f"can't look for hosts: {message}")
-            return False
-        self._browser = browser
-        changed([])
-        return True
-
-    async def _unwatch_hosts(self) -> None:
-        browser, self._browser = self._browser, None
-        if browser is not None:
-            await browser.close()
-
-    async def _start_host(self, port: int, name: str | None, interface: str | None,
-                          advertise: bool, limits: Limits) -> int | None:
-        if self._host is not None:
-            return self._host.port
-        host = Host(bind=interface or "0.0.0.0", port=port, name=name,
-                    advertise=advertise, interface=interface, limits=limits)
-        try:
-            await host.start()
-        except (OSError, MissingPackage) as exc:
-            await host.close()
-            message = exc.message if isinstance(exc, ChatError) else \
-                (exc.strerror or str(exc))
-            self._error("host_unreachable", f"can't host on port {port}: {message}")
-            return None
-        self._host = host
-        self._emit({"type": "listening", "address": host.bind, "port": host.port,
-                    "name": host.name, "advertised": host.advertiser is not None})
-        return host.port
-
-    async def _shutdown(self) -> None:
-        """Everything `stop()` ends: the room, the LAN watch, the host."""
-        await self._leave()
-        await self._unwatch_hosts()
-        host, self._host = self._host, None
-        if host is not None:
-            await host.close()
-
-    # --- the connection (core thread) ---
-
-    async def _join(self, host: str, port: int, room: str, user: str) -> bool:
-        if self._link is not None:
-            self._error("bad_frame", "already connected; leave first")
-            return False
-        limits = self.limits
-        loop = asyncio.get_running_loop()
-        try:
-            transport, protocol = await asyncio.wait_for(
-                loop.create_connection(LinkProtocol, host, port), limits.connect_timeout_s)
-        except (OSError, TimeoutError) as exc:
-            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else \
-                "no answer" if isinstance(exc, TimeoutError) else str(exc)
-            self._error("host_unreachable", f"can't reach {host}:{port}: {reason}")
-            self._emit({"type": "closed", "reason": "unreachable"})
-            return False
-        link = Link(Wire(Role.CLIENT, limits.max_frame_bytes), transport, limits,
-                    f"{host}:{port}")
-        try:
-            link.offer(Hello(PROTOCOL_VERSION, room, user, f"chatroom/{__version__}"))
-        except LocalError:                  # undecodable text, e.g. from argv
-            link.abort("refused")
-            self._error("bad_user_id", "the Room ID and User ID must be valid text")
-            self._emit({"type": "closed", "reason": "refused"})
-            return False
-        protocol.attach(link)               # after the hello: a host may answer at once
-        self._link = link
-        joined = asyncio.get_running_loop().create_future()
-        self._reader = asyncio.get_running_loop().create_task(
-            self._read_loop(link, joined, host, port), name=f"reader:{host}:{port}")
-        return await joined
-
-    async def _read_loop(self, link: Link, joined: asyncio.Future,
-                         host: str, port: int) -> None:
-        """Every event from the host, until the connection ends; then `closed`."""
-        reason = "connection_lost"
-        try:
-            while True:
-                wait = (self.limits.peer_silence_s if self._ready
-                        else self.limits.hello_timeout_s)
-                try:
-                    events = await asyncio.wait_for(link.receive(), wait)
-                except TimeoutError:
-                    reason = "connection_lost" if self._ready else "login_timeout"
-                    break
-                except RemoteError as exc:
-                    if link.at_eof:         # cut off inside a frame: just lost
-                        break
-                    self._error(exc.code, f"the host broke the protocol: {exc.message}")
-                    reason = "protocol_error"
-                    break
-                if events is None:
-                    break
-                ended = False
-                for event in events:
-                    outcome = self._on_host_event(link, event, joined, host, port)
-                    if isinstance(outcome, str):
-                        reason, ended = outcome, True   # the host's last word
-                        break
-                    if outcome is not None:
-                        await outcome       # our disk is behind: stop reading
-                # Not `link.wire.state`: it moves as frames are decoded, so it
-                # can say CLOSED before the closing event has been handled here.
-                if ended:
-                    break
-        finally:
-            self._ready = False
-            self._link = None
-            self._fail_all_transfers()
-            if reason in ("connection_lost", "login_timeout", "protocol_error"):
-                link.abort(reason)          # nothing more to say to this host
-            await link.finish()
-            if not joined.done():
-                joined.set_result(False)
-            self._emit({"type": "closed", "reason": reason})
-
-    def _on_host_event(self, link: Link, event: Event, joined: asyncio.Future,
-                       host: str, port: int) -> Any:
-        """Handle one event. Returns a closing reason (str) when it ends the
-        session, an awaitable when reading must pause until it is done, or
-        None."""
-        file_handler = self._file_handlers.get(type(event))
-        if file_handler is not None:
-            return file_handler(self, event)
-        if isinstance(event, Ping):
-            link.offer(Pong(event.n))
-            return None
-        if isinstance(event, Pong):
-            return None
-        if isinstance(event, Closing):
-            return "quit" if event.reason == "bye" else event.reason
-        out = ui_event(event)
-        if isinstance(event, Welcome):
-            self._ready = True
-            self._host_max_file = event.max_file_size
-            out.update(address=host, port=port)
-        self._emit(out)
-        if isinstance(event, Welcome):
-            joined.set_result(True)
-        elif isinstance(event, Error) and not joined.done():
-            return "refused"                # an error before the welcome: no login
-        return None
-
-    async def _send(self, event: Event) -> bool:
-        """Queue `event` for the host, waiting while our outbox is full."""
-        link = self._link
-        if link is None or not self._ready:
-            self._error("not_connected", "not in a room")
-            return False
-        while not link.offer(event):
-            if link.closing:
-                self._error("not_connected", "the connection is closing")
-                return False
-            await asyncio.sleep(0.01)       # our own outbox is full: wait our turn
-        return True
-
-    async def _say(self, text: str) -> str | None:
-        try:
-            check_text(text, self.limits.max_message_bytes)
-        except Refused as refusal:
-            self._error(refusal.code, refusal.message)
-            return None
-        self._next_id += 1
-        msg_id = f"{self._id_prefix}-{self._next_id}"
-        return msg_id if await self._send(Say(msg_id, text)) else None
-
-    async def _leave(self, wait_for_uploads: bool = False) -> None:
-        link, reader = self._link, self._reader
-        if link is None or reader is None:
-            return
-        if wait_for_uploads:                # files asked for before leaving still go
-            for group in (lambda: list(self._sending),
-                          lambda: [up.settled for up in self._uploads.values()]):
-                pending = [f for f in group() if not f.done()]
-                if pending:                 # all done, or the link ends first
-                    waiting = asyncio.gather(*pending, return_exceptions=True)
-                    await asyncio.wait([waiting, reader],
-                                       return_when=asyncio.FIRST_COMPLETED)
-                    waiting.cancel()
-        for dl in list(self._downloads.values()):   # drop, not write, what still comes
-            self._fail_download(dl, "cancelled", "you left the room", tell_host=False)
-        if self._ready and link.offer(Bye()):
-            self._ready = False
-            done, _ = await asyncio.wait({reader}, timeout=self.limits.close_timeout_s * 2)
-            if done:
-                return
-        link.abort("quit")
-        await asyncio.wait({reader})
-
-
-    # --- files we send (core thread) ---
-
     def _file_failed(self, base: dict, code: str, reason: str, **extra: Any) -> None:
-        self._emit({"type": "file_failed", **base, "code": code, "reason": reason, **extra})
+        self.emit({"type": "file_failed", **base, "code": code, "reason": reason, **extra})
 
-    async def _send_file(self, path: Path, to: str) -> int | None:
+    # --- files we send ---
+
+    async def send(self, path: Path, to: str) -> int | None:
+        """Send the file at `path` to user `to`, or (to="") to the room.
+        Returns the transfer number, or None if it was refused at once;
+        how it goes arrives as events."""
         task = asyncio.current_task()       # before any await: a leave() queued
-        self._sending.add(task)             # after us must see us
-        task.add_done_callback(self._sending.discard)
+        if task is not None:                # after us must see us
+            self._sending.add(task)
+            task.add_done_callback(self._sending.discard)
         loop = asyncio.get_running_loop()
         base = {"transfer": None, "name": path.name or str(path), "direction": "send",
                 "to": to or None}
 
         def refuse(code: str, reason: str) -> None:
-            self._error(code, reason)
+            self.emit({"type": "error", "code": code, "message": reason})
             self._file_failed(base, code, reason)
 
-        link = self._link
-        if link is None or not self._ready:
+        link = self.link
+        if link is None:
             refuse("not_connected", "not in a room")
             return None
         try:
@@ -3054,28 +3024,39 @@ class ClientCore:
         except OSError as exc:
             refuse("not_a_file", f"can't send {str(path)!r}: {exc.strerror or exc}")
             return None
-        if self._host_max_file and size > self._host_max_file:
-            handle.close()
-            refuse("file_too_large", f"{path.name} is {size} bytes; the host takes "
-                   f"at most {self._host_max_file}")
-            return None
+        try:
+            if self.host_max_file and size > self.host_max_file:
+                refuse("file_too_large", f"{path.name} is {size} bytes; the host takes "
+                       f"at most {self.host_max_file}")
+                return None
+            return await self._send(link, path, handle, size, to)
+        finally:
+            log_failure(loop.run_in_executor(self._read_io, handle.close),
+                        f"closing {path}")
+
+    async def _send(self, link: Link, path: Path, handle: Any, size: int,
+                    to: str) -> int | None:
+        loop = asyncio.get_running_loop()
+        limits = self.limits
         self._next_transfer += 1
         up = OutgoingFile(self._next_transfer, path, path.name, size, to,
-                          loop.create_future(), Progress(size), settled=loop.create_future())
-        self._uploads[up.transfer] = up
+                          loop.create_future(), loop.create_future(),
+                          Progress(size, limits.progress_interval_s))
+        self.uploads[up.transfer] = up
         try:
             link.offer(FileOffer(up.transfer, up.name, size, to))
-            self._emit(up.progress.event(up.base(), 0, force=True))
+            self.emit(up.progress.event(up.base(), 0, force=True))
             if not await up.accepted:
                 return None                 # refused: file_failed already emitted
             hasher = hashlib.sha256()
-            while not up.failed:
-                want = min(FILE_IO_BYTES, size - up.sent + 1)   # +1: notice growth
+            data = b""
+            while up.state is SendState.SENDING:
+                want = min(limits.file_io_bytes, size - up.sent + 1)   # +1: notice growth
                 if not await link.bulk_room():
                     return up.transfer      # the link closed: reported as it closed
                 data = await loop.run_in_executor(self._read_io, _read_and_hash,
                                                   handle, want, hasher)
-                if not data or up.failed:
+                if not data or up.state is not SendState.SENDING:
                     break
                 if up.sent + len(data) > size:
                     break                   # the file grew while we sent it
@@ -3083,80 +3064,79 @@ class ClientCore:
                 for start in range(0, len(view), MAX_CHUNK_BYTES):
                     link.offer_chunk(up.transfer, view[start:start + MAX_CHUNK_BYTES])
                 up.sent += len(data)
-                self._emit(up.progress.event(up.base(), up.sent))
-            if up.failed:
-                return up.transfer
+                self.emit(up.progress.event(up.base(), up.sent))
+            if up.state is not SendState.SENDING:
+                return up.transfer          # failed meanwhile: reported already
             if up.sent != size or data:
-                up.settle(failed=True)
+                up.move("failed")
                 link.offer(FileAbort(up.transfer, "file_io", "the file changed while "
                                      "it was being sent"))
                 self._file_failed(up.base(), "file_io", f"{up.name} changed while it "
                                   "was being sent; send it again")
                 return up.transfer
             up.sha256 = hasher.hexdigest()
+            up.move("ended")
             link.offer_after_bulk(FileEnd(up.transfer, up.sha256))
-            self._emit(up.progress.event(up.base(), up.sent, force=True))
+            self.emit(up.progress.event(up.base(), up.sent, force=True))
             return up.transfer
         except OSError as exc:
-            up.settle(failed=True)
-            if not link.closing:
-                link.offer(FileAbort(up.transfer, "file_io", f"read error: {exc}"))
-            self._file_failed(up.base(), "file_io", f"can't read {up.name}: "
-                              f"{exc.strerror or exc}")
+            if up.move("failed"):
+                if not link.closing:
+                    link.offer(FileAbort(up.transfer, "file_io", f"read error: {exc}"))
+                self._file_failed(up.base(), "file_io", f"can't read {up.name}: "
+                                  f"{exc.strerror or exc}")
             return up.transfer
-        finally:
-            loop.run_in_executor(self._read_io, handle.close)
 
-    def _on_file_accept(self, event: FileAccept) -> None:
-        up = self._uploads.get(event.transfer)
-        if up is not None and not up.accepted.done():
+    def _on_accept(self, event: FileAccept) -> None:
+        up = self.uploads.get(event.transfer)
+        if up is not None and up.move("accepted"):
             up.accepted.set_result(True)
 
-    def _on_file_refuse(self, event: FileRefuse) -> None:
-        up = self._uploads.get(event.transfer)
+    def _on_refuse(self, event: FileRefuse) -> None:
+        up = self.uploads.get(event.transfer)
         if up is None:
             return
         if event.recipient:                 # one recipient failed; others go on
             self._file_failed(up.base(), event.code, event.reason, user=event.recipient)
             return
-        if not up.failed:
-            up.settle(failed=True)
-            if not up.accepted.done():      # refused before it started
-                self._error(event.code, event.reason)
-                up.accepted.set_result(False)
+        refused_at_once = up.state is SendState.OFFERED
+        if up.move("failed"):
+            if refused_at_once:
+                self.emit({"type": "error", "code": event.code, "message": event.reason})
             self._file_failed(up.base(), event.code, event.reason)
 
-    def _on_file_stored(self, event: FileStored) -> None:
-        up = self._uploads.get(event.transfer)
-        if up is not None and not up.failed:
-            up.settle(stored=True)
-            self._emit({"type": "file_sent", "transfer": up.transfer, "name": up.name,
-                        "size": up.size, "sha256": up.sha256, "to": up.to or None})
+    def _on_stored(self, event: FileStored) -> None:
+        up = self.uploads.get(event.transfer)
+        if up is not None and up.move("stored"):
+            self.emit({"type": "file_sent", "transfer": up.transfer, "name": up.name,
+                       "size": up.size, "sha256": up.sha256, "to": up.to or None})
 
-    def _on_file_delivered(self, event: FileDelivered) -> None:
-        up = self._uploads.get(event.transfer)
+    def _on_delivered(self, event: FileDelivered) -> None:
+        up = self.uploads.get(event.transfer)
         if up is not None:
-            self._emit({"type": "file_delivered", "transfer": up.transfer,
-                        "name": up.name, "user": event.user})
+            self.emit({"type": "file_delivered", "transfer": up.transfer,
+                       "name": up.name, "user": event.user})
 
-    # --- files we receive (core thread; disk work on the write thread) ---
+    # --- files we receive (disk work on the write thread) ---
 
-    def _on_file_announce(self, event: FileAnnounce) -> None:
+    def _on_announce(self, event: FileAnnounce) -> None:
         safe = safe_filename(event.name)
         tag = f"chatroom-{os.getpid()}-{secrets.token_hex(4)}"
         part = self.downloads / f".{safe}.{tag}.part"
         dl = IncomingFile(event.transfer, event.sender, event.name, safe, event.size,
-                          event.to, part, Progress(event.size))
-        self._downloads[dl.transfer] = dl
-        self._emit({"type": "file_offer", "transfer": dl.transfer, "from": dl.sender,
-                    "name": safe, "size": dl.size, "to": dl.to or None})
+                          event.to, part, Progress(event.size, self.limits.progress_interval_s))
+        self.downloads_by_number[dl.transfer] = dl
+        self.emit({"type": "file_offer", "transfer": dl.transfer, "from": dl.sender,
+                   "name": safe, "size": dl.size, "to": dl.to or None})
         first = not self._downloads_checked
         self._downloads_checked = True
         self._write(dl, _open_part, dl, self.downloads, first)
 
     def _on_chunk(self, chunk: Chunk) -> Any:
-        dl = self._downloads.get(chunk.transfer)
-        if dl is None or dl.failed:
+        """File data; returns an awaitable when the core must stop reading
+        until it completes (our disk is behind)."""
+        dl = self.downloads_by_number.get(chunk.transfer)
+        if dl is None or dl.state is not ReceiveState.RECEIVING:
             return None                     # a download we gave up on: ignore
         if dl.received + len(chunk.data) > dl.size:
             self._fail_download(dl, "bad_frame", "more data than announced")
@@ -3164,10 +3144,10 @@ class ClientCore:
         dl.received += len(chunk.data)
         dl.batch.append(chunk.data)
         dl.batch_bytes += len(chunk.data)
-        if dl.batch_bytes >= FILE_IO_BYTES:
+        if dl.batch_bytes >= self.limits.file_io_bytes:
             self._flush_batch(dl)
-        self._emit(dl.progress.event(dl.base(), dl.received))
-        if len(dl.writes) > 4:              # the disk is behind: pause reading
+        self.emit(dl.progress.event(dl.base(), dl.received))
+        if len(dl.writes) > self.limits.disk_queue_writes:
             return asyncio.wait({dl.writes[0]})
         return None
 
@@ -3185,94 +3165,71 @@ class ClientCore:
         def done(f: asyncio.Future) -> None:
             if dl.writes and dl.writes[0] is f:
                 dl.writes.popleft()
-            else:
-                try:
-                    dl.writes.remove(f)
-                except ValueError:
-                    pass
-            if not f.cancelled() and f.exception() is not None and not dl.failed:
-                exc = f.exception()
-                code = "disk_full" if getattr(exc, "errno", None) == errno.ENOSPC \
-                    else "file_io"
-                reason = "the disk is full" if code == "disk_full" else \
-                    f"can't write {dl.safe_name}: {getattr(exc, 'strerror', '') or exc}"
-                self._fail_download(dl, code, reason)
+            elif f in dl.writes:
+                dl.writes.remove(f)
+            if f.cancelled() or f.exception() is None or dl.failed:
+                return
+            exc = f.exception()
+            code = "disk_full" if getattr(exc, "errno", None) == errno.ENOSPC else "file_io"
+            reason = "the disk is full" if code == "disk_full" else \
+                f"can't write {dl.safe_name}: {getattr(exc, 'strerror', '') or exc}"
+            self._fail_download(dl, code, reason)
         future.add_done_callback(done)
         return future
 
-    def _on_file_end(self, event: FileEnd) -> None:
-        dl = self._downloads.get(event.transfer)
-        if dl is None or dl.failed:
+    def _on_end(self, event: FileEnd) -> None:
+        dl = self.downloads_by_number.get(event.transfer)
+        if dl is None or dl.state is not ReceiveState.RECEIVING:
             return
         self._flush_batch(dl)
         if dl.received != dl.size:
             self._fail_download(dl, "bad_frame", f"got {dl.received} of {dl.size} bytes")
             return
+        dl.move("ended")
         finish = self._write(dl, _finish_part, dl, event.sha256, self.downloads)
 
         def finished(f: asyncio.Future) -> None:
-            if f.cancelled() or dl.failed:
-                return
-            if f.exception() is not None:
-                return                      # reported by _write's callback
+            if f.cancelled() or dl.failed or f.exception() is not None:
+                return                      # an exception is reported by _write's callback
             path, digest = f.result()
             if path is None:
                 self._fail_download(dl, "checksum_mismatch", f"{dl.safe_name} arrived "
                                     "damaged (SHA-256 mismatch); it was deleted")
                 return
-            self._downloads.pop(dl.transfer, None)
-            self._emit(dl.progress.event(dl.base(), dl.received, force=True))
-            self._emit({"type": "file_received", "transfer": dl.transfer,
-                        "from": dl.sender, "name": path.name, "path": str(path),
-                        "size": dl.size, "sha256": digest})
-            if self._link is not None:
-                self._link.offer(FileSaved(dl.transfer))
+            dl.move("saved")
+            self.downloads_by_number.pop(dl.transfer, None)
+            self.emit(dl.progress.event(dl.base(), dl.received, force=True))
+            self.emit({"type": "file_received", "transfer": dl.transfer,
+                       "from": dl.sender, "name": path.name, "path": str(path),
+                       "size": dl.size, "sha256": digest})
+            if self.link is not None:
+                self.link.offer(FileSaved(dl.transfer))
         finish.add_done_callback(finished)
 
-    def _on_file_abort(self, event: FileAbort) -> None:
-        dl = self._downloads.get(event.transfer)
+    def _on_abort(self, event: FileAbort) -> None:
+        dl = self.downloads_by_number.get(event.transfer)
         if dl is not None:
             self._fail_download(dl, event.code, event.reason, tell_host=False)
 
     def _fail_download(self, dl: IncomingFile, code: str, reason: str,
                        tell_host: bool = True) -> None:
         """Give up on a download: delete its .part, tell the host and the UI."""
-        if dl.failed:
+        if not dl.move("failed"):
             return
-        dl.failed = True
         dl.batch, dl.batch_bytes = [], 0
-        self._downloads.pop(dl.transfer, None)
-        asyncio.get_running_loop().run_in_executor(self._write_io, _discard_part, dl)
-        if tell_host and self._link is not None:
-            self._link.offer(FileRefuse(dl.transfer, code, reason))
+        self.downloads_by_number.pop(dl.transfer, None)
+        log_failure(asyncio.get_running_loop().run_in_executor(
+            self._write_io, _discard_part, dl), f"removing {dl.part}")
+        if tell_host and self.link is not None:
+            self.link.offer(FileRefuse(dl.transfer, code, reason))
         self._file_failed(dl.base(), code, reason)
 
-    def _fail_all_transfers(self) -> None:
-        """The connection ended: whatever is still moving has failed."""
-        reason = "the connection to the host ended"
-        for dl in list(self._downloads.values()):
-            self._fail_download(dl, "cancelled", reason, tell_host=False)
-        for up in self._uploads.values():
-            if not up.accepted.done():
-                up.accepted.set_result(False)
-            if not (up.stored or up.failed):
-                up.settle(failed=True)
-                self._file_failed(up.base(), "cancelled", reason)
-        self._uploads.clear()
 
-    _file_handlers: ClassVar[dict] = {
-        FileAccept: _on_file_accept, FileRefuse: _on_file_refuse,
-        FileStored: _on_file_stored, FileDelivered: _on_file_delivered,
-        FileAnnounce: _on_file_announce, Chunk: _on_chunk, FileEnd: _on_file_end,
-        FileAbort: _on_file_abort,
-    }
-
-
-# --- Disk work for files (on the core's file threads, never the loop) ---------
+# --- Disk work (on ClientFiles' threads, never the loop) ---------------------
 
 def _open_regular(path: Path) -> tuple[Any, int]:
     """An open regular file and its size; OSError for anything else."""
-    handle = open(path, "rb", buffering=0)
+    handle = open(path, "rb", buffering=0)  # noqa: SIM115 (the caller closes it)
     try:
         info = os.fstat(handle.fileno())
         if not stat.S_ISREG(info.st_mode):
@@ -3332,12 +3289,483 @@ def _discard_part(dl: IncomingFile) -> None:
         pass
 
 # =============================================================================
-# 8. TERMINAL CLIENT: --cli, stdin lines in, events out (text or JSON)
+# 11. CLIENT CORE: one asyncio loop in a thread, one event stream
 # =============================================================================
-# A thin front end over 7. CLIENT CORE. Each event is printed as one JSON
+# What every front end shares: the terminal client (13) and the window (18)
+# call the thread-safe methods of ClientCore and receive plain dict events
+# through one callback. Those dicts are the program's event vocabulary; the
+# terminal's --json mode prints exactly them, one per line:
+#
+#   ready{room,user,members,host,address,port}   message{from,text,ts,history,seq,id}
+#   system{event,user,text,ts,seq}   help{text}   members{members}
+#   error{code,message[,id]}   closed{reason}   host{name,address,port,rooms,...}
+#
+# The host's frames already carry most of these names (2. WIRE PROTOCOL), so
+# an event is the host's frame, checked, with `welcome` renamed `ready`.
+# `closed` is emitted exactly once per join attempt, last; its reason is one
+# of CLOSED_REASONS. The callback runs on the core's thread and must not
+# block: the window forwards it with write_event_value, the terminal prints.
+
+CLOSED_REASONS = {
+    "quit": "You left the room.",
+    "host_shutdown": "The host is shutting down.",
+    "connection_lost": "The connection to the host was lost.",
+    "refused": "The host refused the login.",
+    "unreachable": "The host could not be reached.",
+    "login_timeout": "The host did not answer the login in time.",
+    "protocol_error": "The host sent something this client does not understand.",
+}
+
+
+def ui_event(event: Event) -> dict:
+    """The vocabulary dict for an event received from the host."""
+    out = event.to_wire()
+    if isinstance(event, Welcome):
+        out["type"] = "ready"
+        del out["version"]
+    elif isinstance(event, Error) and event.id == "-":
+        del out["id"]
+    return out
+
+
+# --- The core ----------------------------------------------------------------
+
+class ClientCore:
+    """One chat connection, driven from any thread.
+
+    `start()` runs an asyncio loop in a daemon thread. Every command returns
+    a concurrent.futures.Future at once; its result is for whoever cares,
+    since the outcome also arrives as events. `on_event(dict)` is called on
+    the core's thread for every event. Files go through `files`
+    (ClientFiles, 10), which the core feeds; the LAN watch and a host run
+    in this process are the window's, and stop with the core.
+    """
+
+    def __init__(self, on_event: Callable[[dict], None], limits: Limits = Limits(),
+                 downloads: Path | None = None) -> None:
+        self.on_event = on_event
+        self.limits = limits
+        self.loop = asyncio.new_event_loop()    # runs in our thread once started
+        self._thread: threading.Thread | None = None
+        self._link: Link | None = None      # the connection, while there is one
+        self._reader: asyncio.Task | None = None
+        self._ready = False                 # logged in
+        self._id_prefix = secrets.token_hex(4)
+        self._next_id = 0
+        self._browser: HostBrowser | None = None  # while watching the LAN
+        self._host: Host | None = None      # a host run in this process
+        self.files = ClientFiles(limits, Path(os.path.abspath(os.path.expanduser(
+            downloads or default_downloads_dir()))), self._emit)
+
+    @property
+    def downloads(self) -> Path:
+        """Where received files go."""
+        return self.files.downloads
+
+    # --- thread plumbing ---
+
+    def start(self) -> None:
+        started = threading.Event()
+        self._thread = threading.Thread(target=self._run_loop, args=(started,),
+                                        name="chatroom-core", daemon=True)
+        self._thread.start()
+        started.wait()
+
+    def _run_loop(self, started: threading.Event) -> None:
+        loop = self.loop
+        asyncio.set_event_loop(loop)
+        loop.call_soon(started.set)
+        try:
+            loop.run_forever()
+        finally:
+            pending = asyncio.all_tasks(loop)
+            for task in pending:
+                task.cancel()
+            loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+            loop.close()
+
+    def submit(self, coro: Any) -> concurrent.futures.Future:
+        """Run a coroutine on the core's loop; returns a concurrent Future."""
+        return asyncio.run_coroutine_threadsafe(coro, self.loop)
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Leave (if in a room), stop the loop and join the thread. Blocks for
+        at most about `timeout` seconds (default: a little over the close
+        timeout); call it from any thread but the core's."""
+        if self._thread is None:
+            if not self.loop.is_closed() and not self.loop.is_running():
+                self.loop.close()           # never started
+            self.files.close()
+            return
+        timeout = self.limits.close_timeout_s + 1 if timeout is None else timeout
+        try:
+            self.submit(self._shutdown()).result(timeout)
+        except concurrent.futures.TimeoutError:
+            log.warning("the core did not shut down within %.1f s; stopping anyway", timeout)
+        except Exception:                   # a bug: say so, but stop all the same
+            log.exception("shutting the core down failed")
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(timeout)
+        self._thread = None
+        self.files.close()
+
+    def _emit(self, event: dict | None) -> None:
+        """Hand one event to the front end (None, from a paced source: nothing)."""
+        if event is None:
+            return
+        try:
+            self.on_event(event)
+        except Exception:
+            log.exception("event handler failed on %r", event.get("type"))
+
+    def _error(self, code: str, message: str) -> None:
+        self._emit({"type": "error", "code": code, "message": message})
+
+    # --- commands (any thread) ---
+
+    def join(self, host: str, port: int, room: str, user: str) -> concurrent.futures.Future:
+        """Connect and log in. Future -> True once `ready`, else False."""
+        return self.submit(self._join(host, port, room, user))
+
+    def say(self, text: str) -> concurrent.futures.Future:
+        """Send a chat line. Future -> the message id, or None if refused."""
+        return self.submit(self._say(text))
+
+    def who(self) -> concurrent.futures.Future:
+        return self.submit(self._send(Who()))
+
+    def watch_hosts(self, interface: str | None = None) -> concurrent.futures.Future:
+        """Browse the LAN until the core stops: a `hosts{hosts}` event (a
+        list of `host` events) now and whenever a host or its rooms change.
+        Future -> True, or False (with an `error`) if discovery can't run."""
+        return self.submit(self._watch_hosts(interface))
+
+    def start_host(self, *, port: int = DEFAULT_PORT, name: str | None = None,
+                   interface: str | None = None, advertise: bool = True,
+                   limits: Limits | None = None) -> concurrent.futures.Future:
+        """Run a room host in this process (the window's "Host a room here").
+        Emits `listening{address,port,name,advertised}`, or an `error`.
+        Future -> the port, or None. `stop()` shuts the host down too."""
+        return self.submit(self._start_host(port, name, interface, advertise,
+                                            limits or self.limits))
+
+    def send_file(self, path: str | Path, to: str | None = None) -> concurrent.futures.Future:
+        """Send a file to everyone else in the room, or to user `to` alone.
+        Future -> the transfer number, or None if it was refused at once."""
+        return self.submit(self.files.send(Path(path), to or ""))
+
+    def leave(self, wait_for_uploads: bool = False) -> concurrent.futures.Future:
+        """Leave the room, first letting our uploads reach the host if
+        `wait_for_uploads`. Future -> None once `closed` has been emitted."""
+        return self.submit(self._leave(wait_for_uploads))
+
+    @property
+    def connected(self) -> bool:
+        """In a room (logged in, not yet left)."""
+        return self._ready
+
+    # --- the LAN and an in-process host (core thread) ---
+
+    async def _watch_hosts(self, interface: str | None) -> bool:
+        if self._browser is not None:
+            return True
+
+        def changed(hosts: list[HostInfo]) -> None:
+            self._emit({"type": "hosts", "hosts": [h.to_event() for h in hosts]})
+
+        browser = HostBrowser(interface, on_change=changed,
+                              resolve_timeout_s=self.limits.resolve_timeout_s)
+        try:
+            await browser.start()
+        except (MissingPackage, OSError) as exc:
+            await browser.close()
+            message = exc.message if isinstance(exc, ChatError) else str(exc)
+            self._error("missing_package" if isinstance(exc, MissingPackage)
+                        else "no_host", f"can't look for hosts: {message}")
+            return False
+        self._browser = browser
+        changed([])
+        return True
+
+    async def _start_host(self, port: int, name: str | None, interface: str | None,
+                          advertise: bool, limits: Limits) -> int | None:
+        if self._host is not None:
+            return self._host.port
+        host = Host(bind=interface or "0.0.0.0", port=port, name=name,
+                    advertise=advertise, interface=interface, limits=limits)
+        try:
+            await host.start()
+        except (OSError, MissingPackage) as exc:
+            await host.close()
+            message = exc.message if isinstance(exc, ChatError) else \
+                (exc.strerror or str(exc))
+            self._error("host_unreachable", f"can't host on port {port}: {message}")
+            return None
+        self._host = host
+        self._emit({"type": "listening", "address": host.bind, "port": host.port,
+                    "name": host.name, "advertised": host.advertiser is not None})
+        return host.port
+
+    async def _shutdown(self) -> None:
+        """Everything `stop()` ends: the room, the LAN watch, the host."""
+        await self._leave()
+        browser, self._browser = self._browser, None
+        if browser is not None:
+            await browser.close()
+        host, self._host = self._host, None
+        if host is not None:
+            await host.close()
+
+    # --- the connection (core thread) ---
+
+    async def _join(self, host: str, port: int, room: str, user: str) -> bool:
+        if self._link is not None:
+            self._error("bad_frame", "already connected; leave first")
+            return False
+        limits = self.limits
+        loop = asyncio.get_running_loop()
+        try:
+            transport, protocol = await asyncio.wait_for(
+                loop.create_connection(LinkProtocol, host, port), limits.connect_timeout_s)
+        except (OSError, TimeoutError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else \
+                "no answer" if isinstance(exc, TimeoutError) else str(exc)
+            self._error("host_unreachable", f"can't reach {host}:{port}: {reason}")
+            self._emit({"type": "closed", "reason": "unreachable"})
+            return False
+        link = Link(Wire(Role.CLIENT, limits.max_frame_bytes), transport, limits,
+                    f"{host}:{port}")
+        try:
+            link.offer(Hello(PROTOCOL_VERSION, room, user, f"chatroom/{__version__}"))
+        except LocalError:                  # undecodable text, e.g. from argv
+            link.abort("refused")
+            self._error("bad_user_id", "the Room ID and User ID must be valid text")
+            self._emit({"type": "closed", "reason": "refused"})
+            return False
+        protocol.attach(link)               # after the hello: a host may answer at once
+        self._link = link
+        joined = loop.create_future()
+        self._reader = loop.create_task(self._read_loop(link, joined, host, port),
+                                        name=f"reader:{host}:{port}")
+        log_failure(self._reader, f"reading from {host}:{port}")
+        return await joined
+
+    async def _read_loop(self, link: Link, joined: asyncio.Future,
+                         host: str, port: int) -> None:
+        """Every event from the host, until the connection ends; then `closed`."""
+        reason = "connection_lost"
+        try:
+            while True:
+                wait = (self.limits.peer_silence_s if self._ready
+                        else self.limits.hello_timeout_s)
+                try:
+                    events = await asyncio.wait_for(link.receive(), wait)
+                except TimeoutError:
+                    reason = "connection_lost" if self._ready else "login_timeout"
+                    break
+                except RemoteError as exc:
+                    if link.at_eof:         # cut off inside a frame: just lost
+                        break
+                    self._error(exc.code, f"the host broke the protocol: {exc.message}")
+                    reason = "protocol_error"
+                    break
+                if events is None:
+                    break
+                ended = False
+                for event in events:
+                    outcome = self._on_host_event(link, event, joined, host, port)
+                    if isinstance(outcome, str):
+                        reason, ended = outcome, True   # the host's last word
+                        break
+                    if outcome is not None:
+                        await outcome       # our disk is behind: stop reading
+                # Not `link.wire.state`: it moves as frames are decoded, so it
+                # can say CLOSED before the closing event has been handled here.
+                if ended:
+                    break
+        finally:
+            self._ready = False
+            self._link = None
+            self.files.connection_ended()
+            if reason in ("connection_lost", "login_timeout", "protocol_error"):
+                link.abort(reason)          # nothing more to say to this host
+            await link.finish()
+            if not joined.done():
+                joined.set_result(False)
+            self._emit({"type": "closed", "reason": reason})
+
+    def _on_host_event(self, link: Link, event: Event, joined: asyncio.Future,
+                       host: str, port: int) -> Any:
+        """Handle one event. Returns a closing reason (str) when it ends the
+        session, an awaitable when reading must pause until it is done, or
+        None."""
+        file_handler = self.files.handlers.get(type(event))
+        if file_handler is not None:
+            return file_handler(event)
+        if isinstance(event, Ping):
+            link.offer(Pong(event.n))
+            return None
+        if isinstance(event, Pong):
+            return None
+        if isinstance(event, Closing):
+            return "quit" if event.reason == "bye" else event.reason
+        out = ui_event(event)
+        if isinstance(event, Welcome):
+            self._ready = True
+            self.files.attach(link, event.max_file_size)
+            out.update(address=host, port=port)
+        self._emit(out)
+        if isinstance(event, Welcome):
+            joined.set_result(True)
+        elif isinstance(event, Error) and not joined.done():
+            return "refused"                # an error before the welcome: no login
+        return None
+
+    async def _send(self, event: Event) -> bool:
+        """Queue `event` for the host, waiting while our outbox is full."""
+        link = self._link
+        if link is None or not self._ready:
+            self._error("not_connected", "not in a room")
+            return False
+        if not await link.offer_when_room(event):
+            self._error("not_connected", "the connection is closing")
+            return False
+        return True
+
+    async def _say(self, text: str) -> str | None:
+        try:
+            check_text(text, self.limits.max_message_bytes)
+        except Refused as refusal:
+            self._error(refusal.code, refusal.message)
+            return None
+        self._next_id += 1
+        msg_id = f"{self._id_prefix}-{self._next_id}"
+        return msg_id if await self._send(Say(msg_id, text)) else None
+
+    async def _leave(self, wait_for_uploads: bool = False) -> None:
+        link, reader = self._link, self._reader
+        if link is None or reader is None:
+            return
+        if wait_for_uploads:                # files asked for before leaving still go
+            await self.files.settle_uploads(reader)
+        self.files.drop_downloads("you left the room")
+        if self._ready and link.offer(Bye()):
+            self._ready = False
+            done, _ = await asyncio.wait({reader}, timeout=self.limits.close_timeout_s * 2)
+            if done:
+                return
+        link.abort("quit")
+        await asyncio.wait({reader})
+
+
+# =============================================================================
+# 12. COMMANDS: one parser for what a person types
+# =============================================================================
+# A line typed in the terminal or in the chat window becomes one Command
+# value; each front end acts on it through its own table (Command class ->
+# handler), so a command means the same everywhere and is parsed once. The
+# rules, also in README.md: a command starts the line with one "/" (" /quit"
+# is text, like any line with a space first); "//text" sends "/text"; an
+# unknown command is refused, never sent as chat; any other line is chat,
+# `help` included (the host answers it, to the sender alone). Parsing does
+# no I/O: a path is not opened here, a user not looked up.
+
+@dataclasses.dataclass(frozen=True)
+class Command:
+    """What a typed line asks for; `line` is the line as typed."""
+    line: str
+
+
+@dataclasses.dataclass(frozen=True)
+class ChatLine(Command):
+    """Send `text` to the room (what most lines are)."""
+    text: str
+
+
+@dataclasses.dataclass(frozen=True)
+class ListMembers(Command):
+    """/who: the members of the room."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Quit(Command):
+    """/quit: leave the room."""
+
+
+@dataclasses.dataclass(frozen=True)
+class SendFile(Command):
+    """/send PATH [@USER]: a file to the room, or to `to` alone."""
+    path: str
+    to: str | None
+
+
+@dataclasses.dataclass(frozen=True)
+class CallUser(Command):
+    """/CHECK USER: a video and voice call (not available yet)."""
+    user: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Mistyped(Command):
+    """A line that looks like a command but isn't one: refused with
+    `error{code, message}`, never sent as chat."""
+    code: str
+    message: str
+
+
+def parse_command(line: str) -> Command | None:
+    """The Command a typed line asks for, or None for a blank line."""
+    line = line.rstrip("\r\n")
+    if not line.strip():
+        return None
+    if line.startswith("//"):
+        return ChatLine(line, line[1:])     # "//x" sends "/x"
+    if not line.startswith("/"):
+        return ChatLine(line, line)
+    name, _, rest = line.partition(" ")
+    name = name.casefold()
+    if name == "/quit":
+        return Quit(line)
+    if name == "/who":
+        return ListMembers(line)
+    if name == "/send":
+        path, to = parse_send(line)
+        if not path:
+            return Mistyped(line, "not_a_file", "usage: /send PATH  or  /send PATH @USER")
+        return SendFile(line, path, to)
+    if name == "/check":
+        return CallUser(line, rest.strip())
+    return Mistyped(line, "unknown_command", f"unknown command {name}; type help for "
+                    "help (start a line with // to send a literal /)")
+
+
+def parse_send(line: str) -> tuple[str, str | None]:
+    """(path, user or None) from "/send PATH" or "/send PATH @USER".
+
+    PATH is the rest of the line after "/send ", less a final " @USER", so
+    names with spaces need no quotes (quotes around the whole path are
+    dropped, as a terminal's drag and drop adds them). A leading ~ is the
+    home folder.
+    """
+    rest = line.strip()[len("/send"):].strip()
+    to = None
+    quoted = re.fullmatch(r"""(["'])(.+?)\1(?:\s+@(.+))?""", rest)
+    if quoted:                              # a User ID has no quotes: unambiguous
+        rest, to = quoted.group(2), (quoted.group(3) or "").strip() or None
+    else:
+        path, sep, user = rest.rpartition(" @")
+        if sep and user.strip() and not any(ch in user for ch in "/\\"):
+            rest, to = path.rstrip(), user.strip()
+    return (os.path.expanduser(rest) if rest else ""), to
+
+
+# =============================================================================
+# 13. TERMINAL CLIENT: --cli, stdin lines in, events out (text or JSON)
+# =============================================================================
+# A thin front end over 11. CLIENT CORE. Each event is printed as one JSON
 # object per line (--json, flushed as written) or as a line for a person;
-# diagnostics go to stderr. Stdin lines are what a person types: text to
-# send, or a command (/who, /quit, ...). Reading stdin happens on its own
+# diagnostics go to stderr. Stdin lines are what a person types, parsed
+# by section 12 into text to send or a command. Reading stdin happens on its own
 # daemon thread so the main thread can notice the end of the session (the
 # host going away) while a read is pending.
 
@@ -3345,6 +3773,8 @@ EXIT_OK = 0
 EXIT_REFUSED = 1            # login refused, host unreachable, no host found
 EXIT_DISCONNECTED = 3       # the session ended other than by our leaving
 # (2 is argparse's, for bad flags.)
+
+_SIGNAL_POLL_S = 0.5        # how often the main thread wakes to notice Ctrl-C
 
 _EXIT_FOR_REASON = {"quit": EXIT_OK, "refused": EXIT_REFUSED, "unreachable": EXIT_REFUSED,
                     "login_timeout": EXIT_REFUSED}
@@ -3373,13 +3803,13 @@ class Printer:
 
     def __call__(self, event: dict) -> None:
         if self.json_mode:
-            line = json.dumps(event, ensure_ascii=False)
+            line: str | None = json.dumps(event, ensure_ascii=False)
         elif event.get("type") == "file_progress" and not self._progress_due(event):
             return
         else:
             line = self.format(event)
-            if line is None:
-                return
+        if line is None:
+            return
         with self._lock:
             self.stream.write(line + "\n")
             self.stream.flush()
@@ -3473,56 +3903,33 @@ def printable_block(text: str) -> str:
 
 
 
-def parse_send(line: str) -> tuple[str, str | None]:
-    """(path, user or None) from "/send PATH" or "/send PATH @USER".
-
-    PATH is the rest of the line after "/send ", less a final " @USER", so
-    names with spaces need no quotes (quotes around the whole path are
-    dropped, as a terminal's drag and drop adds them). A leading ~ is the
-    home folder.
-    """
-    rest = line.strip()[len("/send"):].strip()
-    to = None
-    quoted = re.fullmatch(r"""(["'])(.+?)\1(?:\s+@(.+))?""", rest)
-    if quoted:                              # a User ID has no quotes: unambiguous
-        rest, to = quoted.group(2), (quoted.group(3) or "").strip() or None
-    else:
-        path, sep, user = rest.rpartition(" @")
-        if sep and user.strip() and not any(ch in user for ch in "/\\"):
-            rest, to = path.rstrip(), user.strip()
-    return (os.path.expanduser(rest) if rest else ""), to
-
-
 def handle_line(core: ClientCore, line: str, emit: Callable[[dict], None]) -> bool:
-    """Act on one typed line. Returns False when the person asked to leave."""
-    line = line.rstrip("\r\n")
-    if not line.strip():
-        return True
-    # A command starts the line; " /quit" is text, like any line with a space first.
-    command = line.split(maxsplit=1)[0].casefold() if line.startswith("/") else ""
-    if command == "/quit":
+    """Act on one typed line (12. COMMANDS). Returns False when the person
+    asked to leave. Waits while our outbox is full, so stdin is read no
+    faster than the host takes what we say."""
+    command = parse_command(line)
+    if isinstance(command, Quit):
         return False
-    if command == "/who":
-        core.who().result()
-    elif command == "/send":
-        path, to = parse_send(line)
-        if not path:
-            emit({"type": "error", "code": "not_a_file",
-                  "message": "usage: /send PATH  or  /send PATH @USER"})
-        else:
-            core.send_file(path, to)
-    elif command == "/check":
-        emit({"type": "error", "code": "calls_unavailable",
-              "message": "video and voice calls are not available yet"})
-    elif line.startswith("//"):
-        core.say(line[1:]).result()         # "//x" sends "/x"
-    elif line.startswith("/"):
-        emit({"type": "error", "code": "unknown_command",
-              "message": f"unknown command {command}; type help for help "
-                         f"(start a line with // to send a literal /)"})
-    else:
-        core.say(line).result()             # waits while our outbox is full
+    if command is not None:
+        _TERMINAL_COMMANDS[type(command)](core, command, emit)
     return True
+
+
+def _terminal_call(core: ClientCore, command: CallUser, emit: Callable[[dict], None]) -> None:
+    emit({"type": "error", "code": "calls_unavailable",
+          "message": "video and voice calls are not available yet"})
+
+
+# What the terminal does for each command but Quit (which ends the session).
+_TERMINAL_COMMANDS: dict[type[Command], Callable[[ClientCore, Any, Callable], Any]] = {
+    ChatLine: lambda core, command, emit: core.say(command.text).result(),
+    ListMembers: lambda core, command, emit: core.who().result(),
+    SendFile: lambda core, command, emit: log_failure(
+        core.send_file(command.path, command.to), f"sending {command.path}"),
+    CallUser: _terminal_call,
+    Mistyped: lambda core, command, emit: emit(
+        {"type": "error", "code": command.code, "message": command.message}),
+}
 
 
 def choose_host(hosts: list[HostInfo], json_mode: bool, emit: Callable[[dict], None],
@@ -3557,7 +3964,7 @@ def run_terminal(args: argparse.Namespace, limits: Limits) -> int:
     printer = Printer(args.json)
     stdin = sys.stdin
     ended = threading.Event()
-    closed_reason = []
+    closed_reason: list[str] = []
 
     def on_event(event: dict) -> None:
         printer(event)
@@ -3572,8 +3979,8 @@ def run_terminal(args: argparse.Namespace, limits: Limits) -> int:
             host, port = parse_server(args.server)
         else:
             hosts = core.submit(discover(args.timeout, interface=args.interface,
-                                         settle=DISCOVERY_SETTLE_S, name=args.name)
-                                ).result()
+                                         settle=limits.discovery_settle_s,
+                                         name=args.name)).result()
             chosen = choose_host(hosts, args.json, printer, stdin)
             if chosen is None:
                 return EXIT_REFUSED
@@ -3589,13 +3996,13 @@ def run_terminal(args: argparse.Namespace, limits: Limits) -> int:
                         break
             except Exception:               # never leave the session hanging
                 log.exception("reading stdin failed")
-            core.leave(wait_for_uploads=True)   # files already sent still go
+            log_failure(core.leave(wait_for_uploads=True), "leaving")  # files sent still go
 
         threading.Thread(target=read_stdin, name="stdin", daemon=True).start()
-        while not ended.wait(0.5):          # a timed wait lets Ctrl-C through
+        while not ended.wait(_SIGNAL_POLL_S):   # a timed wait lets Ctrl-C through
             pass
     except KeyboardInterrupt:
-        core.leave()
+        log_failure(core.leave(), "leaving")
         ended.wait(limits.close_timeout_s * 2)
         closed_reason[:] = ["quit"]
     finally:
@@ -3616,27 +4023,21 @@ def run_discover(args: argparse.Namespace) -> int:
 
 
 # =============================================================================
-# 9. DESKTOP GUI: the launcher, the chat window, (later) call windows
+# 14. GUI LOOK: theme, fonts, --scale, the trace hook, anti-aliased drawing
 # =============================================================================
-# A third front end over 7. CLIENT CORE, beside 8. TERMINAL CLIENT: it reads
-# the same event dicts and decides nothing the core decides. It owns the main
-# thread and never blocks it. The core's thread reaches the window only
-# through GuiBridge, whose one call is `window.write_event_value(("-NET-",
-# type), event)`; commands go the other way as ClientCore methods that return
-# a future at once, and what a future brings back (a port, a refusal) comes
-# home as a ("-CORE-", ...) event from a done-callback. So no handler below
-# touches a socket, sleeps, or waits on a future.
+# The desktop window is a third front end over 11. CLIENT CORE, beside 13.
+# TERMINAL CLIENT, spread over five sections: 14 (this one) how things look
+# and how they are drawn, 15 the conversation and the members list, 16 the
+# windows, 17 (reserved) call windows, 18 the app that owns them and the
+# one read loop. Together they read the core's event dicts and decide
+# nothing the core decides; they own the main thread and never block it.
 #
-# It owns the look (one theme, a font that draws Chinese, --scale), the
-# launcher (hosts on the LAN, live; an address field; Room and User IDs
-# remembered in a small settings file; Join; "Host a room here"), the chat
-# window (bubbles with avatars, [SYSTEM] notices, members, files with a
-# progress bar each) and leaving from anywhere. It must not touch the wire,
-# the rooms' rules or a socket. PySimpleGUI and tkinter are imported inside
+# This section owns the look (one theme, a font that draws Chinese, colours,
+# --scale), the trace hook the tests follow the window through, and drawing
+# helpers that Tk lacks (anti-aliased discs and rounded boxes). It makes no
+# window and handles no event. PySimpleGUI and tkinter are imported inside
 # the functions that need them, so `import chatroom` works with no display.
 
-GUI_MAX_SHOWN = 1000                # chat entries kept on screen; older ones go
-GUI_STOP_WAIT_S = 4.0               # closing: wait this long for the core, then go
 GUI_TRACE_ENV = "CHATROOM_GUI_TRACE"  # test hook, see GuiTrace
 
 # Families that draw Simplified Chinese and Latin well, in order of
@@ -3781,101 +4182,7 @@ def apply_theme(look: Look) -> None:
                    use_ttk_buttons=False, suppress_error_popups=True)
 
 
-# --- Settings remembered between runs ----------------------------------------
-
-_SETTINGS_KEYS = ("room", "user", "address")
-_SETTINGS_MAX_CHARS = 256
-
-
-def settings_path(platform: str | None = None, environ: dict | None = None,
-                  home: Path | None = None) -> Path:
-    """Where the launcher remembers the last Room ID, User ID and address:
-    %APPDATA%\\chatroom on Windows, ~/Library/Application Support/chatroom on
-    macOS, $XDG_CONFIG_HOME/chatroom (else ~/.config/chatroom) elsewhere."""
-    platform = platform or sys.platform
-    environ = os.environ if environ is None else environ
-    home = home or Path.home()
-    if platform.startswith("win"):
-        base = Path(environ.get("APPDATA") or home / "AppData" / "Roaming")
-    elif platform == "darwin":
-        base = home / "Library" / "Application Support"
-    else:
-        xdg = environ.get("XDG_CONFIG_HOME", "")
-        base = Path(xdg) if os.path.isabs(xdg) else home / ".config"   # the spec:
-    return base / "chatroom" / "settings.json"                         # relative = unset
-
-
-def load_settings(path: Path) -> dict[str, str]:
-    """The remembered fields; {} (never an exception) for a missing,
-    unreadable or corrupt file. Only short strings of known keys survive."""
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError, UnicodeDecodeError, RecursionError):
-        return {}
-    if not isinstance(data, dict):
-        return {}
-    return {key: value for key, value in data.items() if key in _SETTINGS_KEYS
-            and isinstance(value, str) and len(value) <= _SETTINGS_MAX_CHARS}
-
-
-def save_settings(path: Path, settings: dict[str, str]) -> bool:
-    """Write the settings atomically (a crash leaves the old file or the new
-    one, never half of one). False, logged, if the disk says no."""
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        part = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        part.write_text(json.dumps(settings, ensure_ascii=False, indent=1), encoding="utf-8")
-        os.replace(part, path)
-        return True
-    except OSError as exc:
-        log.warning("can't save settings to %s: %s", path, exc)
-        return False
-
-
-# --- From the core's thread to the window ------------------------------------
-
-class GuiBridge:
-    """Turns core callbacks into window events; the only GUI object the core
-    thread uses.
-
-    Every event goes to one window, the launcher, which lives as long as the
-    program (hidden while you chat): so no event is lost while the chat
-    window opens or closes. The app's read loop takes it from there.
-    `detach()` is called only after the core has stopped, so no thread can
-    be posting at that moment.
-    """
-
-    def __init__(self, window: Any) -> None:
-        self._window = window
-
-    def on_event(self, event: dict) -> None:        # runs on the core thread
-        self.post((NET_EVENT, event["type"]), event)
-
-    def post(self, key: tuple, value: Any = None) -> None:
-        """Queue `key` with `value` for the read loop; any thread."""
-        window = self._window
-        if window is not None:
-            window.write_event_value(key, value)
-
-    def report(self, what: str, future: Any, describe: Callable[[Any], Any] | None = None,
-               quiet: bool = False) -> None:
-        """When `future` (a core command) is done, post ("-CORE-", what) with
-        its result (`describe`d) unless `quiet`, or ("-CORE-", "failed") with
-        the error; nothing if it was cancelled (the core stopped: we are
-        closing). The callback runs on the core's thread, or right here if
-        the future is already done: both may post."""
-        def done(f: Any) -> None:
-            if f.cancelled():
-                return
-            if f.exception() is not None:
-                self.post((CORE_EVENT, "failed"), f"{what}: {f.exception()}")
-            elif not quiet:
-                self.post((CORE_EVENT, what), describe(f.result()) if describe else f.result())
-        future.add_done_callback(done)
-
-    def detach(self) -> None:
-        self._window = None
-
+# --- The trace hook ----------------------------------------------------------
 
 class GuiTrace:
     """Test hook: with CHATROOM_GUI_TRACE=1 in the environment, the window
@@ -3891,20 +4198,6 @@ class GuiTrace:
             self.stream.write(json.dumps({"gui": what, **fields}, ensure_ascii=False,
                                          default=str) + "\n")
             self.stream.flush()
-
-
-def open_with_os(path: str | Path) -> None:
-    """Open a file or folder with the desktop's default application and
-    return at once. Raises OSError if there is no opener."""
-    import subprocess                       # here: only the window opens files
-    if sys.platform.startswith("win"):      # pragma: no cover (Windows only)
-        os.startfile(path)
-    elif sys.platform == "darwin":          # pragma: no cover (macOS only)
-        subprocess.Popen(["open", str(path)])
-    else:
-        subprocess.Popen(["xdg-open", str(path)], stdin=subprocess.DEVNULL,
-                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                         start_new_session=True)
 
 
 # --- Drawing: anti-aliased shapes as images ----------------------------------
@@ -3997,8 +4290,9 @@ class Images:
                 for x in range(width):
                     cover = min(1.0, max(0.0, radius + 0.5 - math.hypot(x + 0.5 - cx,
                                                                          y + 0.5 - cy)))
-                    row.append("#%02x%02x%02x" % tuple(
-                        round(p + (i - p) * cover) for i, p in zip(ink, paper)))
+                    red, green, blue = (round(p + (i - p) * cover)
+                                        for i, p in zip(ink, paper))
+                    row.append(f"#{red:02x}{green:02x}{blue:02x}")
                 rows.append("{" + " ".join(row) + "}")
             image.put(" ".join(rows))
             self._cache[key] = image
@@ -4063,7 +4357,19 @@ class Drawing:
         return text[:low] + "..."
 
 
-# --- The conversation: bubbles, notices and file cards on a canvas -----------
+# =============================================================================
+# 15. GUI CONVERSATION: bubbles, notices and file cards; the members list
+# =============================================================================
+# Two canvases of the chat window, drawn with 14's helpers. ChatView is the
+# conversation: a person's message is always a bubble with an avatar, and a
+# [SYSTEM] notice is drawn only from the host's `system` events, so no text
+# a user sends can look like one. MemberList is the room's members, where a
+# click picks who a file goes to. Both report clicks by posting an event
+# to the read loop (18); neither talks to the core.
+
+_RELAYOUT_DELAY_MS = 80             # a resize redraws once the edge rests this long
+_PAINT_EVERY_S = 0.1                # during a flood, make Tk paint at least this often
+
 
 @dataclasses.dataclass(eq=False)
 class ChatEntry:
@@ -4085,15 +4391,17 @@ class ChatView(Drawing):
     mine on the right, everyone else's on the left. A [SYSTEM] notice is a
     centred grey line and nothing else is drawn that way, so no text a user
     sends can look like one. Notes from this program (errors, the answer to
-    /who) are centred too, in their own colours. Keeps the last GUI_MAX_SHOWN
+    /who) are centred too, in their own colours. Keeps the last `max_shown`
     entries; follows new ones while you are at the bottom.
     """
 
     def __init__(self, widget: Any, look: Look, images: Images,
-                 post: Callable[[tuple, Any], None], trace: GuiTrace) -> None:
+                 post: Callable[[tuple, Any], None], trace: GuiTrace,
+                 max_shown: int = GUI_MAX_SHOWN) -> None:
         super().__init__(widget, look, images, COLOURS["chat"])
         self.post = post                    # sends ("-CHAT-", ...) events to the loop
         self.trace = trace
+        self.max_shown = max_shown          # entries kept; older ones go
         self.entries: collections.deque[ChatEntry] = collections.deque()
         self.files: dict[tuple[str, int], ChatEntry] = {}   # (direction, transfer)
         self._names = itertools.count()
@@ -4101,6 +4409,7 @@ class ChatView(Drawing):
         self._y = self._margin = look.px(14)
         self._relayout_job: str | None = None
         self._painted = 0.0                 # when we last made Tk paint (see add)
+        self._paint_report_job: str | None = None   # trace: a `painted` record to come
         widget.configure(yscrollincrement=look.px(24), background=self.background)
         widget.bind("<Configure>", self._on_configure)
         for sequence in ("<MouseWheel>", "<Button-4>", "<Button-5>"):
@@ -4115,12 +4424,12 @@ class ChatView(Drawing):
         self._paint(entry, self._y)
         self.entries.append(entry)
         self._y = entry.bottom
-        while len(self.entries) > GUI_MAX_SHOWN:
+        while len(self.entries) > self.max_shown:
             self._forget(self.entries.popleft())
         self._set_scrollregion()
         if follow:
             self.widget.yview_moveto(1.0)
-        if time.monotonic() - self._painted > 0.1:
+        if time.monotonic() - self._painted > _PAINT_EVERY_S:
             # Tk paints when it has nothing else to do; a flood of events
             # would leave the screen stale until it ends. Paint now and then.
             self._painted = time.monotonic()
@@ -4129,6 +4438,7 @@ class ChatView(Drawing):
             self.trace("shown", kind=kind, **{k: v for k, v in data.items()
                                               if isinstance(v, (str, int, float, bool))},
                        **self.where(entry))
+            self._report_painted()
         return entry
 
     def update_file(self, key: tuple[str, int], **changes: Any) -> ChatEntry | None:
@@ -4148,7 +4458,19 @@ class ChatView(Drawing):
                        links={name: self.widget.bbox(item)
                               for name, item in entry.links.items()},
                        **self.where(entry))
+            self._report_painted()
         return entry
+
+    def _report_painted(self) -> None:
+        """Trace: once Tk has drawn what is there now and the X server has
+        it (update_idletasks ends with an XSync), say `painted`, so a test
+        reads pixels after this record instead of sleeping."""
+        def report() -> None:
+            self._paint_report_job = None
+            self.widget.update_idletasks()
+            self.trace("painted", entries=len(self.entries))
+        if self._paint_report_job is None:
+            self._paint_report_job = self.widget.after_idle(report)
 
     def where(self, entry: ChatEntry) -> dict:
         """For the trace: the entry's text in canvas coordinates, and where
@@ -4183,7 +4505,7 @@ class ChatView(Drawing):
             if self._relayout_job is not None:
                 self.widget.after_cancel(self._relayout_job)
             # Dragging a window's edge sends many of these: redraw once it rests.
-            self._relayout_job = self.widget.after(80, self._relayout)
+            self._relayout_job = self.widget.after(_RELAYOUT_DELAY_MS, self._relayout)
 
     def _relayout(self) -> None:
         self._relayout_job = None
@@ -4199,9 +4521,10 @@ class ChatView(Drawing):
 
     def close(self) -> None:
         """The window is going: a pending redraw must not find it gone."""
-        if self._relayout_job is not None:
-            self.widget.after_cancel(self._relayout_job)
-            self._relayout_job = None
+        for job in (self._relayout_job, self._paint_report_job):
+            if job is not None:
+                self.widget.after_cancel(job)
+        self._relayout_job = self._paint_report_job = None
 
     def _on_wheel(self, event: Any) -> None:
         if event.num == 4 or getattr(event, "delta", 0) > 0:
@@ -4253,8 +4576,9 @@ class ChatView(Drawing):
         draw.tag_lower(entry.tag + "-box", entry.text_item)
         return max(y2 + pad_y, top + px(36))
 
-    _NOTICE_COLOURS = {"system": ("system", "system_text"), "info": ("info", "info_text"),
-                       "error": ("error", "error_text")}
+    _NOTICE_COLOURS: ClassVar[dict[str, tuple[str, str]]] = {
+        "system": ("system", "system_text"), "info": ("info", "info_text"),
+        "error": ("error", "error_text")}
 
     def _paint_notice(self, entry: ChatEntry, top: int) -> int:
         """A centred line: a host's [SYSTEM] notice or this program's note."""
@@ -4471,6 +4795,16 @@ class MemberList(Drawing):
         self.widget.yview_scroll(-1 if event.num == 4 or getattr(event, "delta", 0) > 0
                                  else 1, "units")
 
+
+# =============================================================================
+# 16. GUI WINDOWS: the launcher and the chat window
+# =============================================================================
+# The two windows a person sees, built from 14 and 15: the launcher (hosts
+# on the LAN, the address and the IDs, Join, "Host a room here") and the
+# chat window (the conversation, the members, the input line). A window
+# shows what the app (18) tells it and reports what was clicked; it never
+# calls the core, and it checks only what can be checked here (an ID's
+# shape), leaving the last word to the host.
 
 # --- Widgets shared by the windows -------------------------------------------
 
@@ -4717,13 +5051,14 @@ class ChatWindow:
     """One room: the conversation, the members, a line to type in, and
     buttons to send a file or (later) start a video call."""
 
-    def __init__(self, look: Look, images: Images, ready: dict, trace: GuiTrace) -> None:
+    def __init__(self, look: Look, images: Images, ready: dict, trace: GuiTrace,
+                 max_shown: int = GUI_MAX_SHOWN) -> None:
         import PySimpleGUI as sg
         self.look = look
         self.trace = trace
         self.me = ready["user"]
         self.room = ready["room"]
-        self.seen: collections.deque[int] = collections.deque(maxlen=1024)  # seqs shown
+        self.seen: collections.deque[Any] = collections.deque(maxlen=1024)  # seqs shown
         self.history_started = False
         px = look.px
         where = (f"on {printable(ready.get('host') or ready['address'])} · "
@@ -4781,7 +5116,7 @@ class ChatWindow:
         post = self.window.write_event_value
         view = self.window[(_CHAT, "view")].Widget
         self._add_scrollbar(view)
-        self.view = ChatView(view, look, images, post, trace)
+        self.view = ChatView(view, look, images, post, trace, max_shown)
         self.members = MemberList(self.window[(_CHAT, "members")].Widget, look, images,
                                   self.me, post)
         self.members.set(ready["members"])
@@ -4794,9 +5129,9 @@ class ChatWindow:
         none): a thumb in a trough, no arrows."""
         from tkinter import ttk
         style = ttk.Style(canvas)
-        style.layout("Chat.Vertical.TScrollbar", [("Vertical.Scrollbar.trough", {
-            "sticky": "ns", "children": [("Vertical.Scrollbar.thumb",
-                                          {"expand": "1", "sticky": "nswe"})]})])
+        trough: Any = {"sticky": "ns", "children": [("Vertical.Scrollbar.thumb",
+                                                     {"expand": "1", "sticky": "nswe"})]}
+        style.layout("Chat.Vertical.TScrollbar", [("Vertical.Scrollbar.trough", trough)])
         style.configure("Chat.Vertical.TScrollbar", troughcolor=COLOURS["chat"],
                         background=COLOURS["line"], bordercolor=COLOURS["chat"],
                         lightcolor=COLOURS["line"], darkcolor=COLOURS["line"],
@@ -4920,10 +5255,12 @@ class ChatWindow:
                                   status="Saved by " + ", ".join(saved))
 
     def on_file_failed(self, event: dict) -> None:
-        key = (event["direction"], event.get("transfer"))
+        if event.get("transfer") is None:
+            return                          # refused at once: its `error` said why
+        key = (event["direction"], event["transfer"])
         entry = self.view.files.get(key)
         if entry is None:
-            return                          # refused at once: its `error` said why
+            return
         if event.get("user"):               # one recipient failed; the others go on
             self.note(f"{printable(event['name'])}: {printable(event['user'])} didn't get "
                       f"it: {printable(event['reason'])}", "error")
@@ -4960,11 +5297,13 @@ def _sentence(text: str) -> str:
     return text[0].upper() + text[1:] + ("" if text[-1] in ".!?" else ".")
 
 
-# --- Call windows (reserved) -------------------------------------------------
-# Calls land with 5. MEDIA. Each call will get its own window, keyed here by
-# the peer, read by the same loop as the others (GuiApp.windows lists them,
-# so closing the last window still ends the program, and GuiApp.quit hides
-# them with the rest). Until then every request gets calls_unavailable.
+# =============================================================================
+# 17. GUI CALLS: (reserved) call windows
+# =============================================================================
+# Calls land with 4, 5 and 7. Each call will get its own window, keyed here
+# by the peer, read by the same loop as the others (GuiApp.windows lists
+# them, so closing the last window still ends the program, and GuiApp.quit
+# hides them with the rest). Until then every request gets calls_unavailable.
 
 class CallWindows:
     """The video windows of the calls in progress (none until calls land)."""
@@ -4984,6 +5323,132 @@ class CallWindows:
         self.windows.clear()
 
 
+# =============================================================================
+# 18. GUI APP: the bridge from the core, settings, phases, the one read loop
+# =============================================================================
+# GuiApp owns one ClientCore, the launcher (which lives as long as the
+# program and receives every core event), the chat window while in a room,
+# the call windows, and the loop that reads them all. The core's thread
+# reaches the window only through GuiBridge, whose one call is
+# `window.write_event_value(("-NET-", type), event)`; commands go the other
+# way as ClientCore methods that return a future at once, and what a
+# future brings back (a port, a refusal) comes home as a ("-CORE-", ...)
+# event from a done-callback. So no handler here touches a socket, sleeps,
+# or waits on a future. Which handler runs is a table from event key to
+# method; what the app is doing is one Phase, moved only along PHASE_MOVES.
+
+# --- Settings remembered between runs ----------------------------------------
+
+_SETTINGS_KEYS = ("room", "user", "address")
+_SETTINGS_MAX_CHARS = 256
+
+
+def settings_path(platform: str | None = None,
+                  environ: typing.Mapping[str, str] | None = None,
+                  home: Path | None = None) -> Path:
+    """Where the launcher remembers the last Room ID, User ID and address:
+    %APPDATA%\\chatroom on Windows, ~/Library/Application Support/chatroom on
+    macOS, $XDG_CONFIG_HOME/chatroom (else ~/.config/chatroom) elsewhere."""
+    platform = platform or sys.platform
+    if environ is None:
+        environ = os.environ
+    home = home or Path.home()
+    if platform.startswith("win"):
+        base = Path(environ.get("APPDATA") or home / "AppData" / "Roaming")
+    elif platform == "darwin":
+        base = home / "Library" / "Application Support"
+    else:
+        xdg = environ.get("XDG_CONFIG_HOME", "")
+        base = Path(xdg) if os.path.isabs(xdg) else home / ".config"   # the spec:
+    return base / "chatroom" / "settings.json"                         # relative = unset
+
+
+def load_settings(path: Path) -> dict[str, str]:
+    """The remembered fields; {} (never an exception) for a missing,
+    unreadable or corrupt file. Only short strings of known keys survive."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, UnicodeDecodeError, RecursionError):
+        return {}
+    if not isinstance(data, dict):
+        return {}
+    return {key: value for key, value in data.items() if key in _SETTINGS_KEYS
+            and isinstance(value, str) and len(value) <= _SETTINGS_MAX_CHARS}
+
+
+def save_settings(path: Path, settings: dict[str, str]) -> bool:
+    """Write the settings atomically (a crash leaves the old file or the new
+    one, never half of one). False, logged, if the disk says no."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        part = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        part.write_text(json.dumps(settings, ensure_ascii=False, indent=1), encoding="utf-8")
+        os.replace(part, path)
+        return True
+    except OSError as exc:
+        log.warning("can't save settings to %s: %s", path, exc)
+        return False
+
+
+# --- From the core's thread to the window ------------------------------------
+
+class GuiBridge:
+    """Turns core callbacks into window events; the only GUI object the core
+    thread uses.
+
+    Every event goes to one window, the launcher, which lives as long as the
+    program (hidden while you chat): so no event is lost while the chat
+    window opens or closes. The app's read loop takes it from there.
+    `detach()` is called only after the core has stopped, so no thread can
+    be posting at that moment.
+    """
+
+    def __init__(self, window: Any) -> None:
+        self._window = window
+
+    def on_event(self, event: dict) -> None:        # runs on the core thread
+        self.post((NET_EVENT, event["type"]), event)
+
+    def post(self, key: tuple, value: Any = None) -> None:
+        """Queue `key` with `value` for the read loop; any thread."""
+        window = self._window
+        if window is not None:
+            window.write_event_value(key, value)
+
+    def report(self, what: str, future: Any, describe: Callable[[Any], Any] | None = None,
+               quiet: bool = False) -> None:
+        """When `future` (a core command) is done, post ("-CORE-", what) with
+        its result (`describe`d) unless `quiet`, or ("-CORE-", "failed") with
+        the error; nothing if it was cancelled (the core stopped: we are
+        closing). The callback runs on the core's thread, or right here if
+        the future is already done: both may post."""
+        def done(f: Any) -> None:
+            if f.cancelled():
+                return
+            if f.exception() is not None:
+                self.post((CORE_EVENT, "failed"), f"{what}: {f.exception()}")
+            elif not quiet:
+                self.post((CORE_EVENT, what), describe(f.result()) if describe else f.result())
+        future.add_done_callback(done)
+
+    def detach(self) -> None:
+        self._window = None
+
+
+def open_with_os(path: str | Path) -> None:
+    """Open a file or folder with the desktop's default application and
+    return at once. Raises OSError if there is no opener."""
+    import subprocess  # here: only the window opens files
+    if sys.platform.startswith("win"):      # pragma: no cover (Windows only)
+        os.startfile(path)
+    elif sys.platform == "darwin":          # pragma: no cover (macOS only)
+        subprocess.Popen(["open", str(path)])
+    else:
+        subprocess.Popen(["xdg-open", str(path)], stdin=subprocess.DEVNULL,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                         start_new_session=True)
+
+
 # --- The app: one core, the windows, one read loop ---------------------------
 
 class Phase(enum.Enum):
@@ -4994,6 +5459,24 @@ class Phase(enum.Enum):
     ENDED = "ended"                 # the connection ended; the chat window says why
     STOPPING = "stopping"           # closing: windows hidden, the core stopping
     STOPPED = "stopped"             # the loop is over
+
+
+# Where the app may go from each phase. A move not listed is a bug in the
+# handlers (IllegalMove), not something a person or the network can cause.
+PHASE_MOVES: dict[Phase, frozenset[Phase]] = {
+    Phase.CHOOSING: frozenset({Phase.HOSTING, Phase.JOINING, Phase.STOPPING}),
+    Phase.HOSTING: frozenset({Phase.CHOOSING, Phase.JOINING, Phase.STOPPING}),
+    Phase.JOINING: frozenset({Phase.CHOOSING, Phase.CHATTING, Phase.STOPPING}),
+    Phase.CHATTING: frozenset({Phase.ENDED, Phase.CHOOSING, Phase.STOPPING}),
+    Phase.ENDED: frozenset({Phase.CHOOSING, Phase.STOPPING}),
+    Phase.STOPPING: frozenset({Phase.STOPPED}),
+    Phase.STOPPED: frozenset(),
+}
+IN_ROOM = frozenset({Phase.CHATTING, Phase.ENDED})   # the phases with a chat window
+
+
+class IllegalMove(RuntimeError):
+    """The app tried a phase change PHASE_MOVES forbids: a bug here."""
 
 
 class LoopStats:
@@ -5026,10 +5509,12 @@ class GuiApp:
     (while in a room), the call windows (later), and the loop that reads
     them all.
 
-    Every event reaches one handler through two dicts: `posted` for events
+    Every event reaches one handler through two tables: `posted` for events
     written with write_event_value (from the core, a done-callback, or a
     canvas click), which get the posted value, and `clicked` for element
-    events, which get the window's values. Nothing else decides anything.
+    events, which get the window's values. A handler that needs the chat
+    window is wrapped by `_in_room`, which passes it the window and skips it
+    when there is none. What a typed line does is `typed`, by Command.
     """
 
     def __init__(self, args: argparse.Namespace, limits: Limits, look: Look,
@@ -5037,6 +5522,7 @@ class GuiApp:
         import PySimpleGUI as sg
         self.sg = sg
         self.args = args
+        self.limits = limits
         self.look = look
         self.trace = trace
         self.settings_file = settings_file
@@ -5047,45 +5533,55 @@ class GuiApp:
         self.launcher = Launcher(look, self.images, prefill, trace)
         self.bridge = GuiBridge(self.launcher.window)
         self.core = ClientCore(self.bridge.on_event, limits, args.downloads)
-        self.chat: ChatWindow | None = None
+        self.chat: ChatWindow | None = None  # exactly while the phase is IN_ROOM
         self.calls = CallWindows()
         self.phase = Phase.CHOOSING
         self.hosted_port: int | None = None  # our in-process host, once it listens
         self.joining: dict = {}             # what the launcher asked for
         self.stop_deadline = 0.0
         self.stats = LoopStats()
+        in_room = self._in_room
         self.posted: dict[tuple, Callable[[Any], None]] = {
             (NET_EVENT, "hosts"): self.launcher.show_hosts,
             (NET_EVENT, "listening"): self.on_listening,
             (NET_EVENT, "ready"): self.on_ready,
             (NET_EVENT, "error"): self.on_error,
             (NET_EVENT, "closed"): self.on_closed,
+            (NET_EVENT, "message"): in_room(ChatWindow.on_message),
+            (NET_EVENT, "system"): in_room(ChatWindow.on_system),
+            (NET_EVENT, "help"): in_room(ChatWindow.on_help),
+            (NET_EVENT, "members"): in_room(ChatWindow.on_members),
+            (NET_EVENT, "file_offer"): in_room(ChatWindow.on_file_offer),
+            (NET_EVENT, "file_progress"): in_room(ChatWindow.on_file_progress),
+            (NET_EVENT, "file_received"): in_room(ChatWindow.on_file_received),
+            (NET_EVENT, "file_sent"): in_room(ChatWindow.on_file_sent),
+            (NET_EVENT, "file_delivered"): in_room(ChatWindow.on_file_delivered),
+            (NET_EVENT, "file_failed"): in_room(ChatWindow.on_file_failed),
             (CORE_EVENT, "hosted"): self.on_hosted,
-            (CORE_EVENT, "said"): self.on_said,
+            (CORE_EVENT, "said"): in_room(self.on_said),
             (CORE_EVENT, "failed"): self.on_failed,
             (CORE_EVENT, "stopped"): lambda _value: self.finish(),
-            (_CHAT, "pick"): self.on_pick_member,
+            (_CHAT, "pick"): in_room(ChatWindow.pick),
             (_CHAT, "open"): self.on_open,
             (_CHAT, "folder"): self.on_open,
         }
-        for kind in ("message", "system", "help", "members", "file_offer", "file_progress",
-                     "file_received", "file_sent", "file_delivered", "file_failed"):
-            self.posted[(NET_EVENT, kind)] = self._to_chat(f"on_{kind}")
         self.clicked: dict[Any, Callable[[dict], None]] = {
             (_ROOM, "join"): self.on_join,
             (_ROOM, "host"): self.on_host,
             (_ROOM, "hosts"): self.on_pick_host,
             ((_ROOM, "hosts"), "double"): self.on_double_click_host,
-            (_CHAT, "send"): self.on_send,
-            (_CHAT, "file"): self.on_send_file_button,
-            (_CHAT, "video"): self.on_video_button,
-            (_CHAT, "leave"): self.on_leave,
+            (_CHAT, "send"): in_room(self.on_send),
+            (_CHAT, "file"): in_room(self.on_send_file_button),
+            (_CHAT, "video"): in_room(self.on_video_button),
+            (_CHAT, "leave"): in_room(self.on_leave),
         }
-        self.commands: dict[str, Callable[[str], None]] = {
-            "/who": lambda _line: self._quietly("who", self.core.who()),
-            "/quit": lambda _line: self.on_leave({}),
-            "/send": self.on_send_command,
-            "/check": self.on_call_command,
+        self.typed: dict[type[Command], Callable[[ChatWindow, Any], None]] = {
+            ChatLine: lambda chat, command: self.say(command.text),
+            ListMembers: lambda chat, command: self._quietly("who", self.core.who()),
+            Quit: lambda chat, command: self.on_leave(chat, {}),
+            SendFile: lambda chat, command: self.send_file(command.path, command.to),
+            CallUser: self.on_call_command,
+            Mistyped: self.on_mistyped,
         }
 
     # --- the loop ---
@@ -5095,16 +5591,16 @@ class GuiApp:
         self.core.start()
         self._quietly("watch", self.core.watch_hosts(self.args.interface))
         self.launcher.trace_layout()
-        self._set_phase(Phase.CHOOSING)
+        self.trace("phase", phase=self.phase.value)
         while self.phase is not Phase.STOPPED:
             started = time.perf_counter()
             _window, event, values = self.sg.read_all_windows(
-                timeout=100 if self.phase is Phase.STOPPING else None)
+                timeout=_STOPPING_POLL_MS if self.phase is Phase.STOPPING else None)
             read = time.perf_counter()
             self.dispatch(event, values)
             if self.trace.enabled:
                 self.stats.note(read - started, time.perf_counter() - read)
-                if len(self.stats.reads) >= 500:
+                if len(self.stats.reads) >= _LOOP_STATS_EVERY:
                     self.trace("loop", **self.stats.summary())
         if self.trace.enabled:
             self.trace("loop", **self.stats.summary())
@@ -5125,14 +5621,26 @@ class GuiApp:
         elif event in self.clicked:
             self.clicked[event](values)
 
-    def _to_chat(self, method: str) -> Callable[[dict], None]:
-        """A handler that passes a room event to the chat window, if open."""
-        def handler(event: dict) -> None:
-            if self.chat is not None and self.phase in (Phase.CHATTING, Phase.ENDED):
-                getattr(self.chat, method)(event)
-        return handler
+    def _in_room(self, handler: Callable[[ChatWindow, Any], None]) -> Callable[[Any], None]:
+        """`handler`, given the chat window, for an event that needs it;
+        when there is no chat window (it closed, or never opened), the
+        event is late and is dropped."""
+        def with_chat(value: Any) -> None:
+            if self.chat is not None:
+                handler(self.chat, value)
+        return with_chat
 
-    def _set_phase(self, phase: Phase) -> None:
+    def _set_phase(self, phase: Phase, chat: ChatWindow | None = None) -> None:
+        """Move to `phase` (PHASE_MOVES says where the app may go). Entering
+        CHATTING takes the new chat window; leaving the room for the
+        launcher closes it (STOPPING keeps it, hidden, until STOPPED)."""
+        if phase not in PHASE_MOVES[self.phase]:
+            raise IllegalMove(f"the window can't go from {self.phase.value} to {phase.value}")
+        if phase is Phase.CHATTING:
+            self.chat = chat
+        elif phase not in IN_ROOM and phase is not Phase.STOPPING and self.chat is not None:
+            self.chat.close()
+            self.chat = None
         self.phase = phase
         self.trace("phase", phase=phase.value)
 
@@ -5207,15 +5715,16 @@ class GuiApp:
         if self.joining.get("address"):
             settings["address"] = self.joining["address"]
         save_settings(self.settings_file, settings)
-        self.chat = ChatWindow(self.look, self.images, event, self.trace)
+        chat = ChatWindow(self.look, self.images, event, self.trace,
+                          self.limits.gui_max_shown)
         self.launcher.window.hide()
         self.launcher.busy(False)
         self.launcher.status("")
-        self._set_phase(Phase.CHATTING)
+        self._set_phase(Phase.CHATTING, chat)
         if self.hosted_port is not None:
-            self.chat.note(f"You are hosting this room on port {self.hosted_port}; "
-                           "people on your network can find it. Closing this window "
-                           "ends it for everyone.")
+            chat.note(f"You are hosting this room on port {self.hosted_port}; "
+                      "people on your network can find it. Closing this window "
+                      "ends it for everyone.")
 
     def on_error(self, event: dict) -> None:
         if self.phase is Phase.JOINING:
@@ -5241,90 +5750,67 @@ class GuiApp:
 
     # --- the chat window ---
 
-    def on_send(self, values: dict) -> None:
+    def on_send(self, chat: ChatWindow, values: dict) -> None:
         """Enter or Send: a line of chat, or a command as in the terminal."""
         if self.phase is not Phase.CHATTING:
             return
-        line = self.chat.take_input().rstrip("\r\n")
-        if not line.strip():
-            return
-        command = line.split(maxsplit=1)[0].casefold()
-        if command in self.commands:        # in the terminal's order (8. handle_line)
-            self.commands[command](line)
-        elif line.startswith("//"):
-            self.say(line[1:])              # "//x" sends "/x"
-        elif line.startswith("/"):
-            self.on_unknown_command(line)
-        else:
-            self.say(line)                  # "help" too: the host answers it
+        command = parse_command(chat.take_input())
+        if command is not None:
+            self.typed[type(command)](chat, command)
 
     def say(self, text: str) -> None:
         self.bridge.report("said", self.core.say(text), lambda msg_id: (text, msg_id))
 
-    def on_said(self, outcome: tuple[str, str | None]) -> None:
+    def on_said(self, chat: ChatWindow, outcome: tuple[str, str | None]) -> None:
         text, msg_id = outcome
-        if msg_id is None and self.chat is not None:   # refused: an `error` says why
-            self.chat.restore_input(text)
+        if msg_id is None:                  # refused: an `error` says why
+            chat.restore_input(text)
 
-    def on_unknown_command(self, line: str) -> None:
-        self.chat.view.add("echo", text=line)
-        self.chat.note(f"Unknown command {line.split()[0]}. Type help for help; start a "
-                       "line with // to send a literal /.", "error")
-
-    def on_send_command(self, line: str) -> None:
-        path, to = parse_send(line)
-        if not path:
-            self.chat.note("Usage: /send PATH  or  /send PATH @USER", "error")
-            return
-        self.send_file(path, to)
+    def on_mistyped(self, chat: ChatWindow, command: Mistyped) -> None:
+        chat.view.add("echo", text=command.line)
+        chat.note(_sentence(command.message), "error")
 
     def send_file(self, path: str, to: str | None) -> None:
         self._quietly("send_file", self.core.send_file(path, to))
 
-    def on_send_file_button(self, values: dict) -> None:
+    def on_send_file_button(self, chat: ChatWindow, values: dict) -> None:
         """Pick a file in Tk's dialog and send it to whoever the members
         list has picked. The dialog is modal, but Tk runs its own loop under
         it: the window repaints, and core events wait in the queue."""
         if self.phase is not Phase.CHATTING:
             return
         from tkinter import filedialog
-        path = filedialog.askopenfilename(parent=self.chat.window.TKroot,
-                                          title="Send a file")
+        if self.trace.enabled:
+            _trace_dialog_when_ready(chat.window.TKroot, self.trace)
+        path = filedialog.askopenfilename(parent=chat.window.TKroot, title="Send a file")
         if path:
-            self.send_file(path, self.chat.members.picked)
+            self.send_file(path, chat.members.picked)
 
-    def on_call_command(self, line: str) -> None:
-        self.chat.view.add("echo", text=line)
-        self.chat.on_error(self.calls.request(line))
+    def on_call_command(self, chat: ChatWindow, command: CallUser) -> None:
+        chat.view.add("echo", text=command.line)
+        chat.on_error(self.calls.request(command.line))
 
-    def on_video_button(self, values: dict) -> None:
+    def on_video_button(self, chat: ChatWindow, values: dict) -> None:
         if self.phase is not Phase.CHATTING:
             return
-        line = self.chat.take_input().strip()
-        self.chat.view.add("echo", text=f"Video call {line}".strip())
-        self.chat.on_error(self.calls.request(line))
+        line = chat.take_input().strip()
+        chat.view.add("echo", text=f"Video call {line}".strip())
+        chat.on_error(self.calls.request(line))
 
-    def on_leave(self, values: dict) -> None:
+    def on_leave(self, chat: ChatWindow, values: dict) -> None:
         if self.phase is Phase.CHATTING:
             self._quietly("leave", self.core.leave(wait_for_uploads=False))
-            self.chat.note("Leaving...")       # `closed` (quit) brings the launcher back
+            chat.note("Leaving...")         # `closed` (quit) brings the launcher back
         elif self.phase is Phase.ENDED:
             self.back_to_launcher()
 
     def back_to_launcher(self) -> None:
         room = self.chat.room if self.chat else ""
-        if self.chat is not None:
-            self.chat.close()
-            self.chat = None
+        self._set_phase(Phase.CHOOSING)     # closes the chat window
         self.launcher.window.un_hide()
-        self._set_phase(Phase.CHOOSING)
         self.launcher.status(f"You left {room}." + (
             f" Your host still runs on port {self.hosted_port}." if self.hosted_port else ""))
         self.launcher.trace_layout()
-
-    def on_pick_member(self, user: str | None) -> None:
-        if self.chat is not None:
-            self.chat.pick(user)
 
     def on_open(self, path: str) -> None:
         """Open a received file, or its folder, with the system's opener."""
@@ -5351,13 +5837,13 @@ class GuiApp:
     def quit(self) -> None:
         """A window's close button: every window goes at once, the core stops
         in its own thread (leaving the room, withdrawing our host's mDNS
-        record), and the loop ends when it is done, or after GUI_STOP_WAIT_S."""
+        record), and the loop ends when it is done, or after `gui_stop_wait_s`."""
         if self.phase in (Phase.STOPPING, Phase.STOPPED):
             return
         self._set_phase(Phase.STOPPING)
         for window in self.windows():
             window.hide()
-        self.stop_deadline = time.monotonic() + GUI_STOP_WAIT_S
+        self.stop_deadline = time.monotonic() + self.limits.gui_stop_wait_s
 
         def stop_core() -> None:            # blocks for a moment: never on the loop
             self.core.stop()
@@ -5375,6 +5861,32 @@ class GuiApp:
             self.chat = None
         self.launcher.window.close()
         self._set_phase(Phase.STOPPED)
+
+
+_STOPPING_POLL_MS = 100             # while the core stops, the loop looks this often
+_LOOP_STATS_EVERY = 500             # reads per `loop` trace record
+
+
+def _trace_dialog_when_ready(parent: Any, trace: GuiTrace) -> None:
+    """Test hook: once Tk's file dialog (a child of `parent`) is on screen
+    with its file name entry focused, so that typed keys land there, say
+    so in the trace with where it is. Polls with Tk's own timer, which runs
+    under the dialog's modal loop."""
+    def check(tries: int = 0) -> None:
+        for child in parent.tk.splitlist(parent.tk.call("winfo", "children", parent)):
+            if "__tk_filedialog" in child and parent.tk.call("winfo", "viewable", child) \
+                    and str(parent.tk.call("focus", "-lastfor", child)).endswith(".ent"):
+                box = [int(parent.tk.call("winfo", what, child))
+                       for what in ("rootx", "rooty", "width", "height")]
+                trace("dialog", ready=True, box=box)
+                return
+        if tries < _DIALOG_POLLS:
+            parent.after(_DIALOG_POLL_MS, check, tries + 1)
+    parent.after(_DIALOG_POLL_MS, check)
+
+
+_DIALOG_POLL_MS = 50
+_DIALOG_POLLS = 400                 # 20 s of looking, then give up
 
 
 # What the launcher says when a join fails, by error code; the host's own
@@ -5396,7 +5908,7 @@ def hide_own_console() -> None:  # pragma: no cover (Windows only)
     window. When no other process shares the console (a terminal would),
     it was made for us, and we hide it.
     """
-    if os.name != "nt":
+    if sys.platform != "win32":             # (type checkers skip the rest elsewhere)
         return
     import ctypes
     kernel32 = ctypes.windll.kernel32
@@ -5411,7 +5923,7 @@ def hide_own_console() -> None:  # pragma: no cover (Windows only)
 def run_gui(args: argparse.Namespace, limits: Limits) -> int:
     """The desktop window (no mode flag). Returns the exit status."""
     try:
-        import PySimpleGUI as sg            # here: only the window needs it
+        import PySimpleGUI as sg  # here: only the window needs it
     except ImportError:
         raise MissingPackage("PySimpleGUI", "The desktop window") from None
     log.debug("PySimpleGUI %s", sg.version)
@@ -5425,13 +5937,16 @@ def run_gui(args: argparse.Namespace, limits: Limits) -> int:
     apply_theme(look)
     log.info("font: %s, tk scaling %.2f", look.family, look.scaling)
     hide_own_console()
-    app = GuiApp(args, limits, look, settings_path(),
-                 GuiTrace(os.environ.get(GUI_TRACE_ENV) == "1"))
+    trace = GuiTrace(os.environ.get(GUI_TRACE_ENV) == "1")
+    if trace.enabled and hasattr(signal, "SIGUSR1"):   # tests: where is it stuck?
+        import faulthandler
+        faulthandler.register(signal.SIGUSR1, all_threads=True)
+    app = GuiApp(args, limits, look, settings_path(), trace)
     return app.run()
 
 
 # =============================================================================
-# 10. MAIN: argparse and the entry points
+# 19. MAIN: argparse and the entry points
 # =============================================================================
 # Builds every object from the flags and passes them down; nothing above
 # reads a global that main() sets. `python chatroom.py` with no mode opens
@@ -5476,6 +5991,9 @@ def build_parser() -> argparse.ArgumentParser:
                         f"disconnected as too slow (default {OUTBOX_LIMIT_BYTES})")
     parser.add_argument("--max-sessions", type=int, default=MAX_SESSIONS, metavar="N",
                         help=f"connections a host holds at once (default {MAX_SESSIONS})")
+    parser.add_argument("--max-room-members", type=int, default=MAX_ROOM_MEMBERS,
+                        metavar="N", help=f"people one room holds, 2 to "
+                        f"{MAX_ROOM_MEMBERS_CAP} (default {MAX_ROOM_MEMBERS})")
     parser.add_argument("--downloads", metavar="DIR", help="where received files go "
                         "(default: a chatroom folder in your downloads folder)")
     parser.add_argument("--max-file-size", type=parse_size, default=MAX_FILE_SIZE,
@@ -5499,12 +6017,24 @@ def parse_size(text: str) -> int:
 
 
 def limits_from(args: argparse.Namespace) -> Limits:
+    """The Limits the flags ask for; ValueError (a sentence) when one is out of range."""
     if args.history < 0 or args.max_message_bytes < 1 or args.outbox_limit < 1024:
         raise ValueError("--history, --max-message-bytes or --outbox-limit out of range")
+    if not 2 <= args.max_room_members <= MAX_ROOM_MEMBERS_CAP:
+        raise ValueError(f"--max-room-members takes 2 to {MAX_ROOM_MEMBERS_CAP}")
+    if args.max_sessions < 1:
+        raise ValueError("--max-sessions takes at least 1")
     return Limits(history_limit=args.history, max_message_bytes=args.max_message_bytes,
                   hello_timeout_s=args.login_timeout, outbox_limit_bytes=args.outbox_limit,
-                  max_sessions=args.max_sessions, max_file_size=args.max_file_size,
-                  max_frame_bytes=max(MAX_FRAME_BYTES, 4 * args.max_message_bytes + 4096))
+                  max_sessions=args.max_sessions, max_room_members=args.max_room_members,
+                  max_file_size=args.max_file_size,
+                  # A frame must hold the longest text, JSON-escaped, and its envelope.
+                  max_frame_bytes=max(MAX_FRAME_BYTES, _JSON_ESCAPE_FACTOR
+                                      * args.max_message_bytes + _FRAME_ENVELOPE_BYTES))
+
+
+_JSON_ESCAPE_FACTOR = 4             # "\u0001" is 6 bytes for 1, but text has few
+_FRAME_ENVELOPE_BYTES = 4096        # a message's other fields
 
 
 def run_host(args: argparse.Namespace, limits: Limits) -> int:

@@ -26,7 +26,7 @@ import uuid
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-import chatroom  # noqa: E402
+import chatroom
 
 KINDS = ("QM", "default")
 

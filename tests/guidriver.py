@@ -22,8 +22,8 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "chatroom.py"
@@ -49,7 +49,7 @@ class Xvfb:
         self.proc: subprocess.Popen | None = None
         self.display = ""
 
-    def start(self) -> "Xvfb":
+    def start(self) -> Xvfb:
         first = random.randrange(100, 900)
         for number in range(first, first + 50):
             if Path(f"/tmp/.X{number}-lock").exists() or \
@@ -80,8 +80,7 @@ class Xvfb:
     def run(self, *argv: str, input: bytes | None = None) -> bytes:
         """Run an X tool (xdotool, import) on this display; its stdout."""
         return subprocess.run(argv, env=self.env(), input=input, check=True,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              timeout=20).stdout
+                              capture_output=True, timeout=20).stdout
 
     def click(self, x: float, y: float) -> None:
         """Point, then click: Tk buttons fire only for a pointer that
@@ -335,6 +334,14 @@ class Gui(Proc):
 
     def shown(self, match: Callable[[dict], bool], timeout: float = 10, start: int = 0) -> dict:
         return self.wait_for(lambda e: e.get("gui") == "shown" and match(e), timeout, start)
+
+    def painted(self, record: dict, timeout: float = 10) -> dict:
+        """Wait until the window says it has painted everything it drew up
+        to `record` (a line of its trace), and the X server has it: read
+        pixels after this, never after a sleep."""
+        with self._changed:
+            index = next(i for i, line in enumerate(self.lines) if line is record)
+        return self.wait_for(lambda e: e.get("gui") == "painted", timeout, index + 1)
 
 
 def on_screen(record: dict, bbox: list[int]) -> tuple[int, int, int, int]:

@@ -19,8 +19,16 @@ import time
 
 import pytest
 
-from conftest import (CHATROOM, LOOPBACK, frame, frame_json, raw_login, read_frame,
-                      read_frame_until, wait_closed)
+from conftest import (
+    CHATROOM,
+    LOOPBACK,
+    frame,
+    frame_json,
+    raw_login,
+    read_frame,
+    read_frame_until,
+    wait_closed,
+)
 
 
 def is_message(text: str | None = None, sender: str | None = None):
@@ -82,7 +90,7 @@ def assert_refused(client, code: str) -> None:
     assert not of_type(events, "ready", "message", "system"), events
 
 
-# --- 1. chat --------------------------------------------------------------------
+# --- 1. chat --------------------------------------------------------------------------------------
 
 def test_two_users_chat_message_fields(host, join):
     """`message` reaches everyone, the sender included, with from/text/ts/
@@ -125,7 +133,7 @@ def test_two_users_chat_message_fields(host, join):
         assert not bad, f"{client.label}: stdout lines that are not JSON objects: {bad}"
 
 
-# --- 2. notices and leaving -------------------------------------------------------
+# --- 2. notices and leaving -----------------------------------------------------------------------
 
 def test_enter_and_leave_notices_and_quit(host, join):
     """`[SYSTEM] bob entered the room` / `left the room` as `system` events;
@@ -194,7 +202,7 @@ def test_invalid_utf8_on_stdin_does_not_hang_the_client(host, join):
     assert "after the bad line" in texts, texts
 
 
-# --- 3. help ------------------------------------------------------------------------
+# --- 3. help --------------------------------------------------------------------------------------
 
 def test_help_in_any_case_goes_to_sender_only(host, join):
     """`help` in any letter case: the help text to the sender alone."""
@@ -219,7 +227,7 @@ def test_help_in_any_case_goes_to_sender_only(host, join):
     assert len(of_type(alice.between(alice_mark), "help")) == 3
 
 
-# --- 4. /who ------------------------------------------------------------------------
+# --- 4. /who --------------------------------------------------------------------------------------
 
 def test_who_lists_members_in_join_order(host, join):
     """/who answers `members`, in join order (also after someone leaves)."""
@@ -239,7 +247,7 @@ def test_who_lists_members_in_join_order(host, join):
     assert dave.ready["members"] == ["bob", "carol", "dave"]
 
 
-# --- 5. forged notices --------------------------------------------------------------
+# --- 5. forged notices ----------------------------------------------------------------------------
 
 def test_forged_system_text_is_a_user_message(host, join):
     """A text starting with `[SYSTEM]` is the user's `message`, never a
@@ -267,7 +275,7 @@ def test_forged_system_text_is_a_user_message(host, join):
     assert not fake, f"a line poses as a notice: {fake}"
 
 
-# --- 6. IDs ---------------------------------------------------------------------------
+# --- 6. IDs ---------------------------------------------------------------------------------------
 
 SYSTEM_LOOKALIKES = ["SYSTEM", "system", "S.Y.S.T.E.M", "Ｓystem", "5Y5TEM",
                      "ЅУЅТЕМ", "systém"]
@@ -343,7 +351,7 @@ def test_room_ids_are_case_insensitive(host, join):
     exchange_sentinel(bob, [alice], "same room")
 
 
-# --- 7. rooms --------------------------------------------------------------------------
+# --- 7. rooms -------------------------------------------------------------------------------------
 
 def test_rooms_are_isolated(host, join):
     """Nothing said in one room reaches another: messages, notices, members."""
@@ -383,7 +391,7 @@ def test_rooms_are_isolated(host, join):
         e["user"] == "carol" for e in of_type(carol.seen(), "system")), carol.seen()
 
 
-# --- 8. history --------------------------------------------------------------------------
+# --- 8. history -----------------------------------------------------------------------------------
 
 def test_history_replayed_to_late_joiner_then_forgotten(start_host, join):
     """--history 3: a late joiner gets the last 3 messages, oldest first, with
@@ -423,7 +431,7 @@ def test_history_replayed_to_late_joiner_then_forgotten(start_host, join):
     assert not [e for e in erin.seen() if e.get("history")], erin.seen()
 
 
-# --- 9. message size ------------------------------------------------------------------------
+# --- 9. message size ------------------------------------------------------------------------------
 
 def test_message_too_long_refused_never_cut(host, join):
     """Over 16384 UTF-8 bytes: message_too_long to the sender, nothing sent;
@@ -485,7 +493,7 @@ def test_unreachable_host(join):
     assert client.seen()[-1] == closed
 
 
-# --- 11. host shutdown ------------------------------------------------------------------------------
+# --- 11. host shutdown ----------------------------------------------------------------------------
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM],
                          ids=["SIGINT", "SIGTERM"])
@@ -606,7 +614,7 @@ def test_login_timeout_drops_silent_and_stalled_logins(start_host, join, raw_con
     assert not of_type(between["client bob"], "closed", "error"), between
 
 
-# --- 14. slow reader --------------------------------------------------------------------------------
+# --- 14. slow reader ------------------------------------------------------------------------------
 
 def message_size_to_overflow(count: int) -> int:
     """Bytes per message so that `count` messages overflow a stopped reader.
@@ -720,7 +728,7 @@ def test_burst_from_one_sender_does_not_cut_fast_readers(start_host, join, raw_c
     assert confirmed == texts
 
 
-# --- 15/16. commands ----------------------------------------------------------------------------------
+# --- 15/16. commands ------------------------------------------------------------------------------
 
 def test_unknown_command_and_double_slash(host, join):
     """/frobnicate: unknown_command, nothing sent; //literal sends /literal."""
@@ -751,7 +759,7 @@ def test_check_answers_calls_unavailable(host, join):
     assert not of_type(between["client bob"], "message", "system")
 
 
-# --- 17. human output and control characters --------------------------------------------------------------
+# --- 17. human output and control characters ------------------------------------------------------
 
 def test_human_output_mode(host, join):
     """Without --json: "Joined room ..." and "[HH:MM:SS] alice: hi"."""
@@ -859,7 +867,7 @@ def test_max_sessions_refuses_with_host_full(start_host, join):
     exchange_sentinel(alice, [bob], "still two")
 
 
-# --- 18. flags ---------------------------------------------------------------------------------------------
+# --- 18. flags ------------------------------------------------------------------------------------
 
 def test_version_and_bad_flags():
     """--version prints "chatroom" and exits 0; --cli without --room exits 2."""

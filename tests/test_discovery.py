@@ -373,7 +373,7 @@ async def test_cli_joins_the_one_host_it_finds(run):
     ready = await cli.event("ready", timeout=15)
     assert (ready["address"], ready["port"], ready["host"]) == (LOCAL, port, name)
     assert (ready["room"], ready["user"], ready["members"]) == ("r", "u", ["u"])
-    cli.proc.stdin.write("/quit\n".encode())
+    cli.proc.stdin.write(b"/quit\n")
     await cli.proc.stdin.drain()
     assert await cli.finish() == 0
     assert cli.events[-1] == {"type": "closed", "reason": "quit"}

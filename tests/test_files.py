@@ -45,10 +45,15 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import chatroom
-from chatroom import (claim_name, default_downloads_dir, numbered_names, parse_send,
-                      remove_stale_parts, safe_filename)
-from conftest import (LOOPBACK, ChatProcess, frame, frame_json, raw_login,
-                      read_frame_until)
+from chatroom import (
+    claim_name,
+    default_downloads_dir,
+    numbered_names,
+    parse_send,
+    remove_stale_parts,
+    safe_filename,
+)
+from conftest import LOOPBACK, ChatProcess, frame, frame_json, raw_login, read_frame_until
 
 KiB = 1024
 MiB = 1024 * 1024
@@ -1098,7 +1103,7 @@ def test_sender_connection_closes_half_way(room_host, member, raw_sender):
         assert failed["code"] == "sender_left" and failed["name"] == "half.bin", failed
         client.wait_for(ev("system", event="leave", user="mallory"), since=0)
     for client in (bob, carol):
-        wait_until(lambda: listing(client.downloads) == [],
+        wait_until(lambda c=client: listing(c.downloads) == [],
                    f"{client.label}: no .part left: {listing(client.downloads)}")
     exchange(bob, [carol], "after the sender vanished")
 
@@ -1126,7 +1131,7 @@ def test_sender_killed_mid_transfer(room_host, member, proxy, tmp_path, spool):
         client.wait_for(ev("system", event="leave", user="alice"), timeout=30, since=0)
         assert not [e for e in client.seen() if e["type"] == "file_received"]
     for client in (bob, carol):
-        wait_until(lambda: listing(client.downloads) == [],
+        wait_until(lambda c=client: listing(c.downloads) == [],
                    f"{client.label}: no .part left: {listing(client.downloads)}")
     wait_until(lambda: not spool_files(spool), f"spool empty: {spool_files(spool)}")
     exchange(bob, [carol], "after the sender was killed")
@@ -1506,6 +1511,5 @@ def test_default_downloads_dir(monkeypatch, tmp_path):
     try:
         assert core.downloads == elsewhere / "chatroom"
     finally:
-        core._read_io.shutdown()
-        core._write_io.shutdown()
+        core.stop()                         # never started: only lets go of its threads
     assert not elsewhere.exists()

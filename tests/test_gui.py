@@ -19,6 +19,7 @@ import itertools
 import json
 import os
 import shutil
+import signal
 import socket
 import statistics
 import subprocess
@@ -83,7 +84,14 @@ def assert_exits_cleanly(gui: Gui) -> float:
     returns how long it took (printed: the README reports it; a deadline
     here would only measure how busy the shared machine is)."""
     started = time.monotonic()
-    status = gui.wait_exit(EXIT_DEADLINE_S)         # a hang detector, not a speed test
+    try:
+        status = gui.wait_exit(EXIT_DEADLINE_S)     # a hang detector, not a speed test
+    except subprocess.TimeoutExpired:
+        gui.proc.send_signal(signal.SIGUSR1)        # the window dumps its threads' stacks
+        time.sleep(1)                               # (a diagnosis of a failure: let it write)
+        pytest.fail("the window process did not exit; its last trace lines:\n"
+                    + "\n".join(json.dumps(line)[:300] for line in gui.lines[-20:])
+                    + "\nstderr:\n" + "".join(gui.stderr)[-6000:])
     took = time.monotonic() - started
     print(f"window process exited {took:.2f} s after its last window closed")
     assert status == 0, "".join(gui.stderr)[-3000:]
@@ -272,8 +280,8 @@ def test_two_people_chat_in_chinese_and_english(x, tmp_path, procs):
             cli.say(text)
     shown = {text: gui.shown(lambda e, t=text: e["kind"] == "message" and e["text"] == t)
              for pair in candidates for text in pair}
-    time.sleep(0.5)                        # let Tk paint
     now = shown[candidates[-1][1]]         # the newest record has the view's origin
+    gui.painted(now)
     pixels = {text: x.pixels(on_screen(now, record["bbox"]))
               for text, record in [("你好世界", hanzi), *shown.items()]}
     boxes = [pixels[a] for a, b in candidates if pixels[a] == pixels[b]]
@@ -399,7 +407,7 @@ def test_a_file_arrives_with_its_progress_bar_and_opens(x, tmp_path, procs):
 
     # "Open" and "Show in folder" on the card hand the file, then its folder,
     # to the system's opener.
-    time.sleep(0.3)
+    gui.painted(done)
     for link, expected in (("open", [str(saved)]), ("folder", [str(saved), str(saved.parent)])):
         box = on_screen(done, done["links"][link])
         x.click(box[0] + box[2] / 2, box[1] + box[3] / 2)
@@ -418,8 +426,11 @@ def test_a_file_arrives_with_its_progress_bar_and_opens(x, tmp_path, procs):
     x.click(bob_row[0] + bob_row[2] / 2, bob_row[1] + bob_row[3] / 2)
     gui.wait_for(lambda e: e.get("gui") == "picked" and e["user"] == "bob")
     (tmp_path / "back.txt").write_text("返回 back")
+    mark = gui.mark()
     gui.click("chat", "file")
-    _, dx, dy, dw, dh = x.find_window("Send a file")
+    # Type only once the dialog is up with its file name entry focused: keys
+    # typed before that went nowhere (the test failed on a busy machine).
+    dx, dy, dw, dh = gui.wait_for(lambda e: e.get("gui") == "dialog", 20, mark)["box"]
     # Xvfb has no window manager: keys go to the window under the pointer.
     x.run("xdotool", "mousemove", str(dx + dw // 2), str(dy + dh // 2))
     x.type(str(tmp_path / "back.txt"))
@@ -513,7 +524,7 @@ def test_join_problems_show_inline_and_the_launcher_stays(x, tmp_path, procs):
     port = closed.getsockname()[1]
     closed.close()
     assert "Can't reach" in attempt("address", f"{LOOPBACK}:{port}")     # unreachable
-    server, port = _version_mismatch_server()
+    _server, port = _version_mismatch_server()
     assert "different version" in attempt("address", f"{LOOPBACK}:{port}")
     gui.type_into("launcher", "address", f"{LOOPBACK}:{host.port}")
     join_from_launcher(gui, x)                                            # then it works

@@ -12,17 +12,31 @@ hang fail fast (the machine is shared and noisy).
 from __future__ import annotations
 
 import asyncio
-import os
 import collections
 import contextlib
+import os
 import struct
 import threading
 
 import pytest
 
 import chatroom
-from chatroom import (Bye, Closing, Error, Hello, Limits, Message, Ping, Role, Say,
-                      System, Welcome, Who, Wire, encode)
+from chatroom import (
+    Bye,
+    Closing,
+    Error,
+    Hello,
+    Limits,
+    Message,
+    Ping,
+    Role,
+    Say,
+    System,
+    Welcome,
+    Who,
+    Wire,
+    encode,
+)
 
 LOCAL = "127.0.0.1"
 DEADLINE_S = 10.0                   # "this hangs" deadline for one step
@@ -412,7 +426,7 @@ async def test_shutdown_does_not_hang_on_a_peer_that_never_reads(clients):
     host = chatroom.Host(bind=LOCAL, port=0, name="test-host", advertise=False, limits=limits)
     await host.start()
     try:
-        stuck = await clients(host.port, "r", "stuck")       # never reads again
+        await clients(host.port, "r", "stuck")               # never reads again
         talker = await clients(host.port, "r", "talker")
         talker.writer.transport.set_write_buffer_limits(0)
         session = next(s for s in host.sessions
@@ -641,4 +655,4 @@ async def test_start_on_a_taken_port_raises_and_close_returns(make_host):
         await second.start()
     async with asyncio.timeout(DEADLINE_S):
         await second.close()
-    assert not os.path.exists(second.spool_dir)
+    assert not os.path.exists(second.files.spool_dir)

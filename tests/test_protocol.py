@@ -8,18 +8,43 @@ client Wire to a host Wire by a fake link, like h11's ConnectionPair
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import struct
 
 import pytest
-from hypothesis import example, given, settings, strategies as st
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
 
 import chatroom
 from chatroom import (
-    EVENT_TYPES, MAX_FRAME_BYTES, PROTOCOL_VERSION, TRANSITIONS, WIRE_NAMES,
-    Bye, Closing, Error, FrameDecoder, Hello, Help, LocalError, Members, Message,
-    Ping, Pong, ProtocolError, RemoteError, Role, Say, State, System, Welcome, Who,
-    Wire, decode_body, encode,
+    EVENT_TYPES,
+    MAX_FRAME_BYTES,
+    PROTOCOL_VERSION,
+    TRANSITIONS,
+    WIRE_NAMES,
+    Bye,
+    Closing,
+    Error,
+    FrameDecoder,
+    Hello,
+    Help,
+    LocalError,
+    Members,
+    Message,
+    Ping,
+    Pong,
+    ProtocolError,
+    RemoteError,
+    Role,
+    Say,
+    State,
+    System,
+    Welcome,
+    Who,
+    Wire,
+    decode_body,
+    encode,
 )
 
 FUZZ = settings(max_examples=200, deadline=None)
@@ -164,7 +189,7 @@ def test_sender_travels_as_from():
 
 def test_non_ascii_travels_as_utf8_not_escapes():
     body = encode(Say("a", "中文 😀"))[4:]
-    assert "中文 😀".encode("utf-8") in body
+    assert "中文 😀".encode() in body
 
 
 def test_defaults_when_fields_are_absent():
@@ -238,7 +263,7 @@ def feed(wire: Wire, chunks) -> list:
 
 def split(data: bytes, cuts) -> list[bytes]:
     points = sorted({0, len(data), *cuts})
-    return [data[a:b] for a, b in zip(points, points[1:])]
+    return [data[a:b] for a, b in itertools.pairwise(points)]
 
 
 @pytest.mark.parametrize("direction", sorted(STREAMS))

@@ -14,8 +14,21 @@ import pytest
 
 import chatroom
 from chatroom import (
-    HELP_TEXT, PROTOCOL_VERSION, Error, Help, Members, Message, Refused, Rooms, System,
-    Welcome, check_id, check_text, id_key, imitates_system, printable,
+    HELP_TEXT,
+    PROTOCOL_VERSION,
+    Error,
+    Help,
+    Members,
+    Message,
+    Refused,
+    Rooms,
+    System,
+    Welcome,
+    check_id,
+    check_text,
+    id_key,
+    imitates_system,
+    printable,
 )
 
 T0 = 1_700_000_000.0
@@ -217,8 +230,10 @@ def test_member_handles_are_opaque():
     rooms.join(a, "lobby", "alice", T0)
     out = rooms.join(b, "lobby", "bob", T0)
     assert recipients(out) == {a, b}
-    assert rooms.find(a, "BOB") is b
-    assert rooms.find(a, "carol") is None
+    assert rooms.recipients(a, "BOB") == [b]          # found by ID, case-folded
+    with pytest.raises(Refused) as refused:
+        rooms.recipients(a, "carol")
+    assert refused.value.code == "no_such_user"
 
 
 @pytest.mark.parametrize("second", ["alice", "Alice", "ALICE", "ａｌｉｃｅ", "Ａlice"])
