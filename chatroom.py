@@ -17,22 +17,26 @@ The file reads top to bottom; each section uses only the sections above it
  1. LIMITS AND DEFAULTS   every tunable, error classes, small helpers
  2. WIRE PROTOCOL         frames, events, the Wire state machine (sans-I/O)
  3. ROOMS                 IDs, members, history, help, file names (pure)
- 4. CALLS                 (reserved) invitations, links and groups (pure)
- 5. MEDIA PACKETS         (reserved) sealing, packets, reassembly (pure)
- 6. DISCOVERY             mDNS advertise and browse (zeroconf)
- 7. MEDIA DEVICES         (reserved) cameras, codecs, microphones, speakers
- 8. CONNECTIONS           Link: one framed TCP connection, two lanes, one writer
- 9. HOST                  sessions, rooms, the file relay, shutdown (asyncio)
-10. CLIENT FILES          files we send and receive, beside the client core
-11. CLIENT CORE           one asyncio loop in a thread, one event stream
-12. COMMANDS              one parser for what a person types
-13. TERMINAL CLIENT       --cli: stdin lines in, events out (text or JSON)
-14. GUI LOOK              theme, fonts, --scale, the trace hook, drawing
-15. GUI CONVERSATION      bubbles, notices and file cards; the members list
-16. GUI WINDOWS           the launcher and the chat window
-17. GUI CALLS             (reserved) call windows
-18. GUI APP               the bridge from the core, settings, phases, the loop
-19. MAIN                  argparse and the entry points
+ 4. CALLS                 invitations, links and groups (pure)
+ 5. MEDIA PACKETS         sealing, key agreement, fragments, reassembly (pure)
+ 6. MEDIA FLOW            keyframe gate, jitter buffer, link statistics (pure)
+ 7. DISCOVERY             mDNS advertise and browse (zeroconf)
+ 8. VIDEO DEVICES         test pattern, cameras, files; VP8 and JPEG
+ 9. SOUND DEVICES         Opus and PCM, microphones, speakers, recording
+10. CONNECTIONS           Link (framed TCP, lanes, one writer), UDP sockets
+11. HOST RELAYS           files and calls between the members of a room
+12. HOST                  the listener, sessions, rooms, shutdown (asyncio)
+13. CLIENT FILES          files we send and receive, beside the client core
+14. CLIENT CALLS          the media engine: devices, sockets, every link
+15. CLIENT CORE           one asyncio loop in a thread, one event stream
+16. COMMANDS              one parser for what a person types
+17. TERMINAL CLIENT       --cli: stdin lines in, events out (text or JSON)
+18. GUI LOOK              theme, fonts, --scale, the trace hook, drawing
+19. GUI CONVERSATION      bubbles, notices and file cards; the members list
+20. GUI WINDOWS           the launcher and the chat window
+21. GUI CALLS             (reserved) call windows
+22. GUI APP               the bridge from the core, settings, phases, the loop
+23. MAIN                  argparse and the entry points
 """
 
 from __future__ import annotations
@@ -43,10 +47,16 @@ import argparse
 import asyncio
 import collections
 import concurrent.futures
+import contextlib
+import ctypes
+import ctypes.util
 import dataclasses
 import enum
 import errno
+import functools
+import glob
 import hashlib
+import importlib.util
 import ipaddress
 import itertools
 import json
@@ -66,9 +76,11 @@ import threading
 import time
 import typing
 import unicodedata
+import wave
 from collections.abc import Callable, Iterable
+from fractions import Fraction
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 log = logging.getLogger("chatroom")
 
@@ -81,7 +93,7 @@ log = logging.getLogger("chatroom")
 # tunables: each is a field of `Limits`, with the constant as its default,
 # and the code below reads it from the Limits it was given, never from the
 # global, so tests can use small limits without patching anything. Those a
-# person might want to change have a command-line flag in 19. MAIN.
+# person might want to change have a command-line flag in MAIN.
 
 # --- Fixed by the protocol ---------------------------------------------------
 
@@ -131,6 +143,14 @@ PROGRESS_INTERVAL_S = 0.25          # file_progress events per transfer, at most
 DISK_QUEUE_WRITES = 4               # a download's writes queued before reading pauses
 HOST_IO_THREADS = 4                 # a host's threads for spool files
 
+CALL_TIMEOUT_S = 60.0               # an invitation waits this long (--call-timeout)
+MAX_CALL_SIZE = 6                   # people in one call (--max-call-size)
+MEDIA_LANE_BYTES = 256 * 1024       # relayed media queued for one peer; oldest goes first
+MEDIA_FALLBACK_S = 3.0              # no media over UDP this long: ask for the relay
+MEDIA_SILENCE_S = 5.0               # no media at all this long: the link is lost
+MEDIA_STATS_S = 1.0                 # media_stats per link, this often
+KEEPALIVE_S = 1.0                   # with nothing else to send, a keepalive this often
+
 GUI_MAX_SHOWN = 1000                # chat entries kept on screen; older ones go
 GUI_STOP_WAIT_S = 4.0               # closing: wait this long for the core, then go
 
@@ -138,7 +158,7 @@ GUI_STOP_WAIT_S = 4.0               # closing: wait this long for the core, then
 @dataclasses.dataclass(frozen=True)
 class Limits:
     """The tunables a host or client runs with; defaults are the constants
-    above, and 19. MAIN builds one from the command-line flags."""
+    above, and MAIN builds one from the command-line flags."""
     max_frame_bytes: int = MAX_FRAME_BYTES
     max_message_bytes: int = MAX_MESSAGE_BYTES
     max_room_members: int = MAX_ROOM_MEMBERS
@@ -168,6 +188,13 @@ class Limits:
     progress_interval_s: float = PROGRESS_INTERVAL_S
     disk_queue_writes: int = DISK_QUEUE_WRITES
     host_io_threads: int = HOST_IO_THREADS
+    call_timeout_s: float = CALL_TIMEOUT_S
+    max_call_size: int = MAX_CALL_SIZE
+    media_lane_bytes: int = MEDIA_LANE_BYTES
+    media_fallback_s: float = MEDIA_FALLBACK_S
+    media_silence_s: float = MEDIA_SILENCE_S
+    media_stats_s: float = MEDIA_STATS_S
+    keepalive_s: float = KEEPALIVE_S
     gui_max_shown: int = GUI_MAX_SHOWN
     gui_stop_wait_s: float = GUI_STOP_WAIT_S
 
@@ -178,9 +205,11 @@ ERROR_CODES = frozenset({
     "user_taken", "bad_user_id", "bad_room_id", "room_full", "host_full",
     "message_too_long", "bad_message", "no_such_user", "version_mismatch",
     "bad_frame", "login_timeout", "host_unreachable", "no_host",
-    "ambiguous_host", "unknown_command", "not_connected", "calls_unavailable",
+    "ambiguous_host", "unknown_command", "not_connected",
     "missing_package", "file_too_large", "not_a_file", "disk_full", "checksum_mismatch",
     "sender_left", "recipient_left", "file_io", "busy", "cancelled", "host_shutdown",
+    "call_self", "already_in_call", "no_invitation", "not_in_call", "bad_call_address",
+    "no_camera", "no_audio_device",
 })
 
 
@@ -254,6 +283,11 @@ def printable(text: str) -> str:
     return "".join(out)
 
 
+def address_text(host: str, port: int) -> str:
+    """"host:port", with an IPv6 address in brackets: "[::1]:47300"."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def parse_server(text: str, default_port: int = DEFAULT_PORT) -> tuple[str, int]:
     """'HOST', 'HOST:PORT', '[V6]:PORT' or a bare IPv6 address -> (host, port).
 
@@ -288,7 +322,7 @@ def parse_server(text: str, default_port: int = DEFAULT_PORT) -> tuple[str, int]
 # Bytes in -> events out; events in -> bytes out. Nothing in this section
 # touches a socket, a clock or a thread, so every rule here is tested (and
 # fuzzed) without a network. Need I/O? You are in the wrong section: see
-# the HOST (6) and CLIENT CORE (7) sections.
+# the HOST and CLIENT CORE sections.
 #
 # Theory of operation. A connection carries frames. A frame is a 4-byte
 # big-endian body length, then the body. A body that starts with "{" is one
@@ -307,7 +341,9 @@ def parse_server(text: str, default_port: int = DEFAULT_PORT) -> tuple[str, int]
 
 _HEADER = struct.Struct(">I")
 _DATA_TAG = 0x00
+_MEDIA_TAG = 0x01
 _JSON_TAG = ord("{")
+MAX_MEDIA_PACKET_BYTES = 1400       # a relayed media packet (MEDIA PACKETS: ~1200)
 
 
 class Role(enum.Enum):
@@ -354,11 +390,22 @@ def _rule_str(max_chars: int, *, empty: bool = True) -> Callable[[Any], str]:
     return check
 
 
-def _rule_token(max_chars: int) -> Callable[[Any], str]:
+def _rule_token(max_chars: int, *, empty: bool = False) -> Callable[[Any], str]:
     def check(value: Any) -> str:
+        if empty and value == "":
+            return value
         if type(value) is not str or not 0 < len(value) <= max_chars \
                 or not _TOKEN_RE.match(value):
             raise ValueError(f"expected 1-{max_chars} of [A-Za-z0-9_.:-]")
+        return value
+    return check
+
+
+def _rule_hex(chars: int) -> Callable[[Any], str]:
+    def check(value: Any) -> str:
+        if type(value) is not str or len(value) != chars or \
+                not all(ch in "0123456789abcdef" for ch in value):
+            raise ValueError(f"expected {chars} lower-case hex digits")
         return value
     return check
 
@@ -411,6 +458,15 @@ FIELD_RULES: dict[str, Callable[[Any], Any]] = {
     "recipient": _rule_str(4 * MAX_ID_CHARS),
     "sha256": _rule_token(64),
     "max_file_size": _rule_int(0, 2 ** 53),
+    "peer": _NAME,
+    "port": _rule_int(0, 65535),
+    "address": _rule_str(64, empty=False),  # an IP address, v4 or v6
+    "codecs": _rule_list(_rule_token(16), 8),
+    "link": _rule_hex(8),                   # 4 bytes: names a link in media packets
+    "key": _rule_hex(64),                   # 32 bytes: the link's secret
+    "side": _rule_token(1),                 # "a" or "b": who derives which key
+    "video": _rule_token(16, empty=True),   # the codec chosen, "" = none
+    "audio": _rule_token(16, empty=True),
 }
 
 # A dataclass field whose Python name is a keyword travels under another name.
@@ -520,7 +576,7 @@ class Pong(Event):
 
 
 # Host -> client. Their TYPE names are the client's event vocabulary
-# (section 7), so what the host says is what a script reads.
+# (CLIENT CORE), so what the host says is what a script reads.
 
 @_event
 @dataclasses.dataclass(frozen=True)
@@ -685,6 +741,120 @@ class FileDelivered(Event):
     user: str
 
 
+# Calls (CALLS). A client says once, after the welcome, where its media
+# socket listens and which codecs it has (MediaPort); the host tells both
+# sides of a new link the other's address, a fresh key and the codecs
+# (CallStart). Media itself travels over UDP between the clients, or, when
+# UDP can't get through, relayed by the host in binary frames (MediaData).
+
+@_event
+@dataclasses.dataclass(frozen=True)
+class MediaPort(Event):
+    """client -> host: my media socket's UDP port (0: I can't take calls)
+    and the codecs I can encode and decode, best first."""
+    TYPE = "media_port"
+    port: int
+    codecs: tuple = ()
+
+
+@_event
+@dataclasses.dataclass(frozen=True)
+class Call(Event):
+    """client -> host: /CHECK `user`: invite them, or answer their invitation."""
+    TYPE = "call"
+    user: str
+
+
+@_event
+@dataclasses.dataclass(frozen=True)
+class Decline(Event):
+    """client -> host: refuse `user`'s invitation."""
+    TYPE = "decline"
+    user: str
+
+
+@_event
+@dataclasses.dataclass(frozen=True)
+class Hangup(Event):
+    """client -> host: end my link with user `to` ("" = every link and
+    invitation), because the person hung up (`hangup`) or no media came
+    for too long (`lost`)."""
+    TYPE = "hangup"
+    to: str = ""
+    reason: str = "hangup"
+
+
+@_event
+@dataclasses.dataclass(frozen=True)
+class RelayMedia(Event):
+    """Either way. client -> host: `user`'s media doesn't reach me over UDP;
+    have it relayed. host -> client: relay your media to `user` from now on."""
+    TYPE = "relay_media"
+    user: str
+
+
+@_event
+@dataclasses.dataclass(frozen=True)
+class CallInvite(Event):
+    """host -> client: `sender` calls you ([SYSTEM] <sender> CALL YOU)."""
+    TYPE = "call_invite"
+    sender: str
+
+
+@_event
+@dataclasses.dataclass(frozen=True)
+class CallMissed(Event):
+    """host -> client: `sender`'s call ended before you answered."""
+    TYPE = "call_missed"
+    sender: str
+
+
+@_event
+@dataclasses.dataclass(frozen=True)
+class CallFailed(Event):
+    """host -> client: your call to `peer` did not connect, and why
+    (busy, declined, call_full, left, lost)."""
+    TYPE = "call_failed"
+    peer: str
+    reason: str
+
+
+@_event
+@dataclasses.dataclass(frozen=True)
+class CallStart(Event):
+    """host -> client: you and `peer` are linked. Send your media to
+    `address`:`port`, sealed with `key` (hex) under link id `link` (hex);
+    `side` says which direction key is yours; `video` and `audio` are the
+    codecs both sides have ("" = none in common)."""
+    TYPE = "call_start"
+    peer: str
+    address: str
+    port: int
+    link: str
+    key: str
+    side: str
+    video: str = ""
+    audio: str = ""
+
+
+@_event
+@dataclasses.dataclass(frozen=True)
+class CallEnded(Event):
+    """host -> client: your link with `peer` ended (hangup, left, lost)."""
+    TYPE = "call_ended"
+    peer: str
+    reason: str
+
+
+@dataclasses.dataclass(frozen=True)
+class MediaData(Event):
+    """A sealed media packet (MEDIA PACKETS) relayed over this connection,
+    in a binary frame: 0x01 then the packet as it would cross UDP. The host
+    routes it by the link id inside; it can't read it."""
+    TYPE = "media_data"
+    data: bytes | memoryview
+
+
 @dataclasses.dataclass(frozen=True)
 class Chunk(Event):
     """A piece of a file (at most MAX_CHUNK_BYTES), in a binary frame: 0x00,
@@ -708,10 +878,11 @@ def _allow(state: State, role: Role, events: Iterable[type[Event]],
 
 
 _CLIENT_IN_ROOM = (Say, Who, Ping, Pong, FileOffer, FileEnd, FileAbort, FileRefuse,
-                   FileSaved, Chunk)
+                   FileSaved, Chunk, MediaPort, Call, Decline, Hangup, RelayMedia, MediaData)
 _HOST_IN_ROOM = (Message, System, Help, Members, Error, Ping, Pong, FileAccept,
                  FileAnnounce, FileEnd, FileAbort, FileRefuse, FileStored, FileDelivered,
-                 Chunk)
+                 Chunk, CallInvite, CallMissed, CallFailed, CallStart, CallEnded, RelayMedia,
+                 MediaData)
 
 _allow(State.AWAITING_HELLO, Role.CLIENT, [Hello], State.AWAITING_WELCOME)
 _allow(State.AWAITING_HELLO, Role.HOST, [Error], State.CLOSED)   # full, bad frame
@@ -748,6 +919,10 @@ def encode(event: Event) -> bytes:
     """
     if isinstance(event, Chunk):
         return chunk_header(event.transfer, len(event.data)) + bytes(event.data)
+    if isinstance(event, MediaData):
+        if not 0 < len(event.data) <= MAX_MEDIA_PACKET_BYTES:
+            raise LocalError("bad_frame", f"a media packet of {len(event.data)} bytes")
+        return _HEADER.pack(len(event.data) + 1) + bytes((_MEDIA_TAG,)) + bytes(event.data)
     try:
         body = json.dumps(event.to_wire(), ensure_ascii=False, separators=(",", ":"),
                           allow_nan=False).encode("utf-8")
@@ -778,6 +953,10 @@ def decode_body(body: bytes) -> Event:
         if not 1 <= transfer <= 2 ** 31:
             raise RemoteError("bad_frame", "data frame for transfer 0")
         return Chunk(transfer, memoryview(body)[5:])    # file data: never copied
+    if body[0] == _MEDIA_TAG:
+        if not 1 < len(body) <= MAX_MEDIA_PACKET_BYTES + 1:
+            raise RemoteError("bad_frame", f"media frame of {len(body)} bytes")
+        return MediaData(bytes(body[1:]))
     if body[0] != _JSON_TAG:
         raise RemoteError("bad_frame", f"unknown frame kind 0x{body[0]:02x}")
     try:
@@ -1037,10 +1216,21 @@ HELP
 1. Text chat: type a line and press Enter (or Send). Everyone in this room
    sees it with your name and the time. Rooms are independent: nothing you
    say reaches another room.
-2. Video and voice calls are not available yet: /CHECK USERID and the video
-   button say so. When they come, /CHECK USERID calls someone in this room
-   (they call you back within 1 minute to connect), or "ip port1 port2" and
-   the video button call an address directly.
+2. Video and voice calls:
+   2.1 Type /CHECK USERID to call someone in this room; the host arranges
+       the ports for you. Only the person you call is told "<you> CALL YOU".
+   2.2 The call connects when they call you back within 1 minute (they
+       type /CHECK with your ID); if they don't, the call fails and you are
+       told they are busy. /decline USERID refuses a call at once.
+   2.3 Or call an address directly, no host needed: /call IP PORT1 PORT2
+       (in the window: type "ip port1 port2" and press Video call) receives
+       on your UDP PORT1 and sends to their PORT2; they type the mirror.
+       Both of you see a safety code: compare it by voice.
+   2.4 Calling someone who is already in a call joins that call (up to 6
+       people, everyone sees and hears everyone).
+   2.5 /hangup USERID ends your call with that person, /hangup ends all
+       (in a video window: ESC on theirs, Backspace on your own). /mute,
+       /unmute, /video off and /video on are for your own side.
 3. Files: /send PATH sends a file to everyone in the room; /send PATH @USER
    sends it to that person only. Chat keeps flowing while files move.
 4. System notices: entering and leaving the room, and incoming calls, are
@@ -1165,6 +1355,15 @@ class Rooms:
     def who(self, member: Any) -> list[Delivery]:
         return [(member, Members(self._where[member].user_list()))]
 
+    def lookup(self, member: Any, user: str) -> Any:
+        """The handle of `user` in `member`'s room (`member`'s own, for its
+        own ID). Raises Refused(no_such_user) when nobody there has it."""
+        room = self._where[member]
+        target = room.by_key.get(id_key(user))
+        if target is None:
+            raise Refused("no_such_user", f"{user!r} is not in room {room.name!r}")
+        return target
+
     def recipients(self, member: Any, to: str) -> list[Any]:
         """Who receives a file `member` sends: `to` alone, or with to="",
         everyone else in the room. Raises Refused(no_such_user) when that is
@@ -1275,23 +1474,1124 @@ def numbered_names(name: str) -> Iterable[str]:
         number += 1
 
 # =============================================================================
-# 4. CALLS: (reserved) invitations, links and groups, as a pure state machine
+# 4. CALLS: invitations, links and groups, as a pure state machine
 # =============================================================================
-# Video and voice calls are the next piece of work. Their rules (who may call
-# whom, the one-minute rule, group calls) will live here, free of I/O, with
-# time passed in. Until they land, /CHECK and the video button answer
-# `calls_unavailable`; nothing below depends on this section.
+# The host's rules for calls, free of I/O like ROOMS: member handles are
+# whatever the caller picks (the host uses its Session objects), time
+# arrives as `now`, and every method returns the news it causes as data
+# (Invited, Linked, ...) for the host to turn into events, keys and
+# addresses. Who is in which room, and what a user is called, is 3's
+# business; media is 5's and 7's.
+#
+# The rules, also in README.md ("Calls"):
+# - "/CHECK bob calls bob. Bob, and only bob, is told `<alice> CALL YOU`. If
+#   bob calls back within the call timeout the call connects; otherwise
+#   alice is told bob is busy, bob that he missed a call, and the invitation
+#   is gone." A second /CHECK of the same person renews the invitation.
+# - "/decline alice refuses at once."
+# - A link joins two people. A call is everyone linked together, directly
+#   or through others (a connected group). Connecting with someone who is
+#   already in a call joins that call: every pair across the two groups is
+#   linked, so everyone sees and hears everyone. A call holds at most
+#   `max_size` people; beyond that both sides are told `call_full`.
+# - "/hangup bob ends your link with bob only; /hangup leaves every call."
+#   Hanging up on someone you invited withdraws the invitation.
+# - Leaving the room or dropping off ends every link and invitation of that
+#   person (`left`, `lost`).
+
+@dataclasses.dataclass(frozen=True)
+class Invited:
+    """`callee` is told that `caller` calls."""
+    caller: Any
+    callee: Any
+
+
+@dataclasses.dataclass(frozen=True)
+class Missed:
+    """An invitation ended unanswered (timeout, withdrawn, the caller left):
+    the caller is told `busy` (unless it left), the callee that it missed it."""
+    caller: Any
+    callee: Any
+    reason: str                     # "busy" (timed out), "withdrawn", "left", "lost"
+
+
+@dataclasses.dataclass(frozen=True)
+class Refusal:
+    """The callee declined, or left before answering: the caller is told."""
+    caller: Any
+    callee: Any
+    reason: str                     # "declined", "left", "lost"
+
+
+@dataclasses.dataclass(frozen=True)
+class Linked:
+    """`a` and `b` are now in a call together: set up their media."""
+    a: Any
+    b: Any
+
+
+@dataclasses.dataclass(frozen=True)
+class Unlinked:
+    """The link between `a` and `b` ended; `reason` as both are told it."""
+    a: Any
+    b: Any
+    reason: str                     # "hangup", "left", "lost"
+
+
+@dataclasses.dataclass(frozen=True)
+class TooMany:
+    """Connecting `a` and `b` would make a call bigger than allowed: both
+    are told `call_full`."""
+    a: Any
+    b: Any
+
+
+CallNews = Invited | Missed | Refusal | Linked | Unlinked | TooMany
+
+
+class Calls:
+    """Every invitation and link of one host.
+
+    Each method returns the news it causes, in order, or raises Refused for
+    a request the caller must refuse (then nothing changed). Handles are
+    compared by identity and never looked inside; two handles in one call
+    are in one room, which the host checks before asking.
+    """
+
+    def __init__(self, *, timeout_s: float = CALL_TIMEOUT_S,
+                 max_size: int = MAX_CALL_SIZE) -> None:
+        self.timeout_s = timeout_s
+        self.max_size = max_size
+        self._invites: dict[tuple[Any, Any], float] = {}   # (caller, callee) -> deadline
+        self._peers: dict[Any, dict[Any, None]] = {}       # handle -> linked handles, in order
+
+    # --- queries ---
+
+    def peers(self, member: Any) -> list[Any]:
+        """Everyone `member` has a link with, in the order they were linked."""
+        return list(self._peers.get(member, ()))
+
+    def linked(self, a: Any, b: Any) -> bool:
+        return b in self._peers.get(a, ())
+
+    def invited(self, caller: Any, callee: Any) -> bool:
+        return (caller, callee) in self._invites
+
+    def group(self, member: Any) -> list[Any]:
+        """Everyone in `member`'s call (linked to it directly or through
+        others), `member` first; [member] when it is in no call."""
+        found = {member: None}
+        frontier = [member]
+        while frontier:
+            for peer in self._peers.get(frontier.pop(0), ()):
+                if peer not in found:
+                    found[peer] = None
+                    frontier.append(peer)
+        return list(found)
+
+    def next_deadline(self) -> float | None:
+        """When the next invitation times out (for the host's timer)."""
+        return min(self._invites.values(), default=None)
+
+    # --- requests ---
+
+    def call(self, caller: Any, callee: Any, now: float) -> list[CallNews]:
+        """`caller` typed /CHECK `callee`. Connects them when `callee` had
+        invited `caller`; otherwise invites (or re-invites) `callee`.
+        Raises Refused: call_self, already_in_call."""
+        if caller is callee:
+            raise Refused("call_self", "you can't call yourself")
+        if self.linked(caller, callee):
+            raise Refused("already_in_call", "you are already in a call with them")
+        if self._invites.pop((callee, caller), None) is not None:
+            return self._connect(callee, caller)
+        self._invites[(caller, callee)] = now + self.timeout_s
+        return [Invited(caller, callee)]
+
+    def decline(self, callee: Any, caller: Any) -> list[CallNews]:
+        """`callee` typed /decline `caller`. Raises Refused(no_invitation)."""
+        if self._invites.pop((caller, callee), None) is None:
+            raise Refused("no_invitation", "they are not calling you")
+        return [Refusal(caller, callee, "declined")]
+
+    def hangup(self, member: Any, peer: Any = None, reason: str = "hangup") -> list[CallNews]:
+        """`member` ends its link with `peer` (and withdraws an invitation to
+        it), or with everyone (`peer` None). Raises Refused(not_in_call)
+        when there was nothing to end."""
+        news: list[CallNews] = []
+        targets = [peer] if peer is not None else self.peers(member) + [
+            callee for caller, callee in self._invites if caller is member]
+        for target in targets:
+            if self._invites.pop((member, target), None) is not None:
+                news.append(Missed(member, target, "withdrawn"))
+            if self.linked(member, target):
+                news.append(self._unlink(member, target, reason))
+        if not news:
+            raise Refused("not_in_call", "you are not in a call with them")
+        return news
+
+    def leave(self, member: Any, reason: str) -> list[CallNews]:
+        """`member` left the room (`left`) or dropped off (`lost`): every
+        link and invitation of it ends. Never raises."""
+        news: list[CallNews] = []
+        for (caller, callee) in list(self._invites):
+            if caller is member:
+                del self._invites[(caller, callee)]
+                news.append(Missed(caller, callee, reason))
+            elif callee is member:
+                del self._invites[(caller, callee)]
+                news.append(Refusal(caller, callee, reason))
+        news += [self._unlink(member, peer, reason) for peer in self.peers(member)]
+        return news
+
+    def expire(self, now: float) -> list[CallNews]:
+        """Invitations whose time is up: each caller is told the callee is
+        busy, each callee that it missed the call."""
+        due = [pair for pair, deadline in self._invites.items() if deadline <= now]
+        for pair in due:
+            del self._invites[pair]
+        return [Missed(caller, callee, "busy") for caller, callee in due]
+
+    # --- inside ---
+
+    def _connect(self, caller: Any, callee: Any) -> list[CallNews]:
+        """`callee` called back: link them, each joining the other's call."""
+        mine, theirs = self.group(caller), self.group(callee)
+        if callee in mine:                  # one call already: relink the two
+            return [self._link(caller, callee)]
+        if len(mine) + len(theirs) > self.max_size:
+            return [TooMany(callee, caller)]
+        return [self._link(a, b) for a in mine for b in theirs]
+
+    def _link(self, a: Any, b: Any) -> Linked:
+        self._invites.pop((a, b), None)     # an invitation between them is answered
+        self._invites.pop((b, a), None)
+        self._peers.setdefault(a, {})[b] = None
+        self._peers.setdefault(b, {})[a] = None
+        return Linked(a, b)
+
+    def _unlink(self, a: Any, b: Any, reason: str) -> Unlinked:
+        for one, other in ((a, b), (b, a)):
+            links = self._peers.get(one, {})
+            links.pop(other, None)
+            if not links:
+                self._peers.pop(one, None)
+        return Unlinked(a, b, reason)
 
 
 # =============================================================================
-# 5. MEDIA PACKETS: (reserved) sealing, packets, reassembly, jitter buffer
+# 5. MEDIA PACKETS: sealing, key agreement, payloads, fragments and reassembly
 # =============================================================================
-# Pure code for calls: what a UDP media packet holds and how frames are cut
-# into packets and put back together. Reserved, like 4. CALLS.
+# Pure code for calls: what crosses UDP between two clients, and how video
+# frames are cut into packets and put back together. No sockets, clocks or
+# threads: time arrives as `now_ms`. A UDP packet holds at most
+# MAX_PACKET_BYTES, so nothing fragments at the IP layer:
+#
+#   sealed   magic 0xC1 | kind (1) | link_id (4) | seq (8, big-endian) | AES-GCM(inner), tag (16)
+#   HELLO    magic 0xC1 | KIND_HELLO | version 1 | X25519 public key (32) | UTF-8 JSON object
+#
+# "A packet is accepted because it authenticates, not because of its source
+# address": each direction of a link has its own key (a reflected packet
+# fails), and a sliding window refuses replays. `Opener.open`, `peek_header`
+# and the `unpack_*` functions answer None for whatever they refuse and raise
+# nothing, whatever the bytes. `cryptography` is imported where it is used.
+
+VIDEO_CODECS = ("vp8", "jpeg")      # best first; a call uses the first both sides have
+AUDIO_CODECS = ("opus", "pcm")
+
+# --- Fixed by the protocol: changing one changes the media packets ----------
+
+MEDIA_MAGIC = 0xC1                  # first byte of every media packet
+MAX_PACKET_BYTES = 1200             # whole UDP payload, at most: below any LAN MTU
+KIND_VIDEO = 1
+KIND_AUDIO = 2
+KIND_CONTROL = 3
+KIND_HELLO = 4                      # the only kind sent in clear
+HELLO_VERSION = 1
+CODEC_VP8 = 1                       # video codec ids
+CODEC_JPEG = 2
+CODEC_OPUS = 1                      # audio codec ids
+CODEC_PCM16 = 2                     # PCM16 mono; 20 ms fits only up to ~28 kHz
+CONTROL_KEYFRAME = 1                # body: the last frame_id received (uint32)
+CONTROL_KEEPALIVE = 2               # empty body
+FEC_GROUP = 5                       # data fragments per parity fragment
+MAX_HELLO_JSON_BYTES = 1000
+
+_SEALED_KINDS = frozenset({KIND_VIDEO, KIND_AUDIO, KIND_CONTROL})
+_VIDEO_CODECS = frozenset({CODEC_VP8, CODEC_JPEG})
+_AUDIO_CODECS = frozenset({CODEC_OPUS, CODEC_PCM16})
+_PACKET_HEADER = struct.Struct(">BB4sQ")        # magic, kind, link_id, seq: 14 bytes
+_TAG_BYTES = 16                                 # AES-GCM tag
+PACKET_OVERHEAD_BYTES = _PACKET_HEADER.size + _TAG_BYTES
+MAX_INNER_BYTES = MAX_PACKET_BYTES - PACKET_OVERHEAD_BYTES          # 1170
+# frame_id, capture_ms, flags, codec, index, count, group, length_xor: 21 bytes
+_VIDEO_HEADER = struct.Struct(">IQBBHHBH")
+VIDEO_FRAGMENT_BYTES = MAX_INNER_BYTES - _VIDEO_HEADER.size         # 1149 data bytes
+_AUDIO_HEADER = struct.Struct(">IQB")           # audio seq, capture_ms, codec: 13 bytes
+MAX_AUDIO_PAYLOAD_BYTES = MAX_INNER_BYTES - _AUDIO_HEADER.size      # 1157
+_HELLO_HEADER = struct.Struct(">BBB32s")        # magic, kind, version, public key: 35 bytes
+_FLAG_KEYFRAME = 0x01
+_FLAG_PARITY = 0x02
+
+# --- Tunables ----------------------------------------------------------------
+
+REPLAY_WINDOW = 1024                # sequence numbers an Opener remembers
+STALE_MS = 500                      # a frame still incomplete after this is given up
+MAX_FRAMES_IN_PROGRESS = 16         # per Reassembler
+MAX_REASSEMBLY_BYTES = 4 * 1024 * 1024  # fragment bytes a Reassembler holds, at most
+KEYFRAME_REQUEST_INTERVAL_MS = 300  # at most one keyframe request per this
+_CLOSED_MEMORY = 64                 # frame ids a Reassembler remembers having finished
+_CATCH_UP_AFTER_MS = 200            # a jitter buffer this long over target drops frames
+_MAX_LATENCY_SAMPLES = 1000         # per LinkStats interval
+
+VIDEO_CODEC_IDS = {"vp8": CODEC_VP8, "jpeg": CODEC_JPEG}
+AUDIO_CODEC_IDS = {"opus": CODEC_OPUS, "pcm": CODEC_PCM16}
+
+
+def _need_cryptography() -> None:
+    """MissingPackage unless `cryptography` imports (calls need it)."""
+    try:
+        import cryptography  # noqa: F401 (only to know it is there)
+    except ImportError:
+        raise MissingPackage("cryptography", "Calls") from None
+
+
+# --- Sealing -------------------------------------------------------------------
+
+def _check_bytes(value: bytes, size: int, name: str) -> bytes:
+    if not isinstance(value, (bytes, bytearray, memoryview)) or len(value) != size:
+        raise ValueError(f"{name} must be {size} bytes")
+    return bytes(value)
+
+
+def _hkdf(secret: bytes, info: bytes) -> bytes:
+    _need_cryptography()
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+    return HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=info).derive(secret)
+
+
+def direction_keys(link_key: bytes, i_am_a: bool) -> tuple[bytes, bytes]:
+    """(send_key, receive_key) for one side of a link.
+
+    Each direction has its own key, so the two sides never use the same nonce under
+    one key, and a packet reflected back to its sender fails to authenticate. Both
+    sides pass the same link_key and opposite i_am_a. Raises ValueError unless
+    link_key is 32 bytes.
+    """
+    link_key = _check_bytes(link_key, 32, "link_key")
+    a_to_b = _hkdf(link_key, b"chatroom media a->b")
+    b_to_a = _hkdf(link_key, b"chatroom media b->a")
+    return (a_to_b, b_to_a) if i_am_a else (b_to_a, a_to_b)
+
+
+class Sealer:
+    """Seals the packets we send on one link, one direction; one Sealer per link.
+
+    The sequence number (`seq`: the last one used) starts at 1 and rises by one per
+    packet, so the nonce built from it never repeats under `send_key` (a key from
+    `direction_keys`, never the link key itself).
+    """
+
+    def __init__(self, link_id: bytes, send_key: bytes) -> None:
+        _need_cryptography()
+        from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+        self.link_id = _check_bytes(link_id, 4, "link_id")
+        self._aead = AESGCM(_check_bytes(send_key, 32, "send_key"))
+        self.seq = 0                # last sequence number used; 0 = none yet
+
+    def seal(self, kind: int, inner: bytes) -> bytes:
+        """The packet carrying `inner`. Raises ValueError (and uses no sequence
+        number) if kind is not video, audio or control, or the packet would be
+        longer than MAX_PACKET_BYTES."""
+        if kind not in _SEALED_KINDS:
+            raise ValueError(f"kind {kind!r} is not sealed")
+        if len(inner) > MAX_INNER_BYTES:
+            raise ValueError(f"inner payload of {len(inner)} bytes; at most {MAX_INNER_BYTES}")
+        if self.seq >= 2 ** 64 - 1:     # unreachable in practice; a nonce must never repeat
+            raise ValueError("sequence numbers used up: set up a new link")
+        self.seq += 1
+        header = _PACKET_HEADER.pack(MEDIA_MAGIC, kind, self.link_id, self.seq)
+        return header + self._aead.encrypt(bytes(4) + header[6:], bytes(inner), header)
+
+
+class Opener:
+    """Opens the packets one link receives, one direction.
+
+    `open` returns (kind, seq, inner) for a packet of this link that authenticates
+    under `receive_key` and is new, else None (counted in `refused`). New, as in
+    IPsec and DTLS: above the highest seq accepted, or within `window` below it and
+    not accepted before.
+    """
+
+    def __init__(self, link_id: bytes, receive_key: bytes, window: int = REPLAY_WINDOW) -> None:
+        _need_cryptography()
+        from cryptography.exceptions import InvalidTag
+        from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+        if window < 1:
+            raise ValueError("window must be at least 1")
+        self.link_id = _check_bytes(link_id, 4, "link_id")
+        self.window = window
+        self._aead = AESGCM(_check_bytes(receive_key, 32, "receive_key"))
+        self._invalid_tag = InvalidTag
+        self._top = 0               # highest sequence number accepted; 0 = none yet
+        self._seen = 0              # bit i set: sequence number _top - i was accepted
+        self.accepted = 0
+        self.refused = 0            # malformed + not this link + forged/tampered + replayed
+        self.replayed = 0           # of refused: replays and packets older than the window
+
+    def open(self, packet: bytes) -> tuple[int, int, bytes] | None:
+        """(kind, seq, inner) of an authentic new packet for this link, else None."""
+        packet = bytes(packet)
+        if len(packet) < PACKET_OVERHEAD_BYTES:
+            self._refuse()
+            return None
+        magic, kind, link_id, seq = _PACKET_HEADER.unpack_from(packet)
+        if magic != MEDIA_MAGIC or kind not in _SEALED_KINDS or link_id != self.link_id:
+            self._refuse()
+            return None
+        if seq == 0 or not self._fresh(seq):
+            self.replayed += 1
+            self._refuse()
+            return None
+        header = packet[:_PACKET_HEADER.size]
+        try:
+            inner = self._aead.decrypt(bytes(4) + header[6:], packet[len(header):], header)
+        except self._invalid_tag:
+            self._refuse()
+            return None
+        self._mark(seq)             # only now: a forged packet must not move the window
+        self.accepted += 1
+        return kind, seq, inner
+
+    def _refuse(self) -> None:
+        self.refused += 1
+
+    def _fresh(self, seq: int) -> bool:
+        age = self._top - seq
+        return age < 0 or (age < self.window and not (self._seen >> age) & 1)
+
+    def _mark(self, seq: int) -> None:
+        shift = seq - self._top
+        if shift >= self.window:    # don't shift by up to 2**64 bits: that int would be huge
+            self._seen, self._top = 1, seq
+        elif shift > 0:
+            self._seen = ((self._seen << shift) | 1) & ((1 << self.window) - 1)
+            self._top = seq
+        else:
+            self._seen |= 1 << -shift
+
+
+def peek_header(packet: bytes) -> tuple[int, bytes, int] | None:
+    """(kind, link_id, seq) of a packet, unopened, to pick the link's Opener.
+
+    A HELLO packet gives (KIND_HELLO, b"", 0): it has neither link id nor sequence
+    number; hand it to `unpack_hello`. None if the packet is too short to be either,
+    has the wrong magic or an unknown kind. Nothing here is authenticated yet.
+    """
+    if len(packet) < 2 or packet[0] != MEDIA_MAGIC:
+        return None
+    if packet[1] == KIND_HELLO:
+        return (KIND_HELLO, b"", 0) if len(packet) >= _HELLO_HEADER.size else None
+    if packet[1] not in _SEALED_KINDS or len(packet) < PACKET_OVERHEAD_BYTES:
+        return None
+    _, kind, link_id, seq = _PACKET_HEADER.unpack_from(packet)
+    return kind, link_id, seq
+
+
+# --- HELLO and direct-call key agreement ----------------------------------------------------
+
+def _json_unique_pairs(pairs: list[tuple[str, object]]) -> dict:
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        raise ValueError("duplicate key")
+    return obj
+
+
+def pack_hello(public_key: bytes, info: dict) -> bytes:
+    """A HELLO packet (sent in clear) with our X25519 public key and `info`.
+
+    Raises ValueError unless public_key is 32 bytes and info is a dict that JSON
+    encodes (no NaN) to at most MAX_HELLO_JSON_BYTES of UTF-8. Keys should be str:
+    JSON turns others into strings, and tuples arrive as lists.
+    """
+    public_key = _check_bytes(public_key, 32, "public_key")
+    if not isinstance(info, dict):
+        raise ValueError("info must be a dict")
+    try:
+        body = json.dumps(info, ensure_ascii=False, allow_nan=False,
+                          separators=(",", ":")).encode("utf-8")
+    except (TypeError, ValueError, RecursionError) as exc:
+        raise ValueError(f"info is not JSON: {exc}") from None
+    if len(body) > MAX_HELLO_JSON_BYTES:
+        raise ValueError(f"info is {len(body)} bytes of JSON; at most {MAX_HELLO_JSON_BYTES}")
+    return _HELLO_HEADER.pack(MEDIA_MAGIC, KIND_HELLO, HELLO_VERSION, public_key) + body
+
+
+def unpack_hello(packet: bytes) -> tuple[bytes, dict] | None:
+    """(public_key, info) of a HELLO packet; None for anything malformed: wrong magic,
+    kind or version, wrong size, invalid UTF-8, not a JSON object, duplicate keys,
+    NaN or infinite numbers, lone surrogates. The key itself is checked by
+    `KeyExchange.agree`. Never raises for any bytes."""
+    size = len(packet)
+    if not _HELLO_HEADER.size < size <= _HELLO_HEADER.size + MAX_HELLO_JSON_BYTES:
+        return None
+    magic, kind, version, public_key = _HELLO_HEADER.unpack_from(packet)
+    if (magic, kind, version) != (MEDIA_MAGIC, KIND_HELLO, HELLO_VERSION):
+        return None
+    try:
+        info = json.loads(bytes(packet[_HELLO_HEADER.size:]).decode("utf-8"),
+                          object_pairs_hook=_json_unique_pairs)
+        # Accept only what pack_hello could have sent: this refuses NaN, Infinity,
+        # 1e999 (parsed as inf) and lone surrogates ("\ud800" parses, can't encode).
+        json.dumps(info, ensure_ascii=False, allow_nan=False).encode("utf-8")
+    except (ValueError, RecursionError):    # UnicodeError and JSONDecodeError are ValueErrors
+        return None
+    return (public_key, info) if type(info) is dict else None
+
+
+@dataclasses.dataclass(frozen=True)
+class DirectLink:
+    """What both ends of a direct call agreed: pass link_key and i_am_a to
+    `direction_keys`, link_id to Sealer and Opener. People read `safety_code` aloud
+    to each other; if the codes differ, someone is in the middle."""
+    link_id: bytes
+    link_key: bytes = dataclasses.field(repr=False)    # a secret: kept out of logs
+    i_am_a: bool
+    safety_code: str
+
+
+class KeyExchange:
+    """One side of an X25519 key agreement for a direct call; a new one per call.
+
+    Send `public` in a HELLO; give the peer's key to `agree`. Both sides get the same
+    link_id, link_key and safety_code, and opposite i_am_a (a: the key sorting first).
+    The code has 20 bits: it stops a man in the middle who must pick his keys before
+    he sees both ends' keys, not one who can try a million keys afterwards.
+    """
+
+    def __init__(self, private_key: bytes | None = None) -> None:
+        """A fresh random key, or (for tests) the 32 raw bytes of one."""
+        _need_cryptography()
+        from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+        from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+        self._private = (X25519PrivateKey.generate() if private_key is None
+                         else X25519PrivateKey.from_private_bytes(private_key))
+        self.public = self._private.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+
+    def agree(self, peer_public: bytes) -> DirectLink:
+        """The link shared with the owner of `peer_public`. Raises ValueError if the key
+        is not 32 bytes, is our own (a reflected HELLO) or is a low-order point."""
+        from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
+        peer = _check_bytes(peer_public, 32, "peer_public")
+        if peer == self.public:
+            raise ValueError("the peer's key is our own: a reflected hello")
+        try:
+            shared = self._private.exchange(X25519PublicKey.from_public_bytes(peer))
+        except ValueError:          # cryptography refuses the all-zero shared secret
+            raise ValueError("the peer's key is a low-order point") from None
+        first, second = sorted((self.public, peer))
+        both = first + second
+        code = int.from_bytes(hashlib.sha256(b"chatroom safety code" + both).digest()[:8],
+                              "big") % 1_000_000
+        return DirectLink(link_id=hashlib.sha256(b"chatroom link id" + both).digest()[:4],
+                          link_key=_hkdf(shared, b"chatroom direct link key" + both),
+                          i_am_a=self.public == first,
+                          safety_code=f"{code // 1000:03d} {code % 1000:03d}")
+
+
+# --- Inner payloads --------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class VideoFragment:
+    """One video inner payload: a 21-byte header, then `data`.
+
+    Header (big-endian): frame_id u32, capture_ms u64, flags u8 (bit 0 keyframe, bit 1
+    parity), codec u8, index u16, count u16, group u8, length_xor u16. `count` is the
+    frame's number of data fragments; `group` the data fragments per FEC group, the
+    last group may be shorter. A data fragment has index 0..count-1 and length_xor 0.
+    A parity fragment has index = its group's number; its data is the XOR of that
+    group's data, each padded with zeros to the longest, and length_xor the XOR of
+    their lengths, so one lost fragment per group is rebuilt with its true length.
+    """
+    frame_id: int
+    capture_ms: int
+    keyframe: bool
+    parity: bool
+    codec: int
+    index: int
+    count: int
+    group: int
+    length_xor: int
+    data: bytes
+
+
+def _video_problem(f: VideoFragment) -> str | None:
+    if f.codec not in _VIDEO_CODECS:
+        return f"unknown video codec {f.codec!r}"
+    if not (1 <= f.count <= 0xFFFF and 1 <= f.group <= 0xFF):
+        return "count and group must be at least 1"
+    if f.parity and not 0 <= f.index < -(-f.count // f.group):
+        return f"parity for group {f.index} of a frame with {f.count} fragments"
+    if not f.parity and not (0 <= f.index < f.count and f.length_xor == 0):
+        return f"data fragment {f.index} of {f.count}"
+    return None
+
+
+def pack_video(fragment: VideoFragment) -> bytes:
+    """The inner payload for `fragment`. Raises ValueError if a field is out of range or
+    inconsistent, or the payload would not fit in one packet."""
+    problem = _video_problem(fragment)
+    if problem is None and len(fragment.data) > VIDEO_FRAGMENT_BYTES:
+        problem = f"{len(fragment.data)} data bytes; at most {VIDEO_FRAGMENT_BYTES}"
+    if problem:
+        raise ValueError(problem)
+    f = fragment
+    flags = (_FLAG_KEYFRAME if f.keyframe else 0) | (_FLAG_PARITY if f.parity else 0)
+    try:
+        header = _VIDEO_HEADER.pack(f.frame_id, f.capture_ms, flags, f.codec, f.index,
+                                    f.count, f.group, f.length_xor)
+    except struct.error as exc:
+        raise ValueError(str(exc)) from None
+    return header + bytes(f.data)
+
+
+def unpack_video(inner: bytes) -> VideoFragment | None:
+    """The fragment in a video inner payload, or None if it is malformed."""
+    if len(inner) < _VIDEO_HEADER.size:
+        return None
+    frame_id, capture_ms, flags, codec, index, count, group, length_xor = \
+        _VIDEO_HEADER.unpack_from(inner)
+    if flags & ~(_FLAG_KEYFRAME | _FLAG_PARITY):
+        return None
+    frag = VideoFragment(frame_id, capture_ms, bool(flags & _FLAG_KEYFRAME),
+                         bool(flags & _FLAG_PARITY), codec, index, count, group, length_xor,
+                         bytes(inner[_VIDEO_HEADER.size:]))
+    return None if _video_problem(frag) else frag
+
+
+@dataclasses.dataclass(frozen=True)
+class AudioFrame:
+    """One audio inner payload: seq u32 (one per 20 ms frame, only increasing for the
+    life of the stream), capture_ms u64, codec u8, then `payload`."""
+    seq: int
+    capture_ms: int
+    codec: int
+    payload: bytes
+
+
+def pack_audio(frame: AudioFrame) -> bytes:
+    """The inner payload for `frame`. Raises ValueError for an unknown codec, a field
+    out of range or a payload over MAX_AUDIO_PAYLOAD_BYTES."""
+    if frame.codec not in _AUDIO_CODECS or len(frame.payload) > MAX_AUDIO_PAYLOAD_BYTES:
+        raise ValueError("unknown audio codec or payload too long")
+    try:
+        return _AUDIO_HEADER.pack(frame.seq, frame.capture_ms, frame.codec) + bytes(frame.payload)
+    except struct.error as exc:
+        raise ValueError(str(exc)) from None
+
+
+def unpack_audio(inner: bytes) -> AudioFrame | None:
+    """The frame in an audio inner payload, or None if it is malformed."""
+    if len(inner) < _AUDIO_HEADER.size:
+        return None
+    seq, capture_ms, codec = _AUDIO_HEADER.unpack_from(inner)
+    if codec not in _AUDIO_CODECS:
+        return None
+    return AudioFrame(seq, capture_ms, codec, bytes(inner[_AUDIO_HEADER.size:]))
+
+
+@dataclasses.dataclass(frozen=True)
+class Control:
+    """A control inner payload: type u8, then its body. CONTROL_KEYFRAME ("send a
+    keyframe") carries last_frame_id u32, the last frame id received; CONTROL_KEEPALIVE
+    (sent when there is no media, so the link does not look dead) has no body and
+    last_frame_id 0."""
+    type: int
+    last_frame_id: int = 0
+
+
+def pack_control(control: Control) -> bytes:
+    """The inner payload for `control`. Raises ValueError for an unknown type or a
+    frame id that is not a uint32 (or non-zero in a keepalive)."""
+    if control.type == CONTROL_KEEPALIVE and control.last_frame_id == 0:
+        return bytes([CONTROL_KEEPALIVE])
+    if control.type == CONTROL_KEYFRAME and 0 <= control.last_frame_id <= 0xFFFFFFFF:
+        return struct.pack(">BI", CONTROL_KEYFRAME, control.last_frame_id)
+    raise ValueError(f"can't pack {control!r}")
+
+
+def unpack_control(inner: bytes) -> Control | None:
+    """The control message in an inner payload, or None if it is malformed."""
+    if len(inner) == 1 and inner[0] == CONTROL_KEEPALIVE:
+        return Control(CONTROL_KEEPALIVE)
+    if len(inner) == 5 and inner[0] == CONTROL_KEYFRAME:
+        return Control(CONTROL_KEYFRAME, int.from_bytes(inner[1:], "big"))
+    return None
+
+
+# --- Video: fragmenting with FEC, reassembly, the keyframe gate ------------------------------
+
+def _xor(pieces: list[bytes]) -> tuple[int, int]:
+    """(XOR of the pieces as little-endian ints, XOR of their lengths). Little-endian
+    makes padding free: the zeros that pad a short piece are its high bytes."""
+    value = length = 0
+    for piece in pieces:
+        value ^= int.from_bytes(piece, "little")
+        length ^= len(piece)
+    return value, length
+
+
+def fragment(frame_id: int, data: bytes, capture_ms: int, keyframe: bool, codec: int,
+             max_fragment: int = VIDEO_FRAGMENT_BYTES, fec_group: int = FEC_GROUP) -> list[bytes]:
+    """The video inner payloads for one frame, in sending order; seal each as KIND_VIDEO.
+
+    Pieces of max_fragment bytes (an empty frame: one empty piece), each group of up to
+    fec_group followed by its parity fragment (see VideoFragment). Raises ValueError for
+    a field out of range or a frame of more than 65535 pieces.
+    """
+    if not 1 <= max_fragment <= VIDEO_FRAGMENT_BYTES or not 1 <= fec_group <= 0xFF:
+        raise ValueError("max_fragment or fec_group out of range")
+    if codec not in _VIDEO_CODECS or not 0 <= frame_id <= 0xFFFFFFFF \
+            or not 0 <= capture_ms < 2 ** 64:
+        raise ValueError("codec, frame_id or capture_ms out of range")
+    data = bytes(data)
+    pieces = [data[i:i + max_fragment] for i in range(0, len(data), max_fragment)] or [b""]
+    count = len(pieces)
+    if count > 0xFFFF:
+        raise ValueError(f"a frame of {len(data)} bytes needs too many fragments")
+    key = _FLAG_KEYFRAME if keyframe else 0
+    out = []
+    for number, start in enumerate(range(0, count, fec_group)):
+        group = pieces[start:start + fec_group]
+        for index, piece in enumerate(group, start):
+            out.append(_VIDEO_HEADER.pack(frame_id, capture_ms, key, codec, index, count,
+                                          fec_group, 0) + piece)
+        value, length_xor = _xor(group)
+        parity = value.to_bytes(max(map(len, group)), "little")
+        out.append(_VIDEO_HEADER.pack(frame_id, capture_ms, key | _FLAG_PARITY, codec, number,
+                                      count, fec_group, length_xor) + parity)
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class Frame:
+    """A whole video frame, ready for the decoder (after the KeyframeGate)."""
+    frame_id: int
+    data: bytes
+    capture_ms: int
+    keyframe: bool
+    codec: int
+
+
+class _Partial:
+    """One frame being put back together. `blocked` counts FEC groups that can't be
+    finished yet: more than one data fragment missing, or one and no parity."""
+
+    def __init__(self, first: VideoFragment, now_ms: float) -> None:
+        self.first_ms = now_ms
+        self.shape = (first.capture_ms, first.keyframe, first.codec, first.count, first.group)
+        self.data: dict[int, bytes] = {}
+        self.parity: dict[int, tuple[int, bytes]] = {}   # group -> (length_xor, data)
+        groups = -(-first.count // first.group)
+        self.missing = [min(first.group, first.count - g * first.group) for g in range(groups)]
+        self.blocked = groups
+        self.held_bytes = 0
+
+    def _is_blocked(self, g: int) -> bool:
+        return self.missing[g] > 1 or (self.missing[g] == 1 and g not in self.parity)
+
+    def add(self, f: VideoFragment) -> bool:
+        """Store a fragment; False if it was already here."""
+        g = f.index if f.parity else f.index // f.group
+        if (self.parity if f.parity else self.data).get(f.index) is not None:
+            return False
+        was = self._is_blocked(g)
+        if f.parity:
+            self.parity[g] = (f.length_xor, f.data)
+        else:
+            self.data[f.index] = f.data
+            self.missing[g] -= 1
+        self.blocked += self._is_blocked(g) - was
+        self.held_bytes += len(f.data)
+        return True
+
+    def assemble(self) -> tuple[bytes, bool] | None:
+        """(frame data, repaired?) once blocked == 0; None if the parity contradicts
+        the data (a broken sender)."""
+        group, repaired = self.shape[4], False
+        for g, missing in enumerate(self.missing):
+            if not missing:
+                continue
+            length_xor, parity = self.parity[g]
+            indices = range(g * group, min((g + 1) * group, self.shape[3]))
+            lost = next(i for i in indices if i not in self.data)
+            value, length = _xor([self.data[i] for i in indices if i != lost])
+            length ^= length_xor
+            if length > len(parity):
+                return None
+            try:
+                self.data[lost] = (int.from_bytes(parity, "little") ^ value).to_bytes(
+                    length, "little")
+            except OverflowError:   # non-zero bytes past the length the parity claims
+                return None
+            repaired = True
+        return b"".join(self.data[i] for i in range(self.shape[3])), repaired
+
+
+class Reassembler:
+    """Puts one incoming video stream's frames back together.
+
+    `add` takes a video inner payload (from an Opener) and returns the frames it
+    completed, possibly rebuilt from parity: a list of 0 or 1 Frame, frame ids only
+    ever increasing. A frame completes as soon as it can; every frame in progress
+    that is older is then given up, since it could only be delivered out of order.
+    Frames incomplete after stale_ms, beyond max_frames in progress or beyond
+    max_bytes held are given up too, oldest first. Never raises for any bytes.
+
+    Counters: completed (of which repaired), incomplete (frames given up), late
+    (fragments of frames already given up or passed over), duplicates (fragments
+    already held, or of a frame already delivered), malformed (fragments that don't
+    parse or contradict earlier fragments of their frame).
+    """
+
+    def __init__(self, stale_ms: float = STALE_MS, max_frames: int = MAX_FRAMES_IN_PROGRESS,
+                 max_bytes: int = MAX_REASSEMBLY_BYTES) -> None:
+        self.stale_ms = stale_ms
+        self.max_frames = max_frames
+        self.max_bytes = max_bytes
+        self._partials: dict[int, _Partial] = {}        # frame_id -> frame in progress
+        self._closed: collections.OrderedDict[int, bool] = collections.OrderedDict()
+        # ^ recently finished frame ids -> True if delivered, False if given up
+        self.newest = -1            # frame id last delivered; -1 = none yet
+        self.held_bytes = 0
+        self.completed = self.repaired = self.incomplete = 0
+        self.late = self.duplicates = self.malformed = 0
+
+    @property
+    def in_progress(self) -> int:
+        return len(self._partials)
+
+    def add(self, inner: bytes, now_ms: float) -> list[Frame]:
+        self.expire(now_ms)
+        f = unpack_video(inner)
+        if f is None:
+            self.malformed += 1
+            return []
+        if f.frame_id <= self.newest or f.frame_id in self._closed:
+            if self._closed.get(f.frame_id):
+                self.duplicates += 1
+            else:
+                self.late += 1
+            return []
+        partial = self._partials.get(f.frame_id)
+        if partial is None:
+            if len(self._partials) >= self.max_frames:
+                oldest = min(self._partials)
+                if f.frame_id < oldest:     # full of newer frames: this one is the oldest
+                    self.incomplete += 1
+                    self._close(f.frame_id, False)
+                    return []
+                self._give_up(oldest)
+            partial = self._partials[f.frame_id] = _Partial(f, now_ms)
+        if partial.shape != (f.capture_ms, f.keyframe, f.codec, f.count, f.group):
+            self.malformed += 1
+            return []
+        before = partial.held_bytes
+        if not partial.add(f):
+            self.duplicates += 1
+            return []
+        self.held_bytes += partial.held_bytes - before
+        while self.held_bytes > self.max_bytes and self._partials:
+            self._give_up(min(self._partials))
+        if f.frame_id in self._partials and partial.blocked == 0:
+            return self._finish(f.frame_id, partial)
+        return []
+
+    def expire(self, now_ms: float) -> int:
+        """Give up frames incomplete for longer than stale_ms; return how many.
+        `add` calls this; a receiver may also call it on a timer."""
+        stale = [i for i, p in self._partials.items() if now_ms - p.first_ms > self.stale_ms]
+        for frame_id in stale:
+            self._give_up(frame_id)
+        return len(stale)
+
+    def _give_up(self, frame_id: int) -> None:
+        self.held_bytes -= self._partials.pop(frame_id).held_bytes
+        self.incomplete += 1
+        self._close(frame_id, False)
+
+    def _close(self, frame_id: int, delivered: bool) -> None:
+        self._closed[frame_id] = delivered
+        while len(self._closed) > _CLOSED_MEMORY:
+            self._closed.popitem(last=False)
+
+    def _finish(self, frame_id: int, partial: _Partial) -> list[Frame]:
+        self.held_bytes -= self._partials.pop(frame_id).held_bytes
+        result = partial.assemble()
+        if result is None:
+            self.malformed += 1
+            self.incomplete += 1
+            self._close(frame_id, False)
+            return []
+        for older in [i for i in self._partials if i < frame_id]:
+            self._give_up(older)
+        self.newest = frame_id
+        self._close(frame_id, True)
+        self.completed += 1
+        self.repaired += result[1]
+        capture_ms, keyframe, codec = partial.shape[:3]
+        return [Frame(frame_id, result[0], capture_ms, keyframe, codec)]
 
 
 # =============================================================================
-# 6. DISCOVERY: advertise a host and browse for hosts with mDNS (zeroconf)
+# 6. MEDIA FLOW: the keyframe gate, the jitter buffer, link statistics
+# =============================================================================
+# Pure code for calls, like 5: what a receiver decides as packets come in
+# and a playback clock ticks. The keyframe gate keeps delta frames from a
+# decoder that lost its reference; the jitter buffer turns packets that
+# arrive unevenly into one audio frame every 20 ms; LinkStats counts what
+# media_stats reports. Time arrives as `now_ms`.
+
+class GateState(enum.Enum):
+    """Where a KeyframeGate is; it starts AWAITING_KEYFRAME."""
+    DECODING = "decoding"           # the decoder has every frame since a keyframe
+    AWAITING_KEYFRAME = "awaiting keyframe"
+
+
+@dataclasses.dataclass(frozen=True)
+class GateVerdict:
+    """What to do with one frame, from KeyframeGate.check."""
+    decode: bool                    # feed this frame to the decoder
+    request_keyframe: bool          # send Control(CONTROL_KEYFRAME, gate.last_frame_id) now
+
+
+class KeyframeGate:
+    """Keeps delta frames from a decoder that has lost its reference.
+
+    Give `check` every Frame a Reassembler returns, in order. For an inter-frame
+    codec (VP8), a gap in frame ids (a frame given up), a change of codec or a
+    `decoder_failed` call means: decode nothing until the next keyframe, and ask
+    for one, at most once per request_interval_ms. A new gate waits for a keyframe,
+    since a decoder can't start on a delta frame. JPEG frames are all decoded.
+    """
+
+    def __init__(self, request_interval_ms: float = KEYFRAME_REQUEST_INTERVAL_MS) -> None:
+        self.request_interval_ms = request_interval_ms
+        self.state = GateState.AWAITING_KEYFRAME
+        self.last_frame_id: int | None = None   # last frame checked: the request's body
+        self._codec: int | None = None
+        self._last_request_ms: float | None = None
+        self.skipped = 0            # frames not decoded
+        self.requests = 0           # keyframe requests asked for
+
+    def check(self, frame: Frame, now_ms: float) -> GateVerdict:
+        gap = self.last_frame_id is not None and frame.frame_id != self.last_frame_id + 1
+        if gap or frame.codec != self._codec:
+            self.state = GateState.AWAITING_KEYFRAME
+        self.last_frame_id, self._codec = frame.frame_id, frame.codec
+        if frame.codec == CODEC_JPEG:
+            return GateVerdict(True, False)
+        if frame.keyframe:
+            self.state = GateState.DECODING
+        if self.state is GateState.DECODING:
+            return GateVerdict(True, False)
+        self.skipped += 1
+        return GateVerdict(False, self._may_request(now_ms))
+
+    def decoder_failed(self, now_ms: float) -> bool:
+        """The decoder refused a frame: wait for a keyframe. True = send a request now."""
+        self.state = GateState.AWAITING_KEYFRAME
+        return self._may_request(now_ms)
+
+    def _may_request(self, now_ms: float) -> bool:
+        if self._last_request_ms is not None \
+                and now_ms - self._last_request_ms < self.request_interval_ms:
+            return False
+        self._last_request_ms = now_ms
+        self.requests += 1
+        return True
+
+
+# --- Audio: the jitter buffer -------------------------------------------------------------
+
+class JitterState(enum.Enum):
+    """Where a JitterBuffer is; it starts BUFFERING and returns there on an underrun."""
+    BUFFERING = "buffering"         # waiting until target_ms of audio is buffered
+    PLAYING = "playing"
+
+
+class JitterBuffer:
+    """Smooths one incoming audio stream for a playback clock.
+
+    `push` every received frame (seq only rises for the life of the stream: a new
+    stream needs a new buffer); call `pop` once per frame_ms. pop returns ("frame",
+    payload) for the next frame in order; ("lost", None) when that frame is missing
+    but later ones are here (run the codec's loss concealment, maybe with `peek_fec`);
+    ("empty", None) while buffering: at the start, and after an underrun until
+    target_ms is buffered again (play concealment or silence). A gap of `capacity`
+    frames or more is skipped, not concealed.
+
+    The target delay is 2 x the RFC 3550 inter-arrival jitter plus one frame, rounded
+    up to whole frames and kept within [min_delay_ms, max_delay_ms]. Duplicates and
+    frames behind the playout point are dropped (counted duplicates, late). Holding
+    more than target + 2 frames for _CATCH_UP_AFTER_MS drops the oldest, one per pop,
+    to cut the delay; past `capacity` the oldest goes at once (both counted dropped).
+    """
+
+    def __init__(self, frame_ms: int = 20, min_delay_ms: int = 20, max_delay_ms: int = 80,
+                 capacity: int = 50) -> None:
+        if frame_ms <= 0 or not 0 <= min_delay_ms <= max_delay_ms or capacity < 1:
+            raise ValueError("need frame_ms > 0, 0 <= min_delay_ms <= max_delay_ms, capacity > 0")
+        self.frame_ms = frame_ms
+        self.capacity = capacity
+        self._min_frames = max(1, math.ceil(min_delay_ms / frame_ms))
+        self._max_frames = max(self._min_frames, max_delay_ms // frame_ms)
+        self._max_jitter_ms = max(max_delay_ms, frame_ms)   # one outlier moves jitter this much
+        self._target_frames = self._min_frames
+        self.state = JitterState.BUFFERING
+        self._frames: dict[int, bytes] = {}     # seq -> payload
+        self._next: int | None = None           # seq to play next; None until the first play
+        self._last_transit: float | None = None  # arrival - send time of the last push
+        self.jitter_ms = 0.0
+        self._over_pops = 0         # pops in a row that found more than target + 2 frames
+        self.played = self.concealed = self.late = self.dropped = 0
+        self.duplicates = self.underruns = 0
+
+    @property
+    def target_ms(self) -> int:
+        return self._target_frames * self.frame_ms
+
+    @property
+    def depth(self) -> int:
+        return len(self._frames)
+
+    def push(self, seq: int, payload: bytes, arrival_ms: float) -> None:
+        transit = arrival_ms - seq * self.frame_ms      # send time = seq * frame_ms + offset
+        if self._last_transit is not None:
+            d = min(abs(transit - self._last_transit), self._max_jitter_ms)
+            self.jitter_ms += (d - self.jitter_ms) / 16     # RFC 3550, A.8
+            # A millisecond of it is timer noise: else a LAN's tiny jitter costs a frame.
+            wanted = 1 + math.ceil(max(0.0, 2 * self.jitter_ms - 1) / self.frame_ms)
+            self._target_frames = min(max(wanted, self._min_frames), self._max_frames)
+        self._last_transit = transit
+        if self._next is not None and seq < self._next:
+            self.late += 1
+        elif seq in self._frames:
+            self.duplicates += 1
+        else:
+            self._frames[seq] = payload
+            if len(self._frames) > self.capacity:
+                self._drop_oldest()
+
+    def pop(self) -> tuple[str, bytes | None]:
+        if not self._frames:
+            self.state = JitterState.BUFFERING
+            self.underruns += 1
+            return ("empty", None)
+        if self.state is JitterState.BUFFERING:
+            low = min(self._frames)
+            if max(self._frames) - low + 1 < self._target_frames:
+                self.underruns += 1
+                return ("empty", None)
+            self.state, self._next = JitterState.PLAYING, low
+        if len(self._frames) > self._target_frames + 2:
+            self._over_pops += 1
+            if self._over_pops * self.frame_ms >= _CATCH_UP_AFTER_MS:
+                self._drop_oldest()
+        else:
+            self._over_pops = 0
+        next_seq = self._next if self._next is not None else min(self._frames)
+        if next_seq not in self._frames and min(self._frames) - next_seq >= self.capacity:
+            next_seq = min(self._frames)    # a jump this big is a resync, not a loss
+        payload = self._frames.pop(next_seq, None)
+        self._next = next_seq + 1
+        if payload is None:
+            self.concealed += 1
+            return ("lost", None)
+        self.played += 1
+        return ("frame", payload)
+
+    def peek_fec(self, seq: int) -> bytes | None:
+        """The payload of seq + 1 if buffered: Opus in-band FEC can rebuild seq from it."""
+        return self._frames.get(seq + 1)
+
+    def _drop_oldest(self) -> None:
+        oldest = min(self._frames)
+        del self._frames[oldest]
+        self.dropped += 1
+        if self._next is not None:
+            self._next = max(self._next, oldest + 1)
+
+
+# --- Link statistics ---------------------------------------------------------------------
+
+class LinkStats:
+    """Receive-side numbers for one link, for the call window, once a second.
+
+    Feed it every opened packet (`packet`), every refused one (`refused`), every
+    video frame shown and audio frame received; `snapshot(now_ms)` returns the dict
+    below for the interval since the last snapshot and starts a new one:
+    video_fps (frames shown per second), audio_frames (received), loss (fraction
+    0..1 of packets missing, as RTCP's "fraction lost": from the highest sequence
+    number at the last snapshot to the highest now), latency_ms (median of now -
+    capture time of the frames shown; the two clocks' offset included; None if no
+    frame), kbps (received), dropped (packets refused since the start).
+    """
+
+    def __init__(self, now_ms: float) -> None:
+        self._since = now_ms        # start of the interval
+        self._top: int | None = None    # highest sequence number at the last snapshot
+        self._high: int | None = None   # highest this interval
+        self._low: int | None = None    # lowest this interval
+        self._packets = self._bytes = self._shown = self._audio = self._refused = 0
+        self._latencies: list[float] = []
+        self.last_packet_ms: float | None = None    # silent too long: the link is dead
+
+    def packet(self, seq: int, size_bytes: int, now_ms: float) -> None:
+        self._packets += 1
+        self._bytes += size_bytes
+        self._high = seq if self._high is None else max(self._high, seq)
+        self._low = seq if self._low is None else min(self._low, seq)
+        self.last_packet_ms = now_ms
+
+    def refused(self) -> None:
+        self._refused += 1
+
+    def frame_shown(self, capture_ms: float, now_ms: float) -> None:
+        self._shown += 1
+        if len(self._latencies) < _MAX_LATENCY_SAMPLES:
+            self._latencies.append(now_ms - capture_ms)
+
+    def audio_frame(self) -> None:
+        self._audio += 1
+
+    def snapshot(self, now_ms: float) -> dict:
+        elapsed_ms = max(now_ms - self._since, 1.0)
+        loss = 0.0
+        if self._high is not None:
+            low = self._low if self._low is not None else self._high
+            base = self._top if self._top is not None else low - 1
+            expected = self._high - base
+            if expected > 0:
+                loss = round(max(0, expected - self._packets) / expected, 3)
+            self._top = max(base, self._high)
+        latency = None
+        if self._latencies:
+            ordered, middle = sorted(self._latencies), len(self._latencies) // 2
+            latency = round(ordered[middle] if len(ordered) % 2
+                            else (ordered[middle - 1] + ordered[middle]) / 2, 1)
+        result = {"video_fps": round(self._shown * 1000 / elapsed_ms, 1),
+                  "audio_frames": self._audio, "loss": loss, "latency_ms": latency,
+                  "kbps": round(self._bytes * 8 / elapsed_ms, 1), "dropped": self._refused}
+        self._since, self._high, self._low = now_ms, None, None
+        self._packets = self._bytes = self._shown = self._audio = 0
+        self._latencies = []
+        return result
+
+
+# =============================================================================
+# 7. DISCOVERY: advertise a host and browse for hosts with mDNS (zeroconf)
 # =============================================================================
 # A host registers one `_chatroom._tcp.local.` service whose TXT record says
 # the protocol version (`v`), the host's name (`n`), how many rooms are open
@@ -1587,17 +2887,1172 @@ async def discover(timeout: float = DISCOVERY_TIMEOUT_S, *, interface: str | Non
 
 
 # =============================================================================
-# 7. MEDIA DEVICES: (reserved) cameras, codecs, microphones and speakers
+# 8. VIDEO DEVICES: test pattern, cameras and files, VP8 and JPEG
 # =============================================================================
-# The threads that capture, encode, decode and play for calls. Reserved,
-# like section 4.
+# What a call needs below the network for pictures: frames from a camera, a
+# video file (looped) or a test pattern stamped with a frame counter that
+# survives lossy codecs; VP8 (PyAV, libvpx) or JPEG (OpenCV) to shrink them.
+# Frames are numpy uint8 BGR arrays, 480 rows x 640 columns x 3. Threads
+# call this section; it starts none (a source paces reads on a monotonic
+# schedule). Every optional package is imported inside the function that
+# uses it, and a missing one becomes a DeviceError that names it.
+# Every number a maintainer may want to change, then the one error class and
+# the helpers that turn a missing package into that error.
+
+VIDEO_WIDTH = 640
+VIDEO_HEIGHT = 480
+VIDEO_FPS = 30
+VIDEO_BITRATE = 1_000_000           # VP8 target, bits per second
+VP8_KEYFRAME_FRAMES = 60            # a keyframe at least this often (2 s at 30 fps)
+VP8_THREADS = 1                     # encoder threads (see Vp8Encoder)
+VP8_CPU_USED = 8                    # libvpx speed: MEDIA-NOTES measured 5 ms, 33 dB here
+JPEG_QUALITY = 70
+MAX_DECODE_PIXELS = 1920 * 1088     # a peer's frame header claiming more is refused
+CAMERA_PROBE_INDEXES = range(5)     # list_devices tries these camera indexes
+
+SAMPLE_RATE = 48_000
+FRAME_S = 0.020                     # one audio frame
+FRAME_SAMPLES = 960                 # samples in one frame (mono)
+FRAME_BYTES = 2 * FRAME_SAMPLES     # int16
+SILENCE = bytes(FRAME_BYTES)
+OPUS_BITRATE = 24_000               # bits per second; 24-32 k all sound alike for voice
+OPUS_LOSS_PERCENT = 10              # tells the encoder how much FEC to carry
+OPUS_MAX_PACKET_BYTES = 4000        # libopus's recommended output buffer
+PCM_RATIO = 3                       # 48 kHz -> 16 kHz on the wire
+TONE_HZ = 440.0
+TONE_DBFS = -12.0
+AUDIO_BURST_FRAMES = 4              # a device may deliver this many frames early
+CLOCK_CATCH_UP_FRAMES = 5           # a late clock thread makes up at most this many
+STOP_TIMEOUT_S = 2.0                # waiting for a media thread to end
+
+RECORD_PNG_INTERVAL_S = 1.0         # at most one picture per peer this often
+RECORD_FLUSH_S = 1.0                # a killed process loses at most this much sound
+MAX_FILE_STEM_CHARS = 64
+
+class DeviceError(ChatError):
+    """A device or codec can't be used. `code` is for machines: "no_camera",
+    "no_audio_device", or "missing_package" when a codec's package is absent;
+    `message` is a sentence for a person. (ChatError refuses any code that
+    ERROR_CODES doesn't list.)"""
+
+
+def _numpy(code: str = "missing_package"):
+    try:
+        import numpy as np
+    except ImportError:
+        raise DeviceError(code, "media needs numpy: pip install numpy") from None
+    return np
+
+
+def _cv2(code: str = "missing_package"):
+    # OpenCV reads OPENCV_LOG_LEVEL when it loads; without it, probing a
+    # camera index that doesn't exist prints V4L warnings on every try.
+    os.environ.setdefault("OPENCV_LOG_LEVEL", "ERROR")
+    try:
+        import cv2
+    except ImportError:
+        raise DeviceError(code, "video needs OpenCV: pip install opencv-python-headless") \
+            from None
+    return cv2
+
+
+def _av():
+    try:
+        import av
+    except ImportError:
+        raise DeviceError("missing_package", "VP8 needs PyAV: pip install av") from None
+    return av
+
+
+def _pyaudio():
+    try:
+        import pyaudio
+    except ImportError:
+        raise DeviceError("no_audio_device", "sound devices need PyAudio: pip install PyAudio") \
+            from None
+    return pyaudio
+
+
+_STDERR_LOCK = threading.Lock()     # two threads swapping fd 2 at once would lose it
+
+
+@contextlib.contextmanager
+def _quiet_stderr():
+    """Point fd 2 at /dev/null for the block. PortAudio's ALSA and JACK probes
+    print dozens of lines there from C, past any Python setting; output from
+    other threads during the block is lost too, so keep blocks short."""
+    with _STDERR_LOCK:
+        try:
+            sys.stderr.flush()
+            saved = os.dup(2)
+        except (AttributeError, OSError, ValueError):   # no fd 2 (pythonw): nothing to hide
+            saved = None
+        if saved is None:
+            yield
+            return
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(devnull, 2)
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            os.close(devnull)
+
+
+class _Schedule:
+    """Deadlines every `period_s` on the monotonic clock, so a loop keeps its
+    rate without the drift of sleep(period). A caller more than `catch_up`
+    periods late starts a new schedule instead of bursting to make up."""
+
+    def __init__(self, period_s: float, catch_up: int = 0) -> None:
+        self.period_s = period_s
+        self.catch_up = catch_up
+        self._next_s: float | None = None  # monotonic time of the next slot
+
+    def wait_s(self) -> float:
+        """Seconds to wait for the next slot (0 = due now); claims that slot."""
+        now = time.monotonic()
+        if self._next_s is None or now - self._next_s > (self.catch_up + 1) * self.period_s:
+            self._next_s = now
+        wait = max(0.0, self._next_s - now)
+        self._next_s += self.period_s
+        return wait
+
+
+# --- The test pattern: a frame counter that survives codecs ------------------
+# Stands in for a camera in tests and demos. The counter is 24 bits drawn as
+# one row of black and white squares, cell = width // 40 pixels (16 at 640),
+# placed on the 16-pixel macroblock grid on a grey band so that VP8 at 1 Mb/s
+# and JPEG at quality 60 keep every square's colour. Layout, left to right:
+# 4 guard cells (W B W B), 24 counter bits (most significant first), 4
+# check bits (XOR of the counter's six nibbles), 4 guard cells (B W W B).
+
+_GUARD_START = (1, 0, 1, 0)
+_GUARD_END = (0, 1, 1, 0)
+_STAMP_BITS = 24
+_STAMP_CELLS = len(_GUARD_START) + _STAMP_BITS + 4 + len(_GUARD_END)
+_MIN_STAMP_CONTRAST = 60            # white guards minus black guards, grey levels
+
+
+def _stamp_geometry(width: int, height: int) -> tuple[int, int, int]:
+    """(cell, x0, y0) of the stamp row in a width x height frame."""
+    cell = max(4, width // 40)
+    x0 = (width - _STAMP_CELLS * cell) // 2 // cell * cell
+    return cell, x0, height - 2 * cell
+
+
+def _stamp_cells(n: int) -> list[int]:
+    value = n % (1 << _STAMP_BITS)
+    bits = [(value >> (_STAMP_BITS - 1 - i)) & 1 for i in range(_STAMP_BITS)]
+    check = 0
+    for shift in range(0, _STAMP_BITS, 4):
+        check ^= (value >> shift) & 15
+    return [*_GUARD_START, *bits, *((check >> (3 - i)) & 1 for i in range(4)), *_GUARD_END]
+
+
+def read_stamp(frame: Any) -> int | None:
+    """The frame counter stamped by TestPattern.frame, or None when the guard
+    squares or the check bits don't match (not a test-pattern frame, or one
+    damaged past reading). `frame` must have the size it was drawn at."""
+    np = _numpy()
+    if getattr(frame, "ndim", 0) != 3 or frame.shape[2] != 3:
+        return None
+    height, width = frame.shape[:2]
+    cell, x0, y0 = _stamp_geometry(width, height)
+    if x0 < 0 or y0 < 0:
+        return None
+    q = cell // 4                   # sample each cell's middle half: edges blur
+    row = frame[y0 + q:y0 + cell - q, x0:x0 + _STAMP_CELLS * cell].astype(np.float32)
+    row = row.reshape(row.shape[0], _STAMP_CELLS, cell, 3)[:, :, q:cell - q, :]
+    levels = row.mean(axis=(0, 2, 3))
+    guard_at = list(range(4)) + list(range(_STAMP_CELLS - 4, _STAMP_CELLS))
+    guards = [*_GUARD_START, *_GUARD_END]
+    white = np.mean([levels[i] for i, g in zip(guard_at, guards) if g])
+    black = np.mean([levels[i] for i, g in zip(guard_at, guards) if not g])
+    if white - black < _MIN_STAMP_CONTRAST:
+        return None
+    cells = [int(level > (white + black) / 2) for level in levels]
+    value = 0
+    for bit in cells[4:4 + _STAMP_BITS]:
+        value = value << 1 | bit
+    return value if cells == _stamp_cells(value) else None
+
+
+class TestPattern:
+    """Draws frame n of a moving picture for `user`: a colour gradient that
+    pans with n (consecutive frames differ like a slow camera pan), a bar that
+    sweeps across, the user's ID (non-ASCII shown as '?') and n in a stamp
+    that `read_stamp` reads back after lossy compression. Pure: frame(n) is
+    the same picture every time it is asked for."""
+
+    __test__ = False                # pytest: not a test class despite the name
+
+    def __init__(self, user: str, width: int = VIDEO_WIDTH, height: int = VIDEO_HEIGHT) -> None:
+        np = _numpy()
+        _cv2()                          # frame() needs it: fail here, not mid-call
+        self.user = user
+        self.width = width
+        self.height = height
+        self.label = "".join(c if " " <= c <= "~" else "?" for c in user)[:40]
+        x = np.arange(width, dtype=np.float32) * (2 * math.pi / width)
+        y = np.arange(height, dtype=np.float32)[:, None] / max(1, height - 1)
+        background = np.empty((height, width, 3), np.uint8)
+        background[..., 0] = 128 + 100 * np.sin(x)     # periodic in x: the pan has no seam
+        background[..., 1] = 40 + 180 * y
+        background[..., 2] = 128 + 100 * np.cos(x)
+        background[:, ::64] //= 3                      # grid lines give motion search a grip
+        background[::64, :] //= 3
+        self._background = np.concatenate([background, background], axis=1)
+
+    def frame(self, n: int) -> Any:
+        """Frame number n, a new height x width x 3 uint8 BGR array."""
+        cv2 = _cv2()
+        w, h = self.width, self.height
+        shift = (4 * n) % w
+        image = self._background[:, shift:shift + w].copy()
+        bar_x = (8 * n) % w
+        image[:, bar_x:bar_x + max(2, w // 16)] = (255, 255, 255)
+        scale = max(0.4, w / 640)
+        for text, y in ((self.label, 40), (f"#{n}", 80)):
+            org = (int(12 * scale), int(y * scale))
+            cv2.putText(image, text, org, cv2.FONT_HERSHEY_SIMPLEX, scale, (0, 0, 0),
+                        int(4 * scale), cv2.LINE_AA)
+            cv2.putText(image, text, org, cv2.FONT_HERSHEY_SIMPLEX, scale, (255, 255, 255),
+                        max(1, int(2 * scale)), cv2.LINE_AA)
+        cell, x0, y0 = _stamp_geometry(w, h)
+        image[y0 - cell:y0 + 2 * cell, :] = 128
+        for i, bit in enumerate(_stamp_cells(n)):
+            image[y0:y0 + cell, x0 + i * cell:x0 + (i + 1) * cell] = 255 * bit
+        return image
+
+    read_stamp = staticmethod(read_stamp)
+
+
+# --- Video sources: test pattern, camera, looped file ------------------------
+# One reader thread calls read() in a loop; close() may come from any thread
+# and wakes a read that is waiting for its slot. The test pattern and files
+# are paced by a _Schedule; a camera delivers at its own rate.
+
+def _fit_frame(frame: Any, width: int, height: int) -> Any:
+    """`frame` as a height x width x 3 BGR array (converted, resized if needed)."""
+    cv2 = _cv2()
+    if frame.ndim == 2:
+        frame = cv2.cvtColor(frame, cv2.COLOR_GRAY2BGR)
+    elif frame.shape[2] == 4:
+        frame = cv2.cvtColor(frame, cv2.COLOR_BGRA2BGR)
+    if frame.shape[:2] != (height, width):
+        frame = cv2.resize(frame, (width, height), interpolation=cv2.INTER_AREA)
+    return frame
+
+
+class VideoSource:
+    """Frames of one fixed size from a test pattern, a camera or a video file.
+
+    Build with open_video_source(). read() returns the next BGR frame,
+    waiting until it is due, or None once closed or when a camera stops
+    giving frames (unplugged); the caller may then close and reopen. close()
+    is safe to call twice and from another thread."""
+
+    def __init__(self, kind: str, width: int, height: int, fps: int, paced: bool) -> None:
+        self.kind = kind                # "test", "camera" or "file"
+        self.width = width
+        self.height = height
+        self.fps = fps
+        self._schedule = _Schedule(1.0 / fps) if paced else None
+        self._closed = threading.Event()   # set by close(); also what paced reads wait on
+
+    def read(self) -> Any:
+        if self._schedule is not None and self._closed.wait(self._schedule.wait_s()):
+            return None
+        if self._closed.is_set():
+            return None
+        frame = self._grab()
+        return None if frame is None else _fit_frame(frame, self.width, self.height)
+
+    def _grab(self) -> Any:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        self._closed.set()
+
+
+class _PatternSource(VideoSource):
+    """A TestPattern's frames 0, 1, 2, ... at `fps`."""
+
+    def __init__(self, user: str, width: int, height: int, fps: int) -> None:
+        super().__init__("test", width, height, fps, paced=True)
+        self.pattern = TestPattern(user, width, height)
+        self._n = 0                     # number of the next frame
+
+    def _grab(self) -> Any:
+        self._n += 1
+        return self.pattern.frame(self._n - 1)
+
+
+class _CaptureSource(VideoSource):
+    """A camera index or a video file, through cv2.VideoCapture. A file
+    loops: at its end we seek back to frame 0, or reopen it."""
+
+    def __init__(self, spec: str, width: int, height: int, fps: int) -> None:
+        is_camera = spec.isdecimal()
+        super().__init__("camera" if is_camera else "file", width, height, fps,
+                         paced=not is_camera)
+        cv2 = _cv2("no_camera")
+        self._spec = spec
+        self._lock = threading.Lock()   # release() must not run inside read()
+        if not is_camera and not os.path.isfile(spec):
+            raise DeviceError("no_camera", f"no camera or video file called {spec!r}")
+        self._cap = self._open()
+        if is_camera:               # ask; a camera may give another size (we resize)
+            self._cap.set(cv2.CAP_PROP_FRAME_WIDTH, width)
+            self._cap.set(cv2.CAP_PROP_FRAME_HEIGHT, height)
+            self._cap.set(cv2.CAP_PROP_FPS, fps)
+        ok, first = self._cap.read() if self._cap.isOpened() else (False, None)
+        if not ok:
+            self._cap.release()
+            what = f"camera {spec}" if is_camera else f"video file {spec!r}"
+            raise DeviceError("no_camera", f"{what} gives no pictures")
+        self._first = first             # the frame read to check the device, shown first
+
+    def _open(self) -> Any:
+        cv2 = _cv2("no_camera")
+        return cv2.VideoCapture(int(self._spec) if self.kind == "camera" else self._spec)
+
+    def _grab(self) -> Any:
+        with self._lock:
+            if self._closed.is_set():
+                return None
+            if self._first is not None:
+                frame, self._first = self._first, None
+                return frame
+            ok, frame = self._cap.read()
+            if ok or self.kind == "camera":
+                return frame if ok else None
+            cv2 = _cv2("no_camera")
+            self._cap.set(cv2.CAP_PROP_POS_FRAMES, 0)
+            ok, frame = self._cap.read()
+            if not ok:                  # some containers can't seek: start over
+                self._cap.release()
+                self._cap = self._open()
+                ok, frame = self._cap.read()
+            return frame if ok else None
+
+    def close(self) -> None:
+        super().close()
+        with self._lock:
+            self._cap.release()
+
+
+def open_video_source(spec: str, user: str, fps: int = VIDEO_FPS, width: int = VIDEO_WIDTH,
+                      height: int = VIDEO_HEIGHT) -> VideoSource:
+    """A VideoSource for `spec`: "test" (a TestPattern for `user`), a camera
+    index such as "0", or a video file path (looped forever). Raises
+    DeviceError("no_camera") when the camera or file gives no picture or
+    OpenCV is missing."""
+    if spec == "test":
+        return _PatternSource(user, width, height, fps)
+    return _CaptureSource(spec, width, height, fps)
+
+
+# --- Video codecs: VP8 (PyAV) and JPEG (OpenCV), one interface ---------------
+# Encoders take any BGR frame and return (bytes, is_keyframe) or None;
+# decoders take bytes from the network, which are untrusted: garbage gives
+# None, never an exception, and a header claiming a huge picture is refused
+# before the decoder allocates it.
+
+class VideoEncoder(Protocol):
+    """Turns frames into packets. encode() returns (data, is_keyframe), or
+    None when the encoder produced nothing for this frame; keyframe=True
+    forces a keyframe (a peer joined or lost a packet)."""
+    codec_id: int
+    name: str
+
+    def encode(self, frame: Any, keyframe: bool = False) -> tuple[bytes, bool] | None: ...
+
+    def close(self) -> None: ...
+
+
+class VideoDecoder(Protocol):
+    """Turns packets back into BGR frames (of the size the sender chose);
+    decode() returns None for data it can't decode and never raises."""
+    codec_id: int
+    name: str
+
+    def decode(self, data: bytes) -> Any: ...
+
+    def close(self) -> None: ...
+
+
+def _vp8_pixels(data: bytes) -> int:
+    """Pixels a VP8 keyframe header announces (RFC 6386 9.1); 0 for inter frames."""
+    if data[0] & 1 or len(data) < 10 or data[3:6] != b"\x9d\x01\x2a":
+        return 0
+    width = int.from_bytes(data[6:8], "little") & 0x3FFF
+    height = int.from_bytes(data[8:10], "little") & 0x3FFF
+    return width * height
+
+
+def _jpeg_pixels(data: bytes) -> int:
+    """Pixels the first SOF segment of a JPEG announces; 0 if none was found."""
+    i = 2
+    while i + 9 <= len(data) and data[i] == 0xFF:
+        marker = data[i + 1]
+        if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7 or marker == 0xFF:
+            i += 1 if marker == 0xFF else 2             # fill byte or marker with no length
+            continue
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
+            return (int.from_bytes(data[i + 5:i + 7], "big")
+                    * int.from_bytes(data[i + 7:i + 9], "big"))
+        if marker == 0xDA:              # image data starts: no size before it
+            return 0
+        i += 2 + int.from_bytes(data[i + 2:i + 4], "big")
+    return 0
+
+
+class Vp8Encoder:
+    """VP8 through PyAV's libvpx, tuned for calls: realtime deadline, no
+    look-ahead (one packet out per frame in), error resilient, no alt-ref,
+    a keyframe at least every VP8_KEYFRAME_FRAMES and whenever asked.
+    Frames of another size are scaled by PyAV to width x height."""
+    codec_id = VIDEO_CODEC_IDS["vp8"]
+    name = "vp8"
+
+    def __init__(self, bitrate: int = VIDEO_BITRATE, width: int = VIDEO_WIDTH,
+                 height: int = VIDEO_HEIGHT, fps: int = VIDEO_FPS) -> None:
+        self._av = _av()
+        _numpy()
+        ctx = self._av.CodecContext.create("libvpx", "w")
+        ctx.width, ctx.height, ctx.pix_fmt = width, height, "yuv420p"
+        ctx.time_base = Fraction(1, fps)
+        ctx.framerate = Fraction(fps, 1)
+        ctx.bit_rate = bitrate
+        ctx.gop_size = VP8_KEYFRAME_FRAMES      # becomes libvpx's kf_max_dist
+        # One thread: a second one did not help at 640x480 (MEDIA-NOTES), and on a
+        # busy 2-core machine waiting for it made frames take ~115 ms instead of ~6.
+        ctx.thread_count = VP8_THREADS
+        ctx.options = {"deadline": "realtime", "cpu-used": str(VP8_CPU_USED),
+                       "lag-in-frames": "0", "error-resilient": "1", "auto-alt-ref": "0"}
+        ctx.open()
+        self._ctx = ctx
+        self._pts = 0                   # frame counter in time_base units
+
+    def encode(self, frame: Any, keyframe: bool = False) -> tuple[bytes, bool] | None:
+        av = self._av
+        video_frame = av.VideoFrame.from_ndarray(_numpy().ascontiguousarray(frame),
+                                                 format="bgr24")
+        video_frame.pts = self._pts
+        self._pts += 1
+        if keyframe:
+            video_frame.pict_type = av.video.frame.PictureType.I
+        packets = self._ctx.encode(video_frame)
+        if not packets:                 # rate control dropped the frame
+            return None
+        # lag-in-frames 0 means one packet per frame; more would be a libvpx change.
+        packet = packets[-1]
+        return bytes(packet), bool(packet.is_keyframe)
+
+    def close(self) -> None:
+        self._ctx = None
+
+
+class Vp8Decoder:
+    """VP8 through PyAV's native decoder ("vp8"); see VideoDecoder."""
+    codec_id = VIDEO_CODEC_IDS["vp8"]
+    name = "vp8"
+
+    def __init__(self) -> None:
+        self._av = _av()
+        _numpy()
+        self._ctx = self._av.CodecContext.create("vp8", "r")
+        self._ctx.thread_count = VP8_THREADS    # as the encoder; no slower measured here
+
+    def decode(self, data: bytes) -> Any:
+        # An empty packet would mean end of stream and end the decoder for good.
+        if len(data) < 3 or _vp8_pixels(data) > MAX_DECODE_PIXELS or self._ctx is None:
+            return None
+        try:
+            frames = self._ctx.decode(self._av.Packet(bytes(data)))
+            return frames[-1].to_ndarray(format="bgr24") if frames else None
+        except (self._av.FFmpegError, ValueError):  # libvpx's many ways to say no
+            return None
+
+    def close(self) -> None:
+        self._ctx = None
+
+
+class JpegEncoder:
+    """JPEG through OpenCV; every frame stands alone, so each is a keyframe."""
+    codec_id = VIDEO_CODEC_IDS["jpeg"]
+    name = "jpeg"
+
+    def __init__(self, quality: int = JPEG_QUALITY) -> None:
+        self._cv2 = _cv2()
+        self.quality = quality
+
+    def encode(self, frame: Any, keyframe: bool = False) -> tuple[bytes, bool] | None:
+        cv2 = self._cv2
+        ok, data = cv2.imencode(".jpg", frame, [cv2.IMWRITE_JPEG_QUALITY, self.quality])
+        return (data.tobytes(), True) if ok else None
+
+    def close(self) -> None:
+        pass
+
+
+class JpegDecoder:
+    """JPEG through OpenCV; see VideoDecoder."""
+    codec_id = VIDEO_CODEC_IDS["jpeg"]
+    name = "jpeg"
+
+    def __init__(self) -> None:
+        self._cv2 = _cv2()
+        self._np = _numpy()
+
+    def decode(self, data: bytes) -> Any:
+        if len(data) < 4 or data[:2] != b"\xff\xd8" or _jpeg_pixels(data) > MAX_DECODE_PIXELS:
+            return None
+        try:
+            return self._cv2.imdecode(self._np.frombuffer(data, self._np.uint8),
+                                      self._cv2.IMREAD_COLOR)
+        except self._cv2.error:
+            return None
+
+    def close(self) -> None:
+        pass
+
+
+def available_video_codecs() -> list[str]:
+    """Codec names this machine can use, preferred first: "vp8" if PyAV with
+    libvpx loads, "jpeg" if OpenCV loads. Never raises."""
+    names = []
+    with contextlib.suppress(DeviceError, OSError):
+        if _numpy() is not None and "libvpx" in _av().codecs_available:
+            names.append("vp8")
+    with contextlib.suppress(DeviceError, OSError):
+        names.append(_cv2() and "jpeg")
+    return names
+
+
+def make_video_encoder(name: str, bitrate: int = VIDEO_BITRATE) -> VideoEncoder:
+    """A new encoder for "vp8" or "jpeg" (which ignores `bitrate`). Raises
+    DeviceError("missing_package") when its package is absent, ValueError
+    for another name."""
+    if name not in VIDEO_CODEC_IDS:
+        raise ValueError(f"unknown video codec {name!r}")
+    return Vp8Encoder(bitrate) if name == "vp8" else JpegEncoder()
+
+
+def make_video_decoder(name: str) -> VideoDecoder:
+    """A new decoder for "vp8" or "jpeg"; errors as make_video_encoder."""
+    if name not in VIDEO_CODEC_IDS:
+        raise ValueError(f"unknown video codec {name!r}")
+    return Vp8Decoder() if name == "vp8" else JpegDecoder()
 
 
 # =============================================================================
-# 8. CONNECTIONS: Link, one framed TCP connection with two lanes and one writer
+# 9. SOUND DEVICES: Opus and PCM, microphones and speakers, devices, recording
 # =============================================================================
-# What the host (9) and the client core (11) both talk through. A Link owns
-# one TCP connection: what arrives goes through its Wire (2) and waits, as
+# Voice below the network: Opus through the libopus inside PyAV's wheel
+# (ctypes: PyAV's own API has no loss concealment), or 16 kHz PCM; PyAudio
+# streams, or clock threads that stand in for them (`null`, `tone`), each
+# rate-limited so an unclocked device can't flood a call; mixing; the list
+# of devices; and the recorder behind --record. Audio frames are 20 ms of
+# 48 kHz mono int16 (1920 bytes).
+
+# --- Voice codecs: Opus (libopus through ctypes) and 16 kHz PCM ----------------
+# PyAV's Opus API has no loss concealment or FEC; the libopus shipped inside
+# its wheel has both, so we call it with ctypes (MEDIA-NOTES.md). Encoders take
+# one 1920-byte frame; decoders always return one 1920-byte frame. A decoder's
+# three calls: decode(packet) for a packet that came, conceal() for a lost
+# one, decode_fec(next) for a lost one when the next packet is already here
+# (then decode(next) as usual).
+
+_OPUS_OK = 0
+_OPUS_APPLICATION_VOIP = 2048
+_OPUS_SET_BITRATE = 4002
+_OPUS_SET_INBAND_FEC = 4012
+_OPUS_SET_PACKET_LOSS_PERC = 4014
+
+
+def _find_libopus() -> str | None:
+    """Path of the libopus in PyAV's wheel, else the system's, else None."""
+    with contextlib.suppress(ImportError):
+        import av
+        package = Path(av.__file__).parent
+        patterns = [package.parent / "av.libs" / "libopus*.so*",      # Linux (auditwheel)
+                    package / ".dylibs" / "libopus*.dylib",           # macOS (delocate)
+                    package.parent / "av.libs" / "opus*.dll",         # Windows (delvewheel)
+                    package.parent / "av.libs" / "libopus*.dll"]
+        for pattern in patterns:
+            found = sorted(glob.glob(str(pattern)))
+            if found:
+                return found[0]
+    return ctypes.util.find_library("opus")
+
+
+@functools.lru_cache(maxsize=1)
+def _libopus() -> Any:
+    """libopus with every function we call declared, or None if none loads."""
+    path = _find_libopus()
+    if path is None:
+        return None
+    try:
+        lib = ctypes.CDLL(path)
+    except OSError:
+        return None
+    c = ctypes
+    declarations = {            # name: (argtypes, restype)
+        "opus_encoder_create": ([c.c_int32, c.c_int, c.c_int, c.POINTER(c.c_int)], c.c_void_p),
+        "opus_encoder_destroy": ([c.c_void_p], None),
+        "opus_encode": ([c.c_void_p, c.POINTER(c.c_int16), c.c_int, c.c_char_p, c.c_int32],
+                        c.c_int32),
+        # Variadic: only the fixed part is declared, and callers pass c_int32 values, so
+        # ctypes makes a variadic call (which differs from a fixed one on Apple arm64).
+        "opus_encoder_ctl": ([c.c_void_p, c.c_int], c.c_int),
+        "opus_decoder_create": ([c.c_int32, c.c_int, c.POINTER(c.c_int)], c.c_void_p),
+        "opus_decoder_destroy": ([c.c_void_p], None),
+        "opus_decode": ([c.c_void_p, c.c_char_p, c.c_int32, c.POINTER(c.c_int16), c.c_int,
+                         c.c_int], c.c_int),
+        "opus_get_version_string": ([], c.c_char_p),
+    }
+    try:
+        for name, (argtypes, restype) in declarations.items():
+            function = getattr(lib, name)
+            function.argtypes, function.restype = argtypes, restype
+    except AttributeError:          # not a libopus after all
+        return None
+    return lib
+
+
+class _OpusObject:
+    """Owns one native libopus object: close() frees it once; __del__ too."""
+    _state: Any = None              # the OpusEncoder* or OpusDecoder*
+    _destroy = ""                   # the libopus function that frees it
+
+    def __init__(self) -> None:
+        self._lib = _libopus()
+        if self._lib is None:
+            raise DeviceError("missing_package", "Opus needs PyAV's libopus: pip install av")
+
+    def _created(self, state: Any, error: ctypes.c_int, what: str) -> None:
+        self._state = state or None
+        if error.value != _OPUS_OK or not state:
+            self.close()
+            raise RuntimeError(f"{what} failed ({error.value})")
+
+    def close(self) -> None:
+        state, self._state = self._state, None
+        if state:
+            getattr(self._lib, self._destroy)(state)
+
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):    # at interpreter exit ctypes may be gone
+            self.close()
+
+
+class OpusEncoder(_OpusObject):
+    """Opus, 48 kHz mono, 20 ms frames, VOIP mode, with in-band FEC sized for
+    10% loss. encode(pcm) takes 1920 bytes and returns one packet (~60 bytes
+    at 24 kb/s). close() frees the native encoder; it is safe to call twice."""
+    codec_id = AUDIO_CODEC_IDS["opus"]
+    name = "opus"
+    _destroy = "opus_encoder_destroy"
+
+    def __init__(self, bitrate: int = OPUS_BITRATE) -> None:
+        super().__init__()
+        error = ctypes.c_int(0)
+        state = self._lib.opus_encoder_create(SAMPLE_RATE, 1, _OPUS_APPLICATION_VOIP,
+                                              ctypes.byref(error))
+        self._created(state, error, "opus_encoder_create")
+        for request, value in ((_OPUS_SET_BITRATE, bitrate), (_OPUS_SET_INBAND_FEC, 1),
+                               (_OPUS_SET_PACKET_LOSS_PERC, OPUS_LOSS_PERCENT)):
+            result = self._lib.opus_encoder_ctl(self._state, request, ctypes.c_int32(value))
+            if result != _OPUS_OK:
+                self.close()
+                raise RuntimeError(f"opus_encoder_ctl({request}) failed ({result})")
+        self._out = ctypes.create_string_buffer(OPUS_MAX_PACKET_BYTES)
+
+    def encode(self, pcm: bytes) -> bytes:
+        if len(pcm) != FRAME_BYTES:
+            raise ValueError(f"Opus frames are {FRAME_BYTES} bytes, not {len(pcm)}")
+        if not self._state:
+            raise RuntimeError("encoder is closed")
+        samples = (ctypes.c_int16 * FRAME_SAMPLES).from_buffer_copy(pcm)
+        size = self._lib.opus_encode(self._state, samples, FRAME_SAMPLES, self._out,
+                                     OPUS_MAX_PACKET_BYTES)
+        if size < 0:
+            raise RuntimeError(f"opus_encode failed ({size})")
+        return self._out.raw[:size]
+
+
+class OpusDecoder(_OpusObject):
+    """Opus decoder, 48 kHz mono; every call returns 1920 bytes. decode()
+    of garbage, or of a packet longer than 20 ms, returns concealment instead
+    of raising. close() frees the native decoder; safe to call twice."""
+    codec_id = AUDIO_CODEC_IDS["opus"]
+    name = "opus"
+    _destroy = "opus_decoder_destroy"
+
+    def __init__(self) -> None:
+        super().__init__()
+        error = ctypes.c_int(0)
+        self._created(self._lib.opus_decoder_create(SAMPLE_RATE, 1, ctypes.byref(error)),
+                      error, "opus_decoder_create")
+        self._pcm = (ctypes.c_int16 * FRAME_SAMPLES)()
+
+    def _run(self, data: bytes | None, fec: int) -> bytes | None:
+        if not self._state:
+            return SILENCE
+        count = self._lib.opus_decode(self._state, data, len(data) if data else 0,
+                                      self._pcm, FRAME_SAMPLES, fec)
+        if count < 0:
+            return None
+        return bytes(self._pcm)[:2 * count].ljust(FRAME_BYTES, b"\0")
+
+    def decode(self, data: bytes) -> bytes:
+        if not data or len(data) > OPUS_MAX_PACKET_BYTES:
+            return self.conceal()
+        return self._run(bytes(data), 0) or self.conceal()
+
+    def conceal(self) -> bytes:
+        """A frame that hides one lost packet (libopus's PLC: a NULL packet)."""
+        return self._run(None, 0) or SILENCE
+
+    def decode_fec(self, next_packet: bytes) -> bytes:
+        """The lost frame before `next_packet`, rebuilt from the FEC data it
+        carries (concealment if it carries none). Decode next_packet after."""
+        if not next_packet or len(next_packet) > OPUS_MAX_PACKET_BYTES:
+            return self.conceal()
+        return self._run(bytes(next_packet), 1) or self.conceal()
+
+
+class PcmCodec:
+    """Uncompressed fallback, both ends in one: encode() sends 16 kHz (each
+    3 samples averaged: 640 bytes a frame), decode() interpolates back to 48
+    kHz. conceal() repeats the last frame at half the level each time, so a
+    gap fades out instead of clicking; decode_fec() can only conceal."""
+    codec_id = AUDIO_CODEC_IDS["pcm"]
+    name = "pcm"
+
+    def __init__(self) -> None:
+        self._np = _numpy()
+        self._last: Any = None          # the last frame played, as float samples
+
+    def encode(self, pcm: bytes) -> bytes:
+        np = self._np
+        if len(pcm) != FRAME_BYTES:
+            raise ValueError(f"PCM frames are {FRAME_BYTES} bytes, not {len(pcm)}")
+        samples = np.frombuffer(pcm, "<i2").astype(np.int32).reshape(-1, PCM_RATIO)
+        return np.round(samples.mean(axis=1)).astype("<i2").tobytes()
+
+    def decode(self, data: bytes) -> bytes:
+        np = self._np
+        if len(data) != FRAME_BYTES // PCM_RATIO:
+            return self.conceal()
+        low = np.frombuffer(data, "<i2").astype(np.float32)
+        # Each 16 kHz sample is the average of 3: it stands at the middle one.
+        at = np.arange(len(low)) * PCM_RATIO + 1
+        self._last = np.interp(np.arange(FRAME_SAMPLES), at, low)
+        return np.round(self._last).astype("<i2").tobytes()
+
+    def conceal(self) -> bytes:
+        if self._last is None:
+            return SILENCE
+        self._last = self._last * 0.5
+        return self._np.round(self._last).astype("<i2").tobytes()
+
+    def decode_fec(self, next_packet: bytes) -> bytes:
+        return self.conceal()
+
+    def close(self) -> None:
+        self._last = None
+
+
+def available_audio_codecs() -> list[str]:
+    """["opus", "pcm"] where libopus loads, else ["pcm"] (needs numpy). Never raises."""
+    names = ["opus"] if _libopus() is not None else []
+    with contextlib.suppress(DeviceError):
+        _numpy()
+        names.append("pcm")
+    return names
+
+
+def make_audio_encoder(name: str) -> OpusEncoder | PcmCodec:
+    """A new encoder for "opus" or "pcm": DeviceError("missing_package") when
+    it can't load, ValueError for another name."""
+    if name not in AUDIO_CODEC_IDS:
+        raise ValueError(f"unknown audio codec {name!r}")
+    return OpusEncoder() if name == "opus" else PcmCodec()
+
+
+def make_audio_decoder(name: str) -> OpusDecoder | PcmCodec:
+    """A new decoder for "opus" or "pcm"; errors as make_audio_encoder."""
+    if name not in AUDIO_CODEC_IDS:
+        raise ValueError(f"unknown audio codec {name!r}")
+    return OpusDecoder() if name == "opus" else PcmCodec()
+
+
+# --- Sound in and out: clock threads, PyAudio streams, mixing ----------------
+# A source calls on_frame(1920 bytes) once per 20 ms; a sink calls pull() once
+# per 20 ms for the frame to play. Both run on the stream's own thread (a
+# clock thread, or PortAudio's callback thread), so the callables must be
+# quick and thread-safe; an exception in them is logged once and the stream
+# goes on. Some devices are not clocked (ALSA's null PCM calls back ~100k
+# times a second), so PyAudio deliveries pass a token bucket that admits 50
+# a second with small bursts and drops the rest. Streams are mono: PortAudio
+# converts for the "default" devices of ALSA/Pulse, CoreAudio and MME.
+
+class _TokenBucket:
+    """Admits `rate_per_s` events a second on average, `burst` at once."""
+
+    def __init__(self, rate_per_s: float, burst: int) -> None:
+        self.rate_per_s = rate_per_s
+        self.burst = burst
+        self._tokens = float(burst)
+        self._last_s = time.monotonic()
+
+    def take(self) -> bool:
+        """True (and one token used) if an event may pass now."""
+        now = time.monotonic()
+        self._tokens = min(self.burst, self._tokens + (now - self._last_s) * self.rate_per_s)
+        self._last_s = now
+        if self._tokens < 1:
+            return False
+        self._tokens -= 1
+        return True
+
+    def nap(self) -> None:
+        """Sleep until the next token, at most one frame. Only an unclocked
+        device outruns the bucket, and its callbacks would spin a core."""
+        time.sleep(min(FRAME_S, max(0.0, (1 - self._tokens) / self.rate_per_s)))
+
+
+def _guarded(function: Callable, what: str) -> Callable:
+    """`function` for a media thread: an exception is logged the first time
+    and otherwise swallowed (giving None), because raising kills the stream."""
+    logged = False
+
+    def call(*args: Any) -> Any:
+        nonlocal logged
+        try:
+            return function(*args)
+        except Exception:
+            if not logged:
+                logged = True
+                log.exception("%s failed (later failures are not logged)", what)
+            return None
+    return call
+
+
+def _open_pa_stream(spec: str, output: bool, callback: Callable) -> tuple[Any, Any]:
+    """(PyAudio, stopped mono stream in callback mode) for device `spec`
+    ("default" or an index). Raises DeviceError("no_audio_device")."""
+    pyaudio = _pyaudio()
+    kind = "output" if output else "input"
+    if spec != "default" and not spec.isdecimal():
+        raise DeviceError("no_audio_device", f"no audio {kind} called {spec!r}")
+    with _quiet_stderr():
+        pa = pyaudio.PyAudio()
+    try:
+        with _quiet_stderr():
+            # An index PortAudio doesn't know crashes pa.open: look it up first (OSError).
+            if spec != "default":
+                info = pa.get_device_info_by_index(int(spec))
+            else:
+                info = (pa.get_default_output_device_info() if output
+                        else pa.get_default_input_device_info())
+            if info["maxOutputChannels" if output else "maxInputChannels"] < 1:
+                raise OSError(f"{info['name']!r} has no {kind} channels")
+            index = info["index"]
+            stream = pa.open(rate=SAMPLE_RATE, channels=1, format=pyaudio.paInt16,
+                             input=not output, output=output,
+                             input_device_index=None if output else index,
+                             output_device_index=index if output else None,
+                             frames_per_buffer=FRAME_SAMPLES, stream_callback=callback,
+                             start=False)
+        return pa, stream
+    except (OSError, ValueError) as exc:
+        pa.terminate()
+        raise DeviceError("no_audio_device", f"can't open audio {kind} {spec!r}: {exc}") \
+            from None
+
+
+class _AudioStream:
+    """What sources and sinks share: "null" and "tone" run a clock thread that
+    calls _tick() every 20 ms on a monotonic schedule; any other spec opens a
+    PyAudio stream whose callback is _callback(). stop() is idempotent, may
+    come before start(), and must not be called from on_frame or pull (the
+    stream's own thread: PortAudio can't stop a stream from its callback)."""
+    _output = False
+
+    def __init__(self, spec: str) -> None:
+        self.spec = spec
+        self._np = _numpy("no_audio_device")
+        self._bucket = _TokenBucket(1 / FRAME_S, AUDIO_BURST_FRAMES)
+        self._pending = bytearray()     # device audio not yet cut into whole frames
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._stream: Any = None
+        if spec not in ("null", "tone"):
+            self._pyaudio = _pyaudio()
+            self._pa, self._stream = _open_pa_stream(spec, self._output, self._callback)
+
+    def _start(self) -> None:
+        if self._stream is not None:
+            self._stream.start_stream()
+            return
+        self._thread = threading.Thread(target=self._clock, daemon=True,
+                                        name=f"audio-{type(self).__name__}:{self.spec}")
+        self._thread.start()
+
+    def _clock(self) -> None:
+        schedule = _Schedule(FRAME_S, catch_up=CLOCK_CATCH_UP_FRAMES)
+        while not self._stop.wait(schedule.wait_s()):
+            self._tick()
+
+    def _tick(self) -> None:
+        raise NotImplementedError
+
+    def _callback(self, data: Any, frame_count: int, time_info: Any, status: int) -> tuple:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        if self._stop.is_set():
+            return
+        self._stop.set()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(STOP_TIMEOUT_S)
+        if self._stream is not None:
+            with contextlib.suppress(OSError):
+                self._stream.stop_stream()
+            self._stream.close()
+            self._pa.terminate()
+
+
+class AudioSource(_AudioStream):
+    """Delivers 20 ms frames of 48 kHz mono int16. Build with
+    open_audio_source(). start(on_frame) calls on_frame(1920 bytes) about 50
+    times a second from the source's own thread until stop(); while `muted`
+    is True it delivers silence and the device stays open."""
+
+    def __init__(self, spec: str) -> None:
+        super().__init__(spec)
+        self.muted = False
+        self._on_frame: Callable = lambda frame: None
+        self._sample = 0                # tone phase in samples; mod 1 s keeps it exact
+
+    def start(self, on_frame: Callable[[bytes], None]) -> None:
+        self._on_frame = _guarded(on_frame, f"audio source {self.spec}")
+        self._start()
+
+    def _tick(self) -> None:
+        if self.muted or self.spec == "null":
+            self._on_frame(SILENCE)
+            return
+        np = self._np
+        k = self._sample + np.arange(FRAME_SAMPLES)
+        self._sample = (self._sample + FRAME_SAMPLES) % SAMPLE_RATE
+        amplitude = 32767 * 10 ** (TONE_DBFS / 20)
+        tone = amplitude * np.sin(2 * np.pi * TONE_HZ / SAMPLE_RATE * k)
+        self._on_frame(np.round(tone).astype("<i2").tobytes())
+
+    def _callback(self, data: Any, frame_count: int, time_info: Any, status: int) -> tuple:
+        self._pending += data or bytes(2 * frame_count)
+        while len(self._pending) >= FRAME_BYTES:
+            frame = bytes(self._pending[:FRAME_BYTES])
+            del self._pending[:FRAME_BYTES]
+            if self._bucket.take():
+                self._on_frame(SILENCE if self.muted else frame)
+            else:                       # faster than real time: drop it
+                self._bucket.nap()
+        return None, self._pyaudio.paContinue
+
+
+def open_audio_source(spec: str) -> AudioSource:
+    """An AudioSource for `spec`: "null" (silence, no device), "tone" (440 Hz
+    at -12 dBFS, continuous across frames), "default" or a PyAudio input
+    index "N". Raises DeviceError("no_audio_device") when the device, or
+    PyAudio, is missing or won't open."""
+    return AudioSource(spec)
+
+
+class AudioSink(_AudioStream):
+    """Plays 20 ms frames. Build with open_audio_sink(). start(pull) calls
+    pull() about 50 times a second from the sink's own thread until stop();
+    pull returns the 1920-byte frame to play (a short one is padded with
+    silence). "null" and "tone" sinks have no device: a clock pulls and drops."""
+    _output = True
+
+    def __init__(self, spec: str) -> None:
+        super().__init__(spec)
+        self._pull: Callable = lambda: SILENCE
+
+    def start(self, pull: Callable[[], bytes]) -> None:
+        self._pull = _guarded(pull, f"audio sink {self.spec}")
+        self._start()
+
+    def _tick(self) -> None:
+        self._pull()
+
+    def _callback(self, data: Any, frame_count: int, time_info: Any, status: int) -> tuple:
+        need = 2 * frame_count
+        while len(self._pending) < need:
+            if self._bucket.take():
+                frame = self._pull()
+                ok = isinstance(frame, (bytes, bytearray))
+                self._pending += bytes(frame[:FRAME_BYTES]).ljust(FRAME_BYTES, b"\0") \
+                    if ok else SILENCE
+            else:                       # faster than real time: silence, no pull
+                self._bucket.nap()
+                self._pending += SILENCE
+        out = bytes(self._pending[:need])
+        del self._pending[:need]
+        return out, self._pyaudio.paContinue
+
+
+def open_audio_sink(spec: str) -> AudioSink:
+    """An AudioSink for `spec`: "null" or "tone" (a clock, no device),
+    "default" or a PyAudio output index "N". Raises DeviceError like
+    open_audio_source."""
+    return AudioSink(spec)
+
+
+def mix(frames: list[bytes]) -> bytes:
+    """The int16 sum of `frames`, clipped to the int16 range; shorter frames
+    count as padded with silence; no frames gives one frame of silence."""
+    np = _numpy()
+    if not frames:
+        return SILENCE
+    total = np.zeros(max(len(f) for f in frames) // 2, np.int32)
+    for frame in frames:
+        samples = np.frombuffer(frame[:len(frame) // 2 * 2], "<i2")
+        total[:len(samples)] += samples
+    return np.clip(total, -32768, 32767).astype("<i2").tobytes()
+
+
+# --- The devices this machine has --------------------------------------------
+
+def list_devices() -> dict:
+    """{"cameras": [indexes that open], "audio_inputs": [{"index", "name",
+    "channels"}], "audio_outputs": [same]}. Never raises: a missing package
+    or a failing probe gives empty lists."""
+    found: dict = {"cameras": [], "audio_inputs": [], "audio_outputs": []}
+    try:
+        cv2 = _cv2()
+        for index in CAMERA_PROBE_INDEXES:
+            # On Linux a missing /dev/videoN answers at once; elsewhere we must ask.
+            if sys.platform.startswith("linux") and not os.path.exists(f"/dev/video{index}"):
+                continue
+            capture = cv2.VideoCapture(index)
+            if capture.isOpened():
+                found["cameras"].append(index)
+            capture.release()
+    except Exception:                   # the contract: never raise
+        log.debug("camera probe failed", exc_info=True)
+    try:
+        pyaudio = _pyaudio()
+        with _quiet_stderr():
+            pa = pyaudio.PyAudio()
+        try:
+            for index in range(pa.get_device_count()):
+                info = pa.get_device_info_by_index(index)
+                for key, kind in (("maxInputChannels", "audio_inputs"),
+                                  ("maxOutputChannels", "audio_outputs")):
+                    if int(info[key]) > 0:
+                        found[kind].append({"index": index, "name": str(info["name"]),
+                                            "channels": int(info[key])})
+        finally:
+            pa.terminate()
+    except Exception:
+        log.debug("audio device probe failed", exc_info=True)
+    return found
+
+
+# --- Recording what a call plays (--record) ----------------------------------
+# Peer names come from the network: they become file names only through
+# safe_filename (ROOMS), and two names that clean up alike get distinct files.
+
+class Recorder:
+    """Records a call into `folder` (created if needed; use a fresh one per
+    call, as existing files are overwritten): audio(peer, pcm) appends to
+    <peer>.wav (48 kHz mono 16-bit), frame(peer, image, now_s) keeps at most
+    one picture a second per peer as <peer>-1.png, <peer>-2.png, ...
+    Thread-safe. Each WAV header is brought up to date on every write and
+    flushed to disk every `flush_s`, so a killed process leaves
+    readable files; close() finishes them and is safe to call twice."""
+
+    def __init__(self, folder: Path, flush_s: float = RECORD_FLUSH_S) -> None:
+        self.folder = Path(folder)
+        self.flush_s = flush_s          # a killed process loses at most this much sound
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._stems: dict[str, str] = {}        # peer name -> its file stem
+        self._wavs: dict[str, tuple[Any, Any]] = {}     # peer -> (file, wave writer)
+        self._flushed_s: dict[str, float] = {}  # peer -> monotonic time of the last flush
+        self._pictures: dict[str, tuple[int, float]] = {}   # peer -> (count, now_s of last)
+        self._closed = False
+
+    def _stem(self, peer: str) -> str:
+        stem = self._stems.get(peer)
+        if stem is None:
+            # "a/b" and "a?b" both clean up to "a_b"; "A" and "a" clash on Windows and macOS.
+            taken = {stem.casefold() for stem in self._stems.values()}
+            base = stem = safe_filename(peer)
+            n = 1
+            while stem.casefold() in taken:
+                n += 1
+                stem = f"{base}_{n}"
+            self._stems[peer] = stem
+        return stem
+
+    def audio(self, peer: str, pcm: bytes) -> None:
+        """Append `pcm` (48 kHz mono int16) to the peer's WAV; ignored after close()."""
+        with self._lock:
+            if self._closed:
+                return
+            if peer not in self._wavs:
+                handle = open(self.folder / f"{self._stem(peer)}.wav", "wb")  # noqa: SIM115
+                writer = wave.open(handle, "wb")  # noqa: SIM115 (both open until close())
+                writer.setnchannels(1)
+                writer.setsampwidth(2)
+                writer.setframerate(SAMPLE_RATE)
+                self._wavs[peer] = (handle, writer)
+                self._flushed_s[peer] = time.monotonic()
+            handle, writer = self._wavs[peer]
+            # wave patches the header's sizes after each writeframes on a seekable file.
+            writer.writeframes(pcm[:len(pcm) // 2 * 2])
+            if time.monotonic() - self._flushed_s[peer] >= self.flush_s:
+                handle.flush()
+                self._flushed_s[peer] = time.monotonic()
+
+    def frame(self, peer: str, frame: Any, now_s: float) -> None:
+        """Keep `frame` as the peer's next PNG unless one was kept less than
+        RECORD_PNG_INTERVAL_S ago by `now_s` (any clock, in seconds). Needs OpenCV."""
+        with self._lock:
+            if self._closed:
+                return
+            count, last_s = self._pictures.get(peer, (0, -math.inf))
+            if now_s - last_s < RECORD_PNG_INTERVAL_S:
+                return
+            path = self.folder / f"{self._stem(peer)}-{count + 1}.png"
+            self._pictures[peer] = (count + 1, now_s)
+        if not _cv2().imwrite(str(path), frame):    # slow (~10 ms): outside the lock
+            log.warning("could not write %s", path)
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            wavs, self._wavs = self._wavs, {}
+        for handle, writer in wavs.values():
+            writer.close()              # a file object passed to wave stays ours to close
+            handle.close()
+
+
+# =============================================================================
+# 10. CONNECTIONS: Link, one framed TCP connection with two lanes and one writer
+# =============================================================================
+# What the host and the client core both talk through. A Link owns one
+# TCP connection: what arrives goes through its Wire (WIRE PROTOCOL) and waits, as
 # events, until the owner asks for it; what the owner sends waits in one of
 # two bounded lanes, urgent (control and chat) before bulk (file data), and
 # a single writer task writes it, so frames never interleave and a chat line
@@ -1683,10 +4138,13 @@ class Link:
         self.last_progress = loop.time()    # last time an outbox got shorter
         self.queued_bytes = 0               # in the urgent lane
         self.bulk_bytes = 0                 # in the bulk lane
+        self.media_bytes = 0                # in the media lane
+        self.media_dropped = 0              # media frames dropped to make room
         self.closing = False                # no new frames are accepted
         self.close_reason = ""
         self._urgent: collections.deque[bytes] = collections.deque()
         self._bulk: collections.deque[tuple[bytes, Any]] = collections.deque()
+        self._media: collections.deque[bytes] = collections.deque()
         self._wakeup = asyncio.Event()
         self._urgent_room = asyncio.Event()  # set when the urgent lane got shorter
         self._bulk_room = asyncio.Event()   # set while the bulk lane takes more
@@ -1745,6 +4203,21 @@ class Link:
         self.bulk_bytes += len(data) + _CHUNK_HEADER.size
         if self.bulk_bytes >= self.limits.bulk_high_water:
             self._bulk_room.clear()
+        self._wakeup.set()
+
+    def offer_media(self, event: MediaData) -> None:
+        """Queue a relayed media packet in the media lane, written after chat
+        and before file data. When the lane is full the oldest packet goes:
+        late media is worth less than the newest, and never delays chat."""
+        if not self.accepting:
+            return
+        frame = encode(event)
+        self.wire.check_send(event)
+        self._media.append(frame)
+        self.media_bytes += len(frame)
+        while self.media_bytes > self.limits.media_lane_bytes and len(self._media) > 1:
+            self.media_bytes -= len(self._media.popleft())
+            self.media_dropped += 1
         self._wakeup.set()
 
     def offer_after_bulk(self, event: Event) -> None:
@@ -1814,6 +4287,8 @@ class Link:
     def _drop_bulk(self) -> None:
         self._bulk.clear()
         self.bulk_bytes = 0
+        self._media.clear()
+        self.media_bytes = 0
         self._bulk_room.set()               # wake producers: they see `closing`
 
     async def _write_loop(self) -> None:
@@ -1829,6 +4304,11 @@ class Link:
                     transport.writelines(batch)
                     self.queued_bytes -= size
                     self._urgent_room.set()
+                elif self._media:
+                    batch = list(self._media)
+                    self._media.clear()
+                    self.media_bytes = 0
+                    transport.writelines(batch)
                 elif self._bulk:
                     batch, size = [], 0
                     while self._bulk and size < self.limits.write_batch_bytes \
@@ -1934,28 +4414,104 @@ class Link:
 _CHUNK_PROBE = Chunk(1, b"")                # what check_send needs to know: the type
 
 
+# --- UDP sockets for media -----------------------------------------------------
+
+MEDIA_SOCKET_BUFFER_BYTES = 4 * 1024 * 1024  # "unpaced bursts lost 80% without it"
+_UDP_POLL_S = 0.25                  # how soon a receiving thread notices close()
+
+
+class UdpSocket:
+    """One UDP socket for call media: a thread of its own receives, and any
+    thread may send. Media must not wait for the core's loop (nor chat for
+    media), so this socket is not on the loop at all.
+
+    `on_packet(data, address)` runs on the receiving thread for every
+    datagram; it must be quick and must not raise. Errors an ICMP message
+    leaves on a UDP socket (a peer that went away) are counted and ignored.
+    """
+
+    def __init__(self, bind: str, port: int,
+                 on_packet: Callable[[bytes, Any], None], name: str) -> None:
+        family = socket.AF_INET6 if ":" in bind else socket.AF_INET
+        self.sock = socket.socket(family, socket.SOCK_DGRAM)
+        try:
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF,
+                                 MEDIA_SOCKET_BUFFER_BYTES)
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF,
+                                 MEDIA_SOCKET_BUFFER_BYTES)
+            self.sock.bind((bind, port))    # OSError (a port in use) goes to the caller
+        except OSError:
+            self.sock.close()
+            raise
+        self.sock.settimeout(_UDP_POLL_S)
+        self.port: int = self.sock.getsockname()[1]
+        self.on_packet = on_packet
+        self.received = 0
+        self.sent = 0
+        self.errors = 0                     # sends refused, ICMP errors
+        self._closed = threading.Event()
+        self._thread = threading.Thread(target=self._receive, name=f"udp:{name}:{self.port}",
+                                        daemon=True)
+        self._thread.start()
+
+    def send(self, data: bytes, address: tuple[str, int]) -> None:
+        """Send one datagram now; a failure is counted, never raised (the
+        link's silence timer is what notices a dead peer)."""
+        try:
+            self.sock.sendto(data, address)
+            self.sent += 1
+        except OSError:
+            self.errors += 1
+
+    def _receive(self) -> None:
+        while not self._closed.is_set():
+            try:
+                data, address = self.sock.recvfrom(65536)
+            except TimeoutError:
+                continue
+            except OSError:
+                if self._closed.is_set():
+                    return
+                self.errors += 1            # ICMP port unreachable and such
+                continue
+            self.received += 1
+            try:
+                self.on_packet(data, address)
+            except Exception:               # a bug: log it, keep the call going
+                log.exception("handling a media packet failed")
+
+    def close(self) -> None:
+        """Stop receiving and close; returns once the thread has ended."""
+        self._closed.set()
+        if threading.current_thread() is not self._thread:
+            self._thread.join(2 * _UDP_POLL_S + 1)
+        self.sock.close()
+
+
 # =============================================================================
-# 9. HOST: sessions, rooms, the file relay, shutdown (asyncio)
+# 11. HOST RELAYS: files and calls between the members of a room
 # =============================================================================
-# The room host: accepts connections, gives each a Session over a Link (8),
-# runs every room decision through Rooms (3), relays files through
-# HostFiles, and advertises itself through 6. DISCOVERY. Owns sockets,
-# time and the spool folder; decides nothing that 3. ROOMS decides.
-#
-# Rules this section keeps (README.md, "Protocol and host rules"):
-# - A broadcast never awaits a peer: it offers a frame to each member's
-#   outbox and moves on. A peer whose outbox passes `outbox_limit_bytes`, or
-#   which makes no progress on a non-empty outbox for `send_stall_s`, is too
-#   slow and is disconnected; silently dropping its messages instead would
-#   break "never loses a message", and waiting for it would slow its room.
-# - Every wait on a peer has a deadline: the login (`hello_timeout_s`),
-#   silence (`ping_interval_s`, then `peer_silence_s`), and the goodbye
-#   flush (`close_timeout_s`, then the transport is aborted).
-# - A broken stream gets one error frame with the reason and is closed; no
-#   input reaches anything but that connection's own session.
-# - Shutdown, in the order websockets uses: stop accepting, withdraw the
-#   mDNS record and tell every session at once, wait for the handlers for
-#   `close_timeout_s`, then abort whatever is still open.
+# The host's two relays, each one object beside the host (next section),
+# which hands them their events and tells them when a session goes:
+# HostFiles moves files from a sender to recipients at each one's pace, and
+# HostCalls arranges calls and passes on media that UDP can't carry. Each
+# answers through the host's `deliver` and never touches a socket itself,
+# only the Links the host gave its sessions.
+
+
+class Peer(Protocol):
+    """What the relays know of one of the host's sessions: its connection.
+    Otherwise a handle, as members are to ROOMS."""
+    link: Link
+
+
+@dataclasses.dataclass
+class PeerFiles:
+    """The files one peer is sending and receiving through the host."""
+    uploads: dict[int, Upload] = dataclasses.field(default_factory=dict)   # its numbers
+    downloads: dict[int, Relay] = dataclasses.field(default_factory=dict)  # our numbers
+    next_download: int = 0
+
 
 # --- File relay --------------------------------------------------------------
 # HostFiles owns the host's side of files: the uploads coming in, the relays
@@ -2006,11 +4562,11 @@ class Upload:
     file's size.
     """
 
-    def __init__(self, files: HostFiles, sender: Session, offer: FileOffer,
+    def __init__(self, files: HostFiles, sender: Peer, offer: FileOffer,
                  sender_name: str) -> None:
         self.files = files
         self.limits = files.limits
-        self.sender: Session | None = sender    # None once the sender has left
+        self.sender: Peer | None = sender    # None once the sender has left
         self.offer = offer
         self.sender_name = sender_name
         self.state = UploadState.RECEIVING
@@ -2180,7 +4736,7 @@ class Upload:
 class Relay:
     """One upload going to one recipient, at the recipient's own pace."""
 
-    def __init__(self, upload: Upload, recipient: Session, number: int) -> None:
+    def __init__(self, upload: Upload, recipient: Peer, number: int) -> None:
         self.upload = upload
         self.recipient = recipient
         self.number = number                # the recipient's transfer number
@@ -2286,6 +4842,7 @@ class HostFiles:
         self.spool_dir = ""                 # our own folder, made by start()
         self.io: concurrent.futures.ThreadPoolExecutor | None = None   # disk work
         self.uploads: set[Upload] = set()
+        self.peers: dict[Peer, PeerFiles] = {}
 
     def start(self) -> None:
         self.spool_dir = tempfile.mkdtemp(prefix="chatroom-spool-", dir=self._spool_parent)
@@ -2310,16 +4867,24 @@ class HostFiles:
         if self.spool_dir:
             shutil.rmtree(self.spool_dir, ignore_errors=True)
 
+    def of(self, peer: Peer) -> PeerFiles:
+        """`peer`'s files (made on first use; `forget` drops them)."""
+        files = self.peers.get(peer)
+        if files is None:
+            files = self.peers[peer] = PeerFiles()
+        return files
+
     # --- events from a session ---
 
-    def on_offer(self, session: Session, offer: FileOffer) -> None:
+    def on_offer(self, session: Peer, offer: FileOffer) -> None:
         def refuse(code: str, reason: str) -> None:
             self.deliver([(session, FileRefuse(offer.transfer, code, reason))])
 
         limits = self.limits
-        if offer.transfer in session.uploads:
+        mine = self.of(session)
+        if offer.transfer in mine.uploads:
             return refuse("bad_frame", f"transfer {offer.transfer} is already in use")
-        if len(session.uploads) >= limits.max_transfers:
+        if len(mine.uploads) >= limits.max_transfers:
             return refuse("busy", f"at most {limits.max_transfers} files at once; wait "
                           "for one to finish")
         if offer.size > limits.max_file_size:
@@ -2330,36 +4895,37 @@ class HostFiles:
         except Refused as refusal:
             return refuse(refusal.code, refusal.message)
         upload = Upload(self, session, offer, self.rooms.user_of(session) or "?")
-        session.uploads[offer.transfer] = upload
+        mine.uploads[offer.transfer] = upload
         self.uploads.add(upload)
         for recipient in recipients:
-            recipient.next_download += 1
-            number = recipient.next_download
-            recipient.downloads[number] = Relay(upload, recipient, number)
+            theirs = self.of(recipient)
+            theirs.next_download += 1
+            theirs.downloads[theirs.next_download] = Relay(upload, recipient,
+                                                           theirs.next_download)
         log.info("%s sends %r (%d bytes) to %d", session.link.name, offer.name,
                  offer.size, len(recipients))
         self.deliver([(session, FileAccept(offer.transfer))])
 
-    def on_chunk(self, session: Session, chunk: Chunk) -> Any:
+    def on_chunk(self, session: Peer, chunk: Chunk) -> Any:
         """File data; returns an awaitable when the session must stop
         reading until it completes (the relay's window is full)."""
-        upload = session.uploads.get(chunk.transfer)
+        upload = self.of(session).uploads.get(chunk.transfer)
         return upload.add(chunk.data) if upload is not None else None  # late: ignore
 
-    def on_end(self, session: Session, end: FileEnd) -> None:
-        upload = session.uploads.get(end.transfer)
+    def on_end(self, session: Peer, end: FileEnd) -> None:
+        upload = self.of(session).uploads.get(end.transfer)
         if upload is not None:
             upload.end(end.sha256)
 
-    def on_abort(self, session: Session, abort: FileAbort) -> None:
-        upload = session.uploads.pop(abort.transfer, None)
+    def on_abort(self, session: Peer, abort: FileAbort) -> None:
+        upload = self.of(session).uploads.pop(abort.transfer, None)
         if upload is not None:
             upload.sender = None            # it knows; don't answer its abort
             upload.fail(abort.code, f"{upload.sender_name} cancelled: {abort.reason}")
 
-    def on_answer(self, session: Session, event: FileSaved | FileRefuse) -> None:
+    def on_answer(self, session: Peer, event: FileSaved | FileRefuse) -> None:
         """A recipient saved (FileSaved) or gave up on (FileRefuse) a download."""
-        relay = session.downloads.pop(event.transfer, None)
+        relay = self.of(session).downloads.pop(event.transfer, None)
         if relay is None or not relay.answered():
             return
         user = self.rooms.user_of(session) or "?"
@@ -2372,34 +4938,220 @@ class HostFiles:
 
     # --- sessions going, uploads ending ---
 
-    def forget(self, session: Session, user: str) -> None:
+    def forget(self, session: Peer, user: str) -> None:
         """`session` (`user`) left its room: its unfinished uploads fail
         (recipients are told the sender left; a complete upload goes on to
         its recipients), and the senders of files still coming to it are
         told it left."""
-        for upload in session.uploads.values():
+        mine = self.peers.pop(session, PeerFiles())
+        for upload in mine.uploads.values():
             upload.sender = None
             upload.fail("sender_left", f"{user} left before the file was complete")
-        session.uploads.clear()
-        for relay in session.downloads.values():
+        for relay in mine.downloads.values():
             if relay.answered():
                 relay.upload.tell_sender(FileRefuse(
                     relay.upload.offer.transfer, "recipient_left",
                     f"{user} left before saving the file", user))
-        session.downloads.clear()
 
     def forget_upload(self, upload: Upload) -> None:
         """The upload and its relays are done: drop it and its spool file."""
         self.uploads.discard(upload)
-        if upload.sender is not None and \
-                upload.sender.uploads.get(upload.offer.transfer) is upload:
-            del upload.sender.uploads[upload.offer.transfer]
+        sender = self.peers.get(upload.sender) if upload.sender is not None else None
+        if sender is not None and sender.uploads.get(upload.offer.transfer) is upload:
+            del sender.uploads[upload.offer.transfer]
         if upload.spool_path:
             try:
                 os.unlink(upload.spool_path)
             except OSError as exc:          # the folder goes at close anyway
                 log.warning("can't remove spool file %s: %s", upload.spool_path, exc)
 
+
+# --- Call signalling ---------------------------------------------------------
+# HostCalls arranges calls (the seed's "the server assigns the ports"): it
+# runs CALLS' rules with the loop's clock, learns each client's media
+# port, and when two people link it tells each the other's address, a fresh
+# random key and the codecs they share. Media itself goes client to client
+# over UDP; when UDP can't get through, it relays the sealed packets it
+# cannot read over the clients' TCP connections, in a lane that drops the
+# oldest packet rather than delay chat or grow.
+
+@dataclasses.dataclass(eq=False)
+class MediaLink:
+    """One link as the host sees it: who, and the id media packets carry."""
+    a: Peer
+    b: Peer
+    link_id: bytes
+
+    def other(self, session: Peer) -> Peer | None:
+        return self.b if session is self.a else self.a if session is self.b else None
+
+
+class HostCalls:
+    """The host's side of calls: invitations, links, keys, the media relay.
+
+    The `on_*` methods take one call event from a session; `forget(session,
+    reason)` ends everything of a session that leaves. Every outcome goes
+    out through `deliver`, as the client vocabulary's events.
+    """
+
+    def __init__(self, limits: Limits, rooms: Rooms,
+                 deliver: Callable[[list[Delivery]], None]) -> None:
+        self.limits = limits
+        self.rooms = rooms
+        self.deliver = deliver
+        self.calls = Calls(timeout_s=limits.call_timeout_s, max_size=limits.max_call_size)
+        self.ports: dict[Peer, tuple[int, tuple[str, ...]]] = {}   # port, codecs
+        self.links: dict[bytes, MediaLink] = {}         # by link id
+        self.relayed = 0                    # media packets relayed
+        self.refused = 0                    # media packets not on a link of their sender
+        self._timer: asyncio.TimerHandle | None = None
+
+    def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    # --- events from a session ---
+
+    def on_media_port(self, session: Peer, event: MediaPort) -> None:
+        self.ports[session] = (event.port, tuple(event.codecs))
+
+    def on_call(self, session: Peer, event: Call) -> None:
+        self._act(session, lambda: self.calls.call(
+            session, self.rooms.lookup(session, event.user), self._now()))
+
+    def on_decline(self, session: Peer, event: Decline) -> None:
+        self._act(session, lambda: self.calls.decline(
+            session, self.rooms.lookup(session, event.user)))
+
+    def on_hangup(self, session: Peer, event: Hangup) -> None:
+        reason = event.reason if event.reason in ("hangup", "lost") else "hangup"
+        self._act(session, lambda: self.calls.hangup(
+            session, self.rooms.lookup(session, event.to) if event.to else None, reason))
+
+    def on_relay(self, session: Peer, event: RelayMedia) -> None:
+        """`session` gets no UDP from `event.user`: ask that one to relay."""
+        try:
+            peer = self.rooms.lookup(session, event.user)
+        except Refused:
+            return                          # they left meanwhile: nothing to relay
+        if self.calls.linked(session, peer):
+            self.deliver([(peer, RelayMedia(self._name(session)))])
+
+    def on_media(self, session: Peer, event: MediaData) -> None:
+        """A sealed media packet to pass on: routed by the link id inside
+        (MEDIA PACKETS' header), only between the link's two ends."""
+        link = self.links.get(bytes(event.data[2:6]))
+        peer = link.other(session) if link is not None else None
+        if peer is None:
+            self.refused += 1
+            return
+        self.relayed += 1
+        peer.link.offer_media(event)
+
+    def forget(self, session: Peer, reason: str) -> None:
+        """`session` left its room (`left`) or dropped off (`lost`)."""
+        self.ports.pop(session, None)
+        self._tell(self.calls.leave(session, reason))
+
+    # --- inside ---
+
+    def _now(self) -> float:
+        return asyncio.get_running_loop().time()
+
+    def _name(self, session: Peer) -> str:
+        return self.rooms.user_of(session) or "?"
+
+    def _act(self, session: Peer, request: Callable[[], list[CallNews]]) -> None:
+        """Run a request; a refusal goes back to `session` as an error."""
+        try:
+            news = request()
+        except Refused as refusal:
+            self.deliver([(session, Error(refusal.code, refusal.message))])
+            return
+        self._tell(news)
+
+    def _tell(self, news: list[CallNews]) -> None:
+        """Turn CALLS' news into events for the people concerned."""
+        out: list[Delivery] = []
+        for item in news:
+            if isinstance(item, Invited):
+                out.append((item.callee, CallInvite(self._name(item.caller))))
+            elif isinstance(item, Missed):
+                out.append((item.callee, CallMissed(self._name(item.caller))))
+                if item.reason in ("busy", "withdrawn"):   # else the caller is gone
+                    reason = "busy" if item.reason == "busy" else "cancelled"
+                    out.append((item.caller, CallFailed(self._name(item.callee), reason)))
+            elif isinstance(item, Refusal):
+                out.append((item.caller, CallFailed(self._name(item.callee), item.reason)))
+            elif isinstance(item, TooMany):
+                for one, other in ((item.a, item.b), (item.b, item.a)):
+                    out.append((one, CallFailed(self._name(other), "call_full")))
+            elif isinstance(item, Linked):
+                out += self._start(item.a, item.b)
+            elif isinstance(item, Unlinked):
+                self._forget_link(item.a, item.b)
+                out += [(item.a, CallEnded(self._name(item.b), item.reason)),
+                        (item.b, CallEnded(self._name(item.a), item.reason))]
+        self.deliver(out)
+        self._schedule_expiry()
+
+    def _start(self, a: Peer, b: Peer) -> list[Delivery]:
+        """A new link: a fresh id and key, each side told where the other is."""
+        link_id = secrets.token_bytes(4)
+        while link_id in self.links:
+            link_id = secrets.token_bytes(4)
+        self.links[link_id] = MediaLink(a, b, link_id)
+        key = secrets.token_hex(32)
+        port_a, codecs_a = self.ports.get(a, (0, ()))
+        port_b, codecs_b = self.ports.get(b, (0, ()))
+        video = next((c for c in codecs_a if c in codecs_b and c in VIDEO_CODECS), "")
+        audio = next((c for c in codecs_a if c in codecs_b and c in AUDIO_CODECS), "")
+        out: list[Delivery] = []
+        for me, peer, side, port in ((a, b, "a", port_b), (b, a, "b", port_a)):
+            address = peer.link.transport.get_extra_info("peername") or ("0.0.0.0", 0)
+            out.append((me, CallStart(self._name(peer), address[0], port, link_id.hex(),
+                                      key, side, video, audio)))
+        return out
+
+    def _forget_link(self, a: Peer, b: Peer) -> None:
+        for link_id, link in list(self.links.items()):
+            if {link.a, link.b} == {a, b}:
+                del self.links[link_id]
+
+    def _schedule_expiry(self) -> None:
+        """A timer for the next invitation to time out (none if none)."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        deadline = self.calls.next_deadline()
+        if deadline is not None:
+            self._timer = asyncio.get_running_loop().call_at(
+                deadline, lambda: self._tell(self.calls.expire(self._now())))
+
+
+# =============================================================================
+# 12. HOST: the listener, sessions, rooms, shutdown (asyncio)
+# =============================================================================
+# The room host: accepts connections, gives each a Session over a Link
+# (CONNECTIONS), runs every room decision through Rooms (ROOMS), hands files
+# and calls to its relays (HOST RELAYS), and advertises itself (DISCOVERY).
+# Owns sockets and time; decides nothing that ROOMS or CALLS decides.
+#
+# Rules this section keeps (README.md, "Protocol and host rules"):
+# - A broadcast never awaits a peer: it offers a frame to each member's
+#   outbox and moves on. A peer whose outbox passes `outbox_limit_bytes`, or
+#   which makes no progress on a non-empty outbox for `send_stall_s`, is too
+#   slow and is disconnected; silently dropping its messages instead would
+#   break "never loses a message", and waiting for it would slow its room.
+# - Every wait on a peer has a deadline: the login (`hello_timeout_s`),
+#   silence (`ping_interval_s`, then `peer_silence_s`), and the goodbye
+#   flush (`close_timeout_s`, then the transport is aborted).
+# - A broken stream gets one error frame with the reason and is closed; no
+#   input reaches anything but that connection's own session.
+# - Shutdown, in the order websockets uses: stop accepting, withdraw the
+#   mDNS record and tell every session at once, wait for the handlers for
+#   `close_timeout_s`, then abort whatever is still open.
 
 # --- Sessions and the host ---------------------------------------------------
 
@@ -2415,9 +5167,6 @@ class Session:
         self.started = asyncio.get_running_loop().time()
         self.last_ping = self.started       # when we last pinged, or connected
         self.ping_count = 0
-        self.uploads: dict[int, Upload] = {}      # by the client's transfer number
-        self.downloads: dict[int, Relay] = {}     # by our transfer number
-        self.next_download = 0
 
     def __repr__(self) -> str:
         return f"<Session {self.link.name} {self.link.wire.state.value}>"
@@ -2472,6 +5221,7 @@ class Host:
                            max_members=limits.max_room_members,
                            max_file_size=limits.max_file_size)
         self.files = HostFiles(limits, self.rooms, self.deliver, spool_dir)
+        self.calls = HostCalls(limits, self.rooms, self.deliver)
         self.sessions: set[Session] = set()
         self.advertiser = Advertiser(self.name, port, interface,
                                      limits.advertise_debounce_s) if advertise else None
@@ -2488,6 +5238,9 @@ class Host:
             FileOffer: self.files.on_offer, Chunk: self.files.on_chunk,
             FileEnd: self.files.on_end, FileAbort: self.files.on_abort,
             FileSaved: self.files.on_answer, FileRefuse: self.files.on_answer,
+            MediaPort: self.calls.on_media_port, Call: self.calls.on_call,
+            Decline: self.calls.on_decline, Hangup: self.calls.on_hangup,
+            RelayMedia: self.calls.on_relay, MediaData: self.calls.on_media,
         }
 
     async def start(self) -> None:
@@ -2557,6 +5310,7 @@ class Host:
                     session.link.abort(reason)
                 await asyncio.wait(pending)
         await server.wait_closed()
+        self.calls.close()
         await self.files.close()            # handlers are gone; finish their tasks
         self._closed.set()
         log.info("host %r closed", self.name)
@@ -2601,6 +5355,7 @@ class Host:
         self.files.forget(session, user)
         why = session.link.close_reason
         shown = "" if why in ("bye", "host_shutdown") else why
+        self.calls.forget(session, "left" if why in ("bye", "host_shutdown") else "lost")
         self.deliver(self.rooms.leave(session, unix_now(), shown))
         self._rooms_changed()
 
@@ -2705,12 +5460,12 @@ class Host:
 
 
 # =============================================================================
-# 10. CLIENT FILES: files we send and receive, beside the client core
+# 13. CLIENT FILES: files we send and receive, beside the client core
 # =============================================================================
-# ClientFiles does for one client what HostFiles (9) does for the host: it
+# ClientFiles does for one client what HostFiles does for the host: it
 # offers our files, streams them from disk in chunks that chat overtakes,
 # and writes what arrives to a hidden .part file that gets its final name
-# only once its size and SHA-256 match. ClientCore (11) owns it and feeds
+# only once its size and SHA-256 match. ClientCore (CLIENT CORE) owns it and feeds
 # it; it never opens a connection or reads a line a person typed.
 #
 # Rules it keeps (README.md, "Files"): "A file is written under a hidden
@@ -3289,9 +6044,713 @@ def _discard_part(dl: IncomingFile) -> None:
         pass
 
 # =============================================================================
-# 11. CLIENT CORE: one asyncio loop in a thread, one event stream
+# 14. CLIENT CALLS: the media engine: devices, UDP sockets, every link
 # =============================================================================
-# What every front end shares: the terminal client (13) and the window (18)
+# ClientCalls is to calls what ClientFiles is to files: ClientCore (next
+# section) owns it, hands it the host's call events and the commands a
+# person types, and ticks it once a second; it talks to the host through
+# the core and to the front end through `emit`. It holds every link this
+# client is in, host-arranged (/CHECK) or direct ("ip port1 port2"), and
+# moves their media with 5 and 6 (packets) and 7 (devices).
+#
+# Media never runs on the core's loop. Threads, each with one job:
+# - one receiving thread per UDP socket (8. UdpSocket): open, reassemble,
+#   queue frames to decode, push audio into jitter buffers;
+# - the video thread: read the camera, encode once per codec in use, cut
+#   into packets, seal and send them to every link (the same packets, each
+#   sealed with its link's key), paced so bursts don't overflow receivers;
+# - the decoding thread: decode each link's newest frames, record them;
+# - the audio source's and sink's threads (or PyAudio's callbacks): encode
+#   and send 20 ms frames; pull, decode or conceal, and mix what is played.
+# Packets relayed by the host come in through the core's loop and go out
+# through it. Every shared structure is guarded by a lock held briefly.
+#
+# Rules (README.md, "Calls"): media is sealed per link and accepted because
+# it authenticates; a link that hears nothing over UDP for
+# `media_fallback_s` asks for the host's relay (--media-path auto); one that
+# hears nothing at all for `media_silence_s` ends (`lost`); a device that
+# can't open is reported once, and the call goes on without it.
+
+_SEND_PACE_EVERY = 8                # packets of one frame sent back to back, then a pause
+_SEND_PACE_S = 0.0005
+_DECODE_QUEUE = 8                   # frames waiting to be decoded per link, at most
+_HELLO_EVERY_S = 0.25               # a direct call repeats its hello this often
+
+
+@dataclasses.dataclass(frozen=True)
+class MediaOptions:
+    """How this client takes part in calls (the flags of MAIN)."""
+    camera: str = "0"               # --camera: an index, a video file, "test" or "none"
+    audio: str = "default"          # --audio: "default", an index, "tone" or "null"
+    media_path: str = "auto"        # --media-path: auto, direct or relay
+    record: str | None = None       # --record DIR
+    media_port: int = 0             # --media-port: UDP port for host-arranged calls
+    interface: str | None = None    # --interface: bind media sockets to this address
+    video_codec: str = "auto"       # --video-codec: offer only this one (auto: all)
+
+
+class PeerLink:
+    """One link of this client: the keys, where media goes, and what has
+    been received from the peer. `recv_lock` guards the receiving state,
+    `send_lock` the Sealer (several threads send)."""
+
+    def __init__(self, peer: str, link_id: bytes, link_key: bytes, i_am_a: bool,
+                 video: str, audio: str, sock: UdpSocket | None,
+                 address: tuple[str, int] | None, direct: bool,
+                 safety_code: str | None = None) -> None:
+        send_key, receive_key = direction_keys(link_key, i_am_a)
+        now = time.monotonic()
+        self.peer = peer
+        self.link_id = link_id
+        self.sealer = Sealer(link_id, send_key)
+        self.opener = Opener(link_id, receive_key)
+        self.video = video                  # codec name, "" = no video on this link
+        self.audio = audio
+        self.sock = sock                    # None: the host knew no UDP port for them
+        self.address = address
+        self.direct = direct                # a direct call: no host, no relay
+        self.safety_code = safety_code
+        self.connected = not direct         # a direct call connects on its first packet
+        self.relay_out = False              # we send through the host's relay
+        self.relay_asked = False            # we asked them to relay to us
+        self.started = now
+        self.heard = 0.0                    # last authenticated packet (monotonic s)
+        self.heard_udp = 0.0
+        self.heard_relay = 0.0
+        self.sent = 0.0
+        self.recv_lock = threading.Lock()
+        self.send_lock = threading.Lock()
+        self.reassembler = Reassembler()
+        self.gate = KeyframeGate()
+        self.jitter = JitterBuffer()
+        self.stats = LinkStats(now * 1000)
+        self.to_decode: collections.deque[Frame] = collections.deque()
+        self.video_decoder: Any = None      # made on the decoding thread
+        self.audio_decoder: Any = None      # made on the audio sink's thread
+        self.latest_frame: Any = None       # the newest decoded frame (a BGR array)
+        self.frames_shown = 0
+
+    @property
+    def path(self) -> str:
+        """How media moves now: "relay" if either way goes through the host."""
+        return "relay" if self.relay_out or self.heard_relay > self.heard_udp else "direct"
+
+
+@dataclasses.dataclass(eq=False)
+class DirectCall:
+    """A direct call waiting for the other side's hello (then `link`)."""
+    name: str                           # "ip:port", until the hello names them
+    address: tuple[str, int]
+    sock: UdpSocket
+    keys: KeyExchange
+    started: float
+    link: PeerLink | None = None
+
+
+class ClientCalls:
+    """Every call of one client. Thread-safe where it says so; the `on_*`
+    handlers, commands and `tick` run on the core's loop.
+
+    `emit(event)` hands an event to the front end (on the loop); `to_host`
+    sends an event to the host over the core's Link, if connected.
+    """
+
+    def __init__(self, limits: Limits, options: MediaOptions,
+                 emit: Callable[[dict], None], to_host: Callable[[Event], bool],
+                 loop: asyncio.AbstractEventLoop) -> None:
+        self.limits = limits
+        self.options = options
+        self.emit = emit
+        self.to_host = to_host
+        self.loop = loop
+        self.user = ""                      # our User ID, once logged in
+        self.link: Link | None = None       # the host connection, for the relay
+        self.sock: UdpSocket | None = None  # for host-arranged calls
+        self.codecs: tuple[str, ...] = ()   # what we can encode and decode
+        self.muted = False
+        self.camera_on = options.camera != "none"
+        self.garbage = 0                    # packets for no link at all
+        self._lock = threading.RLock()
+        self._links: dict[str, PeerLink] = {}       # by peer name
+        self._by_id: dict[bytes, PeerLink] = {}
+        self._direct: list[DirectCall] = []         # waiting for a hello
+        self._keyframes: set[str] = set()           # codecs a peer asked a keyframe of
+        self._closed = threading.Event()
+        self._wake_video = threading.Event()
+        self._wake_decode = threading.Condition()
+        self._audio_wanted = threading.Event()
+        self._reported: set[str] = set()            # device errors said once
+        self._audio_seq = 0
+        self._recorder: Any = None
+        self._threads: list[threading.Thread] = []
+        self._hello_timer: asyncio.TimerHandle | None = None
+
+    # --- the host connection (core's loop) ---
+
+    def attach(self, link: Link, user: str) -> None:
+        """Logged in as `user`: open the UDP socket for host-arranged calls
+        and tell the host where it is and which codecs we have."""
+        self.link, self.user = link, user
+        if self.sock is None:
+            try:
+                self.sock = UdpSocket(self.options.interface or "0.0.0.0",
+                                      self.options.media_port, self._on_udp, "calls")
+            except OSError as exc:          # calls still work, relayed by the host
+                self.emit({"type": "error", "code": "bad_call_address",
+                           "message": f"can't open UDP port {self.options.media_port} for "
+                                      f"calls ({exc.strerror or exc}); they will go "
+                                      "through the host"})
+        self.to_host(MediaPort(self.sock.port if self.sock is not None else 0,
+                               self._codecs()))
+
+    def _codecs(self) -> tuple[str, ...]:
+        """What we offer to encode and decode (looked up once)."""
+        if not self.codecs:
+            wanted = self.options.video_codec
+            self.codecs = tuple(c for c in _media_codecs()
+                                if wanted == "auto" or c == wanted or c not in VIDEO_CODECS)
+        return self.codecs
+
+    def connection_ended(self, reason: str) -> None:
+        """The host connection is gone: its links end; direct calls go on."""
+        self.link = None
+        for link in self._snapshot():
+            if not link.direct:
+                self._end(link, reason)
+
+    # --- commands (core's loop) ---
+
+    def hang_up(self, user: str | None) -> bool:
+        """End the link with `user` (a peer, or "ip:port" of a direct call),
+        or every link. True if something here ended; the host is told by
+        the caller."""
+        ended = False
+        for link in self._snapshot():
+            if link.connected and (user is None or id_key(user) in (
+                    id_key(link.peer), _address_key(link))):
+                self._end(link, "hangup")
+                ended = True
+        for call in list(self._direct):
+            if user is None or user == call.name:
+                self._drop_direct(call, "cancelled")
+                ended = True
+        return ended
+
+    def is_direct(self, user: str) -> bool:
+        """Does `user` name a direct call (waiting or connected)?"""
+        return any(call.name == user for call in self._direct) or any(
+            link.direct and id_key(user) in (id_key(link.peer), _address_key(link))
+            for link in self._snapshot())
+
+    def call_address(self, address: str, listen: int, port: int) -> None:
+        """A direct call: listen on `listen`, say hello to address:`port`
+        until they answer or the call timeout passes."""
+        name = address_text(address, port)
+        try:
+            sock = UdpSocket(self.options.interface or ("::" if ":" in address else "0.0.0.0"),
+                             listen, lambda data, source: None, "direct")
+        except OSError as exc:
+            self.emit({"type": "error", "code": "bad_call_address",
+                       "message": f"can't listen on UDP port {listen}: "
+                                  f"{exc.strerror or exc}"})
+            return
+        try:
+            keys = KeyExchange()
+        except MissingPackage as exc:
+            sock.close()
+            self.emit({"type": "error", "code": exc.code, "message": exc.message})
+            return
+        call = DirectCall(name, (address, port), sock, keys, time.monotonic())
+        sock.on_packet = lambda data, source: self._on_direct(call, data)
+        with self._lock:
+            self._direct.append(call)
+        self._say_hello()
+
+    def set_muted(self, muted: bool) -> None:
+        self.muted = muted
+
+    def set_camera(self, on: bool) -> None:
+        self.camera_on = on and self.options.camera != "none"
+        self._reported.discard("no_camera")         # try the camera again
+        self._wake_video.set()
+
+    def peers(self) -> list[str]:
+        return [link.peer for link in self._snapshot()]
+
+    def latest_frame(self, peer: str) -> Any:
+        """The newest decoded frame from `peer` (for the window), or None."""
+        link = self._links.get(peer)
+        return link.latest_frame if link is not None else None
+
+    # --- events from the host (core's loop) ---
+
+    def on_call_start(self, event: CallStart) -> None:
+        try:
+            link = PeerLink(event.peer, bytes.fromhex(event.link), bytes.fromhex(event.key),
+                            event.side == "a", event.video, event.audio, self.sock,
+                            (event.address, event.port) if event.port else None, False)
+        except (MissingPackage, ValueError) as exc:
+            self.emit({"type": "error", "code": "missing_package",
+                       "message": f"can't start the call: {exc}"})
+            self.to_host(Hangup(event.peer, "hangup"))
+            return
+        if self.options.media_path == "relay" or link.address is None or self.sock is None:
+            link.relay_out = True
+            link.relay_asked = True
+            self.to_host(RelayMedia(event.peer))
+        self._add(link)
+        self.emit({"type": "call_connected", "peer": link.peer,
+                   "address": address_text(event.address, event.port),
+                   "path": link.path, "codec": link.video or None,
+                   "audio": link.audio or None, "safety_code": None})
+
+    def on_call_ended(self, event: CallEnded) -> None:
+        link = self._links.get(event.peer)
+        if link is not None and not link.direct:
+            self._end(link, event.reason)
+
+    def on_relay_media(self, event: RelayMedia) -> None:
+        link = self._links.get(event.user)
+        if link is not None and not link.direct:
+            link.relay_out = True
+
+    def on_media_data(self, event: MediaData) -> None:
+        self._on_packet(bytes(event.data), "relay")
+
+    # --- the clock (core's loop, once per media_stats_s) ---
+
+    def tick(self) -> None:
+        """Liveness, the relay fallback, keepalives, and media_stats."""
+        limits, now = self.limits, time.monotonic()
+        for call in list(self._direct):             # not connected yet
+            if now - call.started > limits.call_timeout_s:
+                self._drop_direct(call, "busy")
+        for link in self._snapshot():
+            if not link.connected:          # a direct call's: see above
+                continue
+            if now - max(link.heard, link.started) > limits.media_silence_s:
+                if not link.direct:
+                    self.to_host(Hangup(link.peer, "lost"))
+                self._end(link, "lost")
+                continue
+            if not link.direct and not link.relay_asked and self.options.media_path == "auto" \
+                    and now - max(link.heard_udp, link.started) > limits.media_fallback_s:
+                link.relay_asked = True     # no UDP from them: a firewall, most likely
+                self.to_host(RelayMedia(link.peer))
+            if now - link.sent > limits.keepalive_s:
+                self._send(link, KIND_CONTROL, pack_control(Control(CONTROL_KEEPALIVE)))
+            with link.recv_lock:
+                link.reassembler.expire(now * 1000)
+                stats = link.stats.snapshot(now * 1000)
+            stats["dropped"] += self.garbage
+            self.emit({"type": "media_stats", "peer": link.peer, **stats, "path": link.path})
+
+    # --- links ---
+
+    def _snapshot(self) -> list[PeerLink]:
+        with self._lock:
+            return list(self._links.values())
+
+    def _add(self, link: PeerLink) -> None:
+        with self._lock:
+            old = self._links.get(link.peer)
+            if old is not None:
+                self._forget(old)
+            self._links[link.peer] = link
+            self._by_id[link.link_id] = link
+            if link.video:
+                self._keyframes.add(link.video)     # a newcomer needs a keyframe
+        self._start_threads()
+        self._wake_video.set()
+        self._audio_wanted.set()
+
+    def _forget(self, link: PeerLink) -> None:
+        with self._lock:
+            if self._links.get(link.peer) is link:
+                del self._links[link.peer]
+            self._by_id.pop(link.link_id, None)
+            if not self._links:
+                self._audio_wanted.clear()
+
+    def _end(self, link: PeerLink, reason: str) -> None:
+        """Take a connected `link` out and tell the front end."""
+        with self._lock:
+            if self._links.get(link.peer) is not link:
+                return
+        self._forget(link)
+        if link.direct and link.sock is not None:
+            link.sock.close()
+        self.emit({"type": "call_ended", "peer": link.peer, "reason": reason})
+
+    def _send(self, link: PeerLink, kind: int, inner: bytes) -> None:
+        """Seal and send one packet to `link` (any thread)."""
+        with link.send_lock:
+            packet = link.sealer.seal(kind, inner)
+        link.sent = time.monotonic()
+        if link.relay_out and not link.direct:
+            self.loop.call_soon_threadsafe(self._relay, packet)
+        elif link.sock is not None and link.address is not None:
+            link.sock.send(packet, link.address)
+
+    def _relay(self, packet: bytes) -> None:
+        if self.link is not None:
+            self.link.offer_media(MediaData(packet))
+
+    # --- receiving (socket threads, and the loop for relayed packets) ---
+
+    def _on_udp(self, data: bytes, source: Any) -> None:
+        self._on_packet(data, "udp")
+
+    def _on_packet(self, data: bytes, via: str) -> None:
+        header = peek_header(data)
+        link = self._by_id.get(header[1]) if header is not None else None
+        if link is None:
+            self.garbage += 1
+            return
+        now = time.monotonic()
+        keyframe_request = False
+        first = False
+        with link.recv_lock:
+            opened = link.opener.open(data)
+            if opened is None:
+                link.stats.refused()
+                return
+            kind, seq, inner = opened
+            link.heard = now
+            if via == "udp":
+                link.heard_udp = now
+            else:
+                link.heard_relay = now
+            link.stats.packet(seq, len(data), now * 1000)
+            first, link.connected = not link.connected, True
+            if kind == KIND_VIDEO:
+                for frame in link.reassembler.add(inner, now * 1000):
+                    verdict = link.gate.check(frame, now * 1000)
+                    keyframe_request |= verdict.request_keyframe
+                    if verdict.decode:
+                        link.to_decode.append(frame)
+                        if len(link.to_decode) > _DECODE_QUEUE:     # we can't keep up
+                            link.to_decode.clear()
+                            keyframe_request |= link.gate.decoder_failed(now * 1000)
+                        with self._wake_decode:
+                            self._wake_decode.notify()
+            elif kind == KIND_AUDIO:
+                frame_in = unpack_audio(inner)
+                if frame_in is not None and AUDIO_CODEC_IDS.get(link.audio) == frame_in.codec:
+                    link.jitter.push(frame_in.seq, frame_in.payload, now * 1000)
+                    link.stats.audio_frame()
+            else:
+                control = unpack_control(inner)
+                if control is not None and control.type == CONTROL_KEYFRAME and link.video:
+                    self._keyframes.add(link.video)
+        if keyframe_request:
+            self._send(link, KIND_CONTROL, pack_control(
+                Control(CONTROL_KEYFRAME, link.gate.last_frame_id or 0)))
+        if first and link.direct:               # they have our hello: connected
+            self.loop.call_soon_threadsafe(self._direct_connected, link)
+
+    # --- direct calls ---
+
+    def _say_hello(self) -> None:
+        """Repeat every waiting direct call's hello (and, once we know their
+        key, a keepalive they can open) until it connects (core's loop)."""
+        self._hello_timer = None
+        for call in list(self._direct):
+            if call.link is None or not call.link.connected:
+                hello = pack_hello(call.keys.public, {"user": self.user or "?",
+                                                      "codecs": list(self._codecs())})
+                call.sock.send(hello, call.address)
+            if call.link is not None:
+                self._send(call.link, KIND_CONTROL, pack_control(Control(CONTROL_KEEPALIVE)))
+        if self._direct:
+            self._hello_timer = self.loop.call_later(_HELLO_EVERY_S, self._say_hello)
+
+    def _on_direct(self, call: DirectCall, data: bytes) -> None:
+        """A packet on a direct call's own socket (its receiving thread)."""
+        header = peek_header(data)
+        if header is None or header[0] != KIND_HELLO:
+            self._on_packet(data, "udp")
+            return
+        hello = unpack_hello(data)
+        if hello is None or call.link is not None:
+            return                          # malformed, or a repeat of the hello we have
+        public, info = hello
+        try:
+            agreed = call.keys.agree(public)
+        except ValueError:
+            self.garbage += 1
+            return
+        codecs = info.get("codecs")
+        theirs = [c for c in codecs if isinstance(c, str)] if isinstance(codecs, list) else []
+        mine = list(self._codecs())
+        first, second = (mine, theirs) if agreed.i_am_a else (theirs, mine)
+        video = next((c for c in first if c in second and c in VIDEO_CODECS), "")
+        audio = next((c for c in first if c in second and c in AUDIO_CODECS), "")
+        said = info.get("user")
+        try:
+            name = check_id(said if isinstance(said, str) else "", "user")
+        except Refused:
+            name = call.name
+        with self._lock:
+            if name in self._links:
+                name = f"{name}@{call.name}"
+        call.link = PeerLink(name, agreed.link_id, agreed.link_key, agreed.i_am_a, video,
+                             audio, call.sock, call.address, True, agreed.safety_code)
+        self._add(call.link)
+
+    def _direct_connected(self, link: PeerLink) -> None:
+        with self._lock:
+            self._direct = [c for c in self._direct if c.link is not link]
+        self.emit({"type": "call_connected", "peer": link.peer,
+                   "address": _address_key(link), "path": "direct",
+                   "codec": link.video or None, "audio": link.audio or None,
+                   "safety_code": link.safety_code})
+
+    def _drop_direct(self, call: DirectCall, reason: str | None) -> None:
+        with self._lock:
+            if call not in self._direct:
+                return
+            self._direct.remove(call)
+        if call.link is not None:
+            self._forget(call.link)
+        call.sock.close()
+        if reason is not None:
+            self.emit({"type": "call_failed", "peer": call.name, "reason": reason})
+
+    # --- threads: video out, video in, audio ---
+
+    def _start_threads(self) -> None:
+        if self._threads:
+            return
+        for target, name in ((self._video_loop, "video-out"), (self._decode_loop, "video-in"),
+                             (self._audio_loop, "audio")):
+            thread = threading.Thread(target=target, name=name, daemon=True)
+            thread.start()
+            self._threads.append(thread)
+        if self.options.record and self._recorder is None:
+            try:
+                self._recorder = Recorder(Path(self.options.record))
+            except (OSError, DeviceError) as exc:
+                self._report("file_io", f"can't record to {self.options.record}: {exc}")
+
+    def _report(self, code: str, message: str) -> None:
+        """A device problem, said once (any thread)."""
+        if code not in self._reported:
+            self._reported.add(code)
+            self.loop.call_soon_threadsafe(self.emit, {"type": "error", "code": code,
+                                                       "message": message})
+
+    def _video_loop(self) -> None:
+        source: Any = None
+        encoders: dict[str, Any] = {}
+        frame_ids: dict[str, int] = {}
+        try:
+            while not self._closed.is_set():
+                links = [link for link in self._snapshot() if link.video and link.connected]
+                if not links or not self.camera_on:
+                    if source is not None:      # nobody watches: let the camera go
+                        source.close()
+                        source = None
+                    self._wake_video.wait(_UDP_POLL_S)
+                    self._wake_video.clear()
+                    continue
+                if source is None:
+                    try:
+                        source = open_video_source(self.options.camera, self.user)
+                    except (DeviceError, MissingPackage) as exc:
+                        self._report("no_camera", f"no video from {self.options.camera!r}: "
+                                     f"{exc}; the call goes on without it")
+                        self.camera_on = False
+                        continue
+                frame = source.read()
+                if frame is None:
+                    continue
+                capture_ms = int(time.time() * 1000)
+                for codec in sorted({link.video for link in links}):
+                    encoder = encoders.get(codec)
+                    if encoder is None:
+                        try:
+                            encoder = encoders[codec] = make_video_encoder(codec)
+                        except (DeviceError, MissingPackage) as exc:
+                            self._report("missing_package", f"can't encode {codec}: {exc}")
+                            continue
+                    out = encoder.encode(frame, keyframe=codec in self._keyframes)
+                    self._keyframes.discard(codec)
+                    if out is None:
+                        continue
+                    frame_ids[codec] = frame_ids.get(codec, 0) + 1
+                    inners = fragment(frame_ids[codec], out[0], capture_ms, out[1],
+                                      VIDEO_CODEC_IDS[codec])
+                    targets = [link for link in links if link.video == codec]
+                    for number, inner in enumerate(inners, 1):
+                        for link in targets:
+                            self._send(link, KIND_VIDEO, inner)
+                        if number % _SEND_PACE_EVERY == 0:
+                            time.sleep(_SEND_PACE_S)
+        except Exception as exc:            # a codec or device failed mid-call
+            log.exception("the video thread failed")
+            self._report("no_camera", f"video stopped: {exc}")
+        finally:
+            if source is not None:
+                source.close()
+            for encoder in encoders.values():
+                encoder.close()
+
+    def _decode_loop(self) -> None:
+        while not self._closed.is_set():
+            work = [(link, link.to_decode.popleft()) for link in self._snapshot()
+                    if link.to_decode]
+            if not work:
+                with self._wake_decode:
+                    self._wake_decode.wait(_UDP_POLL_S)
+                continue
+            for link, frame in work:
+                self._decode(link, frame)
+
+    def _decode(self, link: PeerLink, frame: Frame) -> None:
+        if link.video_decoder is None:
+            try:
+                link.video_decoder = make_video_decoder(link.video)
+            except (DeviceError, MissingPackage) as exc:
+                self._report("missing_package", f"can't decode {link.video}: {exc}")
+                return
+        image = link.video_decoder.decode(frame.data)
+        now = time.monotonic()
+        if image is None:
+            with link.recv_lock:
+                if link.gate.decoder_failed(now * 1000):
+                    self._send(link, KIND_CONTROL, pack_control(
+                        Control(CONTROL_KEYFRAME, link.gate.last_frame_id or 0)))
+            return
+        link.latest_frame = image
+        link.frames_shown += 1
+        with link.recv_lock:
+            link.stats.frame_shown(frame.capture_ms, time.time() * 1000)
+        if self._recorder is not None:
+            self._recorder.frame(link.peer, image, now)
+
+    def _audio_loop(self) -> None:
+        """Opens the audio devices while there are links, closes them after."""
+        source: Any = None
+        sink: Any = None
+        while not self._closed.is_set():
+            if not self._audio_wanted.wait(_UDP_POLL_S):
+                if source is not None or sink is not None:
+                    self._close_audio(source, sink)
+                    source = sink = None
+                continue
+            if source is None and sink is None:
+                source, sink = self._open_audio()
+            self._closed.wait(_UDP_POLL_S)
+        self._close_audio(source, sink)
+
+    def _open_audio(self) -> tuple[Any, Any]:
+        spec = self.options.audio
+        try:
+            source = open_audio_source(spec)
+            sink = open_audio_sink(spec)
+        except (DeviceError, MissingPackage) as exc:
+            self._report("no_audio_device", f"no sound from {spec!r}: {exc}; the call goes "
+                         "on without it")
+            source, sink = open_audio_source("null"), open_audio_sink("null")
+        encoders: dict[str, Any] = {}
+        source.start(lambda pcm: self._on_audio(pcm, encoders))
+        sink.start(self._pull_audio)
+        return source, sink
+
+    def _close_audio(self, source: Any, sink: Any) -> None:
+        for device in (source, sink):
+            if device is not None:
+                device.stop()
+
+    def _on_audio(self, pcm: bytes, encoders: dict[str, Any]) -> None:
+        """20 ms from the microphone (its thread): encode once per codec, send."""
+        if self.muted:
+            return
+        links = [link for link in self._snapshot() if link.audio and link.connected]
+        if not links:
+            return
+        self._audio_seq += 1
+        capture_ms = int(time.time() * 1000)
+        for codec in {link.audio for link in links}:
+            encoder = encoders.get(codec)
+            if encoder is None:
+                encoder = encoders[codec] = make_audio_encoder(codec)
+            inner = pack_audio(AudioFrame(self._audio_seq, capture_ms, AUDIO_CODEC_IDS[codec],
+                                          encoder.encode(pcm)))
+            for link in links:
+                if link.audio == codec:
+                    self._send(link, KIND_AUDIO, inner)
+
+    def _pull_audio(self) -> bytes:
+        """The next 20 ms to play (the sink's thread): every peer's frame,
+        decoded or concealed, recorded, mixed."""
+        frames = []
+        for link in self._snapshot():
+            if not link.audio:
+                continue
+            with link.recv_lock:
+                status, payload = link.jitter.pop()
+            if link.audio_decoder is None:
+                link.audio_decoder = make_audio_decoder(link.audio)
+            if status == "frame" and payload is not None:
+                pcm = link.audio_decoder.decode(payload)
+            elif status == "lost":
+                pcm = link.audio_decoder.conceal()
+            else:
+                pcm = SILENCE
+            frames.append(pcm)
+            if self._recorder is not None:
+                self._recorder.audio(link.peer, pcm)
+        return mix(frames) if frames else SILENCE
+
+    # --- the end ---
+
+    def close(self) -> None:
+        """Stop every thread and device and close every socket (any thread
+        but the core's loop: it joins threads)."""
+        self._closed.set()
+        self._wake_video.set()
+        with self._wake_decode:
+            self._wake_decode.notify_all()
+        for thread in self._threads:
+            thread.join(2)
+        for link in self._snapshot():
+            self._forget(link)
+            if link.direct and link.sock is not None:
+                link.sock.close()
+        for call in list(self._direct):
+            call.sock.close()
+        self._direct.clear()
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+        if self._recorder is not None:
+            self._recorder.close()
+
+
+def _media_codecs() -> tuple[str, ...]:
+    """The codecs this machine has, best first, judged by which packages are
+    installed, without importing them: importing PyAV and OpenCV takes a
+    second or more, and the host must know before the first call starts.
+    (A package that is there but broken is reported when first used.)"""
+    def have(name: str) -> bool:
+        return importlib.util.find_spec(name) is not None
+    if not have("numpy"):
+        return ()
+    return tuple(name for name, ok in (("vp8", have("av")), ("jpeg", have("cv2")),
+                                       ("opus", have("av")), ("pcm", True)) if ok)
+
+
+def _address_key(link: PeerLink) -> str:
+    """"ip:port" of a direct call's peer ("" for host-arranged links)."""
+    return address_text(*link.address) if link.direct and link.address else ""
+
+
+# =============================================================================
+# 15. CLIENT CORE: one asyncio loop in a thread, one event stream
+# =============================================================================
+# What every front end shares: the terminal client and the window
 # call the thread-safe methods of ClientCore and receive plain dict events
 # through one callback. Those dicts are the program's event vocabulary; the
 # terminal's --json mode prints exactly them, one per line:
@@ -3300,7 +6759,7 @@ def _discard_part(dl: IncomingFile) -> None:
 #   system{event,user,text,ts,seq}   help{text}   members{members}
 #   error{code,message[,id]}   closed{reason}   host{name,address,port,rooms,...}
 #
-# The host's frames already carry most of these names (2. WIRE PROTOCOL), so
+# The host's frames already carry most of these names (WIRE PROTOCOL), so
 # an event is the host's frame, checked, with `welcome` renamed `ready`.
 # `closed` is emitted exactly once per join attempt, last; its reason is one
 # of CLOSED_REASONS. The callback runs on the core's thread and must not
@@ -3342,7 +6801,7 @@ class ClientCore:
     """
 
     def __init__(self, on_event: Callable[[dict], None], limits: Limits = Limits(),
-                 downloads: Path | None = None) -> None:
+                 downloads: Path | None = None, media: MediaOptions = MediaOptions()) -> None:
         self.on_event = on_event
         self.limits = limits
         self.loop = asyncio.new_event_loop()    # runs in our thread once started
@@ -3356,6 +6815,14 @@ class ClientCore:
         self._host: Host | None = None      # a host run in this process
         self.files = ClientFiles(limits, Path(os.path.abspath(os.path.expanduser(
             downloads or default_downloads_dir()))), self._emit)
+        self.calls = ClientCalls(limits, media, self._emit, self._to_host, self.loop)
+        self._call_ticker: asyncio.TimerHandle | None = None
+        # Call events from the host that ClientCalls acts on; the rest of
+        # them (call_invite, call_missed, call_failed) go out as they came.
+        self._call_handlers: dict[type[Event], Callable[[Any], Any]] = {
+            CallStart: self.calls.on_call_start, CallEnded: self.calls.on_call_ended,
+            RelayMedia: self.calls.on_relay_media, MediaData: self.calls.on_media_data,
+        }
 
     @property
     def downloads(self) -> Path:
@@ -3396,6 +6863,7 @@ class ClientCore:
             if not self.loop.is_closed() and not self.loop.is_running():
                 self.loop.close()           # never started
             self.files.close()
+            self.calls.close()
             return
         timeout = self.limits.close_timeout_s + 1 if timeout is None else timeout
         try:
@@ -3408,6 +6876,7 @@ class ClientCore:
         self._thread.join(timeout)
         self._thread = None
         self.files.close()
+        self.calls.close()
 
     def _emit(self, event: dict | None) -> None:
         """Hand one event to the front end (None, from a paced source: nothing)."""
@@ -3453,6 +6922,27 @@ class ClientCore:
         """Send a file to everyone else in the room, or to user `to` alone.
         Future -> the transfer number, or None if it was refused at once."""
         return self.submit(self.files.send(Path(path), to or ""))
+
+    def call(self, user: str) -> concurrent.futures.Future:
+        """/CHECK `user`: invite them, or answer their invitation.
+        Future -> True if the host got it (what follows arrives as events)."""
+        return self.submit(self._send(Call(user)))
+
+    def decline(self, user: str) -> concurrent.futures.Future:
+        return self.submit(self._send(Decline(user)))
+
+    def call_address(self, address: str, listen: int, port: int) -> concurrent.futures.Future:
+        """A direct call: receive on UDP `listen`, send to `address`:`port`."""
+        return self.submit(self._run(self.calls.call_address, address, listen, port))
+
+    def hang_up(self, user: str | None = None) -> concurrent.futures.Future:
+        """End the call with `user`, or every call (and withdraw invitations)."""
+        return self.submit(self._hang_up(user))
+
+    def set_media(self, *, muted: bool | None = None,
+                  video: bool | None = None) -> concurrent.futures.Future:
+        """/mute, /unmute, /video off, /video on: emits `media_state`."""
+        return self.submit(self._set_media(muted, video))
 
     def leave(self, wait_for_uploads: bool = False) -> concurrent.futures.Future:
         """Leave the room, first letting our uploads reach the host if
@@ -3587,6 +7077,7 @@ class ClientCore:
             self._ready = False
             self._link = None
             self.files.connection_ended()
+            self.calls.connection_ended("left" if reason == "quit" else "lost")
             if reason in ("connection_lost", "login_timeout", "protocol_error"):
                 link.abort(reason)          # nothing more to say to this host
             await link.finish()
@@ -3602,6 +7093,9 @@ class ClientCore:
         file_handler = self.files.handlers.get(type(event))
         if file_handler is not None:
             return file_handler(event)
+        call_handler = self._call_handlers.get(type(event))
+        if call_handler is not None:
+            return call_handler(event)
         if isinstance(event, Ping):
             link.offer(Pong(event.n))
             return None
@@ -3613,6 +7107,10 @@ class ClientCore:
         if isinstance(event, Welcome):
             self._ready = True
             self.files.attach(link, event.max_file_size)
+            self.calls.attach(link, event.user)
+            if self._call_ticker is not None:
+                self._call_ticker.cancel()
+            self._tick_calls()
             out.update(address=host, port=port)
         self._emit(out)
         if isinstance(event, Welcome):
@@ -3620,6 +7118,42 @@ class ClientCore:
         elif isinstance(event, Error) and not joined.done():
             return "refused"                # an error before the welcome: no login
         return None
+
+    def _to_host(self, event: Event) -> bool:
+        """Queue `event` for the host now, if we are in a room (core thread)."""
+        link = self._link
+        return link is not None and self._ready and link.offer(event)
+
+    async def _run(self, function: Callable, *args: Any) -> Any:
+        """Call `function` on the core's loop (for the thread-safe API)."""
+        return function(*args)
+
+    async def _hang_up(self, user: str | None) -> bool:
+        direct = user is not None and self.calls.is_direct(user)
+        ended = self.calls.hang_up(user)
+        if direct:
+            return True
+        if self._ready:                     # the host ends its links and invitations
+            return await self._send(Hangup(user or "", "hangup"))
+        if not ended:
+            self._error("not_in_call", "you are not in a call")
+        return ended
+
+    async def _set_media(self, muted: bool | None, video: bool | None) -> None:
+        if muted is not None:
+            self.calls.set_muted(muted)
+        if video is not None:
+            self.calls.set_camera(video)
+        self._emit({"type": "media_state", "muted": self.calls.muted,
+                    "video": self.calls.camera_on})
+
+    def _tick_calls(self) -> None:
+        """Once per media_stats_s while logged in: the calls' clock."""
+        self._call_ticker = None
+        self.calls.tick()
+        if self._ready:
+            self._call_ticker = self.loop.call_later(self.limits.media_stats_s,
+                                                     self._tick_calls)
 
     async def _send(self, event: Event) -> bool:
         """Queue `event` for the host, waiting while our outbox is full."""
@@ -3659,7 +7193,7 @@ class ClientCore:
 
 
 # =============================================================================
-# 12. COMMANDS: one parser for what a person types
+# 16. COMMANDS: one parser for what a person types
 # =============================================================================
 # A line typed in the terminal or in the chat window becomes one Command
 # value; each front end acts on it through its own table (Command class ->
@@ -3701,8 +7235,42 @@ class SendFile(Command):
 
 @dataclasses.dataclass(frozen=True)
 class CallUser(Command):
-    """/CHECK USER: a video and voice call (not available yet)."""
+    """/CHECK USER: call someone in the room, or answer their call."""
     user: str
+
+
+@dataclasses.dataclass(frozen=True)
+class CallAddress(Command):
+    """/call IP PORT1 PORT2 (or "IP PORT1 PORT2" and the window's video
+    button): a direct call, receiving on local UDP port `listen` and sending
+    to `address`:`port`, with no help from the host."""
+    address: str
+    listen: int
+    port: int
+
+
+@dataclasses.dataclass(frozen=True)
+class DeclineCall(Command):
+    """/decline USER: refuse USER's call at once."""
+    user: str
+
+
+@dataclasses.dataclass(frozen=True)
+class HangUp(Command):
+    """/hangup USER ends the call with USER; /hangup alone ends every call."""
+    user: str | None
+
+
+@dataclasses.dataclass(frozen=True)
+class Mute(Command):
+    """/mute and /unmute: your microphone, in every call."""
+    muted: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class Camera(Command):
+    """/video off and /video on: your camera, in every call."""
+    on: bool
 
 
 @dataclasses.dataclass(frozen=True)
@@ -3733,10 +7301,45 @@ def parse_command(line: str) -> Command | None:
         if not path:
             return Mistyped(line, "not_a_file", "usage: /send PATH  or  /send PATH @USER")
         return SendFile(line, path, to)
-    if name == "/check":
-        return CallUser(line, rest.strip())
+    if name in ("/check", "/decline"):
+        user = rest.strip()
+        if not user:
+            shown = "/CHECK" if name == "/check" else name
+            return Mistyped(line, "no_such_user", f"usage: {shown} USER")
+        return (CallUser if name == "/check" else DeclineCall)(line, user)
+    if name == "/call":
+        try:
+            return CallAddress(line, *parse_call_address(rest))
+        except ValueError as exc:
+            return Mistyped(line, "bad_call_address", f"{exc}; usage: /call IP PORT1 PORT2 "
+                            "(receive on your PORT1, send to their PORT2)")
+    if name == "/hangup":
+        return HangUp(line, rest.strip() or None)
+    if name in ("/mute", "/unmute"):
+        return Mute(line, name == "/mute")
+    if name == "/video" and rest.strip().casefold() in ("on", "off"):
+        return Camera(line, rest.strip().casefold() == "on")
+    if name == "/video":
+        return Mistyped(line, "unknown_command", "usage: /video off  or  /video on")
     return Mistyped(line, "unknown_command", f"unknown command {name}; type help for "
                     "help (start a line with // to send a literal /)")
+
+
+def parse_call_address(text: str) -> tuple[str, int, int]:
+    """(address, local port, remote port) from "IP PORT1 PORT2"; ValueError
+    with a sentence otherwise. The address must be an IP address (v4 or
+    v6), not a name: a call can't wait for a name lookup."""
+    parts = text.split()
+    if len(parts) != 3:
+        raise ValueError("a direct call takes an IP address and two ports")
+    address, *ports = parts
+    try:
+        address = str(ipaddress.ip_address(address.strip("[]")))
+    except ValueError:
+        raise ValueError(f"{address!r} is not an IP address") from None
+    if not all(p.isascii() and p.isdigit() and 0 < int(p) < 65536 for p in ports):
+        raise ValueError("ports are numbers from 1 to 65535")
+    return address, int(ports[0]), int(ports[1])
 
 
 def parse_send(line: str) -> tuple[str, str | None]:
@@ -3760,9 +7363,9 @@ def parse_send(line: str) -> tuple[str, str | None]:
 
 
 # =============================================================================
-# 13. TERMINAL CLIENT: --cli, stdin lines in, events out (text or JSON)
+# 17. TERMINAL CLIENT: --cli, stdin lines in, events out (text or JSON)
 # =============================================================================
-# A thin front end over 11. CLIENT CORE. Each event is printed as one JSON
+# A thin front end over CLIENT CORE. Each event is printed as one JSON
 # object per line (--json, flushed as written) or as a line for a person;
 # diagnostics go to stderr. Stdin lines are what a person types, parsed
 # by section 12 into text to send or a command. Reading stdin happens on its own
@@ -3775,6 +7378,7 @@ EXIT_DISCONNECTED = 3       # the session ended other than by our leaving
 # (2 is argparse's, for bad flags.)
 
 _SIGNAL_POLL_S = 0.5        # how often the main thread wakes to notice Ctrl-C
+STATS_LINE_EVERY_S = 10.0   # a call's status line for people, at most this often
 
 _EXIT_FOR_REASON = {"quit": EXIT_OK, "refused": EXIT_REFUSED, "unreachable": EXIT_REFUSED,
                     "login_timeout": EXIT_REFUSED}
@@ -3801,10 +7405,25 @@ class Printer:
             return True
         return False
 
+    def _due(self, event: dict) -> bool:
+        """Progress and call status lines are paced for people."""
+        kind = event.get("type")
+        return (kind != "file_progress" or self._progress_due(event)) and \
+            (kind != "media_stats" or self._stats_due(event))
+
+    def _stats_due(self, event: dict) -> bool:
+        """A person gets a call's status line every STATS_LINE_EVERY_S at most."""
+        key = ("stats", event.get("peer"))
+        now = time.monotonic()
+        if now - self._progress_shown.get(key, 0) >= STATS_LINE_EVERY_S:
+            self._progress_shown[key] = now
+            return True
+        return False
+
     def __call__(self, event: dict) -> None:
         if self.json_mode:
             line: str | None = json.dumps(event, ensure_ascii=False)
-        elif event.get("type") == "file_progress" and not self._progress_due(event):
+        elif not self._due(event):
             return
         else:
             line = self.format(event)
@@ -3875,12 +7494,52 @@ class Printer:
             who = f" ({printable(event['user'])})" if event.get("user") else ""
             return (f"! {printable(event.get('name') or 'file')}{who}: "
                     f"{printable(event['reason'])} ({event['code']})")
+        formatter = CALL_LINES.get(kind or "")
+        if formatter is not None:
+            line = formatter(event)
+            return line if kind in ("media_stats", "media_state") else f"[{clock}] {line}"
         if kind == "listening":
             return (f"Hosting as {printable(event['name'])} on {event['address']}:"
                     f"{event['port']}" + (" (advertised on the LAN)"
                                           if event.get("advertised") else "")
                     + ". Ctrl-C stops.")
         return None
+
+
+def _call_connected_line(event: dict) -> str:
+    code = f"; safety code {event['safety_code']}: compare it by voice" \
+        if event.get("safety_code") else ""
+    codecs = "/".join(c for c in (event.get("codec"), event.get("audio")) if c) or "no codec"
+    return (f"In a call with {printable(event['peer'])} "
+            f"({event.get('address')}, {event.get('path')}, {codecs}){code}")
+
+
+_FAILED_BECAUSE = {"busy": "{peer} did not answer: busy", "declined": "{peer} declined",
+                   "call_full": "that call is full", "cancelled": "you cancelled it",
+                   "left": "{peer} left", "lost": "{peer} dropped off"}
+
+# The text a person sees for each call event (the terminal puts the time in
+# front of those about a call, the window shows them as notices). Only the
+# host's own notices (an invitation, a missed call) say [SYSTEM].
+CALL_LINES: dict[str, Callable[[dict], str]] = {
+    "call_invite": lambda e: f"[SYSTEM] <{printable(e['from'])}> CALL YOU  (/CHECK "
+                             f"{printable(e['from'])} to answer, /decline "
+                             f"{printable(e['from'])} to refuse)",
+    "call_missed": lambda e: f"[SYSTEM] You missed a call from <{printable(e['from'])}>",
+    "call_connected": _call_connected_line,
+    "call_ended": lambda e: f"The call with {printable(e['peer'])} ended "
+                            f"({e['reason']})",
+    "call_failed": lambda e: f"The call to {printable(e['peer'])} failed: "
+                             + _FAILED_BECAUSE.get(e["reason"], e["reason"]).format(
+                                 peer=printable(e["peer"])),
+    "media_stats": lambda e: (
+        f"  ~ {printable(e['peer'])}: {e['video_fps']:g} fps, {e['audio_frames']} audio "
+        f"frames/s, {100 * e['loss']:.1f}% lost, "
+        + (f"{e['latency_ms']:.0f} ms, " if e.get("latency_ms") is not None else "")
+        + f"{e['kbps']:.0f} kb/s ({e['path']})"),
+    "media_state": lambda e: "Microphone " + ("muted" if e["muted"] else "on")
+                             + ", camera " + ("on" if e["video"] else "off") + ".",
+}
 
 
 def human_size(size: float) -> str:
@@ -3904,7 +7563,7 @@ def printable_block(text: str) -> str:
 
 
 def handle_line(core: ClientCore, line: str, emit: Callable[[dict], None]) -> bool:
-    """Act on one typed line (12. COMMANDS). Returns False when the person
+    """Act on one typed line (COMMANDS). Returns False when the person
     asked to leave. Waits while our outbox is full, so stdin is read no
     faster than the host takes what we say."""
     command = parse_command(line)
@@ -3915,18 +7574,24 @@ def handle_line(core: ClientCore, line: str, emit: Callable[[dict], None]) -> bo
     return True
 
 
-def _terminal_call(core: ClientCore, command: CallUser, emit: Callable[[dict], None]) -> None:
-    emit({"type": "error", "code": "calls_unavailable",
-          "message": "video and voice calls are not available yet"})
-
-
 # What the terminal does for each command but Quit (which ends the session).
+# Commands whose outcome arrives as events don't wait; text waits while our
+# outbox is full.
 _TERMINAL_COMMANDS: dict[type[Command], Callable[[ClientCore, Any, Callable], Any]] = {
     ChatLine: lambda core, command, emit: core.say(command.text).result(),
     ListMembers: lambda core, command, emit: core.who().result(),
     SendFile: lambda core, command, emit: log_failure(
         core.send_file(command.path, command.to), f"sending {command.path}"),
-    CallUser: _terminal_call,
+    CallUser: lambda core, command, emit: log_failure(core.call(command.user), "calling"),
+    CallAddress: lambda core, command, emit: log_failure(
+        core.call_address(command.address, command.listen, command.port), "calling"),
+    DeclineCall: lambda core, command, emit: log_failure(core.decline(command.user),
+                                                         "declining"),
+    HangUp: lambda core, command, emit: log_failure(core.hang_up(command.user), "hanging up"),
+    Mute: lambda core, command, emit: log_failure(core.set_media(muted=command.muted),
+                                                  "muting"),
+    Camera: lambda core, command, emit: log_failure(core.set_media(video=command.on),
+                                                    "the camera"),
     Mistyped: lambda core, command, emit: emit(
         {"type": "error", "code": command.code, "message": command.message}),
 }
@@ -3959,7 +7624,7 @@ def choose_host(hosts: list[HostInfo], json_mode: bool, emit: Callable[[dict], N
             return hosts[int(answer) - 1]
 
 
-def run_terminal(args: argparse.Namespace, limits: Limits) -> int:
+def run_terminal(args: argparse.Namespace, limits: Limits, media: MediaOptions) -> int:
     """--cli: join a room and chat from stdin. Returns the exit status."""
     printer = Printer(args.json)
     stdin = sys.stdin
@@ -3972,7 +7637,7 @@ def run_terminal(args: argparse.Namespace, limits: Limits) -> int:
             closed_reason.append(event["reason"])
             ended.set()
 
-    core = ClientCore(on_event, limits, args.downloads)
+    core = ClientCore(on_event, limits, args.downloads, media)
     core.start()
     try:
         if args.server:
@@ -4023,13 +7688,13 @@ def run_discover(args: argparse.Namespace) -> int:
 
 
 # =============================================================================
-# 14. GUI LOOK: theme, fonts, --scale, the trace hook, anti-aliased drawing
+# 18. GUI LOOK: theme, fonts, --scale, the trace hook, anti-aliased drawing
 # =============================================================================
-# The desktop window is a third front end over 11. CLIENT CORE, beside 13.
-# TERMINAL CLIENT, spread over five sections: 14 (this one) how things look
-# and how they are drawn, 15 the conversation and the members list, 16 the
-# windows, 17 (reserved) call windows, 18 the app that owns them and the
-# one read loop. Together they read the core's event dicts and decide
+# The desktop window is a third front end over CLIENT CORE, beside 13.
+# TERMINAL CLIENT, spread over five sections: GUI LOOK (this one) how things
+# look and how they are drawn, GUI CONVERSATION the conversation and the
+# members list, GUI WINDOWS the windows, GUI CALLS the call windows, GUI APP
+# the app that owns them and the one read loop. Together they read the core's event dicts and decide
 # nothing the core decides; they own the main thread and never block it.
 #
 # This section owns the look (one theme, a font that draws Chinese, colours,
@@ -4358,14 +8023,14 @@ class Drawing:
 
 
 # =============================================================================
-# 15. GUI CONVERSATION: bubbles, notices and file cards; the members list
+# 19. GUI CONVERSATION: bubbles, notices and file cards; the members list
 # =============================================================================
 # Two canvases of the chat window, drawn with 14's helpers. ChatView is the
 # conversation: a person's message is always a bubble with an avatar, and a
 # [SYSTEM] notice is drawn only from the host's `system` events, so no text
 # a user sends can look like one. MemberList is the room's members, where a
 # click picks who a file goes to. Both report clicks by posting an event
-# to the read loop (18); neither talks to the core.
+# to the read loop (GUI APP); neither talks to the core.
 
 _RELAYOUT_DELAY_MS = 80             # a resize redraws once the edge rests this long
 _PAINT_EVERY_S = 0.1                # during a flood, make Tk paint at least this often
@@ -4797,7 +8462,7 @@ class MemberList(Drawing):
 
 
 # =============================================================================
-# 16. GUI WINDOWS: the launcher and the chat window
+# 20. GUI WINDOWS: the launcher and the chat window
 # =============================================================================
 # The two windows a person sees, built from 14 and 15: the launcher (hosts
 # on the LAN, the address and the IDs, Join, "Host a room here") and the
@@ -4942,7 +8607,7 @@ class Launcher:
         if not 0 <= index < len(self.hosts):
             return
         host = self.hosts[index]
-        self.window[(_ROOM, "address")].update(_address_text(host["address"], host["port"]))
+        self.window[(_ROOM, "address")].update(address_text(host["address"], host["port"]))
         if not self.field("room") and host["rooms"]:
             self.window[(_ROOM, "room")].update(host["rooms"][0]["room"])
 
@@ -4960,7 +8625,7 @@ class Launcher:
             return None
         address = self.field("address")
         if not address and len(self.hosts) == 1:
-            address = _address_text(self.hosts[0]["address"], self.hosts[0]["port"])
+            address = address_text(self.hosts[0]["address"], self.hosts[0]["port"])
         if not address:
             self.error("Pick a host in the list, or type its address.")
             return None
@@ -5006,7 +8671,7 @@ class Launcher:
         """The address field, unless it only holds a discovered host (those
         are found again next time; a typed one is worth remembering)."""
         address = self.field("address")
-        found = {_address_text(h["address"], h["port"]) for h in self.hosts}
+        found = {address_text(h["address"], h["port"]) for h in self.hosts}
         return "" if address in found else address
 
     def trace_layout(self) -> None:
@@ -5030,10 +8695,6 @@ class Launcher:
                    fields={name: self.field(name) for name in ("address", "room", "user")},
                    elements={name: _screen_box(window[(_ROOM, name)].Widget)
                              for name in ("join", "host", "address", "room", "user")})
-
-
-def _address_text(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def _rooms_text(host: dict) -> str:
@@ -5062,7 +8723,7 @@ class ChatWindow:
         self.history_started = False
         px = look.px
         where = (f"on {printable(ready.get('host') or ready['address'])} · "
-                 f"{_address_text(ready['address'], ready['port'])}")
+                 f"{address_text(ready['address'], ready['port'])}")
         header = [
             sg.Image(data=images.icon(px(36)), pad=((0, px(10)), 0)),
             sg.Column([[sg.Text(printable(self.room), font=look.font(15, "bold"), pad=0,
@@ -5176,6 +8837,14 @@ class ChatWindow:
 
     def on_error(self, event: dict) -> None:
         self.note(_sentence(event["message"]), "error")
+
+    def on_call_event(self, event: dict) -> None:
+        """A call event, as a notice: the host's own ([SYSTEM]) or ours."""
+        text = CALL_LINES[event["type"]](event)
+        if event["type"] in ("call_invite", "call_missed"):     # from the host alone
+            self.view.add("notice", style="system", text=text, ts=unix_now())
+        else:
+            self.note(text)
 
     def note(self, text: str, style: str = "info") -> None:
         """A line from this program (not the host): centred, in its colours."""
@@ -5298,24 +8967,19 @@ def _sentence(text: str) -> str:
 
 
 # =============================================================================
-# 17. GUI CALLS: (reserved) call windows
+# 21. GUI CALLS: (reserved) call windows
 # =============================================================================
-# Calls land with 4, 5 and 7. Each call will get its own window, keyed here
-# by the peer, read by the same loop as the others (GuiApp.windows lists
-# them, so closing the last window still ends the program, and GuiApp.quit
-# hides them with the rest). Until then every request gets calls_unavailable.
+# Calls work from the chat window today (/CHECK, the Video call button,
+# notices for every call event); their video windows are the next piece of
+# work. Each call will get its own window, keyed here by the peer, read by
+# the same loop as the others (GuiApp.windows lists them, so closing the
+# last window still ends the program, and GuiApp.quit hides them too).
 
 class CallWindows:
-    """The video windows of the calls in progress (none until calls land)."""
+    """The video windows of the calls in progress (none yet: reserved)."""
 
     def __init__(self) -> None:
         self.windows: dict[str, Any] = {}   # peer -> its video window
-
-    def request(self, how: str) -> dict:
-        """Start a call (`/CHECK USER`, or the video button with "ip port1
-        port2"). Returns the event to show: for now, calls_unavailable."""
-        return {"type": "error", "code": "calls_unavailable",
-                "message": "video and voice calls are not available yet"}
 
     def close_all(self) -> None:
         for window in self.windows.values():
@@ -5324,7 +8988,7 @@ class CallWindows:
 
 
 # =============================================================================
-# 18. GUI APP: the bridge from the core, settings, phases, the one read loop
+# 22. GUI APP: the bridge from the core, settings, phases, the one read loop
 # =============================================================================
 # GuiApp owns one ClientCore, the launcher (which lives as long as the
 # program and receives every core event), the chat window while in a room,
@@ -5517,8 +9181,8 @@ class GuiApp:
     when there is none. What a typed line does is `typed`, by Command.
     """
 
-    def __init__(self, args: argparse.Namespace, limits: Limits, look: Look,
-                 settings_file: Path, trace: GuiTrace) -> None:
+    def __init__(self, args: argparse.Namespace, limits: Limits, media: MediaOptions,
+                 look: Look, settings_file: Path, trace: GuiTrace) -> None:
         import PySimpleGUI as sg
         self.sg = sg
         self.args = args
@@ -5532,7 +9196,7 @@ class GuiApp:
             ("room", args.room), ("user", args.user), ("address", args.server)) if value})
         self.launcher = Launcher(look, self.images, prefill, trace)
         self.bridge = GuiBridge(self.launcher.window)
-        self.core = ClientCore(self.bridge.on_event, limits, args.downloads)
+        self.core = ClientCore(self.bridge.on_event, limits, args.downloads, media)
         self.chat: ChatWindow | None = None  # exactly while the phase is IN_ROOM
         self.calls = CallWindows()
         self.phase = Phase.CHOOSING
@@ -5557,6 +9221,12 @@ class GuiApp:
             (NET_EVENT, "file_sent"): in_room(ChatWindow.on_file_sent),
             (NET_EVENT, "file_delivered"): in_room(ChatWindow.on_file_delivered),
             (NET_EVENT, "file_failed"): in_room(ChatWindow.on_file_failed),
+            (NET_EVENT, "call_invite"): in_room(ChatWindow.on_call_event),
+            (NET_EVENT, "call_missed"): in_room(ChatWindow.on_call_event),
+            (NET_EVENT, "call_connected"): in_room(ChatWindow.on_call_event),
+            (NET_EVENT, "call_ended"): in_room(ChatWindow.on_call_event),
+            (NET_EVENT, "call_failed"): in_room(ChatWindow.on_call_event),
+            (NET_EVENT, "media_state"): in_room(ChatWindow.on_call_event),
             (CORE_EVENT, "hosted"): self.on_hosted,
             (CORE_EVENT, "said"): in_room(self.on_said),
             (CORE_EVENT, "failed"): self.on_failed,
@@ -5580,7 +9250,20 @@ class GuiApp:
             ListMembers: lambda chat, command: self._quietly("who", self.core.who()),
             Quit: lambda chat, command: self.on_leave(chat, {}),
             SendFile: lambda chat, command: self.send_file(command.path, command.to),
-            CallUser: self.on_call_command,
+            CallUser: lambda chat, command: self._call(chat, command.line,
+                                                       self.core.call(command.user)),
+            CallAddress: lambda chat, command: self._call(chat, command.line,
+                                                          self.core.call_address(
+                                                              command.address,
+                                                              command.listen, command.port)),
+            DeclineCall: lambda chat, command: self._call(chat, command.line,
+                                                          self.core.decline(command.user)),
+            HangUp: lambda chat, command: self._call(chat, command.line,
+                                                     self.core.hang_up(command.user)),
+            Mute: lambda chat, command: self._call(chat, command.line,
+                                                   self.core.set_media(muted=command.muted)),
+            Camera: lambda chat, command: self._call(chat, command.line,
+                                                     self.core.set_media(video=command.on)),
             Mistyped: self.on_mistyped,
         }
 
@@ -5670,7 +9353,7 @@ class GuiApp:
         self.joining.update(room=room, user=user)
         self._set_phase(Phase.JOINING)
         self.launcher.busy(True)
-        self.launcher.status(f"Joining {room} at {_address_text(host, port)}...")
+        self.launcher.status(f"Joining {room} at {address_text(host, port)}...")
         self._quietly("join", self.core.join(host, port, room, user))
 
     def on_host(self, values: dict) -> None:
@@ -5786,16 +9469,34 @@ class GuiApp:
         if path:
             self.send_file(path, chat.members.picked)
 
-    def on_call_command(self, chat: ChatWindow, command: CallUser) -> None:
-        chat.view.add("echo", text=command.line)
-        chat.on_error(self.calls.request(command.line))
+    def _call(self, chat: ChatWindow, line: str, future: Any) -> None:
+        """A call command: shown as typed; what follows comes as events."""
+        chat.view.add("echo", text=line)
+        self._quietly("call", future)
 
     def on_video_button(self, chat: ChatWindow, values: dict) -> None:
+        """Video call: "ip port1 port2" in the input calls that address
+        directly; else the member picked in the list is called."""
         if self.phase is not Phase.CHATTING:
             return
         line = chat.take_input().strip()
-        chat.view.add("echo", text=f"Video call {line}".strip())
-        chat.on_error(self.calls.request(line))
+        if line:
+            try:
+                address, listen, port = parse_call_address(line)
+            except ValueError as exc:
+                chat.view.add("echo", text=f"Video call {line}")
+                chat.note(_sentence(f"{exc}: type \"ip port1 port2\", or pick someone in "
+                                    "the members list"), "error")
+                chat.restore_input(line)
+                return
+            self._call(chat, f"Video call {line}",
+                       self.core.call_address(address, listen, port))
+        elif chat.members.picked is not None:
+            self._call(chat, f"Video call {chat.members.picked}",
+                       self.core.call(chat.members.picked))
+        else:
+            chat.note("Pick someone in the members list, or type \"ip port1 port2\", "
+                      "then press Video call.", "error")
 
     def on_leave(self, chat: ChatWindow, values: dict) -> None:
         if self.phase is Phase.CHATTING:
@@ -5920,7 +9621,7 @@ def hide_own_console() -> None:  # pragma: no cover (Windows only)
             ctypes.windll.user32.ShowWindow(console, 0)     # SW_HIDE
 
 
-def run_gui(args: argparse.Namespace, limits: Limits) -> int:
+def run_gui(args: argparse.Namespace, limits: Limits, media: MediaOptions) -> int:
     """The desktop window (no mode flag). Returns the exit status."""
     try:
         import PySimpleGUI as sg  # here: only the window needs it
@@ -5941,12 +9642,12 @@ def run_gui(args: argparse.Namespace, limits: Limits) -> int:
     if trace.enabled and hasattr(signal, "SIGUSR1"):   # tests: where is it stuck?
         import faulthandler
         faulthandler.register(signal.SIGUSR1, all_threads=True)
-    app = GuiApp(args, limits, look, settings_path(), trace)
+    app = GuiApp(args, limits, media, look, settings_path(), trace)
     return app.run()
 
 
 # =============================================================================
-# 19. MAIN: argparse and the entry points
+# 23. MAIN: argparse and the entry points
 # =============================================================================
 # Builds every object from the flags and passes them down; nothing above
 # reads a global that main() sets. `python chatroom.py` with no mode opens
@@ -5961,6 +9662,8 @@ def build_parser() -> argparse.ArgumentParser:
     mode.add_argument("--host", action="store_true", help="run a room host")
     mode.add_argument("--cli", action="store_true", help="chat in this terminal")
     mode.add_argument("--discover", action="store_true", help="list hosts on the LAN")
+    mode.add_argument("--list-devices", action="store_true",
+                      help="list the cameras and audio devices found, then exit")
     parser.add_argument("--version", action="version",
                         version=f"chatroom {__version__} (protocol {PROTOCOL_VERSION})")
     parser.add_argument("--json", action="store_true",
@@ -6001,6 +9704,27 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default 4G)")
     parser.add_argument("--spool-dir", metavar="DIR", help="where a host keeps files "
                         "while it relays them (default: the system's temp folder)")
+    calls = parser.add_argument_group("calls")
+    calls.add_argument("--camera", default="0", metavar="SOURCE",
+                       help='a camera number (default 0), a video file (looped), "test" '
+                       '(a moving test pattern) or "none"')
+    calls.add_argument("--audio", default="default", metavar="DEVICE",
+                       help='"default", a device number (see --list-devices), "tone" '
+                       '(a 440 Hz sine) or "null" (no device: silence)')
+    calls.add_argument("--media-path", choices=("auto", "direct", "relay"), default="auto",
+                       help="media over UDP, falling back to the host's relay when UDP "
+                       "can't get through (auto, the default), UDP only, or relay only")
+    calls.add_argument("--video-codec", choices=("auto", *VIDEO_CODECS), default="auto",
+                       help="offer only this video codec (default: VP8, else JPEG)")
+    calls.add_argument("--media-port", type=int, default=0, metavar="PORT",
+                       help="local UDP port for calls the host arranges (default: any)")
+    calls.add_argument("--record", metavar="DIR", help="write what each call plays to DIR: "
+                       "<peer>.wav and one frame a second as <peer>-<n>.png")
+    calls.add_argument("--call-timeout", type=float, default=CALL_TIMEOUT_S, metavar="S",
+                       help=f"seconds a call waits to be answered (default "
+                       f"{CALL_TIMEOUT_S:g}); on --host for /CHECK, on --cli for direct calls")
+    calls.add_argument("--max-call-size", type=int, default=MAX_CALL_SIZE, metavar="N",
+                       help=f"people in one call, 2 or more (--host; default {MAX_CALL_SIZE})")
     parser.add_argument("--scale", type=parse_scale, default=1.0, metavar="FACTOR",
                         help="the window's size: text and spacing times FACTOR "
                         "(default 1.0; 1.5 = 150%%)")
@@ -6024,10 +9748,15 @@ def limits_from(args: argparse.Namespace) -> Limits:
         raise ValueError(f"--max-room-members takes 2 to {MAX_ROOM_MEMBERS_CAP}")
     if args.max_sessions < 1:
         raise ValueError("--max-sessions takes at least 1")
+    if not args.call_timeout > 0 or args.max_call_size < 2:
+        raise ValueError("--call-timeout must be positive and --max-call-size at least 2")
+    if not 0 <= args.media_port < 65536:
+        raise ValueError("--media-port takes 0 to 65535")
     return Limits(history_limit=args.history, max_message_bytes=args.max_message_bytes,
                   hello_timeout_s=args.login_timeout, outbox_limit_bytes=args.outbox_limit,
                   max_sessions=args.max_sessions, max_room_members=args.max_room_members,
-                  max_file_size=args.max_file_size,
+                  max_file_size=args.max_file_size, call_timeout_s=args.call_timeout,
+                  max_call_size=args.max_call_size,
                   # A frame must hold the longest text, JSON-escaped, and its envelope.
                   max_frame_bytes=max(MAX_FRAME_BYTES, _JSON_ESCAPE_FACTOR
                                       * args.max_message_bytes + _FRAME_ENVELOPE_BYTES))
@@ -6035,6 +9764,28 @@ def limits_from(args: argparse.Namespace) -> Limits:
 
 _JSON_ESCAPE_FACTOR = 4             # "\u0001" is 6 bytes for 1, but text has few
 _FRAME_ENVELOPE_BYTES = 4096        # a message's other fields
+
+
+def media_options(args: argparse.Namespace) -> MediaOptions:
+    """How this client takes part in calls, from the flags."""
+    return MediaOptions(camera=args.camera, audio=args.audio, media_path=args.media_path,
+                        record=args.record, media_port=args.media_port,
+                        interface=args.interface, video_codec=args.video_codec)
+
+
+def run_list_devices(args: argparse.Namespace) -> int:
+    """--list-devices: the cameras and audio devices this machine has."""
+    found = list_devices()
+    if args.json:
+        print(json.dumps({"type": "devices", **found}, ensure_ascii=False))
+        return EXIT_OK
+    cameras = ", ".join(str(c) for c in found["cameras"]) or "none"
+    print(f"Cameras (--camera N): {cameras}")
+    for kind, label in (("audio_inputs", "Microphones"), ("audio_outputs", "Speakers")):
+        print(f"{label} (--audio N):" + ("" if found[kind] else " none"))
+        for device in found[kind]:
+            print(f"  {device['index']}: {printable(device['name'])}")
+    return EXIT_OK
 
 
 def run_host(args: argparse.Namespace, limits: Limits) -> int:
@@ -6096,10 +9847,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.host:
             return run_host(args, limits)
         if args.cli:
-            return run_terminal(args, limits)
+            return run_terminal(args, limits, media_options(args))
         if args.discover:
             return run_discover(args)
-        return run_gui(args, limits)
+        if args.list_devices:
+            return run_list_devices(args)
+        return run_gui(args, limits, media_options(args))
     except MissingPackage as exc:
         Printer(args.json)({"type": "error", "code": exc.code, "message": exc.message})
         return EXIT_REFUSED

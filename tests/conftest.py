@@ -11,6 +11,7 @@ mDNS. Every process a test starts is ended by the fixture that started it
 - `Client.send(line)`, `.send_bytes(b)`, `.close_stdin()`, `.wait()` -> status,
   `.wait_for(type | substring | predicate)`, `.next()`, `.mark()` and
   `.between(mark)` (what arrived before the last match), `.seen()`
+- `make_host(name, **limits)` -> an in-process chatroom.Host on 127.0.0.1 (async)
 - `raw_connect(port)` -> socket; `frame`, `frame_json`, `read_frame`,
   `read_frame_until`, `raw_login`, `wait_closed`: a raw protocol peer
 
@@ -19,6 +20,7 @@ Timeouts are failure deadlines only; no test asserts how fast anything is.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -33,6 +35,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
+import chatroom
 
 CHATROOM = Path(__file__).resolve().parent.parent / "chatroom.py"
 PROGRAM = [sys.executable, str(CHATROOM)]   # tests of the built executable pass another
@@ -413,3 +417,23 @@ def read_frame_until(sock: socket.socket, predicate: Predicate,
         if predicate(got):
             return got, before
         before.append(got)
+
+
+# --- in-process hosts ------------------------------------------------------------
+
+@pytest.fixture
+async def make_host():
+    """Start in-process hosts on 127.0.0.1 (no mDNS); all are closed afterwards."""
+    hosts: list[chatroom.Host] = []
+
+    async def make(name: str = "test-host", **limits) -> chatroom.Host:
+        host = chatroom.Host(bind=LOOPBACK, port=0, name=name, advertise=False,
+                             limits=chatroom.Limits(**limits))
+        await host.start()
+        hosts.append(host)
+        return host
+
+    yield make
+    for host in hosts:
+        async with asyncio.timeout(DEFAULT_TIMEOUT):
+            await host.close()

@@ -745,17 +745,20 @@ def test_unknown_command_and_double_slash(host, join):
         assert got["text"] == "/literal" and got["from"] == "alice", got
 
 
-def test_check_answers_calls_unavailable(host, join):
-    """/CHECK USER (any case) answers calls_unavailable; nothing is sent."""
-    alice = join(host.port, "R", "alice")
-    bob = join(host.port, "R", "bob")
-    alice.wait_for(is_system("enter", "bob"))
-    bob.wait_for(is_system("enter", "bob"))
+def test_check_in_any_case_invites_and_only_the_callee_hears(host, join):
+    """/CHECK USER and /check USER both invite USER alone; a missing ID is a
+    usage error and nothing is sent. (Calls themselves: test_calls_e2e.py.)"""
+    alice = join(host.port, "R", "alice", "--camera", "none", "--audio", "null")
+    bob = join(host.port, "R", "bob", "--camera", "none", "--audio", "null")
+    carol = join(host.port, "R", "carol", "--camera", "none", "--audio", "null")
+    alice.wait_for(is_system("enter", "carol"))
     for line in ("/CHECK bob", "/check bob"):
         alice.send(line)
-        answer = alice.wait_for(lambda e: e.get("type") in ("error", "message"))
-        assert answer["type"] == "error" and answer["code"] == "calls_unavailable", answer
-    between = exchange_sentinel(alice, [bob], "after check")
+        assert bob.wait_for("call_invite")["from"] == "alice"
+    alice.send("/CHECK")
+    assert alice.wait_for("error")["code"] == "no_such_user"
+    between = exchange_sentinel(alice, [bob, carol], "after check")
+    assert not of_type(between["client carol"], "call_invite", "message")
     assert not of_type(between["client bob"], "message", "system")
 
 

@@ -1,4 +1,4 @@
-"""Discovery (chatroom.py section 4): TXT records, and mDNS on 127.0.0.1.
+"""Discovery (chatroom.py, DISCOVERY): TXT records, and mDNS on 127.0.0.1.
 
 Every zeroconf instance here, in process or in a subprocess, is bound to
 127.0.0.1 (never the default all-interfaces one), and every advertised host

@@ -1,6 +1,6 @@
-"""Tests of the desktop window (section 9 of chatroom.py).
+"""Tests of the desktop window (chatroom.py, the GUI sections).
 
-The first tests call section 9's pure helpers (fonts, avatars, settings, the
+The first tests call the GUI sections' pure helpers (fonts, avatars, settings, the
 bridge) with no display. The rest run the real program, `chatroom.py` with no
 mode, on an Xvfb display these tests start themselves, beside a host and a
 terminal client (`--cli --json`) on 127.0.0.1. They drive the window as a
@@ -60,6 +60,12 @@ def procs():
         proc.stop()
 
 
+def free_udp_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        probe.bind((LOOPBACK, 0))
+        return probe.getsockname()[1]
+
+
 def unique(stem: str) -> str:
     return f"{RUN}-{stem}{next(_names)}"
 
@@ -111,7 +117,7 @@ def _parent(pid: str) -> int | None:
         return None
 
 
-# --- section 9's helpers, no display --------------------------------------------
+# --- the GUI's helpers, no display ------------------------------------------
 
 def test_font_family_is_the_first_known_cjk_family():
     assert chatroom.pick_font_family(["DejaVu Sans", "WenQuanYi Micro Hei", "PingFang SC"]) \
@@ -306,17 +312,21 @@ def test_two_people_chat_in_chinese_and_english(x, tmp_path, procs):
     gui.type_into("chat", "input", "hElp", enter=True)
     help_card = gui.shown(lambda e: e["kind"] == "help")
     assert "/CHECK" in help_card["text"]
-    # Calls come later: /CHECK and the video button say so, clearly.
+    # /CHECK from the window calls: only the terminal's 小明 is invited.
     gui.type_into("chat", "input", "/CHECK 小明", enter=True)
     gui.shown(lambda e: e["kind"] == "echo" and e["text"] == "/CHECK 小明")
-    gui.shown(lambda e: e["kind"] == "notice" and e["style"] == "error"
-              and e["text"] == "Video and voice calls are not available yet.")
+    assert cli.wait_for(lambda e: e.get("type") == "call_invite")["from"] == "alice"
+    # "ip port1 port2" and the Video call button start a direct call.
     mark = gui.mark()
-    gui.type_into("chat", "input", "127.0.0.1 5000 5001")
+    ports = [free_udp_port() for _ in range(2)]
+    gui.type_into("chat", "input", f"127.0.0.1 {ports[0]} {ports[1]}")
     gui.click("chat", "video")
-    gui.shown(lambda e: e["kind"] == "echo" and e["text"] == "Video call 127.0.0.1 5000 5001",
-              start=mark)
-    gui.shown(lambda e: e["kind"] == "notice" and "not available yet" in e["text"], start=mark)
+    gui.shown(lambda e: e["kind"] == "echo"
+              and e["text"] == f"Video call 127.0.0.1 {ports[0]} {ports[1]}", start=mark)
+    gui.type_into("chat", "input", "127.0.0.1 5000")           # not an address and 2 ports
+    gui.click("chat", "video")
+    gui.shown(lambda e: e["kind"] == "notice" and e["style"] == "error"
+              and "two ports" in e["text"], start=mark)
     gui.type_into("chat", "input", "/who", enter=True)
     gui.shown(lambda e: e["kind"] == "notice" and e["text"] == "In the room (2): alice, 小明")
 

@@ -1,4 +1,4 @@
-"""The host (chatroom.py section 6) and the client core (section 7), in process.
+"""The host (chatroom.py, HOST) and the client core (CLIENT CORE), in process.
 
 Every host here listens on 127.0.0.1 with port 0 and no mDNS. Peers are raw
 asyncio connections speaking the wire protocol through chatroom's own helpers
@@ -44,24 +44,6 @@ HOST_TASK_PREFIXES = ("outbox:", "host:", "mdns:")
 
 
 # --- helpers -----------------------------------------------------------------
-
-@pytest.fixture
-async def make_host():
-    """Start in-process hosts on 127.0.0.1 (no mDNS); all are closed afterwards."""
-    hosts: list[chatroom.Host] = []
-
-    async def make(name: str = "test-host", **limits) -> chatroom.Host:
-        host = chatroom.Host(bind=LOCAL, port=0, name=name, advertise=False,
-                             limits=Limits(**limits))
-        await host.start()
-        hosts.append(host)
-        return host
-
-    yield make
-    for host in hosts:
-        async with asyncio.timeout(DEADLINE_S):
-            await host.close()
-
 
 class RawClient:
     """A client made of a bare asyncio connection and chatroom's wire helpers.

@@ -1,4 +1,4 @@
-"""Sans-I/O tests of chatroom's wire protocol (section 2 of chatroom.py).
+"""Sans-I/O tests of chatroom's wire protocol (WIRE PROTOCOL in chatroom.py).
 
 No sockets and no event loop: bytes go in, events come out. `pair()` joins a
 client Wire to a host Wire by a fake link, like h11's ConnectionPair
@@ -137,6 +137,17 @@ EXAMPLES = {
     "file_stored": chatroom.FileStored(1),
     "file_saved": chatroom.FileSaved(2),
     "file_delivered": chatroom.FileDelivered(1, "bob"),
+    "media_port": chatroom.MediaPort(47301, ("vp8", "jpeg", "opus", "pcm")),
+    "call": chatroom.Call("张伟"),
+    "decline": chatroom.Decline("bob"),
+    "hangup": chatroom.Hangup("", "lost"),
+    "relay_media": chatroom.RelayMedia("张伟"),
+    "call_invite": chatroom.CallInvite("张伟"),
+    "call_missed": chatroom.CallMissed("bob"),
+    "call_failed": chatroom.CallFailed("bob", "call_full"),
+    "call_start": chatroom.CallStart("张伟", "192.168.1.20", 50000, "0a1b2c3d", "ef" * 32,
+                                     "a", "vp8", "opus"),
+    "call_ended": chatroom.CallEnded("bob", "lost"),
 }
 
 
@@ -500,8 +511,9 @@ def test_transitions_only_name_known_things():
     for (state, event_cls, role), then in TRANSITIONS.items():
         assert isinstance(state, State) and isinstance(then, State)
         assert isinstance(role, Role)
-        # Chunk is the one binary event: it has no JSON "type" to register.
-        assert event_cls is chatroom.Chunk or EVENT_TYPES[event_cls.TYPE] is event_cls
+        # Chunk and MediaData travel in binary frames: no JSON "type" to register.
+        assert event_cls in (chatroom.Chunk, chatroom.MediaData) or \
+            EVENT_TYPES[event_cls.TYPE] is event_cls
 
 
 def test_each_role_sends_only_its_own_events():
@@ -820,6 +832,26 @@ def test_chunks_survive_any_split(data, cuts):
         position += size
     assert [bytes(e.data) if isinstance(e, chatroom.Chunk) else e for e in got] \
         == [data, Say("x", "after")]
+
+
+def test_media_frames_round_trip_both_ways_and_refuse_bad_sizes():
+    """Relayed media packets ride binary frames tagged 0x01 (never base64)."""
+    p = pair_in(State.READY)
+    packet = bytes([0xC1, 1]) + bytes(range(200))
+    for sender in (Role.CLIENT, Role.HOST):
+        stream = p.wires[sender].send(chatroom.MediaData(packet)) + \
+            p.wires[sender].send(Ping(3))
+        assert stream[4] == 0x01
+        assert p.wires[other(sender)].receive(stream) == [chatroom.MediaData(packet),
+                                                          Ping(3)]
+    with pytest.raises(LocalError):
+        encode(chatroom.MediaData(b"x" * (chatroom.MAX_MEDIA_PACKET_BYTES + 1)))
+    with pytest.raises(LocalError):
+        encode(chatroom.MediaData(b""))
+    bad_frame(pair_in(State.READY).host, b"\x00\x00\x00\x01\x01")       # empty
+    big = chatroom.MAX_MEDIA_PACKET_BYTES + 2
+    bad_frame(pair_in(State.READY).host, struct.pack(">I", big) + b"\x01" + b"x" * (big - 1))
+    bad_frame(Wire(Role.HOST), b"\x00\x00\x00\x03\x01ab")               # before login
 
 
 def test_chunk_before_login_is_refused():

@@ -1,4 +1,4 @@
-"""Tests of chatroom's rooms (section 3 of chatroom.py): plain calls, fake time.
+"""Tests of chatroom's rooms (ROOMS in chatroom.py): plain calls, fake time.
 
 `Rooms` returns (member handle, event) pairs and never sends anything, so
 each test calls it and looks at what would go to whom. Handles are strings

@@ -49,7 +49,7 @@ def shoot(scale: float, out: Path, suffix: str) -> None:
                                  (library.port, "movie night", "carol")):
             started.append(Cli(port, room, user, downloads=work / user))
         # Let the hosts' mDNS records settle first (updates are debounced and
-        # rate-limited): HostBrowser (section 4) can keep a stale record when
+        # rate-limited): HostBrowser (DISCOVERY) can keep a stale record when
         # a resolve started before an update finishes after it.
         time.sleep(2)
         gui = Gui(x, work / "config", ["--room", "学习小组", "--user", "alice", "--scale",

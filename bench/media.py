@@ -1,0 +1,465 @@
+#!/usr/bin/env python3
+"""bench/media.py -- what does a video call cost, and how well does it hold up?
+
+VP8 and JPEG side by side in one run. Every client is a real `chatroom.py --cli
+--json --camera test --audio tone` (640x480 at 30 fps, a 440 Hz tone), all on
+127.0.0.1 through one `--host`: 1 and then 3 simultaneous calls (pairs joined
+by /CHECK; media over UDP), then one direct call (`/call`) through a UDP proxy
+in this process that drops 0, 2 and 5% of packets each way at random (fixed
+seed; the kernel here has no netem). Each row is a window of --seconds that
+starts once every stream has shown video for a whole second, read from the
+media_stats lines receivers print once a second (fps, latency, kb/s, audio
+frames) and from /proc (CPU). "Shown" = frames decoded / frames captured:
+the receiver's fps over the sender's real capture rate, read from the frame
+counters stamped in the pictures `--record` keeps. Baseline, same run: the
+codec alone in this process (draw, encode, decode), as the share of a core a
+call would spend on it, and its own kb/s. The legend under the table says
+how each column is computed.
+
+    .venv/bin/python bench/media.py                   # about 3 minutes
+    .venv/bin/python bench/media.py --seconds 5 --calls 1 --loss 2 --codecs vp8 --json
+
+Loopback only; every process it starts, it stops. Exit 1 only if the setup
+broke: a number that misses its target is reported, never failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import contextlib
+import itertools
+import json
+import math
+import os
+import random
+import select
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import cv2
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+import chatroom  # noqa: E402  (the real codecs and test pattern, for the baseline)
+
+LOOPBACK = "127.0.0.1"
+FPS, AUDIO_FPS = chatroom.VIDEO_FPS, 50         # what the test pattern and the tone send
+TARGET_FPS, TARGET_P50_MS, TARGET_KBPS, TARGET_SHOWN = 0.95 * FPS, 50, 1500, 95
+DEADLINE_S = 45.0           # start-up, a call or a warm-up taking longer: the setup broke
+
+
+class SetupError(Exception):
+    """The benchmark itself could not run (never a slow number): exit 1."""
+
+
+def cpu_s(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def machine_busy_s() -> float:
+    """CPU seconds every core has been busy since boot (/proc/stat; idle and iowait aren't)."""
+    with open("/proc/stat") as stat:
+        ticks = [int(x) for x in stat.readline().split()[1:9]]
+    return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")
+
+
+def free_udp_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        probe.bind((LOOPBACK, 0))
+        return probe.getsockname()[1]
+
+
+def is_stats(event: dict, peer: str) -> bool:
+    return event.get("type") == "media_stats" and event.get("peer") == peer
+
+
+class Proc:
+    """A chatroom.py process; threads keep its stdout events, with their arrival
+    times, and the tail of its stderr, to say why it died."""
+
+    def __init__(self, name: str, args: list[str]) -> None:
+        self.name, self.events, self.eof = name, [], False
+        self.proc = subprocess.Popen(
+            [sys.executable, str(ROOT / "chatroom.py"), *args], stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            env=dict(os.environ, PYTHONUNBUFFERED="1"))
+        self.stderr: collections.deque[str] = collections.deque(maxlen=15)
+        self.cond = threading.Condition()
+        threading.Thread(target=self._read_out, daemon=True).start()
+        threading.Thread(target=lambda: self.stderr.extend(self.proc.stderr), daemon=True).start()
+
+    def _read_out(self) -> None:
+        for line in self.proc.stdout:
+            with contextlib.suppress(ValueError, TypeError), self.cond:   # JSON objects only
+                self.events.append((time.monotonic(), dict(json.loads(line))))
+                self.cond.notify_all()
+        with self.cond:
+            self.eof = True
+            self.cond.notify_all()
+
+    def failure(self, why: str) -> str:
+        tail = "".join(f"  {line}" for line in self.stderr) or "  (empty)"
+        return f"{self.name}: {why}; exit status {self.proc.poll()}; stderr tail:\n{tail}"
+
+    def wait_for(self, match, since: int = 0, timeout: float = DEADLINE_S) -> int:
+        """Index of the first event at or after `since` that `match` accepts."""
+        deadline = time.monotonic() + timeout
+        with self.cond:
+            while True:
+                for index in range(since, len(self.events)):
+                    if match(self.events[index][1]):
+                        return index
+                since, left = len(self.events), deadline - time.monotonic()
+                if self.eof or left <= 0:
+                    raise SetupError(self.failure("its output ended" if self.eof
+                                                  else f"no awaited event in {timeout:g} s"))
+                self.cond.wait(min(left, 1.0))
+
+    def send(self, line: str) -> None:
+        try:
+            self.proc.stdin.write(line + "\n")
+            self.proc.stdin.flush()
+        except OSError as exc:
+            raise SetupError(self.failure(f"can't type {line!r}: {exc}")) from None
+
+    def stats(self, peer: str, start: float, end: float) -> list[dict]:
+        with self.cond:
+            return [e for t, e in self.events if start < t <= end and is_stats(e, peer)]
+
+    def stop(self) -> None:
+        self.proc.terminate()           # by PID, through Popen; a no-op once it has ended
+        try:
+            self.proc.wait(5)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(5)
+        with contextlib.suppress(OSError):      # the pipe broke when it ended
+            self.proc.stdin.close()
+
+
+class LossyProxy:
+    """Forwards a direct call's UDP between its sides, dropping `loss` (0..1) of the
+    packets each way at random, with a fixed seed: one thread, both directions."""
+
+    def __init__(self, to_a: int, to_b: int, seed: int = 1) -> None:
+        self.loss, self.counts, self.random = 0.0, [0, 0], random.Random(seed)
+        self.socks = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in "ab"]
+        for sock in self.socks:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)  # no unplanned loss
+            sock.bind((LOOPBACK, 0))
+        self.port_a, self.port_b = (s.getsockname()[1] for s in self.socks)
+        self.routes = {self.socks[0]: (LOOPBACK, to_b), self.socks[1]: (LOOPBACK, to_a)}
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while not self.stopping.is_set():
+            for sock in select.select(self.socks, [], [], 0.2)[0]:
+                try:
+                    data = sock.recv(65536)
+                    dropped = self.random.random() < self.loss
+                    self.counts[dropped] += 1       # forwarded, dropped
+                    if not dropped:
+                        sock.sendto(data, self.routes[sock])
+                except OSError:                     # ICMP from a port that just closed
+                    continue
+
+    def take_dropped_pct(self) -> float:
+        """Percent of packets dropped since the last call."""
+        (forwarded, dropped), self.counts = self.counts, [0, 0]
+        return 100 * dropped / max(1, forwarded + dropped)
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self.thread.join(2)
+        for sock in self.socks:
+            sock.close()
+
+
+def baseline(codec: str, frames: int = 90) -> dict:
+    """The codec alone in this process, before any client runs: draw, encode and
+    decode 640x480 test-pattern frames; ms per frame for each step, and kb/s."""
+    pattern = chatroom.TestPattern("baseline")
+    encoder, decoder = chatroom.make_video_encoder(codec), chatroom.make_video_decoder(codec)
+    marks = [time.perf_counter()]
+    images = [pattern.frame(n) for n in range(frames)]
+    marks.append(time.perf_counter())
+    packets = [out[0] for out in map(encoder.encode, images) if out is not None]
+    marks.append(time.perf_counter())
+    if any(decoder.decode(packet) is None for packet in packets):
+        raise SetupError(f"{codec}: the baseline's decoder refused a frame")
+    marks.append(time.perf_counter())
+    draw, enc, dec = (1000 * (b - a) / frames for a, b in itertools.pairwise(marks))
+    # Each client of a call draws and encodes its own stream and decodes the other's.
+    return {"type": "baseline", "codec": codec, "draw_ms": round(draw, 2),
+            "encode_ms": round(enc, 2), "decode_ms": round(dec, 2),
+            "cpu_pct_per_call": round(2 * (draw + enc + dec) * FPS / 10, 1),
+            "kbps": round(sum(map(len, packets)) / frames * FPS * 8 / 1000)}
+
+
+def capture_fps(folder: Path, peer: str, start: float, end: float) -> float | None:
+    """The sender's real capture rate: (last counter - first) / (last write - first)
+    over the pictures `--record` wrote in the window (about one a second)."""
+    seen = []
+    for png in folder.glob(f"{peer}-*.png"):
+        written = png.stat().st_mtime
+        image = cv2.imread(str(png)) if start <= written <= end else None
+        if image is not None and (n := chatroom.read_stamp(image)) is not None:
+            seen.append((written, n))
+    seen.sort()
+    if len(seen) < 2 or seen[-1][0] - seen[0][0] < 2:
+        return None                     # too few to tell: the row assumes 30 fps
+    return (seen[-1][1] - seen[0][1]) / (seen[-1][0] - seen[0][0])
+
+
+class Run:
+    """The host, the clients of the current phase and a temp folder; close() ends all."""
+
+    def __init__(self) -> None:
+        self.tmp = Path(tempfile.mkdtemp(prefix="chatroom-media-"))
+        self.clients: list[Proc] = []
+        self.host: Proc | None = None
+        try:
+            self.host = Proc("host", ["--host", "--json", "--port", "0", "--interface",
+                                      LOOPBACK, "--no-advertise", "--call-timeout", "20"])
+            self.port = self.host.events[self.host.wait_for(
+                lambda e: e.get("type") == "listening", timeout=15)][1]["port"]
+        except BaseException:
+            self.close()
+            raise
+
+    def join(self, codec: str, users: list[tuple[str, str]]) -> list[Proc]:
+        """Start (user, room) clients at once, then wait until each is in its room."""
+        started = [Proc(user, ["--cli", "--json", "--server", f"{LOOPBACK}:{self.port}",
+                               "--room", room, "--user", user, "--camera", "test", "--audio",
+                               "tone", "--video-codec", codec, "--call-timeout", "20",
+                               "--record", str(self.tmp / user)]) for user, room in users]
+        self.clients += started
+        for client in started:
+            client.wait_for(lambda e: e.get("type") == "ready")
+        return started
+
+    def stop_clients(self) -> None:
+        for client in self.clients:
+            client.stop()
+        self.clients = []
+
+    def close(self) -> None:
+        self.stop_clients()
+        if self.host is not None:
+            self.host.stop()
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def connect(a: Proc, b: Proc, codec: str, lines: tuple[str, str] | None = None) -> None:
+    """A /CHECK call (a calls, b calls back), or a direct one: each types its line."""
+    marks = len(a.events), len(b.events)
+    if lines is None:
+        a.send(f"/CHECK {b.name}")
+        b.wait_for(lambda e: e.get("type") == "call_invite" and e.get("from") == a.name, marks[1])
+        b.send(f"/CHECK {a.name}")
+    else:
+        a.send(lines[0])
+        b.send(lines[1])
+    for me, other, mark in ((a, b, marks[0]), (b, a, marks[1])):
+        event = me.events[me.wait_for(lambda e, p=other.name: e.get("type") == "call_connected"
+                                      and e.get("peer") == p, mark)][1]
+        if event.get("codec") != codec:
+            raise SetupError(me.failure(f"the call with {other.name} uses {event.get('codec')}"))
+
+
+def warm_up(links: list[tuple[Proc, Proc]]) -> None:
+    """Wait until every (receiver, sender) stream shows video, then one more stats
+    line each: the window starts after a whole second of steady flow."""
+    for recv, send in links:
+        index = recv.wait_for(lambda e, p=send.name: is_stats(e, p) and e["video_fps"] > 0,
+                              len(recv.events))
+        recv.wait_for(lambda e, p=send.name: is_stats(e, p), index + 1)
+
+
+def measure(run: Run, links: list, seconds: float, base: dict, row: dict,
+            proxy: LossyProxy | None = None) -> dict:
+    """One window over the (receiver, sender) streams in `links`; fills in `row`."""
+    clients = list({id(p): p for link in links for p in link}.values())
+    pids = [c.proc.pid for c in clients] + [run.host.proc.pid]
+    try:
+        before = [cpu_s(pid) for pid in pids] + [sum(os.times()[:2]), machine_busy_s()]
+        t0, wall0 = time.monotonic(), time.time()
+        dropped = proxy and proxy.take_dropped_pct()    # (resets the proxy's counts)
+        time.sleep(seconds)             # the window: the clients run on their own
+        t1, wall1 = time.monotonic(), time.time()
+        dropped = proxy and proxy.take_dropped_pct()
+        spent = [after - was for after, was in zip(
+            [cpu_s(pid) for pid in pids] + [sum(os.times()[:2]), machine_busy_s()], before)]
+    except OSError as exc:              # a /proc/PID is gone
+        dead = [c for c in clients + [run.host] if c.proc.poll() is not None]
+        raise SetupError(dead[0].failure("died") if dead else str(exc)) from None
+    fps, sent, lines = [], [], []
+    for recv, send in links:
+        got = recv.stats(send.name, t0, t1)
+        if not got or recv.proc.poll() is not None:
+            raise SetupError(recv.failure(f"no media_stats about {send.name} in the window"))
+        lines += got
+        fps.append(statistics.mean(e["video_fps"] for e in got))
+        sent.append(capture_fps(run.tmp / recv.name, send.name, wall0, wall1))
+    mean, span, cores = statistics.mean, t1 - t0, os.cpu_count() or 1
+    latencies = sorted(e["latency_ms"] for e in lines if e["latency_ms"] is not None)
+    p50 = round(statistics.median(latencies), 1) if latencies else None
+    kbps, cpu_call = mean(e["kbps"] for e in lines), 100 * sum(spent[:-3]) / span / row["calls"]
+    row.update({
+        "type": "row", "window_s": round(span, 1), "streams": len(links),
+        "media_path": "/".join(sorted({e["path"] for e in lines})),
+        "recv_fps": round(mean(fps), 1),
+        "sent_fps": round(mean(s for s in sent if s), 1) if any(sent) else None,
+        "shown_pct": round(mean(100 * f / (s or FPS) for f, s in zip(fps, sent)), 1),
+        "loss_seen_pct": round(100 * mean(e["loss"] for e in lines), 2),
+        "proxy_dropped_pct": None if proxy is None else round(dropped, 2),
+        "latency_p50_ms": p50,
+        "latency_p99_ms": latencies[math.ceil(0.99 * len(latencies)) - 1] if latencies else None,
+        "cpu_pct_per_call": round(cpu_call, 1), "codec_cpu_pct_per_call": base["cpu_pct_per_call"],
+        "cpu_vs_codec": round(cpu_call / base["cpu_pct_per_call"], 2),
+        "kbps_per_stream": round(kbps), "kbps_vs_target": round(kbps / TARGET_KBPS, 2),
+        "codec_kbps": base["kbps"], "audio_frames_per_s": round(mean(
+            e["audio_frames"] for e in lines), 1),
+        "concealed_per_s_est": round(mean(max(0, AUDIO_FPS - e["audio_frames"])
+                                          for e in lines), 1),
+        "host_cpu_pct": round(100 * spent[-3] / span, 1),
+        "bench_cpu_pct": round(100 * spent[-2] / span, 1),
+        # The whole machine's busy time, and the part no process of this benchmark used.
+        "machine_busy_pct": round(100 * spent[-1] / span / cores),
+        "others_busy_pct": round(100 * (2 * spent[-1] - sum(spent)) / span / cores)})
+    verdict = {"fps": row["recv_fps"] >= TARGET_FPS if row["loss_pct"] == 0 else None,
+               "p50": p50 is not None and p50 < TARGET_P50_MS, "kbps": kbps <= TARGET_KBPS,
+               "shown": row["shown_pct"] >= TARGET_SHOWN if row["loss_pct"] == 2 else None}
+    row["verdict"] = {k: None if v is None else "PASS" if v else "MISS"
+                      for k, v in verdict.items()}
+    return row
+
+
+def check_rows(run: Run, codec: str, counts: list[int], seconds: float, base: dict) -> list:
+    """1, then 3 simultaneous calls: new pairs join the ones already talking."""
+    pairs: list[tuple[Proc, Proc]] = []
+    rows = []
+    for calls in sorted(counts):
+        print(f"  {codec}: {calls} call(s) through the host", file=sys.stderr, flush=True)
+        new = run.join(codec, [(f"{codec}-{side}{i}", f"{codec}-{i}")
+                               for i in range(len(pairs), calls) for side in "ab"])
+        for a, b in zip(new[::2], new[1::2]):
+            connect(a, b, codec)
+            pairs.append((a, b))
+        links = [(b, a) for a, b in pairs] + [(a, b) for a, b in pairs]
+        warm_up(links)
+        rows.append(measure(run, links, seconds, base, {
+            "codec": codec, "calls": calls, "loss_pct": 0, "via": "host"}))
+    run.stop_clients()
+    return rows
+
+
+def loss_rows(run: Run, codec: str, losses: list[float], seconds: float, base: dict) -> list:
+    """One direct call through the lossy proxy; its loss changes between windows."""
+    print(f"  {codec}: a direct call through the proxy", file=sys.stderr, flush=True)
+    a, b = run.join(codec, [(f"{codec}-x", f"{codec}-direct"), (f"{codec}-y", f"{codec}-direct")])
+    pa, pb = free_udp_port(), free_udp_port()
+    proxy, rows = LossyProxy(to_a=pa, to_b=pb), []
+    try:
+        connect(a, b, codec, (f"/call {LOOPBACK} {pa} {proxy.port_a}",
+                              f"/call {LOOPBACK} {pb} {proxy.port_b}"))
+        for loss in losses:
+            proxy.loss = loss / 100
+            warm_up([(b, a), (a, b)])       # the first line after a change straddles it
+            rows.append(measure(run, [(b, a), (a, b)], seconds, base, proxy=proxy, row={
+                "codec": codec, "calls": 1, "loss_pct": loss, "via": "proxy"}))
+    finally:
+        proxy.stop()
+        run.stop_clients()
+    return rows
+
+
+def show(value, verdict: str | None = None, digits: int = 1, unit: str = "") -> str:
+    text = "-" if value is None else f"{value:.{digits}f}{unit}"
+    return f"{text} {verdict}" if verdict else text
+
+
+def report(bases: list[dict], rows: list[dict], codecs: list[str]) -> None:
+    print("baseline, the codec alone in this process (640x480 test pattern, ms per frame):")
+    for b in bases:
+        print(f"  {b['codec']:<4} draw {b['draw_ms']} + encode {b['encode_ms']} + decode "
+              f"{b['decode_ms']} = {b['cpu_pct_per_call']}% of a core per call at {FPS} fps "
+              f"(2 clients); {b['kbps']} kb/s of video")
+    print(f"\n{'codec':<5}{'calls':>6}{'loss':>5} {'via':<6}|{'fps':>10}{'sent':>6}"
+          f"{'shown':>12} |{'p50 ms':>11}{'p99':>5} |{'CPU/call':>9}{'codec':>6}{'x':>5} |"
+          f"{'kb/s':>10}{'/1.5M':>6} |{'audio/s':>8}{'conc/s':>7} | busy others")
+    order = {codec: i for i, codec in enumerate(codecs)}
+    for r in sorted(rows, key=lambda r: (r["via"], r["calls"], r["loss_pct"],
+                                         order[r["codec"]])):
+        v = r["verdict"]
+        print(f"{r['codec']:<5}{r['calls']:>6}{r['loss_pct']:>4g}% {r['via']:<6}|"
+              f"{show(r['recv_fps'], v['fps']):>10}{show(r['sent_fps']):>6}"
+              f"{show(r['shown_pct'], v['shown'], unit='%'):>12} |"
+              f"{show(r['latency_p50_ms'], v['p50']):>11}{show(r['latency_p99_ms'], None, 0):>5}"
+              f" |{r['cpu_pct_per_call']:>8.0f}%{r['codec_cpu_pct_per_call']:>5.0f}%"
+              f"{r['cpu_vs_codec']:>5.1f} |{show(r['kbps_per_stream'], v['kbps'], 0):>10}"
+              f"{r['kbps_vs_target']:>6.2f} |{r['audio_frames_per_s']:>8.1f}"
+              f"{r['concealed_per_s_est']:>7.1f} |{r['machine_busy_pct']:>4}%"
+              f"{r['others_busy_pct']:>6}%")
+    print(f"""
+targets (the issue's): fps >= {TARGET_FPS:g} at 0% loss; p50 < {TARGET_P50_MS} ms; <= \
+{TARGET_KBPS} kb/s per stream; shown >= {TARGET_SHOWN}% at 2% loss. via host: /CHECK calls;
+  proxy: one direct call through the lossy proxy (its thread is this process's CPU, in --json).
+fps: mean of the receivers' per-second video_fps; sent: the sender's capture rate, counter
+  difference / time difference over the stamped pictures --record kept (about one a second;
+  '-' = too few, 30 assumed); shown = fps / sent (+-1% is noise, hence over 100% at times).
+p50, p99: of the per-second median capture-to-decode latencies, all streams together.
+CPU/call: both clients, % of one core; codec: the baseline's share of it (draw + encode +
+  decode at 30 fps, twice); x = CPU/call / codec.
+kb/s: received per stream (video, audio, parity, packet headers); /1.5M = kb/s / 1500.
+audio/s: audio frames received a second (50 sent); conc/s: concealments, which the events
+  don't count, estimated as 50 - audio/s.
+busy: the whole machine (all cores) over the window; others: what no process of ours used.""")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=10.0, help="window per row")
+    parser.add_argument("--calls", default=[1, 3], help="e.g. 1,3",
+                        type=lambda text: [int(x) for x in text.split(",") if x])
+    parser.add_argument("--loss", default=[0, 2, 5], help="percent, e.g. 0,2,5",
+                        type=lambda text: [float(x) for x in text.split(",") if x])
+    parser.add_argument("--codecs", type=lambda t: t.split(","), default=["vp8", "jpeg"])
+    parser.add_argument("--json", action="store_true", help="JSON lines instead of the table")
+    args = parser.parse_args()
+    if not set(args.codecs) <= {"vp8", "jpeg"}:
+        parser.error("--codecs takes vp8 and/or jpeg")
+    run = None
+    try:
+        bases = [baseline(codec) for codec in args.codecs]
+        run, rows = Run(), []
+        for codec, base in zip(args.codecs, bases):
+            rows += check_rows(run, codec, args.calls, args.seconds, base)
+            rows += loss_rows(run, codec, args.loss, args.seconds, base) if args.loss else []
+    except (SetupError, chatroom.ChatError) as exc:
+        print(f"bench/media.py: the setup broke: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        if run is not None:
+            run.close()
+    for line in bases + rows if args.json else []:
+        print(json.dumps(line))
+    if not args.json:
+        report(bases, rows, args.codecs)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
