@@ -2780,9 +2780,11 @@ class HostBrowser:
     def __init__(self, interface: str | None = None,
                  on_change: Callable[[list[HostInfo]], None] | None = None,
                  question_type: str = "QM",
-                 resolve_timeout_s: float = RESOLVE_TIMEOUT_S) -> None:
+                 resolve_timeout_s: float = RESOLVE_TIMEOUT_S,
+                 on_resolved: Callable[[], None] | None = None) -> None:
         self.interface = interface
         self.on_change = on_change
+        self.on_resolved = on_resolved      # after every resolve, found or not
         self.question_type = question_type  # "QM" (fast) or "default" (bench)
         self.resolve_timeout_s = resolve_timeout_s
         self.hosts: dict[str, HostInfo] = {}
@@ -2815,8 +2817,18 @@ class HostBrowser:
                                                       name=f"mdns:resolve:{name}")
         self._resolving[name] = task
         log_failure(task, f"resolving {name}")
-        task.add_done_callback(
-            lambda done: self._resolving.get(name) is done and self._resolving.pop(name))
+        task.add_done_callback(lambda done: self._resolve_done(name, done))
+
+    def _resolve_done(self, name: str, task: asyncio.Task) -> None:
+        if self._resolving.get(name) is task:
+            del self._resolving[name]
+        if self.on_resolved is not None:
+            self.on_resolved()
+
+    @property
+    def resolving(self) -> bool:
+        """Is a host seen on the LAN still being resolved?"""
+        return bool(self._resolving)
 
     async def _resolve(self, name: str) -> None:
         _, _, _, AsyncServiceInfo = _zeroconf()
@@ -2858,28 +2870,38 @@ async def discover(timeout: float = DISCOVERY_TIMEOUT_S, *, interface: str | Non
                    settle: float | None = None, name: str | None = None) -> list[HostInfo]:
     """The hosts found within `timeout` seconds, sorted by name.
 
-    With `settle`, stop early once a host has been found and nothing new
-    has appeared for `settle` seconds. With `name`, keep only hosts of that
-    name (compared like IDs).
+    With `settle`, stop early once a host has been found, no host is still
+    being resolved, and nothing new has appeared for `settle` seconds, or
+    for as long as the first host took to appear, if longer: on a busy
+    machine or network the others answer as slowly as the first. With
+    `name`, keep only hosts of that name (compared like IDs).
     """
     changed = asyncio.Event()
-    browser = HostBrowser(interface, on_change=lambda hosts: changed.set())
+    browser = HostBrowser(interface, on_change=lambda hosts: changed.set(),
+                          on_resolved=changed.set)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    deadline = started + timeout
+    first_found: float | None = None        # seconds the first host took
 
     def wanted() -> list[HostInfo]:
         return [h for h in browser.sorted_hosts()
                 if name is None or id_key(h.name) == id_key(name)]
 
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
+    def settled() -> bool:
+        return settle is not None and first_found is not None and not browser.resolving
+
     await browser.start()
     try:
         while (left := deadline - loop.time()) > 0:
-            wait = min(left, settle) if settle is not None and wanted() else left
+            if first_found is None and wanted():
+                first_found = loop.time() - started
+            quiet = max(settle or 0.0, first_found or 0.0)
             changed.clear()
             try:
-                await asyncio.wait_for(changed.wait(), wait)
+                await asyncio.wait_for(changed.wait(), min(left, quiet) if settled() else left)
             except TimeoutError:
-                if settle is not None and wanted():
+                if settled():
                     break
         return wanted()
     finally:

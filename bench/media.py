@@ -1,20 +1,17 @@
 #!/usr/bin/env python3
 """bench/media.py -- what does a video call cost, and how well does it hold up?
 
-VP8 and JPEG side by side in one run. Every client is a real `chatroom.py --cli
---json --camera test --audio tone` (640x480 at 30 fps, a 440 Hz tone), all on
-127.0.0.1 through one `--host`: 1 and then 3 simultaneous calls (pairs joined
-by /CHECK; media over UDP), then one direct call (`/call`) through a UDP proxy
-in this process that drops 0, 2 and 5% of packets each way at random (fixed
-seed; the kernel here has no netem). Each row is a window of --seconds that
-starts once every stream has shown video for a whole second, read from the
-media_stats lines receivers print once a second (fps, latency, kb/s, audio
-frames) and from /proc (CPU). "Shown" = frames decoded / frames captured:
-the receiver's fps over the sender's real capture rate, read from the frame
+VP8 and JPEG side by side in one run, every client a real `chatroom.py --cli
+--json --camera test --audio tone` (640x480 at 30 fps, a 440 Hz tone) on
+127.0.0.1 through one `--host`: 1, then 3 simultaneous /CHECK calls, then one
+direct call (`/call`) through a UDP proxy in this process that drops 0, 2 and
+5% of the packets each way (random, fixed seed: the kernel here has no netem).
+Each row is a window of --seconds, once every stream has shown video for a
+whole second: fps, latency, kb/s and audio from the media_stats lines the
+receivers print every second, CPU from /proc, frames captured from the
 counters stamped in the pictures `--record` keeps. Baseline, same run: the
-codec alone in this process (draw, encode, decode), as the share of a core a
-call would spend on it, and its own kb/s. The legend under the table says
-how each column is computed.
+codec alone in this process. The legend under the table says how each
+figure is computed; the targets are the issue's.
 
     .venv/bin/python bench/media.py                   # about 3 minutes
     .venv/bin/python bench/media.py --seconds 5 --calls 1 --loss 2 --codecs vp8 --json
@@ -302,13 +299,15 @@ def measure(run: Run, links: list, seconds: float, base: dict, row: dict,
         dropped = proxy and proxy.take_dropped_pct()
         spent = [after - was for after, was in zip(
             [cpu_s(pid) for pid in pids] + [sum(os.times()[:2]), machine_busy_s()], before)]
-    except OSError as exc:              # a /proc/PID is gone
-        dead = [c for c in clients + [run.host] if c.proc.poll() is not None]
-        raise SetupError(dead[0].failure("died") if dead else str(exc)) from None
+    except OSError:                     # a /proc/PID is gone: who died is said below
+        spent = []
+    dead = [c for c in clients + [run.host] if c.proc.poll() is not None]
+    if dead or not spent:
+        raise SetupError(dead[0].failure("died") if dead else "can't read /proc")
     fps, sent, lines = [], [], []
     for recv, send in links:
         got = recv.stats(send.name, t0, t1)
-        if not got or recv.proc.poll() is not None:
+        if not got:
             raise SetupError(recv.failure(f"no media_stats about {send.name} in the window"))
         lines += got
         fps.append(statistics.mean(e["video_fps"] for e in got))
@@ -414,29 +413,32 @@ def report(bases: list[dict], rows: list[dict], codecs: list[str]) -> None:
               f"{r['concealed_per_s_est']:>7.1f} |{r['machine_busy_pct']:>4}%"
               f"{r['others_busy_pct']:>6}%")
     print(f"""
-targets (the issue's): fps >= {TARGET_FPS:g} at 0% loss; p50 < {TARGET_P50_MS} ms; <= \
-{TARGET_KBPS} kb/s per stream; shown >= {TARGET_SHOWN}% at 2% loss. via host: /CHECK calls;
-  proxy: one direct call through the lossy proxy (its thread is this process's CPU, in --json).
-fps: mean of the receivers' per-second video_fps; sent: the sender's capture rate, counter
-  difference / time difference over the stamped pictures --record kept (about one a second;
-  '-' = too few, 30 assumed); shown = fps / sent (+-1% is noise, hence over 100% at times).
+targets: fps >= {TARGET_FPS:g} at 0% loss; p50 < {TARGET_P50_MS} ms; <= {TARGET_KBPS} kb/s per \
+stream; shown >= {TARGET_SHOWN}% at 2% loss.
+via host: /CHECK calls; proxy: one direct call through the lossy proxy in this process.
+fps: mean of the receivers' per-second video_fps. sent: the sender's capture rate, counter
+  difference / time difference over the stamped pictures --record kept in the window (about
+  one a second; '-': too few, 30 assumed). shown = fps / sent (+-1% is noise).
 p50, p99: of the per-second median capture-to-decode latencies, all streams together.
-CPU/call: both clients, % of one core; codec: the baseline's share of it (draw + encode +
-  decode at 30 fps, twice); x = CPU/call / codec.
-kb/s: received per stream (video, audio, parity, packet headers); /1.5M = kb/s / 1500.
-audio/s: audio frames received a second (50 sent); conc/s: concealments, which the events
-  don't count, estimated as 50 - audio/s.
-busy: the whole machine (all cores) over the window; others: what no process of ours used.""")
+CPU/call: both clients, % of one core. codec: the baseline's share (draw + encode + decode
+  at 30 fps, twice). x = CPU/call / codec.
+kb/s: received per stream (video, audio, parity, packet headers). /1.5M = kb/s / 1500.
+audio/s: audio frames received a second (50 sent). conc/s: concealments, which the events
+  don't count, estimated as 50 - audio/s (an upper bound: Opus FEC repairs some).
+busy: the whole machine, all cores. others: the part no process of this run used.""")
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seconds", type=float, default=10.0, help="window per row")
-    parser.add_argument("--calls", default=[1, 3], help="e.g. 1,3",
+    parser.add_argument("--seconds", type=float, default=10.0,
+                        help="measuring window per row (default 10)")
+    parser.add_argument("--calls", default=[1, 3], help="simultaneous calls (default 1,3)",
                         type=lambda text: [int(x) for x in text.split(",") if x])
-    parser.add_argument("--loss", default=[0, 2, 5], help="percent, e.g. 0,2,5",
+    parser.add_argument("--loss", default=[0, 2, 5], help="percent lost on the direct call "
+                        "(default 0,2,5; '' for none)",
                         type=lambda text: [float(x) for x in text.split(",") if x])
-    parser.add_argument("--codecs", type=lambda t: t.split(","), default=["vp8", "jpeg"])
+    parser.add_argument("--codecs", type=lambda t: t.split(","), default=["vp8", "jpeg"],
+                        help="default vp8,jpeg")
     parser.add_argument("--json", action="store_true", help="JSON lines instead of the table")
     args = parser.parse_args()
     if not set(args.codecs) <= {"vp8", "jpeg"}:
