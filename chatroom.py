@@ -23,7 +23,7 @@ The file reads top to bottom; each section uses only the sections above it
  7. DISCOVERY             mDNS advertise and browse (zeroconf)
  8. VIDEO DEVICES         test pattern, cameras, files; VP8 and JPEG
  9. SOUND DEVICES         Opus and PCM, microphones, speakers, recording
-10. CONNECTIONS           Link (framed TCP, lanes, one writer), UDP sockets
+10. CONNECTIONS           Link (framed TCP, three lanes, one writer), UDP sockets
 11. HOST RELAYS           files and calls between the members of a room
 12. HOST                  the listener, sessions, rooms, shutdown (asyncio)
 13. CLIENT FILES          files we send and receive, beside the client core
@@ -4071,21 +4071,24 @@ class Recorder:
 
 
 # =============================================================================
-# 10. CONNECTIONS: Link, one framed TCP connection with two lanes and one writer
+# 10. CONNECTIONS: Link (framed TCP, three lanes, one writer) and UDP sockets
 # =============================================================================
-# What the host and the client core both talk through. A Link owns one
-# TCP connection: what arrives goes through its Wire (WIRE PROTOCOL) and waits, as
-# events, until the owner asks for it; what the owner sends waits in one of
-# two bounded lanes, urgent (control and chat) before bulk (file data), and
-# a single writer task writes it, so frames never interleave and a chat line
-# overtakes a file. It knows nothing of rooms, files or calls, and never
-# decides who is too slow: it reports, its owner decides.
+# What the host and the client core both talk through. A Link owns one TCP
+# connection: what arrives goes through its Wire (WIRE PROTOCOL) and waits,
+# as events, until the owner asks for it; what the owner sends waits in one
+# of three bounded lanes, urgent (control and chat) before media (relayed
+# call packets) before bulk (file data), and a single writer task writes
+# it, so frames never interleave and a chat line overtakes media and files.
+# It knows nothing of rooms, files or calls, and never decides who is too
+# slow: it reports, its owner decides. UdpSocket, for call media, is here
+# too: a socket with a receiving thread of its own, off the loop.
 #
 # Rules it keeps: every lane has a limit (`outbox_limit_bytes` for urgent,
-# `bulk_high_water` for bulk); when the transport's own buffer is full the
-# writer waits (backpressure stays with this peer); when too many received
-# events wait unhandled, reading pauses; a graceful close that the peer does
-# not take within `close_timeout_s` becomes an abort.
+# `media_lane_bytes` for media, which drops its oldest packet rather than
+# wait, `bulk_high_water` for bulk); when the transport's own buffer is full
+# the writer waits (backpressure stays with this peer); when too many
+# received events wait unhandled, reading pauses; a graceful close that the
+# peer does not take within `close_timeout_s` becomes an abort.
 
 
 class LinkProtocol(asyncio.Protocol):
@@ -4137,13 +4140,14 @@ class LinkProtocol(asyncio.Protocol):
 
 
 class Link:
-    """One framed connection: a Wire, two bounded outboxes, one writer task.
+    """One framed connection: a Wire, three bounded outboxes, one writer task.
 
-    Control and text frames go to the urgent lane; file data to the bulk
-    lane, which is written only when the urgent lane is empty, so a chat
-    line overtakes a file. Only the writer task writes to the transport, so
-    frames never interleave, and it waits whenever the transport's buffer is
-    full, so backpressure stays with this peer. Incoming frames are decoded
+    Control and text frames go to the urgent lane; relayed media to the
+    media lane, written when the urgent lane is empty; file data to the
+    bulk lane, written when both are empty, so a chat line overtakes a file.
+    Only the writer task writes to the transport, so frames never
+    interleave, and it waits whenever the transport's buffer is full, so
+    backpressure stays with this peer. Incoming frames are decoded
     as they arrive and wait for `receive()`; when too much waits, reading
     pauses. Create it inside a running loop, then `protocol.attach(link)`.
     """

@@ -293,10 +293,11 @@ def measure(run: Run, links: list, seconds: float, base: dict, row: dict,
     try:
         before = [cpu_s(pid) for pid in pids] + [sum(os.times()[:2]), machine_busy_s()]
         t0, wall0 = time.monotonic(), time.time()
-        dropped = proxy and proxy.take_dropped_pct()    # (resets the proxy's counts)
+        if proxy is not None:
+            proxy.take_dropped_pct()    # its counts start with the window
         time.sleep(seconds)             # the window: the clients run on their own
         t1, wall1 = time.monotonic(), time.time()
-        dropped = proxy and proxy.take_dropped_pct()
+        dropped = proxy.take_dropped_pct() if proxy is not None else None
         spent = [after - was for after, was in zip(
             [cpu_s(pid) for pid in pids] + [sum(os.times()[:2]), machine_busy_s()], before)]
     except OSError:                     # a /proc/PID is gone: who died is said below
@@ -323,7 +324,7 @@ def measure(run: Run, links: list, seconds: float, base: dict, row: dict,
         "sent_fps": round(mean(s for s in sent if s), 1) if any(sent) else None,
         "shown_pct": round(mean(100 * f / (s or FPS) for f, s in zip(fps, sent)), 1),
         "loss_seen_pct": round(100 * mean(e["loss"] for e in lines), 2),
-        "proxy_dropped_pct": None if proxy is None else round(dropped, 2),
+        "proxy_dropped_pct": dropped and round(dropped, 2),
         "latency_p50_ms": p50,
         "latency_p99_ms": latencies[math.ceil(0.99 * len(latencies)) - 1] if latencies else None,
         "cpu_pct_per_call": round(cpu_call, 1), "codec_cpu_pct_per_call": base["cpu_pct_per_call"],
@@ -425,7 +426,8 @@ CPU/call: both clients, % of one core. codec: the baseline's share (draw + encod
 kb/s: received per stream (video, audio, parity, packet headers). /1.5M = kb/s / 1500.
 audio/s: audio frames received a second (50 sent). conc/s: concealments, which the events
   don't count, estimated as 50 - audio/s (an upper bound: Opus FEC repairs some).
-busy: the whole machine, all cores. others: the part no process of this run used.""")
+busy: the whole machine, all cores. others: the part no process of this run used (+-5%:
+  the kernel counts processes and cores apart). --json adds host, bench and proxy figures.""")
 
 
 def main() -> int:
