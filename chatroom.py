@@ -4471,6 +4471,9 @@ class UdpSocket:
             raise
         self.sock.settimeout(_UDP_POLL_S)
         self.port: int = self.sock.getsockname()[1]
+        # close() wakes the receiving thread with an empty datagram to itself.
+        self._wake_to = (bind if bind not in ("0.0.0.0", "::") else
+                         "::1" if family == socket.AF_INET6 else "127.0.0.1", self.port)
         self.on_packet = on_packet
         self.received = 0
         self.sent = 0
@@ -4490,28 +4493,36 @@ class UdpSocket:
             self.errors += 1
 
     def _receive(self) -> None:
-        while not self._closed.is_set():
-            try:
-                data, address = self.sock.recvfrom(65536)
-            except TimeoutError:
-                continue
-            except OSError:
+        try:
+            while not self._closed.is_set():
+                try:
+                    data, address = self.sock.recvfrom(65536)
+                except TimeoutError:
+                    continue
+                except OSError:
+                    self.errors += 1        # ICMP port unreachable and such
+                    continue
                 if self._closed.is_set():
-                    return
-                self.errors += 1            # ICMP port unreachable and such
-                continue
-            self.received += 1
-            try:
-                self.on_packet(data, address)
-            except Exception:               # a bug: log it, keep the call going
-                log.exception("handling a media packet failed")
+                    break
+                self.received += 1
+                try:
+                    self.on_packet(data, address)
+                except Exception:           # a bug: log it, keep the call going
+                    log.exception("handling a media packet failed")
+        finally:
+            self.sock.close()               # here: the fd is never reused under us
 
-    def close(self) -> None:
-        """Stop receiving and close; returns once the thread has ended."""
+    def close(self, wait: bool = False) -> None:
+        """Stop receiving; the receiving thread closes the socket as it ends,
+        at once (it is woken), or with `wait`, before this returns. Never
+        blocks the caller otherwise: the core's loop calls it."""
+        if self._closed.is_set():
+            return
         self._closed.set()
-        if threading.current_thread() is not self._thread:
+        with contextlib.suppress(OSError):
+            self.sock.sendto(b"", self._wake_to)
+        if wait and threading.current_thread() is not self._thread:
             self._thread.join(2 * _UDP_POLL_S + 1)
-        self.sock.close()
 
 
 # =============================================================================
@@ -6155,6 +6166,7 @@ class PeerLink:
         self.audio_decoder: Any = None      # made on the audio sink's thread
         self.latest_frame: Any = None       # the newest decoded frame (a BGR array)
         self.frames_shown = 0
+        self.concealed_reported = 0         # the jitter buffer's count at the last stats
 
     @property
     def path(self) -> str:
@@ -6368,6 +6380,9 @@ class ClientCalls:
             with link.recv_lock:
                 link.reassembler.expire(now * 1000)
                 stats = link.stats.snapshot(now * 1000)
+                concealed = link.jitter.concealed
+            stats["concealed"] = concealed - link.concealed_reported
+            link.concealed_reported = concealed
             stats["dropped"] += self.garbage
             self.emit({"type": "media_stats", "peer": link.peer, **stats, "path": link.path})
 
@@ -6718,7 +6733,12 @@ class ClientCalls:
             with link.recv_lock:
                 status, payload = link.jitter.pop()
             if link.audio_decoder is None:
-                link.audio_decoder = make_audio_decoder(link.audio)
+                try:
+                    link.audio_decoder = make_audio_decoder(link.audio)
+                except (DeviceError, ValueError) as exc:
+                    self._report("missing_package", f"can't decode {link.audio}: {exc}")
+                    link.audio = ""         # no sound from this link, the rest goes on
+                    continue
             if status == "frame" and payload is not None:
                 pcm = link.audio_decoder.decode(payload)
             elif status == "lost":
@@ -6744,12 +6764,12 @@ class ClientCalls:
         for link in self._snapshot():
             self._forget(link)
             if link.direct and link.sock is not None:
-                link.sock.close()
+                link.sock.close(wait=True)
         for call in list(self._direct):
-            call.sock.close()
+            call.sock.close(wait=True)
         self._direct.clear()
         if self.sock is not None:
-            self.sock.close()
+            self.sock.close(wait=True)
             self.sock = None
         if self._recorder is not None:
             self._recorder.close()
