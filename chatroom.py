@@ -424,6 +424,13 @@ def _rule_ts(value: Any) -> float:
     return value
 
 
+def _rule_seconds(value: Any) -> float:
+    """A duration: 0 to a day, in seconds."""
+    if type(value) not in (int, float) or not 0 <= value <= 86400 or not math.isfinite(value):
+        raise ValueError("expected a number of seconds")
+    return value
+
+
 def _rule_list(item: Callable[[Any], Any], max_items: int) -> Callable[[Any], tuple]:
     def check(value: Any) -> tuple:
         if type(value) is not list or len(value) > max_items:
@@ -458,6 +465,7 @@ FIELD_RULES: dict[str, Callable[[Any], Any]] = {
     "recipient": _rule_str(4 * MAX_ID_CHARS),
     "sha256": _rule_token(64),
     "max_file_size": _rule_int(0, 2 ** 53),
+    "expires": _rule_seconds,
     "peer": _NAME,
     "port": _rule_int(0, 65535),
     "address": _rule_str(64, empty=False),  # an IP address, v4 or v6
@@ -796,9 +804,11 @@ class RelayMedia(Event):
 @_event
 @dataclasses.dataclass(frozen=True)
 class CallInvite(Event):
-    """host -> client: `sender` calls you ([SYSTEM] <sender> CALL YOU)."""
+    """host -> client: `sender` calls you ([SYSTEM] <sender> CALL YOU); the
+    invitation ends in `expires` seconds unless you call back."""
     TYPE = "call_invite"
     sender: str
+    expires: float = 0.0
 
 
 @_event
@@ -5113,7 +5123,8 @@ class HostCalls:
         out: list[Delivery] = []
         for item in news:
             if isinstance(item, Invited):
-                out.append((item.callee, CallInvite(self._name(item.caller))))
+                out.append((item.callee, CallInvite(self._name(item.caller),
+                                                    self.calls.timeout_s)))
             elif isinstance(item, Missed):
                 out.append((item.callee, CallMissed(self._name(item.caller))))
                 if item.reason in ("busy", "withdrawn"):   # else the caller is gone
@@ -6207,6 +6218,8 @@ class ClientCalls:
         self.codecs: tuple[str, ...] = ()   # what we can encode and decode
         self.muted = False
         self.camera_on = options.camera != "none"
+        self.preview: Any = None            # the newest frame from our camera
+        self.preview_serial = 0             # counts them (the window shows new ones)
         self.garbage = 0                    # packets for no link at all
         self._lock = threading.RLock()
         self._links: dict[str, PeerLink] = {}       # by peer name
@@ -6315,10 +6328,12 @@ class ClientCalls:
     def peers(self) -> list[str]:
         return [link.peer for link in self._snapshot()]
 
-    def latest_frame(self, peer: str) -> Any:
-        """The newest decoded frame from `peer` (for the window), or None."""
+    def latest_frame(self, peer: str) -> tuple[int, Any]:
+        """(serial, newest decoded frame) from `peer`, for the window: the
+        serial grows with every frame, so an unchanged one is skipped; (0,
+        None) before the first. Any thread: it only reads two attributes."""
         link = self._links.get(peer)
-        return link.latest_frame if link is not None else None
+        return (link.frames_shown, link.latest_frame) if link is not None else (0, None)
 
     # --- events from the host (core's loop) ---
 
@@ -6592,6 +6607,7 @@ class ClientCalls:
                     if source is not None:      # nobody watches: let the camera go
                         source.close()
                         source = None
+                        self.preview, self.preview_serial = None, self.preview_serial + 1
                     self._wake_video.wait(_UDP_POLL_S)
                     self._wake_video.clear()
                     continue
@@ -6606,6 +6622,7 @@ class ClientCalls:
                 frame = source.read()
                 if frame is None:
                     continue
+                self.preview, self.preview_serial = frame, self.preview_serial + 1
                 capture_ms = int(time.time() * 1000)
                 for codec in sorted({link.video for link in links}):
                     encoder = encoders.get(codec)
