@@ -8174,6 +8174,11 @@ class ChatView(Drawing):
         entry = self.files.get(key)
         if entry is None:
             return None
+        return self.update(entry, "file_card", **changes)
+
+    def update(self, entry: ChatEntry, what: str, **changes: Any) -> ChatEntry:
+        """Change an entry's data and draw it again in place (`what` names
+        it in the trace)."""
         entry.data.update(changes)
         self.widget.delete(entry.tag)
         bottom = entry.bottom
@@ -8181,8 +8186,8 @@ class ChatView(Drawing):
         if entry.bottom != bottom:          # cards keep their height; if not, redo all
             self._relayout()
         if self.trace.enabled:
-            self.trace("file_card", **{k: v for k, v in entry.data.items()
-                                       if isinstance(v, (str, int, float, bool))},
+            self.trace(what, **{k: v for k, v in entry.data.items()
+                                if isinstance(v, (str, int, float, bool))},
                        links={name: self.widget.bbox(item)
                               for name, item in entry.links.items()},
                        **self.where(entry))
@@ -8410,27 +8415,60 @@ class ChatView(Drawing):
             fill=COLOURS["error_text"] if data["state"] == "failed" else COLOURS["muted"],
             text=self.elide(data["status"], "small", x2 - x1 - 2 * pad))
         if data.get("path"):
-            right = x2 - pad
-            for label, action, target in (("Show in folder", "folder",
-                                           str(Path(data["path"]).parent)),
-                                          ("Open", "open", data["path"])):
-                link = entry.links[action] = draw.create_text(
-                    right, status_y, anchor="ne", text=label, font=self.fonts["name"],
-                    fill=COLOURS["accent"], tags=(tag, f"{tag}-{action}"))
-                draw.tag_bind(f"{tag}-{action}", "<Button-1>",
-                              lambda _e, a=action, t=target: self.post((_CHAT, a), t))
-                draw.tag_bind(f"{tag}-{action}", "<Enter>",
-                              lambda _e: self.widget.configure(cursor="hand2"))
-                draw.tag_bind(f"{tag}-{action}", "<Leave>",
-                              lambda _e: self.widget.configure(cursor=""))
-                right = draw.bbox(link)[0] - px(12)
+            right = self._links(entry, x2 - pad, status_y, (
+                ("Show in folder", "folder", str(Path(data["path"]).parent)),
+                ("Open", "open", data["path"])))
             draw.itemconfigure(status, text=self.elide(data["status"], "small",
                                                       right - x1 - pad))
         return bottom
 
+    def _links(self, entry: ChatEntry, right: int, y: int,
+               links: Iterable[tuple[str, str, Any]]) -> int:
+        """Clickable words, right-aligned at `right`, from the right: each
+        posts ((_CHAT, action), value) when clicked. Returns where they start."""
+        draw, tag = self.widget, entry.tag
+        for label, action, value in links:
+            link = entry.links[action] = draw.create_text(
+                right, y, anchor="ne", text=label, font=self.fonts["name"],
+                fill=COLOURS["accent"], tags=(tag, f"{tag}-{action}"))
+            draw.tag_bind(f"{tag}-{action}", "<Button-1>",
+                          lambda _e, a=action, v=value: self.post((_CHAT, a), v))
+            draw.tag_bind(f"{tag}-{action}", "<Enter>",
+                          lambda _e: self.widget.configure(cursor="hand2"))
+            draw.tag_bind(f"{tag}-{action}", "<Leave>",
+                          lambda _e: self.widget.configure(cursor=""))
+            right = int(draw.bbox(link)[0]) - self.look.px(12)
+        return right
+
+    def _paint_call(self, entry: ChatEntry, top: int) -> int:
+        """Someone calls you: who, and while it rings the time left with
+        Call back and Decline; afterwards what became of it (a missed call
+        stays visible)."""
+        px, draw, data, tag = self.look.px, self.widget, entry.data, entry.tag
+        edge, y = self._head(entry, top, data["user"], data.get("ts"), False)
+        pad, width = px(12), px(320)
+        x1, x2 = edge, edge + width
+        bottom = y + 2 * pad + px(38)
+        ringing = data["state"] == "ringing"
+        self.box(tag, x1, y, x2, bottom, px(14),
+                 COLOURS["accent_soft"] if ringing else COLOURS["theirs"])
+        entry.text_item = draw.create_text(
+            x1 + pad, y + pad, anchor="nw", font=self.fonts["bold"], tags=tag,
+            fill=COLOURS["text"], text=self.elide(data["title"], "bold", x2 - x1 - 2 * pad))
+        status_y = y + pad + px(22)
+        right = x2 - pad
+        if ringing:
+            right = self._links(entry, right, status_y, (("Decline", "decline", data["user"]),
+                                                         ("Call back", "callback", data["user"])))
+        draw.create_text(x1 + pad, status_y, anchor="nw", font=self.fonts["small"], tags=tag,
+                         fill=COLOURS["error_text"] if data["state"] == "missed"
+                         else COLOURS["muted"],
+                         text=self.elide(data["status"], "small", right - x1 - pad))
+        return bottom
+
     painters: ClassVar[dict[str, Callable]] = {
         "message": _paint_message, "notice": _paint_notice, "divider": _paint_divider,
-        "echo": _paint_echo, "help": _paint_help, "file": _paint_file,
+        "echo": _paint_echo, "help": _paint_help, "file": _paint_file, "call": _paint_call,
     }
 
 
@@ -8783,6 +8821,7 @@ class ChatWindow:
         self.me = ready["user"]
         self.room = ready["room"]
         self.seen: collections.deque[Any] = collections.deque(maxlen=1024)  # seqs shown
+        self.invites: dict[str, ChatEntry] = {}     # id_key(caller) -> its ringing card
         self.history_started = False
         px = look.px
         where = (f"on {printable(ready.get('host') or ready['address'])} · "
@@ -8900,6 +8939,37 @@ class ChatWindow:
 
     def on_error(self, event: dict) -> None:
         self.note(_sentence(event["message"]), "error")
+
+    def on_call_invite(self, event: dict) -> None:
+        """[SYSTEM] <alice> CALL YOU, and a card to call back or decline,
+        counting down; it stays, saying what became of the call."""
+        self.on_call_event(event)
+        user = event["from"]
+        expires = time.monotonic() + (event.get("expires") or CALL_TIMEOUT_S)
+        old = self.invites.pop(id_key(user), None)
+        if old is not None:                 # a renewed invitation: one card is enough
+            self.view.update(old, "call_card", state="renewed", status="Called again below")
+        self.invites[id_key(user)] = self.view.add(
+            "call", user=user, ts=unix_now(), state="ringing", expires=expires,
+            title=f"{printable(user)} is calling you", status=_time_left(expires))
+
+    def tick_invites(self) -> bool:
+        """Count the ringing cards down; True while any rings."""
+        for entry in self.invites.values():
+            status = _time_left(entry.data["expires"])
+            if status != entry.data["status"]:
+                self.view.update(entry, "call_card", status=status)
+        return bool(self.invites)
+
+    def invite_over(self, user: str, state: str, status: str) -> None:
+        """The call from `user` was answered, declined or missed."""
+        entry = self.invites.pop(id_key(user), None)
+        if entry is not None:
+            self.view.update(entry, "call_card", state=state, status=status)
+
+    def on_call_missed(self, event: dict) -> None:
+        self.on_call_event(event)
+        self.invite_over(event["from"], "missed", f"Missed call · {_clock(unix_now())}")
 
     def on_call_event(self, event: dict) -> None:
         """A call event, as a notice: the host's own ([SYSTEM]) or ours."""
@@ -9021,6 +9091,11 @@ class ChatWindow:
         self.window.close()
 
 
+def _time_left(expires: float) -> str:
+    """"Call back within 42 s" for a deadline on the monotonic clock."""
+    return f"Call back within {max(0, math.ceil(expires - time.monotonic()))} s"
+
+
 def _sentence(text: str) -> str:
     """"message is too long" -> "Message is too long." (errors read as sentences)."""
     text = printable(text.strip())
@@ -9030,24 +9105,249 @@ def _sentence(text: str) -> str:
 
 
 # =============================================================================
-# 21. GUI CALLS: (reserved) call windows
+# 21. GUI CALLS: the call window, a tile per person, ESC and Backspace
 # =============================================================================
-# Calls work from the chat window today (/CHECK, the Video call button,
-# notices for every call event); their video windows are the next piece of
-# work. Each call will get its own window, keyed here by the peer, read by
-# the same loop as the others (GuiApp.windows lists them, so closing the
-# last window still ends the program, and GuiApp.quit hides them too).
+# One window holds every call in progress: your own camera first, then a
+# tile per peer, in a grid that reflows as people join and leave, each
+# named. Frames never ride the event queue: the app's loop asks for the
+# newest frame of each tile about 30 times a second (`refresh`), skips the
+# ones it has shown, and hands each to Tk as PPM into a persistent image (a
+# slow window shows fewer frames; it never falls behind). Clicking a tile
+# selects it: ESC on a peer's tile hangs up on that peer, Backspace on your
+# own hangs up every call (the seed's keys); the buttons do the same, plus
+# mute and camera. Closing the window hangs up everything. The window
+# decides nothing: it reports what was pressed, and the app calls the core.
+
+_CALL = "-CALL-"                    # the call window's element keys: (_CALL, name)
+CALL_REFRESH_S = 1 / 30             # the loop looks for new frames this often
+CALL_BACKGROUND = "#14171C"
+
+
+@dataclasses.dataclass(eq=False)
+class Tile:
+    """One person's place in the call window."""
+    name: str                       # a peer's ID, or ours
+    mine: bool
+    photo: Any                      # a persistent tkinter.PhotoImage
+    detail: str = ""                # a direct call's safety code
+    serial: int = -1                # the frame shown (see ClientCalls.latest_frame)
+    box: tuple[int, int, int, int] = (0, 0, 1, 1)   # x, y, width, height on the canvas
+    showing: bool = False           # a frame is up (else the placeholder)
+
+
+class CallWindow:
+    """The call window: tiles, a status line, buttons. `frames(name)` gives
+    (serial, newest frame) for a tile, `mine` for ours (a BGR array or None).
+    """
+
+    def __init__(self, look: Look, images: Images, me: str, trace: GuiTrace,
+                 frames: Callable[[str, bool], tuple[int, Any]]) -> None:
+        import tkinter
+
+        import PySimpleGUI as sg
+        self.look = look
+        self.trace = trace
+        self.me = me
+        self.frames = frames
+        self._tk_photo = tkinter.PhotoImage
+        px = look.px
+        layout = [
+            [sg.Canvas(key=(_CALL, "tiles"), size=(px(720), px(420)), pad=0,
+                       background_color=CALL_BACKGROUND, expand_x=True, expand_y=True)],
+            [sg.Text("", key=(_CALL, "status"), font=look.font(9), text_color=COLOURS["muted"],
+                     pad=((0, px(8)), (px(8), 0)), size=(40, 1), expand_x=True),
+             _button("Mute", (_CALL, "mute"), look, primary=False),
+             _button("Camera off", (_CALL, "camera"), look, primary=False),
+             _button("Hang up", (_CALL, "hangup"), look, primary=False),
+             _button("End all calls", (_CALL, "end"), look)],
+            [sg.Text("Click a tile to pick it: Esc hangs up on that person, Backspace on "
+                     "your own tile ends every call.", font=look.font(8),
+                     text_color=COLOURS["faint"], pad=0)],
+        ]
+        self.window = sg.Window(f"Call · {printable(me)} · chatroom", layout, finalize=True,
+                                enable_close_attempted_event=True, resizable=True,
+                                icon=images.icon(64), font=look.font(10))
+        _polish_buttons(self.window, look)
+        self.window.set_min_size((px(520), px(360)))
+        self.window.bind("<Escape>", (_CALL, "escape"))
+        self.window.bind("<BackSpace>", (_CALL, "backspace"))
+        self.canvas = self.window[(_CALL, "tiles")].Widget
+        self.canvas.bind("<Button-1>", self._on_click)
+        self.canvas.bind("<Configure>", lambda _event: self._layout())
+        self.fonts = {"name": (look.family, max(8, round(10 * look.unit / 1.33)), "bold"),
+                      "small": (look.family, max(7, round(9 * look.unit / 1.33)))}
+        self.tiles: list[Tile] = [self._tile(me, True)]
+        self.selected: str | None = None
+        self._layout()
+
+    # --- who is in it ---
+
+    def _tile(self, name: str, mine: bool, detail: str = "") -> Tile:
+        return Tile(name, mine, self._tk_photo(width=1, height=1), detail)
+
+    def add(self, peer: str, detail: str = "") -> None:
+        """A peer joined (a link is up): give it a tile, or update its detail."""
+        for tile in self.tiles:
+            if not tile.mine and tile.name == peer:
+                tile.detail = detail or tile.detail
+                self._layout()
+                return
+        self.tiles.append(self._tile(peer, False, detail))
+        self._layout()
+
+    def remove(self, peer: str) -> None:
+        self.tiles = [t for t in self.tiles if t.mine or t.name != peer]
+        if self.selected == peer:
+            self.selected = None
+        self._layout()
+
+    @property
+    def peers(self) -> list[str]:
+        return [tile.name for tile in self.tiles if not tile.mine]
+
+    def status(self, text: str) -> None:
+        self.window[(_CALL, "status")].update(text)
+        self.trace("call_status", text=text)
+
+    def media_state(self, muted: bool, video: bool) -> None:
+        self.window[(_CALL, "mute")].update("Unmute" if muted else "Mute")
+        self.window[(_CALL, "camera")].update("Camera on" if not video else "Camera off")
+
+    # --- drawing ---
+
+    def _layout(self) -> None:
+        """Place the tiles in a grid that fills the canvas, 4:3 each."""
+        canvas, px = self.canvas, self.look.px
+        width = max(canvas.winfo_width(), 2)
+        height = max(canvas.winfo_height(), 2)
+        count = len(self.tiles)
+        columns = max(1, math.ceil(math.sqrt(count)))
+        rows = math.ceil(count / columns)
+        gap = px(6)
+        cell_w = (width - gap * (columns + 1)) // columns
+        cell_h = (height - gap * (rows + 1)) // rows
+        tile_w = max(8, min(cell_w, cell_h * 4 // 3))
+        tile_h = max(6, tile_w * 3 // 4)
+        canvas.delete("all")
+        for index, tile in enumerate(self.tiles):
+            row, column = divmod(index, columns)
+            x = gap + column * (cell_w + gap) + (cell_w - tile_w) // 2
+            y = gap + row * (cell_h + gap) + (cell_h - tile_h) // 2
+            tile.box = (x, y, tile_w, tile_h)
+            tile.serial = -1                # draw the next frame at the new size
+            tile.showing = False
+            self._draw_tile(tile)
+        self._trace_tiles()
+
+    def _draw_tile(self, tile: Tile) -> None:
+        canvas, px = self.canvas, self.look.px
+        x, y, w, h = tile.box
+        tag = f"tile:{id(tile)}"
+        canvas.delete(tag)
+        canvas.create_rectangle(x, y, x + w, y + h, fill="#1F242C", outline="", tags=tag)
+        if tile.showing:
+            canvas.create_image(x, y, anchor="nw", image=tile.photo, tags=tag)
+        else:
+            text = ("Camera off" if tile.mine else "Waiting for video...")
+            canvas.create_text(x + w / 2, y + h / 2, text=text, fill=COLOURS["faint"],
+                               font=self.fonts["small"], tags=tag)
+        label = printable(tile.name) + ("  (you)" if tile.mine else "")
+        if tile.detail:
+            label += f"  ·  safety code {tile.detail}"
+        text = canvas.create_text(x + px(10), y + px(8), anchor="nw", text=label,
+                                  fill="#FFFFFF", font=self.fonts["name"], tags=tag)
+        x1, y1, x2, y2 = canvas.bbox(text)
+        back = canvas.create_rectangle(x1 - px(6), y1 - px(3), x2 + px(6), y2 + px(3),
+                                       fill="#000000", outline="", stipple="gray50", tags=tag)
+        canvas.tag_raise(text, back)
+        if self.selected is not None and tile.name == self.selected and \
+                (tile.mine == (self.selected == self.me)):
+            canvas.create_rectangle(x + 1, y + 1, x + w - 1, y + h - 1, outline=COLOURS["accent"],
+                                    width=px(3), tags=tag)
+
+    def refresh(self) -> int:
+        """Show each tile's newest frame, if it is new; returns how many."""
+        import cv2
+        shown = 0
+        for tile in self.tiles:
+            serial, frame = self.frames(tile.name, tile.mine)
+            if serial == tile.serial:
+                continue
+            tile.serial = serial
+            if frame is None:
+                if tile.showing:
+                    tile.showing = False
+                    self._draw_tile(tile)
+                continue
+            _x, _y, w, h = tile.box
+            rgb = cv2.cvtColor(cv2.resize(frame, (w, h), interpolation=cv2.INTER_AREA),
+                               cv2.COLOR_BGR2RGB)
+            tile.photo.configure(data=b"P6 %d %d 255\n" % (w, h) + rgb.tobytes(),
+                                 format="ppm", width=w, height=h)
+            if not tile.showing:
+                tile.showing = True
+                self._draw_tile(tile)
+            shown += 1
+        return shown
+
+    # --- picking a tile ---
+
+    def _on_click(self, event: Any) -> None:
+        for tile in self.tiles:
+            x, y, w, h = tile.box
+            if x <= event.x < x + w and y <= event.y < y + h:
+                self.select(tile.name if not tile.mine else self.me)
+                return
+
+    def select(self, name: str | None) -> None:
+        self.selected = name
+        for tile in self.tiles:
+            self._draw_tile(tile)
+        self.trace("call_selected", name=name)
+
+    def picked_peer(self) -> str | None:
+        """The peer whose tile is selected (None: none, or our own)."""
+        return self.selected if self.selected in self.peers and self.selected != self.me \
+            else None
+
+    def own_tile_picked(self) -> bool:
+        return self.selected == self.me
+
+    # --- for the tests ---
+
+    def _trace_tiles(self) -> None:
+        if not self.trace.enabled:
+            return
+        self.window.TKroot.update_idletasks()
+        origin = (self.canvas.winfo_rootx(), self.canvas.winfo_rooty())
+        self.trace("window", name="call", xid=int(self.window.TKroot.wm_frame(), 16),
+                   box=_screen_box(self.window.TKroot),
+                   tiles=[{"name": t.name, "mine": t.mine, "detail": t.detail,
+                           "box": [origin[0] + t.box[0], origin[1] + t.box[1],
+                                   t.box[2], t.box[3]]} for t in self.tiles],
+                   elements={name: _screen_box(self.window[(_CALL, name)].Widget)
+                             for name in ("mute", "camera", "hangup", "end", "tiles")})
+
+    def close(self) -> None:
+        self.window.close()
+
 
 class CallWindows:
-    """The video windows of the calls in progress (none yet: reserved)."""
+    """The app's one call window, opened by the first link and closed when
+    the last one ends (or by a person: that hangs up everything)."""
 
     def __init__(self) -> None:
-        self.windows: dict[str, Any] = {}   # peer -> its video window
+        self.window: CallWindow | None = None
+        self.refreshed = 0.0                # monotonic time of the last refresh
+
+    @property
+    def windows(self) -> list[Any]:
+        return [self.window.window] if self.window is not None else []
 
     def close_all(self) -> None:
-        for window in self.windows.values():
-            window.close()
-        self.windows.clear()
+        if self.window is not None:
+            self.window.close()
+            self.window = None
 
 
 # =============================================================================
@@ -9267,6 +9567,8 @@ class GuiApp:
         self.joining: dict = {}             # what the launcher asked for
         self.stop_deadline = 0.0
         self.stats = LoopStats()
+        self._invites_ticked = 0.0          # when ringing cards were last counted down
+        self._relayed: set[str] = set()     # peers whose media we were told is relayed
         in_room = self._in_room
         self.posted: dict[tuple, Callable[[Any], None]] = {
             (NET_EVENT, "hosts"): self.launcher.show_hosts,
@@ -9284,12 +9586,15 @@ class GuiApp:
             (NET_EVENT, "file_sent"): in_room(ChatWindow.on_file_sent),
             (NET_EVENT, "file_delivered"): in_room(ChatWindow.on_file_delivered),
             (NET_EVENT, "file_failed"): in_room(ChatWindow.on_file_failed),
-            (NET_EVENT, "call_invite"): in_room(ChatWindow.on_call_event),
-            (NET_EVENT, "call_missed"): in_room(ChatWindow.on_call_event),
-            (NET_EVENT, "call_connected"): in_room(ChatWindow.on_call_event),
-            (NET_EVENT, "call_ended"): in_room(ChatWindow.on_call_event),
+            (NET_EVENT, "call_invite"): in_room(ChatWindow.on_call_invite),
+            (NET_EVENT, "call_missed"): in_room(ChatWindow.on_call_missed),
             (NET_EVENT, "call_failed"): in_room(ChatWindow.on_call_event),
-            (NET_EVENT, "media_state"): in_room(ChatWindow.on_call_event),
+            (NET_EVENT, "call_connected"): self.on_call_connected,
+            (NET_EVENT, "call_ended"): self.on_call_ended,
+            (NET_EVENT, "media_state"): self.on_media_state,
+            (NET_EVENT, "media_stats"): self.on_media_stats,
+            (_CHAT, "callback"): in_room(self.on_call_back),
+            (_CHAT, "decline"): in_room(self.on_decline_click),
             (CORE_EVENT, "hosted"): self.on_hosted,
             (CORE_EVENT, "said"): in_room(self.on_said),
             (CORE_EVENT, "failed"): self.on_failed,
@@ -9307,6 +9612,14 @@ class GuiApp:
             (_CHAT, "file"): in_room(self.on_send_file_button),
             (_CHAT, "video"): in_room(self.on_video_button),
             (_CHAT, "leave"): in_room(self.on_leave),
+            (_CALL, "mute"): lambda values: self._quietly("mute", self.core.set_media(
+                muted=not self.core.calls.muted)),
+            (_CALL, "camera"): lambda values: self._quietly("camera", self.core.set_media(
+                video=not self.core.calls.camera_on)),
+            (_CALL, "hangup"): lambda values: self.hang_up_picked(),
+            (_CALL, "escape"): lambda values: self.hang_up_picked(),
+            (_CALL, "end"): lambda values: self.end_calls(),
+            (_CALL, "backspace"): lambda values: self.end_calls(only_if_own_tile=True),
         }
         self.typed: dict[type[Command], Callable[[ChatWindow, Any], None]] = {
             ChatLine: lambda chat, command: self.say(command.text),
@@ -9340,10 +9653,10 @@ class GuiApp:
         self.trace("phase", phase=self.phase.value)
         while self.phase is not Phase.STOPPED:
             started = time.perf_counter()
-            _window, event, values = self.sg.read_all_windows(
-                timeout=_STOPPING_POLL_MS if self.phase is Phase.STOPPING else None)
+            window, event, values = self.sg.read_all_windows(timeout=self._read_timeout())
             read = time.perf_counter()
-            self.dispatch(event, values)
+            self.dispatch(event, values, window)
+            self._keep_time()
             if self.trace.enabled:
                 self.stats.note(read - started, time.perf_counter() - read)
                 if len(self.stats.reads) >= _LOOP_STATS_EVERY:
@@ -9352,10 +9665,38 @@ class GuiApp:
             self.trace("loop", **self.stats.summary())
         return EXIT_OK
 
-    def dispatch(self, event: Any, values: Any) -> None:
+    def _read_timeout(self) -> int | None:
+        """How long the loop may wait for an event: briefly while stopping,
+        a frame's time while a call window shows video, a second while a
+        call rings, else for ever."""
+        if self.phase is Phase.STOPPING:
+            return _STOPPING_POLL_MS
+        if self.calls.window is not None:
+            return round(1000 * CALL_REFRESH_S)
+        if self.chat is not None and self.chat.invites:
+            return _RINGING_POLL_MS
+        return None
+
+    def _keep_time(self) -> None:
+        """What runs on the clock: new frames for the call window, the
+        countdown of ringing calls (after any event, so a flood of chat
+        can't starve them)."""
+        now = time.monotonic()
+        if self.calls.window is not None and now - self.calls.refreshed >= CALL_REFRESH_S:
+            self.calls.refreshed = now
+            self.calls.window.refresh()
+        if self.chat is not None and self.chat.invites and \
+                now - self._invites_ticked >= _RINGING_POLL_MS / 1000:
+            self._invites_ticked = now
+            self.chat.tick_invites()
+
+    def dispatch(self, event: Any, values: Any, window: Any = None) -> None:
         """Hand one event to its handler."""
         if event in (self.sg.WIN_CLOSED, self.sg.WINDOW_CLOSE_ATTEMPTED_EVENT):
-            self.quit()
+            if self.calls.window is not None and window is self.calls.window.window:
+                self.end_calls()            # closing the call window is a hang-up
+            else:
+                self.quit()
         elif event == self.sg.TIMEOUT_EVENT:
             if self.phase is Phase.STOPPING and time.monotonic() > self.stop_deadline:
                 self.finish()               # the core didn't stop in time: go anyway
@@ -9561,6 +9902,84 @@ class GuiApp:
             chat.note("Pick someone in the members list, or type \"ip port1 port2\", "
                       "then press Video call.", "error")
 
+    # --- calls ---
+
+    def on_call_back(self, chat: ChatWindow, user: str) -> None:
+        """"Call back" on a ringing card: /CHECK them."""
+        self._call(chat, f"/CHECK {user}", self.core.call(user))
+
+    def on_decline_click(self, chat: ChatWindow, user: str) -> None:
+        self._call(chat, f"/decline {user}", self.core.decline(user))
+        chat.invite_over(user, "declined", "You declined")
+
+    def on_call_connected(self, event: dict) -> None:
+        """A link is up: a tile for the peer, in the call window (opened for
+        the first link)."""
+        if self.chat is not None:
+            self.chat.on_call_event(event)
+            self.chat.invite_over(event["peer"], "answered", "Answered: in a call")
+        if self.calls.window is None:
+            me = self.chat.me if self.chat is not None else self.joining.get("user", "me")
+            self.calls.window = CallWindow(self.look, self.images, me, self.trace,
+                                           self._frame_of)
+            self.calls.window.media_state(self.core.calls.muted, self.core.calls.camera_on)
+        self.calls.window.add(event["peer"], event.get("safety_code") or "")
+        path = " through the host" if event.get("path") == "relay" else ""
+        self.calls.window.status(f"In a call with {printable(event['peer'])}{path}.")
+
+    def on_call_ended(self, event: dict) -> None:
+        if self.chat is not None:
+            self.chat.on_call_event(event)
+        window = self.calls.window
+        if window is None:
+            return
+        window.remove(event["peer"])
+        self._relayed.discard(event["peer"])
+        if not window.peers:                # the last link ended: so did the call
+            self.calls.close_all()
+        else:
+            window.status(CALL_LINES["call_ended"](event) + ".")
+
+    def on_media_state(self, event: dict) -> None:
+        if self.calls.window is not None:
+            self.calls.window.media_state(event["muted"], event["video"])
+        elif self.chat is not None:
+            self.chat.on_call_event(event)
+
+    def on_media_stats(self, event: dict) -> None:
+        """Said once per peer: its media comes through the host."""
+        window = self.calls.window
+        if window is not None and event["path"] == "relay" and event["peer"] not in self._relayed:
+            self._relayed.add(event["peer"])
+            window.status(f"{printable(event['peer'])}'s video and sound go through the host "
+                          "(UDP doesn't get through).")
+
+    def hang_up_picked(self) -> None:
+        """ESC or Hang up: end the call with the peer whose tile is picked."""
+        window = self.calls.window
+        if window is None:
+            return
+        peer = window.picked_peer() or (window.peers[0] if len(window.peers) == 1 else None)
+        if peer is None:
+            window.status("Click the tile of the person to hang up on first.")
+            return
+        self._quietly("hangup", self.core.hang_up(peer))
+
+    def end_calls(self, only_if_own_tile: bool = False) -> None:
+        """End all calls (Backspace on your own tile, End all, or closing
+        the call window, which goes at once)."""
+        window = self.calls.window
+        if window is None or (only_if_own_tile and not window.own_tile_picked()):
+            return
+        self._quietly("hangup", self.core.hang_up(None))
+        if not only_if_own_tile:
+            self.calls.close_all()
+
+    def _frame_of(self, name: str, mine: bool) -> tuple[int, Any]:
+        """The newest frame of a tile: our camera's, or a peer's."""
+        calls = self.core.calls
+        return (calls.preview_serial, calls.preview) if mine else calls.latest_frame(name)
+
     def on_leave(self, chat: ChatWindow, values: dict) -> None:
         if self.phase is Phase.CHATTING:
             self._quietly("leave", self.core.leave(wait_for_uploads=False))
@@ -9596,7 +10015,7 @@ class GuiApp:
 
     def windows(self) -> list[Any]:
         return ([self.launcher.window] + ([self.chat.window] if self.chat else [])
-                + list(self.calls.windows.values()))
+                + self.calls.windows)
 
     def quit(self) -> None:
         """A window's close button: every window goes at once, the core stops
@@ -9628,6 +10047,7 @@ class GuiApp:
 
 
 _STOPPING_POLL_MS = 100             # while the core stops, the loop looks this often
+_RINGING_POLL_MS = 1000             # a ringing call's countdown moves this often
 _LOOP_STATS_EVERY = 500             # reads per `loop` trace record
 
 
@@ -9743,6 +10163,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="listen and use mDNS on this address only (default: the LAN)")
     parser.add_argument("--no-advertise", action="store_true",
                         help="host without announcing itself on mDNS")
+    parser.add_argument("--settle", type=float, default=DISCOVERY_SETTLE_S, metavar="S",
+                        help="--cli: stop looking for hosts once none has appeared for S "
+                        f"seconds (default {DISCOVERY_SETTLE_S:g}; up to --timeout)")
     parser.add_argument("--timeout", type=float, default=DISCOVERY_TIMEOUT_S,
                         help=f"seconds to look for hosts (default {DISCOVERY_TIMEOUT_S:g})")
     parser.add_argument("--history", type=int, default=HISTORY_LIMIT, metavar="N",
@@ -9811,6 +10234,8 @@ def limits_from(args: argparse.Namespace) -> Limits:
         raise ValueError(f"--max-room-members takes 2 to {MAX_ROOM_MEMBERS_CAP}")
     if args.max_sessions < 1:
         raise ValueError("--max-sessions takes at least 1")
+    if not args.settle >= 0:
+        raise ValueError("--settle takes a number of seconds")
     if not args.call_timeout > 0 or args.max_call_size < 2:
         raise ValueError("--call-timeout must be positive and --max-call-size at least 2")
     if not 0 <= args.media_port < 65536:
@@ -9819,6 +10244,7 @@ def limits_from(args: argparse.Namespace) -> Limits:
                   hello_timeout_s=args.login_timeout, outbox_limit_bytes=args.outbox_limit,
                   max_sessions=args.max_sessions, max_room_members=args.max_room_members,
                   max_file_size=args.max_file_size, call_timeout_s=args.call_timeout,
+                  discovery_settle_s=args.settle,
                   max_call_size=args.max_call_size,
                   # A frame must hold the longest text, JSON-escaped, and its envelope.
                   max_frame_bytes=max(MAX_FRAME_BYTES, _JSON_ESCAPE_FACTOR

@@ -383,8 +383,12 @@ async def test_cli_with_two_hosts_of_one_name_is_ambiguous(run):
     name = unique()
     (_, port1), (_, port2) = await asyncio.gather(start_host(run, name),
                                                   start_host(run, name))
+    # --settle 3: look for the whole 3 s. With the default 0.6 s, a busy
+    # machine that made the second host answer late let the client join the
+    # first (a run with two CPU burners beside it failed that way).
     cli = await run("--cli", "--json", "--interface", LOCAL, "--name", name,
-                    "--timeout", "3", "--room", "r", "--user", "u", stdin=True)
+                    "--timeout", "3", "--settle", "3", "--room", "r", "--user", "u",
+                    stdin=True)
     assert await cli.finish(20) == 1
     errors = [e for e in cli.events if e["type"] == "error"]
     assert [e["code"] for e in errors] == ["ambiguous_host"], cli.events
