@@ -9151,8 +9151,18 @@ class CallWindow:
         self.frames = frames
         self._tk_photo = tkinter.PhotoImage
         px = look.px
+        ringing = sg.Column([[
+            sg.Text("", key=(_CALL, "ringing_text"), font=look.font(10, "bold"),
+                    text_color=COLOURS["info_text"], background_color=COLOURS["info"],
+                    pad=((px(10), px(8)), px(6))),
+            sg.Push(background_color=COLOURS["info"]),
+            _button("Call back", (_CALL, "answer"), look),
+            _button("Decline", (_CALL, "decline"), look, primary=False)]],
+            key=(_CALL, "ringing"), background_color=COLOURS["info"], expand_x=True,
+            visible=False, pad=(0, (0, px(6))))
         layout = [
-            [sg.Canvas(key=(_CALL, "tiles"), size=(px(720), px(420)), pad=0,
+            [ringing],
+            [sg.Canvas(key=(_CALL, "tiles"), size=(px(560), px(340)), pad=0,
                        background_color=CALL_BACKGROUND, expand_x=True, expand_y=True)],
             [sg.Text("", key=(_CALL, "status"), font=look.font(9), text_color=COLOURS["muted"],
                      pad=((0, px(8)), (px(8), 0)), size=(40, 1), expand_x=True),
@@ -9164,9 +9174,13 @@ class CallWindow:
                      "your own tile ends every call.", font=look.font(8),
                      text_color=COLOURS["faint"], pad=0)],
         ]
+        # Top right of the screen: beside the chat, whose newest lines and
+        # the members list stay in view (a window manager may still move it).
+        screen_w, _screen_h = sg.Window.get_screen_size()
         self.window = sg.Window(f"Call · {printable(me)} · chatroom", layout, finalize=True,
                                 enable_close_attempted_event=True, resizable=True,
-                                icon=images.icon(64), font=look.font(10))
+                                icon=images.icon(64), font=look.font(10),
+                                location=(max(0, screen_w - px(600)), 0))
         _polish_buttons(self.window, look)
         self.window.set_min_size((px(520), px(360)))
         self.window.bind("<Escape>", (_CALL, "escape"))
@@ -9178,6 +9192,7 @@ class CallWindow:
                       "small": (look.family, max(7, round(9 * look.unit / 1.33)))}
         self.tiles: list[Tile] = [self._tile(me, True)]
         self.selected: str | None = None
+        self.caller: str | None = None      # ringing while we are in a call
         self._layout()
 
     # --- who is in it ---
@@ -9208,6 +9223,19 @@ class CallWindow:
     def status(self, text: str) -> None:
         self.window[(_CALL, "status")].update(text)
         self.trace("call_status", text=text)
+
+    def ringing(self, user: str | None) -> None:
+        """Someone calls while we are in a call: a bar with Call back and
+        Decline (None: nobody; the bar goes)."""
+        self.caller = user
+        if user is not None:
+            self.window[(_CALL, "ringing_text")].update(f"{printable(user)} is calling you")
+        self.window[(_CALL, "ringing")].update(visible=user is not None)
+        if self.trace.enabled and user is not None:
+            self.window.TKroot.update_idletasks()
+        self.trace("call_ringing", user=user, elements={
+            name: _screen_box(self.window[(_CALL, name)].Widget) for name in ("answer", "decline")}
+            if user is not None else {})
 
     def media_state(self, muted: bool, video: bool) -> None:
         self.window[(_CALL, "mute")].update("Unmute" if muted else "Mute")
@@ -9288,6 +9316,9 @@ class CallWindow:
                 tile.showing = True
                 self._draw_tile(tile)
             shown += 1
+            if self.trace.enabled:          # on screen (XSync) before it is said
+                self.canvas.update_idletasks()
+                self.trace("tile_frame", name=tile.name, mine=tile.mine, serial=serial)
         return shown
 
     # --- picking a tile ---
@@ -9330,6 +9361,7 @@ class CallWindow:
 
     def close(self) -> None:
         self.window.close()
+        self.trace("call_window_closed")
 
 
 class CallWindows:
@@ -9586,8 +9618,8 @@ class GuiApp:
             (NET_EVENT, "file_sent"): in_room(ChatWindow.on_file_sent),
             (NET_EVENT, "file_delivered"): in_room(ChatWindow.on_file_delivered),
             (NET_EVENT, "file_failed"): in_room(ChatWindow.on_file_failed),
-            (NET_EVENT, "call_invite"): in_room(ChatWindow.on_call_invite),
-            (NET_EVENT, "call_missed"): in_room(ChatWindow.on_call_missed),
+            (NET_EVENT, "call_invite"): self.on_call_invite,
+            (NET_EVENT, "call_missed"): self.on_call_missed,
             (NET_EVENT, "call_failed"): in_room(ChatWindow.on_call_event),
             (NET_EVENT, "call_connected"): self.on_call_connected,
             (NET_EVENT, "call_ended"): self.on_call_ended,
@@ -9620,6 +9652,8 @@ class GuiApp:
             (_CALL, "escape"): lambda values: self.hang_up_picked(),
             (_CALL, "end"): lambda values: self.end_calls(),
             (_CALL, "backspace"): lambda values: self.end_calls(only_if_own_tile=True),
+            (_CALL, "answer"): lambda values: self.answer_in_call_window(),
+            (_CALL, "decline"): lambda values: self.decline_in_call_window(),
         }
         self.typed: dict[type[Command], Callable[[ChatWindow, Any], None]] = {
             ChatLine: lambda chat, command: self.say(command.text),
@@ -9904,6 +9938,38 @@ class GuiApp:
 
     # --- calls ---
 
+    def on_call_invite(self, event: dict) -> None:
+        """Someone calls: a card in the chat, and, in a call, a bar in the
+        call window (where a person in a call is looking)."""
+        if self.chat is not None:
+            self.chat.on_call_invite(event)
+        if self.calls.window is not None:
+            self.calls.window.ringing(event["from"])
+
+    def on_call_missed(self, event: dict) -> None:
+        if self.chat is not None:
+            self.chat.on_call_missed(event)
+        window = self.calls.window
+        if window is not None and window.caller is not None and \
+                id_key(window.caller) == id_key(event["from"]):
+            window.ringing(None)
+
+    def answer_in_call_window(self) -> None:
+        window = self.calls.window
+        if window is not None and window.caller is not None:
+            caller = window.caller
+            window.ringing(None)
+            self._quietly("call", self.core.call(caller))
+
+    def decline_in_call_window(self) -> None:
+        window = self.calls.window
+        if window is not None and window.caller is not None:
+            caller = window.caller
+            window.ringing(None)
+            self._quietly("decline", self.core.decline(caller))
+            if self.chat is not None:
+                self.chat.invite_over(caller, "declined", "You declined")
+
     def on_call_back(self, chat: ChatWindow, user: str) -> None:
         """"Call back" on a ringing card: /CHECK them."""
         self._call(chat, f"/CHECK {user}", self.core.call(user))
@@ -9924,6 +9990,9 @@ class GuiApp:
                                            self._frame_of)
             self.calls.window.media_state(self.core.calls.muted, self.core.calls.camera_on)
         self.calls.window.add(event["peer"], event.get("safety_code") or "")
+        if self.calls.window.caller is not None and \
+                id_key(self.calls.window.caller) == id_key(event["peer"]):
+            self.calls.window.ringing(None)
         path = " through the host" if event.get("path") == "relay" else ""
         self.calls.window.status(f"In a call with {printable(event['peer'])}{path}.")
 

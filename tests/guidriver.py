@@ -279,11 +279,13 @@ class Cli(Proc):
     """`--cli --json` joined to a host on 127.0.0.1; `say()` types a line."""
 
     def __init__(self, port: int, room: str, user: str, downloads: Path | None = None,
-                 program: list[str] | None = None) -> None:
+                 program: list[str] | None = None, extra: list[str] = ()) -> None:
         super().__init__(["--cli", "--json", "--server", f"{LOOPBACK}:{port}", "--room", room,
                           "--user", user] + (["--downloads", str(downloads)] if downloads
-                                             else []), stdin=True, program=program)
-        self.ready = self.wait_for(lambda e: e.get("type") in ("ready", "closed"), 10)
+                                             else []) + list(extra),
+                         stdin=True, program=program)
+        self.user = user
+        self.ready = self.wait_for(lambda e: e.get("type") in ("ready", "closed"), 15)
 
     def say(self, line: str) -> None:
         self.proc.stdin.write((line + "\n").encode("utf-8"))
