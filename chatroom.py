@@ -7789,6 +7789,7 @@ COLOURS = {
     "accent_soft": "#DCE6FB",
     "mine": "#3367D6",              # my bubbles
     "mine_text": "#FFFFFF",
+    "mine_pending": "#7FA0E6",      # my bubble before the host confirms it
     "theirs": "#FFFFFF",            # everyone else's
     "system": "#DEE2EA",            # [SYSTEM] notices from the host
     "system_text": "#4A5263",
@@ -8096,6 +8097,8 @@ class Drawing:
 # to the read loop (GUI APP); neither talks to the core.
 
 _RELAYOUT_DELAY_MS = 80             # a resize redraws once the edge rests this long
+_MESSAGE_MARKS = {"sending": "Sending...", "late": "Not confirmed by the host yet",
+                  "unsent": "Not sent: the connection ended"}
 _PAINT_EVERY_S = 0.1                # during a flood, make Tk paint at least this often
 
 
@@ -8304,9 +8307,19 @@ class ChatView(Drawing):
             width=self._text_width(), font=self.fonts["body"],
             fill=COLOURS["mine_text"] if mine else COLOURS["text"], tags=entry.tag)
         x1, y1, x2, y2 = draw.bbox(entry.text_item)
+        state = data.get("state", "sent")
+        fill = COLOURS["mine"] if mine else COLOURS["theirs"]
+        if state != "sent":                 # ours, not (yet) confirmed by the host
+            fill = COLOURS["mine_pending"] if state == "sending" else COLOURS["faint"]
         self.box((entry.tag, entry.tag + "-box"), x1 - pad_x, y1 - pad_y, x2 + pad_x,
-                 y2 + pad_y, px(14), COLOURS["mine"] if mine else COLOURS["theirs"])
+                 y2 + pad_y, px(14), fill)
         draw.tag_lower(entry.tag + "-box", entry.text_item)
+        mark = _MESSAGE_MARKS.get(state)
+        if mark is not None:                # beside the bubble: its height never changes
+            draw.create_text(x1 - pad_x - px(8), y2 + pad_y, anchor="se", text=mark,
+                             font=self.fonts["small"], tags=entry.tag,
+                             fill=COLOURS["error_text"] if state == "unsent"
+                             else COLOURS["muted"])
         return max(y2 + pad_y, top + px(36))
 
     _NOTICE_COLOURS: ClassVar[dict[str, tuple[str, str]]] = {
@@ -8616,6 +8629,25 @@ def _polish_buttons(window: Any, look: Look) -> None:
                                      disabledforeground=COLOURS["faint"])
 
 
+def _fit_on_screen(window: Any, minimum: tuple[int, int], preferred: tuple[int, int]) -> None:
+    """Size `window` as `preferred`, centred, but never bigger than its
+    screen (a window taller than the screen hides its bottom, where the
+    message box is) nor smaller than `minimum` (itself no bigger than the
+    screen). Its elements ask for little, and the window grows them."""
+    root = window.TKroot
+    root.update_idletasks()
+    screen_w, screen_h = root.winfo_screenwidth(), root.winfo_screenheight()
+    room_w, room_h = int(screen_w * _SCREEN_SHARE), int(screen_h * _SCREEN_SHARE)
+    least_w, least_h = min(minimum[0], room_w), min(minimum[1], room_h)
+    window.set_min_size((least_w, least_h))
+    width = min(max(preferred[0], least_w, root.winfo_reqwidth()), room_w)
+    height = min(max(preferred[1], least_h, root.winfo_reqheight()), room_h)
+    root.geometry(f"{width}x{height}+{(screen_w - width) // 2}+{(screen_h - height) // 2}")
+
+
+_SCREEN_SHARE = 0.95                # a window takes at most this much of the screen
+
+
 def _screen_box(widget: Any) -> list[int]:
     """[x, y, width, height] of a widget on the screen (for the trace)."""
     return [widget.winfo_rootx(), widget.winfo_rooty(), widget.winfo_width(),
@@ -8840,7 +8872,7 @@ class ChatWindow:
                      background_color=COLOURS["panel"], pad=(px(12), (px(10), px(4)))),
              sg.Text("", key=(_CHAT, "count"), font=look.font(9), pad=(0, (px(10), px(4))),
                      text_color=COLOURS["faint"], background_color=COLOURS["panel"])],
-            [sg.Canvas(key=(_CHAT, "members"), size=(px(210), px(300)), pad=0,
+            [sg.Canvas(key=(_CHAT, "members"), size=(px(210), px(160)), pad=0,
                        background_color=COLOURS["panel"], expand_y=True, expand_x=True)],
             [sg.Text("", key=(_CHAT, "target"), font=look.font(9), size=(28, 2),
                      text_color=COLOURS["muted"], background_color=COLOURS["panel"],
@@ -8850,12 +8882,16 @@ class ChatWindow:
         footer = [
             _button("Send file", (_CHAT, "file"), look, primary=False),
             _button("Video call", (_CHAT, "video"), look, primary=False),
-            sg.Column([[_field((_CHAT, "input"), look, focus=True)]], expand_x=True,
-                       pad=(px(8), 0)),
+            sg.Column([[_field((_CHAT, "input"), look, focus=True, size=(12, 1))]],
+                      expand_x=True, pad=(px(8), 0)),
             _button("Send", (_CHAT, "send"), look, bind_return_key=True)]
+        banner = sg.Text("", key=(_CHAT, "banner"), font=look.font(10, "bold"),
+                         text_color=COLOURS["error_text"], background_color=COLOURS["error"],
+                         expand_x=True, visible=False, pad=(0, (px(8), 0)))
         layout = [
             header,
-            [sg.Column([[sg.Canvas(key=(_CHAT, "view"), size=(px(660), px(520)), pad=0,
+            [banner],
+            [sg.Column([[sg.Canvas(key=(_CHAT, "view"), size=(px(420), px(260)), pad=0,
                                    background_color=COLOURS["chat"], expand_x=True,
                                    expand_y=True)]], expand_x=True, expand_y=True,
                        pad=(0, (px(10), px(8)))),
@@ -8863,7 +8899,7 @@ class ChatWindow:
             footer,
             [sg.Text("Enter sends · help shows what you can do · /who lists the "
                      "members · /send PATH sends a file", font=look.font(8),
-                     text_color=COLOURS["faint"], pad=0)],
+                     text_color=COLOURS["faint"], pad=0, key=(_CHAT, "hint"))],
         ]
         self.window = sg.Window(f"{printable(self.room)} · chatroom", layout, finalize=True,
                                 enable_close_attempted_event=True, resizable=True,
@@ -8875,7 +8911,19 @@ class ChatWindow:
         side = self.window[(_CHAT, "side")].Widget
         side.master.pack_configure(expand=True, fill="both")
         side.pack_configure(expand=False, fill="y")
-        self.window.set_min_size((px(720), px(480)))
+        # Tk shrinks what was packed last first: the footer and its hint are
+        # packed (at the bottom) before the conversation, so a small window
+        # squeezes the conversation, never the message box or Send.
+        middle = side.master
+        hint = self.window[(_CHAT, "hint")].Widget.master
+        footer_row = self.window[(_CHAT, "send")].Widget.master
+        hint.pack_configure(side="bottom", before=middle)
+        footer_row.pack_configure(side="bottom", before=middle)
+        _fit_on_screen(self.window, (px(620), px(420)), (px(900), px(700)))
+        if trace.enabled:                   # tests follow resizes through the trace
+            self.window.TKroot.bind("<Configure>", self._on_resize, add="+")
+        self._resize_job: str | None = None
+        self.pending: dict[str, ChatEntry] = {}     # our lines the host hasn't echoed
         post = self.window.write_event_value
         view = self.window[(_CHAT, "view")].Widget
         self._add_scrollbar(view)
@@ -8885,6 +8933,18 @@ class ChatWindow:
         self.members.set(ready["members"])
         self.pick(None)
         self.count()
+        self.trace_layout()
+
+    def _on_resize(self, event: Any) -> None:
+        """Trace the layout again once a resize rests (trace mode only)."""
+        if event.widget is not self.window.TKroot:
+            return
+        if self._resize_job is not None:
+            self.window.TKroot.after_cancel(self._resize_job)
+        self._resize_job = self.window.TKroot.after(_RELAYOUT_DELAY_MS, self._traced_resize)
+
+    def _traced_resize(self) -> None:
+        self._resize_job = None
         self.trace_layout()
 
     def _add_scrollbar(self, canvas: Any) -> None:
@@ -8908,6 +8968,20 @@ class ChatWindow:
 
     # --- events from the room ---
 
+    def sending(self, text: str, msg_id: str) -> None:
+        """Our line is on its way: shown at once, marked until the host's
+        echo confirms it (so a line typed into a frozen host never vanishes)."""
+        self.pending[msg_id] = self.view.add("message", **{
+            "from": self.me, "text": text, "ts": unix_now(), "mine": True, "seq": 0,
+            "history": False, "id": msg_id, "state": "sending"})
+
+    def unconfirmed(self, older_than_s: float) -> None:
+        """Lines the host hasn't confirmed for a while: say so on them."""
+        now = unix_now()
+        for entry in self.pending.values():
+            if entry.data["state"] == "sending" and now - entry.data["ts"] > older_than_s:
+                self.view.update(entry, "message_state", state="late")
+
     def on_message(self, event: dict) -> None:
         if event.get("seq") in self.seen:
             return                          # shown already (a resent confirmation)
@@ -8915,6 +8989,11 @@ class ChatWindow:
         if event.get("history") and not self.history_started:
             self.history_started = True
             self.view.add("divider", text="Earlier messages")
+        mine = self.pending.pop(event.get("id", ""), None)
+        if mine is not None and id_key(event["from"]) == id_key(self.me):
+            self.view.update(mine, "message_state", state="sent", ts=event.get("ts"),
+                             seq=event.get("seq", 0))
+            return
         self.view.add("message", **{"from": event["from"], "text": event["text"],
                                     "ts": event.get("ts"), "seq": event.get("seq", 0),
                                     "history": bool(event.get("history")),
@@ -8999,11 +9078,23 @@ class ChatWindow:
             "to send to all.")
 
     def ended(self, reason: str) -> None:
-        """The connection is gone: say why; typing is over, Leave goes back."""
-        self.note(CLOSED_REASONS.get(reason, f"Disconnected ({reason})."), "error")
+        """The connection is gone: a banner says why, the input greys out,
+        each line the host never confirmed is marked not sent, and Leave
+        goes back to the hosts."""
+        why = CLOSED_REASONS.get(reason, f"Disconnected ({reason}).")
+        self.note(why, "error")
+        self.window[(_CHAT, "banner")].update(f"  {why} Nothing you type now is sent.",
+                                               visible=True)
         for name in ("input", "send", "file", "video"):
             self.window[(_CHAT, name)].update(disabled=True)
+        self.window[(_CHAT, "input")].Widget.configure(
+            disabledbackground=COLOURS["track"])
         self.window[(_CHAT, "leave")].update("Back to hosts")
+        for entry in self.pending.values():
+            self.view.update(entry, "message_state", state="unsent")
+        self.pending.clear()
+        self.trace("ended", reason=reason)
+        self.trace_layout()
 
     def take_input(self) -> str:
         element = self.window[(_CHAT, "input")]
@@ -9080,13 +9171,19 @@ class ChatWindow:
         if not self.trace.enabled:
             return
         self.window.TKroot.update_idletasks()       # not refresh(): see Launcher
+        banner = self.window[(_CHAT, "banner")]
         self.trace("window", name="chat", xid=int(self.window.TKroot.wm_frame(), 16),
                    box=_screen_box(self.window.TKroot),
                    elements={name: _screen_box(self.window[(_CHAT, name)].Widget)
                              for name in ("input", "send", "file", "video", "leave",
-                                          "view", "members")})
+                                          "view", "members")},
+                   disabled={name: str(self.window[(_CHAT, name)].Widget.cget("state"))
+                             in ("disabled", "readonly") for name in ("input", "send")},
+                   banner=banner.get() if banner.visible else "")
 
     def close(self) -> None:
+        if self._resize_job is not None:
+            self.window.TKroot.after_cancel(self._resize_job)
         self.view.close()
         self.window.close()
 
@@ -9707,7 +9804,7 @@ class GuiApp:
             return _STOPPING_POLL_MS
         if self.calls.window is not None:
             return round(1000 * CALL_REFRESH_S)
-        if self.chat is not None and self.chat.invites:
+        if self.chat is not None and (self.chat.invites or self.chat.pending):
             return _RINGING_POLL_MS
         return None
 
@@ -9719,10 +9816,11 @@ class GuiApp:
         if self.calls.window is not None and now - self.calls.refreshed >= CALL_REFRESH_S:
             self.calls.refreshed = now
             self.calls.window.refresh()
-        if self.chat is not None and self.chat.invites and \
+        if self.chat is not None and (self.chat.invites or self.chat.pending) and \
                 now - self._invites_ticked >= _RINGING_POLL_MS / 1000:
             self._invites_ticked = now
             self.chat.tick_invites()
+            self.chat.unconfirmed(_UNCONFIRMED_S)
 
     def dispatch(self, event: Any, values: Any, window: Any = None) -> None:
         """Hand one event to its handler."""
@@ -9886,6 +9984,8 @@ class GuiApp:
         text, msg_id = outcome
         if msg_id is None:                  # refused: an `error` says why
             chat.restore_input(text)
+        else:                               # on its way: shown until the host confirms
+            chat.sending(text, msg_id)
 
     def on_mistyped(self, chat: ChatWindow, command: Mistyped) -> None:
         chat.view.add("echo", text=command.line)
@@ -10117,6 +10217,7 @@ class GuiApp:
 
 _STOPPING_POLL_MS = 100             # while the core stops, the loop looks this often
 _RINGING_POLL_MS = 1000             # a ringing call's countdown moves this often
+_UNCONFIRMED_S = 5.0                # a line the host hasn't confirmed after this is marked
 _LOOP_STATS_EVERY = 500             # reads per `loop` trace record
 
 

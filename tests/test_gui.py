@@ -661,3 +661,59 @@ def test_a_flood_of_messages_keeps_the_window_responsive(x, tmp_path, procs):
           f"/ p99 {read['p99']:.2f} / max {read['max']:.2f} ms; a handler took p50 "
           f"{handler['p50']:.2f} / p99 {handler['p99']:.2f} / max {handler['max']:.2f} ms "
           f"(worst of {len(loops)} windows of 500 reads)")
+
+
+def test_on_a_small_screen_the_window_fits_and_shows_the_message_box(tmp_path, procs):
+    """The message box and Send were cut off first when the window was
+    shorter than it wanted (a 150% scale on a smaller screen): now the window
+    fits the screen and the conversation shrinks instead."""
+    small = Xvfb(900, 560).start()
+    try:
+        host = Host(unique("small"), advertise=False)
+        procs.append(host)
+        for scale in ("1", "1.5"):
+            gui = start_gui(small, tmp_path, procs, "--server", f"{LOOPBACK}:{host.port}",
+                            "--room", "r", "--user", f"s{scale[0]}", "--scale", scale)
+            layout = join_from_launcher(gui, small)
+            wx, wy, ww, wh = layout["box"]
+            assert 0 <= wx and wx + ww <= 900 and 0 <= wy and wy + wh <= 560, layout["box"]
+            for name in ("input", "send", "file", "video"):
+                ex, ey, ew, eh = layout["elements"][name]
+                assert ew > 0 and eh > 0, (name, layout)
+                assert wx <= ex and ex + ew <= wx + ww and wy <= ey and ey + eh <= wy + wh, \
+                    f"{name} is cut off: window {layout['box']}, {name} {[ex, ey, ew, eh]}"
+            gui.type_into("chat", "input", "fits", enter=True)      # and it works
+            gui.shown(lambda e: e.get("text") == "fits")
+            gui.close("chat")
+            assert_exits_cleanly(gui)
+    finally:
+        small.stop()
+
+
+def test_a_frozen_then_vanished_host_greys_the_input_and_marks_unsent_lines(
+        x, tmp_path, procs):
+    host = Host(unique("frozen"), advertise=False, extra=["--login-timeout", "5"])
+    procs.append(host)
+    gui = start_gui(x, tmp_path, procs, "--server", f"{LOOPBACK}:{host.port}", "--room", "r",
+                    "--user", "alice")
+    join_from_launcher(gui, x)
+    host.proc.send_signal(signal.SIGSTOP)       # the host freezes: nothing comes back
+    try:
+        gui.type_into("chat", "input", "into the void", enter=True)
+        sent = gui.shown(lambda e: e.get("text") == "into the void")
+        assert sent["mine"] is True and sent["state"] == "sending"
+        # Not confirmed after a while: the line says so (it didn't vanish).
+        gui.wait_for(lambda e: e.get("gui") == "message_state" and e["state"] == "late", 15)
+    finally:
+        host.proc.send_signal(signal.SIGCONT)
+    host.proc.kill()                            # and now it is gone for good
+    host.proc.wait(10)
+    gui.wait_for(lambda e: e.get("gui") == "ended", 60)
+    unsent = gui.wait_for(lambda e: e.get("gui") == "message_state" and e["state"] == "unsent")
+    assert unsent["text"] == "into the void"
+    layout = gui.wait_for(lambda e: e.get("gui") == "window" and e["name"] == "chat"
+                          and e.get("disabled", {}).get("input"))
+    assert layout["disabled"]["send"] is True and "Nothing you type now is sent" in \
+        layout["banner"], layout
+    gui.close("chat")
+    assert_exits_cleanly(gui)
