@@ -676,7 +676,7 @@ def test_on_a_small_screen_the_window_fits_and_shows_the_message_box(tmp_path, p
                             "--room", "r", "--user", f"s{scale[0]}", "--scale", scale)
             layout = join_from_launcher(gui, small)
             wx, wy, ww, wh = layout["box"]
-            assert 0 <= wx and wx + ww <= 900 and 0 <= wy and wy + wh <= 560, layout["box"]
+            assert wx >= 0 and wx + ww <= 900 and wy >= 0 and wy + wh <= 560, layout["box"]
             for name in ("input", "send", "file", "video"):
                 ex, ey, ew, eh = layout["elements"][name]
                 assert ew > 0 and eh > 0, (name, layout)
