@@ -5758,6 +5758,13 @@ class ClientFiles:
 
     # --- the connection ---
 
+    @property
+    def busy(self) -> bool:
+        """Is a file still on its way, either way? (Any thread: a glance.)"""
+        return bool(self.downloads_by_number) or any(
+            up.state in (SendState.OFFERED, SendState.SENDING, SendState.ENDED)
+            for up in list(self.uploads.values()))
+
     def attach(self, link: Link, host_max_file: int) -> None:
         """Logged in on `link`; the host takes files of at most `host_max_file`."""
         self.link = link
@@ -6839,6 +6846,21 @@ CLOSED_REASONS = {
 }
 
 
+def _why_unreachable(exc: BaseException, waited_s: float) -> str:
+    """A connection that failed, in words for a person (not "Connect call
+    failed ('127.0.0.1', 1)")."""
+    if isinstance(exc, TimeoutError):
+        return f"no answer within {waited_s:g} s"
+    if isinstance(exc, socket.gaierror):
+        return "no such host name on this network"
+    if isinstance(exc, ConnectionRefusedError):
+        return "nothing is listening there (is the host running, on that port?)"
+    if isinstance(exc, OSError) and exc.errno in (errno.EHOSTUNREACH, errno.ENETUNREACH):
+        return "that address can't be reached from this network"
+    return (exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)) \
+        or type(exc).__name__
+
+
 def ui_event(event: Event) -> dict:
     """The vocabulary dict for an event received from the host."""
     out = event.to_wire()
@@ -7017,6 +7039,13 @@ class ClientCore:
         """In a room (logged in, not yet left)."""
         return self._ready
 
+    @property
+    def hosting_others(self) -> int:
+        """People on the host this process runs, besides us (any thread: a
+        glance at a set's size)."""
+        host = self._host
+        return max(0, len(host.sessions) - (1 if self._ready else 0)) if host else 0
+
     # --- the LAN and an in-process host (core thread) ---
 
     async def _watch_hosts(self, interface: str | None) -> bool:
@@ -7081,9 +7110,8 @@ class ClientCore:
             transport, protocol = await asyncio.wait_for(
                 loop.create_connection(LinkProtocol, host, port), limits.connect_timeout_s)
         except (OSError, TimeoutError) as exc:
-            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else \
-                "no answer" if isinstance(exc, TimeoutError) else str(exc)
-            self._error("host_unreachable", f"can't reach {host}:{port}: {reason}")
+            self._error("host_unreachable", f"can't reach {address_text(host, port)}: "
+                        f"{_why_unreachable(exc, limits.connect_timeout_s)}")
             self._emit({"type": "closed", "reason": "unreachable"})
             return False
         link = Link(Wire(Role.CLIENT, limits.max_frame_bytes), transport, limits,
@@ -8670,11 +8698,12 @@ class Launcher:
         import PySimpleGUI as sg
         self.look = look
         self.trace = trace
-        self.hosts: list[dict] = []         # `host` events, in the table's order
+        self.hosts: list[dict] = []         # `host` events
+        self.rows: list[tuple[dict, dict | None]] = []  # (host, room or None: a new room)
         px = look.px
         table = sg.Table(
-            values=[], headings=["Host", "Address", "Rooms (people)"], key=(_ROOM, "hosts"),
-            col_widths=[14, 15, 24], auto_size_columns=False, num_rows=6,
+            values=[], headings=["Room", "People", "Host", "Address"], key=(_ROOM, "hosts"),
+            col_widths=[18, 7, 14, 15], auto_size_columns=False, num_rows=7,
             justification="left", enable_events=True, expand_x=True, select_mode="browse",
             row_height=px(30), font=look.font(10), background_color=COLOURS["panel"],
             text_color=COLOURS["text"], header_background_color=COLOURS["window"],
@@ -8703,7 +8732,9 @@ class Launcher:
             [_label("ADDRESS  (pick a host above, or type host or host:port)", look)],
             [_field((_ROOM, "address"), look, prefill.get("address", ""))],
             [ids],
-            [sg.Text("", key=(_ROOM, "status"), font=look.font(10), expand_x=True,
+            # Two lines, wrapped: a long error must not widen the window and
+            # move Join from under the pointer.
+            [sg.Text("", key=(_ROOM, "status"), font=look.font(10), size=(58, 2),
                      text_color=COLOURS["error_text"], pad=(0, (px(2), px(8))))],
             [_button("Host a room here", (_ROOM, "host"), look, primary=False), sg.Push(),
              _button("Join", (_ROOM, "join"), look, bind_return_key=True)],
@@ -8723,26 +8754,45 @@ class Launcher:
     # --- the hosts found ---
 
     def show_hosts(self, event: dict) -> None:
-        """Refresh the table from a `hosts` event."""
+        """Refresh the list from a `hosts` event: a row per room of each
+        host (room, people, host, address), then one to start a new room
+        there. What was picked stays picked if it is still listed."""
+        picked = self.picked_row()
         self.hosts = hosts = event["hosts"]
-        self.window[(_ROOM, "hosts")].update(values=[
-            [printable(h["name"]), f"{h['address']}:{h['port']}", _rooms_text(h)]
-            for h in hosts])
+        self.rows = [(host, room) for host in hosts
+                     for room in [*host["rooms"], None]]
+        table = self.window[(_ROOM, "hosts")]
+        table.update(values=[_row_text(host, room) for host, room in self.rows])
+        if picked is not None and picked in self._row_keys():
+            table.update(select_rows=[self._row_keys().index(picked)])
         self.window[(_ROOM, "hint")].update(
-            f"{len(hosts)} host{'s' if len(hosts) != 1 else ''} found. Pick one, "
-            'or start one with "Host a room here".' if hosts else
+            f"{len(hosts)} host{'s' if len(hosts) != 1 else ''} found. Pick a room (double-"
+            'click joins it), or start one with "Host a room here".' if hosts else
             'No host found yet. Still looking... or start one with "Host a room here".')
         self.trace_layout()
 
+    def _row_keys(self) -> list[tuple]:
+        return [(host["address"], host["port"], room["room"] if room else None)
+                for host, room in self.rows]
+
+    def picked_row(self) -> tuple | None:
+        selected = self.window[(_ROOM, "hosts")].SelectedRows
+        return self._row_keys()[selected[0]] if selected and selected[0] < len(self.rows) \
+            else None
+
     def use_row(self, index: int) -> None:
-        """A host was picked: its address goes in the field, and its biggest
-        room in Room ID if that is empty."""
-        if not 0 <= index < len(self.hosts):
+        """A row was picked: the host's address goes in the field, and the
+        room in Room ID (the new-room row empties it, for a name of yours).
+        An error about an earlier attempt goes."""
+        if not 0 <= index < len(self.rows):
             return
-        host = self.hosts[index]
+        host, room = self.rows[index]
         self.window[(_ROOM, "address")].update(address_text(host["address"], host["port"]))
-        if not self.field("room") and host["rooms"]:
-            self.window[(_ROOM, "room")].update(host["rooms"][0]["room"])
+        self.window[(_ROOM, "room")].update(room["room"] if room else "")
+        if room is None:
+            self.window[(_ROOM, "room")].set_focus()
+        self.status("")
+        self.trace_layout()
 
     # --- the form ---
 
@@ -8818,9 +8868,10 @@ class Launcher:
         window.TKroot.update_idletasks()
         tree = window[(_ROOM, "hosts")].Widget
         rows = []
-        for index, host in enumerate(self.hosts):
+        for index, (host, room) in enumerate(self.rows):
             box = tree.bbox(str(index + 1))
             rows.append({"name": host["name"], "port": host["port"], "rooms": host["rooms"],
+                         "room": room["room"] if room else None,
                          "box": [tree.winfo_rootx() + box[0], tree.winfo_rooty() + box[1],
                                  box[2], box[3]] if box else None})
         self.trace("window", name="launcher", xid=int(window.TKroot.wm_frame(), 16),
@@ -8830,13 +8881,16 @@ class Launcher:
                              for name in ("join", "host", "address", "room", "user")})
 
 
-def _rooms_text(host: dict) -> str:
-    """"lobby (3), 学习 (2) and 4 more" for a `host` event."""
+def _row_text(host: dict, room: dict | None) -> list[str]:
+    """A launcher row: room, people, host, address (room None: a new one)."""
+    where = [printable(host["name"]), address_text(host["address"], host["port"])]
     if host.get("version") != PROTOCOL_VERSION:
-        return f"speaks protocol {host.get('version')}; this is {PROTOCOL_VERSION}"
-    text = ", ".join(f"{printable(r['room'])} ({r['members']})" for r in host["rooms"])
-    more = host.get("rooms_total", 0) - len(host["rooms"])
-    return (text or "no rooms yet") + (f" and {more} more" if more > 0 else "")
+        return [f"(protocol {host.get('version')}; this is {PROTOCOL_VERSION})", "", *where]
+    if room is None:
+        more = host.get("rooms_total", 0) - len(host["rooms"])
+        return [f"+ a new room ({more} more not listed)" if more > 0 else "+ a new room",
+                "", *where]
+    return [printable(room["room"]), str(room["members"]), *where]
 
 
 # --- The chat window ---------------------------------------------------------
@@ -9185,6 +9239,35 @@ class ChatWindow:
         if self._resize_job is not None:
             self.window.TKroot.after_cancel(self._resize_job)
         self.view.close()
+        self.window.close()
+
+
+_CONFIRM = "-CONFIRM-"              # the close-anyway question's keys
+
+
+class ConfirmWindow:
+    """"Close anyway?": asked when closing would stop a file or end a room
+    others are in. Not modal: the loop reads it like any window."""
+
+    def __init__(self, look: Look, images: Images, trace: GuiTrace, worry: str) -> None:
+        import PySimpleGUI as sg
+        self.trace = trace
+        px = look.px
+        layout = [[sg.Text(worry, font=look.font(10), size=(44, 3), pad=(0, (0, px(10))))],
+                  [sg.Push(), _button("Keep it open", (_CONFIRM, "no"), look, primary=False),
+                   _button("Close anyway", (_CONFIRM, "yes"), look)]]
+        self.window = sg.Window("Close chatroom?", layout, finalize=True, modal=False,
+                                keep_on_top=True, enable_close_attempted_event=True,
+                                icon=images.icon(64), font=look.font(10))
+        _polish_buttons(self.window, look)
+        if trace.enabled:
+            self.window.TKroot.update_idletasks()
+            trace("window", name="confirm", xid=int(self.window.TKroot.wm_frame(), 16),
+                  text=worry, box=_screen_box(self.window.TKroot),
+                  elements={name: _screen_box(self.window[(_CONFIRM, name)].Widget)
+                            for name in ("yes", "no")})
+
+    def close(self) -> None:
         self.window.close()
 
 
@@ -9597,12 +9680,18 @@ def open_with_os(path: str | Path) -> None:
     import subprocess  # here: only the window opens files
     if sys.platform.startswith("win"):      # pragma: no cover (Windows only)
         os.startfile(path)
-    elif sys.platform == "darwin":          # pragma: no cover (macOS only)
-        subprocess.Popen(["open", str(path)])
-    else:
-        subprocess.Popen(["xdg-open", str(path)], stdin=subprocess.DEVNULL,
+        return
+    opener = "open" if sys.platform == "darwin" else "xdg-open"
+    if not os.path.exists(path):
+        raise OSError(errno.ENOENT, f"{path} is not there any more")
+    try:
+        subprocess.Popen([opener, str(path)], stdin=subprocess.DEVNULL,
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                          start_new_session=True)
+    except FileNotFoundError:               # the file is there: the opener is not
+        raise OSError(errno.ENOENT, f"this system has no {opener} to open files with"
+                      + (" (install the xdg-utils package)" if opener == "xdg-open" else "")
+                      ) from None
 
 
 # --- The app: one core, the windows, one read loop ---------------------------
@@ -9697,6 +9786,7 @@ class GuiApp:
         self.stop_deadline = 0.0
         self.stats = LoopStats()
         self._invites_ticked = 0.0          # when ringing cards were last counted down
+        self.confirm: ConfirmWindow | None = None   # "close anyway?" while it asks
         self._relayed: set[str] = set()     # peers whose media we were told is relayed
         in_room = self._in_room
         self.posted: dict[tuple, Callable[[Any], None]] = {
@@ -9749,6 +9839,8 @@ class GuiApp:
             (_CALL, "escape"): lambda values: self.hang_up_picked(),
             (_CALL, "end"): lambda values: self.end_calls(),
             (_CALL, "backspace"): lambda values: self.end_calls(only_if_own_tile=True),
+            (_CONFIRM, "yes"): lambda values: self.quit(confirmed=True),
+            (_CONFIRM, "no"): lambda values: self._drop_confirm(),
             (_CALL, "answer"): lambda values: self.answer_in_call_window(),
             (_CALL, "decline"): lambda values: self.decline_in_call_window(),
         }
@@ -9827,6 +9919,8 @@ class GuiApp:
         if event in (self.sg.WIN_CLOSED, self.sg.WINDOW_CLOSE_ATTEMPTED_EVENT):
             if self.calls.window is not None and window is self.calls.window.window:
                 self.end_calls()            # closing the call window is a hang-up
+            elif self.confirm is not None and window is self.confirm.window:
+                self._drop_confirm()        # closing the question: don't close
             else:
                 self.quit()
         elif event == self.sg.TIMEOUT_EVENT:
@@ -10184,14 +10278,21 @@ class GuiApp:
 
     def windows(self) -> list[Any]:
         return ([self.launcher.window] + ([self.chat.window] if self.chat else [])
-                + self.calls.windows)
+                + self.calls.windows + ([self.confirm.window] if self.confirm else []))
 
-    def quit(self) -> None:
+    def quit(self, confirmed: bool = False) -> None:
         """A window's close button: every window goes at once, the core stops
         in its own thread (leaving the room, withdrawing our host's mDNS
-        record), and the loop ends when it is done, or after `gui_stop_wait_s`."""
+        record), and the loop ends when it is done, or after `gui_stop_wait_s`.
+        While a file is moving, or others are in rooms we host, ask first."""
         if self.phase in (Phase.STOPPING, Phase.STOPPED):
             return
+        worry = self._closing_worry()
+        if worry and not confirmed:
+            if self.confirm is None:
+                self.confirm = ConfirmWindow(self.look, self.images, self.trace, worry)
+            return
+        self._drop_confirm()
         self._set_phase(Phase.STOPPING)
         for window in self.windows():
             window.hide()
@@ -10203,7 +10304,24 @@ class GuiApp:
 
         threading.Thread(target=stop_core, name="chatroom-stop", daemon=True).start()
 
+    def _closing_worry(self) -> str:
+        """What closing now would break, in a sentence ("" = nothing)."""
+        others = self.core.hosting_others
+        if others:
+            return (f"You host this room: closing ends it for {others} "
+                    f"{'person' if others == 1 else 'people'} still in it.")
+        if self.core.files.busy:
+            return "A file is still on its way: closing stops it."
+        return ""
+
+    def _drop_confirm(self) -> None:
+        if self.confirm is not None:
+            self.confirm.close()
+            self.confirm = None
+
     def finish(self) -> None:
+        if self.phase is Phase.STOPPING and self.confirm is not None:
+            self._drop_confirm()
         if self.phase is Phase.STOPPED:
             return
         self.bridge.detach()
@@ -10249,8 +10367,7 @@ _JOIN_ERRORS: dict[str, Callable[[str], str]] = {
     "user_taken": lambda m: "That User ID is already in this room. Pick another one.",
     "version_mismatch": lambda m: "This host runs a different version of chatroom: "
                                   + _sentence(m),
-    "host_unreachable": lambda m: _sentence(m) + " Check the address, and that the "
-                                                 "host is running.",
+    "host_unreachable": _sentence,
 }
 
 

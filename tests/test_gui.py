@@ -257,6 +257,44 @@ def test_launcher_lists_hosts_live_and_closes_cleanly(x, tmp_path, procs):
     assert_exits_cleanly(gui)
 
 
+def test_rooms_are_listed_as_entries_to_pick_and_double_click(x, tmp_path, procs):
+    """The launcher lists each host's rooms (room, people, host, address) and
+    a new room; picking fills the address and the Room ID, double-click
+    joins. A stale error goes when another host is picked."""
+    host = Host(unique("rooms"))
+    procs.append(host)
+    for room, user in (("学习", "小明"), ("lobby", "bob"), ("lobby", "carol")):
+        procs.append(Cli(host.port, room, user))
+    gui = start_gui(x, tmp_path, procs, "--user", "alice")
+    listed = gui.wait_for(lambda e: e.get("gui") == "window" and e["name"] == "launcher"
+                          and [(r["room"]) for r in e["rows"] if r["name"] == host.name]
+                          == ["lobby", "学习", None], 20)
+    rows = {r["room"]: r for r in listed["rows"] if r["name"] == host.name}
+    # A stale error: try to join with nothing picked and no Room ID.
+    mark = gui.mark()
+    gui.click("launcher", "join")
+    assert gui.wait_for(lambda e: e.get("gui") == "launcher_status" and e["error"],
+                        start=mark)["text"]
+    mark = gui.mark()
+    box = rows["学习"]["box"]
+    gui.x.wait_viewable(listed["xid"])
+    x.click(box[0] + box[2] / 2, box[1] + box[3] / 2)
+    gui.wait_for(lambda e: e.get("gui") == "launcher_status" and e["text"] == "", 10, mark)
+    picked = gui.wait_for(lambda e: e.get("gui") == "window" and e["name"] == "launcher"
+                          and e["fields"]["room"] == "学习", 10, mark)
+    assert picked["fields"]["address"] == f"{LOOPBACK}:{host.port}"
+    box = rows["lobby"]["box"]
+    mark = gui.mark()
+    x.double_click(box[0] + box[2] / 2, box[1] + box[3] / 2)
+    chat = gui.window("chat", start=mark)
+    assert chat["name"] == "chat"
+    ready = gui.wait_for(lambda e: e.get("gui") == "event" and e["event"]["type"] == "ready",
+                         10, mark)["event"]
+    assert (ready["room"], ready["members"]) == ("lobby", ["bob", "carol", "alice"])
+    gui.close("chat")
+    assert_exits_cleanly(gui)
+
+
 def test_two_people_chat_in_chinese_and_english(x, tmp_path, procs):
     host = Host(unique("chat"), advertise=False)
     procs.append(host)
@@ -475,7 +513,10 @@ def test_host_a_room_here_then_a_terminal_joins(x, tmp_path, procs):
     assert cli.ready["members"] == ["host-alice", "bob"]
     cli.say("hi from the terminal")
     gui.shown(lambda e: e.get("text") == "hi from the terminal" and e["from"] == "bob")
-    gui.close("chat")
+    mark = gui.mark()
+    gui.close("chat")                       # bob is in our room: it asks first
+    assert "1 person" in gui.window("confirm", start=mark)["text"]
+    gui.click("confirm", "yes")
     assert_exits_cleanly(gui)
     cli.wait_for(lambda e: e.get("type") == "closed" and e["reason"] == "host_shutdown")
     # The mDNS record went with the host.
@@ -608,7 +649,19 @@ def test_closing_the_chat_window_during_a_file_transfer(x, tmp_path, procs):
         big.truncate(1024 ** 3)            # 1 GiB of zeros, sparse: it takes a while
     cli.say(f"/send {tmp_path / 'big.bin'}")
     gui.wait_for(lambda e: e.get("gui") == "file_card" and 0 < e["percent"] < 100, 20)
+    # Closing asks first while a file moves: "Keep it open" keeps it open...
+    mark = gui.mark()
     gui.close("chat")
+    asked = gui.window("confirm", start=mark)
+    assert "file" in asked["text"]
+    gui.click("confirm", "no")
+    gui.type_into("chat", "input", "still here", enter=True)
+    cli.wait_for(lambda e: e.get("type") == "message" and e["text"] == "still here")
+    # ... and "Close anyway" closes, at once.
+    mark = gui.mark()
+    gui.close("chat")
+    gui.window("confirm", start=mark)
+    gui.click("confirm", "yes")
     assert_exits_cleanly(gui)
     cli.wait_for(lambda e: e.get("type") == "system" and e["event"] == "leave")
 
