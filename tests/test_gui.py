@@ -211,6 +211,20 @@ def test_the_bridge_posts_core_events_and_command_outcomes_as_tuple_keys():
     assert len(window.posted) == 3
 
 
+def test_open_says_when_the_system_has_no_opener(tmp_path, monkeypatch):
+    """It used to say "No such file or directory" about a file that was
+    there, when xdg-open was missing."""
+    there = tmp_path / "报告.pdf"
+    there.write_bytes(b"%PDF")
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    with pytest.raises(OSError) as missing:
+        chatroom.open_with_os(there)
+    assert "xdg-open" in str(missing.value) and "xdg-utils" in str(missing.value)
+    with pytest.raises(OSError) as gone:
+        chatroom.open_with_os(tmp_path / "gone.pdf")
+    assert "not there" in str(gone.value)
+
+
 def test_scale_flag_and_icon():
     assert chatroom.build_parser().parse_args(["--scale", "1.5"]).scale == 1.5
     assert chatroom.build_parser().parse_args([]).scale == 1.0
