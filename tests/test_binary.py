@@ -15,7 +15,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 import uuid
 from pathlib import Path
 
@@ -136,6 +135,32 @@ def test_a_file_crosses(binary, processes, tmp_path):
     assert sender.wait_for("file_sent")["size"] == len(data)
 
 
+def test_a_call_with_video_and_sound(binary, processes, tmp_path):
+    """The executable carries calls: numpy, OpenCV, PyAV (VP8, and the libopus
+    in its wheel) and PortAudio all load from inside it."""
+    program = [str(binary)]
+    host = HostProcess(program=program)
+    processes.append(host)
+    media = ("--camera", "test", "--audio", "tone")
+    alice = Client(host.port, "r", "alice", *media, program=program)
+    processes.append(alice)
+    alice.wait_for("ready")
+    bob = Client(host.port, "r", "bob", *media, "--record", str(tmp_path / "rec"),
+                 program=program)
+    processes.append(bob)
+    bob.wait_for("ready")
+    alice.send("/CHECK bob")
+    bob.wait_for("call_invite")
+    bob.send("/CHECK alice")
+    connected = alice.wait_for("call_connected", timeout=30)
+    assert (connected["codec"], connected["audio"]) == ("vp8", "opus"), connected
+    bob.wait_for(lambda e: e["type"] == "media_stats" and e["video_fps"] > 5
+                 and e["audio_frames"] > 10, timeout=30)
+    devices = run(binary, "--list-devices", "--json")
+    assert devices.returncode == 0 and devices.stderr == "", devices.stderr
+    assert not [e for e in alice.seen() + bob.seen() if e["type"] == "error"]
+
+
 def test_the_launcher_opens_and_a_person_joins_from_it(binary, tmp_path):
     """Double-click equivalent: the executable with no mode opens the
     launcher; our host (advertised on 127.0.0.1) appears in its list; a
@@ -149,8 +174,8 @@ def test_the_launcher_opens_and_a_person_joins_from_it(binary, tmp_path):
     try:
         host = Host(name, program=program)
         started.append(host)
-        gui = Gui(x, tmp_path / "config", ["--downloads", str(tmp_path / "gui")],
-                  program=program)
+        gui = Gui(x, tmp_path / "config", ["--downloads", str(tmp_path / "gui"), "--camera",
+                                           "test", "--audio", "null"], program=program)
         started.append(gui)
         listed = gui.wait_for(lambda e: e.get("gui") == "window" and e["name"] == "launcher"
                               and any(r["name"] == name and r["box"] for r in e["rows"]), 30)
@@ -169,12 +194,27 @@ def test_the_launcher_opens_and_a_person_joins_from_it(binary, tmp_path):
         bubble = gui.shown(lambda e: e["kind"] == "message"
                            and e["text"] == "你好, from the executable", 15)
         assert bubble["from"] == "bob"
-        time.sleep(0.5)                         # let Tk paint
+        gui.painted(bubble)
         chat = gui.window("chat")
         x.screenshot(tmp_path / "chat.png", chat["xid"])
         _, _, pixels = x.pixels(on_screen(bubble, bubble["bbox"]))
         assert ink(pixels) > 100, "no text drawn where the message bubble is"
         assert (tmp_path / "launcher.png").stat().st_size > 5000
+        # A call from the executable's window: bob calls, alice calls back
+        # from the card, and the call window shows bob's video.
+        caller = Cli(host.port, "大厅", "carol", program=program,
+                     extra=["--camera", "test", "--audio", "null"])
+        started.append(caller)
+        mark = gui.mark()
+        caller.say("/CHECK alice")
+        card = gui.wait_for(lambda e: e.get("gui") == "call_card" and e["state"] == "ringing",
+                            15, mark)
+        gui.painted(card)
+        link = on_screen(card, card["links"]["callback"])
+        x.click(link[0] + link[2] / 2, link[1] + link[3] / 2)
+        gui.wait_for(lambda e: e.get("gui") == "tile_frame" and e["name"] == "carol", 30, mark)
+        gui.close("call")
+        caller.wait_for(lambda e: e.get("type") == "call_ended", 15)
         gui.close("chat")
         assert gui.wait_exit(15) == 0
     finally:
