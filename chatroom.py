@@ -10434,6 +10434,8 @@ def build_parser() -> argparse.ArgumentParser:
     mode.add_argument("--discover", action="store_true", help="list hosts on the LAN")
     mode.add_argument("--list-devices", action="store_true",
                       help="list the cameras and audio devices found, then exit")
+    mode.add_argument("--notices", action="store_true",
+                      help="print the licences of chatroom and of what it bundles")
     parser.add_argument("--version", action="version",
                         version=f"chatroom {__version__} (protocol {PROTOCOL_VERSION})")
     parser.add_argument("--json", action="store_true",
@@ -10564,6 +10566,25 @@ def run_list_devices(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def run_notices() -> int:
+    """--notices: chatroom's licence, and the third-party notices shipped
+    beside it (inside the executable, in its assets)."""
+    assets = Path(getattr(sys, "_MEIPASS", Path(__file__).resolve().parent)) / "assets"
+    print(f"chatroom {__version__}: GNU General Public License, version 3 or later.\n")
+    try:
+        text = (assets / "THIRD-PARTY-NOTICES.txt").read_text(encoding="utf-8")
+    except OSError as exc:
+        print(f"chatroom: the third-party notices are missing ({exc.strerror})",
+              file=sys.stderr)
+        return EXIT_REFUSED
+    try:
+        print(text)
+        sys.stdout.flush()
+    except BrokenPipeError:                 # `chatroom --notices | head`
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return EXIT_OK
+
+
 def run_host(args: argparse.Namespace, limits: Limits) -> int:
     """--host: serve rooms until Ctrl-C or SIGTERM. Returns the exit status."""
     printer = Printer(args.json)
@@ -10628,6 +10649,8 @@ def main(argv: list[str] | None = None) -> int:
             return run_discover(args)
         if args.list_devices:
             return run_list_devices(args)
+        if args.notices:
+            return run_notices()
         return run_gui(args, limits, media_options(args))
     except MissingPackage as exc:
         Printer(args.json)({"type": "error", "code": exc.code, "message": exc.message})

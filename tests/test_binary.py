@@ -156,6 +156,12 @@ def test_a_call_with_video_and_sound(binary, processes, tmp_path):
     assert (connected["codec"], connected["audio"]) == ("vp8", "opus"), connected
     bob.wait_for(lambda e: e["type"] == "media_stats" and e["video_fps"] > 5
                  and e["audio_frames"] > 10, timeout=30)
+    notices = run(binary, "--notices")      # shipped inside the executable
+    assert notices.returncode == 0, notices.stderr
+    assert "GNU General Public License" in notices.stdout
+    for bundled in ("PySimpleGUI", "av 18", "FFmpeg", "libx264", "opencv", "numpy",
+                    "GNU LESSER GENERAL PUBLIC LICENSE"):
+        assert bundled in notices.stdout, bundled
     devices = run(binary, "--list-devices", "--json")
     assert devices.returncode == 0 and devices.stderr == "", devices.stderr
     assert not [e for e in alice.seen() + bob.seen() if e["type"] == "error"]

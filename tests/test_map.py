@@ -172,3 +172,17 @@ def test_the_readme_documents_every_error_code():
 def test_an_undocumented_error_code_is_refused_even_under_python_O():
     with pytest.raises(ValueError):
         chatroom.ChatError("not_a_code", "a bug")
+
+
+def test_every_runtime_requirement_has_its_notice():
+    """assets/THIRD-PARTY-NOTICES.txt ships inside the executable: every
+    package requirements.txt pins must be in it (tools/notices.py writes it)."""
+    notices = (SOURCE_PATH.parent / "assets" / "THIRD-PARTY-NOTICES.txt").read_text(
+        encoding="utf-8")
+    requirements = (SOURCE_PATH.parent / "requirements.txt").read_text(encoding="utf-8")
+    pinned = [line.split("==")[0].strip() for line in requirements.splitlines()
+              if "==" in line and not line.startswith("#")]
+    assert pinned and all(f"- {name} " in notices for name in pinned), \
+        [name for name in pinned if f"- {name} " not in notices]
+    assert (SOURCE_PATH.parent / "LICENSE").read_text().startswith(
+        "                    GNU GENERAL PUBLIC LICENSE")
