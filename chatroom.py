@@ -3114,8 +3114,9 @@ def read_stamp(frame: Any) -> int | None:
 class TestPattern:
     """Draws frame n of a moving picture for `user`: a colour gradient that
     pans with n (consecutive frames differ like a slow camera pan), a bar that
-    sweeps across, the user's ID (non-ASCII shown as '?') and n in a stamp
-    that `read_stamp` reads back after lossy compression. Pure: frame(n) is
+    sweeps across, the user's ID (non-ASCII shown as '?') and n at the top
+    right, and n again in a stamp that `read_stamp` reads back after lossy
+    compression. Pure: frame(n) is
     the same picture every time it is asked for."""
 
     __test__ = False                # pytest: not a test class despite the name
@@ -3146,8 +3147,10 @@ class TestPattern:
         bar_x = (8 * n) % w
         image[:, bar_x:bar_x + max(2, w // 16)] = (255, 255, 255)
         scale = max(0.4, w / 640)
-        for text, y in ((self.label, 40), (f"#{n}", 80)):
-            org = (int(12 * scale), int(y * scale))
+        for text, y in ((self.label, 40), (f"#{n}", 80)):   # top right: a call window
+            (text_w, _h), _base = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, scale,
+                                                  int(4 * scale))
+            org = (w - text_w - int(12 * scale), int(y * scale))   # names tiles top left
             cv2.putText(image, text, org, cv2.FONT_HERSHEY_SIMPLEX, scale, (0, 0, 0),
                         int(4 * scale), cv2.LINE_AA)
             cv2.putText(image, text, org, cv2.FONT_HERSHEY_SIMPLEX, scale, (255, 255, 255),
@@ -6423,7 +6426,7 @@ class ClientCalls:
             self._by_id[link.link_id] = link
             if link.video:
                 self._keyframes.add(link.video)     # a newcomer needs a keyframe
-        self._start_threads()
+            self._start_threads()
         self._wake_video.set()
         self._audio_wanted.set()
 
@@ -6582,19 +6585,35 @@ class ClientCalls:
 
     # --- threads: video out, video in, audio ---
 
+    # They run while there are links: each ends once the last link has gone
+    # (`_retire`), so a finished call leaves no thread and no device open,
+    # and the next link starts them again. Both happen under the lock, so a
+    # link that comes just as a thread ends gets a new one.
+
     def _start_threads(self) -> None:
-        if self._threads:
-            return
+        """Start the media threads that aren't running (with the lock held)."""
+        running = {thread.name for thread in self._threads}
         for target, name in ((self._video_loop, "video-out"), (self._decode_loop, "video-in"),
                              (self._audio_loop, "audio")):
-            thread = threading.Thread(target=target, name=name, daemon=True)
-            thread.start()
-            self._threads.append(thread)
+            if name not in running:
+                thread = threading.Thread(target=target, name=name, daemon=True)
+                self._threads.append(thread)
+                thread.start()
         if self.options.record and self._recorder is None:
             try:
                 self._recorder = Recorder(Path(self.options.record))
             except (OSError, DeviceError) as exc:
                 self._report("file_io", f"can't record to {self.options.record}: {exc}")
+
+    def _retire(self) -> bool:
+        """A media thread asks whether to end: yes once no link is left (or
+        we are closing); it leaves `_threads` then, under the lock."""
+        with self._lock:
+            if self._links and not self._closed.is_set():
+                return False
+            current = threading.current_thread()
+            self._threads = [thread for thread in self._threads if thread is not current]
+            return True
 
     def _report(self, code: str, message: str) -> None:
         """A device problem, said once (any thread)."""
@@ -6608,13 +6627,15 @@ class ClientCalls:
         encoders: dict[str, Any] = {}
         frame_ids: dict[str, int] = {}
         try:
-            while not self._closed.is_set():
+            while True:
                 links = [link for link in self._snapshot() if link.video and link.connected]
-                if not links or not self.camera_on:
+                if not links or not self.camera_on or self._closed.is_set():
                     if source is not None:      # nobody watches: let the camera go
                         source.close()
                         source = None
                         self.preview, self.preview_serial = None, self.preview_serial + 1
+                    if self._retire():
+                        return
                     self._wake_video.wait(_UDP_POLL_S)
                     self._wake_video.clear()
                     continue
@@ -6662,10 +6683,12 @@ class ClientCalls:
                 encoder.close()
 
     def _decode_loop(self) -> None:
-        while not self._closed.is_set():
+        while True:
             work = [(link, link.to_decode.popleft()) for link in self._snapshot()
                     if link.to_decode]
-            if not work:
+            if not work or self._closed.is_set():
+                if self._retire():
+                    return
                 with self._wake_decode:
                     self._wake_decode.wait(_UDP_POLL_S)
                 continue
@@ -6698,16 +6721,19 @@ class ClientCalls:
         """Opens the audio devices while there are links, closes them after."""
         source: Any = None
         sink: Any = None
-        while not self._closed.is_set():
-            if not self._audio_wanted.wait(_UDP_POLL_S):
-                if source is not None or sink is not None:
+        try:
+            while True:
+                if self._closed.is_set() or not self._audio_wanted.wait(_UDP_POLL_S):
                     self._close_audio(source, sink)
                     source = sink = None
-                continue
-            if source is None and sink is None:
-                source, sink = self._open_audio()
-            self._closed.wait(_UDP_POLL_S)
-        self._close_audio(source, sink)
+                    if self._retire():
+                        return
+                    continue
+                if source is None and sink is None:
+                    source, sink = self._open_audio()
+                self._closed.wait(_UDP_POLL_S)
+        finally:
+            self._close_audio(source, sink)
 
     def _open_audio(self) -> tuple[Any, Any]:
         spec = self.options.audio
@@ -6783,7 +6809,9 @@ class ClientCalls:
         self._wake_video.set()
         with self._wake_decode:
             self._wake_decode.notify_all()
-        for thread in self._threads:
+        with self._lock:
+            threads = list(self._threads)
+        for thread in threads:
             thread.join(2)
         for link in self._snapshot():
             self._forget(link)
@@ -9301,6 +9329,35 @@ def _sentence(text: str) -> str:
 _CALL = "-CALL-"                    # the call window's element keys: (_CALL, name)
 CALL_REFRESH_S = 1 / 30             # the loop looks for new frames this often
 CALL_BACKGROUND = "#14171C"
+CALL_LABEL = "#0B0D10"              # behind a tile's name (Tk has no transparency)
+
+
+def tile_grid(count: int, width: int, height: int, gap: int
+              ) -> list[tuple[int, int, int, int]]:
+    """Boxes (x, y, width, height) for `count` 4:3 tiles in a width x height
+    area: the number of columns that makes them largest, rows filled left to
+    right, the whole block centred and a short last row centred under it."""
+    if count <= 0:
+        return []
+    best = (0, 1)
+    for columns in range(1, count + 1):
+        rows = math.ceil(count / columns)
+        tile_w = min((width - gap * (columns + 1)) // columns,
+                     (height - gap * (rows + 1)) // rows * 4 // 3)
+        if tile_w > best[0]:
+            best = (tile_w, columns)
+    tile_w, columns = max(best[0], 8), best[1]
+    tile_h = max(6, tile_w * 3 // 4)
+    rows = math.ceil(count / columns)
+    top = (height - rows * tile_h - (rows - 1) * gap) // 2
+    boxes = []
+    for index in range(count):
+        row, column = divmod(index, columns)
+        in_row = min(columns, count - row * columns)
+        left = (width - in_row * tile_w - (in_row - 1) * gap) // 2
+        boxes.append((left + column * (tile_w + gap), top + row * (tile_h + gap),
+                      tile_w, tile_h))
+    return boxes
 
 
 @dataclasses.dataclass(eq=False)
@@ -9341,11 +9398,12 @@ class CallWindow:
             key=(_CALL, "ringing"), background_color=COLOURS["info"], expand_x=True,
             visible=False, pad=(0, (0, px(6))))
         layout = [
-            [ringing],
+            [sg.pin(ringing, expand_x=True, shrink=True)],   # hidden: takes no room
             [sg.Canvas(key=(_CALL, "tiles"), size=(px(560), px(340)), pad=0,
                        background_color=CALL_BACKGROUND, expand_x=True, expand_y=True)],
             [sg.Text("", key=(_CALL, "status"), font=look.font(9), text_color=COLOURS["muted"],
-                     pad=((0, px(8)), (px(8), 0)), size=(40, 1), expand_x=True),
+                     pad=(0, (px(8), px(2))), expand_x=True)],
+            [sg.Push(),
              _button("Mute", (_CALL, "mute"), look, primary=False),
              _button("Camera off", (_CALL, "camera"), look, primary=False),
              _button("Hang up", (_CALL, "hangup"), look, primary=False),
@@ -9354,14 +9412,18 @@ class CallWindow:
                      "your own tile ends every call.", font=look.font(8),
                      text_color=COLOURS["faint"], pad=0)],
         ]
-        # Top right of the screen: beside the chat, whose newest lines and
-        # the members list stay in view (a window manager may still move it).
-        screen_w, _screen_h = sg.Window.get_screen_size()
         self.window = sg.Window(f"Call · {printable(me)} · chatroom", layout, finalize=True,
                                 enable_close_attempted_event=True, resizable=True,
-                                icon=images.icon(64), font=look.font(10),
-                                location=(max(0, screen_w - px(600)), 0))
+                                icon=images.icon(64), font=look.font(10), alpha_channel=0)
         _polish_buttons(self.window, look)
+        # Top right of the screen, all of it on screen: beside the chat,
+        # whose newest lines and members list stay in view (a window
+        # manager may still move it). Shown once it is in place.
+        root = self.window.TKroot
+        root.update_idletasks()
+        screen_w, _screen_h = sg.Window.get_screen_size()
+        self.window.move(max(0, screen_w - root.winfo_reqwidth()), 0)
+        self.window.set_alpha(1)
         self.window.set_min_size((px(520), px(360)))
         self.window.bind("<Escape>", (_CALL, "escape"))
         self.window.bind("<BackSpace>", (_CALL, "backspace"))
@@ -9424,24 +9486,15 @@ class CallWindow:
     # --- drawing ---
 
     def _layout(self) -> None:
-        """Place the tiles in a grid that fills the canvas, 4:3 each."""
-        canvas, px = self.canvas, self.look.px
+        """Place the tiles in the canvas: 4:3 each, as large as the canvas
+        allows, the grid centred and a short last row too."""
+        canvas = self.canvas
         width = max(canvas.winfo_width(), 2)
         height = max(canvas.winfo_height(), 2)
-        count = len(self.tiles)
-        columns = max(1, math.ceil(math.sqrt(count)))
-        rows = math.ceil(count / columns)
-        gap = px(6)
-        cell_w = (width - gap * (columns + 1)) // columns
-        cell_h = (height - gap * (rows + 1)) // rows
-        tile_w = max(8, min(cell_w, cell_h * 4 // 3))
-        tile_h = max(6, tile_w * 3 // 4)
+        boxes = tile_grid(len(self.tiles), width, height, self.look.px(6))
         canvas.delete("all")
-        for index, tile in enumerate(self.tiles):
-            row, column = divmod(index, columns)
-            x = gap + column * (cell_w + gap) + (cell_w - tile_w) // 2
-            y = gap + row * (cell_h + gap) + (cell_h - tile_h) // 2
-            tile.box = (x, y, tile_w, tile_h)
+        for tile, box in zip(self.tiles, boxes):
+            tile.box = box
             tile.serial = -1                # draw the next frame at the new size
             tile.showing = False
             self._draw_tile(tile)
@@ -9466,7 +9519,7 @@ class CallWindow:
                                   fill="#FFFFFF", font=self.fonts["name"], tags=tag)
         x1, y1, x2, y2 = canvas.bbox(text)
         back = canvas.create_rectangle(x1 - px(6), y1 - px(3), x2 + px(6), y2 + px(3),
-                                       fill="#000000", outline="", stipple="gray50", tags=tag)
+                                       fill=CALL_LABEL, outline="", tags=tag)
         canvas.tag_raise(text, back)
         if self.selected is not None and tile.name == self.selected and \
                 (tile.mine == (self.selected == self.me)):
@@ -9787,7 +9840,7 @@ class GuiApp:
         self.stats = LoopStats()
         self._invites_ticked = 0.0          # when ringing cards were last counted down
         self.confirm: ConfirmWindow | None = None   # "close anyway?" while it asks
-        self._relayed: set[str] = set()     # peers whose media we were told is relayed
+        self._paths: dict[str, str] = {}    # peer: "direct" or "relay", as last told
         in_room = self._in_room
         self.posted: dict[tuple, Callable[[Any], None]] = {
             (NET_EVENT, "hosts"): self.launcher.show_hosts,
@@ -9878,7 +9931,9 @@ class GuiApp:
             started = time.perf_counter()
             window, event, values = self.sg.read_all_windows(timeout=self._read_timeout())
             read = time.perf_counter()
+            self.sg.Window._window_that_exited = None   # see _dispatch_swallowed
             self.dispatch(event, values, window)
+            self._dispatch_swallowed()
             self._keep_time()
             if self.trace.enabled:
                 self.stats.note(read - started, time.perf_counter() - read)
@@ -9887,6 +9942,27 @@ class GuiApp:
         if self.trace.enabled:
             self.trace("loop", **self.stats.summary())
         return EXIT_OK
+
+    def _dispatch_swallowed(self) -> None:
+        """Dispatch an event that came while a handler let Tk run (closing a
+        window runs Tk's update: a second window's close or a click is
+        handled then). PySimpleGUI notes such an event in one slot, the
+        window that ended Tk's loop, which read_all_windows has already
+        looked at, and Tk forgets the request to end its loop: without this
+        the event is lost (closing the call window and then at once the
+        chat left the program running)."""
+        for _ in range(_SWALLOWED_MAX):
+            late = self.sg.Window._window_that_exited
+            if late is None or late.TKroot is None:
+                return
+            self.sg.Window._window_that_exited = None
+            if late.XFound:                 # as read_all_windows does
+                event, values = None, None
+                late.close()
+            else:
+                self.sg.PySimpleGUI._BuildResults(late, False, late)
+                event, values = late.ReturnValues
+            self.dispatch(event, values, late)
 
     def _read_timeout(self) -> int | None:
         """How long the loop may wait for an event: briefly while stopping,
@@ -10187,8 +10263,19 @@ class GuiApp:
         if self.calls.window.caller is not None and \
                 id_key(self.calls.window.caller) == id_key(event["peer"]):
             self.calls.window.ringing(None)
-        path = " through the host" if event.get("path") == "relay" else ""
-        self.calls.window.status(f"In a call with {printable(event['peer'])}{path}.")
+        self._paths[event["peer"]] = event.get("path") or "direct"
+        self._say_who()
+
+    def _say_who(self, before: str = "") -> None:
+        """The call window's status line: who is in the call (after `before`)."""
+        window = self.calls.window
+        if window is None or not window.peers:
+            return
+        names = [printable(peer) + (" (through the host)"
+                                    if self._paths.get(peer) == "relay" else "")
+                 for peer in window.peers]
+        who = names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
+        window.status(f"{before}In a call with {who}.")
 
     def on_call_ended(self, event: dict) -> None:
         if self.chat is not None:
@@ -10197,11 +10284,11 @@ class GuiApp:
         if window is None:
             return
         window.remove(event["peer"])
-        self._relayed.discard(event["peer"])
+        self._paths.pop(event["peer"], None)
         if not window.peers:                # the last link ended: so did the call
             self.calls.close_all()
         else:
-            window.status(CALL_LINES["call_ended"](event) + ".")
+            self._say_who(before=CALL_LINES["call_ended"](event) + ". ")
 
     def on_media_state(self, event: dict) -> None:
         if self.calls.window is not None:
@@ -10212,8 +10299,9 @@ class GuiApp:
     def on_media_stats(self, event: dict) -> None:
         """Said once per peer: its media comes through the host."""
         window = self.calls.window
-        if window is not None and event["path"] == "relay" and event["peer"] not in self._relayed:
-            self._relayed.add(event["peer"])
+        if window is not None and event["path"] == "relay" and \
+                self._paths.get(event["peer"]) == "direct":
+            self._paths[event["peer"]] = "relay"
             window.status(f"{printable(event['peer'])}'s video and sound go through the host "
                           "(UDP doesn't get through).")
 
@@ -10335,6 +10423,7 @@ class GuiApp:
 
 _STOPPING_POLL_MS = 100             # while the core stops, the loop looks this often
 _RINGING_POLL_MS = 1000             # a ringing call's countdown moves this often
+_SWALLOWED_MAX = 8                  # events dispatched after one handler, at most
 _UNCONFIRMED_S = 5.0                # a line the host hasn't confirmed after this is marked
 _LOOP_STATS_EVERY = 500             # reads per `loop` trace record
 

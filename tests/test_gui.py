@@ -127,6 +127,37 @@ def test_font_family_is_the_first_known_cjk_family():
     assert chatroom.pick_font_family(["DejaVu Sans", "Noto Sans CJK JP"]) is None
 
 
+@pytest.mark.parametrize("width,height", [(560, 340), (900, 300), (300, 700), (1280, 720)])
+def test_call_tiles_are_4_3_inside_the_area_apart_and_centred(width, height):
+    gap = 6
+    for count in range(1, 10):
+        boxes = chatroom.tile_grid(count, width, height, gap)
+        assert len(boxes) == count
+        assert len({(w, h) for _x, _y, w, h in boxes}) == 1          # one size for all
+        _x, _y, w, h = boxes[0]
+        assert abs(w * 3 / 4 - h) <= 1                               # 4:3
+        for x, y, w, h in boxes:
+            assert x >= 0 and y >= 0 and x + w <= width and y + h <= height
+        for a, b in itertools.combinations(boxes, 2):                # no overlaps
+            assert a[0] + a[2] + gap <= b[0] or b[0] + b[2] + gap <= a[0] \
+                or a[1] + a[3] + gap <= b[1] or b[1] + b[3] + gap <= a[1]
+        left = min(x for x, *_ in boxes)                             # the block is centred
+        right = max(x + w for x, _y, w, _h in boxes)
+        top = min(y for _x, y, *_ in boxes)
+        bottom = max(y + h for _x, y, _w, h in boxes)
+        assert abs(left - (width - right)) <= 1 and abs(top - (height - bottom)) <= 1
+    # Two people side by side in a wide window, stacked in a tall one; three
+    # in a 560 x 340 window: two over one, the one centred under them.
+    two = chatroom.tile_grid(2, 560, 340, gap)
+    assert two[0][1] == two[1][1]
+    tall = chatroom.tile_grid(2, 300, 700, gap)
+    assert tall[0][0] == tall[1][0]
+    three = chatroom.tile_grid(3, 560, 340, gap)
+    assert three[0][1] == three[1][1] < three[2][1]
+    assert three[2][0] + three[2][2] / 2 == pytest.approx(280, abs=1)
+    assert chatroom.tile_grid(0, 560, 340, gap) == []
+
+
 def test_avatars_are_stable_per_user_and_show_initials():
     assert chatroom.avatar_colour("alice") == chatroom.avatar_colour("ALICE")   # one ID
     colours = {chatroom.avatar_colour(f"user{n}") for n in range(200)}

@@ -12,6 +12,9 @@ not one flat colour.
 
 from __future__ import annotations
 
+import signal
+import time
+
 import pytest
 from test_gui import assert_exits_cleanly, unique
 
@@ -89,6 +92,31 @@ def click_tile(gui: Gui, x, layout: dict, name: str) -> None:
     gui.wait_for(lambda e: e.get("gui") == "call_selected" and e["name"] == name, 10, mark)
 
 
+MEDIA_LOOPS = ("_video_loop", "_decode_loop", "_audio_loop")   # the call engine's threads
+
+
+def media_threads(gui: Gui) -> set[str]:
+    """The call engine's threads alive in the window process, read from the
+    stack dump it writes on SIGUSR1 (faulthandler, all threads; the main
+    thread's ends the dump with `<module>`)."""
+    start = len(gui.stderr)
+    gui.proc.send_signal(signal.SIGUSR1)
+    deadline = time.monotonic() + 10
+    while not any(line.rstrip().endswith("in <module>") for line in gui.stderr[start:]):
+        assert time.monotonic() < deadline, "the window wrote no stack dump"
+        time.sleep(0.05)
+    dump = "".join(gui.stderr[start:])
+    return {loop for loop in MEDIA_LOOPS if f" in {loop}" in dump}
+
+
+def wait_no_media_threads(gui: Gui, timeout: float = 15) -> None:
+    """After a call: its threads end (they poll 4 times a second)."""
+    deadline = time.monotonic() + timeout
+    while (left := media_threads(gui)):
+        assert time.monotonic() < deadline, f"threads left behind after the call: {left}"
+        time.sleep(0.2)
+
+
 def test_video_moves_in_the_call_window_and_esc_hangs_up_on_that_peer(x, tmp_path, procs):
     host = Host(unique("call"), advertise=False)
     procs.append(host)
@@ -117,6 +145,13 @@ def test_video_moves_in_the_call_window_and_esc_hangs_up_on_that_peer(x, tmp_pat
     # The chat goes on.
     gui.type_into("chat", "input", "still chatting", enter=True)
     bob.wait_for(lambda e: e.get("type") == "message" and e["text"] == "still chatting")
+    # Closing the call window and at once the chat: both are done (an event
+    # that comes while a window closes is not lost).
+    mark = gui.mark()
+    bob.say("/CHECK alice")
+    answer_from_the_card(gui, x, "bob", mark)
+    call_window(gui, {"alice", "bob"}, mark)
+    gui.close("call")
     gui.close("chat")
     assert_exits_cleanly(gui)
 
@@ -143,6 +178,9 @@ def test_a_four_person_grid_backspace_ends_all_and_closing_the_window_hangs_up(
     assert len({box[0] for box in boxes.values()}) == 2, f"not a 2 x 2 grid: {boxes}"
     for name in ("bob", "carol", "dave"):   # everyone's video arrives
         frames_after(gui, name, 2, 0)
+    assert gui.wait_for(lambda e: e.get("gui") == "call_status", 5)  # said who is in it
+    said = [e["text"] for e in gui.lines if e.get("gui") == "call_status"][-1]
+    assert said.startswith("In a call with ") and all(n in said for n in ("bob", "carol", "dave"))
     # Backspace with our own tile picked ends every call.
     click_tile(gui, x, layout, "alice")
     x.key("BackSpace")
@@ -155,8 +193,10 @@ def test_a_four_person_grid_backspace_ends_all_and_closing_the_window_hangs_up(
     bob.say("/CHECK alice")
     answer_from_the_card(gui, x, "bob", mark)
     call_window(gui, {"alice", "bob"}, mark)
+    assert media_threads(gui) == set(MEDIA_LOOPS)
     gui.close("call")
     bob.wait_for(lambda e: e.get("type") == "call_ended" and e["peer"] == "alice", 15)
+    wait_no_media_threads(gui)              # no thread behind, camera and sound closed
     gui.type_into("chat", "input", "after the call", enter=True)
     bob.wait_for(lambda e: e.get("type") == "message" and e["text"] == "after the call")
     gui.close("chat")
