@@ -11,6 +11,8 @@ and types through the window with xdotool and saves, by window id:
     docs/chat.png          a room: Chinese and English bubbles, [SYSTEM]
                            notices, a file saved and one still arriving
     docs/launcher-150.png, docs/chat-150.png   the same at --scale 1.5
+    docs/call.png          a call in the window, with the test-pattern camera
+    docs/call-group.png    a four-person call's grid
 
 It also writes the program's icon to assets/icon.png (and assets/icon.ico
 when ImageMagick's convert is there). Everything it starts, it stops by PID.
@@ -109,6 +111,57 @@ def shoot(scale: float, out: Path, suffix: str) -> None:
     print(f"wrote {out / f'launcher{suffix}.png'} and {out / f'chat{suffix}.png'}")
 
 
+def shoot_calls(out: Path) -> None:
+    """Real calls: the window and three terminal clients, all with the
+    test-pattern camera and the null audio device."""
+    from test_gui_calls import MEDIA, answer_from_the_card, call_window, frames_after
+
+    x = Xvfb(1280, 800).start()
+    started: list = []
+    work = Path(tempfile.mkdtemp(prefix="chatroom-shots-"))
+    try:
+        host = Host("Lab-PC", advertise=False)
+        started.append(host)
+        gui = Gui(x, work / "config", ["--server", f"127.0.0.1:{host.port}", "--room",
+                                       "学习小组", "--user", "alice", "--downloads",
+                                       str(work / "alice"), *MEDIA])
+        started.append(gui)
+        gui.window("launcher")
+        gui.click("launcher", "join")
+        gui.phase("chatting")
+        others = []
+        for user in ("小明", "bob", "carol"):
+            cli = Cli(host.port, "学习小组", user, downloads=work / user, extra=MEDIA)
+            started.append(cli)
+            others.append(cli)
+        xiaoming = others[0]
+        xiaoming.say("/CHECK alice")
+        answer_from_the_card(gui, x, "小明")
+        layout = call_window(gui, {"alice", "小明"})
+        frames_after(gui, "小明", 15, gui.mark())
+        x.screenshot(out / "call.png", layout["xid"])
+        for other in others[1:]:            # two more join through alice
+            mark = gui.mark()
+            other.say("/CHECK alice")
+            bar = gui.wait_for(lambda e, who=other.user: e.get("gui") == "call_ringing"
+                               and e["user"] == who, 15, mark)
+            bx, by, bw, bh = bar["elements"]["answer"]
+            x.click(bx + bw / 2, by + bh / 2)
+        layout = call_window(gui, {"alice", "小明", "bob", "carol"})
+        for name in ("小明", "bob", "carol"):
+            frames_after(gui, name, 15, gui.mark())
+        x.screenshot(out / "call-group.png", layout["xid"])
+        gui.close("call")
+        gui.close("chat")
+        gui.wait_exit(10)
+    finally:
+        for proc in reversed(started):
+            proc.stop()
+        x.stop()
+        shutil.rmtree(work, ignore_errors=True)
+    print(f"wrote {out / 'call.png'} and {out / 'call-group.png'}")
+
+
 def write_icon(assets: Path) -> None:
     assets.mkdir(exist_ok=True)
     (assets / "icon.png").write_bytes(chatroom.app_icon_png(256))
@@ -123,12 +176,15 @@ def write_icon(assets: Path) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=ROOT / "docs")
-    parser.add_argument("--scales", type=float, nargs="+", default=[1.0, 1.5])
+    parser.add_argument("--scales", type=float, nargs="*", default=[1.0, 1.5])
+    parser.add_argument("--no-calls", action="store_true", help="skip docs/call*.png")
     args = parser.parse_args()
     args.out.mkdir(exist_ok=True)
     write_icon(ROOT / "assets")
     for scale in args.scales:
         shoot(scale, args.out, "" if scale == 1 else f"-{round(scale * 100)}")
+    if not args.no_calls:
+        shoot_calls(args.out)
     return 0
 
 
