@@ -8685,6 +8685,17 @@ def _polish_buttons(window: Any, look: Look) -> None:
                                      disabledforeground=COLOURS["faint"])
 
 
+def _close_button_posts(window: Any) -> None:
+    """The window manager's close button, queued as a
+    WINDOW_CLOSE_ATTEMPTED_EVENT like a thread's event. PySimpleGUI, with
+    several windows open, reports that button as an event of None and then
+    hands out, in its place, any event the core had queued for the same
+    window: a close at that moment was lost. A queued event can't be."""
+    import PySimpleGUI as sg
+    window.TKroot.protocol("WM_DELETE_WINDOW", lambda: window.write_event_value(
+        sg.WINDOW_CLOSE_ATTEMPTED_EVENT, None))
+
+
 def _fit_on_screen(window: Any, minimum: tuple[int, int], preferred: tuple[int, int]) -> None:
     """Size `window` as `preferred`, centred, but never bigger than its
     screen (a window taller than the screen hides its bottom, where the
@@ -8771,6 +8782,7 @@ class Launcher:
                                 enable_close_attempted_event=True, resizable=True,
                                 icon=images.icon(64), font=look.font(10))
         _polish_buttons(self.window, look)
+        _close_button_posts(self.window)
         table = self.window[(_ROOM, "hosts")]
         for column in table.Widget["columns"]:  # headings over their column's text
             table.Widget.heading(column, anchor="w")
@@ -8987,6 +8999,7 @@ class ChatWindow:
                                 enable_close_attempted_event=True, resizable=True,
                                 icon=images.icon(64), font=look.font(10))
         _polish_buttons(self.window, look)
+        _close_button_posts(self.window)
         # PySimpleGUI lets the last element of a row decide how the row fills;
         # the members' column (tall only) would stop the conversation from
         # growing sideways. The row fills both ways; the members keep their width.
@@ -9288,6 +9301,7 @@ class ConfirmWindow:
                                 keep_on_top=True, enable_close_attempted_event=True,
                                 icon=images.icon(64), font=look.font(10))
         _polish_buttons(self.window, look)
+        _close_button_posts(self.window)
         if trace.enabled:
             self.window.TKroot.update_idletasks()
             trace("window", name="confirm", xid=int(self.window.TKroot.wm_frame(), 16),
@@ -9416,6 +9430,7 @@ class CallWindow:
                                 enable_close_attempted_event=True, resizable=True,
                                 icon=images.icon(64), font=look.font(10), alpha_channel=0)
         _polish_buttons(self.window, look)
+        _close_button_posts(self.window)
         # Top right of the screen, all of it on screen: beside the chat,
         # whose newest lines and members list stay in view (a window
         # manager may still move it). Shown once it is in place.
@@ -9944,25 +9959,21 @@ class GuiApp:
         return EXIT_OK
 
     def _dispatch_swallowed(self) -> None:
-        """Dispatch an event that came while a handler let Tk run (closing a
-        window runs Tk's update: a second window's close or a click is
-        handled then). PySimpleGUI notes such an event in one slot, the
-        window that ended Tk's loop, which read_all_windows has already
-        looked at, and Tk forgets the request to end its loop: without this
-        the event is lost (closing the call window and then at once the
-        chat left the program running)."""
+        """Dispatch a click that came while a handler let Tk run (closing a
+        window runs Tk's update, which handles what is waiting). PySimpleGUI
+        notes such a click in one slot, the window that ended Tk's loop,
+        which read_all_windows has already looked at, and Tk forgets the
+        request to end its loop: without this the click is lost. (Closes
+        and the core's events are queued, and wait for the next read.)"""
         for _ in range(_SWALLOWED_MAX):
             late = self.sg.Window._window_that_exited
-            if late is None or late.TKroot is None:
+            if late is None or late.TKroot is None or late.XFound:
                 return
             self.sg.Window._window_that_exited = None
-            if late.XFound:                 # as read_all_windows does
-                event, values = None, None
-                late.close()
-            else:
-                self.sg.PySimpleGUI._BuildResults(late, False, late)
-                event, values = late.ReturnValues
-            self.dispatch(event, values, late)
+            self.sg.PySimpleGUI._BuildResults(late, False, late)
+            event, values = late.ReturnValues
+            if event is not None:           # None: nothing was clicked after all
+                self.dispatch(event, values, late)
 
     def _read_timeout(self) -> int | None:
         """How long the loop may wait for an event: briefly while stopping,

@@ -277,6 +277,32 @@ def test_without_a_display_the_window_says_so_and_exits(tmp_path):
 
 # --- the window, under Xvfb ---------------------------------------------------------
 
+CLOSE_WHILE_THE_CORE_POSTS = """
+import PySimpleGUI as sg
+import chatroom
+a, b = (sg.Window(name, [[sg.Text(name)]], finalize=True,
+                  enable_close_attempted_event=True) for name in "ab")
+for window in (a, b):
+    chatroom._close_button_posts(window)
+sg.read_all_windows(timeout=10)                 # the loop has run once
+b.write_event_value(("-NET-", "message"), 1)    # the core posts to b,
+b.TKroot.tk.call(b.TKroot.protocol("WM_DELETE_WINDOW"))   # b's close button
+print([(window is b, event) for window, event, _values in
+       (sg.read_all_windows(timeout=2000) for _ in range(2))])
+"""
+
+
+def test_a_close_button_is_not_lost_to_an_event_the_core_queued(x):
+    """PySimpleGUI reports a close button as an event of None and fills it
+    with the window's queued event; chatroom queues closes instead."""
+    out = subprocess.run([sys.executable, "-c", CLOSE_WHILE_THE_CORE_POSTS], env=x.env(),
+                         capture_output=True, text=True, timeout=60,
+                         cwd=Path(chatroom.__file__).parent)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == repr([(True, ("-NET-", "message")),
+                                       (True, "-WINDOW CLOSE ATTEMPTED-")])
+
+
 def test_launcher_lists_hosts_live_and_closes_cleanly(x, tmp_path, procs):
     host = Host(unique("lan"))
     procs.append(host)

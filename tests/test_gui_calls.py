@@ -67,6 +67,17 @@ def answer_from_the_card(gui: Gui, x, user: str, start: int = 0) -> None:
     x.click(box[0] + box[2] / 2, box[1] + box[3] / 2)
 
 
+def answer_from_the_bar(gui: Gui, x, other: Cli) -> None:
+    """While the window is in a call, `other` calls it: click Call back on
+    the bar the call window shows."""
+    mark = gui.mark()
+    other.say("/CHECK " + gui.argv[gui.argv.index("--user") + 1])
+    bar = gui.wait_for(lambda e: e.get("gui") == "call_ringing" and e["user"] == other.user,
+                       15, mark)
+    bx, by, bw, bh = bar["elements"]["answer"]
+    x.click(bx + bw / 2, by + bh / 2)
+
+
 def call_window(gui: Gui, names: set[str], start: int = 0) -> dict:
     """The call window's latest layout once it has tiles for `names`."""
     gui.wait_for(lambda e: e.get("gui") == "window" and e["name"] == "call"
@@ -166,12 +177,7 @@ def test_a_four_person_grid_backspace_ends_all_and_closing_the_window_hangs_up(
     answer_from_the_card(gui, x, "bob")
     call_window(gui, {"alice", "bob"})
     for other in (carol, dave):         # each joins the call in progress through alice,
-        mark = gui.mark()               # answered from the bar in the call window
-        other.say("/CHECK alice")
-        bar = gui.wait_for(lambda e, who=other.user: e.get("gui") == "call_ringing"
-                           and e["user"] == who, 15, mark)
-        bx, by, bw, bh = bar["elements"]["answer"]
-        x.click(bx + bw / 2, by + bh / 2)
+        answer_from_the_bar(gui, x, other)  # answered from the bar in the call window
     layout = call_window(gui, {"alice", "bob", "carol", "dave"})
     boxes = {name: tile_of(layout, name) for name in ("alice", "bob", "carol", "dave")}
     assert len({box[1] for box in boxes.values()}) == 2, f"not a 2 x 2 grid: {boxes}"

@@ -22,27 +22,50 @@ Needs: Xvfb, xdotool, ImageMagick (apt-get install xvfb xdotool imagemagick).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
+from test_gui_calls import (  # noqa: E402  (after the paths above)
+    MEDIA,
+    answer_from_the_bar,
+    answer_from_the_card,
+    call_window,
+    frames_after,
+)
+
 import chatroom  # noqa: E402  (the paths above first)
 from guidriver import Cli, Gui, Host, Xvfb  # noqa: E402
 
 
-def shoot(scale: float, out: Path, suffix: str) -> None:
-    size = (1280, 800) if scale <= 1 else (round(1280 * scale), round(800 * scale))
-    x = Xvfb(*size).start()
+@contextlib.contextmanager
+def stage(width: int = 1280, height: int = 800) -> Iterator[tuple[Xvfb, list, Path]]:
+    """A private display, a list for what is started on it (stopped by PID
+    after, newest first) and a scratch folder (removed after)."""
+    x = Xvfb(width, height).start()
     started: list = []
     work = Path(tempfile.mkdtemp(prefix="chatroom-shots-"))
     try:
+        yield x, started, work
+    finally:
+        for proc in reversed(started):
+            proc.stop()
+        x.stop()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def shoot(scale: float, out: Path, suffix: str) -> None:
+    size = (1280, 800) if scale <= 1 else (round(1280 * scale), round(800 * scale))
+    with stage(*size) as (x, started, work):
         lab = Host("Lab-PC")
         library = Host("Library")
         started += [lab, library]
@@ -103,23 +126,13 @@ def shoot(scale: float, out: Path, suffix: str) -> None:
         x.screenshot(out / f"chat{suffix}.png", gui.window("chat")["xid"])
         gui.close("chat")
         gui.wait_exit(10)
-    finally:
-        for proc in reversed(started):
-            proc.stop()
-        x.stop()
-        shutil.rmtree(work, ignore_errors=True)
     print(f"wrote {out / f'launcher{suffix}.png'} and {out / f'chat{suffix}.png'}")
 
 
 def shoot_calls(out: Path) -> None:
     """Real calls: the window and three terminal clients, all with the
     test-pattern camera and the null audio device."""
-    from test_gui_calls import MEDIA, answer_from_the_card, call_window, frames_after
-
-    x = Xvfb(1280, 800).start()
-    started: list = []
-    work = Path(tempfile.mkdtemp(prefix="chatroom-shots-"))
-    try:
+    with stage() as (x, started, work):
         host = Host("Lab-PC", advertise=False)
         started.append(host)
         gui = Gui(x, work / "config", ["--server", f"127.0.0.1:{host.port}", "--room",
@@ -141,12 +154,7 @@ def shoot_calls(out: Path) -> None:
         frames_after(gui, "小明", 15, gui.mark())
         x.screenshot(out / "call.png", layout["xid"])
         for other in others[1:]:            # two more join through alice
-            mark = gui.mark()
-            other.say("/CHECK alice")
-            bar = gui.wait_for(lambda e, who=other.user: e.get("gui") == "call_ringing"
-                               and e["user"] == who, 15, mark)
-            bx, by, bw, bh = bar["elements"]["answer"]
-            x.click(bx + bw / 2, by + bh / 2)
+            answer_from_the_bar(gui, x, other)
         layout = call_window(gui, {"alice", "小明", "bob", "carol"})
         for name in ("小明", "bob", "carol"):
             frames_after(gui, name, 15, gui.mark())
@@ -154,11 +162,6 @@ def shoot_calls(out: Path) -> None:
         gui.close("call")
         gui.close("chat")
         gui.wait_exit(10)
-    finally:
-        for proc in reversed(started):
-            proc.stop()
-        x.stop()
-        shutil.rmtree(work, ignore_errors=True)
     print(f"wrote {out / 'call.png'} and {out / 'call-group.png'}")
 
 
