@@ -7,9 +7,13 @@ advertises itself on the LAN by mDNS (``_chatroom._tcp.local.``);
 room R as user U from a terminal; ``python chatroom.py --discover`` lists the
 hosts on the LAN; with no arguments it opens the desktop window. People in a
 room chat in any language and are told by ``[SYSTEM]`` notices, which nobody
-can fake, who comes and goes. Only the standard library is needed to import
-this file; zeroconf enables discovery and PySimpleGUI the window (each is
-imported where it is used, and a missing one is named in a friendly error).
+can fake, who comes and goes; they send files, and call each other with
+video and voice, peer to peer over UDP or through the host when UDP can't
+get through, every media packet sealed. Only the standard library is
+needed to import this file; zeroconf enables discovery, PySimpleGUI the
+window, and cryptography, numpy, OpenCV, PyAV and PyAudio the calls (each
+is imported where it is used, and a missing one is named in a friendly
+error).
 
 The file reads top to bottom; each section uses only the sections above it
 (tests/test_map.py holds this map and that rule true):
@@ -34,7 +38,7 @@ The file reads top to bottom; each section uses only the sections above it
 18. GUI LOOK              theme, fonts, --scale, the trace hook, drawing
 19. GUI CONVERSATION      bubbles, notices and file cards; the members list
 20. GUI WINDOWS           the launcher and the chat window
-21. GUI CALLS             (reserved) call windows
+21. GUI CALLS             the call window: tiles, ESC and Backspace
 22. GUI APP               the bridge from the core, settings, phases, the loop
 23. MAIN                  argparse and the entry points
 """
@@ -226,6 +230,14 @@ class ChatError(Exception):
         super().__init__(f"{code}: {message}")
         self.code = code
         self.message = message
+
+
+def _why(exc: BaseException) -> str:
+    """An exception as a person reads it: a ChatError's sentence without
+    its code, an OSError's own words, anything else as it prints."""
+    if isinstance(exc, ChatError):
+        return exc.message
+    return (exc.strerror if isinstance(exc, OSError) else None) or str(exc)
 
 
 class ProtocolError(ChatError):
@@ -6240,7 +6252,7 @@ class ClientCalls:
         self._wake_video = threading.Event()
         self._wake_decode = threading.Condition()
         self._audio_wanted = threading.Event()
-        self._reported: set[str] = set()            # device errors said once
+        self._reported: set[str] = set()            # device errors said, once a call
         self._audio_seq = 0
         self._recorder: Any = None
         self._threads: list[threading.Thread] = []
@@ -6437,6 +6449,7 @@ class ClientCalls:
             self._by_id.pop(link.link_id, None)
             if not self._links:
                 self._audio_wanted.clear()
+                self._reported.clear()      # the next call says its device problems
 
     def _end(self, link: PeerLink, reason: str) -> None:
         """Take a connected `link` out and tell the front end."""
@@ -6616,7 +6629,7 @@ class ClientCalls:
             return True
 
     def _report(self, code: str, message: str) -> None:
-        """A device problem, said once (any thread)."""
+        """A device problem, said once a call (any thread)."""
         if code not in self._reported:
             self._reported.add(code)
             self.loop.call_soon_threadsafe(self.emit, {"type": "error", "code": code,
@@ -6643,9 +6656,11 @@ class ClientCalls:
                     try:
                         source = open_video_source(self.options.camera, self.user)
                     except (DeviceError, MissingPackage) as exc:
-                        self._report("no_camera", f"no video from {self.options.camera!r}: "
-                                     f"{exc}; the call goes on without it")
+                        self._report("no_camera", f"no video: {_why(exc)}; the call goes on "
+                                     "without it")
                         self.camera_on = False
+                        self.loop.call_soon_threadsafe(self.emit, {
+                            "type": "media_state", "muted": self.muted, "video": False})
                         continue
                 frame = source.read()
                 if frame is None:
@@ -6658,7 +6673,7 @@ class ClientCalls:
                         try:
                             encoder = encoders[codec] = make_video_encoder(codec)
                         except (DeviceError, MissingPackage) as exc:
-                            self._report("missing_package", f"can't encode {codec}: {exc}")
+                            self._report("missing_package", f"can't encode {codec}: {_why(exc)}")
                             continue
                     out = encoder.encode(frame, keyframe=codec in self._keyframes)
                     self._keyframes.discard(codec)
@@ -6675,7 +6690,7 @@ class ClientCalls:
                             time.sleep(_SEND_PACE_S)
         except Exception as exc:            # a codec or device failed mid-call
             log.exception("the video thread failed")
-            self._report("no_camera", f"video stopped: {exc}")
+            self._report("no_camera", f"video stopped: {_why(exc)}")
         finally:
             if source is not None:
                 source.close()
@@ -6700,7 +6715,7 @@ class ClientCalls:
             try:
                 link.video_decoder = make_video_decoder(link.video)
             except (DeviceError, MissingPackage) as exc:
-                self._report("missing_package", f"can't decode {link.video}: {exc}")
+                self._report("missing_package", f"can't decode {link.video}: {_why(exc)}")
                 return
         image = link.video_decoder.decode(frame.data)
         now = time.monotonic()
@@ -6741,8 +6756,8 @@ class ClientCalls:
             source = open_audio_source(spec)
             sink = open_audio_sink(spec)
         except (DeviceError, MissingPackage) as exc:
-            self._report("no_audio_device", f"no sound from {spec!r}: {exc}; the call goes "
-                         "on without it")
+            self._report("no_audio_device", f"no sound: {_why(exc)}; the call goes on "
+                         "without it")
             source, sink = open_audio_source("null"), open_audio_sink("null")
         encoders: dict[str, Any] = {}
         source.start(lambda pcm: self._on_audio(pcm, encoders))
@@ -6786,7 +6801,7 @@ class ClientCalls:
                 try:
                     link.audio_decoder = make_audio_decoder(link.audio)
                 except (DeviceError, ValueError) as exc:
-                    self._report("missing_package", f"can't decode {link.audio}: {exc}")
+                    self._report("missing_package", f"can't decode {link.audio}: {_why(exc)}")
                     link.audio = ""         # no sound from this link, the rest goes on
                     continue
             if status == "frame" and payload is not None:
@@ -7089,9 +7104,8 @@ class ClientCore:
             await browser.start()
         except (MissingPackage, OSError) as exc:
             await browser.close()
-            message = exc.message if isinstance(exc, ChatError) else str(exc)
             self._error("missing_package" if isinstance(exc, MissingPackage)
-                        else "no_host", f"can't look for hosts: {message}")
+                        else "no_host", f"can't look for hosts: {_why(exc)}")
             return False
         self._browser = browser
         changed([])
@@ -7107,9 +7121,7 @@ class ClientCore:
             await host.start()
         except (OSError, MissingPackage) as exc:
             await host.close()
-            message = exc.message if isinstance(exc, ChatError) else \
-                (exc.strerror or str(exc))
-            self._error("host_unreachable", f"can't host on port {port}: {message}")
+            self._error("host_unreachable", f"can't host on port {port}: {_why(exc)}")
             return None
         self._host = host
         self._emit({"type": "listening", "address": host.bind, "port": host.port,
@@ -9344,6 +9356,7 @@ _CALL = "-CALL-"                    # the call window's element keys: (_CALL, na
 CALL_REFRESH_S = 1 / 30             # the loop looks for new frames this often
 CALL_BACKGROUND = "#14171C"
 CALL_LABEL = "#0B0D10"              # behind a tile's name (Tk has no transparency)
+DEVICE_ERRORS = frozenset({"no_camera", "no_audio_device", "missing_package"})  # said there too
 
 
 def tile_grid(count: int, width: int, height: int, gap: int
@@ -9431,6 +9444,8 @@ class CallWindow:
                                 icon=images.icon(64), font=look.font(10), alpha_channel=0)
         _polish_buttons(self.window, look)
         _close_button_posts(self.window)
+        self.window[(_CALL, "status")].Widget.configure(   # long lines wrap, the window
+            wraplength=px(560), justify="left", anchor="w")  # never grows off screen
         # Top right of the screen, all of it on screen: beside the chat,
         # whose newest lines and members list stay in view (a window
         # manager may still move it). Shown once it is in place.
@@ -9619,6 +9634,7 @@ class CallWindows:
     def __init__(self) -> None:
         self.window: CallWindow | None = None
         self.refreshed = 0.0                # monotonic time of the last refresh
+        self.trouble = ""                   # a device problem in this call, said
 
     @property
     def windows(self) -> list[Any]:
@@ -9628,6 +9644,7 @@ class CallWindows:
         if self.window is not None:
             self.window.close()
             self.window = None
+        self.trouble = ""
 
 
 # =============================================================================
@@ -10127,6 +10144,9 @@ class GuiApp:
                       "ends it for everyone.")
 
     def on_error(self, event: dict) -> None:
+        if event["code"] in DEVICE_ERRORS:  # also in the call window (which may
+            self.calls.trouble = _sentence(event["message"])   # open just after)
+            self._say_who()
         if self.phase is Phase.JOINING:
             self.launcher.error(_JOIN_ERRORS.get(event["code"], _sentence)(event["message"]))
         elif self.phase in (Phase.HOSTING, Phase.CHOOSING):   # no host, or no LAN watch
@@ -10286,7 +10306,8 @@ class GuiApp:
                                     if self._paths.get(peer) == "relay" else "")
                  for peer in window.peers]
         who = names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
-        window.status(f"{before}In a call with {who}.")
+        trouble = f" {self.calls.trouble}" if self.calls.trouble else ""
+        window.status(f"{before}In a call with {who}.{trouble}")
 
     def on_call_ended(self, event: dict) -> None:
         if self.chat is not None:

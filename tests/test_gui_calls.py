@@ -207,3 +207,31 @@ def test_a_four_person_grid_backspace_ends_all_and_closing_the_window_hangs_up(
     bob.wait_for(lambda e: e.get("type") == "message" and e["text"] == "after the call")
     gui.close("chat")
     assert_exits_cleanly(gui)
+
+
+def test_a_camera_that_will_not_open_is_a_line_in_the_call_window(x, tmp_path, procs):
+    host = Host(unique("nocam"), advertise=False)
+    procs.append(host)
+    gui = Gui(x, tmp_path / "config", ["--downloads", str(tmp_path / "dl"), "--server",
+                                       f"{LOOPBACK}:{host.port}", "--room", "r", "--user",
+                                       "alice", "--camera", str(tmp_path / "no-such-camera.mp4"),
+                                       "--audio", "null"])
+    procs.append(gui)
+    gui.window("launcher")
+    gui.click("launcher", "join")
+    gui.phase("chatting")
+    bob = caller(host, "bob", procs)
+    bob.say("/CHECK alice")
+    answer_from_the_card(gui, x, "bob")
+    said = gui.wait_for(lambda e: e.get("gui") == "call_status" and "no-such-camera" in e["text"],
+                        20)
+    assert said["text"].startswith("In a call with bob."), said
+    gui.wait_for(lambda e: e.get("gui") == "event" and e["event"]["type"] == "media_state"
+                 and e["event"]["video"] is False, 10)  # the button offers "Camera on"
+    frames_after(gui, "bob", 3, 0)          # bob's video still comes: the call goes on
+    gui.close("call")
+    bob.wait_for(lambda e: e.get("type") == "call_ended" and e["peer"] == "alice", 15)
+    gui.type_into("chat", "input", "no camera here", enter=True)
+    bob.wait_for(lambda e: e.get("type") == "message" and e["text"] == "no camera here")
+    gui.close("chat")
+    assert_exits_cleanly(gui)
