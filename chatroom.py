@@ -6121,10 +6121,11 @@ def _discard_part(dl: IncomingFile) -> None:
 # person types, and ticks it once a second; it talks to the host through
 # the core and to the front end through `emit`. It holds every link this
 # client is in, host-arranged (/CHECK) or direct ("ip port1 port2"), and
-# moves their media with 5 and 6 (packets) and 7 (devices).
+# moves their media with MEDIA PACKETS and MEDIA FLOW, from and to the
+# VIDEO DEVICES and SOUND DEVICES.
 #
 # Media never runs on the core's loop. Threads, each with one job:
-# - one receiving thread per UDP socket (8. UdpSocket): open, reassemble,
+# - one receiving thread per UDP socket (CONNECTIONS' UdpSocket): open, reassemble,
 #   queue frames to decode, push audio into jitter buffers;
 # - the video thread: read the camera, encode once per codec in use, cut
 #   into packets, seal and send them to every link (the same packets, each
@@ -6139,7 +6140,8 @@ def _discard_part(dl: IncomingFile) -> None:
 # it authenticates; a link that hears nothing over UDP for
 # `media_fallback_s` asks for the host's relay (--media-path auto); one that
 # hears nothing at all for `media_silence_s` ends (`lost`); a device that
-# can't open is reported once, and the call goes on without it.
+# can't open is reported once a call, and the call goes on without it. The
+# media threads run while there are links, and end with the last one.
 
 _SEND_PACE_EVERY = 8                # packets of one frame sent back to back, then a pause
 _SEND_PACE_S = 0.0005
@@ -7499,7 +7501,7 @@ def parse_send(line: str) -> tuple[str, str | None]:
 # A thin front end over CLIENT CORE. Each event is printed as one JSON
 # object per line (--json, flushed as written) or as a line for a person;
 # diagnostics go to stderr. Stdin lines are what a person types, parsed
-# by section 12 into text to send or a command. Reading stdin happens on its own
+# by COMMANDS into text to send or a command. Reading stdin happens on its own
 # daemon thread so the main thread can notice the end of the session (the
 # host going away) while a read is pending.
 
