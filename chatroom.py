@@ -31,16 +31,17 @@ The file reads top to bottom; each section uses only the sections above it
 11. HOST RELAYS           files and calls between the members of a room
 12. HOST                  the listener, sessions, rooms, shutdown (asyncio)
 13. CLIENT FILES          files we send and receive, beside the client core
-14. CLIENT CALLS          the media engine: devices, sockets, every link
-15. CLIENT CORE           one asyncio loop in a thread, one event stream
-16. COMMANDS              one parser for what a person types
-17. TERMINAL CLIENT       --cli: stdin lines in, events out (text or JSON)
-18. GUI LOOK              theme, fonts, --scale, the trace hook, drawing
-19. GUI CONVERSATION      bubbles, notices and file cards; the members list
-20. GUI WINDOWS           the launcher and the chat window
-21. GUI CALLS             the call window: tiles, ESC and Backspace
-22. GUI APP               the bridge from the core, settings, phases, the loop
-23. MAIN                  argparse and the entry points
+14. CLIENT MEDIA          links, sealed packets in and out, the media threads
+15. CLIENT CALLS          host-arranged and direct calls over the engine
+16. CLIENT CORE           one asyncio loop in a thread, one event stream
+17. COMMANDS              one parser for what a person types
+18. TERMINAL CLIENT       --cli: stdin lines in, events out (text or JSON)
+19. GUI LOOK              theme, fonts, --scale, the trace hook, drawing
+20. GUI CONVERSATION      bubbles, notices and file cards; the members list
+21. GUI WINDOWS           the launcher and the chat window
+22. GUI CALLS             the call window: tiles, ESC and Backspace
+23. GUI APP               the bridge from the core, settings, phases, the loop
+24. MAIN                  argparse and the entry points
 """
 
 from __future__ import annotations
@@ -6114,39 +6115,32 @@ def _discard_part(dl: IncomingFile) -> None:
         pass
 
 # =============================================================================
-# 14. CLIENT CALLS: the media engine: devices, UDP sockets, every link
+# 14. CLIENT MEDIA: the links of a call and the threads that move their media
 # =============================================================================
-# ClientCalls is to calls what ClientFiles is to files: ClientCore (next
-# section) owns it, hands it the host's call events and the commands a
-# person types, and ticks it once a second; it talks to the host through
-# the core and to the front end through `emit`. It holds every link this
-# client is in, host-arranged (/CHECK) or direct ("ip port1 port2"), and
-# moves their media with MEDIA PACKETS and MEDIA FLOW, from and to the
-# VIDEO DEVICES and SOUND DEVICES.
-#
-# Media never runs on the core's loop. Threads, each with one job:
-# - one receiving thread per UDP socket (CONNECTIONS' UdpSocket): open, reassemble,
-#   queue frames to decode, push audio into jitter buffers;
+# A call's media, under the signalling of CLIENT CALLS (next section): the
+# table of links, each with its keys, where its media goes and what has
+# come from it; sealing and sending, opening and sorting what comes in; and
+# the threads, each with one job:
+# - the receiving threads (one per UDP socket: CONNECTIONS' UdpSocket) and
+#   the core's loop (for packets the host relays) call `on_packet`: open,
+#   reassemble, queue frames to decode, push audio into jitter buffers;
 # - the video thread: read the camera, encode once per codec in use, cut
 #   into packets, seal and send them to every link (the same packets, each
 #   sealed with its link's key), paced so bursts don't overflow receivers;
 # - the decoding thread: decode each link's newest frames, record them;
 # - the audio source's and sink's threads (or PyAudio's callbacks): encode
 #   and send 20 ms frames; pull, decode or conceal, and mix what is played.
-# Packets relayed by the host come in through the core's loop and go out
-# through it. Every shared structure is guarded by a lock held briefly.
-#
-# Rules (README.md, "Calls"): media is sealed per link and accepted because
-# it authenticates; a link that hears nothing over UDP for
-# `media_fallback_s` asks for the host's relay (--media-path auto); one that
-# hears nothing at all for `media_silence_s` ends (`lost`); a device that
-# can't open is reported once a call, and the call goes on without it. The
-# media threads run while there are links, and end with the last one.
+# The threads run while there are links: each ends once the last link has
+# gone (`_retire`), so a finished call leaves no thread and no device open,
+# and the next link starts them again. Both happen under the lock, so a
+# link that comes just as a thread ends gets a new one. Every shared
+# structure is guarded by a lock held briefly. The engine decides nothing
+# about calls: CLIENT CALLS adds and removes links. A device that can't
+# open is reported once a call, and the call goes on without it.
 
 _SEND_PACE_EVERY = 8                # packets of one frame sent back to back, then a pause
 _SEND_PACE_S = 0.0005
 _DECODE_QUEUE = 8                   # frames waiting to be decoded per link, at most
-_HELLO_EVERY_S = 0.25               # a direct call repeats its hello this often
 
 
 @dataclasses.dataclass(frozen=True)
@@ -6209,46 +6203,28 @@ class PeerLink:
         return "relay" if self.relay_out or self.heard_relay > self.heard_udp else "direct"
 
 
-@dataclasses.dataclass(eq=False)
-class DirectCall:
-    """A direct call waiting for the other side's hello (then `link`)."""
-    name: str                           # "ip:port", until the hello names them
-    address: tuple[str, int]
-    sock: UdpSocket
-    keys: KeyExchange
-    started: float
-    link: PeerLink | None = None
+class MediaEngine:
+    """The media of every link of one client. Thread-safe throughout.
 
-
-class ClientCalls:
-    """Every call of one client. Thread-safe where it says so; the `on_*`
-    handlers, commands and `tick` run on the core's loop.
-
-    `emit(event)` hands an event to the front end (on the loop); `to_host`
-    sends an event to the host over the core's Link, if connected.
+    `emit(event)` hands an event to the front end and `relay(packet)` sends
+    a packet through the host; the engine calls both on `loop`.
     """
 
-    def __init__(self, limits: Limits, options: MediaOptions,
-                 emit: Callable[[dict], None], to_host: Callable[[Event], bool],
-                 loop: asyncio.AbstractEventLoop) -> None:
-        self.limits = limits
+    def __init__(self, options: MediaOptions, emit: Callable[[dict], None],
+                 relay: Callable[[bytes], None], loop: asyncio.AbstractEventLoop) -> None:
         self.options = options
         self.emit = emit
-        self.to_host = to_host
+        self.relay = relay
         self.loop = loop
-        self.user = ""                      # our User ID, once logged in
-        self.link: Link | None = None       # the host connection, for the relay
-        self.sock: UdpSocket | None = None  # for host-arranged calls
-        self.codecs: tuple[str, ...] = ()   # what we can encode and decode
+        self.user = ""                      # our User ID (the test pattern shows it)
         self.muted = False
         self.camera_on = options.camera != "none"
         self.preview: Any = None            # the newest frame from our camera
         self.preview_serial = 0             # counts them (the window shows new ones)
         self.garbage = 0                    # packets for no link at all
-        self._lock = threading.RLock()
+        self.lock = threading.RLock()
         self._links: dict[str, PeerLink] = {}       # by peer name
         self._by_id: dict[bytes, PeerLink] = {}
-        self._direct: list[DirectCall] = []         # waiting for a hello
         self._keyframes: set[str] = set()           # codecs a peer asked a keyframe of
         self._closed = threading.Event()
         self._wake_video = threading.Event()
@@ -6258,88 +6234,64 @@ class ClientCalls:
         self._audio_seq = 0
         self._recorder: Any = None
         self._threads: list[threading.Thread] = []
-        self._hello_timer: asyncio.TimerHandle | None = None
 
-    # --- the host connection (core's loop) ---
+    # --- links ---
 
-    def attach(self, link: Link, user: str) -> None:
-        """Logged in as `user`: open the UDP socket for host-arranged calls
-        and tell the host where it is and which codecs we have."""
-        self.link, self.user = link, user
-        if self.sock is None:
-            try:
-                self.sock = UdpSocket(self.options.interface or "0.0.0.0",
-                                      self.options.media_port, self._on_udp, "calls")
-            except OSError as exc:          # calls still work, relayed by the host
-                self.emit({"type": "error", "code": "bad_call_address",
-                           "message": f"can't open UDP port {self.options.media_port} for "
-                                      f"calls ({exc.strerror or exc}); they will go "
-                                      "through the host"})
-        self.to_host(MediaPort(self.sock.port if self.sock is not None else 0,
-                               self._codecs()))
+    def links(self) -> list[PeerLink]:
+        with self.lock:
+            return list(self._links.values())
 
-    def _codecs(self) -> tuple[str, ...]:
-        """What we offer to encode and decode (looked up once)."""
-        if not self.codecs:
-            wanted = self.options.video_codec
-            self.codecs = tuple(c for c in _media_codecs()
-                                if wanted == "auto" or c == wanted or c not in VIDEO_CODECS)
-        return self.codecs
+    def link(self, peer: str) -> PeerLink | None:
+        return self._links.get(peer)
 
-    def connection_ended(self, reason: str) -> None:
-        """The host connection is gone: its links end; direct calls go on."""
-        self.link = None
-        for link in self._snapshot():
-            if not link.direct:
-                self._end(link, reason)
+    def add(self, link: PeerLink) -> None:
+        """A new link (one with the same peer goes); starts the threads."""
+        with self.lock:
+            old = self._links.get(link.peer)
+            if old is not None:
+                self.forget(old)
+            self._links[link.peer] = link
+            self._by_id[link.link_id] = link
+            if link.video:
+                self._keyframes.add(link.video)     # a newcomer needs a keyframe
+            self._start_threads()
+        self._wake_video.set()
+        self._audio_wanted.set()
 
-    # --- commands (core's loop) ---
+    def forget(self, link: PeerLink) -> bool:
+        """Take `link` out; False if it wasn't in (already gone, or replaced)."""
+        with self.lock:
+            self._by_id.pop(link.link_id, None)
+            if self._links.get(link.peer) is not link:
+                return False
+            del self._links[link.peer]
+            if not self._links:
+                self._audio_wanted.clear()
+                self._reported.clear()      # the next call says its device problems
+            return True
 
-    def hang_up(self, user: str | None) -> bool:
-        """End the link with `user` (a peer, or "ip:port" of a direct call),
-        or every link. True if something here ended; the host is told by
-        the caller."""
-        ended = False
-        for link in self._snapshot():
-            if link.connected and (user is None or id_key(user) in (
-                    id_key(link.peer), _address_key(link))):
-                self._end(link, "hangup")
-                ended = True
-        for call in list(self._direct):
-            if user is None or user == call.name:
-                self._drop_direct(call, "cancelled")
-                ended = True
-        return ended
+    def send(self, link: PeerLink, kind: int, inner: bytes) -> None:
+        """Seal and send one packet to `link`."""
+        with link.send_lock:
+            packet = link.sealer.seal(kind, inner)
+        link.sent = time.monotonic()
+        if link.relay_out and not link.direct:
+            self.loop.call_soon_threadsafe(self.relay, packet)
+        elif link.sock is not None and link.address is not None:
+            link.sock.send(packet, link.address)
 
-    def is_direct(self, user: str) -> bool:
-        """Does `user` name a direct call (waiting or connected)?"""
-        return any(call.name == user for call in self._direct) or any(
-            link.direct and id_key(user) in (id_key(link.peer), _address_key(link))
-            for link in self._snapshot())
+    def stats(self, link: PeerLink, now: float) -> dict:
+        """media_stats for `link` since the last call (the core's clock)."""
+        with link.recv_lock:
+            link.reassembler.expire(now * 1000)
+            stats = link.stats.snapshot(now * 1000)
+            concealed = link.jitter.concealed
+        stats["concealed"] = concealed - link.concealed_reported
+        link.concealed_reported = concealed
+        stats["dropped"] += self.garbage
+        return {"type": "media_stats", "peer": link.peer, **stats, "path": link.path}
 
-    def call_address(self, address: str, listen: int, port: int) -> None:
-        """A direct call: listen on `listen`, say hello to address:`port`
-        until they answer or the call timeout passes."""
-        name = address_text(address, port)
-        try:
-            sock = UdpSocket(self.options.interface or ("::" if ":" in address else "0.0.0.0"),
-                             listen, lambda data, source: None, "direct")
-        except OSError as exc:
-            self.emit({"type": "error", "code": "bad_call_address",
-                       "message": f"can't listen on UDP port {listen}: "
-                                  f"{exc.strerror or exc}"})
-            return
-        try:
-            keys = KeyExchange()
-        except MissingPackage as exc:
-            sock.close()
-            self.emit({"type": "error", "code": exc.code, "message": exc.message})
-            return
-        call = DirectCall(name, (address, port), sock, keys, time.monotonic())
-        sock.on_packet = lambda data, source: self._on_direct(call, data)
-        with self._lock:
-            self._direct.append(call)
-        self._say_hello()
+    # --- what the person does ---
 
     def set_muted(self, muted: bool) -> None:
         self.muted = muted
@@ -6349,9 +6301,6 @@ class ClientCalls:
         self._reported.discard("no_camera")         # try the camera again
         self._wake_video.set()
 
-    def peers(self) -> list[str]:
-        return [link.peer for link in self._snapshot()]
-
     def latest_frame(self, peer: str) -> tuple[int, Any]:
         """(serial, newest decoded frame) from `peer`, for the window: the
         serial grows with every frame, so an unchanged one is skipped; (0,
@@ -6359,143 +6308,23 @@ class ClientCalls:
         link = self._links.get(peer)
         return (link.frames_shown, link.latest_frame) if link is not None else (0, None)
 
-    # --- events from the host (core's loop) ---
-
-    def on_call_start(self, event: CallStart) -> None:
-        try:
-            link = PeerLink(event.peer, bytes.fromhex(event.link), bytes.fromhex(event.key),
-                            event.side == "a", event.video, event.audio, self.sock,
-                            (event.address, event.port) if event.port else None, False)
-        except (MissingPackage, ValueError) as exc:
-            self.emit({"type": "error", "code": "missing_package",
-                       "message": f"can't start the call: {exc}"})
-            self.to_host(Hangup(event.peer, "hangup"))
-            return
-        if self.options.media_path == "relay" or link.address is None or self.sock is None:
-            link.relay_out = True
-            link.relay_asked = True
-            self.to_host(RelayMedia(event.peer))
-        self._add(link)
-        self.emit({"type": "call_connected", "peer": link.peer,
-                   "address": address_text(event.address, event.port),
-                   "path": link.path, "codec": link.video or None,
-                   "audio": link.audio or None, "safety_code": None})
-
-    def on_call_ended(self, event: CallEnded) -> None:
-        link = self._links.get(event.peer)
-        if link is not None and not link.direct:
-            self._end(link, event.reason)
-
-    def on_relay_media(self, event: RelayMedia) -> None:
-        link = self._links.get(event.user)
-        if link is not None and not link.direct:
-            link.relay_out = True
-
-    def on_media_data(self, event: MediaData) -> None:
-        self._on_packet(bytes(event.data), "relay")
-
-    # --- the clock (core's loop, once per media_stats_s) ---
-
-    def tick(self) -> None:
-        """Liveness, the relay fallback, keepalives, and media_stats."""
-        limits, now = self.limits, time.monotonic()
-        for call in list(self._direct):             # not connected yet
-            if now - call.started > limits.call_timeout_s:
-                self._drop_direct(call, "busy")
-        for link in self._snapshot():
-            if not link.connected:          # a direct call's: see above
-                continue
-            if now - max(link.heard, link.started) > limits.media_silence_s:
-                if not link.direct:
-                    self.to_host(Hangup(link.peer, "lost"))
-                self._end(link, "lost")
-                continue
-            if not link.direct and not link.relay_asked and self.options.media_path == "auto" \
-                    and now - max(link.heard_udp, link.started) > limits.media_fallback_s:
-                link.relay_asked = True     # no UDP from them: a firewall, most likely
-                self.to_host(RelayMedia(link.peer))
-            if now - link.sent > limits.keepalive_s:
-                self._send(link, KIND_CONTROL, pack_control(Control(CONTROL_KEEPALIVE)))
-            with link.recv_lock:
-                link.reassembler.expire(now * 1000)
-                stats = link.stats.snapshot(now * 1000)
-                concealed = link.jitter.concealed
-            stats["concealed"] = concealed - link.concealed_reported
-            link.concealed_reported = concealed
-            stats["dropped"] += self.garbage
-            self.emit({"type": "media_stats", "peer": link.peer, **stats, "path": link.path})
-
-    # --- links ---
-
-    def _snapshot(self) -> list[PeerLink]:
-        with self._lock:
-            return list(self._links.values())
-
-    def _add(self, link: PeerLink) -> None:
-        with self._lock:
-            old = self._links.get(link.peer)
-            if old is not None:
-                self._forget(old)
-            self._links[link.peer] = link
-            self._by_id[link.link_id] = link
-            if link.video:
-                self._keyframes.add(link.video)     # a newcomer needs a keyframe
-            self._start_threads()
-        self._wake_video.set()
-        self._audio_wanted.set()
-
-    def _forget(self, link: PeerLink) -> None:
-        with self._lock:
-            if self._links.get(link.peer) is link:
-                del self._links[link.peer]
-            self._by_id.pop(link.link_id, None)
-            if not self._links:
-                self._audio_wanted.clear()
-                self._reported.clear()      # the next call says its device problems
-
-    def _end(self, link: PeerLink, reason: str) -> None:
-        """Take a connected `link` out and tell the front end."""
-        with self._lock:
-            if self._links.get(link.peer) is not link:
-                return
-        self._forget(link)
-        if link.direct and link.sock is not None:
-            link.sock.close()
-        self.emit({"type": "call_ended", "peer": link.peer, "reason": reason})
-
-    def _send(self, link: PeerLink, kind: int, inner: bytes) -> None:
-        """Seal and send one packet to `link` (any thread)."""
-        with link.send_lock:
-            packet = link.sealer.seal(kind, inner)
-        link.sent = time.monotonic()
-        if link.relay_out and not link.direct:
-            self.loop.call_soon_threadsafe(self._relay, packet)
-        elif link.sock is not None and link.address is not None:
-            link.sock.send(packet, link.address)
-
-    def _relay(self, packet: bytes) -> None:
-        if self.link is not None:
-            self.link.offer_media(MediaData(packet))
-
     # --- receiving (socket threads, and the loop for relayed packets) ---
 
-    def _on_udp(self, data: bytes, source: Any) -> None:
-        self._on_packet(data, "udp")
-
-    def _on_packet(self, data: bytes, via: str) -> None:
+    def on_packet(self, data: bytes, via: str) -> PeerLink | None:
+        """A media packet that came by `via` ("udp" or "relay"). Returns its
+        link if this is the first packet that link has heard."""
         header = peek_header(data)
         link = self._by_id.get(header[1]) if header is not None else None
         if link is None:
             self.garbage += 1
-            return
+            return None
         now = time.monotonic()
         keyframe_request = False
-        first = False
         with link.recv_lock:
             opened = link.opener.open(data)
             if opened is None:
                 link.stats.refused()
-                return
+                return None
             kind, seq, inner = opened
             link.heard = now
             if via == "udp":
@@ -6525,85 +6354,11 @@ class ClientCalls:
                 if control is not None and control.type == CONTROL_KEYFRAME and link.video:
                     self._keyframes.add(link.video)
         if keyframe_request:
-            self._send(link, KIND_CONTROL, pack_control(
+            self.send(link, KIND_CONTROL, pack_control(
                 Control(CONTROL_KEYFRAME, link.gate.last_frame_id or 0)))
-        if first and link.direct:               # they have our hello: connected
-            self.loop.call_soon_threadsafe(self._direct_connected, link)
+        return link if first else None
 
-    # --- direct calls ---
-
-    def _say_hello(self) -> None:
-        """Repeat every waiting direct call's hello (and, once we know their
-        key, a keepalive they can open) until it connects (core's loop)."""
-        self._hello_timer = None
-        for call in list(self._direct):
-            if call.link is None or not call.link.connected:
-                hello = pack_hello(call.keys.public, {"user": self.user or "?",
-                                                      "codecs": list(self._codecs())})
-                call.sock.send(hello, call.address)
-            if call.link is not None:
-                self._send(call.link, KIND_CONTROL, pack_control(Control(CONTROL_KEEPALIVE)))
-        if self._direct:
-            self._hello_timer = self.loop.call_later(_HELLO_EVERY_S, self._say_hello)
-
-    def _on_direct(self, call: DirectCall, data: bytes) -> None:
-        """A packet on a direct call's own socket (its receiving thread)."""
-        header = peek_header(data)
-        if header is None or header[0] != KIND_HELLO:
-            self._on_packet(data, "udp")
-            return
-        hello = unpack_hello(data)
-        if hello is None or call.link is not None:
-            return                          # malformed, or a repeat of the hello we have
-        public, info = hello
-        try:
-            agreed = call.keys.agree(public)
-        except ValueError:
-            self.garbage += 1
-            return
-        codecs = info.get("codecs")
-        theirs = [c for c in codecs if isinstance(c, str)] if isinstance(codecs, list) else []
-        mine = list(self._codecs())
-        first, second = (mine, theirs) if agreed.i_am_a else (theirs, mine)
-        video = next((c for c in first if c in second and c in VIDEO_CODECS), "")
-        audio = next((c for c in first if c in second and c in AUDIO_CODECS), "")
-        said = info.get("user")
-        try:
-            name = check_id(said if isinstance(said, str) else "", "user")
-        except Refused:
-            name = call.name
-        with self._lock:
-            if name in self._links:
-                name = f"{name}@{call.name}"
-        call.link = PeerLink(name, agreed.link_id, agreed.link_key, agreed.i_am_a, video,
-                             audio, call.sock, call.address, True, agreed.safety_code)
-        self._add(call.link)
-
-    def _direct_connected(self, link: PeerLink) -> None:
-        with self._lock:
-            self._direct = [c for c in self._direct if c.link is not link]
-        self.emit({"type": "call_connected", "peer": link.peer,
-                   "address": _address_key(link), "path": "direct",
-                   "codec": link.video or None, "audio": link.audio or None,
-                   "safety_code": link.safety_code})
-
-    def _drop_direct(self, call: DirectCall, reason: str | None) -> None:
-        with self._lock:
-            if call not in self._direct:
-                return
-            self._direct.remove(call)
-        if call.link is not None:
-            self._forget(call.link)
-        call.sock.close()
-        if reason is not None:
-            self.emit({"type": "call_failed", "peer": call.name, "reason": reason})
-
-    # --- threads: video out, video in, audio ---
-
-    # They run while there are links: each ends once the last link has gone
-    # (`_retire`), so a finished call leaves no thread and no device open,
-    # and the next link starts them again. Both happen under the lock, so a
-    # link that comes just as a thread ends gets a new one.
+    # --- the threads: video out, video in, audio ---
 
     def _start_threads(self) -> None:
         """Start the media threads that aren't running (with the lock held)."""
@@ -6623,7 +6378,7 @@ class ClientCalls:
     def _retire(self) -> bool:
         """A media thread asks whether to end: yes once no link is left (or
         we are closing); it leaves `_threads` then, under the lock."""
-        with self._lock:
+        with self.lock:
             if self._links and not self._closed.is_set():
                 return False
             current = threading.current_thread()
@@ -6643,7 +6398,7 @@ class ClientCalls:
         frame_ids: dict[str, int] = {}
         try:
             while True:
-                links = [link for link in self._snapshot() if link.video and link.connected]
+                links = [link for link in self.links() if link.video and link.connected]
                 if not links or not self.camera_on or self._closed.is_set():
                     if source is not None:      # nobody watches: let the camera go
                         source.close()
@@ -6687,7 +6442,7 @@ class ClientCalls:
                     targets = [link for link in links if link.video == codec]
                     for number, inner in enumerate(inners, 1):
                         for link in targets:
-                            self._send(link, KIND_VIDEO, inner)
+                            self.send(link, KIND_VIDEO, inner)
                         if number % _SEND_PACE_EVERY == 0:
                             time.sleep(_SEND_PACE_S)
         except Exception as exc:            # a codec or device failed mid-call
@@ -6701,7 +6456,7 @@ class ClientCalls:
 
     def _decode_loop(self) -> None:
         while True:
-            work = [(link, link.to_decode.popleft()) for link in self._snapshot()
+            work = [(link, link.to_decode.popleft()) for link in self.links()
                     if link.to_decode]
             if not work or self._closed.is_set():
                 if self._retire():
@@ -6724,7 +6479,7 @@ class ClientCalls:
         if image is None:
             with link.recv_lock:
                 if link.gate.decoder_failed(now * 1000):
-                    self._send(link, KIND_CONTROL, pack_control(
+                    self.send(link, KIND_CONTROL, pack_control(
                         Control(CONTROL_KEYFRAME, link.gate.last_frame_id or 0)))
             return
         link.latest_frame = image
@@ -6775,7 +6530,7 @@ class ClientCalls:
         """20 ms from the microphone (its thread): encode once per codec, send."""
         if self.muted:
             return
-        links = [link for link in self._snapshot() if link.audio and link.connected]
+        links = [link for link in self.links() if link.audio and link.connected]
         if not links:
             return
         self._audio_seq += 1
@@ -6788,13 +6543,13 @@ class ClientCalls:
                                           encoder.encode(pcm)))
             for link in links:
                 if link.audio == codec:
-                    self._send(link, KIND_AUDIO, inner)
+                    self.send(link, KIND_AUDIO, inner)
 
     def _pull_audio(self) -> bytes:
         """The next 20 ms to play (the sink's thread): every peer's frame,
         decoded or concealed, recorded, mixed."""
         frames = []
-        for link in self._snapshot():
+        for link in self.links():
             if not link.audio:
                 continue
             with link.recv_lock:
@@ -6820,18 +6575,324 @@ class ClientCalls:
     # --- the end ---
 
     def close(self) -> None:
-        """Stop every thread and device and close every socket (any thread
-        but the core's loop: it joins threads)."""
+        """Stop every thread and device and forget every link (any thread
+        but the core's loop: it joins threads). Sockets are CLIENT CALLS'."""
         self._closed.set()
         self._wake_video.set()
         with self._wake_decode:
             self._wake_decode.notify_all()
-        with self._lock:
+        with self.lock:
             threads = list(self._threads)
         for thread in threads:
             thread.join(2)
-        for link in self._snapshot():
-            self._forget(link)
+        for link in self.links():
+            self.forget(link)
+        if self._recorder is not None:
+            self._recorder.close()
+
+
+# =============================================================================
+# 15. CLIENT CALLS: calls with the host and direct ones, over the media engine
+# =============================================================================
+# ClientCalls is to calls what ClientFiles is to files: ClientCore (next
+# section) owns it, hands it the host's call events and the commands a
+# person types, and ticks it once a second; it talks to the host through
+# the core and to the front end through `emit`. It sets up every link this
+# client is in, host-arranged (/CHECK) or direct ("ip port1 port2": the
+# hello and key agreement of MEDIA PACKETS), hands each to the MediaEngine
+# (CLIENT MEDIA), and watches them: the UDP sockets' traffic goes to the
+# engine, the clock checks that each link is alive, falls back to the
+# host's relay, keeps quiet links open and reports media_stats.
+#
+# Rules (README.md, "Calls"): media is sealed per link and accepted because
+# it authenticates; a link that hears nothing over UDP for
+# `media_fallback_s` asks for the host's relay (--media-path auto); one that
+# hears nothing at all for `media_silence_s` ends (`lost`).
+
+_HELLO_EVERY_S = 0.25               # a direct call repeats its hello this often
+
+
+@dataclasses.dataclass(eq=False)
+class DirectCall:
+    """A direct call waiting for the other side's hello (then `link`)."""
+    name: str                           # "ip:port", until the hello names them
+    address: tuple[str, int]
+    sock: UdpSocket
+    keys: KeyExchange
+    started: float
+    link: PeerLink | None = None
+
+
+class ClientCalls:
+    """Every call of one client. Thread-safe where it says so; the `on_*`
+    handlers, commands and `tick` run on the core's loop. `media` is the
+    engine (muting, the camera and frames for the window are its).
+
+    `emit(event)` hands an event to the front end (on the loop); `to_host`
+    sends an event to the host over the core's Link, if connected.
+    """
+
+    def __init__(self, limits: Limits, options: MediaOptions,
+                 emit: Callable[[dict], None], to_host: Callable[[Event], bool],
+                 loop: asyncio.AbstractEventLoop) -> None:
+        self.limits = limits
+        self.options = options
+        self.emit = emit
+        self.to_host = to_host
+        self.loop = loop
+        self.media = MediaEngine(options, emit, self._relay, loop)
+        self.user = ""                      # our User ID, once logged in
+        self.link: Link | None = None       # the host connection, for the relay
+        self.sock: UdpSocket | None = None  # for host-arranged calls
+        self.codecs: tuple[str, ...] = ()   # what we can encode and decode
+        self._lock = threading.Lock()       # guards _direct
+        self._direct: list[DirectCall] = []         # waiting for a hello
+        self._hello_timer: asyncio.TimerHandle | None = None
+
+    # --- the host connection (core's loop) ---
+
+    def attach(self, link: Link, user: str) -> None:
+        """Logged in as `user`: open the UDP socket for host-arranged calls
+        and tell the host where it is and which codecs we have."""
+        self.link, self.user = link, user
+        self.media.user = user
+        if self.sock is None:
+            try:
+                self.sock = UdpSocket(self.options.interface or "0.0.0.0",
+                                      self.options.media_port, self._on_udp, "calls")
+            except OSError as exc:          # calls still work, relayed by the host
+                self.emit({"type": "error", "code": "bad_call_address",
+                           "message": f"can't open UDP port {self.options.media_port} for "
+                                      f"calls ({exc.strerror or exc}); they will go "
+                                      "through the host"})
+        self.to_host(MediaPort(self.sock.port if self.sock is not None else 0,
+                               self._codecs()))
+
+    def _codecs(self) -> tuple[str, ...]:
+        """What we offer to encode and decode (looked up once)."""
+        if not self.codecs:
+            wanted = self.options.video_codec
+            self.codecs = tuple(c for c in _media_codecs()
+                                if wanted == "auto" or c == wanted or c not in VIDEO_CODECS)
+        return self.codecs
+
+    def connection_ended(self, reason: str) -> None:
+        """The host connection is gone: its links end; direct calls go on."""
+        self.link = None
+        for link in self.media.links():
+            if not link.direct:
+                self._end(link, reason)
+
+    def _relay(self, packet: bytes) -> None:
+        """Send a media packet through the host (the engine calls it on the loop)."""
+        if self.link is not None:
+            self.link.offer_media(MediaData(packet))
+
+    # --- commands (core's loop) ---
+
+    def hang_up(self, user: str | None) -> bool:
+        """End the link with `user` (a peer, or "ip:port" of a direct call),
+        or every link. True if something here ended; the host is told by
+        the caller."""
+        ended = False
+        for link in self.media.links():
+            if link.connected and (user is None or id_key(user) in (
+                    id_key(link.peer), _address_key(link))):
+                self._end(link, "hangup")
+                ended = True
+        for call in list(self._direct):
+            if user is None or user == call.name:
+                self._drop_direct(call, "cancelled")
+                ended = True
+        return ended
+
+    def is_direct(self, user: str) -> bool:
+        """Does `user` name a direct call (waiting or connected)?"""
+        return any(call.name == user for call in self._direct) or any(
+            link.direct and id_key(user) in (id_key(link.peer), _address_key(link))
+            for link in self.media.links())
+
+    def call_address(self, address: str, listen: int, port: int) -> None:
+        """A direct call: listen on `listen`, say hello to address:`port`
+        until they answer or the call timeout passes."""
+        name = address_text(address, port)
+        try:
+            sock = UdpSocket(self.options.interface or ("::" if ":" in address else "0.0.0.0"),
+                             listen, lambda data, source: None, "direct")
+        except OSError as exc:
+            self.emit({"type": "error", "code": "bad_call_address",
+                       "message": f"can't listen on UDP port {listen}: "
+                                  f"{exc.strerror or exc}"})
+            return
+        try:
+            keys = KeyExchange()
+        except MissingPackage as exc:
+            sock.close()
+            self.emit({"type": "error", "code": exc.code, "message": exc.message})
+            return
+        call = DirectCall(name, (address, port), sock, keys, time.monotonic())
+        sock.on_packet = lambda data, source: self._on_direct(call, data)
+        with self._lock:
+            self._direct.append(call)
+        self._say_hello()
+
+    def peers(self) -> list[str]:
+        return [link.peer for link in self.media.links()]
+
+    # --- events from the host (core's loop) ---
+
+    def on_call_start(self, event: CallStart) -> None:
+        try:
+            link = PeerLink(event.peer, bytes.fromhex(event.link), bytes.fromhex(event.key),
+                            event.side == "a", event.video, event.audio, self.sock,
+                            (event.address, event.port) if event.port else None, False)
+        except (MissingPackage, ValueError) as exc:
+            self.emit({"type": "error", "code": "missing_package",
+                       "message": f"can't start the call: {exc}"})
+            self.to_host(Hangup(event.peer, "hangup"))
+            return
+        if self.options.media_path == "relay" or link.address is None or self.sock is None:
+            link.relay_out = True
+            link.relay_asked = True
+            self.to_host(RelayMedia(event.peer))
+        self.media.add(link)
+        self.emit({"type": "call_connected", "peer": link.peer,
+                   "address": address_text(event.address, event.port),
+                   "path": link.path, "codec": link.video or None,
+                   "audio": link.audio or None, "safety_code": None})
+
+    def on_call_ended(self, event: CallEnded) -> None:
+        link = self.media.link(event.peer)
+        if link is not None and not link.direct:
+            self._end(link, event.reason)
+
+    def on_relay_media(self, event: RelayMedia) -> None:
+        link = self.media.link(event.user)
+        if link is not None and not link.direct:
+            link.relay_out = True
+
+    def on_media_data(self, event: MediaData) -> None:
+        self._on_packet(bytes(event.data), "relay")
+
+    # --- the clock (core's loop, once per media_stats_s) ---
+
+    def tick(self) -> None:
+        """Liveness, the relay fallback, keepalives, and media_stats."""
+        limits, now = self.limits, time.monotonic()
+        for call in list(self._direct):             # not connected yet
+            if now - call.started > limits.call_timeout_s:
+                self._drop_direct(call, "busy")
+        for link in self.media.links():
+            if not link.connected:          # a direct call's: see above
+                continue
+            if now - max(link.heard, link.started) > limits.media_silence_s:
+                if not link.direct:
+                    self.to_host(Hangup(link.peer, "lost"))
+                self._end(link, "lost")
+                continue
+            if not link.direct and not link.relay_asked and self.options.media_path == "auto" \
+                    and now - max(link.heard_udp, link.started) > limits.media_fallback_s:
+                link.relay_asked = True     # no UDP from them: a firewall, most likely
+                self.to_host(RelayMedia(link.peer))
+            if now - link.sent > limits.keepalive_s:
+                self.media.send(link, KIND_CONTROL, pack_control(Control(CONTROL_KEEPALIVE)))
+            self.emit(self.media.stats(link, now))
+
+    # --- links ---
+
+    def _end(self, link: PeerLink, reason: str) -> None:
+        """Take a connected `link` out and tell the front end."""
+        if not self.media.forget(link):
+            return
+        if link.direct and link.sock is not None:
+            link.sock.close()
+        self.emit({"type": "call_ended", "peer": link.peer, "reason": reason})
+
+    def _on_udp(self, data: bytes, source: Any) -> None:
+        self._on_packet(data, "udp")
+
+    def _on_packet(self, data: bytes, via: str) -> None:
+        """Any media packet (a socket's thread, or the loop if relayed)."""
+        first = self.media.on_packet(data, via)
+        if first is not None and first.direct:      # they have our hello: connected
+            self.loop.call_soon_threadsafe(self._direct_connected, first)
+
+    # --- direct calls ---
+
+    def _say_hello(self) -> None:
+        """Repeat every waiting direct call's hello (and, once we know their
+        key, a keepalive they can open) until it connects (core's loop)."""
+        self._hello_timer = None
+        for call in list(self._direct):
+            if call.link is None or not call.link.connected:
+                hello = pack_hello(call.keys.public, {"user": self.user or "?",
+                                                      "codecs": list(self._codecs())})
+                call.sock.send(hello, call.address)
+            if call.link is not None:
+                self.media.send(call.link, KIND_CONTROL,
+                                pack_control(Control(CONTROL_KEEPALIVE)))
+        if self._direct:
+            self._hello_timer = self.loop.call_later(_HELLO_EVERY_S, self._say_hello)
+
+    def _on_direct(self, call: DirectCall, data: bytes) -> None:
+        """A packet on a direct call's own socket (its receiving thread)."""
+        header = peek_header(data)
+        if header is None or header[0] != KIND_HELLO:
+            self._on_packet(data, "udp")
+            return
+        hello = unpack_hello(data)
+        if hello is None or call.link is not None:
+            return                          # malformed, or a repeat of the hello we have
+        public, info = hello
+        try:
+            agreed = call.keys.agree(public)
+        except ValueError:
+            self.media.garbage += 1
+            return
+        codecs = info.get("codecs")
+        theirs = [c for c in codecs if isinstance(c, str)] if isinstance(codecs, list) else []
+        mine = list(self._codecs())
+        first, second = (mine, theirs) if agreed.i_am_a else (theirs, mine)
+        video = next((c for c in first if c in second and c in VIDEO_CODECS), "")
+        audio = next((c for c in first if c in second and c in AUDIO_CODECS), "")
+        said = info.get("user")
+        try:
+            name = check_id(said if isinstance(said, str) else "", "user")
+        except Refused:
+            name = call.name
+        if self.media.link(name) is not None:
+            name = f"{name}@{call.name}"
+        call.link = PeerLink(name, agreed.link_id, agreed.link_key, agreed.i_am_a, video,
+                             audio, call.sock, call.address, True, agreed.safety_code)
+        self.media.add(call.link)
+
+    def _direct_connected(self, link: PeerLink) -> None:
+        with self._lock:
+            self._direct = [c for c in self._direct if c.link is not link]
+        self.emit({"type": "call_connected", "peer": link.peer,
+                   "address": _address_key(link), "path": "direct",
+                   "codec": link.video or None, "audio": link.audio or None,
+                   "safety_code": link.safety_code})
+
+    def _drop_direct(self, call: DirectCall, reason: str | None) -> None:
+        with self._lock:
+            if call not in self._direct:
+                return
+            self._direct.remove(call)
+        if call.link is not None:
+            self.media.forget(call.link)
+        call.sock.close()
+        if reason is not None:
+            self.emit({"type": "call_failed", "peer": call.name, "reason": reason})
+
+    # --- the end ---
+
+    def close(self) -> None:
+        """Stop the engine and close every socket (any thread but the core's
+        loop: it joins threads)."""
+        links = self.media.links()
+        self.media.close()
+        for link in links:
             if link.direct and link.sock is not None:
                 link.sock.close(wait=True)
         for call in list(self._direct):
@@ -6840,8 +6901,6 @@ class ClientCalls:
         if self.sock is not None:
             self.sock.close(wait=True)
             self.sock = None
-        if self._recorder is not None:
-            self._recorder.close()
 
 
 def _media_codecs() -> tuple[str, ...]:
@@ -6863,7 +6922,7 @@ def _address_key(link: PeerLink) -> str:
 
 
 # =============================================================================
-# 15. CLIENT CORE: one asyncio loop in a thread, one event stream
+# 16. CLIENT CORE: one asyncio loop in a thread, one event stream
 # =============================================================================
 # What every front end shares: the terminal client and the window
 # call the thread-safe methods of ClientCore and receive plain dict events
@@ -7274,11 +7333,11 @@ class ClientCore:
 
     async def _set_media(self, muted: bool | None, video: bool | None) -> None:
         if muted is not None:
-            self.calls.set_muted(muted)
+            self.calls.media.set_muted(muted)
         if video is not None:
-            self.calls.set_camera(video)
-        self._emit({"type": "media_state", "muted": self.calls.muted,
-                    "video": self.calls.camera_on})
+            self.calls.media.set_camera(video)
+        self._emit({"type": "media_state", "muted": self.calls.media.muted,
+                    "video": self.calls.media.camera_on})
 
     def _tick_calls(self) -> None:
         """Once per media_stats_s while logged in: the calls' clock."""
@@ -7326,7 +7385,7 @@ class ClientCore:
 
 
 # =============================================================================
-# 16. COMMANDS: one parser for what a person types
+# 17. COMMANDS: one parser for what a person types
 # =============================================================================
 # A line typed in the terminal or in the chat window becomes one Command
 # value; each front end acts on it through its own table (Command class ->
@@ -7496,7 +7555,7 @@ def parse_send(line: str) -> tuple[str, str | None]:
 
 
 # =============================================================================
-# 17. TERMINAL CLIENT: --cli, stdin lines in, events out (text or JSON)
+# 18. TERMINAL CLIENT: --cli, stdin lines in, events out (text or JSON)
 # =============================================================================
 # A thin front end over CLIENT CORE. Each event is printed as one JSON
 # object per line (--json, flushed as written) or as a line for a person;
@@ -7821,7 +7880,7 @@ def run_discover(args: argparse.Namespace) -> int:
 
 
 # =============================================================================
-# 18. GUI LOOK: theme, fonts, --scale, the trace hook, anti-aliased drawing
+# 19. GUI LOOK: theme, fonts, --scale, the trace hook, anti-aliased drawing
 # =============================================================================
 # The desktop window is a third front end over CLIENT CORE, beside 13.
 # TERMINAL CLIENT, spread over five sections: GUI LOOK (this one) how things
@@ -8157,7 +8216,7 @@ class Drawing:
 
 
 # =============================================================================
-# 19. GUI CONVERSATION: bubbles, notices and file cards; the members list
+# 20. GUI CONVERSATION: bubbles, notices and file cards; the members list
 # =============================================================================
 # Two canvases of the chat window, drawn with 14's helpers. ChatView is the
 # conversation: a person's message is always a bubble with an avatar, and a
@@ -8646,7 +8705,7 @@ class MemberList(Drawing):
 
 
 # =============================================================================
-# 20. GUI WINDOWS: the launcher and the chat window
+# 21. GUI WINDOWS: the launcher and the chat window
 # =============================================================================
 # The two windows a person sees, built from 14 and 15: the launcher (hosts
 # on the LAN, the address and the IDs, Join, "Host a room here") and the
@@ -9341,7 +9400,7 @@ def _sentence(text: str) -> str:
 
 
 # =============================================================================
-# 21. GUI CALLS: the call window, a tile per person, ESC and Backspace
+# 22. GUI CALLS: the call window, a tile per person, ESC and Backspace
 # =============================================================================
 # One window holds every call in progress: your own camera first, then a
 # tile per peer, in a grid that reflows as people join and leave, each
@@ -9396,7 +9455,7 @@ class Tile:
     mine: bool
     photo: Any                      # a persistent tkinter.PhotoImage
     detail: str = ""                # a direct call's safety code
-    serial: int = -1                # the frame shown (see ClientCalls.latest_frame)
+    serial: int = -1                # the frame shown (see MediaEngine.latest_frame)
     box: tuple[int, int, int, int] = (0, 0, 1, 1)   # x, y, width, height on the canvas
     showing: bool = False           # a frame is up (else the placeholder)
 
@@ -9650,7 +9709,7 @@ class CallWindows:
 
 
 # =============================================================================
-# 22. GUI APP: the bridge from the core, settings, phases, the one read loop
+# 23. GUI APP: the bridge from the core, settings, phases, the one read loop
 # =============================================================================
 # GuiApp owns one ClientCore, the launcher (which lives as long as the
 # program and receives every core event), the chat window while in a room,
@@ -9919,9 +9978,9 @@ class GuiApp:
             (_CHAT, "video"): in_room(self.on_video_button),
             (_CHAT, "leave"): in_room(self.on_leave),
             (_CALL, "mute"): lambda values: self._quietly("mute", self.core.set_media(
-                muted=not self.core.calls.muted)),
+                muted=not self.core.calls.media.muted)),
             (_CALL, "camera"): lambda values: self._quietly("camera", self.core.set_media(
-                video=not self.core.calls.camera_on)),
+                video=not self.core.calls.media.camera_on)),
             (_CALL, "hangup"): lambda values: self.hang_up_picked(),
             (_CALL, "escape"): lambda values: self.hang_up_picked(),
             (_CALL, "end"): lambda values: self.end_calls(),
@@ -10291,7 +10350,8 @@ class GuiApp:
             me = self.chat.me if self.chat is not None else self.joining.get("user", "me")
             self.calls.window = CallWindow(self.look, self.images, me, self.trace,
                                            self._frame_of)
-            self.calls.window.media_state(self.core.calls.muted, self.core.calls.camera_on)
+            media = self.core.calls.media
+            self.calls.window.media_state(media.muted, media.camera_on)
         self.calls.window.add(event["peer"], event.get("safety_code") or "")
         if self.calls.window.caller is not None and \
                 id_key(self.calls.window.caller) == id_key(event["peer"]):
@@ -10362,8 +10422,8 @@ class GuiApp:
 
     def _frame_of(self, name: str, mine: bool) -> tuple[int, Any]:
         """The newest frame of a tile: our camera's, or a peer's."""
-        calls = self.core.calls
-        return (calls.preview_serial, calls.preview) if mine else calls.latest_frame(name)
+        media = self.core.calls.media
+        return (media.preview_serial, media.preview) if mine else media.latest_frame(name)
 
     def on_leave(self, chat: ChatWindow, values: dict) -> None:
         if self.phase is Phase.CHATTING:
@@ -10540,7 +10600,7 @@ def run_gui(args: argparse.Namespace, limits: Limits, media: MediaOptions) -> in
 
 
 # =============================================================================
-# 23. MAIN: argparse and the entry points
+# 24. MAIN: argparse and the entry points
 # =============================================================================
 # Builds every object from the flags and passes them down; nothing above
 # reads a global that main() sets. `python chatroom.py` with no mode opens
