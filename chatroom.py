@@ -452,7 +452,8 @@ def _rule_list(item: Callable[[Any], Any], max_items: int) -> Callable[[Any], tu
     return check
 
 
-_NAME = _rule_str(4 * MAX_ID_CHARS, empty=False)  # IDs proper are checked in 3
+_NAME = _rule_str(4 * MAX_ID_CHARS, empty=False)  # IDs proper are checked in ROOMS
+_ID_LABELS = {"user": "User ID", "room": "Room ID"}
 FIELD_RULES: dict[str, Callable[[Any], Any]] = {
     "version": _rule_int(0, 65535),
     "software": _rule_str(64),
@@ -531,6 +532,9 @@ class Event:
             try:
                 values[field.name] = FIELD_RULES[field.name](obj[key])
             except ValueError as exc:
+                if kind == "hello" and key in ("user", "room"):     # a person's mistake
+                    raise RemoteError(f"bad_{key}_id", f"a {_ID_LABELS[key]} has 1 to "
+                                      f"{MAX_ID_CHARS} characters ({exc})") from None
                 raise RemoteError("bad_frame", f"{kind}.{key}: {exc}") from None
         return event_cls(**values)
 
@@ -7204,6 +7208,12 @@ class ClientCore:
     async def _join(self, host: str, port: int, room: str, user: str) -> bool:
         if self._link is not None:
             self._error("bad_frame", "already connected; leave first")
+            return False
+        try:                                # the host would refuse them: say so now
+            room, user = check_id(room, "room"), check_id(user, "user")
+        except Refused as exc:
+            self._error(exc.code, exc.message)
+            self._emit({"type": "closed", "reason": "refused"})
             return False
         limits = self.limits
         loop = asyncio.get_running_loop()

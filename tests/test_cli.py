@@ -297,6 +297,22 @@ def test_malformed_user_ids_refused(host, join):
         assert_refused(client, "bad_user_id")
 
 
+def test_over_long_ids_are_refused_by_the_client_and_by_the_host(host, join, raw_connect):
+    """A 200-character User ID or Room ID is bad_user_id / bad_room_id, not
+    bad_frame: the client says so before it connects (nothing listens on
+    port 1), and the host says so to a peer that sends it anyway."""
+    assert_refused(join(1, "R", "x" * 200, ready=False), "bad_user_id")
+    assert_refused(join(1, "房" * 70, "bob", ready=False), "bad_room_id")
+    for room, user, code in (("R", "x" * 200, "bad_user_id"), ("房" * 200, "bob", "bad_room_id"),
+                             ("R", "x" * 33, "bad_user_id")):
+        sock = raw_connect(host.port)
+        sock.sendall(frame_json({"type": "hello", "version": 1, "room": room, "user": user}))
+        reply = read_frame(sock)
+        assert (reply["type"], reply["code"]) == ("error", code), reply
+        assert "1 to 32 characters" in reply["message"], reply
+        wait_closed(sock)
+
+
 def test_ids_in_any_script(host, join):
     """Chinese, Devanagari (combining marks) and decomposed IDs work; IDs are
     NFC-normalised and shown as spelled."""
