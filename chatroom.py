@@ -7841,6 +7841,7 @@ def run_terminal(args: argparse.Namespace, limits: Limits, media: MediaOptions) 
 
     core = ClientCore(on_event, limits, args.downloads, media)
     core.start()
+    _leave_on_signals()
     try:
         if args.server:
             host, port = parse_server(args.server)
@@ -7869,6 +7870,8 @@ def run_terminal(args: argparse.Namespace, limits: Limits, media: MediaOptions) 
         while not ended.wait(_SIGNAL_POLL_S):   # a timed wait lets Ctrl-C through
             pass
     except KeyboardInterrupt:
+        with contextlib.suppress(ValueError, OSError):
+            signal.signal(signal.SIGINT, signal.SIG_DFL)    # a second Ctrl-C: go now
         log_failure(core.leave(), "leaving")
         ended.wait(limits.close_timeout_s * 2)
         closed_reason[:] = ["quit"]
@@ -7876,6 +7879,22 @@ def run_terminal(args: argparse.Namespace, limits: Limits, media: MediaOptions) 
         core.stop()
     return _EXIT_FOR_REASON.get(closed_reason[0] if closed_reason else "quit",
                                 EXIT_DISCONNECTED)
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
+def _leave_on_signals() -> None:
+    """Ctrl-C and SIGTERM both leave the room the way /quit does (a `bye`,
+    so the room reads "left", not "connection lost"). Ctrl-C too when the
+    program was started with SIGINT ignored, as a shell does for `cmd &`:
+    a person at this terminal still means it."""
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        try:
+            signal.signal(signum, _interrupt)
+        except (ValueError, OSError):       # not the main thread, or no such signal
+            pass
 
 
 def run_discover(args: argparse.Namespace) -> int:
@@ -7892,12 +7911,13 @@ def run_discover(args: argparse.Namespace) -> int:
 # =============================================================================
 # 19. GUI LOOK: theme, fonts, --scale, the trace hook, anti-aliased drawing
 # =============================================================================
-# The desktop window is a third front end over CLIENT CORE, beside 13.
-# TERMINAL CLIENT, spread over five sections: GUI LOOK (this one) how things
-# look and how they are drawn, GUI CONVERSATION the conversation and the
-# members list, GUI WINDOWS the windows, GUI CALLS the call windows, GUI APP
-# the app that owns them and the one read loop. Together they read the core's event dicts and decide
-# nothing the core decides; they own the main thread and never block it.
+# The desktop window is a front end over CLIENT CORE beside the TERMINAL
+# CLIENT, spread over five sections: GUI LOOK (this one) how things look and
+# how they are drawn, GUI CONVERSATION the conversation and the members
+# list, GUI WINDOWS the windows, GUI CALLS the call window, GUI APP the app
+# that owns them and the one read loop. Together they read the core's event
+# dicts and decide nothing the core decides; they own the main thread and
+# never block it.
 #
 # This section owns the look (one theme, a font that draws Chinese, colours,
 # --scale), the trace hook the tests follow the window through, and drawing

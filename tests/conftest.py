@@ -303,15 +303,16 @@ def host(start_host) -> HostProcess:
 
 @pytest.fixture
 def join():
-    """Factory: join(port, room, user, *flags, json_mode=True, ready=True) -> Client.
+    """Factory: join(port, room, user, *flags, json_mode=True, ready=True,
+    program=None) -> Client (`program`: what runs instead of chatroom.py).
 
     With ready=True (JSON mode) it waits for the `ready` event first.
     """
     started: list[Client] = []
 
     def start(port: int, room: str, user: str, *flags: str, json_mode: bool = True,
-              ready: bool = True) -> Client:
-        client = Client(port, room, user, *flags, json_mode=json_mode)
+              ready: bool = True, program: list[str] | None = None) -> Client:
+        client = Client(port, room, user, *flags, json_mode=json_mode, program=program)
         started.append(client)
         if ready and json_mode:
             client.ready = client.wait_for("ready")

@@ -171,13 +171,22 @@ def test_enter_and_leave_notices_and_quit(host, join):
     assert seqs == list(range(1, len(seqs) + 1)), seqs
 
 
-def test_ctrl_c_leaves_with_status_0(host, join):
-    """Ctrl-C (SIGINT) on a client: it leaves (`closed` quit), exit 0; the
-    room is told it left."""
+# A shell starts `cmd &` with SIGINT ignored; `trap "" INT` does the same here.
+IGNORING_SIGINT = ["/bin/sh", "-c", 'trap "" INT; exec "$0" "$@"', sys.executable,
+                   str(CHATROOM)]
+
+
+@pytest.mark.parametrize("signum,program", [
+    (signal.SIGINT, None), (signal.SIGTERM, None), (signal.SIGINT, IGNORING_SIGINT)],
+    ids=["ctrl-c", "sigterm", "ctrl-c-when-started-ignoring-it"])
+def test_ctrl_c_leaves_with_status_0(host, join, signum, program):
+    """Ctrl-C (SIGINT) or SIGTERM on a client: it leaves (`closed` quit),
+    exit 0; the room is told it left, not that its connection was lost.
+    Also when it was started with SIGINT ignored."""
     alice = join(host.port, "R", "alice")
-    bob = join(host.port, "R", "bob")
+    bob = join(host.port, "R", "bob", program=program)
     alice.wait_for(is_system("enter", "bob"))
-    bob.proc.send_signal(signal.SIGINT)
+    bob.proc.send_signal(signum)
     closed = bob.wait_for("closed")
     assert closed["reason"] == "quit"
     assert bob.wait() == 0
