@@ -214,7 +214,7 @@ ERROR_CODES = frozenset({
     "missing_package", "file_too_large", "not_a_file", "disk_full", "checksum_mismatch",
     "sender_left", "recipient_left", "file_io", "busy", "cancelled", "host_shutdown",
     "call_self", "already_in_call", "no_invitation", "not_in_call", "bad_call_address",
-    "no_camera", "no_audio_device",
+    "no_camera", "no_audio_device", "port_taken",
 })
 
 
@@ -239,6 +239,18 @@ def _why(exc: BaseException) -> str:
     if isinstance(exc, ChatError):
         return exc.message
     return (exc.strerror if isinstance(exc, OSError) else None) or str(exc)
+
+
+def listen_error(exc: BaseException, port: int) -> tuple[str, str]:
+    """(code, sentence) for a host that can't start listening on `port`."""
+    if isinstance(exc, OSError) and exc.errno == errno.EADDRINUSE:
+        return ("port_taken", f"can't host on port {port}: another program listens on it "
+                "(another chatroom host?). Stop that program, or pick another port "
+                "with --port N (--port 0 takes any free one)")
+    if isinstance(exc, OSError) and exc.errno == errno.EACCES:
+        return ("host_unreachable", f"can't host on port {port}: this system keeps ports "
+                "below 1024 for administrators; pick a port above 1024 with --port N")
+    return ("host_unreachable", f"can't host on port {port}: {_why(exc)}")
 
 
 class ProtocolError(ChatError):
@@ -7186,7 +7198,7 @@ class ClientCore:
             await host.start()
         except (OSError, MissingPackage) as exc:
             await host.close()
-            self._error("host_unreachable", f"can't host on port {port}: {_why(exc)}")
+            self._error(*listen_error(exc, port))
             return None
         self._host = host
         self._emit({"type": "listening", "address": host.bind, "port": host.port,
@@ -10826,8 +10838,8 @@ def run_host(args: argparse.Namespace, limits: Limits) -> int:
     except KeyboardInterrupt:
         pass
     except OSError as exc:
-        printer({"type": "error", "code": "host_unreachable",
-                 "message": f"can't listen on {bind}:{args.port}: {exc.strerror or exc}"})
+        code, message = listen_error(exc, args.port)
+        printer({"type": "error", "code": code, "message": f"{message} (address {bind})"})
         return EXIT_REFUSED
     except MissingPackage as exc:
         printer({"type": "error", "code": exc.code, "message": exc.message})

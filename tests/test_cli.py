@@ -8,6 +8,7 @@ never by sleeping.
 
 from __future__ import annotations
 
+import json
 import re
 import signal
 import socket
@@ -516,6 +517,18 @@ def test_unreachable_host(join):
     assert closed["reason"] == "unreachable"
     assert client.wait() == 1
     assert client.seen()[-1] == closed
+
+
+def test_hosting_on_a_taken_port_says_port_taken_and_how_to_fix_it(host):
+    """--host on a port another program listens on: port_taken, with the
+    way out (--port), exit 1; not host_unreachable."""
+    out = subprocess.run([sys.executable, str(CHATROOM), "--host", "--json", "--port",
+                          str(host.port), "--interface", LOOPBACK, "--no-advertise"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 1, out
+    error = json.loads(out.stdout.splitlines()[0])
+    assert (error["type"], error["code"]) == ("error", "port_taken"), error
+    assert f"port {host.port}" in error["message"] and "--port" in error["message"], error
 
 
 # --- 11. host shutdown ----------------------------------------------------------------------------

@@ -665,6 +665,7 @@ def test_hosting_on_a_taken_port_says_so_in_the_launcher(x, tmp_path, procs):
         status = gui.wait_for(lambda e: e.get("gui") == "launcher_status" and e["error"],
                               8, mark)
         assert "can't host on port" in status["text"].lower()
+        assert "another program listens on it" in status["text"], status  # and the fix
         gui.phase("choosing", start=mark + 1)          # ready for another try
     finally:
         gui.close("launcher")                  # closing works even then
