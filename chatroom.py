@@ -102,6 +102,7 @@ log = logging.getLogger("chatroom")
 
 # --- Fixed by the protocol ---------------------------------------------------
 
+MIN_PYTHON = (3, 11)                # the pinned packages need it (numpy 2.4, ...)
 PROTOCOL_VERSION = 1                # bumped on any incompatible wire change
 DEFAULT_PORT = 47300                # TCP port of a host (--port; 0 = any free)
 SERVICE_TYPE = "_chatroom._tcp.local."
@@ -10883,4 +10884,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    if sys.version_info < MIN_PYTHON:       # say so, rather than fail somewhere odd
+        sys.exit(f"chatroom needs Python {'.'.join(map(str, MIN_PYTHON))} or newer; this is "
+                 f"{sys.version.split()[0]} (Debian 12 and Ubuntu 24.04 have it; see README.md)")
     sys.exit(main())
