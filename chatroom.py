@@ -100,9 +100,10 @@ log = logging.getLogger("chatroom")
 # global, so tests can use small limits without patching anything. Those a
 # person might want to change have a command-line flag in MAIN.
 
+MIN_PYTHON = (3, 11)                # the pinned packages need it (numpy 2.4, ...)
+
 # --- Fixed by the protocol ---------------------------------------------------
 
-MIN_PYTHON = (3, 11)                # the pinned packages need it (numpy 2.4, ...)
 PROTOCOL_VERSION = 1                # bumped on any incompatible wire change
 DEFAULT_PORT = 47300                # TCP port of a host (--port; 0 = any free)
 SERVICE_TYPE = "_chatroom._tcp.local."
