@@ -82,7 +82,7 @@ import time
 import typing
 import unicodedata
 import wave
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from fractions import Fraction
 from pathlib import Path
 from typing import Any, ClassVar, Protocol
@@ -546,9 +546,10 @@ class Event:
             try:
                 values[field.name] = FIELD_RULES[field.name](obj[key])
             except ValueError as exc:
-                if kind == "hello" and key in ("user", "room"):     # a person's mistake
+                if kind == "hello" and key in _ID_LABELS and isinstance(obj[key], str) \
+                        and len(obj[key]) > MAX_ID_CHARS:   # a person's mistake, not garbage
                     raise RemoteError(f"bad_{key}_id", f"a {_ID_LABELS[key]} has 1 to "
-                                      f"{MAX_ID_CHARS} characters ({exc})") from None
+                                      f"{MAX_ID_CHARS} characters") from None
                 raise RemoteError("bad_frame", f"{kind}.{key}: {exc}") from None
         return event_cls(**values)
 
@@ -2646,7 +2647,9 @@ class LinkStats:
 # checked like wire fields, and a malformed record is skipped, not trusted.
 # zeroconf is imported here, inside functions, so `import chatroom` works
 # without it. `interface` (the --interface flag) restricts mDNS to one
-# address; tests always pass 127.0.0.1.
+# address; tests always pass 127.0.0.1. A host advertises every address it
+# has; the browser orders a host's addresses, likeliest first, and the
+# client tries them all (CONNECTIONS' connect_first).
 
 TXT_BUDGET_BYTES = 900              # keeps the record inside one mDNS packet
 
@@ -2655,19 +2658,38 @@ TXT_BUDGET_BYTES = 900              # keeps the record inside one mDNS packet
 class HostInfo:
     """One host seen on the LAN."""
     name: str
-    address: str
+    address: str                    # the best of `addresses`
     port: int
     rooms: tuple[tuple[str, int], ...]
     version: int
     rooms_total: int = 0            # rooms open, listed or not
     key: str = ""                   # the mDNS service name, unique on the LAN
+    addresses: tuple[str, ...] = ()     # every address it advertised, best first
 
     def to_event(self) -> dict:
         """The `host` event of the client vocabulary."""
         return {"type": "host", "name": self.name, "address": self.address,
+                "addresses": list(self.addresses or (self.address,)),
                 "port": self.port, "version": self.version,
                 "rooms": [{"room": r, "members": n} for r, n in self.rooms],
                 "rooms_total": self.rooms_total}
+
+
+def order_addresses(addresses: Iterable[str], local: Iterable[Any]) -> list[str]:
+    """A host's advertised addresses, the likeliest to answer first: those
+    on one of our `local` networks (ipaddress networks), then the rest;
+    IPv4 before IPv6, link-local last; otherwise as advertised. Text that
+    isn't an address is dropped (it came from the LAN)."""
+    networks = list(local)
+    parsed = []
+    for index, text in enumerate(dict.fromkeys(addresses)):
+        try:
+            address = ipaddress.ip_address(text)
+        except ValueError:
+            continue
+        on_ours = any(address.version == n.version and address in n for n in networks)
+        parsed.append(((not on_ours, address.is_link_local, address.version, index), text))
+    return [text for _key, text in sorted(parsed)]
 
 
 def encode_txt(name: str, rooms: list[tuple[str, int]]) -> dict[str, str]:
@@ -2730,15 +2752,35 @@ def _open_zeroconf(interface: str | None):
         zeroconf.IPVersion.V4Only if version == 4 else zeroconf.IPVersion.V6Only))
 
 
-def lan_addresses() -> list[str]:
-    """This machine's IPv4 addresses, loopback last (what a host advertises)."""
+def _interface_addresses() -> list[tuple[str, int]]:
+    """(address, prefix length) of every address of this machine."""
     try:
         import ifaddr  # a dependency of zeroconf
     except ImportError:
         raise MissingPackage("zeroconf", "LAN discovery") from None
-    found = [ip.ip for adapter in ifaddr.get_adapters() for ip in adapter.ips
-             if isinstance(ip.ip, str)]
-    return sorted(set(found), key=lambda a: (a.startswith("127."), a))
+    return [(ip.ip if isinstance(ip.ip, str) else ip.ip[0], ip.network_prefix)
+            for adapter in ifaddr.get_adapters() for ip in adapter.ips]
+
+
+def lan_addresses() -> list[str]:
+    """What a host advertises: this machine's IPv4 addresses and its IPv6
+    ones that work without a scope (not fe80::), loopback last."""
+    found = {address for address, _prefix in _interface_addresses()
+             if not ipaddress.ip_address(address).is_link_local}
+    return sorted(found, key=lambda a: (ipaddress.ip_address(a).is_loopback,
+                                        ":" in a, a))
+
+
+def local_networks() -> list[Any]:
+    """The networks this machine is on (ipaddress networks), for
+    order_addresses; [] when they can't be read."""
+    networks = []
+    try:
+        for address, prefix in _interface_addresses():
+            networks.append(ipaddress.ip_network(f"{address}/{prefix}", strict=False))
+    except (MissingPackage, ValueError):
+        pass
+    return networks
 
 
 class Advertiser:
@@ -2771,7 +2813,8 @@ class Advertiser:
     def _make_info(self, service_name: str):
         _, _, _, AsyncServiceInfo = _zeroconf()
         addresses = [self.interface] if self.interface else [
-            a for a in lan_addresses() if not a.startswith("127.")] or ["127.0.0.1"]
+            a for a in lan_addresses() if not ipaddress.ip_address(a).is_loopback] \
+            or ["127.0.0.1"]
         return AsyncServiceInfo(
             SERVICE_TYPE, service_name, port=self.port, parsed_addresses=addresses,
             properties=encode_txt(self.name, self._rooms), server=self._server)
@@ -2879,14 +2922,18 @@ class HostBrowser:
                                         question_type=self._question):
             return
         decoded = decode_txt(info.properties or {})
-        addresses = info.parsed_addresses()
+        addresses = order_addresses(info.parsed_addresses(), local_networks())
         if decoded is None or not addresses or not info.port:
             return
         host_name, version, rooms, total = decoded
-        if self.interface in addresses:
-            addresses = [self.interface]
+        if self.interface and ipaddress.ip_address(self.interface).is_loopback:
+            # Browsing on loopback (tests): a host on this machine; never
+            # reach past it, even if a record names other addresses.
+            addresses = [a for a in addresses if ipaddress.ip_address(a).is_loopback]
+            if not addresses:
+                return
         self.hosts[name] = HostInfo(host_name, addresses[0], info.port,
-                                    tuple(rooms), version, total, name)
+                                    tuple(rooms), version, total, name, tuple(addresses))
         self._changed()
 
     def _changed(self) -> None:
@@ -4482,6 +4529,69 @@ class Link:
 
 
 _CHUNK_PROBE = Chunk(1, b"")                # what check_send needs to know: the type
+
+
+# --- Connecting to the first of several addresses ------------------------------
+# A host may have several addresses (a second subnet, a VPN, a Docker
+# bridge, IPv6) and only some of them reach us. Happy eyeballs (RFC 8305,
+# simplified): try them in the order given, each `stagger_s` after the one
+# before or at once when one fails; the first connection wins, the others
+# are cancelled (a late one is closed). Logging in happens on the winner
+# alone: two logins with one User ID would refuse each other.
+
+HAPPY_EYEBALLS_S = 0.25             # RFC 8305's "connection attempt delay"
+
+
+async def connect_first(addresses: Sequence[str], connect: Callable[[str], Awaitable[Any]],
+                        timeout_s: float, stagger_s: float = HAPPY_EYEBALLS_S
+                        ) -> tuple[str, Any]:
+    """(address, what `connect(address)` returned) for the first address
+    that connects. When every one fails, raises the error of the first
+    address (the likeliest one, so its reason is the telling one); after
+    `timeout_s`, TimeoutError."""
+    if not addresses:
+        raise OSError(errno.EHOSTUNREACH, "no address to try")
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    attempts: dict[asyncio.Task, str] = {}
+    failures: dict[str, BaseException] = {}
+    waiting = list(addresses)
+    winner: asyncio.Task | None = None
+    try:
+        while winner is None:
+            if waiting:
+                address = waiting.pop(0)
+                attempts[asyncio.ensure_future(connect(address))] = address
+            pending = [task for task in attempts if not task.done()]
+            left = deadline - loop.time()
+            if left <= 0:
+                raise TimeoutError(f"no address answered within {timeout_s:g} s")
+            if not pending:
+                if waiting:
+                    continue                # that one failed at once: the next now
+                raise next(failures[a] for a in addresses if a in failures)
+            done, _ = await asyncio.wait(pending, timeout=min(stagger_s, left) if waiting
+                                         else left, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                error = task.exception()
+                if error is not None:
+                    failures[attempts[task]] = error
+                elif winner is None:
+                    winner = task
+        return attempts[winner], winner.result()
+    finally:
+        for task in attempts:
+            if not task.done():
+                task.cancel()
+            elif task is not winner and not task.cancelled() and task.exception() is None:
+                _close_connected(task.result())     # a second one that also made it
+
+
+def _close_connected(result: Any) -> None:
+    """Close what a losing attempt connected: a (transport, protocol) pair."""
+    transport = result[0] if isinstance(result, tuple) and result else None
+    if transport is not None and hasattr(transport, "close"):
+        transport.close()
 
 
 # --- UDP sockets for media -----------------------------------------------------
@@ -6968,6 +7078,14 @@ CLOSED_REASONS = {
 }
 
 
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
+
+
 def _why_unreachable(exc: BaseException, waited_s: float) -> str:
     """A connection that failed, in words for a person (not "Connect call
     failed ('127.0.0.1', 1)")."""
@@ -7099,9 +7217,12 @@ class ClientCore:
 
     # --- commands (any thread) ---
 
-    def join(self, host: str, port: int, room: str, user: str) -> concurrent.futures.Future:
-        """Connect and log in. Future -> True once `ready`, else False."""
-        return self.submit(self._join(host, port, room, user))
+    def join(self, hosts: str | Sequence[str], port: int, room: str,
+             user: str) -> concurrent.futures.Future:
+        """Connect and log in. `hosts`: an address or a name, or every
+        address a host advertised, best first (the first that connects
+        wins: connect_first). Future -> True once `ready`, else False."""
+        return self.submit(self._join(hosts, port, room, user))
 
     def say(self, text: str) -> concurrent.futures.Future:
         """Send a chat line. Future -> the message id, or None if refused."""
@@ -7219,7 +7340,8 @@ class ClientCore:
 
     # --- the connection (core thread) ---
 
-    async def _join(self, host: str, port: int, room: str, user: str) -> bool:
+    async def _join(self, hosts: str | Sequence[str], port: int, room: str,
+                    user: str) -> bool:
         if self._link is not None:
             self._error("bad_frame", "already connected; leave first")
             return False
@@ -7231,11 +7353,18 @@ class ClientCore:
             return False
         limits = self.limits
         loop = asyncio.get_running_loop()
+        addresses = [hosts] if isinstance(hosts, str) else list(hosts)
         try:
-            transport, protocol = await asyncio.wait_for(
-                loop.create_connection(LinkProtocol, host, port), limits.connect_timeout_s)
+            if len(addresses) == 1 and not _is_ip(addresses[0]):    # a name: its addresses
+                infos = await loop.getaddrinfo(addresses[0], port, type=socket.SOCK_STREAM)
+                addresses = list(dict.fromkeys(str(info[4][0]) for info in infos))
+            host, (transport, protocol) = await connect_first(
+                addresses, lambda address: loop.create_connection(LinkProtocol, address, port),
+                limits.connect_timeout_s)
         except (OSError, TimeoutError) as exc:
-            self._error("host_unreachable", f"can't reach {address_text(host, port)}: "
+            where = address_text(addresses[0], port) + (
+                f" (or {', '.join(addresses[1:])})" if len(addresses) > 1 else "")
+            self._error("host_unreachable", f"can't reach {where}: "
                         f"{_why_unreachable(exc, limits.connect_timeout_s)}")
             self._emit({"type": "closed", "reason": "unreachable"})
             return False
@@ -7857,8 +7986,9 @@ def run_terminal(args: argparse.Namespace, limits: Limits, media: MediaOptions) 
     core.start()
     _leave_on_signals()
     try:
+        hosts_at: str | Sequence[str]      # an address or name, or every address advertised
         if args.server:
-            host, port = parse_server(args.server)
+            hosts_at, port = parse_server(args.server)
         else:
             hosts = core.submit(discover(args.timeout, interface=args.interface,
                                          settle=limits.discovery_settle_s,
@@ -7866,8 +7996,8 @@ def run_terminal(args: argparse.Namespace, limits: Limits, media: MediaOptions) 
             chosen = choose_host(hosts, args.json, printer, stdin)
             if chosen is None:
                 return EXIT_REFUSED
-            host, port = chosen.address, chosen.port
-        if not core.join(host, port, args.room, args.user).result():
+            hosts_at, port = chosen.addresses or chosen.address, chosen.port
+        if not core.join(hosts_at, port, args.room, args.user).result():
             ended.wait(limits.close_timeout_s)
             return EXIT_REFUSED
 
@@ -8956,10 +9086,11 @@ class Launcher:
     def field(self, name: str) -> str:
         return self.window[(_ROOM, name)].get().strip()
 
-    def form(self) -> tuple[str, int, str, str] | None:
-        """(host, port, room, user) from the fields, or None after showing
-        what is wrong. Checks what can be checked here; the host has the
-        last word (a taken ID, a full room)."""
+    def form(self) -> tuple[list[str], int, str, str] | None:
+        """(addresses, port, room, user) from the fields, or None after
+        showing what is wrong: the address typed, or every address of the
+        host it names in the list. Checks what can be checked here; the
+        host has the last word (a taken ID, a full room)."""
         ids = self.ids()
         if ids is None:
             return None
@@ -8974,7 +9105,9 @@ class Launcher:
         except ValueError as exc:
             self.error(f"Address: {exc}.")
             return None
-        return (host, port) + ids
+        listed = next((h.get("addresses") or [h["address"]] for h in self.hosts
+                       if h["address"] == host and h["port"] == port), [host])
+        return (listed, port) + ids
 
     def ids(self) -> tuple[str, str] | None:
         """(room, user) if both look valid, else None after saying why."""
@@ -10188,12 +10321,13 @@ class GuiApp:
             self.joining = {"address": self.launcher.typed_address()}
             self.join(*form)
 
-    def join(self, host: str, port: int, room: str, user: str) -> None:
+    def join(self, hosts: str | list[str], port: int, room: str, user: str) -> None:
         self.joining.update(room=room, user=user)
         self._set_phase(Phase.JOINING)
         self.launcher.busy(True)
-        self.launcher.status(f"Joining {room} at {address_text(host, port)}...")
-        self._quietly("join", self.core.join(host, port, room, user))
+        first = hosts if isinstance(hosts, str) else hosts[0]
+        self.launcher.status(f"Joining {room} at {address_text(first, port)}...")
+        self._quietly("join", self.core.join(hosts, port, room, user))
 
     def on_host(self, values: dict) -> None:
         """"Host a room here": start a host in this process, then join it."""

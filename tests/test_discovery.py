@@ -345,8 +345,9 @@ async def test_discover_subprocess_host_and_its_rooms(run):
     host, port = await start_host(run, name)
 
     hosts = await discover_cli(run, name)
-    assert hosts == [{"type": "host", "name": name, "address": LOCAL, "port": port,
-                      "version": chatroom.PROTOCOL_VERSION, "rooms": [], "rooms_total": 0}]
+    assert hosts == [{"type": "host", "name": name, "address": LOCAL, "addresses": [LOCAL],
+                      "port": port, "version": chatroom.PROTOCOL_VERSION, "rooms": [],
+                      "rooms_total": 0}]
 
     alice = await run("--cli", "--json", "--server", f"{LOCAL}:{port}",
                       "--room", "二班", "--user", "alice", stdin=True)
