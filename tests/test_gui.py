@@ -830,9 +830,10 @@ def test_a_frozen_then_vanished_host_greys_the_input_and_marks_unsent_lines(
         # Not confirmed after a while: the line says so (it didn't vanish).
         gui.wait_for(lambda e: e.get("gui") == "message_state" and e["state"] == "late", 15)
     finally:
-        host.proc.send_signal(signal.SIGCONT)
-    host.proc.kill()                            # and now it is gone for good
-    host.proc.wait(10)
+        # Gone for good while still frozen (SIGKILL ends a stopped process):
+        # woken first, it could confirm the line before it died.
+        host.proc.kill()
+        host.proc.wait(10)
     gui.wait_for(lambda e: e.get("gui") == "ended", 60)
     unsent = gui.wait_for(lambda e: e.get("gui") == "message_state" and e["state"] == "unsent")
     assert unsent["text"] == "into the void"
