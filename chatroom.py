@@ -139,6 +139,8 @@ DISCOVERY_TIMEOUT_S = 2.0           # --discover listens this long
 DISCOVERY_SETTLE_S = 0.6            # --cli stops browsing this long after a find
 ADVERTISE_DEBOUNCE_S = 0.5          # coalesce TXT updates as rooms change
 RESOLVE_TIMEOUT_S = 1.5             # one mDNS resolve of a host, at most
+HOST_CHECK_S = 10.0                 # a listed host is dialled this often (is it alive?)
+HOST_CHECK_MISSES = 2               # unanswered dials in a row before it shows as gone
 
 MAX_FILE_SIZE = 4 * 1024 ** 3       # largest file a host relays (--max-file-size)
 FILE_IO_BYTES = 1024 * 1024         # one disk read or write of a file
@@ -186,6 +188,8 @@ class Limits:
     discovery_settle_s: float = DISCOVERY_SETTLE_S
     advertise_debounce_s: float = ADVERTISE_DEBOUNCE_S
     resolve_timeout_s: float = RESOLVE_TIMEOUT_S
+    host_check_s: float = HOST_CHECK_S
+    host_check_misses: int = HOST_CHECK_MISSES
     max_file_size: int = MAX_FILE_SIZE
     file_io_bytes: int = FILE_IO_BYTES
     bulk_high_water: int = BULK_HIGH_WATER
@@ -7137,6 +7141,8 @@ class ClientCore:
         self._id_prefix = secrets.token_hex(4)
         self._next_id = 0
         self._browser: HostBrowser | None = None  # while watching the LAN
+        self._silent: dict[str, int] = {}   # listed hosts' unanswered dials, by key
+        self._checker: asyncio.Task | None = None
         self._host: Host | None = None      # a host run in this process
         self.files = ClientFiles(limits, Path(os.path.abspath(os.path.expanduser(
             downloads or default_downloads_dir()))), self._emit)
@@ -7294,11 +7300,7 @@ class ClientCore:
     async def _watch_hosts(self, interface: str | None) -> bool:
         if self._browser is not None:
             return True
-
-        def changed(hosts: list[HostInfo]) -> None:
-            self._emit({"type": "hosts", "hosts": [h.to_event() for h in hosts]})
-
-        browser = HostBrowser(interface, on_change=changed,
+        browser = HostBrowser(interface, on_change=self._hosts_changed,
                               resolve_timeout_s=self.limits.resolve_timeout_s)
         try:
             await browser.start()
@@ -7308,8 +7310,52 @@ class ClientCore:
                         else "no_host", f"can't look for hosts: {_why(exc)}")
             return False
         self._browser = browser
-        changed([])
+        self._hosts_changed([])
+        self._checker = asyncio.get_running_loop().create_task(
+            self._check_hosts(browser), name="host-checks")
+        log_failure(self._checker, "checking listed hosts")
         return True
+
+    def _hosts_changed(self, hosts: list[HostInfo]) -> None:
+        """A `hosts` event: every host listed, `alive` false for one that
+        stopped answering (see _check_hosts)."""
+        gone = self._gone()
+        self._emit({"type": "hosts", "hosts": [
+            {**h.to_event(), "alive": h.key not in gone} for h in hosts]})
+
+    async def _check_hosts(self, browser: HostBrowser) -> None:
+        """While watching: dial every listed host now and then. An mDNS
+        record outlives a host killed without warning by minutes (its
+        records live 120 s and more); a host that doesn't take a TCP
+        connection `host_check_misses` times in a row is listed as not
+        answering until it does again, or its record goes."""
+        limits = self.limits
+        loop = asyncio.get_running_loop()
+
+        async def answers(host: HostInfo) -> bool:
+            try:
+                _address, (transport, _protocol) = await connect_first(
+                    host.addresses or (host.address,),
+                    lambda a: loop.create_connection(asyncio.Protocol, a, host.port),
+                    min(limits.connect_timeout_s, limits.host_check_s))
+            except (OSError, TimeoutError):
+                return False
+            transport.close()               # the host sees a visitor who left: fine
+            return True
+
+        while self._browser is browser:
+            await asyncio.sleep(limits.host_check_s)
+            hosts = browser.sorted_hosts()
+            alive = await asyncio.gather(*(answers(h) for h in hosts))
+            gone_before = self._gone()
+            self._silent = {h.key: self._silent.get(h.key, 0) + 1
+                            for h, ok in zip(hosts, alive) if not ok}
+            if self._browser is browser and self._gone() != gone_before:
+                self._hosts_changed(browser.sorted_hosts())
+
+    def _gone(self) -> set[str]:
+        return {key for key, misses in self._silent.items()
+                if misses >= self.limits.host_check_misses}
 
     async def _start_host(self, port: int, name: str | None, interface: str | None,
                           advertise: bool, limits: Limits) -> int | None:
@@ -7332,6 +7378,9 @@ class ClientCore:
         """Everything `stop()` ends: the room, the LAN watch, the host."""
         await self._leave()
         browser, self._browser = self._browser, None
+        if self._checker is not None:
+            self._checker.cancel()
+            self._checker = None
         if browser is not None:
             await browser.close()
         host, self._host = self._host, None
@@ -9047,9 +9096,13 @@ class Launcher:
         picked = self.picked_row()
         self.hosts = hosts = event["hosts"]
         self.rows = [(host, room) for host in hosts
-                     for room in [*host["rooms"], None]]
+                     for room in ([*host["rooms"], None] if host.get("alive", True) else [None])]
         table = self.window[(_ROOM, "hosts")]
-        table.update(values=[_row_text(host, room) for host, room in self.rows])
+        table.update(values=[_row_text(host, room) for host, room in self.rows],
+                     row_colors=[(index, COLOURS["faint"], COLOURS["panel"]) if not
+                                 host.get("alive", True) else (index, COLOURS["text"],
+                                                               COLOURS["panel"])
+                                 for index, (host, _room) in enumerate(self.rows)])
         if picked is not None and picked in self._row_keys():
             table.update(select_rows=[self._row_keys().index(picked)])
         self.window[(_ROOM, "hint")].update(
@@ -9162,6 +9215,7 @@ class Launcher:
             box = tree.bbox(str(index + 1))
             rows.append({"name": host["name"], "port": host["port"], "rooms": host["rooms"],
                          "room": room["room"] if room else None,
+                         "alive": host.get("alive", True),
                          "box": [tree.winfo_rootx() + box[0], tree.winfo_rooty() + box[1],
                                  box[2], box[3]] if box else None})
         self.trace("window", name="launcher", xid=int(window.TKroot.wm_frame(), 16),
@@ -9174,6 +9228,8 @@ class Launcher:
 def _row_text(host: dict, room: dict | None) -> list[str]:
     """A launcher row: room, people, host, address (room None: a new one)."""
     where = [printable(host["name"]), address_text(host["address"], host["port"])]
+    if not host.get("alive", True):         # its record outlived it, or a firewall
+        return ["(not answering)", "", *where]
     if host.get("version") != PROTOCOL_VERSION:
         return [f"(protocol {host.get('version')}; this is {PROTOCOL_VERSION})", "", *where]
     if room is None:
@@ -10816,6 +10872,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--settle", type=float, default=DISCOVERY_SETTLE_S, metavar="S",
                         help="--cli: stop looking for hosts once none has appeared for S "
                         f"seconds (default {DISCOVERY_SETTLE_S:g}; up to --timeout)")
+    parser.add_argument("--host-check", type=float, default=HOST_CHECK_S, metavar="S",
+                        help="the window: dial each listed host every S seconds; one that "
+                        f"doesn't answer {HOST_CHECK_MISSES} times in a row shows as not "
+                        f"answering (default {HOST_CHECK_S:g})")
     parser.add_argument("--timeout", type=float, default=DISCOVERY_TIMEOUT_S,
                         help=f"seconds to look for hosts (default {DISCOVERY_TIMEOUT_S:g})")
     parser.add_argument("--history", type=int, default=HISTORY_LIMIT, metavar="N",
@@ -10886,6 +10946,8 @@ def limits_from(args: argparse.Namespace) -> Limits:
         raise ValueError("--max-sessions takes at least 1")
     if not args.settle >= 0:
         raise ValueError("--settle takes a number of seconds")
+    if not args.host_check > 0:
+        raise ValueError("--host-check takes a number of seconds")
     if not args.call_timeout > 0 or args.max_call_size < 2:
         raise ValueError("--call-timeout must be positive and --max-call-size at least 2")
     if not 0 <= args.media_port < 65536:
@@ -10894,7 +10956,7 @@ def limits_from(args: argparse.Namespace) -> Limits:
                   hello_timeout_s=args.login_timeout, outbox_limit_bytes=args.outbox_limit,
                   max_sessions=args.max_sessions, max_room_members=args.max_room_members,
                   max_file_size=args.max_file_size, call_timeout_s=args.call_timeout,
-                  discovery_settle_s=args.settle,
+                  discovery_settle_s=args.settle, host_check_s=args.host_check,
                   max_call_size=args.max_call_size,
                   # A frame must hold the longest text, JSON-escaped, and its envelope.
                   max_frame_bytes=max(MAX_FRAME_BYTES, _JSON_ESCAPE_FACTOR

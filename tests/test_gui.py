@@ -328,6 +328,32 @@ def test_launcher_lists_hosts_live_and_closes_cleanly(x, tmp_path, procs):
     assert_exits_cleanly(gui)
 
 
+def test_a_host_killed_without_warning_shows_as_not_answering(x, tmp_path, procs):
+    """kill -9 leaves the host's mDNS record behind for minutes; the window
+    dials listed hosts (--host-check) and greys the one that is gone, with
+    one row saying so; when it is back on its port, it is alive again."""
+    host = Host(unique("killed"))
+    procs.append(host)
+    gui = start_gui(x, tmp_path, procs, "--host-check", "0.5")
+
+    def rows(match):
+        record = gui.wait_for(lambda e: e.get("gui") == "window" and e["name"] == "launcher"
+                              and match([r for r in e["rows"] if r["name"] == host.name]), 30)
+        return [r for r in record["rows"] if r["name"] == host.name]
+
+    rows(lambda found: found and all(r["alive"] for r in found))
+    procs.append(Cli(host.port, "lobby", "bob"))    # a room, so the row of it can go
+    host.proc.kill()                        # no goodbye: the record stays
+    host.proc.wait(10)
+    gone = rows(lambda found: found and not found[0]["alive"])
+    assert len(gone) == 1 and gone[0]["room"] is None, gone
+    again = Host(host.name, extra=["--port", str(host.port)])   # back on its port
+    procs.append(again)
+    rows(lambda found: found and all(r["alive"] for r in found))
+    gui.close("launcher")
+    assert_exits_cleanly(gui)
+
+
 def test_rooms_are_listed_as_entries_to_pick_and_double_click(x, tmp_path, procs):
     """The launcher lists each host's rooms (room, people, host, address) and
     a new room; picking fills the address and the Room ID, double-click
