@@ -2775,6 +2775,20 @@ def lan_addresses() -> list[str]:
                                         ":" in a, a))
 
 
+def browsed_interfaces(interface: str | None) -> list[str]:
+    """Where mDNS looks, in words ("eth0 (192.168.1.7)"): the --interface
+    address, or every interface with an IPv4 address but loopback."""
+    try:
+        import ifaddr
+        adapters = ifaddr.get_adapters()
+    except ImportError:
+        return [interface] if interface else []
+    named = [f"{adapter.nice_name} ({ip.ip})" for adapter in adapters for ip in adapter.ips
+             if isinstance(ip.ip, str) and (ip.ip == interface if interface
+                                            else not ip.ip.startswith("127."))]
+    return named or ([interface] if interface else [])
+
+
 def local_networks() -> list[Any]:
     """The networks this machine is on (ipaddress networks), for
     order_addresses; [] when they can't be read."""
@@ -7082,6 +7096,15 @@ CLOSED_REASONS = {
 }
 
 
+def _firewall_hint(port: int) -> str:
+    """A host that answered mDNS but not on its port: the usual cause, and fixes."""
+    return (f". It answered on the LAN, so it is running, but its TCP port {port} takes no "
+            "connections: most likely a firewall on that computer. There, allow chatroom "
+            f"in: Windows, Windows Defender Firewall (or TCP port {port}); macOS, System "
+            "Settings > Network > Firewall > Options; Linux, `sudo ufw allow "
+            f"{port}/tcp` or `sudo firewall-cmd --add-port={port}/tcp`")
+
+
 def _is_ip(text: str) -> bool:
     try:
         ipaddress.ip_address(text)
@@ -7223,12 +7246,14 @@ class ClientCore:
 
     # --- commands (any thread) ---
 
-    def join(self, hosts: str | Sequence[str], port: int, room: str,
-             user: str) -> concurrent.futures.Future:
+    def join(self, hosts: str | Sequence[str], port: int, room: str, user: str,
+             found_on_lan: bool = False) -> concurrent.futures.Future:
         """Connect and log in. `hosts`: an address or a name, or every
         address a host advertised, best first (the first that connects
-        wins: connect_first). Future -> True once `ready`, else False."""
-        return self.submit(self._join(hosts, port, room, user))
+        wins: connect_first); `found_on_lan`: mDNS found it (a failure is
+        then most likely a firewall, and the error says so). Future ->
+        True once `ready`, else False."""
+        return self.submit(self._join(hosts, port, room, user, found_on_lan))
 
     def say(self, text: str) -> concurrent.futures.Future:
         """Send a chat line. Future -> the message id, or None if refused."""
@@ -7390,7 +7415,7 @@ class ClientCore:
     # --- the connection (core thread) ---
 
     async def _join(self, hosts: str | Sequence[str], port: int, room: str,
-                    user: str) -> bool:
+                    user: str, found_on_lan: bool = False) -> bool:
         if self._link is not None:
             self._error("bad_frame", "already connected; leave first")
             return False
@@ -7414,7 +7439,8 @@ class ClientCore:
             where = address_text(addresses[0], port) + (
                 f" (or {', '.join(addresses[1:])})" if len(addresses) > 1 else "")
             self._error("host_unreachable", f"can't reach {where}: "
-                        f"{_why_unreachable(exc, limits.connect_timeout_s)}")
+                        f"{_why_unreachable(exc, limits.connect_timeout_s)}"
+                        + (_firewall_hint(port) if found_on_lan else ""))
             self._emit({"type": "closed", "reason": "unreachable"})
             return False
         link = Link(Wire(Role.CLIENT, limits.max_frame_bytes), transport, limits,
@@ -7991,15 +8017,25 @@ _TERMINAL_COMMANDS: dict[type[Command], Callable[[ClientCore, Any, Callable], An
 }
 
 
+def no_host_message(interface: str | None, waited_s: float) -> str:
+    """Why no host was found, as far as we can tell, and what to try."""
+    where = ", ".join(browsed_interfaces(interface)) or "no network interface with IPv4"
+    return (f"no chatroom host answered within {waited_s:g} s; looked on {where}. "
+            "Start one with --host, or give its address with --server HOST[:PORT]. If a "
+            "host is running: it may be on another network or interface (pick ours with "
+            "--interface), or this network blocks multicast (guest Wi-Fi and some routers "
+            "do), which --server gets around")
+
+
 def choose_host(hosts: list[HostInfo], json_mode: bool, emit: Callable[[dict], None],
-                stdin: Any) -> HostInfo | None:
+                stdin: Any, no_host: str = "") -> HostInfo | None:
     """The one host to join, asking the person if several were found."""
     if len(hosts) == 1:
         return hosts[0]
     if not hosts:
-        emit({"type": "error", "code": "no_host",
-              "message": "no chatroom host found on the LAN; start one with --host "
-                         "or give its address with --server HOST[:PORT]"})
+        emit({"type": "error", "code": "no_host", "message": no_host or
+              "no chatroom host found on the LAN; start one with --host "
+              "or give its address with --server HOST[:PORT]"})
         return None
     if json_mode:
         emit({"type": "error", "code": "ambiguous_host",
@@ -8042,11 +8078,13 @@ def run_terminal(args: argparse.Namespace, limits: Limits, media: MediaOptions) 
             hosts = core.submit(discover(args.timeout, interface=args.interface,
                                          settle=limits.discovery_settle_s,
                                          name=args.name)).result()
-            chosen = choose_host(hosts, args.json, printer, stdin)
+            chosen = choose_host(hosts, args.json, printer, stdin,
+                                 no_host_message(args.interface, args.timeout))
             if chosen is None:
                 return EXIT_REFUSED
             hosts_at, port = chosen.addresses or chosen.address, chosen.port
-        if not core.join(hosts_at, port, args.room, args.user).result():
+        if not core.join(hosts_at, port, args.room, args.user,
+                         found_on_lan=not args.server).result():
             ended.wait(limits.close_timeout_s)
             return EXIT_REFUSED
 
@@ -10383,7 +10421,8 @@ class GuiApp:
         self.launcher.busy(True)
         first = hosts if isinstance(hosts, str) else hosts[0]
         self.launcher.status(f"Joining {room} at {address_text(first, port)}...")
-        self._quietly("join", self.core.join(hosts, port, room, user))
+        listed = any(h["address"] == first and h["port"] == port for h in self.launcher.hosts)
+        self._quietly("join", self.core.join(hosts, port, room, user, found_on_lan=listed))
 
     def on_host(self, values: dict) -> None:
         """"Host a room here": start a host in this process, then join it."""

@@ -18,15 +18,20 @@ shorter), never a measured time.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
+import json
 import socket
+import sys
 import threading
 import uuid
+from pathlib import Path
 
 import pytest
 
 import chatroom
 
+CHATROOM = Path(__file__).resolve().parent.parent / "chatroom.py"
 LOCAL = "127.0.0.1"
 REFUSING = "127.0.0.2"
 BLACK_HOLE = "127.0.0.3"
@@ -191,37 +196,67 @@ async def test_when_no_address_answers_the_error_names_them_all(black_hole):
     assert events[-1] == {"type": "closed", "reason": "unreachable"}
 
 
-def _free_port() -> int:
+def _free_port(address: str = BLACK_HOLE) -> int:
     with socket.socket() as probe:
-        probe.bind((BLACK_HOLE, 0))
+        probe.bind((address, 0))
         return probe.getsockname()[1]
+
+
+@contextlib.asynccontextmanager
+async def advertised(name: str, addresses: list[str], port: int):
+    """A chatroom record for `name` naming `addresses` and `port`, on
+    127.0.0.1's mDNS, with no host behind it."""
+    from zeroconf import IPVersion
+    from zeroconf.asyncio import AsyncServiceInfo, AsyncZeroconf
+
+    zc = AsyncZeroconf(interfaces=[LOCAL], ip_version=IPVersion.V4Only)
+    info = AsyncServiceInfo(
+        chatroom.SERVICE_TYPE, f"{name}.{chatroom.SERVICE_TYPE}", port=port,
+        parsed_addresses=addresses, properties=chatroom.encode_txt(name, []),
+        server=f"{name}.local.")
+    try:
+        async with asyncio.timeout(DEADLINE_S):
+            await (await zc.async_register_service(info))
+        yield
+    finally:
+        await zc.async_unregister_all_services()
+        await zc.async_close()
 
 
 async def test_the_browser_keeps_every_address_a_record_names():
     """A record naming three addresses: the browser on loopback keeps the
     two loopback ones (never reaching past this machine)."""
-    from zeroconf import IPVersion
-    from zeroconf.asyncio import AsyncServiceInfo, AsyncZeroconf
-
     name = f"addresses-{uuid.uuid4().hex[:8]}"
-    zc = AsyncZeroconf(interfaces=[LOCAL], ip_version=IPVersion.V4Only)
-    info = AsyncServiceInfo(
-        chatroom.SERVICE_TYPE, f"{name}.{chatroom.SERVICE_TYPE}", port=47997,
-        parsed_addresses=[BLACK_HOLE, LOCAL, "192.0.2.99"],    # advertised, never dialled
-        properties=chatroom.encode_txt(name, []), server=f"{name}.local.")
     browser = chatroom.HostBrowser(LOCAL)
     try:
-        async with asyncio.timeout(DEADLINE_S):
-            await (await zc.async_register_service(info))
-            await browser.start()
-            while not [h for h in browser.hosts.values() if h.name == name]:
-                await asyncio.sleep(0.05)
-        found = next(h for h in browser.hosts.values() if h.name == name)
-        # mDNS keeps no order among a record's addresses; both are ours.
-        assert sorted(found.addresses) == [LOCAL, BLACK_HOLE]
-        assert found.address == found.addresses[0]
-        assert found.to_event()["addresses"] == list(found.addresses)
+        async with advertised(name, [BLACK_HOLE, LOCAL, "192.0.2.99"], 47997):  # never dialled
+            async with asyncio.timeout(DEADLINE_S):
+                await browser.start()
+                while not [h for h in browser.hosts.values() if h.name == name]:
+                    await asyncio.sleep(0.05)
+            found = next(h for h in browser.hosts.values() if h.name == name)
     finally:
         await browser.close()
-        await zc.async_unregister_all_services()
-        await zc.async_close()
+    # mDNS keeps no order among a record's addresses; both are ours.
+    assert sorted(found.addresses) == [LOCAL, BLACK_HOLE]
+    assert found.address == found.addresses[0]
+    assert found.to_event()["addresses"] == list(found.addresses)
+
+
+async def test_a_host_found_on_the_lan_but_closed_to_us_is_a_firewall():
+    """mDNS answered but the port doesn't: the error says it is most
+    likely a firewall on that computer, with the port and each system's fix."""
+    name = f"walled-{uuid.uuid4().hex[:8]}"
+    port = _free_port(LOCAL)                # nothing listens there
+    async with advertised(name, [LOCAL], port):
+        cli = await asyncio.create_subprocess_exec(
+            sys.executable, str(CHATROOM), "--cli", "--json", "--interface", LOCAL,
+            "--name", name, "--timeout", "5", "--room", "r", "--user", "u",
+            stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE)
+        out, _err = await asyncio.wait_for(cli.communicate(), DEADLINE_S)
+    events = [json.loads(line) for line in out.decode().splitlines()]
+    assert cli.returncode == 1, events
+    error = next(e for e in events if e["type"] == "error")
+    assert error["code"] == "host_unreachable", error
+    assert "firewall" in error["message"] and f"{port}/tcp" in error["message"], error

@@ -406,6 +406,8 @@ async def test_cli_without_a_host_says_so(run):
     assert await cli.finish(15) == 1
     assert [e["code"] for e in cli.events if e["type"] == "error"] == ["no_host"]
     assert not any(e["type"] == "ready" for e in cli.events)
+    said = next(e["message"] for e in cli.events if e["type"] == "error")
+    assert "looked on lo (127.0.0.1)" in said and "--server" in said, said  # where, what next
 
 
 async def test_host_shutdown_withdraws_the_record(run):
