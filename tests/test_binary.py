@@ -24,6 +24,9 @@ from conftest import LOOPBACK, ChatProcess, Client, HostProcess
 
 ROOT = Path(__file__).resolve().parent.parent
 BUILD_TIMEOUT_S = 900
+# The build runs inside the first test that needs it: pytest-timeout's
+# 180 s (pyproject) would end it on a busy machine.
+pytestmark = pytest.mark.timeout(BUILD_TIMEOUT_S + 300)
 
 
 @pytest.fixture(scope="session")
