@@ -120,6 +120,9 @@ MAX_MESSAGE_BYTES = 16 * 1024       # largest chat text, in UTF-8 bytes
 MAX_ROOM_MEMBERS = 256              # a room past this refuses new members
 MAX_SESSIONS = 1024                 # connections a host holds at once
 HISTORY_LIMIT = 100                 # messages replayed to a late joiner
+GRACE_S = 60.0                      # a dropped member's seat is held this long
+RESUME_LOG_EVENTS = 5000            # room events kept for members who come back
+RESUME_LOG_BYTES = 8 * 1024 * 1024  # ... and at most this much of their text
 
 HELLO_TIMEOUT_S = 5.0               # a login must finish within this
 CONNECT_TIMEOUT_S = 5.0             # client: TCP connect + login
@@ -173,6 +176,9 @@ class Limits:
     max_room_members: int = MAX_ROOM_MEMBERS
     max_sessions: int = MAX_SESSIONS
     history_limit: int = HISTORY_LIMIT
+    grace_s: float = GRACE_S
+    resume_log_events: int = RESUME_LOG_EVENTS
+    resume_log_bytes: int = RESUME_LOG_BYTES
     hello_timeout_s: float = HELLO_TIMEOUT_S
     connect_timeout_s: float = CONNECT_TIMEOUT_S
     ping_interval_s: float = PING_INTERVAL_S
@@ -507,6 +513,11 @@ FIELD_RULES: dict[str, Callable[[Any], Any]] = {
     "side": _rule_token(1),                 # "a" or "b": who derives which key
     "video": _rule_token(16, empty=True),   # the codec chosen, "" = none
     "audio": _rule_token(16, empty=True),
+    "resume": _rule_token(64, empty=True),  # a resume token ("" = none)
+    "seen": _rule_int(0, 2 ** 53),          # the last room seq a client got
+    "grace": _rule_seconds,                 # how long a host holds a dropped member
+    "missed": _rule_int(0, 2 ** 53),
+    "lost": _rule_int(0, 2 ** 53),
 }
 
 # A dataclass field whose Python name is a keyword travels under another name.
@@ -572,12 +583,16 @@ def _event(cls: type[Event]) -> type[Event]:
 @_event
 @dataclasses.dataclass(frozen=True)
 class Hello(Event):
-    """Log in: the first frame a client sends, naming the protocol version."""
+    """Log in: the first frame a client sends, naming the protocol version.
+    Coming back after a drop, `resume` is the token of the welcome and
+    `seen` the last room seq received: the host then answers Resumed."""
     TYPE = "hello"
     version: int
     room: str
     user: str
     software: str = ""
+    resume: str = ""
+    seen: int = 0
 
 
 @_event
@@ -625,7 +640,9 @@ class Pong(Event):
 @_event
 @dataclasses.dataclass(frozen=True)
 class Welcome(Event):
-    """Login accepted: you are `user` in `room`; `members` in join order."""
+    """Login accepted: you are `user` in `room`; `members` in join order.
+    `resume` is a secret token that gets this seat back after a drop, for
+    `grace` seconds (0: this host doesn't hold seats)."""
     TYPE = "welcome"
     version: int
     room: str
@@ -633,6 +650,24 @@ class Welcome(Event):
     members: tuple
     host: str = ""
     max_file_size: int = 0
+    resume: str = ""
+    grace: float = 0
+
+
+@_event
+@dataclasses.dataclass(frozen=True)
+class Resumed(Event):
+    """A resume accepted: the same seat in `room`, nobody told you left.
+    The `missed` room events since `seen` follow, in order; `lost` more
+    were too old to keep (0 unless the room was very busy)."""
+    TYPE = "resumed"
+    room: str
+    user: str
+    members: tuple
+    host: str = ""
+    max_file_size: int = 0
+    missed: int = 0
+    lost: int = 0
 
 
 @_event
@@ -932,7 +967,7 @@ _HOST_IN_ROOM = (Message, System, Help, Members, Error, Ping, Pong, FileAccept,
 
 _allow(State.AWAITING_HELLO, Role.CLIENT, [Hello], State.AWAITING_WELCOME)
 _allow(State.AWAITING_HELLO, Role.HOST, [Error], State.CLOSED)   # full, bad frame
-_allow(State.AWAITING_WELCOME, Role.HOST, [Welcome], State.READY)
+_allow(State.AWAITING_WELCOME, Role.HOST, [Welcome, Resumed], State.READY)
 _allow(State.AWAITING_WELCOME, Role.HOST, [Error], State.CLOSED)  # login refused
 _allow(State.READY, Role.CLIENT, _CLIENT_IN_ROOM)
 _allow(State.READY, Role.CLIENT, [Bye], State.CLOSING)
@@ -1301,6 +1336,8 @@ class Room:
     by_key: dict[str, Any] = dataclasses.field(default_factory=dict)  # id_key -> handle
     seq: int = 0                # last sequence number given to a room event
     history: collections.deque = dataclasses.field(default_factory=collections.deque)
+    log: collections.deque = dataclasses.field(default_factory=collections.deque)
+    log_bytes: int = 0          # text held in `log`
 
     def user_list(self) -> tuple[str, ...]:
         return tuple(m.user for m in self.members.values())   # dicts keep join order
@@ -1315,9 +1352,14 @@ class Rooms:
 
     def __init__(self, *, host_name: str = "", history_limit: int = HISTORY_LIMIT,
                  max_message_bytes: int = MAX_MESSAGE_BYTES,
-                 max_members: int = MAX_ROOM_MEMBERS, max_file_size: int = 0) -> None:
+                 max_members: int = MAX_ROOM_MEMBERS, max_file_size: int = 0,
+                 grace_s: float = 0, log_events: int = RESUME_LOG_EVENTS,
+                 log_bytes: int = RESUME_LOG_BYTES) -> None:
         self.host_name = host_name
         self.max_file_size = max_file_size
+        self.grace_s = grace_s              # said in the welcome (the host holds seats)
+        self.log_events = log_events
+        self.log_bytes = log_bytes
         self.history_limit = history_limit
         self.max_message_bytes = max_message_bytes
         self.max_members = max_members
@@ -1343,11 +1385,13 @@ class Rooms:
 
     # --- commands ---
 
-    def join(self, member: Any, room_name: str, user: str, now: float) -> list[Delivery]:
+    def join(self, member: Any, room_name: str, user: str, now: float,
+             resume: str = "") -> list[Delivery]:
         """Put `member` into a room as `user`.
 
-        Delivers Welcome and the room's history (oldest first, history=True)
-        to the joiner, then an "enter" notice to everyone in the room.
+        Delivers Welcome (with `resume`, the token the host keeps for this
+        seat) and the room's history (oldest first, history=True) to the
+        joiner, then an "enter" notice to everyone in the room.
         Raises Refused: bad_room_id, bad_user_id, user_taken, room_full.
         """
         if member in self._where:
@@ -1371,7 +1415,8 @@ class Rooms:
         self._where[member] = room
         out: list[Delivery] = [(member, Welcome(PROTOCOL_VERSION, room.name, user,
                                                 room.user_list(), self.host_name,
-                                                self.max_file_size))]
+                                                self.max_file_size, resume,
+                                                self.grace_s if resume else 0))]
         out += [(member, dataclasses.replace(m, history=True)) for m in room.history]
         out += self._notice(room, "enter", user, f"{user} entered the room", now)
         return out
@@ -1390,13 +1435,35 @@ class Rooms:
         except Refused as refusal:
             return [(member, Error(refusal.code, refusal.message, msg_id))]
         sender = room.members[member].user
-        for earlier in room.history:        # a resend: confirm again, never double
-            if earlier.id == msg_id and id_key(earlier.sender) == id_key(sender):
+        for earlier in itertools.chain(room.log, room.history):  # a resend: confirm
+            if isinstance(earlier, Message) and earlier.id == msg_id \
+                    and id_key(earlier.sender) == id_key(sender):    # again, never double
                 return [(member, earlier)]
         room.seq += 1
         message = Message(room.seq, msg_id, sender, text, now)
         room.history.append(message)
+        self._log(room, message)
         return [(m, message) for m in room.members]
+
+    def resume(self, member: Any, seen: int) -> list[Delivery]:
+        """`member` is back on a new connection after a drop: Resumed, then
+        every room event after seq `seen`, oldest first, exactly once (as
+        they were sent: history=False). Events too old to be in the log are
+        counted in Resumed's `lost`."""
+        room = self._where[member]
+        events = [e for e in room.log if e.seq > seen]
+        first_kept = events[0].seq if events else room.seq + 1
+        lost = max(0, first_kept - seen - 1)
+        return [(member, Resumed(room.name, room.members[member].user, room.user_list(),
+                                 self.host_name, self.max_file_size, len(events), lost))] \
+            + [(member, event) for event in events]
+
+    def _log(self, room: Room, event: Message | System) -> None:
+        """Keep a room event for members who come back (bounded)."""
+        room.log.append(event)
+        room.log_bytes += len(event.text)
+        while room.log and (len(room.log) > self.log_events or room.log_bytes > self.log_bytes):
+            room.log_bytes -= len(room.log.popleft().text)
 
     def who(self, member: Any) -> list[Delivery]:
         return [(member, Members(self._where[member].user_list()))]
@@ -1448,6 +1515,7 @@ class Rooms:
                 now: float) -> list[Delivery]:
         room.seq += 1
         notice = System(room.seq, event, user, f"[SYSTEM] {text}", now)
+        self._log(room, notice)
         return [(m, notice) for m in room.members]
 
 
@@ -4709,9 +4777,10 @@ class UdpSocket:
 
 
 class Peer(Protocol):
-    """What the relays know of one of the host's sessions: its connection.
-    Otherwise a handle, as members are to ROOMS."""
-    link: Link
+    """What the relays know of one of the host's members (its seat): its
+    connection now. Otherwise a handle, as members are to ROOMS."""
+    @property
+    def link(self) -> Link: ...
 
 
 @dataclasses.dataclass
@@ -5374,6 +5443,7 @@ class Session:
     def __init__(self, host: Host, link: Link) -> None:
         self.host = host
         self.link = link
+        self.seat: Seat | None = None       # once logged in
         self.started = asyncio.get_running_loop().time()
         self.last_ping = self.started       # when we last pinged, or connected
         self.ping_count = 0
@@ -5410,6 +5480,32 @@ class Session:
             await link.finish()
 
 
+class Seat:
+    """A member's place at the host, which outlives one connection: rooms,
+    files and calls know a member by its seat. When the connection drops,
+    the seat is held for `grace_s` (`away_since` is set; what is sent to it
+    meanwhile is dropped, the room's log keeps the room's events), and a
+    client that says its `token` in a new hello sits down again: nobody is
+    told it left, and it gets what it missed."""
+
+    def __init__(self, session: Session) -> None:
+        self.session = session
+        self.token = secrets.token_hex(16)
+        self.away_since: float | None = None    # loop time the connection dropped
+        self.why = ""                           # why it dropped (the room is told so)
+
+    @property
+    def link(self) -> Link:
+        return self.session.link
+
+    def __repr__(self) -> str:
+        return f"<Seat {self.session.link.name}{' away' if self.away_since else ''}>"
+
+
+# Why a connection ended -> hold the seat (the client may be back), or not.
+_HOLD_FOR = frozenset({"connection lost", "too slow"})
+
+
 class Host:
     """A room host: accepts connections, runs the rooms, advertises itself.
 
@@ -5427,12 +5523,15 @@ class Host:
         self.interface = interface
         self.limits = limits
         self.rooms = Rooms(host_name=self.name, history_limit=limits.history_limit,
+                           grace_s=limits.grace_s, log_events=limits.resume_log_events,
+                           log_bytes=limits.resume_log_bytes,
                            max_message_bytes=limits.max_message_bytes,
                            max_members=limits.max_room_members,
                            max_file_size=limits.max_file_size)
         self.files = HostFiles(limits, self.rooms, self.deliver, spool_dir)
         self.calls = HostCalls(limits, self.rooms, self.deliver)
         self.sessions: set[Session] = set()
+        self.seats: dict[str, Seat] = {}    # by resume token
         self.advertiser = Advertiser(self.name, port, interface,
                                      limits.advertise_debounce_s) if advertise else None
         self._server: asyncio.Server | None = None
@@ -5442,9 +5541,8 @@ class Host:
         self._started = False               # start() was called (close() then cleans up)
         # What each event from a client does: the Wire has already checked
         # that the event may come in the session's state.
-        self._dispatch: dict[type[Event], Callable[[Session, Any], Any]] = {
-            Hello: self._on_hello, Say: self._on_say, Who: self._on_who, Bye: self._on_bye,
-            Ping: self._on_ping,
+        self._dispatch: dict[type[Event], Callable[[Seat, Any], Any]] = {
+            Say: self._on_say, Who: self._on_who, Bye: self._on_bye, Ping: self._on_ping,
             FileOffer: self.files.on_offer, Chunk: self.files.on_chunk,
             FileEnd: self.files.on_end, FileAbort: self.files.on_abort,
             FileSaved: self.files.on_answer, FileRefuse: self.files.on_answer,
@@ -5556,17 +5654,36 @@ class Host:
             self._handlers.discard(task)
 
     def forget(self, session: Session) -> None:
-        """Take a session out of its room (idempotent; the handler's last
-        act): its files are dealt with (HostFiles.forget), and the room is
-        told."""
-        user = self.rooms.user_of(session)
+        """A session ended (idempotent; the handler's last act). A seat lost
+        with its connection is held for `grace_s` (its files in flight fail
+        now); one left on purpose, or after a resume moved it elsewhere, is
+        not held."""
+        seat = session.seat
+        if seat is None or seat.session is not session or seat.away_since is not None:
+            return                          # never seated, sitting elsewhere, or held
+        user = self.rooms.user_of(seat)
         if user is None:
             return
-        self.files.forget(session, user)
-        why = session.link.close_reason
+        if session.link.close_reason in _HOLD_FOR and self.limits.grace_s > 0 \
+                and self._server is not None:
+            seat.away_since = asyncio.get_running_loop().time()
+            seat.why = session.link.close_reason
+            self.files.forget(seat, user)
+            log.info("%s (%r) dropped; holding the seat for %g s", session.link.name, user,
+                     self.limits.grace_s)
+            return
+        self._unseat(seat, session.link.close_reason)
+
+    def _unseat(self, seat: Seat, why: str) -> None:
+        """Take a seat out of its room for good: files, calls, the room told."""
+        user = self.rooms.user_of(seat)
+        self.seats.pop(seat.token, None)
+        if user is None:
+            return
+        self.files.forget(seat, user)
         shown = "" if why in ("bye", "host_shutdown") else why
-        self.calls.forget(session, "left" if why in ("bye", "host_shutdown") else "lost")
-        self.deliver(self.rooms.leave(session, unix_now(), shown))
+        self.calls.forget(seat, "left" if why in ("bye", "host_shutdown") else "lost")
+        self.deliver(self.rooms.leave(seat, unix_now(), shown))
         self._rooms_changed()
 
     def _rooms_changed(self) -> None:
@@ -5577,11 +5694,18 @@ class Host:
 
     def dispatch(self, session: Session, event: Event) -> Any:
         """Act on one event from a session's peer (the Wire has checked that
-        it is allowed now). Returns an awaitable when the session must stop
-        reading until it completes (its file is arriving faster than the
-        disk takes it), else None."""
+        it is allowed now: anything but a hello comes once it is seated).
+        Returns an awaitable when the session must stop reading until it
+        completes (its file is arriving faster than the disk takes it),
+        else None."""
+        if type(event) is Hello:
+            self._on_hello(session, event)
+            return None
         handler = self._dispatch.get(type(event))
-        return handler(session, event) if handler is not None else None
+        seat = session.seat
+        if handler is None or seat is None or seat.session is not session:
+            return None                     # a connection a resume replaced: ignore it
+        return handler(seat, event)
 
     def _on_hello(self, session: Session, hello: Hello) -> None:
         link = session.link
@@ -5590,28 +5714,51 @@ class Host:
                                   f"version {PROTOCOL_VERSION}; you sent {hello.version}"),
                             "version mismatch")
             return
+        if hello.resume and self._resume(session, hello):
+            return
+        seat = Seat(session)                # a fresh login (or a token we forgot)
         try:
-            deliveries = self.rooms.join(session, hello.room, hello.user, unix_now())
+            deliveries = self.rooms.join(seat, hello.room, hello.user, unix_now(),
+                                         seat.token if self.limits.grace_s > 0 else "")
         except Refused as refusal:
             link.close_with(Error(refusal.code, refusal.message), refusal.code)
             return
+        session.seat = seat
+        self.seats[seat.token] = seat
         log.info("%s joined %r as %r", link.name, hello.room, hello.user)
         self.deliver(deliveries)
         self._rooms_changed()
 
-    def _on_say(self, session: Session, say: Say) -> None:
-        self.deliver(self.rooms.say(session, say.text, say.id, unix_now()))
+    def _resume(self, session: Session, hello: Hello) -> bool:
+        """Sit `session` down in the seat its token names, if that seat is
+        this user's in this room; False if the host has no such seat."""
+        seat = self.seats.get(hello.resume)
+        room = self.rooms.room_of(seat) if seat is not None else None
+        if seat is None or room is None or id_key(room.name) != id_key(hello.room) \
+                or id_key(self.rooms.user_of(seat) or "") != id_key(hello.user):
+            return False
+        old = seat.session
+        if old is not session and not old.link.closing:
+            old.link.abort("replaced")      # the client knows it's dead before we do
+        seat.session, seat.away_since = session, None
+        session.seat = seat
+        log.info("%s resumed %r in %r", session.link.name, hello.user, room.name)
+        self.deliver(self.rooms.resume(seat, hello.seen))
+        return True
 
-    def _on_who(self, session: Session, who: Who) -> None:
-        self.deliver(self.rooms.who(session))
+    def _on_say(self, seat: Seat, say: Say) -> None:
+        self.deliver(self.rooms.say(seat, say.text, say.id, unix_now()))
 
-    def _on_bye(self, session: Session, bye: Bye) -> None:
-        session.link.close_reason = "bye"
-        self.forget(session)
-        session.link.close_with(Closing("bye"), "bye")
+    def _on_who(self, seat: Seat, who: Who) -> None:
+        self.deliver(self.rooms.who(seat))
 
-    def _on_ping(self, session: Session, ping: Ping) -> None:
-        self.deliver([(session, Pong(ping.n))])
+    def _on_bye(self, seat: Seat, bye: Bye) -> None:
+        seat.link.close_reason = "bye"
+        self.forget(seat.session)
+        seat.link.close_with(Closing("bye"), "bye")
+
+    def _on_ping(self, seat: Seat, ping: Ping) -> None:
+        self.deliver([(seat, Pong(ping.n))])
 
     def deliver(self, deliveries: list[Delivery]) -> None:
         """Offer each event to its recipient's outbox; never waits.
@@ -5621,17 +5768,17 @@ class Host:
         loop, so its leave notice is delivered like any other.
         """
         frames: dict[int, bytes] = {}
-        too_slow = []
-        for session, event in deliveries:
+        too_slow: list[Seat] = []
+        for seat, event in deliveries:     # a held seat's closed link takes nothing
             frame = frames.get(id(event))
             if frame is None:
                 frame = frames[id(event)] = encode(event)
-            if not session.link.offer(event, frame) and session.link.accepting:
-                too_slow.append(session)
-        for session in too_slow:
-            log.warning("%s is too slow; disconnecting it", session.link.name)
-            session.link.abort("too slow")
-            self.forget(session)
+            if not seat.link.offer(event, frame) and seat.link.accepting:
+                too_slow.append(seat)
+        for seat in too_slow:
+            log.warning("%s is too slow; disconnecting it", seat.link.name)
+            seat.link.abort("too slow")
+            self.forget(seat.session)
 
     # --- housekeeping ---
 
@@ -5642,10 +5789,15 @@ class Host:
         # Short limits (tests) need a finer tick, or a peer that answers every
         # ping could be found silent between a tick and the next.
         period = min(limits.tick_s, *(deadline / _TICKS_PER_DEADLINE for deadline in (
-            limits.ping_interval_s, limits.peer_silence_s, limits.hello_timeout_s)))
+            limits.ping_interval_s, limits.peer_silence_s, limits.hello_timeout_s,
+            limits.grace_s or limits.tick_s)))
         while True:
             await asyncio.sleep(period)
             now = loop.time()
+            for seat in [seat for seat in self.seats.values() if seat.away_since is not None
+                         and now - seat.away_since > limits.grace_s]:
+                log.info("%s did not come back within %g s", seat.link.name, limits.grace_s)
+                self._unseat(seat, seat.why)
             for session in list(self.sessions):
                 link = session.link
                 if link.closing:
@@ -5662,11 +5814,12 @@ class Host:
                         now - link.last_progress > limits.send_stall_s:
                     link.abort("too slow")
                     self.forget(session)
-                elif min(now - link.last_heard, now - session.last_ping) > \
+                elif session.seat is not None and min(now - link.last_heard,
+                                                      now - session.last_ping) > \
                         limits.ping_interval_s:
                     session.last_ping = now
                     session.ping_count += 1
-                    self.deliver([(session, Ping(session.ping_count))])
+                    self.deliver([(session.seat, Ping(session.ping_count))])
 
 
 # =============================================================================
@@ -7133,7 +7286,7 @@ def ui_event(event: Event) -> dict:
     out = event.to_wire()
     if isinstance(event, Welcome):
         out["type"] = "ready"
-        del out["version"]
+        del out["version"], out["resume"]   # the token is the core's secret
     elif isinstance(event, Error) and event.id == "-":
         del out["id"]
     return out
@@ -10917,6 +11070,9 @@ def build_parser() -> argparse.ArgumentParser:
                         f"answering (default {HOST_CHECK_S:g})")
     parser.add_argument("--timeout", type=float, default=DISCOVERY_TIMEOUT_S,
                         help=f"seconds to look for hosts (default {DISCOVERY_TIMEOUT_S:g})")
+    parser.add_argument("--grace", type=float, default=GRACE_S, metavar="S",
+                        help="--host: hold a dropped member's seat S seconds for its "
+                        f"client to come back (default {GRACE_S:g}; 0: don't)")
     parser.add_argument("--history", type=int, default=HISTORY_LIMIT, metavar="N",
                         help=f"messages a late joiner gets (default {HISTORY_LIMIT})")
     parser.add_argument("--max-message-bytes", type=int, default=MAX_MESSAGE_BYTES,
@@ -10987,6 +11143,8 @@ def limits_from(args: argparse.Namespace) -> Limits:
         raise ValueError("--settle takes a number of seconds")
     if not args.host_check > 0:
         raise ValueError("--host-check takes a number of seconds")
+    if not 0 <= args.grace <= 86400:
+        raise ValueError("--grace takes 0 to 86400 seconds")
     if not args.call_timeout > 0 or args.max_call_size < 2:
         raise ValueError("--call-timeout must be positive and --max-call-size at least 2")
     if not 0 <= args.media_port < 65536:
@@ -10996,6 +11154,7 @@ def limits_from(args: argparse.Namespace) -> Limits:
                   max_sessions=args.max_sessions, max_room_members=args.max_room_members,
                   max_file_size=args.max_file_size, call_timeout_s=args.call_timeout,
                   discovery_settle_s=args.settle, host_check_s=args.host_check,
+                  grace_s=args.grace,
                   max_call_size=args.max_call_size,
                   # A frame must hold the longest text, JSON-escaped, and its envelope.
                   max_frame_bytes=max(MAX_FRAME_BYTES, _JSON_ESCAPE_FACTOR

@@ -676,7 +676,7 @@ def message_size_to_overflow(count: int) -> int:
 def test_slow_reader_is_dropped_nobody_loses_messages(start_host, join):
     """--outbox-limit 65536: a stopped reader is disconnected as too slow
     and the room told; everyone else gets all 3000 messages, in order."""
-    host = start_host("--outbox-limit", "65536")
+    host = start_host("--outbox-limit", "65536", "--grace", "0.5")   # the drop shows soon
     alice = join(host.port, "R", "alice")
     bob = join(host.port, "R", "bob")
     slow = join(host.port, "R", "slow")

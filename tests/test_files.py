@@ -166,7 +166,7 @@ def spool(tmp_path) -> Path:
 @pytest.fixture
 def room_host(start_host, spool):
     """A host whose spool folder is under tmp_path (checked by some tests)."""
-    return start_host("--spool-dir", str(spool))
+    return start_host("--spool-dir", str(spool), "--grace", "0.5")  # drops show soon
 
 
 @pytest.fixture

@@ -217,7 +217,7 @@ async def test_many_members_leaving_at_once_break_nothing(make_host, clients, ca
     """Twenty members drop at the same moment while the room still has
     others. This used to raise LocalError in the handler of whichever session
     delivered a leave notice to a peer whose end was already closed."""
-    host = await make_host()
+    host = await make_host(grace_s=0.2)     # then the seats go, all at once
     stayer = await clients(host.port, "lobby", "stayer")
     leavers = [await clients(host.port, "lobby", f"leaver{i}") for i in range(20)]
     with caplog.at_level("ERROR", logger="chatroom"):
@@ -286,7 +286,7 @@ async def test_max_sessions_refuses_the_next_connection(make_host, clients):
 # --- slow peers ----------------------------------------------------------------
 
 async def test_slow_peer_is_disconnected_while_others_get_everything(make_host, clients):
-    host = await make_host(outbox_limit_bytes=64 * 1024)
+    host = await make_host(outbox_limit_bytes=64 * 1024, grace_s=0.2)
     slow = await clients(host.port, "r", "slow")        # never reads again
     fast = await clients(host.port, "r", "fast")
     sender = await clients(host.port, "r", "sender")
@@ -412,7 +412,7 @@ async def test_shutdown_does_not_hang_on_a_peer_that_never_reads(clients):
         talker = await clients(host.port, "r", "talker")
         talker.writer.transport.set_write_buffer_limits(0)
         session = next(s for s in host.sessions
-                       if host.rooms.user_of(s) == "stuck")
+                       if host.rooms.user_of(s.seat) == "stuck")
         pad = "y" * 8192
         async with asyncio.timeout(60):
             for i in range(3000):                          # until stuck's outbox backs up
@@ -503,7 +503,7 @@ async def test_client_core_round_trip(make_host, cores):
     ready = alice_events.of("ready")[0]
     assert ready == {"type": "ready", "room": "二班", "user": "alice", "members": ["alice"],
                      "host": "round-trip-host", "address": LOCAL, "port": host.port,
-                     "max_file_size": chatroom.MAX_FILE_SIZE}
+                     "max_file_size": chatroom.MAX_FILE_SIZE, "grace": chatroom.GRACE_S}
     assert alice.connected
     assert await asyncio.wrap_future(bob.join(LOCAL, host.port, "二班", "bob"))
     assert bob_events.of("ready")[0]["members"] == ["alice", "bob"]
@@ -581,7 +581,7 @@ async def after_a_tick(clients, port: int) -> float:
 
 
 async def test_peer_that_never_answers_pings_is_dropped(make_host, clients):
-    host = await make_host(**PING_LIMITS)
+    host = await make_host(**PING_LIMITS, grace_s=0.2)
     observer = await clients(host.port, "r", "observer")
 
     async def chatter() -> None:                # never silent: never pinged

@@ -142,7 +142,7 @@ async def test_a_call_is_full_at_max_call_size(make_host):
 
 @pytest.mark.parametrize("how", ["bye", "drop"])
 async def test_leaving_ends_links_and_invitations(make_host, how):
-    host = await make_host()
+    host = await make_host(grace_s=0.3)     # a dropped seat is held that long
     alice, bob, carol = [await person(host, n) for n in ("alice", "bob", "carol")]
     await linked(alice, bob)
     alice.send(Call("carol"))
@@ -178,7 +178,7 @@ async def test_the_media_lane_drops_the_oldest_and_never_delays_chat(make_host):
     host = await make_host(media_lane_bytes=4096)
     alice, bob = await person(host, "alice"), await person(host, "bob")
     start, _ = await linked(alice, bob)
-    session = next(s for s in host.sessions if host.rooms.user_of(s) == "bob")
+    session = next(s for s in host.sessions if host.rooms.user_of(s.seat) == "bob")
     packet = bytes([0xC1, 1]) + bytes.fromhex(start.link)
     for n in range(200):                        # far more than the lane holds, queued
         session.link.offer_media(MediaData(packet + n.to_bytes(4, "big") + b"v" * 400))

@@ -115,13 +115,15 @@ def wire_in(state: State, role: Role) -> Wire:
 
 # One valid instance of every event type, with non-ASCII where it can go.
 EXAMPLES = {
-    "hello": Hello(PROTOCOL_VERSION, "大厅", "张伟", "chatroom/0.1.0"),
+    "hello": Hello(PROTOCOL_VERSION, "大厅", "张伟", "chatroom/0.1.0", "9f" * 16, 41),
     "say": Say("c1-1", "你好, world 👋\n[SYSTEM] not really\tok"),
     "who": Who(),
     "bye": Bye(),
     "ping": Ping(7),
     "pong": Pong(2 ** 53),
-    "welcome": Welcome(PROTOCOL_VERSION, "大厅", "张伟", ("alice", "张伟"), "host 主机"),
+    "welcome": Welcome(PROTOCOL_VERSION, "大厅", "张伟", ("alice", "张伟"), "host 主机",
+                       0, "9f" * 16, 60),
+    "resumed": chatroom.Resumed("大厅", "张伟", ("alice", "张伟"), "host 主机", 0, 3, 0),
     "message": Message(3, "c1-1", "张伟", "你好 🎉", 1_700_000_000.123, False),
     "system": System(4, "enter", "bob", "[SYSTEM] bob entered the room", 1_700_000_001.5),
     "help": Help(chatroom.HELP_TEXT),
