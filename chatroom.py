@@ -40,8 +40,9 @@ The file reads top to bottom; each section uses only the sections above it
 20. GUI CONVERSATION      bubbles, notices and file cards; the members list
 21. GUI WINDOWS           the launcher and the chat window
 22. GUI CALLS             the call window: tiles, ESC and Backspace
-23. GUI APP               the bridge from the core, settings, phases, the loop
-24. MAIN                  argparse and the entry points
+23. GUI PLUMBING          settings, the bridge from the core, opening, phases
+24. GUI APP               the one core, the windows, the one read loop
+25. MAIN                  argparse and the entry points
 """
 
 from __future__ import annotations
@@ -68,6 +69,7 @@ import json
 import logging
 import math
 import os
+import random
 import re
 import secrets
 import shutil
@@ -121,6 +123,9 @@ MAX_ROOM_MEMBERS = 256              # a room past this refuses new members
 MAX_SESSIONS = 1024                 # connections a host holds at once
 HISTORY_LIMIT = 100                 # messages replayed to a late joiner
 GRACE_S = 60.0                      # a dropped member's seat is held this long
+RETRY_FOR_S = 300.0                 # a terminal client tries to get back this long
+RECONNECT_FIRST_S = 0.5             # the first retry comes within this, jittered
+RECONNECT_MAX_S = 10.0              # the backoff between retries stops growing here
 RESUME_LOG_EVENTS = 5000            # room events kept for members who come back
 RESUME_LOG_BYTES = 8 * 1024 * 1024  # ... and at most this much of their text
 
@@ -177,6 +182,7 @@ class Limits:
     max_sessions: int = MAX_SESSIONS
     history_limit: int = HISTORY_LIMIT
     grace_s: float = GRACE_S
+    retry_for_s: float = RETRY_FOR_S    # 0: don't retry; math.inf: for ever (the window)
     resume_log_events: int = RESUME_LOG_EVENTS
     resume_log_bytes: int = RESUME_LOG_BYTES
     hello_timeout_s: float = HELLO_TIMEOUT_S
@@ -7238,6 +7244,45 @@ def _address_key(link: PeerLink) -> str:
 # of CLOSED_REASONS. The callback runs on the core's thread and must not
 # block: the window forwards it with write_event_value, the terminal prints.
 
+def reconnecting_line(event: dict) -> str:
+    """What a person reads while the client tries to get back."""
+    why = {"host_shutdown": "The host stopped"}.get(event.get("reason", ""),
+                                                    "The connection to the host dropped")
+    return (f"{why}; reconnecting (try {event['attempt']} in {event['retry_in']:g} s). "
+            "What you type now is sent once back.")
+
+
+def resumed_line(event: dict) -> str:
+    missed, lost = event.get("missed", 0), event.get("lost", 0)
+    return ("Back in the room" + (f"; {missed} room event{'s' if missed != 1 else ''} "
+                                  "you missed follow" if missed else "")
+            + (f" ({lost} more were too old to keep)" if lost else "") + ".")
+
+
+# A connection that ended for one of these, after we were in the room: try
+# to get back (the host may be back, or hold our seat).
+_RETRY_AFTER = frozenset({"connection_lost", "host_shutdown", "login_timeout",
+                          "protocol_error"})
+MAX_UNCONFIRMED = 1000              # lines said and not yet confirmed, kept to resend
+
+
+@dataclasses.dataclass
+class Place:
+    """Where a client is, kept across connections so it can get back: the
+    host's addresses and port, the room and user, the resume token and the
+    last room seq seen, and the lines said but not yet confirmed."""
+    addresses: list[str]
+    port: int
+    room: str
+    user: str
+    found_on_lan: bool = False
+    host_name: str = ""             # from the welcome: to find the host again by mDNS
+    token: str = ""                 # the welcome's resume token
+    seen: int = 0                   # the last room seq received
+    seated: bool = False            # a welcome came: a drop now means getting back
+    pending: dict[str, str] = dataclasses.field(default_factory=dict)  # id -> text
+
+
 CLOSED_REASONS = {
     "quit": "You left the room.",
     "host_shutdown": "The host is shutting down.",
@@ -7316,6 +7361,10 @@ class ClientCore:
         self._ready = False                 # logged in
         self._id_prefix = secrets.token_hex(4)
         self._next_id = 0
+        self.interface: str | None = None   # where to look for the host again (--interface)
+        self._place: Place | None = None    # the room we are in, across connections
+        self._retrying: asyncio.Task | None = None  # getting back after a drop
+        self._attempt_end = ""              # why the last attempt's connection ended
         self._browser: HostBrowser | None = None  # while watching the LAN
         self._silent: dict[str, int] = {}   # listed hosts' unanswered dials, by key
         self._checker: asyncio.Task | None = None
@@ -7569,7 +7618,7 @@ class ClientCore:
 
     async def _join(self, hosts: str | Sequence[str], port: int, room: str,
                     user: str, found_on_lan: bool = False) -> bool:
-        if self._link is not None:
+        if self._link is not None or self._place is not None:
             self._error("bad_frame", "already connected; leave first")
             return False
         try:                                # the host would refuse them: say so now
@@ -7578,9 +7627,22 @@ class ClientCore:
             self._error(exc.code, exc.message)
             self._emit({"type": "closed", "reason": "refused"})
             return False
+        addresses = [hosts] if isinstance(hosts, str) else list(hosts)
+        self._place = Place(addresses, port, room, user, found_on_lan)
+        if await self._connect(self._place):
+            return True
+        self._place = None
+        return False
+
+    async def _connect(self, place: Place) -> bool:
+        """One connection and login to where `place` says, as a resume if
+        it holds a token. True once `ready` or `resumed`. The first time,
+        a failure is said (`error`, `closed`); when getting back after a
+        drop, `_reconnect` decides what a failure means."""
         limits = self.limits
         loop = asyncio.get_running_loop()
-        addresses = [hosts] if isinstance(hosts, str) else list(hosts)
+        first = not place.seated
+        addresses, port = place.addresses, place.port
         try:
             if len(addresses) == 1 and not _is_ip(addresses[0]):    # a name: its addresses
                 infos = await loop.getaddrinfo(addresses[0], port, type=socket.SOCK_STREAM)
@@ -7589,17 +7651,20 @@ class ClientCore:
                 addresses, lambda address: loop.create_connection(LinkProtocol, address, port),
                 limits.connect_timeout_s)
         except (OSError, TimeoutError) as exc:
-            where = address_text(addresses[0], port) + (
-                f" (or {', '.join(addresses[1:])})" if len(addresses) > 1 else "")
-            self._error("host_unreachable", f"can't reach {where}: "
-                        f"{_why_unreachable(exc, limits.connect_timeout_s)}"
-                        + (_firewall_hint(port) if found_on_lan else ""))
-            self._emit({"type": "closed", "reason": "unreachable"})
+            self._attempt_end = "unreachable"
+            if first:
+                where = address_text(addresses[0], port) + (
+                    f" (or {', '.join(addresses[1:])})" if len(addresses) > 1 else "")
+                self._error("host_unreachable", f"can't reach {where}: "
+                            f"{_why_unreachable(exc, limits.connect_timeout_s)}"
+                            + (_firewall_hint(port) if place.found_on_lan else ""))
+                self._emit({"type": "closed", "reason": "unreachable"})
             return False
         link = Link(Wire(Role.CLIENT, limits.max_frame_bytes), transport, limits,
                     f"{host}:{port}")
         try:
-            link.offer(Hello(PROTOCOL_VERSION, room, user, f"chatroom/{__version__}"))
+            link.offer(Hello(PROTOCOL_VERSION, place.room, place.user,
+                             f"chatroom/{__version__}", place.token, place.seen))
         except LocalError:                  # undecodable text, e.g. from argv
             link.abort("refused")
             self._error("bad_user_id", "the Room ID and User ID must be valid text")
@@ -7615,7 +7680,9 @@ class ClientCore:
 
     async def _read_loop(self, link: Link, joined: asyncio.Future,
                          host: str, port: int) -> None:
-        """Every event from the host, until the connection ends; then `closed`."""
+        """Every event from the host, until the connection ends; then, if
+        we were in the room and the host went away, getting back
+        (`_reconnect`), else `closed`."""
         reason = "connection_lost"
         try:
             while True:
@@ -7650,13 +7717,79 @@ class ClientCore:
             self._ready = False
             self._link = None
             self.files.connection_ended()
-            self.calls.connection_ended("left" if reason == "quit" else "lost")
             if reason in ("connection_lost", "login_timeout", "protocol_error"):
                 link.abort(reason)          # nothing more to say to this host
             await link.finish()
             if not joined.done():
                 joined.set_result(False)
-            self._emit({"type": "closed", "reason": reason})
+            self._connection_ended(reason)
+
+    def _connection_ended(self, reason: str) -> None:
+        """After a connection: try to get back, let `_reconnect` judge an
+        attempt, or end the session (`closed`, once)."""
+        place = self._place
+        self._attempt_end = reason
+        if place is None or self._retrying is not None:
+            return                          # over already, or _reconnect's attempt
+        if place is not None and place.seated and reason in _RETRY_AFTER \
+                and self.limits.retry_for_s > 0:
+            self._retrying = asyncio.get_running_loop().create_task(
+                self._reconnect(reason), name="reconnect")
+            log_failure(self._retrying, "getting back to the host")
+            return
+        self._session_over(reason)
+
+    def _session_over(self, reason: str) -> None:
+        """The room is left for good: calls end, `closed` is said."""
+        self._place = None
+        self.calls.connection_ended("left" if reason == "quit" else "lost")
+        self._emit({"type": "closed", "reason": reason})
+
+    async def _reconnect(self, reason: str) -> None:
+        """Get back after a drop: retry with backoff and jitter for
+        `retry_for_s`, finding the host again by mDNS (by its name) if its
+        address changed; each try says `reconnecting`. Ends with
+        `resumed` (or a fresh `ready` if the host forgot us: restarted, or
+        the grace period passed), or `closed` when it gives up or the host
+        refuses us."""
+        loop = asyncio.get_running_loop()
+        place = self._place
+        assert place is not None
+        started = loop.time()
+        try:
+            for attempt in itertools.count(1):
+                delay = random.uniform(0.5, 1.0) * min(
+                    RECONNECT_MAX_S, RECONNECT_FIRST_S * 2 ** (attempt - 1))
+                if loop.time() + delay - started > self.limits.retry_for_s:
+                    break
+                self._emit({"type": "reconnecting", "attempt": attempt,
+                            "retry_in": round(delay, 1), "reason": reason})
+                await asyncio.sleep(delay)
+                if attempt > 1 and place.host_name:
+                    await self._find_again(place)
+                if await self._connect(place) and self._link is not None:
+                    return                  # back (and not lost again at once)
+                if self._attempt_end == "refused":  # user_taken and such: said already
+                    reason = "refused"
+                    break
+                if self._attempt_end == "host_shutdown":
+                    reason = "host_shutdown"
+        finally:
+            self._retrying = None
+        if self._place is place:
+            self._session_over(reason)
+
+    async def _find_again(self, place: Place) -> None:
+        """Look for the host by name on the LAN; a new address or port, if
+        it moved, is where the next try goes."""
+        try:
+            found = await discover(1.5, interface=self.interface, name=place.host_name,
+                                   settle=self.limits.discovery_settle_s)
+        except (MissingPackage, OSError):
+            return
+        if found:
+            place.addresses = list(found[0].addresses or (found[0].address,))
+            place.port = found[0].port
 
     def _on_host_event(self, link: Link, event: Event, joined: asyncio.Future,
                        host: str, port: int) -> Any:
@@ -7676,21 +7809,54 @@ class ClientCore:
             return None
         if isinstance(event, Closing):
             return "quit" if event.reason == "bye" else event.reason
+        place = self._place
+        if isinstance(event, (Message, System)) and place is not None:
+            if isinstance(event, Message) and id_key(event.sender) == id_key(place.user):
+                place.pending.pop(event.id, None)   # confirmed
+            history = isinstance(event, Message) and event.history
+            if not history and event.seq <= place.seen:
+                return None                 # seen before a drop, or a re-confirmation
+            place.seen = max(place.seen, event.seq)
+        if isinstance(event, Error) and place is not None and event.id:
+            place.pending.pop(event.id, None)   # refused: not to be sent again
         out = ui_event(event)
-        if isinstance(event, Welcome):
-            self._ready = True
-            self.files.attach(link, event.max_file_size)
-            self.calls.attach(link, event.user)
-            if self._call_ticker is not None:
-                self._call_ticker.cancel()
-            self._tick_calls()
-            out.update(address=host, port=port)
+        if isinstance(event, (Welcome, Resumed)):
+            self._seated(link, event, out, host, port)
         self._emit(out)
-        if isinstance(event, Welcome):
+        if isinstance(event, (Welcome, Resumed)):
             joined.set_result(True)
+            self._resend()
         elif isinstance(event, Error) and not joined.done():
             return "refused"                # an error before the welcome: no login
         return None
+
+    def _seated(self, link: Link, event: Welcome | Resumed, out: dict, host: str,
+                port: int) -> None:
+        """A login answered: in the room (again)."""
+        place = self._place
+        if place is not None:
+            if isinstance(event, Welcome):
+                if place.seated:            # the host forgot us: a new seat, and calls
+                    self.calls.connection_ended("lost")     # it arranged are gone
+                place.seen, place.token = 0, event.resume
+            place.seated, place.host_name = True, event.host
+            place.user = event.user
+        self._ready = True
+        self.files.attach(link, event.max_file_size)
+        self.calls.attach(link, event.user)
+        if self._call_ticker is not None:
+            self._call_ticker.cancel()
+        self._tick_calls()
+        out.update(address=host, port=port)
+
+    def _resend(self) -> None:
+        """What was said but never confirmed goes again, in order, with its
+        id: a host that has it confirms it again, never doubles it."""
+        place, link = self._place, self._link
+        if place is None or link is None:
+            return
+        for msg_id, text in list(place.pending.items()):
+            link.offer(Say(msg_id, text))
 
     def _to_host(self, event: Event) -> bool:
         """Queue `event` for the host now, if we are in a room (core thread)."""
@@ -7732,7 +7898,8 @@ class ClientCore:
         """Queue `event` for the host, waiting while our outbox is full."""
         link = self._link
         if link is None or not self._ready:
-            self._error("not_connected", "not in a room")
+            self._error("not_connected", "reconnecting to the host; try again once back"
+                        if self._retrying is not None else "not in a room")
             return False
         if not await link.offer_when_room(event):
             self._error("not_connected", "the connection is closing")
@@ -7747,10 +7914,27 @@ class ClientCore:
             return None
         self._next_id += 1
         msg_id = f"{self._id_prefix}-{self._next_id}"
-        return msg_id if await self._send(Say(msg_id, text)) else None
+        place = self._place
+        if place is not None and len(place.pending) < MAX_UNCONFIRMED:
+            place.pending[msg_id] = text    # until the host confirms it
+        if self._retrying is not None:
+            return msg_id                   # away: it goes when we are back
+        if await self._send(Say(msg_id, text)):
+            return msg_id
+        if place is not None:
+            place.pending.pop(msg_id, None)
+        return None
 
     async def _leave(self, wait_for_uploads: bool = False) -> None:
-        link, reader = self._link, self._reader
+        retrying, link, reader = self._retrying, self._link, self._reader
+        if retrying is not None and (link is None or not self._ready):
+            retrying.cancel()               # away: stop trying, and that is leaving
+            await asyncio.gather(retrying, return_exceptions=True)
+            if link is not None:
+                link.abort("quit")
+            if self._place is not None:
+                self._session_over("quit")
+            return
         if link is None or reader is None:
             return
         if wait_for_uploads:                # files asked for before leaving still go
@@ -8033,6 +8217,10 @@ class Printer:
             return f"! {printable(event['message'])} ({event['code']})"
         if kind == "closed":
             return CLOSED_REASONS.get(event["reason"], f"Disconnected ({event['reason']}).")
+        if kind == "reconnecting":
+            return reconnecting_line(event)
+        if kind == "resumed":
+            return f"[{clock}] {resumed_line(event)}"
         if kind == "host":
             rooms = ", ".join(f"{printable(r['room'])} ({r['members']})" for r in event["rooms"])
             more = event.get("rooms_total", 0) - len(event["rooms"])
@@ -8221,6 +8409,7 @@ def run_terminal(args: argparse.Namespace, limits: Limits, media: MediaOptions) 
             ended.set()
 
     core = ClientCore(on_event, limits, args.downloads, media)
+    core.interface = args.interface
     core.start()
     _leave_on_signals()
     try:
@@ -10133,18 +10322,13 @@ class CallWindows:
 
 
 # =============================================================================
-# 23. GUI APP: the bridge from the core, settings, phases, the one read loop
+# 23. GUI PLUMBING: settings, the bridge from the core, opening files, phases
 # =============================================================================
-# GuiApp owns one ClientCore, the launcher (which lives as long as the
-# program and receives every core event), the chat window while in a room,
-# the call windows, and the loop that reads them all. The core's thread
-# reaches the window only through GuiBridge, whose one call is
-# `window.write_event_value(("-NET-", type), event)`; commands go the other
-# way as ClientCore methods that return a future at once, and what a
-# future brings back (a port, a refusal) comes home as a ("-CORE-", ...)
-# event from a done-callback. So no handler here touches a socket, sleeps,
-# or waits on a future. Which handler runs is a table from event key to
-# method; what the app is doing is one Phase, moved only along PHASE_MOVES.
+# What the app (next section) stands on: the settings remembered between
+# runs, GuiBridge (the core's thread reaches the window only through it,
+# as `window.write_event_value(("-NET-", type), event)`), handing a file
+# to the system's opener, and the Phase the app is in, with the moves it
+# may make. No window is drawn here.
 
 # --- Settings remembered between runs ----------------------------------------
 
@@ -10264,7 +10448,7 @@ def open_with_os(path: str | Path) -> None:
                       ) from None
 
 
-# --- The app: one core, the windows, one read loop ---------------------------
+# --- What the app is doing ------------------------------------------------------
 
 class Phase(enum.Enum):
     CHOOSING = "choosing"           # the launcher waits for you
@@ -10319,6 +10503,19 @@ class LoopStats:
         return out
 
 
+# =============================================================================
+# 24. GUI APP: the one core, the windows, the one read loop
+# =============================================================================
+# GuiApp owns one ClientCore, the launcher (which lives as long as the
+# program and receives every core event), the chat window while in a room,
+# the call window, and the loop that reads them all. The core reaches it
+# through GuiBridge (GUI PLUMBING); commands go the other way as ClientCore
+# methods that return a future at once, and what a future brings back (a
+# port, a refusal) comes home as a ("-CORE-", ...) event from a
+# done-callback. So no handler here touches a socket, sleeps, or waits on
+# a future. Which handler runs is a table from event key to method; what
+# the app is doing is one Phase, moved only along PHASE_MOVES.
+
 class GuiApp:
     """The desktop program: one ClientCore, the launcher, the chat window
     (while in a room), the call windows (later), and the loop that reads
@@ -10348,6 +10545,7 @@ class GuiApp:
         self.launcher = Launcher(look, self.images, prefill, trace)
         self.bridge = GuiBridge(self.launcher.window)
         self.core = ClientCore(self.bridge.on_event, limits, args.downloads, media)
+        self.core.interface = args.interface
         self.chat: ChatWindow | None = None  # exactly while the phase is IN_ROOM
         self.calls = CallWindows()
         self.phase = Phase.CHOOSING
@@ -11026,7 +11224,7 @@ def run_gui(args: argparse.Namespace, limits: Limits, media: MediaOptions) -> in
 
 
 # =============================================================================
-# 24. MAIN: argparse and the entry points
+# 25. MAIN: argparse and the entry points
 # =============================================================================
 # Builds every object from the flags and passes them down; nothing above
 # reads a global that main() sets. `python chatroom.py` with no mode opens
@@ -11070,6 +11268,10 @@ def build_parser() -> argparse.ArgumentParser:
                         f"answering (default {HOST_CHECK_S:g})")
     parser.add_argument("--timeout", type=float, default=DISCOVERY_TIMEOUT_S,
                         help=f"seconds to look for hosts (default {DISCOVERY_TIMEOUT_S:g})")
+    parser.add_argument("--retry-for", type=float, default=None, metavar="S",
+                        help="after the connection drops, try to get back for S seconds "
+                        f"(default {RETRY_FOR_S:g} in the terminal, for ever in the window; "
+                        "0: don't)")
     parser.add_argument("--grace", type=float, default=GRACE_S, metavar="S",
                         help="--host: hold a dropped member's seat S seconds for its "
                         f"client to come back (default {GRACE_S:g}; 0: don't)")
@@ -11145,6 +11347,8 @@ def limits_from(args: argparse.Namespace) -> Limits:
         raise ValueError("--host-check takes a number of seconds")
     if not 0 <= args.grace <= 86400:
         raise ValueError("--grace takes 0 to 86400 seconds")
+    if args.retry_for is not None and not args.retry_for >= 0:
+        raise ValueError("--retry-for takes a number of seconds")
     if not args.call_timeout > 0 or args.max_call_size < 2:
         raise ValueError("--call-timeout must be positive and --max-call-size at least 2")
     if not 0 <= args.media_port < 65536:
@@ -11154,7 +11358,8 @@ def limits_from(args: argparse.Namespace) -> Limits:
                   max_sessions=args.max_sessions, max_room_members=args.max_room_members,
                   max_file_size=args.max_file_size, call_timeout_s=args.call_timeout,
                   discovery_settle_s=args.settle, host_check_s=args.host_check,
-                  grace_s=args.grace,
+                  grace_s=args.grace, retry_for_s=RETRY_FOR_S if args.retry_for is None
+                  else args.retry_for,
                   max_call_size=args.max_call_size,
                   # A frame must hold the longest text, JSON-escaped, and its envelope.
                   max_frame_bytes=max(MAX_FRAME_BYTES, _JSON_ESCAPE_FACTOR
@@ -11272,6 +11477,8 @@ def main(argv: list[str] | None = None) -> int:
             return run_list_devices(args)
         if args.notices:
             return run_notices()
+        if args.retry_for is None:          # the window never gives up by itself
+            limits = dataclasses.replace(limits, retry_for_s=math.inf)
         return run_gui(args, limits, media_options(args))
     except MissingPackage as exc:
         Printer(args.json)({"type": "error", "code": exc.code, "message": exc.message})

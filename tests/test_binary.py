@@ -75,7 +75,7 @@ def test_host_and_two_clients_chat(binary, processes):
     program = [str(binary)]
     host = HostProcess(program=program)
     processes.append(host)
-    alice = Client(host.port, "大厅", "alice", program=program)
+    alice = Client(host.port, "大厅", "alice", "--retry-for", "0", program=program)
     processes.append(alice)
     alice.wait_for("ready")
     bob = Client(host.port, "大厅", "bob", program=program)

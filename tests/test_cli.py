@@ -536,10 +536,11 @@ def test_hosting_on_a_taken_port_says_port_taken_and_how_to_fix_it(host):
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM],
                          ids=["SIGINT", "SIGTERM"])
 def test_host_shutdown_ends_every_client(host, join, signum):
-    """Ctrl-C or SIGTERM on the host: every client gets `closed` host_shutdown
-    and exits 3; the host exits 0 and its last line is `closed`."""
-    alice = join(host.port, "R", "alice")
-    bob = join(host.port, "S", "bob")
+    """Ctrl-C or SIGTERM on the host: every client that doesn't retry
+    (--retry-for 0) gets `closed` host_shutdown and exits 3; the host exits
+    0 and its last line is `closed`."""
+    alice = join(host.port, "R", "alice", "--retry-for", "0")
+    bob = join(host.port, "S", "bob", "--retry-for", "0")
     exchange_sentinel(alice, [], "before shutdown")
 
     assert host.stop(signum=signum) == 0
@@ -679,7 +680,7 @@ def test_slow_reader_is_dropped_nobody_loses_messages(start_host, join):
     host = start_host("--outbox-limit", "65536", "--grace", "0.5")   # the drop shows soon
     alice = join(host.port, "R", "alice")
     bob = join(host.port, "R", "bob")
-    slow = join(host.port, "R", "slow")
+    slow = join(host.port, "R", "slow", "--retry-for", "0")     # dropped is the end here
     sender = join(host.port, "R", "sender")
     for client in (alice, bob, slow):
         client.wait_for(is_system("enter", "sender"))

@@ -422,7 +422,7 @@ async def test_host_shutdown_withdraws_the_record(run):
         await browser.start()
         assert (await poll(mine))[0].port == port
         member = await run("--cli", "--json", "--server", f"{LOCAL}:{port}",
-                           "--room", "r", "--user", "bob", stdin=True)
+                           "--room", "r", "--user", "bob", "--retry-for", "0", stdin=True)
         await member.event("ready")
 
         os.kill(host.pid, signal.SIGINT)

@@ -545,7 +545,7 @@ async def test_client_core_round_trip(make_host, cores):
 
 async def test_client_core_refused_login_and_host_shutdown(make_host, cores):
     host = await make_host()
-    alice, alice_events = cores()
+    alice, alice_events = cores(Limits(retry_for_s=0))     # the shutdown is the end
     other, other_events = cores()
     assert await asyncio.wrap_future(alice.join(LOCAL, host.port, "r", "Alice"))
     assert not await asyncio.wrap_future(other.join(LOCAL, host.port, "r", "alice"))
