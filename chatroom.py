@@ -4540,6 +4540,8 @@ class Link:
         finally:
             if self._abort_timer is not None:
                 self._abort_timer.cancel()
+            if not self.closing:            # the writer ended first (a write failed)
+                self.close_reason = "connection lost"
             self.closing = True
             self._drop_bulk()
             self._urgent_room.set()         # wake a waiting sender: it sees `closing`
@@ -4580,6 +4582,8 @@ class Link:
         if not self._eof and self._error is None:
             self._data_received(b"")        # a half frame left is an error
         self._lost = True
+        if not self.closing:                # the peer went before anyone closed: say so
+            self.close_reason = "connection lost"
         self.closing = True
         self._can_write.set()               # wake everyone who waits on the peer
         self._arrived.set()
@@ -5464,6 +5468,9 @@ class Session:
                 try:
                     events = await link.receive()
                 except RemoteError as exc:
+                    if link.at_eof and self.seat is not None:   # a member cut off
+                        link.close_with(None, "connection lost")    # inside a frame
+                        break
                     log.info("%s broke the protocol: %s", link.name, exc.message)
                     link.close_with(Error(exc.code, exc.message), "bad frame")
                     break
@@ -5683,6 +5690,7 @@ class Host:
     def _unseat(self, seat: Seat, why: str) -> None:
         """Take a seat out of its room for good: files, calls, the room told."""
         user = self.rooms.user_of(seat)
+        log.info("%s (%r) leaves: %s", seat.link.name, user, why or "asked to")
         self.seats.pop(seat.token, None)
         if user is None:
             return
@@ -7914,16 +7922,14 @@ class ClientCore:
             return None
         self._next_id += 1
         msg_id = f"{self._id_prefix}-{self._next_id}"
-        place = self._place
-        if place is not None and len(place.pending) < MAX_UNCONFIRMED:
+        place, link = self._place, self._link
+        if place is None or not place.seated:
+            return msg_id if await self._send(Say(msg_id, text)) else None
+        if len(place.pending) < MAX_UNCONFIRMED:
             place.pending[msg_id] = text    # until the host confirms it
-        if self._retrying is not None:
-            return msg_id                   # away: it goes when we are back
-        if await self._send(Say(msg_id, text)):
-            return msg_id
-        if place is not None:
-            place.pending.pop(msg_id, None)
-        return None
+        if link is not None and self._ready and link.accepting:
+            await link.offer_when_room(Say(msg_id, text))
+        return msg_id                       # or, away or dropping: it goes once back
 
     async def _leave(self, wait_for_uploads: bool = False) -> None:
         retrying, link, reader = self._retrying, self._link, self._reader
@@ -9858,6 +9864,33 @@ class ChatWindow:
             f'Files you send go to {printable(user)} only. Pick "Everyone" '
             "to send to all.")
 
+    def reconnecting(self, event: dict) -> None:
+        """The connection dropped and the core is getting back: a banner
+        says so and when it tries next. The input stays: what you type now
+        shows as sending, and goes once back."""
+        text = reconnecting_line(event)
+        if event.get("attempt") == 1:
+            self.note(text.split(";")[0] + ".", "error")
+        self.window[(_CHAT, "banner")].update(f"  {text}", visible=True)
+        self.trace("reconnecting", attempt=event.get("attempt"), text=text)
+        self.trace_layout()
+
+    def back(self, event: dict) -> None:
+        """In the room again: `resumed` (the same seat: what was missed
+        follows) or a fresh `ready` (the host had forgotten us: it restarted,
+        or we were away past its grace period)."""
+        self.window[(_CHAT, "banner")].update("", visible=False)
+        if event["type"] == "ready":
+            self.seen.clear()               # a new room at the host: seqs start again
+            self.note(f"Back in {printable(event['room'])}, as a newcomer: the host had "
+                      "forgotten this session (it restarted, or you were away too long).")
+        else:
+            self.note(resumed_line(event))
+        self.members.set(event["members"])
+        self.count()
+        self.trace("back", fresh=event["type"] == "ready")
+        self.trace_layout()
+
     def ended(self, reason: str) -> None:
         """The connection is gone: a banner says why, the input greys out,
         each line the host never confirmed is marked not sent, and Leave
@@ -10561,6 +10594,8 @@ class GuiApp:
             (NET_EVENT, "hosts"): self.launcher.show_hosts,
             (NET_EVENT, "listening"): self.on_listening,
             (NET_EVENT, "ready"): self.on_ready,
+            (NET_EVENT, "reconnecting"): in_room(ChatWindow.reconnecting),
+            (NET_EVENT, "resumed"): in_room(ChatWindow.back),
             (NET_EVENT, "error"): self.on_error,
             (NET_EVENT, "closed"): self.on_closed,
             (NET_EVENT, "message"): in_room(ChatWindow.on_message),
@@ -10811,6 +10846,9 @@ class GuiApp:
         self.join(self.args.interface or "127.0.0.1", port, *self.joining["ids"])
 
     def on_ready(self, event: dict) -> None:
+        if self.phase is Phase.CHATTING and self.chat is not None:
+            self.chat.back(event)           # back after a drop, to a host that forgot us
+            return
         if self.phase is not Phase.JOINING:
             return
         settings = {"room": event["room"], "user": event["user"]}

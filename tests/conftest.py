@@ -41,7 +41,8 @@ import chatroom
 CHATROOM = Path(__file__).resolve().parent.parent / "chatroom.py"
 PROGRAM = [sys.executable, str(CHATROOM)]   # tests of the built executable pass another
 LOOPBACK = "127.0.0.1"
-DEFAULT_TIMEOUT = 10.0          # a failure deadline, never a performance promise
+DEFAULT_TIMEOUT = 30.0          # a failure deadline, never a performance promise: a loaded
+                                # CI machine took over 10 s to start a client (numpy, PyAV)
 
 Predicate = Callable[[Any], bool]
 

@@ -81,7 +81,7 @@ def free_port() -> int:
 
 def assert_refused(client, code: str) -> None:
     """An `error` with `code`, then `closed` (reason refused) last, exit 1."""
-    error = client.wait_for("error")
+    error = client.wait_for("error", timeout=60)    # several start at once: slow when loaded
     assert error["code"] == code, f"{client.label}: {error!r}"
     closed = client.wait_for("closed")
     assert closed["reason"] == "refused", f"{client.label}: {closed!r}"

@@ -114,7 +114,7 @@ def part_files(folder: Path) -> list[str]:
     return [name for name in listing(folder) if name.endswith(".part")]
 
 
-def wait_until(condition, what: str, timeout: float = 10.0) -> None:
+def wait_until(condition, what: str, timeout: float = 60.0) -> None:
     """Poll `condition` until true; fail after `timeout` (a deadline only)."""
     deadline = time.monotonic() + timeout
     while not condition():

@@ -843,10 +843,12 @@ def test_on_a_small_screen_the_window_fits_and_shows_the_message_box(tmp_path, p
 
 def test_a_frozen_then_vanished_host_greys_the_input_and_marks_unsent_lines(
         x, tmp_path, procs):
+    """With --retry-for 0 the window doesn't try to get back: the host's
+    end is the end, and says so."""
     host = Host(unique("frozen"), advertise=False, extra=["--login-timeout", "5"])
     procs.append(host)
     gui = start_gui(x, tmp_path, procs, "--server", f"{LOOPBACK}:{host.port}", "--room", "r",
-                    "--user", "alice")
+                    "--user", "alice", "--retry-for", "0")
     join_from_launcher(gui, x)
     host.proc.send_signal(signal.SIGSTOP)       # the host freezes: nothing comes back
     try:
@@ -867,5 +869,39 @@ def test_a_frozen_then_vanished_host_greys_the_input_and_marks_unsent_lines(
                           and e.get("disabled", {}).get("input"))
     assert layout["disabled"]["send"] is True and "Nothing you type now is sent" in \
         layout["banner"], layout
+    gui.close("chat")
+    assert_exits_cleanly(gui)
+
+
+def test_a_host_that_restarts_gets_the_window_back_and_nothing_typed_is_lost(
+        x, tmp_path, procs):
+    """The host is killed: the window says it is reconnecting, lets you
+    type (the line shows as sending), and when a host is back on that port
+    it is in the room again and the line goes, once."""
+    name = unique("restart")
+    host = Host(name, advertise=False)
+    procs.append(host)
+    gui = start_gui(x, tmp_path, procs, "--server", f"{LOOPBACK}:{host.port}", "--room", "r",
+                    "--user", "alice")
+    join_from_launcher(gui, x)
+    host.proc.kill()                        # no goodbye
+    host.proc.wait(10)
+    gui.wait_for(lambda e: e.get("gui") == "reconnecting", 30)
+    layout = gui.wait_for(lambda e: e.get("gui") == "window" and e["name"] == "chat"
+                          and "reconnecting" in e.get("banner", ""), 10)
+    assert not layout["disabled"]["input"], layout      # typing still works
+    gui.type_into("chat", "input", "typed while away", enter=True)
+    sent = gui.shown(lambda e: e.get("text") == "typed while away")
+    assert sent["mine"] is True and sent["state"] == "sending"
+    again = Host(name, advertise=False, extra=["--port", str(host.port)])
+    procs.append(again)
+    back = gui.wait_for(lambda e: e.get("gui") == "back", 60)
+    assert back["fresh"] is True            # a new host: a new seat
+    gui.wait_for(lambda e: e.get("gui") == "message_state" and e["state"] == "sent"
+                 and e["text"] == "typed while away", 20)
+    bob = Cli(again.port, "r", "bob")
+    procs.append(bob)
+    gui.type_into("chat", "input", "and after", enter=True)
+    bob.wait_for(lambda e: e.get("type") == "message" and e["text"] == "and after")
     gui.close("chat")
     assert_exits_cleanly(gui)
