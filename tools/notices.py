@@ -40,6 +40,11 @@ BUNDLED = [
      "(libx264, libx265), libvpx, libopus, dav1d, SVT-AV1, LAME, GnuTLS, Nettle, GMP",
      "BSD-3-Clause; the bundled FFmpeg as a whole: GPL-2.0-or-later"),
     ("PyAudio", "microphones and speakers; with PortAudio", "MIT (PortAudio: MIT-style)"),
+    ("livekit", "echo cancelling, noise suppression and gain: WebRTC's audio processing in "
+     "livekit's native library, which bundles WebRTC and its parts (abseil, BoringSSL, "
+     "FFmpeg, libvpx, libaom, dav1d, openh264, opus, rnnoise, ...: its LICENSE.md, below)",
+     "Apache-2.0 (WebRTC: BSD-3-Clause; the bundled parts: each its own, below)"),
+    ("protobuf", "livekit's messages to its native library", "BSD-3-Clause"),
 ]
 PLATFORM = [
     ("Python", sys.version.split()[0], "PSF-2.0"),
