@@ -4012,6 +4012,12 @@ def is_wav_spec(spec: str) -> bool:
     return spec.lower().endswith(".wav")
 
 
+def is_device_spec(spec: str) -> bool:
+    """Does an --audio value name a sound device ("default", "N"), not a
+    stand-in ("null", "tone", a WAV file) that has no room to echo in?"""
+    return spec not in ("null", "tone") and not is_wav_spec(spec)
+
+
 def load_wav(path: str) -> Any:
     """The sound of WAV file `path` as a numpy int16 array at 48 kHz mono (at
     most WAV_MAX_S long). Raises DeviceError("no_audio_device") with a sentence
@@ -4151,7 +4157,7 @@ class _AudioStream:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._stream: Any = None
-        if spec not in ("null", "tone") and not is_wav_spec(spec):
+        if is_device_spec(spec):
             self._pyaudio = _pyaudio()
             self._pa, self._stream = _open_pa_stream(spec, self._output, self._callback)
 
@@ -4307,6 +4313,8 @@ def mix(frames: list[bytes]) -> bytes:
 # It works on 10 ms frames, so each of our 20 ms frames is two. Its far end is
 # what the speaker is given, the mix of every peer; AEC3 finds the delay from
 # there to the echo in the microphone by itself, so the delay we report is 0.
+# Only real devices need it: a stand-in (null, tone, a WAV file) plays into
+# no room, and noise suppression would even take a steady tone for noise.
 
 def echo_canceller_available() -> bool:
     """Is livekit installed? (Asked without importing it: that takes ~0.3 s.)"""
@@ -6682,8 +6690,10 @@ def _discard_part(dl: IncomingFile) -> None:
 #   into packets, seal and send them to every link (the same packets, each
 #   sealed with its link's key), paced so bursts don't overflow receivers;
 # - the decoding thread: decode each link's newest frames, record them;
-# - the audio source's and sink's threads (or PyAudio's callbacks): encode
-#   and send 20 ms frames; pull, decode or conceal, and mix what is played.
+# - the audio source's and sink's threads (or PyAudio's callbacks): take the
+#   echo, noise and rumble out of the microphone's 20 ms frames, encode and
+#   send them; pull, decode, repair (Opus FEC) or conceal, and mix what is
+#   played, which is also what the echo canceller listens for.
 # The threads run while there are links: each ends once the last link has
 # gone (`_retire`), so a finished call leaves no thread and no device open,
 # and the next link starts them again. Both happen under the lock, so a
@@ -6701,12 +6711,13 @@ _DECODE_QUEUE = 8                   # frames waiting to be decoded per link, at 
 class MediaOptions:
     """How this client takes part in calls (the flags of MAIN)."""
     camera: str = "0"               # --camera: an index, a video file, "test" or "none"
-    audio: str = "default"          # --audio: "default", an index, "tone" or "null"
+    audio: str = "default"          # --audio: "default", an index, "tone", "null", a .wav
     media_path: str = "auto"        # --media-path: auto, direct or relay
     record: str | None = None       # --record DIR
     media_port: int = 0             # --media-port: UDP port for host-arranged calls
     interface: str | None = None    # --interface: bind media sockets to this address
     video_codec: str = "auto"       # --video-codec: offer only this one (auto: all)
+    echo_cancel: bool = True        # --no-echo-cancel turns it (and noise, gain) off
 
 
 class PeerLink:
@@ -6742,7 +6753,10 @@ class PeerLink:
         self.send_lock = threading.Lock()
         self.reassembler = Reassembler()
         self.gate = KeyframeGate()
-        self.jitter = JitterBuffer()
+        # Opus rebuilds a lost frame from the next packet: while packets go
+        # missing, wait one frame more so that the next one is here in time.
+        self.jitter = JitterBuffer(repair_frames=1 if audio == "opus" else 0)
+        self.playout = Playout(SILENCE)     # decoding, repair, and the level of their voice
         self.stats = LinkStats(now * 1000)
         self.to_decode: collections.deque[Frame] = collections.deque()
         self.video_decoder: Any = None      # made on the decoding thread
@@ -6750,6 +6764,7 @@ class PeerLink:
         self.latest_frame: Any = None       # the newest decoded frame (a BGR array)
         self.frames_shown = 0
         self.concealed_reported = 0         # the jitter buffer's count at the last stats
+        self.recovered_reported = 0         # the same for frames rebuilt by FEC
 
     @property
     def path(self) -> str:
@@ -6788,6 +6803,9 @@ class MediaEngine:
         self._audio_seq = 0
         self._recorder: Any = None
         self._threads: list[threading.Thread] = []
+        self._voice: VoiceProcessor | None = None   # while the audio devices are open
+        self._voice_missing_said = False            # "no echo cancelling" logged once
+        self._my_level = LevelMeter()               # our microphone, as sent
 
     # --- links ---
 
@@ -6839,9 +6857,11 @@ class MediaEngine:
         with link.recv_lock:
             link.reassembler.expire(now * 1000)
             stats = link.stats.snapshot(now * 1000)
-            concealed = link.jitter.concealed
+            concealed, recovered = link.jitter.concealed, link.jitter.recovered
+            stats["jitter_ms"] = link.jitter.target_ms
         stats["concealed"] = concealed - link.concealed_reported
-        link.concealed_reported = concealed
+        stats["fec"] = recovered - link.recovered_reported
+        link.concealed_reported, link.recovered_reported = concealed, recovered
         stats["dropped"] += self.garbage
         return {"type": "media_stats", "peer": link.peer, **stats, "path": link.path}
 
@@ -6854,6 +6874,28 @@ class MediaEngine:
         self.camera_on = on and self.options.camera != "none"
         self._reported.discard("no_camera")         # try the camera again
         self._wake_video.set()
+
+    @property
+    def echo_cancelling(self) -> bool:
+        """Is the microphone's echo cancelled? In a call: whether the echo
+        canceller runs (False after --no-echo-cancel, without livekit, once it
+        failed, and for a stand-in: tone, null, a WAV file); between calls:
+        whether it would. False with a real device: suggest headphones. Any
+        thread."""
+        voice = self._voice
+        if voice is not None:
+            return voice.working
+        return (self.options.echo_cancel and is_device_spec(self.options.audio)
+                and echo_canceller_available())
+
+    def levels(self) -> dict[str, float]:
+        """How loud each voice is now, for a speaking indicator: dBFS of the
+        last 200 ms (LEVEL_FLOOR_DBFS for silence; over SPEAKING_DBFS counts as
+        speaking) of what each peer's link plays, by peer name, and of what we
+        send under our own user name (the floor while muted). Any thread."""
+        found = {link.peer: link.playout.meter.dbfs for link in self.links() if link.audio}
+        found[self.user] = self._my_level.dbfs
+        return found
 
     def latest_frame(self, peer: str) -> tuple[int, Any]:
         """(serial, newest decoded frame) from `peer`, for the window: the
@@ -7070,18 +7112,41 @@ class MediaEngine:
             self._report("no_audio_device", f"no sound: {_why(exc)}; the call goes on "
                          "without it")
             source, sink = open_audio_source("null"), open_audio_sink("null")
+        self._voice = self._open_voice(source.spec)
         encoders: dict[str, Any] = {}
         source.start(lambda pcm: self._on_audio(pcm, encoders))
         sink.start(self._pull_audio)
         return source, sink
 
+    def _open_voice(self, spec: str) -> VoiceProcessor | None:
+        """The echo canceller for the devices `spec` opened, if wanted and there."""
+        if not self.options.echo_cancel or not is_device_spec(spec):
+            return None
+        try:
+            return VoiceProcessor()
+        except DeviceError as exc:          # calls work without it: say so, once
+            if not self._voice_missing_said:
+                self._voice_missing_said = True
+                log.warning("no echo cancelling (%s); with speakers, peers hear "
+                            "themselves: use headphones", exc.message)
+            return None
+
     def _close_audio(self, source: Any, sink: Any) -> None:
         for device in (source, sink):
             if device is not None:
                 device.stop()
+        voice, self._voice = self._voice, None      # after the devices: none uses it now
+        if voice is not None:
+            voice.close()
+        self._my_level = LevelMeter()
 
     def _on_audio(self, pcm: bytes, encoders: dict[str, Any]) -> None:
-        """20 ms from the microphone (its thread): encode once per codec, send."""
+        """20 ms from the microphone (its thread): clean it, meter it, encode
+        once per codec, send."""
+        voice = self._voice
+        if voice is not None:               # muted too: the canceller keeps its bearings
+            pcm = voice.capture(pcm)
+        self._my_level.add(SILENCE if self.muted else pcm)
         if self.muted:
             return
         links = [link for link in self.links() if link.audio and link.connected]
@@ -7101,13 +7166,14 @@ class MediaEngine:
 
     def _pull_audio(self) -> bytes:
         """The next 20 ms to play (the sink's thread): every peer's frame,
-        decoded or concealed, recorded, mixed."""
+        decoded, rebuilt from FEC or concealed, recorded, mixed; the mix is
+        what the echo canceller listens for in the microphone."""
         frames = []
         for link in self.links():
             if not link.audio:
                 continue
             with link.recv_lock:
-                status, payload = link.jitter.pop()
+                status, payload = link.jitter.pop(fec=True)
             if link.audio_decoder is None:
                 try:
                     link.audio_decoder = make_audio_decoder(link.audio)
@@ -7115,16 +7181,15 @@ class MediaEngine:
                     self._report("missing_package", f"can't decode {link.audio}: {_why(exc)}")
                     link.audio = ""         # no sound from this link, the rest goes on
                     continue
-            if status == "frame" and payload is not None:
-                pcm = link.audio_decoder.decode(payload)
-            elif status == "lost":
-                pcm = link.audio_decoder.conceal()
-            else:
-                pcm = SILENCE
+            pcm = link.playout.render(status, payload, link.audio_decoder)
             frames.append(pcm)
             if self._recorder is not None:
                 self._recorder.audio(link.peer, pcm)
-        return mix(frames) if frames else SILENCE
+        played = mix(frames) if frames else SILENCE
+        voice = self._voice
+        if voice is not None:
+            voice.play(played)
+        return played
 
     # --- the end ---
 
@@ -11582,7 +11647,12 @@ def build_parser() -> argparse.ArgumentParser:
                        '(a moving test pattern) or "none"')
     calls.add_argument("--audio", default="default", metavar="DEVICE",
                        help='"default", a device number (see --list-devices), "tone" '
-                       '(a 440 Hz sine) or "null" (no device: silence)')
+                       '(a 440 Hz sine), "null" (no device: silence) or FILE.wav (that '
+                       'file as the microphone, looped; what calls play goes nowhere)')
+    calls.add_argument("--no-echo-cancel", action="store_true",
+                       help="send the microphone as it is: no echo cancelling, noise "
+                       "suppression or automatic gain (with headphones, or when the "
+                       "system cancels echo already)")
     calls.add_argument("--media-path", choices=("auto", "direct", "relay"), default="auto",
                        help="media over UDP, falling back to the host's relay when UDP "
                        "can't get through (auto, the default), UDP only, or relay only")
@@ -11653,7 +11723,8 @@ def media_options(args: argparse.Namespace) -> MediaOptions:
     """How this client takes part in calls, from the flags."""
     return MediaOptions(camera=args.camera, audio=args.audio, media_path=args.media_path,
                         record=args.record, media_port=args.media_port,
-                        interface=args.interface, video_codec=args.video_codec)
+                        interface=args.interface, video_codec=args.video_codec,
+                        echo_cancel=not args.no_echo_cancel)
 
 
 def run_list_devices(args: argparse.Namespace) -> int:

@@ -140,7 +140,8 @@ def test_a_file_crosses(binary, processes, tmp_path):
 
 def test_a_call_with_video_and_sound(binary, processes, tmp_path):
     """The executable carries calls: numpy, OpenCV, PyAV (VP8, and the libopus
-    in its wheel) and PortAudio all load from inside it."""
+    in its wheel), PortAudio and livekit's echo canceller all load from
+    inside it."""
     program = [str(binary)]
     host = HostProcess(program=program)
     processes.append(host)
@@ -162,12 +163,15 @@ def test_a_call_with_video_and_sound(binary, processes, tmp_path):
     notices = run(binary, "--notices")      # shipped inside the executable
     assert notices.returncode == 0, notices.stderr
     assert "GNU General Public License" in notices.stdout
-    for bundled in ("PySimpleGUI", "av 18", "FFmpeg", "libx264", "opencv", "numpy",
+    for bundled in ("PySimpleGUI", "av 18", "FFmpeg", "libx264", "opencv", "numpy", "livekit",
                     "GNU LESSER GENERAL PUBLIC LICENSE"):
         assert bundled in notices.stdout, bundled
     devices = run(binary, "--list-devices", "--json")
     assert devices.returncode == 0 and devices.stderr == "", devices.stderr
     assert not [e for e in alice.seen() + bob.seen() if e["type"] == "error"]
+    # A canceller that can't load says so on stderr once the sound opens (it has).
+    assert not [line for line in alice.stderr_lines + bob.stderr_lines
+                if "no echo cancelling" in line], alice.stderr_lines + bob.stderr_lines
 
 
 def test_the_launcher_opens_and_a_person_joins_from_it(binary, tmp_path):

@@ -16,15 +16,22 @@ threads are waited for on conditions with deadlines, never fixed sleeps.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
+import glob
+import os
 import random
+import shutil
+import subprocess
 import sys
 import threading
+import time
 import wave
 from pathlib import Path
 
 import numpy as np
 import pytest
+from test_calls_e2e import CALL_DEADLINE, free_udp_port, stats
 
 import chatroom
 
@@ -414,3 +421,169 @@ def test_a_gap_in_the_sequence_adds_the_repair_delay_for_a_while():
     for seq in (1, 2, 4):
         plain.push(seq, b"x", seq * 20.0)
     assert plain.target_ms == 20
+
+
+# --- The media engine: levels and the echo canceller's flag -------------------------
+
+def test_levels_and_echo_cancelling_from_the_media_engine():
+    loop = asyncio.new_event_loop()             # the engine only posts to it: not run
+    options = chatroom.MediaOptions(camera="none", audio="tone", echo_cancel=False)
+    engine = chatroom.MediaEngine(options, lambda event: None, lambda packet: None, loop)
+    engine.user = "me"
+    assert engine.levels() == {"me": chatroom.LEVEL_FLOOR_DBFS}
+    assert engine.echo_cancelling is False      # --no-echo-cancel
+    loud = threading.Condition()
+
+    class Watched(chatroom.LevelMeter):
+        def add(self, pcm: bytes) -> float:
+            level = super().add(pcm)
+            with loud:
+                loud.notify_all()
+            return level
+    engine._my_level = Watched()
+    link = chatroom.PeerLink("bob", bytes(4), bytes(32), True, "", "opus", None, None, False)
+    engine.add(link)                            # the devices open: our tone is the microphone
+    try:
+        with loud:
+            assert loud.wait_for(lambda: engine.levels()["me"] > chatroom.SPEAKING_DBFS,
+                                 WAIT_LIMIT_S)
+        levels = engine.levels()
+        assert abs(levels["me"] - chatroom.TONE_DBFS) < 1         # the tone, as sent
+        assert levels["bob"] == chatroom.LEVEL_FLOOR_DBFS         # bob sent nothing
+        engine.set_muted(True)
+        with loud:
+            assert loud.wait_for(lambda: engine.levels()["me"] == chatroom.LEVEL_FLOOR_DBFS,
+                                 WAIT_LIMIT_S)
+    finally:
+        engine.close()
+        loop.close()
+    on = chatroom.MediaEngine(chatroom.MediaOptions(), lambda e: None, lambda p: None, loop)
+    assert on.echo_cancelling is True           # livekit is installed: it would run
+    tone = chatroom.MediaEngine(chatroom.MediaOptions(audio="tone"), lambda e: None,
+                                lambda p: None, loop)
+    assert tone.echo_cancelling is False        # a stand-in plays into no room
+
+
+# --- A laptop on a table: the echo its peer hears, end to end -----------------------------
+# PulseAudio with null sinks stands in for a laptop's speakers and microphone:
+# a client plays into a sink and its microphone is that sink's monitor, so
+# everything it plays comes straight back into it (a perfect, loud echo). Bob
+# speaks from a WAV file to two such laptops at once, alice (echo cancelling)
+# and carol (--no-echo-cancel), and records what each sends back. Then both
+# laptops' owners speak (paplay plays their voice into the sink) while bob goes on.
+
+ALSA_PULSE = """pcm_type.pulse {{ lib "{pcm}" }}
+ctl_type.pulse {{ lib "{ctl}" }}
+pcm.!default {{ type pulse }}
+ctl.!default {{ type pulse }}
+"""
+PULSE_SETUP = ("apt-get install pulseaudio pulseaudio-utils libasound2-plugins "
+               "(README.md's test command does)")
+
+
+@pytest.fixture
+def pulse(tmp_path):
+    """A PulseAudio server of our own (its socket in tmp_path, two null sinks,
+    laptop_a and laptop_b, 48 kHz mono) and the environment a client needs to
+    use it through ALSA's pulse plugin. Stopped by its PID afterwards."""
+    plugins = {kind: glob.glob(f"/usr/lib/*/alsa-lib/libasound_module_{kind}_pulse.so")
+               for kind in ("pcm", "ctl")}
+    missing = [tool for tool in ("pulseaudio", "pactl", "paplay") if shutil.which(tool) is None]
+    if missing or not all(plugins.values()):
+        pytest.fail(f"this test needs {missing or 'the ALSA pulse plugin'}: {PULSE_SETUP}",
+                    pytrace=False)
+    home = tmp_path / "pulse"
+    home.mkdir()
+    (home / "asound.conf").write_text(ALSA_PULSE.format(pcm=plugins["pcm"][0],
+                                                        ctl=plugins["ctl"][0]))
+    env = {"PULSE_SERVER": f"unix:{home}/native", "ALSA_CONFIG_PATH": str(home / "asound.conf"),
+           "HOME": str(home), "XDG_RUNTIME_DIR": str(home), "XDG_CONFIG_HOME": str(home),
+           "PULSE_STATE_PATH": str(home / "state"), "PULSE_RUNTIME_PATH": str(home / "run")}
+    full = {**os.environ, **env}
+    log = open(home / "pulseaudio.log", "wb")
+    server = subprocess.Popen(
+        ["pulseaudio", "-n", "--daemonize=no", "--exit-idle-time=-1", "--realtime=no",
+         "--use-pid-file=no", "--disable-shm=yes", "--log-target=stderr",
+         "-L", f"module-native-protocol-unix auth-anonymous=1 socket={home}/native",
+         "-L", "module-null-sink sink_name=laptop_a rate=48000 channels=1",
+         "-L", "module-null-sink sink_name=laptop_b rate=48000 channels=1"],
+        stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=full)
+    try:
+        deadline = time.monotonic() + 30
+        while subprocess.run(["pactl", "list", "short", "sinks"], env=full,
+                             capture_output=True, text=True).stdout.count("laptop_") < 2:
+            assert server.poll() is None, (home / "pulseaudio.log").read_text()
+            assert time.monotonic() < deadline, "PulseAudio did not start in 30 s"
+            time.sleep(0.1)                 # polling a server another process starts
+        yield env
+    finally:
+        server.terminate()                  # by PID, through Popen
+        try:
+            server.wait(10)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait(10)
+        log.close()
+
+
+def recorded(path: Path) -> np.ndarray:
+    """The samples --record has written so far (the header may lag the data)."""
+    data = path.read_bytes()[44:] if path.exists() else b""
+    return np.frombuffer(data[:len(data) // 2 * 2], "<i2").astype(float)
+
+
+def test_a_laptop_on_a_table_sends_back_no_echo_yet_its_voice(pulse, host, join, tmp_path,
+                                                                monkeypatch):
+    for name, value in pulse.items():
+        monkeypatch.setenv(name, value)         # inherited by the clients started below
+    record = tmp_path / "bob-plays"
+    bob = join(host.port, "r", "bob", "--camera", "none", "--audio", str(BOB),
+               "--record", str(record))
+    laptops = {}
+    for user, sink, flags in (("alice", "laptop_a", ()), ("carol", "laptop_b",
+                                                           ("--no-echo-cancel",))):
+        monkeypatch.setenv("PULSE_SINK", sink)
+        monkeypatch.setenv("PULSE_SOURCE", f"{sink}.monitor")
+        laptops[user] = (join(host.port, user, user, "--camera", "none", "--audio", "default",
+                              *flags), sink)
+    for user, (laptop, _) in laptops.items():   # direct calls: two calls, not one group
+        mine, theirs = free_udp_port(), free_udp_port()
+        bob.send(f"/call 127.0.0.1 {mine} {theirs}")
+        laptop.send(f"/call 127.0.0.1 {theirs} {mine}")
+        bob.wait_for(lambda e, u=user: e.get("type") == "call_connected" and e["peer"] == u,
+                     CALL_DEADLINE)
+        assert not [e for e in laptop.seen() if e.get("type") == "error"], laptop.seen()
+
+    def flowing(e: dict) -> bool:
+        return e["audio_frames"] >= 40
+
+    def last(user: str, seconds: float) -> np.ndarray:
+        return recorded(record / f"{user}.wav")[-int(seconds * RATE):]
+    # The canceller needs a few seconds of bob's voice to find the echo, more on a
+    # busy machine: wait (a second at a time, as bob's stats come) until the last
+    # 2 s alice sent back hold an echo 20 dB below carol's, or the deadline passes.
+    levels = []
+    for _ in range(int(CALL_DEADLINE)):
+        for user in laptops:
+            got = stats(bob, user, flowing, CALL_DEADLINE)
+        levels.append({user: round(db(last(user, 2)), 1) for user in laptops})
+        if len(levels) >= 3 and levels[-1]["alice"] <= levels[-1]["carol"] - 20:
+            break
+    echo = levels[-1]
+    assert echo["alice"] <= echo["carol"] - 20, f"echo left, alice vs carol: {levels}"
+    assert echo["carol"] > -40, f"no echo to cancel: {levels}"
+    assert got["jitter_ms"] >= 20 and got["fec"] >= 0          # media_stats carry them
+    # Now alice and carol speak into their laptops while bob goes on.
+    start = {user: len(recorded(record / f"{user}.wav")) for user in laptops}
+    voices = [subprocess.Popen(["paplay", "-d", sink, str(ALICE)], stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE) for _, sink in laptops.values()]
+    for voice in voices:
+        _, err = voice.communicate(timeout=CALL_DEADLINE)
+        assert voice.returncode == 0, err
+    for _ in range(2):                          # the last of it through the call
+        for user in laptops:
+            stats(bob, user, flowing, CALL_DEADLINE)
+    voice = {user: db(recorded(record / f"{user}.wav")[start[user]:]) for user in laptops}
+    summary = f"echo {echo}, voice {voice} (dBFS)"
+    assert voice["alice"] >= echo["alice"] + 20, summary        # her voice stands clear
+    assert voice["alice"] >= voice["carol"] - 10, summary       # and is not eaten
