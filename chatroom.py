@@ -11,9 +11,9 @@ can fake, who comes and goes; they send files, and call each other with
 video and voice, peer to peer over UDP or through the host when UDP can't
 get through, every media packet sealed. Only the standard library is
 needed to import this file; zeroconf enables discovery, PySimpleGUI the
-window, and cryptography, numpy, OpenCV, PyAV and PyAudio the calls (each
-is imported where it is used, and a missing one is named in a friendly
-error).
+window, cryptography, numpy, OpenCV, PyAV and PyAudio the calls, and
+livekit their echo cancelling (each is imported where it is used, and a
+missing one is named in a friendly error; calls go on without livekit).
 
 The file reads top to bottom; each section uses only the sections above it
 (tests/test_map.py holds this map and that rule true):
