@@ -6804,7 +6804,8 @@ class MediaEngine:
         self._recorder: Any = None
         self._threads: list[threading.Thread] = []
         self._voice: VoiceProcessor | None = None   # while the audio devices are open
-        self._voice_missing_said = False            # "no echo cancelling" logged once
+        self._voice_failed = False                  # it would not load: logged once
+        self._sound_spec: str | None = None         # what the open devices are (else None)
         self._my_level = LevelMeter()               # our microphone, as sent
 
     # --- links ---
@@ -6877,16 +6878,26 @@ class MediaEngine:
 
     @property
     def echo_cancelling(self) -> bool:
-        """Is the microphone's echo cancelled? In a call: whether the echo
-        canceller runs (False after --no-echo-cancel, without livekit, once it
-        failed, and for a stand-in: tone, null, a WAV file); between calls:
-        whether it would. False with a real device: suggest headphones. Any
-        thread."""
+        """Is the microphone's echo cancelled? While the sound is open:
+        whether the echo canceller runs (False after --no-echo-cancel, without
+        livekit, when it would not load or once it failed, and for a stand-in:
+        tone, null, a WAV file, or the null device a missing one falls back
+        to); before: whether it would. Any thread."""
         voice = self._voice
         if voice is not None:
             return voice.working
+        if self._sound_spec is not None:    # open without one
+            return False
         return (self.options.echo_cancel and is_device_spec(self.options.audio)
-                and echo_canceller_available())
+                and not self._voice_failed and echo_canceller_available())
+
+    @property
+    def needs_headphones(self) -> bool:
+        """A real microphone with no echo canceller (see echo_cancelling):
+        with speakers, the peers hear themselves, so the window suggests
+        headphones. Any thread."""
+        spec = self._sound_spec or self.options.audio
+        return is_device_spec(spec) and not self.echo_cancelling
 
     def levels(self) -> dict[str, float]:
         """How loud each voice is now, for a speaking indicator: dBFS of the
@@ -7113,6 +7124,7 @@ class MediaEngine:
                          "without it")
             source, sink = open_audio_source("null"), open_audio_sink("null")
         self._voice = self._open_voice(source.spec)
+        self._sound_spec = source.spec
         encoders: dict[str, Any] = {}
         source.start(lambda pcm: self._on_audio(pcm, encoders))
         sink.start(self._pull_audio)
@@ -7125,8 +7137,8 @@ class MediaEngine:
         try:
             return VoiceProcessor()
         except DeviceError as exc:          # calls work without it: say so, once
-            if not self._voice_missing_said:
-                self._voice_missing_said = True
+            if not self._voice_failed:
+                self._voice_failed = True
                 log.warning("no echo cancelling (%s); with speakers, peers hear "
                             "themselves: use headphones", exc.message)
             return None
@@ -7135,6 +7147,7 @@ class MediaEngine:
         for device in (source, sink):
             if device is not None:
                 device.stop()
+        self._sound_spec = None                     # first: echo_cancelling reads it second
         voice, self._voice = self._voice, None      # after the devices: none uses it now
         if voice is not None:
             voice.close()

@@ -18,19 +18,16 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import glob
-import os
 import random
-import shutil
 import subprocess
 import sys
 import threading
-import time
 import wave
 from pathlib import Path
 
 import numpy as np
 import pytest
+from pulse import pulse_server
 from test_calls_e2e import CALL_DEADLINE, free_udp_port, stats
 
 import chatroom
@@ -464,6 +461,33 @@ def test_levels_and_echo_cancelling_from_the_media_engine():
     assert tone.echo_cancelling is False        # a stand-in plays into no room
 
 
+def test_headphones_are_suggested_for_a_real_microphone_without_a_canceller(monkeypatch):
+    loop = asyncio.new_event_loop()             # the engines only post to it: not run
+
+    def engine(**options) -> chatroom.MediaEngine:
+        return chatroom.MediaEngine(chatroom.MediaOptions(camera="none", **options),
+                                    lambda event: None, lambda packet: None, loop)
+    try:
+        assert not engine().needs_headphones                    # livekit here: it cancels
+        assert engine(echo_cancel=False).needs_headphones       # --no-echo-cancel
+        assert not engine(audio="tone", echo_cancel=False).needs_headphones  # no room
+        assert not engine(audio=str(BOB)).needs_headphones      # a WAV file neither
+        with monkeypatch.context() as patch:                    # livekit not installed
+            patch.setattr(chatroom, "echo_canceller_available", lambda: False)
+            assert engine().needs_headphones
+        # Installed, but its native library won't load: found when the sound opens.
+
+        def broken() -> chatroom.VoiceProcessor:
+            raise chatroom.DeviceError("missing_package", "echo cancelling needs livekit")
+        monkeypatch.setattr(chatroom, "VoiceProcessor", broken)
+        failing = engine()
+        assert failing.echo_cancelling and not failing.needs_headphones   # it would, yet
+        assert failing._open_voice("default") is None
+        assert not failing.echo_cancelling and failing.needs_headphones
+    finally:
+        loop.close()
+
+
 # --- A laptop on a table: the echo its peer hears, end to end -----------------------------
 # PulseAudio with null sinks stands in for a laptop's speakers and microphone:
 # a client plays into a sink and its microphone is that sink's monitor, so
@@ -472,58 +496,11 @@ def test_levels_and_echo_cancelling_from_the_media_engine():
 # and carol (--no-echo-cancel), and records what each sends back. Then both
 # laptops' owners speak (paplay plays their voice into the sink) while bob goes on.
 
-ALSA_PULSE = """pcm_type.pulse {{ lib "{pcm}" }}
-ctl_type.pulse {{ lib "{ctl}" }}
-pcm.!default {{ type pulse }}
-ctl.!default {{ type pulse }}
-"""
-PULSE_SETUP = ("apt-get install pulseaudio pulseaudio-utils libasound2-plugins "
-               "(README.md's test command does)")
-
-
 @pytest.fixture
 def pulse(tmp_path):
-    """A PulseAudio server of our own (its socket in tmp_path, two null sinks,
-    laptop_a and laptop_b, 48 kHz mono) and the environment a client needs to
-    use it through ALSA's pulse plugin. Stopped by its PID afterwards."""
-    plugins = {kind: glob.glob(f"/usr/lib/*/alsa-lib/libasound_module_{kind}_pulse.so")
-               for kind in ("pcm", "ctl")}
-    missing = [tool for tool in ("pulseaudio", "pactl", "paplay") if shutil.which(tool) is None]
-    if missing or not all(plugins.values()):
-        pytest.fail(f"this test needs {missing or 'the ALSA pulse plugin'}: {PULSE_SETUP}",
-                    pytrace=False)
-    home = tmp_path / "pulse"
-    home.mkdir()
-    (home / "asound.conf").write_text(ALSA_PULSE.format(pcm=plugins["pcm"][0],
-                                                        ctl=plugins["ctl"][0]))
-    env = {"PULSE_SERVER": f"unix:{home}/native", "ALSA_CONFIG_PATH": str(home / "asound.conf"),
-           "HOME": str(home), "XDG_RUNTIME_DIR": str(home), "XDG_CONFIG_HOME": str(home),
-           "PULSE_STATE_PATH": str(home / "state"), "PULSE_RUNTIME_PATH": str(home / "run")}
-    full = {**os.environ, **env}
-    log = open(home / "pulseaudio.log", "wb")
-    server = subprocess.Popen(
-        ["pulseaudio", "-n", "--daemonize=no", "--exit-idle-time=-1", "--realtime=no",
-         "--use-pid-file=no", "--disable-shm=yes", "--log-target=stderr",
-         "-L", f"module-native-protocol-unix auth-anonymous=1 socket={home}/native",
-         "-L", "module-null-sink sink_name=laptop_a rate=48000 channels=1",
-         "-L", "module-null-sink sink_name=laptop_b rate=48000 channels=1"],
-        stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=full)
-    try:
-        deadline = time.monotonic() + 30
-        while subprocess.run(["pactl", "list", "short", "sinks"], env=full,
-                             capture_output=True, text=True).stdout.count("laptop_") < 2:
-            assert server.poll() is None, (home / "pulseaudio.log").read_text()
-            assert time.monotonic() < deadline, "PulseAudio did not start in 30 s"
-            time.sleep(0.1)                 # polling a server another process starts
+    """tests/pulse.py's server, with two null sinks: laptop_a and laptop_b."""
+    with pulse_server(tmp_path) as env:
         yield env
-    finally:
-        server.terminate()                  # by PID, through Popen
-        try:
-            server.wait(10)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait(10)
-        log.close()
 
 
 def recorded(path: Path) -> np.ndarray:
