@@ -10375,14 +10375,22 @@ def _sentence(text: str) -> str:
 # slow window shows fewer frames; it never falls behind). Clicking a tile
 # selects it: ESC on a peer's tile hangs up on that peer, Backspace on your
 # own hangs up every call (the seed's keys); the buttons do the same, plus
-# mute and camera. Closing the window hangs up everything. The window
-# decides nothing: it reports what was pressed, and the app calls the core.
+# mute and camera. Closing the window hangs up everything. On the same
+# clock a tile lights up (a green ring, a dot by the name) while its person
+# speaks, from the media engine's levels(); and while no echo canceller
+# runs on a real microphone (no livekit, or --no-echo-cancel) a line under
+# the tiles suggests headphones. The window decides nothing: it reports
+# what was pressed, and the app calls the core.
 
 _CALL = "-CALL-"                    # the call window's element keys: (_CALL, name)
 CALL_REFRESH_S = 1 / 30             # the loop looks for new frames this often
 CALL_BACKGROUND = "#14171C"
 CALL_LABEL = "#0B0D10"              # behind a tile's name (Tk has no transparency)
 DEVICE_ERRORS = frozenset({"no_camera", "no_audio_device", "missing_package"})  # said there too
+SPEAKING_COLOUR = "#3DDC84"         # the ring and dot of a tile whose person speaks
+SPEAKING_HOLD_S = 0.4               # lit this long after the voice dips (between words)
+HEADPHONES_HINT = ("No echo cancelling here: with speakers, the others hear themselves. "
+                   "Headphones help.")
 
 
 def tile_grid(count: int, width: int, height: int, gap: int
@@ -10423,15 +10431,23 @@ class Tile:
     serial: int = -1                # the frame shown (see MediaEngine.latest_frame)
     box: tuple[int, int, int, int] = (0, 0, 1, 1)   # x, y, width, height on the canvas
     showing: bool = False           # a frame is up (else the placeholder)
+    label: tuple[int, int, int, int] = (0, 0, 0, 0)  # the name's bbox on the canvas
+    speaking: bool = False          # lit: their voice is over SPEAKING_DBFS
+    loud_at: float = -math.inf      # monotonic time their voice was last over it
 
 
 class CallWindow:
     """The call window: tiles, a status line, buttons. `frames(name)` gives
-    (serial, newest frame) for a tile, `mine` for ours (a BGR array or None).
+    (serial, newest frame) for a tile, `mine` for ours (a BGR array or None);
+    `levels()` how loud each voice is (MediaEngine.levels: dBFS by name,
+    ours under our name); `headphones()` whether to suggest headphones
+    (MediaEngine.needs_headphones). All three are asked on every refresh.
     """
 
     def __init__(self, look: Look, images: Images, me: str, trace: GuiTrace,
-                 frames: Callable[[str, bool], tuple[int, Any]]) -> None:
+                 frames: Callable[[str, bool], tuple[int, Any]],
+                 levels: Callable[[], dict[str, float]] = dict,
+                 headphones: Callable[[], bool] = lambda: False) -> None:
         import tkinter
 
         import PySimpleGUI as sg
@@ -10439,6 +10455,9 @@ class CallWindow:
         self.trace = trace
         self.me = me
         self.frames = frames
+        self.levels = levels
+        self.headphones = headphones
+        self.hint_shown = False             # the headphones line is up
         self._tk_photo = tkinter.PhotoImage
         px = look.px
         ringing = sg.Column([[
@@ -10456,6 +10475,9 @@ class CallWindow:
                        background_color=CALL_BACKGROUND, expand_x=True, expand_y=True)],
             [sg.Text("", key=(_CALL, "status"), font=look.font(9), text_color=COLOURS["muted"],
                      pad=(0, (px(8), px(2))), expand_x=True)],
+            [sg.pin(sg.Text(HEADPHONES_HINT, key=(_CALL, "hint"), font=look.font(9),
+                            text_color=COLOURS["info_text"], pad=(0, (0, px(2))),
+                            visible=False), shrink=True)],
             [sg.Push(),
              _button("Mute", (_CALL, "mute"), look, primary=False),
              _button("Camera off", (_CALL, "camera"), look, primary=False),
@@ -10573,7 +10595,7 @@ class CallWindow:
             label += f"  ·  safety code {tile.detail}"
         text = canvas.create_text(x + px(10), y + px(8), anchor="nw", text=label,
                                   fill="#FFFFFF", font=self.fonts["name"], tags=tag)
-        x1, y1, x2, y2 = canvas.bbox(text)
+        x1, y1, x2, y2 = tile.label = canvas.bbox(text)
         back = canvas.create_rectangle(x1 - px(6), y1 - px(3), x2 + px(6), y2 + px(3),
                                        fill=CALL_LABEL, outline="", tags=tag)
         canvas.tag_raise(text, back)
@@ -10581,10 +10603,58 @@ class CallWindow:
                 (tile.mine == (self.selected == self.me)):
             canvas.create_rectangle(x + 1, y + 1, x + w - 1, y + h - 1, outline=COLOURS["accent"],
                                     width=px(3), tags=tag)
+        self._draw_speaking(tile)
+
+    def _draw_speaking(self, tile: Tile) -> None:
+        """The speaking indicator of `tile`, drawn or taken away: a green
+        ring on a dark one (so it shows on any picture), inside the
+        selection's, and a green dot right of the name."""
+        canvas, px = self.canvas, self.look.px
+        tag = f"speaking:{id(tile)}"
+        tags = (tag, f"tile:{id(tile)}")    # the tile's too: a redraw of it takes them
+        canvas.delete(tag)
+        if not tile.speaking:
+            return
+        x, y, w, h = tile.box
+        inset = px(5)
+        for colour, width in ((CALL_LABEL, px(6)), (SPEAKING_COLOUR, px(3))):
+            canvas.create_rectangle(x + inset, y + inset, x + w - inset, y + h - inset,
+                                    outline=colour, width=width, tags=tags)
+        _x1, y1, x2, y2 = tile.label
+        r, cx, cy = px(5), x2 + px(16), (y1 + y2) / 2
+        canvas.create_oval(cx - r, cy - r, cx + r, cy + r, fill=SPEAKING_COLOUR, outline="",
+                           tags=tags)
+
+    def _refresh_voice(self) -> None:
+        """Light the tiles of who speaks now (held SPEAKING_HOLD_S through
+        the gaps between words), and show or hide the headphones line."""
+        now = time.monotonic()
+        levels = self.levels()
+        for tile in self.tiles:
+            if levels.get(tile.name, LEVEL_FLOOR_DBFS) > SPEAKING_DBFS:
+                tile.loud_at = now
+            speaking = now - tile.loud_at < SPEAKING_HOLD_S
+            if speaking != tile.speaking:
+                tile.speaking = speaking
+                self._draw_speaking(tile)
+                if self.trace.enabled:      # on screen (XSync) before it is said
+                    self.canvas.update_idletasks()
+                    self.trace("tile_speaking", name=tile.name, mine=tile.mine,
+                               speaking=speaking)
+        hint = self.headphones()
+        if hint != self.hint_shown:
+            self.hint_shown = hint
+            self.window[(_CALL, "hint")].update(visible=hint)
+            if self.trace.enabled:
+                self.window.TKroot.update_idletasks()
+            self.trace("call_hint", shown=hint, text=HEADPHONES_HINT if hint else "",
+                       box=_screen_box(self.window[(_CALL, "hint")].Widget))
 
     def refresh(self) -> int:
-        """Show each tile's newest frame, if it is new; returns how many."""
+        """Show each tile's newest frame, if it is new, and who speaks;
+        returns how many frames."""
         import cv2
+        self._refresh_voice()
         shown = 0
         for tile in self.tiles:
             serial, frame = self.frames(tile.name, tile.mine)
@@ -10643,8 +10713,10 @@ class CallWindow:
         self.trace("window", name="call", xid=int(self.window.TKroot.wm_frame(), 16),
                    box=_screen_box(self.window.TKroot),
                    tiles=[{"name": t.name, "mine": t.mine, "detail": t.detail,
+                           "speaking": t.speaking,
                            "box": [origin[0] + t.box[0], origin[1] + t.box[1],
                                    t.box[2], t.box[3]]} for t in self.tiles],
+                   hint=self.hint_shown,
                    elements={name: _screen_box(self.window[(_CALL, name)].Widget)
                              for name in ("mute", "camera", "hangup", "end", "tiles")})
 
@@ -11329,9 +11401,10 @@ class GuiApp:
             self.chat.invite_over(event["peer"], "answered", "Answered: in a call")
         if self.calls.window is None:
             me = self.chat.me if self.chat is not None else self.joining.get("user", "me")
-            self.calls.window = CallWindow(self.look, self.images, me, self.trace,
-                                           self._frame_of)
             media = self.core.calls.media
+            self.calls.window = CallWindow(self.look, self.images, me, self.trace,
+                                           self._frame_of, media.levels,
+                                           lambda: media.needs_headphones)
             self.calls.window.media_state(media.muted, media.camera_on)
         self.calls.window.add(event["peer"], event.get("safety_code") or "")
         if self.calls.window.caller is not None and \

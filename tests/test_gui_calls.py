@@ -7,18 +7,23 @@ here); the terminal clients too. The window is driven like a person does
 window says where its tiles are, and each time it puts a new frame on
 screen (after an XSync), so pixels are read after that, never after a
 sleep. Video must move: two shots of a peer's tile differ, and a tile is
-not one flat colour.
+not one flat colour. A tile lights up while its person speaks (a tone, a
+WAV file); the headphones hint is tested on a PulseAudio null sink
+(tests/pulse.py), the only stand-in for a real microphone here.
 """
 
 from __future__ import annotations
 
 import signal
+import subprocess
 import time
+from pathlib import Path
 
 import pytest
+from pulse import pulse_server
 from test_gui import assert_exits_cleanly, unique
 
-from guidriver import LOOPBACK, Cli, Gui, Host, Xvfb, on_screen
+from guidriver import LOOPBACK, Cli, Gui, Host, Xvfb, ink, on_screen
 
 MEDIA = ["--camera", "test", "--audio", "null"]
 
@@ -235,3 +240,117 @@ def test_a_camera_that_will_not_open_is_a_line_in_the_call_window(x, tmp_path, p
     bob.wait_for(lambda e: e.get("type") == "message" and e["text"] == "no camera here")
     gui.close("chat")
     assert_exits_cleanly(gui)
+
+
+# --- Voice: who speaks, and headphones without an echo canceller -------------------
+
+SPEECH = Path(__file__).resolve().parent / "data" / "speech-alice.wav"
+SPEAKING_RGB = (0x3D, 0xDC, 0x84)       # chatroom.SPEAKING_COLOUR
+
+
+def speaking(gui: Gui, name: str, state: bool, start: int = 0, timeout: float = 20) -> dict:
+    """Wait until `name`'s tile is said lit (state True) or dark, on screen."""
+    return gui.wait_for(lambda e: e.get("gui") == "tile_speaking" and e["name"] == name
+                        and e["speaking"] is state, timeout, start)
+
+
+def ring_pixels(x: Xvfb, box: tuple[int, int, int, int]) -> int:
+    """How many pixels of the speaking ring's colour lie along the bottom of a
+    tile (the middle half of its width; the ring runs a few pixels inside)."""
+    bx, by, bw, bh = box
+    _w, _h, pixels = x.pixels((bx + bw // 4, by + bh - 14, bw // 2, 14))
+    return sum(1 for i in range(0, len(pixels), 3)
+               if all(abs(pixels[i + c] - SPEAKING_RGB[c]) <= 24 for c in range(3)))
+
+
+def test_a_tile_lights_up_while_its_person_speaks(x, tmp_path, procs):
+    host = Host(unique("speak"), advertise=False)
+    procs.append(host)
+    gui = Gui(x, tmp_path / "config", ["--downloads", str(tmp_path / "dl"), "--server",
+                                       f"{LOOPBACK}:{host.port}", "--room", "r", "--user",
+                                       "alice", "--camera", "test", "--audio", str(SPEECH)])
+    procs.append(gui)
+    gui.window("launcher")
+    gui.click("launcher", "join")
+    gui.phase("chatting")
+    bob = Cli(host.port, "r", "bob", extra=["--camera", "test", "--audio", "tone"])
+    procs.append(bob)
+    bob.say("/CHECK alice")
+    answer_from_the_card(gui, x, "bob")
+    layout = call_window(gui, {"alice", "bob"})
+    box = tile_of(layout, "bob")
+    speaking(gui, "bob", True)              # bob's tone plays here: his tile lights up
+    assert ring_pixels(x, box) >= box[2] // 2, "bob speaks, but his tile shows no ring"
+    speaking(gui, "alice", True)            # alice's own voice (the WAV file) as sent
+    # Stand-ins (a tone, a WAV file) play into no room: no headphones hint.
+    assert not [e for e in gui.lines if e.get("gui") == "call_hint" and e["shown"]]
+    x.screenshot(tmp_path / "call-speaking.png", layout["xid"])
+    mark = gui.mark()
+    bob.say("/mute")                        # he goes quiet: his tile goes dark
+    speaking(gui, "bob", False, mark)
+    assert ring_pixels(x, box) < box[2] // 8, "bob is muted, but his tile still shows a ring"
+    mark = gui.mark()
+    bob.say("/unmute")
+    speaking(gui, "bob", True, mark)
+    gui.close("call")
+    bob.wait_for(lambda e: e.get("type") == "call_ended" and e["peer"] == "alice", 15)
+    gui.close("chat")
+    assert_exits_cleanly(gui)
+
+
+BROKEN_LIVEKIT = "raise ImportError('livekit is broken here: a test stands in for it')\n"
+
+
+@pytest.mark.parametrize("case", ["no-echo-cancel", "broken-livekit", "cancelling"])
+def test_the_call_window_suggests_headphones_only_without_an_echo_canceller(
+        case, x, tmp_path, procs):
+    """A laptop on a table (PulseAudio: a null sink, its monitor as the
+    microphone): with --no-echo-cancel, or a livekit that won't load, a line
+    under the tiles suggests headphones; with the echo canceller running,
+    there is none, while the person's own voice still lights their tile."""
+    host = Host(unique("hint"), advertise=False)
+    procs.append(host)
+    with pulse_server(tmp_path, ("laptop",)) as sound:
+        env = {name: value for name, value in sound.items() if name != "XDG_CONFIG_HOME"}
+        env.update(PULSE_SINK="laptop", PULSE_SOURCE="laptop.monitor")
+        flags = ["--camera", "test", "--audio", "default"]
+        if case == "no-echo-cancel":
+            flags.append("--no-echo-cancel")
+        if case == "broken-livekit":        # found, but it won't load
+            (tmp_path / "shim" / "livekit").mkdir(parents=True)
+            (tmp_path / "shim" / "livekit" / "__init__.py").write_text(BROKEN_LIVEKIT)
+            env["PYTHONPATH"] = str(tmp_path / "shim")
+        gui = Gui(x, tmp_path / "config", ["--downloads", str(tmp_path / "dl"), "--server",
+                                           f"{LOOPBACK}:{host.port}", "--room", "r", "--user",
+                                           "alice", *flags], env=env)
+        procs.append(gui)
+        gui.window("launcher")
+        gui.click("launcher", "join")
+        gui.phase("chatting")
+        bob = caller(host, "bob", procs)
+        bob.say("/CHECK alice")
+        answer_from_the_card(gui, x, "bob")
+        call_window(gui, {"alice", "bob"})
+        if case != "cancelling":
+            hint = gui.wait_for(lambda e: e.get("gui") == "call_hint" and e["shown"], 20)
+            assert "Headphones" in hint["text"]
+            assert ink(x.pixels(tuple(hint["box"]))[2]) > 20, "the hint is not on screen"
+            if case == "broken-livekit":    # and the log says why
+                assert any("no echo cancelling" in line and "livekit" in line
+                           for line in gui.stderr), gui.stderr[-5:]
+        else:
+            # Alice speaks into her laptop: her tile lights once the sound is
+            # open and the canceller runs (her voice gets through it).
+            voice = subprocess.Popen(["paplay", "-d", "laptop", str(SPEECH)],
+                                     env={**x.env(), **sound}, stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.PIPE)
+            try:
+                speaking(gui, "alice", True, timeout=30)
+            finally:
+                voice.communicate(timeout=30)
+            assert not [e for e in gui.lines if e.get("gui") == "call_hint" and e["shown"]]
+            assert not [line for line in gui.stderr if "no echo cancelling" in line]
+        gui.close("call")
+        bob.wait_for(lambda e: e.get("type") == "call_ended" and e["peer"] == "alice", 15)
+        gui.close("chat")
+        assert_exits_cleanly(gui)

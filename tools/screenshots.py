@@ -13,6 +13,8 @@ and types through the window with xdotool and saves, by window id:
     docs/launcher-150.png, docs/chat-150.png   the same at --scale 1.5
     docs/call.png          a call in the window, with the test-pattern camera
     docs/call-group.png    a four-person call's grid
+    docs/call-speaking.png a call where both speak: each tile lit (a tone, a
+                           WAV file of speech as the microphone)
 
 It also writes the program's icon to assets/icon.png (and assets/icon.ico
 when ImageMagick's convert is there). Everything it starts, it stops by PID.
@@ -37,10 +39,12 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 from test_gui_calls import (  # noqa: E402  (after the paths above)
     MEDIA,
+    SPEECH,
     answer_from_the_bar,
     answer_from_the_card,
     call_window,
     frames_after,
+    speaking,
 )
 
 import chatroom  # noqa: E402  (the paths above first)
@@ -165,6 +169,40 @@ def shoot_calls(out: Path) -> None:
     print(f"wrote {out / 'call.png'} and {out / 'call-group.png'}")
 
 
+def shoot_speaking(out: Path) -> None:
+    """A call where both speak: alice's microphone is a WAV file of speech,
+    小明's a tone; the shot waits until both tiles are lit."""
+    with stage() as (x, started, work):
+        host = Host("Lab-PC", advertise=False)
+        started.append(host)
+        gui = Gui(x, work / "config", ["--server", f"127.0.0.1:{host.port}", "--room",
+                                       "学习小组", "--user", "alice", "--downloads",
+                                       str(work / "alice"), "--camera", "test", "--audio",
+                                       str(SPEECH)])
+        started.append(gui)
+        gui.window("launcher")
+        gui.click("launcher", "join")
+        gui.phase("chatting")
+        xiaoming = Cli(host.port, "学习小组", "小明", downloads=work / "xm",
+                       extra=["--camera", "test", "--audio", "tone"])
+        started.append(xiaoming)
+        xiaoming.say("/CHECK alice")
+        answer_from_the_card(gui, x, "小明")
+        layout = call_window(gui, {"alice", "小明"})
+        frames_after(gui, "小明", 15, gui.mark())
+        speaking(gui, "小明", True)
+        mark = gui.mark()               # alice's speech comes and goes: lit now?
+        said = [e["speaking"] for e in gui.lines[:mark]
+                if e.get("gui") == "tile_speaking" and e["name"] == "alice"]
+        if not said or not said[-1]:
+            speaking(gui, "alice", True, mark)
+        x.screenshot(out / "call-speaking.png", layout["xid"])
+        gui.close("call")
+        gui.close("chat")
+        gui.wait_exit(10)
+    print(f"wrote {out / 'call-speaking.png'}")
+
+
 def write_icon(assets: Path) -> None:
     assets.mkdir(exist_ok=True)
     (assets / "icon.png").write_bytes(chatroom.app_icon_png(256))
@@ -188,6 +226,7 @@ def main() -> int:
         shoot(scale, args.out, "" if scale == 1 else f"-{round(scale * 100)}")
     if not args.no_calls:
         shoot_calls(args.out)
+        shoot_speaking(args.out)
     return 0
 
 
