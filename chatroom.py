@@ -4384,13 +4384,32 @@ class VoiceProcessor:
         self._apm = None
 
 
+def echo_canceller_check() -> dict:
+    """Does echo cancelling work here? {"works": bool, "why": "" or a
+    sentence}. Builds a VoiceProcessor and runs a frame through each side, so
+    a native library an executable lacks shows (for --list-devices). Never
+    raises."""
+    try:
+        voice = VoiceProcessor()
+    except DeviceError as exc:
+        return {"works": False, "why": exc.message}
+    try:
+        voice.play(SILENCE)
+        voice.capture(SILENCE)
+        return {"works": voice.working,
+                "why": "" if voice.working else "livekit's audio processing failed"}
+    finally:
+        voice.close()
+
+
 # --- The devices this machine has --------------------------------------------
 
 def list_devices() -> dict:
     """{"cameras": [indexes that open], "audio_inputs": [{"index", "name",
-    "channels"}], "audio_outputs": [same]}. Never raises: a missing package
-    or a failing probe gives empty lists."""
-    found: dict = {"cameras": [], "audio_inputs": [], "audio_outputs": []}
+    "channels"}], "audio_outputs": [same], "echo_cancel": echo_canceller_check()}.
+    Never raises: a missing package or a failing probe gives empty lists."""
+    found: dict = {"cameras": [], "audio_inputs": [], "audio_outputs": [],
+                   "echo_cancel": echo_canceller_check()}
     try:
         cv2 = _cv2()
         for index in CAMERA_PROBE_INDEXES:
@@ -11825,6 +11844,9 @@ def run_list_devices(args: argparse.Namespace) -> int:
         print(f"{label} (--audio N):" + ("" if found[kind] else " none"))
         for device in found[kind]:
             print(f"  {device['index']}: {printable(device['name'])}")
+    echo = found["echo_cancel"]
+    print("Echo cancelling: " + ("works (livekit)" if echo["works"] else
+                                 f"no ({echo['why']}); with speakers, use headphones"))
     return EXIT_OK
 
 

@@ -436,8 +436,19 @@ def test_pyaudio_against_alsa_null_pcm_is_rate_limited(tmp_path):
 
 def test_list_devices_never_raises():
     found = md.list_devices()
-    assert set(found) == {"cameras", "audio_inputs", "audio_outputs"}
+    assert set(found) == {"cameras", "audio_inputs", "audio_outputs", "echo_cancel"}
     assert found["cameras"] == []                           # no camera on this machine
+    assert found["echo_cancel"] == {"works": True, "why": ""}   # livekit is installed
+
+
+def test_list_devices_says_when_echo_cancelling_will_not_load(monkeypatch):
+    def broken() -> md.VoiceProcessor:
+        raise md.DeviceError("missing_package", "echo cancelling needs livekit: pip install "
+                             "livekit (No module named 'livekit')")
+    monkeypatch.setattr(md, "VoiceProcessor", broken)
+    assert md.list_devices()["echo_cancel"] == {
+        "works": False, "why": "echo cancelling needs livekit: pip install livekit (No "
+        "module named 'livekit')"}
 
 
 # --- Recording -------------------------------------------------------------------

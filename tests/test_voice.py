@@ -511,18 +511,25 @@ def recorded(path: Path) -> np.ndarray:
 
 def test_a_laptop_on_a_table_sends_back_no_echo_yet_its_voice(pulse, host, join, tmp_path,
                                                                 monkeypatch):
+    laptop_on_a_table(pulse, host.port, join, tmp_path, monkeypatch)
+
+
+def laptop_on_a_table(pulse: dict, port: int, join, tmp_path: Path, monkeypatch,
+                      program: list[str] | None = None) -> None:
+    """The test above, for the clients `program` runs (chatroom.py when None;
+    tests/test_binary.py runs it with the executable)."""
     for name, value in pulse.items():
         monkeypatch.setenv(name, value)         # inherited by the clients started below
     record = tmp_path / "bob-plays"
-    bob = join(host.port, "r", "bob", "--camera", "none", "--audio", str(BOB),
-               "--record", str(record))
+    bob = join(port, "r", "bob", "--camera", "none", "--audio", str(BOB),
+               "--record", str(record), program=program)
     laptops = {}
     for user, sink, flags in (("alice", "laptop_a", ()), ("carol", "laptop_b",
                                                            ("--no-echo-cancel",))):
         monkeypatch.setenv("PULSE_SINK", sink)
         monkeypatch.setenv("PULSE_SOURCE", f"{sink}.monitor")
-        laptops[user] = (join(host.port, user, user, "--camera", "none", "--audio", "default",
-                              *flags), sink)
+        laptops[user] = (join(port, user, user, "--camera", "none", "--audio", "default",
+                              *flags, program=program), sink)
     for user, (laptop, _) in laptops.items():   # direct calls: two calls, not one group
         mine, theirs = free_udp_port(), free_udp_port()
         bob.send(f"/call 127.0.0.1 {mine} {theirs}")
