@@ -6,7 +6,9 @@ size, the median time to `--version`, and the median time from launch to the
 launcher window being on screen (under an Xvfb this script starts), for the
 executable and, measured in the same run, for `python chatroom.py` from
 source, with the ratios. With --trims it also builds once without build.spec's
-EXCLUDES and prints what they save.
+EXCLUDES and prints what they save; with --livekit, once without livekit (no
+echo cancelling) and prints what it costs: size, start-up, and the time the
+first call's echo canceller takes to load (livekit is imported only then).
 
     python bench/startup.py
     python bench/startup.py --binary dist/chatroom --runs 7
@@ -70,6 +72,17 @@ def time_launcher(program: list[str], runs: int, x: Xvfb, config: Path) -> float
     return statistics.median(times)
 
 
+def time_echo_canceller(runs: int) -> float:
+    """Median seconds a fresh Python takes to import livekit and build the
+    echo canceller (what the first call pays, once), from source."""
+    code = ("import time, chatroom; t = time.perf_counter(); chatroom.VoiceProcessor(); "
+            "print(time.perf_counter() - t)")
+    return round(statistics.median(
+        float(subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True,
+                             capture_output=True, text=True).stdout)
+        for _ in range(runs)), 3)
+
+
 def measure(program: list[str], runs: int, x: Xvfb, config: Path) -> dict:
     return {"version_s": round(time_version(program, runs), 3),
             "launcher_window_s": round(time_launcher(program, max(3, runs // 2), x, config), 3)}
@@ -81,6 +94,8 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--trims", action="store_true",
                         help="also build without EXCLUDES and report the difference")
+    parser.add_argument("--livekit", action="store_true",
+                        help="also build without livekit and report what it costs")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="chatroom-startup-"))
     x = Xvfb(1280, 800).start()
@@ -103,6 +118,18 @@ def main() -> None:
             result["trims_save_mib"] = round(result["untrimmed_mib"]
                                              - result["executable_mib"], 1)
             result["untrimmed_version_s"] = round(time_version([str(full)], args.runs), 3)
+        if args.livekit:
+            spec = (ROOT / "build.spec").read_text()
+            bare = work / "no-livekit.spec"
+            bare.write_text(spec.replace('LIVEKIT = sorted(set(collect_dynamic_libs("livekit")))',
+                                         "LIVEKIT = []")
+                            .replace("excludes=EXCLUDES", 'excludes=EXCLUDES + ["livekit"]')
+                            .replace("Path(SPECPATH)", f"Path({str(ROOT)!r})"))
+            without = build(work / "no-livekit", bare)
+            result["no_livekit_mib"] = round(without.stat().st_size / 2 ** 20, 1)
+            result.update({f"no_livekit_{k}": v for k, v in
+                           measure([str(without)], args.runs, x, work / "config").items()})
+            result["echo_canceller_load_s"] = time_echo_canceller(args.runs)
         print(json.dumps(result))
     finally:
         x.stop()
