@@ -39,7 +39,7 @@ The file reads top to bottom; each section uses only the sections above it
 19. GUI LOOK              theme, fonts, --scale, the trace hook, drawing
 20. GUI CONVERSATION      bubbles, notices and file cards; the members list
 21. GUI WINDOWS           the launcher and the chat window
-22. GUI CALLS             the call window: tiles, ESC and Backspace
+22. GUI CALLS             the call window: tiles, who speaks, ESC and Backspace
 23. GUI PLUMBING          settings, the bridge from the core, opening, phases
 24. GUI APP               the one core, the windows, the one read loop
 25. MAIN                  argparse and the entry points
