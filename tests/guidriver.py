@@ -28,6 +28,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "chatroom.py"
 LOOPBACK = "127.0.0.1"
+# How long a host may take to listen and a terminal client to be ready: a
+# failure deadline, never a speed promise (as conftest's DEFAULT_TIMEOUT).
+# The one-file executable unpacks 365 MB at each start; at a load of 11 on
+# 2 cores its host took over the 15 s this used to be.
+START_DEADLINE_S = 30.0
 
 
 def end_process(proc: subprocess.Popen) -> None:
@@ -272,7 +277,12 @@ class Host(Proc):
                           "--name", name] + ([] if advertise else ["--no-advertise"])
                          + list(extra), program=program)
         self.name = name
-        self.port = self.wait_for(lambda e: e.get("type") == "listening", 15)["port"]
+        try:
+            self.port = self.wait_for(lambda e: e.get("type") == "listening",
+                                      START_DEADLINE_S)["port"]
+        except BaseException:           # the caller never gets it to stop: stop it here
+            self.stop()
+            raise
 
 
 class Cli(Proc):
@@ -285,7 +295,12 @@ class Cli(Proc):
                                              else []) + list(extra),
                          stdin=True, program=program)
         self.user = user
-        self.ready = self.wait_for(lambda e: e.get("type") in ("ready", "closed"), 15)
+        try:
+            self.ready = self.wait_for(lambda e: e.get("type") in ("ready", "closed"),
+                                       START_DEADLINE_S)
+        except BaseException:           # as Host's
+            self.stop()
+            raise
 
     def say(self, line: str) -> None:
         self.proc.stdin.write((line + "\n").encode("utf-8"))
