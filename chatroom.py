@@ -230,7 +230,8 @@ ERROR_CODES = frozenset({
     "bad_frame", "login_timeout", "host_unreachable", "no_host",
     "ambiguous_host", "unknown_command", "not_connected",
     "missing_package", "file_too_large", "not_a_file", "disk_full", "checksum_mismatch",
-    "sender_left", "recipient_left", "file_io", "busy", "cancelled", "host_shutdown",
+    "sender_left", "recipient_left", "file_io", "busy", "cancelled", "cannot_resume",
+    "host_shutdown",
     "call_self", "already_in_call", "no_invitation", "not_in_call", "bad_call_address",
     "no_camera", "no_audio_device", "port_taken",
 })
@@ -482,7 +483,18 @@ def _rule_list(item: Callable[[Any], Any], max_items: int) -> Callable[[Any], tu
     return check
 
 
+def _rule_row(*items: Callable[[Any], Any]) -> Callable[[Any], tuple]:
+    """A fixed-length list whose items follow `items`, in order."""
+    def check(value: Any) -> tuple:
+        if type(value) is not list or len(value) != len(items):
+            raise ValueError(f"expected a list of {len(items)} items")
+        return tuple(rule(v) for rule, v in zip(items, value))
+    return check
+
+
 _NAME = _rule_str(4 * MAX_ID_CHARS, empty=False)  # IDs proper are checked in ROOMS
+_TRANSFER = _rule_int(1, 2 ** 31)
+_BYTES = _rule_int(0, 2 ** 53)
 _ID_LABELS = {"user": "User ID", "room": "Room ID"}
 FIELD_RULES: dict[str, Callable[[Any], Any]] = {
     "version": _rule_int(0, 65535),
@@ -502,9 +514,10 @@ FIELD_RULES: dict[str, Callable[[Any], Any]] = {
     "message": _rule_str(2000),
     "reason": _rule_str(200),
     "n": _rule_int(0, 2 ** 53),
-    "transfer": _rule_int(1, 2 ** 31),
+    "transfer": _TRANSFER,
     "name": _rule_str(1024, empty=False),   # a file name; sanitised by receivers
-    "size": _rule_int(0, 2 ** 53),
+    "size": _BYTES,
+    "offset": _BYTES,                       # a byte position in a file
     "to": _rule_str(4 * MAX_ID_CHARS),      # "" = the whole room
     "recipient": _rule_str(4 * MAX_ID_CHARS),
     "sha256": _rule_token(64),
@@ -524,6 +537,11 @@ FIELD_RULES: dict[str, Callable[[Any], Any]] = {
     "grace": _rule_seconds,                 # how long a host holds a dropped member
     "missed": _rule_int(0, 2 ** 53),
     "lost": _rule_int(0, 2 ** 53),
+    # A resume's files: [transfer, bytes the host has, complete] of each upload,
+    # [transfer, from, name, size, to] of each download still coming.
+    "uploads": _rule_list(_rule_row(_TRANSFER, _BYTES, _rule_bool), 4096),
+    "downloads": _rule_list(_rule_row(_TRANSFER, _NAME, _rule_str(1024, empty=False),
+                                      _BYTES, _rule_str(4 * MAX_ID_CHARS)), 4096),
 }
 
 # A dataclass field whose Python name is a keyword travels under another name.
@@ -665,7 +683,11 @@ class Welcome(Event):
 class Resumed(Event):
     """A resume accepted: the same seat in `room`, nobody told you left.
     The `missed` room events since `seen` follow, in order; `lost` more
-    were too old to keep (0 unless the room was very busy)."""
+    were too old to keep (0 unless the room was very busy). Files carry on:
+    `uploads` says how far each of ours got ([transfer, bytes the host has,
+    complete]: send the rest from there), `downloads` which files are still
+    coming to us ([transfer, from, name, size, to]: answer each with a
+    FileResume)."""
     TYPE = "resumed"
     room: str
     user: str
@@ -674,6 +696,8 @@ class Resumed(Event):
     max_file_size: int = 0
     missed: int = 0
     lost: int = 0
+    uploads: tuple = ()
+    downloads: tuple = ()
 
 
 @_event
@@ -756,6 +780,28 @@ class FileAccept(Event):
     """host -> client: send the data of your transfer now."""
     TYPE = "file_accept"
     transfer: int
+
+
+@_event
+@dataclasses.dataclass(frozen=True)
+class FileGot(Event):
+    """client -> host: the first `offset` bytes of download `transfer` are on
+    our disk. Sent now and then, so the host knows what it may forget: what
+    a recipient has not confirmed is kept for a resume."""
+    TYPE = "file_got"
+    transfer: int
+    offset: int
+
+
+@_event
+@dataclasses.dataclass(frozen=True)
+class FileResume(Event):
+    """client -> host, after Resumed: go on with download `transfer` from
+    byte `offset` (what we have); the host answers with the rest of the
+    data and FileEnd, or FileAbort if it no longer has those bytes."""
+    TYPE = "file_resume"
+    transfer: int
+    offset: int
 
 
 @_event
@@ -965,7 +1011,8 @@ def _allow(state: State, role: Role, events: Iterable[type[Event]],
 
 
 _CLIENT_IN_ROOM = (Say, Who, Ping, Pong, FileOffer, FileEnd, FileAbort, FileRefuse,
-                   FileSaved, Chunk, MediaPort, Call, Decline, Hangup, RelayMedia, MediaData)
+                   FileSaved, FileGot, FileResume, Chunk, MediaPort, Call, Decline, Hangup,
+                   RelayMedia, MediaData)
 _HOST_IN_ROOM = (Message, System, Help, Members, Error, Ping, Pong, FileAccept,
                  FileAnnounce, FileEnd, FileAbort, FileRefuse, FileStored, FileDelivered,
                  Chunk, CallInvite, CallMissed, CallFailed, CallStart, CallEnded, RelayMedia,
@@ -4830,6 +4877,8 @@ RELAY_MOVES: dict[tuple[RelayState, str], RelayState] = {
     (RelayState.SENDING, "sent"): RelayState.SENT,
     (RelayState.SENDING, "answered"): RelayState.FINISHED,
     (RelayState.SENT, "answered"): RelayState.FINISHED,
+    (RelayState.SENDING, "resumed"): RelayState.SENDING,    # its recipient is back
+    (RelayState.SENT, "resumed"): RelayState.SENDING,
 }
 
 
@@ -4848,6 +4897,12 @@ class Upload:
     everyone to the slowest, or buffer without bound), nothing touches the
     disk unless recipients drift apart, and memory stays flat whatever the
     file's size.
+
+    What a recipient has not confirmed on its disk (FileGot) is never
+    forgotten: it stays in the window, or goes to the spool file, so a
+    recipient that drops and comes back resumes from what it has. A sender
+    that drops keeps its upload (its seat is held); it sends the rest from
+    `received` when it is back.
     """
 
     def __init__(self, files: HostFiles, sender: Peer, offer: FileOffer,
@@ -4865,7 +4920,6 @@ class Upload:
         self.window: collections.deque[Any] = collections.deque()  # chunks in memory
         self.window_bytes = 0
         self.base_offset = 0                # file offset of window[0]
-        self.base_index = 0                 # chunk number of window[0]
         self.spool_path = ""                # made when something must be spilled
         self._spool: Any = None             # its write handle (in the io thread)
         self.readers = 1                    # the evicting task and each relay
@@ -4919,13 +4973,34 @@ class Upload:
         self.tell_sender(FileStored(self.offer.transfer))
 
     def needs(self, end: int) -> bool:
-        """Does a recipient still need bytes before file offset `end`?"""
-        return any(relay.sending and relay.offset < end for relay in self.relays)
+        """Might a recipient still need bytes before file offset `end`: bytes
+        it has not confirmed having (a resume starts there)?"""
+        return any(relay.state is not RelayState.FINISHED and relay.acked < end
+                   for relay in self.relays)
 
     def leader_keeps_up(self) -> bool:
-        """Is some recipient within a window of the newest data?"""
+        """Is some recipient within a window of the newest data, or is every
+        recipient away (then what they need goes to disk, not the sender
+        waiting for them)?"""
         behind = self.received - self.limits.relay_window_bytes
-        return any(relay.sending and relay.offset >= behind for relay in self.relays)
+        active = [relay for relay in self.relays if relay.active]
+        return not active or any(relay.offset >= behind for relay in active)
+
+    def data_from(self, offset: int, limit: int) -> list[Any]:
+        """Up to about `limit` bytes from file offset `offset` (at least
+        `base_offset`), as they are in the window: the first chunk cut to
+        start at `offset`."""
+        out: list[Any] = []
+        position, size = self.base_offset, 0
+        for chunk in self.window:
+            end = position + len(chunk)
+            if end > offset:
+                out.append(memoryview(chunk)[max(0, offset - position):])
+                size += len(out[-1])
+                if size >= limit:
+                    break
+            position = end
+        return out
 
     def relay_moved(self) -> None:
         self._moved.set()
@@ -4960,7 +5035,6 @@ class Upload:
                         self.window.popleft()
                     self.window_bytes -= size
                     self.base_offset += size
-                    self.base_index += count
                     if self.window_bytes <= limits.relay_window_max_bytes:
                         self._room.set()
                     self._wake()
@@ -5022,7 +5096,11 @@ class Upload:
 
 
 class Relay:
-    """One upload going to one recipient, at the recipient's own pace."""
+    """One upload going to one recipient, at the recipient's own pace.
+
+    Its task ends with the recipient's connection; the relay itself lives
+    on (held, `active` false) until the recipient answers, leaves, or comes
+    back and says with FileResume where to go on from (`resume`)."""
 
     def __init__(self, upload: Upload, recipient: Peer, number: int) -> None:
         self.upload = upload
@@ -5030,7 +5108,7 @@ class Relay:
         self.number = number                # the recipient's transfer number
         self.state = RelayState.SENDING
         self.offset = 0                     # bytes handed to the recipient's link
-        self.index = 0                      # chunks handed over (while in memory)
+        self.acked = 0                      # bytes the recipient has on disk (FileGot)
         upload.relays.append(self)
         upload.readers += 1
         self.task = asyncio.get_running_loop().create_task(
@@ -5041,6 +5119,11 @@ class Relay:
     def sending(self) -> bool:
         return self.state is RelayState.SENDING
 
+    @property
+    def active(self) -> bool:
+        """Sending now (not finished, not waiting for its recipient to be back)?"""
+        return self.state is RelayState.SENDING and not self.task.done()
+
     def answered(self) -> bool:
         """The recipient saved, refused or left: True if that is news (the
         first answer), and then the relay stops sending."""
@@ -5048,21 +5131,59 @@ class Relay:
         if state is None:
             return False
         self.state = state
-        self.task.cancel()
+        self._finish()
         return True
 
-    async def _run(self) -> None:
+    def _finish(self) -> None:
+        """Done with the upload: it may forget the file once its task is over."""
+        self.upload.relay_moved()
+        if self.task.done():
+            self.upload.release()
+        else:
+            self.task.cancel()
+            self.task.add_done_callback(lambda _: self.upload.release())
+
+    def confirm(self, offset: int) -> None:
+        """The recipient has the first `offset` bytes on its disk (FileGot)."""
+        if offset > self.acked:
+            self.acked = min(offset, self.upload.received)
+            self.upload.relay_moved()
+
+    def resume(self, offset: int) -> bool:
+        """The recipient is back with `offset` bytes: send the rest. False if
+        the host no longer has them (it kept from `acked` on)."""
+        upload = self.upload
+        state = RELAY_MOVES.get((self.state, "resumed"))
+        if state is None or upload.failure is not None or \
+                not self.acked <= offset <= upload.received:
+            return False
+        self.confirm(offset)
+        before = self.task
+        before.cancel()                     # a connection the resume replaced
+        self.state, self.offset = state, offset
+        self.task = asyncio.get_running_loop().create_task(
+            self._run(announce=False, after=before),
+            name=f"relay:{self.recipient.link.name}:{self.number}")
+        log_failure(self.task, f"relaying {upload.offer.name!r} to {self.recipient.link.name}")
+        return True
+
+    async def _run(self, announce: bool = True, after: asyncio.Task | None = None) -> None:
+        if after is not None:
+            await asyncio.wait([after])     # its spool handle is closed first
         upload, link, files = self.upload, self.recipient.link, self.upload.files
         offer, limits = upload.offer, upload.limits
-        files.deliver([(self.recipient, FileAnnounce(
-            self.number, upload.sender_name, offer.name, offer.size, offer.to))])
+        if announce:
+            files.deliver([(self.recipient, FileAnnounce(
+                self.number, upload.sender_name, offer.name, offer.size, offer.to))])
         loop = asyncio.get_running_loop()
         spool = None                        # our read handle, once we need the disk
+        failed = False
         try:
             while not link.closing:
                 if upload.failure is not None:
                     files.deliver([(self.recipient, dataclasses.replace(
                         upload.failure, transfer=self.number))])
+                    failed = True
                     return
                 if self.offset < upload.received:
                     if not await link.bulk_room():
@@ -5078,32 +5199,27 @@ class Relay:
                             link.offer_chunk(self.number, data[start:start + MAX_CHUNK_BYTES])
                         self.offset += len(data)
                         continue
-                    if self.offset == upload.base_offset:   # caught up with memory
-                        self.index = upload.base_index
-                    sent = 0
-                    for chunk in itertools.islice(upload.window,
-                                                  self.index - upload.base_index, None):
+                    for chunk in upload.data_from(self.offset, limits.file_io_bytes):
                         link.offer_chunk(self.number, chunk)
                         self.offset += len(chunk)
-                        self.index += 1
-                        sent += len(chunk)
-                        if sent >= limits.file_io_bytes:
-                            break
                     upload.relay_moved()
                 elif upload.state is UploadState.COMPLETE:
                     link.offer_after_bulk(FileEnd(self.number, upload.sha256))
+                    self.state = RELAY_MOVES.get((self.state, "sent"), self.state)
                     return
                 else:
                     await upload.grown()
         except OSError as exc:              # the spool vanished: tell, don't crash
             files.deliver([(self.recipient, FileAbort(self.number, "file_io",
                                                       f"the host lost the file: {exc}"))])
+            failed = True
         finally:
-            self.state = RELAY_MOVES.get((self.state, "sent"), self.state)
             upload.relay_moved()
             if spool is not None:
                 await loop.run_in_executor(files.io, spool.close)
-            upload.release()
+            if failed and self.state is not RelayState.FINISHED:
+                self.state = RelayState.FINISHED    # nobody answers a FileAbort
+                upload.release()
 
 
 def _read_at(handle: Any, offset: int, size: int) -> bytes:
@@ -5223,6 +5339,32 @@ class HostFiles:
         else:
             upload.tell_sender(FileRefuse(upload.offer.transfer, event.code,
                                           f"{user}: {event.reason}", user))
+
+    def on_got(self, session: Peer, got: FileGot) -> None:
+        relay = self.of(session).downloads.get(got.transfer)
+        if relay is not None:
+            relay.confirm(got.offset)
+
+    def on_resume(self, session: Peer, event: FileResume) -> None:
+        """A recipient back after a drop: go on from what it has."""
+        relay = self.of(session).downloads.get(event.transfer)
+        if relay is None or not relay.resume(event.offset):
+            self.deliver([(session, FileAbort(
+                event.transfer, "cannot_resume", "the host no longer has the rest of "
+                "this file; ask the sender to send it again"))])
+
+    def held(self, session: Peer) -> tuple[tuple, tuple]:
+        """For a Resumed: how far each of `session`'s uploads got, and the
+        downloads still waiting for it (see Resumed)."""
+        mine = self.peers.get(session, PeerFiles())
+        uploads = tuple((number, upload.received, upload.state is UploadState.COMPLETE)
+                        for number, upload in mine.uploads.items()
+                        if upload.state is not UploadState.FAILED)
+        downloads = tuple((number, relay.upload.sender_name, relay.upload.offer.name,
+                           relay.upload.offer.size, relay.upload.offer.to)
+                          for number, relay in mine.downloads.items()
+                          if relay.state is not RelayState.FINISHED)
+        return uploads, downloads
 
     # --- sessions going, uploads ending ---
 
@@ -5559,6 +5701,7 @@ class Host:
             FileOffer: self.files.on_offer, Chunk: self.files.on_chunk,
             FileEnd: self.files.on_end, FileAbort: self.files.on_abort,
             FileSaved: self.files.on_answer, FileRefuse: self.files.on_answer,
+            FileGot: self.files.on_got, FileResume: self.files.on_resume,
             MediaPort: self.calls.on_media_port, Call: self.calls.on_call,
             Decline: self.calls.on_decline, Hangup: self.calls.on_hangup,
             RelayMedia: self.calls.on_relay, MediaData: self.calls.on_media,
@@ -5668,9 +5811,9 @@ class Host:
 
     def forget(self, session: Session) -> None:
         """A session ended (idempotent; the handler's last act). A seat lost
-        with its connection is held for `grace_s` (its files in flight fail
-        now); one left on purpose, or after a resume moved it elsewhere, is
-        not held."""
+        with its connection is held for `grace_s` (its files wait for it);
+        one left on purpose, or after a resume moved it elsewhere, is not
+        held."""
         seat = session.seat
         if seat is None or seat.session is not session or seat.away_since is not None:
             return                          # never seated, sitting elsewhere, or held
@@ -5681,7 +5824,6 @@ class Host:
                 and self._server is not None:
             seat.away_since = asyncio.get_running_loop().time()
             seat.why = session.link.close_reason
-            self.files.forget(seat, user)
             log.info("%s (%r) dropped; holding the seat for %g s", session.link.name, user,
                      self.limits.grace_s)
             return
@@ -5757,7 +5899,10 @@ class Host:
         seat.session, seat.away_since = session, None
         session.seat = seat
         log.info("%s resumed %r in %r", session.link.name, hello.user, room.name)
-        self.deliver(self.rooms.resume(seat, hello.seen))
+        uploads, downloads = self.files.held(seat)
+        self.deliver([(to, dataclasses.replace(event, uploads=uploads, downloads=downloads)
+                       if type(event) is Resumed else event)
+                      for to, event in self.rooms.resume(seat, hello.seen)])
         return True
 
     def _on_say(self, seat: Seat, say: Say) -> None:
@@ -5969,6 +6114,9 @@ class ReceiveState(enum.Enum):
 # order of things, which is ignored rather than believed.
 SEND_MOVES: dict[tuple[SendState, str], SendState] = {
     (SendState.OFFERED, "accepted"): SendState.SENDING,
+    (SendState.SENDING, "resumed"): SendState.SENDING,      # back after a drop:
+    (SendState.ENDED, "resumed"): SendState.SENDING,        # the rest, from where
+    (SendState.OFFERED, "resumed"): SendState.SENDING,      # the host got to
     (SendState.SENDING, "ended"): SendState.ENDED,
     (SendState.ENDED, "stored"): SendState.STORED,
     (SendState.OFFERED, "failed"): SendState.FAILED,
@@ -5997,6 +6145,7 @@ class OutgoingFile:
     state: SendState = SendState.OFFERED
     sent: int = 0
     sha256: str = ""
+    generation: int = 0                     # counts resumes: an older stream stops
 
     def move(self, what: str) -> bool:
         """Take the lifecycle step `what`; False if it doesn't apply now."""
@@ -6029,6 +6178,7 @@ class IncomingFile:
     progress: Progress
     state: ReceiveState = ReceiveState.RECEIVING
     received: int = 0
+    written: int = 0                        # of which on our disk (FileGot says it)
     file: Any = None                        # open only inside the write thread
     hasher: Any = dataclasses.field(default_factory=hashlib.sha256)
     batch: list = dataclasses.field(default_factory=list)
@@ -6062,6 +6212,10 @@ class ClientFiles:
     `emit`. Disk work runs on two threads of its own: one reads the files
     we send, one writes the files we get, so each keeps its order and
     neither blocks the loop or the other.
+
+    A dropped connection pauses files (`connection_lost`); back in the same
+    seat, `resumed` carries each on from where the host or we got to; only
+    `give_up` (the session is over, or the host forgot us) fails them.
     """
 
     def __init__(self, limits: Limits, downloads: Path,
@@ -6073,6 +6227,7 @@ class ClientFiles:
         self.host_max_file = 0              # the host's --max-file-size, from ready
         self.uploads: dict[int, OutgoingFile] = {}
         self.downloads_by_number: dict[int, IncomingFile] = {}
+        self._saved: dict[int, None] = {}   # downloads saved lately (a resume may ask)
         self._sending: set[asyncio.Task] = set()    # send() calls not yet queued
         self._next_transfer = 0
         self._downloads_checked = False     # stale .part files removed once
@@ -6099,16 +6254,63 @@ class ClientFiles:
         self.link = link
         self.host_max_file = host_max_file
 
-    def connection_ended(self) -> None:
-        """The connection is gone: whatever is still moving has failed."""
+    def connection_lost(self) -> None:
+        """The connection is gone: files wait (what arrived is written)
+        until `resumed` or `give_up`."""
         self.link = None
-        reason = "the connection to the host ended"
+        for dl in self.downloads_by_number.values():
+            self._flush_batch(dl)
+
+    def give_up(self, reason: str = "the connection to the host ended") -> None:
+        """The session is over (or the host forgot us): whatever is still
+        moving has failed."""
         for dl in list(self.downloads_by_number.values()):
             self._fail_download(dl, "cancelled", reason, tell_host=False)
         for up in self.uploads.values():
             if up.move("failed"):
                 self._file_failed(up.base(), "cancelled", reason)
         self.uploads.clear()
+        self._saved.clear()
+
+    def resumed(self, event: Resumed) -> None:
+        """Back in the same seat (after `attach`): each file goes on from
+        where it got to; one the host no longer has has failed."""
+        link = self.link
+        assert link is not None
+        gone = "the host no longer has this file (it was restarted, or gave up on it)"
+        uploads = {number: (have, complete) for number, have, complete in event.uploads}
+        for up in list(self.uploads.values()):
+            if up.state not in (SendState.OFFERED, SendState.SENDING, SendState.ENDED):
+                continue
+            if up.transfer not in uploads:
+                if up.state is SendState.OFFERED:   # the offer may never have arrived
+                    link.offer(FileOffer(up.transfer, up.name, up.size, up.to))
+                elif up.move("failed"):
+                    self._file_failed(up.base(), "cancelled", gone)
+                continue
+            have, complete = uploads[up.transfer]
+            if complete and up.state is SendState.ENDED:
+                self._on_stored(FileStored(up.transfer))
+            elif up.move("resumed"):
+                if not up.accepted.done():
+                    up.accepted.set_result(True)
+                task = asyncio.get_running_loop().create_task(
+                    self._resume_upload(link, up, have), name=f"resume:{up.name}")
+                log_failure(task, f"sending the rest of {up.name}")
+        coming = {row[0]: row for row in event.downloads}
+        for dl in list(self.downloads_by_number.values()):
+            if dl.transfer not in coming:
+                self._fail_download(dl, "cancelled", gone, tell_host=False)
+        for number, sender, name, size, to in coming.values():
+            known = self.downloads_by_number.get(number)
+            if known is not None:
+                link.offer(FileResume(number, known.received if
+                                      known.state is ReceiveState.RECEIVING else known.size))
+            elif number in self._saved:     # saved as the connection dropped
+                link.offer(FileSaved(number))
+            else:                           # its announcement was lost in the drop
+                self._on_announce(FileAnnounce(number, sender, name, size, to))
+                link.offer(FileResume(number, 0))
 
     async def settle_uploads(self, until: asyncio.Future) -> None:
         """Wait until every file we asked to send has reached the host (or
@@ -6187,44 +6389,86 @@ class ClientFiles:
             self.emit(up.progress.event(up.base(), 0, force=True))
             if not await up.accepted:
                 return None                 # refused: file_failed already emitted
-            hasher = hashlib.sha256()
-            data = b""
-            while up.state is SendState.SENDING:
-                want = min(limits.file_io_bytes, size - up.sent + 1)   # +1: notice growth
-                if not await link.bulk_room():
-                    return up.transfer      # the link closed: reported as it closed
-                data = await loop.run_in_executor(self._read_io, _read_and_hash,
-                                                  handle, want, hasher)
-                if not data or up.state is not SendState.SENDING:
-                    break
-                if up.sent + len(data) > size:
-                    break                   # the file grew while we sent it
-                view = memoryview(data)
-                for start in range(0, len(view), MAX_CHUNK_BYTES):
-                    link.offer_chunk(up.transfer, view[start:start + MAX_CHUNK_BYTES])
-                up.sent += len(data)
-                self.emit(up.progress.event(up.base(), up.sent))
-            if up.state is not SendState.SENDING:
-                return up.transfer          # failed meanwhile: reported already
-            if up.sent != size or data:
-                up.move("failed")
-                link.offer(FileAbort(up.transfer, "file_io", "the file changed while "
-                                     "it was being sent"))
-                self._file_failed(up.base(), "file_io", f"{up.name} changed while it "
-                                  "was being sent; send it again")
-                return up.transfer
-            up.sha256 = hasher.hexdigest()
-            up.move("ended")
-            link.offer_after_bulk(FileEnd(up.transfer, up.sha256))
-            self.emit(up.progress.event(up.base(), up.sent, force=True))
-            return up.transfer
+            return await self._stream(link, up, handle, hashlib.sha256())
         except OSError as exc:
-            if up.move("failed"):
-                if not link.closing:
-                    link.offer(FileAbort(up.transfer, "file_io", f"read error: {exc}"))
-                self._file_failed(up.base(), "file_io", f"can't read {up.name}: "
-                                  f"{exc.strerror or exc}")
+            self._read_failed(link, up, exc)
             return up.transfer
+
+    async def _resume_upload(self, link: Link, up: OutgoingFile, offset: int) -> None:
+        """Send the rest of `up` from `offset` (the host has the bytes before
+        it); the hash is taken again over those, from the file."""
+        loop = asyncio.get_running_loop()
+        try:
+            handle, size = await loop.run_in_executor(self._read_io, _open_regular, up.path)
+        except OSError as exc:
+            self._read_failed(link, up, exc)
+            return
+        try:
+            if size != up.size or offset > size:
+                raise OSError(errno.ESTALE, "the file changed while it was being sent")
+            up.generation += 1
+            generation = up.generation
+            hasher = hashlib.sha256()
+            await loop.run_in_executor(self._read_io, _hash_prefix, handle, offset,
+                                       self.limits.file_io_bytes, hasher)
+            if up.generation != generation:
+                return                      # another resume overtook this one
+            up.sent = offset
+            await self._stream(link, up, handle, hasher)
+        except OSError as exc:
+            self._read_failed(link, up, exc)
+        finally:
+            log_failure(loop.run_in_executor(self._read_io, handle.close),
+                        f"closing {up.path}")
+
+    def _read_failed(self, link: Link, up: OutgoingFile, exc: OSError) -> None:
+        if up.move("failed"):
+            if not link.closing:
+                link.offer(FileAbort(up.transfer, "file_io", f"read error: {exc}"))
+            self._file_failed(up.base(), "file_io", f"can't read {up.name}: "
+                              f"{exc.strerror or exc}")
+
+    async def _stream(self, link: Link, up: OutgoingFile, handle: Any, hasher: Any) -> int:
+        """Send `up`'s data from `up.sent` on (the file is read from there),
+        then FileEnd. Returns when all is queued, or the link closed (the
+        rest then waits for a resume)."""
+        loop = asyncio.get_running_loop()
+        limits, size = self.limits, up.size
+        if up.sent:
+            await loop.run_in_executor(self._read_io, handle.seek, up.sent)
+        data = b""
+        generation = up.generation
+        while up.state is SendState.SENDING:
+            want = min(limits.file_io_bytes, size - up.sent + 1)   # +1: notice growth
+            if not await link.bulk_room():
+                return up.transfer      # the link closed: the rest waits for a resume
+            data = await loop.run_in_executor(self._read_io, _read_and_hash,
+                                              handle, want, hasher)
+            if up.generation != generation:
+                return up.transfer      # a resume sends it now, on a new connection
+            if not data or up.state is not SendState.SENDING:
+                break
+            if up.sent + len(data) > size:
+                break                   # the file grew while we sent it
+            view = memoryview(data)
+            for start in range(0, len(view), MAX_CHUNK_BYTES):
+                link.offer_chunk(up.transfer, view[start:start + MAX_CHUNK_BYTES])
+            up.sent += len(data)
+            self.emit(up.progress.event(up.base(), up.sent))
+        if up.state is not SendState.SENDING:
+            return up.transfer          # failed meanwhile: reported already
+        if up.sent != size or data:
+            up.move("failed")
+            link.offer(FileAbort(up.transfer, "file_io", "the file changed while "
+                                 "it was being sent"))
+            self._file_failed(up.base(), "file_io", f"{up.name} changed while it "
+                              "was being sent; send it again")
+            return up.transfer
+        up.sha256 = hasher.hexdigest()
+        up.move("ended")
+        link.offer_after_bulk(FileEnd(up.transfer, up.sha256))
+        self.emit(up.progress.event(up.base(), up.sent, force=True))
+        return up.transfer
 
     def _on_accept(self, event: FileAccept) -> None:
         up = self.uploads.get(event.transfer)
@@ -6292,9 +6536,18 @@ class ClientFiles:
 
     def _flush_batch(self, dl: IncomingFile) -> None:
         if dl.batch:
-            batch = dl.batch                # chunks as received: no copy here
+            batch, size = dl.batch, dl.batch_bytes  # chunks as received: no copy
             dl.batch, dl.batch_bytes = [], 0
-            self._write(dl, _write_and_hash, dl, batch)
+            self._write(dl, _write_and_hash, dl, batch).add_done_callback(
+                lambda f: self._wrote(dl, size, f))
+
+    def _wrote(self, dl: IncomingFile, size: int, future: asyncio.Future) -> None:
+        """A batch is on disk: the host may forget it (FileGot)."""
+        if future.cancelled() or future.exception() is not None or dl.failed:
+            return
+        dl.written += size
+        if self.link is not None and dl.state is ReceiveState.RECEIVING:
+            self.link.offer(FileGot(dl.transfer, dl.written))
 
     def _write(self, dl: IncomingFile, job: Callable, *args: Any) -> asyncio.Future:
         """Run `job` on the write thread, in order; a failure fails `dl`."""
@@ -6337,6 +6590,9 @@ class ClientFiles:
                 return
             dl.move("saved")
             self.downloads_by_number.pop(dl.transfer, None)
+            self._saved[dl.transfer] = None
+            while len(self._saved) > self.limits.max_transfers * 4:
+                del self._saved[next(iter(self._saved))]
             self.emit(dl.progress.event(dl.base(), dl.received, force=True))
             self.emit({"type": "file_received", "transfer": dl.transfer,
                        "from": dl.sender, "name": path.name, "path": str(path),
@@ -6383,6 +6639,17 @@ def _read_and_hash(handle: Any, size: int, hasher: Any) -> bytes:
     data = handle.read(size)
     hasher.update(data)                     # releases the GIL for large buffers
     return data
+
+
+def _hash_prefix(handle: Any, size: int, step: int, hasher: Any) -> None:
+    """Hash the first `size` bytes of `handle` (then at `size`)."""
+    handle.seek(0)
+    while size > 0:
+        data = handle.read(min(step, size))
+        if not data:
+            raise OSError(errno.ESTALE, "the file shrank while it was being sent")
+        hasher.update(data)
+        size -= len(data)
 
 
 def _open_part(dl: IncomingFile, folder: Path, first: bool) -> None:
@@ -7340,6 +7607,9 @@ def ui_event(event: Event) -> dict:
     if isinstance(event, Welcome):
         out["type"] = "ready"
         del out["version"], out["resume"]   # the token is the core's secret
+    elif isinstance(event, Resumed):        # files carrying on: their own events
+        del out["uploads"], out["downloads"]
+        out["files"] = len(event.uploads) + len(event.downloads)
     elif isinstance(event, Error) and event.id == "-":
         del out["id"]
     return out
@@ -7724,7 +7994,7 @@ class ClientCore:
         finally:
             self._ready = False
             self._link = None
-            self.files.connection_ended()
+            self.files.connection_lost()
             if reason in ("connection_lost", "login_timeout", "protocol_error"):
                 link.abort(reason)          # nothing more to say to this host
             await link.finish()
@@ -7750,6 +8020,7 @@ class ClientCore:
     def _session_over(self, reason: str) -> None:
         """The room is left for good: calls end, `closed` is said."""
         self._place = None
+        self.files.give_up()
         self.calls.connection_ended("left" if reason == "quit" else "lost")
         self._emit({"type": "closed", "reason": reason})
 
@@ -7833,6 +8104,8 @@ class ClientCore:
         self._emit(out)
         if isinstance(event, (Welcome, Resumed)):
             joined.set_result(True)
+            if isinstance(event, Resumed):
+                self.files.resumed(event)
             self._resend()
         elif isinstance(event, Error) and not joined.done():
             return "refused"                # an error before the welcome: no login
@@ -7844,8 +8117,9 @@ class ClientCore:
         place = self._place
         if place is not None:
             if isinstance(event, Welcome):
-                if place.seated:            # the host forgot us: a new seat, and calls
-                    self.calls.connection_ended("lost")     # it arranged are gone
+                if place.seated:            # the host forgot us: a new seat; calls it
+                    self.calls.connection_ended("lost")     # arranged and files gone
+                    self.files.give_up("the host was restarted, or forgot us")
                 place.seen, place.token = 0, event.resume
             place.seated, place.host_name = True, event.host
             place.user = event.user
