@@ -301,6 +301,25 @@ def unix_now() -> float:
     return round(time.time(), 3)
 
 
+def config_dir(platform: str | None = None, environ: typing.Mapping[str, str] | None = None,
+               home: Path | None = None) -> Path:
+    """This program's folder for what it keeps between runs: %APPDATA%\\chatroom
+    on Windows, ~/Library/Application Support/chatroom on macOS,
+    $XDG_CONFIG_HOME/chatroom (else ~/.config/chatroom) elsewhere."""
+    platform = platform or sys.platform
+    if environ is None:
+        environ = os.environ
+    home = home or Path.home()
+    if platform.startswith("win"):
+        base = Path(environ.get("APPDATA") or home / "AppData" / "Roaming")
+    elif platform == "darwin":
+        base = home / "Library" / "Application Support"
+    else:
+        xdg = environ.get("XDG_CONFIG_HOME", "")
+        base = Path(xdg) if os.path.isabs(xdg) else home / ".config"   # the spec:
+    return base / "chatroom"                                           # relative = unset
+
+
 def log_failure(future: Any, what: str) -> None:
     """Log the exception of a future nobody awaits (a job handed to a thread
     pool, say), once it is done: an error must never vanish silently."""
@@ -6040,15 +6059,16 @@ def claim_name(part: Path, folder: Path, name: str) -> Path:
     raise OSError(errno.EEXIST, "no free name")   # pragma: no cover (endless supply)
 
 
-def remove_stale_parts(folder: Path) -> None:
-    """Delete .part files left by chatroom processes that no longer run."""
+def remove_stale_parts(folder: Path, keep: frozenset[str] = frozenset()) -> None:
+    """Delete .part files left by chatroom processes that no longer run,
+    but those named in `keep` (downloads we are about to resume)."""
     try:
         entries = list(os.scandir(folder))
     except OSError:
         return
     for entry in entries:
         match = _PART_RE.match(entry.name)
-        if match and not _process_alive(int(match.group(1))):
+        if match and entry.name not in keep and not _process_alive(int(match.group(1))):
             try:
                 os.unlink(entry.path)
             except OSError:
@@ -6228,6 +6248,7 @@ class ClientFiles:
         self.uploads: dict[int, OutgoingFile] = {}
         self.downloads_by_number: dict[int, IncomingFile] = {}
         self._saved: dict[int, None] = {}   # downloads saved lately (a resume may ask)
+        self.orphans: dict[int, dict] = {}  # downloads a run of ours before a crash began
         self._sending: set[asyncio.Task] = set()    # send() calls not yet queued
         self._next_transfer = 0
         self._downloads_checked = False     # stale .part files removed once
@@ -6308,6 +6329,9 @@ class ClientFiles:
                                       known.state is ReceiveState.RECEIVING else known.size))
             elif number in self._saved:     # saved as the connection dropped
                 link.offer(FileSaved(number))
+            elif number in self.orphans:    # begun by the run of ours that crashed
+                self._adopt(FileAnnounce(number, sender, name, size, to),
+                            self.orphans[number]["part"])
             else:                           # its announcement was lost in the drop
                 self._on_announce(FileAnnounce(number, sender, name, size, to))
                 link.offer(FileResume(number, 0))
@@ -6513,7 +6537,46 @@ class ClientFiles:
                    "name": safe, "size": dl.size, "to": dl.to or None})
         first = not self._downloads_checked
         self._downloads_checked = True
-        self._write(dl, _open_part, dl, self.downloads, first)
+        keep = frozenset(str(entry["part"]) for entry in self.orphans.values())
+        self._write(dl, _open_part, dl, self.downloads, first, keep)
+
+    def in_progress(self) -> list[dict]:
+        """The downloads under way, as a crash-surviving record (PlaceStore)."""
+        return [{"transfer": dl.transfer, "part": dl.part.name, "from": dl.sender,
+                 "name": dl.name, "size": dl.size, "to": dl.to}
+                for dl in self.downloads_by_number.values()
+                if dl.state is ReceiveState.RECEIVING]
+
+    def _adopt(self, event: FileAnnounce, part_name: str) -> None:
+        """Go on with a download whose .part a crashed run of ours left:
+        FileResume says what is on disk (0 if the .part is gone)."""
+        safe = safe_filename(event.name)
+        part = self.downloads / part_name
+        if not _PART_RE.match(part_name) or part.parent != self.downloads:
+            part = self.downloads / f".{safe}.chatroom-{os.getpid()}-" \
+                f"{secrets.token_hex(4)}.part"
+        dl = IncomingFile(event.transfer, event.sender, event.name, safe, event.size,
+                          event.to, part, Progress(event.size, self.limits.progress_interval_s))
+        self.downloads_by_number[dl.transfer] = dl
+        self.emit({"type": "file_offer", "transfer": dl.transfer, "from": dl.sender,
+                   "name": safe, "size": dl.size, "to": dl.to or None})
+
+        def reopened(future: asyncio.Future) -> None:
+            if future.cancelled() or dl.failed:
+                return
+            have = future.result() if future.exception() is None else 0
+            if have > dl.size:
+                self._fail_download(dl, "file_io", f"{safe}: the partial file is "
+                                    "larger than the file")
+                return
+            dl.received = dl.written = have
+            if have == 0 and dl.file is None:
+                self._write(dl, _open_part, dl, self.downloads, False)
+            if self.link is not None:
+                self.link.offer(FileResume(dl.transfer, have))
+        loop = asyncio.get_running_loop()
+        future = loop.run_in_executor(self._write_io, _reopen_part, dl)
+        future.add_done_callback(reopened)
 
     def _on_chunk(self, chunk: Chunk) -> Any:
         """File data; returns an awaitable when the core must stop reading
@@ -6652,10 +6715,11 @@ def _hash_prefix(handle: Any, size: int, step: int, hasher: Any) -> None:
         size -= len(data)
 
 
-def _open_part(dl: IncomingFile, folder: Path, first: bool) -> None:
+def _open_part(dl: IncomingFile, folder: Path, first: bool,
+               keep: frozenset[str] = frozenset()) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     if first:
-        remove_stale_parts(folder)
+        remove_stale_parts(folder, keep)
     if shutil.disk_usage(folder).free < dl.size:
         raise OSError(errno.ENOSPC, "not enough free space for the file")
     descriptor = os.open(dl.part, os.O_WRONLY | os.O_CREAT | os.O_EXCL |
@@ -6683,6 +6747,20 @@ def _finish_part(dl: IncomingFile, expected: str, folder: Path) -> tuple[Path | 
         dl.part.unlink(missing_ok=True)
         return None, digest
     return claim_name(dl.part, folder, dl.safe_name), digest
+
+
+def _reopen_part(dl: IncomingFile) -> int:
+    """Open the .part of a download a previous run of ours began, to go on
+    writing it; its bytes are hashed again. Returns how many there are."""
+    dl.file = open(dl.part, "r+b", buffering=0)    # noqa: SIM115 (closed when done)
+    try:
+        while data := dl.file.read(FILE_IO_BYTES):
+            dl.hasher.update(data)
+        return dl.file.tell()
+    except BaseException:
+        dl.file.close()
+        dl.file = None
+        raise
 
 
 def _discard_part(dl: IncomingFile) -> None:
@@ -7558,6 +7636,91 @@ class Place:
     pending: dict[str, str] = dataclasses.field(default_factory=dict)  # id -> text
 
 
+class PlaceStore:
+    """What a client keeps on disk to get back to its Place after a crash
+    (kill -9, a power cut): the resume token, the last seq received, the
+    lines not yet confirmed and the downloads half done. One small JSON file
+    per room, user and port in `folder` (--state-dir; None: nothing kept),
+    readable by its owner only, rewritten when it changed (at most once a
+    second, on a thread), and removed when the session ends (a crash never
+    ends it). A record older than a day, for other addresses, or of a run
+    still alive (a second login with the same ID must not take its seat) is
+    ignored."""
+
+    MAX_AGE_S = 86400.0
+
+    def __init__(self, folder: Path | None) -> None:
+        self.folder = folder
+        self._written = ""                  # what the file holds now
+
+    def _path(self, place: Place) -> Path | None:
+        if self.folder is None:
+            return None
+        key = f"{id_key(place.room)}\n{id_key(place.user)}\n{place.port}"
+        return self.folder / "places" / f"{hashlib.sha256(key.encode()).hexdigest()[:24]}.json"
+
+    def load(self, place: Place) -> dict:
+        """The record for `place`, or {} (missing, stale, corrupt, elsewhere)."""
+        path = self._path(place)
+        try:
+            if path is None or time.time() - path.stat().st_mtime > self.MAX_AGE_S:
+                return {}
+            record = json.loads(path.read_text(encoding="utf-8"))
+            if type(record) is not dict or not set(record.get("addresses", ())) & \
+                    set(place.addresses) or type(record.get("token")) is not str:
+                return {}
+            pid = record.get("pid")
+            if type(pid) is not int or _process_alive(pid):
+                return {}                   # that run is alive: its place, not ours
+            self._written = json.dumps(record, ensure_ascii=False, sort_keys=True)
+            return record
+        except (OSError, ValueError):
+            return {}
+
+    def save(self, place: Place, downloads: list[dict]) -> Callable[[], None] | None:
+        """A job that writes `place` (for a thread), or None if unchanged."""
+        path = self._path(place)
+        if path is None or not place.token:
+            return None
+        text = json.dumps({"pid": os.getpid(), "addresses": place.addresses,
+                           "token": place.token,
+                           "seen": place.seen, "pending": place.pending,
+                           "downloads": downloads}, ensure_ascii=False, sort_keys=True)
+        if text == self._written:
+            return None
+        self._written = text
+
+        def write() -> None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            temporary = path.with_suffix(f".{os.getpid()}.tmp")
+            descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(descriptor, "w", encoding="utf-8") as out:
+                out.write(text)
+            os.replace(temporary, path)
+        return write
+
+    def remove(self, place: Place) -> Callable[[], None] | None:
+        path = self._path(place)
+        self._written = ""
+        return None if path is None else lambda: path.unlink(missing_ok=True)
+
+
+def restore_place(place: Place, record: dict) -> list[dict]:
+    """Take a PlaceStore record into `place`; returns its downloads. Every
+    field is checked: the file is ours, but a disk can hold anything."""
+    place.token = record["token"][:64]
+    seen = record.get("seen")
+    place.seen = seen if type(seen) is int and seen >= 0 else 0
+    pending = record.get("pending")
+    if type(pending) is dict:
+        place.pending = {k: v for k, v in pending.items()
+                         if type(k) is str and type(v) is str}
+    downloads = record.get("downloads")
+    return [d for d in downloads if type(d) is dict and type(d.get("transfer")) is int
+            and type(d.get("part")) is str and type(d.get("size")) is int] \
+        if type(downloads) is list else []
+
+
 CLOSED_REASONS = {
     "quit": "You left the room.",
     "host_shutdown": "The host is shutting down.",
@@ -7629,7 +7792,8 @@ class ClientCore:
     """
 
     def __init__(self, on_event: Callable[[dict], None], limits: Limits = Limits(),
-                 downloads: Path | None = None, media: MediaOptions = MediaOptions()) -> None:
+                 downloads: Path | None = None, media: MediaOptions = MediaOptions(),
+                 state_dir: Path | None = None) -> None:
         self.on_event = on_event
         self.limits = limits
         self.loop = asyncio.new_event_loop()    # runs in our thread once started
@@ -7641,7 +7805,9 @@ class ClientCore:
         self._next_id = 0
         self.interface: str | None = None   # where to look for the host again (--interface)
         self._place: Place | None = None    # the room we are in, across connections
+        self._store = PlaceStore(state_dir)     # and on disk, to get back after a crash
         self._retrying: asyncio.Task | None = None  # getting back after a drop
+        self._leaving = False               # leave() began: a drop now is no drop
         self._attempt_end = ""              # why the last attempt's connection ended
         self._browser: HostBrowser | None = None  # while watching the LAN
         self._silent: dict[str, int] = {}   # listed hosts' unanswered dials, by key
@@ -7906,10 +8072,16 @@ class ClientCore:
             self._emit({"type": "closed", "reason": "refused"})
             return False
         addresses = [hosts] if isinstance(hosts, str) else list(hosts)
+        self._leaving = False
         self._place = Place(addresses, port, room, user, found_on_lan)
+        record = await self.loop.run_in_executor(None, self._store.load, self._place)
+        if record:                          # a run of ours crashed here: get back
+            for entry in restore_place(self._place, record):
+                self.files.orphans[entry["transfer"]] = entry
         if await self._connect(self._place):
             return True
         self._place = None
+        self.files.orphans.clear()
         return False
 
     async def _connect(self, place: Place) -> bool:
@@ -8006,6 +8178,8 @@ class ClientCore:
         """After a connection: try to get back, let `_reconnect` judge an
         attempt, or end the session (`closed`, once)."""
         place = self._place
+        if self._leaving:                   # a leave (say, a second one: end of input,
+            reason = "quit"                 # then SIGTERM) aborted it: no getting back
         self._attempt_end = reason
         if place is None or self._retrying is not None:
             return                          # over already, or _reconnect's attempt
@@ -8019,6 +8193,8 @@ class ClientCore:
 
     def _session_over(self, reason: str) -> None:
         """The room is left for good: calls end, `closed` is said."""
+        if self._place is not None:
+            self._on_disk(self._store.remove(self._place))
         self._place = None
         self.files.give_up()
         self.calls.connection_ended("left" if reason == "quit" else "lost")
@@ -8106,6 +8282,7 @@ class ClientCore:
             joined.set_result(True)
             if isinstance(event, Resumed):
                 self.files.resumed(event)
+            self.files.orphans.clear()      # left unclaimed: stale now
             self._resend()
         elif isinstance(event, Error) and not joined.done():
             return "refused"                # an error before the welcome: no login
@@ -8169,12 +8346,20 @@ class ClientCore:
                     "video": self.calls.media.camera_on})
 
     def _tick_calls(self) -> None:
-        """Once per media_stats_s while logged in: the calls' clock."""
+        """Once per media_stats_s while logged in: the calls' clock, and
+        the place on disk brought up to date."""
         self._call_ticker = None
         self.calls.tick()
+        if self._place is not None:
+            self._on_disk(self._store.save(self._place, self.files.in_progress()))
         if self._ready:
             self._call_ticker = self.loop.call_later(self.limits.media_stats_s,
                                                      self._tick_calls)
+
+    def _on_disk(self, job: Callable[[], None] | None) -> None:
+        """Run a PlaceStore job on a thread; a failure is logged, no more."""
+        if job is not None:
+            log_failure(self.loop.run_in_executor(None, job), "keeping our place on disk")
 
     async def _send(self, event: Event) -> bool:
         """Queue `event` for the host, waiting while our outbox is full."""
@@ -8207,6 +8392,7 @@ class ClientCore:
 
     async def _leave(self, wait_for_uploads: bool = False) -> None:
         retrying, link, reader = self._retrying, self._link, self._reader
+        self._leaving = True                # whatever ends the connection now: we left
         if retrying is not None and (link is None or not self._ready):
             retrying.cancel()               # away: stop trying, and that is leaving
             await asyncio.gather(retrying, return_exceptions=True)
@@ -8688,7 +8874,8 @@ def run_terminal(args: argparse.Namespace, limits: Limits, media: MediaOptions) 
             closed_reason.append(event["reason"])
             ended.set()
 
-    core = ClientCore(on_event, limits, args.downloads, media)
+    core = ClientCore(on_event, limits, args.downloads, media,
+                      args.state_dir or config_dir())
     core.interface = args.interface
     core.start()
     _leave_on_signals()
@@ -10646,21 +10833,8 @@ _SETTINGS_MAX_CHARS = 256
 def settings_path(platform: str | None = None,
                   environ: typing.Mapping[str, str] | None = None,
                   home: Path | None = None) -> Path:
-    """Where the launcher remembers the last Room ID, User ID and address:
-    %APPDATA%\\chatroom on Windows, ~/Library/Application Support/chatroom on
-    macOS, $XDG_CONFIG_HOME/chatroom (else ~/.config/chatroom) elsewhere."""
-    platform = platform or sys.platform
-    if environ is None:
-        environ = os.environ
-    home = home or Path.home()
-    if platform.startswith("win"):
-        base = Path(environ.get("APPDATA") or home / "AppData" / "Roaming")
-    elif platform == "darwin":
-        base = home / "Library" / "Application Support"
-    else:
-        xdg = environ.get("XDG_CONFIG_HOME", "")
-        base = Path(xdg) if os.path.isabs(xdg) else home / ".config"   # the spec:
-    return base / "chatroom" / "settings.json"                         # relative = unset
+    """Where the launcher remembers the last Room ID, User ID and address."""
+    return config_dir(platform, environ, home) / "settings.json"
 
 
 def load_settings(path: Path) -> dict[str, str]:
@@ -10851,7 +11025,8 @@ class GuiApp:
             ("room", args.room), ("user", args.user), ("address", args.server)) if value})
         self.launcher = Launcher(look, self.images, prefill, trace)
         self.bridge = GuiBridge(self.launcher.window)
-        self.core = ClientCore(self.bridge.on_event, limits, args.downloads, media)
+        self.core = ClientCore(self.bridge.on_event, limits, args.downloads, media,
+                               args.state_dir or config_dir())
         self.core.interface = args.interface
         self.chat: ChatWindow | None = None  # exactly while the phase is IN_ROOM
         self.calls = CallWindows()
@@ -11604,6 +11779,9 @@ def build_parser() -> argparse.ArgumentParser:
                         f"{MAX_ROOM_MEMBERS_CAP} (default {MAX_ROOM_MEMBERS})")
     parser.add_argument("--downloads", metavar="DIR", help="where received files go "
                         "(default: a chatroom folder in your downloads folder)")
+    parser.add_argument("--state-dir", metavar="DIR", type=Path,
+                        help="where a client keeps what it needs to get back to its room "
+                        "after a crash (default: the config folder, e.g. ~/.config/chatroom)")
     parser.add_argument("--max-file-size", type=parse_size, default=MAX_FILE_SIZE,
                         metavar="SIZE", help="largest file a host relays, e.g. 200M, 4G "
                         "(default 4G)")

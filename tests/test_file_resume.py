@@ -8,9 +8,11 @@ slows one client's connection down and cuts it mid-file. All on 127.0.0.1.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import random
 import threading
+import time
 
 import pytest
 from faults import FaultProxy
@@ -140,3 +142,98 @@ def test_files_both_ways_survive_random_faults(start_host, join, faulty, tmp_pat
         assert len(of(client, "file_received")) == 1
     assert proxy.faults >= 1 and proxy.accepted > 1
 
+
+def test_a_client_killed_mid_download_resumes_it_when_started_again(start_host, join, faulty,
+                                                                    tmp_path):
+    """kill -9 of bob while a file comes to him: started again (same room,
+    ID, downloads and --state-dir), he is back in his place (`resumed`, the
+    host held it) and the download goes on from the bytes on his disk."""
+    host = start_host("--grace", "60")
+    proxy = faulty(host.port, rate=4 * MiB)
+    state, downloads = tmp_path / "state-bob", tmp_path / "dl-bob"
+    alice = join(host.port, "R", "alice", "--downloads", str(tmp_path / "dl-alice"))
+    bob = join(proxy.port, "R", "bob", "--downloads", str(downloads), "--state-dir", str(state))
+    alice.wait_for(lambda e: e.get("type") == "system" and e["user"] == "bob")
+    source = tmp_path / "src" / "big.bin"
+    digest = make_file(source, 24 * MiB, 5)
+    alice.send(f"/send {source}")
+    bob.wait_for(lambda e: e.get("type") == "file_progress" and e["bytes"] >= 4 * MiB,
+                 timeout=60)
+    deadline = time.monotonic() + 30        # bob keeps his place on disk once a second
+    while not any("big.bin" in p.read_text() for p in state.rglob("*.json")):
+        assert time.monotonic() < deadline, "bob never wrote his download down"
+        time.sleep(0.05)
+    bob.proc.kill()
+    bob.proc.wait(10)
+    proxy.cut()
+    parts = [p for p in os.listdir(downloads) if p.endswith(".part")]
+    assert len(parts) == 1 and os.path.getsize(downloads / parts[0]) > 0, parts
+    proxy.rate = 0                          # the same address and port as before
+    again = join(proxy.port, "R", "bob", "--downloads", str(downloads), "--state-dir",
+                 str(state), ready=False)
+    back = again.wait_for("resumed", timeout=60)
+    assert back["files"] == 1, back
+    offer = again.wait_for("file_offer", timeout=30)
+    assert offer["name"] == "big.bin"
+    first = again.wait_for("file_progress", timeout=60)
+    assert first["bytes"] > 0, first            # went on from the bytes on disk
+    got = again.wait_for("file_received", timeout=120)
+    assert got["sha256"] == digest
+    alice.wait_for(lambda e: e.get("type") == "file_delivered" and e["user"] == "bob",
+                   timeout=60)
+    assert not [e for e in alice.seen() if e.get("type") == "system" and e["user"] == "bob"
+                and e["event"] == "leave"]      # nobody saw him go
+    assert sorted(os.listdir(downloads)) == ["big.bin"]
+
+
+def test_a_second_login_with_a_live_clients_id_does_not_take_its_place(start_host, join,
+                                                                       tmp_path):
+    """The record on disk is for getting back after a crash only: a second
+    process with the same ID while the first runs is refused (user_taken),
+    and the first is not disturbed."""
+    host = start_host("--grace", "60")
+    state = tmp_path / "state"
+    first = join(host.port, "R", "alice", "--state-dir", str(state))
+    first.send("hello")
+    first.wait_for(lambda e: e.get("type") == "message" and e["text"] == "hello")
+    second = join(host.port, "R", "alice", "--state-dir", str(state), ready=False)
+    assert second.wait_for("error", timeout=60)["code"] == "user_taken"
+    first.send("still here")
+    first.wait_for(lambda e: e.get("type") == "message" and e["text"] == "still here")
+    assert not [e for e in first.seen() if e.get("type") in ("reconnecting", "closed")]
+
+
+def test_the_place_kept_on_disk_is_private_and_only_for_a_crashed_run(tmp_path):
+    import subprocess
+    import sys
+
+    import chatroom
+    place = chatroom.Place(["127.0.0.1"], 47300, "大厅", "张伟")
+    place.token, place.seen, place.pending = "ab" * 16, 42, {"x-1": "你好"}
+    store = chatroom.PlaceStore(tmp_path)
+    job = store.save(place, [{"transfer": 3, "part": ".a.chatroom-1-00.part", "from": "bob",
+                              "name": "a", "size": 10, "to": ""}])
+    assert job is not None
+    job()
+    assert store.save(place, []) is not None        # changed: written again
+    assert store.save(place, []) is None            # unchanged: not
+    (path,) = (tmp_path / "places").glob("*.json")
+    assert path.stat().st_mode & 0o777 == 0o600
+    fresh = chatroom.Place(["127.0.0.1"], 47300, "大厅", "张伟")
+    assert chatroom.PlaceStore(tmp_path).load(fresh) == {}   # written by us: alive
+    record = json.loads(path.read_text())
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)
+    record["pid"] = int(dead.stdout)                # a run that is gone
+    path.write_text(json.dumps(record))
+    loaded = chatroom.PlaceStore(tmp_path).load(fresh)
+    assert chatroom.restore_place(fresh, loaded) == [{"transfer": 3, "part":
+                                                      ".a.chatroom-1-00.part", "from": "bob",
+                                                      "name": "a", "size": 10, "to": ""}]
+    assert (fresh.token, fresh.seen, fresh.pending) == ("ab" * 16, 42, {"x-1": "你好"})
+    elsewhere = chatroom.Place(["10.9.9.9"], 47300, "大厅", "张伟")
+    assert chatroom.PlaceStore(tmp_path).load(elsewhere) == {}
+    for junk in ("{", "[]", '{"token": 5}', '{"pid": "x"}'):
+        path.write_text(junk)
+        assert chatroom.PlaceStore(tmp_path).load(fresh) == {}
+    assert chatroom.PlaceStore(None).save(place, []) is None   # nothing kept
