@@ -23,7 +23,7 @@ The file reads top to bottom; each section uses only the sections above it
  3. ROOMS                 IDs, members, history, help, file names (pure)
  4. CALLS                 invitations, links and groups (pure)
  5. MEDIA PACKETS         sealing, key agreement, fragments, reassembly (pure)
- 6. MEDIA FLOW            keyframe gate, jitter buffer, link statistics (pure)
+ 6. MEDIA FLOW            control messages, repair, rate, jitter buffer (pure)
  7. DISCOVERY             mDNS advertise and browse (zeroconf)
  8. VIDEO DEVICES         test pattern, cameras, files; VP8 and JPEG
  9. SOUND DEVICES         Opus and PCM, microphones, speakers, recording
@@ -1862,6 +1862,8 @@ class Calls:
 # fails), and a sliding window refuses replays. `Opener.open`, `peek_header`
 # and the `unpack_*` functions answer None for whatever they refuse and raise
 # nothing, whatever the bytes. `cryptography` is imported where it is used.
+# Control payloads (keyframe requests, NACKs, reports) are MEDIA FLOW's: they
+# carry what its controllers decide.
 
 VIDEO_CODECS = ("vp8", "jpeg")      # best first; a call uses the first both sides have
 AUDIO_CODECS = ("opus", "pcm")
@@ -1881,6 +1883,10 @@ CODEC_OPUS = 1                      # audio codec ids
 CODEC_PCM16 = 2                     # PCM16 mono; 20 ms fits only up to ~28 kHz
 CONTROL_KEYFRAME = 1                # body: the last frame_id received (uint32)
 CONTROL_KEEPALIVE = 2               # empty body
+CONTROL_NACK = 3                    # body: video fragments to send again (see Nack)
+CONTROL_REPORT = 4                  # body: how our video arrives there (see Report)
+MAX_NACK_ENTRIES = 16               # entries in one Nack, at most
+NACK_WHOLE_FRAME = 0xFFFF           # a Nack entry's index: every fragment of that frame
 FEC_GROUP = 5                       # data fragments per parity fragment
 MAX_HELLO_JSON_BYTES = 1000
 
@@ -1907,6 +1913,8 @@ STALE_MS = 500                      # a frame still incomplete after this is giv
 MAX_FRAMES_IN_PROGRESS = 16         # per Reassembler
 MAX_REASSEMBLY_BYTES = 4 * 1024 * 1024  # fragment bytes a Reassembler holds, at most
 KEYFRAME_REQUEST_INTERVAL_MS = 300  # at most one keyframe request per this
+REPAIR_QUIET_MS = 10                # a frame silent this long has lost its missing fragments
+REPAIR_MIN_WAIT_MS = 20             # the least a repair is awaited, however quick they came
 _CLOSED_MEMORY = 64                 # frame ids a Reassembler remembers having finished
 _CATCH_UP_AFTER_MS = 200            # a jitter buffer this long over target drops frames
 _MAX_LATENCY_SAMPLES = 1000         # per LinkStats interval
@@ -2237,6 +2245,12 @@ def unpack_video(inner: bytes) -> VideoFragment | None:
     return None if _video_problem(frag) else frag
 
 
+def video_capture_ms(inner: bytes) -> int | None:
+    """The capture time a video inner payload's header claims, unchecked (for
+    ReportMeter's delay); None if too short to have one."""
+    return _VIDEO_HEADER.unpack_from(inner)[1] if len(inner) >= _VIDEO_HEADER.size else None
+
+
 @dataclasses.dataclass(frozen=True)
 class AudioFrame:
     """One audio inner payload: seq u32 (one per 20 ms frame, only increasing for the
@@ -2268,35 +2282,6 @@ def unpack_audio(inner: bytes) -> AudioFrame | None:
     return AudioFrame(seq, capture_ms, codec, bytes(inner[_AUDIO_HEADER.size:]))
 
 
-@dataclasses.dataclass(frozen=True)
-class Control:
-    """A control inner payload: type u8, then its body. CONTROL_KEYFRAME ("send a
-    keyframe") carries last_frame_id u32, the last frame id received; CONTROL_KEEPALIVE
-    (sent when there is no media, so the link does not look dead) has no body and
-    last_frame_id 0."""
-    type: int
-    last_frame_id: int = 0
-
-
-def pack_control(control: Control) -> bytes:
-    """The inner payload for `control`. Raises ValueError for an unknown type or a
-    frame id that is not a uint32 (or non-zero in a keepalive)."""
-    if control.type == CONTROL_KEEPALIVE and control.last_frame_id == 0:
-        return bytes([CONTROL_KEEPALIVE])
-    if control.type == CONTROL_KEYFRAME and 0 <= control.last_frame_id <= 0xFFFFFFFF:
-        return struct.pack(">BI", CONTROL_KEYFRAME, control.last_frame_id)
-    raise ValueError(f"can't pack {control!r}")
-
-
-def unpack_control(inner: bytes) -> Control | None:
-    """The control message in an inner payload, or None if it is malformed."""
-    if len(inner) == 1 and inner[0] == CONTROL_KEEPALIVE:
-        return Control(CONTROL_KEEPALIVE)
-    if len(inner) == 5 and inner[0] == CONTROL_KEYFRAME:
-        return Control(CONTROL_KEYFRAME, int.from_bytes(inner[1:], "big"))
-    return None
-
-
 # --- Video: fragmenting with FEC, reassembly, the keyframe gate ------------------------------
 
 def _xor(pieces: list[bytes]) -> tuple[int, int]:
@@ -2310,12 +2295,14 @@ def _xor(pieces: list[bytes]) -> tuple[int, int]:
 
 
 def fragment(frame_id: int, data: bytes, capture_ms: int, keyframe: bool, codec: int,
-             max_fragment: int = VIDEO_FRAGMENT_BYTES, fec_group: int = FEC_GROUP) -> list[bytes]:
+             max_fragment: int = VIDEO_FRAGMENT_BYTES, fec_group: int = FEC_GROUP,
+             parity: bool = True) -> list[bytes]:
     """The video inner payloads for one frame, in sending order; seal each as KIND_VIDEO.
 
     Pieces of max_fragment bytes (an empty frame: one empty piece), each group of up to
-    fec_group followed by its parity fragment (see VideoFragment). Raises ValueError for
-    a field out of range or a frame of more than 65535 pieces.
+    fec_group followed by its parity fragment (see VideoFragment), or by none when
+    `parity` is False (repair by retransmission alone). Raises ValueError for a field
+    out of range or a frame of more than 65535 pieces.
     """
     if not 1 <= max_fragment <= VIDEO_FRAGMENT_BYTES or not 1 <= fec_group <= 0xFF:
         raise ValueError("max_fragment or fec_group out of range")
@@ -2334,10 +2321,11 @@ def fragment(frame_id: int, data: bytes, capture_ms: int, keyframe: bool, codec:
         for index, piece in enumerate(group, start):
             out.append(_VIDEO_HEADER.pack(frame_id, capture_ms, key, codec, index, count,
                                           fec_group, 0) + piece)
-        value, length_xor = _xor(group)
-        parity = value.to_bytes(max(map(len, group)), "little")
-        out.append(_VIDEO_HEADER.pack(frame_id, capture_ms, key | _FLAG_PARITY, codec, number,
-                                      count, fec_group, length_xor) + parity)
+        if parity:
+            value, length_xor = _xor(group)
+            out.append(_VIDEO_HEADER.pack(frame_id, capture_ms, key | _FLAG_PARITY, codec,
+                                          number, count, fec_group, length_xor)
+                       + value.to_bytes(max(map(len, group)), "little"))
     return out
 
 
@@ -2353,10 +2341,14 @@ class Frame:
 
 class _Partial:
     """One frame being put back together. `blocked` counts FEC groups that can't be
-    finished yet: more than one data fragment missing, or one and no parity."""
+    finished yet: more than one data fragment missing, or one and no parity.
+
+    Fragments leave the sender in one order (each group's data, then its parity), so
+    a fragment's place in it (`_place`) says which earlier ones can no longer come."""
 
     def __init__(self, first: VideoFragment, now_ms: float) -> None:
         self.first_ms = now_ms
+        self.last_ms = now_ms       # the newest fragment's arrival
         self.shape = (first.capture_ms, first.keyframe, first.codec, first.count, first.group)
         self.data: dict[int, bytes] = {}
         self.parity: dict[int, tuple[int, bytes]] = {}   # group -> (length_xor, data)
@@ -2364,11 +2356,28 @@ class _Partial:
         self.missing = [min(first.group, first.count - g * first.group) for g in range(groups)]
         self.blocked = groups
         self.held_bytes = 0
+        self.top = -1               # the latest place in the sending order seen
+        self.lost_ms: float | None = None   # when we first knew a fragment of it was lost
+        self.asked: set[int] = set()        # data fragments asked for again
+        self.asked_ms: float | None = None  # when we last asked
+        self.whole_asked = False            # the whole frame was asked for
+        self.resent = 0             # fragments that came after we asked for them
+
+    def _place(self, f: VideoFragment) -> int:
+        group = self.shape[4]
+        if not f.parity:
+            return f.index + f.index // group
+        return f.index * (group + 1) + self._size(f.index)
+
+    def _size(self, g: int) -> int:
+        """Data fragments in group g."""
+        count, group = self.shape[3], self.shape[4]
+        return min(group, count - g * group)
 
     def _is_blocked(self, g: int) -> bool:
         return self.missing[g] > 1 or (self.missing[g] == 1 and g not in self.parity)
 
-    def add(self, f: VideoFragment) -> bool:
+    def add(self, f: VideoFragment, now_ms: float) -> bool:
         """Store a fragment; False if it was already here."""
         g = f.index if f.parity else f.index // f.group
         if (self.parity if f.parity else self.data).get(f.index) is not None:
@@ -2379,9 +2388,35 @@ class _Partial:
         else:
             self.data[f.index] = f.data
             self.missing[g] -= 1
+            self.resent += self.whole_asked or f.index in self.asked
         self.blocked += self._is_blocked(g) - was
         self.held_bytes += len(f.data)
+        self.top = max(self.top, self._place(f))
+        self.last_ms = now_ms
         return True
+
+    def lost(self, now_ms: float, quiet_ms: float, newer: bool, parity: bool) -> list[int]:
+        """Data fragments that can no longer come nor be rebuilt from parity, not asked
+        for before (each is named once). A group's fate is known once a fragment
+        sent after it arrived (its parity, if the stream has `parity`), a `newer`
+        frame did, or nothing came for quiet_ms."""
+        settled = newer or now_ms - self.last_ms >= quiet_ms
+        group, out = self.shape[4], []
+        for g in range(len(self.missing)):
+            size = self._size(g)
+            end = g * (group + 1) + size - (not parity)     # its last place in the order
+            if not self._is_blocked(g) or not (settled or self.top >= end):
+                continue
+            absent = [i for i in range(g * group, g * group + size) if i not in self.data]
+            if g in self.parity:
+                absent.pop()        # the parity rebuilds one of them
+            out += [i for i in absent if i not in self.asked]
+        self.asked.update(out)
+        if out:
+            self.asked_ms = now_ms
+            if self.lost_ms is None:
+                self.lost_ms = now_ms
+        return [] if self.whole_asked else out
 
     def assemble(self) -> tuple[bytes, bool] | None:
         """(frame data, repaired?) once blocked == 0; None if the parity contradicts
@@ -2407,118 +2442,374 @@ class _Partial:
 
 
 class Reassembler:
-    """Puts one incoming video stream's frames back together.
+    """Puts one incoming video stream's frames back together, in order.
 
-    `add` takes a video inner payload (from an Opener) and returns the frames it
-    completed, possibly rebuilt from parity: a list of 0 or 1 Frame, frame ids only
-    ever increasing. A frame completes as soon as it can; every frame in progress
-    that is older is then given up, since it could only be delivered out of order.
-    Frames incomplete after stale_ms, beyond max_frames in progress or beyond
-    max_bytes held are given up too, oldest first. Never raises for any bytes.
+    `add` takes a video inner payload (from an Opener) and returns the frames now
+    ready, possibly rebuilt from parity: frame ids only ever increasing, never twice.
+    Never raises for any bytes.
 
-    Counters: completed (of which repaired), incomplete (frames given up), late
-    (fragments of frames already given up or passed over), duplicates (fragments
-    already held, or of a frame already delivered), malformed (fragments that don't
-    parse or contradict earlier fragments of their frame).
+    A decoder wants every frame in order, so a complete frame waits while an older
+    one is incomplete: for `wait_ms` after we knew that older frame had lost
+    something (time for a repair: see `lost`), then the older one is given up.
+    wait_ms is four times the repair round trip measured so far (what we asked for
+    took that long to come), within REPAIR_MIN_WAIT_MS and hold_ms; hold_ms 0 (no
+    repair) gives it up at once. Frames incomplete after stale_ms, beyond max_frames
+    in progress or waiting, or beyond max_bytes held are given up too, oldest first.
+    With hold_ms > 0, frame ids skipped altogether (nothing of them came) are
+    awaited like incomplete frames, up to max_frames of them.
+
+    `lost(now_ms)` names, once each, the data fragments known lost that parity can't
+    replace, and the frames of which nothing came: what to ask the sender for.
+    `poll(now_ms)` gives up what waited too long and returns the frames that frees;
+    call it on a timer when packets may stop.
+
+    Counters: completed (of which repaired by parity, recovered by fragments sent
+    again), incomplete (frames given up), resent (fragments that came after we asked
+    for them), late (fragments of frames already given up or passed over),
+    duplicates (fragments already held, or of a frame already complete), malformed
+    (fragments that don't parse or contradict earlier fragments of their frame).
     """
 
     def __init__(self, stale_ms: float = STALE_MS, max_frames: int = MAX_FRAMES_IN_PROGRESS,
-                 max_bytes: int = MAX_REASSEMBLY_BYTES) -> None:
+                 max_bytes: int = MAX_REASSEMBLY_BYTES, hold_ms: float = 0,
+                 quiet_ms: float = REPAIR_QUIET_MS) -> None:
         self.stale_ms = stale_ms
         self.max_frames = max_frames
         self.max_bytes = max_bytes
+        self.hold_ms = hold_ms
+        self.quiet_ms = quiet_ms
         self._partials: dict[int, _Partial] = {}        # frame_id -> frame in progress
+        self._ghosts: dict[int, float] = {}     # frame ids nothing came of -> noticed at
+        self._ghosts_asked: dict[int, float] = {}   # of those, asked for (when)
+        self._parity_seen = False               # the stream carries parity fragments
+        self.repair_rtt_ms: float | None = None     # smoothed: asking to getting
+        self._ready: dict[int, Frame] = {}      # complete, waiting for older frames
         self._closed: collections.OrderedDict[int, bool] = collections.OrderedDict()
-        # ^ recently finished frame ids -> True if delivered, False if given up
+        # ^ recently finished frame ids -> True if complete, False if given up
+        self._top_id: int | None = None         # the highest frame id seen
         self.newest = -1            # frame id last delivered; -1 = none yet
         self.held_bytes = 0
-        self.completed = self.repaired = self.incomplete = 0
-        self.late = self.duplicates = self.malformed = 0
+        self.completed = self.repaired = self.recovered = self.incomplete = 0
+        self.resent = self.late = self.duplicates = self.malformed = 0
 
     @property
     def in_progress(self) -> int:
         return len(self._partials)
 
+    @property
+    def wait_ms(self) -> float:
+        """How long a complete frame waits for an older one's repair."""
+        if self.hold_ms <= 0 or self.repair_rtt_ms is None:
+            return self.hold_ms
+        return min(self.hold_ms, max(REPAIR_MIN_WAIT_MS, 4 * self.repair_rtt_ms))
+
     def add(self, inner: bytes, now_ms: float) -> list[Frame]:
-        self.expire(now_ms)
+        out = self.poll(now_ms)
         f = unpack_video(inner)
         if f is None:
             self.malformed += 1
-            return []
+            return out
         if f.frame_id <= self.newest or f.frame_id in self._closed:
             if self._closed.get(f.frame_id):
                 self.duplicates += 1
             else:
                 self.late += 1
-            return []
+            return out
+        self._saw(f.frame_id, now_ms)
         partial = self._partials.get(f.frame_id)
         if partial is None:
             if len(self._partials) >= self.max_frames:
                 oldest = min(self._partials)
                 if f.frame_id < oldest:     # full of newer frames: this one is the oldest
+                    self._ghosts.pop(f.frame_id, None)
                     self.incomplete += 1
                     self._close(f.frame_id, False)
-                    return []
+                    return out
                 self._give_up(oldest)
             partial = self._partials[f.frame_id] = _Partial(f, now_ms)
+            if f.frame_id in self._ghosts:  # a frame we had given up for lost
+                partial.lost_ms = self._ghosts.pop(f.frame_id)
+                partial.asked_ms = self._ghosts_asked.pop(f.frame_id, None)
+                partial.whole_asked = partial.asked_ms is not None
         if partial.shape != (f.capture_ms, f.keyframe, f.codec, f.count, f.group):
             self.malformed += 1
-            return []
-        before = partial.held_bytes
-        if not partial.add(f):
+            return out
+        before, resent = partial.held_bytes, partial.resent
+        if not partial.add(f, now_ms):
             self.duplicates += 1
-            return []
+            return out
+        self._parity_seen |= f.parity
+        if partial.resent > resent and partial.asked_ms is not None:
+            sample = now_ms - partial.asked_ms
+            self.resent += 1
+            self.repair_rtt_ms = sample if self.repair_rtt_ms is None else (
+                self.repair_rtt_ms + (sample - self.repair_rtt_ms) / 8)
         self.held_bytes += partial.held_bytes - before
-        while self.held_bytes > self.max_bytes and self._partials:
-            self._give_up(min(self._partials))
+        while self.held_bytes > self.max_bytes and (self._partials or self._ghosts):
+            self._give_up(min([*self._partials, *self._ghosts]))
         if f.frame_id in self._partials and partial.blocked == 0:
-            return self._finish(f.frame_id, partial)
-        return []
+            self._complete(f.frame_id, partial)
+        return out + self._release(now_ms)
+
+    def lost(self, now_ms: float) -> list[tuple[int, list[int] | None]]:
+        """(frame_id, data indices) of fragments known lost, and (frame_id, None) for
+        frames nothing came of, oldest first; each is named once, then awaited."""
+        out: list[tuple[int, list[int] | None]] = []
+        for frame_id in sorted(set(self._ghosts) - set(self._ghosts_asked)):
+            self._ghosts_asked[frame_id] = now_ms
+            out.append((frame_id, None))
+        top = self._top_id if self._top_id is not None else -1
+        for frame_id in sorted(self._partials):
+            indices = self._partials[frame_id].lost(now_ms, self.quiet_ms, frame_id < top,
+                                                    self._parity_seen)
+            if indices:
+                out.append((frame_id, indices))
+        return out
+
+    def poll(self, now_ms: float) -> list[Frame]:
+        """Give up what waited too long (see the class); the frames that frees."""
+        self.expire(now_ms)
+        return self._release(now_ms)
 
     def expire(self, now_ms: float) -> int:
         """Give up frames incomplete for longer than stale_ms; return how many.
-        `add` calls this; a receiver may also call it on a timer."""
+        `add` and `poll` call this."""
         stale = [i for i, p in self._partials.items() if now_ms - p.first_ms > self.stale_ms]
+        stale += [i for i, since in self._ghosts.items() if now_ms - since > self.stale_ms]
         for frame_id in stale:
             self._give_up(frame_id)
         return len(stale)
 
+    def _saw(self, frame_id: int, now_ms: float) -> None:
+        """A fragment of frame_id came: what was sent before it can't come any more."""
+        top = self._top_id
+        if top is not None and frame_id > top + 1 and self.hold_ms > 0 \
+                and frame_id - top - 1 <= self.max_frames:
+            for skipped in range(top + 1, frame_id):
+                if skipped not in self._closed:
+                    self._ghosts[skipped] = now_ms
+            while len(self._ghosts) > self.max_frames:
+                self._give_up(min(self._ghosts))
+        for older, partial in self._partials.items():
+            if older < frame_id and partial.lost_ms is None:
+                partial.lost_ms = now_ms
+        self._top_id = frame_id if top is None else max(top, frame_id)
+
     def _give_up(self, frame_id: int) -> None:
-        self.held_bytes -= self._partials.pop(frame_id).held_bytes
+        partial = self._partials.pop(frame_id, None)
+        if partial is not None:
+            self.held_bytes -= partial.held_bytes
+        self._ghosts.pop(frame_id, None)
+        self._ghosts_asked.pop(frame_id, None)
         self.incomplete += 1
         self._close(frame_id, False)
 
-    def _close(self, frame_id: int, delivered: bool) -> None:
-        self._closed[frame_id] = delivered
+    def _close(self, frame_id: int, complete: bool) -> None:
+        self._closed[frame_id] = complete
         while len(self._closed) > _CLOSED_MEMORY:
             self._closed.popitem(last=False)
 
-    def _finish(self, frame_id: int, partial: _Partial) -> list[Frame]:
+    def _complete(self, frame_id: int, partial: _Partial) -> None:
         self.held_bytes -= self._partials.pop(frame_id).held_bytes
         result = partial.assemble()
         if result is None:
             self.malformed += 1
             self.incomplete += 1
             self._close(frame_id, False)
-            return []
-        for older in [i for i in self._partials if i < frame_id]:
-            self._give_up(older)
-        self.newest = frame_id
+            return
         self._close(frame_id, True)
         self.completed += 1
         self.repaired += result[1]
+        self.recovered += partial.resent > 0
         capture_ms, keyframe, codec = partial.shape[:3]
-        return [Frame(frame_id, result[0], capture_ms, keyframe, codec)]
+        self._ready[frame_id] = Frame(frame_id, result[0], capture_ms, keyframe, codec)
+        self.held_bytes += len(result[0])
+
+    def _release(self, now_ms: float) -> list[Frame]:
+        out: list[Frame] = []
+        while self._ready:
+            first = min(self._ready)
+            older = [i for i in (*self._partials, *self._ghosts) if i < first]
+            if older:
+                oldest = min(older)
+                partial = self._partials.get(oldest)
+                since = self._ghosts.get(oldest) if partial is None else partial.lost_ms
+                if len(self._ready) <= self.max_frames and now_ms - (
+                        now_ms if since is None else since) < self.wait_ms:
+                    break           # a repair may still come
+                self._give_up(oldest)
+                continue
+            frame = self._ready.pop(first)
+            self.held_bytes -= len(frame.data)
+            self.newest = first
+            out.append(frame)
+        return out
 
 
 # =============================================================================
-# 6. MEDIA FLOW: the keyframe gate, the jitter buffer, link statistics
+# 6. MEDIA FLOW: control messages, repair, rate, the jitter buffer, statistics
 # =============================================================================
-# Pure code for calls, like 5: what a receiver decides as packets come in
-# and a playback clock ticks. The keyframe gate keeps delta frames from a
-# decoder that lost its reference; the jitter buffer turns packets that
-# arrive unevenly into one audio frame every 20 ms; LinkStats counts what
-# media_stats reports. Time arrives as `now_ms`.
+# Pure code for calls, like 5: what each end decides as packets come in and
+# clocks tick, and the control messages that carry it. A receiver's
+# VideoReceiver asks for lost fragments once (a Nack) before its keyframe
+# gate asks for a keyframe, and its ReportMeter says how the media arrives;
+# a sender's Retransmitter answers Nacks from a FragmentCache within bounds a
+# peer can't stretch, and its RateController turns Reports into a bitrate, a
+# frame rate and a size. The jitter buffer turns packets that arrive unevenly
+# into one audio frame every 20 ms; LinkStats counts what media_stats
+# reports. Time arrives as `now_ms`; no sockets, threads or clocks here.
+
+# --- Tunables ----------------------------------------------------------------------------
+
+REPAIR_WAIT_MS = 100                # a newer frame waits at most this long for an older repair
+RESEND_FRAMES = 32                  # frames a sender keeps for Nacks (about a second)
+RESEND_BYTES = 2 * 1024 * 1024      # and bytes, at most
+RESEND_PER_S = 120                  # fragments sent again to one link a second, at most
+RESEND_BURST = 60                   # and at once
+REPORT_INTERVAL_MS = 250            # a receiver reports how media arrives this often
+DELAY_BASE_MS = 10_000              # queuing delay is measured over the quickest in this
+REPORT_STALE_MS = 1500              # a link that stopped reporting counts as congested
+LOSS_HIGH_BP = 1000                 # loss above this (1/10000) is congestion: slow down
+LOSS_LOW_BP = 200                   # below this, and
+DELAY_HIGH_MS = 100                 # queuing delay above this is congestion
+DELAY_LOW_MS = 30                   # below this, the link is clear: speed up
+RATE_DECREASE = 0.85                # bitrate after congestion, at most this share of before
+RATE_INCREASE_PER_S = 0.08          # while clear, bitrate grows this share a second
+RATE_STEP = 0.85                    # bitrates come in steps, each this share of the one above
+RATE_MIN_SHARE = 0.08               # the lowest bitrate, as a share of the highest
+INCREASE_AFTER_MS = 1000            # no increase this soon after a decrease
+SIZE_HOLD_MS = 3000                 # no size change up this soon after another (a keyframe)
+# (bitrate at least this share of the highest, frames a second, size divisor): first
+# the bitrate falls, then the frame rate, then the picture's size.
+RATE_LADDER = ((0.35, 30, 1), (0.22, 20, 1), (0.15, 15, 1), (0.10, 15, 2), (0.0, 10, 2))
+RATE_UP_MARGIN = 1.2                # a bigger size needs this much more than its rung
+
+
+# --- Control messages -------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Control:
+    """A control inner payload: type u8, then its body. CONTROL_KEYFRAME ("send a
+    keyframe") carries last_frame_id u32, the last frame id received; CONTROL_KEEPALIVE
+    (sent when there is no media, so the link does not look dead) has no body and
+    last_frame_id 0. Nack and Report are the other two types."""
+    type: int
+    last_frame_id: int = 0
+
+
+_NACK_ENTRY = struct.Struct(">IHH")             # frame_id, index, mask: 8 bytes
+_REPORT = struct.Struct(">BHHI")                # type, loss_bp, delay_ms, kbps: 9 bytes
+
+
+@dataclasses.dataclass(frozen=True)
+class Nack:
+    """CONTROL_NACK, "these video fragments never came": a receiver asks once, before
+    it asks for a keyframe. Body: n u8 (1..MAX_NACK_ENTRIES), then n entries of
+    frame_id u32, index u16, mask u16: data fragment `index` of that frame, and
+    index + 1 + i for each bit i set in mask (an entry names up to 17). An index of
+    NACK_WHOLE_FRAME, with mask 0, asks for every data fragment of a frame of which
+    nothing arrived. At most 130 bytes, whatever is asked: what the sender does with
+    it is bounded by its Retransmitter, not by the peer."""
+    entries: tuple[tuple[int, int, int], ...]   # (frame_id, index, mask)
+    type: ClassVar[int] = CONTROL_NACK
+
+    @classmethod
+    def asking(cls, lost: Iterable[tuple[int, Iterable[int] | None]]) -> list[Nack]:
+        """The Nacks that ask for `lost`: (frame_id, data indices), or (frame_id,
+        None) for a whole frame. Several when one would pass MAX_NACK_ENTRIES."""
+        entries: list[tuple[int, int, int]] = []
+        for frame_id, indices in lost:
+            if indices is None:
+                entries.append((frame_id, NACK_WHOLE_FRAME, 0))
+                continue
+            first: int | None = None
+            mask = 0
+            for index in sorted(set(indices)):
+                if first is not None and index - first <= 16:
+                    mask |= 1 << (index - first - 1)
+                    continue
+                if first is not None:
+                    entries.append((frame_id, first, mask))
+                first, mask = index, 0
+            if first is not None:
+                entries.append((frame_id, first, mask))
+        return [cls(tuple(entries[i:i + MAX_NACK_ENTRIES]))
+                for i in range(0, len(entries), MAX_NACK_ENTRIES)]
+
+    def wanted(self) -> list[tuple[int, int | None]]:
+        """(frame_id, data index) for each fragment asked for; index None: all of it."""
+        out: list[tuple[int, int | None]] = []
+        for frame_id, index, mask in self.entries:
+            if index == NACK_WHOLE_FRAME:
+                out.append((frame_id, None))
+                continue
+            out.append((frame_id, index))
+            out += [(frame_id, index + 1 + i) for i in range(16) if mask >> i & 1]
+        return out
+
+
+@dataclasses.dataclass(frozen=True)
+class Report:
+    """CONTROL_REPORT, a receiver's word on how the media from us arrives, a few
+    times a second, for the sender's RateController. Body: loss_bp u16 (packets lost
+    before any repair, in 1/10000: 0..10000), delay_ms u16 (queuing delay: how much
+    longer than the quickest lately this interval's packets took), kbps u32
+    (received, every kind)."""
+    loss_bp: int
+    delay_ms: int
+    kbps: int
+    type: ClassVar[int] = CONTROL_REPORT
+
+
+def pack_control(control: Control | Nack | Report) -> bytes:
+    """The inner payload for `control`. Raises ValueError for an unknown type or a
+    field out of range (a keepalive's frame id not 0; an empty, too long or
+    inconsistent Nack; a Report's loss over 10000)."""
+    if isinstance(control, Nack):
+        entries = control.entries
+        if not 1 <= len(entries) <= MAX_NACK_ENTRIES or any(
+                index == NACK_WHOLE_FRAME and mask for _, index, mask in entries):
+            raise ValueError(f"can't pack {control!r}")
+        try:
+            return bytes([CONTROL_NACK, len(entries)]) + b"".join(
+                _NACK_ENTRY.pack(*entry) for entry in entries)
+        except struct.error as exc:
+            raise ValueError(str(exc)) from None
+    if isinstance(control, Report):
+        if not 0 <= control.loss_bp <= 10000:
+            raise ValueError(f"loss of {control.loss_bp} / 10000")
+        try:
+            return _REPORT.pack(CONTROL_REPORT, control.loss_bp, control.delay_ms,
+                                control.kbps)
+        except struct.error as exc:
+            raise ValueError(str(exc)) from None
+    if control.type == CONTROL_KEEPALIVE and control.last_frame_id == 0:
+        return bytes([CONTROL_KEEPALIVE])
+    if control.type == CONTROL_KEYFRAME and 0 <= control.last_frame_id <= 0xFFFFFFFF:
+        return struct.pack(">BI", CONTROL_KEYFRAME, control.last_frame_id)
+    raise ValueError(f"can't pack {control!r}")
+
+
+def unpack_control(inner: bytes) -> Control | Nack | Report | None:
+    """The control message in an inner payload, or None if it is malformed: an
+    unknown type, a length its type doesn't have, a Nack with no entries, more than
+    MAX_NACK_ENTRIES or a whole-frame entry with a mask, a Report's loss over 10000."""
+    size = len(inner)
+    if size == 1 and inner[0] == CONTROL_KEEPALIVE:
+        return Control(CONTROL_KEEPALIVE)
+    if size == 5 and inner[0] == CONTROL_KEYFRAME:
+        return Control(CONTROL_KEYFRAME, int.from_bytes(inner[1:], "big"))
+    if size >= 2 and inner[0] == CONTROL_NACK and 1 <= inner[1] <= MAX_NACK_ENTRIES \
+            and size == 2 + inner[1] * _NACK_ENTRY.size:
+        entries = tuple(_NACK_ENTRY.iter_unpack(bytes(inner[2:])))
+        if any(index == NACK_WHOLE_FRAME and mask for _, index, mask in entries):
+            return None
+        return Nack(entries)
+    if size == _REPORT.size and inner[0] == CONTROL_REPORT:
+        _, loss_bp, delay_ms, kbps = _REPORT.unpack(bytes(inner))
+        return Report(loss_bp, delay_ms, kbps) if loss_bp <= 10000 else None
+    return None
+
 
 class GateState(enum.Enum):
     """Where a KeyframeGate is; it starts AWAITING_KEYFRAME."""
@@ -2578,6 +2869,60 @@ class KeyframeGate:
         self._last_request_ms = now_ms
         self.requests += 1
         return True
+
+
+# --- Video in: repair, then the keyframe gate --------------------------------------------
+
+class VideoReceiver:
+    """One link's incoming video, from packets to the frames its decoder may take.
+
+    Give `packet` every video inner payload, and call `poll` often (with every packet
+    of any kind, and on a timer): each returns (frames to decode, in order; control
+    inner payloads to send back). With `repair`, the data fragments parity can't
+    rebuild are asked for once, in a Nack, as soon as they are known lost, and newer
+    frames wait up to wait_ms for them; a frame still missing then is given up and
+    the KeyframeGate asks for a keyframe. Without, a frame is given up as soon as a
+    newer one is complete (there is nothing to wait for). `decoder_failed` when the
+    decoder refuses a frame. Counters: `nacks` (Nack packets asked to send), and the
+    Reassembler's and the gate's.
+    """
+
+    def __init__(self, repair: bool = True, wait_ms: float = REPAIR_WAIT_MS,
+                 request_interval_ms: float = KEYFRAME_REQUEST_INTERVAL_MS) -> None:
+        self.repair = repair
+        self.reassembler = Reassembler(hold_ms=wait_ms if repair else 0)
+        self.gate = KeyframeGate(request_interval_ms)
+        self.nacks = 0
+
+    def packet(self, inner: bytes, now_ms: float) -> tuple[list[Frame], list[bytes]]:
+        return self._pass(self.reassembler.add(inner, now_ms), now_ms)
+
+    def poll(self, now_ms: float) -> tuple[list[Frame], list[bytes]]:
+        return self._pass(self.reassembler.poll(now_ms), now_ms)
+
+    def decoder_failed(self, now_ms: float) -> list[bytes]:
+        """The decoder refused a frame (or fell behind): a keyframe request, or none
+        if one went out less than the gate's interval ago."""
+        return [self.keyframe_request()] if self.gate.decoder_failed(now_ms) else []
+
+    def keyframe_request(self) -> bytes:
+        return pack_control(Control(CONTROL_KEYFRAME, self.gate.last_frame_id or 0))
+
+    def _pass(self, frames: list[Frame], now_ms: float) -> tuple[list[Frame], list[bytes]]:
+        controls = []
+        if self.repair:
+            for nack in Nack.asking(self.reassembler.lost(now_ms)):
+                controls.append(pack_control(nack))
+                self.nacks += 1
+        decode, keyframe = [], False
+        for frame in frames:
+            verdict = self.gate.check(frame, now_ms)
+            keyframe |= verdict.request_keyframe
+            if verdict.decode:
+                decode.append(frame)
+        if keyframe:
+            controls.append(self.keyframe_request())
+        return decode, controls
 
 
 # --- Audio: the jitter buffer -------------------------------------------------------------
@@ -2755,6 +3100,257 @@ class LinkStats:
         self._packets = self._bytes = self._shown = self._audio = 0
         self._latencies = []
         return result
+
+
+class ReportMeter:
+    """A receiver's half of rate control for one link: what its Reports say.
+
+    `packet(seq, size_bytes, now_ms)` for every opened packet; `transit(capture_ms,
+    wall_ms)` for every video fragment (capture_ms from its header, wall_ms our wall
+    clock on arrival); `report(now_ms)` every REPORT_INTERVAL_MS returns the Report
+    for the interval since the last: loss and kbps as LinkStats counts them (loss
+    before any repair: a fragment sent again has a sequence number of its own), and
+    delay_ms, this interval's median transit over the lowest transit of the last
+    DELAY_BASE_MS, so the offset between the two ends' clocks cancels out. Nothing
+    received: a Report of no loss and no delay.
+    """
+
+    def __init__(self, now_ms: float) -> None:
+        self._stats = LinkStats(now_ms)
+        self._transits: list[float] = []
+        self._lows: collections.deque[tuple[float, float]] = collections.deque()
+        # ^ (when, the lowest transit of one interval), for DELAY_BASE_MS
+
+    def packet(self, seq: int, size_bytes: int, now_ms: float) -> None:
+        self._stats.packet(seq, size_bytes, now_ms)
+
+    def transit(self, capture_ms: float, wall_ms: float) -> None:
+        if len(self._transits) < _MAX_LATENCY_SAMPLES:
+            self._transits.append(wall_ms - capture_ms)
+
+    def report(self, now_ms: float) -> Report:
+        snapshot = self._stats.snapshot(now_ms)
+        delay = 0
+        if self._transits:
+            ordered = sorted(self._transits)
+            self._lows.append((now_ms, ordered[0]))
+            while now_ms - self._lows[0][0] > DELAY_BASE_MS:
+                self._lows.popleft()
+            base = min(low for _, low in self._lows)
+            delay = min(max(0, round(ordered[len(ordered) // 2] - base)), 0xFFFF)
+            self._transits = []
+        return Report(round(snapshot["loss"] * 10000), delay,
+                      min(round(snapshot["kbps"]), 0xFFFFFFFF))
+
+
+# --- Video out: retransmission and the rate ----------------------------------------------
+
+class FragmentCache:
+    """The data fragments of the last frames one video stream sent, kept for the
+    Retransmitters of every link the stream goes to: at most max_frames frames and
+    max_bytes, the oldest leaving first. Parity is not kept: a Nack names data.
+    Not thread-safe: the sender guards it."""
+
+    def __init__(self, max_frames: int = RESEND_FRAMES, max_bytes: int = RESEND_BYTES) -> None:
+        self.max_frames = max_frames
+        self.max_bytes = max_bytes
+        self._frames: collections.OrderedDict[int, dict[int, bytes]] = collections.OrderedDict()
+        self.held_bytes = 0
+
+    def __contains__(self, frame_id: int) -> bool:
+        return frame_id in self._frames
+
+    def add(self, frame_id: int, inners: list[bytes]) -> None:
+        """Keep frame_id's data fragments (inners from `fragment`)."""
+        kept: dict[int, bytes] = {}
+        for inner in inners:
+            f = unpack_video(inner)
+            if f is not None and not f.parity and f.frame_id == frame_id:
+                kept[f.index] = bytes(inner)
+        self._drop(frame_id)
+        self._frames[frame_id] = kept
+        self.held_bytes += sum(map(len, kept.values()))
+        while len(self._frames) > self.max_frames or self.held_bytes > self.max_bytes:
+            self._drop(next(iter(self._frames)))
+
+    def get(self, frame_id: int, index: int) -> bytes | None:
+        return self._frames.get(frame_id, {}).get(index)
+
+    def indices(self, frame_id: int) -> list[int]:
+        return sorted(self._frames.get(frame_id, {}))
+
+    def _drop(self, frame_id: int) -> None:
+        old = self._frames.pop(frame_id, None)
+        if old is not None:
+            self.held_bytes -= sum(map(len, old.values()))
+
+
+class Retransmitter:
+    """Answers one link's Nacks from its stream's FragmentCache, within bounds the peer
+    can't stretch, whatever it asks: a fragment goes again at most once to this link
+    and only while cached, at most `burst` at once and `per_s` a second (a token
+    bucket), and one Nack makes us look up at most 17 x MAX_NACK_ENTRIES fragments.
+    The rest of a Nack is dropped and counted. So a Nack never costs us more than we
+    sent that peer in the first place.
+
+    Counters: resent (fragments answered), refused (over the budget, or sent again
+    before), unknown (not, or no longer, cached).
+    """
+
+    def __init__(self, cache: FragmentCache, per_s: float = RESEND_PER_S,
+                 burst: int = RESEND_BURST) -> None:
+        self.cache = cache
+        self.per_s = per_s
+        self.burst = burst
+        self._tokens = float(burst)
+        self._at: float | None = None       # when the bucket was last filled
+        self._sent: set[tuple[int, int]] = set()    # (frame_id, index) sent again
+        self.resent = self.refused = self.unknown = 0
+
+    def answer(self, nack: Nack, now_ms: float) -> list[bytes]:
+        """The video inner payloads to seal and send again, in the order asked."""
+        if self._at is not None:
+            self._tokens = min(self.burst,
+                               self._tokens + max(0.0, now_ms - self._at) * self.per_s / 1000)
+        self._at = now_ms
+        out: list[bytes] = []
+        lookups = 17 * MAX_NACK_ENTRIES
+        for frame_id, index in nack.wanted():
+            for i in self.cache.indices(frame_id) if index is None else [index]:
+                lookups -= 1
+                if lookups < 0:
+                    self.refused += 1
+                    break
+                inner = self.cache.get(frame_id, i)
+                if inner is None:
+                    self.unknown += 1
+                elif (frame_id, i) in self._sent or self._tokens < 1:
+                    self.refused += 1
+                else:
+                    self._sent.add((frame_id, i))
+                    self._tokens -= 1
+                    out.append(inner)
+        if len(self._sent) > 4 * RESEND_FRAMES * 17:
+            self._sent = {key for key in self._sent if key[0] in self.cache}
+        self.resent += len(out)
+        return out
+
+
+@dataclasses.dataclass(frozen=True)
+class VideoSettings:
+    """How a video stream is sent now, from RateController.update."""
+    bitrate: int                    # the encoder's target, bits a second
+    fps: int
+    width: int
+    height: int
+
+
+class RateController:
+    """How one video stream is sent (bitrate, frame rate, size), from the Reports of
+    the links it goes to. One encoder serves them all, so the worst link decides.
+
+    `report(peer, report, now_ms)` for each Report; `forget(peer)` when a link ends;
+    `update(now_ms)` (once per camera frame, say) returns the settings; `take_frame(
+    now_ms)` says whether the frame captured now is sent, at the settings' rate.
+
+    A link whose latest Report says loss above LOSS_HIGH_BP or delay above
+    DELAY_HIGH_MS, or whose Reports stopped for REPORT_STALE_MS, is congested: the
+    bitrate falls to RATE_DECREASE of itself, or of what that link received (over
+    `overhead`, bytes sent per byte of video: parity, headers, sound) if less, once
+    per Report that says so. When every link is clear (loss below LOSS_LOW_BP, delay
+    below DELAY_LOW_MS) it grows RATE_INCREASE_PER_S a second, from
+    INCREASE_AFTER_MS after the last decrease, up to max_bitrate; otherwise it holds.
+    Links that never reported (a peer that doesn't) don't count.
+
+    The bitrate comes out in steps of RATE_STEP (a new bitrate costs the encoder a
+    keyframe), and RATE_LADDER turns it into a frame rate and a size: first the
+    bitrate falls, then the frame rate, then the size. Going back up to a bigger
+    size needs RATE_UP_MARGIN over its lowest rung and SIZE_HOLD_MS since the last
+    size change. Counters: decreases, increases (of the bitrate step).
+    """
+
+    def __init__(self, max_bitrate: int, width: int, height: int, fps: int,
+                 overhead: float = 1.3) -> None:
+        self.max_bitrate = max_bitrate
+        self.min_bitrate = max(1, round(max_bitrate * RATE_MIN_SHARE))
+        self.full = (width, height)
+        self.max_fps = fps
+        self.overhead = overhead
+        self.estimate = float(max_bitrate)      # bits a second, before the steps
+        self._reports: dict[str, tuple[Report, float]] = {}     # peer -> (latest, when)
+        self._decreased_ms: float | None = None
+        self._updated_ms: float | None = None
+        self._resized_ms: float | None = None
+        self._rung = 0
+        self._next_frame_ms: float | None = None
+        self.decreases = self.increases = 0
+        self.settings = self._settings(None)
+
+    def report(self, peer: str, report: Report, now_ms: float) -> None:
+        self._reports[peer] = (report, now_ms)
+
+    def forget(self, peer: str) -> None:
+        self._reports.pop(peer, None)
+
+    def update(self, now_ms: float) -> VideoSettings:
+        congested, clear = [], True
+        for report, at in self._reports.values():
+            stale = now_ms - at > REPORT_STALE_MS
+            if stale or report.loss_bp > LOSS_HIGH_BP or report.delay_ms > DELAY_HIGH_MS:
+                news = self._decreased_ms is None or at > self._decreased_ms or (
+                    stale and now_ms - self._decreased_ms >= REPORT_STALE_MS)
+                if news:
+                    congested.append(None if stale or not report.kbps else report.kbps)
+            clear &= not stale and report.loss_bp < LOSS_LOW_BP \
+                and report.delay_ms < DELAY_LOW_MS
+        before = self.settings.bitrate
+        if congested:
+            received = [kbps * 1000 / self.overhead for kbps in congested if kbps]
+            self.estimate = max(self.min_bitrate,
+                                min([self.estimate, *received]) * RATE_DECREASE)
+            self._decreased_ms = now_ms
+        elif clear and (self._decreased_ms is None
+                        or now_ms - self._decreased_ms >= INCREASE_AFTER_MS):
+            elapsed_s = min(1000.0, now_ms - (self._updated_ms or now_ms)) / 1000
+            self.estimate = min(self.max_bitrate,
+                                self.estimate * (1 + RATE_INCREASE_PER_S * elapsed_s))
+        self._updated_ms = now_ms
+        self.settings = self._settings(now_ms)
+        self.decreases += self.settings.bitrate < before
+        self.increases += self.settings.bitrate > before
+        return self.settings
+
+    def take_frame(self, now_ms: float) -> bool:
+        """Send the frame captured now? Keeps settings.fps on average from a camera
+        that gives more (a quarter of a frame's time early is on time)."""
+        period = 1000 / self.settings.fps
+        due = self._next_frame_ms
+        if due is not None and now_ms < due - period / 4:
+            return False
+        start = due if due is not None and now_ms - due < period else now_ms
+        self._next_frame_ms = start + period
+        return True
+
+    def _settings(self, now_ms: float | None) -> VideoSettings:
+        steps = math.log(self.max_bitrate / self.estimate) / math.log(1 / RATE_STEP)
+        bitrate = max(self.min_bitrate,
+                      round(self.max_bitrate * RATE_STEP ** math.ceil(steps - 1e-9)))
+        share = bitrate / self.max_bitrate
+        rung = next(i for i, (least, _, _) in enumerate(RATE_LADDER) if share >= least)
+        divisor, current = RATE_LADDER[rung][2], RATE_LADDER[self._rung][2]
+        if divisor < current:       # a bigger picture: only with room, not too often
+            lowest = max(i for i, r in enumerate(RATE_LADDER) if r[2] == divisor)
+            if share < RATE_LADDER[lowest][0] * RATE_UP_MARGIN or (
+                    now_ms is not None and self._resized_ms is not None
+                    and now_ms - self._resized_ms < SIZE_HOLD_MS):
+                rung = min(i for i, r in enumerate(RATE_LADDER) if r[2] == current)
+        if RATE_LADDER[rung][2] != current:
+            self._resized_ms = now_ms
+        self._rung = rung
+        _, fps, divisor = RATE_LADDER[rung]
+        width, height = self.full
+        return VideoSettings(bitrate, min(fps, self.max_fps),
+                             max(2, width // divisor // 2 * 2), max(2, height // divisor // 2 * 2))
 
 
 # =============================================================================
