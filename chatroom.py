@@ -3752,6 +3752,9 @@ VP8_KEYFRAME_FRAMES = 60            # a keyframe at least this often (2 s at 30 
 VP8_THREADS = 1                     # encoder threads (see Vp8Encoder)
 VP8_CPU_USED = 8                    # libvpx speed: MEDIA-NOTES measured 5 ms, 33 dB here
 JPEG_QUALITY = 70
+JPEG_BITRATE = 8_000_000            # about what quality 70 takes at 640x480, 30 fps
+JPEG_MIN_QUALITY = 20               # a bitrate never takes JPEG below this quality
+JPEG_QUALITY_STEP = 5
 MAX_DECODE_PIXELS = 1920 * 1088     # a peer's frame header claiming more is refused
 CAMERA_PROBE_INDEXES = range(5)     # list_devices tries these camera indexes
 
@@ -4112,11 +4115,15 @@ def open_video_source(spec: str, user: str, fps: int = VIDEO_FPS, width: int = V
 class VideoEncoder(Protocol):
     """Turns frames into packets. encode() returns (data, is_keyframe), or
     None when the encoder produced nothing for this frame; keyframe=True
-    forces a keyframe (a peer joined or lost a packet)."""
+    forces a keyframe (a peer joined or lost a packet). configure() sets the
+    bitrate, frame rate and size of the frames that follow (RateController's
+    settings); True means the next frame is a keyframe because of it."""
     codec_id: int
     name: str
 
     def encode(self, frame: Any, keyframe: bool = False) -> tuple[bytes, bool] | None: ...
+
+    def configure(self, bitrate: int, fps: int, width: int, height: int) -> bool: ...
 
     def close(self) -> None: ...
 
@@ -4161,8 +4168,10 @@ def _jpeg_pixels(data: bytes) -> int:
 class Vp8Encoder:
     """VP8 through PyAV's libvpx, tuned for calls: realtime deadline, no
     look-ahead (one packet out per frame in), error resilient, no alt-ref,
-    a keyframe at least every VP8_KEYFRAME_FRAMES and whenever asked.
-    Frames of another size are scaled by PyAV to width x height."""
+    a keyframe at least every VP8_KEYFRAME_FRAMES (2 s at full rate) and
+    whenever asked. Frames of another size are scaled by PyAV to width x
+    height. Each frame's time stamp advances by 1000 / fps ms, so libvpx's
+    rate control shares the bitrate among the frames really sent."""
     codec_id = VIDEO_CODEC_IDS["vp8"]
     name = "vp8"
 
@@ -4170,27 +4179,43 @@ class Vp8Encoder:
                  height: int = VIDEO_HEIGHT, fps: int = VIDEO_FPS) -> None:
         self._av = _av()
         _numpy()
+        self.bitrate, self.fps, self.width, self.height = bitrate, fps, width, height
+        self._ctx: Any = self._open()
+        self._pts = 0                   # the next frame's time stamp, ms
+
+    def _open(self) -> Any:
         ctx = self._av.CodecContext.create("libvpx", "w")
-        ctx.width, ctx.height, ctx.pix_fmt = width, height, "yuv420p"
-        ctx.time_base = Fraction(1, fps)
-        ctx.framerate = Fraction(fps, 1)
-        ctx.bit_rate = bitrate
-        ctx.gop_size = VP8_KEYFRAME_FRAMES      # becomes libvpx's kf_max_dist
+        ctx.width, ctx.height, ctx.pix_fmt = self.width, self.height, "yuv420p"
+        ctx.time_base = Fraction(1, 1000)
+        ctx.framerate = Fraction(self.fps, 1)
+        ctx.bit_rate = self.bitrate
+        ctx.gop_size = max(1, VP8_KEYFRAME_FRAMES * self.fps // VIDEO_FPS)  # kf_max_dist
         # One thread: a second one did not help at 640x480 (MEDIA-NOTES), and on a
         # busy 2-core machine waiting for it made frames take ~115 ms instead of ~6.
         ctx.thread_count = VP8_THREADS
         ctx.options = {"deadline": "realtime", "cpu-used": str(VP8_CPU_USED),
                        "lag-in-frames": "0", "error-resilient": "1", "auto-alt-ref": "0"}
         ctx.open()
-        self._ctx = ctx
-        self._pts = 0                   # frame counter in time_base units
+        return ctx
+
+    def configure(self, bitrate: int, fps: int, width: int, height: int) -> bool:
+        """PyAV's libvpx reads the bitrate and the size only when it opens
+        (setting bit_rate later changes nothing: checked with PyAV 18.1), so a
+        new bitrate or size opens a new encoder, whose first frame is a
+        keyframe (True). A new frame rate only changes the time stamps."""
+        self.fps = max(1, fps)
+        if (bitrate, width, height) == (self.bitrate, self.width, self.height):
+            return False
+        self.bitrate, self.width, self.height = bitrate, width, height
+        self._ctx = self._open()
+        return True
 
     def encode(self, frame: Any, keyframe: bool = False) -> tuple[bytes, bool] | None:
         av = self._av
         video_frame = av.VideoFrame.from_ndarray(_numpy().ascontiguousarray(frame),
                                                  format="bgr24")
         video_frame.pts = self._pts
-        self._pts += 1
+        self._pts += round(1000 / self.fps)
         if keyframe:
             video_frame.pict_type = av.video.frame.PictureType.I
         packets = self._ctx.encode(video_frame)
@@ -4230,17 +4255,36 @@ class Vp8Decoder:
 
 
 class JpegEncoder:
-    """JPEG through OpenCV; every frame stands alone, so each is a keyframe."""
+    """JPEG through OpenCV; every frame stands alone, so each is a keyframe.
+    Given a bitrate (configure), the quality follows it: down by JPEG_QUALITY_STEP
+    while frames come out over bitrate / fps, up again while well under, never
+    above `quality` nor below JPEG_MIN_QUALITY. Frames are scaled to the size
+    configured."""
     codec_id = VIDEO_CODEC_IDS["jpeg"]
     name = "jpeg"
 
     def __init__(self, quality: int = JPEG_QUALITY) -> None:
         self._cv2 = _cv2()
         self.quality = quality
+        self.current = quality          # the quality in use, under a bitrate
+        self.budget: float | None = None    # bytes a frame may take; None: no limit
+        self.size: tuple[int, int] | None = None    # (width, height); None: as given
+
+    def configure(self, bitrate: int, fps: int, width: int, height: int) -> bool:
+        self.budget = bitrate / 8 / max(1, fps)
+        self.size = (width, height)
+        return False
 
     def encode(self, frame: Any, keyframe: bool = False) -> tuple[bytes, bool] | None:
         cv2 = self._cv2
-        ok, data = cv2.imencode(".jpg", frame, [cv2.IMWRITE_JPEG_QUALITY, self.quality])
+        if self.size is not None and frame.shape[1::-1] != self.size:
+            frame = cv2.resize(frame, self.size, interpolation=cv2.INTER_AREA)
+        ok, data = cv2.imencode(".jpg", frame, [cv2.IMWRITE_JPEG_QUALITY, self.current])
+        if self.budget is not None and ok:
+            if data.size > self.budget:
+                self.current = max(JPEG_MIN_QUALITY, self.current - JPEG_QUALITY_STEP)
+            elif data.size < 0.7 * self.budget:
+                self.current = min(self.quality, self.current + JPEG_QUALITY_STEP)
         return (data.tobytes(), True) if ok else None
 
     def close(self) -> None:

@@ -397,3 +397,44 @@ def test_take_frame_keeps_the_frame_rate_from_a_faster_camera():
     assert 99 <= taken <= 101
     fast = controller()
     assert sum(fast.take_frame(n * 1000 / 30) for n in range(300)) == 300
+
+
+# --- encoders take a new bitrate, frame rate and size -----------------------------------------
+
+def test_vp8_encoder_reconfigures_with_a_keyframe_at_the_new_size():
+    pattern = mp.TestPattern("enc")
+    encoder = mp.make_video_encoder("vp8")
+    decoder = mp.make_video_decoder("vp8")
+    for n in range(5):
+        data, _ = encoder.encode(pattern.frame(n), keyframe=n == 0)
+        assert decoder.decode(data).shape == (480, 640, 3)
+    assert encoder.configure(1_000_000, 15, 640, 480) is False      # frame rate alone
+    assert encoder.configure(200_000, 15, 320, 240) is True
+    data, key = encoder.encode(pattern.frame(5))
+    assert key and decoder.decode(data).shape == (240, 320, 3)
+    data, key = encoder.encode(pattern.frame(6))
+    assert not key and decoder.decode(data).shape == (240, 320, 3)
+
+
+def test_vp8_encoder_output_follows_the_bitrate():
+    pattern = mp.TestPattern("enc")
+
+    def kbps(bitrate):
+        encoder = mp.make_video_encoder("vp8")
+        encoder.configure(bitrate, 30, 640, 480)
+        out = [encoder.encode(pattern.frame(n)) for n in range(90)]
+        return sum(len(o[0]) for o in out if o) * 8 / 3 / 1000
+
+    assert kbps(200_000) < 0.5 * kbps(1_000_000)
+
+
+def test_jpeg_encoder_scales_and_follows_a_bitrate():
+    pattern = mp.TestPattern("enc")
+    encoder = mp.make_video_encoder("jpeg")
+    full = len(encoder.encode(pattern.frame(0))[0])
+    encoder.configure(400_000, 10, 320, 240)       # 5000 bytes a frame
+    sizes = [len(encoder.encode(pattern.frame(n))[0]) for n in range(30)]
+    assert mp.make_video_decoder("jpeg").decode(encoder.encode(pattern.frame(1))[0]).shape == (
+        240, 320, 3)
+    assert sum(sizes[-10:]) / 10 <= 5000 < full
+    assert encoder.current < mp.JPEG_QUALITY
