@@ -2,7 +2,8 @@
 Report control messages (hostile bodies refused), reassembly that waits for a
 repair, the receiver's Nacks, the sender's fragment cache and its bounded
 Retransmitter, the receiver's ReportMeter and the sender's RateController, and
-the encoders taking a new bitrate and size. No sockets, no sleeps: every clock is
+the encoders taking a new bitrate and size, and the simulation bench/video_sim.py
+runs on them. No sockets, no sleeps: every clock is
 a number passed in."""
 
 import itertools
@@ -438,3 +439,22 @@ def test_jpeg_encoder_scales_and_follows_a_bitrate():
         240, 320, 3)
     assert sum(sizes[-10:]) / 10 <= 5000 < full
     assert encoder.current < mp.JPEG_QUALITY
+
+
+# --- the simulation bench/video_sim.py runs, on the real pure code ------------------------
+
+def test_repair_keeps_more_frames_than_parity_alone_in_the_simulation():
+    from bench import video_sim
+    parity, both, nack = (video_sim.simulate(mode, 0.05, seed=3, seconds=20)
+                          for mode in ("parity", "both", "nack"))
+    assert both["shown_pct"] > parity["shown_pct"] and both["shown_pct"] > 97
+    assert nack["kbps"] < both["kbps"]              # no parity: fewer bytes
+    assert both["nacks"] > 0 and both["recovered"] > 0 and nack["recovered"] > 0
+
+
+def test_a_short_burst_is_repaired_whole_in_the_simulation():
+    from bench import video_sim
+    cut = video_sim.simulate("both", 0.0, seconds=4, burst=(2000.0, 2200.0))
+    plain = video_sim.simulate("parity", 0.0, seconds=4, burst=(2000.0, 2200.0))
+    assert cut["shown_pct"] == 100 and cut["keyframes_asked"] == 0
+    assert plain["shown_pct"] < 100 and plain["keyframes_asked"] >= 1
