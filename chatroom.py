@@ -5391,6 +5391,8 @@ class UdpSocket:
     `on_packet(data, address)` runs on the receiving thread for every
     datagram; it must be quick and must not raise. Errors an ICMP message
     leaves on a UDP socket (a peer that went away) are counted and ignored.
+    Sending never waits: a datagram the system can't take at once is dropped
+    and counted, so one peer's full path can't hold up the others' media.
     """
 
     def __init__(self, bind: str, port: int,
@@ -5407,6 +5409,11 @@ class UdpSocket:
             self.sock.close()
             raise
         self.sock.settimeout(_UDP_POLL_S)
+        # The receiving side waits with a timeout, and Python applies a socket's
+        # timeout to sendto too (it waits for room, then retries): sends go
+        # through a duplicate that never waits.
+        self._sender = self.sock.dup()
+        self._sender.setblocking(False)
         self.port: int = self.sock.getsockname()[1]
         # close() wakes the receiving thread with an empty datagram to itself.
         self._wake_to = (bind if bind not in ("0.0.0.0", "::") else
@@ -5424,9 +5431,9 @@ class UdpSocket:
         """Send one datagram now; a failure is counted, never raised (the
         link's silence timer is what notices a dead peer)."""
         try:
-            self.sock.sendto(data, address)
+            self._sender.sendto(data, address)
             self.sent += 1
-        except OSError:
+        except OSError:                     # BlockingIOError included: dropped
             self.errors += 1
 
     def _receive(self) -> None:
@@ -5448,6 +5455,7 @@ class UdpSocket:
                     log.exception("handling a media packet failed")
         finally:
             self.sock.close()               # here: the fd is never reused under us
+            self._sender.close()
 
     def close(self, wait: bool = False) -> None:
         """Stop receiving; the receiving thread closes the socket as it ends,
