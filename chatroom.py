@@ -2674,7 +2674,7 @@ LOSS_LOW_BP = 200                   # below this, and
 DELAY_HIGH_MS = 100                 # queuing delay above this is congestion
 DELAY_LOW_MS = 30                   # below this, the link is clear: speed up
 RATE_DECREASE = 0.85                # bitrate after congestion, at most this share of before
-RATE_INCREASE_PER_S = 0.08          # while clear, bitrate grows this share a second
+RATE_INCREASE_PER_S = 0.12          # while clear, bitrate grows this share a second
 RATE_STEP = 0.85                    # bitrates come in steps, each this share of the one above
 RATE_MIN_SHARE = 0.08               # the lowest bitrate, as a share of the highest
 INCREASE_AFTER_MS = 1000            # no increase this soon after a decrease
@@ -3249,17 +3249,19 @@ class RateController:
     """How one video stream is sent (bitrate, frame rate, size), from the Reports of
     the links it goes to. One encoder serves them all, so the worst link decides.
 
-    `report(peer, report, now_ms)` for each Report; `forget(peer)` when a link ends;
+    `report(peer, report, now_ms, sent_kbps)` for each Report, with what we sent that
+    peer over about the interval it covers, if known; `forget(peer)` when a link ends;
     `update(now_ms)` (once per camera frame, say) returns the settings; `take_frame(
     now_ms)` says whether the frame captured now is sent, at the settings' rate.
 
     A link whose latest Report says loss above LOSS_HIGH_BP or delay above
     DELAY_HIGH_MS, or whose Reports stopped for REPORT_STALE_MS, is congested: the
-    bitrate falls to RATE_DECREASE of itself, or of what that link received (over
-    `overhead`, bytes sent per byte of video: parity, headers, sound) if less, once
-    per Report that says so. When every link is clear (loss below LOSS_LOW_BP, delay
-    below DELAY_LOW_MS) it grows RATE_INCREASE_PER_S a second, from
-    INCREASE_AFTER_MS after the last decrease, up to max_bitrate; otherwise it holds.
+    bitrate falls to RATE_DECREASE of itself, times the share of what we sent that
+    arrived when less got there (whatever parity, headers and sound add, that share
+    is what the link can take), once per Report that says so. When every link is
+    clear (loss below LOSS_LOW_BP, delay below DELAY_LOW_MS) it grows
+    RATE_INCREASE_PER_S a second, from INCREASE_AFTER_MS after the last decrease, up
+    to max_bitrate; otherwise it holds.
     Links that never reported (a peer that doesn't) don't count.
 
     The bitrate comes out in steps of RATE_STEP (a new bitrate costs the encoder a
@@ -3269,15 +3271,14 @@ class RateController:
     size change. Counters: decreases, increases (of the bitrate step).
     """
 
-    def __init__(self, max_bitrate: int, width: int, height: int, fps: int,
-                 overhead: float = 1.3) -> None:
+    def __init__(self, max_bitrate: int, width: int, height: int, fps: int) -> None:
         self.max_bitrate = max_bitrate
         self.min_bitrate = max(1, round(max_bitrate * RATE_MIN_SHARE))
         self.full = (width, height)
         self.max_fps = fps
-        self.overhead = overhead
         self.estimate = float(max_bitrate)      # bits a second, before the steps
-        self._reports: dict[str, tuple[Report, float]] = {}     # peer -> (latest, when)
+        self._reports: dict[str, tuple[Report, float, float | None]] = {}
+        # ^ peer -> (latest Report, when, kb/s we sent them then)
         self._decreased_ms: float | None = None
         self._updated_ms: float | None = None
         self._resized_ms: float | None = None
@@ -3286,28 +3287,28 @@ class RateController:
         self.decreases = self.increases = 0
         self.settings = self._settings(None)
 
-    def report(self, peer: str, report: Report, now_ms: float) -> None:
-        self._reports[peer] = (report, now_ms)
+    def report(self, peer: str, report: Report, now_ms: float,
+               sent_kbps: float | None = None) -> None:
+        self._reports[peer] = (report, now_ms, sent_kbps)
 
     def forget(self, peer: str) -> None:
         self._reports.pop(peer, None)
 
     def update(self, now_ms: float) -> VideoSettings:
-        congested, clear = [], True
-        for report, at in self._reports.values():
+        congested, clear = [], True         # congested: the share of ours that arrived
+        for report, at, sent in self._reports.values():
             stale = now_ms - at > REPORT_STALE_MS
             if stale or report.loss_bp > LOSS_HIGH_BP or report.delay_ms > DELAY_HIGH_MS:
                 news = self._decreased_ms is None or at > self._decreased_ms or (
                     stale and now_ms - self._decreased_ms >= REPORT_STALE_MS)
                 if news:
-                    congested.append(None if stale or not report.kbps else report.kbps)
+                    congested.append(1.0 if stale or not sent else min(1.0, report.kbps / sent))
             clear &= not stale and report.loss_bp < LOSS_LOW_BP \
                 and report.delay_ms < DELAY_LOW_MS
         before = self.settings.bitrate
         if congested:
-            received = [kbps * 1000 / self.overhead for kbps in congested if kbps]
             self.estimate = max(self.min_bitrate,
-                                min([self.estimate, *received]) * RATE_DECREASE)
+                                self.estimate * min(congested) * RATE_DECREASE)
             self._decreased_ms = now_ms
         elif clear and (self._decreased_ms is None
                         or now_ms - self._decreased_ms >= INCREASE_AFTER_MS):

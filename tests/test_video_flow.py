@@ -301,7 +301,7 @@ def test_report_meter_measures_loss_and_queuing_delay():
 # --- the sender's rate ------------------------------------------------------------------------
 
 def controller():
-    return mp.RateController(1_000_000, 640, 480, 30, overhead=1.25)
+    return mp.RateController(1_000_000, 640, 480, 30)
 
 
 BAD = mp.Report(2000, 0, 500)           # 20% lost, 500 kb/s arriving
@@ -327,10 +327,13 @@ def test_rate_falls_by_bitrate_then_frame_rate_then_size():
     assert rate.decreases == len(seen) - 1
 
 
-def test_loss_cuts_straight_to_what_arrived():
+def test_loss_cuts_straight_to_the_share_that_arrived():
     rate = controller()
-    rate.report("bob", BAD, 0)
-    assert rate.update(0).bitrate <= 500_000 / 1.25 * mp.RATE_DECREASE
+    rate.report("bob", BAD, 0, sent_kbps=1400)      # 500 of our 1400 kb/s got there
+    assert rate.update(0).bitrate <= 1_000_000 * 500 / 1400 * mp.RATE_DECREASE
+    other = controller()
+    other.report("bob", BAD, 0)                     # what we sent unknown: one step
+    assert other.update(0).bitrate == round(1_000_000 * mp.RATE_DECREASE)
 
 
 def test_one_congested_report_lowers_the_rate_once():
