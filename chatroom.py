@@ -3048,7 +3048,9 @@ class LinkStats:
     0..1 of packets missing, as RTCP's "fraction lost": from the highest sequence
     number at the last snapshot to the highest now), latency_ms (median of now -
     capture time of the frames shown; the two clocks' offset included; None if no
-    frame), kbps (received), dropped (packets refused since the start).
+    frame), kbps (received), dropped (packets refused since the start), freeze_ms
+    (the longest the picture stood still: time between two frames shown, for those
+    shown this interval, the first counted from the one before it; None if none).
     """
 
     def __init__(self, now_ms: float) -> None:
@@ -3058,6 +3060,8 @@ class LinkStats:
         self._low: int | None = None    # lowest this interval
         self._packets = self._bytes = self._shown = self._audio = self._refused = 0
         self._latencies: list[float] = []
+        self._shown_ms: float | None = None     # when the last frame was shown
+        self._freeze: float | None = None       # the longest gap ending this interval
         self.last_packet_ms: float | None = None    # silent too long: the link is dead
 
     def packet(self, seq: int, size_bytes: int, now_ms: float) -> None:
@@ -3074,6 +3078,9 @@ class LinkStats:
         self._shown += 1
         if len(self._latencies) < _MAX_LATENCY_SAMPLES:
             self._latencies.append(now_ms - capture_ms)
+        if self._shown_ms is not None:
+            self._freeze = max(self._freeze or 0.0, now_ms - self._shown_ms)
+        self._shown_ms = now_ms
 
     def audio_frame(self) -> None:
         self._audio += 1
@@ -3095,8 +3102,9 @@ class LinkStats:
                             else (ordered[middle - 1] + ordered[middle]) / 2, 1)
         result = {"video_fps": round(self._shown * 1000 / elapsed_ms, 1),
                   "audio_frames": self._audio, "loss": loss, "latency_ms": latency,
-                  "kbps": round(self._bytes * 8 / elapsed_ms, 1), "dropped": self._refused}
-        self._since, self._high, self._low = now_ms, None, None
+                  "kbps": round(self._bytes * 8 / elapsed_ms, 1), "dropped": self._refused,
+                  "freeze_ms": None if self._freeze is None else round(self._freeze)}
+        self._since, self._high, self._low, self._freeze = now_ms, None, None, None
         self._packets = self._bytes = self._shown = self._audio = 0
         self._latencies = []
         return result
