@@ -2671,6 +2671,7 @@ DELAY_BASE_MS = 10_000              # queuing delay is measured over the quickes
 REPORT_STALE_MS = 1500              # a link that stopped reporting counts as congested
 LOSS_HIGH_BP = 1000                 # loss above this (1/10000) is congestion: slow down
 LOSS_LOW_BP = 200                   # below this, and
+LOSS_SMOOTHING = 4                  # loss is judged over about this many reports too
 DELAY_HIGH_MS = 100                 # queuing delay above this is congestion
 DELAY_LOW_MS = 30                   # below this, the link is clear: speed up
 RATE_DECREASE = 0.85                # bitrate after congestion, at most this share of before
@@ -3262,12 +3263,14 @@ class RateController:
     `update(now_ms)` (once per camera frame, say) returns the settings; `take_frame(
     now_ms)` says whether the frame captured now is sent, at the settings' rate.
 
-    A link whose latest Report says loss above LOSS_HIGH_BP or delay above
-    DELAY_HIGH_MS, or whose Reports stopped for REPORT_STALE_MS, is congested: the
+    A link whose latest Report says loss above LOSS_HIGH_BP (and so does its loss
+    smoothed over LOSS_SMOOTHING reports: a quarter second of 5% random loss often
+    loses more than 10%, and that is no congestion) or delay above DELAY_HIGH_MS,
+    or whose Reports stopped for REPORT_STALE_MS, is congested: the
     bitrate falls to RATE_DECREASE of itself, times the share of what we sent that
     arrived when less got there (whatever parity, headers and sound add, that share
     is what the link can take), once per Report that says so. When every link is
-    clear (loss below LOSS_LOW_BP, delay below DELAY_LOW_MS) it grows
+    clear (smoothed loss below LOSS_LOW_BP, delay below DELAY_LOW_MS) it grows
     RATE_INCREASE_PER_S a second, from INCREASE_AFTER_MS after the last decrease, up
     to max_bitrate; otherwise it holds.
     Links that never reported (a peer that doesn't) don't count.
@@ -3285,8 +3288,8 @@ class RateController:
         self.full = (width, height)
         self.max_fps = fps
         self.estimate = float(max_bitrate)      # bits a second, before the steps
-        self._reports: dict[str, tuple[Report, float, float | None]] = {}
-        # ^ peer -> (latest Report, when, kb/s we sent them then)
+        self._reports: dict[str, tuple[Report, float, float | None, float]] = {}
+        # ^ peer -> (latest Report, when, kb/s we sent them then, smoothed loss_bp)
         self._decreased_ms: float | None = None
         self._updated_ms: float | None = None
         self._resized_ms: float | None = None
@@ -3297,22 +3300,25 @@ class RateController:
 
     def report(self, peer: str, report: Report, now_ms: float,
                sent_kbps: float | None = None) -> None:
-        self._reports[peer] = (report, now_ms, sent_kbps)
+        before = self._reports.get(peer)
+        smooth = report.loss_bp if before is None else (
+            before[3] + (report.loss_bp - before[3]) / LOSS_SMOOTHING)
+        self._reports[peer] = (report, now_ms, sent_kbps, smooth)
 
     def forget(self, peer: str) -> None:
         self._reports.pop(peer, None)
 
     def update(self, now_ms: float) -> VideoSettings:
         congested, clear = [], True         # congested: the share of ours that arrived
-        for report, at, sent in self._reports.values():
+        for report, at, sent, smooth in self._reports.values():
             stale = now_ms - at > REPORT_STALE_MS
-            if stale or report.loss_bp > LOSS_HIGH_BP or report.delay_ms > DELAY_HIGH_MS:
+            lossy = report.loss_bp > LOSS_HIGH_BP and smooth > LOSS_HIGH_BP
+            if stale or lossy or report.delay_ms > DELAY_HIGH_MS:
                 news = self._decreased_ms is None or at > self._decreased_ms or (
                     stale and now_ms - self._decreased_ms >= REPORT_STALE_MS)
                 if news:
                     congested.append(1.0 if stale or not sent else min(1.0, report.kbps / sent))
-            clear &= not stale and report.loss_bp < LOSS_LOW_BP \
-                and report.delay_ms < DELAY_LOW_MS
+            clear &= not stale and smooth < LOSS_LOW_BP and report.delay_ms < DELAY_LOW_MS
         before = self.settings.bitrate
         if congested:
             self.estimate = max(self.min_bitrate,

@@ -385,6 +385,15 @@ def test_no_reports_at_all_keep_the_full_rate():
     assert all(rate.update(t).bitrate == 1_000_000 for t in range(0, 10_000, 500))
 
 
+def test_random_loss_that_is_no_congestion_holds_the_rate():
+    rate = controller()
+    rng = random.Random(5)
+    for k in range(400):                # 100 s of 5% random loss, judged 4 times a second
+        lost = sum(rng.random() < 0.05 for _ in range(37))
+        rate.report("bob", mp.Report(round(10000 * lost / 37), 5, 1300), k * 250, 1300)
+        assert rate.update(k * 250).bitrate == 1_000_000, (k, lost)
+
+
 def test_delay_alone_is_congestion():
     rate = controller()
     rate.report("bob", mp.Report(0, 400, 900), 0)
