@@ -23,26 +23,27 @@ The file reads top to bottom; each section uses only the sections above it
  3. ROOMS                 IDs, members, history, help, file names (pure)
  4. CALLS                 invitations, links and groups (pure)
  5. MEDIA PACKETS         sealing, key agreement, fragments, reassembly (pure)
- 6. MEDIA FLOW            control messages, repair, rate, jitter buffer (pure)
- 7. DISCOVERY             mDNS advertise and browse (zeroconf)
- 8. VIDEO DEVICES         test pattern, cameras, files; VP8 and JPEG
- 9. SOUND DEVICES         Opus and PCM, microphones, speakers, recording
-10. CONNECTIONS           Link (framed TCP, three lanes, one writer), UDP sockets
-11. HOST RELAYS           files and calls between the members of a room
-12. HOST                  the listener, sessions, rooms, shutdown (asyncio)
-13. CLIENT FILES          files we send and receive, beside the client core
-14. CLIENT MEDIA          links, sealed packets in and out, the media threads
-15. CLIENT CALLS          host-arranged and direct calls over the engine
-16. CLIENT CORE           one asyncio loop in a thread, one event stream
-17. COMMANDS              one parser for what a person types
-18. TERMINAL CLIENT       --cli: stdin lines in, events out (text or JSON)
-19. GUI LOOK              theme, fonts, --scale, the trace hook, drawing
-20. GUI CONVERSATION      bubbles, notices and file cards; the members list
-21. GUI WINDOWS           the launcher and the chat window
-22. GUI CALLS             the call window: tiles, ESC and Backspace
-23. GUI PLUMBING          settings, the bridge from the core, opening, phases
-24. GUI APP               the one core, the windows, the one read loop
-25. MAIN                  argparse and the entry points
+ 6. MEDIA FLOW            control messages, repair, rate, statistics (pure)
+ 7. PLAYOUT               the jitter buffer, lip sync (pure)
+ 8. DISCOVERY             mDNS advertise and browse (zeroconf)
+ 9. VIDEO DEVICES         test pattern, cameras, files; VP8 and JPEG
+10. SOUND DEVICES         Opus and PCM, microphones, speakers, recording
+11. CONNECTIONS           Link (framed TCP, three lanes, one writer), UDP sockets
+12. HOST RELAYS           files and calls between the members of a room
+13. HOST                  the listener, sessions, rooms, shutdown (asyncio)
+14. CLIENT FILES          files we send and receive, beside the client core
+15. CLIENT MEDIA          links, sealed packets in and out, the media threads
+16. CLIENT CALLS          host-arranged and direct calls over the engine
+17. CLIENT CORE           one asyncio loop in a thread, one event stream
+18. COMMANDS              one parser for what a person types
+19. TERMINAL CLIENT       --cli: stdin lines in, events out (text or JSON)
+20. GUI LOOK              theme, fonts, --scale, the trace hook, drawing
+21. GUI CONVERSATION      bubbles, notices and file cards; the members list
+22. GUI WINDOWS           the launcher and the chat window
+23. GUI CALLS             the call window: tiles, ESC and Backspace
+24. GUI PLUMBING          settings, the bridge from the core, opening, phases
+25. GUI APP               the one core, the windows, the one read loop
+26. MAIN                  argparse and the entry points
 """
 
 from __future__ import annotations
@@ -2647,7 +2648,7 @@ class Reassembler:
 
 
 # =============================================================================
-# 6. MEDIA FLOW: control messages, repair, rate, the jitter buffer, statistics
+# 6. MEDIA FLOW: control messages, repair, rate, the keyframe gate, statistics
 # =============================================================================
 # Pure code for calls, like 5: what each end decides as packets come in and
 # clocks tick, and the control messages that carry it. A receiver's
@@ -2655,9 +2656,9 @@ class Reassembler:
 # gate asks for a keyframe, and its ReportMeter says how the media arrives;
 # a sender's Retransmitter answers Nacks from a FragmentCache within bounds a
 # peer can't stretch, and its RateController turns Reports into a bitrate, a
-# frame rate and a size. The jitter buffer turns packets that arrive unevenly
-# into one audio frame every 20 ms; LinkStats counts what media_stats
-# reports. Time arrives as `now_ms`; no sockets, threads or clocks here.
+# frame rate and a size. LinkStats counts what media_stats reports. When
+# what arrives is played is PLAYOUT's (next). Time arrives as `now_ms`; no
+# sockets, threads or clocks here.
 
 # --- Tunables ----------------------------------------------------------------------------
 
@@ -2924,117 +2925,6 @@ class VideoReceiver:
         if keyframe:
             controls.append(self.keyframe_request())
         return decode, controls
-
-
-# --- Audio: the jitter buffer -------------------------------------------------------------
-
-class JitterState(enum.Enum):
-    """Where a JitterBuffer is; it starts BUFFERING and returns there on an underrun."""
-    BUFFERING = "buffering"         # waiting until target_ms of audio is buffered
-    PLAYING = "playing"
-
-
-class JitterBuffer:
-    """Smooths one incoming audio stream for a playback clock.
-
-    `push` every received frame (seq only rises for the life of the stream: a new
-    stream needs a new buffer); call `pop` once per frame_ms. pop returns ("frame",
-    payload) for the next frame in order; ("lost", None) when that frame is missing
-    but later ones are here (run the codec's loss concealment, maybe with `peek_fec`);
-    ("empty", None) while buffering: at the start, and after an underrun until
-    target_ms is buffered again (play concealment or silence). A gap of `capacity`
-    frames or more is skipped, not concealed.
-
-    The target delay is 2 x the RFC 3550 inter-arrival jitter plus one frame, rounded
-    up to whole frames and kept within [min_delay_ms, max_delay_ms]. Duplicates and
-    frames behind the playout point are dropped (counted duplicates, late). Holding
-    more than target + 2 frames for _CATCH_UP_AFTER_MS drops the oldest, one per pop,
-    to cut the delay; past `capacity` the oldest goes at once (both counted dropped).
-    """
-
-    def __init__(self, frame_ms: int = 20, min_delay_ms: int = 20, max_delay_ms: int = 80,
-                 capacity: int = 50) -> None:
-        if frame_ms <= 0 or not 0 <= min_delay_ms <= max_delay_ms or capacity < 1:
-            raise ValueError("need frame_ms > 0, 0 <= min_delay_ms <= max_delay_ms, capacity > 0")
-        self.frame_ms = frame_ms
-        self.capacity = capacity
-        self._min_frames = max(1, math.ceil(min_delay_ms / frame_ms))
-        self._max_frames = max(self._min_frames, max_delay_ms // frame_ms)
-        self._max_jitter_ms = max(max_delay_ms, frame_ms)   # one outlier moves jitter this much
-        self._target_frames = self._min_frames
-        self.state = JitterState.BUFFERING
-        self._frames: dict[int, bytes] = {}     # seq -> payload
-        self._next: int | None = None           # seq to play next; None until the first play
-        self._last_transit: float | None = None  # arrival - send time of the last push
-        self.jitter_ms = 0.0
-        self._over_pops = 0         # pops in a row that found more than target + 2 frames
-        self.played = self.concealed = self.late = self.dropped = 0
-        self.duplicates = self.underruns = 0
-
-    @property
-    def target_ms(self) -> int:
-        return self._target_frames * self.frame_ms
-
-    @property
-    def depth(self) -> int:
-        return len(self._frames)
-
-    def push(self, seq: int, payload: bytes, arrival_ms: float) -> None:
-        transit = arrival_ms - seq * self.frame_ms      # send time = seq * frame_ms + offset
-        if self._last_transit is not None:
-            d = min(abs(transit - self._last_transit), self._max_jitter_ms)
-            self.jitter_ms += (d - self.jitter_ms) / 16     # RFC 3550, A.8
-            # A millisecond of it is timer noise: else a LAN's tiny jitter costs a frame.
-            wanted = 1 + math.ceil(max(0.0, 2 * self.jitter_ms - 1) / self.frame_ms)
-            self._target_frames = min(max(wanted, self._min_frames), self._max_frames)
-        self._last_transit = transit
-        if self._next is not None and seq < self._next:
-            self.late += 1
-        elif seq in self._frames:
-            self.duplicates += 1
-        else:
-            self._frames[seq] = payload
-            if len(self._frames) > self.capacity:
-                self._drop_oldest()
-
-    def pop(self) -> tuple[str, bytes | None]:
-        if not self._frames:
-            self.state = JitterState.BUFFERING
-            self.underruns += 1
-            return ("empty", None)
-        if self.state is JitterState.BUFFERING:
-            low = min(self._frames)
-            if max(self._frames) - low + 1 < self._target_frames:
-                self.underruns += 1
-                return ("empty", None)
-            self.state, self._next = JitterState.PLAYING, low
-        if len(self._frames) > self._target_frames + 2:
-            self._over_pops += 1
-            if self._over_pops * self.frame_ms >= _CATCH_UP_AFTER_MS:
-                self._drop_oldest()
-        else:
-            self._over_pops = 0
-        next_seq = self._next if self._next is not None else min(self._frames)
-        if next_seq not in self._frames and min(self._frames) - next_seq >= self.capacity:
-            next_seq = min(self._frames)    # a jump this big is a resync, not a loss
-        payload = self._frames.pop(next_seq, None)
-        self._next = next_seq + 1
-        if payload is None:
-            self.concealed += 1
-            return ("lost", None)
-        self.played += 1
-        return ("frame", payload)
-
-    def peek_fec(self, seq: int) -> bytes | None:
-        """The payload of seq + 1 if buffered: Opus in-band FEC can rebuild seq from it."""
-        return self._frames.get(seq + 1)
-
-    def _drop_oldest(self) -> None:
-        oldest = min(self._frames)
-        del self._frames[oldest]
-        self.dropped += 1
-        if self._next is not None:
-            self._next = max(self._next, oldest + 1)
 
 
 # --- Link statistics ---------------------------------------------------------------------
@@ -3369,7 +3259,256 @@ class RateController:
 
 
 # =============================================================================
-# 7. DISCOVERY: advertise a host and browse for hosts with mDNS (zeroconf)
+# 7. PLAYOUT: the jitter buffer and lip sync, on the playback clock
+# =============================================================================
+# Pure, like 5 and 6: when what came in is played. The jitter buffer turns
+# audio packets that arrive unevenly into one frame every 20 ms; LipSync
+# times each video frame against the sound captured with it, and holds the
+# sound back when the picture can't keep up. The playback and decoding
+# threads of CLIENT MEDIA call in with `now_ms`; no sockets, threads or
+# clocks here.
+
+# --- Audio: the jitter buffer -------------------------------------------------------------
+
+class JitterState(enum.Enum):
+    """Where a JitterBuffer is; it starts BUFFERING and returns there on an underrun."""
+    BUFFERING = "buffering"         # waiting until target_ms of audio is buffered
+    PLAYING = "playing"
+
+
+class JitterBuffer:
+    """Smooths one incoming audio stream for a playback clock.
+
+    `push` every received frame (seq only rises for the life of the stream: a new
+    stream needs a new buffer); call `pop` once per frame_ms. pop returns ("frame",
+    payload) for the next frame in order; ("lost", None) when that frame is missing
+    but later ones are here (run the codec's loss concealment, maybe with `peek_fec`);
+    ("empty", None) while buffering: at the start, and after an underrun until
+    target_ms is buffered again (play concealment or silence). A gap of `capacity`
+    frames or more is skipped, not concealed.
+
+    The target delay is 2 x the RFC 3550 inter-arrival jitter plus one frame, rounded
+    up to whole frames and kept within [min_delay_ms, max_delay_ms]. Duplicates and
+    frames behind the playout point are dropped (counted duplicates, late). Holding
+    more than target + 2 frames for _CATCH_UP_AFTER_MS drops the oldest, one per pop,
+    to cut the delay; past `capacity` the oldest goes at once (both counted dropped).
+    """
+
+    def __init__(self, frame_ms: int = 20, min_delay_ms: int = 20, max_delay_ms: int = 80,
+                 capacity: int = 50) -> None:
+        if frame_ms <= 0 or not 0 <= min_delay_ms <= max_delay_ms or capacity < 1:
+            raise ValueError("need frame_ms > 0, 0 <= min_delay_ms <= max_delay_ms, capacity > 0")
+        self.frame_ms = frame_ms
+        self.capacity = capacity
+        self._min_frames = max(1, math.ceil(min_delay_ms / frame_ms))
+        self._max_frames = max(self._min_frames, max_delay_ms // frame_ms)
+        self._max_jitter_ms = max(max_delay_ms, frame_ms)   # one outlier moves jitter this much
+        self._target_frames = self._min_frames
+        self.state = JitterState.BUFFERING
+        self._frames: dict[int, bytes] = {}     # seq -> payload
+        self._next: int | None = None           # seq to play next; None until the first play
+        self._last_transit: float | None = None  # arrival - send time of the last push
+        self.jitter_ms = 0.0
+        self._over_pops = 0         # pops in a row that found more than target + 2 frames
+        self.played = self.concealed = self.late = self.dropped = 0
+        self.duplicates = self.underruns = 0
+
+    @property
+    def target_ms(self) -> int:
+        return self._target_frames * self.frame_ms
+
+    @property
+    def depth(self) -> int:
+        return len(self._frames)
+
+    @property
+    def last_seq(self) -> int | None:
+        """The seq the last pop that wasn't "empty" gave or concealed (None before)."""
+        return None if self._next is None else self._next - 1
+
+    def push(self, seq: int, payload: bytes, arrival_ms: float) -> None:
+        transit = arrival_ms - seq * self.frame_ms      # send time = seq * frame_ms + offset
+        if self._last_transit is not None:
+            d = min(abs(transit - self._last_transit), self._max_jitter_ms)
+            self.jitter_ms += (d - self.jitter_ms) / 16     # RFC 3550, A.8
+            # A millisecond of it is timer noise: else a LAN's tiny jitter costs a frame.
+            wanted = 1 + math.ceil(max(0.0, 2 * self.jitter_ms - 1) / self.frame_ms)
+            self._target_frames = min(max(wanted, self._min_frames), self._max_frames)
+        self._last_transit = transit
+        if self._next is not None and seq < self._next:
+            self.late += 1
+        elif seq in self._frames:
+            self.duplicates += 1
+        else:
+            self._frames[seq] = payload
+            if len(self._frames) > self.capacity:
+                self._drop_oldest()
+
+    def pop(self) -> tuple[str, bytes | None]:
+        if not self._frames:
+            self.state = JitterState.BUFFERING
+            self.underruns += 1
+            return ("empty", None)
+        if self.state is JitterState.BUFFERING:
+            low = min(self._frames)
+            if max(self._frames) - low + 1 < self._target_frames:
+                self.underruns += 1
+                return ("empty", None)
+            self.state, self._next = JitterState.PLAYING, low
+        if len(self._frames) > self._target_frames + 2:
+            self._over_pops += 1
+            if self._over_pops * self.frame_ms >= _CATCH_UP_AFTER_MS:
+                self._drop_oldest()
+        else:
+            self._over_pops = 0
+        next_seq = self._next if self._next is not None else min(self._frames)
+        if next_seq not in self._frames and min(self._frames) - next_seq >= self.capacity:
+            next_seq = min(self._frames)    # a jump this big is a resync, not a loss
+        payload = self._frames.pop(next_seq, None)
+        self._next = next_seq + 1
+        if payload is None:
+            self.concealed += 1
+            return ("lost", None)
+        self.played += 1
+        return ("frame", payload)
+
+    def peek_fec(self, seq: int) -> bytes | None:
+        """The payload of seq + 1 if buffered: Opus in-band FEC can rebuild seq from it."""
+        return self._frames.get(seq + 1)
+
+    def _drop_oldest(self) -> None:
+        oldest = min(self._frames)
+        del self._frames[oldest]
+        self.dropped += 1
+        if self._next is not None:
+            self._next = max(self._next, oldest + 1)
+
+
+# --- Lip sync ----------------------------------------------------------------------------
+
+AV_AHEAD_MS = 45                    # sound at most this far ahead of its picture (BT.1359)
+AV_BEHIND_MS = 125                  # and at most this far behind it
+AV_LATE_OK_MS = 20                  # video later than its sound by this: hold the sound back
+AV_MAX_HOLD_MS = 500                # a video frame waits at most this long for its sound
+AV_MAX_AUDIO_DELAY_MS = 400         # sound waits at most this long for its late picture
+AV_ADJUST_MS = 500                  # the sound's delay changes at most this often
+AV_AUDIO_STALE_MS = 500             # no sound played for this long: video shows at once
+_AV_CAPTURES = 256                  # capture times kept of the audio frames last arrived
+
+
+class LipSync:
+    """Plays one peer's video in step with its voice, from the capture times both
+    carry (their clock) and `now_ms` (ours, monotonic: only differences count).
+
+    The voice sets the clock: `audio_arrived(seq, capture_ms)` for every audio frame
+    pushed into the jitter buffer, `audio_played(seq, now_ms)` when the playback
+    thread plays (or conceals) it; the offset between their capture clock and our
+    playout is then known. A video frame captured at c is due at c + offset, with
+    the sound captured with it: `video_due(capture_ms, now_ms)`, when the frame is
+    complete, says when to show it (now if its sound has played already or no sound
+    plays; at most AV_MAX_HOLD_MS from now), and `video_shown(capture_ms, now_ms)`
+    measures the skew when it is shown; `skew()` gives the median since the last
+    call (None: no frame shown against sound).
+
+    Skew = when a frame is shown - when the sound captured with it played: positive,
+    the sound came first (audio ahead of video); negative, after (audio behind).
+    ITU-R BT.1359 puts the edges people notice at +45 and -125 ms. Video that comes
+    later than its sound can't be shown earlier, so then the sound is held back:
+    every popped audio frame goes through `delay_audio` on its way to the decoder,
+    which keeps `audio_delay_ms` (whole frames, at most AV_MAX_AUDIO_DELAY_MS); a
+    longer delay plays a gap ("empty"), a shorter one drops the oldest frames. At
+    most every AV_ADJUST_MS, once the last change has taken effect, the delay grows
+    by the 90th percentile of how late the video came after its sound (if over
+    AV_LATE_OK_MS), or shrinks by how early the latest of it came (every frame a
+    frame's time early or more). Not thread-safe: the link's lock guards it.
+    """
+
+    def __init__(self, frame_ms: int = 20) -> None:
+        self.frame_ms = frame_ms
+        self.audio_delay_ms = 0
+        self._captures: collections.OrderedDict[int, float] = collections.OrderedDict()
+        self._offset: float | None = None   # our playout clock - their capture clock
+        self._played_ms = -math.inf         # when sound last played
+        self._line: collections.deque[tuple[str, bytes | None, int | None]] = \
+            collections.deque()             # audio frames held back
+        self._late: list[float] = []        # video: arrival - due, since the last change
+        self._adjusted_ms: float | None = None
+        self._skews: list[float] = []
+
+    def audio_arrived(self, seq: int, capture_ms: float) -> None:
+        self._captures[seq] = capture_ms
+        if len(self._captures) > _AV_CAPTURES:
+            self._captures.popitem(last=False)
+
+    def audio_played(self, seq: int | None, now_ms: float) -> None:
+        capture = self._captures.get(seq) if seq is not None else None
+        if capture is None:
+            return
+        offset = now_ms - capture
+        # A playback thread's 20 ms ticks wobble by a few ms: smooth them, but
+        # follow a step (a new delay, a resync) at once.
+        if self._offset is None or abs(offset - self._offset) > 3 * self.frame_ms:
+            self._offset = offset
+        else:
+            self._offset += (offset - self._offset) / 8
+        self._played_ms = now_ms
+
+    def _sounding(self, now_ms: float) -> bool:
+        return self._offset is not None and now_ms - self._played_ms <= AV_AUDIO_STALE_MS
+
+    def video_due(self, capture_ms: float, now_ms: float) -> float:
+        if not self._sounding(now_ms) or self._offset is None:
+            return now_ms
+        due = capture_ms + self._offset
+        if len(self._late) < _MAX_LATENCY_SAMPLES:
+            self._late.append(now_ms - due)
+        self._adjust(now_ms)
+        return min(max(due, now_ms), now_ms + AV_MAX_HOLD_MS)
+
+    def video_shown(self, capture_ms: float, now_ms: float) -> None:
+        if self._sounding(now_ms) and self._offset is not None \
+                and len(self._skews) < _MAX_LATENCY_SAMPLES:
+            self._skews.append(now_ms - (capture_ms + self._offset))
+
+    def skew(self) -> float | None:
+        skews, self._skews = sorted(self._skews), []
+        return round(skews[len(skews) // 2], 1) if skews else None
+
+    def delay_audio(self, status: str, payload: bytes | None,
+                    seq: int | None) -> tuple[str, bytes | None, int | None]:
+        """What to play now for what the jitter buffer popped: (status, payload, seq),
+        maybe an earlier frame's, or ("empty", None, None) while the delay grows."""
+        frames = self.audio_delay_ms // self.frame_ms
+        self._line.append((status, payload, seq))
+        if len(self._line) <= frames:
+            return ("empty", None, None)
+        while len(self._line) > frames + 1:
+            self._line.popleft()
+        return self._line.popleft()
+
+    def _adjust(self, now_ms: float) -> None:
+        if self._adjusted_ms is None:
+            self._adjusted_ms = now_ms
+        if now_ms - self._adjusted_ms < AV_ADJUST_MS:
+            return
+        if len(self._line) != self.audio_delay_ms // self.frame_ms:
+            self._late = []                 # the last change is still under way
+            return
+        late, self._late = sorted(self._late), []
+        self._adjusted_ms = now_ms
+        if not late:
+            return
+        worst = late[min(len(late) - 1, len(late) * 9 // 10)]
+        delay = self.audio_delay_ms
+        if worst > AV_LATE_OK_MS:
+            delay += math.ceil(worst / self.frame_ms) * self.frame_ms
+        elif late[-1] < -self.frame_ms and delay > 0:
+            delay -= math.floor(-late[-1] / self.frame_ms) * self.frame_ms
+        self.audio_delay_ms = min(max(0, delay), AV_MAX_AUDIO_DELAY_MS)
+
+
+# =============================================================================
+# 8. DISCOVERY: advertise a host and browse for hosts with mDNS (zeroconf)
 # =============================================================================
 # A host registers one `_chatroom._tcp.local.` service whose TXT record says
 # the protocol version (`v`), the host's name (`n`), how many rooms are open
@@ -3747,7 +3886,7 @@ async def discover(timeout: float = DISCOVERY_TIMEOUT_S, *, interface: str | Non
 
 
 # =============================================================================
-# 8. VIDEO DEVICES: test pattern, cameras and files, VP8 and JPEG
+# 9. VIDEO DEVICES: test pattern, cameras and files, VP8 and JPEG
 # =============================================================================
 # What a call needs below the network for pictures: frames from a camera, a
 # video file (looped) or a test pattern stamped with a frame counter that
@@ -4357,7 +4496,7 @@ def make_video_decoder(name: str) -> VideoDecoder:
 
 
 # =============================================================================
-# 9. SOUND DEVICES: Opus and PCM, microphones and speakers, devices, recording
+# 10. SOUND DEVICES: Opus and PCM, microphones and speakers, devices, recording
 # =============================================================================
 # Voice below the network: Opus through the libopus inside PyAV's wheel
 # (ctypes: PyAV's own API has no loss concealment), or 16 kHz PCM; PyAudio
@@ -4956,7 +5095,7 @@ class Recorder:
 
 
 # =============================================================================
-# 10. CONNECTIONS: Link (framed TCP, three lanes, one writer) and UDP sockets
+# 11. CONNECTIONS: Link (framed TCP, three lanes, one writer) and UDP sockets
 # =============================================================================
 # What the host and the client core both talk through. A Link owns one TCP
 # connection: what arrives goes through its Wire (WIRE PROTOCOL) and waits,
@@ -5486,7 +5625,7 @@ class UdpSocket:
 
 
 # =============================================================================
-# 11. HOST RELAYS: files and calls between the members of a room
+# 12. HOST RELAYS: files and calls between the members of a room
 # =============================================================================
 # The host's two relays, each one object beside the host (next section),
 # which hands them their events and tells them when a session goes:
@@ -6225,7 +6364,7 @@ class HostCalls:
 
 
 # =============================================================================
-# 12. HOST: the listener, sessions, rooms, shutdown (asyncio)
+# 13. HOST: the listener, sessions, rooms, shutdown (asyncio)
 # =============================================================================
 # The room host: accepts connections, gives each a Session over a Link
 # (CONNECTIONS), runs every room decision through Rooms (ROOMS), hands files
@@ -6645,7 +6784,7 @@ class Host:
 
 
 # =============================================================================
-# 13. CLIENT FILES: files we send and receive, beside the client core
+# 14. CLIENT FILES: files we send and receive, beside the client core
 # =============================================================================
 # ClientFiles does for one client what HostFiles does for the host: it
 # offers our files, streams them from disk in chunks that chat overtakes,
@@ -7358,7 +7497,7 @@ def _discard_part(dl: IncomingFile) -> None:
         pass
 
 # =============================================================================
-# 14. CLIENT MEDIA: the links of a call and the threads that move their media
+# 15. CLIENT MEDIA: the links of a call and the threads that move their media
 # =============================================================================
 # A call's media, under the signalling of CLIENT CALLS (next section): the
 # table of links, each with its keys, where its media goes and what has
@@ -7366,11 +7505,18 @@ def _discard_part(dl: IncomingFile) -> None:
 # the threads, each with one job:
 # - the receiving threads (one per UDP socket: CONNECTIONS' UdpSocket) and
 #   the core's loop (for packets the host relays) call `on_packet`: open,
-#   reassemble, queue frames to decode, push audio into jitter buffers;
-# - the video thread: read the camera, encode once per codec in use, cut
-#   into packets, seal and send them to every link (the same packets, each
-#   sealed with its link's key), paced so bursts don't overflow receivers;
-# - the decoding thread: decode each link's newest frames, record them;
+#   reassemble and repair (a Nack for what parity can't rebuild, then a
+#   keyframe request), queue frames to decode at the time LipSync gives,
+#   push audio into jitter buffers, answer Nacks from the fragments we
+#   keep, feed Reports to the rate controller, and send our own Reports;
+# - the video thread: read the camera, encode once per codec in use at the
+#   settings its RateController gives (the worst link decides), cut into
+#   packets with parity, seal and send them to every link (the same
+#   packets, each sealed with its link's key), paced so bursts don't
+#   overflow receivers; a send never waits (UdpSocket), so one congested
+#   peer can't hold up the others' video;
+# - the decoding thread: decode each link's frames when they are due,
+#   show and record them;
 # - the audio source's and sink's threads (or PyAudio's callbacks): encode
 #   and send 20 ms frames; pull, decode or conceal, and mix what is played.
 # The threads run while there are links: each ends once the last link has
@@ -7835,7 +7981,7 @@ class MediaEngine:
 
 
 # =============================================================================
-# 15. CLIENT CALLS: calls with the host and direct ones, over the media engine
+# 16. CLIENT CALLS: calls with the host and direct ones, over the media engine
 # =============================================================================
 # ClientCalls is to calls what ClientFiles is to files: ClientCore (next
 # section) owns it, hands it the host's call events and the commands a
@@ -8165,7 +8311,7 @@ def _address_key(link: PeerLink) -> str:
 
 
 # =============================================================================
-# 16. CLIENT CORE: one asyncio loop in a thread, one event stream
+# 17. CLIENT CORE: one asyncio loop in a thread, one event stream
 # =============================================================================
 # What every front end shares: the terminal client and the window
 # call the thread-safe methods of ClientCore and receive plain dict events
@@ -8893,7 +9039,7 @@ class ClientCore:
 
 
 # =============================================================================
-# 17. COMMANDS: one parser for what a person types
+# 18. COMMANDS: one parser for what a person types
 # =============================================================================
 # A line typed in the terminal or in the chat window becomes one Command
 # value; each front end acts on it through its own table (Command class ->
@@ -9063,7 +9209,7 @@ def parse_send(line: str) -> tuple[str, str | None]:
 
 
 # =============================================================================
-# 18. TERMINAL CLIENT: --cli, stdin lines in, events out (text or JSON)
+# 19. TERMINAL CLIENT: --cli, stdin lines in, events out (text or JSON)
 # =============================================================================
 # A thin front end over CLIENT CORE. Each event is printed as one JSON
 # object per line (--json, flushed as written) or as a line for a person;
@@ -9425,7 +9571,7 @@ def run_discover(args: argparse.Namespace) -> int:
 
 
 # =============================================================================
-# 19. GUI LOOK: theme, fonts, --scale, the trace hook, anti-aliased drawing
+# 20. GUI LOOK: theme, fonts, --scale, the trace hook, anti-aliased drawing
 # =============================================================================
 # The desktop window is a front end over CLIENT CORE beside the TERMINAL
 # CLIENT, spread over five sections: GUI LOOK (this one) how things look and
@@ -9762,7 +9908,7 @@ class Drawing:
 
 
 # =============================================================================
-# 20. GUI CONVERSATION: bubbles, notices and file cards; the members list
+# 21. GUI CONVERSATION: bubbles, notices and file cards; the members list
 # =============================================================================
 # Two canvases of the chat window, drawn with 14's helpers. ChatView is the
 # conversation: a person's message is always a bubble with an avatar, and a
@@ -10251,7 +10397,7 @@ class MemberList(Drawing):
 
 
 # =============================================================================
-# 21. GUI WINDOWS: the launcher and the chat window
+# 22. GUI WINDOWS: the launcher and the chat window
 # =============================================================================
 # The two windows a person sees, built from 14 and 15: the launcher (hosts
 # on the LAN, the address and the IDs, Join, "Host a room here") and the
@@ -10983,7 +11129,7 @@ def _sentence(text: str) -> str:
 
 
 # =============================================================================
-# 22. GUI CALLS: the call window, a tile per person, ESC and Backspace
+# 23. GUI CALLS: the call window, a tile per person, ESC and Backspace
 # =============================================================================
 # One window holds every call in progress: your own camera first, then a
 # tile per peer, in a grid that reflows as people join and leave, each
@@ -11292,7 +11438,7 @@ class CallWindows:
 
 
 # =============================================================================
-# 23. GUI PLUMBING: settings, the bridge from the core, opening files, phases
+# 24. GUI PLUMBING: settings, the bridge from the core, opening files, phases
 # =============================================================================
 # What the app (next section) stands on: the settings remembered between
 # runs, GuiBridge (the core's thread reaches the window only through it,
@@ -11474,7 +11620,7 @@ class LoopStats:
 
 
 # =============================================================================
-# 24. GUI APP: the one core, the windows, the one read loop
+# 25. GUI APP: the one core, the windows, the one read loop
 # =============================================================================
 # GuiApp owns one ClientCore, the launcher (which lives as long as the
 # program and receives every core event), the chat window while in a room,
@@ -12199,7 +12345,7 @@ def run_gui(args: argparse.Namespace, limits: Limits, media: MediaOptions) -> in
 
 
 # =============================================================================
-# 25. MAIN: argparse and the entry points
+# 26. MAIN: argparse and the entry points
 # =============================================================================
 # Builds every object from the flags and passes them down; nothing above
 # reads a global that main() sets. `python chatroom.py` with no mode opens
