@@ -7529,7 +7529,8 @@ def _discard_part(dl: IncomingFile) -> None:
 
 _SEND_PACE_EVERY = 8                # packets of one frame sent back to back, then a pause
 _SEND_PACE_S = 0.0005
-_DECODE_QUEUE = 8                   # frames waiting to be decoded per link, at most
+_DECODE_QUEUE = 8                   # frames overdue for decoding per link, at most
+_DECODE_HELD = 64                   # frames waiting for their time per link, at most
 
 
 @dataclasses.dataclass(frozen=True)
@@ -7542,6 +7543,9 @@ class MediaOptions:
     media_port: int = 0             # --media-port: UDP port for host-arranged calls
     interface: str | None = None    # --interface: bind media sockets to this address
     video_codec: str = "auto"       # --video-codec: offer only this one (auto: all)
+    video_repair: str = "both"      # --video-repair: both, nack, parity or none
+    video_adapt: bool = True        # --no-video-adapt: always send at the full rate
+    lip_sync: bool = True           # --no-lip-sync: show video as soon as it is decoded
 
 
 class PeerLink:
@@ -7552,7 +7556,7 @@ class PeerLink:
     def __init__(self, peer: str, link_id: bytes, link_key: bytes, i_am_a: bool,
                  video: str, audio: str, sock: UdpSocket | None,
                  address: tuple[str, int] | None, direct: bool,
-                 safety_code: str | None = None) -> None:
+                 safety_code: str | None = None, repair: str = "both") -> None:
         send_key, receive_key = direction_keys(link_key, i_am_a)
         now = time.monotonic()
         self.peer = peer
@@ -7575,11 +7579,18 @@ class PeerLink:
         self.sent = 0.0
         self.recv_lock = threading.Lock()
         self.send_lock = threading.Lock()
-        self.reassembler = Reassembler()
-        self.gate = KeyframeGate()
+        self.video_in = VideoReceiver(repair=repair in ("nack", "both"))
+        self.meter = ReportMeter(now * 1000)    # what our Reports to them say
+        self.report_due = 0.0               # when our next Report goes (ms)
+        self.resender: Retransmitter | None = None      # answers their Nacks
+        self.reported: dict[str, int] = {}  # repair counters at the last media_stats
+        self.sent_bytes = 0                 # everything we sent them (send_lock)
+        self.sent_mark = (0, now * 1000)    # (sent_bytes, when) at their last Report
         self.jitter = JitterBuffer()
+        self.sync = LipSync()               # their video against their voice
         self.stats = LinkStats(now * 1000)
-        self.to_decode: collections.deque[Frame] = collections.deque()
+        # (when to decode it, ms; the frame), in order: a frame waits for its sound.
+        self.to_decode: collections.deque[tuple[float, Frame]] = collections.deque()
         self.video_decoder: Any = None      # made on the decoding thread
         self.audio_decoder: Any = None      # made on the audio sink's thread
         self.latest_frame: Any = None       # the newest decoded frame (a BGR array)
@@ -7623,6 +7634,12 @@ class MediaEngine:
         self._audio_seq = 0
         self._recorder: Any = None
         self._threads: list[threading.Thread] = []
+        # What each video stream (one per codec) sent lately, for Nacks, and how it
+        # is sent: the video thread and the receiving threads share them.
+        self._video_lock = threading.Lock()
+        self._parity = options.video_repair in ("parity", "both")
+        self._caches: dict[str, FragmentCache] = {}
+        self._rates: dict[str, RateController] = {}
 
     # --- links ---
 
@@ -7643,6 +7660,9 @@ class MediaEngine:
             self._by_id[link.link_id] = link
             if link.video:
                 self._keyframes.add(link.video)     # a newcomer needs a keyframe
+                with self._video_lock:
+                    cache = self._caches.setdefault(link.video, FragmentCache())
+                link.resender = Retransmitter(cache)
             self._start_threads()
         self._wake_video.set()
         self._audio_wanted.set()
@@ -7654,6 +7674,9 @@ class MediaEngine:
             if self._links.get(link.peer) is not link:
                 return False
             del self._links[link.peer]
+            with self._video_lock:
+                for rate in self._rates.values():
+                    rate.forget(link.peer)
             if not self._links:
                 self._audio_wanted.clear()
                 self._reported.clear()      # the next call says its device problems
@@ -7663,6 +7686,7 @@ class MediaEngine:
         """Seal and send one packet to `link`."""
         with link.send_lock:
             packet = link.sealer.seal(kind, inner)
+            link.sent_bytes += len(packet)
         link.sent = time.monotonic()
         if link.relay_out and not link.direct:
             self.loop.call_soon_threadsafe(self.relay, packet)
@@ -7670,15 +7694,34 @@ class MediaEngine:
             link.sock.send(packet, link.address)
 
     def stats(self, link: PeerLink, now: float) -> dict:
-        """media_stats for `link` since the last call (the core's clock)."""
+        """media_stats for `link` since the last call (the core's clock): what
+        comes from them (LinkStats' fields, concealed, the repair counters,
+        av_skew_ms) and how our video goes to them (send_*, None without)."""
         with link.recv_lock:
-            link.reassembler.expire(now * 1000)
+            frames, controls = link.video_in.poll(now * 1000)
+            timed = self._schedule(link, frames, now * 1000)
             stats = link.stats.snapshot(now * 1000)
             concealed = link.jitter.concealed
+            stats["av_skew_ms"] = link.sync.skew()
+            r = link.video_in.reassembler
+            counts = {"repaired": r.repaired + r.recovered, "video_lost": r.incomplete,
+                      "nacks": link.video_in.nacks, "keyframes": link.video_in.gate.requests,
+                      "resent": link.resender.resent if link.resender is not None else 0}
+        self._take_frames(link, timed, controls, now * 1000)
         stats["concealed"] = concealed - link.concealed_reported
         link.concealed_reported = concealed
         stats["dropped"] += self.garbage
-        return {"type": "media_stats", "peer": link.peer, **stats, "path": link.path}
+        for name, count in counts.items():
+            stats[name] = count - link.reported.get(name, 0)
+        link.reported = counts
+        with self._video_lock:
+            rate = self._rates.get(link.video) if link.video else None
+            sending = rate.settings if rate is not None else None
+        return {"type": "media_stats", "peer": link.peer, **stats, "path": link.path,
+                "send_kbps": sending and round(sending.bitrate / 1000),
+                "send_fps": sending and sending.fps,
+                "send_width": sending and sending.width,
+                "send_height": sending and sending.height}
 
     # --- what the person does ---
 
@@ -7708,7 +7751,10 @@ class MediaEngine:
             self.garbage += 1
             return None
         now = time.monotonic()
-        keyframe_request = False
+        now_ms = now * 1000
+        frames: list[Frame] = []
+        controls: list[bytes] = []          # to send back to them
+        again: list[bytes] = []             # video they asked for again
         with link.recv_lock:
             opened = link.opener.open(data)
             if opened is None:
@@ -7720,32 +7766,82 @@ class MediaEngine:
                 link.heard_udp = now
             else:
                 link.heard_relay = now
-            link.stats.packet(seq, len(data), now * 1000)
+            link.stats.packet(seq, len(data), now_ms)
+            link.meter.packet(seq, len(data), now_ms)
             first, link.connected = not link.connected, True
             if kind == KIND_VIDEO:
-                for frame in link.reassembler.add(inner, now * 1000):
-                    verdict = link.gate.check(frame, now * 1000)
-                    keyframe_request |= verdict.request_keyframe
-                    if verdict.decode:
-                        link.to_decode.append(frame)
-                        if len(link.to_decode) > _DECODE_QUEUE:     # we can't keep up
-                            link.to_decode.clear()
-                            keyframe_request |= link.gate.decoder_failed(now * 1000)
-                        with self._wake_decode:
-                            self._wake_decode.notify()
+                capture_ms = video_capture_ms(inner)
+                if capture_ms is not None:
+                    link.meter.transit(capture_ms, time.time() * 1000)
+                frames, controls = link.video_in.packet(inner, now_ms)
             elif kind == KIND_AUDIO:
                 frame_in = unpack_audio(inner)
                 if frame_in is not None and AUDIO_CODEC_IDS.get(link.audio) == frame_in.codec:
-                    link.jitter.push(frame_in.seq, frame_in.payload, now * 1000)
+                    link.jitter.push(frame_in.seq, frame_in.payload, now_ms)
+                    link.sync.audio_arrived(frame_in.seq, frame_in.capture_ms)
                     link.stats.audio_frame()
             else:
-                control = unpack_control(inner)
-                if control is not None and control.type == CONTROL_KEYFRAME and link.video:
-                    self._keyframes.add(link.video)
-        if keyframe_request:
-            self.send(link, KIND_CONTROL, pack_control(
-                Control(CONTROL_KEYFRAME, link.gate.last_frame_id or 0)))
+                again = self._on_control(link, unpack_control(inner), now_ms)
+            if link.video and kind != KIND_VIDEO:   # a repair's time may be up
+                more, also = link.video_in.poll(now_ms)
+                frames, controls = frames + more, controls + also
+            if link.video and now_ms >= link.report_due:
+                link.report_due = now_ms + REPORT_INTERVAL_MS
+                controls.append(pack_control(link.meter.report(now_ms)))
+            timed = self._schedule(link, frames, now_ms)
+        self._take_frames(link, timed, controls, now_ms)
+        for inner_again in again:
+            self.send(link, KIND_VIDEO, inner_again)
         return link if first else None
+
+    def _on_control(self, link: PeerLink, control: Control | Nack | Report | None,
+                    now_ms: float) -> list[bytes]:
+        """A control message from `link` (recv_lock held): the video fragments
+        to send them again, if they asked for some."""
+        if control is None or not link.video:
+            return []
+        if isinstance(control, Nack):
+            if link.resender is None:
+                return []
+            with self._video_lock:
+                return link.resender.answer(control, now_ms)
+        if isinstance(control, Report):
+            with link.send_lock:
+                sent = link.sent_bytes
+            (was, since), link.sent_mark = link.sent_mark, (sent, now_ms)
+            sent_kbps = (sent - was) * 8 / (now_ms - since) if now_ms > since else None
+            if self.options.video_adapt:
+                with self._video_lock:
+                    rate = self._rates.get(link.video)
+                    if rate is not None:
+                        rate.report(link.peer, control, now_ms, sent_kbps)
+            return []
+        if control.type == CONTROL_KEYFRAME:
+            self._keyframes.add(link.video)
+        return []
+
+    def _schedule(self, link: PeerLink, frames: list[Frame],
+                  now_ms: float) -> list[tuple[float, Frame]]:
+        """When to decode each frame: with its sound (recv_lock held)."""
+        if not self.options.lip_sync:
+            return [(now_ms, frame) for frame in frames]
+        return [(link.sync.video_due(frame.capture_ms, now_ms), frame) for frame in frames]
+
+    def _take_frames(self, link: PeerLink, frames: list[tuple[float, Frame]],
+                     controls: list[bytes], now_ms: float) -> None:
+        """Queue frames for the decoder; send the control messages (any thread)."""
+        if frames:
+            with self._wake_decode:
+                link.to_decode.extend(frames)
+                queue = link.to_decode
+                if len(queue) > _DECODE_HELD or (      # we can't keep up
+                        len(queue) > _DECODE_QUEUE and queue[_DECODE_QUEUE][0] <= now_ms):
+                    queue.clear()
+                    with link.recv_lock:
+                        controls = controls + link.video_in.decoder_failed(now_ms)
+                self._wake_decode.notify()
+        for inner in controls:
+            self.send(link, KIND_CONTROL, inner)
 
     # --- the threads: video out, video in, audio ---
 
@@ -7813,6 +7909,7 @@ class MediaEngine:
                     continue
                 self.preview, self.preview_serial = frame, self.preview_serial + 1
                 capture_ms = int(time.time() * 1000)
+                now_ms = time.monotonic() * 1000
                 for codec in sorted({link.video for link in links}):
                     encoder = encoders.get(codec)
                     if encoder is None:
@@ -7821,13 +7918,32 @@ class MediaEngine:
                         except (DeviceError, MissingPackage) as exc:
                             self._report("missing_package", f"can't encode {codec}: {_why(exc)}")
                             continue
+                    with self._video_lock:
+                        rate = self._rates.get(codec)
+                        if rate is None:
+                            rate = self._rates[codec] = RateController(
+                                VIDEO_BITRATE if codec == "vp8" else JPEG_BITRATE,
+                                VIDEO_WIDTH, VIDEO_HEIGHT, VIDEO_FPS)
+                        sending = rate.update(now_ms)
+                        if not rate.take_frame(now_ms):
+                            continue
+                        full = sending.bitrate >= rate.max_bitrate
+                    encoder.configure(sending.bitrate, sending.fps, sending.width,
+                                      sending.height)
                     out = encoder.encode(frame, keyframe=codec in self._keyframes)
                     self._keyframes.discard(codec)
                     if out is None:
                         continue
                     frame_ids[codec] = frame_ids.get(codec, 0) + 1
+                    # Parity only at the full rate: below it bandwidth is what is
+                    # short, and frames of one to three fragments would spend a
+                    # third to a half of it on parity (one fragment's parity is a
+                    # copy); a Nack costs next to nothing (bench/video_sim.py).
                     inners = fragment(frame_ids[codec], out[0], capture_ms, out[1],
-                                      VIDEO_CODEC_IDS[codec])
+                                      VIDEO_CODEC_IDS[codec], parity=self._parity and full)
+                    with self._video_lock:
+                        self._caches.setdefault(codec, FragmentCache()).add(
+                            frame_ids[codec], inners)
                     targets = [link for link in links if link.video == codec]
                     for number, inner in enumerate(inners, 1):
                         for link in targets:
@@ -7845,13 +7961,22 @@ class MediaEngine:
 
     def _decode_loop(self) -> None:
         while True:
-            work = [(link, link.to_decode.popleft()) for link in self.links()
-                    if link.to_decode]
+            links = self.links()
+            with self._wake_decode:
+                now_ms = time.monotonic() * 1000
+                work, wait_s = [], _UDP_POLL_S
+                for link in links:
+                    queue = link.to_decode
+                    while queue and queue[0][0] <= now_ms:
+                        work.append((link, queue.popleft()[1]))
+                    if queue:               # the next frame waits for its sound
+                        wait_s = min(wait_s, (queue[0][0] - now_ms) / 1000)
+                if not work and not self._closed.is_set() and links:
+                    self._wake_decode.wait(wait_s)
+                    continue
             if not work or self._closed.is_set():
                 if self._retire():
                     return
-                with self._wake_decode:
-                    self._wake_decode.wait(_UDP_POLL_S)
                 continue
             for link, frame in work:
                 self._decode(link, frame)
@@ -7867,14 +7992,15 @@ class MediaEngine:
         now = time.monotonic()
         if image is None:
             with link.recv_lock:
-                if link.gate.decoder_failed(now * 1000):
-                    self.send(link, KIND_CONTROL, pack_control(
-                        Control(CONTROL_KEYFRAME, link.gate.last_frame_id or 0)))
+                requests = link.video_in.decoder_failed(now * 1000)
+            for inner in requests:
+                self.send(link, KIND_CONTROL, inner)
             return
         link.latest_frame = image
         link.frames_shown += 1
         with link.recv_lock:
             link.stats.frame_shown(frame.capture_ms, time.time() * 1000)
+            link.sync.video_shown(frame.capture_ms, now * 1000)
         if self._recorder is not None:
             self._recorder.frame(link.peer, image, now)
 
@@ -7943,6 +8069,10 @@ class MediaEngine:
                 continue
             with link.recv_lock:
                 status, payload = link.jitter.pop()
+                seq = link.jitter.last_seq if status != "empty" else None
+                if self.options.lip_sync:
+                    status, payload, seq = link.sync.delay_audio(status, payload, seq)
+                link.sync.audio_played(seq, time.monotonic() * 1000)
             if link.audio_decoder is None:
                 try:
                     link.audio_decoder = make_audio_decoder(link.audio)
@@ -8134,7 +8264,8 @@ class ClientCalls:
         try:
             link = PeerLink(event.peer, bytes.fromhex(event.link), bytes.fromhex(event.key),
                             event.side == "a", event.video, event.audio, self.sock,
-                            (event.address, event.port) if event.port else None, False)
+                            (event.address, event.port) if event.port else None, False,
+                            repair=self.options.video_repair)
         except (MissingPackage, ValueError) as exc:
             self.emit({"type": "error", "code": "missing_package",
                        "message": f"can't start the call: {exc}"})
@@ -8252,7 +8383,8 @@ class ClientCalls:
         if self.media.link(name) is not None:
             name = f"{name}@{call.name}"
         call.link = PeerLink(name, agreed.link_id, agreed.link_key, agreed.i_am_a, video,
-                             audio, call.sock, call.address, True, agreed.safety_code)
+                             audio, call.sock, call.address, True, agreed.safety_code,
+                             repair=self.options.video_repair)
         self.media.add(call.link)
 
     def _direct_connected(self, link: PeerLink) -> None:
@@ -12430,6 +12562,15 @@ def build_parser() -> argparse.ArgumentParser:
                        "can't get through (auto, the default), UDP only, or relay only")
     calls.add_argument("--video-codec", choices=("auto", *VIDEO_CODECS), default="auto",
                        help="offer only this video codec (default: VP8, else JPEG)")
+    calls.add_argument("--video-repair", choices=("both", "nack", "parity", "none"),
+                       default="both", help="how lost video packets are made good: "
+                       "parity and asking again (both, the default), asking again, "
+                       "parity, or neither (to measure them)")
+    calls.add_argument("--no-video-adapt", dest="video_adapt", action="store_false",
+                       help="send video at the full rate whatever the peers report")
+    calls.add_argument("--no-lip-sync", dest="lip_sync", action="store_false",
+                       help="show each peer's video as soon as it is decoded, not with "
+                       "the sound captured with it (to measure lip sync)")
     calls.add_argument("--media-port", type=int, default=0, metavar="PORT",
                        help="local UDP port for calls the host arranges (default: any)")
     calls.add_argument("--record", metavar="DIR", help="write what each call plays to DIR: "
@@ -12495,7 +12636,9 @@ def media_options(args: argparse.Namespace) -> MediaOptions:
     """How this client takes part in calls, from the flags."""
     return MediaOptions(camera=args.camera, audio=args.audio, media_path=args.media_path,
                         record=args.record, media_port=args.media_port,
-                        interface=args.interface, video_codec=args.video_codec)
+                        interface=args.interface, video_codec=args.video_codec,
+                        video_repair=args.video_repair, video_adapt=args.video_adapt,
+                        lip_sync=args.lip_sync)
 
 
 def run_list_devices(args: argparse.Namespace) -> int:
