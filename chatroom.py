@@ -23,26 +23,27 @@ The file reads top to bottom; each section uses only the sections above it
  3. ROOMS                 IDs, members, history, help, file names (pure)
  4. CALLS                 invitations, links and groups (pure)
  5. MEDIA PACKETS         sealing, key agreement, fragments, reassembly (pure)
- 6. MEDIA FLOW            keyframe gate, jitter buffer, link statistics (pure)
- 7. DISCOVERY             mDNS advertise and browse (zeroconf)
- 8. VIDEO DEVICES         test pattern, cameras, files; VP8 and JPEG
- 9. SOUND DEVICES         Opus and PCM, microphones, speakers, recording
-10. CONNECTIONS           Link (framed TCP, three lanes, one writer), UDP sockets
-11. HOST RELAYS           files and calls between the members of a room
-12. HOST                  the listener, sessions, rooms, shutdown (asyncio)
-13. CLIENT FILES          files we send and receive, beside the client core
-14. CLIENT MEDIA          links, sealed packets in and out, the media threads
-15. CLIENT CALLS          host-arranged and direct calls over the engine
-16. CLIENT CORE           one asyncio loop in a thread, one event stream
-17. COMMANDS              one parser for what a person types
-18. TERMINAL CLIENT       --cli: stdin lines in, events out (text or JSON)
-19. GUI LOOK              theme, fonts, --scale, the trace hook, drawing
-20. GUI CONVERSATION      bubbles, notices and file cards; the members list
-21. GUI WINDOWS           the launcher and the chat window
-22. GUI CALLS             the call window: tiles, ESC and Backspace
-23. GUI PLUMBING          settings, the bridge from the core, opening, phases
-24. GUI APP               the one core, the windows, the one read loop
-25. MAIN                  argparse and the entry points
+ 6. MEDIA FLOW            control messages, repair, rate, statistics (pure)
+ 7. PLAYOUT               the jitter buffer, lip sync (pure)
+ 8. DISCOVERY             mDNS advertise and browse (zeroconf)
+ 9. VIDEO DEVICES         test pattern, cameras, files; VP8 and JPEG
+10. SOUND DEVICES         Opus and PCM, microphones, speakers, recording
+11. CONNECTIONS           Link (framed TCP, three lanes, one writer), UDP sockets
+12. HOST RELAYS           files and calls between the members of a room
+13. HOST                  the listener, sessions, rooms, shutdown (asyncio)
+14. CLIENT FILES          files we send and receive, beside the client core
+15. CLIENT MEDIA          links, sealed packets in and out, the media threads
+16. CLIENT CALLS          host-arranged and direct calls over the engine
+17. CLIENT CORE           one asyncio loop in a thread, one event stream
+18. COMMANDS              one parser for what a person types
+19. TERMINAL CLIENT       --cli: stdin lines in, events out (text or JSON)
+20. GUI LOOK              theme, fonts, --scale, the trace hook, drawing
+21. GUI CONVERSATION      bubbles, notices and file cards; the members list
+22. GUI WINDOWS           the launcher and the chat window
+23. GUI CALLS             the call window: tiles, ESC and Backspace
+24. GUI PLUMBING          settings, the bridge from the core, opening, phases
+25. GUI APP               the one core, the windows, the one read loop
+26. MAIN                  argparse and the entry points
 """
 
 from __future__ import annotations
@@ -1881,6 +1882,8 @@ class Calls:
 # fails), and a sliding window refuses replays. `Opener.open`, `peek_header`
 # and the `unpack_*` functions answer None for whatever they refuse and raise
 # nothing, whatever the bytes. `cryptography` is imported where it is used.
+# Control payloads (keyframe requests, NACKs, reports) are MEDIA FLOW's: they
+# carry what its controllers decide.
 
 VIDEO_CODECS = ("vp8", "jpeg")      # best first; a call uses the first both sides have
 AUDIO_CODECS = ("opus", "pcm")
@@ -1900,6 +1903,10 @@ CODEC_OPUS = 1                      # audio codec ids
 CODEC_PCM16 = 2                     # PCM16 mono; 20 ms fits only up to ~28 kHz
 CONTROL_KEYFRAME = 1                # body: the last frame_id received (uint32)
 CONTROL_KEEPALIVE = 2               # empty body
+CONTROL_NACK = 3                    # body: video fragments to send again (see Nack)
+CONTROL_REPORT = 4                  # body: how our video arrives there (see Report)
+MAX_NACK_ENTRIES = 16               # entries in one Nack, at most
+NACK_WHOLE_FRAME = 0xFFFF           # a Nack entry's index: every fragment of that frame
 FEC_GROUP = 5                       # data fragments per parity fragment
 MAX_HELLO_JSON_BYTES = 1000
 
@@ -1926,6 +1933,8 @@ STALE_MS = 500                      # a frame still incomplete after this is giv
 MAX_FRAMES_IN_PROGRESS = 16         # per Reassembler
 MAX_REASSEMBLY_BYTES = 4 * 1024 * 1024  # fragment bytes a Reassembler holds, at most
 KEYFRAME_REQUEST_INTERVAL_MS = 300  # at most one keyframe request per this
+REPAIR_QUIET_MS = 10                # a frame silent this long has lost its missing fragments
+REPAIR_MIN_WAIT_MS = 20             # the least a repair is awaited, however quick they came
 _CLOSED_MEMORY = 64                 # frame ids a Reassembler remembers having finished
 _CATCH_UP_AFTER_MS = 200            # a jitter buffer this long over target drops frames
 _MAX_LATENCY_SAMPLES = 1000         # per LinkStats interval
@@ -2256,6 +2265,12 @@ def unpack_video(inner: bytes) -> VideoFragment | None:
     return None if _video_problem(frag) else frag
 
 
+def video_capture_ms(inner: bytes) -> int | None:
+    """The capture time a video inner payload's header claims, unchecked (for
+    ReportMeter's delay); None if too short to have one."""
+    return _VIDEO_HEADER.unpack_from(inner)[1] if len(inner) >= _VIDEO_HEADER.size else None
+
+
 @dataclasses.dataclass(frozen=True)
 class AudioFrame:
     """One audio inner payload: seq u32 (one per 20 ms frame, only increasing for the
@@ -2287,35 +2302,6 @@ def unpack_audio(inner: bytes) -> AudioFrame | None:
     return AudioFrame(seq, capture_ms, codec, bytes(inner[_AUDIO_HEADER.size:]))
 
 
-@dataclasses.dataclass(frozen=True)
-class Control:
-    """A control inner payload: type u8, then its body. CONTROL_KEYFRAME ("send a
-    keyframe") carries last_frame_id u32, the last frame id received; CONTROL_KEEPALIVE
-    (sent when there is no media, so the link does not look dead) has no body and
-    last_frame_id 0."""
-    type: int
-    last_frame_id: int = 0
-
-
-def pack_control(control: Control) -> bytes:
-    """The inner payload for `control`. Raises ValueError for an unknown type or a
-    frame id that is not a uint32 (or non-zero in a keepalive)."""
-    if control.type == CONTROL_KEEPALIVE and control.last_frame_id == 0:
-        return bytes([CONTROL_KEEPALIVE])
-    if control.type == CONTROL_KEYFRAME and 0 <= control.last_frame_id <= 0xFFFFFFFF:
-        return struct.pack(">BI", CONTROL_KEYFRAME, control.last_frame_id)
-    raise ValueError(f"can't pack {control!r}")
-
-
-def unpack_control(inner: bytes) -> Control | None:
-    """The control message in an inner payload, or None if it is malformed."""
-    if len(inner) == 1 and inner[0] == CONTROL_KEEPALIVE:
-        return Control(CONTROL_KEEPALIVE)
-    if len(inner) == 5 and inner[0] == CONTROL_KEYFRAME:
-        return Control(CONTROL_KEYFRAME, int.from_bytes(inner[1:], "big"))
-    return None
-
-
 # --- Video: fragmenting with FEC, reassembly, the keyframe gate ------------------------------
 
 def _xor(pieces: list[bytes]) -> tuple[int, int]:
@@ -2329,12 +2315,14 @@ def _xor(pieces: list[bytes]) -> tuple[int, int]:
 
 
 def fragment(frame_id: int, data: bytes, capture_ms: int, keyframe: bool, codec: int,
-             max_fragment: int = VIDEO_FRAGMENT_BYTES, fec_group: int = FEC_GROUP) -> list[bytes]:
+             max_fragment: int = VIDEO_FRAGMENT_BYTES, fec_group: int = FEC_GROUP,
+             parity: bool = True) -> list[bytes]:
     """The video inner payloads for one frame, in sending order; seal each as KIND_VIDEO.
 
     Pieces of max_fragment bytes (an empty frame: one empty piece), each group of up to
-    fec_group followed by its parity fragment (see VideoFragment). Raises ValueError for
-    a field out of range or a frame of more than 65535 pieces.
+    fec_group followed by its parity fragment (see VideoFragment), or by none when
+    `parity` is False (repair by retransmission alone). Raises ValueError for a field
+    out of range or a frame of more than 65535 pieces.
     """
     if not 1 <= max_fragment <= VIDEO_FRAGMENT_BYTES or not 1 <= fec_group <= 0xFF:
         raise ValueError("max_fragment or fec_group out of range")
@@ -2353,10 +2341,11 @@ def fragment(frame_id: int, data: bytes, capture_ms: int, keyframe: bool, codec:
         for index, piece in enumerate(group, start):
             out.append(_VIDEO_HEADER.pack(frame_id, capture_ms, key, codec, index, count,
                                           fec_group, 0) + piece)
-        value, length_xor = _xor(group)
-        parity = value.to_bytes(max(map(len, group)), "little")
-        out.append(_VIDEO_HEADER.pack(frame_id, capture_ms, key | _FLAG_PARITY, codec, number,
-                                      count, fec_group, length_xor) + parity)
+        if parity:
+            value, length_xor = _xor(group)
+            out.append(_VIDEO_HEADER.pack(frame_id, capture_ms, key | _FLAG_PARITY, codec,
+                                          number, count, fec_group, length_xor)
+                       + value.to_bytes(max(map(len, group)), "little"))
     return out
 
 
@@ -2372,10 +2361,14 @@ class Frame:
 
 class _Partial:
     """One frame being put back together. `blocked` counts FEC groups that can't be
-    finished yet: more than one data fragment missing, or one and no parity."""
+    finished yet: more than one data fragment missing, or one and no parity.
+
+    Fragments leave the sender in one order (each group's data, then its parity), so
+    a fragment's place in it (`_place`) says which earlier ones can no longer come."""
 
     def __init__(self, first: VideoFragment, now_ms: float) -> None:
         self.first_ms = now_ms
+        self.last_ms = now_ms       # the newest fragment's arrival
         self.shape = (first.capture_ms, first.keyframe, first.codec, first.count, first.group)
         self.data: dict[int, bytes] = {}
         self.parity: dict[int, tuple[int, bytes]] = {}   # group -> (length_xor, data)
@@ -2383,11 +2376,28 @@ class _Partial:
         self.missing = [min(first.group, first.count - g * first.group) for g in range(groups)]
         self.blocked = groups
         self.held_bytes = 0
+        self.top = -1               # the latest place in the sending order seen
+        self.lost_ms: float | None = None   # when we first knew a fragment of it was lost
+        self.asked: set[int] = set()        # data fragments asked for again
+        self.asked_ms: float | None = None  # when we last asked
+        self.whole_asked = False            # the whole frame was asked for
+        self.resent = 0             # fragments that came after we asked for them
+
+    def _place(self, f: VideoFragment) -> int:
+        group = self.shape[4]
+        if not f.parity:
+            return f.index + f.index // group
+        return f.index * (group + 1) + self._size(f.index)
+
+    def _size(self, g: int) -> int:
+        """Data fragments in group g."""
+        count, group = self.shape[3], self.shape[4]
+        return min(group, count - g * group)
 
     def _is_blocked(self, g: int) -> bool:
         return self.missing[g] > 1 or (self.missing[g] == 1 and g not in self.parity)
 
-    def add(self, f: VideoFragment) -> bool:
+    def add(self, f: VideoFragment, now_ms: float) -> bool:
         """Store a fragment; False if it was already here."""
         g = f.index if f.parity else f.index // f.group
         if (self.parity if f.parity else self.data).get(f.index) is not None:
@@ -2398,9 +2408,35 @@ class _Partial:
         else:
             self.data[f.index] = f.data
             self.missing[g] -= 1
+            self.resent += self.whole_asked or f.index in self.asked
         self.blocked += self._is_blocked(g) - was
         self.held_bytes += len(f.data)
+        self.top = max(self.top, self._place(f))
+        self.last_ms = now_ms
         return True
+
+    def lost(self, now_ms: float, quiet_ms: float, newer: bool, parity: bool) -> list[int]:
+        """Data fragments that can no longer come nor be rebuilt from parity, not asked
+        for before (each is named once). A group's fate is known once a fragment
+        sent after it arrived (its parity, if the stream has `parity`), a `newer`
+        frame did, or nothing came for quiet_ms."""
+        settled = newer or now_ms - self.last_ms >= quiet_ms
+        group, out = self.shape[4], []
+        for g in range(len(self.missing)):
+            size = self._size(g)
+            end = g * (group + 1) + size - (not parity)     # its last place in the order
+            if not self._is_blocked(g) or not (settled or self.top >= end):
+                continue
+            absent = [i for i in range(g * group, g * group + size) if i not in self.data]
+            if g in self.parity:
+                absent.pop()        # the parity rebuilds one of them
+            out += [i for i in absent if i not in self.asked]
+        self.asked.update(out)
+        if out:
+            self.asked_ms = now_ms
+            if self.lost_ms is None:
+                self.lost_ms = now_ms
+        return [] if self.whole_asked else out
 
     def assemble(self) -> tuple[bytes, bool] | None:
         """(frame data, repaired?) once blocked == 0; None if the parity contradicts
@@ -2426,118 +2462,375 @@ class _Partial:
 
 
 class Reassembler:
-    """Puts one incoming video stream's frames back together.
+    """Puts one incoming video stream's frames back together, in order.
 
-    `add` takes a video inner payload (from an Opener) and returns the frames it
-    completed, possibly rebuilt from parity: a list of 0 or 1 Frame, frame ids only
-    ever increasing. A frame completes as soon as it can; every frame in progress
-    that is older is then given up, since it could only be delivered out of order.
-    Frames incomplete after stale_ms, beyond max_frames in progress or beyond
-    max_bytes held are given up too, oldest first. Never raises for any bytes.
+    `add` takes a video inner payload (from an Opener) and returns the frames now
+    ready, possibly rebuilt from parity: frame ids only ever increasing, never twice.
+    Never raises for any bytes.
 
-    Counters: completed (of which repaired), incomplete (frames given up), late
-    (fragments of frames already given up or passed over), duplicates (fragments
-    already held, or of a frame already delivered), malformed (fragments that don't
-    parse or contradict earlier fragments of their frame).
+    A decoder wants every frame in order, so a complete frame waits while an older
+    one is incomplete: for `wait_ms` after we knew that older frame had lost
+    something (time for a repair: see `lost`), then the older one is given up.
+    wait_ms is four times the repair round trip measured so far (what we asked for
+    took that long to come), within REPAIR_MIN_WAIT_MS and hold_ms; hold_ms 0 (no
+    repair) gives it up at once. Frames incomplete after stale_ms, beyond max_frames
+    in progress or waiting, or beyond max_bytes held are given up too, oldest first.
+    With hold_ms > 0, frame ids skipped altogether (nothing of them came) are
+    awaited like incomplete frames, up to max_frames of them.
+
+    `lost(now_ms)` names, once each, the data fragments known lost that parity can't
+    replace, and the frames of which nothing came: what to ask the sender for.
+    `poll(now_ms)` gives up what waited too long and returns the frames that frees;
+    call it on a timer when packets may stop.
+
+    Counters: completed (of which repaired by parity, recovered by fragments sent
+    again), incomplete (frames given up), resent (fragments that came after we asked
+    for them), late (fragments of frames already given up or passed over),
+    duplicates (fragments already held, or of a frame already complete), malformed
+    (fragments that don't parse or contradict earlier fragments of their frame).
     """
 
     def __init__(self, stale_ms: float = STALE_MS, max_frames: int = MAX_FRAMES_IN_PROGRESS,
-                 max_bytes: int = MAX_REASSEMBLY_BYTES) -> None:
+                 max_bytes: int = MAX_REASSEMBLY_BYTES, hold_ms: float = 0,
+                 quiet_ms: float = REPAIR_QUIET_MS) -> None:
         self.stale_ms = stale_ms
         self.max_frames = max_frames
         self.max_bytes = max_bytes
+        self.hold_ms = hold_ms
+        self.quiet_ms = quiet_ms
         self._partials: dict[int, _Partial] = {}        # frame_id -> frame in progress
+        self._ghosts: dict[int, float] = {}     # frame ids nothing came of -> noticed at
+        self._ghosts_asked: dict[int, float] = {}   # of those, asked for (when)
+        self._parity_seen = False               # the stream carries parity fragments
+        self.repair_rtt_ms: float | None = None     # smoothed: asking to getting
+        self._ready: dict[int, Frame] = {}      # complete, waiting for older frames
         self._closed: collections.OrderedDict[int, bool] = collections.OrderedDict()
-        # ^ recently finished frame ids -> True if delivered, False if given up
+        # ^ recently finished frame ids -> True if complete, False if given up
+        self._top_id: int | None = None         # the highest frame id seen
         self.newest = -1            # frame id last delivered; -1 = none yet
         self.held_bytes = 0
-        self.completed = self.repaired = self.incomplete = 0
-        self.late = self.duplicates = self.malformed = 0
+        self.completed = self.repaired = self.recovered = self.incomplete = 0
+        self.resent = self.late = self.duplicates = self.malformed = 0
 
     @property
     def in_progress(self) -> int:
         return len(self._partials)
 
+    @property
+    def wait_ms(self) -> float:
+        """How long a complete frame waits for an older one's repair."""
+        if self.hold_ms <= 0 or self.repair_rtt_ms is None:
+            return self.hold_ms
+        return min(self.hold_ms, max(REPAIR_MIN_WAIT_MS, 4 * self.repair_rtt_ms))
+
     def add(self, inner: bytes, now_ms: float) -> list[Frame]:
-        self.expire(now_ms)
+        out = self.poll(now_ms)
         f = unpack_video(inner)
         if f is None:
             self.malformed += 1
-            return []
+            return out
         if f.frame_id <= self.newest or f.frame_id in self._closed:
             if self._closed.get(f.frame_id):
                 self.duplicates += 1
             else:
                 self.late += 1
-            return []
+            return out
+        self._saw(f.frame_id, now_ms)
         partial = self._partials.get(f.frame_id)
         if partial is None:
             if len(self._partials) >= self.max_frames:
                 oldest = min(self._partials)
                 if f.frame_id < oldest:     # full of newer frames: this one is the oldest
+                    self._ghosts.pop(f.frame_id, None)
                     self.incomplete += 1
                     self._close(f.frame_id, False)
-                    return []
+                    return out
                 self._give_up(oldest)
             partial = self._partials[f.frame_id] = _Partial(f, now_ms)
+            if f.frame_id in self._ghosts:  # a frame we had given up for lost
+                partial.lost_ms = self._ghosts.pop(f.frame_id)
+                partial.asked_ms = self._ghosts_asked.pop(f.frame_id, None)
+                partial.whole_asked = partial.asked_ms is not None
         if partial.shape != (f.capture_ms, f.keyframe, f.codec, f.count, f.group):
             self.malformed += 1
-            return []
-        before = partial.held_bytes
-        if not partial.add(f):
+            return out
+        before, resent = partial.held_bytes, partial.resent
+        if not partial.add(f, now_ms):
             self.duplicates += 1
-            return []
+            return out
+        self._parity_seen |= f.parity
+        if partial.resent > resent and partial.asked_ms is not None:
+            sample = now_ms - partial.asked_ms
+            self.resent += 1
+            self.repair_rtt_ms = sample if self.repair_rtt_ms is None else (
+                self.repair_rtt_ms + (sample - self.repair_rtt_ms) / 8)
         self.held_bytes += partial.held_bytes - before
-        while self.held_bytes > self.max_bytes and self._partials:
-            self._give_up(min(self._partials))
+        while self.held_bytes > self.max_bytes and (self._partials or self._ghosts):
+            self._give_up(min([*self._partials, *self._ghosts]))
         if f.frame_id in self._partials and partial.blocked == 0:
-            return self._finish(f.frame_id, partial)
-        return []
+            self._complete(f.frame_id, partial)
+        return out + self._release(now_ms)
+
+    def lost(self, now_ms: float) -> list[tuple[int, list[int] | None]]:
+        """(frame_id, data indices) of fragments known lost, and (frame_id, None) for
+        frames nothing came of, oldest first; each is named once, then awaited."""
+        out: list[tuple[int, list[int] | None]] = []
+        for frame_id in sorted(set(self._ghosts) - set(self._ghosts_asked)):
+            self._ghosts_asked[frame_id] = now_ms
+            out.append((frame_id, None))
+        top = self._top_id if self._top_id is not None else -1
+        for frame_id in sorted(self._partials):
+            indices = self._partials[frame_id].lost(now_ms, self.quiet_ms, frame_id < top,
+                                                    self._parity_seen)
+            if indices:
+                out.append((frame_id, indices))
+        return out
+
+    def poll(self, now_ms: float) -> list[Frame]:
+        """Give up what waited too long (see the class); the frames that frees."""
+        self.expire(now_ms)
+        return self._release(now_ms)
 
     def expire(self, now_ms: float) -> int:
         """Give up frames incomplete for longer than stale_ms; return how many.
-        `add` calls this; a receiver may also call it on a timer."""
+        `add` and `poll` call this."""
         stale = [i for i, p in self._partials.items() if now_ms - p.first_ms > self.stale_ms]
+        stale += [i for i, since in self._ghosts.items() if now_ms - since > self.stale_ms]
         for frame_id in stale:
             self._give_up(frame_id)
         return len(stale)
 
+    def _saw(self, frame_id: int, now_ms: float) -> None:
+        """A fragment of frame_id came: what was sent before it can't come any more."""
+        top = self._top_id
+        if top is not None and frame_id > top + 1 and self.hold_ms > 0 \
+                and frame_id - top - 1 <= self.max_frames:
+            for skipped in range(top + 1, frame_id):
+                if skipped not in self._closed:
+                    self._ghosts[skipped] = now_ms
+            while len(self._ghosts) > self.max_frames:
+                self._give_up(min(self._ghosts))
+        for older, partial in self._partials.items():
+            if older < frame_id and partial.lost_ms is None:
+                partial.lost_ms = now_ms
+        self._top_id = frame_id if top is None else max(top, frame_id)
+
     def _give_up(self, frame_id: int) -> None:
-        self.held_bytes -= self._partials.pop(frame_id).held_bytes
+        partial = self._partials.pop(frame_id, None)
+        if partial is not None:
+            self.held_bytes -= partial.held_bytes
+        self._ghosts.pop(frame_id, None)
+        self._ghosts_asked.pop(frame_id, None)
         self.incomplete += 1
         self._close(frame_id, False)
 
-    def _close(self, frame_id: int, delivered: bool) -> None:
-        self._closed[frame_id] = delivered
+    def _close(self, frame_id: int, complete: bool) -> None:
+        self._closed[frame_id] = complete
         while len(self._closed) > _CLOSED_MEMORY:
             self._closed.popitem(last=False)
 
-    def _finish(self, frame_id: int, partial: _Partial) -> list[Frame]:
+    def _complete(self, frame_id: int, partial: _Partial) -> None:
         self.held_bytes -= self._partials.pop(frame_id).held_bytes
         result = partial.assemble()
         if result is None:
             self.malformed += 1
             self.incomplete += 1
             self._close(frame_id, False)
-            return []
-        for older in [i for i in self._partials if i < frame_id]:
-            self._give_up(older)
-        self.newest = frame_id
+            return
         self._close(frame_id, True)
         self.completed += 1
         self.repaired += result[1]
+        self.recovered += partial.resent > 0
         capture_ms, keyframe, codec = partial.shape[:3]
-        return [Frame(frame_id, result[0], capture_ms, keyframe, codec)]
+        self._ready[frame_id] = Frame(frame_id, result[0], capture_ms, keyframe, codec)
+        self.held_bytes += len(result[0])
+
+    def _release(self, now_ms: float) -> list[Frame]:
+        out: list[Frame] = []
+        while self._ready:
+            first = min(self._ready)
+            older = [i for i in (*self._partials, *self._ghosts) if i < first]
+            if older:
+                oldest = min(older)
+                partial = self._partials.get(oldest)
+                since = self._ghosts.get(oldest) if partial is None else partial.lost_ms
+                if len(self._ready) <= self.max_frames and now_ms - (
+                        now_ms if since is None else since) < self.wait_ms:
+                    break           # a repair may still come
+                self._give_up(oldest)
+                continue
+            frame = self._ready.pop(first)
+            self.held_bytes -= len(frame.data)
+            self.newest = first
+            out.append(frame)
+        return out
 
 
 # =============================================================================
-# 6. MEDIA FLOW: the keyframe gate, the jitter buffer, link statistics
+# 6. MEDIA FLOW: control messages, repair, rate, the keyframe gate, statistics
 # =============================================================================
-# Pure code for calls, like 5: what a receiver decides as packets come in
-# and a playback clock ticks. The keyframe gate keeps delta frames from a
-# decoder that lost its reference; the jitter buffer turns packets that
-# arrive unevenly into one audio frame every 20 ms; LinkStats counts what
-# media_stats reports. Time arrives as `now_ms`.
+# Pure code for calls, like 5: what each end decides as packets come in and
+# clocks tick, and the control messages that carry it. A receiver's
+# VideoReceiver asks for lost fragments once (a Nack) before its keyframe
+# gate asks for a keyframe, and its ReportMeter says how the media arrives;
+# a sender's Retransmitter answers Nacks from a FragmentCache within bounds a
+# peer can't stretch, and its RateController turns Reports into a bitrate, a
+# frame rate and a size. LinkStats counts what media_stats reports. When
+# what arrives is played is PLAYOUT's (next). Time arrives as `now_ms`; no
+# sockets, threads or clocks here.
+
+# --- Tunables ----------------------------------------------------------------------------
+
+REPAIR_WAIT_MS = 100                # a newer frame waits at most this long for an older repair
+RESEND_FRAMES = 32                  # frames a sender keeps for Nacks (about a second)
+RESEND_BYTES = 2 * 1024 * 1024      # and bytes, at most
+RESEND_PER_S = 120                  # fragments sent again to one link a second, at most
+RESEND_BURST = 60                   # and at once
+REPORT_INTERVAL_MS = 250            # a receiver reports how media arrives this often
+DELAY_BASE_MS = 10_000              # queuing delay is measured over the quickest in this
+REPORT_STALE_MS = 1500              # a link that stopped reporting counts as congested
+LOSS_HIGH_BP = 1000                 # loss above this (1/10000) is congestion: slow down
+LOSS_LOW_BP = 200                   # below this, and
+LOSS_SMOOTHING = 4                  # loss is judged over about this many reports too
+DELAY_HIGH_MS = 100                 # queuing delay above this is congestion
+DELAY_LOW_MS = 30                   # below this, the link is clear: speed up
+RATE_DECREASE = 0.85                # bitrate after congestion, at most this share of before
+RATE_INCREASE_PER_S = 0.12          # while clear, bitrate grows this share a second
+RATE_STEP = 0.85                    # bitrates come in steps, each this share of the one above
+RATE_MIN_SHARE = 0.08               # the lowest bitrate, as a share of the highest
+INCREASE_AFTER_MS = 1000            # no increase this soon after a decrease
+SIZE_HOLD_MS = 3000                 # no size change up this soon after another (a keyframe)
+# (bitrate at least this share of the highest, frames a second, size divisor): first
+# the bitrate falls, then the frame rate, then the picture's size.
+RATE_LADDER = ((0.35, 30, 1), (0.22, 20, 1), (0.15, 15, 1), (0.10, 15, 2), (0.0, 10, 2))
+RATE_UP_MARGIN = 1.2                # a bigger size needs this much more than its rung
+
+
+# --- Control messages -------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Control:
+    """A control inner payload: type u8, then its body. CONTROL_KEYFRAME ("send a
+    keyframe") carries last_frame_id u32, the last frame id received; CONTROL_KEEPALIVE
+    (sent when there is no media, so the link does not look dead) has no body and
+    last_frame_id 0. Nack and Report are the other two types."""
+    type: int
+    last_frame_id: int = 0
+
+
+_NACK_ENTRY = struct.Struct(">IHH")             # frame_id, index, mask: 8 bytes
+_REPORT = struct.Struct(">BHHI")                # type, loss_bp, delay_ms, kbps: 9 bytes
+
+
+@dataclasses.dataclass(frozen=True)
+class Nack:
+    """CONTROL_NACK, "these video fragments never came": a receiver asks once, before
+    it asks for a keyframe. Body: n u8 (1..MAX_NACK_ENTRIES), then n entries of
+    frame_id u32, index u16, mask u16: data fragment `index` of that frame, and
+    index + 1 + i for each bit i set in mask (an entry names up to 17). An index of
+    NACK_WHOLE_FRAME, with mask 0, asks for every data fragment of a frame of which
+    nothing arrived. At most 130 bytes, whatever is asked: what the sender does with
+    it is bounded by its Retransmitter, not by the peer."""
+    entries: tuple[tuple[int, int, int], ...]   # (frame_id, index, mask)
+    type: ClassVar[int] = CONTROL_NACK
+
+    @classmethod
+    def asking(cls, lost: Iterable[tuple[int, Iterable[int] | None]]) -> list[Nack]:
+        """The Nacks that ask for `lost`: (frame_id, data indices), or (frame_id,
+        None) for a whole frame. Several when one would pass MAX_NACK_ENTRIES."""
+        entries: list[tuple[int, int, int]] = []
+        for frame_id, indices in lost:
+            if indices is None:
+                entries.append((frame_id, NACK_WHOLE_FRAME, 0))
+                continue
+            first: int | None = None
+            mask = 0
+            for index in sorted(set(indices)):
+                if first is not None and index - first <= 16:
+                    mask |= 1 << (index - first - 1)
+                    continue
+                if first is not None:
+                    entries.append((frame_id, first, mask))
+                first, mask = index, 0
+            if first is not None:
+                entries.append((frame_id, first, mask))
+        return [cls(tuple(entries[i:i + MAX_NACK_ENTRIES]))
+                for i in range(0, len(entries), MAX_NACK_ENTRIES)]
+
+    def wanted(self) -> list[tuple[int, int | None]]:
+        """(frame_id, data index) for each fragment asked for; index None: all of it."""
+        out: list[tuple[int, int | None]] = []
+        for frame_id, index, mask in self.entries:
+            if index == NACK_WHOLE_FRAME:
+                out.append((frame_id, None))
+                continue
+            out.append((frame_id, index))
+            out += [(frame_id, index + 1 + i) for i in range(16) if mask >> i & 1]
+        return out
+
+
+@dataclasses.dataclass(frozen=True)
+class Report:
+    """CONTROL_REPORT, a receiver's word on how the media from us arrives, a few
+    times a second, for the sender's RateController. Body: loss_bp u16 (packets lost
+    before any repair, in 1/10000: 0..10000), delay_ms u16 (queuing delay: how much
+    longer than the quickest lately this interval's packets took), kbps u32
+    (received, every kind)."""
+    loss_bp: int
+    delay_ms: int
+    kbps: int
+    type: ClassVar[int] = CONTROL_REPORT
+
+
+def pack_control(control: Control | Nack | Report) -> bytes:
+    """The inner payload for `control`. Raises ValueError for an unknown type or a
+    field out of range (a keepalive's frame id not 0; an empty, too long or
+    inconsistent Nack; a Report's loss over 10000)."""
+    if isinstance(control, Nack):
+        entries = control.entries
+        if not 1 <= len(entries) <= MAX_NACK_ENTRIES or any(
+                index == NACK_WHOLE_FRAME and mask for _, index, mask in entries):
+            raise ValueError(f"can't pack {control!r}")
+        try:
+            return bytes([CONTROL_NACK, len(entries)]) + b"".join(
+                _NACK_ENTRY.pack(*entry) for entry in entries)
+        except struct.error as exc:
+            raise ValueError(str(exc)) from None
+    if isinstance(control, Report):
+        if not 0 <= control.loss_bp <= 10000:
+            raise ValueError(f"loss of {control.loss_bp} / 10000")
+        try:
+            return _REPORT.pack(CONTROL_REPORT, control.loss_bp, control.delay_ms,
+                                control.kbps)
+        except struct.error as exc:
+            raise ValueError(str(exc)) from None
+    if control.type == CONTROL_KEEPALIVE and control.last_frame_id == 0:
+        return bytes([CONTROL_KEEPALIVE])
+    if control.type == CONTROL_KEYFRAME and 0 <= control.last_frame_id <= 0xFFFFFFFF:
+        return struct.pack(">BI", CONTROL_KEYFRAME, control.last_frame_id)
+    raise ValueError(f"can't pack {control!r}")
+
+
+def unpack_control(inner: bytes) -> Control | Nack | Report | None:
+    """The control message in an inner payload, or None if it is malformed: an
+    unknown type, a length its type doesn't have, a Nack with no entries, more than
+    MAX_NACK_ENTRIES or a whole-frame entry with a mask, a Report's loss over 10000."""
+    size = len(inner)
+    if size == 1 and inner[0] == CONTROL_KEEPALIVE:
+        return Control(CONTROL_KEEPALIVE)
+    if size == 5 and inner[0] == CONTROL_KEYFRAME:
+        return Control(CONTROL_KEYFRAME, int.from_bytes(inner[1:], "big"))
+    if size >= 2 and inner[0] == CONTROL_NACK and 1 <= inner[1] <= MAX_NACK_ENTRIES \
+            and size == 2 + inner[1] * _NACK_ENTRY.size:
+        entries = tuple(_NACK_ENTRY.iter_unpack(bytes(inner[2:])))
+        if any(index == NACK_WHOLE_FRAME and mask for _, index, mask in entries):
+            return None
+        return Nack(entries)
+    if size == _REPORT.size and inner[0] == CONTROL_REPORT:
+        _, loss_bp, delay_ms, kbps = _REPORT.unpack(bytes(inner))
+        return Report(loss_bp, delay_ms, kbps) if loss_bp <= 10000 else None
+    return None
+
 
 class GateState(enum.Enum):
     """Where a KeyframeGate is; it starts AWAITING_KEYFRAME."""
@@ -2599,6 +2892,401 @@ class KeyframeGate:
         return True
 
 
+# --- Video in: repair, then the keyframe gate --------------------------------------------
+
+class VideoReceiver:
+    """One link's incoming video, from packets to the frames its decoder may take.
+
+    Give `packet` every video inner payload, and call `poll` often (with every packet
+    of any kind, and on a timer): each returns (frames to decode, in order; control
+    inner payloads to send back). With `repair`, the data fragments parity can't
+    rebuild are asked for once, in a Nack, as soon as they are known lost, and newer
+    frames wait up to wait_ms for them; a frame still missing then is given up and
+    the KeyframeGate asks for a keyframe. Without, a frame is given up as soon as a
+    newer one is complete (there is nothing to wait for). `decoder_failed` when the
+    decoder refuses a frame. Counters: `nacks` (Nack packets asked to send), and the
+    Reassembler's and the gate's.
+    """
+
+    def __init__(self, repair: bool = True, wait_ms: float = REPAIR_WAIT_MS,
+                 request_interval_ms: float = KEYFRAME_REQUEST_INTERVAL_MS) -> None:
+        self.repair = repair
+        self.reassembler = Reassembler(hold_ms=wait_ms if repair else 0)
+        self.gate = KeyframeGate(request_interval_ms)
+        self.nacks = 0
+
+    def packet(self, inner: bytes, now_ms: float) -> tuple[list[Frame], list[bytes]]:
+        return self._pass(self.reassembler.add(inner, now_ms), now_ms)
+
+    def poll(self, now_ms: float) -> tuple[list[Frame], list[bytes]]:
+        return self._pass(self.reassembler.poll(now_ms), now_ms)
+
+    def decoder_failed(self, now_ms: float) -> list[bytes]:
+        """The decoder refused a frame (or fell behind): a keyframe request, or none
+        if one went out less than the gate's interval ago."""
+        return [self.keyframe_request()] if self.gate.decoder_failed(now_ms) else []
+
+    def keyframe_request(self) -> bytes:
+        return pack_control(Control(CONTROL_KEYFRAME, self.gate.last_frame_id or 0))
+
+    def _pass(self, frames: list[Frame], now_ms: float) -> tuple[list[Frame], list[bytes]]:
+        controls = []
+        if self.repair:
+            for nack in Nack.asking(self.reassembler.lost(now_ms)):
+                controls.append(pack_control(nack))
+                self.nacks += 1
+        decode, keyframe = [], False
+        for frame in frames:
+            verdict = self.gate.check(frame, now_ms)
+            keyframe |= verdict.request_keyframe
+            if verdict.decode:
+                decode.append(frame)
+        if keyframe:
+            controls.append(self.keyframe_request())
+        return decode, controls
+
+
+# --- Link statistics ---------------------------------------------------------------------
+
+class LinkStats:
+    """Receive-side numbers for one link, for the call window, once a second.
+
+    Feed it every opened packet (`packet`), every refused one (`refused`), every
+    video frame shown and audio frame received; `snapshot(now_ms)` returns the dict
+    below for the interval since the last snapshot and starts a new one:
+    video_fps (frames shown per second), audio_frames (received), loss (fraction
+    0..1 of packets missing, as RTCP's "fraction lost": from the highest sequence
+    number at the last snapshot to the highest now), latency_ms (median of now -
+    capture time of the frames shown; the two clocks' offset included; None if no
+    frame), kbps (received), dropped (packets refused since the start), freeze_ms
+    (the longest the picture stood still: time between two frames shown, for those
+    shown this interval, the first counted from the one before it; None if none).
+    """
+
+    def __init__(self, now_ms: float) -> None:
+        self._since = now_ms        # start of the interval
+        self._top: int | None = None    # highest sequence number at the last snapshot
+        self._high: int | None = None   # highest this interval
+        self._low: int | None = None    # lowest this interval
+        self._packets = self._bytes = self._shown = self._audio = self._refused = 0
+        self._latencies: list[float] = []
+        self._shown_ms: float | None = None     # when the last frame was shown
+        self._freeze: float | None = None       # the longest gap ending this interval
+        self.last_packet_ms: float | None = None    # silent too long: the link is dead
+
+    def packet(self, seq: int, size_bytes: int, now_ms: float) -> None:
+        self._packets += 1
+        self._bytes += size_bytes
+        self._high = seq if self._high is None else max(self._high, seq)
+        self._low = seq if self._low is None else min(self._low, seq)
+        self.last_packet_ms = now_ms
+
+    def refused(self) -> None:
+        self._refused += 1
+
+    def frame_shown(self, capture_ms: float, now_ms: float) -> None:
+        self._shown += 1
+        if len(self._latencies) < _MAX_LATENCY_SAMPLES:
+            self._latencies.append(now_ms - capture_ms)
+        if self._shown_ms is not None:
+            self._freeze = max(self._freeze or 0.0, now_ms - self._shown_ms)
+        self._shown_ms = now_ms
+
+    def audio_frame(self) -> None:
+        self._audio += 1
+
+    def snapshot(self, now_ms: float) -> dict:
+        elapsed_ms = max(now_ms - self._since, 1.0)
+        loss = 0.0
+        if self._high is not None:
+            low = self._low if self._low is not None else self._high
+            base = self._top if self._top is not None else low - 1
+            expected = self._high - base
+            if expected > 0:
+                loss = round(max(0, expected - self._packets) / expected, 3)
+            self._top = max(base, self._high)
+        latency = None
+        if self._latencies:
+            ordered, middle = sorted(self._latencies), len(self._latencies) // 2
+            latency = round(ordered[middle] if len(ordered) % 2
+                            else (ordered[middle - 1] + ordered[middle]) / 2, 1)
+        result = {"video_fps": round(self._shown * 1000 / elapsed_ms, 1),
+                  "audio_frames": self._audio, "loss": loss, "latency_ms": latency,
+                  "kbps": round(self._bytes * 8 / elapsed_ms, 1), "dropped": self._refused,
+                  "freeze_ms": None if self._freeze is None else round(self._freeze)}
+        self._since, self._high, self._low, self._freeze = now_ms, None, None, None
+        self._packets = self._bytes = self._shown = self._audio = 0
+        self._latencies = []
+        return result
+
+
+class ReportMeter:
+    """A receiver's half of rate control for one link: what its Reports say.
+
+    `packet(seq, size_bytes, now_ms)` for every opened packet; `transit(capture_ms,
+    wall_ms)` for every video fragment (capture_ms from its header, wall_ms our wall
+    clock on arrival); `report(now_ms)` every REPORT_INTERVAL_MS returns the Report
+    for the interval since the last: loss and kbps as LinkStats counts them (loss
+    before any repair: a fragment sent again has a sequence number of its own), and
+    delay_ms, this interval's median transit over the lowest transit of the last
+    DELAY_BASE_MS, so the offset between the two ends' clocks cancels out. Nothing
+    received: a Report of no loss and no delay.
+    """
+
+    def __init__(self, now_ms: float) -> None:
+        self._stats = LinkStats(now_ms)
+        self._transits: list[float] = []
+        self._lows: collections.deque[tuple[float, float]] = collections.deque()
+        # ^ (when, the lowest transit of one interval), for DELAY_BASE_MS
+
+    def packet(self, seq: int, size_bytes: int, now_ms: float) -> None:
+        self._stats.packet(seq, size_bytes, now_ms)
+
+    def transit(self, capture_ms: float, wall_ms: float) -> None:
+        if len(self._transits) < _MAX_LATENCY_SAMPLES:
+            self._transits.append(wall_ms - capture_ms)
+
+    def report(self, now_ms: float) -> Report:
+        snapshot = self._stats.snapshot(now_ms)
+        delay = 0
+        if self._transits:
+            ordered = sorted(self._transits)
+            self._lows.append((now_ms, ordered[0]))
+            while now_ms - self._lows[0][0] > DELAY_BASE_MS:
+                self._lows.popleft()
+            base = min(low for _, low in self._lows)
+            delay = min(max(0, round(ordered[len(ordered) // 2] - base)), 0xFFFF)
+            self._transits = []
+        return Report(round(snapshot["loss"] * 10000), delay,
+                      min(round(snapshot["kbps"]), 0xFFFFFFFF))
+
+
+# --- Video out: retransmission and the rate ----------------------------------------------
+
+class FragmentCache:
+    """The data fragments of the last frames one video stream sent, kept for the
+    Retransmitters of every link the stream goes to: at most max_frames frames and
+    max_bytes, the oldest leaving first. Parity is not kept: a Nack names data.
+    Not thread-safe: the sender guards it."""
+
+    def __init__(self, max_frames: int = RESEND_FRAMES, max_bytes: int = RESEND_BYTES) -> None:
+        self.max_frames = max_frames
+        self.max_bytes = max_bytes
+        self._frames: collections.OrderedDict[int, dict[int, bytes]] = collections.OrderedDict()
+        self.held_bytes = 0
+
+    def __contains__(self, frame_id: int) -> bool:
+        return frame_id in self._frames
+
+    def add(self, frame_id: int, inners: list[bytes]) -> None:
+        """Keep frame_id's data fragments (inners from `fragment`)."""
+        kept: dict[int, bytes] = {}
+        for inner in inners:
+            f = unpack_video(inner)
+            if f is not None and not f.parity and f.frame_id == frame_id:
+                kept[f.index] = bytes(inner)
+        self._drop(frame_id)
+        self._frames[frame_id] = kept
+        self.held_bytes += sum(map(len, kept.values()))
+        while len(self._frames) > self.max_frames or self.held_bytes > self.max_bytes:
+            self._drop(next(iter(self._frames)))
+
+    def get(self, frame_id: int, index: int) -> bytes | None:
+        return self._frames.get(frame_id, {}).get(index)
+
+    def indices(self, frame_id: int) -> list[int]:
+        return sorted(self._frames.get(frame_id, {}))
+
+    def _drop(self, frame_id: int) -> None:
+        old = self._frames.pop(frame_id, None)
+        if old is not None:
+            self.held_bytes -= sum(map(len, old.values()))
+
+
+class Retransmitter:
+    """Answers one link's Nacks from its stream's FragmentCache, within bounds the peer
+    can't stretch, whatever it asks: a fragment goes again at most once to this link
+    and only while cached, at most `burst` at once and `per_s` a second (a token
+    bucket), and one Nack makes us look up at most 17 x MAX_NACK_ENTRIES fragments.
+    The rest of a Nack is dropped and counted. So a Nack never costs us more than we
+    sent that peer in the first place.
+
+    Counters: resent (fragments answered), refused (over the budget, or sent again
+    before), unknown (not, or no longer, cached).
+    """
+
+    def __init__(self, cache: FragmentCache, per_s: float = RESEND_PER_S,
+                 burst: int = RESEND_BURST) -> None:
+        self.cache = cache
+        self.per_s = per_s
+        self.burst = burst
+        self._tokens = float(burst)
+        self._at: float | None = None       # when the bucket was last filled
+        self._sent: set[tuple[int, int]] = set()    # (frame_id, index) sent again
+        self.resent = self.refused = self.unknown = 0
+
+    def answer(self, nack: Nack, now_ms: float) -> list[bytes]:
+        """The video inner payloads to seal and send again, in the order asked."""
+        if self._at is not None:
+            self._tokens = min(self.burst,
+                               self._tokens + max(0.0, now_ms - self._at) * self.per_s / 1000)
+        self._at = now_ms
+        out: list[bytes] = []
+        lookups = 17 * MAX_NACK_ENTRIES
+        for frame_id, index in nack.wanted():
+            for i in self.cache.indices(frame_id) if index is None else [index]:
+                lookups -= 1
+                if lookups < 0:
+                    self.refused += 1
+                    break
+                inner = self.cache.get(frame_id, i)
+                if inner is None:
+                    self.unknown += 1
+                elif (frame_id, i) in self._sent or self._tokens < 1:
+                    self.refused += 1
+                else:
+                    self._sent.add((frame_id, i))
+                    self._tokens -= 1
+                    out.append(inner)
+        if len(self._sent) > 4 * RESEND_FRAMES * 17:
+            self._sent = {key for key in self._sent if key[0] in self.cache}
+        self.resent += len(out)
+        return out
+
+
+@dataclasses.dataclass(frozen=True)
+class VideoSettings:
+    """How a video stream is sent now, from RateController.update."""
+    bitrate: int                    # the encoder's target, bits a second
+    fps: int
+    width: int
+    height: int
+
+
+class RateController:
+    """How one video stream is sent (bitrate, frame rate, size), from the Reports of
+    the links it goes to. One encoder serves them all, so the worst link decides.
+
+    `report(peer, report, now_ms, sent_kbps)` for each Report, with what we sent that
+    peer over about the interval it covers, if known; `forget(peer)` when a link ends;
+    `update(now_ms)` (once per camera frame, say) returns the settings; `take_frame(
+    now_ms)` says whether the frame captured now is sent, at the settings' rate.
+
+    A link whose latest Report says loss above LOSS_HIGH_BP (and so does its loss
+    smoothed over LOSS_SMOOTHING reports: a quarter second of 5% random loss often
+    loses more than 10%, and that is no congestion) or delay above DELAY_HIGH_MS,
+    or whose Reports stopped for REPORT_STALE_MS, is congested: the
+    bitrate falls to RATE_DECREASE of itself, times the share of what we sent that
+    arrived when less got there (whatever parity, headers and sound add, that share
+    is what the link can take), once per Report that says so. When every link is
+    clear (smoothed loss below LOSS_LOW_BP, delay below DELAY_LOW_MS) it grows
+    RATE_INCREASE_PER_S a second, from INCREASE_AFTER_MS after the last decrease, up
+    to max_bitrate; otherwise it holds.
+    Links that never reported (a peer that doesn't) don't count.
+
+    The bitrate comes out in steps of RATE_STEP (a new bitrate costs the encoder a
+    keyframe), and RATE_LADDER turns it into a frame rate and a size: first the
+    bitrate falls, then the frame rate, then the size. Going back up to a bigger
+    size needs RATE_UP_MARGIN over its lowest rung and SIZE_HOLD_MS since the last
+    size change. Counters: decreases, increases (of the bitrate step).
+    """
+
+    def __init__(self, max_bitrate: int, width: int, height: int, fps: int) -> None:
+        self.max_bitrate = max_bitrate
+        self.min_bitrate = max(1, round(max_bitrate * RATE_MIN_SHARE))
+        self.full = (width, height)
+        self.max_fps = fps
+        self.estimate = float(max_bitrate)      # bits a second, before the steps
+        self._reports: dict[str, tuple[Report, float, float | None, float]] = {}
+        # ^ peer -> (latest Report, when, kb/s we sent them then, smoothed loss_bp)
+        self._decreased_ms: float | None = None
+        self._updated_ms: float | None = None
+        self._resized_ms: float | None = None
+        self._rung = 0
+        self._next_frame_ms: float | None = None
+        self.decreases = self.increases = 0
+        self.settings = self._settings(None)
+
+    def report(self, peer: str, report: Report, now_ms: float,
+               sent_kbps: float | None = None) -> None:
+        before = self._reports.get(peer)
+        smooth = report.loss_bp if before is None else (
+            before[3] + (report.loss_bp - before[3]) / LOSS_SMOOTHING)
+        self._reports[peer] = (report, now_ms, sent_kbps, smooth)
+
+    def forget(self, peer: str) -> None:
+        self._reports.pop(peer, None)
+
+    def update(self, now_ms: float) -> VideoSettings:
+        congested, clear = [], True         # congested: the share of ours that arrived
+        for report, at, sent, smooth in self._reports.values():
+            stale = now_ms - at > REPORT_STALE_MS
+            lossy = report.loss_bp > LOSS_HIGH_BP and smooth > LOSS_HIGH_BP
+            if stale or lossy or report.delay_ms > DELAY_HIGH_MS:
+                news = self._decreased_ms is None or at > self._decreased_ms or (
+                    stale and now_ms - self._decreased_ms >= REPORT_STALE_MS)
+                if news:
+                    congested.append(1.0 if stale or not sent else min(1.0, report.kbps / sent))
+            clear &= not stale and smooth < LOSS_LOW_BP and report.delay_ms < DELAY_LOW_MS
+        before = self.settings.bitrate
+        if congested:
+            self.estimate = max(self.min_bitrate,
+                                self.estimate * min(congested) * RATE_DECREASE)
+            self._decreased_ms = now_ms
+        elif clear and (self._decreased_ms is None
+                        or now_ms - self._decreased_ms >= INCREASE_AFTER_MS):
+            elapsed_s = min(1000.0, now_ms - (self._updated_ms or now_ms)) / 1000
+            self.estimate = min(self.max_bitrate,
+                                self.estimate * (1 + RATE_INCREASE_PER_S * elapsed_s))
+        self._updated_ms = now_ms
+        self.settings = self._settings(now_ms)
+        self.decreases += self.settings.bitrate < before
+        self.increases += self.settings.bitrate > before
+        return self.settings
+
+    def take_frame(self, now_ms: float) -> bool:
+        """Send the frame captured now? Keeps settings.fps on average from a camera
+        that gives more (a quarter of a frame's time early is on time)."""
+        period = 1000 / self.settings.fps
+        due = self._next_frame_ms
+        if due is not None and now_ms < due - period / 4:
+            return False
+        start = due if due is not None and now_ms - due < period else now_ms
+        self._next_frame_ms = start + period
+        return True
+
+    def _settings(self, now_ms: float | None) -> VideoSettings:
+        steps = math.log(self.max_bitrate / self.estimate) / math.log(1 / RATE_STEP)
+        bitrate = max(self.min_bitrate,
+                      round(self.max_bitrate * RATE_STEP ** math.ceil(steps - 1e-9)))
+        share = bitrate / self.max_bitrate
+        rung = next(i for i, (least, _, _) in enumerate(RATE_LADDER) if share >= least)
+        divisor, current = RATE_LADDER[rung][2], RATE_LADDER[self._rung][2]
+        if divisor < current:       # a bigger picture: only with room, not too often
+            lowest = max(i for i, r in enumerate(RATE_LADDER) if r[2] == divisor)
+            if share < RATE_LADDER[lowest][0] * RATE_UP_MARGIN or (
+                    now_ms is not None and self._resized_ms is not None
+                    and now_ms - self._resized_ms < SIZE_HOLD_MS):
+                rung = min(i for i, r in enumerate(RATE_LADDER) if r[2] == current)
+        if RATE_LADDER[rung][2] != current:
+            self._resized_ms = now_ms
+        self._rung = rung
+        _, fps, divisor = RATE_LADDER[rung]
+        width, height = self.full
+        return VideoSettings(bitrate, min(fps, self.max_fps),
+                             max(2, width // divisor // 2 * 2), max(2, height // divisor // 2 * 2))
+
+
+# =============================================================================
+# 7. PLAYOUT: the jitter buffer and lip sync, on the playback clock
+# =============================================================================
+# Pure, like 5 and 6: when what came in is played. The jitter buffer turns
+# audio packets that arrive unevenly into one frame every 20 ms; LipSync
+# times each video frame against the sound captured with it, and holds the
+# sound back when the picture can't keep up. The playback and decoding
+# threads of CLIENT MEDIA call in with `now_ms`; no sockets, threads or
+# clocks here.
+
 # --- Audio: the jitter buffer -------------------------------------------------------------
 
 class JitterState(enum.Enum):
@@ -2651,6 +3339,11 @@ class JitterBuffer:
     @property
     def depth(self) -> int:
         return len(self._frames)
+
+    @property
+    def last_seq(self) -> int | None:
+        """The seq the last pop that wasn't "empty" gave or concealed (None before)."""
+        return None if self._next is None else self._next - 1
 
     def push(self, seq: int, payload: bytes, arrival_ms: float) -> None:
         transit = arrival_ms - seq * self.frame_ms      # send time = seq * frame_ms + offset
@@ -2710,74 +3403,131 @@ class JitterBuffer:
             self._next = max(self._next, oldest + 1)
 
 
-# --- Link statistics ---------------------------------------------------------------------
+# --- Lip sync ----------------------------------------------------------------------------
 
-class LinkStats:
-    """Receive-side numbers for one link, for the call window, once a second.
+AV_AHEAD_MS = 45                    # sound at most this far ahead of its picture (BT.1359)
+AV_BEHIND_MS = 125                  # and at most this far behind it
+AV_LATE_OK_MS = 20                  # video later than its sound by this: hold the sound back
+AV_MAX_HOLD_MS = 500                # a video frame waits at most this long for its sound
+AV_MAX_AUDIO_DELAY_MS = 400         # sound waits at most this long for its late picture
+AV_ADJUST_MS = 500                  # the sound's delay changes at most this often
+AV_AUDIO_STALE_MS = 500             # no sound played for this long: video shows at once
+_AV_CAPTURES = 256                  # capture times kept of the audio frames last arrived
 
-    Feed it every opened packet (`packet`), every refused one (`refused`), every
-    video frame shown and audio frame received; `snapshot(now_ms)` returns the dict
-    below for the interval since the last snapshot and starts a new one:
-    video_fps (frames shown per second), audio_frames (received), loss (fraction
-    0..1 of packets missing, as RTCP's "fraction lost": from the highest sequence
-    number at the last snapshot to the highest now), latency_ms (median of now -
-    capture time of the frames shown; the two clocks' offset included; None if no
-    frame), kbps (received), dropped (packets refused since the start).
+
+class LipSync:
+    """Plays one peer's video in step with its voice, from the capture times both
+    carry (their clock) and `now_ms` (ours, monotonic: only differences count).
+
+    The voice sets the clock: `audio_arrived(seq, capture_ms)` for every audio frame
+    pushed into the jitter buffer, `audio_played(seq, now_ms)` when the playback
+    thread plays (or conceals) it; the offset between their capture clock and our
+    playout is then known. A video frame captured at c is due at c + offset, with
+    the sound captured with it: `video_due(capture_ms, now_ms)`, when the frame is
+    complete, says when to show it (now if its sound has played already or no sound
+    plays; at most AV_MAX_HOLD_MS from now), and `video_shown(capture_ms, now_ms)`
+    measures the skew when it is shown; `skew()` gives the median since the last
+    call (None: no frame shown against sound).
+
+    Skew = when a frame is shown - when the sound captured with it played: positive,
+    the sound came first (audio ahead of video); negative, after (audio behind).
+    ITU-R BT.1359 puts the edges people notice at +45 and -125 ms. Video that comes
+    later than its sound can't be shown earlier, so then the sound is held back:
+    every popped audio frame goes through `delay_audio` on its way to the decoder,
+    which keeps `audio_delay_ms` (whole frames, at most AV_MAX_AUDIO_DELAY_MS); a
+    longer delay plays a gap ("empty"), a shorter one drops the oldest frames. At
+    most every AV_ADJUST_MS, once the last change has taken effect, the delay grows
+    by the 90th percentile of how late the video came after its sound (if over
+    AV_LATE_OK_MS), or shrinks by how early the latest of it came (every frame a
+    frame's time early or more). Not thread-safe: the link's lock guards it.
     """
 
-    def __init__(self, now_ms: float) -> None:
-        self._since = now_ms        # start of the interval
-        self._top: int | None = None    # highest sequence number at the last snapshot
-        self._high: int | None = None   # highest this interval
-        self._low: int | None = None    # lowest this interval
-        self._packets = self._bytes = self._shown = self._audio = self._refused = 0
-        self._latencies: list[float] = []
-        self.last_packet_ms: float | None = None    # silent too long: the link is dead
+    def __init__(self, frame_ms: int = 20) -> None:
+        self.frame_ms = frame_ms
+        self.audio_delay_ms = 0
+        self._captures: collections.OrderedDict[int, float] = collections.OrderedDict()
+        self._offset: float | None = None   # our playout clock - their capture clock
+        self._played_ms = -math.inf         # when sound last played
+        self._line: collections.deque[tuple[str, bytes | None, int | None]] = \
+            collections.deque()             # audio frames held back
+        self._late: list[float] = []        # video: arrival - due, since the last change
+        self._adjusted_ms: float | None = None
+        self._skews: list[float] = []
 
-    def packet(self, seq: int, size_bytes: int, now_ms: float) -> None:
-        self._packets += 1
-        self._bytes += size_bytes
-        self._high = seq if self._high is None else max(self._high, seq)
-        self._low = seq if self._low is None else min(self._low, seq)
-        self.last_packet_ms = now_ms
+    def audio_arrived(self, seq: int, capture_ms: float) -> None:
+        self._captures[seq] = capture_ms
+        if len(self._captures) > _AV_CAPTURES:
+            self._captures.popitem(last=False)
 
-    def refused(self) -> None:
-        self._refused += 1
+    def audio_played(self, seq: int | None, now_ms: float) -> None:
+        capture = self._captures.get(seq) if seq is not None else None
+        if capture is None:
+            return
+        offset = now_ms - capture
+        # A playback thread's 20 ms ticks wobble by a few ms: smooth them, but
+        # follow a step (a new delay, a resync) at once.
+        if self._offset is None or abs(offset - self._offset) > 3 * self.frame_ms:
+            self._offset = offset
+        else:
+            self._offset += (offset - self._offset) / 8
+        self._played_ms = now_ms
 
-    def frame_shown(self, capture_ms: float, now_ms: float) -> None:
-        self._shown += 1
-        if len(self._latencies) < _MAX_LATENCY_SAMPLES:
-            self._latencies.append(now_ms - capture_ms)
+    def _sounding(self, now_ms: float) -> bool:
+        return self._offset is not None and now_ms - self._played_ms <= AV_AUDIO_STALE_MS
 
-    def audio_frame(self) -> None:
-        self._audio += 1
+    def video_due(self, capture_ms: float, now_ms: float) -> float:
+        if not self._sounding(now_ms) or self._offset is None:
+            return now_ms
+        due = capture_ms + self._offset
+        if len(self._late) < _MAX_LATENCY_SAMPLES:
+            self._late.append(now_ms - due)
+        self._adjust(now_ms)
+        return min(max(due, now_ms), now_ms + AV_MAX_HOLD_MS)
 
-    def snapshot(self, now_ms: float) -> dict:
-        elapsed_ms = max(now_ms - self._since, 1.0)
-        loss = 0.0
-        if self._high is not None:
-            low = self._low if self._low is not None else self._high
-            base = self._top if self._top is not None else low - 1
-            expected = self._high - base
-            if expected > 0:
-                loss = round(max(0, expected - self._packets) / expected, 3)
-            self._top = max(base, self._high)
-        latency = None
-        if self._latencies:
-            ordered, middle = sorted(self._latencies), len(self._latencies) // 2
-            latency = round(ordered[middle] if len(ordered) % 2
-                            else (ordered[middle - 1] + ordered[middle]) / 2, 1)
-        result = {"video_fps": round(self._shown * 1000 / elapsed_ms, 1),
-                  "audio_frames": self._audio, "loss": loss, "latency_ms": latency,
-                  "kbps": round(self._bytes * 8 / elapsed_ms, 1), "dropped": self._refused}
-        self._since, self._high, self._low = now_ms, None, None
-        self._packets = self._bytes = self._shown = self._audio = 0
-        self._latencies = []
-        return result
+    def video_shown(self, capture_ms: float, now_ms: float) -> None:
+        if self._sounding(now_ms) and self._offset is not None \
+                and len(self._skews) < _MAX_LATENCY_SAMPLES:
+            self._skews.append(now_ms - (capture_ms + self._offset))
+
+    def skew(self) -> float | None:
+        skews, self._skews = sorted(self._skews), []
+        return round(skews[len(skews) // 2], 1) if skews else None
+
+    def delay_audio(self, status: str, payload: bytes | None,
+                    seq: int | None) -> tuple[str, bytes | None, int | None]:
+        """What to play now for what the jitter buffer popped: (status, payload, seq),
+        maybe an earlier frame's, or ("empty", None, None) while the delay grows."""
+        frames = self.audio_delay_ms // self.frame_ms
+        self._line.append((status, payload, seq))
+        if len(self._line) <= frames:
+            return ("empty", None, None)
+        while len(self._line) > frames + 1:
+            self._line.popleft()
+        return self._line.popleft()
+
+    def _adjust(self, now_ms: float) -> None:
+        if self._adjusted_ms is None:
+            self._adjusted_ms = now_ms
+        if now_ms - self._adjusted_ms < AV_ADJUST_MS:
+            return
+        if len(self._line) != self.audio_delay_ms // self.frame_ms:
+            self._late = []                 # the last change is still under way
+            return
+        late, self._late = sorted(self._late), []
+        self._adjusted_ms = now_ms
+        if not late:
+            return
+        worst = late[min(len(late) - 1, len(late) * 9 // 10)]
+        delay = self.audio_delay_ms
+        if worst > AV_LATE_OK_MS:
+            delay += math.ceil(worst / self.frame_ms) * self.frame_ms
+        elif late[-1] < -self.frame_ms and delay > 0:
+            delay -= math.floor(-late[-1] / self.frame_ms) * self.frame_ms
+        self.audio_delay_ms = min(max(0, delay), AV_MAX_AUDIO_DELAY_MS)
 
 
 # =============================================================================
-# 7. DISCOVERY: advertise a host and browse for hosts with mDNS (zeroconf)
+# 8. DISCOVERY: advertise a host and browse for hosts with mDNS (zeroconf)
 # =============================================================================
 # A host registers one `_chatroom._tcp.local.` service whose TXT record says
 # the protocol version (`v`), the host's name (`n`), how many rooms are open
@@ -3155,7 +3905,7 @@ async def discover(timeout: float = DISCOVERY_TIMEOUT_S, *, interface: str | Non
 
 
 # =============================================================================
-# 8. VIDEO DEVICES: test pattern, cameras and files, VP8 and JPEG
+# 9. VIDEO DEVICES: test pattern, cameras and files, VP8 and JPEG
 # =============================================================================
 # What a call needs below the network for pictures: frames from a camera, a
 # video file (looped) or a test pattern stamped with a frame counter that
@@ -3175,6 +3925,9 @@ VP8_KEYFRAME_FRAMES = 60            # a keyframe at least this often (2 s at 30 
 VP8_THREADS = 1                     # encoder threads (see Vp8Encoder)
 VP8_CPU_USED = 8                    # libvpx speed: MEDIA-NOTES measured 5 ms, 33 dB here
 JPEG_QUALITY = 70
+JPEG_BITRATE = 8_000_000            # about what quality 70 takes at 640x480, 30 fps
+JPEG_MIN_QUALITY = 20               # a bitrate never takes JPEG below this quality
+JPEG_QUALITY_STEP = 5
 MAX_DECODE_PIXELS = 1920 * 1088     # a peer's frame header claiming more is refused
 CAMERA_PROBE_INDEXES = range(5)     # list_devices tries these camera indexes
 
@@ -3535,11 +4288,15 @@ def open_video_source(spec: str, user: str, fps: int = VIDEO_FPS, width: int = V
 class VideoEncoder(Protocol):
     """Turns frames into packets. encode() returns (data, is_keyframe), or
     None when the encoder produced nothing for this frame; keyframe=True
-    forces a keyframe (a peer joined or lost a packet)."""
+    forces a keyframe (a peer joined or lost a packet). configure() sets the
+    bitrate, frame rate and size of the frames that follow (RateController's
+    settings); True means the next frame is a keyframe because of it."""
     codec_id: int
     name: str
 
     def encode(self, frame: Any, keyframe: bool = False) -> tuple[bytes, bool] | None: ...
+
+    def configure(self, bitrate: int, fps: int, width: int, height: int) -> bool: ...
 
     def close(self) -> None: ...
 
@@ -3584,8 +4341,10 @@ def _jpeg_pixels(data: bytes) -> int:
 class Vp8Encoder:
     """VP8 through PyAV's libvpx, tuned for calls: realtime deadline, no
     look-ahead (one packet out per frame in), error resilient, no alt-ref,
-    a keyframe at least every VP8_KEYFRAME_FRAMES and whenever asked.
-    Frames of another size are scaled by PyAV to width x height."""
+    a keyframe at least every VP8_KEYFRAME_FRAMES (2 s at full rate) and
+    whenever asked. Frames of another size are scaled by PyAV to width x
+    height. Each frame's time stamp advances by 1000 / fps ms, so libvpx's
+    rate control shares the bitrate among the frames really sent."""
     codec_id = VIDEO_CODEC_IDS["vp8"]
     name = "vp8"
 
@@ -3593,27 +4352,43 @@ class Vp8Encoder:
                  height: int = VIDEO_HEIGHT, fps: int = VIDEO_FPS) -> None:
         self._av = _av()
         _numpy()
+        self.bitrate, self.fps, self.width, self.height = bitrate, fps, width, height
+        self._ctx: Any = self._open()
+        self._pts = 0                   # the next frame's time stamp, ms
+
+    def _open(self) -> Any:
         ctx = self._av.CodecContext.create("libvpx", "w")
-        ctx.width, ctx.height, ctx.pix_fmt = width, height, "yuv420p"
-        ctx.time_base = Fraction(1, fps)
-        ctx.framerate = Fraction(fps, 1)
-        ctx.bit_rate = bitrate
-        ctx.gop_size = VP8_KEYFRAME_FRAMES      # becomes libvpx's kf_max_dist
+        ctx.width, ctx.height, ctx.pix_fmt = self.width, self.height, "yuv420p"
+        ctx.time_base = Fraction(1, 1000)
+        ctx.framerate = Fraction(self.fps, 1)
+        ctx.bit_rate = self.bitrate
+        ctx.gop_size = max(1, VP8_KEYFRAME_FRAMES * self.fps // VIDEO_FPS)  # kf_max_dist
         # One thread: a second one did not help at 640x480 (MEDIA-NOTES), and on a
         # busy 2-core machine waiting for it made frames take ~115 ms instead of ~6.
         ctx.thread_count = VP8_THREADS
         ctx.options = {"deadline": "realtime", "cpu-used": str(VP8_CPU_USED),
                        "lag-in-frames": "0", "error-resilient": "1", "auto-alt-ref": "0"}
         ctx.open()
-        self._ctx = ctx
-        self._pts = 0                   # frame counter in time_base units
+        return ctx
+
+    def configure(self, bitrate: int, fps: int, width: int, height: int) -> bool:
+        """PyAV's libvpx reads the bitrate and the size only when it opens
+        (setting bit_rate later changes nothing: checked with PyAV 18.1), so a
+        new bitrate or size opens a new encoder, whose first frame is a
+        keyframe (True). A new frame rate only changes the time stamps."""
+        self.fps = max(1, fps)
+        if (bitrate, width, height) == (self.bitrate, self.width, self.height):
+            return False
+        self.bitrate, self.width, self.height = bitrate, width, height
+        self._ctx = self._open()
+        return True
 
     def encode(self, frame: Any, keyframe: bool = False) -> tuple[bytes, bool] | None:
         av = self._av
         video_frame = av.VideoFrame.from_ndarray(_numpy().ascontiguousarray(frame),
                                                  format="bgr24")
         video_frame.pts = self._pts
-        self._pts += 1
+        self._pts += round(1000 / self.fps)
         if keyframe:
             video_frame.pict_type = av.video.frame.PictureType.I
         packets = self._ctx.encode(video_frame)
@@ -3653,17 +4428,36 @@ class Vp8Decoder:
 
 
 class JpegEncoder:
-    """JPEG through OpenCV; every frame stands alone, so each is a keyframe."""
+    """JPEG through OpenCV; every frame stands alone, so each is a keyframe.
+    Given a bitrate (configure), the quality follows it: down by JPEG_QUALITY_STEP
+    while frames come out over bitrate / fps, up again while well under, never
+    above `quality` nor below JPEG_MIN_QUALITY. Frames are scaled to the size
+    configured."""
     codec_id = VIDEO_CODEC_IDS["jpeg"]
     name = "jpeg"
 
     def __init__(self, quality: int = JPEG_QUALITY) -> None:
         self._cv2 = _cv2()
         self.quality = quality
+        self.current = quality          # the quality in use, under a bitrate
+        self.budget: float | None = None    # bytes a frame may take; None: no limit
+        self.size: tuple[int, int] | None = None    # (width, height); None: as given
+
+    def configure(self, bitrate: int, fps: int, width: int, height: int) -> bool:
+        self.budget = bitrate / 8 / max(1, fps)
+        self.size = (width, height)
+        return False
 
     def encode(self, frame: Any, keyframe: bool = False) -> tuple[bytes, bool] | None:
         cv2 = self._cv2
-        ok, data = cv2.imencode(".jpg", frame, [cv2.IMWRITE_JPEG_QUALITY, self.quality])
+        if self.size is not None and frame.shape[1::-1] != self.size:
+            frame = cv2.resize(frame, self.size, interpolation=cv2.INTER_AREA)
+        ok, data = cv2.imencode(".jpg", frame, [cv2.IMWRITE_JPEG_QUALITY, self.current])
+        if self.budget is not None and ok:
+            if data.size > self.budget:
+                self.current = max(JPEG_MIN_QUALITY, self.current - JPEG_QUALITY_STEP)
+            elif data.size < 0.7 * self.budget:
+                self.current = min(self.quality, self.current + JPEG_QUALITY_STEP)
         return (data.tobytes(), True) if ok else None
 
     def close(self) -> None:
@@ -3721,7 +4515,7 @@ def make_video_decoder(name: str) -> VideoDecoder:
 
 
 # =============================================================================
-# 9. SOUND DEVICES: Opus and PCM, microphones and speakers, devices, recording
+# 10. SOUND DEVICES: Opus and PCM, microphones and speakers, devices, recording
 # =============================================================================
 # Voice below the network: Opus through the libopus inside PyAV's wheel
 # (ctypes: PyAV's own API has no loss concealment), or 16 kHz PCM; PyAudio
@@ -4320,7 +5114,7 @@ class Recorder:
 
 
 # =============================================================================
-# 10. CONNECTIONS: Link (framed TCP, three lanes, one writer) and UDP sockets
+# 11. CONNECTIONS: Link (framed TCP, three lanes, one writer) and UDP sockets
 # =============================================================================
 # What the host and the client core both talk through. A Link owns one TCP
 # connection: what arrives goes through its Wire (WIRE PROTOCOL) and waits,
@@ -4770,6 +5564,8 @@ class UdpSocket:
     `on_packet(data, address)` runs on the receiving thread for every
     datagram; it must be quick and must not raise. Errors an ICMP message
     leaves on a UDP socket (a peer that went away) are counted and ignored.
+    Sending never waits: a datagram the system can't take at once is dropped
+    and counted, so one peer's full path can't hold up the others' media.
     """
 
     def __init__(self, bind: str, port: int,
@@ -4786,6 +5582,11 @@ class UdpSocket:
             self.sock.close()
             raise
         self.sock.settimeout(_UDP_POLL_S)
+        # The receiving side waits with a timeout, and Python applies a socket's
+        # timeout to sendto too (it waits for room, then retries): sends go
+        # through a duplicate that never waits.
+        self._sender = self.sock.dup()
+        self._sender.setblocking(False)
         self.port: int = self.sock.getsockname()[1]
         # close() wakes the receiving thread with an empty datagram to itself.
         self._wake_to = (bind if bind not in ("0.0.0.0", "::") else
@@ -4803,9 +5604,9 @@ class UdpSocket:
         """Send one datagram now; a failure is counted, never raised (the
         link's silence timer is what notices a dead peer)."""
         try:
-            self.sock.sendto(data, address)
+            self._sender.sendto(data, address)
             self.sent += 1
-        except OSError:
+        except OSError:                     # BlockingIOError included: dropped
             self.errors += 1
 
     def _receive(self) -> None:
@@ -4827,6 +5628,7 @@ class UdpSocket:
                     log.exception("handling a media packet failed")
         finally:
             self.sock.close()               # here: the fd is never reused under us
+            self._sender.close()
 
     def close(self, wait: bool = False) -> None:
         """Stop receiving; the receiving thread closes the socket as it ends,
@@ -4842,7 +5644,7 @@ class UdpSocket:
 
 
 # =============================================================================
-# 11. HOST RELAYS: files and calls between the members of a room
+# 12. HOST RELAYS: files and calls between the members of a room
 # =============================================================================
 # The host's two relays, each one object beside the host (next section),
 # which hands them their events and tells them when a session goes:
@@ -5581,7 +6383,7 @@ class HostCalls:
 
 
 # =============================================================================
-# 12. HOST: the listener, sessions, rooms, shutdown (asyncio)
+# 13. HOST: the listener, sessions, rooms, shutdown (asyncio)
 # =============================================================================
 # The room host: accepts connections, gives each a Session over a Link
 # (CONNECTIONS), runs every room decision through Rooms (ROOMS), hands files
@@ -6001,7 +6803,7 @@ class Host:
 
 
 # =============================================================================
-# 13. CLIENT FILES: files we send and receive, beside the client core
+# 14. CLIENT FILES: files we send and receive, beside the client core
 # =============================================================================
 # ClientFiles does for one client what HostFiles does for the host: it
 # offers our files, streams them from disk in chunks that chat overtakes,
@@ -6773,7 +7575,7 @@ def _discard_part(dl: IncomingFile) -> None:
         pass
 
 # =============================================================================
-# 14. CLIENT MEDIA: the links of a call and the threads that move their media
+# 15. CLIENT MEDIA: the links of a call and the threads that move their media
 # =============================================================================
 # A call's media, under the signalling of CLIENT CALLS (next section): the
 # table of links, each with its keys, where its media goes and what has
@@ -6781,11 +7583,18 @@ def _discard_part(dl: IncomingFile) -> None:
 # the threads, each with one job:
 # - the receiving threads (one per UDP socket: CONNECTIONS' UdpSocket) and
 #   the core's loop (for packets the host relays) call `on_packet`: open,
-#   reassemble, queue frames to decode, push audio into jitter buffers;
-# - the video thread: read the camera, encode once per codec in use, cut
-#   into packets, seal and send them to every link (the same packets, each
-#   sealed with its link's key), paced so bursts don't overflow receivers;
-# - the decoding thread: decode each link's newest frames, record them;
+#   reassemble and repair (a Nack for what parity can't rebuild, then a
+#   keyframe request), queue frames to decode at the time LipSync gives,
+#   push audio into jitter buffers, answer Nacks from the fragments we
+#   keep, feed Reports to the rate controller, and send our own Reports;
+# - the video thread: read the camera, encode once per codec in use at the
+#   settings its RateController gives (the worst link decides), cut into
+#   packets with parity, seal and send them to every link (the same
+#   packets, each sealed with its link's key), paced so bursts don't
+#   overflow receivers; a send never waits (UdpSocket), so one congested
+#   peer can't hold up the others' video;
+# - the decoding thread: decode each link's frames when they are due,
+#   show and record them;
 # - the audio source's and sink's threads (or PyAudio's callbacks): encode
 #   and send 20 ms frames; pull, decode or conceal, and mix what is played.
 # The threads run while there are links: each ends once the last link has
@@ -6798,7 +7607,8 @@ def _discard_part(dl: IncomingFile) -> None:
 
 _SEND_PACE_EVERY = 8                # packets of one frame sent back to back, then a pause
 _SEND_PACE_S = 0.0005
-_DECODE_QUEUE = 8                   # frames waiting to be decoded per link, at most
+_DECODE_QUEUE = 8                   # frames overdue for decoding per link, at most
+_DECODE_HELD = 64                   # frames waiting for their time per link, at most
 
 
 @dataclasses.dataclass(frozen=True)
@@ -6811,6 +7621,9 @@ class MediaOptions:
     media_port: int = 0             # --media-port: UDP port for host-arranged calls
     interface: str | None = None    # --interface: bind media sockets to this address
     video_codec: str = "auto"       # --video-codec: offer only this one (auto: all)
+    video_repair: str = "both"      # --video-repair: both, nack, parity or none
+    video_adapt: bool = True        # --no-video-adapt: always send at the full rate
+    lip_sync: bool = True           # --no-lip-sync: show video as soon as it is decoded
 
 
 class PeerLink:
@@ -6821,7 +7634,7 @@ class PeerLink:
     def __init__(self, peer: str, link_id: bytes, link_key: bytes, i_am_a: bool,
                  video: str, audio: str, sock: UdpSocket | None,
                  address: tuple[str, int] | None, direct: bool,
-                 safety_code: str | None = None) -> None:
+                 safety_code: str | None = None, repair: str = "both") -> None:
         send_key, receive_key = direction_keys(link_key, i_am_a)
         now = time.monotonic()
         self.peer = peer
@@ -6844,11 +7657,18 @@ class PeerLink:
         self.sent = 0.0
         self.recv_lock = threading.Lock()
         self.send_lock = threading.Lock()
-        self.reassembler = Reassembler()
-        self.gate = KeyframeGate()
+        self.video_in = VideoReceiver(repair=repair in ("nack", "both"))
+        self.meter = ReportMeter(now * 1000)    # what our Reports to them say
+        self.report_due = 0.0               # when our next Report goes (ms)
+        self.resender: Retransmitter | None = None      # answers their Nacks
+        self.reported: dict[str, int] = {}  # repair counters at the last media_stats
+        self.sent_bytes = 0                 # everything we sent them (send_lock)
+        self.sent_mark = (0, now * 1000)    # (sent_bytes, when) at their last Report
         self.jitter = JitterBuffer()
+        self.sync = LipSync()               # their video against their voice
         self.stats = LinkStats(now * 1000)
-        self.to_decode: collections.deque[Frame] = collections.deque()
+        # (when to decode it, ms; the frame), in order: a frame waits for its sound.
+        self.to_decode: collections.deque[tuple[float, Frame]] = collections.deque()
         self.video_decoder: Any = None      # made on the decoding thread
         self.audio_decoder: Any = None      # made on the audio sink's thread
         self.latest_frame: Any = None       # the newest decoded frame (a BGR array)
@@ -6892,6 +7712,12 @@ class MediaEngine:
         self._audio_seq = 0
         self._recorder: Any = None
         self._threads: list[threading.Thread] = []
+        # What each video stream (one per codec) sent lately, for Nacks, and how it
+        # is sent: the video thread and the receiving threads share them.
+        self._video_lock = threading.Lock()
+        self._parity = options.video_repair in ("parity", "both")
+        self._caches: dict[str, FragmentCache] = {}
+        self._rates: dict[str, RateController] = {}
 
     # --- links ---
 
@@ -6912,6 +7738,9 @@ class MediaEngine:
             self._by_id[link.link_id] = link
             if link.video:
                 self._keyframes.add(link.video)     # a newcomer needs a keyframe
+                with self._video_lock:
+                    cache = self._caches.setdefault(link.video, FragmentCache())
+                link.resender = Retransmitter(cache)
             self._start_threads()
         self._wake_video.set()
         self._audio_wanted.set()
@@ -6923,6 +7752,9 @@ class MediaEngine:
             if self._links.get(link.peer) is not link:
                 return False
             del self._links[link.peer]
+            with self._video_lock:
+                for rate in self._rates.values():
+                    rate.forget(link.peer)
             if not self._links:
                 self._audio_wanted.clear()
                 self._reported.clear()      # the next call says its device problems
@@ -6932,6 +7764,7 @@ class MediaEngine:
         """Seal and send one packet to `link`."""
         with link.send_lock:
             packet = link.sealer.seal(kind, inner)
+            link.sent_bytes += len(packet)
         link.sent = time.monotonic()
         if link.relay_out and not link.direct:
             self.loop.call_soon_threadsafe(self.relay, packet)
@@ -6939,15 +7772,34 @@ class MediaEngine:
             link.sock.send(packet, link.address)
 
     def stats(self, link: PeerLink, now: float) -> dict:
-        """media_stats for `link` since the last call (the core's clock)."""
+        """media_stats for `link` since the last call (the core's clock): what
+        comes from them (LinkStats' fields, concealed, the repair counters,
+        av_skew_ms) and how our video goes to them (send_*, None without)."""
         with link.recv_lock:
-            link.reassembler.expire(now * 1000)
+            frames, controls = link.video_in.poll(now * 1000)
+            timed = self._schedule(link, frames, now * 1000)
             stats = link.stats.snapshot(now * 1000)
             concealed = link.jitter.concealed
+            stats["av_skew_ms"] = link.sync.skew()
+            r = link.video_in.reassembler
+            counts = {"repaired": r.repaired + r.recovered, "video_lost": r.incomplete,
+                      "nacks": link.video_in.nacks, "keyframes": link.video_in.gate.requests,
+                      "resent": link.resender.resent if link.resender is not None else 0}
+        self._take_frames(link, timed, controls, now * 1000)
         stats["concealed"] = concealed - link.concealed_reported
         link.concealed_reported = concealed
         stats["dropped"] += self.garbage
-        return {"type": "media_stats", "peer": link.peer, **stats, "path": link.path}
+        for name, count in counts.items():
+            stats[name] = count - link.reported.get(name, 0)
+        link.reported = counts
+        with self._video_lock:
+            rate = self._rates.get(link.video) if link.video else None
+            sending = rate.settings if rate is not None else None
+        return {"type": "media_stats", "peer": link.peer, **stats, "path": link.path,
+                "send_kbps": sending and round(sending.bitrate / 1000),
+                "send_fps": sending and sending.fps,
+                "send_width": sending and sending.width,
+                "send_height": sending and sending.height}
 
     # --- what the person does ---
 
@@ -6977,7 +7829,10 @@ class MediaEngine:
             self.garbage += 1
             return None
         now = time.monotonic()
-        keyframe_request = False
+        now_ms = now * 1000
+        frames: list[Frame] = []
+        controls: list[bytes] = []          # to send back to them
+        again: list[bytes] = []             # video they asked for again
         with link.recv_lock:
             opened = link.opener.open(data)
             if opened is None:
@@ -6989,32 +7844,82 @@ class MediaEngine:
                 link.heard_udp = now
             else:
                 link.heard_relay = now
-            link.stats.packet(seq, len(data), now * 1000)
+            link.stats.packet(seq, len(data), now_ms)
+            link.meter.packet(seq, len(data), now_ms)
             first, link.connected = not link.connected, True
             if kind == KIND_VIDEO:
-                for frame in link.reassembler.add(inner, now * 1000):
-                    verdict = link.gate.check(frame, now * 1000)
-                    keyframe_request |= verdict.request_keyframe
-                    if verdict.decode:
-                        link.to_decode.append(frame)
-                        if len(link.to_decode) > _DECODE_QUEUE:     # we can't keep up
-                            link.to_decode.clear()
-                            keyframe_request |= link.gate.decoder_failed(now * 1000)
-                        with self._wake_decode:
-                            self._wake_decode.notify()
+                capture_ms = video_capture_ms(inner)
+                if capture_ms is not None:
+                    link.meter.transit(capture_ms, time.time() * 1000)
+                frames, controls = link.video_in.packet(inner, now_ms)
             elif kind == KIND_AUDIO:
                 frame_in = unpack_audio(inner)
                 if frame_in is not None and AUDIO_CODEC_IDS.get(link.audio) == frame_in.codec:
-                    link.jitter.push(frame_in.seq, frame_in.payload, now * 1000)
+                    link.jitter.push(frame_in.seq, frame_in.payload, now_ms)
+                    link.sync.audio_arrived(frame_in.seq, frame_in.capture_ms)
                     link.stats.audio_frame()
             else:
-                control = unpack_control(inner)
-                if control is not None and control.type == CONTROL_KEYFRAME and link.video:
-                    self._keyframes.add(link.video)
-        if keyframe_request:
-            self.send(link, KIND_CONTROL, pack_control(
-                Control(CONTROL_KEYFRAME, link.gate.last_frame_id or 0)))
+                again = self._on_control(link, unpack_control(inner), now_ms)
+            if link.video and kind != KIND_VIDEO:   # a repair's time may be up
+                more, also = link.video_in.poll(now_ms)
+                frames, controls = frames + more, controls + also
+            if link.video and now_ms >= link.report_due:
+                link.report_due = now_ms + REPORT_INTERVAL_MS
+                controls.append(pack_control(link.meter.report(now_ms)))
+            timed = self._schedule(link, frames, now_ms)
+        self._take_frames(link, timed, controls, now_ms)
+        for inner_again in again:
+            self.send(link, KIND_VIDEO, inner_again)
         return link if first else None
+
+    def _on_control(self, link: PeerLink, control: Control | Nack | Report | None,
+                    now_ms: float) -> list[bytes]:
+        """A control message from `link` (recv_lock held): the video fragments
+        to send them again, if they asked for some."""
+        if control is None or not link.video:
+            return []
+        if isinstance(control, Nack):
+            if link.resender is None:
+                return []
+            with self._video_lock:
+                return link.resender.answer(control, now_ms)
+        if isinstance(control, Report):
+            with link.send_lock:
+                sent = link.sent_bytes
+            (was, since), link.sent_mark = link.sent_mark, (sent, now_ms)
+            sent_kbps = (sent - was) * 8 / (now_ms - since) if now_ms > since else None
+            if self.options.video_adapt:
+                with self._video_lock:
+                    rate = self._rates.get(link.video)
+                    if rate is not None:
+                        rate.report(link.peer, control, now_ms, sent_kbps)
+            return []
+        if control.type == CONTROL_KEYFRAME:
+            self._keyframes.add(link.video)
+        return []
+
+    def _schedule(self, link: PeerLink, frames: list[Frame],
+                  now_ms: float) -> list[tuple[float, Frame]]:
+        """When to decode each frame: with its sound (recv_lock held)."""
+        if not self.options.lip_sync:
+            return [(now_ms, frame) for frame in frames]
+        return [(link.sync.video_due(frame.capture_ms, now_ms), frame) for frame in frames]
+
+    def _take_frames(self, link: PeerLink, frames: list[tuple[float, Frame]],
+                     controls: list[bytes], now_ms: float) -> None:
+        """Queue frames for the decoder; send the control messages (any thread)."""
+        if frames:
+            with self._wake_decode:
+                link.to_decode.extend(frames)
+                queue = link.to_decode
+                if len(queue) > _DECODE_HELD or (      # we can't keep up
+                        len(queue) > _DECODE_QUEUE and queue[_DECODE_QUEUE][0] <= now_ms):
+                    queue.clear()
+                    with link.recv_lock:
+                        controls = controls + link.video_in.decoder_failed(now_ms)
+                self._wake_decode.notify()
+        for inner in controls:
+            self.send(link, KIND_CONTROL, inner)
 
     # --- the threads: video out, video in, audio ---
 
@@ -7082,6 +7987,7 @@ class MediaEngine:
                     continue
                 self.preview, self.preview_serial = frame, self.preview_serial + 1
                 capture_ms = int(time.time() * 1000)
+                now_ms = time.monotonic() * 1000
                 for codec in sorted({link.video for link in links}):
                     encoder = encoders.get(codec)
                     if encoder is None:
@@ -7090,13 +7996,32 @@ class MediaEngine:
                         except (DeviceError, MissingPackage) as exc:
                             self._report("missing_package", f"can't encode {codec}: {_why(exc)}")
                             continue
+                    with self._video_lock:
+                        rate = self._rates.get(codec)
+                        if rate is None:
+                            rate = self._rates[codec] = RateController(
+                                VIDEO_BITRATE if codec == "vp8" else JPEG_BITRATE,
+                                VIDEO_WIDTH, VIDEO_HEIGHT, VIDEO_FPS)
+                        sending = rate.update(now_ms)
+                        if not rate.take_frame(now_ms):
+                            continue
+                        full = sending.bitrate >= rate.max_bitrate
+                    encoder.configure(sending.bitrate, sending.fps, sending.width,
+                                      sending.height)
                     out = encoder.encode(frame, keyframe=codec in self._keyframes)
                     self._keyframes.discard(codec)
                     if out is None:
                         continue
                     frame_ids[codec] = frame_ids.get(codec, 0) + 1
+                    # Parity only at the full rate: below it bandwidth is what is
+                    # short, and frames of one to three fragments would spend a
+                    # third to a half of it on parity (one fragment's parity is a
+                    # copy); a Nack costs next to nothing (bench/video_sim.py).
                     inners = fragment(frame_ids[codec], out[0], capture_ms, out[1],
-                                      VIDEO_CODEC_IDS[codec])
+                                      VIDEO_CODEC_IDS[codec], parity=self._parity and full)
+                    with self._video_lock:
+                        self._caches.setdefault(codec, FragmentCache()).add(
+                            frame_ids[codec], inners)
                     targets = [link for link in links if link.video == codec]
                     for number, inner in enumerate(inners, 1):
                         for link in targets:
@@ -7114,13 +8039,22 @@ class MediaEngine:
 
     def _decode_loop(self) -> None:
         while True:
-            work = [(link, link.to_decode.popleft()) for link in self.links()
-                    if link.to_decode]
+            links = self.links()
+            with self._wake_decode:
+                now_ms = time.monotonic() * 1000
+                work, wait_s = [], _UDP_POLL_S
+                for link in links:
+                    queue = link.to_decode
+                    while queue and queue[0][0] <= now_ms:
+                        work.append((link, queue.popleft()[1]))
+                    if queue:               # the next frame waits for its sound
+                        wait_s = min(wait_s, (queue[0][0] - now_ms) / 1000)
+                if not work and not self._closed.is_set() and links:
+                    self._wake_decode.wait(wait_s)
+                    continue
             if not work or self._closed.is_set():
                 if self._retire():
                     return
-                with self._wake_decode:
-                    self._wake_decode.wait(_UDP_POLL_S)
                 continue
             for link, frame in work:
                 self._decode(link, frame)
@@ -7136,14 +8070,15 @@ class MediaEngine:
         now = time.monotonic()
         if image is None:
             with link.recv_lock:
-                if link.gate.decoder_failed(now * 1000):
-                    self.send(link, KIND_CONTROL, pack_control(
-                        Control(CONTROL_KEYFRAME, link.gate.last_frame_id or 0)))
+                requests = link.video_in.decoder_failed(now * 1000)
+            for inner in requests:
+                self.send(link, KIND_CONTROL, inner)
             return
         link.latest_frame = image
         link.frames_shown += 1
         with link.recv_lock:
             link.stats.frame_shown(frame.capture_ms, time.time() * 1000)
+            link.sync.video_shown(frame.capture_ms, now * 1000)
         if self._recorder is not None:
             self._recorder.frame(link.peer, image, now)
 
@@ -7212,6 +8147,10 @@ class MediaEngine:
                 continue
             with link.recv_lock:
                 status, payload = link.jitter.pop()
+                seq = link.jitter.last_seq if status != "empty" else None
+                if self.options.lip_sync:
+                    status, payload, seq = link.sync.delay_audio(status, payload, seq)
+                link.sync.audio_played(seq, time.monotonic() * 1000)
             if link.audio_decoder is None:
                 try:
                     link.audio_decoder = make_audio_decoder(link.audio)
@@ -7250,7 +8189,7 @@ class MediaEngine:
 
 
 # =============================================================================
-# 15. CLIENT CALLS: calls with the host and direct ones, over the media engine
+# 16. CLIENT CALLS: calls with the host and direct ones, over the media engine
 # =============================================================================
 # ClientCalls is to calls what ClientFiles is to files: ClientCore (next
 # section) owns it, hands it the host's call events and the commands a
@@ -7403,7 +8342,8 @@ class ClientCalls:
         try:
             link = PeerLink(event.peer, bytes.fromhex(event.link), bytes.fromhex(event.key),
                             event.side == "a", event.video, event.audio, self.sock,
-                            (event.address, event.port) if event.port else None, False)
+                            (event.address, event.port) if event.port else None, False,
+                            repair=self.options.video_repair)
         except (MissingPackage, ValueError) as exc:
             self.emit({"type": "error", "code": "missing_package",
                        "message": f"can't start the call: {exc}"})
@@ -7521,7 +8461,8 @@ class ClientCalls:
         if self.media.link(name) is not None:
             name = f"{name}@{call.name}"
         call.link = PeerLink(name, agreed.link_id, agreed.link_key, agreed.i_am_a, video,
-                             audio, call.sock, call.address, True, agreed.safety_code)
+                             audio, call.sock, call.address, True, agreed.safety_code,
+                             repair=self.options.video_repair)
         self.media.add(call.link)
 
     def _direct_connected(self, link: PeerLink) -> None:
@@ -7580,7 +8521,7 @@ def _address_key(link: PeerLink) -> str:
 
 
 # =============================================================================
-# 16. CLIENT CORE: one asyncio loop in a thread, one event stream
+# 17. CLIENT CORE: one asyncio loop in a thread, one event stream
 # =============================================================================
 # What every front end shares: the terminal client and the window
 # call the thread-safe methods of ClientCore and receive plain dict events
@@ -8416,7 +9357,7 @@ class ClientCore:
 
 
 # =============================================================================
-# 17. COMMANDS: one parser for what a person types
+# 18. COMMANDS: one parser for what a person types
 # =============================================================================
 # A line typed in the terminal or in the chat window becomes one Command
 # value; each front end acts on it through its own table (Command class ->
@@ -8586,7 +9527,7 @@ def parse_send(line: str) -> tuple[str, str | None]:
 
 
 # =============================================================================
-# 18. TERMINAL CLIENT: --cli, stdin lines in, events out (text or JSON)
+# 19. TERMINAL CLIENT: --cli, stdin lines in, events out (text or JSON)
 # =============================================================================
 # A thin front end over CLIENT CORE. Each event is printed as one JSON
 # object per line (--json, flushed as written) or as a line for a person;
@@ -8949,7 +9890,7 @@ def run_discover(args: argparse.Namespace) -> int:
 
 
 # =============================================================================
-# 19. GUI LOOK: theme, fonts, --scale, the trace hook, anti-aliased drawing
+# 20. GUI LOOK: theme, fonts, --scale, the trace hook, anti-aliased drawing
 # =============================================================================
 # The desktop window is a front end over CLIENT CORE beside the TERMINAL
 # CLIENT, spread over five sections: GUI LOOK (this one) how things look and
@@ -9286,7 +10227,7 @@ class Drawing:
 
 
 # =============================================================================
-# 20. GUI CONVERSATION: bubbles, notices and file cards; the members list
+# 21. GUI CONVERSATION: bubbles, notices and file cards; the members list
 # =============================================================================
 # Two canvases of the chat window, drawn with 14's helpers. ChatView is the
 # conversation: a person's message is always a bubble with an avatar, and a
@@ -9775,7 +10716,7 @@ class MemberList(Drawing):
 
 
 # =============================================================================
-# 21. GUI WINDOWS: the launcher and the chat window
+# 22. GUI WINDOWS: the launcher and the chat window
 # =============================================================================
 # The two windows a person sees, built from 14 and 15: the launcher (hosts
 # on the LAN, the address and the IDs, Join, "Host a room here") and the
@@ -10507,7 +11448,7 @@ def _sentence(text: str) -> str:
 
 
 # =============================================================================
-# 22. GUI CALLS: the call window, a tile per person, ESC and Backspace
+# 23. GUI CALLS: the call window, a tile per person, ESC and Backspace
 # =============================================================================
 # One window holds every call in progress: your own camera first, then a
 # tile per peer, in a grid that reflows as people join and leave, each
@@ -10816,7 +11757,7 @@ class CallWindows:
 
 
 # =============================================================================
-# 23. GUI PLUMBING: settings, the bridge from the core, opening files, phases
+# 24. GUI PLUMBING: settings, the bridge from the core, opening files, phases
 # =============================================================================
 # What the app (next section) stands on: the settings remembered between
 # runs, GuiBridge (the core's thread reaches the window only through it,
@@ -10985,7 +11926,7 @@ class LoopStats:
 
 
 # =============================================================================
-# 24. GUI APP: the one core, the windows, the one read loop
+# 25. GUI APP: the one core, the windows, the one read loop
 # =============================================================================
 # GuiApp owns one ClientCore, the launcher (which lives as long as the
 # program and receives every core event), the chat window while in a room,
@@ -11711,7 +12652,7 @@ def run_gui(args: argparse.Namespace, limits: Limits, media: MediaOptions) -> in
 
 
 # =============================================================================
-# 25. MAIN: argparse and the entry points
+# 26. MAIN: argparse and the entry points
 # =============================================================================
 # Builds every object from the flags and passes them down; nothing above
 # reads a global that main() sets. `python chatroom.py` with no mode opens
@@ -11799,6 +12740,15 @@ def build_parser() -> argparse.ArgumentParser:
                        "can't get through (auto, the default), UDP only, or relay only")
     calls.add_argument("--video-codec", choices=("auto", *VIDEO_CODECS), default="auto",
                        help="offer only this video codec (default: VP8, else JPEG)")
+    calls.add_argument("--video-repair", choices=("both", "nack", "parity", "none"),
+                       default="both", help="how lost video packets are made good: "
+                       "parity and asking again (both, the default), asking again, "
+                       "parity, or neither (to measure them)")
+    calls.add_argument("--no-video-adapt", dest="video_adapt", action="store_false",
+                       help="send video at the full rate whatever the peers report")
+    calls.add_argument("--no-lip-sync", dest="lip_sync", action="store_false",
+                       help="show each peer's video as soon as it is decoded, not with "
+                       "the sound captured with it (to measure lip sync)")
     calls.add_argument("--media-port", type=int, default=0, metavar="PORT",
                        help="local UDP port for calls the host arranges (default: any)")
     calls.add_argument("--record", metavar="DIR", help="write what each call plays to DIR: "
@@ -11864,7 +12814,9 @@ def media_options(args: argparse.Namespace) -> MediaOptions:
     """How this client takes part in calls, from the flags."""
     return MediaOptions(camera=args.camera, audio=args.audio, media_path=args.media_path,
                         record=args.record, media_port=args.media_port,
-                        interface=args.interface, video_codec=args.video_codec)
+                        interface=args.interface, video_codec=args.video_codec,
+                        video_repair=args.video_repair, video_adapt=args.video_adapt,
+                        lip_sync=args.lip_sync)
 
 
 def run_list_devices(args: argparse.Namespace) -> int:
