@@ -8047,12 +8047,20 @@ def bad_names(event: Event) -> str:
         elif field.name == "downloads":             # [transfer, from, name, size, to]
             names = tuple((row[i], "user") for row in value for i in (1, 4) if row[i])
         for name, kind in names:
-            try:
-                check_id(name, kind)
-            except Refused as refusal:
+            problem = _name_problem(name, kind)
+            if problem:
                 wire_name = WIRE_NAMES.get(field.name, field.name)
-                return f"{event.TYPE}.{wire_name} {printable(name)!r}: {refusal.message}"
+                return f"{event.TYPE}.{wire_name} {printable(name)!r}: {problem}"
     return ""
+
+
+@functools.lru_cache(maxsize=1024)          # a room's few names, on every message
+def _name_problem(name: str, kind: str) -> str:
+    try:
+        check_id(name, kind)
+    except Refused as refusal:
+        return refusal.message
+    return "reserved for system notices" if kind == "user" and imitates_system(name) else ""
 
 
 def _firewall_hint(port: int) -> str:
