@@ -44,7 +44,7 @@ LOOK_ALIKES = [
     ("bob", "b0b"),                     # digit zero for o (UTS #39 maps 0 -> O)
     ("AI", "Al"),                       # capital I and small l
     ("mary", "rnary"),                  # r n drawn together as m
-    ("\u0441\u043e\u0440\u0435", "cope"),   # all-Cyrillic "сорe"-like word, then Latin
+    ("\u0441\u043e\u0440\u0435", "cope"),   # all-Cyrillic "соре", then Latin "cope"
     ("ΑΙ", "AI"),                       # Greek capitals, then Latin
 ]
 
@@ -66,7 +66,7 @@ def test_cyrillic_alice_beside_alice():
     of an all-Cyrillic member is user_taken."""
     refused("bad_user_id", room_with("alice").join, "m2", "lobby", "\u0430lice", T0)
     refused("bad_user_id", check_id, "\u0430lice", "user")
-    rooms = room_with("\u0441\u043e\u0440\u0435")             # сорe... all Cyrillic
+    rooms = room_with("\u0441\u043e\u0440\u0435")             # соре, all Cyrillic
     refused("user_taken", rooms.join, "m2", "lobby", "cope", T0)  # all Latin
 
 
