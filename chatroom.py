@@ -1391,6 +1391,9 @@ def check_id(raw: str, kind: str) -> str:
             raise Refused(code, f"a {label} may hold letters, digits, space and "
                           f"_ - . (not U+{ord(ch):04X})")
     if mixes_scripts(name):
+        if kind == "user" and imitates_system(name):
+            raise Refused(code, "SYSTEM, and names that look like it, are kept for the "
+                          "host's notices")
         raise Refused(code, f"a {label} can't mix letters of different scripts "
                       "(a look-alike of another name?)")
     return name
