@@ -52,6 +52,7 @@ __version__ = "0.1.0"
 
 import argparse
 import asyncio
+import bisect
 import collections
 import concurrent.futures
 import contextlib
@@ -1273,25 +1274,110 @@ class Wire:
 #   leading or trailing space; compared case-insensitively." Combining marks
 #   may follow a letter (scripts such as Devanagari need them). Room IDs
 #   follow the same rules.
-# - "SYSTEM in any case, or a name that imitates it, is refused as a User ID":
-#   names are compared by a skeleton that folds width, case, look-alike
-#   Cyrillic and Greek letters and drops separators.
+# - "SYSTEM in any case, or a name that imitates it, is refused as a User ID."
+# - "Two IDs that look alike are one ID": they are compared by Unicode's
+#   confusable skeleton (UTS #39), so `аlice` with a Cyrillic а is taken
+#   while `alice` is in the room. "An ID may mix scripts only as UTS #39's
+#   highly restrictive level allows" (Latin with Han and kana, with Han and
+#   Bopomofo, with Han and Hangul); invisible characters (Unicode's
+#   default-ignorables, such as the Hangul filler U+3164) are refused.
 # - "When the last member leaves, the room and all it knew about its members
 #   is forgotten."
+# The Unicode data these rules need sit at the end of this section, written
+# from Unicode's own files by tools/unicode_tables.py.
 
 Delivery = tuple[Any, Event]
 
 _ID_PUNCTUATION = frozenset(" _-.")
 _MAX_MARKS_IN_A_ROW = 3
+# UTS #39 5.1: Han, kana, Hangul and Bopomofo also count as these writing
+# systems, so that Japanese (Jpan), Korean (Kore) and Han with Bopomofo
+# (Hanb) mix as they are written.
+_AUGMENTED = {"Hani": ("Hanb", "Jpan", "Kore"), "Hira": ("Jpan",), "Kana": ("Jpan",),
+              "Hang": ("Kore",), "Bopo": ("Hanb",)}
+_ANY_SCRIPT = frozenset({"Zyyy", "Zinh"})       # Common and Inherited go with any script
+# Not look-alikes in Unicode's data, but read as letters in "5Y5T3M".
+_DIGITS_AS_LETTERS = str.maketrans("573", "ste")
 
-# Letters that look like the Latin ones in "system" (Unicode confusables).
-_LOOKALIKES = str.maketrans({        # after casefold, so lower case only
-    "ѕ": "s", "ꜱ": "s", "ς": "s", "σ": "s", "5": "s",
-    "у": "y", "ү": "y", "γ": "y", "υ": "y", "ʏ": "y", "ў": "y",
-    "т": "t", "τ": "t", "ᴛ": "t", "7": "t",
-    "е": "e", "ё": "e", "є": "e", "ε": "e", "ᴇ": "e", "3": "e",
-    "м": "m", "μ": "m", "ᴍ": "m",
-})
+
+@functools.cache
+def _unicode_tables() -> tuple[dict[str, str], list[int], list[frozenset[str]],
+                               list[int]]:
+    """The tables at the end of this section, parsed once: confusable ->
+    prototype; the first code point of each script range and its script
+    set; the bounds of the default-ignorable ranges (start, end + 1, ...)."""
+    prototype: dict[str, str] = {}
+    for item in _CONFUSABLE_TABLE.split():
+        target, _, sources = item.partition("=")
+        text = "".join(chr(int(h, 16)) for h in target.split("+"))
+        prototype.update((chr(int(h, 16)), text) for h in sources.split(","))
+    spans: list[tuple[int, int, frozenset[str]]] = []
+    for item in _SCRIPT_TABLE.split():
+        names, _, ranges = item.partition("=")
+        scripts = frozenset(x for name in names.split("+")
+                            for x in (name, *_AUGMENTED.get(name, ())))
+        for span in ranges.split(","):
+            first, _, last = span.partition("-")
+            spans.append((int(first, 16), int(last or first, 16), scripts))
+    starts: list[int] = []
+    sets: list[frozenset[str]] = []
+    for low, high, scripts in sorted(spans):
+        starts += [low, high + 1]
+        sets += [scripts, frozenset({"Zzzz"})]      # between ranges: Unknown
+    bounds: list[int] = []
+    for span in _IGNORABLE_TABLE.split():
+        first, _, last = span.partition("-")
+        bounds += [int(first, 16), int(last or first, 16) + 1]
+    return prototype, starts, sets, bounds
+
+
+def _scripts_of(ch: str) -> frozenset[str]:
+    """The augmented Script_Extensions of a letter, mark or digit."""
+    _, starts, sets, _ = _unicode_tables()
+    index = bisect.bisect_right(starts, ord(ch)) - 1
+    return sets[index] if index >= 0 else frozenset({"Zzzz"})
+
+
+def is_ignorable(ch: str) -> bool:
+    """True for Unicode's default-ignorable characters (drawn as nothing)."""
+    return bisect.bisect_right(_unicode_tables()[3], ord(ch)) % 2 == 1
+
+
+def skeleton(text: str) -> str:
+    """UTS #39's skeleton: NFD, each character replaced by its prototype in
+    confusables.txt, NFD again. Two strings that look alike have the same
+    skeleton ("аlice" with a Cyrillic а, "alice"; "ΑΙ" and "AI")."""
+    prototype = _unicode_tables()[0]
+    return unicodedata.normalize("NFD", "".join(
+        prototype.get(ch, ch) for ch in unicodedata.normalize("NFD", text)))
+
+
+def mixes_scripts(name: str) -> bool:
+    """True when `name` mixes scripts beyond UTS #39's highly restrictive
+    level (5.2): its letters must share a script, or leaving out those that
+    are Latin, share Japanese, Korean or Han with Bopomofo ("alice张" is
+    fine, "аlice" with a Cyrillic а is not). Digits from two decimal
+    systems mix too (5.3: "1" and the Bengali "১")."""
+    resolved: frozenset[str] | None = None          # None: any script so far
+    without_latin: frozenset[str] | None = None
+    zeros = set()
+    for ch in unicodedata.normalize("NFD", name):
+        category = unicodedata.category(ch)
+        if category == "Nd":
+            zeros.add(ord(ch) - unicodedata.digit(ch))
+        elif category[0] not in "LM":
+            continue                                # " _-.": any script
+        scripts = _scripts_of(ch)
+        if scripts & _ANY_SCRIPT:
+            continue
+        resolved = scripts if resolved is None else resolved & scripts
+        if "Latn" not in scripts:
+            without_latin = scripts if without_latin is None else without_latin & scripts
+    if len(zeros) > 1:
+        return True
+    if resolved is None or resolved:
+        return False
+    return without_latin is None or not without_latin & {"Jpan", "Kore", "Hanb"}
 
 
 def check_id(raw: str, kind: str) -> str:
@@ -1311,6 +1397,9 @@ def check_id(raw: str, kind: str) -> str:
     after_letter = False
     for ch in name:
         category = unicodedata.category(ch)
+        if is_ignorable(ch):
+            raise Refused(code, f"a {label} can't hold invisible characters "
+                          f"(U+{ord(ch):04X})")
         if category[0] == "M":
             marks += 1
             if not after_letter or marks > _MAX_MARKS_IN_A_ROW:
@@ -1321,34 +1410,82 @@ def check_id(raw: str, kind: str) -> str:
         if not (after_letter or category == "Nd" or ch in _ID_PUNCTUATION):
             raise Refused(code, f"a {label} may hold letters, digits, space and "
                           f"_ - . (not U+{ord(ch):04X})")
+    if mixes_scripts(name):
+        if kind == "user" and imitates_system(name):
+            raise Refused(code, "SYSTEM, and names that look like it, are kept for the "
+                          "host's notices")
+        raise Refused(code, f"a {label} can't mix letters of different scripts "
+                      "(a look-alike of another name?)")
     return name
 
 
 def id_key(name: str) -> str:
     """The identity of an ID: two IDs are the same when their keys are equal.
 
-    NFKC folds width and compatibility forms ("ａｌｉｃｅ" is "alice"), then
-    casefold makes "Alice" and "alice" one name.
+    NFKC folds width and compatibility forms ("ａｌｉｃｅ" is "alice"),
+    casefold makes "Alice" and "alice" one name, and the skeleton makes
+    look-alikes one ("аlice" with a Cyrillic а). See also `look_key`.
     """
-    return unicodedata.normalize("NFKC", name).casefold()
+    return skeleton(unicodedata.normalize("NFKC", name).casefold()).casefold()
+
+
+def look_key(name: str) -> str:
+    """A second identity: the skeleton taken before case is folded, which
+    catches what casefolding first hides (Cyrillic "Т" looks like "T", but
+    its lower case "т" like "ᴛ"; "I" looks like "l"). Two IDs with equal
+    `id_key` or equal `look_key` are one name."""
+    return skeleton(skeleton(unicodedata.normalize("NFKC", name)).casefold()).casefold()
+
+
+def _small_capital_letter(ch: str) -> str:
+    """"t" for "ᴛ" (LATIN LETTER SMALL CAPITAL T); "" for other characters."""
+    letter = unicodedata.name(ch, "").partition("LATIN LETTER SMALL CAPITAL ")[2]
+    return letter.lower() if len(letter) == 1 else ""
+
+
+@functools.cache
+def _small_capital(ch: str) -> str:
+    """The letter a Latin small capital reads as ("ᴛ": "t"), also for the
+    prototype of a small capital's look-alikes ("ʍ", for "ᴍ"); else ch."""
+    for source, target in [(ch, ch), *_unicode_tables()[0].items()]:
+        if target == ch and _small_capital_letter(source):
+            return _small_capital_letter(source)
+    return ch
+
+
+def _system_form(name: str) -> str:
+    """`name` without separators, accents and case, digits and small
+    capitals read as letters, as a skeleton."""
+    text = "".join(ch for ch in unicodedata.normalize("NFKC", name)
+                   if ch not in _ID_PUNCTUATION).translate(_DIGITS_AS_LETTERS)
+    return look_key("".join(
+        _small_capital(ch) for ch in unicodedata.normalize("NFKD", skeleton(text))
+        if unicodedata.category(ch)[0] != "M"))
 
 
 def imitates_system(name: str) -> bool:
-    """True for SYSTEM, "System", "S.Y.S.T.E.M", "ЅYЅТЕМ", "5Y5TEM" and such."""
-    skeleton = "".join(ch for ch in id_key(name).translate(_LOOKALIKES)
-                       if ch not in _ID_PUNCTUATION)
-    skeleton = unicodedata.normalize("NFKD", skeleton)
-    skeleton = "".join(ch for ch in skeleton if unicodedata.category(ch)[0] != "M")
-    return skeleton == "system"
+    """True for SYSTEM, "System", "S.Y.S.T.E.M", "ЅYЅТЕМ", "5Y5TEM", "ꜱʏꜱᴛᴇᴍ"
+    and such: compared by skeleton, without separators and accents."""
+    return _system_form(name) == _system_form("system")
+
+
+# What a message can't be made of alone: blanks, and characters drawn as
+# nothing (default-ignorables such as U+3164) or as an empty cell (U+2800,
+# the blank Braille pattern).
+_BLANK_LOOKING = frozenset("\u2800")
+# "U+2028 and U+2029 (line and paragraph separators) become a newline": a
+# JSON consumer or a terminal that splits lines on "\n" sees them as lines.
+_LINE_SEPARATORS = str.maketrans({"\u2028": "\n", "\u2029": "\n"})
 
 
 def check_text(text: str, max_bytes: int) -> str:
     """A chat text fit to broadcast, or Refused(message_too_long | bad_message).
 
     "A message over the size limit is refused with message_too_long, never
-    cut silently." Tabs and newlines are kept; other control characters and
-    bidi overrides are refused, since they could make the text display as
-    something it is not.
+    cut silently." Tabs and newlines are kept, line and paragraph separators
+    become newlines; other control characters and bidi overrides are
+    refused, since they could make the text display as something it is not,
+    and so is a text that looks blank.
     """
     if _SURROGATE_RE.search(text):          # undecodable input, e.g. from stdin
         raise Refused("bad_message", "message is not valid Unicode text")
@@ -1356,7 +1493,8 @@ def check_text(text: str, max_bytes: int) -> str:
     if size > max_bytes:
         raise Refused("message_too_long",
                       f"message is {size} bytes; the limit is {max_bytes}")
-    if not text.strip():
+    text = text.translate(_LINE_SEPARATORS)
+    if all(ch.isspace() or ch in _BLANK_LOOKING or is_ignorable(ch) for ch in text):
         raise Refused("bad_message", "message is empty")
     for ch in text:
         if ch not in "\t\n" and unicodedata.category(ch) in ("Cc", "Cf", "Cs", "Co"):
@@ -1407,6 +1545,7 @@ class Room:
     name: str
     members: dict[Any, Member] = dataclasses.field(default_factory=dict)
     by_key: dict[str, Any] = dataclasses.field(default_factory=dict)  # id_key -> handle
+    by_look: dict[str, Any] = dataclasses.field(default_factory=dict)  # look_key -> handle
     seq: int = 0                # last sequence number given to a room event
     history: collections.deque = dataclasses.field(default_factory=collections.deque)
     log: collections.deque = dataclasses.field(default_factory=collections.deque)
@@ -1437,6 +1576,7 @@ class Rooms:
         self.max_message_bytes = max_message_bytes
         self.max_members = max_members
         self._rooms: dict[str, Room] = {}       # id_key(room) -> Room
+        self._rooms_look: dict[str, Room] = {}  # look_key(room) -> Room
         self._where: dict[Any, Room] = {}       # member handle -> its room
 
     # --- queries ---
@@ -1473,18 +1613,21 @@ class Rooms:
         user = check_id(user, "user")
         if imitates_system(user):
             raise Refused("bad_user_id", f"{user!r} is reserved for system notices")
-        room = self._rooms.get(id_key(room_name))
+        room = self._rooms.get(id_key(room_name)) or self._rooms_look.get(look_key(room_name))
         if room is not None:
-            if id_key(user) in room.by_key:
-                raise Refused("user_taken", f"{user!r} is already in room {room.name!r}")
+            if id_key(user) in room.by_key or look_key(user) in room.by_look:
+                raise Refused("user_taken", f"{user!r} is already in room {room.name!r}"
+                              " (or a name that looks like it)")
             if len(room.members) >= self.max_members:
                 raise Refused("room_full", f"room {room.name!r} has "
                               f"{self.max_members} members, the most it takes")
         else:
             room = Room(room_name, history=collections.deque(maxlen=self.history_limit))
             self._rooms[id_key(room_name)] = room
+            self._rooms_look[look_key(room_name)] = room
         room.members[member] = Member(user, now)
         room.by_key[id_key(user)] = member
+        room.by_look[look_key(user)] = member
         self._where[member] = room
         out: list[Delivery] = [(member, Welcome(PROTOCOL_VERSION, room.name, user,
                                                 room.user_list(), self.host_name,
@@ -1504,7 +1647,7 @@ class Rooms:
         if text.strip().casefold() == "help":
             return [(member, Help(HELP_TEXT))]
         try:
-            check_text(text, self.max_message_bytes)
+            text = check_text(text, self.max_message_bytes)
         except Refused as refusal:
             return [(member, Error(refusal.code, refusal.message, msg_id))]
         sender = room.members[member].user
@@ -1545,7 +1688,7 @@ class Rooms:
         """The handle of `user` in `member`'s room (`member`'s own, for its
         own ID). Raises Refused(no_such_user) when nobody there has it."""
         room = self._where[member]
-        target = room.by_key.get(id_key(user))
+        target = room.by_key.get(id_key(user)) or room.by_look.get(look_key(user))
         if target is None:
             raise Refused("no_such_user", f"{user!r} is not in room {room.name!r}")
         return target
@@ -1561,7 +1704,7 @@ class Rooms:
             if not others:
                 raise Refused("no_such_user", "nobody else is in the room")
             return others
-        target = room.by_key.get(id_key(to))
+        target = room.by_key.get(id_key(to)) or room.by_look.get(look_key(to))
         if target is None:
             raise Refused("no_such_user", f"{to!r} is not in room {room.name!r}")
         if target is member:
@@ -1578,8 +1721,10 @@ class Rooms:
             return []
         user = room.members.pop(member).user
         del room.by_key[id_key(user)]
+        del room.by_look[look_key(user)]
         if not room.members:
             del self._rooms[id_key(room.name)]
+            del self._rooms_look[look_key(room.name)]
             return []
         text = f"{user} left the room" + (f" ({why})" if why else "")
         return self._notice(room, "leave", user, text, now)
@@ -1659,6 +1804,312 @@ def numbered_names(name: str) -> Iterable[str]:
     while True:
         yield f"{base} ({number}){dot}{ext}"
         number += 1
+
+
+# --- Unicode tables ----------------------------------------------------------
+# Written by tools/unicode_tables.py from Unicode's own data (a subset, re-encoded;
+# don't edit by hand):
+# UTS #39 confusables.txt 14.0.0; Scripts.txt, ScriptExtensions.txt and
+# DerivedCoreProperties.txt 15.0.0 (UCD). Data: Unicode, Inc., under
+# the Unicode License (assets/THIRD-PARTY-NOTICES.txt). Read by _unicode_tables().
+UNICODE_DATA = "confusables 14.0.0, scripts 15.0.0, Python 14.0.0"
+# prototype=source,source,... (hex code points; a prototype of several joined by +)
+_CONFUSABLE_TABLE = (
+    "1002+102C=1000 1002+103E=1081 1003+103E=1070 1015+102C=101F 1015+102C+103E=106F "
+    "1015+103E=1066 101E+103C=1029 101E+103C+1031+102C+103A=102A 102A8=A69A 10382=103D1 "
+    "10393=103D3 1039A=12038 1041=1065 10412=A79A 1043A=A79B 10486=104A0 107D+103E=107E "
+    "1099E=132F9 10C82=10CFC 10CA5=10CFA 1100=11A8 1100+1100=1101,11A9 1100+1102=11FA "
+    "1100+1103=115A 1100+1105=11C3 1100+1107=11FB 1100+1109=11AA 1100+1109+1100=11C4 "
+    "1100+110E=11FC 1100+110F=11FD 1100+1112=11FE 1102=11AB 1102+1100=1113,11C5 "
+    "1102+1102=1114,11FF 1102+1103=1115,11C6 1102+1105=D7CB 1102+1107=1116 1102+1109=115B,11C7 "
+    "1102+110C=115C,11AC 1102+110E=D7CC 1102+1110=11C9 1102+1112=115D,11AD 1102+1140=11C8 "
+    "1103=11AE 1103+1100=1117,11CA 1103+1103=1104,D7CD 1103+1103+1107=D7CE 1103+1105=115E,11CB "
+    "1103+1106=A960 1103+1107=A961,D7CF 1103+1109=A962,D7D0 1103+1109+1100=D7D1 "
+    "1103+110C=A963,D7D2 1103+110E=D7D3 1103+1110=D7D4 1105=11AF 1105+1100=11B0,A964 "
+    "1105+1100+1100=A965,D7D5 1105+1100+1109=11CC 1105+1100+1112=D7D6 1105+1102=1118,11CD "
+    "1105+1103=11CE,A966 1105+1103+1103=A967 1105+1103+1112=11CF 1105+1105=1119,11D0 "
+    "1105+1105+110F=D7D7 1105+1106=11B1,A968 1105+1106+1100=11D1 1105+1106+1109=11D2 "
+    "1105+1106+1112=D7D8 1105+1107=11B2,A969 1105+1107+1103=D7D9 1105+1107+1107=A96A "
+    "1105+1107+1109=11D3 1105+1107+110B=11D5,A96B 1105+1107+1111=D7DA 1105+1107+1112=11D4 "
+    "1105+1109=11B3,A96C 1105+1109+1109=11D6 1105+110B=111B,D7DD 1105+110C=A96D "
+    "1105+110F=11D8,A96E 1105+1110=11B4 1105+1111=11B5 1105+1112=111A,113B,11B6,D7F2 "
+    "1105+1140=11D7 1105+114C=D7DB 1105+1159=11D9 1105+1159+1112=D7DC 1106=11B7 "
+    "1106+1100=11DA,A96F 1106+1102=D7DE 1106+1102+1102=D7DF 1106+1103=A970 1106+1105=11DB "
+    "1106+1106=D7E0 1106+1107=111C,11DC 1106+1107+1109=D7E1 1106+1109=11DD,A971 "
+    "1106+1109+1109=11DE 1106+110B=111D,11E2 1106+110C=D7E2 1106+110E=11E0 1106+1112=11E1 "
+    "1106+1140=11DF 1107=11B8 1107+1100=111E 1107+1102=111F 1107+1103=1120,D7E3 1107+1105=11E3 "
+    "1107+1105+1111=D7E4 1107+1106=D7E5 1107+1107=1108,D7E6 1107+1107+110B=112C "
+    "1107+1109=1121,11B9 1107+1109+1100=1122 1107+1109+1103=1123,D7E7 1107+1109+1107=1124 "
+    "1107+1109+1109=1125 1107+1109+110C=1126 1107+1109+1110=A972 1107+110B=112B,11E6 "
+    "1107+110C=1127,D7E8 1107+110E=1128,D7E9 1107+110F=A973 1107+1110=1129 1107+1111=112A,11E4 "
+    "1107+1112=11E5,A974 1109=11BA 1109+1100=112D,11E7 1109+1102=112E 1109+1103=112F,11E8 "
+    "1109+1105=1130,11E9 1109+1106=1131,D7EA 1109+1107=1132,11EA 1109+1107+1100=1133 "
+    "1109+1107+110B=D7EB 1109+1109=110A,11BB 1109+1109+1100=D7EC 1109+1109+1103=D7ED "
+    "1109+1109+1107=A975 1109+1109+1109=1134 1109+110B=1135 1109+110C=1136,D7EF "
+    "1109+110E=1137,D7F0 1109+110F=1138 1109+1110=1139,D7F1 1109+1111=113A 1109+1140=D7EE "
+    "110B=11BC 110B+1100=1141,11EC 110B+1100+1100=11ED 110B+1103=1142 110B+1105=A976 "
+    "110B+1106=1143 110B+1107=1144 110B+1109=1145,11F1 110B+110B=1147,11EE 110B+110C=1148 "
+    "110B+110E=1149 110B+110F=11EF 110B+1110=114A 110B+1111=114B 110B+1112=A977 "
+    "110B+1140=1146,11F2 110C=11BD 110C+1107=D7F7 110C+1107+1107=D7F8 110C+110B=114D "
+    "110C+110C=110D,D7F9 110C+110C+1112=A978 110E=11BE 110E+110F=1152 110E+1112=1153 110F=11BF "
+    "1110=11C0 1110+1110=A979 1111=11C1 1111+1107=1156,11F3 1111+1109=D7FA 1111+110B=1157,11F4 "
+    "1111+1110=D7FB 1111+1112=A97A 1112=11C2 1112+1102=11F5 1112+1105=11F6 1112+1106=11F7 "
+    "1112+1107=11F8 1112+1109=A97B 1112+1112=1158 113C+113C=113D 113E+113E=113F 1140=11EB "
+    "1140+1107=D7F3 1140+1107+110B=D7F4 11434+11442+11412=11413 11434+11442+11418=11419 "
+    "11434+11442+11423=11424 11434+11442+11429=1142A 11434+11442+1142C=1142D "
+    "11434+11442+1142E=1142F 114C=11F0 114C+1106=D7F5 114C+1112=D7F6 114E+114E=114F "
+    "1150+1150=1151 11582=115D8,115D9 11583=115DA 11584=115DB 1159=11F9 1159+1159=A97C "
+    "115B2=115DC 115B3=115DD 1161+1169=1176 1161+116E=1177 1161+30FC=11A3 1161+4E28=1162 "
+    "1163+1169=1178 1163+116D=1179 1163+116E=11A4 1163+4E28=1164 1165+1169=117A 1165+116E=117B "
+    "1165+30FC=117C 1165+4E28=1166 1167+1163=11A5 1167+1169=117D 1167+116E=117E 1167+4E28=1168 "
+    "1169+1161=116A 1169+1161+4E28=116B 1169+1163=11A6 1169+1163+4E28=11A7 1169+1165=117F "
+    "1169+1165+4E28=1180 1169+1167=D7B0 1169+1167+4E28=1181 1169+1169=1182 1169+1169+4E28=D7B1 "
+    "1169+116E=1183 1169+4E28=116C 116D+1161=D7B2 116D+1161+4E28=D7B3 116D+1163=1184,1186 "
+    "116D+1163+4E28=1185 116D+1165=D7B4 116D+1169=1187 116D+4E28=1188 116E+1161=1189 "
+    "116E+1161+4E28=118A 116E+1165=116F 116E+1165+30FC=118B 116E+1165+4E28=1170 116E+1167=D7B5 "
+    "116E+1167+4E28=118C 116E+116E=118D 116E+4E28=1171 116E+4E28+4E28=D7B6 1172+1161=118E "
+    "1172+1161+4E28=D7B7 1172+1165=118F 1172+1165+4E28=1190 1172+1167=1191 1172+1167+4E28=1192 "
+    "1172+1169=D7B8 1172+116E=1193 1172+4E28=1194 119E+1161=D7C5 119E+1165=119F "
+    "119E+1165+4E28=D7C6 119E+116E=11A0 119E+119E=11A2 119E+4E28=11A1 11AE5+11AE5=11AE8 "
+    "11AE5+11AE5+11AEF=11AE9 11AE5+11AE5+11AF0=11AEA 11AE5+11AEF=11AE6 11AE5+11AF0=11AE7 "
+    "11AEB+11AEB=11AED 11AEB+11AEB+11AEF=11AEE 11AEB+11AEF=11AEC 11AF3+11AEF=11AF4 "
+    "11AF3+11AF0=11AF5 11AF3+11AF3=11AF6 11AF3+11AF3+11AEF=11AF7 11AF3+11AF3+11AF0=11AF8 "
+    "11CAA=11CB2 1206=544 1261=54C 12AE=53B 1323=54A 138=3BA,43A,1D0B,2C95,ABB6 138+329=49B "
+    "138+335=49F 1401+1420=142B 1401+B7=140D 1404+B7=1411 1405+1420=142D 1405+B7=1413 "
+    "1406+B7=1415 140A+1420=142E 140A+B7=1418 140B+B7=141A 141E+18DF=18DD 1421=14D1 1429=1540 "
+    "1432+B7=143F 1434+B7=1443 1439+B7=1447 144F+B7=145C 1450+27=1469 1450+B7=145E 1451+B7=1460 "
+    "1455+27=146A 1455+B7=1462 1456+B7=1464 146B+27=1485 146B+B7=1475 146E+B7=1479 1470+B7=147D "
+    "1489=1603 1489+B7=1493 148B+B7=1495 148C+B7=1497 148E+B7=149B 1490=1602 1490+B7=149D "
+    "1491+B7=149F 14A3+B7=14AD 14A6+B7=14B1 14A7+B7=14B3 14A8+B7=14B5 14AB+B7=14B9 14C0+B7=14CA "
+    "14C2+B7=18C7 14C3+B7=18C9 14C4+B7=18CB 14C5+B7=18CD 14C7+B7=14CC 14C8+B7=14CE 14D3=1604 "
+    "14D3+B7=14DD 14D5+B7=14DF 14D6+B7=14E1 14D7+B7=14E3 14D8+B7=14E5 14DA=1607 14DA+B7=14E7 "
+    "14DB+B7=14E9 14ED+B7=14F7 14EF+B7=14F9 14F0+B7=14FB 14F1+B7=14FD 14F2+B7=14FF 14F4+B7=1501 "
+    "14F5+B7=1503 150B+1455=150D 150B+1490=150F 150B+3C=150C 150B+62=150E 1510+B7=1518 "
+    "1511+B7=151A 1512+B7=151C 1513+B7=151E 1514+B7=1520 1515+B7=1522 1516+B7=1524 1528+B7=1532 "
+    "1529+B7=1534 152A+B7=1536 152B+B7=1538 152D+B7=153A 152E+B7=153C 1543=1622 1543+B7=18E0 "
+    "1546=1623 154A=1624 154C+B7=154F 1550+146B=166F 1550+146C=157E 1550+146E=1580 1550+1470=1582 "
+    "1550+1483=1585 1550+50=157F 1550+62=1583 1550+62+307=1584 1550+64=1581 155A+B7=155C "
+    "155E+B7=18E3 1566+B7=18E4 1567+B7=1569 156B+B7=18E5 1586+B7=18E8 1595+1489=1670 "
+    "1595+148A=158E 1595+148B=158F 1595+148C=1590 1595+148E=1592 1595+1490=1593 1595+1491=1594 "
+    "1595+4A=1591 1596+148B=1671 1596+148C=1672 1596+148E=1674 1596+1490=1675 1596+1491=1676 "
+    "1596+4A=1673 1597+B7=18EA 15A7+B7=1677 15A8+B7=1678 15A9+B7=1679 15AA+B7=167A 15AB+B7=167B "
+    "15AC+B7=167C 15AD+B7=167D 15E1=A4F7 15F4+B7=18F0 161B+B7=18F2 1660=A4ED 16B9=A6B0 16BC=16E1 "
+    "16BD=16C2 16DC=10294,118B7 16E6=104D0 16EF=2D63 17A2=17A3 1835=1855 185=44C,AB9F 185+69=44B "
+    "185C=1896 186=3FD,2183,A4DB,10423 18DF+141E=18DC 18E=2D3A,A4F1 18F=4D8 18F5=18DB "
+    "190=510,13CB,10401,16F2D 199E=19D0 19B1=19D1 1A45=1A80,1A90 1A8=3E9,1D24,A645 1A9=3A3,2D49 "
+    "1AB=13BF 1B0D=1B52 1B1=162E,1634 1B11=1B53 1B28=1B58 1D00=AB7A 1D05=AB70 1D07=AB7C 1D0A=AB7B "
+    "1D0E=377,438,1044D 1D18=1D29,ABB2 1D19=44F 1D1B=3C4,442,AB72 1D1B+329=4AD 1DD=259,4D9 "
+    "1DD+2DE=25A 1DD+6F=1D14 1DD+6F+335=AB42 1DD+6F+338=AB41 1DDF=2DE8 1E9F=3B4,56E,1577 1F6=50A "
+    "20E9=A66F 21=1C3,2D51 2132=15B5,A4DE 21D=292,4E1,10F3,2CCD,A76B 2202=1E8CC 2202+335=F0,1E8CD "
+    "2207=118A8 2220=1E8C8 237=575 242=AB7E "
+    "245=39B,41B,668,6F8,1431,2D37,A4E5,A6CE,1028D,104B0,16F3D 245+326=4C5 245+B7=143D 24B=1D90 "
+    "254=37B,1D10,2184,1044B 254+338=AB3F 254+65=AB62 25C=437,1D08 25C+326=499 25E=10442 26=A778 "
+    "262=50D,13FB,AB90 27=2B9,2BB,2BC,2BD,2BE,2C8,2CA,2CB,5D9,7F4,7F5,144A,16CC,A78C,16F51,16F52 "
+    "27+27=2BA,2EE,5F2 27+42=181 27+44=18A 27+50=1A4 27+54=1AC 27+59=1B3 270=57A,1223 "
+    "276C=304F,21FE8 277=1043F 278=3C6,444,2CAB 27E+334=1D73 280=AB71,ABA2 283=AB4D 28A+335=1D7F "
+    "28C=1D27,104D8 28D=43C,1D0D,AB87 28D+326=4CE 298=2D59,A668,104C3 299=432,13FC 29A=A79D,1042A "
+    "29C=43D,AB8B 29C+326=4C8,4CA 29C+329=4A3 29F=2CD1,ABAE,10443 2A=1031F 2A1=A6CD 2B=1029B "
+    "2C=A4F9 2C3F=A992 2C6F=15C4,A4EF 2C70=1041F 2C75=370,13A8,13B0,A6B1 2C76=AB80 2C9+62=44A "
+    "2C9+62+69=A651 2D=2CBA 2D40=102B8 2DEC=1DEE 2E=660,6F0,A4F8,1D16D 2E+2C=A4FB 2E+2E=A4FA "
+    "2F=2CC6,3033,30CE,4E3F 300=953 301=59C,59D,618,64E,747,954 302=311,65B,7EE,1CD0,A6F0 "
+    "303=342,653 304=305,659,7EB,1CD2,A6F1 306=30C,36E,658,65A,A67C "
+    "306+307=310,6E8,901,981,A81,B01,C00,C81,D01,114BF "
+    "307=358,5B9,5BA,5C1,5C2,5C4,6EC,740,741,7ED,8EA,902,A02,A82,BCD 3078=30D8 308=7F3,8EB "
+    "309=302C 30A=366,5AF,652,6DF,B82,E4D,ECD,1036,17C6,17D3,2DEA,309A,11300 30B=64B,8F0 30E=1CDA "
+    "30FC=1173,4E00,A7F7 30FC+1161=D7B9 30FC+1165=D7BA 30FC+1165+4E28=D7BB 30FC+1169=D7BC "
+    "30FC+116E=1195 30FC+30FC=1196 30FC+4E28=1174 30FC+4E28+116E=1197 312=657 313=315,619,64F,8F3 "
+    "314=65D 316=1CED 32=1A7,3E8,14BF,A644,A6EF,A75A 32+335=1BB "
+    "323=5B4,5C5,65C,8ED,93C,9BC,A3C,ABC,B3C,1CDD,10A3A,111CA,114C3 324=8EE,1CDE 325=F37,302D "
+    "326=321,327,339 328=322,345,1AB7 329=656,1CDC 32B=1CD5 32D=1CD9 32E=1CD8 "
+    "33=1B7,21C,417,4E0,2CCC,A76A,A7AB,118CA,16F3B 33+326=498 331=320,952 333=347 335=336 338=337 "
+    "34=13CE,118AF 34+B7=1530 35=1BC,118BB 350=357,8F8,8FF 352=900 354=8F9 355=8FA 3588=439B "
+    "36=431,13EE,2CD2,118D5 363=2DF6 363D=39B3 364=2DF7 368=2DED 36F=2DEF 37=104D2,118C6 "
+    "38=222,223,9EA,A6A,B03,1031A,1E8CB 39=9ED,A67,B68,D6D,2CCA,A76E,118AC,118CC,118D6 "
+    "393=413,13B1,14A5,2C84,16F07 393+27=490 393+335=492 393+B7=14AF "
+    "394=1403,2C86,2D60,10285,102A3,16F1A 394+1420=142C 394+B7=140F 3A=2D0,903,A83,A4FD "
+    "3A0=41F,2CA0,A6DB 3A41=6409 3A6=424,553,1240,16F0,2CAA,102B3 3A8=470,16D8,2CAE,102B5,104D1 "
+    "3A9=162F,1635,102B6 3ADA=66F6 3B35=80F6 3B3A=5E50 3B3B=4420 3BA3=69E9 3BB=2C96,104DB "
+    "3C=1438,16B2 3C+B7=1445,2CB4 3C0=43F,1D28 3C2=3DB 3C7=2CAD,AB53,AB55 3C8=471,104F9 "
+    "3C9=2CB1,A64D,A7B7 3D7=2CE4 3D8=102AD,10312 3E=1433,16F3F 3E+B7=1441 3EC=2CDC "
+    "3F=241,294,97D,13AE,A6EB 4039=9FC3 403F=6663 40B=104CD 40D+326=48A "
+    "41=391,410,13AA,15C5,A4EE,102A0,16F40 41+41=A732 41+45=C6,4D4 41+4F=A734 41+55=A736 "
+    "41+56=A738,A73A 41+59=A73C 416+329=496 418=376,A6A1,10425 "
+    "42=392,412,13F4,15F7,A4D0,A7B4,10282,102A1,10301 428=2CBC 42A+6C=A650 "
+    "43=421,13DF,2CA4,A4DA,102A2,10302,10415,1051C,118E9,118F2 43+27=187 43+326=4AA 436+329=497 "
+    "439+326=48B 43B=1D2B 43B+326=4C6 44=13A0,15DE,15EA,A4D3 44+335=D0,110,189 4443=6726 448=2CBD "
+    "45=395,415,13AC,2D39,A4F0,10286,118A6,118AE 45+338=246 459=AB60 "
+    "46=3DC,15B4,A4DD,A798,10287,102A5,10525,118A2,118C2 46+326=191 460=13C7,15EF 460+486+487=47C "
+    "460+B7=18ED 46B6=8A1E 47=50C,13C0,13F3,A4D6 47+27=193 47+335=1E4 "
+    "48=397,41D,13BB,157C,2C8E,A4E7,102CF 48+326=4C7,4C9 48+329=4A2,2C67 48+335=126 "
+    "4A=37F,408,13AB,148D,A4D9,A7B2 4A+335=248 4A+B7=1499 4B=39A,41A,13E6,16D5,2C94,A4D7,10518 "
+    "4B+27=198 4B+329=49A,2C69 4B+335=49E,A740 4B6=4CB 4B7=4CC 4BC+328=4BE "
+    "4C=13DE,14AA,2CD0,A4E1,1041B,10526,118A3,118B2,16F16 4C+338=141 4C3=104BC "
+    "4D=39C,3FA,41C,13B7,15F0,16D6,2C98,A4DF,102B0,10311 4D+326=4CD 4E=39D,2C9A,A4E0,10513 "
+    "4E+326=19D 4E28=1175 4E28+1161=1198 4E28+1163=1199 4E28+1163+1169=D7BD 4E28+1163+4E28=D7BE "
+    "4E28+1167=D7BF 4E28+1167+4E28=D7C0 4E28+1169=119A 4E28+1169+4E28=D7C1 4E28+116D=D7C2 "
+    "4E28+116E=119B 4E28+1172=D7C3 4E28+119E=119D 4E28+30FC=119C 4E28+4E28=D7C4 4E8C=30CB "
+    "4EBB=30A4 "
+    "4F=30,39F,41E,555,7C0,9E6,B20,B66,12D0,2C9E,2D54,3007,A4F3,10292,102AB,10404,104C2,10516 "
+    "4F=114D0,118B5,118E0 4F+27=13A4 4F+335=19F,398,3B8,472,4E8,13BE,13EB,2D31,A74A "
+    "4F+338=D8,2D41 4F+45=152 4F+4F=A698,A74E 4F75=5002 50=3A1,420,13E2,146D,2CA2,A4D1,10295 "
+    "50+27=1486 5024=503C 51=2D55 516B=30CF 52=1A6,13A1,13D2,1587,A4E3,104B4,16F35 529B=30AB "
+    "53=405,54F,13D5,13DA,A4E2,10296,10420,16F3A 535C=30C8 53E3=30ED,56D7 "
+    "54=3A4,422,13A2,2CA6,A4D4,10297,102B1,10315,118BC,16F0A 54+328=1AE 54+329=4AC 54+33=A728 "
+    "54+335=166 54+338=23E 548=1260,144E,A4F5 548+27=1468 548+B7=145A "
+    "55=54D,1200,144C,A4F4,104CE,118B8,16F42 55+27=1467 55+335=244,13CC 55+B7=1458 5553=555F "
+    "559=2BF 56=474,667,6F7,13D9,142F,2D38,A4E6,A6DF,1051D,118A0,16F08 56+B7=143B "
+    "57=51C,13B3,13D4,A4EA,118E6,118EF 571=1294 571F=58EB "
+    "58=3A7,425,16B7,2CAC,2D5D,A4EB,A7B3,10290,102B4,10317,10322,10527,118EC 58+329=4B2 5861=586B "
+    "58AB=58FF 59=3A5,423,4AE,13A9,13BD,2CA8,A4EC,102B2,118A4,16F43 59+335=24E,4B0 5915=30BF "
+    "596=5AD 598=5AE 599=5A8 59A=5A4 5A=396,13C3,A4DC,102F5,118A9,118E5 5A+326=224 5A+335=1B5 "
+    "5AAF=5B00 5C=4E36 5DE5=30A8 5E=2C6 5E21=5E32 5F=7FA 61=251,3B1,430 61+61=A733 61+65=E6,4D5 "
+    "61+6F=A735 61+75=A737 61+76=A739,A73B 61+79=A73D 62=184,42C,13CF,1472,15AF 62+27=1488 "
+    "62+304=182,183,411 62+307=1473 62+307+B7=1481 62+314=253 62+335=180,462,463,48C,48D "
+    "62+6C=42B 62+B7=147F 6236=6238 628+654=8A1 628+6DB=751 628+6E2=8B6 629=6C3 62D+654=681,772 "
+    "62D+6DB=685 62F=102E1 62F+302=6EE 62F+324+323=8AE 62F+615=688 62F+6DB=68E "
+    "63=441,1D04,2CA5,ABAF,1043D 63+326=4AB 63+338=23C 631+302=6EF 631+306=692 631+306+307=8B9 "
+    "631+615=691 631+654=76C 631+6DB=698 632+302=8B2 633+302=77E 633+6DB=634 635=102F2 "
+    "635+324+323=8AF 635+6DB=69E 637=102E8 637+6DB=69F 64=501,13E7,146F,A4D2 64+21D=2A4 "
+    "64+27=1487 64+291=2A5 64+304=18C 64+314=257 64+328=256 64+335=111 64+7A=2A3 64+B7=147B "
+    "641=6A7 643=6A9,6AA 643+6DB=6AD,763 644+306=6B5 644+6DB=6B7 645+6DB=8A7 646+306=769 "
+    "646+615=768 648=8B1,102E4 648+302=6C9 648+306=6C6 648+313=6C7 648+670=6C8 648+6DB=6CB "
+    "649=64A,66E,6BA,6CC,6D2,8BD 649+302=63D 649+306=6CE,756 649+306+307=8BA 649+615=679,6BB "
+    "649+654=8A8 649+6DB=62B,63F,67E,6BD,6D1 649+6DB+6E2=8B7 64C=8E5,8E8,8F1 64D=8F2 "
+    "65=435,4BD,AB32 65+328=4BF 65+338=247 650=317,61A 655=65F 66=584,1E9D,A799,AB35 66+14B=2A9 "
+    "66+326=192 66+334=1D6E 662=6F2,A9CF 663=6F3,1E8C9 664=6F4 665A=6669 666=6F6 "
+    "669=6F9,967,118E4 67=18D,261,581,1D83 67+314=260 67+335=1E5 670=30D 670C=80A6 670F=80D0 "
+    "6710=80CA 6713=8101 6718=8127 6723=81A7 676E=67FF 67B=6D0 68=4BB,570,13C2 "
+    "68+314=266,13F2,A695 68+335=127,45B 68A+615=68B "
+    "69=131,269,26A,3B9,456,4CF,13A5,A647,AB75,118C3 69+335=268,1D7B,1D7C 697+615=771 699D=6A27 "
+    "6A=3F3,458 6A+335=249 6A1=66F,8BB,8BC 6A1+6DB=6A4,6A8 6A2+6DB=8A4 6AC=762 6AF=8B0 "
+    "6AF+6DB=6B4 6B+314=199 "
+    "6C=31,49,196,1C0,399,406,4C0,5D5,5DF,627,661,6F1,7CA,16C1,2C92,2D4F,A4F2,1028A,10309,10320 "
+    "6C=16F28,1E8C7 6C+21D=26E 6C+27=5F1 6C+328=26D 6C+334=26B 6C+335=197,19A 6C+338=142 "
+    "6C+4F=42E 6C+655=673 6C+674=672 6C+6C=1C1,5F0 6C+73=2AA 6C+7A=2AB 6C+B7=14B7 6DB=1AB4,20DB "
+    "6E=578,57C 6E+328=273 6E+329=19E,3B7 6E+334=1D70 6E88=6F59 "
+    "6F=3BF,3C3,43E,585,5E1,647,665,6BE,6C1,6D5,6F5,966,A66,AE6,BE6,C02,C66,C82,CE6,D02,D20,D66 "
+    "6F=D82,E50,ED0,101D,1040,10FF,1D0F,1D11,2C9F,AB3D,1042C,104EA,118C8,118D7 6F+102C=1010 "
+    "6F+1D07=276 6F+302=6FF 6F+31B=AB74 6F+335=275,473,4E9,A74B,AB8E,ABBB 6F+338=F8,AB3E "
+    "6F+65=153 6F+6F=A699,A74F 6F+D30+6F=D5F 70=3C1,440,2CA3 70+314=1A5 70+335=1D7D 70+B7=1477 "
+    "71=51B,563,566 71+314=2A0 72=433,1D26,2C85,AB47,AB48,AB81 72+27=491 72+328=27D 72+329=27C "
+    "72+334=1D72 72+335=24D,493 72+6E=6D,11700,118E3 72+6E+326=271 72+6E+334=1D6F "
+    "73=1BD,455,A731,ABAA,10448,118C1 73+328=282 73+334=1D74 73C=742 74+21D=A729 74+255=2A8 "
+    "74+283=2A7 74+314=1AD 74+334=1D75 74+335=167 74+66=A777 74+73=2A6 "
+    "75=28B,3C5,57D,1D1C,A79F,AB4E,AB52,104F6,118D8 75+335=1D7E,AB9C 75+65=1D6B 75+6F=AB63 "
+    "754=767,8A9 76=3BD,475,5D8,1D20,ABA9,11706,118C0 "
+    "77=26F,461,51D,561,1D21,AB83,1170A,1170E,1170F 77+307=114C5 77+326=A761 77+486+487=47D "
+    "78=445,1541,157D 7814=784F 79=263,28F,3B3,443,4AF,10E7,1D8C,1EFF,AB5A,118DC 79+314=1B4 "
+    "79+335=24F,4B1 7A=1D22,AB93,118C4 7A+326=225 7A+328=290 7A+334=1D76 7A+335=1B6 7D55=7D76 "
+    "80FC=8141 848D=853F 8637=8641 8A2E=8A7D 8B86=8B8F 8C5C=8C63 8D7F=8D86 8DE5=8DFA 8E97=8E9B "
+    "8EFF=8F27 905+93E=906 905+93E+946=912 905+93E+947=913 905+93E+948=914 905+946=904 "
+    "905+949=911 90CE=90DE 90F+945=90D 90F+946=90E 90F+947=910 930+94D+907=908 93A=111CB "
+    "93AD=93AE 93D=ABD 941=AC1 942=AC2 946=A4B 94D=A4D,ACD 964=A830 968=AE8 969=AE9 96A=AEA "
+    "96B7=96B8 96E=AEE 971=D4E 983=A03,C03,C83,D03,D83,1038,114C1 985+9BE=986 98B+9C3=9E0,9E1 "
+    "998=11492 99A=11494 99C=11496 99E=11498 99F=11499 9A1=1149B 9A3=114AA 9A4=1149E 9A5=1149F "
+    "9A6=114A0 9A7=114A1 9A8=114A2 9AA=114A3 9AC=114A9 9AE=114A7 9AF=114A8 9B0=114AB 9B2=1149D "
+    "9B7=114AD 9B8=114AE 9BD=114C4 9BE=114B0 9BF=114B1 9C7=114B9 9CD=114C2 9D7=114BD 9E42=9E43 "
+    "9E7=114D1 9E8=114D2 9EC=114D6 9ED1=9ED2 A05+A3E=A06 A05+A48=A10 A05+A4C=A14 A4D5=A7B1 "
+    "A4E4=A79E A4F6=10411,16F26 A64C=A7B6 A658=16F1C A669=104EB A72+A3F=A07 A72+A40=A08 "
+    "A72+A47=A0F A727=A795 A73+A41=A09 A73+A42=A0A A73E=3FF A73F=37D A779=A77A A786=10A0 "
+    "A792=404,2C88 A793=25B,3B5,454,511,2C89,AB9B,10429,118CE A7FB=15B7 A85+ABE=A86 "
+    "A85+ABE+AC5=A91 A85+ABE+AC7=A93 A85+ABE+AC8=A94 A85+AC5=A8D A85+AC7=A8F A85+AC8=A90 "
+    "A8FB=111DC A99D=A9A3 AA01=AA53 AA23=AA56 B05+B3E=B06 B7=1427,A78F B7+1401=140C B7+1404=1410 "
+    "B7+1405=1412 B7+1406=1414 B7+140A=1417 B7+140B=1419 B7+1432=143E B7+1434=1442 B7+1439=1446 "
+    "B7+144F=145B B7+1450=1454,145D B7+1451=145F B7+1455=1461 B7+1456=1463 B7+146B=1474 "
+    "B7+146E=1478 B7+1470=147C B7+1489=1492 B7+148B=1494 B7+148C=1496 B7+148E=149A B7+1490=149C "
+    "B7+1491=149E B7+14A3=14AC B7+14A6=14B0 B7+14A7=14B2 B7+14A8=14B4 B7+14AB=14B8 B7+14C0=14C9 "
+    "B7+14C2=18C6 B7+14C3=18C8 B7+14C4=18CA B7+14C5=18CC B7+14C7=14CB B7+14C8=14CD B7+14D3=14DC "
+    "B7+14D5=14DE B7+14D6=14E0 B7+14D7=14E2 B7+14D8=14E4 B7+14DA=14E6 B7+14DB=14E8 B7+14ED=14F6 "
+    "B7+14EF=14F8 B7+14F0=14FA B7+14F1=14FC B7+14F2=14FE B7+14F4=1500 B7+14F5=1502 B7+1510=1517 "
+    "B7+1511=1519 B7+1512=151B B7+1513=151D B7+1514=151F B7+1515=1521 B7+1516=1523 B7+1528=1531 "
+    "B7+1529=1533 B7+152A=1535 B7+152B=1537 B7+152D=1539 B7+152E=153B B7+1543=18CE B7+1546=18CF "
+    "B7+1547=18D0 B7+1548=18D1 B7+1549=18D2 B7+154B=18D3 B7+154C=154E B7+155A=155B B7+1567=1568 "
+    "B7+18B1=18B3 B7+18B4=18B6 B7+18B8=18B9 B7+18C0=18C2 B7+245=143C B7+34=152F B7+393=14AE "
+    "B7+394=140E B7+3C=1444 B7+3E=1437,1440 B7+4A=1498 B7+4C=14B6 B7+50=1476 B7+548=1459 "
+    "B7+55=1457 B7+56=143A B7+62=147E B7+62+307=1480 B7+64=147A B7+B7+B7=2D48 B85=BEE B88=BB0,BBE "
+    "B88+BC1=BEB B89=BE8,D09 B89+BB3=B8A B89+D57=D0A B8E=BED B90=B9C,D1C B95=BE7 B9A=BEA "
+    "B9A+BC1=BEC B9A+BC2=BF2 B9F+BBF=D3A BA3=D23 BA9=BC8 BAF=BF0 BB3=BD7 BB4=D34 BB6=D36 "
+    "BBF=D3F,D40 C05=C85 C06=C86 C07=C87 C0B+C3E=C60 C0C+C3E=C61 C12=C92 C12+C4C=C14,C94 "
+    "C12+C55=C13,C93 C1C=C9C C1E=C9E C21+323=C22 C23=CA3 C27+5BC=C25 C2C+323=C2D C2F=CAF "
+    "C30+5BC=C20 C31=CB1 C32=CB2 C35+323=C37 C35+C3E=C39 C35+C41=C2E C41+C3E=C42 C43+C3E=C44 "
+    "C67=CE7 C68=CE8 C6F=CEF C8C+CBE=CE1 D07+D57=D08 D0E+D46=D10 D12+D3E=D13 D12+D57=D14 D1E=D61 "
+    "D26+D4D+D30=D6B D28+D41=D0C,D19 D28+D4D=D6F,D7B D28+D4D+D28=D6C D28+D4D+D2E=D5A D30=D31 "
+    "D30+D4D=D6A,D7C D35+D4D+D30=D6E D39+D4D+D2E=D76 D41=D42,D43 D46+D46=D48 DA2=DEA DAF=DEB "
+    "DE=3F7,104C4 DE8+DCF=DE9 DE8+DD3=DEF DF=3B2,13F0,A7B5 E02=E03 E04=E14,E15 E06=E21 E08=E88 "
+    "E0A=E0B E0E=E0F E11=E17 E1A=E9A E1B=E9B E1D=E9D E1E=E9E E1F=E9F E20=E26 E22=E8D E32=E45 "
+    "E34=17B7 E35=17B8 E36=17B9 E37=17BA E38=EB8 E39=EB9 E40+E40=E41 E48=EC8,17CB E49=EC9 E4A=ECA "
+    "E4B=ECB F62=F6A F68+F7C+F7E=F00 FE=1BF,3F8"
+)
+# script(+script...)=range,range,... (Script_Extensions of letters, marks and digits)
+_SCRIPT_TABLE = (
+    "Adlm=1E900-1E959 Adlm+Arab+Mand+Mani+Ougr+Phlp+Rohg+Sogd+Syrc=640 Aghb=10530-10563 "
+    "Ahom=11700-11746 "
+    "Arab=610-63F,641-64A,656-65F,66E-66F,671-6FF,750-77F,870-8FF,FB50-FDF1,FDF3-FDFB,FE70-FEFC "
+    "Arab=1EE00-1EEBB Arab+Copt=102E0 Arab+Syrc=64B-655,670 Arab+Thaa=FDF2 Arab+Thaa+Yezi=660-669 "
+    "Armi=10840-10855 Armn=531-588,FB13-FB17 Avst=10B00-10B35 Bali=1B00-1B73 "
+    "Bamu=A6A0-A6F1,16800-16A38 Bass=16AD0-16AF4 Batk=1BC0-1BF3 Beng=980-9E3,9F0-9FE,1CF7 "
+    "Beng+Cakm+Sylo=9E6-9EF Beng+Deva=1CD5-1CD6,1CD8,1CE1,1CEA,1CED,1CF5-1CF6,A8F1 "
+    "Beng+Deva+Gran+Gujr+Guru+Knda+Latn+Mlym+Orya+Shrd+Taml+Telu+Tirh=951 "
+    "Beng+Deva+Gran+Gujr+Guru+Knda+Latn+Mlym+Orya+Taml+Telu+Tirh=952 "
+    "Beng+Deva+Gran+Knda=1CD0,1CD2 Beng+Deva+Gran+Knda+Nand+Orya+Telu+Tirh=1CF2 Bhks=11C00-11C59 "
+    "Bopo=3105-312F,31A0-31BF Bopo+Hani=302A-302D Brah=11000-1107F Bugi=1A00-1A1B Bugi+Java=A9CF "
+    "Buhd=1740-1753 Cakm=11100-11147 Cakm+Mymr+Tale=1040-1049 "
+    "Cans=1401-167F,18B0-18F5,11AB0-11ABF Cari=102A0-102D0 Cham=AA00-AA59 "
+    "Cher=13A0-13FD,AB70-ABBF Chrs=10FB0-10FC4 Copt=3E2-3EF,2C80-2CF3 Cpmn=12F90-12FF0 "
+    "Cprt=10800-1083F "
+    "Cyrl=400-481,488-52F,1C80-1C88,1D2B,1D78,2DE0-2DFF,A640-A66E,A670-A69F,FE2E-FE2F "
+    "Cyrl+Glag=484,487,A66F Cyrl+Latn=485-486 Cyrl+Perm=483 Cyrl+Syrc=1DF8 "
+    "Deva=900-950,955-963,971-97F,1CD1,1CD4,1CDB,1CDE-1CDF,1CE2-1CE8,1CEB-1CEC,1CEE-1CF1 "
+    "Deva=A8E0-A8F0,A8F2,A8F4-A8FF Deva+Dogr+Kthi+Mahj=966-96F Deva+Gran=1CF3,1CF8-1CF9 "
+    "Deva+Gran+Knda=1CF4 Deva+Gran+Latn=20F0 Deva+Knda+Mlym+Orya+Taml+Telu=1CDA Deva+Nand=1CE9 "
+    "Deva+Shrd=1CD7,1CD9,1CDC-1CDD,1CE0 Deva+Taml=A8F3 Diak=11900-11959 Dogr=11800-1183A "
+    "Dsrt=10400-1044F Dupl=1BC00-1BC9E Egyp=13000-1342E Elba=10500-10527 Elym=10FE0-10FF6 "
+    "Ethi=1200-138F,2D80-2DDE,AB01-AB2E,1E7E0-1E7FE Geor=10A0-10FF,1C90-1CBF,2D00-2D2D "
+    "Glag=2C00-2C5F,1E000-1E02A Gong=11D60-11DA9 Gonm=11D00-11D59 Goth=10330-10349 "
+    "Gran=11300,11302,11305-11339,1133D-11374 Gran+Taml=BE6-BEF,11301,11303,1133B-1133C "
+    "Grek=342,345,370-373,376-3E1,3F0-3FF,1D26-1D2A,1D5D-1D61,1D66-1D6A,1DBF-1DC1,1F00-1FFC,2126 "
+    "Grek=AB65,1D242-1D244 Gujr=A81-AE3,AF9-AFF Gujr+Khoj=AE6-AEF Guru=A01-A5E,A70-A75 "
+    "Guru+Mult=A66-A6F Hang=1100-11FF,302E-302F,3131-318E,A960-A97C,AC00-D7FB,FFA0-FFDC "
+    "Hani=3005-3006,303B,3400-9FFF,F900-FAD9,16FE3,16FF0-16FF1,20000-3134A Hani+Hira+Kana=303C "
+    "Hano=1720-1734 Hatr=108E0-108F5 Hebr=591-5F2,FB1D-FB4F "
+    "Hira=3041-3096,309D-309F,1B001-1B11F,1B150-1B152 "
+    "Hira+Kana=3031-3035,3099-309A,30FC,FF70,FF9E-FF9F Hluw=14400-14646 Hmng=16B00-16B8F "
+    "Hmnp=1E100-1E14E Hung=10C80-10CF2 Ital=10300-1032F Java=A980-A9C0,A9D0-A9D9 Kali=A900-A92D "
+    "Kana=30A1-30FA,30FD-30FF,31F0-31FF,FF66-FF6F,FF71-FF9D,1AFF0-1B000,1B120-1B122,1B164-1B167 "
+    "Khar=10A00-10A3F Khmr=1780-17E9 Khoj=11200-1123E Kits=16FE4,18B00-18CD5 Knda=C80-CE3,CF1-CF2 "
+    "Knda+Nand=CE6-CEF Kthi=11080-110C2 Lana=1A20-1AA7 Laoo=E81-EDF "
+    "Latn=41-AA,BA-2B8,2E0-2E4,363-36F,1D00-1D25,1D2C-1D5C,1D62-1D65,1D6B-1D77,1D79-1DBE "
+    "Latn=1E00-1EFF,2071-209C,212A-212B,2132,214E-2184,2C60-2C7F,A722-A787,A78B-A7FF,AB30-AB64 "
+    "Latn=AB66-AB69,FB00-FB06,FF21-FF5A,10780-107BA,1DF00-1DF1E Lepc=1C00-1C4F Limb=1900-194F "
+    "Lina=10600-10767 Linb=10000-100FA Lisu=A4D0-A4FD,11FB0 Lyci=10280-1029C Lydi=10920-10939 "
+    "Mahj=11150-11176 Maka=11EE0-11EF6 Mand=840-85B Mani=10AC0-10AE6 Marc=11C72-11CB6 "
+    "Medf=16E40-16E7F Mend=1E800-1E8D6 Merc=109A0-109BF Mero=10980-1099F Mlym=D00-D7F "
+    "Modi=11600-11659 Mong=180B-18AA Mroo=16A40-16A69 Mtei=AAE0-AAF6,ABC0-ABF9 Mult=11280-112A8 "
+    "Mymr=1000-103F,1050-109D,A9E0-A9FE,AA60-AA7F Nand=1CFA,119A0-119E4 Narb=10A80-10A9C "
+    "Nbat=10880-1089E Newa=11400-11461 Nkoo=7C0-7FD Nshu=16FE1,1B170-1B2FB Ogam=1681-169A "
+    "Olck=1C50-1C7D Orkh=10C00-10C48 Orya=B01-B71 Osge=104B0-104FB Osma=10480-104A9 "
+    "Ougr=10F70-10F85 Palm=10860-10876 Pauc=11AC0-11AF8 Perm=10350-1037A Phag=A840-A873 "
+    "Phli=10B60-10B72 Phlp=10B80-10B91 Phnx=10900-10915 Plrd=16F00-16F9F Prti=10B40-10B55 "
+    "Rjng=A930-A953 Rohg=10D00-10D39 Runr=16A0-16F8 Samr=800-82D Sarb=10A60-10A7C Saur=A880-A8D9 "
+    "Sgnw=1DA00-1DAAF Shaw=10450-1047F Shrd=11180-111DC Sidd=11580-115DD Sind=112B0-112F9 "
+    "Sinh=D81-DF3 Sogd=10F30-10F50 Sogo=10F00-10F27 Sora=110D0-110F9 Soyo=11A50-11A9D "
+    "Sund=1B80-1BBF Sylo=A800-A82C Syrc=710-74F,860-86A,1DFA Tagb=1760-1773 Takr=11680-116C9 "
+    "Tale=1950-1974 Talu=1980-19D9 Taml=B82-BD7 Tang=16FE0,17000-18AFF,18D00-18D08 Tavt=AA80-AADD "
+    "Telu=C00-C6F Tfng=2D30-2D7F Tglg=1700-171F Thaa=780-7B1 Thai=E01-E59 Tibt=F00-FC6 "
+    "Tirh=11480-114D9 Tnsa=16A70-16AC9 Toto=1E290-1E2AE Ugar=10380-1039D Vaii=A500-A62B "
+    "Vith=10570-105BC Wara=118A0-118FF Wcho=1E2C0-1E2F9 Xpeo=103A0-103CF Xsux=12000-12543 "
+    "Yezi=10E80-10EB1 Yiii=A000-A48C Zanb=11A00-11A47 "
+    "Zinh=300-341,343-344,346-362,953-954,1AB0-1ACE,1DC2-1DF7,1DF9,1DFB-1DFF,20D0-20EF,FE00-FE2D "
+    "Zinh=101FD,1CF00-1CF46,1D167-1D169,1D17B-1D1AD,E0100-E01EF "
+    "Zyyy=30-39,B5,2B9-2D1,2EC-2EE,374,2102-2124,2128,212C-2131,2133-2149,2E2F,A717-A71F,A788 "
+    "Zyyy=FF10-FF19,1D165-1D166,1D16D-1D172,1D400-1D7FF,1FBF0-1FBF9"
+)
+# Default_Ignorable_Code_Point ranges
+_IGNORABLE_TABLE = (
+    "AD 34F 61C 115F-1160 17B4-17B5 180B-180D 180E 180F 200B-200F 202A-202E 2060-2064 2065 "
+    "2066-206F 3164 FE00-FE0F FEFF FFA0 FFF0-FFF8 1BCA0-1BCA3 1D173-1D17A E0000 E0001 E0002-E001F "
+    "E0020-E007F E0080-E00FF E0100-E01EF E01F0-E0FFF"
+)
 
 # =============================================================================
 # 4. CALLS: invitations, links and groups, as a pure state machine
@@ -8673,6 +9124,52 @@ CLOSED_REASONS = {
 }
 
 
+# "A host's closing{reason} is `bye` (answering ours) or `host_shutdown`;
+# any other reason reads as protocol_error", so a rogue host can neither
+# put its own words on the screen nor pose as one of our own reasons.
+_HOST_CLOSING = {"bye": "quit", "host_shutdown": "host_shutdown"}
+
+
+def closing_reason(reason: str) -> str:
+    """The `closed` reason for a host's closing{reason}."""
+    return _HOST_CLOSING.get(reason, "protocol_error")
+
+
+# "The client checks every name a host sends": the fields that hold a User
+# ID (a Room ID for `room`), by event. An event with a bad one is dropped,
+# with a warning; a bad name in a welcome or resumed (our own seat) ends the
+# connection as protocol_error. A name may be "" where the protocol says so.
+_ID_FIELDS = ("sender", "user", "peer", "to", "recipient", "room")
+
+
+def bad_names(event: Event) -> str:
+    """What is wrong with the names in a host's `event` ("" if nothing)."""
+    for field in dataclasses.fields(event):
+        value = getattr(event, field.name)
+        names: tuple = ()
+        if field.name in _ID_FIELDS and value:
+            names = ((value, "room" if field.name == "room" else "user"),)
+        elif field.name == "members":
+            names = tuple((member, "user") for member in value)
+        elif field.name == "downloads":             # [transfer, from, name, size, to]
+            names = tuple((row[i], "user") for row in value for i in (1, 4) if row[i])
+        for name, kind in names:
+            problem = _name_problem(name, kind)
+            if problem:
+                wire_name = WIRE_NAMES.get(field.name, field.name)
+                return f"{event.TYPE}.{wire_name} {printable(name)!r}: {problem}"
+    return ""
+
+
+@functools.lru_cache(maxsize=1024)          # a room's few names, on every message
+def _name_problem(name: str, kind: str) -> str:
+    try:
+        check_id(name, kind)
+    except Refused as refusal:
+        return refusal.message
+    return "reserved for system notices" if kind == "user" and imitates_system(name) else ""
+
+
 def _firewall_hint(port: int) -> str:
     """A host that answered mDNS but not on its port: the usual cause, and fixes."""
     return (f". It answered on the LAN, so it is running, but its TCP port {port} takes no "
@@ -9192,6 +9689,10 @@ class ClientCore:
         """Handle one event. Returns a closing reason (str) when it ends the
         session, an awaitable when reading must pause until it is done, or
         None."""
+        wrong = bad_names(event)
+        if wrong:
+            log.warning("the host sent a bad name, %s", wrong)
+            return "protocol_error" if isinstance(event, (Welcome, Resumed)) else None
         file_handler = self.files.handlers.get(type(event))
         if file_handler is not None:
             return file_handler(event)
@@ -9204,7 +9705,7 @@ class ClientCore:
         if isinstance(event, Pong):
             return None
         if isinstance(event, Closing):
-            return "quit" if event.reason == "bye" else event.reason
+            return closing_reason(event.reason)
         place = self._place
         if isinstance(event, (Message, System)) and place is not None:
             if isinstance(event, Message) and id_key(event.sender) == id_key(place.user):
@@ -9316,7 +9817,7 @@ class ClientCore:
 
     async def _say(self, text: str) -> str | None:
         try:
-            check_text(text, self.limits.max_message_bytes)
+            text = check_text(text, self.limits.max_message_bytes)
         except Refused as refusal:
             self._error(refusal.code, refusal.message)
             return None
@@ -9586,11 +10087,15 @@ class Printer:
 
     def __call__(self, event: dict) -> None:
         if self.json_mode:
-            line: str | None = json.dumps(event, ensure_ascii=False)
+            line: str | None = json_line(event)
         elif not self._due(event):
             return
         else:
             line = self.format(event)
+            # "Every string from the network is made printable before it
+            # reaches a terminal": format() escapes each field, and this
+            # pass catches any a line forgot (the newlines are ours).
+            line = None if line is None else printable_block(line)
         if line is None:
             return
         with self._lock:
@@ -9621,9 +10126,10 @@ class Printer:
             return f"In the room ({len(event['members'])}): " + ", ".join(
                 printable(m) for m in event["members"])
         if kind == "error":
-            return f"! {printable(event['message'])} ({event['code']})"
+            return f"! {printable(event['message'])} ({printable(event['code'])})"
         if kind == "closed":
-            return CLOSED_REASONS.get(event["reason"], f"Disconnected ({event['reason']}).")
+            return CLOSED_REASONS.get(event["reason"],
+                                      f"Disconnected ({printable(event['reason'])}).")
         if kind == "reconnecting":
             return reconnecting_line(event)
         if kind == "resumed":
@@ -9661,7 +10167,7 @@ class Printer:
         if kind == "file_failed":
             who = f" ({printable(event['user'])})" if event.get("user") else ""
             return (f"! {printable(event.get('name') or 'file')}{who}: "
-                    f"{printable(event['reason'])} ({event['code']})")
+                    f"{printable(event['reason'])} ({printable(event['code'])})")
         formatter = CALL_LINES.get(kind or "")
         if formatter is not None:
             line = formatter(event)
@@ -9696,10 +10202,10 @@ CALL_LINES: dict[str, Callable[[dict], str]] = {
     "call_missed": lambda e: f"[SYSTEM] You missed a call from <{printable(e['from'])}>",
     "call_connected": _call_connected_line,
     "call_ended": lambda e: f"The call with {printable(e['peer'])} ended "
-                            f"({e['reason']})",
+                            f"({printable(e['reason'])})",
     "call_failed": lambda e: f"The call to {printable(e['peer'])} failed: "
-                             + _FAILED_BECAUSE.get(e["reason"], e["reason"]).format(
-                                 peer=printable(e["peer"])),
+                             + _FAILED_BECAUSE.get(e["reason"], "{reason}").format(
+                                 peer=printable(e["peer"]), reason=printable(e["reason"])),
     "media_stats": lambda e: (
         f"  ~ {printable(e['peer'])}: {e['video_fps']:g} fps, {e['audio_frames']} audio "
         f"frames/s, {100 * e['loss']:.1f}% lost, "
@@ -9726,6 +10232,28 @@ def printable_lines(text: str) -> list[str]:
 
 def printable_block(text: str) -> str:
     return "\n".join(printable_lines(text))
+
+
+def json_line(event: dict) -> str:
+    """`event` as one line of JSON that is safe on a terminal: what JSON
+    leaves raw but could act on one (DEL, C1 controls, bidi and other format
+    characters, line and paragraph separators) is written as a \\u escape,
+    so json.loads gives back the very same strings."""
+    line = json.dumps(event, ensure_ascii=False)
+    if line.isprintable():
+        return line
+    out = []
+    for ch in line:
+        if ch != " " and not ch.isprintable() and unicodedata.category(ch) != "Zs":
+            code = ord(ch)
+            if code > 0xFFFF:               # as a UTF-16 surrogate pair, as JSON wants
+                code -= 0x10000
+                out.append(f"\\u{0xD800 + (code >> 10):04x}\\u{0xDC00 + (code & 0x3FF):04x}")
+            else:
+                out.append(f"\\u{code:04x}")
+        else:
+            out.append(ch)
+    return "".join(out)
 
 
 
@@ -9792,7 +10320,7 @@ def choose_host(hosts: list[HostInfo], json_mode: bool, emit: Callable[[dict], N
         return None
     print("Several hosts were found:")
     for number, host in enumerate(hosts, 1):
-        print(f"  {number}. {Printer.format(host.to_event())}")
+        print(f"  {number}. {printable_block(Printer.format(host.to_event()) or '')}")
     while True:
         print(f"Join which one? [1-{len(hosts)}] ", end="", flush=True)
         answer = stdin.readline()
@@ -12891,6 +13419,18 @@ def run_host(args: argparse.Namespace, limits: Limits) -> int:
     return EXIT_OK
 
 
+class PrintableFormatter(logging.Formatter):
+    """Log lines made printable (`printable`) before they reach a terminal:
+    a warning may quote what a host or a peer sent."""
+
+    def __init__(self, inner: logging.Formatter | None) -> None:
+        super().__init__()
+        self.inner = inner or logging.Formatter()
+
+    def format(self, record: logging.LogRecord) -> str:
+        return printable_block(self.inner.format(record))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -12900,6 +13440,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else
                         logging.WARNING if args.json or args.cli else logging.INFO,
                         format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
+    for handler in logging.getLogger().handlers:    # log lines quote the network too
+        handler.setFormatter(PrintableFormatter(handler.formatter))
     try:
         limits = limits_from(args)
         if args.cli and not (args.room and args.user):
