@@ -4334,12 +4334,15 @@ class LinkProtocol(asyncio.Protocol):
         self.link: Link | None = None
         self._on_open = on_open
         self._early: list[bytes] = []       # data that came before attach()
+        self._lost_early = False            # ... and the end of it
 
     def attach(self, link: Link) -> None:
         self.link = link
         for data in self._early:
             link._data_received(data)
         self._early = []
+        if self._lost_early:
+            link._connection_lost()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = typing.cast(asyncio.Transport, transport)   # TCP: always
@@ -4359,6 +4362,8 @@ class LinkProtocol(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         if self.link is not None:
             self.link._connection_lost()
+        else:
+            self._lost_early = True
 
     def pause_writing(self) -> None:
         if self.link is not None:
