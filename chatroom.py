@@ -129,6 +129,15 @@ RECONNECT_MAX_S = 10.0              # the backoff between retries stops growing 
 RESUME_LOG_EVENTS = 5000            # room events kept for members who come back
 RESUME_LOG_BYTES = 8 * 1024 * 1024  # ... and at most this much of their text
 
+MAX_PER_ADDRESS = 64                # connections at once from one source address
+MAX_PENDING = 128                   # connections not yet logged in, from anywhere
+MAX_PENDING_PER_ADDRESS = 16        # ... and from one source address
+LISTEN_BACKLOG = 1024               # connections the kernel queues before we accept them
+ACCEPT_PAUSE_S = 0.1                # out of descriptors, nothing to refuse: look again then
+RATE_LIMIT_PER_S = 10.0             # chat lines one member may send per second, sustained
+BURST = 20                          # ... and at once, after a quiet while
+FLOOD_STRIKES = 100                 # refused lines (forgiven at the rate) before "flooding"
+
 HELLO_TIMEOUT_S = 5.0               # a login must finish within this
 CONNECT_TIMEOUT_S = 5.0             # client: TCP connect + login
 PING_INTERVAL_S = 15.0              # host pings a connection this quiet
@@ -180,6 +189,14 @@ class Limits:
     max_message_bytes: int = MAX_MESSAGE_BYTES
     max_room_members: int = MAX_ROOM_MEMBERS
     max_sessions: int = MAX_SESSIONS
+    max_per_address: int = MAX_PER_ADDRESS          # 0: no limit
+    max_pending: int = MAX_PENDING                  # 0: no limit
+    max_pending_per_address: int = MAX_PENDING_PER_ADDRESS  # 0: no limit
+    listen_backlog: int = LISTEN_BACKLOG
+    accept_pause_s: float = ACCEPT_PAUSE_S
+    rate_limit_per_s: float = RATE_LIMIT_PER_S      # 0: no flood control
+    burst: int = BURST                              # 0: no flood control
+    flood_strikes: int = FLOOD_STRIKES
     history_limit: int = HISTORY_LIMIT
     grace_s: float = GRACE_S
     retry_for_s: float = RETRY_FOR_S    # 0: don't retry; math.inf: for ever (the window)
@@ -231,7 +248,7 @@ ERROR_CODES = frozenset({
     "ambiguous_host", "unknown_command", "not_connected",
     "missing_package", "file_too_large", "not_a_file", "disk_full", "checksum_mismatch",
     "sender_left", "recipient_left", "file_io", "busy", "cancelled", "cannot_resume",
-    "host_shutdown",
+    "host_shutdown", "too_many_connections", "rate_limited",
     "call_self", "already_in_call", "no_invitation", "not_in_call", "bad_call_address",
     "no_camera", "no_audio_device", "port_taken",
 })
@@ -325,6 +342,32 @@ def printable(text: str) -> str:
         else:
             out.append(ch)
     return "".join(out)
+
+
+def raise_open_files_limit() -> tuple[int, int]:
+    """Raise this process's soft limit on open files as far as its hard
+    limit allows: a host holds one descriptor per connection, and many
+    systems start programs at 1024 (macOS at 256). Returns (before, after);
+    (0, 0) where there is no such limit (Windows)."""
+    try:
+        import resource
+    except ImportError:                     # Windows: no per-process file limit
+        return (0, 0)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return (soft, soft)
+    # An unlimited hard limit still has a ceiling: macOS refuses more than
+    # OPEN_MAX (10240) with EINVAL, so that is the second try.
+    wanted = [hard] if hard != resource.RLIM_INFINITY else [1 << 20, 10240]
+    for target in wanted:
+        if target <= soft:
+            break
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            return (soft, target)
+        except (ValueError, OSError):
+            continue
+    return (soft, soft)
 
 
 def address_text(host: str, port: int) -> str:
@@ -1258,6 +1301,8 @@ class Wire:
 #   Cyrillic and Greek letters and drops separators.
 # - "When the last member leaves, the room and all it knew about its members
 #   is forgotten."
+# - Flood control per member (FloodGate, README.md "Limits"): a burst past
+#   the rate gets rate_limited line by line; a flood, a disconnect.
 
 Delivery = tuple[Any, Event]
 
@@ -1639,6 +1684,48 @@ def numbered_names(name: str) -> Iterable[str]:
     while True:
         yield f"{base} ({number}){dot}{ext}"
         number += 1
+
+
+# --- Flood control -----------------------------------------------------------
+# "A burst gets rate_limited (the line is refused, not the person); sustained
+# abuse a disconnect." Lines over the rate are refused before the room sees
+# them, so they never take a seq, the history or the resume log.
+
+class Verdict(enum.Enum):
+    """What FloodGate.take says about one chat line."""
+    PASS = "pass"                   # relay it
+    REFUSE = "refuse"               # answer rate_limited; relay nothing
+    FLOODING = "flooding"           # refused too often: disconnect the member
+
+
+class FloodGate:
+    """One member's chat lines, as a token bucket: `burst` lines at once,
+    then `rate_per_s` a second. Each refused line is a strike; strikes are
+    forgiven at the same rate, and more than `strikes` of them at once make
+    a flood. So a member sending at twice the rate is only throttled, while
+    one pasting 120 lines at once, or sending ten times the rate for about a
+    second, is cut off. Time comes in as `now` (any monotonic seconds)."""
+
+    def __init__(self, rate_per_s: float, burst: int, strikes: int) -> None:
+        self.rate_per_s = rate_per_s
+        self.burst = burst
+        self.strikes = strikes
+        self._tokens = float(burst)         # lines that may go now
+        self._strikes = 0.0                 # refusals not yet forgiven
+        self._at: float | None = None       # when the two were last brought up to date
+
+    def take(self, now: float) -> Verdict:
+        """Spend a token on one line, if there is one."""
+        if self._at is not None:
+            gained = max(0.0, now - self._at) * self.rate_per_s    # a clock never runs back
+            self._tokens = min(float(self.burst), self._tokens + gained)
+            self._strikes = max(0.0, self._strikes - gained)
+        self._at = now
+        if self._tokens >= 1:
+            self._tokens -= 1
+            return Verdict.PASS
+        self._strikes += 1
+        return Verdict.FLOODING if self._strikes > self.strikes else Verdict.REFUSE
 
 # =============================================================================
 # 4. CALLS: invitations, links and groups, as a pure state machine
@@ -5588,6 +5675,99 @@ class HostCalls:
 # - Shutdown, in the order websockets uses: stop accepting, withdraw the
 #   mDNS record and tell every session at once, wait for the handlers for
 #   `close_timeout_s`, then abort whatever is still open.
+# - No one address keeps the others out (README.md, "Limits"): it may hold
+#   `max_per_address` connections, `max_pending_per_address` of them not
+#   logged in yet, and all addresses together `max_pending` logins at once;
+#   past a cap a connection hears why (too_many_connections, host_full) and
+#   is closed before it costs a task. Out of file descriptors, the host
+#   refuses with host_full through one descriptor it keeps in reserve, and
+#   says so in its log once per episode, not per connection.
+# - A member's chat lines pass its FloodGate (ROOMS) before the room sees
+#   them: a burst gets rate_limited, a flood a disconnect ("flooding").
+
+# --- Who may connect -----------------------------------------------------------
+
+class Admission:
+    """Who may connect now, by counts: connections open (from accept to
+    the end of their handler) and those not logged in yet, in all and per
+    source address. Bookkeeping only: the host asks `admit` as it accepts,
+    then says `logged_in` and `release`."""
+
+    def __init__(self, limits: Limits) -> None:
+        self.limits = limits
+        self.open = 0                       # connections, logged in or not
+        self.pending = 0                    # ... of them not logged in yet
+        self._open_from: collections.Counter[str] = collections.Counter()
+        self._pending_from: collections.Counter[str] = collections.Counter()
+
+    def admit(self, address: str) -> Error | None:
+        """None, counting a new connection from `address` in (open, and
+        pending until `logged_in`), or the Error to refuse it with."""
+        limits = self.limits
+        if self.open >= limits.max_sessions:
+            return Error("host_full", "this host is full; try later")
+        if limits.max_per_address and self._open_from[address] >= limits.max_per_address:
+            return Error("too_many_connections", f"this host takes at most "
+                         f"{limits.max_per_address} connections from one address")
+        if limits.max_pending_per_address and \
+                self._pending_from[address] >= limits.max_pending_per_address:
+            return Error("too_many_connections", f"this host takes at most "
+                         f"{limits.max_pending_per_address} logins at once from one "
+                         "address; try again in a moment")
+        if limits.max_pending and self.pending >= limits.max_pending:
+            return Error("host_full", "this host has too many logins under way; "
+                         "try again in a moment")
+        self.open += 1
+        self.pending += 1
+        self._open_from[address] += 1
+        self._pending_from[address] += 1
+        return None
+
+    def logged_in(self, address: str) -> None:
+        """A connection from `address` finished its login (once per connection)."""
+        self.pending -= 1
+        _count_down(self._pending_from, address)
+
+    def release(self, address: str, pending: bool) -> None:
+        """A connection admitted from `address` ended (`pending`: before it logged in)."""
+        self.open -= 1
+        _count_down(self._open_from, address)
+        if pending:
+            self.logged_in(address)
+
+
+def _count_down(counts: collections.Counter[str], key: str) -> None:
+    """One less for `key`; none left, no key (addresses come and go)."""
+    counts[key] -= 1
+    if counts[key] <= 0:
+        del counts[key]
+
+
+def _refuse(conn: socket.socket, error: Error) -> None:
+    """Tell a connection we won't take it why, and close it: no Link, no
+    task, so refusing a flood of connections costs little. Never raises."""
+    with contextlib.suppress(OSError):
+        conn.setblocking(False)
+        # Bytes left unread would turn our close into a reset, which can
+        # discard the error before the peer reads it.
+        with contextlib.suppress(BlockingIOError, InterruptedError):
+            conn.recv(65536)
+        conn.send(encode(error))            # a few dozen bytes: an empty buffer takes them
+        conn.shutdown(socket.SHUT_WR)
+    conn.close()
+
+
+def _reserve_descriptor() -> int | None:
+    """A descriptor to give back when the process runs out (None: none left)."""
+    try:
+        return os.open(os.devnull, os.O_RDONLY)
+    except OSError:
+        return None
+
+
+# Out of descriptors: accept() fails with one of these while connections wait.
+_OUT_OF_DESCRIPTORS = frozenset({errno.EMFILE, errno.ENFILE})
+_ACCEPTS_PER_TURN = 64      # accepts before letting the loop's other tasks run
 
 # --- Sessions and the host ---------------------------------------------------
 
@@ -5597,9 +5777,11 @@ _TICKS_PER_DEADLINE = 4     # the host looks at each deadline this often, at lea
 class Session:
     """The host's side of one client connection."""
 
-    def __init__(self, host: Host, link: Link) -> None:
+    def __init__(self, host: Host, link: Link, address: str) -> None:
         self.host = host
         self.link = link
+        self.address = address              # the peer's IP address: what limits count
+        self.pending = True                 # not logged in yet (Admission counts it so)
         self.seat: Seat | None = None       # once logged in
         self.started = asyncio.get_running_loop().time()
         self.last_ping = self.started       # when we last pinged, or connected
@@ -5653,6 +5835,9 @@ class Seat:
         self.token = secrets.token_hex(16)
         self.away_since: float | None = None    # loop time the connection dropped
         self.why = ""                           # why it dropped (the room is told so)
+        limits = session.host.limits            # its chat lines, against floods:
+        self.flood = FloodGate(limits.rate_limit_per_s, limits.burst, limits.flood_strikes) \
+            if limits.rate_limit_per_s > 0 and limits.burst > 0 else None
 
     @property
     def link(self) -> Link:
@@ -5692,9 +5877,13 @@ class Host:
         self.calls = HostCalls(limits, self.rooms, self.deliver)
         self.sessions: set[Session] = set()
         self.seats: dict[str, Seat] = {}    # by resume token
+        self.admission = Admission(limits)
         self.advertiser = Advertiser(self.name, port, interface,
                                      limits.advertise_debounce_s) if advertise else None
-        self._server: asyncio.Server | None = None
+        self._serving = False               # listening, until close() begins
+        self._listeners: list[socket.socket] = []
+        self._acceptors: list[asyncio.Task] = []
+        self._spare: int | None = None      # a descriptor held back for refusing
         self._handlers: set[asyncio.Task] = set()
         self._ticker: asyncio.Task | None = None
         self._closed = asyncio.Event()
@@ -5717,13 +5906,21 @@ class Host:
         started is undone before the error propagates; `close()` is then a
         no-op."""
         self._started = True
+        loop = asyncio.get_running_loop()
+        before, after = raise_open_files_limit()
+        if after != before:
+            log.info("open files limit raised from %d to %d", before, after)
         self.files.start()
         try:
-            self._server = await asyncio.get_running_loop().create_server(
-                lambda: LinkProtocol(self._accept), self.bind, self.port)
-            self.port = self._server.sockets[0].getsockname()[1]
-            self._ticker = asyncio.get_running_loop().create_task(self._tick(),
-                                                                  name="host:tick")
+            self._listeners = await self._listen()
+            self.port = self._listeners[0].getsockname()[1]
+            self._spare = _reserve_descriptor()
+            self._serving = True
+            self._acceptors = [loop.create_task(self._serve(listener), name=f"host:accept:{n}")
+                               for n, listener in enumerate(self._listeners)]
+            for acceptor in self._acceptors:
+                log_failure(acceptor, "accepting connections")
+            self._ticker = loop.create_task(self._tick(), name="host:tick")
             log_failure(self._ticker, "the host's housekeeping")
             if self.advertiser is not None:
                 self.advertiser.port = self.port
@@ -5735,10 +5932,7 @@ class Host:
 
     async def _abandon(self) -> None:
         """Undo a start that failed half way."""
-        server, self._server = self._server, None
-        if server is not None:
-            server.close()
-            await server.wait_closed()
+        await self._stop_listening()
         if self._ticker is not None:
             self._ticker.cancel()
         if self.advertiser is not None:
@@ -5753,15 +5947,14 @@ class Host:
         """Stop accepting, withdraw mDNS, say goodbye to everyone, and wait
         at most `close_timeout_s` before aborting what is left. Idempotent,
         and harmless on a host that never started (or failed to)."""
-        if self._server is None:
+        if not self._serving:
             if not self._started and not self._closed.is_set():  # never started
                 if self.advertiser is not None:
                     await self.advertiser.close()
                 self._closed.set()
             await self._closed.wait()
             return
-        server, self._server = self._server, None
-        server.close()
+        await self._stop_listening()
         if self._ticker is not None:
             self._ticker.cancel()
         for session in list(self.sessions):
@@ -5778,7 +5971,6 @@ class Host:
                 for session in list(self.sessions):
                     session.link.abort(reason)
                 await asyncio.wait(pending)
-        await server.wait_closed()
         self.calls.close()
         await self.files.close()            # handlers are gone; finish their tasks
         self._closed.set()
@@ -5786,33 +5978,149 @@ class Host:
 
     # --- connections ---
 
-    def _accept(self, protocol: LinkProtocol, transport: asyncio.Transport) -> None:
-        """A new connection: give it a Link and a handler task."""
-        peer = transport.get_extra_info("peername") or ("?", 0)
-        link = Link(Wire(Role.HOST, self.limits.max_frame_bytes), transport,
-                    self.limits, f"{peer[0]}:{peer[1]}")
-        protocol.attach(link)
-        task = asyncio.get_running_loop().create_task(self._handle(link),
-                                                      name=f"session:{link.name}")
+    async def _listen(self) -> list[socket.socket]:
+        """Listening sockets for `bind` and `port`, one per address the name
+        resolves to, all on the port the first one got. Raises OSError."""
+        infos = await asyncio.get_running_loop().getaddrinfo(
+            self.bind or None, self.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        listeners: list[socket.socket] = []
+        port = self.port
+        try:
+            for family, kind, proto, _, address in dict.fromkeys(infos):
+                sock = socket.socket(family, kind, proto)
+                listeners.append(sock)
+                if os.name == "posix":      # a restarted host gets its port back at once
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if family == socket.AF_INET6:   # "::" is IPv6 only, as asyncio has it
+                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                sock.bind((address[0], port, *address[2:]))
+                # asyncio's default backlog of 100 let the kernel drop 560 of
+                # 1,500 connections arriving at once (the kernel caps it, too).
+                sock.listen(self.limits.listen_backlog)
+                sock.setblocking(False)
+                port = sock.getsockname()[1]
+        except BaseException:
+            for sock in listeners:
+                sock.close()
+            raise
+        return listeners
+
+    async def _stop_listening(self) -> None:
+        """Stop accepting: the acceptors end, the listening sockets close."""
+        self._serving = False
+        acceptors, self._acceptors = self._acceptors, []
+        for acceptor in acceptors:
+            acceptor.cancel()
+        if acceptors:
+            await asyncio.wait(acceptors)
+        for listener in self._listeners:
+            listener.close()
+        self._listeners = []
+        if self._spare is not None:
+            os.close(self._spare)
+            self._spare = None
+
+    async def _serve(self, listener: socket.socket) -> None:
+        """Accept connections on `listener` until cancelled: each one is
+        admitted (a handler task) or refused at once. When the process runs
+        out of descriptors, the waiting connections are refused (host_full)
+        through the one held in reserve, or, with none, the next try comes
+        `accept_pause_s` later; the log says so once, not per connection
+        (asyncio's own accept loop wrote 43 MB of tracebacks in 30 s)."""
+        loop = asyncio.get_running_loop()
+        starved = False                     # in an episode of running out
+        turn = 0
+        while True:
+            turn += 1
+            if turn % _ACCEPTS_PER_TURN == 0:
+                await asyncio.sleep(0)
+            try:
+                conn, peer = await loop.sock_accept(listener)
+            except ConnectionAbortedError:  # it went before we took it
+                continue
+            except OSError as exc:
+                if not starved:
+                    starved = True
+                    log.warning("can't accept connections (%s): refusing new ones until "
+                                "some close", _why(exc))
+                if exc.errno in _OUT_OF_DESCRIPTORS and self._refuse_with_spare(listener):
+                    continue
+                await asyncio.sleep(self.limits.accept_pause_s)
+                continue
+            if starved:
+                starved = False
+                log.warning("accepting connections again")
+            try:
+                self._admit(conn, peer)
+            except Exception:               # a bug: lose this connection, not the listener
+                log.exception("accepting a connection failed")
+                conn.close()
+
+    def _admit(self, conn: socket.socket, peer: Any) -> None:
+        """A connection just accepted: a handler task for it, or a refusal."""
+        address = peer[0] if isinstance(peer, tuple) else str(peer)
+        refusal = self.admission.admit(address)
+        if refusal is not None:
+            log.debug("refused %s: %s", address, refusal.code)
+            _refuse(conn, refusal)
+            return
+        name = address_text(address, peer[1]) if isinstance(peer, tuple) else address
+        task = asyncio.get_running_loop().create_task(self._handle(conn, address, name),
+                                                      name=f"session:{name}")
         self._handlers.add(task)
 
-    async def _handle(self, link: Link) -> None:
-        """One connection, from accept to the last byte. Never raises."""
-        session = Session(self, link)
-        task = asyncio.current_task()
+    def _refuse_with_spare(self, listener: socket.socket) -> bool:
+        """Out of descriptors: free the reserved one, take the oldest waiting
+        connection with it, refuse it (host_full) and reserve one again.
+        False when no connection was waiting or there was no reserve."""
+        if self._spare is None:
+            self._spare = _reserve_descriptor()     # something freed one since?
+            if self._spare is None:
+                return False
+        os.close(self._spare)
+        self._spare = None
         try:
-            if self._server is None:
+            conn, _ = listener.accept()
+        except OSError:                     # none waiting (or another thread was quicker)
+            conn = None
+        if conn is not None:
+            _refuse(conn, Error("host_full", "this host can't take more connections now; "
+                                "try later"))
+        self._spare = _reserve_descriptor()
+        return conn is not None
+
+    async def _handle(self, conn: socket.socket, address: str, name: str) -> None:
+        """One admitted connection, from accept to the last byte. Never raises."""
+        task = asyncio.current_task()
+        session: Session | None = None
+        try:
+            transport, protocol = await asyncio.get_running_loop().connect_accepted_socket(
+                LinkProtocol, sock=conn)
+            link = Link(Wire(Role.HOST, self.limits.max_frame_bytes), transport,
+                        self.limits, name)
+            protocol.attach(link)
+            session = Session(self, link, address)
+            if not self._serving:
                 link.abort("host_shutdown")
-            elif len(self.sessions) >= self.limits.max_sessions:
-                link.close_with(Error("host_full", "this host is full; try later"), "full")
             self.sessions.add(session)
             await session.run()
         except Exception:
-            log.exception("session %s failed", link.name)
-            link.abort("internal error")
+            log.exception("session %s failed", name)
+            if session is not None:
+                session.link.abort("internal error")
+            else:
+                conn.close()
         finally:
-            self.sessions.discard(session)
+            if session is not None:
+                self.sessions.discard(session)
+            self.admission.release(address, session is None or session.pending)
             self._handlers.discard(task)
+
+    def _logged_in(self, session: Session) -> None:
+        """`session` has a seat now: it no longer counts as a login under way."""
+        if session.pending:
+            session.pending = False
+            self.admission.logged_in(session.address)
 
     def forget(self, session: Session) -> None:
         """A session ended (idempotent; the handler's last act). A seat lost
@@ -5826,7 +6134,7 @@ class Host:
         if user is None:
             return
         if session.link.close_reason in _HOLD_FOR and self.limits.grace_s > 0 \
-                and self._server is not None:
+                and self._serving:
             seat.away_since = asyncio.get_running_loop().time()
             seat.why = session.link.close_reason
             log.info("%s (%r) dropped; holding the seat for %g s", session.link.name, user,
@@ -5885,6 +6193,7 @@ class Host:
             link.close_with(Error(refusal.code, refusal.message), refusal.code)
             return
         session.seat = seat
+        self._logged_in(session)
         self.seats[seat.token] = seat
         log.info("%s joined %r as %r", link.name, hello.room, hello.user)
         self.deliver(deliveries)
@@ -5903,6 +6212,7 @@ class Host:
             old.link.abort("replaced")      # the client knows it's dead before we do
         seat.session, seat.away_since = session, None
         session.seat = seat
+        self._logged_in(session)
         log.info("%s resumed %r in %r", session.link.name, hello.user, room.name)
         uploads, downloads = self.files.held(seat)
         self.deliver([(to, dataclasses.replace(event, uploads=uploads, downloads=downloads)
@@ -5911,7 +6221,20 @@ class Host:
         return True
 
     def _on_say(self, seat: Seat, say: Say) -> None:
-        self.deliver(self.rooms.say(seat, say.text, say.id, unix_now()))
+        gate = seat.flood
+        verdict = gate.take(asyncio.get_running_loop().time()) if gate else Verdict.PASS
+        if verdict is Verdict.PASS:
+            self.deliver(self.rooms.say(seat, say.text, say.id, unix_now()))
+        elif verdict is Verdict.REFUSE and gate:    # the line, not the person: nothing
+            self.deliver([(seat, Error(                 # is stamped, logged or relayed
+                "rate_limited", f"too many messages: at most {gate.burst} at once, then "
+                f"{gate.rate_per_s:g} a second; this one was not sent", say.id))])
+        else:
+            log.warning("%s (%r) floods its room; disconnecting it", seat.link.name,
+                        self.rooms.user_of(seat))
+            seat.link.close_reason = "flooding"
+            self.forget(seat.session)       # the room is told: "left the room (flooding)"
+            seat.link.close_with(Closing("flooding"), "flooding")
 
     def _on_who(self, seat: Seat, who: Who) -> None:
         self.deliver(self.rooms.who(seat))
@@ -7571,6 +7894,7 @@ CLOSED_REASONS = {
     "unreachable": "The host could not be reached.",
     "login_timeout": "The host did not answer the login in time.",
     "protocol_error": "The host sent something this client does not understand.",
+    "flooding": "The host disconnected you for sending too many messages too fast.",
 }
 
 
@@ -11604,6 +11928,22 @@ def build_parser() -> argparse.ArgumentParser:
                         f"disconnected as too slow (default {OUTBOX_LIMIT_BYTES})")
     parser.add_argument("--max-sessions", type=int, default=MAX_SESSIONS, metavar="N",
                         help=f"connections a host holds at once (default {MAX_SESSIONS})")
+    parser.add_argument("--max-per-address", type=int, default=MAX_PER_ADDRESS, metavar="N",
+                        help="--host: connections at once from one address (default "
+                        f"{MAX_PER_ADDRESS}; 0: no limit)")
+    parser.add_argument("--max-pending", type=int, default=MAX_PENDING, metavar="N",
+                        help=f"--host: logins under way at once (default {MAX_PENDING}; "
+                        "0: no limit)")
+    parser.add_argument("--max-pending-per-address", type=int, metavar="N",
+                        default=MAX_PENDING_PER_ADDRESS, help="--host: logins under way "
+                        f"at once from one address (default {MAX_PENDING_PER_ADDRESS}; "
+                        "0: no limit)")
+    parser.add_argument("--rate-limit", type=float, default=RATE_LIMIT_PER_S,
+                        metavar="MSGS_PER_S", help="--host: chat lines one member may send "
+                        f"per second, sustained (default {RATE_LIMIT_PER_S:g}; 0: no limit)")
+    parser.add_argument("--burst", type=int, default=BURST, metavar="N",
+                        help=f"--host: chat lines one member may send at once (default "
+                        f"{BURST}; 0: no limit)")
     parser.add_argument("--max-room-members", type=int, default=MAX_ROOM_MEMBERS,
                         metavar="N", help=f"people one room holds, 2 to "
                         f"{MAX_ROOM_MEMBERS_CAP} (default {MAX_ROOM_MEMBERS})")
@@ -11658,6 +11998,10 @@ def limits_from(args: argparse.Namespace) -> Limits:
         raise ValueError(f"--max-room-members takes 2 to {MAX_ROOM_MEMBERS_CAP}")
     if args.max_sessions < 1:
         raise ValueError("--max-sessions takes at least 1")
+    if min(args.max_per_address, args.max_pending, args.max_pending_per_address,
+           args.burst) < 0 or not args.rate_limit >= 0:
+        raise ValueError("--max-per-address, --max-pending, --max-pending-per-address, "
+                         "--rate-limit and --burst take 0 (no limit) or more")
     if not args.settle >= 0:
         raise ValueError("--settle takes a number of seconds")
     if not args.host_check > 0:
@@ -11673,6 +12017,9 @@ def limits_from(args: argparse.Namespace) -> Limits:
     return Limits(history_limit=args.history, max_message_bytes=args.max_message_bytes,
                   hello_timeout_s=args.login_timeout, outbox_limit_bytes=args.outbox_limit,
                   max_sessions=args.max_sessions, max_room_members=args.max_room_members,
+                  max_per_address=args.max_per_address, max_pending=args.max_pending,
+                  max_pending_per_address=args.max_pending_per_address,
+                  rate_limit_per_s=args.rate_limit, burst=args.burst,
                   max_file_size=args.max_file_size, call_timeout_s=args.call_timeout,
                   discovery_settle_s=args.settle, host_check_s=args.host_check,
                   grace_s=args.grace, retry_for_s=RETRY_FOR_S if args.retry_for is None
