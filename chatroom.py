@@ -9439,7 +9439,8 @@ class Drawing:
 
 _RELAYOUT_DELAY_MS = 80             # a resize redraws once the edge rests this long
 _MESSAGE_MARKS = {"sending": "Sending...", "late": "Not confirmed by the host yet",
-                  "unsent": "Not sent: the connection ended"}
+                  "unsent": "Not sent: the connection ended",
+                  "refused": "Not sent: the host refused it (see below)"}
 _PAINT_EVERY_S = 0.1                # during a flood, make Tk paint at least this often
 
 
@@ -9659,7 +9660,7 @@ class ChatView(Drawing):
         if mark is not None:                # beside the bubble: its height never changes
             draw.create_text(x1 - pad_x - px(8), y2 + pad_y, anchor="se", text=mark,
                              font=self.fonts["small"], tags=entry.tag,
-                             fill=COLOURS["error_text"] if state == "unsent"
+                             fill=COLOURS["error_text"] if state in ("unsent", "refused")
                              else COLOURS["muted"])
         return max(y2 + pad_y, top + px(36))
 
@@ -10407,6 +10408,9 @@ class ChatWindow:
         self.view.add("help", text=event["text"])
 
     def on_error(self, event: dict) -> None:
+        mine = self.pending.pop(event.get("id") or "", None)
+        if mine is not None:                # our line was refused (rate_limited, too long)
+            self.view.update(mine, "message_state", state="refused")
         self.note(_sentence(event["message"]), "error")
 
     def on_call_invite(self, event: dict) -> None:
