@@ -34,16 +34,17 @@ The file reads top to bottom; each section uses only the sections above it
 14. CLIENT FILES          files we send and receive, beside the client core
 15. CLIENT MEDIA          links, sealed packets in and out, the media threads
 16. CLIENT CALLS          host-arranged and direct calls over the engine
-17. CLIENT CORE           one asyncio loop in a thread, one event stream
-18. COMMANDS              one parser for what a person types
-19. TERMINAL CLIENT       --cli: stdin lines in, events out (text or JSON)
-20. GUI LOOK              theme, fonts, --scale, the trace hook, drawing
-21. GUI CONVERSATION      bubbles, notices and file cards; the members list
-22. GUI WINDOWS           the launcher and the chat window
-23. GUI CALLS             the call window: tiles, ESC and Backspace
-24. GUI PLUMBING          settings, the bridge from the core, opening, phases
-25. GUI APP               the one core, the windows, the one read loop
-26. MAIN                  argparse and the entry points
+17. CLIENT PLACE          where a client is, on disk too; host frames to events
+18. CLIENT CORE           one asyncio loop in a thread, one event stream
+19. COMMANDS              one parser for what a person types
+20. TERMINAL CLIENT       --cli: stdin lines in, events out (text or JSON)
+21. GUI LOOK              theme, fonts, --scale, the trace hook, drawing
+22. GUI CONVERSATION      bubbles, notices and file cards; the members list
+23. GUI WINDOWS           the launcher and the chat window
+24. GUI CALLS             the call window: tiles, ESC and Backspace
+25. GUI PLUMBING          settings, the bridge from the core, opening, phases
+26. GUI APP               the one core, the windows, the one read loop
+27. MAIN                  argparse and the entry points
 """
 
 from __future__ import annotations
@@ -131,6 +132,15 @@ RECONNECT_MAX_S = 10.0              # the backoff between retries stops growing 
 RESUME_LOG_EVENTS = 5000            # room events kept for members who come back
 RESUME_LOG_BYTES = 8 * 1024 * 1024  # ... and at most this much of their text
 
+MAX_PER_ADDRESS = 64                # connections at once from one source address
+MAX_PENDING = 128                   # connections not yet logged in, from anywhere
+MAX_PENDING_PER_ADDRESS = 16        # ... and from one source address
+LISTEN_BACKLOG = 1024               # connections the kernel queues before we accept them
+ACCEPT_PAUSE_S = 0.1                # out of descriptors, nothing to refuse: look again then
+RATE_LIMIT_PER_S = 10.0             # chat lines one member may send per second, sustained
+BURST = 20                          # ... and at once, after a quiet while
+FLOOD_STRIKES = 100                 # refused lines (forgiven at the rate) before "flooding"
+
 HELLO_TIMEOUT_S = 5.0               # a login must finish within this
 CONNECT_TIMEOUT_S = 5.0             # client: TCP connect + login
 PING_INTERVAL_S = 15.0              # host pings a connection this quiet
@@ -182,6 +192,14 @@ class Limits:
     max_message_bytes: int = MAX_MESSAGE_BYTES
     max_room_members: int = MAX_ROOM_MEMBERS
     max_sessions: int = MAX_SESSIONS
+    max_per_address: int = MAX_PER_ADDRESS          # 0: no limit
+    max_pending: int = MAX_PENDING                  # 0: no limit
+    max_pending_per_address: int = MAX_PENDING_PER_ADDRESS  # 0: no limit
+    listen_backlog: int = LISTEN_BACKLOG
+    accept_pause_s: float = ACCEPT_PAUSE_S
+    rate_limit_per_s: float = RATE_LIMIT_PER_S      # 0: no flood control
+    burst: int = BURST                              # 0: no flood control
+    flood_strikes: int = FLOOD_STRIKES
     history_limit: int = HISTORY_LIMIT
     grace_s: float = GRACE_S
     retry_for_s: float = RETRY_FOR_S    # 0: don't retry; math.inf: for ever (the window)
@@ -233,7 +251,7 @@ ERROR_CODES = frozenset({
     "ambiguous_host", "unknown_command", "not_connected",
     "missing_package", "file_too_large", "not_a_file", "disk_full", "checksum_mismatch",
     "sender_left", "recipient_left", "file_io", "busy", "cancelled", "cannot_resume",
-    "host_shutdown",
+    "host_shutdown", "too_many_connections", "rate_limited",
     "call_self", "already_in_call", "no_invitation", "not_in_call", "bad_call_address",
     "no_camera", "no_audio_device", "port_taken",
 })
@@ -348,6 +366,32 @@ def printable(text: str) -> str:
     return "".join(out)
 
 
+def raise_open_files_limit() -> tuple[int, int]:
+    """Raise this process's soft limit on open files as far as its hard
+    limit allows: a host holds one descriptor per connection, and many
+    systems start programs at 1024 (macOS at 256). Returns (before, after);
+    (0, 0) where there is no such limit (Windows)."""
+    try:
+        import resource
+    except ImportError:                     # Windows: no per-process file limit
+        return (0, 0)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return (soft, soft)
+    # An unlimited hard limit still has a ceiling: macOS refuses more than
+    # OPEN_MAX (10240) with EINVAL, so that is the second try.
+    wanted = [hard] if hard != resource.RLIM_INFINITY else [1 << 20, 10240]
+    for target in wanted:
+        if target <= soft:
+            break
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            return (soft, target)
+        except (ValueError, OSError):
+            continue
+    return (soft, soft)
+
+
 def address_text(host: str, port: int) -> str:
     """"host:port", with an IPv6 address in brackets: "[::1]:47300"."""
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
@@ -379,6 +423,56 @@ def parse_server(text: str, default_port: int = DEFAULT_PORT) -> tuple[str, int]
     if not port_text.isdigit() or not 0 < int(port_text) < 65536:
         raise ValueError(f"bad port in {text!r}")
     return host, int(port_text)
+
+
+# --- Flood control -----------------------------------------------------------
+# "A burst gets rate_limited (the line is refused, not the person); sustained
+# abuse a disconnect." Lines over the rate are refused before the room sees
+# them, so they never take a seq, the history or the resume log.
+
+class Verdict(enum.Enum):
+    """What FloodGate.take says about one chat line."""
+    PASS = "pass"                   # relay it
+    REFUSE = "refuse"               # answer rate_limited; relay nothing
+    FLOODING = "flooding"           # refused too often: disconnect the member
+
+
+class FloodGate:
+    """One member's chat lines, as a token bucket: `burst` lines at once,
+    then `rate_per_s` a second. Each refused line is a strike; strikes are
+    forgiven at the same rate, and more than `strikes` of them at once make
+    a flood. So a member sending at twice the rate is only throttled, while
+    one pasting 120 lines at once, or sending ten times the rate for about a
+    second, is cut off. Time comes in as `now` (any monotonic seconds)."""
+
+    def __init__(self, rate_per_s: float, burst: int, strikes: int) -> None:
+        self.rate_per_s = rate_per_s
+        self.burst = burst
+        self.strikes = strikes
+        self._tokens = float(burst)         # lines that may go now
+        self._strikes = 0.0                 # refusals not yet forgiven
+        self._at: float | None = None       # when the two were last brought up to date
+
+    def take(self, now: float) -> Verdict:
+        """Spend a token on one line, if there is one."""
+        if self._at is not None:
+            gained = max(0.0, now - self._at) * self.rate_per_s    # a clock never runs back
+            self._tokens = min(float(self.burst), self._tokens + gained)
+            self._strikes = max(0.0, self._strikes - gained)
+        self._at = now
+        if self._tokens >= 1:
+            self._tokens -= 1
+            return Verdict.PASS
+        self._strikes += 1
+        return Verdict.FLOODING if self._strikes > self.strikes else Verdict.REFUSE
+
+    def wait_s(self, now: float) -> float:
+        """Seconds until `take` would pass (0: now). A client paces its own
+        lines with a gate like the host's, so none is refused."""
+        tokens = self._tokens
+        if self._at is not None:
+            tokens = min(float(self.burst), tokens + max(0.0, now - self._at) * self.rate_per_s)
+        return 0.0 if tokens >= 1 else (1 - tokens) / self.rate_per_s
 
 
 # =============================================================================
@@ -556,6 +650,8 @@ FIELD_RULES: dict[str, Callable[[Any], Any]] = {
     "resume": _rule_token(64, empty=True),  # a resume token ("" = none)
     "seen": _rule_int(0, 2 ** 53),          # the last room seq a client got
     "grace": _rule_seconds,                 # how long a host holds a dropped member
+    "rate": _rule_seconds,                  # chat lines a second a host takes (0: any)
+    "burst": _rule_int(0, 2 ** 31),         # ... and at once
     "missed": _rule_int(0, 2 ** 53),
     "lost": _rule_int(0, 2 ** 53),
     # A resume's files: [transfer, bytes the host has, complete] of each upload,
@@ -687,7 +783,9 @@ class Pong(Event):
 class Welcome(Event):
     """Login accepted: you are `user` in `room`; `members` in join order.
     `resume` is a secret token that gets this seat back after a drop, for
-    `grace` seconds (0: this host doesn't hold seats)."""
+    `grace` seconds (0: this host doesn't hold seats). The host takes
+    `burst` chat lines at once, then `rate` a second (0: no limit): a
+    client paces itself to that."""
     TYPE = "welcome"
     version: int
     room: str
@@ -697,6 +795,8 @@ class Welcome(Event):
     max_file_size: int = 0
     resume: str = ""
     grace: float = 0
+    rate: float = 0
+    burst: int = 0
 
 
 @_event
@@ -719,6 +819,8 @@ class Resumed(Event):
     lost: int = 0
     uploads: tuple = ()
     downloads: tuple = ()
+    rate: float = 0
+    burst: int = 0
 
 
 @_event
@@ -1283,6 +1385,9 @@ class Wire:
 #   default-ignorables, such as the Hangul filler U+3164) are refused.
 # - "When the last member leaves, the room and all it knew about its members
 #   is forgotten."
+# - Flood control per member (FloodGate, in LIMITS AND DEFAULTS; README.md
+#   "Limits"): a burst past the rate gets rate_limited line by line; a
+#   flood, a disconnect.
 # The Unicode data these rules need sit at the end of this section, written
 # from Unicode's own files by tools/unicode_tables.py.
 
@@ -5598,12 +5703,15 @@ class LinkProtocol(asyncio.Protocol):
         self.link: Link | None = None
         self._on_open = on_open
         self._early: list[bytes] = []       # data that came before attach()
+        self._lost_early = False            # ... and the end of it
 
     def attach(self, link: Link) -> None:
         self.link = link
         for data in self._early:
             link._data_received(data)
         self._early = []
+        if self._lost_early:
+            link._connection_lost()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = typing.cast(asyncio.Transport, transport)   # TCP: always
@@ -5623,6 +5731,8 @@ class LinkProtocol(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         if self.link is not None:
             self.link._connection_lost()
+        else:
+            self._lost_early = True
 
     def pause_writing(self) -> None:
         if self.link is not None:
@@ -6855,6 +6965,99 @@ class HostCalls:
 # - Shutdown, in the order websockets uses: stop accepting, withdraw the
 #   mDNS record and tell every session at once, wait for the handlers for
 #   `close_timeout_s`, then abort whatever is still open.
+# - No one address keeps the others out (README.md, "Limits"): it may hold
+#   `max_per_address` connections, `max_pending_per_address` of them not
+#   logged in yet, and all addresses together `max_pending` logins at once;
+#   past a cap a connection hears why (too_many_connections, host_full) and
+#   is closed before it costs a task. Out of file descriptors, the host
+#   refuses with host_full through one descriptor it keeps in reserve, and
+#   says so in its log once per episode, not per connection.
+# - A member's chat lines pass its FloodGate (ROOMS) before the room sees
+#   them: a burst gets rate_limited, a flood a disconnect ("flooding").
+
+# --- Who may connect -----------------------------------------------------------
+
+class Admission:
+    """Who may connect now, by counts: connections open (from accept to
+    the end of their handler) and those not logged in yet, in all and per
+    source address. Bookkeeping only: the host asks `admit` as it accepts,
+    then says `logged_in` and `release`."""
+
+    def __init__(self, limits: Limits) -> None:
+        self.limits = limits
+        self.open = 0                       # connections, logged in or not
+        self.pending = 0                    # ... of them not logged in yet
+        self._open_from: collections.Counter[str] = collections.Counter()
+        self._pending_from: collections.Counter[str] = collections.Counter()
+
+    def admit(self, address: str) -> Error | None:
+        """None, counting a new connection from `address` in (open, and
+        pending until `logged_in`), or the Error to refuse it with."""
+        limits = self.limits
+        if self.open >= limits.max_sessions:
+            return Error("host_full", "this host is full; try later")
+        if limits.max_per_address and self._open_from[address] >= limits.max_per_address:
+            return Error("too_many_connections", f"this host takes at most "
+                         f"{limits.max_per_address} connections from one address")
+        if limits.max_pending_per_address and \
+                self._pending_from[address] >= limits.max_pending_per_address:
+            return Error("too_many_connections", f"this host takes at most "
+                         f"{limits.max_pending_per_address} logins at once from one "
+                         "address; try again in a moment")
+        if limits.max_pending and self.pending >= limits.max_pending:
+            return Error("host_full", "this host has too many logins under way; "
+                         "try again in a moment")
+        self.open += 1
+        self.pending += 1
+        self._open_from[address] += 1
+        self._pending_from[address] += 1
+        return None
+
+    def logged_in(self, address: str) -> None:
+        """A connection from `address` finished its login (once per connection)."""
+        self.pending -= 1
+        _count_down(self._pending_from, address)
+
+    def release(self, address: str, pending: bool) -> None:
+        """A connection admitted from `address` ended (`pending`: before it logged in)."""
+        self.open -= 1
+        _count_down(self._open_from, address)
+        if pending:
+            self.logged_in(address)
+
+
+def _count_down(counts: collections.Counter[str], key: str) -> None:
+    """One less for `key`; none left, no key (addresses come and go)."""
+    counts[key] -= 1
+    if counts[key] <= 0:
+        del counts[key]
+
+
+def _refuse(conn: socket.socket, error: Error) -> None:
+    """Tell a connection we won't take it why, and close it: no Link, no
+    task, so refusing a flood of connections costs little. Never raises."""
+    with contextlib.suppress(OSError):
+        conn.setblocking(False)
+        # Bytes left unread would turn our close into a reset, which can
+        # discard the error before the peer reads it.
+        with contextlib.suppress(BlockingIOError, InterruptedError):
+            conn.recv(65536)
+        conn.send(encode(error))            # a few dozen bytes: an empty buffer takes them
+        conn.shutdown(socket.SHUT_WR)
+    conn.close()
+
+
+def _reserve_descriptor() -> int | None:
+    """A descriptor to give back when the process runs out (None: none left)."""
+    try:
+        return os.open(os.devnull, os.O_RDONLY)
+    except OSError:
+        return None
+
+
+# Out of descriptors: accept() fails with one of these while connections wait.
+_OUT_OF_DESCRIPTORS = frozenset({errno.EMFILE, errno.ENFILE})
+_ACCEPTS_PER_TURN = 64      # accepts before letting the loop's other tasks run
 
 # --- Sessions and the host ---------------------------------------------------
 
@@ -6864,9 +7067,11 @@ _TICKS_PER_DEADLINE = 4     # the host looks at each deadline this often, at lea
 class Session:
     """The host's side of one client connection."""
 
-    def __init__(self, host: Host, link: Link) -> None:
+    def __init__(self, host: Host, link: Link, address: str) -> None:
         self.host = host
         self.link = link
+        self.address = address              # the peer's IP address: what limits count
+        self.pending = True                 # not logged in yet (Admission counts it so)
         self.seat: Seat | None = None       # once logged in
         self.started = asyncio.get_running_loop().time()
         self.last_ping = self.started       # when we last pinged, or connected
@@ -6920,6 +7125,9 @@ class Seat:
         self.token = secrets.token_hex(16)
         self.away_since: float | None = None    # loop time the connection dropped
         self.why = ""                           # why it dropped (the room is told so)
+        limits = session.host.limits            # its chat lines, against floods:
+        self.flood = FloodGate(limits.rate_limit_per_s, limits.burst, limits.flood_strikes) \
+            if limits.rate_limit_per_s > 0 and limits.burst > 0 else None
 
     @property
     def link(self) -> Link:
@@ -6959,9 +7167,13 @@ class Host:
         self.calls = HostCalls(limits, self.rooms, self.deliver)
         self.sessions: set[Session] = set()
         self.seats: dict[str, Seat] = {}    # by resume token
+        self.admission = Admission(limits)
         self.advertiser = Advertiser(self.name, port, interface,
                                      limits.advertise_debounce_s) if advertise else None
-        self._server: asyncio.Server | None = None
+        self._serving = False               # listening, until close() begins
+        self._listeners: list[socket.socket] = []
+        self._acceptors: list[asyncio.Task] = []
+        self._spare: int | None = None      # a descriptor held back for refusing
         self._handlers: set[asyncio.Task] = set()
         self._ticker: asyncio.Task | None = None
         self._closed = asyncio.Event()
@@ -6984,13 +7196,21 @@ class Host:
         started is undone before the error propagates; `close()` is then a
         no-op."""
         self._started = True
+        loop = asyncio.get_running_loop()
+        before, after = raise_open_files_limit()
+        if after != before:
+            log.info("open files limit raised from %d to %d", before, after)
         self.files.start()
         try:
-            self._server = await asyncio.get_running_loop().create_server(
-                lambda: LinkProtocol(self._accept), self.bind, self.port)
-            self.port = self._server.sockets[0].getsockname()[1]
-            self._ticker = asyncio.get_running_loop().create_task(self._tick(),
-                                                                  name="host:tick")
+            self._listeners = await self._listen()
+            self.port = self._listeners[0].getsockname()[1]
+            self._spare = _reserve_descriptor()
+            self._serving = True
+            self._acceptors = [loop.create_task(self._serve(listener), name=f"host:accept:{n}")
+                               for n, listener in enumerate(self._listeners)]
+            for acceptor in self._acceptors:
+                log_failure(acceptor, "accepting connections")
+            self._ticker = loop.create_task(self._tick(), name="host:tick")
             log_failure(self._ticker, "the host's housekeeping")
             if self.advertiser is not None:
                 self.advertiser.port = self.port
@@ -7002,10 +7222,7 @@ class Host:
 
     async def _abandon(self) -> None:
         """Undo a start that failed half way."""
-        server, self._server = self._server, None
-        if server is not None:
-            server.close()
-            await server.wait_closed()
+        await self._stop_listening()
         if self._ticker is not None:
             self._ticker.cancel()
         if self.advertiser is not None:
@@ -7020,15 +7237,14 @@ class Host:
         """Stop accepting, withdraw mDNS, say goodbye to everyone, and wait
         at most `close_timeout_s` before aborting what is left. Idempotent,
         and harmless on a host that never started (or failed to)."""
-        if self._server is None:
+        if not self._serving:
             if not self._started and not self._closed.is_set():  # never started
                 if self.advertiser is not None:
                     await self.advertiser.close()
                 self._closed.set()
             await self._closed.wait()
             return
-        server, self._server = self._server, None
-        server.close()
+        await self._stop_listening()
         if self._ticker is not None:
             self._ticker.cancel()
         for session in list(self.sessions):
@@ -7045,7 +7261,6 @@ class Host:
                 for session in list(self.sessions):
                     session.link.abort(reason)
                 await asyncio.wait(pending)
-        await server.wait_closed()
         self.calls.close()
         await self.files.close()            # handlers are gone; finish their tasks
         self._closed.set()
@@ -7053,33 +7268,149 @@ class Host:
 
     # --- connections ---
 
-    def _accept(self, protocol: LinkProtocol, transport: asyncio.Transport) -> None:
-        """A new connection: give it a Link and a handler task."""
-        peer = transport.get_extra_info("peername") or ("?", 0)
-        link = Link(Wire(Role.HOST, self.limits.max_frame_bytes), transport,
-                    self.limits, f"{peer[0]}:{peer[1]}")
-        protocol.attach(link)
-        task = asyncio.get_running_loop().create_task(self._handle(link),
-                                                      name=f"session:{link.name}")
+    async def _listen(self) -> list[socket.socket]:
+        """Listening sockets for `bind` and `port`, one per address the name
+        resolves to, all on the port the first one got. Raises OSError."""
+        infos = await asyncio.get_running_loop().getaddrinfo(
+            self.bind or None, self.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        listeners: list[socket.socket] = []
+        port = self.port
+        try:
+            for family, kind, proto, _, address in dict.fromkeys(infos):
+                sock = socket.socket(family, kind, proto)
+                listeners.append(sock)
+                if os.name == "posix":      # a restarted host gets its port back at once
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if family == socket.AF_INET6:   # "::" is IPv6 only, as asyncio has it
+                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                sock.bind((address[0], port, *address[2:]))
+                # asyncio's default backlog of 100 let the kernel drop 560 of
+                # 1,500 connections arriving at once (the kernel caps it, too).
+                sock.listen(self.limits.listen_backlog)
+                sock.setblocking(False)
+                port = sock.getsockname()[1]
+        except BaseException:
+            for sock in listeners:
+                sock.close()
+            raise
+        return listeners
+
+    async def _stop_listening(self) -> None:
+        """Stop accepting: the acceptors end, the listening sockets close."""
+        self._serving = False
+        acceptors, self._acceptors = self._acceptors, []
+        for acceptor in acceptors:
+            acceptor.cancel()
+        if acceptors:
+            await asyncio.wait(acceptors)
+        for listener in self._listeners:
+            listener.close()
+        self._listeners = []
+        if self._spare is not None:
+            os.close(self._spare)
+            self._spare = None
+
+    async def _serve(self, listener: socket.socket) -> None:
+        """Accept connections on `listener` until cancelled: each one is
+        admitted (a handler task) or refused at once. When the process runs
+        out of descriptors, the waiting connections are refused (host_full)
+        through the one held in reserve, or, with none, the next try comes
+        `accept_pause_s` later; the log says so once, not per connection
+        (asyncio's own accept loop wrote 43 MB of tracebacks in 30 s)."""
+        loop = asyncio.get_running_loop()
+        starved = False                     # in an episode of running out
+        turn = 0
+        while True:
+            turn += 1
+            if turn % _ACCEPTS_PER_TURN == 0:
+                await asyncio.sleep(0)
+            try:
+                conn, peer = await loop.sock_accept(listener)
+            except ConnectionAbortedError:  # it went before we took it
+                continue
+            except OSError as exc:
+                if not starved:
+                    starved = True
+                    log.warning("can't accept connections (%s): refusing new ones until "
+                                "some close", _why(exc))
+                if exc.errno in _OUT_OF_DESCRIPTORS and self._refuse_with_spare(listener):
+                    continue
+                await asyncio.sleep(self.limits.accept_pause_s)
+                continue
+            if starved:
+                starved = False
+                log.warning("accepting connections again")
+            try:
+                self._admit(conn, peer)
+            except Exception:               # a bug: lose this connection, not the listener
+                log.exception("accepting a connection failed")
+                conn.close()
+
+    def _admit(self, conn: socket.socket, peer: Any) -> None:
+        """A connection just accepted: a handler task for it, or a refusal."""
+        address = peer[0] if isinstance(peer, tuple) else str(peer)
+        refusal = self.admission.admit(address)
+        if refusal is not None:
+            log.debug("refused %s: %s", address, refusal.code)
+            _refuse(conn, refusal)
+            return
+        name = address_text(address, peer[1]) if isinstance(peer, tuple) else address
+        task = asyncio.get_running_loop().create_task(self._handle(conn, address, name),
+                                                      name=f"session:{name}")
         self._handlers.add(task)
 
-    async def _handle(self, link: Link) -> None:
-        """One connection, from accept to the last byte. Never raises."""
-        session = Session(self, link)
-        task = asyncio.current_task()
+    def _refuse_with_spare(self, listener: socket.socket) -> bool:
+        """Out of descriptors: free the reserved one, take the oldest waiting
+        connection with it, refuse it (host_full) and reserve one again.
+        False when no connection was waiting or there was no reserve."""
+        if self._spare is None:
+            self._spare = _reserve_descriptor()     # something freed one since?
+            if self._spare is None:
+                return False
+        os.close(self._spare)
+        self._spare = None
         try:
-            if self._server is None:
+            conn, _ = listener.accept()
+        except OSError:                     # none waiting (or another thread was quicker)
+            conn = None
+        if conn is not None:
+            _refuse(conn, Error("host_full", "this host can't take more connections now; "
+                                "try later"))
+        self._spare = _reserve_descriptor()
+        return conn is not None
+
+    async def _handle(self, conn: socket.socket, address: str, name: str) -> None:
+        """One admitted connection, from accept to the last byte. Never raises."""
+        task = asyncio.current_task()
+        session: Session | None = None
+        try:
+            transport, protocol = await asyncio.get_running_loop().connect_accepted_socket(
+                LinkProtocol, sock=conn)
+            link = Link(Wire(Role.HOST, self.limits.max_frame_bytes), transport,
+                        self.limits, name)
+            protocol.attach(link)
+            session = Session(self, link, address)
+            if not self._serving:
                 link.abort("host_shutdown")
-            elif len(self.sessions) >= self.limits.max_sessions:
-                link.close_with(Error("host_full", "this host is full; try later"), "full")
             self.sessions.add(session)
             await session.run()
         except Exception:
-            log.exception("session %s failed", link.name)
-            link.abort("internal error")
+            log.exception("session %s failed", name)
+            if session is not None:
+                session.link.abort("internal error")
+            else:
+                conn.close()
         finally:
-            self.sessions.discard(session)
+            if session is not None:
+                self.sessions.discard(session)
+            self.admission.release(address, session is None or session.pending)
             self._handlers.discard(task)
+
+    def _logged_in(self, session: Session) -> None:
+        """`session` has a seat now: it no longer counts as a login under way."""
+        if session.pending:
+            session.pending = False
+            self.admission.logged_in(session.address)
 
     def forget(self, session: Session) -> None:
         """A session ended (idempotent; the handler's last act). A seat lost
@@ -7093,7 +7424,7 @@ class Host:
         if user is None:
             return
         if session.link.close_reason in _HOLD_FOR and self.limits.grace_s > 0 \
-                and self._server is not None:
+                and self._serving:
             seat.away_since = asyncio.get_running_loop().time()
             seat.why = session.link.close_reason
             log.info("%s (%r) dropped; holding the seat for %g s", session.link.name, user,
@@ -7152,10 +7483,19 @@ class Host:
             link.close_with(Error(refusal.code, refusal.message), refusal.code)
             return
         session.seat = seat
+        self._logged_in(session)
         self.seats[seat.token] = seat
         log.info("%s joined %r as %r", link.name, hello.room, hello.user)
-        self.deliver(deliveries)
+        self.deliver([(to, self._paced(event) if type(event) is Welcome else event)
+                      for to, event in deliveries])
         self._rooms_changed()
+
+    def _paced(self, event: Welcome | Resumed, **fields: Any) -> Any:
+        """A login's answer, saying our flood limits (the client keeps under them)."""
+        limits = self.limits
+        if limits.rate_limit_per_s > 0 and limits.burst > 0:
+            fields.update(rate=limits.rate_limit_per_s, burst=limits.burst)
+        return dataclasses.replace(event, **fields)
 
     def _resume(self, session: Session, hello: Hello) -> bool:
         """Sit `session` down in the seat its token names, if that seat is
@@ -7170,15 +7510,29 @@ class Host:
             old.link.abort("replaced")      # the client knows it's dead before we do
         seat.session, seat.away_since = session, None
         session.seat = seat
+        self._logged_in(session)
         log.info("%s resumed %r in %r", session.link.name, hello.user, room.name)
         uploads, downloads = self.files.held(seat)
-        self.deliver([(to, dataclasses.replace(event, uploads=uploads, downloads=downloads)
+        self.deliver([(to, self._paced(event, uploads=uploads, downloads=downloads)
                        if type(event) is Resumed else event)
                       for to, event in self.rooms.resume(seat, hello.seen)])
         return True
 
     def _on_say(self, seat: Seat, say: Say) -> None:
-        self.deliver(self.rooms.say(seat, say.text, say.id, unix_now()))
+        gate = seat.flood
+        verdict = gate.take(asyncio.get_running_loop().time()) if gate else Verdict.PASS
+        if verdict is Verdict.PASS:
+            self.deliver(self.rooms.say(seat, say.text, say.id, unix_now()))
+        elif verdict is Verdict.REFUSE and gate:    # the line, not the person: nothing
+            self.deliver([(seat, Error(                 # is stamped, logged or relayed
+                "rate_limited", f"too many messages: at most {gate.burst} at once, then "
+                f"{gate.rate_per_s:g} a second; this one was not sent", say.id))])
+        else:
+            log.warning("%s (%r) floods its room; disconnecting it", seat.link.name,
+                        self.rooms.user_of(seat))
+            seat.link.close_reason = "flooding"
+            self.forget(seat.session)       # the room is told: "left the room (flooding)"
+            seat.link.close_with(Closing("flooding"), "flooding")
 
     def _on_who(self, seat: Seat, who: Who) -> None:
         self.deliver(self.rooms.who(seat))
@@ -8972,22 +9326,16 @@ def _address_key(link: PeerLink) -> str:
 
 
 # =============================================================================
-# 17. CLIENT CORE: one asyncio loop in a thread, one event stream
+# 17. CLIENT PLACE: where a client is, across connections and crashes
 # =============================================================================
-# What every front end shares: the terminal client and the window
-# call the thread-safe methods of ClientCore and receive plain dict events
-# through one callback. Those dicts are the program's event vocabulary; the
-# terminal's --json mode prints exactly them, one per line:
-#
-#   ready{room,user,members,host,address,port}   message{from,text,ts,history,seq,id}
-#   system{event,user,text,ts,seq}   help{text}   members{members}
-#   error{code,message[,id]}   closed{reason}   host{name,address,port,rooms,...}
-#
-# The host's frames already carry most of these names (WIRE PROTOCOL), so
-# an event is the host's frame, checked, with `welcome` renamed `ready`.
-# `closed` is emitted exactly once per join attempt, last; its reason is one
-# of CLOSED_REASONS. The callback runs on the core's thread and must not
-# block: the window forwards it with write_event_value, the terminal prints.
+# What the client core (next section) knows and keeps, apart from the
+# loop that keeps it: the Place (the host's addresses, the room, the user,
+# the resume token, the last seq, the lines not yet confirmed), the
+# PlaceStore that keeps it on disk so a crashed client gets back, the
+# words said while getting back, and how a host's frame becomes one of our
+# events: closing reasons, names checked, the network doctor's hints.
+# Nothing here opens a connection or starts a thread; PlaceStore's jobs
+# run on the core's threads.
 
 def reconnecting_line(event: dict) -> str:
     """What a person reads while the client tries to get back."""
@@ -9121,13 +9469,14 @@ CLOSED_REASONS = {
     "unreachable": "The host could not be reached.",
     "login_timeout": "The host did not answer the login in time.",
     "protocol_error": "The host sent something this client does not understand.",
+    "flooding": "The host disconnected you for sending too many messages too fast.",
 }
 
 
-# "A host's closing{reason} is `bye` (answering ours) or `host_shutdown`;
+# "A host's closing{reason} is `bye` (answering ours), `host_shutdown` or `flooding`;
 # any other reason reads as protocol_error", so a rogue host can neither
 # put its own words on the screen nor pose as one of our own reasons.
-_HOST_CLOSING = {"bye": "quit", "host_shutdown": "host_shutdown"}
+_HOST_CLOSING = {"bye": "quit", "host_shutdown": "host_shutdown", "flooding": "flooding"}
 
 
 def closing_reason(reason: str) -> str:
@@ -9216,6 +9565,24 @@ def ui_event(event: Event) -> dict:
     return out
 
 
+# =============================================================================
+# 18. CLIENT CORE: one asyncio loop in a thread, one event stream
+# =============================================================================
+# What every front end shares: the terminal client and the window
+# call the thread-safe methods of ClientCore and receive plain dict events
+# through one callback. Those dicts are the program's event vocabulary; the
+# terminal's --json mode prints exactly them, one per line:
+#
+#   ready{room,user,members,host,address,port}   message{from,text,ts,history,seq,id}
+#   system{event,user,text,ts,seq}   help{text}   members{members}
+#   error{code,message[,id]}   closed{reason}   host{name,address,port,rooms,...}
+#
+# The host's frames already carry most of these names (WIRE PROTOCOL), so
+# an event is the host's frame, checked, with `welcome` renamed `ready`.
+# `closed` is emitted exactly once per join attempt, last; its reason is one
+# of CLOSED_REASONS. The callback runs on the core's thread and must not
+# block: the window forwards it with write_event_value, the terminal prints.
+
 # --- The core ----------------------------------------------------------------
 
 class ClientCore:
@@ -9246,6 +9613,8 @@ class ClientCore:
         self._store = PlaceStore(state_dir)     # and on disk, to get back after a crash
         self._retrying: asyncio.Task | None = None  # getting back after a drop
         self._leaving = False               # leave() began: a drop now is no drop
+        self._pacing = asyncio.Lock()       # chat lines go one by one, in order,
+        self._gate: FloodGate | None = None     # at the host's pace (from the welcome)
         self._attempt_end = ""              # why the last attempt's connection ended
         self._browser: HostBrowser | None = None  # while watching the LAN
         self._silent: dict[str, int] = {}   # listed hosts' unanswered dials, by key
@@ -9743,6 +10112,14 @@ class ClientCore:
             place.seated, place.host_name = True, event.host
             place.user = event.user
         self._ready = True
+        # Our own gate, a little under the host's, so that no line is refused
+        # for its rate however fast it is typed, pasted or piped in. Kept
+        # across a resume: what it counted is at least what the host saw.
+        rate, burst = event.rate * 0.9, max(1, event.burst - 2)
+        if event.rate <= 0 or event.burst <= 0:
+            self._gate = None
+        elif self._gate is None or (self._gate.rate_per_s, self._gate.burst) != (rate, burst):
+            self._gate = FloodGate(rate, burst, 0)
         self.files.attach(link, event.max_file_size)
         self.calls.attach(link, event.user)
         if self._call_ticker is not None:
@@ -9753,11 +10130,22 @@ class ClientCore:
     def _resend(self) -> None:
         """What was said but never confirmed goes again, in order, with its
         id: a host that has it confirms it again, never doubles it."""
-        place, link = self._place, self._link
-        if place is None or link is None:
+        place = self._place
+        if place is None or not place.pending:
             return
-        for msg_id, text in list(place.pending.items()):
-            link.offer(Say(msg_id, text))
+        task = self.loop.create_task(self._resend_paced(list(place.pending.items())),
+                                     name="resend")
+        log_failure(task, "sending again what was not confirmed")
+
+    async def _resend_paced(self, lines: list[tuple[str, str]]) -> None:
+        async with self._pacing:            # before any line typed after this
+            for msg_id, text in lines:
+                await self._keep_pace()
+                place, link = self._place, self._link
+                if place is None or link is None or not link.accepting:
+                    return
+                if msg_id in place.pending:
+                    link.offer(Say(msg_id, text))
 
     def _to_host(self, event: Event) -> bool:
         """Queue `event` for the host now, if we are in a room (core thread)."""
@@ -9828,9 +10216,23 @@ class ClientCore:
             return msg_id if await self._send(Say(msg_id, text)) else None
         if len(place.pending) < MAX_UNCONFIRMED:
             place.pending[msg_id] = text    # until the host confirms it
-        if link is not None and self._ready and link.accepting:
-            await link.offer_when_room(Say(msg_id, text))
+        async with self._pacing:            # in order, and never over the host's rate
+            await self._keep_pace()
+            link = self._link
+            if link is not None and self._ready and link.accepting and \
+                    msg_id in place.pending:
+                await link.offer_when_room(Say(msg_id, text))
         return msg_id                       # or, away or dropping: it goes once back
+
+    async def _keep_pace(self) -> None:
+        """Wait until the host's flood gate would take one more line."""
+        gate = self._gate
+        if gate is None:
+            return
+        wait = gate.wait_s(self.loop.time())
+        if wait > 0:
+            await asyncio.sleep(wait + 0.001)   # a token's time, to the millisecond
+        gate.take(self.loop.time())
 
     async def _leave(self, wait_for_uploads: bool = False) -> None:
         retrying, link, reader = self._retrying, self._link, self._reader
@@ -9858,7 +10260,7 @@ class ClientCore:
 
 
 # =============================================================================
-# 18. COMMANDS: one parser for what a person types
+# 19. COMMANDS: one parser for what a person types
 # =============================================================================
 # A line typed in the terminal or in the chat window becomes one Command
 # value; each front end acts on it through its own table (Command class ->
@@ -10028,7 +10430,7 @@ def parse_send(line: str) -> tuple[str, str | None]:
 
 
 # =============================================================================
-# 19. TERMINAL CLIENT: --cli, stdin lines in, events out (text or JSON)
+# 20. TERMINAL CLIENT: --cli, stdin lines in, events out (text or JSON)
 # =============================================================================
 # A thin front end over CLIENT CORE. Each event is printed as one JSON
 # object per line (--json, flushed as written) or as a line for a person;
@@ -10418,7 +10820,7 @@ def run_discover(args: argparse.Namespace) -> int:
 
 
 # =============================================================================
-# 20. GUI LOOK: theme, fonts, --scale, the trace hook, anti-aliased drawing
+# 21. GUI LOOK: theme, fonts, --scale, the trace hook, anti-aliased drawing
 # =============================================================================
 # The desktop window is a front end over CLIENT CORE beside the TERMINAL
 # CLIENT, spread over five sections: GUI LOOK (this one) how things look and
@@ -10755,7 +11157,7 @@ class Drawing:
 
 
 # =============================================================================
-# 21. GUI CONVERSATION: bubbles, notices and file cards; the members list
+# 22. GUI CONVERSATION: bubbles, notices and file cards; the members list
 # =============================================================================
 # Two canvases of the chat window, drawn with 14's helpers. ChatView is the
 # conversation: a person's message is always a bubble with an avatar, and a
@@ -10766,7 +11168,8 @@ class Drawing:
 
 _RELAYOUT_DELAY_MS = 80             # a resize redraws once the edge rests this long
 _MESSAGE_MARKS = {"sending": "Sending...", "late": "Not confirmed by the host yet",
-                  "unsent": "Not sent: the connection ended"}
+                  "unsent": "Not sent: the connection ended",
+                  "refused": "Not sent: the host refused it (see below)"}
 _PAINT_EVERY_S = 0.1                # during a flood, make Tk paint at least this often
 
 
@@ -10986,7 +11389,7 @@ class ChatView(Drawing):
         if mark is not None:                # beside the bubble: its height never changes
             draw.create_text(x1 - pad_x - px(8), y2 + pad_y, anchor="se", text=mark,
                              font=self.fonts["small"], tags=entry.tag,
-                             fill=COLOURS["error_text"] if state == "unsent"
+                             fill=COLOURS["error_text"] if state in ("unsent", "refused")
                              else COLOURS["muted"])
         return max(y2 + pad_y, top + px(36))
 
@@ -11244,7 +11647,7 @@ class MemberList(Drawing):
 
 
 # =============================================================================
-# 22. GUI WINDOWS: the launcher and the chat window
+# 23. GUI WINDOWS: the launcher and the chat window
 # =============================================================================
 # The two windows a person sees, built from 14 and 15: the launcher (hosts
 # on the LAN, the address and the IDs, Join, "Host a room here") and the
@@ -11734,6 +12137,9 @@ class ChatWindow:
         self.view.add("help", text=event["text"])
 
     def on_error(self, event: dict) -> None:
+        mine = self.pending.pop(event.get("id") or "", None)
+        if mine is not None:                # our line was refused (rate_limited, too long)
+            self.view.update(mine, "message_state", state="refused")
         self.note(_sentence(event["message"]), "error")
 
     def on_call_invite(self, event: dict) -> None:
@@ -11976,7 +12382,7 @@ def _sentence(text: str) -> str:
 
 
 # =============================================================================
-# 23. GUI CALLS: the call window, a tile per person, ESC and Backspace
+# 24. GUI CALLS: the call window, a tile per person, ESC and Backspace
 # =============================================================================
 # One window holds every call in progress: your own camera first, then a
 # tile per peer, in a grid that reflows as people join and leave, each
@@ -12285,7 +12691,7 @@ class CallWindows:
 
 
 # =============================================================================
-# 24. GUI PLUMBING: settings, the bridge from the core, opening files, phases
+# 25. GUI PLUMBING: settings, the bridge from the core, opening files, phases
 # =============================================================================
 # What the app (next section) stands on: the settings remembered between
 # runs, GuiBridge (the core's thread reaches the window only through it,
@@ -12454,7 +12860,7 @@ class LoopStats:
 
 
 # =============================================================================
-# 25. GUI APP: the one core, the windows, the one read loop
+# 26. GUI APP: the one core, the windows, the one read loop
 # =============================================================================
 # GuiApp owns one ClientCore, the launcher (which lives as long as the
 # program and receives every core event), the chat window while in a room,
@@ -13180,7 +13586,7 @@ def run_gui(args: argparse.Namespace, limits: Limits, media: MediaOptions) -> in
 
 
 # =============================================================================
-# 26. MAIN: argparse and the entry points
+# 27. MAIN: argparse and the entry points
 # =============================================================================
 # Builds every object from the flags and passes them down; nothing above
 # reads a global that main() sets. `python chatroom.py` with no mode opens
@@ -13243,6 +13649,22 @@ def build_parser() -> argparse.ArgumentParser:
                         f"disconnected as too slow (default {OUTBOX_LIMIT_BYTES})")
     parser.add_argument("--max-sessions", type=int, default=MAX_SESSIONS, metavar="N",
                         help=f"connections a host holds at once (default {MAX_SESSIONS})")
+    parser.add_argument("--max-per-address", type=int, default=MAX_PER_ADDRESS, metavar="N",
+                        help="--host: connections at once from one address (default "
+                        f"{MAX_PER_ADDRESS}; 0: no limit)")
+    parser.add_argument("--max-pending", type=int, default=MAX_PENDING, metavar="N",
+                        help=f"--host: logins under way at once (default {MAX_PENDING}; "
+                        "0: no limit)")
+    parser.add_argument("--max-pending-per-address", type=int, metavar="N",
+                        default=MAX_PENDING_PER_ADDRESS, help="--host: logins under way "
+                        f"at once from one address (default {MAX_PENDING_PER_ADDRESS}; "
+                        "0: no limit)")
+    parser.add_argument("--rate-limit", type=float, default=RATE_LIMIT_PER_S,
+                        metavar="MSGS_PER_S", help="--host: chat lines one member may send "
+                        f"per second, sustained (default {RATE_LIMIT_PER_S:g}; 0: no limit)")
+    parser.add_argument("--burst", type=int, default=BURST, metavar="N",
+                        help=f"--host: chat lines one member may send at once (default "
+                        f"{BURST}; 0: no limit)")
     parser.add_argument("--max-room-members", type=int, default=MAX_ROOM_MEMBERS,
                         metavar="N", help=f"people one room holds, 2 to "
                         f"{MAX_ROOM_MEMBERS_CAP} (default {MAX_ROOM_MEMBERS})")
@@ -13309,6 +13731,10 @@ def limits_from(args: argparse.Namespace) -> Limits:
         raise ValueError(f"--max-room-members takes 2 to {MAX_ROOM_MEMBERS_CAP}")
     if args.max_sessions < 1:
         raise ValueError("--max-sessions takes at least 1")
+    if min(args.max_per_address, args.max_pending, args.max_pending_per_address,
+           args.burst) < 0 or not args.rate_limit >= 0:
+        raise ValueError("--max-per-address, --max-pending, --max-pending-per-address, "
+                         "--rate-limit and --burst take 0 (no limit) or more")
     if not args.settle >= 0:
         raise ValueError("--settle takes a number of seconds")
     if not args.host_check > 0:
@@ -13324,6 +13750,9 @@ def limits_from(args: argparse.Namespace) -> Limits:
     return Limits(history_limit=args.history, max_message_bytes=args.max_message_bytes,
                   hello_timeout_s=args.login_timeout, outbox_limit_bytes=args.outbox_limit,
                   max_sessions=args.max_sessions, max_room_members=args.max_room_members,
+                  max_per_address=args.max_per_address, max_pending=args.max_pending,
+                  max_pending_per_address=args.max_pending_per_address,
+                  rate_limit_per_s=args.rate_limit, burst=args.burst,
                   max_file_size=args.max_file_size, call_timeout_s=args.call_timeout,
                   discovery_settle_s=args.settle, host_check_s=args.host_check,
                   grace_s=args.grace, retry_for_s=RETRY_FOR_S if args.retry_for is None
