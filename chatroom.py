@@ -23,26 +23,28 @@ The file reads top to bottom; each section uses only the sections above it
  3. ROOMS                 IDs, members, history, help, file names (pure)
  4. CALLS                 invitations, links and groups (pure)
  5. MEDIA PACKETS         sealing, key agreement, fragments, reassembly (pure)
- 6. MEDIA FLOW            keyframe gate, jitter buffer, link statistics (pure)
- 7. DISCOVERY             mDNS advertise and browse (zeroconf)
- 8. VIDEO DEVICES         test pattern, cameras, files; VP8 and JPEG
- 9. SOUND DEVICES         Opus and PCM, microphones, speakers, recording
-10. CONNECTIONS           Link (framed TCP, three lanes, one writer), UDP sockets
-11. HOST RELAYS           files and calls between the members of a room
-12. HOST                  the listener, sessions, rooms, shutdown (asyncio)
-13. CLIENT FILES          files we send and receive, beside the client core
-14. CLIENT MEDIA          links, sealed packets in and out, the media threads
-15. CLIENT CALLS          host-arranged and direct calls over the engine
-16. CLIENT CORE           one asyncio loop in a thread, one event stream
-17. COMMANDS              one parser for what a person types
-18. TERMINAL CLIENT       --cli: stdin lines in, events out (text or JSON)
-19. GUI LOOK              theme, fonts, --scale, the trace hook, drawing
-20. GUI CONVERSATION      bubbles, notices and file cards; the members list
-21. GUI WINDOWS           the launcher and the chat window
-22. GUI CALLS             the call window: tiles, who speaks, ESC and Backspace
-23. GUI PLUMBING          settings, the bridge from the core, opening, phases
-24. GUI APP               the one core, the windows, the one read loop
-25. MAIN                  argparse and the entry points
+ 6. MEDIA FLOW            control messages, repair, rate, statistics (pure)
+ 7. PLAYOUT               the jitter buffer, lip sync, voice levels (pure)
+ 8. DISCOVERY             mDNS advertise and browse (zeroconf)
+ 9. VIDEO DEVICES         test pattern, cameras, files; VP8 and JPEG
+10. SOUND DEVICES         Opus and PCM, microphones, speakers, recording
+11. CONNECTIONS           Link (framed TCP, three lanes, one writer), UDP sockets
+12. HOST RELAYS           files and calls between the members of a room
+13. HOST                  the listener, sessions, rooms, shutdown (asyncio)
+14. CLIENT FILES          files we send and receive, beside the client core
+15. CLIENT MEDIA          links, sealed packets in and out, the media threads
+16. CLIENT CALLS          host-arranged and direct calls over the engine
+17. CLIENT PLACE          where a client is, on disk too; host frames to events
+18. CLIENT CORE           one asyncio loop in a thread, one event stream
+19. COMMANDS              one parser for what a person types
+20. TERMINAL CLIENT       --cli: stdin lines in, events out (text or JSON)
+21. GUI LOOK              theme, fonts, --scale, the trace hook, drawing
+22. GUI CONVERSATION      bubbles, notices and file cards; the members list
+23. GUI WINDOWS           the launcher and the chat window
+24. GUI CALLS             the call window: tiles, who speaks, ESC and Backspace
+25. GUI PLUMBING          settings, the bridge from the core, opening, phases
+26. GUI APP               the one core, the windows, the one read loop
+27. MAIN                  argparse and the entry points
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ __version__ = "0.1.0"
 
 import argparse
 import asyncio
+import bisect
 import collections
 import concurrent.futures
 import contextlib
@@ -129,6 +132,15 @@ RECONNECT_MAX_S = 10.0              # the backoff between retries stops growing 
 RESUME_LOG_EVENTS = 5000            # room events kept for members who come back
 RESUME_LOG_BYTES = 8 * 1024 * 1024  # ... and at most this much of their text
 
+MAX_PER_ADDRESS = 64                # connections at once from one source address
+MAX_PENDING = 128                   # connections not yet logged in, from anywhere
+MAX_PENDING_PER_ADDRESS = 16        # ... and from one source address
+LISTEN_BACKLOG = 1024               # connections the kernel queues before we accept them
+ACCEPT_PAUSE_S = 0.1                # out of descriptors, nothing to refuse: look again then
+RATE_LIMIT_PER_S = 10.0             # chat lines one member may send per second, sustained
+BURST = 20                          # ... and at once, after a quiet while
+FLOOD_STRIKES = 100                 # refused lines (forgiven at the rate) before "flooding"
+
 HELLO_TIMEOUT_S = 5.0               # a login must finish within this
 CONNECT_TIMEOUT_S = 5.0             # client: TCP connect + login
 PING_INTERVAL_S = 15.0              # host pings a connection this quiet
@@ -180,6 +192,14 @@ class Limits:
     max_message_bytes: int = MAX_MESSAGE_BYTES
     max_room_members: int = MAX_ROOM_MEMBERS
     max_sessions: int = MAX_SESSIONS
+    max_per_address: int = MAX_PER_ADDRESS          # 0: no limit
+    max_pending: int = MAX_PENDING                  # 0: no limit
+    max_pending_per_address: int = MAX_PENDING_PER_ADDRESS  # 0: no limit
+    listen_backlog: int = LISTEN_BACKLOG
+    accept_pause_s: float = ACCEPT_PAUSE_S
+    rate_limit_per_s: float = RATE_LIMIT_PER_S      # 0: no flood control
+    burst: int = BURST                              # 0: no flood control
+    flood_strikes: int = FLOOD_STRIKES
     history_limit: int = HISTORY_LIMIT
     grace_s: float = GRACE_S
     retry_for_s: float = RETRY_FOR_S    # 0: don't retry; math.inf: for ever (the window)
@@ -230,7 +250,8 @@ ERROR_CODES = frozenset({
     "bad_frame", "login_timeout", "host_unreachable", "no_host",
     "ambiguous_host", "unknown_command", "not_connected",
     "missing_package", "file_too_large", "not_a_file", "disk_full", "checksum_mismatch",
-    "sender_left", "recipient_left", "file_io", "busy", "cancelled", "host_shutdown",
+    "sender_left", "recipient_left", "file_io", "busy", "cancelled", "cannot_resume",
+    "host_shutdown", "too_many_connections", "rate_limited",
     "call_self", "already_in_call", "no_invitation", "not_in_call", "bad_call_address",
     "no_camera", "no_audio_device", "port_taken",
 })
@@ -300,6 +321,25 @@ def unix_now() -> float:
     return round(time.time(), 3)
 
 
+def config_dir(platform: str | None = None, environ: typing.Mapping[str, str] | None = None,
+               home: Path | None = None) -> Path:
+    """This program's folder for what it keeps between runs: %APPDATA%\\chatroom
+    on Windows, ~/Library/Application Support/chatroom on macOS,
+    $XDG_CONFIG_HOME/chatroom (else ~/.config/chatroom) elsewhere."""
+    platform = platform or sys.platform
+    if environ is None:
+        environ = os.environ
+    home = home or Path.home()
+    if platform.startswith("win"):
+        base = Path(environ.get("APPDATA") or home / "AppData" / "Roaming")
+    elif platform == "darwin":
+        base = home / "Library" / "Application Support"
+    else:
+        xdg = environ.get("XDG_CONFIG_HOME", "")
+        base = Path(xdg) if os.path.isabs(xdg) else home / ".config"   # the spec:
+    return base / "chatroom"                                           # relative = unset
+
+
 def log_failure(future: Any, what: str) -> None:
     """Log the exception of a future nobody awaits (a job handed to a thread
     pool, say), once it is done: an error must never vanish silently."""
@@ -324,6 +364,32 @@ def printable(text: str) -> str:
         else:
             out.append(ch)
     return "".join(out)
+
+
+def raise_open_files_limit() -> tuple[int, int]:
+    """Raise this process's soft limit on open files as far as its hard
+    limit allows: a host holds one descriptor per connection, and many
+    systems start programs at 1024 (macOS at 256). Returns (before, after);
+    (0, 0) where there is no such limit (Windows)."""
+    try:
+        import resource
+    except ImportError:                     # Windows: no per-process file limit
+        return (0, 0)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return (soft, soft)
+    # An unlimited hard limit still has a ceiling: macOS refuses more than
+    # OPEN_MAX (10240) with EINVAL, so that is the second try.
+    wanted = [hard] if hard != resource.RLIM_INFINITY else [1 << 20, 10240]
+    for target in wanted:
+        if target <= soft:
+            break
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            return (soft, target)
+        except (ValueError, OSError):
+            continue
+    return (soft, soft)
 
 
 def address_text(host: str, port: int) -> str:
@@ -357,6 +423,56 @@ def parse_server(text: str, default_port: int = DEFAULT_PORT) -> tuple[str, int]
     if not port_text.isdigit() or not 0 < int(port_text) < 65536:
         raise ValueError(f"bad port in {text!r}")
     return host, int(port_text)
+
+
+# --- Flood control -----------------------------------------------------------
+# "A burst gets rate_limited (the line is refused, not the person); sustained
+# abuse a disconnect." Lines over the rate are refused before the room sees
+# them, so they never take a seq, the history or the resume log.
+
+class Verdict(enum.Enum):
+    """What FloodGate.take says about one chat line."""
+    PASS = "pass"                   # relay it
+    REFUSE = "refuse"               # answer rate_limited; relay nothing
+    FLOODING = "flooding"           # refused too often: disconnect the member
+
+
+class FloodGate:
+    """One member's chat lines, as a token bucket: `burst` lines at once,
+    then `rate_per_s` a second. Each refused line is a strike; strikes are
+    forgiven at the same rate, and more than `strikes` of them at once make
+    a flood. So a member sending at twice the rate is only throttled, while
+    one pasting 120 lines at once, or sending ten times the rate for about a
+    second, is cut off. Time comes in as `now` (any monotonic seconds)."""
+
+    def __init__(self, rate_per_s: float, burst: int, strikes: int) -> None:
+        self.rate_per_s = rate_per_s
+        self.burst = burst
+        self.strikes = strikes
+        self._tokens = float(burst)         # lines that may go now
+        self._strikes = 0.0                 # refusals not yet forgiven
+        self._at: float | None = None       # when the two were last brought up to date
+
+    def take(self, now: float) -> Verdict:
+        """Spend a token on one line, if there is one."""
+        if self._at is not None:
+            gained = max(0.0, now - self._at) * self.rate_per_s    # a clock never runs back
+            self._tokens = min(float(self.burst), self._tokens + gained)
+            self._strikes = max(0.0, self._strikes - gained)
+        self._at = now
+        if self._tokens >= 1:
+            self._tokens -= 1
+            return Verdict.PASS
+        self._strikes += 1
+        return Verdict.FLOODING if self._strikes > self.strikes else Verdict.REFUSE
+
+    def wait_s(self, now: float) -> float:
+        """Seconds until `take` would pass (0: now). A client paces its own
+        lines with a gate like the host's, so none is refused."""
+        tokens = self._tokens
+        if self._at is not None:
+            tokens = min(float(self.burst), tokens + max(0.0, now - self._at) * self.rate_per_s)
+        return 0.0 if tokens >= 1 else (1 - tokens) / self.rate_per_s
 
 
 # =============================================================================
@@ -482,7 +598,18 @@ def _rule_list(item: Callable[[Any], Any], max_items: int) -> Callable[[Any], tu
     return check
 
 
+def _rule_row(*items: Callable[[Any], Any]) -> Callable[[Any], tuple]:
+    """A fixed-length list whose items follow `items`, in order."""
+    def check(value: Any) -> tuple:
+        if type(value) is not list or len(value) != len(items):
+            raise ValueError(f"expected a list of {len(items)} items")
+        return tuple(rule(v) for rule, v in zip(items, value))
+    return check
+
+
 _NAME = _rule_str(4 * MAX_ID_CHARS, empty=False)  # IDs proper are checked in ROOMS
+_TRANSFER = _rule_int(1, 2 ** 31)
+_BYTES = _rule_int(0, 2 ** 53)
 _ID_LABELS = {"user": "User ID", "room": "Room ID"}
 FIELD_RULES: dict[str, Callable[[Any], Any]] = {
     "version": _rule_int(0, 65535),
@@ -502,9 +629,10 @@ FIELD_RULES: dict[str, Callable[[Any], Any]] = {
     "message": _rule_str(2000),
     "reason": _rule_str(200),
     "n": _rule_int(0, 2 ** 53),
-    "transfer": _rule_int(1, 2 ** 31),
+    "transfer": _TRANSFER,
     "name": _rule_str(1024, empty=False),   # a file name; sanitised by receivers
-    "size": _rule_int(0, 2 ** 53),
+    "size": _BYTES,
+    "offset": _BYTES,                       # a byte position in a file
     "to": _rule_str(4 * MAX_ID_CHARS),      # "" = the whole room
     "recipient": _rule_str(4 * MAX_ID_CHARS),
     "sha256": _rule_token(64),
@@ -522,8 +650,15 @@ FIELD_RULES: dict[str, Callable[[Any], Any]] = {
     "resume": _rule_token(64, empty=True),  # a resume token ("" = none)
     "seen": _rule_int(0, 2 ** 53),          # the last room seq a client got
     "grace": _rule_seconds,                 # how long a host holds a dropped member
+    "rate": _rule_seconds,                  # chat lines a second a host takes (0: any)
+    "burst": _rule_int(0, 2 ** 31),         # ... and at once
     "missed": _rule_int(0, 2 ** 53),
     "lost": _rule_int(0, 2 ** 53),
+    # A resume's files: [transfer, bytes the host has, complete] of each upload,
+    # [transfer, from, name, size, to] of each download still coming.
+    "uploads": _rule_list(_rule_row(_TRANSFER, _BYTES, _rule_bool), 4096),
+    "downloads": _rule_list(_rule_row(_TRANSFER, _NAME, _rule_str(1024, empty=False),
+                                      _BYTES, _rule_str(4 * MAX_ID_CHARS)), 4096),
 }
 
 # A dataclass field whose Python name is a keyword travels under another name.
@@ -648,7 +783,9 @@ class Pong(Event):
 class Welcome(Event):
     """Login accepted: you are `user` in `room`; `members` in join order.
     `resume` is a secret token that gets this seat back after a drop, for
-    `grace` seconds (0: this host doesn't hold seats)."""
+    `grace` seconds (0: this host doesn't hold seats). The host takes
+    `burst` chat lines at once, then `rate` a second (0: no limit): a
+    client paces itself to that."""
     TYPE = "welcome"
     version: int
     room: str
@@ -658,6 +795,8 @@ class Welcome(Event):
     max_file_size: int = 0
     resume: str = ""
     grace: float = 0
+    rate: float = 0
+    burst: int = 0
 
 
 @_event
@@ -665,7 +804,11 @@ class Welcome(Event):
 class Resumed(Event):
     """A resume accepted: the same seat in `room`, nobody told you left.
     The `missed` room events since `seen` follow, in order; `lost` more
-    were too old to keep (0 unless the room was very busy)."""
+    were too old to keep (0 unless the room was very busy). Files carry on:
+    `uploads` says how far each of ours got ([transfer, bytes the host has,
+    complete]: send the rest from there), `downloads` which files are still
+    coming to us ([transfer, from, name, size, to]: answer each with a
+    FileResume)."""
     TYPE = "resumed"
     room: str
     user: str
@@ -674,6 +817,10 @@ class Resumed(Event):
     max_file_size: int = 0
     missed: int = 0
     lost: int = 0
+    uploads: tuple = ()
+    downloads: tuple = ()
+    rate: float = 0
+    burst: int = 0
 
 
 @_event
@@ -756,6 +903,28 @@ class FileAccept(Event):
     """host -> client: send the data of your transfer now."""
     TYPE = "file_accept"
     transfer: int
+
+
+@_event
+@dataclasses.dataclass(frozen=True)
+class FileGot(Event):
+    """client -> host: the first `offset` bytes of download `transfer` are on
+    our disk. Sent now and then, so the host knows what it may forget: what
+    a recipient has not confirmed is kept for a resume."""
+    TYPE = "file_got"
+    transfer: int
+    offset: int
+
+
+@_event
+@dataclasses.dataclass(frozen=True)
+class FileResume(Event):
+    """client -> host, after Resumed: go on with download `transfer` from
+    byte `offset` (what we have); the host answers with the rest of the
+    data and FileEnd, or FileAbort if it no longer has those bytes."""
+    TYPE = "file_resume"
+    transfer: int
+    offset: int
 
 
 @_event
@@ -965,7 +1134,8 @@ def _allow(state: State, role: Role, events: Iterable[type[Event]],
 
 
 _CLIENT_IN_ROOM = (Say, Who, Ping, Pong, FileOffer, FileEnd, FileAbort, FileRefuse,
-                   FileSaved, Chunk, MediaPort, Call, Decline, Hangup, RelayMedia, MediaData)
+                   FileSaved, FileGot, FileResume, Chunk, MediaPort, Call, Decline, Hangup,
+                   RelayMedia, MediaData)
 _HOST_IN_ROOM = (Message, System, Help, Members, Error, Ping, Pong, FileAccept,
                  FileAnnounce, FileEnd, FileAbort, FileRefuse, FileStored, FileDelivered,
                  Chunk, CallInvite, CallMissed, CallFailed, CallStart, CallEnded, RelayMedia,
@@ -1206,25 +1376,113 @@ class Wire:
 #   leading or trailing space; compared case-insensitively." Combining marks
 #   may follow a letter (scripts such as Devanagari need them). Room IDs
 #   follow the same rules.
-# - "SYSTEM in any case, or a name that imitates it, is refused as a User ID":
-#   names are compared by a skeleton that folds width, case, look-alike
-#   Cyrillic and Greek letters and drops separators.
+# - "SYSTEM in any case, or a name that imitates it, is refused as a User ID."
+# - "Two IDs that look alike are one ID": they are compared by Unicode's
+#   confusable skeleton (UTS #39), so `аlice` with a Cyrillic а is taken
+#   while `alice` is in the room. "An ID may mix scripts only as UTS #39's
+#   highly restrictive level allows" (Latin with Han and kana, with Han and
+#   Bopomofo, with Han and Hangul); invisible characters (Unicode's
+#   default-ignorables, such as the Hangul filler U+3164) are refused.
 # - "When the last member leaves, the room and all it knew about its members
 #   is forgotten."
+# - Flood control per member (FloodGate, in LIMITS AND DEFAULTS; README.md
+#   "Limits"): a burst past the rate gets rate_limited line by line; a
+#   flood, a disconnect.
+# The Unicode data these rules need sit at the end of this section, written
+# from Unicode's own files by tools/unicode_tables.py.
 
 Delivery = tuple[Any, Event]
 
 _ID_PUNCTUATION = frozenset(" _-.")
 _MAX_MARKS_IN_A_ROW = 3
+# UTS #39 5.1: Han, kana, Hangul and Bopomofo also count as these writing
+# systems, so that Japanese (Jpan), Korean (Kore) and Han with Bopomofo
+# (Hanb) mix as they are written.
+_AUGMENTED = {"Hani": ("Hanb", "Jpan", "Kore"), "Hira": ("Jpan",), "Kana": ("Jpan",),
+              "Hang": ("Kore",), "Bopo": ("Hanb",)}
+_ANY_SCRIPT = frozenset({"Zyyy", "Zinh"})       # Common and Inherited go with any script
+# Not look-alikes in Unicode's data, but read as letters in "5Y5T3M".
+_DIGITS_AS_LETTERS = str.maketrans("573", "ste")
 
-# Letters that look like the Latin ones in "system" (Unicode confusables).
-_LOOKALIKES = str.maketrans({        # after casefold, so lower case only
-    "ѕ": "s", "ꜱ": "s", "ς": "s", "σ": "s", "5": "s",
-    "у": "y", "ү": "y", "γ": "y", "υ": "y", "ʏ": "y", "ў": "y",
-    "т": "t", "τ": "t", "ᴛ": "t", "7": "t",
-    "е": "e", "ё": "e", "є": "e", "ε": "e", "ᴇ": "e", "3": "e",
-    "м": "m", "μ": "m", "ᴍ": "m",
-})
+
+@functools.cache
+def _unicode_tables() -> tuple[dict[str, str], list[int], list[frozenset[str]],
+                               list[int]]:
+    """The tables at the end of this section, parsed once: confusable ->
+    prototype; the first code point of each script range and its script
+    set; the bounds of the default-ignorable ranges (start, end + 1, ...)."""
+    prototype: dict[str, str] = {}
+    for item in _CONFUSABLE_TABLE.split():
+        target, _, sources = item.partition("=")
+        text = "".join(chr(int(h, 16)) for h in target.split("+"))
+        prototype.update((chr(int(h, 16)), text) for h in sources.split(","))
+    spans: list[tuple[int, int, frozenset[str]]] = []
+    for item in _SCRIPT_TABLE.split():
+        names, _, ranges = item.partition("=")
+        scripts = frozenset(x for name in names.split("+")
+                            for x in (name, *_AUGMENTED.get(name, ())))
+        for span in ranges.split(","):
+            first, _, last = span.partition("-")
+            spans.append((int(first, 16), int(last or first, 16), scripts))
+    starts: list[int] = []
+    sets: list[frozenset[str]] = []
+    for low, high, scripts in sorted(spans):
+        starts += [low, high + 1]
+        sets += [scripts, frozenset({"Zzzz"})]      # between ranges: Unknown
+    bounds: list[int] = []
+    for span in _IGNORABLE_TABLE.split():
+        first, _, last = span.partition("-")
+        bounds += [int(first, 16), int(last or first, 16) + 1]
+    return prototype, starts, sets, bounds
+
+
+def _scripts_of(ch: str) -> frozenset[str]:
+    """The augmented Script_Extensions of a letter, mark or digit."""
+    _, starts, sets, _ = _unicode_tables()
+    index = bisect.bisect_right(starts, ord(ch)) - 1
+    return sets[index] if index >= 0 else frozenset({"Zzzz"})
+
+
+def is_ignorable(ch: str) -> bool:
+    """True for Unicode's default-ignorable characters (drawn as nothing)."""
+    return bisect.bisect_right(_unicode_tables()[3], ord(ch)) % 2 == 1
+
+
+def skeleton(text: str) -> str:
+    """UTS #39's skeleton: NFD, each character replaced by its prototype in
+    confusables.txt, NFD again. Two strings that look alike have the same
+    skeleton ("аlice" with a Cyrillic а, "alice"; "ΑΙ" and "AI")."""
+    prototype = _unicode_tables()[0]
+    return unicodedata.normalize("NFD", "".join(
+        prototype.get(ch, ch) for ch in unicodedata.normalize("NFD", text)))
+
+
+def mixes_scripts(name: str) -> bool:
+    """True when `name` mixes scripts beyond UTS #39's highly restrictive
+    level (5.2): its letters must share a script, or leaving out those that
+    are Latin, share Japanese, Korean or Han with Bopomofo ("alice张" is
+    fine, "аlice" with a Cyrillic а is not). Digits from two decimal
+    systems mix too (5.3: "1" and the Bengali "১")."""
+    resolved: frozenset[str] | None = None          # None: any script so far
+    without_latin: frozenset[str] | None = None
+    zeros = set()
+    for ch in unicodedata.normalize("NFD", name):
+        category = unicodedata.category(ch)
+        if category == "Nd":
+            zeros.add(ord(ch) - unicodedata.digit(ch))
+        elif category[0] not in "LM":
+            continue                                # " _-.": any script
+        scripts = _scripts_of(ch)
+        if scripts & _ANY_SCRIPT:
+            continue
+        resolved = scripts if resolved is None else resolved & scripts
+        if "Latn" not in scripts:
+            without_latin = scripts if without_latin is None else without_latin & scripts
+    if len(zeros) > 1:
+        return True
+    if resolved is None or resolved:
+        return False
+    return without_latin is None or not without_latin & {"Jpan", "Kore", "Hanb"}
 
 
 def check_id(raw: str, kind: str) -> str:
@@ -1244,6 +1502,9 @@ def check_id(raw: str, kind: str) -> str:
     after_letter = False
     for ch in name:
         category = unicodedata.category(ch)
+        if is_ignorable(ch):
+            raise Refused(code, f"a {label} can't hold invisible characters "
+                          f"(U+{ord(ch):04X})")
         if category[0] == "M":
             marks += 1
             if not after_letter or marks > _MAX_MARKS_IN_A_ROW:
@@ -1254,34 +1515,82 @@ def check_id(raw: str, kind: str) -> str:
         if not (after_letter or category == "Nd" or ch in _ID_PUNCTUATION):
             raise Refused(code, f"a {label} may hold letters, digits, space and "
                           f"_ - . (not U+{ord(ch):04X})")
+    if mixes_scripts(name):
+        if kind == "user" and imitates_system(name):
+            raise Refused(code, "SYSTEM, and names that look like it, are kept for the "
+                          "host's notices")
+        raise Refused(code, f"a {label} can't mix letters of different scripts "
+                      "(a look-alike of another name?)")
     return name
 
 
 def id_key(name: str) -> str:
     """The identity of an ID: two IDs are the same when their keys are equal.
 
-    NFKC folds width and compatibility forms ("ａｌｉｃｅ" is "alice"), then
-    casefold makes "Alice" and "alice" one name.
+    NFKC folds width and compatibility forms ("ａｌｉｃｅ" is "alice"),
+    casefold makes "Alice" and "alice" one name, and the skeleton makes
+    look-alikes one ("аlice" with a Cyrillic а). See also `look_key`.
     """
-    return unicodedata.normalize("NFKC", name).casefold()
+    return skeleton(unicodedata.normalize("NFKC", name).casefold()).casefold()
+
+
+def look_key(name: str) -> str:
+    """A second identity: the skeleton taken before case is folded, which
+    catches what casefolding first hides (Cyrillic "Т" looks like "T", but
+    its lower case "т" like "ᴛ"; "I" looks like "l"). Two IDs with equal
+    `id_key` or equal `look_key` are one name."""
+    return skeleton(skeleton(unicodedata.normalize("NFKC", name)).casefold()).casefold()
+
+
+def _small_capital_letter(ch: str) -> str:
+    """"t" for "ᴛ" (LATIN LETTER SMALL CAPITAL T); "" for other characters."""
+    letter = unicodedata.name(ch, "").partition("LATIN LETTER SMALL CAPITAL ")[2]
+    return letter.lower() if len(letter) == 1 else ""
+
+
+@functools.cache
+def _small_capital(ch: str) -> str:
+    """The letter a Latin small capital reads as ("ᴛ": "t"), also for the
+    prototype of a small capital's look-alikes ("ʍ", for "ᴍ"); else ch."""
+    for source, target in [(ch, ch), *_unicode_tables()[0].items()]:
+        if target == ch and _small_capital_letter(source):
+            return _small_capital_letter(source)
+    return ch
+
+
+def _system_form(name: str) -> str:
+    """`name` without separators, accents and case, digits and small
+    capitals read as letters, as a skeleton."""
+    text = "".join(ch for ch in unicodedata.normalize("NFKC", name)
+                   if ch not in _ID_PUNCTUATION).translate(_DIGITS_AS_LETTERS)
+    return look_key("".join(
+        _small_capital(ch) for ch in unicodedata.normalize("NFKD", skeleton(text))
+        if unicodedata.category(ch)[0] != "M"))
 
 
 def imitates_system(name: str) -> bool:
-    """True for SYSTEM, "System", "S.Y.S.T.E.M", "ЅYЅТЕМ", "5Y5TEM" and such."""
-    skeleton = "".join(ch for ch in id_key(name).translate(_LOOKALIKES)
-                       if ch not in _ID_PUNCTUATION)
-    skeleton = unicodedata.normalize("NFKD", skeleton)
-    skeleton = "".join(ch for ch in skeleton if unicodedata.category(ch)[0] != "M")
-    return skeleton == "system"
+    """True for SYSTEM, "System", "S.Y.S.T.E.M", "ЅYЅТЕМ", "5Y5TEM", "ꜱʏꜱᴛᴇᴍ"
+    and such: compared by skeleton, without separators and accents."""
+    return _system_form(name) == _system_form("system")
+
+
+# What a message can't be made of alone: blanks, and characters drawn as
+# nothing (default-ignorables such as U+3164) or as an empty cell (U+2800,
+# the blank Braille pattern).
+_BLANK_LOOKING = frozenset("\u2800")
+# "U+2028 and U+2029 (line and paragraph separators) become a newline": a
+# JSON consumer or a terminal that splits lines on "\n" sees them as lines.
+_LINE_SEPARATORS = str.maketrans({"\u2028": "\n", "\u2029": "\n"})
 
 
 def check_text(text: str, max_bytes: int) -> str:
     """A chat text fit to broadcast, or Refused(message_too_long | bad_message).
 
     "A message over the size limit is refused with message_too_long, never
-    cut silently." Tabs and newlines are kept; other control characters and
-    bidi overrides are refused, since they could make the text display as
-    something it is not.
+    cut silently." Tabs and newlines are kept, line and paragraph separators
+    become newlines; other control characters and bidi overrides are
+    refused, since they could make the text display as something it is not,
+    and so is a text that looks blank.
     """
     if _SURROGATE_RE.search(text):          # undecodable input, e.g. from stdin
         raise Refused("bad_message", "message is not valid Unicode text")
@@ -1289,7 +1598,8 @@ def check_text(text: str, max_bytes: int) -> str:
     if size > max_bytes:
         raise Refused("message_too_long",
                       f"message is {size} bytes; the limit is {max_bytes}")
-    if not text.strip():
+    text = text.translate(_LINE_SEPARATORS)
+    if all(ch.isspace() or ch in _BLANK_LOOKING or is_ignorable(ch) for ch in text):
         raise Refused("bad_message", "message is empty")
     for ch in text:
         if ch not in "\t\n" and unicodedata.category(ch) in ("Cc", "Cf", "Cs", "Co"):
@@ -1340,6 +1650,7 @@ class Room:
     name: str
     members: dict[Any, Member] = dataclasses.field(default_factory=dict)
     by_key: dict[str, Any] = dataclasses.field(default_factory=dict)  # id_key -> handle
+    by_look: dict[str, Any] = dataclasses.field(default_factory=dict)  # look_key -> handle
     seq: int = 0                # last sequence number given to a room event
     history: collections.deque = dataclasses.field(default_factory=collections.deque)
     log: collections.deque = dataclasses.field(default_factory=collections.deque)
@@ -1370,6 +1681,7 @@ class Rooms:
         self.max_message_bytes = max_message_bytes
         self.max_members = max_members
         self._rooms: dict[str, Room] = {}       # id_key(room) -> Room
+        self._rooms_look: dict[str, Room] = {}  # look_key(room) -> Room
         self._where: dict[Any, Room] = {}       # member handle -> its room
 
     # --- queries ---
@@ -1406,18 +1718,21 @@ class Rooms:
         user = check_id(user, "user")
         if imitates_system(user):
             raise Refused("bad_user_id", f"{user!r} is reserved for system notices")
-        room = self._rooms.get(id_key(room_name))
+        room = self._rooms.get(id_key(room_name)) or self._rooms_look.get(look_key(room_name))
         if room is not None:
-            if id_key(user) in room.by_key:
-                raise Refused("user_taken", f"{user!r} is already in room {room.name!r}")
+            if id_key(user) in room.by_key or look_key(user) in room.by_look:
+                raise Refused("user_taken", f"{user!r} is already in room {room.name!r}"
+                              " (or a name that looks like it)")
             if len(room.members) >= self.max_members:
                 raise Refused("room_full", f"room {room.name!r} has "
                               f"{self.max_members} members, the most it takes")
         else:
             room = Room(room_name, history=collections.deque(maxlen=self.history_limit))
             self._rooms[id_key(room_name)] = room
+            self._rooms_look[look_key(room_name)] = room
         room.members[member] = Member(user, now)
         room.by_key[id_key(user)] = member
+        room.by_look[look_key(user)] = member
         self._where[member] = room
         out: list[Delivery] = [(member, Welcome(PROTOCOL_VERSION, room.name, user,
                                                 room.user_list(), self.host_name,
@@ -1437,7 +1752,7 @@ class Rooms:
         if text.strip().casefold() == "help":
             return [(member, Help(HELP_TEXT))]
         try:
-            check_text(text, self.max_message_bytes)
+            text = check_text(text, self.max_message_bytes)
         except Refused as refusal:
             return [(member, Error(refusal.code, refusal.message, msg_id))]
         sender = room.members[member].user
@@ -1478,7 +1793,7 @@ class Rooms:
         """The handle of `user` in `member`'s room (`member`'s own, for its
         own ID). Raises Refused(no_such_user) when nobody there has it."""
         room = self._where[member]
-        target = room.by_key.get(id_key(user))
+        target = room.by_key.get(id_key(user)) or room.by_look.get(look_key(user))
         if target is None:
             raise Refused("no_such_user", f"{user!r} is not in room {room.name!r}")
         return target
@@ -1494,7 +1809,7 @@ class Rooms:
             if not others:
                 raise Refused("no_such_user", "nobody else is in the room")
             return others
-        target = room.by_key.get(id_key(to))
+        target = room.by_key.get(id_key(to)) or room.by_look.get(look_key(to))
         if target is None:
             raise Refused("no_such_user", f"{to!r} is not in room {room.name!r}")
         if target is member:
@@ -1511,8 +1826,10 @@ class Rooms:
             return []
         user = room.members.pop(member).user
         del room.by_key[id_key(user)]
+        del room.by_look[look_key(user)]
         if not room.members:
             del self._rooms[id_key(room.name)]
+            del self._rooms_look[look_key(room.name)]
             return []
         text = f"{user} left the room" + (f" ({why})" if why else "")
         return self._notice(room, "leave", user, text, now)
@@ -1592,6 +1909,312 @@ def numbered_names(name: str) -> Iterable[str]:
     while True:
         yield f"{base} ({number}){dot}{ext}"
         number += 1
+
+
+# --- Unicode tables ----------------------------------------------------------
+# Written by tools/unicode_tables.py from Unicode's own data (a subset, re-encoded;
+# don't edit by hand):
+# UTS #39 confusables.txt 14.0.0; Scripts.txt, ScriptExtensions.txt and
+# DerivedCoreProperties.txt 15.0.0 (UCD). Data: Unicode, Inc., under
+# the Unicode License (assets/THIRD-PARTY-NOTICES.txt). Read by _unicode_tables().
+UNICODE_DATA = "confusables 14.0.0, scripts 15.0.0, Python 14.0.0"
+# prototype=source,source,... (hex code points; a prototype of several joined by +)
+_CONFUSABLE_TABLE = (
+    "1002+102C=1000 1002+103E=1081 1003+103E=1070 1015+102C=101F 1015+102C+103E=106F "
+    "1015+103E=1066 101E+103C=1029 101E+103C+1031+102C+103A=102A 102A8=A69A 10382=103D1 "
+    "10393=103D3 1039A=12038 1041=1065 10412=A79A 1043A=A79B 10486=104A0 107D+103E=107E "
+    "1099E=132F9 10C82=10CFC 10CA5=10CFA 1100=11A8 1100+1100=1101,11A9 1100+1102=11FA "
+    "1100+1103=115A 1100+1105=11C3 1100+1107=11FB 1100+1109=11AA 1100+1109+1100=11C4 "
+    "1100+110E=11FC 1100+110F=11FD 1100+1112=11FE 1102=11AB 1102+1100=1113,11C5 "
+    "1102+1102=1114,11FF 1102+1103=1115,11C6 1102+1105=D7CB 1102+1107=1116 1102+1109=115B,11C7 "
+    "1102+110C=115C,11AC 1102+110E=D7CC 1102+1110=11C9 1102+1112=115D,11AD 1102+1140=11C8 "
+    "1103=11AE 1103+1100=1117,11CA 1103+1103=1104,D7CD 1103+1103+1107=D7CE 1103+1105=115E,11CB "
+    "1103+1106=A960 1103+1107=A961,D7CF 1103+1109=A962,D7D0 1103+1109+1100=D7D1 "
+    "1103+110C=A963,D7D2 1103+110E=D7D3 1103+1110=D7D4 1105=11AF 1105+1100=11B0,A964 "
+    "1105+1100+1100=A965,D7D5 1105+1100+1109=11CC 1105+1100+1112=D7D6 1105+1102=1118,11CD "
+    "1105+1103=11CE,A966 1105+1103+1103=A967 1105+1103+1112=11CF 1105+1105=1119,11D0 "
+    "1105+1105+110F=D7D7 1105+1106=11B1,A968 1105+1106+1100=11D1 1105+1106+1109=11D2 "
+    "1105+1106+1112=D7D8 1105+1107=11B2,A969 1105+1107+1103=D7D9 1105+1107+1107=A96A "
+    "1105+1107+1109=11D3 1105+1107+110B=11D5,A96B 1105+1107+1111=D7DA 1105+1107+1112=11D4 "
+    "1105+1109=11B3,A96C 1105+1109+1109=11D6 1105+110B=111B,D7DD 1105+110C=A96D "
+    "1105+110F=11D8,A96E 1105+1110=11B4 1105+1111=11B5 1105+1112=111A,113B,11B6,D7F2 "
+    "1105+1140=11D7 1105+114C=D7DB 1105+1159=11D9 1105+1159+1112=D7DC 1106=11B7 "
+    "1106+1100=11DA,A96F 1106+1102=D7DE 1106+1102+1102=D7DF 1106+1103=A970 1106+1105=11DB "
+    "1106+1106=D7E0 1106+1107=111C,11DC 1106+1107+1109=D7E1 1106+1109=11DD,A971 "
+    "1106+1109+1109=11DE 1106+110B=111D,11E2 1106+110C=D7E2 1106+110E=11E0 1106+1112=11E1 "
+    "1106+1140=11DF 1107=11B8 1107+1100=111E 1107+1102=111F 1107+1103=1120,D7E3 1107+1105=11E3 "
+    "1107+1105+1111=D7E4 1107+1106=D7E5 1107+1107=1108,D7E6 1107+1107+110B=112C "
+    "1107+1109=1121,11B9 1107+1109+1100=1122 1107+1109+1103=1123,D7E7 1107+1109+1107=1124 "
+    "1107+1109+1109=1125 1107+1109+110C=1126 1107+1109+1110=A972 1107+110B=112B,11E6 "
+    "1107+110C=1127,D7E8 1107+110E=1128,D7E9 1107+110F=A973 1107+1110=1129 1107+1111=112A,11E4 "
+    "1107+1112=11E5,A974 1109=11BA 1109+1100=112D,11E7 1109+1102=112E 1109+1103=112F,11E8 "
+    "1109+1105=1130,11E9 1109+1106=1131,D7EA 1109+1107=1132,11EA 1109+1107+1100=1133 "
+    "1109+1107+110B=D7EB 1109+1109=110A,11BB 1109+1109+1100=D7EC 1109+1109+1103=D7ED "
+    "1109+1109+1107=A975 1109+1109+1109=1134 1109+110B=1135 1109+110C=1136,D7EF "
+    "1109+110E=1137,D7F0 1109+110F=1138 1109+1110=1139,D7F1 1109+1111=113A 1109+1140=D7EE "
+    "110B=11BC 110B+1100=1141,11EC 110B+1100+1100=11ED 110B+1103=1142 110B+1105=A976 "
+    "110B+1106=1143 110B+1107=1144 110B+1109=1145,11F1 110B+110B=1147,11EE 110B+110C=1148 "
+    "110B+110E=1149 110B+110F=11EF 110B+1110=114A 110B+1111=114B 110B+1112=A977 "
+    "110B+1140=1146,11F2 110C=11BD 110C+1107=D7F7 110C+1107+1107=D7F8 110C+110B=114D "
+    "110C+110C=110D,D7F9 110C+110C+1112=A978 110E=11BE 110E+110F=1152 110E+1112=1153 110F=11BF "
+    "1110=11C0 1110+1110=A979 1111=11C1 1111+1107=1156,11F3 1111+1109=D7FA 1111+110B=1157,11F4 "
+    "1111+1110=D7FB 1111+1112=A97A 1112=11C2 1112+1102=11F5 1112+1105=11F6 1112+1106=11F7 "
+    "1112+1107=11F8 1112+1109=A97B 1112+1112=1158 113C+113C=113D 113E+113E=113F 1140=11EB "
+    "1140+1107=D7F3 1140+1107+110B=D7F4 11434+11442+11412=11413 11434+11442+11418=11419 "
+    "11434+11442+11423=11424 11434+11442+11429=1142A 11434+11442+1142C=1142D "
+    "11434+11442+1142E=1142F 114C=11F0 114C+1106=D7F5 114C+1112=D7F6 114E+114E=114F "
+    "1150+1150=1151 11582=115D8,115D9 11583=115DA 11584=115DB 1159=11F9 1159+1159=A97C "
+    "115B2=115DC 115B3=115DD 1161+1169=1176 1161+116E=1177 1161+30FC=11A3 1161+4E28=1162 "
+    "1163+1169=1178 1163+116D=1179 1163+116E=11A4 1163+4E28=1164 1165+1169=117A 1165+116E=117B "
+    "1165+30FC=117C 1165+4E28=1166 1167+1163=11A5 1167+1169=117D 1167+116E=117E 1167+4E28=1168 "
+    "1169+1161=116A 1169+1161+4E28=116B 1169+1163=11A6 1169+1163+4E28=11A7 1169+1165=117F "
+    "1169+1165+4E28=1180 1169+1167=D7B0 1169+1167+4E28=1181 1169+1169=1182 1169+1169+4E28=D7B1 "
+    "1169+116E=1183 1169+4E28=116C 116D+1161=D7B2 116D+1161+4E28=D7B3 116D+1163=1184,1186 "
+    "116D+1163+4E28=1185 116D+1165=D7B4 116D+1169=1187 116D+4E28=1188 116E+1161=1189 "
+    "116E+1161+4E28=118A 116E+1165=116F 116E+1165+30FC=118B 116E+1165+4E28=1170 116E+1167=D7B5 "
+    "116E+1167+4E28=118C 116E+116E=118D 116E+4E28=1171 116E+4E28+4E28=D7B6 1172+1161=118E "
+    "1172+1161+4E28=D7B7 1172+1165=118F 1172+1165+4E28=1190 1172+1167=1191 1172+1167+4E28=1192 "
+    "1172+1169=D7B8 1172+116E=1193 1172+4E28=1194 119E+1161=D7C5 119E+1165=119F "
+    "119E+1165+4E28=D7C6 119E+116E=11A0 119E+119E=11A2 119E+4E28=11A1 11AE5+11AE5=11AE8 "
+    "11AE5+11AE5+11AEF=11AE9 11AE5+11AE5+11AF0=11AEA 11AE5+11AEF=11AE6 11AE5+11AF0=11AE7 "
+    "11AEB+11AEB=11AED 11AEB+11AEB+11AEF=11AEE 11AEB+11AEF=11AEC 11AF3+11AEF=11AF4 "
+    "11AF3+11AF0=11AF5 11AF3+11AF3=11AF6 11AF3+11AF3+11AEF=11AF7 11AF3+11AF3+11AF0=11AF8 "
+    "11CAA=11CB2 1206=544 1261=54C 12AE=53B 1323=54A 138=3BA,43A,1D0B,2C95,ABB6 138+329=49B "
+    "138+335=49F 1401+1420=142B 1401+B7=140D 1404+B7=1411 1405+1420=142D 1405+B7=1413 "
+    "1406+B7=1415 140A+1420=142E 140A+B7=1418 140B+B7=141A 141E+18DF=18DD 1421=14D1 1429=1540 "
+    "1432+B7=143F 1434+B7=1443 1439+B7=1447 144F+B7=145C 1450+27=1469 1450+B7=145E 1451+B7=1460 "
+    "1455+27=146A 1455+B7=1462 1456+B7=1464 146B+27=1485 146B+B7=1475 146E+B7=1479 1470+B7=147D "
+    "1489=1603 1489+B7=1493 148B+B7=1495 148C+B7=1497 148E+B7=149B 1490=1602 1490+B7=149D "
+    "1491+B7=149F 14A3+B7=14AD 14A6+B7=14B1 14A7+B7=14B3 14A8+B7=14B5 14AB+B7=14B9 14C0+B7=14CA "
+    "14C2+B7=18C7 14C3+B7=18C9 14C4+B7=18CB 14C5+B7=18CD 14C7+B7=14CC 14C8+B7=14CE 14D3=1604 "
+    "14D3+B7=14DD 14D5+B7=14DF 14D6+B7=14E1 14D7+B7=14E3 14D8+B7=14E5 14DA=1607 14DA+B7=14E7 "
+    "14DB+B7=14E9 14ED+B7=14F7 14EF+B7=14F9 14F0+B7=14FB 14F1+B7=14FD 14F2+B7=14FF 14F4+B7=1501 "
+    "14F5+B7=1503 150B+1455=150D 150B+1490=150F 150B+3C=150C 150B+62=150E 1510+B7=1518 "
+    "1511+B7=151A 1512+B7=151C 1513+B7=151E 1514+B7=1520 1515+B7=1522 1516+B7=1524 1528+B7=1532 "
+    "1529+B7=1534 152A+B7=1536 152B+B7=1538 152D+B7=153A 152E+B7=153C 1543=1622 1543+B7=18E0 "
+    "1546=1623 154A=1624 154C+B7=154F 1550+146B=166F 1550+146C=157E 1550+146E=1580 1550+1470=1582 "
+    "1550+1483=1585 1550+50=157F 1550+62=1583 1550+62+307=1584 1550+64=1581 155A+B7=155C "
+    "155E+B7=18E3 1566+B7=18E4 1567+B7=1569 156B+B7=18E5 1586+B7=18E8 1595+1489=1670 "
+    "1595+148A=158E 1595+148B=158F 1595+148C=1590 1595+148E=1592 1595+1490=1593 1595+1491=1594 "
+    "1595+4A=1591 1596+148B=1671 1596+148C=1672 1596+148E=1674 1596+1490=1675 1596+1491=1676 "
+    "1596+4A=1673 1597+B7=18EA 15A7+B7=1677 15A8+B7=1678 15A9+B7=1679 15AA+B7=167A 15AB+B7=167B "
+    "15AC+B7=167C 15AD+B7=167D 15E1=A4F7 15F4+B7=18F0 161B+B7=18F2 1660=A4ED 16B9=A6B0 16BC=16E1 "
+    "16BD=16C2 16DC=10294,118B7 16E6=104D0 16EF=2D63 17A2=17A3 1835=1855 185=44C,AB9F 185+69=44B "
+    "185C=1896 186=3FD,2183,A4DB,10423 18DF+141E=18DC 18E=2D3A,A4F1 18F=4D8 18F5=18DB "
+    "190=510,13CB,10401,16F2D 199E=19D0 19B1=19D1 1A45=1A80,1A90 1A8=3E9,1D24,A645 1A9=3A3,2D49 "
+    "1AB=13BF 1B0D=1B52 1B1=162E,1634 1B11=1B53 1B28=1B58 1D00=AB7A 1D05=AB70 1D07=AB7C 1D0A=AB7B "
+    "1D0E=377,438,1044D 1D18=1D29,ABB2 1D19=44F 1D1B=3C4,442,AB72 1D1B+329=4AD 1DD=259,4D9 "
+    "1DD+2DE=25A 1DD+6F=1D14 1DD+6F+335=AB42 1DD+6F+338=AB41 1DDF=2DE8 1E9F=3B4,56E,1577 1F6=50A "
+    "20E9=A66F 21=1C3,2D51 2132=15B5,A4DE 21D=292,4E1,10F3,2CCD,A76B 2202=1E8CC 2202+335=F0,1E8CD "
+    "2207=118A8 2220=1E8C8 237=575 242=AB7E "
+    "245=39B,41B,668,6F8,1431,2D37,A4E5,A6CE,1028D,104B0,16F3D 245+326=4C5 245+B7=143D 24B=1D90 "
+    "254=37B,1D10,2184,1044B 254+338=AB3F 254+65=AB62 25C=437,1D08 25C+326=499 25E=10442 26=A778 "
+    "262=50D,13FB,AB90 27=2B9,2BB,2BC,2BD,2BE,2C8,2CA,2CB,5D9,7F4,7F5,144A,16CC,A78C,16F51,16F52 "
+    "27+27=2BA,2EE,5F2 27+42=181 27+44=18A 27+50=1A4 27+54=1AC 27+59=1B3 270=57A,1223 "
+    "276C=304F,21FE8 277=1043F 278=3C6,444,2CAB 27E+334=1D73 280=AB71,ABA2 283=AB4D 28A+335=1D7F "
+    "28C=1D27,104D8 28D=43C,1D0D,AB87 28D+326=4CE 298=2D59,A668,104C3 299=432,13FC 29A=A79D,1042A "
+    "29C=43D,AB8B 29C+326=4C8,4CA 29C+329=4A3 29F=2CD1,ABAE,10443 2A=1031F 2A1=A6CD 2B=1029B "
+    "2C=A4F9 2C3F=A992 2C6F=15C4,A4EF 2C70=1041F 2C75=370,13A8,13B0,A6B1 2C76=AB80 2C9+62=44A "
+    "2C9+62+69=A651 2D=2CBA 2D40=102B8 2DEC=1DEE 2E=660,6F0,A4F8,1D16D 2E+2C=A4FB 2E+2E=A4FA "
+    "2F=2CC6,3033,30CE,4E3F 300=953 301=59C,59D,618,64E,747,954 302=311,65B,7EE,1CD0,A6F0 "
+    "303=342,653 304=305,659,7EB,1CD2,A6F1 306=30C,36E,658,65A,A67C "
+    "306+307=310,6E8,901,981,A81,B01,C00,C81,D01,114BF "
+    "307=358,5B9,5BA,5C1,5C2,5C4,6EC,740,741,7ED,8EA,902,A02,A82,BCD 3078=30D8 308=7F3,8EB "
+    "309=302C 30A=366,5AF,652,6DF,B82,E4D,ECD,1036,17C6,17D3,2DEA,309A,11300 30B=64B,8F0 30E=1CDA "
+    "30FC=1173,4E00,A7F7 30FC+1161=D7B9 30FC+1165=D7BA 30FC+1165+4E28=D7BB 30FC+1169=D7BC "
+    "30FC+116E=1195 30FC+30FC=1196 30FC+4E28=1174 30FC+4E28+116E=1197 312=657 313=315,619,64F,8F3 "
+    "314=65D 316=1CED 32=1A7,3E8,14BF,A644,A6EF,A75A 32+335=1BB "
+    "323=5B4,5C5,65C,8ED,93C,9BC,A3C,ABC,B3C,1CDD,10A3A,111CA,114C3 324=8EE,1CDE 325=F37,302D "
+    "326=321,327,339 328=322,345,1AB7 329=656,1CDC 32B=1CD5 32D=1CD9 32E=1CD8 "
+    "33=1B7,21C,417,4E0,2CCC,A76A,A7AB,118CA,16F3B 33+326=498 331=320,952 333=347 335=336 338=337 "
+    "34=13CE,118AF 34+B7=1530 35=1BC,118BB 350=357,8F8,8FF 352=900 354=8F9 355=8FA 3588=439B "
+    "36=431,13EE,2CD2,118D5 363=2DF6 363D=39B3 364=2DF7 368=2DED 36F=2DEF 37=104D2,118C6 "
+    "38=222,223,9EA,A6A,B03,1031A,1E8CB 39=9ED,A67,B68,D6D,2CCA,A76E,118AC,118CC,118D6 "
+    "393=413,13B1,14A5,2C84,16F07 393+27=490 393+335=492 393+B7=14AF "
+    "394=1403,2C86,2D60,10285,102A3,16F1A 394+1420=142C 394+B7=140F 3A=2D0,903,A83,A4FD "
+    "3A0=41F,2CA0,A6DB 3A41=6409 3A6=424,553,1240,16F0,2CAA,102B3 3A8=470,16D8,2CAE,102B5,104D1 "
+    "3A9=162F,1635,102B6 3ADA=66F6 3B35=80F6 3B3A=5E50 3B3B=4420 3BA3=69E9 3BB=2C96,104DB "
+    "3C=1438,16B2 3C+B7=1445,2CB4 3C0=43F,1D28 3C2=3DB 3C7=2CAD,AB53,AB55 3C8=471,104F9 "
+    "3C9=2CB1,A64D,A7B7 3D7=2CE4 3D8=102AD,10312 3E=1433,16F3F 3E+B7=1441 3EC=2CDC "
+    "3F=241,294,97D,13AE,A6EB 4039=9FC3 403F=6663 40B=104CD 40D+326=48A "
+    "41=391,410,13AA,15C5,A4EE,102A0,16F40 41+41=A732 41+45=C6,4D4 41+4F=A734 41+55=A736 "
+    "41+56=A738,A73A 41+59=A73C 416+329=496 418=376,A6A1,10425 "
+    "42=392,412,13F4,15F7,A4D0,A7B4,10282,102A1,10301 428=2CBC 42A+6C=A650 "
+    "43=421,13DF,2CA4,A4DA,102A2,10302,10415,1051C,118E9,118F2 43+27=187 43+326=4AA 436+329=497 "
+    "439+326=48B 43B=1D2B 43B+326=4C6 44=13A0,15DE,15EA,A4D3 44+335=D0,110,189 4443=6726 448=2CBD "
+    "45=395,415,13AC,2D39,A4F0,10286,118A6,118AE 45+338=246 459=AB60 "
+    "46=3DC,15B4,A4DD,A798,10287,102A5,10525,118A2,118C2 46+326=191 460=13C7,15EF 460+486+487=47C "
+    "460+B7=18ED 46B6=8A1E 47=50C,13C0,13F3,A4D6 47+27=193 47+335=1E4 "
+    "48=397,41D,13BB,157C,2C8E,A4E7,102CF 48+326=4C7,4C9 48+329=4A2,2C67 48+335=126 "
+    "4A=37F,408,13AB,148D,A4D9,A7B2 4A+335=248 4A+B7=1499 4B=39A,41A,13E6,16D5,2C94,A4D7,10518 "
+    "4B+27=198 4B+329=49A,2C69 4B+335=49E,A740 4B6=4CB 4B7=4CC 4BC+328=4BE "
+    "4C=13DE,14AA,2CD0,A4E1,1041B,10526,118A3,118B2,16F16 4C+338=141 4C3=104BC "
+    "4D=39C,3FA,41C,13B7,15F0,16D6,2C98,A4DF,102B0,10311 4D+326=4CD 4E=39D,2C9A,A4E0,10513 "
+    "4E+326=19D 4E28=1175 4E28+1161=1198 4E28+1163=1199 4E28+1163+1169=D7BD 4E28+1163+4E28=D7BE "
+    "4E28+1167=D7BF 4E28+1167+4E28=D7C0 4E28+1169=119A 4E28+1169+4E28=D7C1 4E28+116D=D7C2 "
+    "4E28+116E=119B 4E28+1172=D7C3 4E28+119E=119D 4E28+30FC=119C 4E28+4E28=D7C4 4E8C=30CB "
+    "4EBB=30A4 "
+    "4F=30,39F,41E,555,7C0,9E6,B20,B66,12D0,2C9E,2D54,3007,A4F3,10292,102AB,10404,104C2,10516 "
+    "4F=114D0,118B5,118E0 4F+27=13A4 4F+335=19F,398,3B8,472,4E8,13BE,13EB,2D31,A74A "
+    "4F+338=D8,2D41 4F+45=152 4F+4F=A698,A74E 4F75=5002 50=3A1,420,13E2,146D,2CA2,A4D1,10295 "
+    "50+27=1486 5024=503C 51=2D55 516B=30CF 52=1A6,13A1,13D2,1587,A4E3,104B4,16F35 529B=30AB "
+    "53=405,54F,13D5,13DA,A4E2,10296,10420,16F3A 535C=30C8 53E3=30ED,56D7 "
+    "54=3A4,422,13A2,2CA6,A4D4,10297,102B1,10315,118BC,16F0A 54+328=1AE 54+329=4AC 54+33=A728 "
+    "54+335=166 54+338=23E 548=1260,144E,A4F5 548+27=1468 548+B7=145A "
+    "55=54D,1200,144C,A4F4,104CE,118B8,16F42 55+27=1467 55+335=244,13CC 55+B7=1458 5553=555F "
+    "559=2BF 56=474,667,6F7,13D9,142F,2D38,A4E6,A6DF,1051D,118A0,16F08 56+B7=143B "
+    "57=51C,13B3,13D4,A4EA,118E6,118EF 571=1294 571F=58EB "
+    "58=3A7,425,16B7,2CAC,2D5D,A4EB,A7B3,10290,102B4,10317,10322,10527,118EC 58+329=4B2 5861=586B "
+    "58AB=58FF 59=3A5,423,4AE,13A9,13BD,2CA8,A4EC,102B2,118A4,16F43 59+335=24E,4B0 5915=30BF "
+    "596=5AD 598=5AE 599=5A8 59A=5A4 5A=396,13C3,A4DC,102F5,118A9,118E5 5A+326=224 5A+335=1B5 "
+    "5AAF=5B00 5C=4E36 5DE5=30A8 5E=2C6 5E21=5E32 5F=7FA 61=251,3B1,430 61+61=A733 61+65=E6,4D5 "
+    "61+6F=A735 61+75=A737 61+76=A739,A73B 61+79=A73D 62=184,42C,13CF,1472,15AF 62+27=1488 "
+    "62+304=182,183,411 62+307=1473 62+307+B7=1481 62+314=253 62+335=180,462,463,48C,48D "
+    "62+6C=42B 62+B7=147F 6236=6238 628+654=8A1 628+6DB=751 628+6E2=8B6 629=6C3 62D+654=681,772 "
+    "62D+6DB=685 62F=102E1 62F+302=6EE 62F+324+323=8AE 62F+615=688 62F+6DB=68E "
+    "63=441,1D04,2CA5,ABAF,1043D 63+326=4AB 63+338=23C 631+302=6EF 631+306=692 631+306+307=8B9 "
+    "631+615=691 631+654=76C 631+6DB=698 632+302=8B2 633+302=77E 633+6DB=634 635=102F2 "
+    "635+324+323=8AF 635+6DB=69E 637=102E8 637+6DB=69F 64=501,13E7,146F,A4D2 64+21D=2A4 "
+    "64+27=1487 64+291=2A5 64+304=18C 64+314=257 64+328=256 64+335=111 64+7A=2A3 64+B7=147B "
+    "641=6A7 643=6A9,6AA 643+6DB=6AD,763 644+306=6B5 644+6DB=6B7 645+6DB=8A7 646+306=769 "
+    "646+615=768 648=8B1,102E4 648+302=6C9 648+306=6C6 648+313=6C7 648+670=6C8 648+6DB=6CB "
+    "649=64A,66E,6BA,6CC,6D2,8BD 649+302=63D 649+306=6CE,756 649+306+307=8BA 649+615=679,6BB "
+    "649+654=8A8 649+6DB=62B,63F,67E,6BD,6D1 649+6DB+6E2=8B7 64C=8E5,8E8,8F1 64D=8F2 "
+    "65=435,4BD,AB32 65+328=4BF 65+338=247 650=317,61A 655=65F 66=584,1E9D,A799,AB35 66+14B=2A9 "
+    "66+326=192 66+334=1D6E 662=6F2,A9CF 663=6F3,1E8C9 664=6F4 665A=6669 666=6F6 "
+    "669=6F9,967,118E4 67=18D,261,581,1D83 67+314=260 67+335=1E5 670=30D 670C=80A6 670F=80D0 "
+    "6710=80CA 6713=8101 6718=8127 6723=81A7 676E=67FF 67B=6D0 68=4BB,570,13C2 "
+    "68+314=266,13F2,A695 68+335=127,45B 68A+615=68B "
+    "69=131,269,26A,3B9,456,4CF,13A5,A647,AB75,118C3 69+335=268,1D7B,1D7C 697+615=771 699D=6A27 "
+    "6A=3F3,458 6A+335=249 6A1=66F,8BB,8BC 6A1+6DB=6A4,6A8 6A2+6DB=8A4 6AC=762 6AF=8B0 "
+    "6AF+6DB=6B4 6B+314=199 "
+    "6C=31,49,196,1C0,399,406,4C0,5D5,5DF,627,661,6F1,7CA,16C1,2C92,2D4F,A4F2,1028A,10309,10320 "
+    "6C=16F28,1E8C7 6C+21D=26E 6C+27=5F1 6C+328=26D 6C+334=26B 6C+335=197,19A 6C+338=142 "
+    "6C+4F=42E 6C+655=673 6C+674=672 6C+6C=1C1,5F0 6C+73=2AA 6C+7A=2AB 6C+B7=14B7 6DB=1AB4,20DB "
+    "6E=578,57C 6E+328=273 6E+329=19E,3B7 6E+334=1D70 6E88=6F59 "
+    "6F=3BF,3C3,43E,585,5E1,647,665,6BE,6C1,6D5,6F5,966,A66,AE6,BE6,C02,C66,C82,CE6,D02,D20,D66 "
+    "6F=D82,E50,ED0,101D,1040,10FF,1D0F,1D11,2C9F,AB3D,1042C,104EA,118C8,118D7 6F+102C=1010 "
+    "6F+1D07=276 6F+302=6FF 6F+31B=AB74 6F+335=275,473,4E9,A74B,AB8E,ABBB 6F+338=F8,AB3E "
+    "6F+65=153 6F+6F=A699,A74F 6F+D30+6F=D5F 70=3C1,440,2CA3 70+314=1A5 70+335=1D7D 70+B7=1477 "
+    "71=51B,563,566 71+314=2A0 72=433,1D26,2C85,AB47,AB48,AB81 72+27=491 72+328=27D 72+329=27C "
+    "72+334=1D72 72+335=24D,493 72+6E=6D,11700,118E3 72+6E+326=271 72+6E+334=1D6F "
+    "73=1BD,455,A731,ABAA,10448,118C1 73+328=282 73+334=1D74 73C=742 74+21D=A729 74+255=2A8 "
+    "74+283=2A7 74+314=1AD 74+334=1D75 74+335=167 74+66=A777 74+73=2A6 "
+    "75=28B,3C5,57D,1D1C,A79F,AB4E,AB52,104F6,118D8 75+335=1D7E,AB9C 75+65=1D6B 75+6F=AB63 "
+    "754=767,8A9 76=3BD,475,5D8,1D20,ABA9,11706,118C0 "
+    "77=26F,461,51D,561,1D21,AB83,1170A,1170E,1170F 77+307=114C5 77+326=A761 77+486+487=47D "
+    "78=445,1541,157D 7814=784F 79=263,28F,3B3,443,4AF,10E7,1D8C,1EFF,AB5A,118DC 79+314=1B4 "
+    "79+335=24F,4B1 7A=1D22,AB93,118C4 7A+326=225 7A+328=290 7A+334=1D76 7A+335=1B6 7D55=7D76 "
+    "80FC=8141 848D=853F 8637=8641 8A2E=8A7D 8B86=8B8F 8C5C=8C63 8D7F=8D86 8DE5=8DFA 8E97=8E9B "
+    "8EFF=8F27 905+93E=906 905+93E+946=912 905+93E+947=913 905+93E+948=914 905+946=904 "
+    "905+949=911 90CE=90DE 90F+945=90D 90F+946=90E 90F+947=910 930+94D+907=908 93A=111CB "
+    "93AD=93AE 93D=ABD 941=AC1 942=AC2 946=A4B 94D=A4D,ACD 964=A830 968=AE8 969=AE9 96A=AEA "
+    "96B7=96B8 96E=AEE 971=D4E 983=A03,C03,C83,D03,D83,1038,114C1 985+9BE=986 98B+9C3=9E0,9E1 "
+    "998=11492 99A=11494 99C=11496 99E=11498 99F=11499 9A1=1149B 9A3=114AA 9A4=1149E 9A5=1149F "
+    "9A6=114A0 9A7=114A1 9A8=114A2 9AA=114A3 9AC=114A9 9AE=114A7 9AF=114A8 9B0=114AB 9B2=1149D "
+    "9B7=114AD 9B8=114AE 9BD=114C4 9BE=114B0 9BF=114B1 9C7=114B9 9CD=114C2 9D7=114BD 9E42=9E43 "
+    "9E7=114D1 9E8=114D2 9EC=114D6 9ED1=9ED2 A05+A3E=A06 A05+A48=A10 A05+A4C=A14 A4D5=A7B1 "
+    "A4E4=A79E A4F6=10411,16F26 A64C=A7B6 A658=16F1C A669=104EB A72+A3F=A07 A72+A40=A08 "
+    "A72+A47=A0F A727=A795 A73+A41=A09 A73+A42=A0A A73E=3FF A73F=37D A779=A77A A786=10A0 "
+    "A792=404,2C88 A793=25B,3B5,454,511,2C89,AB9B,10429,118CE A7FB=15B7 A85+ABE=A86 "
+    "A85+ABE+AC5=A91 A85+ABE+AC7=A93 A85+ABE+AC8=A94 A85+AC5=A8D A85+AC7=A8F A85+AC8=A90 "
+    "A8FB=111DC A99D=A9A3 AA01=AA53 AA23=AA56 B05+B3E=B06 B7=1427,A78F B7+1401=140C B7+1404=1410 "
+    "B7+1405=1412 B7+1406=1414 B7+140A=1417 B7+140B=1419 B7+1432=143E B7+1434=1442 B7+1439=1446 "
+    "B7+144F=145B B7+1450=1454,145D B7+1451=145F B7+1455=1461 B7+1456=1463 B7+146B=1474 "
+    "B7+146E=1478 B7+1470=147C B7+1489=1492 B7+148B=1494 B7+148C=1496 B7+148E=149A B7+1490=149C "
+    "B7+1491=149E B7+14A3=14AC B7+14A6=14B0 B7+14A7=14B2 B7+14A8=14B4 B7+14AB=14B8 B7+14C0=14C9 "
+    "B7+14C2=18C6 B7+14C3=18C8 B7+14C4=18CA B7+14C5=18CC B7+14C7=14CB B7+14C8=14CD B7+14D3=14DC "
+    "B7+14D5=14DE B7+14D6=14E0 B7+14D7=14E2 B7+14D8=14E4 B7+14DA=14E6 B7+14DB=14E8 B7+14ED=14F6 "
+    "B7+14EF=14F8 B7+14F0=14FA B7+14F1=14FC B7+14F2=14FE B7+14F4=1500 B7+14F5=1502 B7+1510=1517 "
+    "B7+1511=1519 B7+1512=151B B7+1513=151D B7+1514=151F B7+1515=1521 B7+1516=1523 B7+1528=1531 "
+    "B7+1529=1533 B7+152A=1535 B7+152B=1537 B7+152D=1539 B7+152E=153B B7+1543=18CE B7+1546=18CF "
+    "B7+1547=18D0 B7+1548=18D1 B7+1549=18D2 B7+154B=18D3 B7+154C=154E B7+155A=155B B7+1567=1568 "
+    "B7+18B1=18B3 B7+18B4=18B6 B7+18B8=18B9 B7+18C0=18C2 B7+245=143C B7+34=152F B7+393=14AE "
+    "B7+394=140E B7+3C=1444 B7+3E=1437,1440 B7+4A=1498 B7+4C=14B6 B7+50=1476 B7+548=1459 "
+    "B7+55=1457 B7+56=143A B7+62=147E B7+62+307=1480 B7+64=147A B7+B7+B7=2D48 B85=BEE B88=BB0,BBE "
+    "B88+BC1=BEB B89=BE8,D09 B89+BB3=B8A B89+D57=D0A B8E=BED B90=B9C,D1C B95=BE7 B9A=BEA "
+    "B9A+BC1=BEC B9A+BC2=BF2 B9F+BBF=D3A BA3=D23 BA9=BC8 BAF=BF0 BB3=BD7 BB4=D34 BB6=D36 "
+    "BBF=D3F,D40 C05=C85 C06=C86 C07=C87 C0B+C3E=C60 C0C+C3E=C61 C12=C92 C12+C4C=C14,C94 "
+    "C12+C55=C13,C93 C1C=C9C C1E=C9E C21+323=C22 C23=CA3 C27+5BC=C25 C2C+323=C2D C2F=CAF "
+    "C30+5BC=C20 C31=CB1 C32=CB2 C35+323=C37 C35+C3E=C39 C35+C41=C2E C41+C3E=C42 C43+C3E=C44 "
+    "C67=CE7 C68=CE8 C6F=CEF C8C+CBE=CE1 D07+D57=D08 D0E+D46=D10 D12+D3E=D13 D12+D57=D14 D1E=D61 "
+    "D26+D4D+D30=D6B D28+D41=D0C,D19 D28+D4D=D6F,D7B D28+D4D+D28=D6C D28+D4D+D2E=D5A D30=D31 "
+    "D30+D4D=D6A,D7C D35+D4D+D30=D6E D39+D4D+D2E=D76 D41=D42,D43 D46+D46=D48 DA2=DEA DAF=DEB "
+    "DE=3F7,104C4 DE8+DCF=DE9 DE8+DD3=DEF DF=3B2,13F0,A7B5 E02=E03 E04=E14,E15 E06=E21 E08=E88 "
+    "E0A=E0B E0E=E0F E11=E17 E1A=E9A E1B=E9B E1D=E9D E1E=E9E E1F=E9F E20=E26 E22=E8D E32=E45 "
+    "E34=17B7 E35=17B8 E36=17B9 E37=17BA E38=EB8 E39=EB9 E40+E40=E41 E48=EC8,17CB E49=EC9 E4A=ECA "
+    "E4B=ECB F62=F6A F68+F7C+F7E=F00 FE=1BF,3F8"
+)
+# script(+script...)=range,range,... (Script_Extensions of letters, marks and digits)
+_SCRIPT_TABLE = (
+    "Adlm=1E900-1E959 Adlm+Arab+Mand+Mani+Ougr+Phlp+Rohg+Sogd+Syrc=640 Aghb=10530-10563 "
+    "Ahom=11700-11746 "
+    "Arab=610-63F,641-64A,656-65F,66E-66F,671-6FF,750-77F,870-8FF,FB50-FDF1,FDF3-FDFB,FE70-FEFC "
+    "Arab=1EE00-1EEBB Arab+Copt=102E0 Arab+Syrc=64B-655,670 Arab+Thaa=FDF2 Arab+Thaa+Yezi=660-669 "
+    "Armi=10840-10855 Armn=531-588,FB13-FB17 Avst=10B00-10B35 Bali=1B00-1B73 "
+    "Bamu=A6A0-A6F1,16800-16A38 Bass=16AD0-16AF4 Batk=1BC0-1BF3 Beng=980-9E3,9F0-9FE,1CF7 "
+    "Beng+Cakm+Sylo=9E6-9EF Beng+Deva=1CD5-1CD6,1CD8,1CE1,1CEA,1CED,1CF5-1CF6,A8F1 "
+    "Beng+Deva+Gran+Gujr+Guru+Knda+Latn+Mlym+Orya+Shrd+Taml+Telu+Tirh=951 "
+    "Beng+Deva+Gran+Gujr+Guru+Knda+Latn+Mlym+Orya+Taml+Telu+Tirh=952 "
+    "Beng+Deva+Gran+Knda=1CD0,1CD2 Beng+Deva+Gran+Knda+Nand+Orya+Telu+Tirh=1CF2 Bhks=11C00-11C59 "
+    "Bopo=3105-312F,31A0-31BF Bopo+Hani=302A-302D Brah=11000-1107F Bugi=1A00-1A1B Bugi+Java=A9CF "
+    "Buhd=1740-1753 Cakm=11100-11147 Cakm+Mymr+Tale=1040-1049 "
+    "Cans=1401-167F,18B0-18F5,11AB0-11ABF Cari=102A0-102D0 Cham=AA00-AA59 "
+    "Cher=13A0-13FD,AB70-ABBF Chrs=10FB0-10FC4 Copt=3E2-3EF,2C80-2CF3 Cpmn=12F90-12FF0 "
+    "Cprt=10800-1083F "
+    "Cyrl=400-481,488-52F,1C80-1C88,1D2B,1D78,2DE0-2DFF,A640-A66E,A670-A69F,FE2E-FE2F "
+    "Cyrl+Glag=484,487,A66F Cyrl+Latn=485-486 Cyrl+Perm=483 Cyrl+Syrc=1DF8 "
+    "Deva=900-950,955-963,971-97F,1CD1,1CD4,1CDB,1CDE-1CDF,1CE2-1CE8,1CEB-1CEC,1CEE-1CF1 "
+    "Deva=A8E0-A8F0,A8F2,A8F4-A8FF Deva+Dogr+Kthi+Mahj=966-96F Deva+Gran=1CF3,1CF8-1CF9 "
+    "Deva+Gran+Knda=1CF4 Deva+Gran+Latn=20F0 Deva+Knda+Mlym+Orya+Taml+Telu=1CDA Deva+Nand=1CE9 "
+    "Deva+Shrd=1CD7,1CD9,1CDC-1CDD,1CE0 Deva+Taml=A8F3 Diak=11900-11959 Dogr=11800-1183A "
+    "Dsrt=10400-1044F Dupl=1BC00-1BC9E Egyp=13000-1342E Elba=10500-10527 Elym=10FE0-10FF6 "
+    "Ethi=1200-138F,2D80-2DDE,AB01-AB2E,1E7E0-1E7FE Geor=10A0-10FF,1C90-1CBF,2D00-2D2D "
+    "Glag=2C00-2C5F,1E000-1E02A Gong=11D60-11DA9 Gonm=11D00-11D59 Goth=10330-10349 "
+    "Gran=11300,11302,11305-11339,1133D-11374 Gran+Taml=BE6-BEF,11301,11303,1133B-1133C "
+    "Grek=342,345,370-373,376-3E1,3F0-3FF,1D26-1D2A,1D5D-1D61,1D66-1D6A,1DBF-1DC1,1F00-1FFC,2126 "
+    "Grek=AB65,1D242-1D244 Gujr=A81-AE3,AF9-AFF Gujr+Khoj=AE6-AEF Guru=A01-A5E,A70-A75 "
+    "Guru+Mult=A66-A6F Hang=1100-11FF,302E-302F,3131-318E,A960-A97C,AC00-D7FB,FFA0-FFDC "
+    "Hani=3005-3006,303B,3400-9FFF,F900-FAD9,16FE3,16FF0-16FF1,20000-3134A Hani+Hira+Kana=303C "
+    "Hano=1720-1734 Hatr=108E0-108F5 Hebr=591-5F2,FB1D-FB4F "
+    "Hira=3041-3096,309D-309F,1B001-1B11F,1B150-1B152 "
+    "Hira+Kana=3031-3035,3099-309A,30FC,FF70,FF9E-FF9F Hluw=14400-14646 Hmng=16B00-16B8F "
+    "Hmnp=1E100-1E14E Hung=10C80-10CF2 Ital=10300-1032F Java=A980-A9C0,A9D0-A9D9 Kali=A900-A92D "
+    "Kana=30A1-30FA,30FD-30FF,31F0-31FF,FF66-FF6F,FF71-FF9D,1AFF0-1B000,1B120-1B122,1B164-1B167 "
+    "Khar=10A00-10A3F Khmr=1780-17E9 Khoj=11200-1123E Kits=16FE4,18B00-18CD5 Knda=C80-CE3,CF1-CF2 "
+    "Knda+Nand=CE6-CEF Kthi=11080-110C2 Lana=1A20-1AA7 Laoo=E81-EDF "
+    "Latn=41-AA,BA-2B8,2E0-2E4,363-36F,1D00-1D25,1D2C-1D5C,1D62-1D65,1D6B-1D77,1D79-1DBE "
+    "Latn=1E00-1EFF,2071-209C,212A-212B,2132,214E-2184,2C60-2C7F,A722-A787,A78B-A7FF,AB30-AB64 "
+    "Latn=AB66-AB69,FB00-FB06,FF21-FF5A,10780-107BA,1DF00-1DF1E Lepc=1C00-1C4F Limb=1900-194F "
+    "Lina=10600-10767 Linb=10000-100FA Lisu=A4D0-A4FD,11FB0 Lyci=10280-1029C Lydi=10920-10939 "
+    "Mahj=11150-11176 Maka=11EE0-11EF6 Mand=840-85B Mani=10AC0-10AE6 Marc=11C72-11CB6 "
+    "Medf=16E40-16E7F Mend=1E800-1E8D6 Merc=109A0-109BF Mero=10980-1099F Mlym=D00-D7F "
+    "Modi=11600-11659 Mong=180B-18AA Mroo=16A40-16A69 Mtei=AAE0-AAF6,ABC0-ABF9 Mult=11280-112A8 "
+    "Mymr=1000-103F,1050-109D,A9E0-A9FE,AA60-AA7F Nand=1CFA,119A0-119E4 Narb=10A80-10A9C "
+    "Nbat=10880-1089E Newa=11400-11461 Nkoo=7C0-7FD Nshu=16FE1,1B170-1B2FB Ogam=1681-169A "
+    "Olck=1C50-1C7D Orkh=10C00-10C48 Orya=B01-B71 Osge=104B0-104FB Osma=10480-104A9 "
+    "Ougr=10F70-10F85 Palm=10860-10876 Pauc=11AC0-11AF8 Perm=10350-1037A Phag=A840-A873 "
+    "Phli=10B60-10B72 Phlp=10B80-10B91 Phnx=10900-10915 Plrd=16F00-16F9F Prti=10B40-10B55 "
+    "Rjng=A930-A953 Rohg=10D00-10D39 Runr=16A0-16F8 Samr=800-82D Sarb=10A60-10A7C Saur=A880-A8D9 "
+    "Sgnw=1DA00-1DAAF Shaw=10450-1047F Shrd=11180-111DC Sidd=11580-115DD Sind=112B0-112F9 "
+    "Sinh=D81-DF3 Sogd=10F30-10F50 Sogo=10F00-10F27 Sora=110D0-110F9 Soyo=11A50-11A9D "
+    "Sund=1B80-1BBF Sylo=A800-A82C Syrc=710-74F,860-86A,1DFA Tagb=1760-1773 Takr=11680-116C9 "
+    "Tale=1950-1974 Talu=1980-19D9 Taml=B82-BD7 Tang=16FE0,17000-18AFF,18D00-18D08 Tavt=AA80-AADD "
+    "Telu=C00-C6F Tfng=2D30-2D7F Tglg=1700-171F Thaa=780-7B1 Thai=E01-E59 Tibt=F00-FC6 "
+    "Tirh=11480-114D9 Tnsa=16A70-16AC9 Toto=1E290-1E2AE Ugar=10380-1039D Vaii=A500-A62B "
+    "Vith=10570-105BC Wara=118A0-118FF Wcho=1E2C0-1E2F9 Xpeo=103A0-103CF Xsux=12000-12543 "
+    "Yezi=10E80-10EB1 Yiii=A000-A48C Zanb=11A00-11A47 "
+    "Zinh=300-341,343-344,346-362,953-954,1AB0-1ACE,1DC2-1DF7,1DF9,1DFB-1DFF,20D0-20EF,FE00-FE2D "
+    "Zinh=101FD,1CF00-1CF46,1D167-1D169,1D17B-1D1AD,E0100-E01EF "
+    "Zyyy=30-39,B5,2B9-2D1,2EC-2EE,374,2102-2124,2128,212C-2131,2133-2149,2E2F,A717-A71F,A788 "
+    "Zyyy=FF10-FF19,1D165-1D166,1D16D-1D172,1D400-1D7FF,1FBF0-1FBF9"
+)
+# Default_Ignorable_Code_Point ranges
+_IGNORABLE_TABLE = (
+    "AD 34F 61C 115F-1160 17B4-17B5 180B-180D 180E 180F 200B-200F 202A-202E 2060-2064 2065 "
+    "2066-206F 3164 FE00-FE0F FEFF FFA0 FFF0-FFF8 1BCA0-1BCA3 1D173-1D17A E0000 E0001 E0002-E001F "
+    "E0020-E007F E0080-E00FF E0100-E01EF E01F0-E0FFF"
+)
 
 # =============================================================================
 # 4. CALLS: invitations, links and groups, as a pure state machine
@@ -1815,6 +2438,8 @@ class Calls:
 # fails), and a sliding window refuses replays. `Opener.open`, `peek_header`
 # and the `unpack_*` functions answer None for whatever they refuse and raise
 # nothing, whatever the bytes. `cryptography` is imported where it is used.
+# Control payloads (keyframe requests, NACKs, reports) are MEDIA FLOW's: they
+# carry what its controllers decide.
 
 VIDEO_CODECS = ("vp8", "jpeg")      # best first; a call uses the first both sides have
 AUDIO_CODECS = ("opus", "pcm")
@@ -1834,6 +2459,10 @@ CODEC_OPUS = 1                      # audio codec ids
 CODEC_PCM16 = 2                     # PCM16 mono; 20 ms fits only up to ~28 kHz
 CONTROL_KEYFRAME = 1                # body: the last frame_id received (uint32)
 CONTROL_KEEPALIVE = 2               # empty body
+CONTROL_NACK = 3                    # body: video fragments to send again (see Nack)
+CONTROL_REPORT = 4                  # body: how our video arrives there (see Report)
+MAX_NACK_ENTRIES = 16               # entries in one Nack, at most
+NACK_WHOLE_FRAME = 0xFFFF           # a Nack entry's index: every fragment of that frame
 FEC_GROUP = 5                       # data fragments per parity fragment
 MAX_HELLO_JSON_BYTES = 1000
 
@@ -1860,6 +2489,8 @@ STALE_MS = 500                      # a frame still incomplete after this is giv
 MAX_FRAMES_IN_PROGRESS = 16         # per Reassembler
 MAX_REASSEMBLY_BYTES = 4 * 1024 * 1024  # fragment bytes a Reassembler holds, at most
 KEYFRAME_REQUEST_INTERVAL_MS = 300  # at most one keyframe request per this
+REPAIR_QUIET_MS = 10                # a frame silent this long has lost its missing fragments
+REPAIR_MIN_WAIT_MS = 20             # the least a repair is awaited, however quick they came
 _CLOSED_MEMORY = 64                 # frame ids a Reassembler remembers having finished
 _CATCH_UP_AFTER_MS = 200            # a jitter buffer this long over target drops frames
 _MAX_LATENCY_SAMPLES = 1000         # per LinkStats interval
@@ -2190,6 +2821,12 @@ def unpack_video(inner: bytes) -> VideoFragment | None:
     return None if _video_problem(frag) else frag
 
 
+def video_capture_ms(inner: bytes) -> int | None:
+    """The capture time a video inner payload's header claims, unchecked (for
+    ReportMeter's delay); None if too short to have one."""
+    return _VIDEO_HEADER.unpack_from(inner)[1] if len(inner) >= _VIDEO_HEADER.size else None
+
+
 @dataclasses.dataclass(frozen=True)
 class AudioFrame:
     """One audio inner payload: seq u32 (one per 20 ms frame, only increasing for the
@@ -2221,35 +2858,6 @@ def unpack_audio(inner: bytes) -> AudioFrame | None:
     return AudioFrame(seq, capture_ms, codec, bytes(inner[_AUDIO_HEADER.size:]))
 
 
-@dataclasses.dataclass(frozen=True)
-class Control:
-    """A control inner payload: type u8, then its body. CONTROL_KEYFRAME ("send a
-    keyframe") carries last_frame_id u32, the last frame id received; CONTROL_KEEPALIVE
-    (sent when there is no media, so the link does not look dead) has no body and
-    last_frame_id 0."""
-    type: int
-    last_frame_id: int = 0
-
-
-def pack_control(control: Control) -> bytes:
-    """The inner payload for `control`. Raises ValueError for an unknown type or a
-    frame id that is not a uint32 (or non-zero in a keepalive)."""
-    if control.type == CONTROL_KEEPALIVE and control.last_frame_id == 0:
-        return bytes([CONTROL_KEEPALIVE])
-    if control.type == CONTROL_KEYFRAME and 0 <= control.last_frame_id <= 0xFFFFFFFF:
-        return struct.pack(">BI", CONTROL_KEYFRAME, control.last_frame_id)
-    raise ValueError(f"can't pack {control!r}")
-
-
-def unpack_control(inner: bytes) -> Control | None:
-    """The control message in an inner payload, or None if it is malformed."""
-    if len(inner) == 1 and inner[0] == CONTROL_KEEPALIVE:
-        return Control(CONTROL_KEEPALIVE)
-    if len(inner) == 5 and inner[0] == CONTROL_KEYFRAME:
-        return Control(CONTROL_KEYFRAME, int.from_bytes(inner[1:], "big"))
-    return None
-
-
 # --- Video: fragmenting with FEC, reassembly, the keyframe gate ------------------------------
 
 def _xor(pieces: list[bytes]) -> tuple[int, int]:
@@ -2263,12 +2871,14 @@ def _xor(pieces: list[bytes]) -> tuple[int, int]:
 
 
 def fragment(frame_id: int, data: bytes, capture_ms: int, keyframe: bool, codec: int,
-             max_fragment: int = VIDEO_FRAGMENT_BYTES, fec_group: int = FEC_GROUP) -> list[bytes]:
+             max_fragment: int = VIDEO_FRAGMENT_BYTES, fec_group: int = FEC_GROUP,
+             parity: bool = True) -> list[bytes]:
     """The video inner payloads for one frame, in sending order; seal each as KIND_VIDEO.
 
     Pieces of max_fragment bytes (an empty frame: one empty piece), each group of up to
-    fec_group followed by its parity fragment (see VideoFragment). Raises ValueError for
-    a field out of range or a frame of more than 65535 pieces.
+    fec_group followed by its parity fragment (see VideoFragment), or by none when
+    `parity` is False (repair by retransmission alone). Raises ValueError for a field
+    out of range or a frame of more than 65535 pieces.
     """
     if not 1 <= max_fragment <= VIDEO_FRAGMENT_BYTES or not 1 <= fec_group <= 0xFF:
         raise ValueError("max_fragment or fec_group out of range")
@@ -2287,10 +2897,11 @@ def fragment(frame_id: int, data: bytes, capture_ms: int, keyframe: bool, codec:
         for index, piece in enumerate(group, start):
             out.append(_VIDEO_HEADER.pack(frame_id, capture_ms, key, codec, index, count,
                                           fec_group, 0) + piece)
-        value, length_xor = _xor(group)
-        parity = value.to_bytes(max(map(len, group)), "little")
-        out.append(_VIDEO_HEADER.pack(frame_id, capture_ms, key | _FLAG_PARITY, codec, number,
-                                      count, fec_group, length_xor) + parity)
+        if parity:
+            value, length_xor = _xor(group)
+            out.append(_VIDEO_HEADER.pack(frame_id, capture_ms, key | _FLAG_PARITY, codec,
+                                          number, count, fec_group, length_xor)
+                       + value.to_bytes(max(map(len, group)), "little"))
     return out
 
 
@@ -2306,10 +2917,14 @@ class Frame:
 
 class _Partial:
     """One frame being put back together. `blocked` counts FEC groups that can't be
-    finished yet: more than one data fragment missing, or one and no parity."""
+    finished yet: more than one data fragment missing, or one and no parity.
+
+    Fragments leave the sender in one order (each group's data, then its parity), so
+    a fragment's place in it (`_place`) says which earlier ones can no longer come."""
 
     def __init__(self, first: VideoFragment, now_ms: float) -> None:
         self.first_ms = now_ms
+        self.last_ms = now_ms       # the newest fragment's arrival
         self.shape = (first.capture_ms, first.keyframe, first.codec, first.count, first.group)
         self.data: dict[int, bytes] = {}
         self.parity: dict[int, tuple[int, bytes]] = {}   # group -> (length_xor, data)
@@ -2317,11 +2932,28 @@ class _Partial:
         self.missing = [min(first.group, first.count - g * first.group) for g in range(groups)]
         self.blocked = groups
         self.held_bytes = 0
+        self.top = -1               # the latest place in the sending order seen
+        self.lost_ms: float | None = None   # when we first knew a fragment of it was lost
+        self.asked: set[int] = set()        # data fragments asked for again
+        self.asked_ms: float | None = None  # when we last asked
+        self.whole_asked = False            # the whole frame was asked for
+        self.resent = 0             # fragments that came after we asked for them
+
+    def _place(self, f: VideoFragment) -> int:
+        group = self.shape[4]
+        if not f.parity:
+            return f.index + f.index // group
+        return f.index * (group + 1) + self._size(f.index)
+
+    def _size(self, g: int) -> int:
+        """Data fragments in group g."""
+        count, group = self.shape[3], self.shape[4]
+        return min(group, count - g * group)
 
     def _is_blocked(self, g: int) -> bool:
         return self.missing[g] > 1 or (self.missing[g] == 1 and g not in self.parity)
 
-    def add(self, f: VideoFragment) -> bool:
+    def add(self, f: VideoFragment, now_ms: float) -> bool:
         """Store a fragment; False if it was already here."""
         g = f.index if f.parity else f.index // f.group
         if (self.parity if f.parity else self.data).get(f.index) is not None:
@@ -2332,9 +2964,35 @@ class _Partial:
         else:
             self.data[f.index] = f.data
             self.missing[g] -= 1
+            self.resent += self.whole_asked or f.index in self.asked
         self.blocked += self._is_blocked(g) - was
         self.held_bytes += len(f.data)
+        self.top = max(self.top, self._place(f))
+        self.last_ms = now_ms
         return True
+
+    def lost(self, now_ms: float, quiet_ms: float, newer: bool, parity: bool) -> list[int]:
+        """Data fragments that can no longer come nor be rebuilt from parity, not asked
+        for before (each is named once). A group's fate is known once a fragment
+        sent after it arrived (its parity, if the stream has `parity`), a `newer`
+        frame did, or nothing came for quiet_ms."""
+        settled = newer or now_ms - self.last_ms >= quiet_ms
+        group, out = self.shape[4], []
+        for g in range(len(self.missing)):
+            size = self._size(g)
+            end = g * (group + 1) + size - (not parity)     # its last place in the order
+            if not self._is_blocked(g) or not (settled or self.top >= end):
+                continue
+            absent = [i for i in range(g * group, g * group + size) if i not in self.data]
+            if g in self.parity:
+                absent.pop()        # the parity rebuilds one of them
+            out += [i for i in absent if i not in self.asked]
+        self.asked.update(out)
+        if out:
+            self.asked_ms = now_ms
+            if self.lost_ms is None:
+                self.lost_ms = now_ms
+        return [] if self.whole_asked else out
 
     def assemble(self) -> tuple[bytes, bool] | None:
         """(frame data, repaired?) once blocked == 0; None if the parity contradicts
@@ -2360,118 +3018,375 @@ class _Partial:
 
 
 class Reassembler:
-    """Puts one incoming video stream's frames back together.
+    """Puts one incoming video stream's frames back together, in order.
 
-    `add` takes a video inner payload (from an Opener) and returns the frames it
-    completed, possibly rebuilt from parity: a list of 0 or 1 Frame, frame ids only
-    ever increasing. A frame completes as soon as it can; every frame in progress
-    that is older is then given up, since it could only be delivered out of order.
-    Frames incomplete after stale_ms, beyond max_frames in progress or beyond
-    max_bytes held are given up too, oldest first. Never raises for any bytes.
+    `add` takes a video inner payload (from an Opener) and returns the frames now
+    ready, possibly rebuilt from parity: frame ids only ever increasing, never twice.
+    Never raises for any bytes.
 
-    Counters: completed (of which repaired), incomplete (frames given up), late
-    (fragments of frames already given up or passed over), duplicates (fragments
-    already held, or of a frame already delivered), malformed (fragments that don't
-    parse or contradict earlier fragments of their frame).
+    A decoder wants every frame in order, so a complete frame waits while an older
+    one is incomplete: for `wait_ms` after we knew that older frame had lost
+    something (time for a repair: see `lost`), then the older one is given up.
+    wait_ms is four times the repair round trip measured so far (what we asked for
+    took that long to come), within REPAIR_MIN_WAIT_MS and hold_ms; hold_ms 0 (no
+    repair) gives it up at once. Frames incomplete after stale_ms, beyond max_frames
+    in progress or waiting, or beyond max_bytes held are given up too, oldest first.
+    With hold_ms > 0, frame ids skipped altogether (nothing of them came) are
+    awaited like incomplete frames, up to max_frames of them.
+
+    `lost(now_ms)` names, once each, the data fragments known lost that parity can't
+    replace, and the frames of which nothing came: what to ask the sender for.
+    `poll(now_ms)` gives up what waited too long and returns the frames that frees;
+    call it on a timer when packets may stop.
+
+    Counters: completed (of which repaired by parity, recovered by fragments sent
+    again), incomplete (frames given up), resent (fragments that came after we asked
+    for them), late (fragments of frames already given up or passed over),
+    duplicates (fragments already held, or of a frame already complete), malformed
+    (fragments that don't parse or contradict earlier fragments of their frame).
     """
 
     def __init__(self, stale_ms: float = STALE_MS, max_frames: int = MAX_FRAMES_IN_PROGRESS,
-                 max_bytes: int = MAX_REASSEMBLY_BYTES) -> None:
+                 max_bytes: int = MAX_REASSEMBLY_BYTES, hold_ms: float = 0,
+                 quiet_ms: float = REPAIR_QUIET_MS) -> None:
         self.stale_ms = stale_ms
         self.max_frames = max_frames
         self.max_bytes = max_bytes
+        self.hold_ms = hold_ms
+        self.quiet_ms = quiet_ms
         self._partials: dict[int, _Partial] = {}        # frame_id -> frame in progress
+        self._ghosts: dict[int, float] = {}     # frame ids nothing came of -> noticed at
+        self._ghosts_asked: dict[int, float] = {}   # of those, asked for (when)
+        self._parity_seen = False               # the stream carries parity fragments
+        self.repair_rtt_ms: float | None = None     # smoothed: asking to getting
+        self._ready: dict[int, Frame] = {}      # complete, waiting for older frames
         self._closed: collections.OrderedDict[int, bool] = collections.OrderedDict()
-        # ^ recently finished frame ids -> True if delivered, False if given up
+        # ^ recently finished frame ids -> True if complete, False if given up
+        self._top_id: int | None = None         # the highest frame id seen
         self.newest = -1            # frame id last delivered; -1 = none yet
         self.held_bytes = 0
-        self.completed = self.repaired = self.incomplete = 0
-        self.late = self.duplicates = self.malformed = 0
+        self.completed = self.repaired = self.recovered = self.incomplete = 0
+        self.resent = self.late = self.duplicates = self.malformed = 0
 
     @property
     def in_progress(self) -> int:
         return len(self._partials)
 
+    @property
+    def wait_ms(self) -> float:
+        """How long a complete frame waits for an older one's repair."""
+        if self.hold_ms <= 0 or self.repair_rtt_ms is None:
+            return self.hold_ms
+        return min(self.hold_ms, max(REPAIR_MIN_WAIT_MS, 4 * self.repair_rtt_ms))
+
     def add(self, inner: bytes, now_ms: float) -> list[Frame]:
-        self.expire(now_ms)
+        out = self.poll(now_ms)
         f = unpack_video(inner)
         if f is None:
             self.malformed += 1
-            return []
+            return out
         if f.frame_id <= self.newest or f.frame_id in self._closed:
             if self._closed.get(f.frame_id):
                 self.duplicates += 1
             else:
                 self.late += 1
-            return []
+            return out
+        self._saw(f.frame_id, now_ms)
         partial = self._partials.get(f.frame_id)
         if partial is None:
             if len(self._partials) >= self.max_frames:
                 oldest = min(self._partials)
                 if f.frame_id < oldest:     # full of newer frames: this one is the oldest
+                    self._ghosts.pop(f.frame_id, None)
                     self.incomplete += 1
                     self._close(f.frame_id, False)
-                    return []
+                    return out
                 self._give_up(oldest)
             partial = self._partials[f.frame_id] = _Partial(f, now_ms)
+            if f.frame_id in self._ghosts:  # a frame we had given up for lost
+                partial.lost_ms = self._ghosts.pop(f.frame_id)
+                partial.asked_ms = self._ghosts_asked.pop(f.frame_id, None)
+                partial.whole_asked = partial.asked_ms is not None
         if partial.shape != (f.capture_ms, f.keyframe, f.codec, f.count, f.group):
             self.malformed += 1
-            return []
-        before = partial.held_bytes
-        if not partial.add(f):
+            return out
+        before, resent = partial.held_bytes, partial.resent
+        if not partial.add(f, now_ms):
             self.duplicates += 1
-            return []
+            return out
+        self._parity_seen |= f.parity
+        if partial.resent > resent and partial.asked_ms is not None:
+            sample = now_ms - partial.asked_ms
+            self.resent += 1
+            self.repair_rtt_ms = sample if self.repair_rtt_ms is None else (
+                self.repair_rtt_ms + (sample - self.repair_rtt_ms) / 8)
         self.held_bytes += partial.held_bytes - before
-        while self.held_bytes > self.max_bytes and self._partials:
-            self._give_up(min(self._partials))
+        while self.held_bytes > self.max_bytes and (self._partials or self._ghosts):
+            self._give_up(min([*self._partials, *self._ghosts]))
         if f.frame_id in self._partials and partial.blocked == 0:
-            return self._finish(f.frame_id, partial)
-        return []
+            self._complete(f.frame_id, partial)
+        return out + self._release(now_ms)
+
+    def lost(self, now_ms: float) -> list[tuple[int, list[int] | None]]:
+        """(frame_id, data indices) of fragments known lost, and (frame_id, None) for
+        frames nothing came of, oldest first; each is named once, then awaited."""
+        out: list[tuple[int, list[int] | None]] = []
+        for frame_id in sorted(set(self._ghosts) - set(self._ghosts_asked)):
+            self._ghosts_asked[frame_id] = now_ms
+            out.append((frame_id, None))
+        top = self._top_id if self._top_id is not None else -1
+        for frame_id in sorted(self._partials):
+            indices = self._partials[frame_id].lost(now_ms, self.quiet_ms, frame_id < top,
+                                                    self._parity_seen)
+            if indices:
+                out.append((frame_id, indices))
+        return out
+
+    def poll(self, now_ms: float) -> list[Frame]:
+        """Give up what waited too long (see the class); the frames that frees."""
+        self.expire(now_ms)
+        return self._release(now_ms)
 
     def expire(self, now_ms: float) -> int:
         """Give up frames incomplete for longer than stale_ms; return how many.
-        `add` calls this; a receiver may also call it on a timer."""
+        `add` and `poll` call this."""
         stale = [i for i, p in self._partials.items() if now_ms - p.first_ms > self.stale_ms]
+        stale += [i for i, since in self._ghosts.items() if now_ms - since > self.stale_ms]
         for frame_id in stale:
             self._give_up(frame_id)
         return len(stale)
 
+    def _saw(self, frame_id: int, now_ms: float) -> None:
+        """A fragment of frame_id came: what was sent before it can't come any more."""
+        top = self._top_id
+        if top is not None and frame_id > top + 1 and self.hold_ms > 0 \
+                and frame_id - top - 1 <= self.max_frames:
+            for skipped in range(top + 1, frame_id):
+                if skipped not in self._closed:
+                    self._ghosts[skipped] = now_ms
+            while len(self._ghosts) > self.max_frames:
+                self._give_up(min(self._ghosts))
+        for older, partial in self._partials.items():
+            if older < frame_id and partial.lost_ms is None:
+                partial.lost_ms = now_ms
+        self._top_id = frame_id if top is None else max(top, frame_id)
+
     def _give_up(self, frame_id: int) -> None:
-        self.held_bytes -= self._partials.pop(frame_id).held_bytes
+        partial = self._partials.pop(frame_id, None)
+        if partial is not None:
+            self.held_bytes -= partial.held_bytes
+        self._ghosts.pop(frame_id, None)
+        self._ghosts_asked.pop(frame_id, None)
         self.incomplete += 1
         self._close(frame_id, False)
 
-    def _close(self, frame_id: int, delivered: bool) -> None:
-        self._closed[frame_id] = delivered
+    def _close(self, frame_id: int, complete: bool) -> None:
+        self._closed[frame_id] = complete
         while len(self._closed) > _CLOSED_MEMORY:
             self._closed.popitem(last=False)
 
-    def _finish(self, frame_id: int, partial: _Partial) -> list[Frame]:
+    def _complete(self, frame_id: int, partial: _Partial) -> None:
         self.held_bytes -= self._partials.pop(frame_id).held_bytes
         result = partial.assemble()
         if result is None:
             self.malformed += 1
             self.incomplete += 1
             self._close(frame_id, False)
-            return []
-        for older in [i for i in self._partials if i < frame_id]:
-            self._give_up(older)
-        self.newest = frame_id
+            return
         self._close(frame_id, True)
         self.completed += 1
         self.repaired += result[1]
+        self.recovered += partial.resent > 0
         capture_ms, keyframe, codec = partial.shape[:3]
-        return [Frame(frame_id, result[0], capture_ms, keyframe, codec)]
+        self._ready[frame_id] = Frame(frame_id, result[0], capture_ms, keyframe, codec)
+        self.held_bytes += len(result[0])
+
+    def _release(self, now_ms: float) -> list[Frame]:
+        out: list[Frame] = []
+        while self._ready:
+            first = min(self._ready)
+            older = [i for i in (*self._partials, *self._ghosts) if i < first]
+            if older:
+                oldest = min(older)
+                partial = self._partials.get(oldest)
+                since = self._ghosts.get(oldest) if partial is None else partial.lost_ms
+                if len(self._ready) <= self.max_frames and now_ms - (
+                        now_ms if since is None else since) < self.wait_ms:
+                    break           # a repair may still come
+                self._give_up(oldest)
+                continue
+            frame = self._ready.pop(first)
+            self.held_bytes -= len(frame.data)
+            self.newest = first
+            out.append(frame)
+        return out
 
 
 # =============================================================================
-# 6. MEDIA FLOW: the keyframe gate, the jitter buffer, link statistics
+# 6. MEDIA FLOW: control messages, repair, rate, the keyframe gate, statistics
 # =============================================================================
-# Pure code for calls, like 5: what a receiver decides as packets come in
-# and a playback clock ticks. The keyframe gate keeps delta frames from a
-# decoder that lost its reference; the jitter buffer turns packets that
-# arrive unevenly into one audio frame every 20 ms; LinkStats counts what
-# media_stats reports. Time arrives as `now_ms`.
+# Pure code for calls, like 5: what each end decides as packets come in and
+# clocks tick, and the control messages that carry it. A receiver's
+# VideoReceiver asks for lost fragments once (a Nack) before its keyframe
+# gate asks for a keyframe, and its ReportMeter says how the media arrives;
+# a sender's Retransmitter answers Nacks from a FragmentCache within bounds a
+# peer can't stretch, and its RateController turns Reports into a bitrate, a
+# frame rate and a size. LinkStats counts what media_stats reports. When
+# what arrives is played is PLAYOUT's (next). Time arrives as `now_ms`; no
+# sockets, threads or clocks here.
+
+# --- Tunables ----------------------------------------------------------------------------
+
+REPAIR_WAIT_MS = 100                # a newer frame waits at most this long for an older repair
+RESEND_FRAMES = 32                  # frames a sender keeps for Nacks (about a second)
+RESEND_BYTES = 2 * 1024 * 1024      # and bytes, at most
+RESEND_PER_S = 120                  # fragments sent again to one link a second, at most
+RESEND_BURST = 60                   # and at once
+REPORT_INTERVAL_MS = 250            # a receiver reports how media arrives this often
+DELAY_BASE_MS = 10_000              # queuing delay is measured over the quickest in this
+REPORT_STALE_MS = 1500              # a link that stopped reporting counts as congested
+LOSS_HIGH_BP = 1000                 # loss above this (1/10000) is congestion: slow down
+LOSS_LOW_BP = 200                   # below this, and
+LOSS_SMOOTHING = 4                  # loss is judged over about this many reports too
+DELAY_HIGH_MS = 100                 # queuing delay above this is congestion
+DELAY_LOW_MS = 30                   # below this, the link is clear: speed up
+RATE_DECREASE = 0.85                # bitrate after congestion, at most this share of before
+RATE_INCREASE_PER_S = 0.12          # while clear, bitrate grows this share a second
+RATE_STEP = 0.85                    # bitrates come in steps, each this share of the one above
+RATE_MIN_SHARE = 0.08               # the lowest bitrate, as a share of the highest
+INCREASE_AFTER_MS = 1000            # no increase this soon after a decrease
+SIZE_HOLD_MS = 3000                 # no size change up this soon after another (a keyframe)
+# (bitrate at least this share of the highest, frames a second, size divisor): first
+# the bitrate falls, then the frame rate, then the picture's size.
+RATE_LADDER = ((0.35, 30, 1), (0.22, 20, 1), (0.15, 15, 1), (0.10, 15, 2), (0.0, 10, 2))
+RATE_UP_MARGIN = 1.2                # a bigger size needs this much more than its rung
+
+
+# --- Control messages -------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Control:
+    """A control inner payload: type u8, then its body. CONTROL_KEYFRAME ("send a
+    keyframe") carries last_frame_id u32, the last frame id received; CONTROL_KEEPALIVE
+    (sent when there is no media, so the link does not look dead) has no body and
+    last_frame_id 0. Nack and Report are the other two types."""
+    type: int
+    last_frame_id: int = 0
+
+
+_NACK_ENTRY = struct.Struct(">IHH")             # frame_id, index, mask: 8 bytes
+_REPORT = struct.Struct(">BHHI")                # type, loss_bp, delay_ms, kbps: 9 bytes
+
+
+@dataclasses.dataclass(frozen=True)
+class Nack:
+    """CONTROL_NACK, "these video fragments never came": a receiver asks once, before
+    it asks for a keyframe. Body: n u8 (1..MAX_NACK_ENTRIES), then n entries of
+    frame_id u32, index u16, mask u16: data fragment `index` of that frame, and
+    index + 1 + i for each bit i set in mask (an entry names up to 17). An index of
+    NACK_WHOLE_FRAME, with mask 0, asks for every data fragment of a frame of which
+    nothing arrived. At most 130 bytes, whatever is asked: what the sender does with
+    it is bounded by its Retransmitter, not by the peer."""
+    entries: tuple[tuple[int, int, int], ...]   # (frame_id, index, mask)
+    type: ClassVar[int] = CONTROL_NACK
+
+    @classmethod
+    def asking(cls, lost: Iterable[tuple[int, Iterable[int] | None]]) -> list[Nack]:
+        """The Nacks that ask for `lost`: (frame_id, data indices), or (frame_id,
+        None) for a whole frame. Several when one would pass MAX_NACK_ENTRIES."""
+        entries: list[tuple[int, int, int]] = []
+        for frame_id, indices in lost:
+            if indices is None:
+                entries.append((frame_id, NACK_WHOLE_FRAME, 0))
+                continue
+            first: int | None = None
+            mask = 0
+            for index in sorted(set(indices)):
+                if first is not None and index - first <= 16:
+                    mask |= 1 << (index - first - 1)
+                    continue
+                if first is not None:
+                    entries.append((frame_id, first, mask))
+                first, mask = index, 0
+            if first is not None:
+                entries.append((frame_id, first, mask))
+        return [cls(tuple(entries[i:i + MAX_NACK_ENTRIES]))
+                for i in range(0, len(entries), MAX_NACK_ENTRIES)]
+
+    def wanted(self) -> list[tuple[int, int | None]]:
+        """(frame_id, data index) for each fragment asked for; index None: all of it."""
+        out: list[tuple[int, int | None]] = []
+        for frame_id, index, mask in self.entries:
+            if index == NACK_WHOLE_FRAME:
+                out.append((frame_id, None))
+                continue
+            out.append((frame_id, index))
+            out += [(frame_id, index + 1 + i) for i in range(16) if mask >> i & 1]
+        return out
+
+
+@dataclasses.dataclass(frozen=True)
+class Report:
+    """CONTROL_REPORT, a receiver's word on how the media from us arrives, a few
+    times a second, for the sender's RateController. Body: loss_bp u16 (packets lost
+    before any repair, in 1/10000: 0..10000), delay_ms u16 (queuing delay: how much
+    longer than the quickest lately this interval's packets took), kbps u32
+    (received, every kind)."""
+    loss_bp: int
+    delay_ms: int
+    kbps: int
+    type: ClassVar[int] = CONTROL_REPORT
+
+
+def pack_control(control: Control | Nack | Report) -> bytes:
+    """The inner payload for `control`. Raises ValueError for an unknown type or a
+    field out of range (a keepalive's frame id not 0; an empty, too long or
+    inconsistent Nack; a Report's loss over 10000)."""
+    if isinstance(control, Nack):
+        entries = control.entries
+        if not 1 <= len(entries) <= MAX_NACK_ENTRIES or any(
+                index == NACK_WHOLE_FRAME and mask for _, index, mask in entries):
+            raise ValueError(f"can't pack {control!r}")
+        try:
+            return bytes([CONTROL_NACK, len(entries)]) + b"".join(
+                _NACK_ENTRY.pack(*entry) for entry in entries)
+        except struct.error as exc:
+            raise ValueError(str(exc)) from None
+    if isinstance(control, Report):
+        if not 0 <= control.loss_bp <= 10000:
+            raise ValueError(f"loss of {control.loss_bp} / 10000")
+        try:
+            return _REPORT.pack(CONTROL_REPORT, control.loss_bp, control.delay_ms,
+                                control.kbps)
+        except struct.error as exc:
+            raise ValueError(str(exc)) from None
+    if control.type == CONTROL_KEEPALIVE and control.last_frame_id == 0:
+        return bytes([CONTROL_KEEPALIVE])
+    if control.type == CONTROL_KEYFRAME and 0 <= control.last_frame_id <= 0xFFFFFFFF:
+        return struct.pack(">BI", CONTROL_KEYFRAME, control.last_frame_id)
+    raise ValueError(f"can't pack {control!r}")
+
+
+def unpack_control(inner: bytes) -> Control | Nack | Report | None:
+    """The control message in an inner payload, or None if it is malformed: an
+    unknown type, a length its type doesn't have, a Nack with no entries, more than
+    MAX_NACK_ENTRIES or a whole-frame entry with a mask, a Report's loss over 10000."""
+    size = len(inner)
+    if size == 1 and inner[0] == CONTROL_KEEPALIVE:
+        return Control(CONTROL_KEEPALIVE)
+    if size == 5 and inner[0] == CONTROL_KEYFRAME:
+        return Control(CONTROL_KEYFRAME, int.from_bytes(inner[1:], "big"))
+    if size >= 2 and inner[0] == CONTROL_NACK and 1 <= inner[1] <= MAX_NACK_ENTRIES \
+            and size == 2 + inner[1] * _NACK_ENTRY.size:
+        entries = tuple(_NACK_ENTRY.iter_unpack(bytes(inner[2:])))
+        if any(index == NACK_WHOLE_FRAME and mask for _, index, mask in entries):
+            return None
+        return Nack(entries)
+    if size == _REPORT.size and inner[0] == CONTROL_REPORT:
+        _, loss_bp, delay_ms, kbps = _REPORT.unpack(bytes(inner))
+        return Report(loss_bp, delay_ms, kbps) if loss_bp <= 10000 else None
+    return None
+
 
 class GateState(enum.Enum):
     """Where a KeyframeGate is; it starts AWAITING_KEYFRAME."""
@@ -2532,6 +3447,403 @@ class KeyframeGate:
         self.requests += 1
         return True
 
+
+# --- Video in: repair, then the keyframe gate --------------------------------------------
+
+class VideoReceiver:
+    """One link's incoming video, from packets to the frames its decoder may take.
+
+    Give `packet` every video inner payload, and call `poll` often (with every packet
+    of any kind, and on a timer): each returns (frames to decode, in order; control
+    inner payloads to send back). With `repair`, the data fragments parity can't
+    rebuild are asked for once, in a Nack, as soon as they are known lost, and newer
+    frames wait up to wait_ms for them; a frame still missing then is given up and
+    the KeyframeGate asks for a keyframe. Without, a frame is given up as soon as a
+    newer one is complete (there is nothing to wait for). `decoder_failed` when the
+    decoder refuses a frame. Counters: `nacks` (Nack packets asked to send), and the
+    Reassembler's and the gate's.
+    """
+
+    def __init__(self, repair: bool = True, wait_ms: float = REPAIR_WAIT_MS,
+                 request_interval_ms: float = KEYFRAME_REQUEST_INTERVAL_MS) -> None:
+        self.repair = repair
+        self.reassembler = Reassembler(hold_ms=wait_ms if repair else 0)
+        self.gate = KeyframeGate(request_interval_ms)
+        self.nacks = 0
+
+    def packet(self, inner: bytes, now_ms: float) -> tuple[list[Frame], list[bytes]]:
+        return self._pass(self.reassembler.add(inner, now_ms), now_ms)
+
+    def poll(self, now_ms: float) -> tuple[list[Frame], list[bytes]]:
+        return self._pass(self.reassembler.poll(now_ms), now_ms)
+
+    def decoder_failed(self, now_ms: float) -> list[bytes]:
+        """The decoder refused a frame (or fell behind): a keyframe request, or none
+        if one went out less than the gate's interval ago."""
+        return [self.keyframe_request()] if self.gate.decoder_failed(now_ms) else []
+
+    def keyframe_request(self) -> bytes:
+        return pack_control(Control(CONTROL_KEYFRAME, self.gate.last_frame_id or 0))
+
+    def _pass(self, frames: list[Frame], now_ms: float) -> tuple[list[Frame], list[bytes]]:
+        controls = []
+        if self.repair:
+            for nack in Nack.asking(self.reassembler.lost(now_ms)):
+                controls.append(pack_control(nack))
+                self.nacks += 1
+        decode, keyframe = [], False
+        for frame in frames:
+            verdict = self.gate.check(frame, now_ms)
+            keyframe |= verdict.request_keyframe
+            if verdict.decode:
+                decode.append(frame)
+        if keyframe:
+            controls.append(self.keyframe_request())
+        return decode, controls
+
+
+# --- Link statistics ---------------------------------------------------------------------
+
+class LinkStats:
+    """Receive-side numbers for one link, for the call window, once a second.
+
+    Feed it every opened packet (`packet`), every refused one (`refused`), every
+    video frame shown and audio frame received; `snapshot(now_ms)` returns the dict
+    below for the interval since the last snapshot and starts a new one:
+    video_fps (frames shown per second), audio_frames (received), loss (fraction
+    0..1 of packets missing, as RTCP's "fraction lost": from the highest sequence
+    number at the last snapshot to the highest now), latency_ms (median of now -
+    capture time of the frames shown; the two clocks' offset included; None if no
+    frame), kbps (received), dropped (packets refused since the start), freeze_ms
+    (the longest the picture stood still: time between two frames shown, for those
+    shown this interval, the first counted from the one before it; None if none).
+    """
+
+    def __init__(self, now_ms: float) -> None:
+        self._since = now_ms        # start of the interval
+        self._top: int | None = None    # highest sequence number at the last snapshot
+        self._high: int | None = None   # highest this interval
+        self._low: int | None = None    # lowest this interval
+        self._packets = self._bytes = self._shown = self._audio = self._refused = 0
+        self._latencies: list[float] = []
+        self._shown_ms: float | None = None     # when the last frame was shown
+        self._freeze: float | None = None       # the longest gap ending this interval
+        self.last_packet_ms: float | None = None    # silent too long: the link is dead
+
+    def packet(self, seq: int, size_bytes: int, now_ms: float) -> None:
+        self._packets += 1
+        self._bytes += size_bytes
+        self._high = seq if self._high is None else max(self._high, seq)
+        self._low = seq if self._low is None else min(self._low, seq)
+        self.last_packet_ms = now_ms
+
+    def refused(self) -> None:
+        self._refused += 1
+
+    def frame_shown(self, capture_ms: float, now_ms: float) -> None:
+        self._shown += 1
+        if len(self._latencies) < _MAX_LATENCY_SAMPLES:
+            self._latencies.append(now_ms - capture_ms)
+        if self._shown_ms is not None:
+            self._freeze = max(self._freeze or 0.0, now_ms - self._shown_ms)
+        self._shown_ms = now_ms
+
+    def audio_frame(self) -> None:
+        self._audio += 1
+
+    def snapshot(self, now_ms: float) -> dict:
+        elapsed_ms = max(now_ms - self._since, 1.0)
+        loss = 0.0
+        if self._high is not None:
+            low = self._low if self._low is not None else self._high
+            base = self._top if self._top is not None else low - 1
+            expected = self._high - base
+            if expected > 0:
+                loss = round(max(0, expected - self._packets) / expected, 3)
+            self._top = max(base, self._high)
+        latency = None
+        if self._latencies:
+            ordered, middle = sorted(self._latencies), len(self._latencies) // 2
+            latency = round(ordered[middle] if len(ordered) % 2
+                            else (ordered[middle - 1] + ordered[middle]) / 2, 1)
+        result = {"video_fps": round(self._shown * 1000 / elapsed_ms, 1),
+                  "audio_frames": self._audio, "loss": loss, "latency_ms": latency,
+                  "kbps": round(self._bytes * 8 / elapsed_ms, 1), "dropped": self._refused,
+                  "freeze_ms": None if self._freeze is None else round(self._freeze)}
+        self._since, self._high, self._low, self._freeze = now_ms, None, None, None
+        self._packets = self._bytes = self._shown = self._audio = 0
+        self._latencies = []
+        return result
+
+
+class ReportMeter:
+    """A receiver's half of rate control for one link: what its Reports say.
+
+    `packet(seq, size_bytes, now_ms)` for every opened packet; `transit(capture_ms,
+    wall_ms)` for every video fragment (capture_ms from its header, wall_ms our wall
+    clock on arrival); `report(now_ms)` every REPORT_INTERVAL_MS returns the Report
+    for the interval since the last: loss and kbps as LinkStats counts them (loss
+    before any repair: a fragment sent again has a sequence number of its own), and
+    delay_ms, this interval's median transit over the lowest transit of the last
+    DELAY_BASE_MS, so the offset between the two ends' clocks cancels out. Nothing
+    received: a Report of no loss and no delay.
+    """
+
+    def __init__(self, now_ms: float) -> None:
+        self._stats = LinkStats(now_ms)
+        self._transits: list[float] = []
+        self._lows: collections.deque[tuple[float, float]] = collections.deque()
+        # ^ (when, the lowest transit of one interval), for DELAY_BASE_MS
+
+    def packet(self, seq: int, size_bytes: int, now_ms: float) -> None:
+        self._stats.packet(seq, size_bytes, now_ms)
+
+    def transit(self, capture_ms: float, wall_ms: float) -> None:
+        if len(self._transits) < _MAX_LATENCY_SAMPLES:
+            self._transits.append(wall_ms - capture_ms)
+
+    def report(self, now_ms: float) -> Report:
+        snapshot = self._stats.snapshot(now_ms)
+        delay = 0
+        if self._transits:
+            ordered = sorted(self._transits)
+            self._lows.append((now_ms, ordered[0]))
+            while now_ms - self._lows[0][0] > DELAY_BASE_MS:
+                self._lows.popleft()
+            base = min(low for _, low in self._lows)
+            delay = min(max(0, round(ordered[len(ordered) // 2] - base)), 0xFFFF)
+            self._transits = []
+        return Report(round(snapshot["loss"] * 10000), delay,
+                      min(round(snapshot["kbps"]), 0xFFFFFFFF))
+
+
+# --- Video out: retransmission and the rate ----------------------------------------------
+
+class FragmentCache:
+    """The data fragments of the last frames one video stream sent, kept for the
+    Retransmitters of every link the stream goes to: at most max_frames frames and
+    max_bytes, the oldest leaving first. Parity is not kept: a Nack names data.
+    Not thread-safe: the sender guards it."""
+
+    def __init__(self, max_frames: int = RESEND_FRAMES, max_bytes: int = RESEND_BYTES) -> None:
+        self.max_frames = max_frames
+        self.max_bytes = max_bytes
+        self._frames: collections.OrderedDict[int, dict[int, bytes]] = collections.OrderedDict()
+        self.held_bytes = 0
+
+    def __contains__(self, frame_id: int) -> bool:
+        return frame_id in self._frames
+
+    def add(self, frame_id: int, inners: list[bytes]) -> None:
+        """Keep frame_id's data fragments (inners from `fragment`)."""
+        kept: dict[int, bytes] = {}
+        for inner in inners:
+            f = unpack_video(inner)
+            if f is not None and not f.parity and f.frame_id == frame_id:
+                kept[f.index] = bytes(inner)
+        self._drop(frame_id)
+        self._frames[frame_id] = kept
+        self.held_bytes += sum(map(len, kept.values()))
+        while len(self._frames) > self.max_frames or self.held_bytes > self.max_bytes:
+            self._drop(next(iter(self._frames)))
+
+    def get(self, frame_id: int, index: int) -> bytes | None:
+        return self._frames.get(frame_id, {}).get(index)
+
+    def indices(self, frame_id: int) -> list[int]:
+        return sorted(self._frames.get(frame_id, {}))
+
+    def _drop(self, frame_id: int) -> None:
+        old = self._frames.pop(frame_id, None)
+        if old is not None:
+            self.held_bytes -= sum(map(len, old.values()))
+
+
+class Retransmitter:
+    """Answers one link's Nacks from its stream's FragmentCache, within bounds the peer
+    can't stretch, whatever it asks: a fragment goes again at most once to this link
+    and only while cached, at most `burst` at once and `per_s` a second (a token
+    bucket), and one Nack makes us look up at most 17 x MAX_NACK_ENTRIES fragments.
+    The rest of a Nack is dropped and counted. So a Nack never costs us more than we
+    sent that peer in the first place.
+
+    Counters: resent (fragments answered), refused (over the budget, or sent again
+    before), unknown (not, or no longer, cached).
+    """
+
+    def __init__(self, cache: FragmentCache, per_s: float = RESEND_PER_S,
+                 burst: int = RESEND_BURST) -> None:
+        self.cache = cache
+        self.per_s = per_s
+        self.burst = burst
+        self._tokens = float(burst)
+        self._at: float | None = None       # when the bucket was last filled
+        self._sent: set[tuple[int, int]] = set()    # (frame_id, index) sent again
+        self.resent = self.refused = self.unknown = 0
+
+    def answer(self, nack: Nack, now_ms: float) -> list[bytes]:
+        """The video inner payloads to seal and send again, in the order asked."""
+        if self._at is not None:
+            self._tokens = min(self.burst,
+                               self._tokens + max(0.0, now_ms - self._at) * self.per_s / 1000)
+        self._at = now_ms
+        out: list[bytes] = []
+        lookups = 17 * MAX_NACK_ENTRIES
+        for frame_id, index in nack.wanted():
+            for i in self.cache.indices(frame_id) if index is None else [index]:
+                lookups -= 1
+                if lookups < 0:
+                    self.refused += 1
+                    break
+                inner = self.cache.get(frame_id, i)
+                if inner is None:
+                    self.unknown += 1
+                elif (frame_id, i) in self._sent or self._tokens < 1:
+                    self.refused += 1
+                else:
+                    self._sent.add((frame_id, i))
+                    self._tokens -= 1
+                    out.append(inner)
+        if len(self._sent) > 4 * RESEND_FRAMES * 17:
+            self._sent = {key for key in self._sent if key[0] in self.cache}
+        self.resent += len(out)
+        return out
+
+
+@dataclasses.dataclass(frozen=True)
+class VideoSettings:
+    """How a video stream is sent now, from RateController.update."""
+    bitrate: int                    # the encoder's target, bits a second
+    fps: int
+    width: int
+    height: int
+
+
+class RateController:
+    """How one video stream is sent (bitrate, frame rate, size), from the Reports of
+    the links it goes to. One encoder serves them all, so the worst link decides.
+
+    `report(peer, report, now_ms, sent_kbps)` for each Report, with what we sent that
+    peer over about the interval it covers, if known; `forget(peer)` when a link ends;
+    `update(now_ms)` (once per camera frame, say) returns the settings; `take_frame(
+    now_ms)` says whether the frame captured now is sent, at the settings' rate.
+
+    A link whose latest Report says loss above LOSS_HIGH_BP (and so does its loss
+    smoothed over LOSS_SMOOTHING reports: a quarter second of 5% random loss often
+    loses more than 10%, and that is no congestion) or delay above DELAY_HIGH_MS,
+    or whose Reports stopped for REPORT_STALE_MS, is congested: the
+    bitrate falls to RATE_DECREASE of itself, times the share of what we sent that
+    arrived when less got there (whatever parity, headers and sound add, that share
+    is what the link can take), once per Report that says so. When every link is
+    clear (smoothed loss below LOSS_LOW_BP, delay below DELAY_LOW_MS) it grows
+    RATE_INCREASE_PER_S a second, from INCREASE_AFTER_MS after the last decrease, up
+    to max_bitrate; otherwise it holds.
+    Links that never reported (a peer that doesn't) don't count.
+
+    The bitrate comes out in steps of RATE_STEP (a new bitrate costs the encoder a
+    keyframe), and RATE_LADDER turns it into a frame rate and a size: first the
+    bitrate falls, then the frame rate, then the size. Going back up to a bigger
+    size needs RATE_UP_MARGIN over its lowest rung and SIZE_HOLD_MS since the last
+    size change. Counters: decreases, increases (of the bitrate step).
+    """
+
+    def __init__(self, max_bitrate: int, width: int, height: int, fps: int) -> None:
+        self.max_bitrate = max_bitrate
+        self.min_bitrate = max(1, round(max_bitrate * RATE_MIN_SHARE))
+        self.full = (width, height)
+        self.max_fps = fps
+        self.estimate = float(max_bitrate)      # bits a second, before the steps
+        self._reports: dict[str, tuple[Report, float, float | None, float]] = {}
+        # ^ peer -> (latest Report, when, kb/s we sent them then, smoothed loss_bp)
+        self._decreased_ms: float | None = None
+        self._updated_ms: float | None = None
+        self._resized_ms: float | None = None
+        self._rung = 0
+        self._next_frame_ms: float | None = None
+        self.decreases = self.increases = 0
+        self.settings = self._settings(None)
+
+    def report(self, peer: str, report: Report, now_ms: float,
+               sent_kbps: float | None = None) -> None:
+        before = self._reports.get(peer)
+        smooth = report.loss_bp if before is None else (
+            before[3] + (report.loss_bp - before[3]) / LOSS_SMOOTHING)
+        self._reports[peer] = (report, now_ms, sent_kbps, smooth)
+
+    def forget(self, peer: str) -> None:
+        self._reports.pop(peer, None)
+
+    def update(self, now_ms: float) -> VideoSettings:
+        congested, clear = [], True         # congested: the share of ours that arrived
+        for report, at, sent, smooth in self._reports.values():
+            stale = now_ms - at > REPORT_STALE_MS
+            lossy = report.loss_bp > LOSS_HIGH_BP and smooth > LOSS_HIGH_BP
+            if stale or lossy or report.delay_ms > DELAY_HIGH_MS:
+                news = self._decreased_ms is None or at > self._decreased_ms or (
+                    stale and now_ms - self._decreased_ms >= REPORT_STALE_MS)
+                if news:
+                    congested.append(1.0 if stale or not sent else min(1.0, report.kbps / sent))
+            clear &= not stale and smooth < LOSS_LOW_BP and report.delay_ms < DELAY_LOW_MS
+        before = self.settings.bitrate
+        if congested:
+            self.estimate = max(self.min_bitrate,
+                                self.estimate * min(congested) * RATE_DECREASE)
+            self._decreased_ms = now_ms
+        elif clear and (self._decreased_ms is None
+                        or now_ms - self._decreased_ms >= INCREASE_AFTER_MS):
+            elapsed_s = min(1000.0, now_ms - (self._updated_ms or now_ms)) / 1000
+            self.estimate = min(self.max_bitrate,
+                                self.estimate * (1 + RATE_INCREASE_PER_S * elapsed_s))
+        self._updated_ms = now_ms
+        self.settings = self._settings(now_ms)
+        self.decreases += self.settings.bitrate < before
+        self.increases += self.settings.bitrate > before
+        return self.settings
+
+    def take_frame(self, now_ms: float) -> bool:
+        """Send the frame captured now? Keeps settings.fps on average from a camera
+        that gives more (a quarter of a frame's time early is on time)."""
+        period = 1000 / self.settings.fps
+        due = self._next_frame_ms
+        if due is not None and now_ms < due - period / 4:
+            return False
+        start = due if due is not None and now_ms - due < period else now_ms
+        self._next_frame_ms = start + period
+        return True
+
+    def _settings(self, now_ms: float | None) -> VideoSettings:
+        steps = math.log(self.max_bitrate / self.estimate) / math.log(1 / RATE_STEP)
+        bitrate = max(self.min_bitrate,
+                      round(self.max_bitrate * RATE_STEP ** math.ceil(steps - 1e-9)))
+        share = bitrate / self.max_bitrate
+        rung = next(i for i, (least, _, _) in enumerate(RATE_LADDER) if share >= least)
+        divisor, current = RATE_LADDER[rung][2], RATE_LADDER[self._rung][2]
+        if divisor < current:       # a bigger picture: only with room, not too often
+            lowest = max(i for i, r in enumerate(RATE_LADDER) if r[2] == divisor)
+            if share < RATE_LADDER[lowest][0] * RATE_UP_MARGIN or (
+                    now_ms is not None and self._resized_ms is not None
+                    and now_ms - self._resized_ms < SIZE_HOLD_MS):
+                rung = min(i for i, r in enumerate(RATE_LADDER) if r[2] == current)
+        if RATE_LADDER[rung][2] != current:
+            self._resized_ms = now_ms
+        self._rung = rung
+        _, fps, divisor = RATE_LADDER[rung]
+        width, height = self.full
+        return VideoSettings(bitrate, min(fps, self.max_fps),
+                             max(2, width // divisor // 2 * 2), max(2, height // divisor // 2 * 2))
+
+
+# =============================================================================
+# 7. PLAYOUT: the jitter buffer and lip sync, on the playback clock
+# =============================================================================
+# Pure, like 5 and 6: when what came in is played. The jitter buffer turns
+# audio packets that arrive unevenly into one frame every 20 ms, which
+# Playout decodes, rebuilds from Opus FEC or conceals, and meters (how loud
+# each voice is, for the window's speaking indicator); LipSync
+# times each video frame against the sound captured with it, and holds the
+# sound back when the picture can't keep up. The playback and decoding
+# threads of CLIENT MEDIA call in with `now_ms`; no sockets, threads or
+# clocks here.
 
 # --- Audio: the jitter buffer -------------------------------------------------------------
 
@@ -2602,6 +3914,11 @@ class JitterBuffer:
     @property
     def depth(self) -> int:
         return len(self._frames)
+
+    @property
+    def last_seq(self) -> int | None:
+        """The seq the last pop that wasn't "empty" gave or concealed (None before)."""
+        return None if self._next is None else self._next - 1
 
     def push(self, seq: int, payload: bytes, arrival_ms: float) -> None:
         transit = arrival_ms - seq * self.frame_ms      # send time = seq * frame_ms + offset
@@ -2741,74 +4058,131 @@ class Playout:
         return pcm
 
 
-# --- Link statistics ---------------------------------------------------------------------
+# --- Lip sync ----------------------------------------------------------------------------
 
-class LinkStats:
-    """Receive-side numbers for one link, for the call window, once a second.
+AV_AHEAD_MS = 45                    # sound at most this far ahead of its picture (BT.1359)
+AV_BEHIND_MS = 125                  # and at most this far behind it
+AV_LATE_OK_MS = 20                  # video later than its sound by this: hold the sound back
+AV_MAX_HOLD_MS = 500                # a video frame waits at most this long for its sound
+AV_MAX_AUDIO_DELAY_MS = 400         # sound waits at most this long for its late picture
+AV_ADJUST_MS = 500                  # the sound's delay changes at most this often
+AV_AUDIO_STALE_MS = 500             # no sound played for this long: video shows at once
+_AV_CAPTURES = 256                  # capture times kept of the audio frames last arrived
 
-    Feed it every opened packet (`packet`), every refused one (`refused`), every
-    video frame shown and audio frame received; `snapshot(now_ms)` returns the dict
-    below for the interval since the last snapshot and starts a new one:
-    video_fps (frames shown per second), audio_frames (received), loss (fraction
-    0..1 of packets missing, as RTCP's "fraction lost": from the highest sequence
-    number at the last snapshot to the highest now), latency_ms (median of now -
-    capture time of the frames shown; the two clocks' offset included; None if no
-    frame), kbps (received), dropped (packets refused since the start).
+
+class LipSync:
+    """Plays one peer's video in step with its voice, from the capture times both
+    carry (their clock) and `now_ms` (ours, monotonic: only differences count).
+
+    The voice sets the clock: `audio_arrived(seq, capture_ms)` for every audio frame
+    pushed into the jitter buffer, `audio_played(seq, now_ms)` when the playback
+    thread plays (or conceals) it; the offset between their capture clock and our
+    playout is then known. A video frame captured at c is due at c + offset, with
+    the sound captured with it: `video_due(capture_ms, now_ms)`, when the frame is
+    complete, says when to show it (now if its sound has played already or no sound
+    plays; at most AV_MAX_HOLD_MS from now), and `video_shown(capture_ms, now_ms)`
+    measures the skew when it is shown; `skew()` gives the median since the last
+    call (None: no frame shown against sound).
+
+    Skew = when a frame is shown - when the sound captured with it played: positive,
+    the sound came first (audio ahead of video); negative, after (audio behind).
+    ITU-R BT.1359 puts the edges people notice at +45 and -125 ms. Video that comes
+    later than its sound can't be shown earlier, so then the sound is held back:
+    every popped audio frame goes through `delay_audio` on its way to the decoder,
+    which keeps `audio_delay_ms` (whole frames, at most AV_MAX_AUDIO_DELAY_MS); a
+    longer delay plays a gap ("empty"), a shorter one drops the oldest frames. At
+    most every AV_ADJUST_MS, once the last change has taken effect, the delay grows
+    by the 90th percentile of how late the video came after its sound (if over
+    AV_LATE_OK_MS), or shrinks by how early the latest of it came (every frame a
+    frame's time early or more). Not thread-safe: the link's lock guards it.
     """
 
-    def __init__(self, now_ms: float) -> None:
-        self._since = now_ms        # start of the interval
-        self._top: int | None = None    # highest sequence number at the last snapshot
-        self._high: int | None = None   # highest this interval
-        self._low: int | None = None    # lowest this interval
-        self._packets = self._bytes = self._shown = self._audio = self._refused = 0
-        self._latencies: list[float] = []
-        self.last_packet_ms: float | None = None    # silent too long: the link is dead
+    def __init__(self, frame_ms: int = 20) -> None:
+        self.frame_ms = frame_ms
+        self.audio_delay_ms = 0
+        self._captures: collections.OrderedDict[int, float] = collections.OrderedDict()
+        self._offset: float | None = None   # our playout clock - their capture clock
+        self._played_ms = -math.inf         # when sound last played
+        self._line: collections.deque[tuple[str, bytes | None, int | None]] = \
+            collections.deque()             # audio frames held back
+        self._late: list[float] = []        # video: arrival - due, since the last change
+        self._adjusted_ms: float | None = None
+        self._skews: list[float] = []
 
-    def packet(self, seq: int, size_bytes: int, now_ms: float) -> None:
-        self._packets += 1
-        self._bytes += size_bytes
-        self._high = seq if self._high is None else max(self._high, seq)
-        self._low = seq if self._low is None else min(self._low, seq)
-        self.last_packet_ms = now_ms
+    def audio_arrived(self, seq: int, capture_ms: float) -> None:
+        self._captures[seq] = capture_ms
+        if len(self._captures) > _AV_CAPTURES:
+            self._captures.popitem(last=False)
 
-    def refused(self) -> None:
-        self._refused += 1
+    def audio_played(self, seq: int | None, now_ms: float) -> None:
+        capture = self._captures.get(seq) if seq is not None else None
+        if capture is None:
+            return
+        offset = now_ms - capture
+        # A playback thread's 20 ms ticks wobble by a few ms: smooth them, but
+        # follow a step (a new delay, a resync) at once.
+        if self._offset is None or abs(offset - self._offset) > 3 * self.frame_ms:
+            self._offset = offset
+        else:
+            self._offset += (offset - self._offset) / 8
+        self._played_ms = now_ms
 
-    def frame_shown(self, capture_ms: float, now_ms: float) -> None:
-        self._shown += 1
-        if len(self._latencies) < _MAX_LATENCY_SAMPLES:
-            self._latencies.append(now_ms - capture_ms)
+    def _sounding(self, now_ms: float) -> bool:
+        return self._offset is not None and now_ms - self._played_ms <= AV_AUDIO_STALE_MS
 
-    def audio_frame(self) -> None:
-        self._audio += 1
+    def video_due(self, capture_ms: float, now_ms: float) -> float:
+        if not self._sounding(now_ms) or self._offset is None:
+            return now_ms
+        due = capture_ms + self._offset
+        if len(self._late) < _MAX_LATENCY_SAMPLES:
+            self._late.append(now_ms - due)
+        self._adjust(now_ms)
+        return min(max(due, now_ms), now_ms + AV_MAX_HOLD_MS)
 
-    def snapshot(self, now_ms: float) -> dict:
-        elapsed_ms = max(now_ms - self._since, 1.0)
-        loss = 0.0
-        if self._high is not None:
-            low = self._low if self._low is not None else self._high
-            base = self._top if self._top is not None else low - 1
-            expected = self._high - base
-            if expected > 0:
-                loss = round(max(0, expected - self._packets) / expected, 3)
-            self._top = max(base, self._high)
-        latency = None
-        if self._latencies:
-            ordered, middle = sorted(self._latencies), len(self._latencies) // 2
-            latency = round(ordered[middle] if len(ordered) % 2
-                            else (ordered[middle - 1] + ordered[middle]) / 2, 1)
-        result = {"video_fps": round(self._shown * 1000 / elapsed_ms, 1),
-                  "audio_frames": self._audio, "loss": loss, "latency_ms": latency,
-                  "kbps": round(self._bytes * 8 / elapsed_ms, 1), "dropped": self._refused}
-        self._since, self._high, self._low = now_ms, None, None
-        self._packets = self._bytes = self._shown = self._audio = 0
-        self._latencies = []
-        return result
+    def video_shown(self, capture_ms: float, now_ms: float) -> None:
+        if self._sounding(now_ms) and self._offset is not None \
+                and len(self._skews) < _MAX_LATENCY_SAMPLES:
+            self._skews.append(now_ms - (capture_ms + self._offset))
+
+    def skew(self) -> float | None:
+        skews, self._skews = sorted(self._skews), []
+        return round(skews[len(skews) // 2], 1) if skews else None
+
+    def delay_audio(self, status: str, payload: bytes | None,
+                    seq: int | None) -> tuple[str, bytes | None, int | None]:
+        """What to play now for what the jitter buffer popped: (status, payload, seq),
+        maybe an earlier frame's, or ("empty", None, None) while the delay grows."""
+        frames = self.audio_delay_ms // self.frame_ms
+        self._line.append((status, payload, seq))
+        if len(self._line) <= frames:
+            return ("empty", None, None)
+        while len(self._line) > frames + 1:
+            self._line.popleft()
+        return self._line.popleft()
+
+    def _adjust(self, now_ms: float) -> None:
+        if self._adjusted_ms is None:
+            self._adjusted_ms = now_ms
+        if now_ms - self._adjusted_ms < AV_ADJUST_MS:
+            return
+        if len(self._line) != self.audio_delay_ms // self.frame_ms:
+            self._late = []                 # the last change is still under way
+            return
+        late, self._late = sorted(self._late), []
+        self._adjusted_ms = now_ms
+        if not late:
+            return
+        worst = late[min(len(late) - 1, len(late) * 9 // 10)]
+        delay = self.audio_delay_ms
+        if worst > AV_LATE_OK_MS:
+            delay += math.ceil(worst / self.frame_ms) * self.frame_ms
+        elif late[-1] < -self.frame_ms and delay > 0:
+            delay -= math.floor(-late[-1] / self.frame_ms) * self.frame_ms
+        self.audio_delay_ms = min(max(0, delay), AV_MAX_AUDIO_DELAY_MS)
 
 
 # =============================================================================
-# 7. DISCOVERY: advertise a host and browse for hosts with mDNS (zeroconf)
+# 8. DISCOVERY: advertise a host and browse for hosts with mDNS (zeroconf)
 # =============================================================================
 # A host registers one `_chatroom._tcp.local.` service whose TXT record says
 # the protocol version (`v`), the host's name (`n`), how many rooms are open
@@ -3186,7 +4560,7 @@ async def discover(timeout: float = DISCOVERY_TIMEOUT_S, *, interface: str | Non
 
 
 # =============================================================================
-# 8. VIDEO DEVICES: test pattern, cameras and files, VP8 and JPEG
+# 9. VIDEO DEVICES: test pattern, cameras and files, VP8 and JPEG
 # =============================================================================
 # What a call needs below the network for pictures: frames from a camera, a
 # video file (looped) or a test pattern stamped with a frame counter that
@@ -3206,6 +4580,9 @@ VP8_KEYFRAME_FRAMES = 60            # a keyframe at least this often (2 s at 30 
 VP8_THREADS = 1                     # encoder threads (see Vp8Encoder)
 VP8_CPU_USED = 8                    # libvpx speed: MEDIA-NOTES measured 5 ms, 33 dB here
 JPEG_QUALITY = 70
+JPEG_BITRATE = 8_000_000            # about what quality 70 takes at 640x480, 30 fps
+JPEG_MIN_QUALITY = 20               # a bitrate never takes JPEG below this quality
+JPEG_QUALITY_STEP = 5
 MAX_DECODE_PIXELS = 1920 * 1088     # a peer's frame header claiming more is refused
 CAMERA_PROBE_INDEXES = range(5)     # list_devices tries these camera indexes
 
@@ -3566,11 +4943,15 @@ def open_video_source(spec: str, user: str, fps: int = VIDEO_FPS, width: int = V
 class VideoEncoder(Protocol):
     """Turns frames into packets. encode() returns (data, is_keyframe), or
     None when the encoder produced nothing for this frame; keyframe=True
-    forces a keyframe (a peer joined or lost a packet)."""
+    forces a keyframe (a peer joined or lost a packet). configure() sets the
+    bitrate, frame rate and size of the frames that follow (RateController's
+    settings); True means the next frame is a keyframe because of it."""
     codec_id: int
     name: str
 
     def encode(self, frame: Any, keyframe: bool = False) -> tuple[bytes, bool] | None: ...
+
+    def configure(self, bitrate: int, fps: int, width: int, height: int) -> bool: ...
 
     def close(self) -> None: ...
 
@@ -3615,8 +4996,10 @@ def _jpeg_pixels(data: bytes) -> int:
 class Vp8Encoder:
     """VP8 through PyAV's libvpx, tuned for calls: realtime deadline, no
     look-ahead (one packet out per frame in), error resilient, no alt-ref,
-    a keyframe at least every VP8_KEYFRAME_FRAMES and whenever asked.
-    Frames of another size are scaled by PyAV to width x height."""
+    a keyframe at least every VP8_KEYFRAME_FRAMES (2 s at full rate) and
+    whenever asked. Frames of another size are scaled by PyAV to width x
+    height. Each frame's time stamp advances by 1000 / fps ms, so libvpx's
+    rate control shares the bitrate among the frames really sent."""
     codec_id = VIDEO_CODEC_IDS["vp8"]
     name = "vp8"
 
@@ -3624,27 +5007,43 @@ class Vp8Encoder:
                  height: int = VIDEO_HEIGHT, fps: int = VIDEO_FPS) -> None:
         self._av = _av()
         _numpy()
+        self.bitrate, self.fps, self.width, self.height = bitrate, fps, width, height
+        self._ctx: Any = self._open()
+        self._pts = 0                   # the next frame's time stamp, ms
+
+    def _open(self) -> Any:
         ctx = self._av.CodecContext.create("libvpx", "w")
-        ctx.width, ctx.height, ctx.pix_fmt = width, height, "yuv420p"
-        ctx.time_base = Fraction(1, fps)
-        ctx.framerate = Fraction(fps, 1)
-        ctx.bit_rate = bitrate
-        ctx.gop_size = VP8_KEYFRAME_FRAMES      # becomes libvpx's kf_max_dist
+        ctx.width, ctx.height, ctx.pix_fmt = self.width, self.height, "yuv420p"
+        ctx.time_base = Fraction(1, 1000)
+        ctx.framerate = Fraction(self.fps, 1)
+        ctx.bit_rate = self.bitrate
+        ctx.gop_size = max(1, VP8_KEYFRAME_FRAMES * self.fps // VIDEO_FPS)  # kf_max_dist
         # One thread: a second one did not help at 640x480 (MEDIA-NOTES), and on a
         # busy 2-core machine waiting for it made frames take ~115 ms instead of ~6.
         ctx.thread_count = VP8_THREADS
         ctx.options = {"deadline": "realtime", "cpu-used": str(VP8_CPU_USED),
                        "lag-in-frames": "0", "error-resilient": "1", "auto-alt-ref": "0"}
         ctx.open()
-        self._ctx = ctx
-        self._pts = 0                   # frame counter in time_base units
+        return ctx
+
+    def configure(self, bitrate: int, fps: int, width: int, height: int) -> bool:
+        """PyAV's libvpx reads the bitrate and the size only when it opens
+        (setting bit_rate later changes nothing: checked with PyAV 18.1), so a
+        new bitrate or size opens a new encoder, whose first frame is a
+        keyframe (True). A new frame rate only changes the time stamps."""
+        self.fps = max(1, fps)
+        if (bitrate, width, height) == (self.bitrate, self.width, self.height):
+            return False
+        self.bitrate, self.width, self.height = bitrate, width, height
+        self._ctx = self._open()
+        return True
 
     def encode(self, frame: Any, keyframe: bool = False) -> tuple[bytes, bool] | None:
         av = self._av
         video_frame = av.VideoFrame.from_ndarray(_numpy().ascontiguousarray(frame),
                                                  format="bgr24")
         video_frame.pts = self._pts
-        self._pts += 1
+        self._pts += round(1000 / self.fps)
         if keyframe:
             video_frame.pict_type = av.video.frame.PictureType.I
         packets = self._ctx.encode(video_frame)
@@ -3684,17 +5083,36 @@ class Vp8Decoder:
 
 
 class JpegEncoder:
-    """JPEG through OpenCV; every frame stands alone, so each is a keyframe."""
+    """JPEG through OpenCV; every frame stands alone, so each is a keyframe.
+    Given a bitrate (configure), the quality follows it: down by JPEG_QUALITY_STEP
+    while frames come out over bitrate / fps, up again while well under, never
+    above `quality` nor below JPEG_MIN_QUALITY. Frames are scaled to the size
+    configured."""
     codec_id = VIDEO_CODEC_IDS["jpeg"]
     name = "jpeg"
 
     def __init__(self, quality: int = JPEG_QUALITY) -> None:
         self._cv2 = _cv2()
         self.quality = quality
+        self.current = quality          # the quality in use, under a bitrate
+        self.budget: float | None = None    # bytes a frame may take; None: no limit
+        self.size: tuple[int, int] | None = None    # (width, height); None: as given
+
+    def configure(self, bitrate: int, fps: int, width: int, height: int) -> bool:
+        self.budget = bitrate / 8 / max(1, fps)
+        self.size = (width, height)
+        return False
 
     def encode(self, frame: Any, keyframe: bool = False) -> tuple[bytes, bool] | None:
         cv2 = self._cv2
-        ok, data = cv2.imencode(".jpg", frame, [cv2.IMWRITE_JPEG_QUALITY, self.quality])
+        if self.size is not None and frame.shape[1::-1] != self.size:
+            frame = cv2.resize(frame, self.size, interpolation=cv2.INTER_AREA)
+        ok, data = cv2.imencode(".jpg", frame, [cv2.IMWRITE_JPEG_QUALITY, self.current])
+        if self.budget is not None and ok:
+            if data.size > self.budget:
+                self.current = max(JPEG_MIN_QUALITY, self.current - JPEG_QUALITY_STEP)
+            elif data.size < 0.7 * self.budget:
+                self.current = min(self.quality, self.current + JPEG_QUALITY_STEP)
         return (data.tobytes(), True) if ok else None
 
     def close(self) -> None:
@@ -3752,7 +5170,7 @@ def make_video_decoder(name: str) -> VideoDecoder:
 
 
 # =============================================================================
-# 9. SOUND DEVICES: Opus and PCM, microphones and speakers, devices, recording
+# 10. SOUND DEVICES: Opus and PCM, microphones and speakers, devices, recording
 # =============================================================================
 # Voice below the network: Opus through the libopus inside PyAV's wheel
 # (ctypes: PyAV's own API has no loss concealment), or 16 kHz PCM; PyAudio
@@ -4522,7 +5940,7 @@ class Recorder:
 
 
 # =============================================================================
-# 10. CONNECTIONS: Link (framed TCP, three lanes, one writer) and UDP sockets
+# 11. CONNECTIONS: Link (framed TCP, three lanes, one writer) and UDP sockets
 # =============================================================================
 # What the host and the client core both talk through. A Link owns one TCP
 # connection: what arrives goes through its Wire (WIRE PROTOCOL) and waits,
@@ -4555,12 +5973,15 @@ class LinkProtocol(asyncio.Protocol):
         self.link: Link | None = None
         self._on_open = on_open
         self._early: list[bytes] = []       # data that came before attach()
+        self._lost_early = False            # ... and the end of it
 
     def attach(self, link: Link) -> None:
         self.link = link
         for data in self._early:
             link._data_received(data)
         self._early = []
+        if self._lost_early:
+            link._connection_lost()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = typing.cast(asyncio.Transport, transport)   # TCP: always
@@ -4580,6 +6001,8 @@ class LinkProtocol(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         if self.link is not None:
             self.link._connection_lost()
+        else:
+            self._lost_early = True
 
     def pause_writing(self) -> None:
         if self.link is not None:
@@ -4972,6 +6395,8 @@ class UdpSocket:
     `on_packet(data, address)` runs on the receiving thread for every
     datagram; it must be quick and must not raise. Errors an ICMP message
     leaves on a UDP socket (a peer that went away) are counted and ignored.
+    Sending never waits: a datagram the system can't take at once is dropped
+    and counted, so one peer's full path can't hold up the others' media.
     """
 
     def __init__(self, bind: str, port: int,
@@ -4988,6 +6413,11 @@ class UdpSocket:
             self.sock.close()
             raise
         self.sock.settimeout(_UDP_POLL_S)
+        # The receiving side waits with a timeout, and Python applies a socket's
+        # timeout to sendto too (it waits for room, then retries): sends go
+        # through a duplicate that never waits.
+        self._sender = self.sock.dup()
+        self._sender.setblocking(False)
         self.port: int = self.sock.getsockname()[1]
         # close() wakes the receiving thread with an empty datagram to itself.
         self._wake_to = (bind if bind not in ("0.0.0.0", "::") else
@@ -5005,9 +6435,9 @@ class UdpSocket:
         """Send one datagram now; a failure is counted, never raised (the
         link's silence timer is what notices a dead peer)."""
         try:
-            self.sock.sendto(data, address)
+            self._sender.sendto(data, address)
             self.sent += 1
-        except OSError:
+        except OSError:                     # BlockingIOError included: dropped
             self.errors += 1
 
     def _receive(self) -> None:
@@ -5029,6 +6459,7 @@ class UdpSocket:
                     log.exception("handling a media packet failed")
         finally:
             self.sock.close()               # here: the fd is never reused under us
+            self._sender.close()
 
     def close(self, wait: bool = False) -> None:
         """Stop receiving; the receiving thread closes the socket as it ends,
@@ -5044,7 +6475,7 @@ class UdpSocket:
 
 
 # =============================================================================
-# 11. HOST RELAYS: files and calls between the members of a room
+# 12. HOST RELAYS: files and calls between the members of a room
 # =============================================================================
 # The host's two relays, each one object beside the host (next section),
 # which hands them their events and tells them when a session goes:
@@ -5098,6 +6529,8 @@ RELAY_MOVES: dict[tuple[RelayState, str], RelayState] = {
     (RelayState.SENDING, "sent"): RelayState.SENT,
     (RelayState.SENDING, "answered"): RelayState.FINISHED,
     (RelayState.SENT, "answered"): RelayState.FINISHED,
+    (RelayState.SENDING, "resumed"): RelayState.SENDING,    # its recipient is back
+    (RelayState.SENT, "resumed"): RelayState.SENDING,
 }
 
 
@@ -5116,6 +6549,12 @@ class Upload:
     everyone to the slowest, or buffer without bound), nothing touches the
     disk unless recipients drift apart, and memory stays flat whatever the
     file's size.
+
+    What a recipient has not confirmed on its disk (FileGot) is never
+    forgotten: it stays in the window, or goes to the spool file, so a
+    recipient that drops and comes back resumes from what it has. A sender
+    that drops keeps its upload (its seat is held); it sends the rest from
+    `received` when it is back.
     """
 
     def __init__(self, files: HostFiles, sender: Peer, offer: FileOffer,
@@ -5133,7 +6572,6 @@ class Upload:
         self.window: collections.deque[Any] = collections.deque()  # chunks in memory
         self.window_bytes = 0
         self.base_offset = 0                # file offset of window[0]
-        self.base_index = 0                 # chunk number of window[0]
         self.spool_path = ""                # made when something must be spilled
         self._spool: Any = None             # its write handle (in the io thread)
         self.readers = 1                    # the evicting task and each relay
@@ -5187,13 +6625,34 @@ class Upload:
         self.tell_sender(FileStored(self.offer.transfer))
 
     def needs(self, end: int) -> bool:
-        """Does a recipient still need bytes before file offset `end`?"""
-        return any(relay.sending and relay.offset < end for relay in self.relays)
+        """Might a recipient still need bytes before file offset `end`: bytes
+        it has not confirmed having (a resume starts there)?"""
+        return any(relay.state is not RelayState.FINISHED and relay.acked < end
+                   for relay in self.relays)
 
     def leader_keeps_up(self) -> bool:
-        """Is some recipient within a window of the newest data?"""
+        """Is some recipient within a window of the newest data, or is every
+        recipient away (then what they need goes to disk, not the sender
+        waiting for them)?"""
         behind = self.received - self.limits.relay_window_bytes
-        return any(relay.sending and relay.offset >= behind for relay in self.relays)
+        active = [relay for relay in self.relays if relay.active]
+        return not active or any(relay.offset >= behind for relay in active)
+
+    def data_from(self, offset: int, limit: int) -> list[Any]:
+        """Up to about `limit` bytes from file offset `offset` (at least
+        `base_offset`), as they are in the window: the first chunk cut to
+        start at `offset`."""
+        out: list[Any] = []
+        position, size = self.base_offset, 0
+        for chunk in self.window:
+            end = position + len(chunk)
+            if end > offset:
+                out.append(memoryview(chunk)[max(0, offset - position):])
+                size += len(out[-1])
+                if size >= limit:
+                    break
+            position = end
+        return out
 
     def relay_moved(self) -> None:
         self._moved.set()
@@ -5228,7 +6687,6 @@ class Upload:
                         self.window.popleft()
                     self.window_bytes -= size
                     self.base_offset += size
-                    self.base_index += count
                     if self.window_bytes <= limits.relay_window_max_bytes:
                         self._room.set()
                     self._wake()
@@ -5290,7 +6748,11 @@ class Upload:
 
 
 class Relay:
-    """One upload going to one recipient, at the recipient's own pace."""
+    """One upload going to one recipient, at the recipient's own pace.
+
+    Its task ends with the recipient's connection; the relay itself lives
+    on (held, `active` false) until the recipient answers, leaves, or comes
+    back and says with FileResume where to go on from (`resume`)."""
 
     def __init__(self, upload: Upload, recipient: Peer, number: int) -> None:
         self.upload = upload
@@ -5298,7 +6760,7 @@ class Relay:
         self.number = number                # the recipient's transfer number
         self.state = RelayState.SENDING
         self.offset = 0                     # bytes handed to the recipient's link
-        self.index = 0                      # chunks handed over (while in memory)
+        self.acked = 0                      # bytes the recipient has on disk (FileGot)
         upload.relays.append(self)
         upload.readers += 1
         self.task = asyncio.get_running_loop().create_task(
@@ -5309,6 +6771,11 @@ class Relay:
     def sending(self) -> bool:
         return self.state is RelayState.SENDING
 
+    @property
+    def active(self) -> bool:
+        """Sending now (not finished, not waiting for its recipient to be back)?"""
+        return self.state is RelayState.SENDING and not self.task.done()
+
     def answered(self) -> bool:
         """The recipient saved, refused or left: True if that is news (the
         first answer), and then the relay stops sending."""
@@ -5316,21 +6783,59 @@ class Relay:
         if state is None:
             return False
         self.state = state
-        self.task.cancel()
+        self._finish()
         return True
 
-    async def _run(self) -> None:
+    def _finish(self) -> None:
+        """Done with the upload: it may forget the file once its task is over."""
+        self.upload.relay_moved()
+        if self.task.done():
+            self.upload.release()
+        else:
+            self.task.cancel()
+            self.task.add_done_callback(lambda _: self.upload.release())
+
+    def confirm(self, offset: int) -> None:
+        """The recipient has the first `offset` bytes on its disk (FileGot)."""
+        if offset > self.acked:
+            self.acked = min(offset, self.upload.received)
+            self.upload.relay_moved()
+
+    def resume(self, offset: int) -> bool:
+        """The recipient is back with `offset` bytes: send the rest. False if
+        the host no longer has them (it kept from `acked` on)."""
+        upload = self.upload
+        state = RELAY_MOVES.get((self.state, "resumed"))
+        if state is None or upload.failure is not None or \
+                not self.acked <= offset <= upload.received:
+            return False
+        self.confirm(offset)
+        before = self.task
+        before.cancel()                     # a connection the resume replaced
+        self.state, self.offset = state, offset
+        self.task = asyncio.get_running_loop().create_task(
+            self._run(announce=False, after=before),
+            name=f"relay:{self.recipient.link.name}:{self.number}")
+        log_failure(self.task, f"relaying {upload.offer.name!r} to {self.recipient.link.name}")
+        return True
+
+    async def _run(self, announce: bool = True, after: asyncio.Task | None = None) -> None:
+        if after is not None:
+            await asyncio.wait([after])     # its spool handle is closed first
         upload, link, files = self.upload, self.recipient.link, self.upload.files
         offer, limits = upload.offer, upload.limits
-        files.deliver([(self.recipient, FileAnnounce(
-            self.number, upload.sender_name, offer.name, offer.size, offer.to))])
+        if announce:
+            files.deliver([(self.recipient, FileAnnounce(
+                self.number, upload.sender_name, offer.name, offer.size, offer.to))])
         loop = asyncio.get_running_loop()
         spool = None                        # our read handle, once we need the disk
+        failed = False
         try:
             while not link.closing:
                 if upload.failure is not None:
                     files.deliver([(self.recipient, dataclasses.replace(
                         upload.failure, transfer=self.number))])
+                    failed = True
                     return
                 if self.offset < upload.received:
                     if not await link.bulk_room():
@@ -5346,32 +6851,27 @@ class Relay:
                             link.offer_chunk(self.number, data[start:start + MAX_CHUNK_BYTES])
                         self.offset += len(data)
                         continue
-                    if self.offset == upload.base_offset:   # caught up with memory
-                        self.index = upload.base_index
-                    sent = 0
-                    for chunk in itertools.islice(upload.window,
-                                                  self.index - upload.base_index, None):
+                    for chunk in upload.data_from(self.offset, limits.file_io_bytes):
                         link.offer_chunk(self.number, chunk)
                         self.offset += len(chunk)
-                        self.index += 1
-                        sent += len(chunk)
-                        if sent >= limits.file_io_bytes:
-                            break
                     upload.relay_moved()
                 elif upload.state is UploadState.COMPLETE:
                     link.offer_after_bulk(FileEnd(self.number, upload.sha256))
+                    self.state = RELAY_MOVES.get((self.state, "sent"), self.state)
                     return
                 else:
                     await upload.grown()
         except OSError as exc:              # the spool vanished: tell, don't crash
             files.deliver([(self.recipient, FileAbort(self.number, "file_io",
                                                       f"the host lost the file: {exc}"))])
+            failed = True
         finally:
-            self.state = RELAY_MOVES.get((self.state, "sent"), self.state)
             upload.relay_moved()
             if spool is not None:
                 await loop.run_in_executor(files.io, spool.close)
-            upload.release()
+            if failed and self.state is not RelayState.FINISHED:
+                self.state = RelayState.FINISHED    # nobody answers a FileAbort
+                upload.release()
 
 
 def _read_at(handle: Any, offset: int, size: int) -> bytes:
@@ -5491,6 +6991,32 @@ class HostFiles:
         else:
             upload.tell_sender(FileRefuse(upload.offer.transfer, event.code,
                                           f"{user}: {event.reason}", user))
+
+    def on_got(self, session: Peer, got: FileGot) -> None:
+        relay = self.of(session).downloads.get(got.transfer)
+        if relay is not None:
+            relay.confirm(got.offset)
+
+    def on_resume(self, session: Peer, event: FileResume) -> None:
+        """A recipient back after a drop: go on from what it has."""
+        relay = self.of(session).downloads.get(event.transfer)
+        if relay is None or not relay.resume(event.offset):
+            self.deliver([(session, FileAbort(
+                event.transfer, "cannot_resume", "the host no longer has the rest of "
+                "this file; ask the sender to send it again"))])
+
+    def held(self, session: Peer) -> tuple[tuple, tuple]:
+        """For a Resumed: how far each of `session`'s uploads got, and the
+        downloads still waiting for it (see Resumed)."""
+        mine = self.peers.get(session, PeerFiles())
+        uploads = tuple((number, upload.received, upload.state is UploadState.COMPLETE)
+                        for number, upload in mine.uploads.items()
+                        if upload.state is not UploadState.FAILED)
+        downloads = tuple((number, relay.upload.sender_name, relay.upload.offer.name,
+                           relay.upload.offer.size, relay.upload.offer.to)
+                          for number, relay in mine.downloads.items()
+                          if relay.state is not RelayState.FINISHED)
+        return uploads, downloads
 
     # --- sessions going, uploads ending ---
 
@@ -5688,7 +7214,7 @@ class HostCalls:
 
 
 # =============================================================================
-# 12. HOST: the listener, sessions, rooms, shutdown (asyncio)
+# 13. HOST: the listener, sessions, rooms, shutdown (asyncio)
 # =============================================================================
 # The room host: accepts connections, gives each a Session over a Link
 # (CONNECTIONS), runs every room decision through Rooms (ROOMS), hands files
@@ -5709,6 +7235,99 @@ class HostCalls:
 # - Shutdown, in the order websockets uses: stop accepting, withdraw the
 #   mDNS record and tell every session at once, wait for the handlers for
 #   `close_timeout_s`, then abort whatever is still open.
+# - No one address keeps the others out (README.md, "Limits"): it may hold
+#   `max_per_address` connections, `max_pending_per_address` of them not
+#   logged in yet, and all addresses together `max_pending` logins at once;
+#   past a cap a connection hears why (too_many_connections, host_full) and
+#   is closed before it costs a task. Out of file descriptors, the host
+#   refuses with host_full through one descriptor it keeps in reserve, and
+#   says so in its log once per episode, not per connection.
+# - A member's chat lines pass its FloodGate (ROOMS) before the room sees
+#   them: a burst gets rate_limited, a flood a disconnect ("flooding").
+
+# --- Who may connect -----------------------------------------------------------
+
+class Admission:
+    """Who may connect now, by counts: connections open (from accept to
+    the end of their handler) and those not logged in yet, in all and per
+    source address. Bookkeeping only: the host asks `admit` as it accepts,
+    then says `logged_in` and `release`."""
+
+    def __init__(self, limits: Limits) -> None:
+        self.limits = limits
+        self.open = 0                       # connections, logged in or not
+        self.pending = 0                    # ... of them not logged in yet
+        self._open_from: collections.Counter[str] = collections.Counter()
+        self._pending_from: collections.Counter[str] = collections.Counter()
+
+    def admit(self, address: str) -> Error | None:
+        """None, counting a new connection from `address` in (open, and
+        pending until `logged_in`), or the Error to refuse it with."""
+        limits = self.limits
+        if self.open >= limits.max_sessions:
+            return Error("host_full", "this host is full; try later")
+        if limits.max_per_address and self._open_from[address] >= limits.max_per_address:
+            return Error("too_many_connections", f"this host takes at most "
+                         f"{limits.max_per_address} connections from one address")
+        if limits.max_pending_per_address and \
+                self._pending_from[address] >= limits.max_pending_per_address:
+            return Error("too_many_connections", f"this host takes at most "
+                         f"{limits.max_pending_per_address} logins at once from one "
+                         "address; try again in a moment")
+        if limits.max_pending and self.pending >= limits.max_pending:
+            return Error("host_full", "this host has too many logins under way; "
+                         "try again in a moment")
+        self.open += 1
+        self.pending += 1
+        self._open_from[address] += 1
+        self._pending_from[address] += 1
+        return None
+
+    def logged_in(self, address: str) -> None:
+        """A connection from `address` finished its login (once per connection)."""
+        self.pending -= 1
+        _count_down(self._pending_from, address)
+
+    def release(self, address: str, pending: bool) -> None:
+        """A connection admitted from `address` ended (`pending`: before it logged in)."""
+        self.open -= 1
+        _count_down(self._open_from, address)
+        if pending:
+            self.logged_in(address)
+
+
+def _count_down(counts: collections.Counter[str], key: str) -> None:
+    """One less for `key`; none left, no key (addresses come and go)."""
+    counts[key] -= 1
+    if counts[key] <= 0:
+        del counts[key]
+
+
+def _refuse(conn: socket.socket, error: Error) -> None:
+    """Tell a connection we won't take it why, and close it: no Link, no
+    task, so refusing a flood of connections costs little. Never raises."""
+    with contextlib.suppress(OSError):
+        conn.setblocking(False)
+        # Bytes left unread would turn our close into a reset, which can
+        # discard the error before the peer reads it.
+        with contextlib.suppress(BlockingIOError, InterruptedError):
+            conn.recv(65536)
+        conn.send(encode(error))            # a few dozen bytes: an empty buffer takes them
+        conn.shutdown(socket.SHUT_WR)
+    conn.close()
+
+
+def _reserve_descriptor() -> int | None:
+    """A descriptor to give back when the process runs out (None: none left)."""
+    try:
+        return os.open(os.devnull, os.O_RDONLY)
+    except OSError:
+        return None
+
+
+# Out of descriptors: accept() fails with one of these while connections wait.
+_OUT_OF_DESCRIPTORS = frozenset({errno.EMFILE, errno.ENFILE})
+_ACCEPTS_PER_TURN = 64      # accepts before letting the loop's other tasks run
 
 # --- Sessions and the host ---------------------------------------------------
 
@@ -5718,9 +7337,11 @@ _TICKS_PER_DEADLINE = 4     # the host looks at each deadline this often, at lea
 class Session:
     """The host's side of one client connection."""
 
-    def __init__(self, host: Host, link: Link) -> None:
+    def __init__(self, host: Host, link: Link, address: str) -> None:
         self.host = host
         self.link = link
+        self.address = address              # the peer's IP address: what limits count
+        self.pending = True                 # not logged in yet (Admission counts it so)
         self.seat: Seat | None = None       # once logged in
         self.started = asyncio.get_running_loop().time()
         self.last_ping = self.started       # when we last pinged, or connected
@@ -5774,6 +7395,9 @@ class Seat:
         self.token = secrets.token_hex(16)
         self.away_since: float | None = None    # loop time the connection dropped
         self.why = ""                           # why it dropped (the room is told so)
+        limits = session.host.limits            # its chat lines, against floods:
+        self.flood = FloodGate(limits.rate_limit_per_s, limits.burst, limits.flood_strikes) \
+            if limits.rate_limit_per_s > 0 and limits.burst > 0 else None
 
     @property
     def link(self) -> Link:
@@ -5813,9 +7437,13 @@ class Host:
         self.calls = HostCalls(limits, self.rooms, self.deliver)
         self.sessions: set[Session] = set()
         self.seats: dict[str, Seat] = {}    # by resume token
+        self.admission = Admission(limits)
         self.advertiser = Advertiser(self.name, port, interface,
                                      limits.advertise_debounce_s) if advertise else None
-        self._server: asyncio.Server | None = None
+        self._serving = False               # listening, until close() begins
+        self._listeners: list[socket.socket] = []
+        self._acceptors: list[asyncio.Task] = []
+        self._spare: int | None = None      # a descriptor held back for refusing
         self._handlers: set[asyncio.Task] = set()
         self._ticker: asyncio.Task | None = None
         self._closed = asyncio.Event()
@@ -5827,6 +7455,7 @@ class Host:
             FileOffer: self.files.on_offer, Chunk: self.files.on_chunk,
             FileEnd: self.files.on_end, FileAbort: self.files.on_abort,
             FileSaved: self.files.on_answer, FileRefuse: self.files.on_answer,
+            FileGot: self.files.on_got, FileResume: self.files.on_resume,
             MediaPort: self.calls.on_media_port, Call: self.calls.on_call,
             Decline: self.calls.on_decline, Hangup: self.calls.on_hangup,
             RelayMedia: self.calls.on_relay, MediaData: self.calls.on_media,
@@ -5837,13 +7466,21 @@ class Host:
         started is undone before the error propagates; `close()` is then a
         no-op."""
         self._started = True
+        loop = asyncio.get_running_loop()
+        before, after = raise_open_files_limit()
+        if after != before:
+            log.info("open files limit raised from %d to %d", before, after)
         self.files.start()
         try:
-            self._server = await asyncio.get_running_loop().create_server(
-                lambda: LinkProtocol(self._accept), self.bind, self.port)
-            self.port = self._server.sockets[0].getsockname()[1]
-            self._ticker = asyncio.get_running_loop().create_task(self._tick(),
-                                                                  name="host:tick")
+            self._listeners = await self._listen()
+            self.port = self._listeners[0].getsockname()[1]
+            self._spare = _reserve_descriptor()
+            self._serving = True
+            self._acceptors = [loop.create_task(self._serve(listener), name=f"host:accept:{n}")
+                               for n, listener in enumerate(self._listeners)]
+            for acceptor in self._acceptors:
+                log_failure(acceptor, "accepting connections")
+            self._ticker = loop.create_task(self._tick(), name="host:tick")
             log_failure(self._ticker, "the host's housekeeping")
             if self.advertiser is not None:
                 self.advertiser.port = self.port
@@ -5855,10 +7492,7 @@ class Host:
 
     async def _abandon(self) -> None:
         """Undo a start that failed half way."""
-        server, self._server = self._server, None
-        if server is not None:
-            server.close()
-            await server.wait_closed()
+        await self._stop_listening()
         if self._ticker is not None:
             self._ticker.cancel()
         if self.advertiser is not None:
@@ -5873,15 +7507,14 @@ class Host:
         """Stop accepting, withdraw mDNS, say goodbye to everyone, and wait
         at most `close_timeout_s` before aborting what is left. Idempotent,
         and harmless on a host that never started (or failed to)."""
-        if self._server is None:
+        if not self._serving:
             if not self._started and not self._closed.is_set():  # never started
                 if self.advertiser is not None:
                     await self.advertiser.close()
                 self._closed.set()
             await self._closed.wait()
             return
-        server, self._server = self._server, None
-        server.close()
+        await self._stop_listening()
         if self._ticker is not None:
             self._ticker.cancel()
         for session in list(self.sessions):
@@ -5898,7 +7531,6 @@ class Host:
                 for session in list(self.sessions):
                     session.link.abort(reason)
                 await asyncio.wait(pending)
-        await server.wait_closed()
         self.calls.close()
         await self.files.close()            # handlers are gone; finish their tasks
         self._closed.set()
@@ -5906,39 +7538,155 @@ class Host:
 
     # --- connections ---
 
-    def _accept(self, protocol: LinkProtocol, transport: asyncio.Transport) -> None:
-        """A new connection: give it a Link and a handler task."""
-        peer = transport.get_extra_info("peername") or ("?", 0)
-        link = Link(Wire(Role.HOST, self.limits.max_frame_bytes), transport,
-                    self.limits, f"{peer[0]}:{peer[1]}")
-        protocol.attach(link)
-        task = asyncio.get_running_loop().create_task(self._handle(link),
-                                                      name=f"session:{link.name}")
+    async def _listen(self) -> list[socket.socket]:
+        """Listening sockets for `bind` and `port`, one per address the name
+        resolves to, all on the port the first one got. Raises OSError."""
+        infos = await asyncio.get_running_loop().getaddrinfo(
+            self.bind or None, self.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        listeners: list[socket.socket] = []
+        port = self.port
+        try:
+            for family, kind, proto, _, address in dict.fromkeys(infos):
+                sock = socket.socket(family, kind, proto)
+                listeners.append(sock)
+                if os.name == "posix":      # a restarted host gets its port back at once
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if family == socket.AF_INET6:   # "::" is IPv6 only, as asyncio has it
+                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                sock.bind((address[0], port, *address[2:]))
+                # asyncio's default backlog of 100 let the kernel drop 560 of
+                # 1,500 connections arriving at once (the kernel caps it, too).
+                sock.listen(self.limits.listen_backlog)
+                sock.setblocking(False)
+                port = sock.getsockname()[1]
+        except BaseException:
+            for sock in listeners:
+                sock.close()
+            raise
+        return listeners
+
+    async def _stop_listening(self) -> None:
+        """Stop accepting: the acceptors end, the listening sockets close."""
+        self._serving = False
+        acceptors, self._acceptors = self._acceptors, []
+        for acceptor in acceptors:
+            acceptor.cancel()
+        if acceptors:
+            await asyncio.wait(acceptors)
+        for listener in self._listeners:
+            listener.close()
+        self._listeners = []
+        if self._spare is not None:
+            os.close(self._spare)
+            self._spare = None
+
+    async def _serve(self, listener: socket.socket) -> None:
+        """Accept connections on `listener` until cancelled: each one is
+        admitted (a handler task) or refused at once. When the process runs
+        out of descriptors, the waiting connections are refused (host_full)
+        through the one held in reserve, or, with none, the next try comes
+        `accept_pause_s` later; the log says so once, not per connection
+        (asyncio's own accept loop wrote 43 MB of tracebacks in 30 s)."""
+        loop = asyncio.get_running_loop()
+        starved = False                     # in an episode of running out
+        turn = 0
+        while True:
+            turn += 1
+            if turn % _ACCEPTS_PER_TURN == 0:
+                await asyncio.sleep(0)
+            try:
+                conn, peer = await loop.sock_accept(listener)
+            except ConnectionAbortedError:  # it went before we took it
+                continue
+            except OSError as exc:
+                if not starved:
+                    starved = True
+                    log.warning("can't accept connections (%s): refusing new ones until "
+                                "some close", _why(exc))
+                if exc.errno in _OUT_OF_DESCRIPTORS and self._refuse_with_spare(listener):
+                    continue
+                await asyncio.sleep(self.limits.accept_pause_s)
+                continue
+            if starved:
+                starved = False
+                log.warning("accepting connections again")
+            try:
+                self._admit(conn, peer)
+            except Exception:               # a bug: lose this connection, not the listener
+                log.exception("accepting a connection failed")
+                conn.close()
+
+    def _admit(self, conn: socket.socket, peer: Any) -> None:
+        """A connection just accepted: a handler task for it, or a refusal."""
+        address = peer[0] if isinstance(peer, tuple) else str(peer)
+        refusal = self.admission.admit(address)
+        if refusal is not None:
+            log.debug("refused %s: %s", address, refusal.code)
+            _refuse(conn, refusal)
+            return
+        name = address_text(address, peer[1]) if isinstance(peer, tuple) else address
+        task = asyncio.get_running_loop().create_task(self._handle(conn, address, name),
+                                                      name=f"session:{name}")
         self._handlers.add(task)
 
-    async def _handle(self, link: Link) -> None:
-        """One connection, from accept to the last byte. Never raises."""
-        session = Session(self, link)
-        task = asyncio.current_task()
+    def _refuse_with_spare(self, listener: socket.socket) -> bool:
+        """Out of descriptors: free the reserved one, take the oldest waiting
+        connection with it, refuse it (host_full) and reserve one again.
+        False when no connection was waiting or there was no reserve."""
+        if self._spare is None:
+            self._spare = _reserve_descriptor()     # something freed one since?
+            if self._spare is None:
+                return False
+        os.close(self._spare)
+        self._spare = None
         try:
-            if self._server is None:
+            conn, _ = listener.accept()
+        except OSError:                     # none waiting (or another thread was quicker)
+            conn = None
+        if conn is not None:
+            _refuse(conn, Error("host_full", "this host can't take more connections now; "
+                                "try later"))
+        self._spare = _reserve_descriptor()
+        return conn is not None
+
+    async def _handle(self, conn: socket.socket, address: str, name: str) -> None:
+        """One admitted connection, from accept to the last byte. Never raises."""
+        task = asyncio.current_task()
+        session: Session | None = None
+        try:
+            transport, protocol = await asyncio.get_running_loop().connect_accepted_socket(
+                LinkProtocol, sock=conn)
+            link = Link(Wire(Role.HOST, self.limits.max_frame_bytes), transport,
+                        self.limits, name)
+            protocol.attach(link)
+            session = Session(self, link, address)
+            if not self._serving:
                 link.abort("host_shutdown")
-            elif len(self.sessions) >= self.limits.max_sessions:
-                link.close_with(Error("host_full", "this host is full; try later"), "full")
             self.sessions.add(session)
             await session.run()
         except Exception:
-            log.exception("session %s failed", link.name)
-            link.abort("internal error")
+            log.exception("session %s failed", name)
+            if session is not None:
+                session.link.abort("internal error")
+            else:
+                conn.close()
         finally:
-            self.sessions.discard(session)
+            if session is not None:
+                self.sessions.discard(session)
+            self.admission.release(address, session is None or session.pending)
             self._handlers.discard(task)
+
+    def _logged_in(self, session: Session) -> None:
+        """`session` has a seat now: it no longer counts as a login under way."""
+        if session.pending:
+            session.pending = False
+            self.admission.logged_in(session.address)
 
     def forget(self, session: Session) -> None:
         """A session ended (idempotent; the handler's last act). A seat lost
-        with its connection is held for `grace_s` (its files in flight fail
-        now); one left on purpose, or after a resume moved it elsewhere, is
-        not held."""
+        with its connection is held for `grace_s` (its files wait for it);
+        one left on purpose, or after a resume moved it elsewhere, is not
+        held."""
         seat = session.seat
         if seat is None or seat.session is not session or seat.away_since is not None:
             return                          # never seated, sitting elsewhere, or held
@@ -5946,10 +7694,9 @@ class Host:
         if user is None:
             return
         if session.link.close_reason in _HOLD_FOR and self.limits.grace_s > 0 \
-                and self._server is not None:
+                and self._serving:
             seat.away_since = asyncio.get_running_loop().time()
             seat.why = session.link.close_reason
-            self.files.forget(seat, user)
             log.info("%s (%r) dropped; holding the seat for %g s", session.link.name, user,
                      self.limits.grace_s)
             return
@@ -6006,10 +7753,19 @@ class Host:
             link.close_with(Error(refusal.code, refusal.message), refusal.code)
             return
         session.seat = seat
+        self._logged_in(session)
         self.seats[seat.token] = seat
         log.info("%s joined %r as %r", link.name, hello.room, hello.user)
-        self.deliver(deliveries)
+        self.deliver([(to, self._paced(event) if type(event) is Welcome else event)
+                      for to, event in deliveries])
         self._rooms_changed()
+
+    def _paced(self, event: Welcome | Resumed, **fields: Any) -> Any:
+        """A login's answer, saying our flood limits (the client keeps under them)."""
+        limits = self.limits
+        if limits.rate_limit_per_s > 0 and limits.burst > 0:
+            fields.update(rate=limits.rate_limit_per_s, burst=limits.burst)
+        return dataclasses.replace(event, **fields)
 
     def _resume(self, session: Session, hello: Hello) -> bool:
         """Sit `session` down in the seat its token names, if that seat is
@@ -6024,12 +7780,29 @@ class Host:
             old.link.abort("replaced")      # the client knows it's dead before we do
         seat.session, seat.away_since = session, None
         session.seat = seat
+        self._logged_in(session)
         log.info("%s resumed %r in %r", session.link.name, hello.user, room.name)
-        self.deliver(self.rooms.resume(seat, hello.seen))
+        uploads, downloads = self.files.held(seat)
+        self.deliver([(to, self._paced(event, uploads=uploads, downloads=downloads)
+                       if type(event) is Resumed else event)
+                      for to, event in self.rooms.resume(seat, hello.seen)])
         return True
 
     def _on_say(self, seat: Seat, say: Say) -> None:
-        self.deliver(self.rooms.say(seat, say.text, say.id, unix_now()))
+        gate = seat.flood
+        verdict = gate.take(asyncio.get_running_loop().time()) if gate else Verdict.PASS
+        if verdict is Verdict.PASS:
+            self.deliver(self.rooms.say(seat, say.text, say.id, unix_now()))
+        elif verdict is Verdict.REFUSE and gate:    # the line, not the person: nothing
+            self.deliver([(seat, Error(                 # is stamped, logged or relayed
+                "rate_limited", f"too many messages: at most {gate.burst} at once, then "
+                f"{gate.rate_per_s:g} a second; this one was not sent", say.id))])
+        else:
+            log.warning("%s (%r) floods its room; disconnecting it", seat.link.name,
+                        self.rooms.user_of(seat))
+            seat.link.close_reason = "flooding"
+            self.forget(seat.session)       # the room is told: "left the room (flooding)"
+            seat.link.close_with(Closing("flooding"), "flooding")
 
     def _on_who(self, seat: Seat, who: Who) -> None:
         self.deliver(self.rooms.who(seat))
@@ -6105,7 +7878,7 @@ class Host:
 
 
 # =============================================================================
-# 13. CLIENT FILES: files we send and receive, beside the client core
+# 14. CLIENT FILES: files we send and receive, beside the client core
 # =============================================================================
 # ClientFiles does for one client what HostFiles does for the host: it
 # offers our files, streams them from disk in chunks that chat overtakes,
@@ -6163,15 +7936,16 @@ def claim_name(part: Path, folder: Path, name: str) -> Path:
     raise OSError(errno.EEXIST, "no free name")   # pragma: no cover (endless supply)
 
 
-def remove_stale_parts(folder: Path) -> None:
-    """Delete .part files left by chatroom processes that no longer run."""
+def remove_stale_parts(folder: Path, keep: frozenset[str] = frozenset()) -> None:
+    """Delete .part files left by chatroom processes that no longer run,
+    but those named in `keep` (downloads we are about to resume)."""
     try:
         entries = list(os.scandir(folder))
     except OSError:
         return
     for entry in entries:
         match = _PART_RE.match(entry.name)
-        if match and not _process_alive(int(match.group(1))):
+        if match and entry.name not in keep and not _process_alive(int(match.group(1))):
             try:
                 os.unlink(entry.path)
             except OSError:
@@ -6237,6 +8011,9 @@ class ReceiveState(enum.Enum):
 # order of things, which is ignored rather than believed.
 SEND_MOVES: dict[tuple[SendState, str], SendState] = {
     (SendState.OFFERED, "accepted"): SendState.SENDING,
+    (SendState.SENDING, "resumed"): SendState.SENDING,      # back after a drop:
+    (SendState.ENDED, "resumed"): SendState.SENDING,        # the rest, from where
+    (SendState.OFFERED, "resumed"): SendState.SENDING,      # the host got to
     (SendState.SENDING, "ended"): SendState.ENDED,
     (SendState.ENDED, "stored"): SendState.STORED,
     (SendState.OFFERED, "failed"): SendState.FAILED,
@@ -6265,6 +8042,7 @@ class OutgoingFile:
     state: SendState = SendState.OFFERED
     sent: int = 0
     sha256: str = ""
+    generation: int = 0                     # counts resumes: an older stream stops
 
     def move(self, what: str) -> bool:
         """Take the lifecycle step `what`; False if it doesn't apply now."""
@@ -6297,6 +8075,7 @@ class IncomingFile:
     progress: Progress
     state: ReceiveState = ReceiveState.RECEIVING
     received: int = 0
+    written: int = 0                        # of which on our disk (FileGot says it)
     file: Any = None                        # open only inside the write thread
     hasher: Any = dataclasses.field(default_factory=hashlib.sha256)
     batch: list = dataclasses.field(default_factory=list)
@@ -6330,6 +8109,10 @@ class ClientFiles:
     `emit`. Disk work runs on two threads of its own: one reads the files
     we send, one writes the files we get, so each keeps its order and
     neither blocks the loop or the other.
+
+    A dropped connection pauses files (`connection_lost`); back in the same
+    seat, `resumed` carries each on from where the host or we got to; only
+    `give_up` (the session is over, or the host forgot us) fails them.
     """
 
     def __init__(self, limits: Limits, downloads: Path,
@@ -6341,6 +8124,8 @@ class ClientFiles:
         self.host_max_file = 0              # the host's --max-file-size, from ready
         self.uploads: dict[int, OutgoingFile] = {}
         self.downloads_by_number: dict[int, IncomingFile] = {}
+        self._saved: dict[int, None] = {}   # downloads saved lately (a resume may ask)
+        self.orphans: dict[int, dict] = {}  # downloads a run of ours before a crash began
         self._sending: set[asyncio.Task] = set()    # send() calls not yet queued
         self._next_transfer = 0
         self._downloads_checked = False     # stale .part files removed once
@@ -6367,16 +8152,66 @@ class ClientFiles:
         self.link = link
         self.host_max_file = host_max_file
 
-    def connection_ended(self) -> None:
-        """The connection is gone: whatever is still moving has failed."""
+    def connection_lost(self) -> None:
+        """The connection is gone: files wait (what arrived is written)
+        until `resumed` or `give_up`."""
         self.link = None
-        reason = "the connection to the host ended"
+        for dl in self.downloads_by_number.values():
+            self._flush_batch(dl)
+
+    def give_up(self, reason: str = "the connection to the host ended") -> None:
+        """The session is over (or the host forgot us): whatever is still
+        moving has failed."""
         for dl in list(self.downloads_by_number.values()):
             self._fail_download(dl, "cancelled", reason, tell_host=False)
         for up in self.uploads.values():
             if up.move("failed"):
                 self._file_failed(up.base(), "cancelled", reason)
         self.uploads.clear()
+        self._saved.clear()
+
+    def resumed(self, event: Resumed) -> None:
+        """Back in the same seat (after `attach`): each file goes on from
+        where it got to; one the host no longer has has failed."""
+        link = self.link
+        assert link is not None
+        gone = "the host no longer has this file (it was restarted, or gave up on it)"
+        uploads = {number: (have, complete) for number, have, complete in event.uploads}
+        for up in list(self.uploads.values()):
+            if up.state not in (SendState.OFFERED, SendState.SENDING, SendState.ENDED):
+                continue
+            if up.transfer not in uploads:
+                if up.state is SendState.OFFERED:   # the offer may never have arrived
+                    link.offer(FileOffer(up.transfer, up.name, up.size, up.to))
+                elif up.move("failed"):
+                    self._file_failed(up.base(), "cancelled", gone)
+                continue
+            have, complete = uploads[up.transfer]
+            if complete and up.state is SendState.ENDED:
+                self._on_stored(FileStored(up.transfer))
+            elif up.move("resumed"):
+                if not up.accepted.done():
+                    up.accepted.set_result(True)
+                task = asyncio.get_running_loop().create_task(
+                    self._resume_upload(link, up, have), name=f"resume:{up.name}")
+                log_failure(task, f"sending the rest of {up.name}")
+        coming = {row[0]: row for row in event.downloads}
+        for dl in list(self.downloads_by_number.values()):
+            if dl.transfer not in coming:
+                self._fail_download(dl, "cancelled", gone, tell_host=False)
+        for number, sender, name, size, to in coming.values():
+            known = self.downloads_by_number.get(number)
+            if known is not None:
+                link.offer(FileResume(number, known.received if
+                                      known.state is ReceiveState.RECEIVING else known.size))
+            elif number in self._saved:     # saved as the connection dropped
+                link.offer(FileSaved(number))
+            elif number in self.orphans:    # begun by the run of ours that crashed
+                self._adopt(FileAnnounce(number, sender, name, size, to),
+                            self.orphans[number]["part"])
+            else:                           # its announcement was lost in the drop
+                self._on_announce(FileAnnounce(number, sender, name, size, to))
+                link.offer(FileResume(number, 0))
 
     async def settle_uploads(self, until: asyncio.Future) -> None:
         """Wait until every file we asked to send has reached the host (or
@@ -6455,44 +8290,86 @@ class ClientFiles:
             self.emit(up.progress.event(up.base(), 0, force=True))
             if not await up.accepted:
                 return None                 # refused: file_failed already emitted
-            hasher = hashlib.sha256()
-            data = b""
-            while up.state is SendState.SENDING:
-                want = min(limits.file_io_bytes, size - up.sent + 1)   # +1: notice growth
-                if not await link.bulk_room():
-                    return up.transfer      # the link closed: reported as it closed
-                data = await loop.run_in_executor(self._read_io, _read_and_hash,
-                                                  handle, want, hasher)
-                if not data or up.state is not SendState.SENDING:
-                    break
-                if up.sent + len(data) > size:
-                    break                   # the file grew while we sent it
-                view = memoryview(data)
-                for start in range(0, len(view), MAX_CHUNK_BYTES):
-                    link.offer_chunk(up.transfer, view[start:start + MAX_CHUNK_BYTES])
-                up.sent += len(data)
-                self.emit(up.progress.event(up.base(), up.sent))
-            if up.state is not SendState.SENDING:
-                return up.transfer          # failed meanwhile: reported already
-            if up.sent != size or data:
-                up.move("failed")
-                link.offer(FileAbort(up.transfer, "file_io", "the file changed while "
-                                     "it was being sent"))
-                self._file_failed(up.base(), "file_io", f"{up.name} changed while it "
-                                  "was being sent; send it again")
-                return up.transfer
-            up.sha256 = hasher.hexdigest()
-            up.move("ended")
-            link.offer_after_bulk(FileEnd(up.transfer, up.sha256))
-            self.emit(up.progress.event(up.base(), up.sent, force=True))
-            return up.transfer
+            return await self._stream(link, up, handle, hashlib.sha256())
         except OSError as exc:
-            if up.move("failed"):
-                if not link.closing:
-                    link.offer(FileAbort(up.transfer, "file_io", f"read error: {exc}"))
-                self._file_failed(up.base(), "file_io", f"can't read {up.name}: "
-                                  f"{exc.strerror or exc}")
+            self._read_failed(link, up, exc)
             return up.transfer
+
+    async def _resume_upload(self, link: Link, up: OutgoingFile, offset: int) -> None:
+        """Send the rest of `up` from `offset` (the host has the bytes before
+        it); the hash is taken again over those, from the file."""
+        loop = asyncio.get_running_loop()
+        try:
+            handle, size = await loop.run_in_executor(self._read_io, _open_regular, up.path)
+        except OSError as exc:
+            self._read_failed(link, up, exc)
+            return
+        try:
+            if size != up.size or offset > size:
+                raise OSError(errno.ESTALE, "the file changed while it was being sent")
+            up.generation += 1
+            generation = up.generation
+            hasher = hashlib.sha256()
+            await loop.run_in_executor(self._read_io, _hash_prefix, handle, offset,
+                                       self.limits.file_io_bytes, hasher)
+            if up.generation != generation:
+                return                      # another resume overtook this one
+            up.sent = offset
+            await self._stream(link, up, handle, hasher)
+        except OSError as exc:
+            self._read_failed(link, up, exc)
+        finally:
+            log_failure(loop.run_in_executor(self._read_io, handle.close),
+                        f"closing {up.path}")
+
+    def _read_failed(self, link: Link, up: OutgoingFile, exc: OSError) -> None:
+        if up.move("failed"):
+            if not link.closing:
+                link.offer(FileAbort(up.transfer, "file_io", f"read error: {exc}"))
+            self._file_failed(up.base(), "file_io", f"can't read {up.name}: "
+                              f"{exc.strerror or exc}")
+
+    async def _stream(self, link: Link, up: OutgoingFile, handle: Any, hasher: Any) -> int:
+        """Send `up`'s data from `up.sent` on (the file is read from there),
+        then FileEnd. Returns when all is queued, or the link closed (the
+        rest then waits for a resume)."""
+        loop = asyncio.get_running_loop()
+        limits, size = self.limits, up.size
+        if up.sent:
+            await loop.run_in_executor(self._read_io, handle.seek, up.sent)
+        data = b""
+        generation = up.generation
+        while up.state is SendState.SENDING:
+            want = min(limits.file_io_bytes, size - up.sent + 1)   # +1: notice growth
+            if not await link.bulk_room():
+                return up.transfer      # the link closed: the rest waits for a resume
+            data = await loop.run_in_executor(self._read_io, _read_and_hash,
+                                              handle, want, hasher)
+            if up.generation != generation:
+                return up.transfer      # a resume sends it now, on a new connection
+            if not data or up.state is not SendState.SENDING:
+                break
+            if up.sent + len(data) > size:
+                break                   # the file grew while we sent it
+            view = memoryview(data)
+            for start in range(0, len(view), MAX_CHUNK_BYTES):
+                link.offer_chunk(up.transfer, view[start:start + MAX_CHUNK_BYTES])
+            up.sent += len(data)
+            self.emit(up.progress.event(up.base(), up.sent))
+        if up.state is not SendState.SENDING:
+            return up.transfer          # failed meanwhile: reported already
+        if up.sent != size or data:
+            up.move("failed")
+            link.offer(FileAbort(up.transfer, "file_io", "the file changed while "
+                                 "it was being sent"))
+            self._file_failed(up.base(), "file_io", f"{up.name} changed while it "
+                              "was being sent; send it again")
+            return up.transfer
+        up.sha256 = hasher.hexdigest()
+        up.move("ended")
+        link.offer_after_bulk(FileEnd(up.transfer, up.sha256))
+        self.emit(up.progress.event(up.base(), up.sent, force=True))
+        return up.transfer
 
     def _on_accept(self, event: FileAccept) -> None:
         up = self.uploads.get(event.transfer)
@@ -6537,7 +8414,46 @@ class ClientFiles:
                    "name": safe, "size": dl.size, "to": dl.to or None})
         first = not self._downloads_checked
         self._downloads_checked = True
-        self._write(dl, _open_part, dl, self.downloads, first)
+        keep = frozenset(str(entry["part"]) for entry in self.orphans.values())
+        self._write(dl, _open_part, dl, self.downloads, first, keep)
+
+    def in_progress(self) -> list[dict]:
+        """The downloads under way, as a crash-surviving record (PlaceStore)."""
+        return [{"transfer": dl.transfer, "part": dl.part.name, "from": dl.sender,
+                 "name": dl.name, "size": dl.size, "to": dl.to}
+                for dl in self.downloads_by_number.values()
+                if dl.state is ReceiveState.RECEIVING]
+
+    def _adopt(self, event: FileAnnounce, part_name: str) -> None:
+        """Go on with a download whose .part a crashed run of ours left:
+        FileResume says what is on disk (0 if the .part is gone)."""
+        safe = safe_filename(event.name)
+        part = self.downloads / part_name
+        if not _PART_RE.match(part_name) or part.parent != self.downloads:
+            part = self.downloads / f".{safe}.chatroom-{os.getpid()}-" \
+                f"{secrets.token_hex(4)}.part"
+        dl = IncomingFile(event.transfer, event.sender, event.name, safe, event.size,
+                          event.to, part, Progress(event.size, self.limits.progress_interval_s))
+        self.downloads_by_number[dl.transfer] = dl
+        self.emit({"type": "file_offer", "transfer": dl.transfer, "from": dl.sender,
+                   "name": safe, "size": dl.size, "to": dl.to or None})
+
+        def reopened(future: asyncio.Future) -> None:
+            if future.cancelled() or dl.failed:
+                return
+            have = future.result() if future.exception() is None else 0
+            if have > dl.size:
+                self._fail_download(dl, "file_io", f"{safe}: the partial file is "
+                                    "larger than the file")
+                return
+            dl.received = dl.written = have
+            if have == 0 and dl.file is None:
+                self._write(dl, _open_part, dl, self.downloads, False)
+            if self.link is not None:
+                self.link.offer(FileResume(dl.transfer, have))
+        loop = asyncio.get_running_loop()
+        future = loop.run_in_executor(self._write_io, _reopen_part, dl)
+        future.add_done_callback(reopened)
 
     def _on_chunk(self, chunk: Chunk) -> Any:
         """File data; returns an awaitable when the core must stop reading
@@ -6560,9 +8476,18 @@ class ClientFiles:
 
     def _flush_batch(self, dl: IncomingFile) -> None:
         if dl.batch:
-            batch = dl.batch                # chunks as received: no copy here
+            batch, size = dl.batch, dl.batch_bytes  # chunks as received: no copy
             dl.batch, dl.batch_bytes = [], 0
-            self._write(dl, _write_and_hash, dl, batch)
+            self._write(dl, _write_and_hash, dl, batch).add_done_callback(
+                lambda f: self._wrote(dl, size, f))
+
+    def _wrote(self, dl: IncomingFile, size: int, future: asyncio.Future) -> None:
+        """A batch is on disk: the host may forget it (FileGot)."""
+        if future.cancelled() or future.exception() is not None or dl.failed:
+            return
+        dl.written += size
+        if self.link is not None and dl.state is ReceiveState.RECEIVING:
+            self.link.offer(FileGot(dl.transfer, dl.written))
 
     def _write(self, dl: IncomingFile, job: Callable, *args: Any) -> asyncio.Future:
         """Run `job` on the write thread, in order; a failure fails `dl`."""
@@ -6605,6 +8530,9 @@ class ClientFiles:
                 return
             dl.move("saved")
             self.downloads_by_number.pop(dl.transfer, None)
+            self._saved[dl.transfer] = None
+            while len(self._saved) > self.limits.max_transfers * 4:
+                del self._saved[next(iter(self._saved))]
             self.emit(dl.progress.event(dl.base(), dl.received, force=True))
             self.emit({"type": "file_received", "transfer": dl.transfer,
                        "from": dl.sender, "name": path.name, "path": str(path),
@@ -6653,10 +8581,22 @@ def _read_and_hash(handle: Any, size: int, hasher: Any) -> bytes:
     return data
 
 
-def _open_part(dl: IncomingFile, folder: Path, first: bool) -> None:
+def _hash_prefix(handle: Any, size: int, step: int, hasher: Any) -> None:
+    """Hash the first `size` bytes of `handle` (then at `size`)."""
+    handle.seek(0)
+    while size > 0:
+        data = handle.read(min(step, size))
+        if not data:
+            raise OSError(errno.ESTALE, "the file shrank while it was being sent")
+        hasher.update(data)
+        size -= len(data)
+
+
+def _open_part(dl: IncomingFile, folder: Path, first: bool,
+               keep: frozenset[str] = frozenset()) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     if first:
-        remove_stale_parts(folder)
+        remove_stale_parts(folder, keep)
     if shutil.disk_usage(folder).free < dl.size:
         raise OSError(errno.ENOSPC, "not enough free space for the file")
     descriptor = os.open(dl.part, os.O_WRONLY | os.O_CREAT | os.O_EXCL |
@@ -6686,6 +8626,20 @@ def _finish_part(dl: IncomingFile, expected: str, folder: Path) -> tuple[Path | 
     return claim_name(dl.part, folder, dl.safe_name), digest
 
 
+def _reopen_part(dl: IncomingFile) -> int:
+    """Open the .part of a download a previous run of ours began, to go on
+    writing it; its bytes are hashed again. Returns how many there are."""
+    dl.file = open(dl.part, "r+b", buffering=0)    # noqa: SIM115 (closed when done)
+    try:
+        while data := dl.file.read(FILE_IO_BYTES):
+            dl.hasher.update(data)
+        return dl.file.tell()
+    except BaseException:
+        dl.file.close()
+        dl.file = None
+        raise
+
+
 def _discard_part(dl: IncomingFile) -> None:
     if dl.file is not None:
         dl.file.close()
@@ -6696,7 +8650,7 @@ def _discard_part(dl: IncomingFile) -> None:
         pass
 
 # =============================================================================
-# 14. CLIENT MEDIA: the links of a call and the threads that move their media
+# 15. CLIENT MEDIA: the links of a call and the threads that move their media
 # =============================================================================
 # A call's media, under the signalling of CLIENT CALLS (next section): the
 # table of links, each with its keys, where its media goes and what has
@@ -6704,11 +8658,18 @@ def _discard_part(dl: IncomingFile) -> None:
 # the threads, each with one job:
 # - the receiving threads (one per UDP socket: CONNECTIONS' UdpSocket) and
 #   the core's loop (for packets the host relays) call `on_packet`: open,
-#   reassemble, queue frames to decode, push audio into jitter buffers;
-# - the video thread: read the camera, encode once per codec in use, cut
-#   into packets, seal and send them to every link (the same packets, each
-#   sealed with its link's key), paced so bursts don't overflow receivers;
-# - the decoding thread: decode each link's newest frames, record them;
+#   reassemble and repair (a Nack for what parity can't rebuild, then a
+#   keyframe request), queue frames to decode at the time LipSync gives,
+#   push audio into jitter buffers, answer Nacks from the fragments we
+#   keep, feed Reports to the rate controller, and send our own Reports;
+# - the video thread: read the camera, encode once per codec in use at the
+#   settings its RateController gives (the worst link decides), cut into
+#   packets with parity, seal and send them to every link (the same
+#   packets, each sealed with its link's key), paced so bursts don't
+#   overflow receivers; a send never waits (UdpSocket), so one congested
+#   peer can't hold up the others' video;
+# - the decoding thread: decode each link's frames when they are due,
+#   show and record them;
 # - the audio source's and sink's threads (or PyAudio's callbacks): take the
 #   echo, noise and rumble out of the microphone's 20 ms frames, encode and
 #   send them; pull, decode, repair (Opus FEC) or conceal, and mix what is
@@ -6723,7 +8684,8 @@ def _discard_part(dl: IncomingFile) -> None:
 
 _SEND_PACE_EVERY = 8                # packets of one frame sent back to back, then a pause
 _SEND_PACE_S = 0.0005
-_DECODE_QUEUE = 8                   # frames waiting to be decoded per link, at most
+_DECODE_QUEUE = 8                   # frames overdue for decoding per link, at most
+_DECODE_HELD = 64                   # frames waiting for their time per link, at most
 
 
 @dataclasses.dataclass(frozen=True)
@@ -6737,6 +8699,9 @@ class MediaOptions:
     interface: str | None = None    # --interface: bind media sockets to this address
     video_codec: str = "auto"       # --video-codec: offer only this one (auto: all)
     echo_cancel: bool = True        # --no-echo-cancel turns it (and noise, gain) off
+    video_repair: str = "both"      # --video-repair: both, nack, parity or none
+    video_adapt: bool = True        # --no-video-adapt: always send at the full rate
+    lip_sync: bool = True           # --no-lip-sync: show video as soon as it is decoded
 
 
 class PeerLink:
@@ -6747,7 +8712,7 @@ class PeerLink:
     def __init__(self, peer: str, link_id: bytes, link_key: bytes, i_am_a: bool,
                  video: str, audio: str, sock: UdpSocket | None,
                  address: tuple[str, int] | None, direct: bool,
-                 safety_code: str | None = None) -> None:
+                 safety_code: str | None = None, repair: str = "both") -> None:
         send_key, receive_key = direction_keys(link_key, i_am_a)
         now = time.monotonic()
         self.peer = peer
@@ -6770,14 +8735,21 @@ class PeerLink:
         self.sent = 0.0
         self.recv_lock = threading.Lock()
         self.send_lock = threading.Lock()
-        self.reassembler = Reassembler()
-        self.gate = KeyframeGate()
+        self.video_in = VideoReceiver(repair=repair in ("nack", "both"))
+        self.meter = ReportMeter(now * 1000)    # what our Reports to them say
+        self.report_due = 0.0               # when our next Report goes (ms)
+        self.resender: Retransmitter | None = None      # answers their Nacks
+        self.reported: dict[str, int] = {}  # repair counters at the last media_stats
+        self.sent_bytes = 0                 # everything we sent them (send_lock)
+        self.sent_mark = (0, now * 1000)    # (sent_bytes, when) at their last Report
         # Opus rebuilds a lost frame from the next packet: while packets go
         # missing, wait one frame more so that the next one is here in time.
         self.jitter = JitterBuffer(repair_frames=1 if audio == "opus" else 0)
         self.playout = Playout(SILENCE)     # decoding, repair, and the level of their voice
+        self.sync = LipSync()               # their video against their voice
         self.stats = LinkStats(now * 1000)
-        self.to_decode: collections.deque[Frame] = collections.deque()
+        # (when to decode it, ms; the frame), in order: a frame waits for its sound.
+        self.to_decode: collections.deque[tuple[float, Frame]] = collections.deque()
         self.video_decoder: Any = None      # made on the decoding thread
         self.audio_decoder: Any = None      # made on the audio sink's thread
         self.latest_frame: Any = None       # the newest decoded frame (a BGR array)
@@ -6822,6 +8794,12 @@ class MediaEngine:
         self._audio_seq = 0
         self._recorder: Any = None
         self._threads: list[threading.Thread] = []
+        # What each video stream (one per codec) sent lately, for Nacks, and how it
+        # is sent: the video thread and the receiving threads share them.
+        self._video_lock = threading.Lock()
+        self._parity = options.video_repair in ("parity", "both")
+        self._caches: dict[str, FragmentCache] = {}
+        self._rates: dict[str, RateController] = {}
         self._voice: VoiceProcessor | None = None   # while the audio devices are open
         self._voice_failed = False                  # it would not load: logged once
         self._sound_spec: str | None = None         # what the open devices are (else None)
@@ -6846,6 +8824,9 @@ class MediaEngine:
             self._by_id[link.link_id] = link
             if link.video:
                 self._keyframes.add(link.video)     # a newcomer needs a keyframe
+                with self._video_lock:
+                    cache = self._caches.setdefault(link.video, FragmentCache())
+                link.resender = Retransmitter(cache)
             self._start_threads()
         self._wake_video.set()
         self._audio_wanted.set()
@@ -6857,6 +8838,9 @@ class MediaEngine:
             if self._links.get(link.peer) is not link:
                 return False
             del self._links[link.peer]
+            with self._video_lock:
+                for rate in self._rates.values():
+                    rate.forget(link.peer)
             if not self._links:
                 self._audio_wanted.clear()
                 self._reported.clear()      # the next call says its device problems
@@ -6866,6 +8850,7 @@ class MediaEngine:
         """Seal and send one packet to `link`."""
         with link.send_lock:
             packet = link.sealer.seal(kind, inner)
+            link.sent_bytes += len(packet)
         link.sent = time.monotonic()
         if link.relay_out and not link.direct:
             self.loop.call_soon_threadsafe(self.relay, packet)
@@ -6873,17 +8858,36 @@ class MediaEngine:
             link.sock.send(packet, link.address)
 
     def stats(self, link: PeerLink, now: float) -> dict:
-        """media_stats for `link` since the last call (the core's clock)."""
+        """media_stats for `link` since the last call (the core's clock): what
+        comes from them (LinkStats' fields, concealed, the repair counters,
+        av_skew_ms) and how our video goes to them (send_*, None without)."""
         with link.recv_lock:
-            link.reassembler.expire(now * 1000)
+            frames, controls = link.video_in.poll(now * 1000)
+            timed = self._schedule(link, frames, now * 1000)
             stats = link.stats.snapshot(now * 1000)
             concealed, recovered = link.jitter.concealed, link.jitter.recovered
             stats["jitter_ms"] = link.jitter.target_ms
+            stats["av_skew_ms"] = link.sync.skew()
+            r = link.video_in.reassembler
+            counts = {"repaired": r.repaired + r.recovered, "video_lost": r.incomplete,
+                      "nacks": link.video_in.nacks, "keyframes": link.video_in.gate.requests,
+                      "resent": link.resender.resent if link.resender is not None else 0}
+        self._take_frames(link, timed, controls, now * 1000)
         stats["concealed"] = concealed - link.concealed_reported
         stats["fec"] = recovered - link.recovered_reported
         link.concealed_reported, link.recovered_reported = concealed, recovered
         stats["dropped"] += self.garbage
-        return {"type": "media_stats", "peer": link.peer, **stats, "path": link.path}
+        for name, count in counts.items():
+            stats[name] = count - link.reported.get(name, 0)
+        link.reported = counts
+        with self._video_lock:
+            rate = self._rates.get(link.video) if link.video else None
+            sending = rate.settings if rate is not None else None
+        return {"type": "media_stats", "peer": link.peer, **stats, "path": link.path,
+                "send_kbps": sending and round(sending.bitrate / 1000),
+                "send_fps": sending and sending.fps,
+                "send_width": sending and sending.width,
+                "send_height": sending and sending.height}
 
     # --- what the person does ---
 
@@ -6945,7 +8949,10 @@ class MediaEngine:
             self.garbage += 1
             return None
         now = time.monotonic()
-        keyframe_request = False
+        now_ms = now * 1000
+        frames: list[Frame] = []
+        controls: list[bytes] = []          # to send back to them
+        again: list[bytes] = []             # video they asked for again
         with link.recv_lock:
             opened = link.opener.open(data)
             if opened is None:
@@ -6957,32 +8964,82 @@ class MediaEngine:
                 link.heard_udp = now
             else:
                 link.heard_relay = now
-            link.stats.packet(seq, len(data), now * 1000)
+            link.stats.packet(seq, len(data), now_ms)
+            link.meter.packet(seq, len(data), now_ms)
             first, link.connected = not link.connected, True
             if kind == KIND_VIDEO:
-                for frame in link.reassembler.add(inner, now * 1000):
-                    verdict = link.gate.check(frame, now * 1000)
-                    keyframe_request |= verdict.request_keyframe
-                    if verdict.decode:
-                        link.to_decode.append(frame)
-                        if len(link.to_decode) > _DECODE_QUEUE:     # we can't keep up
-                            link.to_decode.clear()
-                            keyframe_request |= link.gate.decoder_failed(now * 1000)
-                        with self._wake_decode:
-                            self._wake_decode.notify()
+                capture_ms = video_capture_ms(inner)
+                if capture_ms is not None:
+                    link.meter.transit(capture_ms, time.time() * 1000)
+                frames, controls = link.video_in.packet(inner, now_ms)
             elif kind == KIND_AUDIO:
                 frame_in = unpack_audio(inner)
                 if frame_in is not None and AUDIO_CODEC_IDS.get(link.audio) == frame_in.codec:
-                    link.jitter.push(frame_in.seq, frame_in.payload, now * 1000)
+                    link.jitter.push(frame_in.seq, frame_in.payload, now_ms)
+                    link.sync.audio_arrived(frame_in.seq, frame_in.capture_ms)
                     link.stats.audio_frame()
             else:
-                control = unpack_control(inner)
-                if control is not None and control.type == CONTROL_KEYFRAME and link.video:
-                    self._keyframes.add(link.video)
-        if keyframe_request:
-            self.send(link, KIND_CONTROL, pack_control(
-                Control(CONTROL_KEYFRAME, link.gate.last_frame_id or 0)))
+                again = self._on_control(link, unpack_control(inner), now_ms)
+            if link.video and kind != KIND_VIDEO:   # a repair's time may be up
+                more, also = link.video_in.poll(now_ms)
+                frames, controls = frames + more, controls + also
+            if link.video and now_ms >= link.report_due:
+                link.report_due = now_ms + REPORT_INTERVAL_MS
+                controls.append(pack_control(link.meter.report(now_ms)))
+            timed = self._schedule(link, frames, now_ms)
+        self._take_frames(link, timed, controls, now_ms)
+        for inner_again in again:
+            self.send(link, KIND_VIDEO, inner_again)
         return link if first else None
+
+    def _on_control(self, link: PeerLink, control: Control | Nack | Report | None,
+                    now_ms: float) -> list[bytes]:
+        """A control message from `link` (recv_lock held): the video fragments
+        to send them again, if they asked for some."""
+        if control is None or not link.video:
+            return []
+        if isinstance(control, Nack):
+            if link.resender is None:
+                return []
+            with self._video_lock:
+                return link.resender.answer(control, now_ms)
+        if isinstance(control, Report):
+            with link.send_lock:
+                sent = link.sent_bytes
+            (was, since), link.sent_mark = link.sent_mark, (sent, now_ms)
+            sent_kbps = (sent - was) * 8 / (now_ms - since) if now_ms > since else None
+            if self.options.video_adapt:
+                with self._video_lock:
+                    rate = self._rates.get(link.video)
+                    if rate is not None:
+                        rate.report(link.peer, control, now_ms, sent_kbps)
+            return []
+        if control.type == CONTROL_KEYFRAME:
+            self._keyframes.add(link.video)
+        return []
+
+    def _schedule(self, link: PeerLink, frames: list[Frame],
+                  now_ms: float) -> list[tuple[float, Frame]]:
+        """When to decode each frame: with its sound (recv_lock held)."""
+        if not self.options.lip_sync:
+            return [(now_ms, frame) for frame in frames]
+        return [(link.sync.video_due(frame.capture_ms, now_ms), frame) for frame in frames]
+
+    def _take_frames(self, link: PeerLink, frames: list[tuple[float, Frame]],
+                     controls: list[bytes], now_ms: float) -> None:
+        """Queue frames for the decoder; send the control messages (any thread)."""
+        if frames:
+            with self._wake_decode:
+                link.to_decode.extend(frames)
+                queue = link.to_decode
+                if len(queue) > _DECODE_HELD or (      # we can't keep up
+                        len(queue) > _DECODE_QUEUE and queue[_DECODE_QUEUE][0] <= now_ms):
+                    queue.clear()
+                    with link.recv_lock:
+                        controls = controls + link.video_in.decoder_failed(now_ms)
+                self._wake_decode.notify()
+        for inner in controls:
+            self.send(link, KIND_CONTROL, inner)
 
     # --- the threads: video out, video in, audio ---
 
@@ -7050,6 +9107,7 @@ class MediaEngine:
                     continue
                 self.preview, self.preview_serial = frame, self.preview_serial + 1
                 capture_ms = int(time.time() * 1000)
+                now_ms = time.monotonic() * 1000
                 for codec in sorted({link.video for link in links}):
                     encoder = encoders.get(codec)
                     if encoder is None:
@@ -7058,13 +9116,32 @@ class MediaEngine:
                         except (DeviceError, MissingPackage) as exc:
                             self._report("missing_package", f"can't encode {codec}: {_why(exc)}")
                             continue
+                    with self._video_lock:
+                        rate = self._rates.get(codec)
+                        if rate is None:
+                            rate = self._rates[codec] = RateController(
+                                VIDEO_BITRATE if codec == "vp8" else JPEG_BITRATE,
+                                VIDEO_WIDTH, VIDEO_HEIGHT, VIDEO_FPS)
+                        sending = rate.update(now_ms)
+                        if not rate.take_frame(now_ms):
+                            continue
+                        full = sending.bitrate >= rate.max_bitrate
+                    encoder.configure(sending.bitrate, sending.fps, sending.width,
+                                      sending.height)
                     out = encoder.encode(frame, keyframe=codec in self._keyframes)
                     self._keyframes.discard(codec)
                     if out is None:
                         continue
                     frame_ids[codec] = frame_ids.get(codec, 0) + 1
+                    # Parity only at the full rate: below it bandwidth is what is
+                    # short, and frames of one to three fragments would spend a
+                    # third to a half of it on parity (one fragment's parity is a
+                    # copy); a Nack costs next to nothing (bench/video_sim.py).
                     inners = fragment(frame_ids[codec], out[0], capture_ms, out[1],
-                                      VIDEO_CODEC_IDS[codec])
+                                      VIDEO_CODEC_IDS[codec], parity=self._parity and full)
+                    with self._video_lock:
+                        self._caches.setdefault(codec, FragmentCache()).add(
+                            frame_ids[codec], inners)
                     targets = [link for link in links if link.video == codec]
                     for number, inner in enumerate(inners, 1):
                         for link in targets:
@@ -7082,13 +9159,22 @@ class MediaEngine:
 
     def _decode_loop(self) -> None:
         while True:
-            work = [(link, link.to_decode.popleft()) for link in self.links()
-                    if link.to_decode]
+            links = self.links()
+            with self._wake_decode:
+                now_ms = time.monotonic() * 1000
+                work, wait_s = [], _UDP_POLL_S
+                for link in links:
+                    queue = link.to_decode
+                    while queue and queue[0][0] <= now_ms:
+                        work.append((link, queue.popleft()[1]))
+                    if queue:               # the next frame waits for its sound
+                        wait_s = min(wait_s, (queue[0][0] - now_ms) / 1000)
+                if not work and not self._closed.is_set() and links:
+                    self._wake_decode.wait(wait_s)
+                    continue
             if not work or self._closed.is_set():
                 if self._retire():
                     return
-                with self._wake_decode:
-                    self._wake_decode.wait(_UDP_POLL_S)
                 continue
             for link, frame in work:
                 self._decode(link, frame)
@@ -7104,14 +9190,15 @@ class MediaEngine:
         now = time.monotonic()
         if image is None:
             with link.recv_lock:
-                if link.gate.decoder_failed(now * 1000):
-                    self.send(link, KIND_CONTROL, pack_control(
-                        Control(CONTROL_KEYFRAME, link.gate.last_frame_id or 0)))
+                requests = link.video_in.decoder_failed(now * 1000)
+            for inner in requests:
+                self.send(link, KIND_CONTROL, inner)
             return
         link.latest_frame = image
         link.frames_shown += 1
         with link.recv_lock:
             link.stats.frame_shown(frame.capture_ms, time.time() * 1000)
+            link.sync.video_shown(frame.capture_ms, now * 1000)
         if self._recorder is not None:
             self._recorder.frame(link.peer, image, now)
 
@@ -7206,6 +9293,10 @@ class MediaEngine:
                 continue
             with link.recv_lock:
                 status, payload = link.jitter.pop(fec=True)
+                seq = link.jitter.last_seq if status != "empty" else None
+                if self.options.lip_sync:
+                    status, payload, seq = link.sync.delay_audio(status, payload, seq)
+                link.sync.audio_played(seq, time.monotonic() * 1000)
             if link.audio_decoder is None:
                 try:
                     link.audio_decoder = make_audio_decoder(link.audio)
@@ -7243,7 +9334,7 @@ class MediaEngine:
 
 
 # =============================================================================
-# 15. CLIENT CALLS: calls with the host and direct ones, over the media engine
+# 16. CLIENT CALLS: calls with the host and direct ones, over the media engine
 # =============================================================================
 # ClientCalls is to calls what ClientFiles is to files: ClientCore (next
 # section) owns it, hands it the host's call events and the commands a
@@ -7396,7 +9487,8 @@ class ClientCalls:
         try:
             link = PeerLink(event.peer, bytes.fromhex(event.link), bytes.fromhex(event.key),
                             event.side == "a", event.video, event.audio, self.sock,
-                            (event.address, event.port) if event.port else None, False)
+                            (event.address, event.port) if event.port else None, False,
+                            repair=self.options.video_repair)
         except (MissingPackage, ValueError) as exc:
             self.emit({"type": "error", "code": "missing_package",
                        "message": f"can't start the call: {exc}"})
@@ -7514,7 +9606,8 @@ class ClientCalls:
         if self.media.link(name) is not None:
             name = f"{name}@{call.name}"
         call.link = PeerLink(name, agreed.link_id, agreed.link_key, agreed.i_am_a, video,
-                             audio, call.sock, call.address, True, agreed.safety_code)
+                             audio, call.sock, call.address, True, agreed.safety_code,
+                             repair=self.options.video_repair)
         self.media.add(call.link)
 
     def _direct_connected(self, link: PeerLink) -> None:
@@ -7573,22 +9666,16 @@ def _address_key(link: PeerLink) -> str:
 
 
 # =============================================================================
-# 16. CLIENT CORE: one asyncio loop in a thread, one event stream
+# 17. CLIENT PLACE: where a client is, across connections and crashes
 # =============================================================================
-# What every front end shares: the terminal client and the window
-# call the thread-safe methods of ClientCore and receive plain dict events
-# through one callback. Those dicts are the program's event vocabulary; the
-# terminal's --json mode prints exactly them, one per line:
-#
-#   ready{room,user,members,host,address,port}   message{from,text,ts,history,seq,id}
-#   system{event,user,text,ts,seq}   help{text}   members{members}
-#   error{code,message[,id]}   closed{reason}   host{name,address,port,rooms,...}
-#
-# The host's frames already carry most of these names (WIRE PROTOCOL), so
-# an event is the host's frame, checked, with `welcome` renamed `ready`.
-# `closed` is emitted exactly once per join attempt, last; its reason is one
-# of CLOSED_REASONS. The callback runs on the core's thread and must not
-# block: the window forwards it with write_event_value, the terminal prints.
+# What the client core (next section) knows and keeps, apart from the
+# loop that keeps it: the Place (the host's addresses, the room, the user,
+# the resume token, the last seq, the lines not yet confirmed), the
+# PlaceStore that keeps it on disk so a crashed client gets back, the
+# words said while getting back, and how a host's frame becomes one of our
+# events: closing reasons, names checked, the network doctor's hints.
+# Nothing here opens a connection or starts a thread; PlaceStore's jobs
+# run on the core's threads.
 
 def reconnecting_line(event: dict) -> str:
     """What a person reads while the client tries to get back."""
@@ -7629,6 +9716,91 @@ class Place:
     pending: dict[str, str] = dataclasses.field(default_factory=dict)  # id -> text
 
 
+class PlaceStore:
+    """What a client keeps on disk to get back to its Place after a crash
+    (kill -9, a power cut): the resume token, the last seq received, the
+    lines not yet confirmed and the downloads half done. One small JSON file
+    per room, user and port in `folder` (--state-dir; None: nothing kept),
+    readable by its owner only, rewritten when it changed (at most once a
+    second, on a thread), and removed when the session ends (a crash never
+    ends it). A record older than a day, for other addresses, or of a run
+    still alive (a second login with the same ID must not take its seat) is
+    ignored."""
+
+    MAX_AGE_S = 86400.0
+
+    def __init__(self, folder: Path | None) -> None:
+        self.folder = folder
+        self._written = ""                  # what the file holds now
+
+    def _path(self, place: Place) -> Path | None:
+        if self.folder is None:
+            return None
+        key = f"{id_key(place.room)}\n{id_key(place.user)}\n{place.port}"
+        return self.folder / "places" / f"{hashlib.sha256(key.encode()).hexdigest()[:24]}.json"
+
+    def load(self, place: Place) -> dict:
+        """The record for `place`, or {} (missing, stale, corrupt, elsewhere)."""
+        path = self._path(place)
+        try:
+            if path is None or time.time() - path.stat().st_mtime > self.MAX_AGE_S:
+                return {}
+            record = json.loads(path.read_text(encoding="utf-8"))
+            if type(record) is not dict or not set(record.get("addresses", ())) & \
+                    set(place.addresses) or type(record.get("token")) is not str:
+                return {}
+            pid = record.get("pid")
+            if type(pid) is not int or _process_alive(pid):
+                return {}                   # that run is alive: its place, not ours
+            self._written = json.dumps(record, ensure_ascii=False, sort_keys=True)
+            return record
+        except (OSError, ValueError):
+            return {}
+
+    def save(self, place: Place, downloads: list[dict]) -> Callable[[], None] | None:
+        """A job that writes `place` (for a thread), or None if unchanged."""
+        path = self._path(place)
+        if path is None or not place.token:
+            return None
+        text = json.dumps({"pid": os.getpid(), "addresses": place.addresses,
+                           "token": place.token,
+                           "seen": place.seen, "pending": place.pending,
+                           "downloads": downloads}, ensure_ascii=False, sort_keys=True)
+        if text == self._written:
+            return None
+        self._written = text
+
+        def write() -> None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            temporary = path.with_suffix(f".{os.getpid()}.tmp")
+            descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(descriptor, "w", encoding="utf-8") as out:
+                out.write(text)
+            os.replace(temporary, path)
+        return write
+
+    def remove(self, place: Place) -> Callable[[], None] | None:
+        path = self._path(place)
+        self._written = ""
+        return None if path is None else lambda: path.unlink(missing_ok=True)
+
+
+def restore_place(place: Place, record: dict) -> list[dict]:
+    """Take a PlaceStore record into `place`; returns its downloads. Every
+    field is checked: the file is ours, but a disk can hold anything."""
+    place.token = record["token"][:64]
+    seen = record.get("seen")
+    place.seen = seen if type(seen) is int and seen >= 0 else 0
+    pending = record.get("pending")
+    if type(pending) is dict:
+        place.pending = {k: v for k, v in pending.items()
+                         if type(k) is str and type(v) is str}
+    downloads = record.get("downloads")
+    return [d for d in downloads if type(d) is dict and type(d.get("transfer")) is int
+            and type(d.get("part")) is str and type(d.get("size")) is int] \
+        if type(downloads) is list else []
+
+
 CLOSED_REASONS = {
     "quit": "You left the room.",
     "host_shutdown": "The host is shutting down.",
@@ -7637,7 +9809,54 @@ CLOSED_REASONS = {
     "unreachable": "The host could not be reached.",
     "login_timeout": "The host did not answer the login in time.",
     "protocol_error": "The host sent something this client does not understand.",
+    "flooding": "The host disconnected you for sending too many messages too fast.",
 }
+
+
+# "A host's closing{reason} is `bye` (answering ours), `host_shutdown` or `flooding`;
+# any other reason reads as protocol_error", so a rogue host can neither
+# put its own words on the screen nor pose as one of our own reasons.
+_HOST_CLOSING = {"bye": "quit", "host_shutdown": "host_shutdown", "flooding": "flooding"}
+
+
+def closing_reason(reason: str) -> str:
+    """The `closed` reason for a host's closing{reason}."""
+    return _HOST_CLOSING.get(reason, "protocol_error")
+
+
+# "The client checks every name a host sends": the fields that hold a User
+# ID (a Room ID for `room`), by event. An event with a bad one is dropped,
+# with a warning; a bad name in a welcome or resumed (our own seat) ends the
+# connection as protocol_error. A name may be "" where the protocol says so.
+_ID_FIELDS = ("sender", "user", "peer", "to", "recipient", "room")
+
+
+def bad_names(event: Event) -> str:
+    """What is wrong with the names in a host's `event` ("" if nothing)."""
+    for field in dataclasses.fields(event):
+        value = getattr(event, field.name)
+        names: tuple = ()
+        if field.name in _ID_FIELDS and value:
+            names = ((value, "room" if field.name == "room" else "user"),)
+        elif field.name == "members":
+            names = tuple((member, "user") for member in value)
+        elif field.name == "downloads":             # [transfer, from, name, size, to]
+            names = tuple((row[i], "user") for row in value for i in (1, 4) if row[i])
+        for name, kind in names:
+            problem = _name_problem(name, kind)
+            if problem:
+                wire_name = WIRE_NAMES.get(field.name, field.name)
+                return f"{event.TYPE}.{wire_name} {printable(name)!r}: {problem}"
+    return ""
+
+
+@functools.lru_cache(maxsize=1024)          # a room's few names, on every message
+def _name_problem(name: str, kind: str) -> str:
+    try:
+        check_id(name, kind)
+    except Refused as refusal:
+        return refusal.message
+    return "reserved for system notices" if kind == "user" and imitates_system(name) else ""
 
 
 def _firewall_hint(port: int) -> str:
@@ -7678,10 +9897,31 @@ def ui_event(event: Event) -> dict:
     if isinstance(event, Welcome):
         out["type"] = "ready"
         del out["version"], out["resume"]   # the token is the core's secret
+    elif isinstance(event, Resumed):        # files carrying on: their own events
+        del out["uploads"], out["downloads"]
+        out["files"] = len(event.uploads) + len(event.downloads)
     elif isinstance(event, Error) and event.id == "-":
         del out["id"]
     return out
 
+
+# =============================================================================
+# 18. CLIENT CORE: one asyncio loop in a thread, one event stream
+# =============================================================================
+# What every front end shares: the terminal client and the window
+# call the thread-safe methods of ClientCore and receive plain dict events
+# through one callback. Those dicts are the program's event vocabulary; the
+# terminal's --json mode prints exactly them, one per line:
+#
+#   ready{room,user,members,host,address,port}   message{from,text,ts,history,seq,id}
+#   system{event,user,text,ts,seq}   help{text}   members{members}
+#   error{code,message[,id]}   closed{reason}   host{name,address,port,rooms,...}
+#
+# The host's frames already carry most of these names (WIRE PROTOCOL), so
+# an event is the host's frame, checked, with `welcome` renamed `ready`.
+# `closed` is emitted exactly once per join attempt, last; its reason is one
+# of CLOSED_REASONS. The callback runs on the core's thread and must not
+# block: the window forwards it with write_event_value, the terminal prints.
 
 # --- The core ----------------------------------------------------------------
 
@@ -7697,7 +9937,8 @@ class ClientCore:
     """
 
     def __init__(self, on_event: Callable[[dict], None], limits: Limits = Limits(),
-                 downloads: Path | None = None, media: MediaOptions = MediaOptions()) -> None:
+                 downloads: Path | None = None, media: MediaOptions = MediaOptions(),
+                 state_dir: Path | None = None) -> None:
         self.on_event = on_event
         self.limits = limits
         self.loop = asyncio.new_event_loop()    # runs in our thread once started
@@ -7709,7 +9950,11 @@ class ClientCore:
         self._next_id = 0
         self.interface: str | None = None   # where to look for the host again (--interface)
         self._place: Place | None = None    # the room we are in, across connections
+        self._store = PlaceStore(state_dir)     # and on disk, to get back after a crash
         self._retrying: asyncio.Task | None = None  # getting back after a drop
+        self._leaving = False               # leave() began: a drop now is no drop
+        self._pacing = asyncio.Lock()       # chat lines go one by one, in order,
+        self._gate: FloodGate | None = None     # at the host's pace (from the welcome)
         self._attempt_end = ""              # why the last attempt's connection ended
         self._browser: HostBrowser | None = None  # while watching the LAN
         self._silent: dict[str, int] = {}   # listed hosts' unanswered dials, by key
@@ -7974,10 +10219,16 @@ class ClientCore:
             self._emit({"type": "closed", "reason": "refused"})
             return False
         addresses = [hosts] if isinstance(hosts, str) else list(hosts)
+        self._leaving = False
         self._place = Place(addresses, port, room, user, found_on_lan)
+        record = await self.loop.run_in_executor(None, self._store.load, self._place)
+        if record:                          # a run of ours crashed here: get back
+            for entry in restore_place(self._place, record):
+                self.files.orphans[entry["transfer"]] = entry
         if await self._connect(self._place):
             return True
         self._place = None
+        self.files.orphans.clear()
         return False
 
     async def _connect(self, place: Place) -> bool:
@@ -8062,7 +10313,7 @@ class ClientCore:
         finally:
             self._ready = False
             self._link = None
-            self.files.connection_ended()
+            self.files.connection_lost()
             if reason in ("connection_lost", "login_timeout", "protocol_error"):
                 link.abort(reason)          # nothing more to say to this host
             await link.finish()
@@ -8074,6 +10325,8 @@ class ClientCore:
         """After a connection: try to get back, let `_reconnect` judge an
         attempt, or end the session (`closed`, once)."""
         place = self._place
+        if self._leaving:                   # a leave (say, a second one: end of input,
+            reason = "quit"                 # then SIGTERM) aborted it: no getting back
         self._attempt_end = reason
         if place is None or self._retrying is not None:
             return                          # over already, or _reconnect's attempt
@@ -8087,7 +10340,10 @@ class ClientCore:
 
     def _session_over(self, reason: str) -> None:
         """The room is left for good: calls end, `closed` is said."""
+        if self._place is not None:
+            self._on_disk(self._store.remove(self._place))
         self._place = None
+        self.files.give_up()
         self.calls.connection_ended("left" if reason == "quit" else "lost")
         self._emit({"type": "closed", "reason": reason})
 
@@ -8142,6 +10398,10 @@ class ClientCore:
         """Handle one event. Returns a closing reason (str) when it ends the
         session, an awaitable when reading must pause until it is done, or
         None."""
+        wrong = bad_names(event)
+        if wrong:
+            log.warning("the host sent a bad name, %s", wrong)
+            return "protocol_error" if isinstance(event, (Welcome, Resumed)) else None
         file_handler = self.files.handlers.get(type(event))
         if file_handler is not None:
             return file_handler(event)
@@ -8154,7 +10414,7 @@ class ClientCore:
         if isinstance(event, Pong):
             return None
         if isinstance(event, Closing):
-            return "quit" if event.reason == "bye" else event.reason
+            return closing_reason(event.reason)
         place = self._place
         if isinstance(event, (Message, System)) and place is not None:
             if isinstance(event, Message) and id_key(event.sender) == id_key(place.user):
@@ -8171,6 +10431,9 @@ class ClientCore:
         self._emit(out)
         if isinstance(event, (Welcome, Resumed)):
             joined.set_result(True)
+            if isinstance(event, Resumed):
+                self.files.resumed(event)
+            self.files.orphans.clear()      # left unclaimed: stale now
             self._resend()
         elif isinstance(event, Error) and not joined.done():
             return "refused"                # an error before the welcome: no login
@@ -8182,12 +10445,21 @@ class ClientCore:
         place = self._place
         if place is not None:
             if isinstance(event, Welcome):
-                if place.seated:            # the host forgot us: a new seat, and calls
-                    self.calls.connection_ended("lost")     # it arranged are gone
+                if place.seated:            # the host forgot us: a new seat; calls it
+                    self.calls.connection_ended("lost")     # arranged and files gone
+                    self.files.give_up("the host was restarted, or forgot us")
                 place.seen, place.token = 0, event.resume
             place.seated, place.host_name = True, event.host
             place.user = event.user
         self._ready = True
+        # Our own gate, a little under the host's, so that no line is refused
+        # for its rate however fast it is typed, pasted or piped in. Kept
+        # across a resume: what it counted is at least what the host saw.
+        rate, burst = event.rate * 0.9, max(1, event.burst - 2)
+        if event.rate <= 0 or event.burst <= 0:
+            self._gate = None
+        elif self._gate is None or (self._gate.rate_per_s, self._gate.burst) != (rate, burst):
+            self._gate = FloodGate(rate, burst, 0)
         self.files.attach(link, event.max_file_size)
         self.calls.attach(link, event.user)
         if self._call_ticker is not None:
@@ -8198,11 +10470,22 @@ class ClientCore:
     def _resend(self) -> None:
         """What was said but never confirmed goes again, in order, with its
         id: a host that has it confirms it again, never doubles it."""
-        place, link = self._place, self._link
-        if place is None or link is None:
+        place = self._place
+        if place is None or not place.pending:
             return
-        for msg_id, text in list(place.pending.items()):
-            link.offer(Say(msg_id, text))
+        task = self.loop.create_task(self._resend_paced(list(place.pending.items())),
+                                     name="resend")
+        log_failure(task, "sending again what was not confirmed")
+
+    async def _resend_paced(self, lines: list[tuple[str, str]]) -> None:
+        async with self._pacing:            # before any line typed after this
+            for msg_id, text in lines:
+                await self._keep_pace()
+                place, link = self._place, self._link
+                if place is None or link is None or not link.accepting:
+                    return
+                if msg_id in place.pending:
+                    link.offer(Say(msg_id, text))
 
     def _to_host(self, event: Event) -> bool:
         """Queue `event` for the host now, if we are in a room (core thread)."""
@@ -8233,12 +10516,20 @@ class ClientCore:
                     "video": self.calls.media.camera_on})
 
     def _tick_calls(self) -> None:
-        """Once per media_stats_s while logged in: the calls' clock."""
+        """Once per media_stats_s while logged in: the calls' clock, and
+        the place on disk brought up to date."""
         self._call_ticker = None
         self.calls.tick()
+        if self._place is not None:
+            self._on_disk(self._store.save(self._place, self.files.in_progress()))
         if self._ready:
             self._call_ticker = self.loop.call_later(self.limits.media_stats_s,
                                                      self._tick_calls)
+
+    def _on_disk(self, job: Callable[[], None] | None) -> None:
+        """Run a PlaceStore job on a thread; a failure is logged, no more."""
+        if job is not None:
+            log_failure(self.loop.run_in_executor(None, job), "keeping our place on disk")
 
     async def _send(self, event: Event) -> bool:
         """Queue `event` for the host, waiting while our outbox is full."""
@@ -8254,7 +10545,7 @@ class ClientCore:
 
     async def _say(self, text: str) -> str | None:
         try:
-            check_text(text, self.limits.max_message_bytes)
+            text = check_text(text, self.limits.max_message_bytes)
         except Refused as refusal:
             self._error(refusal.code, refusal.message)
             return None
@@ -8265,12 +10556,27 @@ class ClientCore:
             return msg_id if await self._send(Say(msg_id, text)) else None
         if len(place.pending) < MAX_UNCONFIRMED:
             place.pending[msg_id] = text    # until the host confirms it
-        if link is not None and self._ready and link.accepting:
-            await link.offer_when_room(Say(msg_id, text))
+        async with self._pacing:            # in order, and never over the host's rate
+            await self._keep_pace()
+            link = self._link
+            if link is not None and self._ready and link.accepting and \
+                    msg_id in place.pending:
+                await link.offer_when_room(Say(msg_id, text))
         return msg_id                       # or, away or dropping: it goes once back
+
+    async def _keep_pace(self) -> None:
+        """Wait until the host's flood gate would take one more line."""
+        gate = self._gate
+        if gate is None:
+            return
+        wait = gate.wait_s(self.loop.time())
+        if wait > 0:
+            await asyncio.sleep(wait + 0.001)   # a token's time, to the millisecond
+        gate.take(self.loop.time())
 
     async def _leave(self, wait_for_uploads: bool = False) -> None:
         retrying, link, reader = self._retrying, self._link, self._reader
+        self._leaving = True                # whatever ends the connection now: we left
         if retrying is not None and (link is None or not self._ready):
             retrying.cancel()               # away: stop trying, and that is leaving
             await asyncio.gather(retrying, return_exceptions=True)
@@ -8294,7 +10600,7 @@ class ClientCore:
 
 
 # =============================================================================
-# 17. COMMANDS: one parser for what a person types
+# 19. COMMANDS: one parser for what a person types
 # =============================================================================
 # A line typed in the terminal or in the chat window becomes one Command
 # value; each front end acts on it through its own table (Command class ->
@@ -8464,7 +10770,7 @@ def parse_send(line: str) -> tuple[str, str | None]:
 
 
 # =============================================================================
-# 18. TERMINAL CLIENT: --cli, stdin lines in, events out (text or JSON)
+# 20. TERMINAL CLIENT: --cli, stdin lines in, events out (text or JSON)
 # =============================================================================
 # A thin front end over CLIENT CORE. Each event is printed as one JSON
 # object per line (--json, flushed as written) or as a line for a person;
@@ -8523,11 +10829,15 @@ class Printer:
 
     def __call__(self, event: dict) -> None:
         if self.json_mode:
-            line: str | None = json.dumps(event, ensure_ascii=False)
+            line: str | None = json_line(event)
         elif not self._due(event):
             return
         else:
             line = self.format(event)
+            # "Every string from the network is made printable before it
+            # reaches a terminal": format() escapes each field, and this
+            # pass catches any a line forgot (the newlines are ours).
+            line = None if line is None else printable_block(line)
         if line is None:
             return
         with self._lock:
@@ -8558,9 +10868,10 @@ class Printer:
             return f"In the room ({len(event['members'])}): " + ", ".join(
                 printable(m) for m in event["members"])
         if kind == "error":
-            return f"! {printable(event['message'])} ({event['code']})"
+            return f"! {printable(event['message'])} ({printable(event['code'])})"
         if kind == "closed":
-            return CLOSED_REASONS.get(event["reason"], f"Disconnected ({event['reason']}).")
+            return CLOSED_REASONS.get(event["reason"],
+                                      f"Disconnected ({printable(event['reason'])}).")
         if kind == "reconnecting":
             return reconnecting_line(event)
         if kind == "resumed":
@@ -8598,7 +10909,7 @@ class Printer:
         if kind == "file_failed":
             who = f" ({printable(event['user'])})" if event.get("user") else ""
             return (f"! {printable(event.get('name') or 'file')}{who}: "
-                    f"{printable(event['reason'])} ({event['code']})")
+                    f"{printable(event['reason'])} ({printable(event['code'])})")
         formatter = CALL_LINES.get(kind or "")
         if formatter is not None:
             line = formatter(event)
@@ -8633,10 +10944,10 @@ CALL_LINES: dict[str, Callable[[dict], str]] = {
     "call_missed": lambda e: f"[SYSTEM] You missed a call from <{printable(e['from'])}>",
     "call_connected": _call_connected_line,
     "call_ended": lambda e: f"The call with {printable(e['peer'])} ended "
-                            f"({e['reason']})",
+                            f"({printable(e['reason'])})",
     "call_failed": lambda e: f"The call to {printable(e['peer'])} failed: "
-                             + _FAILED_BECAUSE.get(e["reason"], e["reason"]).format(
-                                 peer=printable(e["peer"])),
+                             + _FAILED_BECAUSE.get(e["reason"], "{reason}").format(
+                                 peer=printable(e["peer"]), reason=printable(e["reason"])),
     "media_stats": lambda e: (
         f"  ~ {printable(e['peer'])}: {e['video_fps']:g} fps, {e['audio_frames']} audio "
         f"frames/s, {100 * e['loss']:.1f}% lost, "
@@ -8663,6 +10974,28 @@ def printable_lines(text: str) -> list[str]:
 
 def printable_block(text: str) -> str:
     return "\n".join(printable_lines(text))
+
+
+def json_line(event: dict) -> str:
+    """`event` as one line of JSON that is safe on a terminal: what JSON
+    leaves raw but could act on one (DEL, C1 controls, bidi and other format
+    characters, line and paragraph separators) is written as a \\u escape,
+    so json.loads gives back the very same strings."""
+    line = json.dumps(event, ensure_ascii=False)
+    if line.isprintable():
+        return line
+    out = []
+    for ch in line:
+        if ch != " " and not ch.isprintable() and unicodedata.category(ch) != "Zs":
+            code = ord(ch)
+            if code > 0xFFFF:               # as a UTF-16 surrogate pair, as JSON wants
+                code -= 0x10000
+                out.append(f"\\u{0xD800 + (code >> 10):04x}\\u{0xDC00 + (code & 0x3FF):04x}")
+            else:
+                out.append(f"\\u{code:04x}")
+        else:
+            out.append(ch)
+    return "".join(out)
 
 
 
@@ -8729,7 +11062,7 @@ def choose_host(hosts: list[HostInfo], json_mode: bool, emit: Callable[[dict], N
         return None
     print("Several hosts were found:")
     for number, host in enumerate(hosts, 1):
-        print(f"  {number}. {Printer.format(host.to_event())}")
+        print(f"  {number}. {printable_block(Printer.format(host.to_event()) or '')}")
     while True:
         print(f"Join which one? [1-{len(hosts)}] ", end="", flush=True)
         answer = stdin.readline()
@@ -8752,7 +11085,8 @@ def run_terminal(args: argparse.Namespace, limits: Limits, media: MediaOptions) 
             closed_reason.append(event["reason"])
             ended.set()
 
-    core = ClientCore(on_event, limits, args.downloads, media)
+    core = ClientCore(on_event, limits, args.downloads, media,
+                      args.state_dir or config_dir())
     core.interface = args.interface
     core.start()
     _leave_on_signals()
@@ -8826,7 +11160,7 @@ def run_discover(args: argparse.Namespace) -> int:
 
 
 # =============================================================================
-# 19. GUI LOOK: theme, fonts, --scale, the trace hook, anti-aliased drawing
+# 21. GUI LOOK: theme, fonts, --scale, the trace hook, anti-aliased drawing
 # =============================================================================
 # The desktop window is a front end over CLIENT CORE beside the TERMINAL
 # CLIENT, spread over five sections: GUI LOOK (this one) how things look and
@@ -9163,7 +11497,7 @@ class Drawing:
 
 
 # =============================================================================
-# 20. GUI CONVERSATION: bubbles, notices and file cards; the members list
+# 22. GUI CONVERSATION: bubbles, notices and file cards; the members list
 # =============================================================================
 # Two canvases of the chat window, drawn with 14's helpers. ChatView is the
 # conversation: a person's message is always a bubble with an avatar, and a
@@ -9174,7 +11508,8 @@ class Drawing:
 
 _RELAYOUT_DELAY_MS = 80             # a resize redraws once the edge rests this long
 _MESSAGE_MARKS = {"sending": "Sending...", "late": "Not confirmed by the host yet",
-                  "unsent": "Not sent: the connection ended"}
+                  "unsent": "Not sent: the connection ended",
+                  "refused": "Not sent: the host refused it (see below)"}
 _PAINT_EVERY_S = 0.1                # during a flood, make Tk paint at least this often
 
 
@@ -9394,7 +11729,7 @@ class ChatView(Drawing):
         if mark is not None:                # beside the bubble: its height never changes
             draw.create_text(x1 - pad_x - px(8), y2 + pad_y, anchor="se", text=mark,
                              font=self.fonts["small"], tags=entry.tag,
-                             fill=COLOURS["error_text"] if state == "unsent"
+                             fill=COLOURS["error_text"] if state in ("unsent", "refused")
                              else COLOURS["muted"])
         return max(y2 + pad_y, top + px(36))
 
@@ -9652,7 +11987,7 @@ class MemberList(Drawing):
 
 
 # =============================================================================
-# 21. GUI WINDOWS: the launcher and the chat window
+# 23. GUI WINDOWS: the launcher and the chat window
 # =============================================================================
 # The two windows a person sees, built from 14 and 15: the launcher (hosts
 # on the LAN, the address and the IDs, Join, "Host a room here") and the
@@ -10142,6 +12477,9 @@ class ChatWindow:
         self.view.add("help", text=event["text"])
 
     def on_error(self, event: dict) -> None:
+        mine = self.pending.pop(event.get("id") or "", None)
+        if mine is not None:                # our line was refused (rate_limited, too long)
+            self.view.update(mine, "message_state", state="refused")
         self.note(_sentence(event["message"]), "error")
 
     def on_call_invite(self, event: dict) -> None:
@@ -10384,7 +12722,7 @@ def _sentence(text: str) -> str:
 
 
 # =============================================================================
-# 22. GUI CALLS: the call window, a tile per person, ESC and Backspace
+# 24. GUI CALLS: the call window, a tile per person, ESC and Backspace
 # =============================================================================
 # One window holds every call in progress: your own camera first, then a
 # tile per peer, in a grid that reflows as people join and leave, each
@@ -10765,7 +13103,7 @@ class CallWindows:
 
 
 # =============================================================================
-# 23. GUI PLUMBING: settings, the bridge from the core, opening files, phases
+# 25. GUI PLUMBING: settings, the bridge from the core, opening files, phases
 # =============================================================================
 # What the app (next section) stands on: the settings remembered between
 # runs, GuiBridge (the core's thread reaches the window only through it,
@@ -10782,21 +13120,8 @@ _SETTINGS_MAX_CHARS = 256
 def settings_path(platform: str | None = None,
                   environ: typing.Mapping[str, str] | None = None,
                   home: Path | None = None) -> Path:
-    """Where the launcher remembers the last Room ID, User ID and address:
-    %APPDATA%\\chatroom on Windows, ~/Library/Application Support/chatroom on
-    macOS, $XDG_CONFIG_HOME/chatroom (else ~/.config/chatroom) elsewhere."""
-    platform = platform or sys.platform
-    if environ is None:
-        environ = os.environ
-    home = home or Path.home()
-    if platform.startswith("win"):
-        base = Path(environ.get("APPDATA") or home / "AppData" / "Roaming")
-    elif platform == "darwin":
-        base = home / "Library" / "Application Support"
-    else:
-        xdg = environ.get("XDG_CONFIG_HOME", "")
-        base = Path(xdg) if os.path.isabs(xdg) else home / ".config"   # the spec:
-    return base / "chatroom" / "settings.json"                         # relative = unset
+    """Where the launcher remembers the last Room ID, User ID and address."""
+    return config_dir(platform, environ, home) / "settings.json"
 
 
 def load_settings(path: Path) -> dict[str, str]:
@@ -10947,7 +13272,7 @@ class LoopStats:
 
 
 # =============================================================================
-# 24. GUI APP: the one core, the windows, the one read loop
+# 26. GUI APP: the one core, the windows, the one read loop
 # =============================================================================
 # GuiApp owns one ClientCore, the launcher (which lives as long as the
 # program and receives every core event), the chat window while in a room,
@@ -10987,7 +13312,8 @@ class GuiApp:
             ("room", args.room), ("user", args.user), ("address", args.server)) if value})
         self.launcher = Launcher(look, self.images, prefill, trace)
         self.bridge = GuiBridge(self.launcher.window)
-        self.core = ClientCore(self.bridge.on_event, limits, args.downloads, media)
+        self.core = ClientCore(self.bridge.on_event, limits, args.downloads, media,
+                               args.state_dir or config_dir())
         self.core.interface = args.interface
         self.chat: ChatWindow | None = None  # exactly while the phase is IN_ROOM
         self.calls = CallWindows()
@@ -11673,7 +13999,7 @@ def run_gui(args: argparse.Namespace, limits: Limits, media: MediaOptions) -> in
 
 
 # =============================================================================
-# 25. MAIN: argparse and the entry points
+# 27. MAIN: argparse and the entry points
 # =============================================================================
 # Builds every object from the flags and passes them down; nothing above
 # reads a global that main() sets. `python chatroom.py` with no mode opens
@@ -11736,11 +14062,30 @@ def build_parser() -> argparse.ArgumentParser:
                         f"disconnected as too slow (default {OUTBOX_LIMIT_BYTES})")
     parser.add_argument("--max-sessions", type=int, default=MAX_SESSIONS, metavar="N",
                         help=f"connections a host holds at once (default {MAX_SESSIONS})")
+    parser.add_argument("--max-per-address", type=int, default=MAX_PER_ADDRESS, metavar="N",
+                        help="--host: connections at once from one address (default "
+                        f"{MAX_PER_ADDRESS}; 0: no limit)")
+    parser.add_argument("--max-pending", type=int, default=MAX_PENDING, metavar="N",
+                        help=f"--host: logins under way at once (default {MAX_PENDING}; "
+                        "0: no limit)")
+    parser.add_argument("--max-pending-per-address", type=int, metavar="N",
+                        default=MAX_PENDING_PER_ADDRESS, help="--host: logins under way "
+                        f"at once from one address (default {MAX_PENDING_PER_ADDRESS}; "
+                        "0: no limit)")
+    parser.add_argument("--rate-limit", type=float, default=RATE_LIMIT_PER_S,
+                        metavar="MSGS_PER_S", help="--host: chat lines one member may send "
+                        f"per second, sustained (default {RATE_LIMIT_PER_S:g}; 0: no limit)")
+    parser.add_argument("--burst", type=int, default=BURST, metavar="N",
+                        help=f"--host: chat lines one member may send at once (default "
+                        f"{BURST}; 0: no limit)")
     parser.add_argument("--max-room-members", type=int, default=MAX_ROOM_MEMBERS,
                         metavar="N", help=f"people one room holds, 2 to "
                         f"{MAX_ROOM_MEMBERS_CAP} (default {MAX_ROOM_MEMBERS})")
     parser.add_argument("--downloads", metavar="DIR", help="where received files go "
                         "(default: a chatroom folder in your downloads folder)")
+    parser.add_argument("--state-dir", metavar="DIR", type=Path,
+                        help="where a client keeps what it needs to get back to its room "
+                        "after a crash (default: the config folder, e.g. ~/.config/chatroom)")
     parser.add_argument("--max-file-size", type=parse_size, default=MAX_FILE_SIZE,
                         metavar="SIZE", help="largest file a host relays, e.g. 200M, 4G "
                         "(default 4G)")
@@ -11763,6 +14108,15 @@ def build_parser() -> argparse.ArgumentParser:
                        "can't get through (auto, the default), UDP only, or relay only")
     calls.add_argument("--video-codec", choices=("auto", *VIDEO_CODECS), default="auto",
                        help="offer only this video codec (default: VP8, else JPEG)")
+    calls.add_argument("--video-repair", choices=("both", "nack", "parity", "none"),
+                       default="both", help="how lost video packets are made good: "
+                       "parity and asking again (both, the default), asking again, "
+                       "parity, or neither (to measure them)")
+    calls.add_argument("--no-video-adapt", dest="video_adapt", action="store_false",
+                       help="send video at the full rate whatever the peers report")
+    calls.add_argument("--no-lip-sync", dest="lip_sync", action="store_false",
+                       help="show each peer's video as soon as it is decoded, not with "
+                       "the sound captured with it (to measure lip sync)")
     calls.add_argument("--media-port", type=int, default=0, metavar="PORT",
                        help="local UDP port for calls the host arranges (default: any)")
     calls.add_argument("--record", metavar="DIR", help="write what each call plays to DIR: "
@@ -11795,6 +14149,10 @@ def limits_from(args: argparse.Namespace) -> Limits:
         raise ValueError(f"--max-room-members takes 2 to {MAX_ROOM_MEMBERS_CAP}")
     if args.max_sessions < 1:
         raise ValueError("--max-sessions takes at least 1")
+    if min(args.max_per_address, args.max_pending, args.max_pending_per_address,
+           args.burst) < 0 or not args.rate_limit >= 0:
+        raise ValueError("--max-per-address, --max-pending, --max-pending-per-address, "
+                         "--rate-limit and --burst take 0 (no limit) or more")
     if not args.settle >= 0:
         raise ValueError("--settle takes a number of seconds")
     if not args.host_check > 0:
@@ -11810,6 +14168,9 @@ def limits_from(args: argparse.Namespace) -> Limits:
     return Limits(history_limit=args.history, max_message_bytes=args.max_message_bytes,
                   hello_timeout_s=args.login_timeout, outbox_limit_bytes=args.outbox_limit,
                   max_sessions=args.max_sessions, max_room_members=args.max_room_members,
+                  max_per_address=args.max_per_address, max_pending=args.max_pending,
+                  max_pending_per_address=args.max_pending_per_address,
+                  rate_limit_per_s=args.rate_limit, burst=args.burst,
                   max_file_size=args.max_file_size, call_timeout_s=args.call_timeout,
                   discovery_settle_s=args.settle, host_check_s=args.host_check,
                   grace_s=args.grace, retry_for_s=RETRY_FOR_S if args.retry_for is None
@@ -11829,7 +14190,8 @@ def media_options(args: argparse.Namespace) -> MediaOptions:
     return MediaOptions(camera=args.camera, audio=args.audio, media_path=args.media_path,
                         record=args.record, media_port=args.media_port,
                         interface=args.interface, video_codec=args.video_codec,
-                        echo_cancel=not args.no_echo_cancel)
+                        video_repair=args.video_repair, video_adapt=args.video_adapt,
+                        lip_sync=args.lip_sync, echo_cancel=not args.no_echo_cancel)
 
 
 def run_list_devices(args: argparse.Namespace) -> int:
@@ -11907,6 +14269,18 @@ def run_host(args: argparse.Namespace, limits: Limits) -> int:
     return EXIT_OK
 
 
+class PrintableFormatter(logging.Formatter):
+    """Log lines made printable (`printable`) before they reach a terminal:
+    a warning may quote what a host or a peer sent."""
+
+    def __init__(self, inner: logging.Formatter | None) -> None:
+        super().__init__()
+        self.inner = inner or logging.Formatter()
+
+    def format(self, record: logging.LogRecord) -> str:
+        return printable_block(self.inner.format(record))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -11916,6 +14290,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else
                         logging.WARNING if args.json or args.cli else logging.INFO,
                         format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
+    for handler in logging.getLogger().handlers:    # log lines quote the network too
+        handler.setFormatter(PrintableFormatter(handler.formatter))
     try:
         limits = limits_from(args)
         if args.cli and not (args.room and args.user):

@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
+import heapq
 import itertools
 import json
 import math
@@ -144,37 +145,118 @@ class Proc:
             self.proc.stdin.close()
 
 
-class LossyProxy:
-    """Forwards a direct call's UDP between its sides, dropping `loss` (0..1) of the
-    packets each way at random, with a fixed seed: one thread, both directions."""
+class Proxy:
+    """Forwards a direct call's UDP between its sides (one thread, both directions),
+    as a link that loses and, when capped, is slow. Each way: `loss` (0..1) of the
+    packets dropped at random (a fixed seed), and `cut` drops everything (a burst);
+    with cap_kbps[way] set, packets leave through a token bucket of that rate
+    (bursts up to BURST_BYTES) from a queue of at most QUEUE_S of it (at least
+    QUEUE_MIN_BYTES); what finds the queue full is dropped, as a router would.
+    `delay_s[(way, kind)]` holds the packets of one kind (chatroom.KIND_VIDEO,
+    KIND_AUDIO: the kind is in a sealed packet's clear header) that long before
+    they go on, to put one way's video and sound out of step.
+    Way 0 is a -> b, way 1 is b -> a."""
 
-    def __init__(self, to_a: int, to_b: int, seed: int = 1) -> None:
-        self.loss, self.counts, self.random = 0.0, [0, 0], random.Random(seed)
+    BURST_BYTES = 6000
+    QUEUE_S = 0.25
+    QUEUE_MIN_BYTES = 16_000
+
+    def __init__(self, to_a: int = 0, to_b: int = 0, seed: int = 1, loss: float = 0.0) -> None:
+        self.loss, self.cut, self.random = loss, False, random.Random(seed)
+        self.cap_kbps: list[float | None] = [None, None]
+        self.counts = [0, 0]            # forwarded, dropped (lost, cut or overflowing)
+        self.overflow = [0, 0]          # of the dropped: the queue was full, per way
         self.socks = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in "ab"]
         for sock in self.socks:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)  # no unplanned loss
             sock.bind((LOOPBACK, 0))
         self.port_a, self.port_b = (s.getsockname()[1] for s in self.socks)
-        self.routes = {self.socks[0]: (LOOPBACK, to_b), self.socks[1]: (LOOPBACK, to_a)}
+        self.targets = [(LOOPBACK, to_b), (LOOPBACK, to_a)]
+        self.queues: list[collections.deque[bytes]] = [collections.deque(), collections.deque()]
+        self.queued = [0, 0]            # bytes waiting, per way
+        self.tokens = [float(self.BURST_BYTES)] * 2
+        self.delay_s: dict[tuple[int, int], float] = {}
+        self.held: list[tuple[float, int, int, bytes]] = []     # a heap: (due, n, way, data)
+        self.serial = itertools.count()
+        self.filled = time.monotonic()
+        self.lock = threading.Lock()
         self.stopping = threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
 
+    def port(self, side: str) -> int:
+        """Where side `a` or `b` sends."""
+        return self.port_a if side == "a" else self.port_b
+
+    def route(self, to_a: int, to_b: int) -> None:
+        """Forward to these ports (when they weren't known at the start)."""
+        with self.lock:
+            self.targets = [(LOOPBACK, to_b), (LOOPBACK, to_a)]
+
+    def set_cap(self, kbps: float | None, way: int | None = None) -> None:
+        with self.lock:
+            for w in (0, 1) if way is None else (way,):
+                self.cap_kbps[w] = kbps
+
     def _run(self) -> None:
         while not self.stopping.is_set():
-            for sock in select.select(self.socks, [], [], 0.2)[0]:
+            with self.lock:
+                now = time.monotonic()
+                while self.held and self.held[0][0] <= now:
+                    _, _, way, data = heapq.heappop(self.held)
+                    self._arrive(way, data, held=True)
+                self._drain()
+                wait = 0.2 if not any(self.queues) else 0.002
+                if self.held:
+                    wait = max(0.0, min(wait, self.held[0][0] - now))
+            for sock in select.select(self.socks, [], [], wait)[0]:
                 try:
                     data = sock.recv(65536)
-                    dropped = self.random.random() < self.loss
-                    self.counts[dropped] += 1       # forwarded, dropped
-                    if not dropped:
-                        sock.sendto(data, self.routes[sock])
                 except OSError:                     # ICMP from a port that just closed
                     continue
+                with self.lock:
+                    self._arrive(self.socks.index(sock), data)
+
+    def _arrive(self, way: int, data: bytes, held: bool = False) -> None:
+        delay = self.delay_s.get((way, data[1])) if len(data) > 1 and not held else None
+        if delay:
+            heapq.heappush(self.held, (time.monotonic() + delay, next(self.serial), way, data))
+            return
+        cap = self.cap_kbps[way]
+        if self.cut or self.random.random() < self.loss:
+            self.counts[1] += 1
+            return
+        limit = max(self.QUEUE_MIN_BYTES, cap * 125 * self.QUEUE_S) if cap else 0
+        if cap and self.queued[way] + len(data) > limit:
+            self.counts[1] += 1
+            self.overflow[way] += 1
+            return
+        self.queues[way].append(data)
+        self.queued[way] += len(data)
+        self._drain()
+
+    def _drain(self) -> None:
+        now = time.monotonic()
+        for way in (0, 1):
+            cap = self.cap_kbps[way]
+            if cap:
+                self.tokens[way] = min(self.BURST_BYTES,
+                                       self.tokens[way] + (now - self.filled) * cap * 125)
+            queue = self.queues[way]
+            while queue and (not cap or self.tokens[way] >= len(queue[0])):
+                data = queue.popleft()
+                self.queued[way] -= len(data)
+                if cap:
+                    self.tokens[way] -= len(data)
+                self.counts[0] += 1
+                with contextlib.suppress(OSError):
+                    self.socks[way].sendto(data, self.targets[way])
+        self.filled = now
 
     def take_dropped_pct(self) -> float:
         """Percent of packets dropped since the last call."""
-        (forwarded, dropped), self.counts = self.counts, [0, 0]
+        with self.lock:
+            (forwarded, dropped), self.counts = self.counts, [0, 0]
         return 100 * dropped / max(1, forwarded + dropped)
 
     def stop(self) -> None:
@@ -236,12 +318,14 @@ class Run:
             self.close()
             raise
 
-    def join(self, codec: str, users: list[tuple[str, str]]) -> list[Proc]:
+    def join(self, codec: str, users: list[tuple[str, str]],
+             flags: tuple[str, ...] = ()) -> list[Proc]:
         """Start (user, room) clients at once, then wait until each is in its room."""
         started = [Proc(user, ["--cli", "--json", "--server", f"{LOOPBACK}:{self.port}",
                                "--room", room, "--user", user, "--camera", "test", "--audio",
                                "tone", "--video-codec", codec, "--call-timeout", "20",
-                               "--record", str(self.tmp / user)]) for user, room in users]
+                               "--record", str(self.tmp / user), *flags])
+                   for user, room in users]
         self.clients += started
         for client in started:
             client.wait_for(lambda e: e.get("type") == "ready")
@@ -286,7 +370,7 @@ def warm_up(links: list[tuple[Proc, Proc]]) -> None:
 
 
 def measure(run: Run, links: list, seconds: float, base: dict, row: dict,
-            proxy: LossyProxy | None = None) -> dict:
+            proxy: Proxy | None = None) -> dict:
     """One window over the (receiver, sender) streams in `links`; fills in `row`."""
     clients = list({id(p): p for link in links for p in link}.values())
     pids = [c.proc.pid for c in clients] + [run.host.proc.pid]
@@ -375,7 +459,7 @@ def loss_rows(run: Run, codec: str, losses: list[float], seconds: float, base: d
     print(f"  {codec}: a direct call through the proxy", file=sys.stderr, flush=True)
     a, b = run.join(codec, [(f"{codec}-x", f"{codec}-direct"), (f"{codec}-y", f"{codec}-direct")])
     pa, pb = free_udp_port(), free_udp_port()
-    proxy, rows = LossyProxy(to_a=pa, to_b=pb), []
+    proxy, rows = Proxy(to_a=pa, to_b=pb), []
     try:
         connect(a, b, codec, (f"/call {LOOPBACK} {pa} {proxy.port_a}",
                               f"/call {LOOPBACK} {pb} {proxy.port_b}"))
@@ -388,6 +472,286 @@ def loss_rows(run: Run, codec: str, losses: list[float], seconds: float, base: d
         proxy.stop()
         run.stop_clients()
     return rows
+
+
+# --- issue 12: repair, bursts and a bandwidth cap ------------------------------------------
+
+REPAIR_MODES = ("none", "parity", "nack", "both")   # --video-repair; parity: before issue 12
+FULL_KBPS = chatroom.VIDEO_BITRATE // 1000
+
+
+def direct_pair(run: Run, codec: str, name: str, flags: tuple[str, ...]
+                ) -> tuple[Proc, Proc, Proc | None, Proxy]:
+    """Two clients in a direct call through a new Proxy: (a, b, None, proxy)."""
+    a, b = run.join(codec, [(f"{name}-a", name), (f"{name}-b", name)], flags)
+    pa, pb = free_udp_port(), free_udp_port()
+    proxy = Proxy(to_a=pa, to_b=pb)
+    try:
+        connect(a, b, codec, (f"/call {LOOPBACK} {pa} {proxy.port_a}",
+                              f"/call {LOOPBACK} {pb} {proxy.port_b}"))
+    except BaseException:
+        proxy.stop()
+        raise
+    return a, b, None, proxy
+
+
+def per_s(lines: list[dict], key: str) -> float | None:
+    """The mean per stats line (about one a second) of a counter, if the lines have it."""
+    return round(statistics.mean(e[key] for e in lines), 2) if all(
+        key in e for e in lines) and lines else None
+
+
+def repair_rows(run: Run, codec: str, modes: list[str], losses: list[float],
+                seconds: float, base: dict) -> list[dict]:
+    """Per repair mode: a direct call through the proxy, its loss changing between
+    windows. Both clients have --video-repair MODE and --no-video-adapt (the rate
+    stays put, so only the repair differs)."""
+    rows = []
+    for mode in modes:
+        print(f"  {codec}: repair {mode}", file=sys.stderr, flush=True)
+        a, b, _, proxy = direct_pair(run, codec, f"{codec}-{mode}",
+                                     ("--video-repair", mode, "--no-video-adapt"))
+        try:
+            for loss in losses:
+                proxy.loss = loss / 100
+                warm_up([(b, a), (a, b)])
+                t0 = time.monotonic()
+                row = measure(run, [(b, a), (a, b)], seconds, base, proxy=proxy, row={
+                    "codec": codec, "calls": 1, "loss_pct": loss, "via": "proxy",
+                    "repair": mode})
+                t1 = time.monotonic()
+                got = b.stats(a.name, t0, t1) + a.stats(b.name, t0, t1)
+                row.update({f"{key}_per_s": per_s(got, key) for key in (
+                    "repaired", "video_lost", "nacks", "resent", "keyframes")})
+                rows.append(row)
+        finally:
+            proxy.stop()
+            run.stop_clients()
+    return rows
+
+
+def burst_rows(run: Run, codec: str, modes: list[str], bursts_ms: list[float],
+               repeats: int) -> list[dict]:
+    """Per repair mode and burst length: cut a direct call both ways for that long,
+    `repeats` times 3 s apart (no other loss), and read how long the receivers'
+    pictures stood still around each cut (media_stats' freeze_ms, the longest gap
+    between frames shown): recovery = that, less the cut itself."""
+    rows = []
+    for mode in modes:
+        print(f"  {codec}: bursts, repair {mode}", file=sys.stderr, flush=True)
+        a, b, _, proxy = direct_pair(run, codec, f"{codec}-burst-{mode}",
+                                     ("--video-repair", mode, "--no-video-adapt"))
+        try:
+            warm_up([(b, a), (a, b)])
+            for length in bursts_ms:
+                freezes, marks = [], []
+                for _ in range(repeats):
+                    start = time.monotonic()
+                    proxy.cut = True
+                    time.sleep(length / 1000)       # the cut; the clients run on their own
+                    proxy.cut = False
+                    time.sleep(3.0)
+                    marks.append((start, time.monotonic()))
+                for recv, send in ((b, a), (a, b)):
+                    for t0, t1 in marks:
+                        got = recv.stats(send.name, t0, t1 + 1.5)
+                        frozen = [e["freeze_ms"] for e in got if e.get("freeze_ms") is not None]
+                        if frozen:
+                            freezes.append(max(frozen))
+                got = [e for recv, send in ((b, a), (a, b))
+                       for e in recv.stats(send.name, marks[0][0], marks[-1][1] + 1.5)]
+                rows.append({
+                    "type": "burst", "codec": codec, "repair": mode, "burst_ms": length,
+                    "bursts": len(marks) * 2,
+                    "freeze_p50_ms": round(statistics.median(freezes)) if freezes else None,
+                    "freeze_max_ms": max(freezes) if freezes else None,
+                    "recovery_p50_ms": round(statistics.median(freezes) - length)
+                    if freezes else None,
+                    "keyframes_per_burst": round(sum(e.get("keyframes", 0) for e in got)
+                                                 / (2 * len(marks)), 2),
+                    "lost_frames_per_burst": round(sum(e.get("video_lost", 0) for e in got)
+                                                   / (2 * len(marks)), 1)})
+        finally:
+            proxy.stop()
+            run.stop_clients()
+    return rows
+
+
+def cap_rows(run: Run, codec: str, caps: list[float], seconds: float) -> list[dict]:
+    """A direct call through the proxy whose a -> b way gets a bandwidth cap for
+    `seconds` and then none, the sender adapting (the default) and, as the baseline
+    in the same run, not (--no-video-adapt). What b sees under the cap (the last
+    two thirds of it: settled), how long a took to get under the cap, and how long
+    to climb back to the full rate once it lifted (at most 90 s)."""
+    rows = []
+    for adapt in (True, False):
+        for cap in caps:
+            label = f"{codec}-cap{cap:g}-{'adapt' if adapt else 'fixed'}"
+            print(f"  {codec}: {cap:g} kb/s cap, {'adapting' if adapt else 'fixed rate'}",
+                  file=sys.stderr, flush=True)
+            a, b, _, proxy = direct_pair(run, codec, label,
+                                         () if adapt else ("--no-video-adapt",))
+            try:
+                warm_up([(b, a)])
+                start = time.monotonic()
+                proxy.set_cap(cap, way=0)
+                time.sleep(seconds)
+                lifted = time.monotonic()
+                proxy.set_cap(None)
+                back = None
+                if adapt:
+                    index = a.wait_for(lambda e, p=b.name: is_stats(e, p) and e.get(
+                        "send_kbps") == FULL_KBPS, len(a.events), timeout=90)
+                    back = round(a.events[index][0] - lifted, 1)
+                settled = start + seconds / 3
+                seen = b.stats(a.name, settled, lifted)
+                sent = a.stats(b.name, start, lifted)
+                under = next((t for t, e in a.events if start < t <= lifted and is_stats(
+                    e, b.name) and (e.get("send_kbps") or FULL_KBPS) <= cap), None)
+                latencies = sorted(e["latency_ms"] for e in seen if e["latency_ms"] is not None)
+                freezes = [e["freeze_ms"] for e in seen if e.get("freeze_ms") is not None]
+                rows.append({
+                    "type": "cap", "codec": codec, "cap_kbps": cap, "adapt": adapt,
+                    "shown_fps": round(statistics.mean(e["video_fps"] for e in seen), 1),
+                    "received_kbps": round(statistics.mean(e["kbps"] for e in seen)),
+                    "loss_pct": round(100 * statistics.mean(e["loss"] for e in seen), 1),
+                    "latency_p50_ms": latencies[len(latencies) // 2] if latencies else None,
+                    "latency_p95_ms": latencies[int(0.95 * (len(latencies) - 1))]
+                    if latencies else None,
+                    "freeze_max_ms": max(freezes) if freezes else None,
+                    "send_kbps_settled": round(statistics.mean(
+                        e["send_kbps"] for e in a.stats(b.name, settled, lifted)
+                        if e.get("send_kbps") is not None)),
+                    "send_kbps_min": min((e["send_kbps"] for e in sent
+                                          if e.get("send_kbps") is not None), default=None),
+                    "under_cap_s": None if under is None else round(under - start, 1),
+                    "back_to_full_s": back})
+            finally:
+                proxy.stop()
+                run.stop_clients()
+    return rows
+
+
+def sync_rows(run: Run, codec: str, holds_ms: list[float], seconds: float) -> list[dict]:
+    """Lip sync: a direct call through the proxy, which holds a's video (or a's
+    sound: a negative hold) back |hold| ms on its way to b; b plays in sync (the
+    default) and, as the baseline in the same run, not (--no-lip-sync). Per
+    row, over the window once video flows: b's av_skew_ms (median of the
+    per-second medians; positive: the sound came first), the share of seconds
+    within ITU-R BT.1359's +45/-125 ms, and b's capture-to-decode latency."""
+    rows = []
+    for synced in (True, False):
+        for hold in holds_ms:
+            label = f"{codec}-sync{hold:g}-{'on' if synced else 'off'}"
+            print(f"  {codec}: {'video' if hold >= 0 else 'sound'} held {abs(hold):g} ms, "
+                  f"lip sync {'on' if synced else 'off'}", file=sys.stderr, flush=True)
+            a, b, _, proxy = direct_pair(run, codec, label.replace(".", "_"),
+                                         () if synced else ("--no-lip-sync",))
+            try:
+                kind = chatroom.KIND_VIDEO if hold >= 0 else chatroom.KIND_AUDIO
+                if hold:
+                    proxy.delay_s[(0, kind)] = abs(hold) / 1000
+                warm_up([(b, a)])
+                b.wait_for(lambda e, p=a.name: is_stats(e, p) and e.get("av_skew_ms")
+                           is not None, len(b.events))
+                t0 = time.monotonic()
+                time.sleep(seconds)             # the window: the clients run on their own
+                seen = [e for e in b.stats(a.name, t0, time.monotonic())
+                        if e.get("av_skew_ms") is not None]
+                if not seen:
+                    raise SetupError(b.failure("no av_skew_ms in the window"))
+                skews = sorted(e["av_skew_ms"] for e in seen)
+                latencies = sorted(e["latency_ms"] for e in seen if e["latency_ms"] is not None)
+                rows.append({
+                    "type": "sync", "codec": codec, "hold_ms": hold, "lip_sync": synced,
+                    "skew_p50_ms": skews[len(skews) // 2], "skew_min_ms": skews[0],
+                    "skew_max_ms": skews[-1],
+                    "in_range_pct": round(100 * sum(-125 <= x <= 45 for x in skews)
+                                          / len(skews)),
+                    "latency_p50_ms": latencies[len(latencies) // 2] if latencies else None,
+                    "shown_fps": round(statistics.mean(e["video_fps"] for e in seen), 1)})
+            finally:
+                proxy.stop()
+                run.stop_clients()
+    return rows
+
+
+def report_sync(syncs: list[dict]) -> None:
+    if not syncs:
+        return
+    base = {(r["codec"], r["hold_ms"]): r for r in syncs if not r["lip_sync"]}
+    print(f"\nlip sync (one direct call; the proxy holds a's video, or its sound: a "
+          f"negative hold):\n{'codec':<5}{'held':>7} {'sync':<5}|{'skew p50':>9}{'min':>6}"
+          f"{'max':>6} ms |{'in range':>9} |{'latency p50':>12}{'x off':>6} |{'fps':>6}")
+    for r in syncs:
+        b = base.get((r["codec"], r["hold_ms"]))
+        ratio = (f"{r['latency_p50_ms'] / b['latency_p50_ms']:.2f}"
+                 if b and r["latency_p50_ms"] and b["latency_p50_ms"] else "-")
+        print(f"{r['codec']:<5}{r['hold_ms']:>5g}ms {'on' if r['lip_sync'] else 'off':<5}|"
+              f"{r['skew_p50_ms']:>9.0f}{r['skew_min_ms']:>6.0f}{r['skew_max_ms']:>6.0f}    |"
+              f"{r['in_range_pct']:>8}% |{show(r['latency_p50_ms'], digits=0, unit=' ms'):>12}"
+              f"{ratio:>6} |{r['shown_fps']:>6.1f}")
+    print("""
+lip sync: b's av_skew_ms (shown - played, per-second medians: positive = the sound first),
+  in range = share of seconds within ITU-R BT.1359's -125..+45 ms; latency p50: capture to
+  decode of b's frames (a frame waits for its sound); x off = over the same hold with lip
+  sync off (--no-lip-sync, the baseline).""")
+
+
+def report_issue12(repairs: list[dict], bursts: list[dict], caps: list[dict]) -> None:
+    if repairs:
+        base = {(r["codec"], r["loss_pct"]): r for r in repairs if r["repair"] == "none"}
+        print(f"\nrepair (one direct call through the proxy, --no-video-adapt):\n"
+              f"{'codec':<5}{'loss':>5} {'repair':<7}|{'shown':>8}{'fps':>6} |{'kb/s':>6}"
+              f"{'x none':>7} |{'repaired':>9}{'lost':>6}{'nacks':>6}{'resent':>7}"
+              f"{'keys':>6} /s |{'p50 ms':>7}")
+        for r in repairs:
+            b = base.get((r["codec"], r["loss_pct"]))
+            ratio = f"{r['kbps_per_stream'] / b['kbps_per_stream']:.2f}" if b else "-"
+            counts = "".join(f"{show(r[k + '_per_s'], digits=2):>{w}}" for k, w in (
+                ("repaired", 9), ("video_lost", 6), ("nacks", 6), ("resent", 7),
+                ("keyframes", 6)))
+            print(f"{r['codec']:<5}{r['loss_pct']:>4g}% {r['repair']:<7}|"
+                  f"{r['shown_pct']:>7.1f}%{r['recv_fps']:>6.1f} |{r['kbps_per_stream']:>6}"
+                  f"{ratio:>7} |{counts}    |{show(r['latency_p50_ms']):>7}")
+    if bursts:
+        print(f"\nbursts (the link cut both ways, then 3 s of nothing lost):\n"
+              f"{'codec':<5}{'burst':>7} {'repair':<7}| {'picture still, p50':>18}"
+              f"{'max':>7} | {'recovery p50':>12} | {'keys':>5}{'lost':>6} per burst")
+        for r in bursts:
+            print(f"{r['codec']:<5}{r['burst_ms']:>5g}ms {r['repair']:<7}|"
+                  f" {show(r['freeze_p50_ms'], digits=0, unit=' ms'):>18}"
+                  f"{show(r['freeze_max_ms'], digits=0):>7} |"
+                  f" {show(r['recovery_p50_ms'], digits=0, unit=' ms'):>12} |"
+                  f"{r['keyframes_per_burst']:>5}{r['lost_frames_per_burst']:>6}")
+    if caps:
+        print(f"\nbandwidth cap on one way (token bucket, queue of "
+              f"{Proxy.QUEUE_S * 1000:g} ms, drops when full); b's side, settled:\n"
+              f"{'codec':<5}{'cap':>6} {'sender':<8}|{'fps':>6}{'kb/s':>6}{'loss':>6}"
+              f"{'p50':>6}{'p95 ms':>8}{'still':>7} | {'sends':>6}{'min':>5} |"
+              f" {'under cap':>9} {'back to full':>12}")
+        for r in caps:
+            sender = "adapts" if r["adapt"] else "fixed"
+            p50, p95 = show(r["latency_p50_ms"], digits=0), show(r["latency_p95_ms"], digits=0)
+            under, back = show(r["under_cap_s"], unit=" s"), show(r["back_to_full_s"], unit=" s")
+            print(f"{r['codec']:<5}{r['cap_kbps']:>6g} {sender:<8}|"
+                  f"{r['shown_fps']:>6.1f}{r['received_kbps']:>6}{r['loss_pct']:>5.1f}%"
+                  f"{p50:>6}{p95:>8}{show(r['freeze_max_ms'], digits=0):>7} |"
+                  f"{r['send_kbps_settled']:>6}{show(r['send_kbps_min'], digits=0):>5} |"
+                  f" {under:>9} {back:>12}")
+    if repairs or bursts or caps:
+        print("""
+repair: shown = frames shown / frames captured; kb/s received per stream; x none: over no
+  repair at the same loss. Per second (both streams): frames repaired (parity or sent
+  again), frames given up (lost), Nacks sent, fragments sent again (resent), keyframes
+  asked for. p50: capture to decode.
+bursts: 'picture still' is media_stats' freeze_ms around each cut (the longest time
+  between two frames shown); recovery = that less the cut. keys, lost: keyframes asked
+  for and frames given up per cut and stream.
+cap: b's frames shown a second, kb/s received, loss, capture-to-decode latency and the
+  longest still picture, over the last two thirds of the cap; sends: a's send_kbps then
+  (the encoder's target), min: its lowest; under cap: seconds until a's target first went
+  under the cap; back to full: seconds from the cap's end until a sent 1000 kb/s again.""")
 
 
 def show(value, verdict: str | None = None, digits: int = 1, unit: str = "") -> str:
@@ -447,6 +811,26 @@ def main() -> int:
                         type=lambda text: [float(x) for x in text.split(",") if x])
     parser.add_argument("--codecs", type=lambda t: t.split(","), default=["vp8", "jpeg"],
                         help="default vp8,jpeg")
+    parser.add_argument("--phases", type=lambda t: t.split(","),
+                        default=["calls", "loss", "repair", "burst", "cap", "sync"],
+                        help="which parts (default calls,loss,repair,burst,cap,sync)")
+    parser.add_argument("--holds", default=[0.0, 150.0, 300.0, -300.0],
+                        type=lambda text: [float(x) for x in text.split(",") if x],
+                        help="ms the proxy holds a's video back in the sync rows, negative: "
+                        "its sound (default 0,150,300,-300)")
+    parser.add_argument("--repair", type=lambda t: t.split(","), default=list(REPAIR_MODES),
+                        help="repair modes compared (default none,parity,nack,both)")
+    parser.add_argument("--repair-loss", default=[2.0, 5.0],
+                        type=lambda text: [float(x) for x in text.split(",") if x],
+                        help="percent lost in the repair rows (default 2,5)")
+    parser.add_argument("--bursts", default=[200.0, 1000.0],
+                        type=lambda text: [float(x) for x in text.split(",") if x],
+                        help="burst losses in ms (default 200,1000), 5 of each")
+    parser.add_argument("--caps", default=[500.0, 250.0],
+                        type=lambda text: [float(x) for x in text.split(",") if x],
+                        help="bandwidth caps in kb/s (default 500,250)")
+    parser.add_argument("--cap-seconds", type=float, default=30.0,
+                        help="how long each cap lasts (default 30)")
     parser.add_argument("--json", action="store_true", help="JSON lines instead of the table")
     args = parser.parse_args()
     if not set(args.codecs) <= {"vp8", "jpeg"}:
@@ -455,19 +839,38 @@ def main() -> int:
     try:
         bases = [baseline(codec) for codec in args.codecs]
         run, rows = Run(), []
+        repairs: list[dict] = []
+        bursts: list[dict] = []
+        caps: list[dict] = []
+        syncs: list[dict] = []
+        phases = set(args.phases)
         for codec, base in zip(args.codecs, bases):
-            rows += check_rows(run, codec, args.calls, args.seconds, base)
-            rows += loss_rows(run, codec, args.loss, args.seconds, base) if args.loss else []
+            if "calls" in phases:
+                rows += check_rows(run, codec, args.calls, args.seconds, base)
+            if "loss" in phases and args.loss:
+                rows += loss_rows(run, codec, args.loss, args.seconds, base)
+            if "repair" in phases:
+                repairs += repair_rows(run, codec, args.repair, args.repair_loss,
+                                       args.seconds, base)
+            if "burst" in phases:
+                bursts += burst_rows(run, codec, args.repair, args.bursts, 5)
+            if "cap" in phases:
+                caps += cap_rows(run, codec, args.caps, args.cap_seconds)
+            if "sync" in phases:
+                syncs += sync_rows(run, codec, args.holds, args.seconds)
     except (SetupError, chatroom.ChatError) as exc:
         print(f"bench/media.py: the setup broke: {exc}", file=sys.stderr)
         return 1
     finally:
         if run is not None:
             run.close()
-    for line in bases + rows if args.json else []:
+    for line in bases + rows + repairs + bursts + caps + syncs if args.json else []:
         print(json.dumps(line))
     if not args.json:
-        report(bases, rows, args.codecs)
+        if rows:
+            report(bases, rows, args.codecs)
+        report_issue12(repairs, bursts, caps)
+        report_sync(syncs)
     return 0
 
 

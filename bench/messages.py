@@ -173,7 +173,8 @@ def main() -> None:
     for plain in (True, False):
         command = ([sys.executable, "-c", PLAIN_RELAY] if plain else
                    [sys.executable, str(ROOT / "chatroom.py"), "--host", "--json", "--port",
-                    "0", "--interface", "127.0.0.1", "--no-advertise"])
+                    "0", "--interface", "127.0.0.1", "--no-advertise",
+                    "--rate-limit", "0"])    # as fast as the host takes them: no flood control
         server = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
         try:
             line = server.stdout.readline()

@@ -28,6 +28,7 @@ import socket
 import struct
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -47,9 +48,15 @@ DEFAULT_TIMEOUT = 30.0          # a failure deadline, never a performance promis
 Predicate = Callable[[Any], bool]
 
 
+_CONFIG_HOME = tempfile.mkdtemp(prefix="chatroom-test-config-")
+
+
 def _env() -> dict[str, str]:
     env = dict(os.environ)
     env["PYTHONUNBUFFERED"] = "1"
+    # Each run's config folder (settings, places kept after a crash) is its
+    # own, never the person's running the tests.
+    env.setdefault("XDG_CONFIG_HOME", _CONFIG_HOME)
     return env
 
 

@@ -677,7 +677,8 @@ def message_size_to_overflow(count: int) -> int:
 def test_slow_reader_is_dropped_nobody_loses_messages(start_host, join):
     """--outbox-limit 65536: a stopped reader is disconnected as too slow
     and the room told; everyone else gets all 3000 messages, in order."""
-    host = start_host("--outbox-limit", "65536", "--grace", "0.5")   # the drop shows soon
+    host = start_host("--outbox-limit", "65536", "--grace", "0.5",  # the drop shows soon,
+                      "--rate-limit", "0")                          # 3000 lines at once
     alice = join(host.port, "R", "alice")
     bob = join(host.port, "R", "bob")
     slow = join(host.port, "R", "slow", "--retry-for", "0")     # dropped is the end here
@@ -733,7 +734,7 @@ def test_burst_from_one_sender_does_not_cut_fast_readers(start_host, join, raw_c
     (240 kB in one write) reaches every reader that keeps reading; nobody
     is disconnected as too slow (only a peer that does not take its bytes
     is, README "Host rules")."""
-    host = start_host("--outbox-limit", "65536")
+    host = start_host("--outbox-limit", "65536", "--rate-limit", "0")  # 60 lines at once
     alice = join(host.port, "R", "alice")
     bob = join(host.port, "R", "bob")
     sock = raw_connect(host.port)

@@ -769,7 +769,8 @@ def test_a_flood_of_messages_keeps_the_window_responsive(x, tmp_path, procs):
     the window's loop took per read and per message; asserts only that every
     message shows, in order, and that the window still answers afterwards."""
     count = 2000
-    host = Host(unique("flood"), advertise=False)
+    host = Host(unique("flood"), advertise=False,
+                extra=["--rate-limit", "0"])        # a flood on purpose: no flood control
     procs.append(host)
     gui = start_gui(x, tmp_path, procs, "--server", f"{LOOPBACK}:{host.port}", "--room", "r",
                     "--user", "alice")

@@ -286,7 +286,8 @@ async def test_max_sessions_refuses_the_next_connection(make_host, clients):
 # --- slow peers ----------------------------------------------------------------
 
 async def test_slow_peer_is_disconnected_while_others_get_everything(make_host, clients):
-    host = await make_host(outbox_limit_bytes=64 * 1024, grace_s=0.2)
+    host = await make_host(outbox_limit_bytes=64 * 1024, grace_s=0.2,
+                           rate_limit_per_s=0)          # thousands of lines: no flood control
     slow = await clients(host.port, "r", "slow")        # never reads again
     fast = await clients(host.port, "r", "fast")
     sender = await clients(host.port, "r", "sender")
@@ -404,7 +405,7 @@ async def test_shutdown_says_goodbye_and_leaves_nothing_behind(clients):
 
 
 async def test_shutdown_does_not_hang_on_a_peer_that_never_reads(clients):
-    limits = Limits(close_timeout_s=0.5)
+    limits = Limits(close_timeout_s=0.5, rate_limit_per_s=0)    # up to 3000 lines, quickly
     host = chatroom.Host(bind=LOCAL, port=0, name="test-host", advertise=False, limits=limits)
     await host.start()
     try:

@@ -691,9 +691,11 @@ def test_latency_median_fps_audio_and_dropped():
     stats.refused()
     snap = stats.snapshot(2000)
     assert snap == {"video_fps": 3.0, "audio_frames": 50, "loss": 0.0, "latency_ms": 40.0,
-                    "kbps": 0.0, "dropped": 1}
-    stats.frame_shown(0, 10)
-    stats.frame_shown(0, 30)
+                    "kbps": 0.0, "dropped": 1, "freeze_ms": 60}
+    stats.frame_shown(0, 1110)
+    stats.frame_shown(0, 1130)
     stats.refused()
     snap = stats.snapshot(2500)
-    assert snap["latency_ms"] == 20.0 and snap["video_fps"] == 4.0 and snap["dropped"] == 2
+    assert snap["latency_ms"] == 1120.0 and snap["video_fps"] == 4.0 and snap["dropped"] == 2
+    assert snap["freeze_ms"] == 24                      # from 1086, the last frame before
+    assert stats.snapshot(3000)["freeze_ms"] is None    # no frame: video_fps 0 says it

@@ -111,7 +111,7 @@ def test_nothing_lost_or_doubled_through_random_faults(start_host, join, faulty)
     """Cuts, resets and stalls at random moments while both sides talk:
     once it settles, each gets every line of the other exactly once, in
     order."""
-    host = start_host("--grace", "60")
+    host = start_host("--grace", "60", "--rate-limit", "0")   # 100 lines a second each
     proxy = faulty(host.port)
     alice = join(proxy.port, "R", "alice")
     bob = join(host.port, "R", "bob")

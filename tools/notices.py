@@ -7,8 +7,9 @@ them with their versions (read from the installed distributions), names the
 licence of each, and appends the licence texts: those the wheels ship in
 their metadata, and the GNU licences (from Debian's /usr/share/common-licenses)
 that FFmpeg's GPL build in PyAV's wheel, x264, x265, zeroconf and
-PySimpleGUI need. Run it after changing requirements.txt, in the project's
-venv, and commit the result:
+PySimpleGUI need, and the Unicode licence of the tables in chatroom.py
+(from Debian's unicode-data package). Run it after changing
+requirements.txt, in the project's venv, and commit the result:
 
     .venv/bin/python tools/notices.py
 """
@@ -51,6 +52,14 @@ PLATFORM = [
     ("Tcl/Tk", "8.6", "TCL (BSD-style)"),
 ]
 GNU_TEXTS = ["GPL-2", "LGPL-2.1", "LGPL-3"]     # GPL-3 is the project's own: LICENSE
+# Data inside chatroom.py itself: the Unicode tables of its ROOMS section
+# (tools/unicode_tables.py), with the licence Debian's unicode-data ships.
+UNICODE_DATA = ("Unicode data: UTS #39 confusables.txt 14.0.0; Scripts.txt, "
+                "ScriptExtensions.txt, DerivedCoreProperties.txt 15.0.0. Modified: a subset, "
+                "re-encoded as tables in chatroom.py (tools/unicode_tables.py) for the "
+                "look-alike and script rules of IDs. Licence: Unicode-DFS-2016 (Unicode, Inc. "
+                "License Agreement - Data Files and Software)")
+UNICODE_COPYRIGHT = Path("/usr/share/doc/unicode-data/copyright")
 
 
 def licence_files(distribution: str) -> list[Path]:
@@ -88,6 +97,7 @@ def main() -> int:
         except importlib.metadata.PackageNotFoundError:
             version = "(not installed when this was written)"
         lines.append(f"- {name} {version}: {what}. Licence: {licence}")
+    lines.append(f"- {UNICODE_DATA}")
     seen: set[str] = set()                  # a wheel may ship one text twice
     for name, _what, _licence in BUNDLED:
         for path in licence_files(name):
@@ -95,6 +105,12 @@ def main() -> int:
             if text not in seen:
                 seen.add(text)
                 lines += ["", "", f"===== {name}: {path.name} =====", "", text]
+    if UNICODE_COPYRIGHT.is_file():         # apt-get install unicode-data
+        text = UNICODE_COPYRIGHT.read_text(encoding="utf-8", errors="replace")
+        start = text.find("UNICODE, INC. LICENSE AGREEMENT")
+        if start >= 0:
+            lines += ["", "", "===== Unicode data: Unicode, Inc. License Agreement =====",
+                      "", text[start:].strip()]
     for name in GNU_TEXTS:
         path = COMMON / name
         if path.is_file():
