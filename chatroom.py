@@ -63,6 +63,7 @@ import errno
 import functools
 import glob
 import hashlib
+import hmac
 import importlib.util
 import ipaddress
 import itertools
@@ -116,6 +117,7 @@ MAX_ID_CHARS = 32                   # User and Room IDs, after NFC
 MAX_ROOM_MEMBERS_CAP = 1024         # most members a room may be set to hold: a
                                     # Welcome naming them all fits one frame
 MAX_ROOMS_LISTED = 1024             # rooms read from one host's mDNS record, at most
+MAX_PASSWORD_CHARS = 256            # a room password, after NFC
 
 # --- Tunables: the defaults of Limits ----------------------------------------
 
@@ -129,6 +131,9 @@ RECONNECT_FIRST_S = 0.5             # the first retry comes within this, jittere
 RECONNECT_MAX_S = 10.0              # the backoff between retries stops growing here
 RESUME_LOG_EVENTS = 5000            # room events kept for members who come back
 RESUME_LOG_BYTES = 8 * 1024 * 1024  # ... and at most this much of their text
+PASSWORD_DELAY_S = 1.0              # a wrong room password: that address waits this long,
+PASSWORD_DELAY_MAX_S = 30.0         # doubled for each wrong one in a row, up to this
+PASSWORD_THREADS = 2                # a host's threads for scrypt (16 MiB each while busy)
 
 HELLO_TIMEOUT_S = 5.0               # a login must finish within this
 CONNECT_TIMEOUT_S = 5.0             # client: TCP connect + login
@@ -186,6 +191,8 @@ class Limits:
     retry_for_s: float = RETRY_FOR_S    # 0: don't retry; math.inf: for ever (the window)
     resume_log_events: int = RESUME_LOG_EVENTS
     resume_log_bytes: int = RESUME_LOG_BYTES
+    password_delay_s: float = PASSWORD_DELAY_S
+    password_delay_max_s: float = PASSWORD_DELAY_MAX_S
     hello_timeout_s: float = HELLO_TIMEOUT_S
     connect_timeout_s: float = CONNECT_TIMEOUT_S
     ping_interval_s: float = PING_INTERVAL_S
@@ -235,6 +242,7 @@ ERROR_CODES = frozenset({
     "host_shutdown",
     "call_self", "already_in_call", "no_invitation", "not_in_call", "bad_call_address",
     "no_camera", "no_audio_device", "port_taken",
+    "wrong_password", "rate_limited", "room_not_protected",
 })
 
 
@@ -555,6 +563,8 @@ FIELD_RULES: dict[str, Callable[[Any], Any]] = {
     "resume": _rule_token(64, empty=True),  # a resume token ("" = none)
     "seen": _rule_int(0, 2 ** 53),          # the last room seq a client got
     "grace": _rule_seconds,                 # how long a host holds a dropped member
+    "password": _rule_str(MAX_PASSWORD_CHARS),  # a room's password, "" = none
+    "retry_after": _rule_seconds,           # an error's "try again in", 0 = whenever
     "missed": _rule_int(0, 2 ** 53),
     "lost": _rule_int(0, 2 ** 53),
     # A resume's files: [transfer, bytes the host has, complete] of each upload,
@@ -629,7 +639,10 @@ def _event(cls: type[Event]) -> type[Event]:
 class Hello(Event):
     """Log in: the first frame a client sends, naming the protocol version.
     Coming back after a drop, `resume` is the token of the welcome and
-    `seen` the last room seq received: the host then answers Resumed."""
+    `seen` the last room seq received: the host then answers Resumed.
+    `password` opens a protected room, or protects the room this login
+    opens ("" = none); a resume with a valid token doesn't need it. Never
+    shown in a repr, so never in a log."""
     TYPE = "hello"
     version: int
     room: str
@@ -637,6 +650,7 @@ class Hello(Event):
     software: str = ""
     resume: str = ""
     seen: int = 0
+    password: str = dataclasses.field(default="", repr=False)
 
 
 @_event
@@ -762,11 +776,14 @@ class Members(Event):
 @_event
 @dataclasses.dataclass(frozen=True)
 class Error(Event):
-    """Something was refused. `id` names the request it answers, if any."""
+    """Something was refused. `id` names the request it answers, if any;
+    `retry_after`, when not 0, is how many seconds to wait before asking
+    again (a wrong room password, say)."""
     TYPE = "error"
     code: str
     message: str
     id: str = "-"
+    retry_after: float = 0
 
 
 @_event
@@ -1277,7 +1294,11 @@ class Wire:
 #   names are compared by a skeleton that folds width, case, look-alike
 #   Cyrillic and Greek letters and drops separators.
 # - "When the last member leaves, the room and all it knew about its members
-#   is forgotten."
+#   is forgotten." Its password too.
+# - "Whoever opens a room may give it a password; joining it then needs the
+#   password (wrong_password). The host keeps only a salted scrypt hash, and
+#   an address's next guess is heard only after a wait that doubles with
+#   each wrong one (rate_limited until then)."
 
 Delivery = tuple[Any, Event]
 
@@ -1395,6 +1416,95 @@ HELP
    (to you alone)."""
 
 
+# --- Room passwords ----------------------------------------------------------
+# The password never stays: the host turns it into a Lock (a random salt and
+# the scrypt key of the password with it) or checks it against the room's
+# Lock, and drops it. scrypt is slow on purpose, about 50 ms and 16 MiB a
+# call (README, "Room passwords"), so `password_key` is called on a thread,
+# never on the host's loop; Rooms only compares the keys it is given.
+
+SCRYPT_N, SCRYPT_R, SCRYPT_P = 2 ** 14, 8, 1
+SCRYPT_MAXMEM = 64 * 1024 * 1024    # hashlib's default (32 MiB) is just too small
+SALT_BYTES = 16
+PASSWORD_FORGET_S = 600.0           # an address with no wrong guess this long starts afresh
+MAX_GUESSERS = 4096                 # addresses remembered; the oldest go first
+
+
+@dataclasses.dataclass(frozen=True)
+class Lock:
+    """A room password as a host keeps it: never the password itself."""
+    salt: bytes
+    key: bytes = dataclasses.field(repr=False)     # password_key(password, salt)
+
+
+def password_key(password: str, salt: bytes) -> bytes:
+    """scrypt of `password` (NFC, so a Mac's and a PC's typing agree) with
+    `salt`. Slow on purpose: call it on a thread, never on an event loop."""
+    return hashlib.scrypt(unicodedata.normalize("NFC", password).encode("utf-8", "replace"),
+                          salt=salt, n=SCRYPT_N, r=SCRYPT_R, p=SCRYPT_P,
+                          maxmem=SCRYPT_MAXMEM, dklen=32)
+
+
+def guesser(address: str) -> str:
+    """Whom a wrong guess counts against: an IPv4 address, or the /64 of an
+    IPv6 one (a single machine may hold a whole /64)."""
+    try:
+        ip = ipaddress.ip_address(address.partition("%")[0])
+    except ValueError:
+        return address
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.ip_network(f"{ip}/64", strict=False))
+    return str(ip)
+
+
+class Guesses:
+    """Wrong room passwords per address (see `guesser`), and how long each
+    must wait before its next guess is heard: `first_s` after one wrong
+    guess, doubled for each further one in a row, at most `max_s`. An
+    address with no wrong guess for `forget_s` starts afresh; a right
+    password does not wipe the slate (it may be another room's). Time is
+    the caller's clock, in seconds."""
+
+    def __init__(self, first_s: float = PASSWORD_DELAY_S, max_s: float = PASSWORD_DELAY_MAX_S,
+                 forget_s: float = PASSWORD_FORGET_S, max_addresses: int = MAX_GUESSERS) -> None:
+        self.first_s = first_s
+        self.max_s = max(max_s, first_s)
+        self.forget_s = max(forget_s, self.max_s)
+        self.max_addresses = max_addresses
+        self._by: dict[str, tuple[int, float]] = {}  # address -> (wrong in a row, when last)
+
+    def delay(self, wrong: int) -> float:
+        """The wait after `wrong` wrong guesses in a row (0 for none)."""
+        return 0.0 if wrong <= 0 else min(self.max_s, self.first_s * 2 ** min(wrong - 1, 64))
+
+    def wait(self, address: str, now: float) -> float:
+        """Seconds before `address` may guess again; 0: now."""
+        wrong, last = self._by.get(address, (0, now))
+        if now - last > self.forget_s:
+            return 0.0
+        return max(0.0, last + self.delay(wrong) - now)
+
+    def wrong(self, address: str, now: float) -> float:
+        """Count a wrong guess from `address`; returns the wait it earns."""
+        wrong, last = self._by.pop(address, (0, now))
+        if now - last > self.forget_s:
+            wrong = 0
+        self._by[address] = (wrong + 1, now)    # last in the dict: the newest
+        for old in list(itertools.islice(self._by, max(0, len(self._by) - self.max_addresses))):
+            del self._by[old]
+        while self._by:                         # the oldest first: drop the forgotten
+            first = next(iter(self._by))
+            if now - self._by[first][1] <= self.forget_s:
+                break
+            del self._by[first]
+        return self.delay(wrong + 1)
+
+    def __len__(self) -> int:
+        return len(self._by)
+
+
 @dataclasses.dataclass
 class Member:
     user: str                   # display form, as the person typed it (NFC)
@@ -1411,6 +1521,7 @@ class Room:
     history: collections.deque = dataclasses.field(default_factory=collections.deque)
     log: collections.deque = dataclasses.field(default_factory=collections.deque)
     log_bytes: int = 0          # text held in `log`
+    lock: Lock | None = None    # set by whoever opened the room; None: open to all
 
     def user_list(self) -> tuple[str, ...]:
         return tuple(m.user for m in self.members.values())   # dicts keep join order
@@ -1456,16 +1567,46 @@ class Rooms:
     def __len__(self) -> int:
         return len(self._rooms)
 
+    def door(self, room_name: str, password: bool) -> Lock | None:
+        """What a login to `room_name`, with a password or without, must
+        match: the room's Lock (hash the password with its salt), or None
+        (no room by that name yet: a password, if any, makes its Lock; or
+        an open room and no password). Raises Refused: wrong_password (a
+        protected room and no password), room_not_protected (an open room
+        and a password: the person thinks it is private, and it is not).
+        """
+        room = self._room_named(room_name)
+        if room is not None:
+            _check_lock(room, password)
+            return room.lock
+        return None
+
+    def locked(self, room_name: str) -> bool:
+        """Whether `room_name` is open and protected by a password."""
+        room = self._room_named(room_name)
+        return room is not None and room.lock is not None
+
+    def _room_named(self, room_name: str) -> Room | None:
+        try:
+            return self._rooms.get(id_key(check_id(room_name, "room")))
+        except Refused:
+            return None
+
     # --- commands ---
 
     def join(self, member: Any, room_name: str, user: str, now: float,
-             resume: str = "") -> list[Delivery]:
+             resume: str = "", lock: Lock | None = None) -> list[Delivery]:
         """Put `member` into a room as `user`.
 
+        `lock` is the joiner's password made into a Lock (None: no
+        password): for a protected room, keyed with that room's salt (see
+        `door`); for a room this join opens, its Lock to be.
         Delivers Welcome (with `resume`, the token the host keeps for this
         seat) and the room's history (oldest first, history=True) to the
         joiner, then an "enter" notice to everyone in the room.
-        Raises Refused: bad_room_id, bad_user_id, user_taken, room_full.
+        Raises Refused: bad_room_id, bad_user_id, wrong_password,
+        room_not_protected, user_taken, room_full (a password is checked
+        first: who is inside is not told to whoever can't come in).
         """
         if member in self._where:
             raise Refused("bad_frame", "already in a room")
@@ -1475,13 +1616,15 @@ class Rooms:
             raise Refused("bad_user_id", f"{user!r} is reserved for system notices")
         room = self._rooms.get(id_key(room_name))
         if room is not None:
+            _check_lock(room, lock is not None, lock)
             if id_key(user) in room.by_key:
                 raise Refused("user_taken", f"{user!r} is already in room {room.name!r}")
             if len(room.members) >= self.max_members:
                 raise Refused("room_full", f"room {room.name!r} has "
                               f"{self.max_members} members, the most it takes")
         else:
-            room = Room(room_name, history=collections.deque(maxlen=self.history_limit))
+            room = Room(room_name, history=collections.deque(maxlen=self.history_limit),
+                        lock=lock)
             self._rooms[id_key(room_name)] = room
         room.members[member] = Member(user, now)
         room.by_key[id_key(user)] = member
@@ -1591,6 +1734,23 @@ class Rooms:
         self._log(room, notice)
         return [(m, notice) for m in room.members]
 
+
+def _check_lock(room: Room, password: bool, lock: Lock | None = None) -> None:
+    """Refused unless a login with a `password` or without one may come into
+    `room`: with `lock` (the password keyed with the room's salt) it must
+    also open the room's Lock; without, only whether it may is checked."""
+    if room.lock is None:
+        if password:
+            raise Refused("room_not_protected", f"room {room.name!r} is already open without "
+                          "a password, so anyone may join it: join without one, or pick "
+                          "another Room ID for a protected room")
+        return
+    if not password:
+        raise Refused("wrong_password", f"room {room.name!r} is protected: it needs its "
+                      "password (--password, or CHATROOM_PASSWORD)")
+    if lock is not None and not (hmac.compare_digest(lock.salt, room.lock.salt)
+                                 and hmac.compare_digest(lock.key, room.lock.key)):
+        raise Refused("wrong_password", f"wrong password for room {room.name!r}")
 
 
 # --- File names --------------------------------------------------------------
@@ -6420,6 +6580,9 @@ class Session:
         self.started = asyncio.get_running_loop().time()
         self.last_ping = self.started       # when we last pinged, or connected
         self.ping_count = 0
+        extra = getattr(link.transport, "get_extra_info", None)
+        peer = extra("peername") if extra is not None else None
+        self.address = str(peer[0]) if peer else "?"   # where it connects from
 
     def __repr__(self) -> str:
         return f"<Session {self.link.name} {self.link.wire.state.value}>"
@@ -6508,6 +6671,10 @@ class Host:
         self.calls = HostCalls(limits, self.rooms, self.deliver)
         self.sessions: set[Session] = set()
         self.seats: dict[str, Seat] = {}    # by resume token
+        self.guesses = Guesses(limits.password_delay_s, limits.password_delay_max_s)
+        self._hashing: set[str] = set()     # addresses with a password being hashed
+        self._hasher = concurrent.futures.ThreadPoolExecutor(
+            PASSWORD_THREADS, thread_name_prefix="host-scrypt")     # started when used
         self.advertiser = Advertiser(self.name, port, interface,
                                      limits.advertise_debounce_s) if advertise else None
         self._server: asyncio.Server | None = None
@@ -6560,6 +6727,7 @@ class Host:
         if self.advertiser is not None:
             await self.advertiser.close()
         self.files.abandon()
+        self._hasher.shutdown(wait=False, cancel_futures=True)
         self._closed.set()
 
     async def wait_closed(self) -> None:
@@ -6597,6 +6765,7 @@ class Host:
         await server.wait_closed()
         self.calls.close()
         await self.files.close()            # handlers are gone; finish their tasks
+        self._hasher.shutdown(wait=False, cancel_futures=True)
         self._closed.set()
         log.info("host %r closed", self.name)
 
@@ -6676,33 +6845,95 @@ class Host:
         completes (its file is arriving faster than the disk takes it),
         else None."""
         if type(event) is Hello:
-            self._on_hello(session, event)
-            return None
+            return self._on_hello(session, event)
         handler = self._dispatch.get(type(event))
         seat = session.seat
         if handler is None or seat is None or seat.session is not session:
             return None                     # a connection a resume replaced: ignore it
         return handler(seat, event)
 
-    def _on_hello(self, session: Session, hello: Hello) -> None:
+    def _on_hello(self, session: Session, hello: Hello) -> Awaitable[None] | None:
+        """A login: a resume, a plain join, or (a password given, or the room
+        protected) a join whose password is hashed on a thread first: then
+        the awaitable the session waits for before reading on."""
         link = session.link
         if hello.version != PROTOCOL_VERSION:
             link.close_with(Error("version_mismatch", f"this host speaks protocol "
                                   f"version {PROTOCOL_VERSION}; you sent {hello.version}"),
                             "version mismatch")
-            return
+            return None
         if hello.resume and self._resume(session, hello):
+            return None                     # a valid token: no password again
+        try:
+            lock = self.rooms.door(hello.room, bool(hello.password))
+        except Refused as refusal:          # no password, or one an open room refuses
+            link.close_with(Error(refusal.code, refusal.message), refusal.code)
+            return None
+        if not hello.password:
+            self._sit(session, hello, None)
+            return None
+        return self._unlock(session, hello, lock)
+
+    async def _unlock(self, session: Session, hello: Hello, lock: Lock | None) -> None:
+        """Hash the hello's password on a thread (with `lock`'s salt, or a new
+        one for a room this login opens), then sit down. An address waiting
+        out a wrong guess, or with a hash already running, is refused with
+        rate_limited before anything is hashed; the plaintext is dropped
+        with the hello."""
+        link = session.link
+        loop = asyncio.get_running_loop()
+        who = guesser(session.address)
+        wait = self.guesses.wait(who, loop.time()) if lock is not None else 0.0
+        if wait > 0 or who in self._hashing:
+            wait = wait or self.limits.password_delay_s
+            link.close_with(Error("rate_limited", "too many wrong passwords from your "
+                                  f"address; try again in {math.ceil(wait)} s",
+                                  retry_after=round(wait, 3)), "rate_limited")
             return
+        self._hashing.add(who)
+        try:
+            for _attempt in range(3):   # the room changed its lock while we hashed: again
+                salt = lock.salt if lock is not None else secrets.token_bytes(SALT_BYTES)
+                key = await loop.run_in_executor(self._hasher, password_key,
+                                                 hello.password, salt)
+                if link.closing or self._server is None:
+                    return
+                try:
+                    now_lock = self.rooms.door(hello.room, True)
+                except Refused as refusal:  # it closed and an open one took its name
+                    link.close_with(Error(refusal.code, refusal.message), refusal.code)
+                    return
+                if now_lock is lock:
+                    break
+                lock = now_lock
+        finally:
+            self._hashing.discard(who)
+        self._sit(session, hello, Lock(salt, key))
+
+    def _sit(self, session: Session, hello: Hello, lock: Lock | None) -> None:
+        """Seat a fresh login in its room, or refuse it (a wrong password
+        then makes its address wait: the wait is the error's retry_after)."""
+        link = session.link
         seat = Seat(session)                # a fresh login (or a token we forgot)
         try:
             deliveries = self.rooms.join(seat, hello.room, hello.user, unix_now(),
-                                         seat.token if self.limits.grace_s > 0 else "")
+                                         seat.token if self.limits.grace_s > 0 else "",
+                                         lock)
         except Refused as refusal:
-            link.close_with(Error(refusal.code, refusal.message), refusal.code)
+            error = Error(refusal.code, refusal.message)
+            if refusal.code == "wrong_password" and lock is not None:
+                wait = self.guesses.wrong(guesser(session.address),
+                                          asyncio.get_running_loop().time())
+                log.info("%s: wrong password for %r", link.name, hello.room)
+                error = Error(refusal.code, f"{refusal.message}; the next try from your "
+                              f"address is heard in {math.ceil(wait)} s",
+                              retry_after=round(wait, 3))
+            link.close_with(error, refusal.code)
             return
         session.seat = seat
         self.seats[seat.token] = seat
-        log.info("%s joined %r as %r", link.name, hello.room, hello.user)
+        log.info("%s joined %r as %r%s", link.name, hello.room, hello.user,
+                 " (a password)" if lock is not None else "")
         self.deliver(deliveries)
         self._rooms_changed()
 
@@ -8575,6 +8806,9 @@ class Place:
     seen: int = 0                   # the last room seq received
     seated: bool = False            # a welcome came: a drop now means getting back
     pending: dict[str, str] = dataclasses.field(default_factory=dict)  # id -> text
+    # The room's password, "" = none: sent again when the host forgot our seat.
+    # In memory only: PlaceStore never writes it, and no repr shows it.
+    password: str = dataclasses.field(default="", repr=False)
 
 
 class PlaceStore:
@@ -8714,8 +8948,11 @@ def ui_event(event: Event) -> dict:
     elif isinstance(event, Resumed):        # files carrying on: their own events
         del out["uploads"], out["downloads"]
         out["files"] = len(event.uploads) + len(event.downloads)
-    elif isinstance(event, Error) and event.id == "-":
-        del out["id"]
+    elif isinstance(event, Error):
+        if event.id == "-":
+            del out["id"]
+        if not event.retry_after:
+            del out["retry_after"]
     return out
 
 
@@ -8834,13 +9071,14 @@ class ClientCore:
     # --- commands (any thread) ---
 
     def join(self, hosts: str | Sequence[str], port: int, room: str, user: str,
-             found_on_lan: bool = False) -> concurrent.futures.Future:
+             found_on_lan: bool = False, password: str = "") -> concurrent.futures.Future:
         """Connect and log in. `hosts`: an address or a name, or every
         address a host advertised, best first (the first that connects
         wins: connect_first); `found_on_lan`: mDNS found it (a failure is
-        then most likely a firewall, and the error says so). Future ->
-        True once `ready`, else False."""
-        return self.submit(self._join(hosts, port, room, user, found_on_lan))
+        then most likely a firewall, and the error says so); `password`:
+        the room's, or the one a room opened now gets ("" = none). Future
+        -> True once `ready`, else False."""
+        return self.submit(self._join(hosts, port, room, user, found_on_lan, password))
 
     def say(self, text: str) -> concurrent.futures.Future:
         """Send a chat line. Future -> the message id, or None if refused."""
@@ -9002,7 +9240,7 @@ class ClientCore:
     # --- the connection (core thread) ---
 
     async def _join(self, hosts: str | Sequence[str], port: int, room: str,
-                    user: str, found_on_lan: bool = False) -> bool:
+                    user: str, found_on_lan: bool = False, password: str = "") -> bool:
         if self._link is not None or self._place is not None:
             self._error("bad_frame", "already connected; leave first")
             return False
@@ -9014,7 +9252,7 @@ class ClientCore:
             return False
         addresses = [hosts] if isinstance(hosts, str) else list(hosts)
         self._leaving = False
-        self._place = Place(addresses, port, room, user, found_on_lan)
+        self._place = Place(addresses, port, room, user, found_on_lan, password=password)
         record = await self.loop.run_in_executor(None, self._store.load, self._place)
         if record:                          # a run of ours crashed here: get back
             for entry in restore_place(self._place, record):
@@ -9055,10 +9293,11 @@ class ClientCore:
                     f"{host}:{port}")
         try:
             link.offer(Hello(PROTOCOL_VERSION, place.room, place.user,
-                             f"chatroom/{__version__}", place.token, place.seen))
+                             f"chatroom/{__version__}", place.token, place.seen,
+                             place.password))
         except LocalError:                  # undecodable text, e.g. from argv
             link.abort("refused")
-            self._error("bad_user_id", "the Room ID and User ID must be valid text")
+            self._error("bad_user_id", "the Room ID, User ID and password must be valid text")
             self._emit({"type": "closed", "reason": "refused"})
             return False
         protocol.attach(link)               # after the hello: a host may answer at once
@@ -9247,7 +9486,8 @@ class ClientCore:
         if self._call_ticker is not None:
             self._call_ticker.cancel()
         self._tick_calls()
-        out.update(address=host, port=port)
+        out.update(address=host, port=port,
+                   protected=place is not None and bool(place.password))  # else refused
 
     def _resend(self) -> None:
         """What was said but never confirmed goes again, in order, with its
@@ -9611,7 +9851,8 @@ class Printer:
             return f"[{clock}] {printable(event['text'])}"
         if kind == "ready":
             members = ", ".join(printable(m) for m in event["members"])
-            return (f"Joined room {printable(event['room'])} on "
+            locked = " (protected by a password)" if event.get("protected") else ""
+            return (f"Joined room {printable(event['room'])}{locked} on "
                     f"{printable(event.get('host') or event['address'])} "
                     f"({event['address']}:{event['port']}) as {printable(event['user'])}."
                     f"\nIn the room: {members}. Type help for help, /quit to leave.")
@@ -9802,6 +10043,14 @@ def choose_host(hosts: list[HostInfo], json_mode: bool, emit: Callable[[dict], N
             return hosts[int(answer) - 1]
 
 
+def room_password(args: argparse.Namespace) -> str:
+    """--password, else $CHATROOM_PASSWORD, else "" (no password). The window
+    uses it too, to fill its password field."""
+    if args.password is not None:
+        return args.password
+    return os.environ.get("CHATROOM_PASSWORD", "")
+
+
 def run_terminal(args: argparse.Namespace, limits: Limits, media: MediaOptions) -> int:
     """--cli: join a room and chat from stdin. Returns the exit status."""
     printer = Printer(args.json)
@@ -9833,8 +10082,8 @@ def run_terminal(args: argparse.Namespace, limits: Limits, media: MediaOptions) 
             if chosen is None:
                 return EXIT_REFUSED
             hosts_at, port = chosen.addresses or chosen.address, chosen.port
-        if not core.join(hosts_at, port, args.room, args.user,
-                         found_on_lan=not args.server).result():
+        if not core.join(hosts_at, port, args.room, args.user, found_on_lan=not args.server,
+                         password=room_password(args)).result():
             ended.wait(limits.close_timeout_s)
             return EXIT_REFUSED
 
@@ -12679,6 +12928,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--user", help="your User ID in the room (--cli)")
     parser.add_argument("--server", metavar="HOST[:PORT]",
                         help="join this host instead of discovering one (--cli)")
+    parser.add_argument("--password", metavar="P", help="the room's password (--cli, the "
+                        "window): a protected room needs it, and a room you open with it "
+                        "is protected. The CHATROOM_PASSWORD environment variable does "
+                        "the same without showing it to `ps`")
+    parser.add_argument("--password-delay", type=float, default=PASSWORD_DELAY_S,
+                        metavar="S", help="--host: after a wrong room password, the next "
+                        "try from that address is heard S seconds later, doubled for each "
+                        f"wrong one in a row up to {PASSWORD_DELAY_MAX_S / PASSWORD_DELAY_S:g}"
+                        f" times S (default {PASSWORD_DELAY_S:g})")
     parser.add_argument("--name", help="the host's advertised name (--host); with "
                         "--cli or --discover, only hosts of this name")
     parser.add_argument("--port", type=int, default=DEFAULT_PORT,
@@ -12793,6 +13051,10 @@ def limits_from(args: argparse.Namespace) -> Limits:
         raise ValueError("--call-timeout must be positive and --max-call-size at least 2")
     if not 0 <= args.media_port < 65536:
         raise ValueError("--media-port takes 0 to 65535")
+    if not 0 < args.password_delay <= 3600:
+        raise ValueError("--password-delay takes more than 0, and at most 3600, seconds")
+    if len(room_password(args)) > MAX_PASSWORD_CHARS:
+        raise ValueError(f"a room password has at most {MAX_PASSWORD_CHARS} characters")
     return Limits(history_limit=args.history, max_message_bytes=args.max_message_bytes,
                   hello_timeout_s=args.login_timeout, outbox_limit_bytes=args.outbox_limit,
                   max_sessions=args.max_sessions, max_room_members=args.max_room_members,
@@ -12801,6 +13063,9 @@ def limits_from(args: argparse.Namespace) -> Limits:
                   grace_s=args.grace, retry_for_s=RETRY_FOR_S if args.retry_for is None
                   else args.retry_for,
                   max_call_size=args.max_call_size,
+                  password_delay_s=args.password_delay,
+                  password_delay_max_s=args.password_delay
+                  * PASSWORD_DELAY_MAX_S / PASSWORD_DELAY_S,
                   # A frame must hold the longest text, JSON-escaped, and its envelope.
                   max_frame_bytes=max(MAX_FRAME_BYTES, _JSON_ESCAPE_FACTOR
                                       * args.max_message_bytes + _FRAME_ENVELOPE_BYTES))
