@@ -10335,7 +10335,6 @@ def app_icon_png(size: int = 64) -> bytes:
     Each shape is a signed distance (negative inside, in icon widths); a
     pixel is covered by 0.5 minus its distance in pixels, which anti-aliases
     the edges in one pass (a few milliseconds at 64 x 64)."""
-    import zlib
     tail = ((0.2, 0.66), (0.42, 0.8), (0.13, 0.93))     # a triangle, clockwise on screen
     edges = []
     for (x1, y1), (x2, y2) in zip(tail, tail[1:] + tail[:1]):
@@ -10359,6 +10358,37 @@ def app_icon_png(size: int = 64) -> bytes:
             line += bytes(round(c + (255 - c) * white) for c in blue)
             line.append(round(255 * cover(bubble)))
         rows.append(bytes(line))
+    return _png(size, rows)
+
+
+def lock_icon_png(size: int) -> bytes:
+    """A padlock (the mark of a room with a password) as PNG bytes, drawn
+    like the icon: no font here has U+1F512, and a box would show instead."""
+    ink = _rgb(COLOURS["muted"])
+
+    def cover(distance: float) -> float:
+        return min(1.0, max(0.0, 0.5 - distance * size))
+
+    rows = []
+    for row in range(size):
+        line = bytearray(b"\0")
+        y = (row + 0.5) / size
+        for column in range(size):
+            x = (column + 0.5) / size
+            qx, qy = abs(x - 0.5) - 0.30, abs(y - 0.70) - 0.22     # the body: a rounded box
+            body = math.hypot(max(qx, 0), max(qy, 0)) + min(max(qx, qy), 0) - 0.06
+            arc = (math.hypot(x - 0.5, y - 0.42) if y < 0.42 else abs(abs(x - 0.5) - 0.2)
+                   + 0.2) - 0.2            # the shackle: an arch on two legs, 0.13 thick
+            shackle = abs(arc) - 0.065 if y < 0.6 else 1.0
+            line += bytes(ink)
+            line.append(round(255 * cover(min(body, shackle))))
+        rows.append(bytes(line))
+    return _png(size, rows)
+
+
+def _png(size: int, rows: list[bytes]) -> bytes:
+    """A square 8-bit RGBA PNG from its filtered rows."""
+    import zlib
 
     def chunk(kind: bytes, data: bytes) -> bytes:
         return (struct.pack(">I", len(data)) + kind + data
@@ -10382,6 +10412,14 @@ class Images:
         if key not in self._cache:
             import base64
             self._cache[key] = base64.b64encode(app_icon_png(size))
+        return self._cache[key]
+
+    def lock(self, size: int) -> bytes:
+        """The padlock of a protected room (lock_icon_png), base64."""
+        key = ("lock", size)
+        if key not in self._cache:
+            import base64
+            self._cache[key] = base64.b64encode(lock_icon_png(size))
         return self._cache[key]
 
     def disc(self, diameter: int, fill: str, background: str) -> Any:
@@ -11089,6 +11127,11 @@ class Launcher:
                       expand_x=True, pad=((0, px(8)), 0)),
             sg.Column([[_label("USER ID", look)], [_field((_ROOM, "user"), look,
                                                           prefill.get("user", ""))]],
+                      expand_x=True, pad=((px(8), px(8)), 0)),
+            # Masked; a room with one asks for it, a new room gets it. Never saved.
+            sg.Column([[_label("PASSWORD  (optional)", look)],
+                       [_field((_ROOM, "password"), look, prefill.get("password", ""),
+                               password_char="\u2022")]],
                       expand_x=True, pad=((px(8), 0), 0))]], expand_x=True, pad=0)
         layout = [
             [sg.Image(data=images.icon(px(44)), pad=((0, px(10)), 0)),
@@ -11176,8 +11219,8 @@ class Launcher:
     def field(self, name: str) -> str:
         return self.window[(_ROOM, name)].get().strip()
 
-    def form(self) -> tuple[list[str], int, str, str] | None:
-        """(addresses, port, room, user) from the fields, or None after
+    def form(self) -> tuple[list[str], int, str, str, str] | None:
+        """(addresses, port, room, user, password) from the fields, or None after
         showing what is wrong: the address typed, or every address of the
         host it names in the list. Checks what can be checked here; the
         host has the last word (a taken ID, a full room)."""
@@ -11197,7 +11240,11 @@ class Launcher:
             return None
         listed = next((h.get("addresses") or [h["address"]] for h in self.hosts
                        if h["address"] == host and h["port"] == port), [host])
-        return (listed, port) + ids
+        return (listed, port) + ids + (self.password(),)
+
+    def password(self) -> str:
+        """The password field, as typed ("" = none): spaces count."""
+        return self.window[(_ROOM, "password")].get()
 
     def ids(self) -> tuple[str, str] | None:
         """(room, user) if both look valid, else None after saying why."""
@@ -11258,8 +11305,10 @@ class Launcher:
         self.trace("window", name="launcher", xid=int(window.TKroot.wm_frame(), 16),
                    box=_screen_box(window.TKroot), rows=rows,
                    fields={name: self.field(name) for name in ("address", "room", "user")},
+                   password=bool(self.password()),     # whether one is typed, never what
                    elements={name: _screen_box(window[(_ROOM, name)].Widget)
-                             for name in ("join", "host", "address", "room", "user")})
+                             for name in ("join", "host", "address", "room", "user",
+                                          "password")})
 
 
 def _row_text(host: dict, room: dict | None) -> list[str]:
@@ -11295,10 +11344,16 @@ class ChatWindow:
         px = look.px
         where = (f"on {printable(ready.get('host') or ready['address'])} · "
                  f"{address_text(ready['address'], ready['port'])}")
+        self.protected = bool(ready.get("protected"))   # the room has a password
+        if self.protected:
+            where = f"protected by a password · {where}"
+        title = [sg.Text(printable(self.room), font=look.font(15, "bold"), pad=0,
+                         key=(_CHAT, "title")),
+                 sg.Image(data=images.lock(px(18)), pad=((px(6), 0), 0), key=(_CHAT, "lock"),
+                          visible=self.protected)]
         header = [
             sg.Image(data=images.icon(px(36)), pad=((0, px(10)), 0)),
-            sg.Column([[sg.Text(printable(self.room), font=look.font(15, "bold"), pad=0,
-                                key=(_CHAT, "title"))],
+            sg.Column([title,
                        [sg.Text(f"{where} · you are {printable(self.me)}", font=look.font(9),
                                 text_color=COLOURS["muted"], pad=0, key=(_CHAT, "subtitle"))]],
                       pad=0),
@@ -11644,7 +11699,9 @@ class ChatWindow:
                                           "view", "members")},
                    disabled={name: str(self.window[(_CHAT, name)].Widget.cget("state"))
                              in ("disabled", "readonly") for name in ("input", "send")},
-                   banner=banner.get() if banner.visible else "")
+                   banner=banner.get() if banner.visible else "", protected=self.protected,
+                   lock=_screen_box(self.window[(_CHAT, "lock")].Widget)
+                   if self.protected else None)
 
     def close(self) -> None:
         if self._resize_job is not None:
@@ -12212,7 +12269,8 @@ class GuiApp:
         self.images = Images()
         prefill = load_settings(settings_file)
         prefill.update({key: value for key, value in (
-            ("room", args.room), ("user", args.user), ("address", args.server)) if value})
+            ("room", args.room), ("user", args.user), ("address", args.server),
+            ("password", room_password(args))) if value})
         self.launcher = Launcher(look, self.images, prefill, trace)
         self.bridge = GuiBridge(self.launcher.window)
         self.core = ClientCore(self.bridge.on_event, limits, args.downloads, media,
@@ -12440,14 +12498,16 @@ class GuiApp:
             self.joining = {"address": self.launcher.typed_address()}
             self.join(*form)
 
-    def join(self, hosts: str | list[str], port: int, room: str, user: str) -> None:
+    def join(self, hosts: str | list[str], port: int, room: str, user: str,
+             password: str = "") -> None:
         self.joining.update(room=room, user=user)
         self._set_phase(Phase.JOINING)
         self.launcher.busy(True)
         first = hosts if isinstance(hosts, str) else hosts[0]
         self.launcher.status(f"Joining {room} at {address_text(first, port)}...")
         listed = any(h["address"] == first and h["port"] == port for h in self.launcher.hosts)
-        self._quietly("join", self.core.join(hosts, port, room, user, found_on_lan=listed))
+        self._quietly("join", self.core.join(hosts, port, room, user, found_on_lan=listed,
+                                             password=password))
 
     def on_host(self, values: dict) -> None:
         """"Host a room here": start a host in this process, then join it."""
@@ -12458,7 +12518,8 @@ class GuiApp:
             return
         self.joining = {"address": self.launcher.typed_address(), "ids": ids}
         if self.hosted_port is not None:    # still hosting from before: join again
-            self.join(self.args.interface or "127.0.0.1", self.hosted_port, *ids)
+            self.join(self.args.interface or "127.0.0.1", self.hosted_port, *ids,
+                      self.launcher.password())
             return
         self._set_phase(Phase.HOSTING)
         self.launcher.busy(True)
@@ -12482,7 +12543,8 @@ class GuiApp:
         self.hosted_port = port
         # The host listens on --interface, or on every address: reach it by
         # loopback then, which works with no network at all.
-        self.join(self.args.interface or "127.0.0.1", port, *self.joining["ids"])
+        self.join(self.args.interface or "127.0.0.1", port, *self.joining["ids"],
+                  self.launcher.password())
 
     def on_ready(self, event: dict) -> None:
         if self.phase is Phase.CHATTING and self.chat is not None:
@@ -12852,6 +12914,11 @@ _JOIN_ERRORS: dict[str, Callable[[str], str]] = {
     "version_mismatch": lambda m: "This host runs a different version of chatroom: "
                                   + _sentence(m),
     "host_unreachable": _sentence,
+    "wrong_password": lambda m: "This room is protected: type its password in Password, "
+                                "and Join again." if "needs its password" in m
+                                else _sentence(m),
+    "room_not_protected": lambda m: "This room is open to everyone (it has no password): "
+                                    "empty Password to join it, or pick another Room ID.",
 }
 
 

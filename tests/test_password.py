@@ -27,6 +27,9 @@ from typing import Any
 
 import pytest
 from faults import FaultProxy
+from test_gui import assert_exits_cleanly, start_gui, unique
+from test_gui import procs as procs  # fixtures
+from test_gui import x as x
 from test_host import LOCAL, RawClient
 from test_host import clients as clients  # a fixture
 
@@ -43,6 +46,8 @@ from chatroom import (
     guesser,
     password_key,
 )
+from guidriver import Cli
+from guidriver import Host as HostProc
 
 V = chatroom.PROTOCOL_VERSION
 T0 = 1_700_000_000.0
@@ -420,3 +425,48 @@ def test_the_password_never_reaches_the_disk(start_host, join, tmp_path):
             assert secret.encode() not in (tmp_path / root / name).read_bytes()
     alice.send("/quit")
     assert alice.wait() == 0
+
+
+# --- The window: the launcher's password field, the chat window's lock --------
+
+def test_the_launcher_joins_a_protected_room_with_its_password_field(x, tmp_path, procs):
+    secret = "pw-" + secrets.token_hex(6)
+    host = HostProc(unique("locked"), advertise=False, extra=["--password-delay", "0.2"])
+    procs.append(host)
+    alice = Cli(host.port, "R", "alice", extra=["--password", secret])
+    procs.append(alice)
+    assert alice.ready["type"] == "ready" and alice.ready["protected"]
+    gui = start_gui(x, tmp_path, procs, "--server", f"{LOCAL}:{host.port}",
+                    "--room", "R", "--user", "bob")
+
+    def attempt(password: str | None) -> dict:
+        """Type `password` (None: leave the field), click Join: the error
+        shown, or the chat window's layout."""
+        mark = gui.mark()
+        if password is not None:
+            gui.type_into("launcher", "password", password)
+        gui.click("launcher", "join")
+        return gui.wait_for(lambda e: (e.get("gui") == "launcher_status" and e["error"])
+                            or (e.get("gui") == "window" and e["name"] == "chat"), 15, mark)
+
+    assert "protected: type its password" in attempt(None)["text"]
+    assert "wrong password" in attempt("guess")["text"].lower()
+    gui.type_into("launcher", "password", secret)
+    launcher = gui.window("launcher")
+    assert "password" in launcher["elements"] and secret not in json.dumps(launcher)
+    x.screenshot(tmp_path / "launcher-password.png", launcher["xid"])
+    while (outcome := attempt(None)).get("gui") == "launcher_status":
+        assert "try again" in outcome["text"], outcome          # the wait: try once more
+    chat = gui.window("chat")
+    assert chat["protected"] is True and chat["lock"][2] > 0
+    x.screenshot(tmp_path / "chat-protected.png", chat["xid"])
+    shot = tmp_path / "chat-protected.png"
+    assert shot.stat().st_size > 0
+    alice.wait_for(lambda e: e.get("type") == "system" and e["user"] == "bob")
+    # Only whether a password was typed reaches the trace, and nothing reaches the disk.
+    assert not [line for line in gui.lines if secret in json.dumps(line)]
+    for root, _dirs, files in os.walk(tmp_path / "config"):
+        for name in files:
+            assert secret.encode() not in (tmp_path / "config" / root / name).read_bytes()
+    gui.close("chat")
+    assert_exits_cleanly(gui)
