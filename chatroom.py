@@ -12543,7 +12543,8 @@ class GuiApp:
         self.hosted_port = port
         # The host listens on --interface, or on every address: reach it by
         # loopback then, which works with no network at all.
-        self.join(self.args.interface or "127.0.0.1", port, *self.joining["ids"],
+        room, user = self.joining["ids"]
+        self.join(self.args.interface or "127.0.0.1", port, room, user,
                   self.launcher.password())
 
     def on_ready(self, event: dict) -> None:
