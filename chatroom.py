@@ -10473,8 +10473,7 @@ class ClientCore:
         async with self._pacing:            # in order, and never over the host's rate
             await self._keep_pace()
             link = self._link
-            if link is not None and self._ready and link.accepting and \
-                    msg_id in place.pending:
+            if link is not None and self._ready and link.accepting:
                 await link.offer_when_room(Say(msg_id, text))
         return msg_id                       # or, away or dropping: it goes once back
 
