@@ -20,31 +20,32 @@ The file reads top to bottom; each section uses only the sections above it
 
  1. LIMITS AND DEFAULTS   every tunable, error classes, small helpers
  2. WIRE PROTOCOL         frames, events, the Wire state machine (sans-I/O)
- 3. ROOMS                 IDs, members, history, help, file names (pure)
- 4. CALLS                 invitations, links and groups (pure)
- 5. MEDIA PACKETS         sealing, key agreement, fragments, reassembly (pure)
- 6. MEDIA FLOW            control messages, repair, rate, statistics (pure)
- 7. PLAYOUT               the jitter buffer, lip sync, voice levels (pure)
- 8. DISCOVERY             mDNS advertise and browse (zeroconf)
- 9. VIDEO DEVICES         test pattern, cameras, files; VP8 and JPEG
-10. SOUND DEVICES         Opus and PCM, microphones, speakers, recording
-11. CONNECTIONS           Link (framed TCP, three lanes, one writer), UDP sockets
-12. HOST RELAYS           files and calls between the members of a room
-13. HOST                  the listener, sessions, rooms, shutdown (asyncio)
-14. CLIENT FILES          files we send and receive, beside the client core
-15. CLIENT MEDIA          links, sealed packets in and out, the media threads
-16. CLIENT CALLS          host-arranged and direct calls over the engine
-17. CLIENT PLACE          where a client is, on disk too; host frames to events
-18. CLIENT CORE           one asyncio loop in a thread, one event stream
-19. COMMANDS              one parser for what a person types
-20. TERMINAL CLIENT       --cli: stdin lines in, events out (text or JSON)
-21. GUI LOOK              theme, fonts, --scale, the trace hook, drawing
-22. GUI CONVERSATION      bubbles, notices and file cards; the members list
-23. GUI WINDOWS           the launcher and the chat window
-24. GUI CALLS             the call window: tiles, who speaks, ESC and Backspace
-25. GUI PLUMBING          settings, the bridge from the core, opening, phases
-26. GUI APP               the one core, the windows, the one read loop
-27. MAIN                  argparse and the entry points
+ 3. NAMES AND TEXT        IDs, look-alikes, messages, file names (pure)
+ 4. ROOMS                 members, history, help, passwords (pure)
+ 5. CALLS                 invitations, links and groups (pure)
+ 6. MEDIA PACKETS         sealing, key agreement, fragments, reassembly (pure)
+ 7. MEDIA FLOW            control messages, repair, rate, statistics (pure)
+ 8. PLAYOUT               the jitter buffer, lip sync, voice levels (pure)
+ 9. DISCOVERY             mDNS advertise and browse (zeroconf)
+10. VIDEO DEVICES         test pattern, cameras, files; VP8 and JPEG
+11. SOUND DEVICES         Opus and PCM, microphones, speakers, recording
+12. CONNECTIONS           Link (framed TCP, three lanes, one writer), UDP sockets
+13. HOST RELAYS           files and calls between the members of a room
+14. HOST                  the listener, sessions, rooms, shutdown (asyncio)
+15. CLIENT FILES          files we send and receive, beside the client core
+16. CLIENT MEDIA          links, sealed packets in and out, the media threads
+17. CLIENT CALLS          host-arranged and direct calls over the engine
+18. CLIENT PLACE          where a client is, on disk too; host frames to events
+19. CLIENT CORE           one asyncio loop in a thread, one event stream
+20. COMMANDS              one parser for what a person types
+21. TERMINAL CLIENT       --cli: stdin lines in, events out (text or JSON)
+22. GUI LOOK              theme, fonts, --scale, the trace hook, drawing
+23. GUI CONVERSATION      bubbles, notices and file cards; the members list
+24. GUI WINDOWS           the launcher and the chat window
+25. GUI CALLS             the call window: tiles, who speaks, ESC and Backspace
+26. GUI PLUMBING          settings, the bridge from the core, opening, phases
+27. GUI APP               the one core, the windows, the one read loop
+28. MAIN                  argparse and the entry points
 """
 
 from __future__ import annotations
@@ -65,6 +66,7 @@ import errno
 import functools
 import glob
 import hashlib
+import hmac
 import importlib.util
 import ipaddress
 import itertools
@@ -118,6 +120,7 @@ MAX_ID_CHARS = 32                   # User and Room IDs, after NFC
 MAX_ROOM_MEMBERS_CAP = 1024         # most members a room may be set to hold: a
                                     # Welcome naming them all fits one frame
 MAX_ROOMS_LISTED = 1024             # rooms read from one host's mDNS record, at most
+MAX_PASSWORD_CHARS = 256            # a room password, after NFC
 
 # --- Tunables: the defaults of Limits ----------------------------------------
 
@@ -131,6 +134,9 @@ RECONNECT_FIRST_S = 0.5             # the first retry comes within this, jittere
 RECONNECT_MAX_S = 10.0              # the backoff between retries stops growing here
 RESUME_LOG_EVENTS = 5000            # room events kept for members who come back
 RESUME_LOG_BYTES = 8 * 1024 * 1024  # ... and at most this much of their text
+PASSWORD_DELAY_S = 1.0              # a wrong room password: that address waits this long,
+PASSWORD_DELAY_MAX_S = 30.0         # doubled for each wrong one in a row, up to this
+PASSWORD_THREADS = 2                # a host's threads for scrypt (16 MiB each while busy)
 
 MAX_PER_ADDRESS = 64                # connections at once from one source address
 MAX_PENDING = 128                   # connections not yet logged in, from anywhere
@@ -205,6 +211,8 @@ class Limits:
     retry_for_s: float = RETRY_FOR_S    # 0: don't retry; math.inf: for ever (the window)
     resume_log_events: int = RESUME_LOG_EVENTS
     resume_log_bytes: int = RESUME_LOG_BYTES
+    password_delay_s: float = PASSWORD_DELAY_S
+    password_delay_max_s: float = PASSWORD_DELAY_MAX_S
     hello_timeout_s: float = HELLO_TIMEOUT_S
     connect_timeout_s: float = CONNECT_TIMEOUT_S
     ping_interval_s: float = PING_INTERVAL_S
@@ -254,6 +262,7 @@ ERROR_CODES = frozenset({
     "host_shutdown", "too_many_connections", "rate_limited",
     "call_self", "already_in_call", "no_invitation", "not_in_call", "bad_call_address",
     "no_camera", "no_audio_device", "port_taken",
+    "wrong_password", "room_not_protected",
 })
 
 
@@ -652,6 +661,8 @@ FIELD_RULES: dict[str, Callable[[Any], Any]] = {
     "grace": _rule_seconds,                 # how long a host holds a dropped member
     "rate": _rule_seconds,                  # chat lines a second a host takes (0: any)
     "burst": _rule_int(0, 2 ** 31),         # ... and at once
+    "password": _rule_str(MAX_PASSWORD_CHARS),  # a room's password, "" = none
+    "retry_after": _rule_seconds,           # an error's "try again in", 0 = whenever
     "missed": _rule_int(0, 2 ** 53),
     "lost": _rule_int(0, 2 ** 53),
     # A resume's files: [transfer, bytes the host has, complete] of each upload,
@@ -726,7 +737,10 @@ def _event(cls: type[Event]) -> type[Event]:
 class Hello(Event):
     """Log in: the first frame a client sends, naming the protocol version.
     Coming back after a drop, `resume` is the token of the welcome and
-    `seen` the last room seq received: the host then answers Resumed."""
+    `seen` the last room seq received: the host then answers Resumed.
+    `password` opens a protected room, or protects the room this login
+    opens ("" = none); a resume with a valid token doesn't need it. Never
+    shown in a repr, so never in a log."""
     TYPE = "hello"
     version: int
     room: str
@@ -734,6 +748,7 @@ class Hello(Event):
     software: str = ""
     resume: str = ""
     seen: int = 0
+    password: str = dataclasses.field(default="", repr=False)
 
 
 @_event
@@ -865,11 +880,14 @@ class Members(Event):
 @_event
 @dataclasses.dataclass(frozen=True)
 class Error(Event):
-    """Something was refused. `id` names the request it answers, if any."""
+    """Something was refused. `id` names the request it answers, if any;
+    `retry_after`, when not 0, is how many seconds to wait before asking
+    again (a wrong room password, say)."""
     TYPE = "error"
     code: str
     message: str
     id: str = "-"
+    retry_after: float = 0
 
 
 @_event
@@ -1362,13 +1380,11 @@ class Wire:
 
 
 # =============================================================================
-# 3. ROOMS: IDs, members, history, help and file names, as pure rules
+# 3. NAMES AND TEXT: IDs, messages and file names as Unicode sees them (pure)
 # =============================================================================
-# Decides what goes to whom and returns it as data: a list of Deliveries,
-# (member handle, Event). It never sends anything, never reads a clock (time
-# arrives as `now`), and knows nothing of sockets, so the rules below are
-# tested with plain calls. A member handle is any hashable the caller picks
-# (the host uses its Session object); rooms never look inside it.
+# What a name or a line of text may be, and when two names are one: the
+# rules people can be deceived by, kept apart from the rooms that use them.
+# Pure functions of their text; no I/O.
 #
 # The rules, also in README.md:
 # - "A User ID is 1-32 characters after NFC normalisation: letters of any
@@ -1383,15 +1399,10 @@ class Wire:
 #   highly restrictive level allows" (Latin with Han and kana, with Han and
 #   Bopomofo, with Han and Hangul); invisible characters (Unicode's
 #   default-ignorables, such as the Hangul filler U+3164) are refused.
-# - "When the last member leaves, the room and all it knew about its members
-#   is forgotten."
-# - Flood control per member (FloodGate, in LIMITS AND DEFAULTS; README.md
-#   "Limits"): a burst past the rate gets rate_limited line by line; a
-#   flood, a disconnect.
+# - Messages: blank-looking text is refused, line separators become "\n"
+#   (check_text); file names from the network are made safe (safe_filename).
 # The Unicode data these rules need sit at the end of this section, written
 # from Unicode's own files by tools/unicode_tables.py.
-
-Delivery = tuple[Any, Event]
 
 _ID_PUNCTUATION = frozenset(" _-.")
 _MAX_MARKS_IN_A_ROW = 3
@@ -1606,241 +1617,6 @@ def check_text(text: str, max_bytes: int) -> str:
             raise Refused("bad_message",
                           f"message holds control character U+{ord(ch):04X}")
     return text
-
-
-HELP_TEXT = """\
-HELP
-1. Text chat: type a line and press Enter (or Send). Everyone in this room
-   sees it with your name and the time. Rooms are independent: nothing you
-   say reaches another room.
-2. Video and voice calls:
-   2.1 Type /CHECK USERID to call someone in this room; the host arranges
-       the ports for you. Only the person you call is told "<you> CALL YOU".
-   2.2 The call connects when they call you back within 1 minute (they
-       type /CHECK with your ID); if they don't, the call fails and you are
-       told they are busy. /decline USERID refuses a call at once.
-   2.3 Or call an address directly, no host needed: /call IP PORT1 PORT2
-       (in the window: type "ip port1 port2" and press Video call) receives
-       on your UDP PORT1 and sends to their PORT2; they type the mirror.
-       Both of you see a safety code: compare it by voice.
-   2.4 Calling someone who is already in a call joins that call (up to 6
-       people, everyone sees and hears everyone).
-   2.5 /hangup USERID ends your call with that person, /hangup ends all
-       (in a video window: ESC on theirs, Backspace on your own). /mute,
-       /unmute, /video off and /video on are for your own side.
-3. Files: /send PATH sends a file to everyone in the room; /send PATH @USER
-   sends it to that person only. Chat keeps flowing while files move.
-4. System notices: entering and leaving the room, and incoming calls, are
-   announced by [SYSTEM] lines. Only the host can send them: a user's text
-   that starts with [SYSTEM] is still shown as that user's message, and
-   nobody can be called SYSTEM.
-5. Commands: /who lists the members, /quit leaves, help shows this text
-   (to you alone)."""
-
-
-@dataclasses.dataclass
-class Member:
-    user: str                   # display form, as the person typed it (NFC)
-    joined: float               # Unix time
-
-
-@dataclasses.dataclass
-class Room:
-    """One room's state. Held only while the room has members."""
-    name: str
-    members: dict[Any, Member] = dataclasses.field(default_factory=dict)
-    by_key: dict[str, Any] = dataclasses.field(default_factory=dict)  # id_key -> handle
-    by_look: dict[str, Any] = dataclasses.field(default_factory=dict)  # look_key -> handle
-    seq: int = 0                # last sequence number given to a room event
-    history: collections.deque = dataclasses.field(default_factory=collections.deque)
-    log: collections.deque = dataclasses.field(default_factory=collections.deque)
-    log_bytes: int = 0          # text held in `log`
-
-    def user_list(self) -> tuple[str, ...]:
-        return tuple(m.user for m in self.members.values())   # dicts keep join order
-
-
-class Rooms:
-    """Every room of one host, and who is in which.
-
-    Each method returns the Deliveries it causes, or raises Refused for a
-    request the caller must refuse (then nothing changed).
-    """
-
-    def __init__(self, *, host_name: str = "", history_limit: int = HISTORY_LIMIT,
-                 max_message_bytes: int = MAX_MESSAGE_BYTES,
-                 max_members: int = MAX_ROOM_MEMBERS, max_file_size: int = 0,
-                 grace_s: float = 0, log_events: int = RESUME_LOG_EVENTS,
-                 log_bytes: int = RESUME_LOG_BYTES) -> None:
-        self.host_name = host_name
-        self.max_file_size = max_file_size
-        self.grace_s = grace_s              # said in the welcome (the host holds seats)
-        self.log_events = log_events
-        self.log_bytes = log_bytes
-        self.history_limit = history_limit
-        self.max_message_bytes = max_message_bytes
-        self.max_members = max_members
-        self._rooms: dict[str, Room] = {}       # id_key(room) -> Room
-        self._rooms_look: dict[str, Room] = {}  # look_key(room) -> Room
-        self._where: dict[Any, Room] = {}       # member handle -> its room
-
-    # --- queries ---
-
-    def summary(self) -> list[tuple[str, int]]:
-        """(room, member count) for every open room, largest first."""
-        return sorted(((r.name, len(r.members)) for r in self._rooms.values()),
-                      key=lambda pair: (-pair[1], id_key(pair[0])))
-
-    def room_of(self, member: Any) -> Room | None:
-        return self._where.get(member)
-
-    def user_of(self, member: Any) -> str | None:
-        room = self._where.get(member)
-        return room.members[member].user if room else None
-
-    def __len__(self) -> int:
-        return len(self._rooms)
-
-    # --- commands ---
-
-    def join(self, member: Any, room_name: str, user: str, now: float,
-             resume: str = "") -> list[Delivery]:
-        """Put `member` into a room as `user`.
-
-        Delivers Welcome (with `resume`, the token the host keeps for this
-        seat) and the room's history (oldest first, history=True) to the
-        joiner, then an "enter" notice to everyone in the room.
-        Raises Refused: bad_room_id, bad_user_id, user_taken, room_full.
-        """
-        if member in self._where:
-            raise Refused("bad_frame", "already in a room")
-        room_name = check_id(room_name, "room")
-        user = check_id(user, "user")
-        if imitates_system(user):
-            raise Refused("bad_user_id", f"{user!r} is reserved for system notices")
-        room = self._rooms.get(id_key(room_name)) or self._rooms_look.get(look_key(room_name))
-        if room is not None:
-            if id_key(user) in room.by_key or look_key(user) in room.by_look:
-                raise Refused("user_taken", f"{user!r} is already in room {room.name!r}"
-                              " (or a name that looks like it)")
-            if len(room.members) >= self.max_members:
-                raise Refused("room_full", f"room {room.name!r} has "
-                              f"{self.max_members} members, the most it takes")
-        else:
-            room = Room(room_name, history=collections.deque(maxlen=self.history_limit))
-            self._rooms[id_key(room_name)] = room
-            self._rooms_look[look_key(room_name)] = room
-        room.members[member] = Member(user, now)
-        room.by_key[id_key(user)] = member
-        room.by_look[look_key(user)] = member
-        self._where[member] = room
-        out: list[Delivery] = [(member, Welcome(PROTOCOL_VERSION, room.name, user,
-                                                room.user_list(), self.host_name,
-                                                self.max_file_size, resume,
-                                                self.grace_s if resume else 0))]
-        out += [(member, dataclasses.replace(m, history=True)) for m in room.history]
-        out += self._notice(room, "enter", user, f"{user} entered the room", now)
-        return out
-
-    def say(self, member: Any, text: str, msg_id: str, now: float) -> list[Delivery]:
-        """A member's chat line: to everyone in the room, the sender included
-        (that copy is the host's confirmation). `help` in any letter case
-        goes back to the sender alone as the help text. A refused text comes
-        back to the sender as an Error naming `msg_id`.
-        """
-        room = self._where[member]
-        if text.strip().casefold() == "help":
-            return [(member, Help(HELP_TEXT))]
-        try:
-            text = check_text(text, self.max_message_bytes)
-        except Refused as refusal:
-            return [(member, Error(refusal.code, refusal.message, msg_id))]
-        sender = room.members[member].user
-        for earlier in itertools.chain(room.log, room.history):  # a resend: confirm
-            if isinstance(earlier, Message) and earlier.id == msg_id \
-                    and id_key(earlier.sender) == id_key(sender):    # again, never double
-                return [(member, earlier)]
-        room.seq += 1
-        message = Message(room.seq, msg_id, sender, text, now)
-        room.history.append(message)
-        self._log(room, message)
-        return [(m, message) for m in room.members]
-
-    def resume(self, member: Any, seen: int) -> list[Delivery]:
-        """`member` is back on a new connection after a drop: Resumed, then
-        every room event after seq `seen`, oldest first, exactly once (as
-        they were sent: history=False). Events too old to be in the log are
-        counted in Resumed's `lost`."""
-        room = self._where[member]
-        events = [e for e in room.log if e.seq > seen]
-        first_kept = events[0].seq if events else room.seq + 1
-        lost = max(0, first_kept - seen - 1)
-        return [(member, Resumed(room.name, room.members[member].user, room.user_list(),
-                                 self.host_name, self.max_file_size, len(events), lost))] \
-            + [(member, event) for event in events]
-
-    def _log(self, room: Room, event: Message | System) -> None:
-        """Keep a room event for members who come back (bounded)."""
-        room.log.append(event)
-        room.log_bytes += len(event.text)
-        while room.log and (len(room.log) > self.log_events or room.log_bytes > self.log_bytes):
-            room.log_bytes -= len(room.log.popleft().text)
-
-    def who(self, member: Any) -> list[Delivery]:
-        return [(member, Members(self._where[member].user_list()))]
-
-    def lookup(self, member: Any, user: str) -> Any:
-        """The handle of `user` in `member`'s room (`member`'s own, for its
-        own ID). Raises Refused(no_such_user) when nobody there has it."""
-        room = self._where[member]
-        target = room.by_key.get(id_key(user)) or room.by_look.get(look_key(user))
-        if target is None:
-            raise Refused("no_such_user", f"{user!r} is not in room {room.name!r}")
-        return target
-
-    def recipients(self, member: Any, to: str) -> list[Any]:
-        """Who receives a file `member` sends: `to` alone, or with to="",
-        everyone else in the room. Raises Refused(no_such_user) when that is
-        nobody (an unknown user, oneself, an empty room).
-        """
-        room = self._where[member]
-        if not to:
-            others = [m for m in room.members if m is not member]
-            if not others:
-                raise Refused("no_such_user", "nobody else is in the room")
-            return others
-        target = room.by_key.get(id_key(to)) or room.by_look.get(look_key(to))
-        if target is None:
-            raise Refused("no_such_user", f"{to!r} is not in room {room.name!r}")
-        if target is member:
-            raise Refused("no_such_user", "you can't send a file to yourself")
-        return [target]
-
-    def leave(self, member: Any, now: float, why: str = "") -> list[Delivery]:
-        """Take `member` out of its room (a no-op if it is in none).
-
-        Everyone left is told; an empty room is forgotten with its history.
-        """
-        room = self._where.pop(member, None)
-        if room is None:
-            return []
-        user = room.members.pop(member).user
-        del room.by_key[id_key(user)]
-        del room.by_look[look_key(user)]
-        if not room.members:
-            del self._rooms[id_key(room.name)]
-            del self._rooms_look[look_key(room.name)]
-            return []
-        text = f"{user} left the room" + (f" ({why})" if why else "")
-        return self._notice(room, "leave", user, text, now)
-
-    def _notice(self, room: Room, event: str, user: str, text: str,
-                now: float) -> list[Delivery]:
-        room.seq += 1
-        notice = System(room.seq, event, user, f"[SYSTEM] {text}", now)
-        self._log(room, notice)
-        return [(m, notice) for m in room.members]
-
 
 
 # --- File names --------------------------------------------------------------
@@ -2217,7 +1993,405 @@ _IGNORABLE_TABLE = (
 )
 
 # =============================================================================
-# 4. CALLS: invitations, links and groups, as a pure state machine
+# 4. ROOMS: members, history, help and passwords, as pure rules
+# =============================================================================
+# Decides what goes to whom and returns it as data: a list of Deliveries,
+# (member handle, Event). It never sends anything, never reads a clock (time
+# arrives as `now`), and knows nothing of sockets, so the rules below are
+# tested with plain calls. A member handle is any hashable the caller picks
+# (the host uses its Seat objects); rooms never look inside it. Names and
+# text are checked by the section above.
+#
+# The rules, also in README.md:
+# - "A User ID is unique in its room" (and so is anything that looks like
+#   it: NAMES AND TEXT's look_key).
+# - "When the last member leaves, the room and all it knew about its members
+#   is forgotten." Its password too.
+# - "Whoever opens a room may give it a password; joining it then needs the
+#   password (wrong_password). The host keeps only a salted scrypt hash, and
+#   an address's next guess is heard only after a wait that doubles with
+#   each wrong one (rate_limited until then)."
+# - Flood control per member (FloodGate, in LIMITS AND DEFAULTS; README.md
+#   "Limits"): a burst past the rate gets rate_limited line by line; a
+#   flood, a disconnect.
+
+Delivery = tuple[Any, Event]
+
+HELP_TEXT = """\
+HELP
+1. Text chat: type a line and press Enter (or Send). Everyone in this room
+   sees it with your name and the time. Rooms are independent: nothing you
+   say reaches another room.
+2. Video and voice calls:
+   2.1 Type /CHECK USERID to call someone in this room; the host arranges
+       the ports for you. Only the person you call is told "<you> CALL YOU".
+   2.2 The call connects when they call you back within 1 minute (they
+       type /CHECK with your ID); if they don't, the call fails and you are
+       told they are busy. /decline USERID refuses a call at once.
+   2.3 Or call an address directly, no host needed: /call IP PORT1 PORT2
+       (in the window: type "ip port1 port2" and press Video call) receives
+       on your UDP PORT1 and sends to their PORT2; they type the mirror.
+       Both of you see a safety code: compare it by voice.
+   2.4 Calling someone who is already in a call joins that call (up to 6
+       people, everyone sees and hears everyone).
+   2.5 /hangup USERID ends your call with that person, /hangup ends all
+       (in a video window: ESC on theirs, Backspace on your own). /mute,
+       /unmute, /video off and /video on are for your own side.
+3. Files: /send PATH sends a file to everyone in the room; /send PATH @USER
+   sends it to that person only. Chat keeps flowing while files move.
+4. System notices: entering and leaving the room, and incoming calls, are
+   announced by [SYSTEM] lines. Only the host can send them: a user's text
+   that starts with [SYSTEM] is still shown as that user's message, and
+   nobody can be called SYSTEM.
+5. Commands: /who lists the members, /quit leaves, help shows this text
+   (to you alone)."""
+
+
+# --- Room passwords ----------------------------------------------------------
+# The password never stays: the host turns it into a Lock (a random salt and
+# the scrypt key of the password with it) or checks it against the room's
+# Lock, and drops it. scrypt is slow on purpose, about 50 ms and 16 MiB a
+# call (README, "Room passwords"), so `password_key` is called on a thread,
+# never on the host's loop; Rooms only compares the keys it is given.
+
+SCRYPT_N, SCRYPT_R, SCRYPT_P = 2 ** 14, 8, 1
+SCRYPT_MAXMEM = 64 * 1024 * 1024    # hashlib's default (32 MiB) is just too small
+SALT_BYTES = 16
+PASSWORD_FORGET_S = 600.0           # an address with no wrong guess this long starts afresh
+MAX_GUESSERS = 4096                 # addresses remembered; the oldest go first
+
+
+@dataclasses.dataclass(frozen=True)
+class Lock:
+    """A room password as a host keeps it: never the password itself."""
+    salt: bytes
+    key: bytes = dataclasses.field(repr=False)     # password_key(password, salt)
+
+
+def password_key(password: str, salt: bytes) -> bytes:
+    """scrypt of `password` (NFC, so a Mac's and a PC's typing agree) with
+    `salt`. Slow on purpose: call it on a thread, never on an event loop."""
+    return hashlib.scrypt(unicodedata.normalize("NFC", password).encode("utf-8", "replace"),
+                          salt=salt, n=SCRYPT_N, r=SCRYPT_R, p=SCRYPT_P,
+                          maxmem=SCRYPT_MAXMEM, dklen=32)
+
+
+def guesser(address: str) -> str:
+    """Whom a wrong guess counts against: an IPv4 address, or the /64 of an
+    IPv6 one (a single machine may hold a whole /64)."""
+    try:
+        ip = ipaddress.ip_address(address.partition("%")[0])
+    except ValueError:
+        return address
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.ip_network(f"{ip}/64", strict=False))
+    return str(ip)
+
+
+class Guesses:
+    """Wrong room passwords per address (see `guesser`), and how long each
+    must wait before its next guess is heard: `first_s` after one wrong
+    guess, doubled for each further one in a row, at most `max_s`. An
+    address with no wrong guess for `forget_s` starts afresh; a right
+    password does not wipe the slate (it may be another room's). Time is
+    the caller's clock, in seconds."""
+
+    def __init__(self, first_s: float = PASSWORD_DELAY_S, max_s: float = PASSWORD_DELAY_MAX_S,
+                 forget_s: float = PASSWORD_FORGET_S, max_addresses: int = MAX_GUESSERS) -> None:
+        self.first_s = first_s
+        self.max_s = max(max_s, first_s)
+        self.forget_s = max(forget_s, self.max_s)
+        self.max_addresses = max_addresses
+        self._by: dict[str, tuple[int, float]] = {}  # address -> (wrong in a row, when last)
+
+    def delay(self, wrong: int) -> float:
+        """The wait after `wrong` wrong guesses in a row (0 for none)."""
+        return 0.0 if wrong <= 0 else min(self.max_s, self.first_s * 2 ** min(wrong - 1, 64))
+
+    def wait(self, address: str, now: float) -> float:
+        """Seconds before `address` may guess again; 0: now."""
+        wrong, last = self._by.get(address, (0, now))
+        if now - last > self.forget_s:
+            return 0.0
+        return max(0.0, last + self.delay(wrong) - now)
+
+    def wrong(self, address: str, now: float) -> float:
+        """Count a wrong guess from `address`; returns the wait it earns."""
+        wrong, last = self._by.pop(address, (0, now))
+        if now - last > self.forget_s:
+            wrong = 0
+        self._by[address] = (wrong + 1, now)    # last in the dict: the newest
+        for old in list(itertools.islice(self._by, max(0, len(self._by) - self.max_addresses))):
+            del self._by[old]
+        while self._by:                         # the oldest first: drop the forgotten
+            first = next(iter(self._by))
+            if now - self._by[first][1] <= self.forget_s:
+                break
+            del self._by[first]
+        return self.delay(wrong + 1)
+
+    def __len__(self) -> int:
+        return len(self._by)
+
+
+@dataclasses.dataclass
+class Member:
+    user: str                   # display form, as the person typed it (NFC)
+    joined: float               # Unix time
+
+
+@dataclasses.dataclass
+class Room:
+    """One room's state. Held only while the room has members."""
+    name: str
+    members: dict[Any, Member] = dataclasses.field(default_factory=dict)
+    by_key: dict[str, Any] = dataclasses.field(default_factory=dict)  # id_key -> handle
+    by_look: dict[str, Any] = dataclasses.field(default_factory=dict)  # look_key -> handle
+    seq: int = 0                # last sequence number given to a room event
+    history: collections.deque = dataclasses.field(default_factory=collections.deque)
+    log: collections.deque = dataclasses.field(default_factory=collections.deque)
+    log_bytes: int = 0          # text held in `log`
+    lock: Lock | None = None    # set by whoever opened the room; None: open to all
+
+    def user_list(self) -> tuple[str, ...]:
+        return tuple(m.user for m in self.members.values())   # dicts keep join order
+
+
+class Rooms:
+    """Every room of one host, and who is in which.
+
+    Each method returns the Deliveries it causes, or raises Refused for a
+    request the caller must refuse (then nothing changed).
+    """
+
+    def __init__(self, *, host_name: str = "", history_limit: int = HISTORY_LIMIT,
+                 max_message_bytes: int = MAX_MESSAGE_BYTES,
+                 max_members: int = MAX_ROOM_MEMBERS, max_file_size: int = 0,
+                 grace_s: float = 0, log_events: int = RESUME_LOG_EVENTS,
+                 log_bytes: int = RESUME_LOG_BYTES) -> None:
+        self.host_name = host_name
+        self.max_file_size = max_file_size
+        self.grace_s = grace_s              # said in the welcome (the host holds seats)
+        self.log_events = log_events
+        self.log_bytes = log_bytes
+        self.history_limit = history_limit
+        self.max_message_bytes = max_message_bytes
+        self.max_members = max_members
+        self._rooms: dict[str, Room] = {}       # id_key(room) -> Room
+        self._rooms_look: dict[str, Room] = {}  # look_key(room) -> Room
+        self._where: dict[Any, Room] = {}       # member handle -> its room
+
+    # --- queries ---
+
+    def summary(self) -> list[tuple[str, int]]:
+        """(room, member count) for every open room, largest first."""
+        return sorted(((r.name, len(r.members)) for r in self._rooms.values()),
+                      key=lambda pair: (-pair[1], id_key(pair[0])))
+
+    def room_of(self, member: Any) -> Room | None:
+        return self._where.get(member)
+
+    def user_of(self, member: Any) -> str | None:
+        room = self._where.get(member)
+        return room.members[member].user if room else None
+
+    def __len__(self) -> int:
+        return len(self._rooms)
+
+    def door(self, room_name: str, password: bool) -> Lock | None:
+        """What a login to `room_name`, with a password or without, must
+        match: the room's Lock (hash the password with its salt), or None
+        (no room by that name yet: a password, if any, makes its Lock; or
+        an open room and no password). Raises Refused: wrong_password (a
+        protected room and no password), room_not_protected (an open room
+        and a password: the person thinks it is private, and it is not).
+        """
+        room = self._room_named(room_name)
+        if room is not None:
+            _check_lock(room, password)
+            return room.lock
+        return None
+
+    def locked(self, room_name: str) -> bool:
+        """Whether `room_name` is open and protected by a password."""
+        room = self._room_named(room_name)
+        return room is not None and room.lock is not None
+
+    def _room_named(self, room_name: str) -> Room | None:
+        try:
+            return self._rooms.get(id_key(check_id(room_name, "room")))
+        except Refused:
+            return None
+
+    # --- commands ---
+
+    def join(self, member: Any, room_name: str, user: str, now: float,
+             resume: str = "", lock: Lock | None = None) -> list[Delivery]:
+        """Put `member` into a room as `user`.
+
+        `lock` is the joiner's password made into a Lock (None: no
+        password): for a protected room, keyed with that room's salt (see
+        `door`); for a room this join opens, its Lock to be.
+        Delivers Welcome (with `resume`, the token the host keeps for this
+        seat) and the room's history (oldest first, history=True) to the
+        joiner, then an "enter" notice to everyone in the room.
+        Raises Refused: bad_room_id, bad_user_id, wrong_password,
+        room_not_protected, user_taken, room_full (a password is checked
+        first: who is inside is not told to whoever can't come in).
+        """
+        if member in self._where:
+            raise Refused("bad_frame", "already in a room")
+        room_name = check_id(room_name, "room")
+        user = check_id(user, "user")
+        if imitates_system(user):
+            raise Refused("bad_user_id", f"{user!r} is reserved for system notices")
+        room = self._rooms.get(id_key(room_name)) or self._rooms_look.get(look_key(room_name))
+        if room is not None:
+            _check_lock(room, lock is not None, lock)
+            if id_key(user) in room.by_key or look_key(user) in room.by_look:
+                raise Refused("user_taken", f"{user!r} is already in room {room.name!r}"
+                              " (or a name that looks like it)")
+            if len(room.members) >= self.max_members:
+                raise Refused("room_full", f"room {room.name!r} has "
+                              f"{self.max_members} members, the most it takes")
+        else:
+            room = Room(room_name, history=collections.deque(maxlen=self.history_limit),
+                        lock=lock)
+            self._rooms[id_key(room_name)] = room
+            self._rooms_look[look_key(room_name)] = room
+        room.members[member] = Member(user, now)
+        room.by_key[id_key(user)] = member
+        room.by_look[look_key(user)] = member
+        self._where[member] = room
+        out: list[Delivery] = [(member, Welcome(PROTOCOL_VERSION, room.name, user,
+                                                room.user_list(), self.host_name,
+                                                self.max_file_size, resume,
+                                                self.grace_s if resume else 0))]
+        out += [(member, dataclasses.replace(m, history=True)) for m in room.history]
+        out += self._notice(room, "enter", user, f"{user} entered the room", now)
+        return out
+
+    def say(self, member: Any, text: str, msg_id: str, now: float) -> list[Delivery]:
+        """A member's chat line: to everyone in the room, the sender included
+        (that copy is the host's confirmation). `help` in any letter case
+        goes back to the sender alone as the help text. A refused text comes
+        back to the sender as an Error naming `msg_id`.
+        """
+        room = self._where[member]
+        if text.strip().casefold() == "help":
+            return [(member, Help(HELP_TEXT))]
+        try:
+            text = check_text(text, self.max_message_bytes)
+        except Refused as refusal:
+            return [(member, Error(refusal.code, refusal.message, msg_id))]
+        sender = room.members[member].user
+        for earlier in itertools.chain(room.log, room.history):  # a resend: confirm
+            if isinstance(earlier, Message) and earlier.id == msg_id \
+                    and id_key(earlier.sender) == id_key(sender):    # again, never double
+                return [(member, earlier)]
+        room.seq += 1
+        message = Message(room.seq, msg_id, sender, text, now)
+        room.history.append(message)
+        self._log(room, message)
+        return [(m, message) for m in room.members]
+
+    def resume(self, member: Any, seen: int) -> list[Delivery]:
+        """`member` is back on a new connection after a drop: Resumed, then
+        every room event after seq `seen`, oldest first, exactly once (as
+        they were sent: history=False). Events too old to be in the log are
+        counted in Resumed's `lost`."""
+        room = self._where[member]
+        events = [e for e in room.log if e.seq > seen]
+        first_kept = events[0].seq if events else room.seq + 1
+        lost = max(0, first_kept - seen - 1)
+        return [(member, Resumed(room.name, room.members[member].user, room.user_list(),
+                                 self.host_name, self.max_file_size, len(events), lost))] \
+            + [(member, event) for event in events]
+
+    def _log(self, room: Room, event: Message | System) -> None:
+        """Keep a room event for members who come back (bounded)."""
+        room.log.append(event)
+        room.log_bytes += len(event.text)
+        while room.log and (len(room.log) > self.log_events or room.log_bytes > self.log_bytes):
+            room.log_bytes -= len(room.log.popleft().text)
+
+    def who(self, member: Any) -> list[Delivery]:
+        return [(member, Members(self._where[member].user_list()))]
+
+    def lookup(self, member: Any, user: str) -> Any:
+        """The handle of `user` in `member`'s room (`member`'s own, for its
+        own ID). Raises Refused(no_such_user) when nobody there has it."""
+        room = self._where[member]
+        target = room.by_key.get(id_key(user)) or room.by_look.get(look_key(user))
+        if target is None:
+            raise Refused("no_such_user", f"{user!r} is not in room {room.name!r}")
+        return target
+
+    def recipients(self, member: Any, to: str) -> list[Any]:
+        """Who receives a file `member` sends: `to` alone, or with to="",
+        everyone else in the room. Raises Refused(no_such_user) when that is
+        nobody (an unknown user, oneself, an empty room).
+        """
+        room = self._where[member]
+        if not to:
+            others = [m for m in room.members if m is not member]
+            if not others:
+                raise Refused("no_such_user", "nobody else is in the room")
+            return others
+        target = room.by_key.get(id_key(to)) or room.by_look.get(look_key(to))
+        if target is None:
+            raise Refused("no_such_user", f"{to!r} is not in room {room.name!r}")
+        if target is member:
+            raise Refused("no_such_user", "you can't send a file to yourself")
+        return [target]
+
+    def leave(self, member: Any, now: float, why: str = "") -> list[Delivery]:
+        """Take `member` out of its room (a no-op if it is in none).
+
+        Everyone left is told; an empty room is forgotten with its history.
+        """
+        room = self._where.pop(member, None)
+        if room is None:
+            return []
+        user = room.members.pop(member).user
+        del room.by_key[id_key(user)]
+        del room.by_look[look_key(user)]
+        if not room.members:
+            del self._rooms[id_key(room.name)]
+            del self._rooms_look[look_key(room.name)]
+            return []
+        text = f"{user} left the room" + (f" ({why})" if why else "")
+        return self._notice(room, "leave", user, text, now)
+
+    def _notice(self, room: Room, event: str, user: str, text: str,
+                now: float) -> list[Delivery]:
+        room.seq += 1
+        notice = System(room.seq, event, user, f"[SYSTEM] {text}", now)
+        self._log(room, notice)
+        return [(m, notice) for m in room.members]
+
+
+def _check_lock(room: Room, password: bool, lock: Lock | None = None) -> None:
+    """Refused unless a login with a `password` or without one may come into
+    `room`: with `lock` (the password keyed with the room's salt) it must
+    also open the room's Lock; without, only whether it may is checked."""
+    if room.lock is None:
+        if password:
+            raise Refused("room_not_protected", f"room {room.name!r} is already open without "
+                          "a password, so anyone may join it: join without one, or pick "
+                          "another Room ID for a protected room")
+        return
+    if not password:
+        raise Refused("wrong_password", f"room {room.name!r} is protected: it needs its "
+                      "password (--password, or CHATROOM_PASSWORD)")
+    if lock is not None and not (hmac.compare_digest(lock.salt, room.lock.salt)
+                                 and hmac.compare_digest(lock.key, room.lock.key)):
+        raise Refused("wrong_password", f"wrong password for room {room.name!r}")
+
+# =============================================================================
+# 5. CALLS: invitations, links and groups, as a pure state machine
 # =============================================================================
 # The host's rules for calls, free of I/O like ROOMS: member handles are
 # whatever the caller picks (the host uses its Session objects), time
@@ -2423,7 +2597,7 @@ class Calls:
 
 
 # =============================================================================
-# 5. MEDIA PACKETS: sealing, key agreement, payloads, fragments and reassembly
+# 6. MEDIA PACKETS: sealing, key agreement, payloads, fragments and reassembly
 # =============================================================================
 # Pure code for calls: what crosses UDP between two clients, and how video
 # frames are cut into packets and put back together. No sockets, clocks or
@@ -3223,7 +3397,7 @@ class Reassembler:
 
 
 # =============================================================================
-# 6. MEDIA FLOW: control messages, repair, rate, the keyframe gate, statistics
+# 7. MEDIA FLOW: control messages, repair, rate, the keyframe gate, statistics
 # =============================================================================
 # Pure code for calls, like 5: what each end decides as packets come in and
 # clocks tick, and the control messages that carry it. A receiver's
@@ -3834,7 +4008,7 @@ class RateController:
 
 
 # =============================================================================
-# 7. PLAYOUT: the jitter buffer and lip sync, on the playback clock
+# 8. PLAYOUT: the jitter buffer and lip sync, on the playback clock
 # =============================================================================
 # Pure, like 5 and 6: when what came in is played. The jitter buffer turns
 # audio packets that arrive unevenly into one frame every 20 ms, which
@@ -4182,7 +4356,7 @@ class LipSync:
 
 
 # =============================================================================
-# 8. DISCOVERY: advertise a host and browse for hosts with mDNS (zeroconf)
+# 9. DISCOVERY: advertise a host and browse for hosts with mDNS (zeroconf)
 # =============================================================================
 # A host registers one `_chatroom._tcp.local.` service whose TXT record says
 # the protocol version (`v`), the host's name (`n`), how many rooms are open
@@ -4560,7 +4734,7 @@ async def discover(timeout: float = DISCOVERY_TIMEOUT_S, *, interface: str | Non
 
 
 # =============================================================================
-# 9. VIDEO DEVICES: test pattern, cameras and files, VP8 and JPEG
+# 10. VIDEO DEVICES: test pattern, cameras and files, VP8 and JPEG
 # =============================================================================
 # What a call needs below the network for pictures: frames from a camera, a
 # video file (looped) or a test pattern stamped with a frame counter that
@@ -5170,7 +5344,7 @@ def make_video_decoder(name: str) -> VideoDecoder:
 
 
 # =============================================================================
-# 10. SOUND DEVICES: Opus and PCM, microphones and speakers, devices, recording
+# 11. SOUND DEVICES: Opus and PCM, microphones and speakers, devices, recording
 # =============================================================================
 # Voice below the network: Opus through the libopus inside PyAV's wheel
 # (ctypes: PyAV's own API has no loss concealment), or 16 kHz PCM; PyAudio
@@ -5940,7 +6114,7 @@ class Recorder:
 
 
 # =============================================================================
-# 11. CONNECTIONS: Link (framed TCP, three lanes, one writer) and UDP sockets
+# 12. CONNECTIONS: Link (framed TCP, three lanes, one writer) and UDP sockets
 # =============================================================================
 # What the host and the client core both talk through. A Link owns one TCP
 # connection: what arrives goes through its Wire (WIRE PROTOCOL) and waits,
@@ -6475,7 +6649,7 @@ class UdpSocket:
 
 
 # =============================================================================
-# 12. HOST RELAYS: files and calls between the members of a room
+# 13. HOST RELAYS: files and calls between the members of a room
 # =============================================================================
 # The host's two relays, each one object beside the host (next section),
 # which hands them their events and tells them when a session goes:
@@ -7214,7 +7388,7 @@ class HostCalls:
 
 
 # =============================================================================
-# 13. HOST: the listener, sessions, rooms, shutdown (asyncio)
+# 14. HOST: the listener, sessions, rooms, shutdown (asyncio)
 # =============================================================================
 # The room host: accepts connections, gives each a Session over a Link
 # (CONNECTIONS), runs every room decision through Rooms (ROOMS), hands files
@@ -7346,6 +7520,9 @@ class Session:
         self.started = asyncio.get_running_loop().time()
         self.last_ping = self.started       # when we last pinged, or connected
         self.ping_count = 0
+        extra = getattr(link.transport, "get_extra_info", None)
+        peer = extra("peername") if extra is not None else None
+        self.address = str(peer[0]) if peer else "?"   # where it connects from
 
     def __repr__(self) -> str:
         return f"<Session {self.link.name} {self.link.wire.state.value}>"
@@ -7438,6 +7615,10 @@ class Host:
         self.sessions: set[Session] = set()
         self.seats: dict[str, Seat] = {}    # by resume token
         self.admission = Admission(limits)
+        self.guesses = Guesses(limits.password_delay_s, limits.password_delay_max_s)
+        self._hashing: set[str] = set()     # addresses with a password being hashed
+        self._hasher = concurrent.futures.ThreadPoolExecutor(
+            PASSWORD_THREADS, thread_name_prefix="host-scrypt")     # started when used
         self.advertiser = Advertiser(self.name, port, interface,
                                      limits.advertise_debounce_s) if advertise else None
         self._serving = False               # listening, until close() begins
@@ -7498,6 +7679,7 @@ class Host:
         if self.advertiser is not None:
             await self.advertiser.close()
         self.files.abandon()
+        self._hasher.shutdown(wait=False, cancel_futures=True)
         self._closed.set()
 
     async def wait_closed(self) -> None:
@@ -7533,6 +7715,7 @@ class Host:
                 await asyncio.wait(pending)
         self.calls.close()
         await self.files.close()            # handlers are gone; finish their tasks
+        self._hasher.shutdown(wait=False, cancel_futures=True)
         self._closed.set()
         log.info("host %r closed", self.name)
 
@@ -7728,34 +7911,96 @@ class Host:
         completes (its file is arriving faster than the disk takes it),
         else None."""
         if type(event) is Hello:
-            self._on_hello(session, event)
-            return None
+            return self._on_hello(session, event)
         handler = self._dispatch.get(type(event))
         seat = session.seat
         if handler is None or seat is None or seat.session is not session:
             return None                     # a connection a resume replaced: ignore it
         return handler(seat, event)
 
-    def _on_hello(self, session: Session, hello: Hello) -> None:
+    def _on_hello(self, session: Session, hello: Hello) -> Awaitable[None] | None:
+        """A login: a resume, a plain join, or (a password given, or the room
+        protected) a join whose password is hashed on a thread first: then
+        the awaitable the session waits for before reading on."""
         link = session.link
         if hello.version != PROTOCOL_VERSION:
             link.close_with(Error("version_mismatch", f"this host speaks protocol "
                                   f"version {PROTOCOL_VERSION}; you sent {hello.version}"),
                             "version mismatch")
-            return
+            return None
         if hello.resume and self._resume(session, hello):
+            return None                     # a valid token: no password again
+        try:
+            lock = self.rooms.door(hello.room, bool(hello.password))
+        except Refused as refusal:          # no password, or one an open room refuses
+            link.close_with(Error(refusal.code, refusal.message), refusal.code)
+            return None
+        if not hello.password:
+            self._sit(session, hello, None)
+            return None
+        return self._unlock(session, hello, lock)
+
+    async def _unlock(self, session: Session, hello: Hello, lock: Lock | None) -> None:
+        """Hash the hello's password on a thread (with `lock`'s salt, or a new
+        one for a room this login opens), then sit down. An address waiting
+        out a wrong guess, or with a hash already running, is refused with
+        rate_limited before anything is hashed; the plaintext is dropped
+        with the hello."""
+        link = session.link
+        loop = asyncio.get_running_loop()
+        who = guesser(session.address)
+        wait = self.guesses.wait(who, loop.time()) if lock is not None else 0.0
+        if wait > 0 or who in self._hashing:
+            wait = wait or self.limits.password_delay_s
+            link.close_with(Error("rate_limited", "too many wrong passwords from your "
+                                  f"address; try again in {math.ceil(wait)} s",
+                                  retry_after=round(wait, 3)), "rate_limited")
             return
+        self._hashing.add(who)
+        try:
+            for _attempt in range(3):   # the room changed its lock while we hashed: again
+                salt = lock.salt if lock is not None else secrets.token_bytes(SALT_BYTES)
+                key = await loop.run_in_executor(self._hasher, password_key,
+                                                 hello.password, salt)
+                if link.closing or not self._serving:
+                    return
+                try:
+                    now_lock = self.rooms.door(hello.room, True)
+                except Refused as refusal:  # it closed and an open one took its name
+                    link.close_with(Error(refusal.code, refusal.message), refusal.code)
+                    return
+                if now_lock is lock:
+                    break
+                lock = now_lock
+        finally:
+            self._hashing.discard(who)
+        self._sit(session, hello, Lock(salt, key))
+
+    def _sit(self, session: Session, hello: Hello, lock: Lock | None) -> None:
+        """Seat a fresh login in its room, or refuse it (a wrong password
+        then makes its address wait: the wait is the error's retry_after)."""
+        link = session.link
         seat = Seat(session)                # a fresh login (or a token we forgot)
         try:
             deliveries = self.rooms.join(seat, hello.room, hello.user, unix_now(),
-                                         seat.token if self.limits.grace_s > 0 else "")
+                                         seat.token if self.limits.grace_s > 0 else "",
+                                         lock)
         except Refused as refusal:
-            link.close_with(Error(refusal.code, refusal.message), refusal.code)
+            error = Error(refusal.code, refusal.message)
+            if refusal.code == "wrong_password" and lock is not None:
+                wait = self.guesses.wrong(guesser(session.address),
+                                          asyncio.get_running_loop().time())
+                log.info("%s: wrong password for %r", link.name, hello.room)
+                error = Error(refusal.code, f"{refusal.message}; the next try from your "
+                              f"address is heard in {math.ceil(wait)} s",
+                              retry_after=round(wait, 3))
+            link.close_with(error, refusal.code)
             return
         session.seat = seat
         self._logged_in(session)
         self.seats[seat.token] = seat
-        log.info("%s joined %r as %r", link.name, hello.room, hello.user)
+        log.info("%s joined %r as %r%s", link.name, hello.room, hello.user,
+                 " (a password)" if lock is not None else "")
         self.deliver([(to, self._paced(event) if type(event) is Welcome else event)
                       for to, event in deliveries])
         self._rooms_changed()
@@ -7878,7 +8123,7 @@ class Host:
 
 
 # =============================================================================
-# 14. CLIENT FILES: files we send and receive, beside the client core
+# 15. CLIENT FILES: files we send and receive, beside the client core
 # =============================================================================
 # ClientFiles does for one client what HostFiles does for the host: it
 # offers our files, streams them from disk in chunks that chat overtakes,
@@ -8650,7 +8895,7 @@ def _discard_part(dl: IncomingFile) -> None:
         pass
 
 # =============================================================================
-# 15. CLIENT MEDIA: the links of a call and the threads that move their media
+# 16. CLIENT MEDIA: the links of a call and the threads that move their media
 # =============================================================================
 # A call's media, under the signalling of CLIENT CALLS (next section): the
 # table of links, each with its keys, where its media goes and what has
@@ -9334,7 +9579,7 @@ class MediaEngine:
 
 
 # =============================================================================
-# 16. CLIENT CALLS: calls with the host and direct ones, over the media engine
+# 17. CLIENT CALLS: calls with the host and direct ones, over the media engine
 # =============================================================================
 # ClientCalls is to calls what ClientFiles is to files: ClientCore (next
 # section) owns it, hands it the host's call events and the commands a
@@ -9666,7 +9911,7 @@ def _address_key(link: PeerLink) -> str:
 
 
 # =============================================================================
-# 17. CLIENT PLACE: where a client is, across connections and crashes
+# 18. CLIENT PLACE: where a client is, across connections and crashes
 # =============================================================================
 # What the client core (next section) knows and keeps, apart from the
 # loop that keeps it: the Place (the host's addresses, the room, the user,
@@ -9714,6 +9959,9 @@ class Place:
     seen: int = 0                   # the last room seq received
     seated: bool = False            # a welcome came: a drop now means getting back
     pending: dict[str, str] = dataclasses.field(default_factory=dict)  # id -> text
+    # The room's password, "" = none: sent again when the host forgot our seat.
+    # In memory only: PlaceStore never writes it, and no repr shows it.
+    password: str = dataclasses.field(default="", repr=False)
 
 
 class PlaceStore:
@@ -9900,13 +10148,16 @@ def ui_event(event: Event) -> dict:
     elif isinstance(event, Resumed):        # files carrying on: their own events
         del out["uploads"], out["downloads"]
         out["files"] = len(event.uploads) + len(event.downloads)
-    elif isinstance(event, Error) and event.id == "-":
-        del out["id"]
+    elif isinstance(event, Error):
+        if event.id == "-":
+            del out["id"]
+        if not event.retry_after:
+            del out["retry_after"]
     return out
 
 
 # =============================================================================
-# 18. CLIENT CORE: one asyncio loop in a thread, one event stream
+# 19. CLIENT CORE: one asyncio loop in a thread, one event stream
 # =============================================================================
 # What every front end shares: the terminal client and the window
 # call the thread-safe methods of ClientCore and receive plain dict events
@@ -10040,13 +10291,14 @@ class ClientCore:
     # --- commands (any thread) ---
 
     def join(self, hosts: str | Sequence[str], port: int, room: str, user: str,
-             found_on_lan: bool = False) -> concurrent.futures.Future:
+             found_on_lan: bool = False, password: str = "") -> concurrent.futures.Future:
         """Connect and log in. `hosts`: an address or a name, or every
         address a host advertised, best first (the first that connects
         wins: connect_first); `found_on_lan`: mDNS found it (a failure is
-        then most likely a firewall, and the error says so). Future ->
-        True once `ready`, else False."""
-        return self.submit(self._join(hosts, port, room, user, found_on_lan))
+        then most likely a firewall, and the error says so); `password`:
+        the room's, or the one a room opened now gets ("" = none). Future
+        -> True once `ready`, else False."""
+        return self.submit(self._join(hosts, port, room, user, found_on_lan, password))
 
     def say(self, text: str) -> concurrent.futures.Future:
         """Send a chat line. Future -> the message id, or None if refused."""
@@ -10208,7 +10460,7 @@ class ClientCore:
     # --- the connection (core thread) ---
 
     async def _join(self, hosts: str | Sequence[str], port: int, room: str,
-                    user: str, found_on_lan: bool = False) -> bool:
+                    user: str, found_on_lan: bool = False, password: str = "") -> bool:
         if self._link is not None or self._place is not None:
             self._error("bad_frame", "already connected; leave first")
             return False
@@ -10220,7 +10472,7 @@ class ClientCore:
             return False
         addresses = [hosts] if isinstance(hosts, str) else list(hosts)
         self._leaving = False
-        self._place = Place(addresses, port, room, user, found_on_lan)
+        self._place = Place(addresses, port, room, user, found_on_lan, password=password)
         record = await self.loop.run_in_executor(None, self._store.load, self._place)
         if record:                          # a run of ours crashed here: get back
             for entry in restore_place(self._place, record):
@@ -10261,10 +10513,11 @@ class ClientCore:
                     f"{host}:{port}")
         try:
             link.offer(Hello(PROTOCOL_VERSION, place.room, place.user,
-                             f"chatroom/{__version__}", place.token, place.seen))
+                             f"chatroom/{__version__}", place.token, place.seen,
+                             place.password))
         except LocalError:                  # undecodable text, e.g. from argv
             link.abort("refused")
-            self._error("bad_user_id", "the Room ID and User ID must be valid text")
+            self._error("bad_user_id", "the Room ID, User ID and password must be valid text")
             self._emit({"type": "closed", "reason": "refused"})
             return False
         protocol.attach(link)               # after the hello: a host may answer at once
@@ -10465,7 +10718,8 @@ class ClientCore:
         if self._call_ticker is not None:
             self._call_ticker.cancel()
         self._tick_calls()
-        out.update(address=host, port=port)
+        out.update(address=host, port=port,
+                   protected=place is not None and bool(place.password))  # else refused
 
     def _resend(self) -> None:
         """What was said but never confirmed goes again, in order, with its
@@ -10559,8 +10813,7 @@ class ClientCore:
         async with self._pacing:            # in order, and never over the host's rate
             await self._keep_pace()
             link = self._link
-            if link is not None and self._ready and link.accepting and \
-                    msg_id in place.pending:
+            if link is not None and self._ready and link.accepting:
                 await link.offer_when_room(Say(msg_id, text))
         return msg_id                       # or, away or dropping: it goes once back
 
@@ -10600,7 +10853,7 @@ class ClientCore:
 
 
 # =============================================================================
-# 19. COMMANDS: one parser for what a person types
+# 20. COMMANDS: one parser for what a person types
 # =============================================================================
 # A line typed in the terminal or in the chat window becomes one Command
 # value; each front end acts on it through its own table (Command class ->
@@ -10770,7 +11023,7 @@ def parse_send(line: str) -> tuple[str, str | None]:
 
 
 # =============================================================================
-# 20. TERMINAL CLIENT: --cli, stdin lines in, events out (text or JSON)
+# 21. TERMINAL CLIENT: --cli, stdin lines in, events out (text or JSON)
 # =============================================================================
 # A thin front end over CLIENT CORE. Each event is printed as one JSON
 # object per line (--json, flushed as written) or as a line for a person;
@@ -10858,7 +11111,8 @@ class Printer:
             return f"[{clock}] {printable(event['text'])}"
         if kind == "ready":
             members = ", ".join(printable(m) for m in event["members"])
-            return (f"Joined room {printable(event['room'])} on "
+            locked = " (protected by a password)" if event.get("protected") else ""
+            return (f"Joined room {printable(event['room'])}{locked} on "
                     f"{printable(event.get('host') or event['address'])} "
                     f"({event['address']}:{event['port']}) as {printable(event['user'])}."
                     f"\nIn the room: {members}. Type help for help, /quit to leave.")
@@ -11072,6 +11326,14 @@ def choose_host(hosts: list[HostInfo], json_mode: bool, emit: Callable[[dict], N
             return hosts[int(answer) - 1]
 
 
+def room_password(args: argparse.Namespace) -> str:
+    """--password, else $CHATROOM_PASSWORD, else "" (no password). The window
+    uses it too, to fill its password field."""
+    if args.password is not None:
+        return args.password
+    return os.environ.get("CHATROOM_PASSWORD", "")
+
+
 def run_terminal(args: argparse.Namespace, limits: Limits, media: MediaOptions) -> int:
     """--cli: join a room and chat from stdin. Returns the exit status."""
     printer = Printer(args.json)
@@ -11103,8 +11365,8 @@ def run_terminal(args: argparse.Namespace, limits: Limits, media: MediaOptions) 
             if chosen is None:
                 return EXIT_REFUSED
             hosts_at, port = chosen.addresses or chosen.address, chosen.port
-        if not core.join(hosts_at, port, args.room, args.user,
-                         found_on_lan=not args.server).result():
+        if not core.join(hosts_at, port, args.room, args.user, found_on_lan=not args.server,
+                         password=room_password(args)).result():
             ended.wait(limits.close_timeout_s)
             return EXIT_REFUSED
 
@@ -11160,7 +11422,7 @@ def run_discover(args: argparse.Namespace) -> int:
 
 
 # =============================================================================
-# 21. GUI LOOK: theme, fonts, --scale, the trace hook, anti-aliased drawing
+# 22. GUI LOOK: theme, fonts, --scale, the trace hook, anti-aliased drawing
 # =============================================================================
 # The desktop window is a front end over CLIENT CORE beside the TERMINAL
 # CLIENT, spread over five sections: GUI LOOK (this one) how things look and
@@ -11356,7 +11618,6 @@ def app_icon_png(size: int = 64) -> bytes:
     Each shape is a signed distance (negative inside, in icon widths); a
     pixel is covered by 0.5 minus its distance in pixels, which anti-aliases
     the edges in one pass (a few milliseconds at 64 x 64)."""
-    import zlib
     tail = ((0.2, 0.66), (0.42, 0.8), (0.13, 0.93))     # a triangle, clockwise on screen
     edges = []
     for (x1, y1), (x2, y2) in zip(tail, tail[1:] + tail[:1]):
@@ -11380,6 +11641,37 @@ def app_icon_png(size: int = 64) -> bytes:
             line += bytes(round(c + (255 - c) * white) for c in blue)
             line.append(round(255 * cover(bubble)))
         rows.append(bytes(line))
+    return _png(size, rows)
+
+
+def lock_icon_png(size: int) -> bytes:
+    """A padlock (the mark of a room with a password) as PNG bytes, drawn
+    like the icon: no font here has U+1F512, and a box would show instead."""
+    ink = _rgb(COLOURS["muted"])
+
+    def cover(distance: float) -> float:
+        return min(1.0, max(0.0, 0.5 - distance * size))
+
+    rows = []
+    for row in range(size):
+        line = bytearray(b"\0")
+        y = (row + 0.5) / size
+        for column in range(size):
+            x = (column + 0.5) / size
+            qx, qy = abs(x - 0.5) - 0.30, abs(y - 0.70) - 0.22     # the body: a rounded box
+            body = math.hypot(max(qx, 0), max(qy, 0)) + min(max(qx, qy), 0) - 0.06
+            arc = (math.hypot(x - 0.5, y - 0.42) if y < 0.42 else abs(abs(x - 0.5) - 0.2)
+                   + 0.2) - 0.2            # the shackle: an arch on two legs, 0.13 thick
+            shackle = abs(arc) - 0.065 if y < 0.6 else 1.0
+            line += bytes(ink)
+            line.append(round(255 * cover(min(body, shackle))))
+        rows.append(bytes(line))
+    return _png(size, rows)
+
+
+def _png(size: int, rows: list[bytes]) -> bytes:
+    """A square 8-bit RGBA PNG from its filtered rows."""
+    import zlib
 
     def chunk(kind: bytes, data: bytes) -> bytes:
         return (struct.pack(">I", len(data)) + kind + data
@@ -11403,6 +11695,14 @@ class Images:
         if key not in self._cache:
             import base64
             self._cache[key] = base64.b64encode(app_icon_png(size))
+        return self._cache[key]
+
+    def lock(self, size: int) -> bytes:
+        """The padlock of a protected room (lock_icon_png), base64."""
+        key = ("lock", size)
+        if key not in self._cache:
+            import base64
+            self._cache[key] = base64.b64encode(lock_icon_png(size))
         return self._cache[key]
 
     def disc(self, diameter: int, fill: str, background: str) -> Any:
@@ -11497,7 +11797,7 @@ class Drawing:
 
 
 # =============================================================================
-# 22. GUI CONVERSATION: bubbles, notices and file cards; the members list
+# 23. GUI CONVERSATION: bubbles, notices and file cards; the members list
 # =============================================================================
 # Two canvases of the chat window, drawn with 14's helpers. ChatView is the
 # conversation: a person's message is always a bubble with an avatar, and a
@@ -11987,7 +12287,7 @@ class MemberList(Drawing):
 
 
 # =============================================================================
-# 23. GUI WINDOWS: the launcher and the chat window
+# 24. GUI WINDOWS: the launcher and the chat window
 # =============================================================================
 # The two windows a person sees, built from 14 and 15: the launcher (hosts
 # on the LAN, the address and the IDs, Join, "Host a room here") and the
@@ -12111,6 +12411,11 @@ class Launcher:
                       expand_x=True, pad=((0, px(8)), 0)),
             sg.Column([[_label("USER ID", look)], [_field((_ROOM, "user"), look,
                                                           prefill.get("user", ""))]],
+                      expand_x=True, pad=((px(8), px(8)), 0)),
+            # Masked; a room with one asks for it, a new room gets it. Never saved.
+            sg.Column([[_label("PASSWORD  (optional)", look)],
+                       [_field((_ROOM, "password"), look, prefill.get("password", ""),
+                               password_char="\u2022")]],
                       expand_x=True, pad=((px(8), 0), 0))]], expand_x=True, pad=0)
         layout = [
             [sg.Image(data=images.icon(px(44)), pad=((0, px(10)), 0)),
@@ -12198,8 +12503,8 @@ class Launcher:
     def field(self, name: str) -> str:
         return self.window[(_ROOM, name)].get().strip()
 
-    def form(self) -> tuple[list[str], int, str, str] | None:
-        """(addresses, port, room, user) from the fields, or None after
+    def form(self) -> tuple[list[str], int, str, str, str] | None:
+        """(addresses, port, room, user, password) from the fields, or None after
         showing what is wrong: the address typed, or every address of the
         host it names in the list. Checks what can be checked here; the
         host has the last word (a taken ID, a full room)."""
@@ -12219,7 +12524,11 @@ class Launcher:
             return None
         listed = next((h.get("addresses") or [h["address"]] for h in self.hosts
                        if h["address"] == host and h["port"] == port), [host])
-        return (listed, port) + ids
+        return (listed, port) + ids + (self.password(),)
+
+    def password(self) -> str:
+        """The password field, as typed ("" = none): spaces count."""
+        return self.window[(_ROOM, "password")].get()
 
     def ids(self) -> tuple[str, str] | None:
         """(room, user) if both look valid, else None after saying why."""
@@ -12280,8 +12589,10 @@ class Launcher:
         self.trace("window", name="launcher", xid=int(window.TKroot.wm_frame(), 16),
                    box=_screen_box(window.TKroot), rows=rows,
                    fields={name: self.field(name) for name in ("address", "room", "user")},
+                   password=bool(self.password()),     # whether one is typed, never what
                    elements={name: _screen_box(window[(_ROOM, name)].Widget)
-                             for name in ("join", "host", "address", "room", "user")})
+                             for name in ("join", "host", "address", "room", "user",
+                                          "password")})
 
 
 def _row_text(host: dict, room: dict | None) -> list[str]:
@@ -12317,10 +12628,16 @@ class ChatWindow:
         px = look.px
         where = (f"on {printable(ready.get('host') or ready['address'])} · "
                  f"{address_text(ready['address'], ready['port'])}")
+        self.protected = bool(ready.get("protected"))   # the room has a password
+        if self.protected:
+            where = f"protected by a password · {where}"
+        title = [sg.Text(printable(self.room), font=look.font(15, "bold"), pad=0,
+                         key=(_CHAT, "title")),
+                 sg.Image(data=images.lock(px(18)), pad=((px(6), 0), 0), key=(_CHAT, "lock"),
+                          visible=self.protected)]
         header = [
             sg.Image(data=images.icon(px(36)), pad=((0, px(10)), 0)),
-            sg.Column([[sg.Text(printable(self.room), font=look.font(15, "bold"), pad=0,
-                                key=(_CHAT, "title"))],
+            sg.Column([title,
                        [sg.Text(f"{where} · you are {printable(self.me)}", font=look.font(9),
                                 text_color=COLOURS["muted"], pad=0, key=(_CHAT, "subtitle"))]],
                       pad=0),
@@ -12669,7 +12986,9 @@ class ChatWindow:
                                           "view", "members")},
                    disabled={name: str(self.window[(_CHAT, name)].Widget.cget("state"))
                              in ("disabled", "readonly") for name in ("input", "send")},
-                   banner=banner.get() if banner.visible else "")
+                   banner=banner.get() if banner.visible else "", protected=self.protected,
+                   lock=_screen_box(self.window[(_CHAT, "lock")].Widget)
+                   if self.protected else None)
 
     def close(self) -> None:
         if self._resize_job is not None:
@@ -12722,7 +13041,7 @@ def _sentence(text: str) -> str:
 
 
 # =============================================================================
-# 24. GUI CALLS: the call window, a tile per person, ESC and Backspace
+# 25. GUI CALLS: the call window, a tile per person, ESC and Backspace
 # =============================================================================
 # One window holds every call in progress: your own camera first, then a
 # tile per peer, in a grid that reflows as people join and leave, each
@@ -13103,7 +13422,7 @@ class CallWindows:
 
 
 # =============================================================================
-# 25. GUI PLUMBING: settings, the bridge from the core, opening files, phases
+# 26. GUI PLUMBING: settings, the bridge from the core, opening files, phases
 # =============================================================================
 # What the app (next section) stands on: the settings remembered between
 # runs, GuiBridge (the core's thread reaches the window only through it,
@@ -13272,7 +13591,7 @@ class LoopStats:
 
 
 # =============================================================================
-# 26. GUI APP: the one core, the windows, the one read loop
+# 27. GUI APP: the one core, the windows, the one read loop
 # =============================================================================
 # GuiApp owns one ClientCore, the launcher (which lives as long as the
 # program and receives every core event), the chat window while in a room,
@@ -13309,7 +13628,8 @@ class GuiApp:
         self.images = Images()
         prefill = load_settings(settings_file)
         prefill.update({key: value for key, value in (
-            ("room", args.room), ("user", args.user), ("address", args.server)) if value})
+            ("room", args.room), ("user", args.user), ("address", args.server),
+            ("password", room_password(args))) if value})
         self.launcher = Launcher(look, self.images, prefill, trace)
         self.bridge = GuiBridge(self.launcher.window)
         self.core = ClientCore(self.bridge.on_event, limits, args.downloads, media,
@@ -13537,14 +13857,16 @@ class GuiApp:
             self.joining = {"address": self.launcher.typed_address()}
             self.join(*form)
 
-    def join(self, hosts: str | list[str], port: int, room: str, user: str) -> None:
+    def join(self, hosts: str | list[str], port: int, room: str, user: str,
+             password: str = "") -> None:
         self.joining.update(room=room, user=user)
         self._set_phase(Phase.JOINING)
         self.launcher.busy(True)
         first = hosts if isinstance(hosts, str) else hosts[0]
         self.launcher.status(f"Joining {room} at {address_text(first, port)}...")
         listed = any(h["address"] == first and h["port"] == port for h in self.launcher.hosts)
-        self._quietly("join", self.core.join(hosts, port, room, user, found_on_lan=listed))
+        self._quietly("join", self.core.join(hosts, port, room, user, found_on_lan=listed,
+                                             password=password))
 
     def on_host(self, values: dict) -> None:
         """"Host a room here": start a host in this process, then join it."""
@@ -13555,7 +13877,8 @@ class GuiApp:
             return
         self.joining = {"address": self.launcher.typed_address(), "ids": ids}
         if self.hosted_port is not None:    # still hosting from before: join again
-            self.join(self.args.interface or "127.0.0.1", self.hosted_port, *ids)
+            self.join(self.args.interface or "127.0.0.1", self.hosted_port, *ids,
+                      self.launcher.password())
             return
         self._set_phase(Phase.HOSTING)
         self.launcher.busy(True)
@@ -13579,7 +13902,9 @@ class GuiApp:
         self.hosted_port = port
         # The host listens on --interface, or on every address: reach it by
         # loopback then, which works with no network at all.
-        self.join(self.args.interface or "127.0.0.1", port, *self.joining["ids"])
+        room, user = self.joining["ids"]
+        self.join(self.args.interface or "127.0.0.1", port, room, user,
+                  self.launcher.password())
 
     def on_ready(self, event: dict) -> None:
         if self.phase is Phase.CHATTING and self.chat is not None:
@@ -13950,6 +14275,11 @@ _JOIN_ERRORS: dict[str, Callable[[str], str]] = {
     "version_mismatch": lambda m: "This host runs a different version of chatroom: "
                                   + _sentence(m),
     "host_unreachable": _sentence,
+    "wrong_password": lambda m: "This room is protected: type its password in Password, "
+                                "and Join again." if "needs its password" in m
+                                else _sentence(m),
+    "room_not_protected": lambda m: "This room is open to everyone (it has no password): "
+                                    "empty Password to join it, or pick another Room ID.",
 }
 
 
@@ -13999,7 +14329,7 @@ def run_gui(args: argparse.Namespace, limits: Limits, media: MediaOptions) -> in
 
 
 # =============================================================================
-# 27. MAIN: argparse and the entry points
+# 28. MAIN: argparse and the entry points
 # =============================================================================
 # Builds every object from the flags and passes them down; nothing above
 # reads a global that main() sets. `python chatroom.py` with no mode opens
@@ -14026,6 +14356,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--user", help="your User ID in the room (--cli)")
     parser.add_argument("--server", metavar="HOST[:PORT]",
                         help="join this host instead of discovering one (--cli)")
+    parser.add_argument("--password", metavar="P", help="the room's password (--cli, the "
+                        "window): a protected room needs it, and a room you open with it "
+                        "is protected. The CHATROOM_PASSWORD environment variable does "
+                        "the same without showing it to `ps`")
+    parser.add_argument("--password-delay", type=float, default=PASSWORD_DELAY_S,
+                        metavar="S", help="--host: after a wrong room password, the next "
+                        "try from that address is heard S seconds later, doubled for each "
+                        f"wrong one in a row up to {PASSWORD_DELAY_MAX_S / PASSWORD_DELAY_S:g}"
+                        f" times S (default {PASSWORD_DELAY_S:g})")
     parser.add_argument("--name", help="the host's advertised name (--host); with "
                         "--cli or --discover, only hosts of this name")
     parser.add_argument("--port", type=int, default=DEFAULT_PORT,
@@ -14165,6 +14504,10 @@ def limits_from(args: argparse.Namespace) -> Limits:
         raise ValueError("--call-timeout must be positive and --max-call-size at least 2")
     if not 0 <= args.media_port < 65536:
         raise ValueError("--media-port takes 0 to 65535")
+    if not 0 < args.password_delay <= 3600:
+        raise ValueError("--password-delay takes more than 0, and at most 3600, seconds")
+    if len(room_password(args)) > MAX_PASSWORD_CHARS:
+        raise ValueError(f"a room password has at most {MAX_PASSWORD_CHARS} characters")
     return Limits(history_limit=args.history, max_message_bytes=args.max_message_bytes,
                   hello_timeout_s=args.login_timeout, outbox_limit_bytes=args.outbox_limit,
                   max_sessions=args.max_sessions, max_room_members=args.max_room_members,
@@ -14176,6 +14519,9 @@ def limits_from(args: argparse.Namespace) -> Limits:
                   grace_s=args.grace, retry_for_s=RETRY_FOR_S if args.retry_for is None
                   else args.retry_for,
                   max_call_size=args.max_call_size,
+                  password_delay_s=args.password_delay,
+                  password_delay_max_s=args.password_delay
+                  * PASSWORD_DELAY_MAX_S / PASSWORD_DELAY_S,
                   # A frame must hold the longest text, JSON-escaped, and its envelope.
                   max_frame_bytes=max(MAX_FRAME_BYTES, _JSON_ESCAPE_FACTOR
                                       * args.max_message_bytes + _FRAME_ENVELOPE_BYTES))

@@ -504,7 +504,9 @@ async def test_client_core_round_trip(make_host, cores):
     ready = alice_events.of("ready")[0]
     assert ready == {"type": "ready", "room": "二班", "user": "alice", "members": ["alice"],
                      "host": "round-trip-host", "address": LOCAL, "port": host.port,
-                     "max_file_size": chatroom.MAX_FILE_SIZE, "grace": chatroom.GRACE_S}
+                     "max_file_size": chatroom.MAX_FILE_SIZE, "grace": chatroom.GRACE_S,
+                     "protected": False, "rate": chatroom.RATE_LIMIT_PER_S,
+                     "burst": chatroom.BURST}
     assert alice.connected
     assert await asyncio.wrap_future(bob.join(LOCAL, host.port, "二班", "bob"))
     assert bob_events.of("ready")[0]["members"] == ["alice", "bob"]

@@ -52,7 +52,7 @@ PLATFORM = [
     ("Tcl/Tk", "8.6", "TCL (BSD-style)"),
 ]
 GNU_TEXTS = ["GPL-2", "LGPL-2.1", "LGPL-3"]     # GPL-3 is the project's own: LICENSE
-# Data inside chatroom.py itself: the Unicode tables of its ROOMS section
+# Data inside chatroom.py itself: the Unicode tables of its NAMES AND TEXT section
 # (tools/unicode_tables.py), with the licence Debian's unicode-data ships.
 UNICODE_DATA = ("Unicode data: UTS #39 confusables.txt 14.0.0; Scripts.txt, "
                 "ScriptExtensions.txt, DerivedCoreProperties.txt 15.0.0. Modified: a subset, "

@@ -1,4 +1,4 @@
-"""Write the Unicode tables of chatroom.py's ROOMS section from Unicode's own data.
+"""Write the Unicode tables of chatroom.py's NAMES AND TEXT section from Unicode's own data.
 
 chatroom.py compares User and Room IDs by their UTS #39 confusable skeleton,
 refuses IDs that mix scripts beyond UTS #39's "highly restrictive" level and
