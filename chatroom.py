@@ -58,6 +58,7 @@ import contextlib
 import ctypes
 import ctypes.util
 import dataclasses
+import datetime
 import enum
 import errno
 import functools
@@ -76,6 +77,7 @@ import secrets
 import shutil
 import signal
 import socket
+import ssl
 import stat
 import struct
 import sys
@@ -235,6 +237,7 @@ ERROR_CODES = frozenset({
     "host_shutdown",
     "call_self", "already_in_call", "no_invitation", "not_in_call", "bad_call_address",
     "no_camera", "no_audio_device", "port_taken",
+    "host_key_changed", "tls_mismatch",
 })
 
 
@@ -3531,8 +3534,9 @@ class LipSync:
 # =============================================================================
 # A host registers one `_chatroom._tcp.local.` service whose TXT record says
 # the protocol version (`v`), the host's name (`n`), how many rooms are open
-# (`rc`) and, while they fit in a single packet, each room with its member
-# count (`r0`, `r1`, ... = "3 lobby"). The record is updated, at most every
+# (`rc`), the fingerprint of its TLS key (`fp`, 64 hex digits; none on a
+# host run with --insecure) and, while they fit in a single packet, each
+# room with its member count (`r0`, `r1`, ... = "3 lobby"). The record is updated, at most every
 # `advertise_debounce_s`, as rooms come and go, and withdrawn when the host
 # stops. Browsing asks multicast (QM) questions: about 150 ms to find a host
 # on these machines, against about 1.1 s with zeroconf's default question.
@@ -3559,6 +3563,7 @@ class HostInfo:
     rooms_total: int = 0            # rooms open, listed or not
     key: str = ""                   # the mDNS service name, unique on the LAN
     addresses: tuple[str, ...] = ()     # every address it advertised, best first
+    fingerprint: str = ""           # its TLS key's, as advertised ("": --insecure)
 
     def to_event(self) -> dict:
         """The `host` event of the client vocabulary."""
@@ -3566,7 +3571,7 @@ class HostInfo:
                 "addresses": list(self.addresses or (self.address,)),
                 "port": self.port, "version": self.version,
                 "rooms": [{"room": r, "members": n} for r, n in self.rooms],
-                "rooms_total": self.rooms_total}
+                "rooms_total": self.rooms_total, "fingerprint": self.fingerprint}
 
 
 def order_addresses(addresses: Iterable[str], local: Iterable[Any]) -> list[str]:
@@ -3586,9 +3591,12 @@ def order_addresses(addresses: Iterable[str], local: Iterable[Any]) -> list[str]
     return [text for _key, text in sorted(parsed)]
 
 
-def encode_txt(name: str, rooms: list[tuple[str, int]]) -> dict[str, str]:
+def encode_txt(name: str, rooms: list[tuple[str, int]],
+               fingerprint: str = "") -> dict[str, str]:
     """TXT properties for a host; rooms beyond the budget are only counted."""
     props = {"v": str(PROTOCOL_VERSION), "n": name[:63], "rc": str(len(rooms))}
+    if fingerprint:
+        props["fp"] = fingerprint
     used = sum(len(k) + len(v.encode()) + 2 for k, v in props.items())
     for index, (room, count) in enumerate(rooms):
         key, value = f"r{index}", f"{count} {room}"
@@ -3623,6 +3631,13 @@ def decode_txt(props: dict[bytes, bytes | None]) -> tuple[str, int, list, int] |
             break
         rooms.append((room, int(count)))
     return printable(name), version, rooms, max(total, len(rooms))
+
+
+def txt_fingerprint(props: dict[bytes, bytes | None]) -> str:
+    """The key fingerprint a TXT record advertises, or "" (none, or not
+    64 hex digits: a record is untrusted)."""
+    value = props.get(b"fp") or b""
+    return value.decode("ascii").upper() if re.fullmatch(rb"[0-9A-Fa-f]{64}", value) else ""
 
 
 def _zeroconf():
@@ -3695,9 +3710,10 @@ class Advertiser:
     """Keeps one host registered on mDNS, its TXT record current."""
 
     def __init__(self, name: str, port: int, interface: str | None = None,
-                 debounce_s: float = ADVERTISE_DEBOUNCE_S) -> None:
+                 debounce_s: float = ADVERTISE_DEBOUNCE_S, fingerprint: str = "") -> None:
         self.name = name
         self.port = port
+        self.fingerprint = fingerprint  # of the host's TLS key ("": plain TCP)
         self.interface = interface
         self.debounce_s = debounce_s    # one TXT update per burst of room changes
         self._azc: Any = None           # AsyncZeroconf, once started
@@ -3725,7 +3741,8 @@ class Advertiser:
             or ["127.0.0.1"]
         return AsyncServiceInfo(
             SERVICE_TYPE, service_name, port=self.port, parsed_addresses=addresses,
-            properties=encode_txt(self.name, self._rooms), server=self._server)
+            properties=encode_txt(self.name, self._rooms, self.fingerprint),
+            server=self._server)
 
     def rooms_changed(self, rooms: list[tuple[str, int]]) -> None:
         """Note the rooms now open; the TXT record follows within a moment."""
@@ -3841,7 +3858,8 @@ class HostBrowser:
             if not addresses:
                 return
         self.hosts[name] = HostInfo(host_name, addresses[0], info.port,
-                                    tuple(rooms), version, total, name, tuple(addresses))
+                                    tuple(rooms), version, total, name, tuple(addresses),
+                                    txt_fingerprint(info.properties or {}))
         self._changed()
 
     def _changed(self) -> None:
@@ -5167,7 +5185,9 @@ class LinkProtocol(asyncio.Protocol):
 
     def eof_received(self) -> bool:
         self.data_received(b"")
-        return True                         # keep writing: the Link closes when done
+        # Keep writing: the Link closes when done. asyncio's TLS can't
+        # half-close (it closes whatever we answer, and warns if True).
+        return self.transport is None or self.transport.get_extra_info("ssl_object") is None
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.link is not None:
@@ -5201,6 +5221,8 @@ class Link:
         self.transport = transport
         self.limits = limits
         self.name = name                    # "ip:port", for logs and task names
+        self.peer_key = peer_fingerprint(transport)     # "" unless TLS with a certificate
+        self.heard_anything = False         # a byte came from the peer
         transport.set_write_buffer_limits(high=limits.transport_high_water)
         loop = asyncio.get_running_loop()
         self.last_heard = loop.time()       # last byte received
@@ -5411,6 +5433,7 @@ class Link:
 
     def _data_received(self, data: bytes) -> None:
         self.last_heard = asyncio.get_running_loop().time()
+        self.heard_anything = self.heard_anything or bool(data)
         if self._error is not None or self._eof:
             return
         self._eof = not data
@@ -5548,6 +5571,244 @@ def _close_connected(result: Any) -> None:
     transport = result[0] if isinstance(result, tuple) and result else None
     if transport is not None and hasattr(transport, "close"):
         transport.close()
+
+
+# --- TLS: the host's key, fingerprints, and the hosts a client knows -----------
+# Every connection is TLS 1.3 unless both ends were started with --insecure.
+# The host proves nothing to a certificate authority: it makes an ECDSA
+# P-256 key and a self-signed certificate on its first start and keeps them
+# (--state-dir), and its fingerprint, the SHA-256 of the certificate's
+# public key (SPKI, so a renewed certificate with the same key keeps its
+# pin), is what people compare and clients pin. A client accepts any
+# certificate in the handshake and then checks that fingerprint against
+# its known hosts (KnownHosts) before it says a word: trust on first use,
+# as ssh does, and a changed key is refused until accepted on purpose.
+
+HOST_KEY_FILE = "host-key.pem"      # the host's private key, owner-only
+HOST_CERT_FILE = "host-cert.pem"
+KNOWN_HOSTS_FILE = "known-hosts.json"
+CERT_VALID_DAYS = 10 * 365          # the pin is the key's: a renewal keeps it
+FINGERPRINT_SHOWN_BYTES = 16        # shown to people; pins keep all 32
+
+
+def _der_element(data: bytes, offset: int) -> tuple[int, int, int]:
+    """(tag, start of content, end) of the DER element at `offset`;
+    ValueError if it doesn't fit in `data` (a peer's certificate is
+    untrusted bytes)."""
+    if offset + 2 > len(data):
+        raise ValueError("truncated DER")
+    tag, first = data[offset], data[offset + 1]
+    start = offset + 2
+    if first < 0x80:
+        size = first
+    else:
+        count = first & 0x7F
+        if not 1 <= count <= 4 or start + count > len(data):
+            raise ValueError("bad DER length")
+        size = int.from_bytes(data[start:start + count], "big")
+        start += count
+    if start + size > len(data):
+        raise ValueError("truncated DER")
+    return tag, start, start + size
+
+
+def certificate_spki(der: bytes) -> bytes:
+    """The SubjectPublicKeyInfo (DER) of an X.509 certificate (DER), with
+    the standard library alone (RFC 5280 4.1: tbsCertificate holds an
+    optional [0] version, then serial, signature, issuer, validity and
+    subject, then subjectPublicKeyInfo). ValueError if malformed."""
+    tag, start, _end = _der_element(der, 0)
+    tag_tbs, at, end = _der_element(der, start)
+    if tag != 0x30 or tag_tbs != 0x30:
+        raise ValueError("not a certificate")
+    skip = 5                                # serial, signature, issuer, validity, subject
+    if at < end and der[at] == 0xA0:
+        skip += 1                           # the version
+    for _ in range(skip):
+        at = _der_element(der, at)[2]
+    tag, _start, stop = _der_element(der, at)
+    if tag != 0x30 or stop > end:
+        raise ValueError("no public key in the certificate")
+    return der[at:stop]
+
+
+def fingerprint_of(certificate_der: bytes) -> str:
+    """A certificate's key fingerprint: 64 upper-case hex digits."""
+    return hashlib.sha256(certificate_spki(certificate_der)).hexdigest().upper()
+
+
+def show_fingerprint(fingerprint: str, full: bool = False) -> str:
+    """A fingerprint as people compare it: "3F2A 9C01 ..." (its first
+    FINGERPRINT_SHOWN_BYTES, or all of it with `full`)."""
+    digits = fingerprint if full else fingerprint[:2 * FINGERPRINT_SHOWN_BYTES]
+    return " ".join(digits[i:i + 4] for i in range(0, len(digits), 4))
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    """Write `data` to `path` readable by its owner only, atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_suffix(f".{os.getpid()}.tmp")
+    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(descriptor, "wb") as out:
+        out.write(data)
+    os.replace(temporary, path)
+
+
+class HostKey:
+    """The host's TLS identity: key and certificate files and the key's
+    fingerprint. `load_or_create(folder)` reads them, or makes them on a
+    first start (`cryptography` is needed then, only then)."""
+
+    def __init__(self, key_path: Path, cert_path: Path, fingerprint: str) -> None:
+        self.key_path = key_path
+        self.cert_path = cert_path
+        self.fingerprint = fingerprint
+
+    @classmethod
+    def load_or_create(cls, folder: Path, name: str = "chatroom host") -> HostKey:
+        """The key kept in `folder`, made there first if missing. OSError
+        if the folder can't be written; MissingPackage without cryptography
+        for a first start; ValueError for a damaged certificate file."""
+        key_path, cert_path = folder / HOST_KEY_FILE, folder / HOST_CERT_FILE
+        if not (key_path.exists() and cert_path.exists()):
+            key_pem, cert_pem = _make_certificate(name)
+            _write_private(key_path, key_pem)
+            _write_private(cert_path, cert_pem)
+            log.info("made a new host key in %s", folder)
+        der = ssl.PEM_cert_to_DER_cert(cert_path.read_text(encoding="ascii"))
+        return cls(key_path, cert_path, fingerprint_of(der))
+
+    def server_context(self) -> ssl.SSLContext:
+        """TLS 1.3 only, this key and certificate."""
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.minimum_version = ssl.TLSVersion.TLSv1_3
+        context.load_cert_chain(self.cert_path, self.key_path)
+        return context
+
+
+def _make_certificate(name: str) -> tuple[bytes, bytes]:
+    """(key PEM, self-signed certificate PEM): ECDSA P-256, which every TLS
+    1.3 stack takes."""
+    try:
+        from cryptography import x509
+        from cryptography.hazmat.primitives import hashes, serialization
+        from cryptography.hazmat.primitives.asymmetric import ec
+        from cryptography.x509.oid import NameOID
+    except ImportError:
+        raise MissingPackage("cryptography", "Making the host's TLS key") from None
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, (name or "chatroom")[:64])])
+    now = datetime.datetime.now(datetime.UTC)
+    certificate = (x509.CertificateBuilder().subject_name(subject).issuer_name(subject)
+                   .public_key(key.public_key()).serial_number(x509.random_serial_number())
+                   .not_valid_before(now - datetime.timedelta(days=1))
+                   .not_valid_after(now + datetime.timedelta(days=CERT_VALID_DAYS))
+                   .sign(key, hashes.SHA256()))
+    return (key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                              serialization.NoEncryption()),
+            certificate.public_bytes(serialization.Encoding.PEM))
+
+
+def client_context() -> ssl.SSLContext:
+    """TLS 1.3 only; any certificate passes the handshake, because the
+    pin (KnownHosts), not a certificate authority, decides whom we trust."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.minimum_version = ssl.TLSVersion.TLSv1_3
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+def peer_fingerprint(transport: asyncio.BaseTransport) -> str:
+    """The fingerprint of the key a TLS transport's peer showed ("" for
+    plain TCP, or no certificate)."""
+    ssl_object = transport.get_extra_info("ssl_object")
+    der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
+    try:
+        return fingerprint_of(der) if der else ""
+    except ValueError:
+        return ""
+
+
+def name_label(name: str) -> str:
+    """The known-hosts label of a host found by its advertised name."""
+    return f"name:{id_key(name)}"
+
+
+class KnownHosts:
+    """The hosts a client has met: label -> fingerprint, a small JSON file
+    (--known-hosts, default in the config folder), owner-only.
+
+    A label is how we found the host: `name:<name>` for the name it
+    advertises (on mDNS, and in its welcome), which survives a new DHCP
+    address, or `address:port` as typed after --server. `check` is pure;
+    `save` writes the file and belongs on a thread."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.pins: dict[str, str] = {}
+        self.dirty = False                  # pins changed since the file was written
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return
+        except (OSError, ValueError) as exc:
+            log.warning("ignoring the known hosts in %s: %s", path, _why(exc))
+            return
+        if type(data) is dict and type(data.get("hosts")) is dict:
+            self.pins = {k: v.upper() for k, v in data["hosts"].items()
+                         if type(k) is str and type(v) is str
+                         and re.fullmatch(r"[0-9A-Fa-f]{64}", v)}
+
+    def check(self, label: str, fingerprint: str, accept: str = "") -> tuple[str, str]:
+        """(verdict, the fingerprint pinned before) for a host under `label`:
+        "known" (the pin matches), "new" (first meeting: pinned now),
+        "accepted" (a changed key that `accept` allows: "*" any, or this
+        fingerprint; pinned now) or "changed" (refuse it)."""
+        pinned = self.pins.get(label, "")
+        if pinned == fingerprint:
+            return "known", pinned
+        if pinned and accept not in ("*", fingerprint):
+            return "changed", pinned
+        self.pins[label] = fingerprint
+        return ("accepted" if pinned else "new"), pinned
+
+    def verify(self, labels: Sequence[str], fingerprint: str,
+               accept: str = "") -> tuple[bool, list[dict]]:
+        """Check a host's key under each of its labels: (trusted?, the
+        events to say). A first meeting pins it (`host_key`, status
+        "new"), as does a change `accept` allows ("accepted"); any other
+        change is refused: `error{host_key_changed}` with both keys and
+        how to accept the new one on purpose. `dirty` says a save is due."""
+        events: list[dict] = []
+        for label in labels:
+            verdict, old = self.check(label, fingerprint, accept)
+            who = (f'the host "{label[5:]}"' if label.startswith("name:")
+                   else f"the host at {label}")
+            if verdict == "changed":
+                return False, [{
+                    "type": "error", "code": "host_key_changed", "host": label,
+                    "fingerprint": fingerprint, "old_fingerprint": old,
+                    "message": f"REFUSED: THE KEY OF {who.upper()} HAS CHANGED. It was "
+                    f"{show_fingerprint(old)} and is now {show_fingerprint(fingerprint)}. "
+                    "Someone may be pretending to be that host, or it has a new key "
+                    "(a new computer, a reinstall, another --state-dir). Compare the "
+                    "new key with the one the host shows; if they match, join again "
+                    "with --accept-new-key (in the window: Accept the new key)"}]
+            if verdict != "known":
+                self.dirty = True
+                what = "First meeting with" if verdict == "new" else "Accepted a new key for"
+                events.append({"type": "host_key", "status": verdict, "host": label,
+                               "fingerprint": fingerprint, "old_fingerprint": old,
+                               "message": f"{what} {who}: key {show_fingerprint(fingerprint)}"
+                               f", remembered in {self.path}"})
+        return True, events
+
+    def save(self) -> None:
+        """Write every pin (a thread's job: it touches the disk)."""
+        self.dirty = False
+        text = json.dumps({"hosts": dict(sorted(self.pins.items()))}, indent=1)
+        _write_private(self.path, text.encode("utf-8"))
 
 
 # --- UDP sockets for media -----------------------------------------------------
@@ -6487,14 +6748,18 @@ class Host:
 
     `await start()` binds (then `port` is the real port) and, when
     advertising, registers on mDNS; `await close()` shuts down cleanly.
+    With `tls` (its HostKey) every connection is TLS 1.3 and the key's
+    fingerprint is advertised; without, plain TCP (--insecure).
     """
 
     def __init__(self, *, bind: str = "0.0.0.0", port: int = DEFAULT_PORT,
                  name: str | None = None, advertise: bool = True,
                  interface: str | None = None, limits: Limits = Limits(),
-                 spool_dir: str | None = None) -> None:
+                 spool_dir: str | None = None, tls: HostKey | None = None) -> None:
         self.bind = bind
         self.port = port
+        self.tls = tls
+        self.fingerprint = tls.fingerprint if tls is not None else ""
         self.name = name or socket.gethostname()
         self.interface = interface
         self.limits = limits
@@ -6508,8 +6773,8 @@ class Host:
         self.calls = HostCalls(limits, self.rooms, self.deliver)
         self.sessions: set[Session] = set()
         self.seats: dict[str, Seat] = {}    # by resume token
-        self.advertiser = Advertiser(self.name, port, interface,
-                                     limits.advertise_debounce_s) if advertise else None
+        self.advertiser = Advertiser(self.name, port, interface, limits.advertise_debounce_s,
+                                     self.fingerprint) if advertise else None
         self._server: asyncio.Server | None = None
         self._handlers: set[asyncio.Task] = set()
         self._ticker: asyncio.Task | None = None
@@ -6535,8 +6800,10 @@ class Host:
         self._started = True
         self.files.start()
         try:
+            tls = self.tls.server_context() if self.tls is not None else None
             self._server = await asyncio.get_running_loop().create_server(
-                lambda: LinkProtocol(self._accept), self.bind, self.port)
+                lambda: LinkProtocol(self._accept), self.bind, self.port, ssl=tls,
+                ssl_handshake_timeout=self.limits.hello_timeout_s if tls else None)
             self.port = self._server.sockets[0].getsockname()[1]
             self._ticker = asyncio.get_running_loop().create_task(self._tick(),
                                                                   name="host:tick")
@@ -6547,7 +6814,9 @@ class Host:
         except BaseException:
             await self._abandon()
             raise
-        log.info("host %r listening on %s:%d", self.name, self.bind, self.port)
+        log.info("host %r listening on %s:%d (%s)", self.name, self.bind, self.port,
+                 f"TLS, key {show_fingerprint(self.fingerprint)}" if self.tls else
+                 "plain TCP: --insecure")
 
     async def _abandon(self) -> None:
         """Undo a start that failed half way."""
@@ -8574,6 +8843,7 @@ class Place:
     token: str = ""                 # the welcome's resume token
     seen: int = 0                   # the last room seq received
     seated: bool = False            # a welcome came: a drop now means getting back
+    accept_key: str = ""            # a changed host key to accept: "*" any, or this one
     pending: dict[str, str] = dataclasses.field(default_factory=dict)  # id -> text
 
 
@@ -8734,9 +9004,12 @@ class ClientCore:
 
     def __init__(self, on_event: Callable[[dict], None], limits: Limits = Limits(),
                  downloads: Path | None = None, media: MediaOptions = MediaOptions(),
-                 state_dir: Path | None = None) -> None:
+                 state_dir: Path | None = None, known_hosts: KnownHosts | None = None,
+                 host_key_dir: Path | None = None) -> None:
         self.on_event = on_event
         self.limits = limits
+        self.known_hosts = known_hosts      # None: plain TCP (--insecure)
+        self.host_key_dir = host_key_dir    # where a host run here keeps its key
         self.loop = asyncio.new_event_loop()    # runs in our thread once started
         self._thread: threading.Thread | None = None
         self._link: Link | None = None      # the connection, while there is one
@@ -8834,13 +9107,17 @@ class ClientCore:
     # --- commands (any thread) ---
 
     def join(self, hosts: str | Sequence[str], port: int, room: str, user: str,
-             found_on_lan: bool = False) -> concurrent.futures.Future:
+             found_on_lan: bool = False, host_name: str = "",
+             accept_key: str = "") -> concurrent.futures.Future:
         """Connect and log in. `hosts`: an address or a name, or every
         address a host advertised, best first (the first that connects
         wins: connect_first); `found_on_lan`: mDNS found it (a failure is
-        then most likely a firewall, and the error says so). Future ->
-        True once `ready`, else False."""
-        return self.submit(self._join(hosts, port, room, user, found_on_lan))
+        then most likely a firewall, and the error says so), by the name
+        `host_name` (its key is pinned under that name); `accept_key`: a
+        changed host key to accept ("*": any). Future -> True once
+        `ready`, else False."""
+        return self.submit(self._join(hosts, port, room, user, found_on_lan, host_name,
+                                      accept_key))
 
     def say(self, text: str) -> concurrent.futures.Future:
         """Send a chat line. Future -> the message id, or None if refused."""
@@ -8973,8 +9250,20 @@ class ClientCore:
                           advertise: bool, limits: Limits) -> int | None:
         if self._host is not None:
             return self._host.port
+        key = None
+        if self.known_hosts is None:
+            self._warn_insecure("for the room hosted here")
+        else:
+            folder = self.host_key_dir or config_dir()
+            try:
+                key = await self.loop.run_in_executor(None, HostKey.load_or_create, folder,
+                                                      name or socket.gethostname())
+            except (OSError, ValueError, MissingPackage) as exc:
+                self._error("file_io", f"can't keep the host's TLS key in {folder}: "
+                            f"{_why(exc)}")
+                return None
         host = Host(bind=interface or "0.0.0.0", port=port, name=name,
-                    advertise=advertise, interface=interface, limits=limits)
+                    advertise=advertise, interface=interface, limits=limits, tls=key)
         try:
             await host.start()
         except (OSError, MissingPackage) as exc:
@@ -8983,7 +9272,8 @@ class ClientCore:
             return None
         self._host = host
         self._emit({"type": "listening", "address": host.bind, "port": host.port,
-                    "name": host.name, "advertised": host.advertiser is not None})
+                    "name": host.name, "advertised": host.advertiser is not None,
+                    "fingerprint": host.fingerprint, "encrypted": host.tls is not None})
         return host.port
 
     async def _shutdown(self) -> None:
@@ -9001,8 +9291,9 @@ class ClientCore:
 
     # --- the connection (core thread) ---
 
-    async def _join(self, hosts: str | Sequence[str], port: int, room: str,
-                    user: str, found_on_lan: bool = False) -> bool:
+    async def _join(self, hosts: str | Sequence[str], port: int, room: str, user: str,
+                    found_on_lan: bool = False, host_name: str = "",
+                    accept_key: str = "") -> bool:
         if self._link is not None or self._place is not None:
             self._error("bad_frame", "already connected; leave first")
             return False
@@ -9014,7 +9305,10 @@ class ClientCore:
             return False
         addresses = [hosts] if isinstance(hosts, str) else list(hosts)
         self._leaving = False
-        self._place = Place(addresses, port, room, user, found_on_lan)
+        self._place = Place(addresses, port, room, user, found_on_lan, host_name,
+                            accept_key=accept_key)
+        if self.known_hosts is None:        # said each time: nobody forgets it's on
+            self._warn_insecure("to the host")
         record = await self.loop.run_in_executor(None, self._store.load, self._place)
         if record:                          # a run of ours crashed here: get back
             for entry in restore_place(self._place, record):
@@ -9034,13 +9328,25 @@ class ClientCore:
         loop = asyncio.get_running_loop()
         first = not place.seated
         addresses, port = place.addresses, place.port
+        tls = client_context() if self.known_hosts is not None else None
         try:
             if len(addresses) == 1 and not _is_ip(addresses[0]):    # a name: its addresses
                 infos = await loop.getaddrinfo(addresses[0], port, type=socket.SOCK_STREAM)
                 addresses = list(dict.fromkeys(str(info[4][0]) for info in infos))
             host, (transport, protocol) = await connect_first(
-                addresses, lambda address: loop.create_connection(LinkProtocol, address, port),
+                addresses, lambda address: loop.create_connection(
+                    LinkProtocol, address, port, ssl=tls,
+                    ssl_handshake_timeout=limits.connect_timeout_s if tls else None),
                 limits.connect_timeout_s)
+        except ssl.SSLError as exc:         # it answered, but not in TLS 1.3
+            self._attempt_end = "refused"
+            self._error("tls_mismatch", f"{address_text(addresses[0], port)} does not speak "
+                        f"TLS 1.3 ({exc.reason or exc}): most likely it runs with --insecure. "
+                        "Connect with --insecure too only if you accept that anyone on "
+                        "the network can read the chat")
+            if first:
+                self._emit({"type": "closed", "reason": "refused"})
+            return False
         except (OSError, TimeoutError) as exc:
             self._attempt_end = "unreachable"
             if first:
@@ -9053,6 +9359,16 @@ class ClientCore:
             return False
         link = Link(Wire(Role.CLIENT, limits.max_frame_bytes), transport, limits,
                     f"{host}:{port}")
+        # Not a word to the host before its key is checked: the hello
+        # carries our resume token, and what follows, the chat.
+        if tls is not None and not self._key_trusted(
+                [name_label(place.host_name)] if place.host_name
+                else [address_text(place.addresses[0], place.port)], link.peer_key):
+            link.abort("refused")
+            self._attempt_end = "refused"
+            if first:
+                self._emit({"type": "closed", "reason": "refused"})
+            return False
         try:
             link.offer(Hello(PROTOCOL_VERSION, place.room, place.user,
                              f"chatroom/{__version__}", place.token, place.seen))
@@ -9068,6 +9384,26 @@ class ClientCore:
                                         name=f"reader:{host}:{port}")
         log_failure(self._reader, f"reading from {host}:{port}")
         return await joined
+
+    def _key_trusted(self, labels: list[str], fingerprint: str) -> bool:
+        """Is the host's key the one we know it by (KnownHosts.verify)?
+        Says why not; pins a new one and saves the pins on a thread."""
+        known, place = self.known_hosts, self._place
+        if known is None or place is None:
+            return True
+        trusted, events = known.verify(labels, fingerprint, place.accept_key)
+        for event in events:
+            self._emit(event)
+        if known.dirty:
+            self._on_disk(known.save)
+        return trusted
+
+    def _warn_insecure(self, where: str) -> None:
+        """--insecure: say so, every time, on stderr and as an event."""
+        message = (f"--insecure: plain TCP {where}. Anyone on this network can read the "
+                   "chat, the files and their names, and pretend to be the host")
+        log.warning("%s", message)
+        self._emit({"type": "warning", "code": "insecure", "message": message})
 
     async def _read_loop(self, link: Link, joined: asyncio.Future,
                          host: str, port: int) -> None:
@@ -9091,6 +9427,12 @@ class ClientCore:
                     reason = "protocol_error"
                     break
                 if events is None:
+                    if not self._ready and not link.heard_anything \
+                            and self.known_hosts is None:   # a TLS host hangs up on us
+                        self._error("tls_mismatch", "the host hung up without a word: most "
+                                    "likely it encrypts (runs without --insecure); drop "
+                                    "--insecure")
+                        reason = "refused"
                     break
                 ended = False
                 for event in events:
@@ -9205,6 +9547,9 @@ class ClientCore:
             return None
         if isinstance(event, Closing):
             return "quit" if event.reason == "bye" else event.reason
+        if isinstance(event, Welcome) and link.peer_key and \
+                not self._key_trusted([name_label(event.host)], link.peer_key):
+            return "refused"                # another key is known by the name it gave
         place = self._place
         if isinstance(event, (Message, System)) and place is not None:
             if isinstance(event, Message) and id_key(event.sender) == id_key(place.user):
@@ -9240,14 +9585,15 @@ class ClientCore:
                     self.files.give_up("the host was restarted, or forgot us")
                 place.seen, place.token = 0, event.resume
             place.seated, place.host_name = True, event.host
-            place.user = event.user
+            place.user, place.accept_key = event.user, ""   # accepted once, no more
         self._ready = True
         self.files.attach(link, event.max_file_size)
         self.calls.attach(link, event.user)
         if self._call_ticker is not None:
             self._call_ticker.cancel()
         self._tick_calls()
-        out.update(address=host, port=port)
+        out.update(address=host, port=port, fingerprint=link.peer_key,
+                   encrypted=bool(link.peer_key))
 
     def _resend(self) -> None:
         """What was said but never confirmed goes again, in order, with its
@@ -9614,14 +9960,18 @@ class Printer:
             return (f"Joined room {printable(event['room'])} on "
                     f"{printable(event.get('host') or event['address'])} "
                     f"({event['address']}:{event['port']}) as {printable(event['user'])}."
-                    f"\nIn the room: {members}. Type help for help, /quit to leave.")
+                    + (f" Host key {show_fingerprint(event['fingerprint'])}."
+                       if event.get("fingerprint") else " NOT ENCRYPTED.")
+                    + f"\nIn the room: {members}. Type help for help, /quit to leave.")
         if kind == "help":
             return printable_block(event["text"])
         if kind == "members":
             return f"In the room ({len(event['members'])}): " + ", ".join(
                 printable(m) for m in event["members"])
-        if kind == "error":
+        if kind in ("error", "warning"):
             return f"! {printable(event['message'])} ({event['code']})"
+        if kind == "host_key":
+            return f"* {printable(event['message'])}"
         if kind == "closed":
             return CLOSED_REASONS.get(event["reason"], f"Disconnected ({event['reason']}).")
         if kind == "reconnecting":
@@ -9632,8 +9982,10 @@ class Printer:
             rooms = ", ".join(f"{printable(r['room'])} ({r['members']})" for r in event["rooms"])
             more = event.get("rooms_total", 0) - len(event["rooms"])
             rooms += f" and {more} more" if more > 0 else ""
+            key = show_fingerprint(event["fingerprint"]) if event.get("fingerprint") \
+                else "none: not encrypted"
             return (f"{printable(event['name'])}  {event['address']}:{event['port']}  "
-                    f"rooms: {rooms or 'none yet'}")
+                    f"rooms: {rooms or 'none yet'}  key: {key}")
         if kind == "file_offer":
             whom = "you" if event.get("to") else "the room"
             return (f"[{clock}] {printable(event['from'])} is sending {whom} "
@@ -9670,6 +10022,8 @@ class Printer:
             return (f"Hosting as {printable(event['name'])} on {event['address']}:"
                     f"{event['port']}" + (" (advertised on the LAN)"
                                           if event.get("advertised") else "")
+                    + (f". Host key {show_fingerprint(event['fingerprint'], full=True)}"
+                       if event.get("fingerprint") else ". Plain TCP")
                     + ". Ctrl-C stops.")
         return None
 
@@ -9802,6 +10156,13 @@ def choose_host(hosts: list[HostInfo], json_mode: bool, emit: Callable[[dict], N
             return hosts[int(answer) - 1]
 
 
+def known_hosts_from(args: argparse.Namespace) -> KnownHosts | None:
+    """The keys a client checks hosts against (None: --insecure)."""
+    if args.insecure:
+        return None
+    return KnownHosts(args.known_hosts or config_dir() / KNOWN_HOSTS_FILE)
+
+
 def run_terminal(args: argparse.Namespace, limits: Limits, media: MediaOptions) -> int:
     """--cli: join a room and chat from stdin. Returns the exit status."""
     printer = Printer(args.json)
@@ -9816,12 +10177,13 @@ def run_terminal(args: argparse.Namespace, limits: Limits, media: MediaOptions) 
             ended.set()
 
     core = ClientCore(on_event, limits, args.downloads, media,
-                      args.state_dir or config_dir())
+                      args.state_dir or config_dir(), known_hosts_from(args))
     core.interface = args.interface
     core.start()
     _leave_on_signals()
     try:
         hosts_at: str | Sequence[str]      # an address or name, or every address advertised
+        host_name = ""                      # the name it advertised, if found by it
         if args.server:
             hosts_at, port = parse_server(args.server)
         else:
@@ -9832,9 +10194,11 @@ def run_terminal(args: argparse.Namespace, limits: Limits, media: MediaOptions) 
                                  no_host_message(args.interface, args.timeout))
             if chosen is None:
                 return EXIT_REFUSED
-            hosts_at, port = chosen.addresses or chosen.address, chosen.port
-        if not core.join(hosts_at, port, args.room, args.user,
-                         found_on_lan=not args.server).result():
+            hosts_at, port, host_name = chosen.addresses or chosen.address, chosen.port, \
+                chosen.name
+        if not core.join(hosts_at, port, args.room, args.user, found_on_lan=not args.server,
+                         host_name=host_name,
+                         accept_key="*" if args.accept_new_key else "").result():
             ended.wait(limits.close_timeout_s)
             return EXIT_REFUSED
 
@@ -11967,6 +12331,7 @@ class GuiApp:
         self.launcher = Launcher(look, self.images, prefill, trace)
         self.bridge = GuiBridge(self.launcher.window)
         self.core = ClientCore(self.bridge.on_event, limits, args.downloads, media,
+                               args.state_dir or config_dir(), known_hosts_from(args),
                                args.state_dir or config_dir())
         self.core.interface = args.interface
         self.chat: ChatWindow | None = None  # exactly while the phase is IN_ROOM
@@ -12722,7 +13087,18 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: a chatroom folder in your downloads folder)")
     parser.add_argument("--state-dir", metavar="DIR", type=Path,
                         help="where a client keeps what it needs to get back to its room "
-                        "after a crash (default: the config folder, e.g. ~/.config/chatroom)")
+                        "after a crash, and a host its TLS key (default: the config "
+                        "folder, e.g. ~/.config/chatroom)")
+    security = parser.add_argument_group("encryption")
+    security.add_argument("--insecure", action="store_true",
+                          help="plain TCP, no TLS: anyone on the network can read "
+                          "everything (both sides must say it)")
+    security.add_argument("--known-hosts", metavar="FILE", type=Path,
+                          help="the hosts' keys this client has pinned (default: "
+                          f"{KNOWN_HOSTS_FILE} in the config folder)")
+    security.add_argument("--accept-new-key", action="store_true",
+                          help="accept a host whose key changed (compare the new key "
+                          "with the one the host shows first)")
     parser.add_argument("--max-file-size", type=parse_size, default=MAX_FILE_SIZE,
                         metavar="SIZE", help="largest file a host relays, e.g. 200M, 4G "
                         "(default 4G)")
@@ -12857,11 +13233,20 @@ def run_host(args: argparse.Namespace, limits: Limits) -> int:
     """--host: serve rooms until Ctrl-C or SIGTERM. Returns the exit status."""
     printer = Printer(args.json)
     bind = args.interface or "0.0.0.0"
+    key = None
+    if not args.insecure:
+        folder = args.state_dir or config_dir()
+        try:
+            key = HostKey.load_or_create(folder, args.name or socket.gethostname())
+        except (OSError, ValueError) as exc:
+            printer({"type": "error", "code": "file_io", "message":
+                     f"can't keep the host's TLS key in {folder}: {_why(exc)}"})
+            return EXIT_REFUSED
 
     async def serve() -> None:
         host = Host(bind=bind, port=args.port, name=args.name,
                     advertise=not args.no_advertise, interface=args.interface,
-                    limits=limits, spool_dir=args.spool_dir)
+                    limits=limits, spool_dir=args.spool_dir, tls=key)
         stop = asyncio.Event()
         for signum in (signal.SIGINT, signal.SIGTERM):
             try:                            # also when a shell started us with
@@ -12871,7 +13256,11 @@ def run_host(args: argparse.Namespace, limits: Limits) -> int:
         await host.start()
         try:
             printer({"type": "listening", "address": bind, "port": host.port,
-                     "name": host.name, "advertised": host.advertiser is not None})
+                     "name": host.name, "advertised": host.advertiser is not None,
+                     "fingerprint": host.fingerprint, "encrypted": key is not None})
+            if key is None:                 # each time; after `listening`, which scripts await
+                insecure_warning(printer, "--insecure: this host speaks plain TCP. Anyone "
+                                 "on the network can read the chat, the files and their names")
             await stop.wait()
         finally:
             await host.close()
@@ -12889,6 +13278,12 @@ def run_host(args: argparse.Namespace, limits: Limits) -> int:
         return EXIT_REFUSED
     printer({"type": "closed", "reason": "host_shutdown"})
     return EXIT_OK
+
+
+def insecure_warning(printer: Printer, message: str) -> None:
+    """--insecure, said every time: on stderr, and as a `warning` event."""
+    print(f"chatroom: WARNING: {message}", file=sys.stderr, flush=True)
+    printer({"type": "warning", "code": "insecure", "message": message})
 
 
 def main(argv: list[str] | None = None) -> int:

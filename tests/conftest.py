@@ -12,8 +12,10 @@ mDNS. Every process a test starts is ended by the fixture that started it
   `.wait_for(type | substring | predicate)`, `.next()`, `.mark()` and
   `.between(mark)` (what arrived before the last match), `.seen()`
 - `make_host(name, **limits)` -> an in-process chatroom.Host on 127.0.0.1 (async)
-- `raw_connect(port)` -> socket; `frame`, `frame_json`, `read_frame`,
-  `read_frame_until`, `raw_login`, `wait_closed`: a raw protocol peer
+- `raw_connect(port)` -> socket (TLS without checking the key, as hosts
+  speak TLS unless started with --insecure: see INSECURE_PORTS); `frame`,
+  `frame_json`, `read_frame`, `read_frame_until`, `raw_login`,
+  `wait_closed`: a raw protocol peer
 
 Timeouts are failure deadlines only; no test asserts how fast anything is.
 """
@@ -25,6 +27,7 @@ import json
 import os
 import signal
 import socket
+import ssl
 import struct
 import subprocess
 import sys
@@ -46,6 +49,7 @@ DEFAULT_TIMEOUT = 30.0          # a failure deadline, never a performance promis
                                 # CI machine took over 10 s to start a client (numpy, PyAV)
 
 Predicate = Callable[[Any], bool]
+INSECURE_PORTS: set[int] = set()    # hosts started with --insecure: raw peers speak plain TCP
 
 
 _CONFIG_HOME = tempfile.mkdtemp(prefix="chatroom-test-config-")
@@ -263,6 +267,8 @@ class HostProcess(ChatProcess):
         assert self.listening.get("type") == "listening", \
             f"the host's first stdout line is not `listening`: {self.listening!r}"
         self.port: int = self.listening["port"]
+        if "--insecure" in flags:
+            INSECURE_PORTS.add(self.port)
 
     def stop(self, timeout: float = DEFAULT_TIMEOUT, signum: int = signal.SIGINT) -> int:
         """SIGINT (or `signum`), then the exit status; all output is then in `items`."""
@@ -349,12 +355,23 @@ def raw_connect():
 
     def connect(port: int, timeout: float = DEFAULT_TIMEOUT) -> socket.socket:
         sock = socket.create_connection((LOOPBACK, port), timeout=timeout)
+        if port not in INSECURE_PORTS:      # the key is the client program's to check
+            sock = tls_client_context().wrap_socket(sock)
         socks.append(sock)
         return sock
 
     yield connect
     for sock in socks:
         sock.close()
+
+
+def tls_client_context() -> ssl.SSLContext:
+    """TLS 1.3, any certificate: for raw peers, which test the protocol."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.minimum_version = ssl.TLSVersion.TLSv1_3
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    return context
 
 
 def _recv_exactly(sock: socket.socket, size: int, deadline: float) -> bytes:
@@ -397,7 +414,7 @@ def wait_closed(sock: socket.socket, timeout: float = DEFAULT_TIMEOUT) -> bytes:
             chunk = sock.recv(65536)
         except TimeoutError:
             continue
-        except ConnectionResetError:
+        except (ConnectionResetError, ssl.SSLEOFError):     # TLS: closed without notify
             return bytes(extra)
         if not chunk:
             return bytes(extra)
