@@ -11187,10 +11187,12 @@ class Launcher:
         self.trace = trace
         self.hosts: list[dict] = []         # `host` events
         self.rows: list[tuple[dict, dict | None]] = []  # (host, room or None: a new room)
+        self.changed_key: dict | None = None    # the host_key_changed error shown
         px = look.px
         table = sg.Table(
-            values=[], headings=["Room", "People", "Host", "Address"], key=(_ROOM, "hosts"),
-            col_widths=[18, 7, 14, 15], auto_size_columns=False, num_rows=7,
+            values=[], headings=["Room", "People", "Host", "Address", "Key"],
+            key=(_ROOM, "hosts"), col_widths=[16, 7, 13, 14, 11], auto_size_columns=False,
+            num_rows=7,
             justification="left", enable_events=True, expand_x=True, select_mode="browse",
             row_height=px(30), font=look.font(10), background_color=COLOURS["panel"],
             text_color=COLOURS["text"], header_background_color=COLOURS["window"],
@@ -11215,7 +11217,9 @@ class Launcher:
                      text_color=COLOURS["muted"], pad=(0, (px(16), 0)))],
             [table],
             [sg.Text("Looking for hosts...", key=(_ROOM, "hint"), font=look.font(9),
-                     text_color=COLOURS["muted"], pad=(0, (0, px(12))), expand_x=True)],
+                     text_color=COLOURS["muted"], pad=0, expand_x=True)],
+            [sg.Text("", key=(_ROOM, "key"), font=look.font(9), text_color=COLOURS["muted"],
+                     pad=(0, (0, px(12))), expand_x=True)],
             [_label("ADDRESS  (pick a host above, or type host or host:port)", look)],
             [_field((_ROOM, "address"), look, prefill.get("address", ""))],
             [ids],
@@ -11223,6 +11227,16 @@ class Launcher:
             # move Join from under the pointer.
             [sg.Text("", key=(_ROOM, "status"), font=look.font(10), size=(58, 2),
                      text_color=COLOURS["error_text"], pad=(0, (px(2), px(8))))],
+            # Shown only when a host's key changed: accepting it is a deliberate click.
+            [sg.pin(sg.Column([[
+                sg.Text("", key=(_ROOM, "key_text"), font=look.font(10), size=(44, 5),
+                        text_color=COLOURS["error_text"], background_color=COLOURS["error"],
+                        pad=(px(10), px(8))),
+                sg.Push(background_color=COLOURS["error"]),
+                _button("Accept the new key", (_ROOM, "accept_key"), look,
+                        pad=(px(10), px(8)))]], key=(_ROOM, "key_box"), visible=False,
+                background_color=COLOURS["error"], expand_x=True, pad=(0, (0, px(10)))),
+                expand_x=True)],
             [_button("Host a room here", (_ROOM, "host"), look, primary=False), sg.Push(),
              _button("Join", (_ROOM, "join"), look, bind_return_key=True)],
         ]
@@ -11284,6 +11298,23 @@ class Launcher:
         if room is None:
             self.window[(_ROOM, "room")].set_focus()
         self.status("")
+        self.window[(_ROOM, "key")].update(
+            f"Key of {printable(host['name'])}: {show_fingerprint(host['fingerprint'])} "
+            "(the host shows it: they must match)" if host.get("fingerprint") else
+            f"{printable(host['name'])} does not encrypt: it runs with --insecure")
+        self.trace_layout()
+
+    def key_changed(self, event: dict | None) -> None:
+        """Show (or, None, hide) why a host's key was refused, with the
+        button that accepts the new key."""
+        self.changed_key = event
+        if event is not None:
+            self.window[(_ROOM, "key_text")].update(
+                f"This host's key has changed. It was {show_fingerprint(event['old_fingerprint'])}"
+                f" and is now {show_fingerprint(event['fingerprint'])}. Someone may be "
+                "pretending to be it. Accept only if the host shows the new key.")
+        self.window[(_ROOM, "key_box")].update(visible=event is not None)
+        self.trace("key_changed", shown=event is not None)
         self.trace_layout()
 
     # --- the form ---
@@ -11367,19 +11398,24 @@ class Launcher:
             box = tree.bbox(str(index + 1))
             rows.append({"name": host["name"], "port": host["port"], "rooms": host["rooms"],
                          "room": room["room"] if room else None,
-                         "alive": host.get("alive", True),
+                         "alive": host.get("alive", True), "key": host.get("fingerprint"),
                          "box": [tree.winfo_rootx() + box[0], tree.winfo_rooty() + box[1],
                                  box[2], box[3]] if box else None})
         self.trace("window", name="launcher", xid=int(window.TKroot.wm_frame(), 16),
                    box=_screen_box(window.TKroot), rows=rows,
                    fields={name: self.field(name) for name in ("address", "room", "user")},
                    elements={name: _screen_box(window[(_ROOM, name)].Widget)
-                             for name in ("join", "host", "address", "room", "user")})
+                             for name in ("join", "host", "address", "room", "user",
+                                          "accept_key")},
+                   key_box=self.changed_key is not None, key=window[(_ROOM, "key")].get())
 
 
 def _row_text(host: dict, room: dict | None) -> list[str]:
-    """A launcher row: room, people, host, address (room None: a new one)."""
-    where = [printable(host["name"]), address_text(host["address"], host["port"])]
+    """A launcher row: room, people, host, address, key (room None: a new
+    one). The key's first groups; picking the row shows more of it."""
+    where = [printable(host["name"]), address_text(host["address"], host["port"]),
+             show_fingerprint(host["fingerprint"])[:9] + "…" if host.get("fingerprint")
+             else "none"]
     if not host.get("alive", True):         # its record outlived it, or a firewall
         return ["(not answering)", "", *where]
     if host.get("version") != PROTOCOL_VERSION:
@@ -11415,7 +11451,13 @@ class ChatWindow:
             sg.Column([[sg.Text(printable(self.room), font=look.font(15, "bold"), pad=0,
                                 key=(_CHAT, "title"))],
                        [sg.Text(f"{where} · you are {printable(self.me)}", font=look.font(9),
-                                text_color=COLOURS["muted"], pad=0, key=(_CHAT, "subtitle"))]],
+                                text_color=COLOURS["muted"], pad=0, key=(_CHAT, "subtitle"))],
+                       [sg.Text(f"Encrypted · host key {show_fingerprint(ready['fingerprint'])}"
+                                if ready.get("fingerprint") else
+                                "NOT ENCRYPTED: --insecure, anyone on the network can read this",
+                                font=look.font(8), pad=0, key=(_CHAT, "key"),
+                                text_color=COLOURS["faint"] if ready.get("fingerprint")
+                                else COLOURS["error_text"])]],
                       pad=0),
             sg.Push(),
             _button("Leave", (_CHAT, "leave"), look, primary=False)]
@@ -11759,7 +11801,8 @@ class ChatWindow:
                                           "view", "members")},
                    disabled={name: str(self.window[(_CHAT, name)].Widget.cget("state"))
                              in ("disabled", "readonly") for name in ("input", "send")},
-                   banner=banner.get() if banner.visible else "")
+                   banner=banner.get() if banner.visible else "",
+                   key=self.window[(_CHAT, "key")].get())
 
     def close(self) -> None:
         if self._resize_job is not None:
@@ -12353,6 +12396,8 @@ class GuiApp:
             (NET_EVENT, "resumed"): in_room(ChatWindow.back),
             (NET_EVENT, "error"): self.on_error,
             (NET_EVENT, "closed"): self.on_closed,
+            (NET_EVENT, "host_key"): self.on_notice_to_keep,
+            (NET_EVENT, "warning"): self.on_notice_to_keep,
             (NET_EVENT, "message"): in_room(ChatWindow.on_message),
             (NET_EVENT, "system"): in_room(ChatWindow.on_system),
             (NET_EVENT, "help"): in_room(ChatWindow.on_help),
@@ -12383,6 +12428,7 @@ class GuiApp:
         self.clicked: dict[Any, Callable[[dict], None]] = {
             (_ROOM, "join"): self.on_join,
             (_ROOM, "host"): self.on_host,
+            (_ROOM, "accept_key"): self.on_accept_key,
             (_ROOM, "hosts"): self.on_pick_host,
             ((_ROOM, "hosts"), "double"): self.on_double_click_host,
             (_CHAT, "send"): in_room(self.on_send),
@@ -12556,14 +12602,27 @@ class GuiApp:
             self.joining = {"address": self.launcher.typed_address()}
             self.join(*form)
 
-    def join(self, hosts: str | list[str], port: int, room: str, user: str) -> None:
-        self.joining.update(room=room, user=user)
+    def on_accept_key(self, values: dict) -> None:
+        """"Accept the new key": the same join again, taking the key shown
+        (that one only: a third key would be refused again)."""
+        changed, where = self.launcher.changed_key, self.joining.get("where")
+        if self.phase is Phase.CHOOSING and changed is not None and where is not None:
+            hosts, port, room, user = where
+            self.join(hosts, port, room, user, accept_key=changed["fingerprint"])
+
+    def join(self, hosts: str | list[str], port: int, room: str, user: str,
+             accept_key: str = "") -> None:
+        self.joining.update(room=room, user=user, where=(hosts, port, room, user))
+        self.launcher.key_changed(None)
         self._set_phase(Phase.JOINING)
         self.launcher.busy(True)
         first = hosts if isinstance(hosts, str) else hosts[0]
         self.launcher.status(f"Joining {room} at {address_text(first, port)}...")
-        listed = any(h["address"] == first and h["port"] == port for h in self.launcher.hosts)
-        self._quietly("join", self.core.join(hosts, port, room, user, found_on_lan=listed))
+        listed = next((h for h in self.launcher.hosts
+                       if h["address"] == first and h["port"] == port), None)
+        self._quietly("join", self.core.join(
+            hosts, port, room, user, found_on_lan=listed is not None,
+            host_name=listed["name"] if listed else "", accept_key=accept_key))
 
     def on_host(self, values: dict) -> None:
         """"Host a room here": start a host in this process, then join it."""
@@ -12620,12 +12679,27 @@ class GuiApp:
             chat.note(f"You are hosting this room on port {self.hosted_port}; "
                       "people on your network can find it. Closing this window "
                       "ends it for everyone.")
+        for notice in self.joining.pop("notices", []):  # a key met, or --insecure
+            chat.note(_sentence(notice["message"]),
+                      "error" if notice["type"] == "warning" else "info")
+
+    def on_notice_to_keep(self, event: dict) -> None:
+        """`host_key` (a key pinned, or accepted) and `warning` (--insecure)
+        come while joining: the chat window says them when it opens."""
+        if self.chat is not None:
+            self.chat.note(_sentence(event["message"]),
+                           "error" if event["type"] == "warning" else "info")
+        else:
+            self.joining.setdefault("notices", []).append(event)
 
     def on_error(self, event: dict) -> None:
         if event["code"] in DEVICE_ERRORS:  # also in the call window (which may
             self.calls.trouble = _sentence(event["message"])   # open just after)
             self._say_who()
-        if self.phase is Phase.JOINING:
+        if self.phase is Phase.JOINING and event["code"] == "host_key_changed":
+            self.launcher.error("Refused: this host's key has changed.")
+            self.launcher.key_changed(event)
+        elif self.phase is Phase.JOINING:
             self.launcher.error(_JOIN_ERRORS.get(event["code"], _sentence)(event["message"]))
         elif self.phase in (Phase.HOSTING, Phase.CHOOSING):   # no host, or no LAN watch
             self.launcher.error(_sentence(event["message"]))

@@ -458,7 +458,9 @@ class CoreClient:
         self.proc = types.SimpleNamespace(poll=lambda: None)
         self._cond = threading.Condition()
         self.downloads = downloads
-        self.core = chatroom.ClientCore(self._on_event, downloads=downloads)
+        self.core = chatroom.ClientCore(   # TLS, as the host processes speak it
+            self._on_event, downloads=downloads,
+            known_hosts=chatroom.KnownHosts(downloads.parent / f"known-{user}.json"))
         self.core.start()
         assert self.core.join(LOOPBACK, port, ROOM, user).result(10)
         self.ready = self.wait_for("ready")
