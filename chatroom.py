@@ -225,7 +225,8 @@ class Limits:
     gui_stop_wait_s: float = GUI_STOP_WAIT_S
 
 
-# Error codes a peer or a script may see, in `error{code,message}` events.
+# Codes a peer or a script may see, in `error{code,message}` events (and
+# `insecure`, in `warning` events).
 # A test (or a bot) matches on the code; the message is for people.
 ERROR_CODES = frozenset({
     "user_taken", "bad_user_id", "bad_room_id", "room_full", "host_full",
@@ -237,7 +238,7 @@ ERROR_CODES = frozenset({
     "host_shutdown",
     "call_self", "already_in_call", "no_invitation", "not_in_call", "bad_call_address",
     "no_camera", "no_audio_device", "port_taken",
-    "host_key_changed", "tls_mismatch",
+    "host_key_changed", "tls_mismatch", "insecure",
 })
 
 
@@ -5573,6 +5574,40 @@ def _close_connected(result: Any) -> None:
         transport.close()
 
 
+# --- Why a connection failed, in words for a person ---------------------------
+
+def firewall_hint(port: int) -> str:
+    """A host that answered mDNS but not on its port: the usual cause, and fixes."""
+    return (f". It answered on the LAN, so it is running, but its TCP port {port} takes no "
+            "connections: most likely a firewall on that computer. There, allow chatroom "
+            f"in: Windows, Windows Defender Firewall (or TCP port {port}); macOS, System "
+            "Settings > Network > Firewall > Options; Linux, `sudo ufw allow "
+            f"{port}/tcp` or `sudo firewall-cmd --add-port={port}/tcp`")
+
+
+def is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
+
+
+def why_unreachable(exc: BaseException, waited_s: float) -> str:
+    """A connection that failed, in words for a person (not "Connect call
+    failed ('127.0.0.1', 1)")."""
+    if isinstance(exc, TimeoutError):
+        return f"no answer within {waited_s:g} s"
+    if isinstance(exc, socket.gaierror):
+        return "no such host name on this network"
+    if isinstance(exc, ConnectionRefusedError):
+        return "nothing is listening there (is the host running, on that port?)"
+    if isinstance(exc, OSError) and exc.errno in (errno.EHOSTUNREACH, errno.ENETUNREACH):
+        return "that address can't be reached from this network"
+    return (exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)) \
+        or type(exc).__name__
+
+
 # --- TLS: the host's key, fingerprints, and the hosts a client knows -----------
 # Every connection is TLS 1.3 unless both ends were started with --insecure.
 # The host proves nothing to a certificate authority: it makes an ECDSA
@@ -5746,19 +5781,23 @@ class KnownHosts:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self.pins: dict[str, str] = {}
         self.dirty = False                  # pins changed since the file was written
+        self._changed: dict[str, str] = {}  # what this process pinned
+        self.pins: dict[str, str] = self._read()
+
+    def _read(self) -> dict[str, str]:
+        """The pins in the file ({} if missing; a damaged file is ignored)."""
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
+            data = json.loads(self.path.read_text(encoding="utf-8"))
         except FileNotFoundError:
-            return
+            return {}
         except (OSError, ValueError) as exc:
-            log.warning("ignoring the known hosts in %s: %s", path, _why(exc))
-            return
-        if type(data) is dict and type(data.get("hosts")) is dict:
-            self.pins = {k: v.upper() for k, v in data["hosts"].items()
-                         if type(k) is str and type(v) is str
-                         and re.fullmatch(r"[0-9A-Fa-f]{64}", v)}
+            log.warning("ignoring the known hosts in %s: %s", self.path, _why(exc))
+            return {}
+        if type(data) is not dict or type(data.get("hosts")) is not dict:
+            return {}
+        return {k: v.upper() for k, v in data["hosts"].items() if type(k) is str
+                and type(v) is str and re.fullmatch(r"[0-9A-Fa-f]{64}", v)}
 
     def check(self, label: str, fingerprint: str, accept: str = "") -> tuple[str, str]:
         """(verdict, the fingerprint pinned before) for a host under `label`:
@@ -5770,7 +5809,7 @@ class KnownHosts:
             return "known", pinned
         if pinned and accept not in ("*", fingerprint):
             return "changed", pinned
-        self.pins[label] = fingerprint
+        self.pins[label] = self._changed[label] = fingerprint
         return ("accepted" if pinned else "new"), pinned
 
     def verify(self, labels: Sequence[str], fingerprint: str,
@@ -5805,9 +5844,11 @@ class KnownHosts:
         return True, events
 
     def save(self) -> None:
-        """Write every pin (a thread's job: it touches the disk)."""
+        """Write our new pins over what the file holds now (another client
+        may have pinned other hosts meanwhile); a thread's job."""
         self.dirty = False
-        text = json.dumps({"hosts": dict(sorted(self.pins.items()))}, indent=1)
+        pins = {**self._read(), **self._changed}
+        text = json.dumps({"hosts": dict(sorted(pins.items()))}, indent=1)
         _write_private(self.path, text.encode("utf-8"))
 
 
@@ -8943,38 +8984,6 @@ CLOSED_REASONS = {
 }
 
 
-def _firewall_hint(port: int) -> str:
-    """A host that answered mDNS but not on its port: the usual cause, and fixes."""
-    return (f". It answered on the LAN, so it is running, but its TCP port {port} takes no "
-            "connections: most likely a firewall on that computer. There, allow chatroom "
-            f"in: Windows, Windows Defender Firewall (or TCP port {port}); macOS, System "
-            "Settings > Network > Firewall > Options; Linux, `sudo ufw allow "
-            f"{port}/tcp` or `sudo firewall-cmd --add-port={port}/tcp`")
-
-
-def _is_ip(text: str) -> bool:
-    try:
-        ipaddress.ip_address(text)
-    except ValueError:
-        return False
-    return True
-
-
-def _why_unreachable(exc: BaseException, waited_s: float) -> str:
-    """A connection that failed, in words for a person (not "Connect call
-    failed ('127.0.0.1', 1)")."""
-    if isinstance(exc, TimeoutError):
-        return f"no answer within {waited_s:g} s"
-    if isinstance(exc, socket.gaierror):
-        return "no such host name on this network"
-    if isinstance(exc, ConnectionRefusedError):
-        return "nothing is listening there (is the host running, on that port?)"
-    if isinstance(exc, OSError) and exc.errno in (errno.EHOSTUNREACH, errno.ENETUNREACH):
-        return "that address can't be reached from this network"
-    return (exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)) \
-        or type(exc).__name__
-
-
 def ui_event(event: Event) -> dict:
     """The vocabulary dict for an event received from the host."""
     out = event.to_wire()
@@ -9330,7 +9339,7 @@ class ClientCore:
         addresses, port = place.addresses, place.port
         tls = client_context() if self.known_hosts is not None else None
         try:
-            if len(addresses) == 1 and not _is_ip(addresses[0]):    # a name: its addresses
+            if len(addresses) == 1 and not is_ip(addresses[0]):    # a name: its addresses
                 infos = await loop.getaddrinfo(addresses[0], port, type=socket.SOCK_STREAM)
                 addresses = list(dict.fromkeys(str(info[4][0]) for info in infos))
             host, (transport, protocol) = await connect_first(
@@ -9353,8 +9362,8 @@ class ClientCore:
                 where = address_text(addresses[0], port) + (
                     f" (or {', '.join(addresses[1:])})" if len(addresses) > 1 else "")
                 self._error("host_unreachable", f"can't reach {where}: "
-                            f"{_why_unreachable(exc, limits.connect_timeout_s)}"
-                            + (_firewall_hint(port) if place.found_on_lan else ""))
+                            f"{why_unreachable(exc, limits.connect_timeout_s)}"
+                            + (firewall_hint(port) if place.found_on_lan else ""))
                 self._emit({"type": "closed", "reason": "unreachable"})
             return False
         link = Link(Wire(Role.CLIENT, limits.max_frame_bytes), transport, limits,
