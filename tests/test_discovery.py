@@ -344,10 +344,11 @@ async def test_discover_subprocess_host_and_its_rooms(run):
     name = unique()
     host, port = await start_host(run, name)
 
+    key = next(e for e in host.events if e["type"] == "listening")["fingerprint"]
     hosts = await discover_cli(run, name)
     assert hosts == [{"type": "host", "name": name, "address": LOCAL, "addresses": [LOCAL],
                       "port": port, "version": chatroom.PROTOCOL_VERSION, "rooms": [],
-                      "rooms_total": 0}]
+                      "rooms_total": 0, "fingerprint": key}]
 
     alice = await run("--cli", "--json", "--server", f"{LOCAL}:{port}",
                       "--room", "二班", "--user", "alice", stdin=True)
