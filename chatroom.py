@@ -9,11 +9,12 @@ hosts on the LAN; with no arguments it opens the desktop window. People in a
 room chat in any language and are told by ``[SYSTEM]`` notices, which nobody
 can fake, who comes and goes; they send files, and call each other with
 video and voice, peer to peer over UDP or through the host when UDP can't
-get through, every media packet sealed. Only the standard library is
-needed to import this file; zeroconf enables discovery, PySimpleGUI the
-window, and cryptography, numpy, OpenCV, PyAV and PyAudio the calls (each
-is imported where it is used, and a missing one is named in a friendly
-error).
+get through, every media packet sealed; client and host speak TLS 1.3, the
+host's key pinned on first use. Only the standard library is needed to
+import this file; zeroconf enables discovery, PySimpleGUI the window,
+cryptography a host's first key, and cryptography, numpy, OpenCV, PyAV and
+PyAudio the calls (each is imported where it is used, and a missing one is
+named in a friendly error).
 
 The file reads top to bottom; each section uses only the sections above it
 (tests/test_map.py holds this map and that rule true):
@@ -3537,10 +3538,11 @@ class LipSync:
 # the protocol version (`v`), the host's name (`n`), how many rooms are open
 # (`rc`), the fingerprint of its TLS key (`fp`, 64 hex digits; none on a
 # host run with --insecure) and, while they fit in a single packet, each
-# room with its member count (`r0`, `r1`, ... = "3 lobby"). The record is updated, at most every
-# `advertise_debounce_s`, as rooms come and go, and withdrawn when the host
-# stops. Browsing asks multicast (QM) questions: about 150 ms to find a host
-# on these machines, against about 1.1 s with zeroconf's default question.
+# room with its member count (`r0`, `r1`, ... = "3 lobby"). The record is
+# updated, at most every `advertise_debounce_s`, as rooms come and go, and
+# withdrawn when the host stops. Browsing asks multicast (QM) questions:
+# about 150 ms to find a host on these machines, against about 1.1 s with
+# zeroconf's default question.
 #
 # Everything read from the LAN is untrusted: TXT values are decoded and
 # checked like wire fields, and a malformed record is skipped, not trusted.
@@ -5143,7 +5145,9 @@ class Recorder:
 # it, so frames never interleave and a chat line overtakes media and files.
 # It knows nothing of rooms, files or calls, and never decides who is too
 # slow: it reports, its owner decides. UdpSocket, for call media, is here
-# too: a socket with a receiving thread of its own, off the loop.
+# too: a socket with a receiving thread of its own, off the loop. So is what
+# makes a connection TLS and checks whose it is: the host's key (HostKey),
+# fingerprints, and the keys a client has pinned (KnownHosts).
 #
 # Rules it keeps: every lane has a limit (`outbox_limit_bytes` for urgent,
 # `media_lane_bytes` for media, which drops its oldest packet rather than
