@@ -9,11 +9,13 @@ hosts on the LAN; with no arguments it opens the desktop window. People in a
 room chat in any language and are told by ``[SYSTEM]`` notices, which nobody
 can fake, who comes and goes; they send files, and call each other with
 video and voice, peer to peer over UDP or through the host when UDP can't
-get through, every media packet sealed. Only the standard library is
-needed to import this file; zeroconf enables discovery, PySimpleGUI the
-window, cryptography, numpy, OpenCV, PyAV and PyAudio the calls, and
-livekit their echo cancelling (each is imported where it is used, and a
-missing one is named in a friendly error; calls go on without livekit).
+get through, every media packet sealed; client and host speak TLS 1.3, the
+host's key pinned on first use. Only the standard library is needed to
+import this file; zeroconf enables discovery, PySimpleGUI the window,
+cryptography a host's first key, and cryptography, numpy, OpenCV, PyAV and
+PyAudio the calls, and livekit their echo cancelling (each is imported
+where it is used, and a missing one is named in a friendly error; calls go
+on without livekit).
 
 The file reads top to bottom; each section uses only the sections above it
 (tests/test_map.py holds this map and that rule true):
@@ -61,6 +63,7 @@ import contextlib
 import ctypes
 import ctypes.util
 import dataclasses
+import datetime
 import enum
 import errno
 import functools
@@ -80,6 +83,7 @@ import secrets
 import shutil
 import signal
 import socket
+import ssl
 import stat
 import struct
 import sys
@@ -250,7 +254,8 @@ class Limits:
     gui_stop_wait_s: float = GUI_STOP_WAIT_S
 
 
-# Error codes a peer or a script may see, in `error{code,message}` events.
+# Codes a peer or a script may see, in `error{code,message}` events (and
+# `insecure`, in `warning` events).
 # A test (or a bot) matches on the code; the message is for people.
 ERROR_CODES = frozenset({
     "user_taken", "bad_user_id", "bad_room_id", "room_full", "host_full",
@@ -263,6 +268,7 @@ ERROR_CODES = frozenset({
     "call_self", "already_in_call", "no_invitation", "not_in_call", "bad_call_address",
     "no_camera", "no_audio_device", "port_taken",
     "wrong_password", "room_not_protected",
+    "host_key_changed", "tls_mismatch", "insecure",
 })
 
 
@@ -4360,11 +4366,13 @@ class LipSync:
 # =============================================================================
 # A host registers one `_chatroom._tcp.local.` service whose TXT record says
 # the protocol version (`v`), the host's name (`n`), how many rooms are open
-# (`rc`) and, while they fit in a single packet, each room with its member
-# count (`r0`, `r1`, ... = "3 lobby"). The record is updated, at most every
-# `advertise_debounce_s`, as rooms come and go, and withdrawn when the host
-# stops. Browsing asks multicast (QM) questions: about 150 ms to find a host
-# on these machines, against about 1.1 s with zeroconf's default question.
+# (`rc`), the fingerprint of its TLS key (`fp`, 64 hex digits; none on a
+# host run with --insecure) and, while they fit in a single packet, each
+# room with its member count (`r0`, `r1`, ... = "3 lobby"). The record is
+# updated, at most every `advertise_debounce_s`, as rooms come and go, and
+# withdrawn when the host stops. Browsing asks multicast (QM) questions:
+# about 150 ms to find a host on these machines, against about 1.1 s with
+# zeroconf's default question.
 #
 # Everything read from the LAN is untrusted: TXT values are decoded and
 # checked like wire fields, and a malformed record is skipped, not trusted.
@@ -4388,6 +4396,7 @@ class HostInfo:
     rooms_total: int = 0            # rooms open, listed or not
     key: str = ""                   # the mDNS service name, unique on the LAN
     addresses: tuple[str, ...] = ()     # every address it advertised, best first
+    fingerprint: str = ""           # its TLS key's, as advertised ("": --insecure)
 
     def to_event(self) -> dict:
         """The `host` event of the client vocabulary."""
@@ -4395,7 +4404,7 @@ class HostInfo:
                 "addresses": list(self.addresses or (self.address,)),
                 "port": self.port, "version": self.version,
                 "rooms": [{"room": r, "members": n} for r, n in self.rooms],
-                "rooms_total": self.rooms_total}
+                "rooms_total": self.rooms_total, "fingerprint": self.fingerprint}
 
 
 def order_addresses(addresses: Iterable[str], local: Iterable[Any]) -> list[str]:
@@ -4415,9 +4424,12 @@ def order_addresses(addresses: Iterable[str], local: Iterable[Any]) -> list[str]
     return [text for _key, text in sorted(parsed)]
 
 
-def encode_txt(name: str, rooms: list[tuple[str, int]]) -> dict[str, str]:
+def encode_txt(name: str, rooms: list[tuple[str, int]],
+               fingerprint: str = "") -> dict[str, str]:
     """TXT properties for a host; rooms beyond the budget are only counted."""
     props = {"v": str(PROTOCOL_VERSION), "n": name[:63], "rc": str(len(rooms))}
+    if fingerprint:
+        props["fp"] = fingerprint
     used = sum(len(k) + len(v.encode()) + 2 for k, v in props.items())
     for index, (room, count) in enumerate(rooms):
         key, value = f"r{index}", f"{count} {room}"
@@ -4452,6 +4464,13 @@ def decode_txt(props: dict[bytes, bytes | None]) -> tuple[str, int, list, int] |
             break
         rooms.append((room, int(count)))
     return printable(name), version, rooms, max(total, len(rooms))
+
+
+def txt_fingerprint(props: dict[bytes, bytes | None]) -> str:
+    """The key fingerprint a TXT record advertises, or "" (none, or not
+    64 hex digits: a record is untrusted)."""
+    value = props.get(b"fp") or b""
+    return value.decode("ascii").upper() if re.fullmatch(rb"[0-9A-Fa-f]{64}", value) else ""
 
 
 def _zeroconf():
@@ -4524,9 +4543,10 @@ class Advertiser:
     """Keeps one host registered on mDNS, its TXT record current."""
 
     def __init__(self, name: str, port: int, interface: str | None = None,
-                 debounce_s: float = ADVERTISE_DEBOUNCE_S) -> None:
+                 debounce_s: float = ADVERTISE_DEBOUNCE_S, fingerprint: str = "") -> None:
         self.name = name
         self.port = port
+        self.fingerprint = fingerprint  # of the host's TLS key ("": plain TCP)
         self.interface = interface
         self.debounce_s = debounce_s    # one TXT update per burst of room changes
         self._azc: Any = None           # AsyncZeroconf, once started
@@ -4554,7 +4574,8 @@ class Advertiser:
             or ["127.0.0.1"]
         return AsyncServiceInfo(
             SERVICE_TYPE, service_name, port=self.port, parsed_addresses=addresses,
-            properties=encode_txt(self.name, self._rooms), server=self._server)
+            properties=encode_txt(self.name, self._rooms, self.fingerprint),
+            server=self._server)
 
     def rooms_changed(self, rooms: list[tuple[str, int]]) -> None:
         """Note the rooms now open; the TXT record follows within a moment."""
@@ -4670,7 +4691,8 @@ class HostBrowser:
             if not addresses:
                 return
         self.hosts[name] = HostInfo(host_name, addresses[0], info.port,
-                                    tuple(rooms), version, total, name, tuple(addresses))
+                                    tuple(rooms), version, total, name, tuple(addresses),
+                                    txt_fingerprint(info.properties or {}))
         self._changed()
 
     def _changed(self) -> None:
@@ -6124,7 +6146,9 @@ class Recorder:
 # it, so frames never interleave and a chat line overtakes media and files.
 # It knows nothing of rooms, files or calls, and never decides who is too
 # slow: it reports, its owner decides. UdpSocket, for call media, is here
-# too: a socket with a receiving thread of its own, off the loop.
+# too: a socket with a receiving thread of its own, off the loop. So is what
+# makes a connection TLS and checks whose it is: the host's key (HostKey),
+# fingerprints, and the keys a client has pinned (KnownHosts).
 #
 # Rules it keeps: every lane has a limit (`outbox_limit_bytes` for urgent,
 # `media_lane_bytes` for media, which drops its oldest packet rather than
@@ -6170,7 +6194,9 @@ class LinkProtocol(asyncio.Protocol):
 
     def eof_received(self) -> bool:
         self.data_received(b"")
-        return True                         # keep writing: the Link closes when done
+        # Keep writing: the Link closes when done. asyncio's TLS can't
+        # half-close (it closes whatever we answer, and warns if True).
+        return self.transport is None or self.transport.get_extra_info("ssl_object") is None
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.link is not None:
@@ -6206,6 +6232,8 @@ class Link:
         self.transport = transport
         self.limits = limits
         self.name = name                    # "ip:port", for logs and task names
+        self.peer_key = peer_fingerprint(transport)     # "" unless TLS with a certificate
+        self.heard_anything = False         # a byte came from the peer
         transport.set_write_buffer_limits(high=limits.transport_high_water)
         loop = asyncio.get_running_loop()
         self.last_heard = loop.time()       # last byte received
@@ -6416,6 +6444,7 @@ class Link:
 
     def _data_received(self, data: bytes) -> None:
         self.last_heard = asyncio.get_running_loop().time()
+        self.heard_anything = self.heard_anything or bool(data)
         if self._error is not None or self._eof:
             return
         self._eof = not data
@@ -6553,6 +6582,284 @@ def _close_connected(result: Any) -> None:
     transport = result[0] if isinstance(result, tuple) and result else None
     if transport is not None and hasattr(transport, "close"):
         transport.close()
+
+
+# --- Why a connection failed, in words for a person ---------------------------
+
+def firewall_hint(port: int) -> str:
+    """A host that answered mDNS but not on its port: the usual cause, and fixes."""
+    return (f". It answered on the LAN, so it is running, but its TCP port {port} takes no "
+            "connections: most likely a firewall on that computer. There, allow chatroom "
+            f"in: Windows, Windows Defender Firewall (or TCP port {port}); macOS, System "
+            "Settings > Network > Firewall > Options; Linux, `sudo ufw allow "
+            f"{port}/tcp` or `sudo firewall-cmd --add-port={port}/tcp`")
+
+
+def is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
+
+
+def why_unreachable(exc: BaseException, waited_s: float) -> str:
+    """A connection that failed, in words for a person (not "Connect call
+    failed ('127.0.0.1', 1)")."""
+    if isinstance(exc, TimeoutError):
+        return f"no answer within {waited_s:g} s"
+    if isinstance(exc, socket.gaierror):
+        return "no such host name on this network"
+    if isinstance(exc, ConnectionRefusedError):
+        return "nothing is listening there (is the host running, on that port?)"
+    if isinstance(exc, OSError) and exc.errno in (errno.EHOSTUNREACH, errno.ENETUNREACH):
+        return "that address can't be reached from this network"
+    return (exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)) \
+        or type(exc).__name__
+
+
+# --- TLS: the host's key, fingerprints, and the hosts a client knows -----------
+# Every connection is TLS 1.3 unless both ends were started with --insecure.
+# The host proves nothing to a certificate authority: it makes an ECDSA
+# P-256 key and a self-signed certificate on its first start and keeps them
+# (--state-dir), and its fingerprint, the SHA-256 of the certificate's
+# public key (SPKI, so a renewed certificate with the same key keeps its
+# pin), is what people compare and clients pin. A client accepts any
+# certificate in the handshake and then checks that fingerprint against
+# its known hosts (KnownHosts) before it says a word: trust on first use,
+# as ssh does, and a changed key is refused until accepted on purpose.
+
+HOST_KEY_FILE = "host-key.pem"      # the host's private key, owner-only
+HOST_CERT_FILE = "host-cert.pem"
+KNOWN_HOSTS_FILE = "known-hosts.json"
+CERT_VALID_DAYS = 10 * 365          # the pin is the key's: a renewal keeps it
+FINGERPRINT_SHOWN_BYTES = 16        # shown to people; pins keep all 32
+
+
+def _der_element(data: bytes, offset: int) -> tuple[int, int, int]:
+    """(tag, start of content, end) of the DER element at `offset`;
+    ValueError if it doesn't fit in `data` (a peer's certificate is
+    untrusted bytes)."""
+    if offset + 2 > len(data):
+        raise ValueError("truncated DER")
+    tag, first = data[offset], data[offset + 1]
+    start = offset + 2
+    if first < 0x80:
+        size = first
+    else:
+        count = first & 0x7F
+        if not 1 <= count <= 4 or start + count > len(data):
+            raise ValueError("bad DER length")
+        size = int.from_bytes(data[start:start + count], "big")
+        start += count
+    if start + size > len(data):
+        raise ValueError("truncated DER")
+    return tag, start, start + size
+
+
+def certificate_spki(der: bytes) -> bytes:
+    """The SubjectPublicKeyInfo (DER) of an X.509 certificate (DER), with
+    the standard library alone (RFC 5280 4.1: tbsCertificate holds an
+    optional [0] version, then serial, signature, issuer, validity and
+    subject, then subjectPublicKeyInfo). ValueError if malformed."""
+    tag, start, _end = _der_element(der, 0)
+    tag_tbs, at, end = _der_element(der, start)
+    if tag != 0x30 or tag_tbs != 0x30:
+        raise ValueError("not a certificate")
+    skip = 5                                # serial, signature, issuer, validity, subject
+    if at < end and der[at] == 0xA0:
+        skip += 1                           # the version
+    for _ in range(skip):
+        at = _der_element(der, at)[2]
+    tag, _start, stop = _der_element(der, at)
+    if tag != 0x30 or stop > end:
+        raise ValueError("no public key in the certificate")
+    return der[at:stop]
+
+
+def fingerprint_of(certificate_der: bytes) -> str:
+    """A certificate's key fingerprint: 64 upper-case hex digits."""
+    return hashlib.sha256(certificate_spki(certificate_der)).hexdigest().upper()
+
+
+def show_fingerprint(fingerprint: str, full: bool = False) -> str:
+    """A fingerprint as people compare it: "3F2A 9C01 ..." (its first
+    FINGERPRINT_SHOWN_BYTES, or all of it with `full`)."""
+    digits = fingerprint if full else fingerprint[:2 * FINGERPRINT_SHOWN_BYTES]
+    return " ".join(digits[i:i + 4] for i in range(0, len(digits), 4))
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    """Write `data` to `path` readable by its owner only, atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_suffix(f".{os.getpid()}.tmp")
+    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(descriptor, "wb") as out:
+        out.write(data)
+    os.replace(temporary, path)
+
+
+class HostKey:
+    """The host's TLS identity: key and certificate files and the key's
+    fingerprint. `load_or_create(folder)` reads them, or makes them on a
+    first start (`cryptography` is needed then, only then)."""
+
+    def __init__(self, key_path: Path, cert_path: Path, fingerprint: str) -> None:
+        self.key_path = key_path
+        self.cert_path = cert_path
+        self.fingerprint = fingerprint
+
+    @classmethod
+    def load_or_create(cls, folder: Path, name: str = "chatroom host") -> HostKey:
+        """The key kept in `folder`, made there first if missing. OSError
+        if the folder can't be written; MissingPackage without cryptography
+        for a first start; ValueError for a damaged certificate file."""
+        key_path, cert_path = folder / HOST_KEY_FILE, folder / HOST_CERT_FILE
+        if not (key_path.exists() and cert_path.exists()):
+            key_pem, cert_pem = _make_certificate(name)
+            _write_private(key_path, key_pem)
+            _write_private(cert_path, cert_pem)
+            log.info("made a new host key in %s", folder)
+        der = ssl.PEM_cert_to_DER_cert(cert_path.read_text(encoding="ascii"))
+        return cls(key_path, cert_path, fingerprint_of(der))
+
+    def server_context(self) -> ssl.SSLContext:
+        """TLS 1.3 only, this key and certificate."""
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.minimum_version = ssl.TLSVersion.TLSv1_3
+        context.load_cert_chain(self.cert_path, self.key_path)
+        return context
+
+
+def _make_certificate(name: str) -> tuple[bytes, bytes]:
+    """(key PEM, self-signed certificate PEM): ECDSA P-256, which every TLS
+    1.3 stack takes."""
+    try:
+        from cryptography import x509
+        from cryptography.hazmat.primitives import hashes, serialization
+        from cryptography.hazmat.primitives.asymmetric import ec
+        from cryptography.x509.oid import NameOID
+    except ImportError:
+        raise MissingPackage("cryptography", "Making the host's TLS key") from None
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, (name or "chatroom")[:64])])
+    now = datetime.datetime.now(datetime.UTC)
+    certificate = (x509.CertificateBuilder().subject_name(subject).issuer_name(subject)
+                   .public_key(key.public_key()).serial_number(x509.random_serial_number())
+                   .not_valid_before(now - datetime.timedelta(days=1))
+                   .not_valid_after(now + datetime.timedelta(days=CERT_VALID_DAYS))
+                   .sign(key, hashes.SHA256()))
+    return (key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                              serialization.NoEncryption()),
+            certificate.public_bytes(serialization.Encoding.PEM))
+
+
+def client_context() -> ssl.SSLContext:
+    """TLS 1.3 only; any certificate passes the handshake, because the
+    pin (KnownHosts), not a certificate authority, decides whom we trust."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.minimum_version = ssl.TLSVersion.TLSv1_3
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+def peer_fingerprint(transport: asyncio.BaseTransport) -> str:
+    """The fingerprint of the key a TLS transport's peer showed ("" for
+    plain TCP, or no certificate)."""
+    ssl_object = transport.get_extra_info("ssl_object")
+    der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
+    try:
+        return fingerprint_of(der) if der else ""
+    except ValueError:
+        return ""
+
+
+def name_label(name: str) -> str:
+    """The known-hosts label of a host found by its advertised name."""
+    return f"name:{id_key(name)}"
+
+
+class KnownHosts:
+    """The hosts a client has met: label -> fingerprint, a small JSON file
+    (--known-hosts, default in the config folder), owner-only.
+
+    A label is how we found the host: `name:<name>` for the name it
+    advertises (on mDNS, and in its welcome), which survives a new DHCP
+    address, or `address:port` as typed after --server. `check` is pure;
+    `save` writes the file and belongs on a thread."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.dirty = False                  # pins changed since the file was written
+        self._changed: dict[str, str] = {}  # what this process pinned
+        self.pins: dict[str, str] = self._read()
+
+    def _read(self) -> dict[str, str]:
+        """The pins in the file ({} if missing; a damaged file is ignored)."""
+        try:
+            data = json.loads(self.path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError) as exc:
+            log.warning("ignoring the known hosts in %s: %s", self.path, _why(exc))
+            return {}
+        if type(data) is not dict or type(data.get("hosts")) is not dict:
+            return {}
+        return {k: v.upper() for k, v in data["hosts"].items() if type(k) is str
+                and type(v) is str and re.fullmatch(r"[0-9A-Fa-f]{64}", v)}
+
+    def check(self, label: str, fingerprint: str, accept: str = "") -> tuple[str, str]:
+        """(verdict, the fingerprint pinned before) for a host under `label`:
+        "known" (the pin matches), "new" (first meeting: pinned now),
+        "accepted" (a changed key that `accept` allows: "*" any, or this
+        fingerprint; pinned now) or "changed" (refuse it)."""
+        pinned = self.pins.get(label, "")
+        if pinned == fingerprint:
+            return "known", pinned
+        if pinned and accept not in ("*", fingerprint):
+            return "changed", pinned
+        self.pins[label] = self._changed[label] = fingerprint
+        return ("accepted" if pinned else "new"), pinned
+
+    def verify(self, labels: Sequence[str], fingerprint: str,
+               accept: str = "") -> tuple[bool, list[dict]]:
+        """Check a host's key under each of its labels: (trusted?, the
+        events to say). A first meeting pins it (`host_key`, status
+        "new"), as does a change `accept` allows ("accepted"); any other
+        change is refused: `error{host_key_changed}` with both keys and
+        how to accept the new one on purpose. `dirty` says a save is due."""
+        events: list[dict] = []
+        for label in labels:
+            verdict, old = self.check(label, fingerprint, accept)
+            who = (f'the host "{label[5:]}"' if label.startswith("name:")
+                   else f"the host at {label}")
+            if verdict == "changed":
+                return False, [{
+                    "type": "error", "code": "host_key_changed", "host": label,
+                    "fingerprint": fingerprint, "old_fingerprint": old,
+                    "message": f"REFUSED: THE KEY OF {who.upper()} HAS CHANGED. It was "
+                    f"{show_fingerprint(old)} and is now {show_fingerprint(fingerprint)}. "
+                    "Someone may be pretending to be that host, or it has a new key "
+                    "(a new computer, a reinstall, another --state-dir). Compare the "
+                    "new key with the one the host shows; if they match, join again "
+                    "with --accept-new-key (in the window: Accept the new key)"}]
+            if verdict != "known":
+                self.dirty = True
+                what = "First meeting with" if verdict == "new" else "Accepted a new key for"
+                events.append({"type": "host_key", "status": verdict, "host": label,
+                               "fingerprint": fingerprint, "old_fingerprint": old,
+                               "message": f"{what} {who}: key {show_fingerprint(fingerprint)}"
+                               f", remembered in {self.path}"})
+        return True, events
+
+    def save(self) -> None:
+        """Write our new pins over what the file holds now (another client
+        may have pinned other hosts meanwhile); a thread's job."""
+        self.dirty = False
+        pins = {**self._read(), **self._changed}
+        text = json.dumps({"hosts": dict(sorted(pins.items()))}, indent=1)
+        _write_private(self.path, text.encode("utf-8"))
 
 
 # --- UDP sockets for media -----------------------------------------------------
@@ -7499,8 +7806,39 @@ def _reserve_descriptor() -> int | None:
         return None
 
 
+class _Refusal(asyncio.Protocol):
+    """A TLS connection we won't take: once the handshake is done, the
+    error frame, then close (what the peer sends meanwhile is dropped)."""
+
+    def __init__(self, error: Error) -> None:
+        self.error = error
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        typing.cast(asyncio.Transport, transport).write(encode(self.error))
+        transport.close()
+
+
+async def _refuse_tls(conn: socket.socket, error: Error, context: ssl.SSLContext,
+                      timeout_s: float) -> None:
+    """`_refuse` for a host that speaks TLS: a refusal in plain text would
+    not parse, so the handshake first (bounded by `timeout_s`, and the
+    closing too). Never raises."""
+    loop = asyncio.get_running_loop()
+    try:
+        async with asyncio.timeout(timeout_s):
+            await loop.connect_accepted_socket(
+                lambda: _Refusal(error), conn, ssl=context, ssl_handshake_timeout=timeout_s,
+                ssl_shutdown_timeout=timeout_s)
+    except (OSError, ssl.SSLError, TimeoutError):
+        conn.close()
+
+
 # Out of descriptors: accept() fails with one of these while connections wait.
 _OUT_OF_DESCRIPTORS = frozenset({errno.EMFILE, errno.ENFILE})
+# Refusals a TLS host does at once, each a handshake; past them it refuses
+# by closing, without a word (a flood must stay cheap to refuse).
+_TLS_REFUSALS_AT_ONCE = 64
+_TLS_REFUSAL_TIMEOUT_S = 5.0
 _ACCEPTS_PER_TURN = 64      # accepts before letting the loop's other tasks run
 
 # --- Sessions and the host ---------------------------------------------------
@@ -7593,14 +7931,18 @@ class Host:
 
     `await start()` binds (then `port` is the real port) and, when
     advertising, registers on mDNS; `await close()` shuts down cleanly.
+    With `tls` (its HostKey) every connection is TLS 1.3 and the key's
+    fingerprint is advertised; without, plain TCP (--insecure).
     """
 
     def __init__(self, *, bind: str = "0.0.0.0", port: int = DEFAULT_PORT,
                  name: str | None = None, advertise: bool = True,
                  interface: str | None = None, limits: Limits = Limits(),
-                 spool_dir: str | None = None) -> None:
+                 spool_dir: str | None = None, tls: HostKey | None = None) -> None:
         self.bind = bind
         self.port = port
+        self.tls = tls
+        self.fingerprint = tls.fingerprint if tls is not None else ""
         self.name = name or socket.gethostname()
         self.interface = interface
         self.limits = limits
@@ -7619,8 +7961,10 @@ class Host:
         self._hashing: set[str] = set()     # addresses with a password being hashed
         self._hasher = concurrent.futures.ThreadPoolExecutor(
             PASSWORD_THREADS, thread_name_prefix="host-scrypt")     # started when used
-        self.advertiser = Advertiser(self.name, port, interface,
-                                     limits.advertise_debounce_s) if advertise else None
+        self.advertiser = Advertiser(self.name, port, interface, limits.advertise_debounce_s,
+                                     self.fingerprint) if advertise else None
+        self._tls: ssl.SSLContext | None = None     # the server's, once started (None: --insecure)
+        self._refusals: set[asyncio.Task] = set()   # TLS refusals under way (handshakes)
         self._serving = False               # listening, until close() begins
         self._listeners: list[socket.socket] = []
         self._acceptors: list[asyncio.Task] = []
@@ -7653,6 +7997,7 @@ class Host:
             log.info("open files limit raised from %d to %d", before, after)
         self.files.start()
         try:
+            self._tls = self.tls.server_context() if self.tls is not None else None
             self._listeners = await self._listen()
             self.port = self._listeners[0].getsockname()[1]
             self._spare = _reserve_descriptor()
@@ -7669,7 +8014,9 @@ class Host:
         except BaseException:
             await self._abandon()
             raise
-        log.info("host %r listening on %s:%d", self.name, self.bind, self.port)
+        log.info("host %r listening on %s:%d (%s)", self.name, self.bind, self.port,
+                 f"TLS, key {show_fingerprint(self.fingerprint)}" if self.tls else
+                 "plain TCP: --insecure")
 
     async def _abandon(self) -> None:
         """Undo a start that failed half way."""
@@ -7759,6 +8106,8 @@ class Host:
         for listener in self._listeners:
             listener.close()
         self._listeners = []
+        for refusal in list(self._refusals):
+            refusal.cancel()
         if self._spare is not None:
             os.close(self._spare)
             self._spare = None
@@ -7805,7 +8154,7 @@ class Host:
         refusal = self.admission.admit(address)
         if refusal is not None:
             log.debug("refused %s: %s", address, refusal.code)
-            _refuse(conn, refusal)
+            self._refuse(conn, refusal)
             return
         name = address_text(address, peer[1]) if isinstance(peer, tuple) else address
         task = asyncio.get_running_loop().create_task(self._handle(conn, address, name),
@@ -7827,18 +8176,44 @@ class Host:
         except OSError:                     # none waiting (or another thread was quicker)
             conn = None
         if conn is not None:
-            _refuse(conn, Error("host_full", "this host can't take more connections now; "
-                                "try later"))
+            self._refuse(conn, Error("host_full", "this host can't take more connections "
+                                     "now; try later"))
         self._spare = _reserve_descriptor()
         return conn is not None
 
+    def _refuse(self, conn: socket.socket, error: Error) -> None:
+        """Refuse `conn` with `error`: in plain TCP at once (`_refuse`); in
+        TLS after the handshake, on a task of its own (`_refuse_tls`), or,
+        with `_TLS_REFUSALS_AT_ONCE` of those under way, by closing."""
+        if self._tls is None:
+            _refuse(conn, error)
+            return
+        if len(self._refusals) >= _TLS_REFUSALS_AT_ONCE:
+            conn.close()
+            return
+        task = asyncio.get_running_loop().create_task(
+            _refuse_tls(conn, error, self._tls, min(_TLS_REFUSAL_TIMEOUT_S,
+                                                    self.limits.hello_timeout_s)),
+            name="host:refuse")
+        self._refusals.add(task)
+        task.add_done_callback(self._refusals.discard)
+
     async def _handle(self, conn: socket.socket, address: str, name: str) -> None:
-        """One admitted connection, from accept to the last byte. Never raises."""
+        """One admitted connection, from accept to the last byte (TLS: the
+        handshake first, within `hello_timeout_s`). Never raises."""
         task = asyncio.current_task()
         session: Session | None = None
         try:
-            transport, protocol = await asyncio.get_running_loop().connect_accepted_socket(
-                LinkProtocol, sock=conn)
+            try:
+                transport, protocol = \
+                    await asyncio.get_running_loop().connect_accepted_socket(
+                        LinkProtocol, sock=conn, ssl=self._tls,
+                        ssl_handshake_timeout=self.limits.hello_timeout_s
+                        if self._tls is not None else None)
+            except (OSError, ssl.SSLError, TimeoutError) as exc:    # not TLS, or gone
+                log.debug("%s: no TLS handshake: %s", name, _why(exc))
+                conn.close()
+                return
             link = Link(Wire(Role.HOST, self.limits.max_frame_bytes), transport,
                         self.limits, name)
             protocol.attach(link)
@@ -9958,6 +10333,7 @@ class Place:
     token: str = ""                 # the welcome's resume token
     seen: int = 0                   # the last room seq received
     seated: bool = False            # a welcome came: a drop now means getting back
+    accept_key: str = ""            # a changed host key to accept: "*" any, or this one
     pending: dict[str, str] = dataclasses.field(default_factory=dict)  # id -> text
     # The room's password, "" = none: sent again when the host forgot our seat.
     # In memory only: PlaceStore never writes it, and no repr shows it.
@@ -10107,38 +10483,6 @@ def _name_problem(name: str, kind: str) -> str:
     return "reserved for system notices" if kind == "user" and imitates_system(name) else ""
 
 
-def _firewall_hint(port: int) -> str:
-    """A host that answered mDNS but not on its port: the usual cause, and fixes."""
-    return (f". It answered on the LAN, so it is running, but its TCP port {port} takes no "
-            "connections: most likely a firewall on that computer. There, allow chatroom "
-            f"in: Windows, Windows Defender Firewall (or TCP port {port}); macOS, System "
-            "Settings > Network > Firewall > Options; Linux, `sudo ufw allow "
-            f"{port}/tcp` or `sudo firewall-cmd --add-port={port}/tcp`")
-
-
-def _is_ip(text: str) -> bool:
-    try:
-        ipaddress.ip_address(text)
-    except ValueError:
-        return False
-    return True
-
-
-def _why_unreachable(exc: BaseException, waited_s: float) -> str:
-    """A connection that failed, in words for a person (not "Connect call
-    failed ('127.0.0.1', 1)")."""
-    if isinstance(exc, TimeoutError):
-        return f"no answer within {waited_s:g} s"
-    if isinstance(exc, socket.gaierror):
-        return "no such host name on this network"
-    if isinstance(exc, ConnectionRefusedError):
-        return "nothing is listening there (is the host running, on that port?)"
-    if isinstance(exc, OSError) and exc.errno in (errno.EHOSTUNREACH, errno.ENETUNREACH):
-        return "that address can't be reached from this network"
-    return (exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)) \
-        or type(exc).__name__
-
-
 def ui_event(event: Event) -> dict:
     """The vocabulary dict for an event received from the host."""
     out = event.to_wire()
@@ -10189,9 +10533,12 @@ class ClientCore:
 
     def __init__(self, on_event: Callable[[dict], None], limits: Limits = Limits(),
                  downloads: Path | None = None, media: MediaOptions = MediaOptions(),
-                 state_dir: Path | None = None) -> None:
+                 state_dir: Path | None = None, known_hosts: KnownHosts | None = None,
+                 host_key_dir: Path | None = None) -> None:
         self.on_event = on_event
         self.limits = limits
+        self.known_hosts = known_hosts      # None: plain TCP (--insecure)
+        self.host_key_dir = host_key_dir    # where a host run here keeps its key
         self.loop = asyncio.new_event_loop()    # runs in our thread once started
         self._thread: threading.Thread | None = None
         self._link: Link | None = None      # the connection, while there is one
@@ -10291,14 +10638,18 @@ class ClientCore:
     # --- commands (any thread) ---
 
     def join(self, hosts: str | Sequence[str], port: int, room: str, user: str,
-             found_on_lan: bool = False, password: str = "") -> concurrent.futures.Future:
+             found_on_lan: bool = False, password: str = "", host_name: str = "",
+             accept_key: str = "") -> concurrent.futures.Future:
         """Connect and log in. `hosts`: an address or a name, or every
         address a host advertised, best first (the first that connects
         wins: connect_first); `found_on_lan`: mDNS found it (a failure is
         then most likely a firewall, and the error says so); `password`:
-        the room's, or the one a room opened now gets ("" = none). Future
-        -> True once `ready`, else False."""
-        return self.submit(self._join(hosts, port, room, user, found_on_lan, password))
+        the room's, or the one a room opened now gets ("" = none);
+        `host_name`: the name it was found by (its key is pinned under that
+        name); `accept_key`: a changed host key to accept ("*": any).
+        Future -> True once `ready`, else False."""
+        return self.submit(self._join(hosts, port, room, user, found_on_lan, password,
+                                      host_name, accept_key))
 
     def say(self, text: str) -> concurrent.futures.Future:
         """Send a chat line. Future -> the message id, or None if refused."""
@@ -10431,8 +10782,20 @@ class ClientCore:
                           advertise: bool, limits: Limits) -> int | None:
         if self._host is not None:
             return self._host.port
+        key = None
+        if self.known_hosts is None:
+            self._warn_insecure("for the room hosted here")
+        else:
+            folder = self.host_key_dir or config_dir()
+            try:
+                key = await self.loop.run_in_executor(None, HostKey.load_or_create, folder,
+                                                      name or socket.gethostname())
+            except (OSError, ValueError, MissingPackage) as exc:
+                self._error("file_io", f"can't keep the host's TLS key in {folder}: "
+                            f"{_why(exc)}")
+                return None
         host = Host(bind=interface or "0.0.0.0", port=port, name=name,
-                    advertise=advertise, interface=interface, limits=limits)
+                    advertise=advertise, interface=interface, limits=limits, tls=key)
         try:
             await host.start()
         except (OSError, MissingPackage) as exc:
@@ -10441,7 +10804,8 @@ class ClientCore:
             return None
         self._host = host
         self._emit({"type": "listening", "address": host.bind, "port": host.port,
-                    "name": host.name, "advertised": host.advertiser is not None})
+                    "name": host.name, "advertised": host.advertiser is not None,
+                    "fingerprint": host.fingerprint, "encrypted": host.tls is not None})
         return host.port
 
     async def _shutdown(self) -> None:
@@ -10459,8 +10823,9 @@ class ClientCore:
 
     # --- the connection (core thread) ---
 
-    async def _join(self, hosts: str | Sequence[str], port: int, room: str,
-                    user: str, found_on_lan: bool = False, password: str = "") -> bool:
+    async def _join(self, hosts: str | Sequence[str], port: int, room: str, user: str,
+                    found_on_lan: bool = False, password: str = "", host_name: str = "",
+                    accept_key: str = "") -> bool:
         if self._link is not None or self._place is not None:
             self._error("bad_frame", "already connected; leave first")
             return False
@@ -10472,7 +10837,10 @@ class ClientCore:
             return False
         addresses = [hosts] if isinstance(hosts, str) else list(hosts)
         self._leaving = False
-        self._place = Place(addresses, port, room, user, found_on_lan, password=password)
+        self._place = Place(addresses, port, room, user, found_on_lan, host_name,
+                            password=password, accept_key=accept_key)
+        if self.known_hosts is None:        # said each time: nobody forgets it's on
+            self._warn_insecure("to the host")
         record = await self.loop.run_in_executor(None, self._store.load, self._place)
         if record:                          # a run of ours crashed here: get back
             for entry in restore_place(self._place, record):
@@ -10492,25 +10860,47 @@ class ClientCore:
         loop = asyncio.get_running_loop()
         first = not place.seated
         addresses, port = place.addresses, place.port
+        tls = client_context() if self.known_hosts is not None else None
         try:
-            if len(addresses) == 1 and not _is_ip(addresses[0]):    # a name: its addresses
+            if len(addresses) == 1 and not is_ip(addresses[0]):    # a name: its addresses
                 infos = await loop.getaddrinfo(addresses[0], port, type=socket.SOCK_STREAM)
                 addresses = list(dict.fromkeys(str(info[4][0]) for info in infos))
             host, (transport, protocol) = await connect_first(
-                addresses, lambda address: loop.create_connection(LinkProtocol, address, port),
+                addresses, lambda address: loop.create_connection(
+                    LinkProtocol, address, port, ssl=tls,
+                    ssl_handshake_timeout=limits.connect_timeout_s if tls else None),
                 limits.connect_timeout_s)
+        except ssl.SSLError as exc:         # it answered, but not in TLS 1.3
+            self._attempt_end = "refused"
+            self._error("tls_mismatch", f"{address_text(addresses[0], port)} does not speak "
+                        f"TLS 1.3 ({exc.reason or exc}): most likely it runs with --insecure. "
+                        "Connect with --insecure too only if you accept that anyone on "
+                        "the network can read the chat")
+            if first:
+                self._emit({"type": "closed", "reason": "refused"})
+            return False
         except (OSError, TimeoutError) as exc:
             self._attempt_end = "unreachable"
             if first:
                 where = address_text(addresses[0], port) + (
                     f" (or {', '.join(addresses[1:])})" if len(addresses) > 1 else "")
                 self._error("host_unreachable", f"can't reach {where}: "
-                            f"{_why_unreachable(exc, limits.connect_timeout_s)}"
-                            + (_firewall_hint(port) if place.found_on_lan else ""))
+                            f"{why_unreachable(exc, limits.connect_timeout_s)}"
+                            + (firewall_hint(port) if place.found_on_lan else ""))
                 self._emit({"type": "closed", "reason": "unreachable"})
             return False
         link = Link(Wire(Role.CLIENT, limits.max_frame_bytes), transport, limits,
                     f"{host}:{port}")
+        # Not a word to the host before its key is checked: the hello
+        # carries our resume token, and what follows, the chat.
+        if tls is not None and not self._key_trusted(
+                [name_label(place.host_name)] if place.host_name
+                else [address_text(place.addresses[0], place.port)], link.peer_key):
+            link.abort("refused")
+            self._attempt_end = "refused"
+            if first:
+                self._emit({"type": "closed", "reason": "refused"})
+            return False
         try:
             link.offer(Hello(PROTOCOL_VERSION, place.room, place.user,
                              f"chatroom/{__version__}", place.token, place.seen,
@@ -10527,6 +10917,26 @@ class ClientCore:
                                         name=f"reader:{host}:{port}")
         log_failure(self._reader, f"reading from {host}:{port}")
         return await joined
+
+    def _key_trusted(self, labels: list[str], fingerprint: str) -> bool:
+        """Is the host's key the one we know it by (KnownHosts.verify)?
+        Says why not; pins a new one and saves the pins on a thread."""
+        known, place = self.known_hosts, self._place
+        if known is None or place is None:
+            return True
+        trusted, events = known.verify(labels, fingerprint, place.accept_key)
+        for event in events:
+            self._emit(event)
+        if known.dirty:
+            self._on_disk(known.save)
+        return trusted
+
+    def _warn_insecure(self, where: str) -> None:
+        """--insecure: say so, every time, on stderr and as an event."""
+        message = (f"--insecure: plain TCP {where}. Anyone on this network can read the "
+                   "chat, the files and their names, and pretend to be the host")
+        log.warning("%s", message)
+        self._emit({"type": "warning", "code": "insecure", "message": message})
 
     async def _read_loop(self, link: Link, joined: asyncio.Future,
                          host: str, port: int) -> None:
@@ -10550,6 +10960,12 @@ class ClientCore:
                     reason = "protocol_error"
                     break
                 if events is None:
+                    if not self._ready and not link.heard_anything \
+                            and self.known_hosts is None:   # a TLS host hangs up on us
+                        self._error("tls_mismatch", "the host hung up without a word: most "
+                                    "likely it encrypts (runs without --insecure); drop "
+                                    "--insecure")
+                        reason = "refused"
                     break
                 ended = False
                 for event in events:
@@ -10668,6 +11084,9 @@ class ClientCore:
             return None
         if isinstance(event, Closing):
             return closing_reason(event.reason)
+        if isinstance(event, Welcome) and link.peer_key and \
+                not self._key_trusted([name_label(event.host)], link.peer_key):
+            return "refused"                # another key is known by the name it gave
         place = self._place
         if isinstance(event, (Message, System)) and place is not None:
             if isinstance(event, Message) and id_key(event.sender) == id_key(place.user):
@@ -10703,7 +11122,7 @@ class ClientCore:
                     self.files.give_up("the host was restarted, or forgot us")
                 place.seen, place.token = 0, event.resume
             place.seated, place.host_name = True, event.host
-            place.user = event.user
+            place.user, place.accept_key = event.user, ""   # accepted once, no more
         self._ready = True
         # Our own gate, a little under the host's, so that no line is refused
         # for its rate however fast it is typed, pasted or piped in. Kept
@@ -10719,7 +11138,8 @@ class ClientCore:
             self._call_ticker.cancel()
         self._tick_calls()
         out.update(address=host, port=port,
-                   protected=place is not None and bool(place.password))  # else refused
+                   protected=place is not None and bool(place.password),  # else refused
+                   fingerprint=link.peer_key, encrypted=bool(link.peer_key))
 
     def _resend(self) -> None:
         """What was said but never confirmed goes again, in order, with its
@@ -11115,14 +11535,18 @@ class Printer:
             return (f"Joined room {printable(event['room'])}{locked} on "
                     f"{printable(event.get('host') or event['address'])} "
                     f"({event['address']}:{event['port']}) as {printable(event['user'])}."
-                    f"\nIn the room: {members}. Type help for help, /quit to leave.")
+                    + (f" Host key {show_fingerprint(event['fingerprint'])}."
+                       if event.get("fingerprint") else " NOT ENCRYPTED.")
+                    + f"\nIn the room: {members}. Type help for help, /quit to leave.")
         if kind == "help":
             return printable_block(event["text"])
         if kind == "members":
             return f"In the room ({len(event['members'])}): " + ", ".join(
                 printable(m) for m in event["members"])
-        if kind == "error":
+        if kind in ("error", "warning"):
             return f"! {printable(event['message'])} ({printable(event['code'])})"
+        if kind == "host_key":
+            return f"* {printable(event['message'])}"
         if kind == "closed":
             return CLOSED_REASONS.get(event["reason"],
                                       f"Disconnected ({printable(event['reason'])}).")
@@ -11134,8 +11558,10 @@ class Printer:
             rooms = ", ".join(f"{printable(r['room'])} ({r['members']})" for r in event["rooms"])
             more = event.get("rooms_total", 0) - len(event["rooms"])
             rooms += f" and {more} more" if more > 0 else ""
+            key = show_fingerprint(event["fingerprint"]) if event.get("fingerprint") \
+                else "none: not encrypted"
             return (f"{printable(event['name'])}  {event['address']}:{event['port']}  "
-                    f"rooms: {rooms or 'none yet'}")
+                    f"rooms: {rooms or 'none yet'}  key: {key}")
         if kind == "file_offer":
             whom = "you" if event.get("to") else "the room"
             return (f"[{clock}] {printable(event['from'])} is sending {whom} "
@@ -11172,6 +11598,8 @@ class Printer:
             return (f"Hosting as {printable(event['name'])} on {event['address']}:"
                     f"{event['port']}" + (" (advertised on the LAN)"
                                           if event.get("advertised") else "")
+                    + (f". Host key {show_fingerprint(event['fingerprint'], full=True)}"
+                       if event.get("fingerprint") else ". Plain TCP")
                     + ". Ctrl-C stops.")
         return None
 
@@ -11334,6 +11762,13 @@ def room_password(args: argparse.Namespace) -> str:
     return os.environ.get("CHATROOM_PASSWORD", "")
 
 
+def known_hosts_from(args: argparse.Namespace) -> KnownHosts | None:
+    """The keys a client checks hosts against (None: --insecure)."""
+    if args.insecure:
+        return None
+    return KnownHosts(args.known_hosts or config_dir() / KNOWN_HOSTS_FILE)
+
+
 def run_terminal(args: argparse.Namespace, limits: Limits, media: MediaOptions) -> int:
     """--cli: join a room and chat from stdin. Returns the exit status."""
     printer = Printer(args.json)
@@ -11348,12 +11783,13 @@ def run_terminal(args: argparse.Namespace, limits: Limits, media: MediaOptions) 
             ended.set()
 
     core = ClientCore(on_event, limits, args.downloads, media,
-                      args.state_dir or config_dir())
+                      args.state_dir or config_dir(), known_hosts_from(args))
     core.interface = args.interface
     core.start()
     _leave_on_signals()
     try:
         hosts_at: str | Sequence[str]      # an address or name, or every address advertised
+        host_name = ""                      # the name it advertised, if found by it
         if args.server:
             hosts_at, port = parse_server(args.server)
         else:
@@ -11364,9 +11800,11 @@ def run_terminal(args: argparse.Namespace, limits: Limits, media: MediaOptions) 
                                  no_host_message(args.interface, args.timeout))
             if chosen is None:
                 return EXIT_REFUSED
-            hosts_at, port = chosen.addresses or chosen.address, chosen.port
+            hosts_at, port, host_name = chosen.addresses or chosen.address, chosen.port, \
+                chosen.name
         if not core.join(hosts_at, port, args.room, args.user, found_on_lan=not args.server,
-                         password=room_password(args)).result():
+                         password=room_password(args), host_name=host_name,
+                         accept_key="*" if args.accept_new_key else "").result():
             ended.wait(limits.close_timeout_s)
             return EXIT_REFUSED
 
@@ -12394,10 +12832,12 @@ class Launcher:
         self.trace = trace
         self.hosts: list[dict] = []         # `host` events
         self.rows: list[tuple[dict, dict | None]] = []  # (host, room or None: a new room)
+        self.changed_key: dict | None = None    # the host_key_changed error shown
         px = look.px
         table = sg.Table(
-            values=[], headings=["Room", "People", "Host", "Address"], key=(_ROOM, "hosts"),
-            col_widths=[18, 7, 14, 15], auto_size_columns=False, num_rows=7,
+            values=[], headings=["Room", "People", "Host", "Address", "Key"],
+            key=(_ROOM, "hosts"), col_widths=[16, 7, 13, 14, 11], auto_size_columns=False,
+            num_rows=7,
             justification="left", enable_events=True, expand_x=True, select_mode="browse",
             row_height=px(30), font=look.font(10), background_color=COLOURS["panel"],
             text_color=COLOURS["text"], header_background_color=COLOURS["window"],
@@ -12427,7 +12867,9 @@ class Launcher:
                      text_color=COLOURS["muted"], pad=(0, (px(16), 0)))],
             [table],
             [sg.Text("Looking for hosts...", key=(_ROOM, "hint"), font=look.font(9),
-                     text_color=COLOURS["muted"], pad=(0, (0, px(12))), expand_x=True)],
+                     text_color=COLOURS["muted"], pad=0, expand_x=True)],
+            [sg.Text("", key=(_ROOM, "key"), font=look.font(9), text_color=COLOURS["muted"],
+                     pad=(0, (0, px(12))), expand_x=True)],
             [_label("ADDRESS  (pick a host above, or type host or host:port)", look)],
             [_field((_ROOM, "address"), look, prefill.get("address", ""))],
             [ids],
@@ -12435,6 +12877,16 @@ class Launcher:
             # move Join from under the pointer.
             [sg.Text("", key=(_ROOM, "status"), font=look.font(10), size=(58, 2),
                      text_color=COLOURS["error_text"], pad=(0, (px(2), px(8))))],
+            # Shown only when a host's key changed: accepting it is a deliberate click.
+            [sg.pin(sg.Column([[
+                sg.Text("", key=(_ROOM, "key_text"), font=look.font(10), size=(44, 5),
+                        text_color=COLOURS["error_text"], background_color=COLOURS["error"],
+                        pad=(px(10), px(8))),
+                sg.Push(background_color=COLOURS["error"]),
+                _button("Accept the new key", (_ROOM, "accept_key"), look,
+                        pad=(px(10), px(8)))]], key=(_ROOM, "key_box"), visible=False,
+                background_color=COLOURS["error"], expand_x=True, pad=(0, (0, px(10)))),
+                expand_x=True)],
             [_button("Host a room here", (_ROOM, "host"), look, primary=False), sg.Push(),
              _button("Join", (_ROOM, "join"), look, bind_return_key=True)],
         ]
@@ -12496,6 +12948,23 @@ class Launcher:
         if room is None:
             self.window[(_ROOM, "room")].set_focus()
         self.status("")
+        self.window[(_ROOM, "key")].update(
+            f"Key of {printable(host['name'])}: {show_fingerprint(host['fingerprint'])} "
+            "(the host shows it: they must match)" if host.get("fingerprint") else
+            f"{printable(host['name'])} does not encrypt: it runs with --insecure")
+        self.trace_layout()
+
+    def key_changed(self, event: dict | None) -> None:
+        """Show (or, None, hide) why a host's key was refused, with the
+        button that accepts the new key."""
+        self.changed_key = event
+        if event is not None:
+            self.window[(_ROOM, "key_text")].update(
+                f"This host's key has changed. It was {show_fingerprint(event['old_fingerprint'])}"
+                f" and is now {show_fingerprint(event['fingerprint'])}. Someone may be "
+                "pretending to be it. Accept only if the host shows the new key.")
+        self.window[(_ROOM, "key_box")].update(visible=event is not None)
+        self.trace("key_changed", shown=event is not None)
         self.trace_layout()
 
     # --- the form ---
@@ -12583,7 +13052,7 @@ class Launcher:
             box = tree.bbox(str(index + 1))
             rows.append({"name": host["name"], "port": host["port"], "rooms": host["rooms"],
                          "room": room["room"] if room else None,
-                         "alive": host.get("alive", True),
+                         "alive": host.get("alive", True), "key": host.get("fingerprint"),
                          "box": [tree.winfo_rootx() + box[0], tree.winfo_rooty() + box[1],
                                  box[2], box[3]] if box else None})
         self.trace("window", name="launcher", xid=int(window.TKroot.wm_frame(), 16),
@@ -12592,12 +13061,16 @@ class Launcher:
                    password=bool(self.password()),     # whether one is typed, never what
                    elements={name: _screen_box(window[(_ROOM, name)].Widget)
                              for name in ("join", "host", "address", "room", "user",
-                                          "password")})
+                                          "password", "accept_key")},
+                   key_box=self.changed_key is not None, key=window[(_ROOM, "key")].get())
 
 
 def _row_text(host: dict, room: dict | None) -> list[str]:
-    """A launcher row: room, people, host, address (room None: a new one)."""
-    where = [printable(host["name"]), address_text(host["address"], host["port"])]
+    """A launcher row: room, people, host, address, key (room None: a new
+    one). The key's first groups; picking the row shows more of it."""
+    where = [printable(host["name"]), address_text(host["address"], host["port"]),
+             show_fingerprint(host["fingerprint"])[:9] + "…" if host.get("fingerprint")
+             else "none"]
     if not host.get("alive", True):         # its record outlived it, or a firewall
         return ["(not answering)", "", *where]
     if host.get("version") != PROTOCOL_VERSION:
@@ -12639,7 +13112,13 @@ class ChatWindow:
             sg.Image(data=images.icon(px(36)), pad=((0, px(10)), 0)),
             sg.Column([title,
                        [sg.Text(f"{where} · you are {printable(self.me)}", font=look.font(9),
-                                text_color=COLOURS["muted"], pad=0, key=(_CHAT, "subtitle"))]],
+                                text_color=COLOURS["muted"], pad=0, key=(_CHAT, "subtitle"))],
+                       [sg.Text(f"Encrypted · host key {show_fingerprint(ready['fingerprint'])}"
+                                if ready.get("fingerprint") else
+                                "NOT ENCRYPTED: --insecure, anyone on the network can read this",
+                                font=look.font(8), pad=0, key=(_CHAT, "key"),
+                                text_color=COLOURS["faint"] if ready.get("fingerprint")
+                                else COLOURS["error_text"])]],
                       pad=0),
             sg.Push(),
             _button("Leave", (_CHAT, "leave"), look, primary=False)]
@@ -12988,7 +13467,8 @@ class ChatWindow:
                              in ("disabled", "readonly") for name in ("input", "send")},
                    banner=banner.get() if banner.visible else "", protected=self.protected,
                    lock=_screen_box(self.window[(_CHAT, "lock")].Widget)
-                   if self.protected else None)
+                   if self.protected else None,
+                   key=self.window[(_CHAT, "key")].get())
 
     def close(self) -> None:
         if self._resize_job is not None:
@@ -13633,6 +14113,7 @@ class GuiApp:
         self.launcher = Launcher(look, self.images, prefill, trace)
         self.bridge = GuiBridge(self.launcher.window)
         self.core = ClientCore(self.bridge.on_event, limits, args.downloads, media,
+                               args.state_dir or config_dir(), known_hosts_from(args),
                                args.state_dir or config_dir())
         self.core.interface = args.interface
         self.chat: ChatWindow | None = None  # exactly while the phase is IN_ROOM
@@ -13654,6 +14135,8 @@ class GuiApp:
             (NET_EVENT, "resumed"): in_room(ChatWindow.back),
             (NET_EVENT, "error"): self.on_error,
             (NET_EVENT, "closed"): self.on_closed,
+            (NET_EVENT, "host_key"): self.on_notice_to_keep,
+            (NET_EVENT, "warning"): self.on_notice_to_keep,
             (NET_EVENT, "message"): in_room(ChatWindow.on_message),
             (NET_EVENT, "system"): in_room(ChatWindow.on_system),
             (NET_EVENT, "help"): in_room(ChatWindow.on_help),
@@ -13684,6 +14167,7 @@ class GuiApp:
         self.clicked: dict[Any, Callable[[dict], None]] = {
             (_ROOM, "join"): self.on_join,
             (_ROOM, "host"): self.on_host,
+            (_ROOM, "accept_key"): self.on_accept_key,
             (_ROOM, "hosts"): self.on_pick_host,
             ((_ROOM, "hosts"), "double"): self.on_double_click_host,
             (_CHAT, "send"): in_room(self.on_send),
@@ -13857,16 +14341,27 @@ class GuiApp:
             self.joining = {"address": self.launcher.typed_address()}
             self.join(*form)
 
+    def on_accept_key(self, values: dict) -> None:
+        """"Accept the new key": the same join again, taking the key shown
+        (that one only: a third key would be refused again)."""
+        changed, where = self.launcher.changed_key, self.joining.get("where")
+        if self.phase is Phase.CHOOSING and changed is not None and where is not None:
+            hosts, port, room, user, password = where
+            self.join(hosts, port, room, user, password, accept_key=changed["fingerprint"])
+
     def join(self, hosts: str | list[str], port: int, room: str, user: str,
-             password: str = "") -> None:
-        self.joining.update(room=room, user=user)
+             password: str = "", accept_key: str = "") -> None:
+        self.joining.update(room=room, user=user, where=(hosts, port, room, user, password))
+        self.launcher.key_changed(None)
         self._set_phase(Phase.JOINING)
         self.launcher.busy(True)
         first = hosts if isinstance(hosts, str) else hosts[0]
         self.launcher.status(f"Joining {room} at {address_text(first, port)}...")
-        listed = any(h["address"] == first and h["port"] == port for h in self.launcher.hosts)
-        self._quietly("join", self.core.join(hosts, port, room, user, found_on_lan=listed,
-                                             password=password))
+        listed = next((h for h in self.launcher.hosts
+                       if h["address"] == first and h["port"] == port), None)
+        self._quietly("join", self.core.join(
+            hosts, port, room, user, found_on_lan=listed is not None, password=password,
+            host_name=listed["name"] if listed else "", accept_key=accept_key))
 
     def on_host(self, values: dict) -> None:
         """"Host a room here": start a host in this process, then join it."""
@@ -13926,12 +14421,27 @@ class GuiApp:
             chat.note(f"You are hosting this room on port {self.hosted_port}; "
                       "people on your network can find it. Closing this window "
                       "ends it for everyone.")
+        for notice in self.joining.pop("notices", []):  # a key met, or --insecure
+            chat.note(_sentence(notice["message"]),
+                      "error" if notice["type"] == "warning" else "info")
+
+    def on_notice_to_keep(self, event: dict) -> None:
+        """`host_key` (a key pinned, or accepted) and `warning` (--insecure)
+        come while joining: the chat window says them when it opens."""
+        if self.chat is not None:
+            self.chat.note(_sentence(event["message"]),
+                           "error" if event["type"] == "warning" else "info")
+        else:
+            self.joining.setdefault("notices", []).append(event)
 
     def on_error(self, event: dict) -> None:
         if event["code"] in DEVICE_ERRORS:  # also in the call window (which may
             self.calls.trouble = _sentence(event["message"])   # open just after)
             self._say_who()
-        if self.phase is Phase.JOINING:
+        if self.phase is Phase.JOINING and event["code"] == "host_key_changed":
+            self.launcher.error("Refused: this host's key has changed.")
+            self.launcher.key_changed(event)
+        elif self.phase is Phase.JOINING:
             self.launcher.error(_JOIN_ERRORS.get(event["code"], _sentence)(event["message"]))
         elif self.phase in (Phase.HOSTING, Phase.CHOOSING):   # no host, or no LAN watch
             self.launcher.error(_sentence(event["message"]))
@@ -14424,7 +14934,18 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: a chatroom folder in your downloads folder)")
     parser.add_argument("--state-dir", metavar="DIR", type=Path,
                         help="where a client keeps what it needs to get back to its room "
-                        "after a crash (default: the config folder, e.g. ~/.config/chatroom)")
+                        "after a crash, and a host its TLS key (default: the config "
+                        "folder, e.g. ~/.config/chatroom)")
+    security = parser.add_argument_group("encryption")
+    security.add_argument("--insecure", action="store_true",
+                          help="plain TCP, no TLS: anyone on the network can read "
+                          "everything (both sides must say it)")
+    security.add_argument("--known-hosts", metavar="FILE", type=Path,
+                          help="the hosts' keys this client has pinned (default: "
+                          f"{KNOWN_HOSTS_FILE} in the config folder)")
+    security.add_argument("--accept-new-key", action="store_true",
+                          help="accept a host whose key changed (compare the new key "
+                          "with the one the host shows first)")
     parser.add_argument("--max-file-size", type=parse_size, default=MAX_FILE_SIZE,
                         metavar="SIZE", help="largest file a host relays, e.g. 200M, 4G "
                         "(default 4G)")
@@ -14581,11 +15102,20 @@ def run_host(args: argparse.Namespace, limits: Limits) -> int:
     """--host: serve rooms until Ctrl-C or SIGTERM. Returns the exit status."""
     printer = Printer(args.json)
     bind = args.interface or "0.0.0.0"
+    key = None
+    if not args.insecure:
+        folder = args.state_dir or config_dir()
+        try:
+            key = HostKey.load_or_create(folder, args.name or socket.gethostname())
+        except (OSError, ValueError) as exc:
+            printer({"type": "error", "code": "file_io", "message":
+                     f"can't keep the host's TLS key in {folder}: {_why(exc)}"})
+            return EXIT_REFUSED
 
     async def serve() -> None:
         host = Host(bind=bind, port=args.port, name=args.name,
                     advertise=not args.no_advertise, interface=args.interface,
-                    limits=limits, spool_dir=args.spool_dir)
+                    limits=limits, spool_dir=args.spool_dir, tls=key)
         stop = asyncio.Event()
         for signum in (signal.SIGINT, signal.SIGTERM):
             try:                            # also when a shell started us with
@@ -14595,7 +15125,11 @@ def run_host(args: argparse.Namespace, limits: Limits) -> int:
         await host.start()
         try:
             printer({"type": "listening", "address": bind, "port": host.port,
-                     "name": host.name, "advertised": host.advertiser is not None})
+                     "name": host.name, "advertised": host.advertiser is not None,
+                     "fingerprint": host.fingerprint, "encrypted": key is not None})
+            if key is None:                 # each time; after `listening`, which scripts await
+                insecure_warning(printer, "--insecure: this host speaks plain TCP. Anyone "
+                                 "on the network can read the chat, the files and their names")
             await stop.wait()
         finally:
             await host.close()
@@ -14625,6 +15159,12 @@ class PrintableFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         return printable_block(self.inner.format(record))
+
+
+def insecure_warning(printer: Printer, message: str) -> None:
+    """--insecure, said every time: on stderr, and as a `warning` event."""
+    print(f"chatroom: WARNING: {message}", file=sys.stderr, flush=True)
+    printer({"type": "warning", "code": "insecure", "message": message})
 
 
 def main(argv: list[str] | None = None) -> int:

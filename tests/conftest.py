@@ -12,8 +12,10 @@ mDNS. Every process a test starts is ended by the fixture that started it
   `.wait_for(type | substring | predicate)`, `.next()`, `.mark()` and
   `.between(mark)` (what arrived before the last match), `.seen()`
 - `make_host(name, **limits)` -> an in-process chatroom.Host on 127.0.0.1 (async)
-- `raw_connect(port)` -> socket; `frame`, `frame_json`, `read_frame`,
-  `read_frame_until`, `raw_login`, `wait_closed`: a raw protocol peer
+- `raw_connect(port)` -> socket (TLS without checking the key, as hosts
+  speak TLS unless started with --insecure: see INSECURE_PORTS); `frame`,
+  `frame_json`, `read_frame`, `read_frame_until`, `raw_login`,
+  `wait_closed`: a raw protocol peer
 
 Timeouts are failure deadlines only; no test asserts how fast anything is.
 """
@@ -25,6 +27,7 @@ import json
 import os
 import signal
 import socket
+import ssl
 import struct
 import subprocess
 import sys
@@ -46,12 +49,14 @@ DEFAULT_TIMEOUT = 30.0          # a failure deadline, never a performance promis
                                 # CI machine took over 10 s to start a client (numpy, PyAV)
 
 Predicate = Callable[[Any], bool]
+INSECURE_PORTS: set[int] = set()    # hosts started with --insecure: raw peers speak plain TCP
 
 
 _CONFIG_HOME = tempfile.mkdtemp(prefix="chatroom-test-config-")
 
 
-def _env() -> dict[str, str]:
+def child_env() -> dict[str, str]:
+    """The environment of a chatroom process a test starts."""
     env = dict(os.environ)
     env["PYTHONUNBUFFERED"] = "1"
     # Each run's config folder (settings, places kept after a crash) is its
@@ -84,7 +89,7 @@ class ChatProcess:
         self.proc = subprocess.Popen(
             [*(program or PROGRAM), *args],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            env=_env())
+            env=child_env())
         self.items: list[Any] = []
         self.stderr_lines: list[str] = []
         self.cursor = 0                 # index after the last matched item
@@ -263,6 +268,8 @@ class HostProcess(ChatProcess):
         assert self.listening.get("type") == "listening", \
             f"the host's first stdout line is not `listening`: {self.listening!r}"
         self.port: int = self.listening["port"]
+        if "--insecure" in flags:
+            INSECURE_PORTS.add(self.port)
 
     def stop(self, timeout: float = DEFAULT_TIMEOUT, signum: int = signal.SIGINT) -> int:
         """SIGINT (or `signum`), then the exit status; all output is then in `items`."""
@@ -349,12 +356,23 @@ def raw_connect():
 
     def connect(port: int, timeout: float = DEFAULT_TIMEOUT) -> socket.socket:
         sock = socket.create_connection((LOOPBACK, port), timeout=timeout)
+        if port not in INSECURE_PORTS:      # the key is the client program's to check
+            sock = tls_client_context().wrap_socket(sock)
         socks.append(sock)
         return sock
 
     yield connect
     for sock in socks:
         sock.close()
+
+
+def tls_client_context() -> ssl.SSLContext:
+    """TLS 1.3, any certificate: for raw peers, which test the protocol."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.minimum_version = ssl.TLSVersion.TLSv1_3
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    return context
 
 
 def _recv_exactly(sock: socket.socket, size: int, deadline: float) -> bytes:
@@ -397,7 +415,7 @@ def wait_closed(sock: socket.socket, timeout: float = DEFAULT_TIMEOUT) -> bytes:
             chunk = sock.recv(65536)
         except TimeoutError:
             continue
-        except ConnectionResetError:
+        except (ConnectionResetError, ssl.SSLEOFError):     # TLS: closed without notify
             return bytes(extra)
         if not chunk:
             return bytes(extra)
@@ -432,12 +450,14 @@ def read_frame_until(sock: socket.socket, predicate: Predicate,
 
 @pytest.fixture
 async def make_host():
-    """Start in-process hosts on 127.0.0.1 (no mDNS); all are closed afterwards."""
+    """Start in-process hosts on 127.0.0.1 (no mDNS), plain TCP unless given
+    a HostKey as `tls`; all are closed afterwards."""
     hosts: list[chatroom.Host] = []
 
-    async def make(name: str = "test-host", **limits) -> chatroom.Host:
+    async def make(name: str = "test-host", tls: chatroom.HostKey | None = None,
+                   **limits) -> chatroom.Host:
         host = chatroom.Host(bind=LOOPBACK, port=0, name=name, advertise=False,
-                             limits=chatroom.Limits(**limits))
+                             limits=chatroom.Limits(**limits), tls=tls)
         await host.start()
         hosts.append(host)
         return host

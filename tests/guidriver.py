@@ -20,6 +20,7 @@ import os
 import random
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -33,6 +34,11 @@ LOOPBACK = "127.0.0.1"
 # The one-file executable unpacks 365 MB at each start; at a load of 11 on
 # 2 cores its host took over the 15 s this used to be.
 START_DEADLINE_S = 30.0
+
+# Processes started here keep what they keep (a host's key, pinned keys,
+# places) in a folder of this run's, never in the config folder of the
+# person running the tests; a Gui gets one of its own.
+_CONFIG_HOME = tempfile.mkdtemp(prefix="chatroom-gui-config-")
 
 
 def end_process(proc: subprocess.Popen) -> None:
@@ -210,6 +216,9 @@ class Proc:
     def __init__(self, argv: list[str], env: dict[str, str] | None = None,
                  stdin: bool = False, program: list[str] | None = None) -> None:
         self.argv = (program or [sys.executable, str(SCRIPT)]) + argv
+        if env is None:
+            env = dict(os.environ)
+            env.setdefault("XDG_CONFIG_HOME", _CONFIG_HOME)
         self.proc = subprocess.Popen(self.argv, env=env, stdout=subprocess.PIPE,
                                      stderr=subprocess.PIPE,
                                      stdin=subprocess.PIPE if stdin else subprocess.DEVNULL)

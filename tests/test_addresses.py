@@ -30,6 +30,7 @@ from pathlib import Path
 import pytest
 
 import chatroom
+from conftest import child_env
 
 CHATROOM = Path(__file__).resolve().parent.parent / "chatroom.py"
 LOCAL = "127.0.0.1"
@@ -253,7 +254,7 @@ async def test_a_host_found_on_the_lan_but_closed_to_us_is_a_firewall():
             sys.executable, str(CHATROOM), "--cli", "--json", "--interface", LOCAL,
             "--name", name, "--timeout", "5", "--room", "r", "--user", "u",
             stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE)
+            stderr=asyncio.subprocess.PIPE, env=child_env())
         out, _err = await asyncio.wait_for(cli.communicate(), DEADLINE_S)
     events = [json.loads(line) for line in out.decode().splitlines()]
     assert cli.returncode == 1, events

@@ -78,9 +78,10 @@ def test_host_and_two_clients_chat(binary, processes):
     program = [str(binary)]
     host = HostProcess(program=program)
     processes.append(host)
+    assert host.listening["encrypted"] is True      # the executable bundles ssl
     alice = Client(host.port, "大厅", "alice", "--retry-for", "0", program=program)
     processes.append(alice)
-    alice.wait_for("ready")
+    assert alice.wait_for("ready")["encrypted"] is True
     bob = Client(host.port, "大厅", "bob", program=program)
     processes.append(bob)
     assert bob.wait_for("ready")["members"] == ["alice", "bob"]

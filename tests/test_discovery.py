@@ -24,6 +24,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import chatroom
+from conftest import child_env
 
 LOCAL = "127.0.0.1"
 CHATROOM = str(Path(__file__).resolve().parent.parent / "chatroom.py")
@@ -313,7 +314,7 @@ async def run(tmp_path):
         proc = await asyncio.create_subprocess_exec(
             sys.executable, CHATROOM, *args,
             stdin=asyncio.subprocess.PIPE if stdin else asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE, stderr=log)
+            stdout=asyncio.subprocess.PIPE, stderr=log, env=child_env())
         log.close()
         started.append(Proc(proc, args))
         return started[-1]
@@ -344,10 +345,11 @@ async def test_discover_subprocess_host_and_its_rooms(run):
     name = unique()
     host, port = await start_host(run, name)
 
+    key = next(e for e in host.events if e["type"] == "listening")["fingerprint"]
     hosts = await discover_cli(run, name)
     assert hosts == [{"type": "host", "name": name, "address": LOCAL, "addresses": [LOCAL],
                       "port": port, "version": chatroom.PROTOCOL_VERSION, "rooms": [],
-                      "rooms_total": 0}]
+                      "rooms_total": 0, "fingerprint": key}]
 
     alice = await run("--cli", "--json", "--server", f"{LOCAL}:{port}",
                       "--room", "二班", "--user", "alice", stdin=True)

@@ -17,6 +17,8 @@ proxy between the host and one client that understands the frame stream
 (4-byte length, body; body[0] == 0 is file data). It can flip one byte in
 the first data frame, or hold everything after the first N data frames
 until the test releases it, so "mid-transfer" is a certainty, not a race.
+It must read the frames, so a test that uses it runs its host and every
+client with --insecure (plain TCP: `plain_tcp`); the others speak TLS.
 """
 
 from __future__ import annotations
@@ -164,19 +166,27 @@ def spool(tmp_path) -> Path:
 
 
 @pytest.fixture
-def room_host(start_host, spool):
-    """A host whose spool folder is under tmp_path (checked by some tests)."""
-    return start_host("--spool-dir", str(spool), "--grace", "0.5")  # drops show soon
+def plain_tcp(request) -> tuple[str, ...]:
+    """("--insecure",) for a test whose FrameProxy reads the frames, else ()."""
+    return ("--insecure",) if "proxy" in request.fixturenames else ()
 
 
 @pytest.fixture
-def member(join, tmp_path):
+def room_host(start_host, spool, plain_tcp):
+    """A host whose spool folder is under tmp_path (checked by some tests)."""
+    return start_host("--spool-dir", str(spool), "--grace", "0.5",  # drops show soon
+                      *plain_tcp)
+
+
+@pytest.fixture
+def member(join, tmp_path, plain_tcp):
     """Factory: member(port, user, *flags, downloads=None, **join_kw) -> Client
     in room ROOM with its own --downloads folder (`client.downloads`)."""
     def start(port: int, user: str, *flags: str, downloads: Path | None = None,
               room: str = ROOM, **kw) -> ChatProcess:
         folder = downloads or tmp_path / f"dl-{user.replace(' ', '_')}"
-        client = join(port, room, user, "--downloads", str(folder), *flags, **kw)
+        client = join(port, room, user, "--downloads", str(folder), *plain_tcp, *flags,
+                      **kw)
         client.downloads = folder
         return client
     return start
@@ -450,7 +460,7 @@ class CoreClient:
     between = ChatProcess.between
     seen = ChatProcess.seen
 
-    def __init__(self, port: int, user: str, downloads: Path) -> None:
+    def __init__(self, port: int, user: str, downloads: Path, plain_tcp: bool) -> None:
         self.items: list[dict] = []
         self.stderr_lines: list[str] = []
         self.cursor, self.last_match_index, self.eof = 0, -1, False
@@ -458,7 +468,9 @@ class CoreClient:
         self.proc = types.SimpleNamespace(poll=lambda: None)
         self._cond = threading.Condition()
         self.downloads = downloads
-        self.core = chatroom.ClientCore(self._on_event, downloads=downloads)
+        self.core = chatroom.ClientCore(   # TLS unless the host is plain_tcp's
+            self._on_event, downloads=downloads, known_hosts=None if plain_tcp else
+            chatroom.KnownHosts(downloads.parent / f"known-{user}.json"))
         self.core.start()
         assert self.core.join(LOOPBACK, port, ROOM, user).result(10)
         self.ready = self.wait_for("ready")
@@ -476,11 +488,11 @@ class CoreClient:
 
 
 @pytest.fixture
-def core_client():
+def core_client(plain_tcp):
     made: list[CoreClient] = []
 
     def make(port: int, user: str, downloads: Path) -> CoreClient:
-        made.append(CoreClient(port, user, downloads))
+        made.append(CoreClient(port, user, downloads, bool(plain_tcp)))
         return made[-1]
     yield make
     for client in made:

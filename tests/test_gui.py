@@ -624,14 +624,16 @@ def test_host_a_room_here_then_a_terminal_joins(x, tmp_path, procs):
     assert not [e for e in gone.lines if e.get("type") == "host"]
 
 
-def _version_mismatch_server() -> tuple[socket.socket, int]:
-    """A stand-in host from the future: answers any hello as a newer host would."""
+def _version_mismatch_server(keys: Path) -> tuple[socket.socket, int]:
+    """A stand-in host from the future: answers any hello as a newer host
+    would (in TLS, with a key of its own kept in `keys`)."""
     server = socket.create_server((LOOPBACK, 0))
+    tls = chatroom.HostKey.load_or_create(keys).server_context()
 
     def serve():
         with server:
             conn, _ = server.accept()
-            with conn:
+            with tls.wrap_socket(conn, server_side=True) as conn:
                 conn.recv(65536)
                 conn.sendall(chatroom.encode(chatroom.Error(
                     "version_mismatch", "this host speaks protocol version 99; you sent 1")))
@@ -672,7 +674,7 @@ def test_join_problems_show_inline_and_the_launcher_stays(x, tmp_path, procs):
     port = closed.getsockname()[1]
     closed.close()
     assert "Can't reach" in attempt("address", f"{LOOPBACK}:{port}")     # unreachable
-    _server, port = _version_mismatch_server()
+    _server, port = _version_mismatch_server(tmp_path / "future-key")
     assert "different version" in attempt("address", f"{LOOPBACK}:{port}")
     gui.type_into("launcher", "address", f"{LOOPBACK}:{host.port}")
     join_from_launcher(gui, x)                                            # then it works
@@ -904,5 +906,84 @@ def test_a_host_that_restarts_gets_the_window_back_and_nothing_typed_is_lost(
     procs.append(bob)
     gui.type_into("chat", "input", "and after", enter=True)
     bob.wait_for(lambda e: e.get("type") == "message" and e["text"] == "and after")
+    gui.close("chat")
+    assert_exits_cleanly(gui)
+
+
+def _pick_host(gui, x, name: str, key: str) -> dict:
+    """Click the launcher's row of the host called `name` with `key` (hosts
+    of other runs on this machine may come and go and move it: click
+    again then); the launcher's layout once that host is picked."""
+    def ours(layout: dict) -> list[dict]:
+        return [r for r in layout["rows"] if r["name"] == name and r["key"] == key
+                and r["box"]]
+
+    gui.wait_for(lambda e: e.get("gui") == "window" and e["name"] == "launcher"
+                 and ours(e), 20)
+    for _attempt in range(5):
+        listed = gui.window("launcher")     # the latest layout
+        if not ours(listed):
+            continue
+        row = ours(listed)[0]
+        mark = gui.mark()
+        gui.x.wait_viewable(listed["xid"])
+        x.click(row["box"][0] + row["box"][2] / 2, row["box"][1] + row["box"][3] / 2)
+        picked = gui.wait_for(lambda e: e.get("gui") == "window" and e["name"] == "launcher"
+                              and e["key"], 10, mark)
+        if picked["key"] == (f"Key of {name}: {chatroom.show_fingerprint(key)} "
+                             "(the host shows it: they must match)"):
+            return picked
+    raise AssertionError(f"could not pick {name}")
+
+
+def test_host_keys_show_and_a_changed_key_is_accepted_only_by_its_button(x, tmp_path,
+                                                                         procs):
+    """The launcher lists each host's key, and shows more of it when the
+    host is picked; the chat window's header shows it. The host, back with
+    another key, is refused: the launcher says so with both keys, and its
+    "Accept the new key" button joins."""
+    name = unique("keys")
+    first = Host(name, extra=["--state-dir", str(tmp_path / "key-a")])
+    procs.append(first)
+    old = next(e for e in first.lines if e.get("type") == "listening")["fingerprint"]
+    gui = start_gui(x, tmp_path, procs, "--user", "alice")
+    picked = _pick_host(gui, x, name, old)      # listed with its key, shown when picked
+    gui.x.screenshot(tmp_path / "launcher-key.png", picked["xid"])
+    gui.type_into("launcher", "room", "safe")
+    chat = join_from_launcher(gui, x)
+    assert chat["key"] == f"Encrypted · host key {chatroom.show_fingerprint(old)}"
+    gui.x.screenshot(tmp_path / "chat-key.png", chat["xid"])
+    mark = gui.mark()
+    gui.click("chat", "leave")
+    gui.phase("choosing", start=mark)
+
+    first.stop()                            # the same name, another key (and port)
+    second = Host(name, extra=["--state-dir", str(tmp_path / "key-b")])
+    procs.append(second)
+    new = next(e for e in second.lines if e.get("type") == "listening")["fingerprint"]
+    _pick_host(gui, x, name, new)
+    gui.type_into("launcher", "room", "safe")
+    mark = gui.mark()
+    gui.click("launcher", "join")
+    status = gui.wait_for(lambda e: e.get("gui") == "launcher_status" and e["error"],
+                          15, mark)
+    assert "key has changed" in status["text"]
+    gui.phase("choosing", start=mark)
+    shown = gui.wait_for(lambda e: e.get("gui") == "window" and e["name"] == "launcher"
+                         and e["key_box"], 10, mark)
+    refused = gui.wait_for(lambda e: e.get("gui") == "event"
+                           and e["event"]["type"] == "error", 10, mark)["event"]
+    assert refused["code"] == "host_key_changed"
+    assert (refused["old_fingerprint"], refused["fingerprint"]) == (old, new)
+    gui.x.screenshot(tmp_path / "launcher-key-changed.png", shown["xid"])
+    assert not [e for e in gui.lines[mark:] if e.get("gui") == "window"
+                and e["name"] == "chat"]
+    mark = gui.mark()
+    gui.click("launcher", "accept_key")
+    chat = gui.window("chat", start=mark)
+    assert chat["key"] == f"Encrypted · host key {chatroom.show_fingerprint(new)}"
+    accepted = gui.wait_for(lambda e: e.get("gui") == "event"
+                            and e["event"]["type"] == "host_key", 10, mark)["event"]
+    assert (accepted["status"], accepted["fingerprint"]) == ("accepted", new)
     gui.close("chat")
     assert_exits_cleanly(gui)

@@ -506,7 +506,8 @@ async def test_client_core_round_trip(make_host, cores):
                      "host": "round-trip-host", "address": LOCAL, "port": host.port,
                      "max_file_size": chatroom.MAX_FILE_SIZE, "grace": chatroom.GRACE_S,
                      "protected": False, "rate": chatroom.RATE_LIMIT_PER_S,
-                     "burst": chatroom.BURST}
+                     "burst": chatroom.BURST,
+                     "fingerprint": "", "encrypted": False}   # in-process: plain TCP
     assert alice.connected
     assert await asyncio.wrap_future(bob.join(LOCAL, host.port, "二班", "bob"))
     assert bob_events.of("ready")[0]["members"] == ["alice", "bob"]
@@ -553,7 +554,7 @@ async def test_client_core_refused_login_and_host_shutdown(make_host, cores):
     assert await asyncio.wrap_future(alice.join(LOCAL, host.port, "r", "Alice"))
     assert not await asyncio.wrap_future(other.join(LOCAL, host.port, "r", "alice"))
     await other_events.wait_for(lambda e: e["type"] == "closed")
-    assert [e["type"] for e in other_events.snapshot()] == ["error", "closed"]
+    assert [e["type"] for e in other_events.snapshot()] == ["warning", "error", "closed"]
     assert other_events.of("error")[0]["code"] == "user_taken"
     assert other_events.of("closed")[0]["reason"] == "refused"
 

@@ -12,6 +12,7 @@ took: deadlines only make a hang fail fast.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import socket
 import sys
@@ -35,7 +36,15 @@ from chatroom import (
     Verdict,
     Welcome,
 )
-from conftest import CHATROOM, LOOPBACK, HostProcess, raw_login, read_frame, wait_closed
+from conftest import (
+    CHATROOM,
+    LOOPBACK,
+    HostProcess,
+    raw_login,
+    read_frame,
+    tls_client_context,
+    wait_closed,
+)
 
 ATTACKER = "127.0.0.2"
 
@@ -43,9 +52,18 @@ pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"),
                                 reason="binds to 127.0.0.2, which only Linux routes to lo")
 
 
-async def connect_from(port: int, source: str) -> RawClient:
-    reader, writer = await asyncio.open_connection(LOOPBACK, port, local_addr=(source, 0))
+async def connect_from(port: int, source: str, tls: bool = False) -> RawClient:
+    """A RawClient from `source`; `tls`: speaking TLS, as conftest's raw_connect
+    does to a host that encrypts (the key unchecked: this tests the limits)."""
+    reader, writer = await asyncio.open_connection(
+        LOOPBACK, port, local_addr=(source, 0), ssl=tls_client_context() if tls else None)
     return RawClient(reader, writer)
+
+
+@pytest.fixture(scope="module")
+def host_key(tmp_path_factory) -> chatroom.HostKey:
+    """A TLS key for in-process hosts that encrypt, as hosts do by default."""
+    return chatroom.HostKey.load_or_create(tmp_path_factory.mktemp("host-key"))
 
 
 async def answer_to_hello(client: RawClient, room: str, user: str) -> chatroom.Event:
@@ -101,34 +119,41 @@ def test_no_limits_means_none():
 
 # --- connections from one address ------------------------------------------------
 
+@pytest.mark.parametrize("tls", [False, True], ids=["plain", "tls"])
 async def test_an_attacker_holding_logins_and_members_does_not_keep_others_out(
-        make_host, clients):
+        make_host, clients, host_key, tls):
     """127.0.0.2 logs in members and holds logins open up to its caps; its
     next connections are refused with too_many_connections; 127.0.0.1 still
     joins and chats. Before issue 14, 1,024 members from one address locked
-    everyone out (host_full)."""
+    everyone out (host_full). A host that speaks TLS refuses after the
+    handshake, so the refusal is read, not garbage."""
     limits = Limits()
-    host = await make_host()
+    host = await make_host(tls=host_key if tls else None)
     attackers: list[RawClient] = []
     try:
         members = limits.max_per_address - limits.max_pending_per_address
         for n in range(members):
-            attacker = await connect_from(host.port, ATTACKER)
+            attacker = await connect_from(host.port, ATTACKER, tls)
             attackers.append(attacker)
             assert isinstance(await answer_to_hello(attacker, "lobby", f"bot{n}"), Welcome)
         for _ in range(limits.max_pending_per_address):     # logins it never finishes
-            attackers.append(await connect_from(host.port, ATTACKER))
+            attackers.append(await connect_from(host.port, ATTACKER, tls))
         async with asyncio.timeout(DEADLINE_S):
             while host.admission.pending < limits.max_pending_per_address:
                 await asyncio.sleep(0.01)   # the host has them all
         for _ in range(10):                 # and nothing more: logging in or not
-            extra = await connect_from(host.port, ATTACKER)
+            extra = await connect_from(host.port, ATTACKER, tls)
             attackers.append(extra)
             extra.send(Hello(chatroom.PROTOCOL_VERSION, "lobby", "one-more"))
             assert [(type(e), e.code) for e in await extra.rest()] == \
                 [(Error, "too_many_connections")]
 
-        alice = await clients(host.port, "lobby", "alice")
+        if tls:
+            alice = await connect_from(host.port, LOOPBACK, tls)
+            attackers.append(alice)
+            await alice.login("lobby", "alice")
+        else:
+            alice = await clients(host.port, "lobby", "alice")
         said = await alice.say_and_confirm("I got in", "a1")
         assert said.sender == "alice"
         seen = await attackers[0].until(lambda e: isinstance(e, Message) and e.id == "a1")
@@ -295,42 +320,48 @@ LOW_LIMIT_HOST = [sys.executable, "-c",
                   str(CHATROOM)]
 
 
+def crowd_member(port: int) -> str:
+    """Connect (TLS, as raw_connect), read the host's answer, wait for the
+    end and hang up: the answer's code (or "reset")."""
+    with socket.create_connection((LOOPBACK, port), timeout=60) as plain:
+        try:
+            with tls_client_context().wrap_socket(plain) as sock:
+                answer = read_frame(sock, timeout=60)["code"]
+                wait_closed(sock, timeout=60)
+                return answer
+        except ConnectionResetError:
+            return "reset"
+
+
 def test_out_of_descriptors_refuses_cleanly_and_recovers(raw_connect):
     """Under RLIMIT_NOFILE 40, 80 connections: those past the descriptors
-    are refused with host_full (one descriptor is kept for that), the rest
-    end with login_timeout; none hangs. A member keeps chatting throughout,
+    are refused with host_full (one descriptor is kept for that; TLS: after
+    the handshake, so it can be read), the rest end with login_timeout;
+    none hangs. A member keeps chatting throughout,
     the log stays small (before issue 14, 43 MB in 30 s of "socket.accept()
     out of system resource"), and once the crowd has gone a newcomer gets in."""
     host = HostProcess("--max-per-address", "0", "--max-pending", "0",
                        "--max-pending-per-address", "0", "--login-timeout", "3",
                        program=LOW_LIMIT_HOST)
-    crowd: list[socket.socket] = []
+    crowd = concurrent.futures.ThreadPoolExecutor(80)
     try:
         member = raw_connect(host.port)
         raw_login(member, "R", "alice")
-        for _ in range(80):
-            crowd.append(socket.create_connection((LOOPBACK, host.port), timeout=10))
+        # The host speaks TLS: each of the crowd is a thread that connects,
+        # does its handshake when the host takes (or refuses) it, reads the
+        # answer and hangs up, as a client does.
+        answers = [crowd.submit(crowd_member, host.port) for _ in range(80)]
 
         member.sendall(chatroom.encode(Say("a1", "still here")))
         while (frame := read_frame(member))["type"] != "message":
             pass
         assert (frame["id"], frame["text"]) == ("a1", "still here")
 
-        answers = []
-        for sock in crowd:                  # every one is answered, then closed
-            sock.settimeout(20)
-            try:
-                answer = read_frame(sock, timeout=20)["code"]
-                wait_closed(sock, timeout=20)
-            except ConnectionResetError:
-                answer = "reset"
-            answers.append(answer)
+        answers = [answer.result(timeout=120) for answer in answers]
         assert set(answers) <= {"host_full", "login_timeout"}, answers
         assert "host_full" in answers, "the host never ran out: raise the crowd"
     finally:
-        for sock in crowd:
-            sock.close()
-        crowd.clear()
+        crowd.shutdown(wait=True, cancel_futures=True)
 
     try:
         newcomer = None

@@ -1,7 +1,8 @@
 """A rogue host on loopback (issue 14): escapes, bidi overrides and bad
 names from a host never reach a client's terminal.
 
-A raw socket stands in for the host: it answers the hello with a welcome,
+A raw socket stands in for the host (speaking TLS with a key of its own,
+which the client, meeting it first, pins): it answers the hello with a welcome,
 then sends messages, a notice and an error full of terminal escapes, events
 from senders whose names are not valid IDs, and a closing whose reason
 would clear the screen and set the window title. Real `--cli` clients
@@ -20,7 +21,7 @@ import unicodedata
 import pytest
 
 import chatroom
-from conftest import CHATROOM, LOOPBACK, Client, frame_json, read_frame
+from conftest import CHATROOM, LOOPBACK, Client, child_env, frame_json, read_frame
 
 ESCAPES = "\x1b[2J\x1b]0;pwned\x07"
 NASTY = f"hi {ESCAPES} \x9b31m C1 \u202eevil\u202c \u2066iso\u2069 \x7f end"
@@ -57,7 +58,8 @@ class RogueHost:
     """One connection: read the hello, send `_frames`, keep reading until
     the client goes (so its frames never block it)."""
 
-    def __init__(self) -> None:
+    def __init__(self, key: chatroom.HostKey) -> None:
+        self.tls = key.server_context()
         self.server = socket.create_server((LOOPBACK, 0))
         self.port = self.server.getsockname()[1]
         self.hello: dict = {}
@@ -67,7 +69,12 @@ class RogueHost:
     def _serve(self) -> None:
         with self.server:
             self.server.settimeout(60)
-            conn, _ = self.server.accept()
+            plain, _ = self.server.accept()
+            try:
+                conn = self.tls.wrap_socket(plain, server_side=True)
+            except OSError:                 # no TLS from the client: its test says so
+                plain.close()
+                return
             with conn:
                 self.hello = read_frame(conn)
                 try:
@@ -85,9 +92,14 @@ class RogueHost:
         self.thread.join(5)
 
 
+@pytest.fixture(scope="module")
+def rogue_key(tmp_path_factory) -> chatroom.HostKey:
+    return chatroom.HostKey.load_or_create(tmp_path_factory.mktemp("rogue-key"), "rogue")
+
+
 @pytest.fixture
-def rogue():
-    host = RogueHost()
+def rogue(rogue_key):
+    host = RogueHost(rogue_key)
     yield host
     host.close()
 
@@ -156,7 +168,7 @@ def test_json_lines_have_no_raw_controls(rogue):
     done = subprocess.run(
         [sys.executable, str(CHATROOM), "--cli", "--json", "--retry-for", "0", "--server",
          f"{LOOPBACK}:{rogue.port}", "--room", "lobby", "--user", "carol"],
-        stdin=subprocess.DEVNULL, capture_output=True, timeout=60)
+        stdin=subprocess.DEVNULL, capture_output=True, timeout=60, env=child_env())
     lines = done.stdout.decode("utf-8").split("\n")
     assert lines[-1] == "" and len(lines) > 5
     for line in lines[:-1]:
