@@ -284,8 +284,12 @@ class RoomsMachine(RuleBasedStateMachine):
                 room = client.room
                 assert 1 <= event.seq <= len(room.events), (event, room.name)
                 made = room.events[event.seq - 1]
-                if isinstance(event, Message) and (event.history or handle is old_ok):
-                    # history, or a resend confirmed again: the same message
+                if isinstance(event, Message) and handle is old_ok and not event.history:
+                    # a resend confirmed again: the same seq, id, sender and time
+                    # (its text is what was sent now, the id's owner's business)
+                    assert (event.seq, event.id, event.sender, event.ts) == \
+                        (made.seq, made.id, made.sender, made.ts), (event, made)
+                elif isinstance(event, Message) and event.history:
                     assert dataclasses.replace(event, history=False) == made
                 else:
                     assert event is made, f"{handle!r} in {room.name!r} got {event!r}"
