@@ -136,6 +136,7 @@ GRACE_S = 60.0                      # a dropped member's seat is held this long
 RETRY_FOR_S = 300.0                 # a terminal client tries to get back this long
 RECONNECT_FIRST_S = 0.5             # the first retry comes within this, jittered
 RECONNECT_MAX_S = 10.0              # the backoff between retries stops growing here
+SAID_IDS_KEPT = 20000               # per room: message ids confirmed again, never doubled
 RESUME_LOG_EVENTS = 5000            # room events kept for members who come back
 RESUME_LOG_BYTES = 8 * 1024 * 1024  # ... and at most this much of their text
 PASSWORD_DELAY_S = 1.0              # a wrong room password: that address waits this long,
@@ -2160,6 +2161,9 @@ class Room:
     log: collections.deque = dataclasses.field(default_factory=collections.deque)
     log_bytes: int = 0          # text held in `log`
     lock: Lock | None = None    # set by whoever opened the room; None: open to all
+    # (sender's id_key, message id) -> (seq, ts) of the newest SAID_IDS_KEPT
+    # messages: a resend is confirmed from here, even after the log let it go.
+    said: collections.OrderedDict = dataclasses.field(default_factory=collections.OrderedDict)
 
     def user_list(self) -> tuple[str, ...]:
         return tuple(m.user for m in self.members.values())   # dicts keep join order
@@ -2293,12 +2297,14 @@ class Rooms:
         except Refused as refusal:
             return [(member, Error(refusal.code, refusal.message, msg_id))]
         sender = room.members[member].user
-        for earlier in itertools.chain(room.log, room.history):  # a resend: confirm
-            if isinstance(earlier, Message) and earlier.id == msg_id \
-                    and id_key(earlier.sender) == id_key(sender):    # again, never double
-                return [(member, earlier)]
+        earlier = room.said.get((id_key(sender), msg_id))
+        if earlier is not None:             # a resend: confirmed again, never doubled
+            return [(member, Message(earlier[0], msg_id, sender, text, earlier[1]))]
         room.seq += 1
         message = Message(room.seq, msg_id, sender, text, now)
+        room.said[(id_key(sender), msg_id)] = (room.seq, now)
+        if len(room.said) > SAID_IDS_KEPT:
+            room.said.popitem(last=False)
         room.history.append(message)
         self._log(room, message)
         return [(m, message) for m in room.members]
@@ -2526,10 +2532,11 @@ class Calls:
             raise Refused("call_self", "you can't call yourself")
         if self.linked(caller, callee):
             raise Refused("already_in_call", "you are already in a call with them")
-        if self._invites.pop((callee, caller), None) is not None:
-            return self._connect(callee, caller)
+        news = self.expire(now)             # a call-back after the deadline is too late,
+        if self._invites.pop((callee, caller), None) is not None:   # even if the host's
+            return news + self._connect(callee, caller)             # timer hasn't run
         self._invites[(caller, callee)] = now + self.timeout_s
-        return [Invited(caller, callee)]
+        return news + [Invited(caller, callee)]
 
     def decline(self, callee: Any, caller: Any) -> list[CallNews]:
         """`callee` typed /decline `caller`. Raises Refused(no_invitation)."""

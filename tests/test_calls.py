@@ -62,6 +62,16 @@ def test_no_answer_within_the_timeout_means_busy_and_the_invitation_is_gone():
     assert calls.call(B, A, T0 + 61) == [Invited(B, A)]
 
 
+def test_a_call_back_after_the_deadline_is_a_new_invitation_even_before_the_timer():
+    """The host's expiry timer may not have run yet when a call-back comes
+    in after the deadline: it is too late all the same (found by
+    tests/test_stateful.py's author)."""
+    calls = Calls(timeout_s=60)
+    calls.call(A, B, T0)
+    assert calls.call(B, A, T0 + 61) == [Missed(A, B, "busy"), Invited(B, A)]
+    assert not calls.linked(A, B) and calls.invited(B, A)
+
+
 def test_calling_again_renews_the_invitation():
     calls = Calls(timeout_s=10)
     calls.call(A, B, T0)

@@ -284,7 +284,12 @@ class RoomsMachine(RuleBasedStateMachine):
                 room = client.room
                 assert 1 <= event.seq <= len(room.events), (event, room.name)
                 made = room.events[event.seq - 1]
-                if isinstance(event, Message) and event.history:
+                if isinstance(event, Message) and handle is old_ok and not event.history:
+                    # a resend confirmed again: the same seq, id, sender and time
+                    # (its text is what was sent now, the id's owner's business)
+                    assert (event.seq, event.id, event.sender, event.ts) == \
+                        (made.seq, made.id, made.sender, made.ts), (event, made)
+                elif isinstance(event, Message) and event.history:
                     assert dataclasses.replace(event, history=False) == made
                 else:
                     assert event is made, f"{handle!r} in {room.name!r} got {event!r}"
@@ -329,10 +334,13 @@ class RoomsMachine(RuleBasedStateMachine):
             self.post(out)
             return
         client.said.setdefault(msg_id, text)
-        earlier = next((e for e in room.resend_window() if isinstance(e, Message)
+        earlier = next((e for e in room.events if isinstance(e, Message)
                         and e.id == msg_id and id_key(e.sender) == id_key(client.user)), None)
-        if earlier is not None:         # a resend: confirmed again to the sender alone
-            assert len(out) == 1 and out[0][0] is handle and out[0][1] is earlier, out
+        if earlier is not None:         # a resend: confirmed again to the sender alone,
+            again = out[0][1]           # however long ago (never doubled)
+            assert len(out) == 1 and out[0][0] is handle and isinstance(again, Message), out
+            assert (again.seq, again.id, again.sender, again.ts) == \
+                (earlier.seq, earlier.id, earlier.sender, earlier.ts), (again, earlier)
             self.post(out, old_ok=handle)
             return
         assert [h for h, _ in out] == list(room.members), out
