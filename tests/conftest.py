@@ -466,3 +466,26 @@ async def make_host():
     for host in hosts:
         async with asyncio.timeout(DEFAULT_TIMEOUT):
             await host.close()
+
+
+def free_udp_port() -> int:
+    """A UDP port on loopback that nobody holds right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        probe.bind((LOOPBACK, 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture
+def faulty():
+    """Factory: faulty(host_port, rate=0) -> a FaultProxy in front of a
+    host (tests/faults.py), closed after the test."""
+    from faults import FaultProxy
+    made: list[FaultProxy] = []
+
+    def make(port: int, rate: int = 0) -> FaultProxy:
+        made.append(FaultProxy(port))
+        made[-1].rate = rate
+        return made[-1]
+    yield make
+    for proxy in made:
+        proxy.close()

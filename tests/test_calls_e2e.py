@@ -23,16 +23,11 @@ from pathlib import Path
 import numpy as np
 
 import chatroom
+from conftest import free_udp_port
 
 LOOPBACK = "127.0.0.1"
 MEDIA = ("--camera", "test", "--audio", "tone")
 CALL_DEADLINE = 30.0                # a call, its media and its stats: generous on a busy box
-
-
-def free_udp_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
-        probe.bind((LOOPBACK, 0))
-        return probe.getsockname()[1]
 
 
 def stats(client, peer: str, check=lambda e: True, timeout: float = CALL_DEADLINE) -> dict:

@@ -14,23 +14,7 @@ import random
 import threading
 import time
 
-import pytest
-from faults import FaultProxy
-
 MiB = 1 << 20
-
-
-@pytest.fixture
-def faulty():
-    made: list[FaultProxy] = []
-
-    def make(port: int, rate: int = 0) -> FaultProxy:
-        made.append(FaultProxy(port))
-        made[-1].rate = rate
-        return made[-1]
-    yield make
-    for proxy in made:
-        proxy.close()
 
 
 def make_file(path, size: int, seed: int) -> str:

@@ -31,6 +31,7 @@ from pathlib import Path
 import pytest
 
 import chatroom
+from conftest import free_udp_port
 from guidriver import LOOPBACK, Cli, Gui, Host, Proc, Xvfb, ink, on_screen
 
 RUN = f"guitest-{os.getpid()}"            # unique host names: the machine is shared
@@ -58,12 +59,6 @@ def procs():
     yield started
     for proc in started:
         proc.stop()
-
-
-def free_udp_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
-        probe.bind((LOOPBACK, 0))
-        return probe.getsockname()[1]
 
 
 def unique(stem: str) -> str:

@@ -15,22 +15,6 @@ from __future__ import annotations
 import random
 import threading
 
-import pytest
-from faults import FaultProxy
-
-
-@pytest.fixture
-def faulty():
-    """Factory: faulty(host_port) -> a FaultProxy, closed after the test."""
-    made: list[FaultProxy] = []
-
-    def make(port: int) -> FaultProxy:
-        made.append(FaultProxy(port))
-        return made[-1]
-    yield make
-    for proxy in made:
-        proxy.close()
-
 
 def messages_from(client, sender: str) -> list[dict]:
     return [e for e in client.seen() if e.get("type") == "message" and e["from"] == sender

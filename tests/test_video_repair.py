@@ -14,20 +14,13 @@ asserts how fast anything happens (bench/media.py measures that).
 
 from __future__ import annotations
 
-import socket
-
 from bench.media import Proxy
+from conftest import free_udp_port
 
 LOOPBACK = "127.0.0.1"
 MEDIA = ("--camera", "test", "--audio", "null")
 DEADLINE = 60.0                     # generous: the machine is shared and loaded
 ADAPT_DEADLINE = 150.0              # a climb back to the full rate takes tens of seconds
-
-
-def free_udp_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
-        probe.bind((LOOPBACK, 0))
-        return probe.getsockname()[1]
 
 
 def stats(client, peer: str, check=lambda e: True, timeout: float = DEADLINE) -> dict:
