@@ -356,6 +356,23 @@ def config_dir(platform: str | None = None, environ: typing.Mapping[str, str] | 
     return base / "chatroom"                                           # relative = unset
 
 
+def write_private(path: Path, data: bytes) -> None:
+    """Write `data` to `path`, readable by its owner only, atomically: a
+    crash leaves the old file or the new one. Each write has a temporary
+    file of its own (mkstemp), so two writers never rename each other's."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    descriptor, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp",
+                                             dir=path.parent)     # mode 0o600
+    try:
+        with os.fdopen(descriptor, "wb") as out:
+            out.write(data)
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
+        raise
+
+
 def log_failure(future: Any, what: str) -> None:
     """Log the exception of a future nobody awaits (a job handed to a thread
     pool, say), once it is done: an error must never vanish silently."""
@@ -6696,16 +6713,6 @@ def show_fingerprint(fingerprint: str, full: bool = False) -> str:
     return " ".join(digits[i:i + 4] for i in range(0, len(digits), 4))
 
 
-def _write_private(path: Path, data: bytes) -> None:
-    """Write `data` to `path` readable by its owner only, atomically."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_suffix(f".{os.getpid()}.tmp")
-    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(descriptor, "wb") as out:
-        out.write(data)
-    os.replace(temporary, path)
-
-
 class HostKey:
     """The host's TLS identity: key and certificate files and the key's
     fingerprint. `load_or_create(folder)` reads them, or makes them on a
@@ -6724,8 +6731,8 @@ class HostKey:
         key_path, cert_path = folder / HOST_KEY_FILE, folder / HOST_CERT_FILE
         if not (key_path.exists() and cert_path.exists()):
             key_pem, cert_pem = _make_certificate(name)
-            _write_private(key_path, key_pem)
-            _write_private(cert_path, cert_pem)
+            write_private(key_path, key_pem)
+            write_private(cert_path, cert_pem)
             log.info("made a new host key in %s", folder)
         der = ssl.PEM_cert_to_DER_cert(cert_path.read_text(encoding="ascii"))
         return cls(key_path, cert_path, fingerprint_of(der))
@@ -6866,7 +6873,7 @@ class KnownHosts:
         self.dirty = False
         pins = {**self._read(), **self._changed}
         text = json.dumps({"hosts": dict(sorted(pins.items()))}, indent=1)
-        _write_private(self.path, text.encode("utf-8"))
+        write_private(self.path, text.encode("utf-8"))
 
 
 # --- UDP sockets for media -----------------------------------------------------
@@ -10401,14 +10408,7 @@ class PlaceStore:
             return None
         self._written = text
 
-        def write() -> None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            temporary = path.with_suffix(f".{os.getpid()}.tmp")
-            descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            with os.fdopen(descriptor, "w", encoding="utf-8") as out:
-                out.write(text)
-            os.replace(temporary, path)
-        return write
+        return lambda: write_private(path, text.encode("utf-8"))
 
     def remove(self, place: Place) -> Callable[[], None] | None:
         path = self._path(place)
@@ -10556,6 +10556,10 @@ class ClientCore:
         self.interface: str | None = None   # where to look for the host again (--interface)
         self._place: Place | None = None    # the room we are in, across connections
         self._store = PlaceStore(state_dir)     # and on disk, to get back after a crash
+        # Our place and the pinned keys are written by one thread, in the
+        # order they changed: two writers at once would race, and the
+        # older state could land last.
+        self._disk = concurrent.futures.ThreadPoolExecutor(1, "place-disk")
         self._retrying: asyncio.Task | None = None  # getting back after a drop
         self._leaving = False               # leave() began: a drop now is no drop
         self._pacing = asyncio.Lock()       # chat lines go one by one, in order,
@@ -10616,6 +10620,7 @@ class ClientCore:
                 self.loop.close()           # never started
             self.files.close()
             self.calls.close()
+            self._disk.shutdown()
             return
         timeout = self.limits.close_timeout_s + 1 if timeout is None else timeout
         try:
@@ -10629,6 +10634,7 @@ class ClientCore:
         self._thread = None
         self.files.close()
         self.calls.close()
+        self._disk.shutdown()               # the last write (or removal) is done
 
     def _emit(self, event: dict | None) -> None:
         """Hand one event to the front end (None, from a paced source: nothing)."""
@@ -11210,7 +11216,7 @@ class ClientCore:
     def _on_disk(self, job: Callable[[], None] | None) -> None:
         """Run a PlaceStore job on a thread; a failure is logged, no more."""
         if job is not None:
-            log_failure(self.loop.run_in_executor(None, job), "keeping our place on disk")
+            log_failure(self.loop.run_in_executor(self._disk, job), "keeping our place on disk")
 
     async def _send(self, event: Event) -> bool:
         """Queue `event` for the host, waiting while our outbox is full."""

@@ -394,3 +394,29 @@ def test_known_hosts_pin_first_refuse_changes_and_accept_only_what_was_asked(tmp
     assert chatroom.KnownHosts(tmp_path / "k.json").pins == known.pins
     (tmp_path / "k.json").write_text("{not json")
     assert chatroom.KnownHosts(tmp_path / "k.json").pins == {}
+
+
+def test_private_files_written_from_many_threads_at_once_never_collide(tmp_path):
+    """The window's leave-and-join saved the pins twice at once: both writers
+    used one temporary name, and the second rename found nothing (a CI
+    failure). Each write now has a temporary file of its own."""
+    path = tmp_path / "known-hosts.json"
+    payloads = [json.dumps({"writer": n}).encode() for n in range(16)]
+    start, failures = threading.Barrier(len(payloads)), []
+
+    def write(data: bytes) -> None:
+        start.wait()
+        for _ in range(20):
+            try:
+                chatroom.write_private(path, data)
+            except OSError as exc:          # the bug: FileNotFoundError on rename
+                failures.append(exc)
+    threads = [threading.Thread(target=write, args=(data,)) for data in payloads]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert failures == []
+    assert path.read_bytes() in payloads                    # one whole payload, not a mix
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["known-hosts.json"]   # no leftovers
