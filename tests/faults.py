@@ -95,10 +95,11 @@ class FaultProxy:
                 client.close()
                 continue
             self.accepted += 1
+            for sock in (client, upstream):     # before a pump or a cut can close them
+                sock.settimeout(None)       # blocking: a slow reader slows the pump
             with self._lock:
                 self._pairs.append((client, upstream))
             for source, sink, name in ((client, upstream, "up"), (upstream, client, "down")):
-                source.settimeout(None)     # blocking: a slow reader slows the pump
                 thread = threading.Thread(target=self._pump, args=(source, sink),
                                           name=f"proxy-{name}", daemon=True)
                 self._threads.append(thread)

@@ -14,6 +14,8 @@ import random
 import threading
 import time
 
+import pytest
+
 MiB = 1 << 20
 
 
@@ -91,6 +93,7 @@ def test_an_upload_cut_in_the_middle_sends_only_the_rest(start_host, join, fault
     assert progress == sorted(progress), progress
 
 
+@pytest.mark.timeout(600)          # its own waits (up to 180 s each) fail first, saying why
 def test_files_both_ways_survive_random_faults(start_host, join, faulty, tmp_path):
     """Cuts, resets and stalls at random moments while a file goes each way
     through the faulty connection: both arrive whole, once."""
