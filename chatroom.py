@@ -21,33 +21,34 @@ The file reads top to bottom; each section uses only the sections above it
 (tests/test_map.py holds this map and that rule true):
 
  1. LIMITS AND DEFAULTS   every tunable, error classes, small helpers
- 2. WIRE PROTOCOL         frames, events, the Wire state machine (sans-I/O)
- 3. NAMES AND TEXT        IDs, look-alikes, messages, file names (pure)
- 4. ROOMS                 members, history, help, passwords (pure)
- 5. CALLS                 invitations, links and groups (pure)
- 6. MEDIA PACKETS         sealing, key agreement, fragments, reassembly (pure)
- 7. MEDIA FLOW            control messages, repair, rate, statistics (pure)
- 8. PLAYOUT               the jitter buffer, lip sync, voice levels (pure)
- 9. DISCOVERY             mDNS advertise and browse (zeroconf)
-10. VIDEO DEVICES         test pattern, cameras, files; VP8 and JPEG
-11. SOUND DEVICES         Opus and PCM, microphones, speakers, recording
-12. CONNECTIONS           Link (framed TCP, three lanes, one writer), UDP sockets
-13. HOST RELAYS           files and calls between the members of a room
-14. HOST                  the listener, sessions, rooms, shutdown (asyncio)
-15. CLIENT FILES          files we send and receive, beside the client core
-16. CLIENT MEDIA          links, sealed packets in and out, the media threads
-17. CLIENT CALLS          host-arranged and direct calls over the engine
-18. CLIENT PLACE          where a client is, on disk too; host frames to events
-19. CLIENT CORE           one asyncio loop in a thread, one event stream
-20. COMMANDS              one parser for what a person types
-21. TERMINAL CLIENT       --cli: stdin lines in, events out (text or JSON)
-22. GUI LOOK              theme, fonts, --scale, the trace hook, drawing
-23. GUI CONVERSATION      bubbles, notices and file cards; the members list
-24. GUI WINDOWS           the launcher and the chat window
-25. GUI CALLS             the call window: tiles, who speaks, ESC and Backspace
-26. GUI PLUMBING          settings, the bridge from the core, opening, phases
-27. GUI APP               the one core, the windows, the one read loop
-28. MAIN                  argparse and the entry points
+ 2. FIELD RULES           one rule per field name, for every event (pure)
+ 3. WIRE PROTOCOL         frames, events, the Wire state machine (sans-I/O)
+ 4. NAMES AND TEXT        IDs, look-alikes, messages, file names (pure)
+ 5. ROOMS                 members, history, help, passwords (pure)
+ 6. CALLS                 invitations, links and groups (pure)
+ 7. MEDIA PACKETS         sealing, key agreement, fragments, reassembly (pure)
+ 8. MEDIA FLOW            control messages, repair, rate, statistics (pure)
+ 9. PLAYOUT               the jitter buffer, lip sync, voice levels (pure)
+10. DISCOVERY             mDNS advertise and browse (zeroconf)
+11. VIDEO DEVICES         test pattern, cameras, files; VP8 and JPEG
+12. SOUND DEVICES         Opus and PCM, microphones, speakers, recording
+13. CONNECTIONS           Link (framed TCP, three lanes, one writer), UDP sockets
+14. HOST RELAYS           files and calls between the members of a room
+15. HOST                  the listener, sessions, rooms, shutdown (asyncio)
+16. CLIENT FILES          files we send and receive, beside the client core
+17. CLIENT MEDIA          links, sealed packets in and out, the media threads
+18. CLIENT CALLS          host-arranged and direct calls over the engine
+19. CLIENT PLACE          where a client is, on disk too; host frames to events
+20. CLIENT CORE           one asyncio loop in a thread, one event stream
+21. COMMANDS              one parser for what a person types
+22. TERMINAL CLIENT       --cli: stdin lines in, events out (text or JSON)
+23. GUI LOOK              theme, fonts, --scale, the trace hook, drawing
+24. GUI CONVERSATION      bubbles, notices and file cards; the members list
+25. GUI WINDOWS           the launcher and the chat window
+26. GUI CALLS             the call window: tiles, who speaks, ESC and Backspace
+27. GUI PLUMBING          settings, the bridge from the core, opening, phases
+28. GUI APP               the one core, the windows, the one read loop
+29. MAIN                  argparse and the entry points
 """
 
 from __future__ import annotations
@@ -492,49 +493,14 @@ class FloodGate:
 
 
 # =============================================================================
-# 2. WIRE PROTOCOL: frames, events, the Wire state machine (sans-I/O)
+# 2. FIELD RULES: one check per field name, used by every event that has it
 # =============================================================================
-# Bytes in -> events out; events in -> bytes out. Nothing in this section
-# touches a socket, a clock or a thread, so every rule here is tested (and
-# fuzzed) without a network. Need I/O? You are in the wrong section: see
-# the HOST and CLIENT CORE sections.
-#
-# Theory of operation. A connection carries frames. A frame is a 4-byte
-# big-endian body length, then the body. A body that starts with "{" is one
-# UTF-8 JSON object with a "type" field naming an Event class below; a body
-# that starts with 0x00 is binary data for a file transfer (issue: files),
-# never base64. A header announcing more than MAX_FRAME_BYTES is refused
-# before anything is buffered. Every field of every event is checked (type,
-# length, characters) by the rule named after the field, so a value that
-# reaches the rooms or the screen has a known shape. Unknown fields are
-# ignored (a newer minor peer may add some); unknown types, missing fields,
-# and fields of the wrong shape are protocol errors.
-#
-# The Wire keeps one state per connection; TRANSITIONS says which event each
-# side may send in each state. The table is keyed by the sender's role, not
-# "us/them", so the same table serves the host end and the client end.
+# What a value of each protocol field may be: type, length, characters.
+# WIRE PROTOCOL (next section) applies these rules to every event it
+# decodes, so a value that reaches the rooms or the screen has a known
+# shape. Pure: no I/O, no state. (Split from WIRE PROTOCOL when it reached
+# 895 of its 900 lines.)
 
-_HEADER = struct.Struct(">I")
-_DATA_TAG = 0x00
-_MEDIA_TAG = 0x01
-_JSON_TAG = ord("{")
-MAX_MEDIA_PACKET_BYTES = 1400       # a relayed media packet (MEDIA PACKETS: ~1200)
-
-
-class Role(enum.Enum):
-    CLIENT = "client"
-    HOST = "host"
-
-
-class State(enum.Enum):
-    AWAITING_HELLO = "awaiting hello"       # client has not logged in yet
-    AWAITING_WELCOME = "awaiting welcome"   # login sent, answer pending
-    READY = "ready"                         # in a room
-    CLOSING = "closing"                     # client said bye; host may finish
-    CLOSED = "closed"                       # nothing more may be sent
-
-
-# --- Field rules -------------------------------------------------------------
 # One rule per field name, used by every event that has the field: a `user`
 # is checked the same way wherever it appears. A rule returns the value
 # (possibly normalised) or raises ValueError with the reason.
@@ -681,6 +647,49 @@ FIELD_RULES: dict[str, Callable[[Any], Any]] = {
 
 # A dataclass field whose Python name is a keyword travels under another name.
 WIRE_NAMES = {"sender": "from"}
+
+
+# =============================================================================
+# 3. WIRE PROTOCOL: frames, events, the Wire state machine (sans-I/O)
+# =============================================================================
+# Bytes in -> events out; events in -> bytes out. Nothing in this section
+# touches a socket, a clock or a thread, so every rule here is tested (and
+# fuzzed) without a network. Need I/O? You are in the wrong section: see
+# the HOST and CLIENT CORE sections.
+#
+# Theory of operation. A connection carries frames. A frame is a 4-byte
+# big-endian body length, then the body. A body that starts with "{" is one
+# UTF-8 JSON object with a "type" field naming an Event class below; a body
+# that starts with 0x00 is binary data for a file transfer (issue: files),
+# never base64. A header announcing more than MAX_FRAME_BYTES is refused
+# before anything is buffered. Every field of every event is checked (type,
+# length, characters) by the rule named after the field, so a value that
+# reaches the rooms or the screen has a known shape. Unknown fields are
+# ignored (a newer minor peer may add some); unknown types, missing fields,
+# and fields of the wrong shape are protocol errors.
+#
+# The Wire keeps one state per connection; TRANSITIONS says which event each
+# side may send in each state. The table is keyed by the sender's role, not
+# "us/them", so the same table serves the host end and the client end.
+
+_HEADER = struct.Struct(">I")
+_DATA_TAG = 0x00
+_MEDIA_TAG = 0x01
+_JSON_TAG = ord("{")
+MAX_MEDIA_PACKET_BYTES = 1400       # a relayed media packet (MEDIA PACKETS: ~1200)
+
+
+class Role(enum.Enum):
+    CLIENT = "client"
+    HOST = "host"
+
+
+class State(enum.Enum):
+    AWAITING_HELLO = "awaiting hello"       # client has not logged in yet
+    AWAITING_WELCOME = "awaiting welcome"   # login sent, answer pending
+    READY = "ready"                         # in a room
+    CLOSING = "closing"                     # client said bye; host may finish
+    CLOSED = "closed"                       # nothing more may be sent
 
 
 # --- Events ------------------------------------------------------------------
@@ -1387,7 +1396,7 @@ class Wire:
 
 
 # =============================================================================
-# 3. NAMES AND TEXT: IDs, messages and file names as Unicode sees them (pure)
+# 4. NAMES AND TEXT: IDs, messages and file names as Unicode sees them (pure)
 # =============================================================================
 # What a name or a line of text may be, and when two names are one: the
 # rules people can be deceived by, kept apart from the rooms that use them.
@@ -2000,7 +2009,7 @@ _IGNORABLE_TABLE = (
 )
 
 # =============================================================================
-# 4. ROOMS: members, history, help and passwords, as pure rules
+# 5. ROOMS: members, history, help and passwords, as pure rules
 # =============================================================================
 # Decides what goes to whom and returns it as data: a list of Deliveries,
 # (member handle, Event). It never sends anything, never reads a clock (time
@@ -2403,7 +2412,7 @@ def _check_lock(room: Room, password: bool, lock: Lock | None = None) -> None:
         raise Refused("wrong_password", f"wrong password for room {room.name!r}")
 
 # =============================================================================
-# 5. CALLS: invitations, links and groups, as a pure state machine
+# 6. CALLS: invitations, links and groups, as a pure state machine
 # =============================================================================
 # The host's rules for calls, free of I/O like ROOMS: member handles are
 # whatever the caller picks (the host uses its Session objects), time
@@ -2610,7 +2619,7 @@ class Calls:
 
 
 # =============================================================================
-# 6. MEDIA PACKETS: sealing, key agreement, payloads, fragments and reassembly
+# 7. MEDIA PACKETS: sealing, key agreement, payloads, fragments and reassembly
 # =============================================================================
 # Pure code for calls: what crosses UDP between two clients, and how video
 # frames are cut into packets and put back together. No sockets, clocks or
@@ -3410,7 +3419,7 @@ class Reassembler:
 
 
 # =============================================================================
-# 7. MEDIA FLOW: control messages, repair, rate, the keyframe gate, statistics
+# 8. MEDIA FLOW: control messages, repair, rate, the keyframe gate, statistics
 # =============================================================================
 # Pure code for calls, like 5: what each end decides as packets come in and
 # clocks tick, and the control messages that carry it. A receiver's
@@ -4021,7 +4030,7 @@ class RateController:
 
 
 # =============================================================================
-# 8. PLAYOUT: the jitter buffer and lip sync, on the playback clock
+# 9. PLAYOUT: the jitter buffer and lip sync, on the playback clock
 # =============================================================================
 # Pure, like 5 and 6: when what came in is played. The jitter buffer turns
 # audio packets that arrive unevenly into one frame every 20 ms, which
@@ -4369,7 +4378,7 @@ class LipSync:
 
 
 # =============================================================================
-# 9. DISCOVERY: advertise a host and browse for hosts with mDNS (zeroconf)
+# 10. DISCOVERY: advertise a host and browse for hosts with mDNS (zeroconf)
 # =============================================================================
 # A host registers one `_chatroom._tcp.local.` service whose TXT record says
 # the protocol version (`v`), the host's name (`n`), how many rooms are open
@@ -4763,7 +4772,7 @@ async def discover(timeout: float = DISCOVERY_TIMEOUT_S, *, interface: str | Non
 
 
 # =============================================================================
-# 10. VIDEO DEVICES: test pattern, cameras and files, VP8 and JPEG
+# 11. VIDEO DEVICES: test pattern, cameras and files, VP8 and JPEG
 # =============================================================================
 # What a call needs below the network for pictures: frames from a camera, a
 # video file (looped) or a test pattern stamped with a frame counter that
@@ -5373,7 +5382,7 @@ def make_video_decoder(name: str) -> VideoDecoder:
 
 
 # =============================================================================
-# 11. SOUND DEVICES: Opus and PCM, microphones and speakers, devices, recording
+# 12. SOUND DEVICES: Opus and PCM, microphones and speakers, devices, recording
 # =============================================================================
 # Voice below the network: Opus through the libopus inside PyAV's wheel
 # (ctypes: PyAV's own API has no loss concealment), or 16 kHz PCM; PyAudio
@@ -6143,7 +6152,7 @@ class Recorder:
 
 
 # =============================================================================
-# 12. CONNECTIONS: Link (framed TCP, three lanes, one writer) and UDP sockets
+# 13. CONNECTIONS: Link (framed TCP, three lanes, one writer) and UDP sockets
 # =============================================================================
 # What the host and the client core both talk through. A Link owns one TCP
 # connection: what arrives goes through its Wire (WIRE PROTOCOL) and waits,
@@ -6963,7 +6972,7 @@ class UdpSocket:
 
 
 # =============================================================================
-# 13. HOST RELAYS: files and calls between the members of a room
+# 14. HOST RELAYS: files and calls between the members of a room
 # =============================================================================
 # The host's two relays, each one object beside the host (next section),
 # which hands them their events and tells them when a session goes:
@@ -7702,7 +7711,7 @@ class HostCalls:
 
 
 # =============================================================================
-# 14. HOST: the listener, sessions, rooms, shutdown (asyncio)
+# 15. HOST: the listener, sessions, rooms, shutdown (asyncio)
 # =============================================================================
 # The room host: accepts connections, gives each a Session over a Link
 # (CONNECTIONS), runs every room decision through Rooms (ROOMS), hands files
@@ -8505,7 +8514,7 @@ class Host:
 
 
 # =============================================================================
-# 15. CLIENT FILES: files we send and receive, beside the client core
+# 16. CLIENT FILES: files we send and receive, beside the client core
 # =============================================================================
 # ClientFiles does for one client what HostFiles does for the host: it
 # offers our files, streams them from disk in chunks that chat overtakes,
@@ -9277,7 +9286,7 @@ def _discard_part(dl: IncomingFile) -> None:
         pass
 
 # =============================================================================
-# 16. CLIENT MEDIA: the links of a call and the threads that move their media
+# 17. CLIENT MEDIA: the links of a call and the threads that move their media
 # =============================================================================
 # A call's media, under the signalling of CLIENT CALLS (next section): the
 # table of links, each with its keys, where its media goes and what has
@@ -9961,7 +9970,7 @@ class MediaEngine:
 
 
 # =============================================================================
-# 17. CLIENT CALLS: calls with the host and direct ones, over the media engine
+# 18. CLIENT CALLS: calls with the host and direct ones, over the media engine
 # =============================================================================
 # ClientCalls is to calls what ClientFiles is to files: ClientCore (next
 # section) owns it, hands it the host's call events and the commands a
@@ -10293,7 +10302,7 @@ def _address_key(link: PeerLink) -> str:
 
 
 # =============================================================================
-# 18. CLIENT PLACE: where a client is, across connections and crashes
+# 19. CLIENT PLACE: where a client is, across connections and crashes
 # =============================================================================
 # What the client core (next section) knows and keeps, apart from the
 # loop that keeps it: the Place (the host's addresses, the room, the user,
@@ -10508,7 +10517,7 @@ def ui_event(event: Event) -> dict:
 
 
 # =============================================================================
-# 19. CLIENT CORE: one asyncio loop in a thread, one event stream
+# 20. CLIENT CORE: one asyncio loop in a thread, one event stream
 # =============================================================================
 # What every front end shares: the terminal client and the window
 # call the thread-safe methods of ClientCore and receive plain dict events
@@ -11280,7 +11289,7 @@ class ClientCore:
 
 
 # =============================================================================
-# 20. COMMANDS: one parser for what a person types
+# 21. COMMANDS: one parser for what a person types
 # =============================================================================
 # A line typed in the terminal or in the chat window becomes one Command
 # value; each front end acts on it through its own table (Command class ->
@@ -11450,7 +11459,7 @@ def parse_send(line: str) -> tuple[str, str | None]:
 
 
 # =============================================================================
-# 21. TERMINAL CLIENT: --cli, stdin lines in, events out (text or JSON)
+# 22. TERMINAL CLIENT: --cli, stdin lines in, events out (text or JSON)
 # =============================================================================
 # A thin front end over CLIENT CORE. Each event is printed as one JSON
 # object per line (--json, flushed as written) or as a line for a person;
@@ -11867,7 +11876,7 @@ def run_discover(args: argparse.Namespace) -> int:
 
 
 # =============================================================================
-# 22. GUI LOOK: theme, fonts, --scale, the trace hook, anti-aliased drawing
+# 23. GUI LOOK: theme, fonts, --scale, the trace hook, anti-aliased drawing
 # =============================================================================
 # The desktop window is a front end over CLIENT CORE beside the TERMINAL
 # CLIENT, spread over five sections: GUI LOOK (this one) how things look and
@@ -12242,7 +12251,7 @@ class Drawing:
 
 
 # =============================================================================
-# 23. GUI CONVERSATION: bubbles, notices and file cards; the members list
+# 24. GUI CONVERSATION: bubbles, notices and file cards; the members list
 # =============================================================================
 # Two canvases of the chat window, drawn with 14's helpers. ChatView is the
 # conversation: a person's message is always a bubble with an avatar, and a
@@ -12732,7 +12741,7 @@ class MemberList(Drawing):
 
 
 # =============================================================================
-# 24. GUI WINDOWS: the launcher and the chat window
+# 25. GUI WINDOWS: the launcher and the chat window
 # =============================================================================
 # The two windows a person sees, built from 14 and 15: the launcher (hosts
 # on the LAN, the address and the IDs, Join, "Host a room here") and the
@@ -13528,7 +13537,7 @@ def _sentence(text: str) -> str:
 
 
 # =============================================================================
-# 25. GUI CALLS: the call window, a tile per person, ESC and Backspace
+# 26. GUI CALLS: the call window, a tile per person, ESC and Backspace
 # =============================================================================
 # One window holds every call in progress: your own camera first, then a
 # tile per peer, in a grid that reflows as people join and leave, each
@@ -13909,7 +13918,7 @@ class CallWindows:
 
 
 # =============================================================================
-# 26. GUI PLUMBING: settings, the bridge from the core, opening files, phases
+# 27. GUI PLUMBING: settings, the bridge from the core, opening files, phases
 # =============================================================================
 # What the app (next section) stands on: the settings remembered between
 # runs, GuiBridge (the core's thread reaches the window only through it,
@@ -14078,7 +14087,7 @@ class LoopStats:
 
 
 # =============================================================================
-# 27. GUI APP: the one core, the windows, the one read loop
+# 28. GUI APP: the one core, the windows, the one read loop
 # =============================================================================
 # GuiApp owns one ClientCore, the launcher (which lives as long as the
 # program and receives every core event), the chat window while in a room,
@@ -14846,7 +14855,7 @@ def run_gui(args: argparse.Namespace, limits: Limits, media: MediaOptions) -> in
 
 
 # =============================================================================
-# 28. MAIN: argparse and the entry points
+# 29. MAIN: argparse and the entry points
 # =============================================================================
 # Builds every object from the flags and passes them down; nothing above
 # reads a global that main() sets. `python chatroom.py` with no mode opens
