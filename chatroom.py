@@ -770,11 +770,13 @@ class Hello(Event):
 @_event
 @dataclasses.dataclass(frozen=True)
 class Say(Event):
-    """Send `text` to the room. `id` is chosen by the sender and comes back
-    in the host's confirmation, so a resend is recognised, never doubled."""
+    """Send `text` to the room, or with `to` to that member alone. `id` is
+    chosen by the sender and comes back in the host's confirmation, so a
+    resend is recognised, never doubled."""
     TYPE = "say"
     id: str
     text: str
+    to: str = ""
 
 
 @_event
@@ -857,7 +859,9 @@ class Resumed(Event):
 @_event
 @dataclasses.dataclass(frozen=True)
 class Message(Event):
-    """A chat message, stamped by the host. `seq` counts per room."""
+    """A chat message, stamped by the host. `seq` counts per room. `to`
+    names the one member a private line went to ("" = the room): only the
+    sender and that member are sent it."""
     TYPE = "message"
     seq: int
     id: str
@@ -865,6 +869,7 @@ class Message(Event):
     text: str
     ts: float
     history: bool = False
+    to: str = ""
 
 
 @_event
@@ -2170,9 +2175,13 @@ class Room:
     log: collections.deque = dataclasses.field(default_factory=collections.deque)
     log_bytes: int = 0          # text held in `log`
     lock: Lock | None = None    # set by whoever opened the room; None: open to all
-    # (sender's id_key, message id) -> (seq, ts) of the newest SAID_IDS_KEPT
+    # (sender's id_key, message id) -> (seq, ts, to) of the newest SAID_IDS_KEPT
     # messages: a resend is confirmed from here, even after the log let it go.
     said: collections.OrderedDict = dataclasses.field(default_factory=collections.OrderedDict)
+    # seq -> (sender, recipient) handles of each private line in `log`: a
+    # resume gives it to those two alone. Handles, not IDs: an ID is taken
+    # again by someone else once its owner leaves.
+    private: dict[int, tuple[Any, Any]] = dataclasses.field(default_factory=dict)
 
     def user_list(self) -> tuple[str, ...]:
         return tuple(m.user for m in self.members.values())   # dicts keep join order
@@ -2292,14 +2301,20 @@ class Rooms:
         out += self._notice(room, "enter", user, f"{user} entered the room", now)
         return out
 
-    def say(self, member: Any, text: str, msg_id: str, now: float) -> list[Delivery]:
+    def say(self, member: Any, text: str, msg_id: str, now: float,
+            to: str = "") -> list[Delivery]:
         """A member's chat line: to everyone in the room, the sender included
         (that copy is the host's confirmation). `help` in any letter case
         goes back to the sender alone as the help text. A refused text comes
         back to the sender as an Error naming `msg_id`.
+
+        With `to`, a private line: "the host sends it to the sender and to
+        that member, nobody else"; it is never room history, and a resume
+        gives it to those two alone. Refused with no_such_user when nobody
+        in the room has that ID, bad_message when it is the sender's own.
         """
         room = self._where[member]
-        if text.strip().casefold() == "help":
+        if not to and text.strip().casefold() == "help":
             return [(member, Help(HELP_TEXT))]
         try:
             text = check_text(text, self.max_message_bytes)
@@ -2308,14 +2323,28 @@ class Rooms:
         sender = room.members[member].user
         earlier = room.said.get((id_key(sender), msg_id))
         if earlier is not None:             # a resend: confirmed again, never doubled
-            return [(member, Message(earlier[0], msg_id, sender, text, earlier[1]))]
+            seq, ts, was_to = earlier       # (its recipient may have left since)
+            return [(member, Message(seq, msg_id, sender, text, ts, to=was_to))]
+        target = None
+        if to:
+            target = room.by_key.get(id_key(to)) or room.by_look.get(look_key(to))
+            if target is None:
+                return [(member, Error("no_such_user", f"{printable(to)!r} is not in room "
+                                       f"{room.name!r}; the message was not sent", msg_id))]
+            if target == member:            # handles are any hashable (ROOMS' contract)
+                return [(member, Error("bad_message", "a private message goes to someone "
+                                       "else: this one was not sent", msg_id))]
+            to = room.members[target].user
         room.seq += 1
-        message = Message(room.seq, msg_id, sender, text, now)
-        room.said[(id_key(sender), msg_id)] = (room.seq, now)
+        message = Message(room.seq, msg_id, sender, text, now, to=to)
+        room.said[(id_key(sender), msg_id)] = (room.seq, now, to)
         if len(room.said) > SAID_IDS_KEPT:
             room.said.popitem(last=False)
-        room.history.append(message)
         self._log(room, message)
+        if target is not None:
+            room.private[room.seq] = (member, target)
+            return [(member, message), (target, message)]
+        room.history.append(message)
         return [(m, message) for m in room.members]
 
     def resume(self, member: Any, seen: int) -> list[Delivery]:
@@ -2324,9 +2353,10 @@ class Rooms:
         they were sent: history=False). Events too old to be in the log are
         counted in Resumed's `lost`."""
         room = self._where[member]
-        events = [e for e in room.log if e.seq > seen]
-        first_kept = events[0].seq if events else room.seq + 1
+        newer = [e for e in room.log if e.seq > seen]
+        first_kept = newer[0].seq if newer else room.seq + 1
         lost = max(0, first_kept - seen - 1)
+        events = [e for e in newer if member in room.private.get(e.seq, (member,))]
         return [(member, Resumed(room.name, room.members[member].user, room.user_list(),
                                  self.host_name, self.max_file_size, len(events), lost))] \
             + [(member, event) for event in events]
@@ -2336,7 +2366,9 @@ class Rooms:
         room.log.append(event)
         room.log_bytes += len(event.text)
         while room.log and (len(room.log) > self.log_events or room.log_bytes > self.log_bytes):
-            room.log_bytes -= len(room.log.popleft().text)
+            gone = room.log.popleft()
+            room.log_bytes -= len(gone.text)
+            room.private.pop(gone.seq, None)
 
     def who(self, member: Any) -> list[Delivery]:
         return [(member, Members(self._where[member].user_list()))]
@@ -8428,7 +8460,7 @@ class Host:
         gate = seat.flood
         verdict = gate.take(asyncio.get_running_loop().time()) if gate else Verdict.PASS
         if verdict is Verdict.PASS:
-            self.deliver(self.rooms.say(seat, say.text, say.id, unix_now()))
+            self.deliver(self.rooms.say(seat, say.text, say.id, unix_now(), say.to))
         elif verdict is Verdict.REFUSE and gate:    # the line, not the person: nothing
             self.deliver([(seat, Error(                 # is stamped, logged or relayed
                 "rate_limited", f"too many messages: at most {gate.burst} at once, then "
