@@ -2043,6 +2043,9 @@ HELP
 1. Text chat: type a line and press Enter (or Send). Everyone in this room
    sees it with your name and the time. Rooms are independent: nothing you
    say reaches another room.
+   /msg USERID text sends a private line to that person alone (an ID with
+   a space goes in quotes: /msg "li lei" hi); in the window, click them in
+   the member list. Nobody else sees it, now or after joining later.
 2. Video and voice calls:
    2.1 Type /CHECK USERID to call someone in this room; the host arranges
        the ports for you. Only the person you call is told "<you> CALL YOU".
@@ -10383,6 +10386,8 @@ class Place:
     seated: bool = False            # a welcome came: a drop now means getting back
     accept_key: str = ""            # a changed host key to accept: "*" any, or this one
     pending: dict[str, str] = dataclasses.field(default_factory=dict)  # id -> text
+    # id -> recipient of each pending line that was private (a resend keeps it).
+    pending_to: dict[str, str] = dataclasses.field(default_factory=dict)
     # The room's password, "" = none: sent again when the host forgot our seat.
     # In memory only: PlaceStore never writes it, and no repr shows it.
     password: str = dataclasses.field(default="", repr=False)
@@ -10437,6 +10442,7 @@ class PlaceStore:
         text = json.dumps({"pid": os.getpid(), "addresses": place.addresses,
                            "token": place.token,
                            "seen": place.seen, "pending": place.pending,
+                           "pending_to": place.pending_to,
                            "downloads": downloads}, ensure_ascii=False, sort_keys=True)
         if text == self._written:
             return None
@@ -10467,6 +10473,10 @@ def restore_place(place: Place, record: dict) -> list[dict]:
     if type(pending) is dict:
         place.pending = {k: v for k, v in pending.items()
                          if type(k) is str and type(v) is str}
+    pending_to = record.get("pending_to")
+    if type(pending_to) is dict:
+        place.pending_to = {k: v for k, v in pending_to.items()
+                            if k in place.pending and type(v) is str}
     downloads = record.get("downloads")
     return [d for d in downloads if type(d) is dict and type(d.get("transfer")) is int
             and type(d.get("part")) is str and type(d.get("size")) is int] \
@@ -10540,6 +10550,8 @@ def ui_event(event: Event) -> dict:
     elif isinstance(event, Resumed):        # files carrying on: their own events
         del out["uploads"], out["downloads"]
         out["files"] = len(event.uploads) + len(event.downloads)
+    elif isinstance(event, Message):
+        out["to"] = event.to or None        # "message{to}": null for the room
     elif isinstance(event, Error):
         if event.id == "-":
             del out["id"]
@@ -10699,9 +10711,10 @@ class ClientCore:
         return self.submit(self._join(hosts, port, room, user, found_on_lan, password,
                                       host_name, accept_key))
 
-    def say(self, text: str) -> concurrent.futures.Future:
-        """Send a chat line. Future -> the message id, or None if refused."""
-        return self.submit(self._say(text))
+    def say(self, text: str, to: str = "") -> concurrent.futures.Future:
+        """Send a chat line to the room, or with `to` to that member alone
+        (a private line). Future -> the message id, or None if refused."""
+        return self.submit(self._say(text, to))
 
     def who(self) -> concurrent.futures.Future:
         return self.submit(self._send(Who()))
@@ -11139,12 +11152,14 @@ class ClientCore:
         if isinstance(event, (Message, System)) and place is not None:
             if isinstance(event, Message) and id_key(event.sender) == id_key(place.user):
                 place.pending.pop(event.id, None)   # confirmed
+                place.pending_to.pop(event.id, None)
             history = isinstance(event, Message) and event.history
             if not history and event.seq <= place.seen:
                 return None                 # seen before a drop, or a re-confirmation
             place.seen = max(place.seen, event.seq)
         if isinstance(event, Error) and place is not None and event.id:
             place.pending.pop(event.id, None)   # refused: not to be sent again
+            place.pending_to.pop(event.id, None)
         out = ui_event(event)
         if isinstance(event, (Welcome, Resumed)):
             self._seated(link, event, out, host, port)
@@ -11207,7 +11222,7 @@ class ClientCore:
                 if place is None or link is None or not link.accepting:
                     return
                 if msg_id in place.pending:
-                    link.offer(Say(msg_id, text))
+                    link.offer(Say(msg_id, text, place.pending_to.get(msg_id, "")))
 
     def _to_host(self, event: Event) -> bool:
         """Queue `event` for the host now, if we are in a room (core thread)."""
@@ -11265,9 +11280,11 @@ class ClientCore:
             return False
         return True
 
-    async def _say(self, text: str) -> str | None:
+    async def _say(self, text: str, to: str = "") -> str | None:
         try:
             text = check_text(text, self.limits.max_message_bytes)
+            if to:                          # the host refuses it too; say why here
+                to = check_id(to, "user")
         except Refused as refusal:
             self._error(refusal.code, refusal.message)
             return None
@@ -11275,14 +11292,16 @@ class ClientCore:
         msg_id = f"{self._id_prefix}-{self._next_id}"
         place, link = self._place, self._link
         if place is None or not place.seated:
-            return msg_id if await self._send(Say(msg_id, text)) else None
+            return msg_id if await self._send(Say(msg_id, text, to)) else None
         if len(place.pending) < MAX_UNCONFIRMED:
             place.pending[msg_id] = text    # until the host confirms it
+            if to:
+                place.pending_to[msg_id] = to
         async with self._pacing:            # in order, and never over the host's rate
             await self._keep_pace()
             link = self._link
             if link is not None and self._ready and link.accepting:
-                await link.offer_when_room(Say(msg_id, text))
+                await link.offer_when_room(Say(msg_id, text, to))
         return msg_id                       # or, away or dropping: it goes once back
 
     async def _keep_pace(self) -> None:
@@ -11341,6 +11360,13 @@ class Command:
 @dataclasses.dataclass(frozen=True)
 class ChatLine(Command):
     """Send `text` to the room (what most lines are)."""
+    text: str
+
+
+@dataclasses.dataclass(frozen=True)
+class PrivateLine(Command):
+    """/msg USER TEXT: send `text` to `user` alone (a private line)."""
+    user: str
     text: str
 
 
@@ -11424,6 +11450,13 @@ def parse_command(line: str) -> Command | None:
         return Quit(line)
     if name == "/who":
         return ListMembers(line)
+    if name == "/msg":
+        user, text = parse_msg(rest)
+        if not user:
+            return Mistyped(line, "no_such_user", _MSG_USAGE)
+        if not text.strip():
+            return Mistyped(line, "bad_message", _MSG_USAGE)
+        return PrivateLine(line, user, text)
     if name == "/send":
         path, to = parse_send(line)
         if not path:
@@ -11451,6 +11484,20 @@ def parse_command(line: str) -> Command | None:
         return Mistyped(line, "unknown_command", "usage: /video off  or  /video on")
     return Mistyped(line, "unknown_command", f"unknown command {name}; type help for "
                     "help (start a line with // to send a literal /)")
+
+
+_MSG_USAGE = 'usage: /msg USER TEXT  (a User ID with a space in quotes: /msg "li lei" hi)'
+
+
+def parse_msg(rest: str) -> tuple[str, str]:
+    """(user, text) from what follows "/msg ": the first word, or a quoted
+    ID (IDs may hold spaces), then the text as typed; ("", "") if no user."""
+    rest = rest.lstrip(" ")
+    quoted = re.match(r"""(["'])(.+?)\1(?: |\Z)""", rest)
+    if quoted:
+        return quoted.group(2).strip(), rest[quoted.end():]
+    user, _, text = rest.partition(" ")
+    return user, text
 
 
 def parse_call_address(text: str) -> tuple[str, int, int]:
@@ -11573,7 +11620,9 @@ class Printer:
         if kind == "message":
             lines = printable_lines(event["text"])
             mark = "  (earlier)" if event.get("history") else ""
-            head = f"[{clock}] {printable(event['from'])}: {lines[0]}{mark}"
+            who = printable(event["from"]) + (f" → {printable(event['to'])} (private)"
+                                              if event.get("to") else "")
+            head = f"[{clock}] {who}: {lines[0]}{mark}"
             return "\n".join([head] + ["    | " + line for line in lines[1:]])
         if kind == "system":
             return f"[{clock}] {printable(event['text'])}"
@@ -11747,6 +11796,7 @@ def handle_line(core: ClientCore, line: str, emit: Callable[[dict], None]) -> bo
 # outbox is full.
 _TERMINAL_COMMANDS: dict[type[Command], Callable[[ClientCore, Any, Callable], Any]] = {
     ChatLine: lambda core, command, emit: core.say(command.text).result(),
+    PrivateLine: lambda core, command, emit: core.say(command.text, command.user).result(),
     ListMembers: lambda core, command, emit: core.who().result(),
     SendFile: lambda core, command, emit: log_failure(
         core.send_file(command.path, command.to), f"sending {command.path}"),
@@ -11911,9 +11961,10 @@ def run_discover(args: argparse.Namespace) -> int:
 # 23. GUI LOOK: theme, fonts, --scale, the trace hook, anti-aliased drawing
 # =============================================================================
 # The desktop window is a front end over CLIENT CORE beside the TERMINAL
-# CLIENT, spread over five sections: GUI LOOK (this one) how things look and
+# CLIENT, spread over seven sections: GUI LOOK (this one) how things look and
 # how they are drawn, GUI CONVERSATION the conversation and the members
-# list, GUI WINDOWS the windows, GUI CALLS the call window, GUI APP the app
+# list, GUI WINDOWS the launcher, GUI CHAT WINDOW a room's window, GUI
+# CALLS the call window, GUI APP the app
 # that owns them and the one read loop. Together they read the core's event
 # dicts and decide nothing the core decides; they own the main thread and
 # never block it.

@@ -9,11 +9,18 @@ byte for byte, so the rule is checked on the wire, not in an event list.
 
 from __future__ import annotations
 
+import json
+import re
+
+import pytest
+from test_cli import is_system, of_type
 from test_host import RawClient
 from test_host import clients as clients  # a fixture
+from test_reconnect import faulty as faulty  # a fixture
 from test_resume import Watcher, come_back, drop, host_saw_it_go, seated
 
-from chatroom import Bye, Error, Message, Resumed, Say, System
+import chatroom
+from chatroom import Bye, Error, Message, Mistyped, PrivateLine, Resumed, Say, System, parse_command
 
 
 def record(client: RawClient) -> bytearray:
@@ -129,3 +136,121 @@ async def test_a_resume_gives_the_two_their_private_lines_and_no_one_else(
     await bob_back.until(lambda e: isinstance(e, Message) and e.id == "a-9")
     assert [e.id for e in carol_back.seen + bob_back.seen if isinstance(e, Message)] == \
         ["d-1", "a-9", "a-9"]
+
+
+# --- /msg in the terminal ---------------------------------------------------------
+
+@pytest.mark.parametrize("line, user, text", [
+    ("/msg bob hi there", "bob", "hi there"),
+    ("/MSG 张伟 你好", "张伟", "你好"),
+    ('/msg "li lei" hello  you', "li lei", "hello  you"),      # spaces kept as typed
+    ("/msg 'li lei' hi", "li lei", "hi"),
+    ("/msg  bob   /not a command", "bob", "  /not a command"),
+])
+def test_msg_parses_a_user_and_the_text(line, user, text):
+    assert parse_command(line) == PrivateLine(line, user, text)
+
+
+@pytest.mark.parametrize("line, code", [
+    ("/msg", "no_such_user"), ("/msg   ", "no_such_user"),
+    ("/msg bob", "bad_message"), ("/msg bob   ", "bad_message"),
+    ('/msg "li lei"', "bad_message"),
+])
+def test_msg_without_a_user_or_text_is_refused_with_its_usage(line, code):
+    command = parse_command(line)
+    assert isinstance(command, Mistyped) and command.code == code
+    assert "/msg USER TEXT" in command.message
+
+
+def test_msg_in_the_terminal_marks_message_to_and_reaches_one_person(host, join):
+    """`/msg bob hi`: message{to: "bob"} to alice and bob; carol sees nothing;
+    a room line says to: null."""
+    alice = join(host.port, "R", "alice")
+    bob = join(host.port, "R", "bob")
+    carol = join(host.port, "R", "carol")
+    alice.wait_for(is_system("enter", "carol"))
+    carol_mark = carol.mark()
+    alice.send("/msg Bob 悄悄话 just us")
+    for client in (alice, bob):
+        got = client.wait_for("message")
+        assert (got["from"], got["to"], got["text"]) == ("alice", "bob", "悄悄话 just us")
+    alice.send("room line")
+    for client in (bob, carol):
+        got = client.wait_for("message")
+        assert (got["text"], got["to"]) == ("room line", None)
+    assert not of_type(carol.between(carol_mark), "message")   # nothing before it
+
+    alice.send("/msg nobody hello")
+    assert alice.wait_for("error")["code"] == "no_such_user"
+    alice.send("/msg alice hello me")
+    assert alice.wait_for("error")["code"] == "bad_message"
+    alice.send("/msg bob")
+    assert alice.wait_for("error")["code"] == "bad_message"
+
+
+def test_a_private_line_reads_as_private_for_a_person(host, join):
+    alice = join(host.port, "R", "alice")
+    bob = join(host.port, "R", "bob", json_mode=False)
+    bob.wait_for("Joined room")
+    alice.wait_for(is_system("enter", "bob"))
+    alice.send("/msg bob hi")
+    line = bob.wait_for(lambda l: "(private)" in l)
+    assert re.fullmatch(r"\[\d\d:\d\d:\d\d\] alice → bob \(private\): hi", line), line
+
+
+def test_a_private_line_for_a_person_escapes_its_names():
+    line = chatroom.Printer.format({"type": "message", "from": "mal\x1b[2J", "to": "b\u202eob",
+                                    "text": "hi", "ts": 0, "history": True})
+    assert line is not None and "\x1b" not in line and "\u202e" not in line
+    assert line.endswith(" (private): hi  (earlier)")
+    room = chatroom.Printer.format({"type": "message", "from": "a", "to": None, "text": "hi",
+                                    "ts": 0})
+    assert room is not None and room.endswith("] a: hi")
+
+
+# --- getting back: private lines keep their recipient -------------------------------
+
+def test_a_private_line_typed_while_away_goes_once_back_to_its_recipient_alone(
+        start_host, join, faulty):
+    """Issue 13's "typed while away is sent once back", for /msg: the resend
+    keeps `to`. And private lines bob sent while alice was away come to her
+    with what she missed, and to nobody else."""
+    host = start_host("--grace", "30")
+    proxy = faulty(host.port)
+    alice = join(proxy.port, "R", "alice")
+    bob = join(host.port, "R", "bob")
+    carol = join(host.port, "R", "carol")
+    alice.wait_for(is_system("enter", "carol"))
+    proxy.cut()
+    alice.wait_for("reconnecting", timeout=30)
+    bob.send("/msg alice while you were away, just you")
+    bob.wait_for(lambda e: e.get("type") == "message" and e["to"] == "alice")
+    alice.send("/msg bob typed while away, just you")
+    back = alice.wait_for("resumed", timeout=30)
+    assert back["lost"] == 0
+    got = bob.wait_for(lambda e: e.get("type") == "message" and e["from"] == "alice")
+    assert (got["text"], got["to"]) == ("typed while away, just you", "bob")
+    missed = alice.wait_for(lambda e: e.get("type") == "message" and e["from"] == "bob")
+    assert (missed["text"], missed["to"]) == ("while you were away, just you", "alice")
+    bob.send("sentinel")
+    for client in (alice, carol):
+        client.wait_for(lambda e: e.get("type") == "message" and e["text"] == "sentinel")
+    assert [e["text"] for e in of_type(carol.seen(), "message")] == ["sentinel"]
+    mine = [e for e in of_type(alice.seen(), "message") if e["from"] == "alice"]
+    assert [(e["text"], e["to"]) for e in mine] == [("typed while away, just you", "bob")]
+
+
+def test_a_crashed_clients_pending_private_line_keeps_its_recipient(tmp_path):
+    store = chatroom.PlaceStore(tmp_path)
+    place = chatroom.Place(["127.0.0.1"], 1, "R", "alice", token="t" * 32)
+    place.pending = {"c-1": "to the room", "c-2": "to bob"}
+    place.pending_to = {"c-2": "bob"}
+    job = store.save(place, [])
+    assert job is not None
+    job()
+    again = chatroom.Place(["127.0.0.1"], 1, "R", "alice")
+    record = chatroom.PlaceStore(tmp_path).load(again) or json.loads(
+        next((tmp_path / "places").iterdir()).read_text())   # (our own pid is alive)
+    chatroom.restore_place(again, {**record, "pending_to": {**record["pending_to"],
+                                                            "c-9": "not pending"}})
+    assert again.pending == place.pending and again.pending_to == {"c-2": "bob"}

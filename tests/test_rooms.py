@@ -336,7 +336,7 @@ def test_not_quite_help_is_a_message(text):
 
 
 @pytest.mark.parametrize("topic", ["text chat", "/check", "1 minute",
-                                   "file to everyone", "[system]", "/who", "/quit"])
+                                   "file to everyone", "[system]", "/who", "/quit", "/msg"])
 def test_help_text_mentions(topic):
     assert topic in HELP_TEXT.casefold()
 
