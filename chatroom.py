@@ -44,11 +44,12 @@ The file reads top to bottom; each section uses only the sections above it
 22. TERMINAL CLIENT       --cli: stdin lines in, events out (text or JSON)
 23. GUI LOOK              theme, fonts, --scale, the trace hook, drawing
 24. GUI CONVERSATION      bubbles, notices and file cards; the members list
-25. GUI WINDOWS           the launcher and the chat window
-26. GUI CALLS             the call window: tiles, who speaks, ESC and Backspace
-27. GUI PLUMBING          settings, the bridge from the core, opening, phases
-28. GUI APP               the one core, the windows, the one read loop
-29. MAIN                  argparse and the entry points
+25. GUI WINDOWS           shared widgets and the launcher
+26. GUI CHAT WINDOW       conversations, the members, the input line
+27. GUI CALLS             the call window: tiles, who speaks, ESC and Backspace
+28. GUI PLUMBING          settings, the bridge from the core, opening, phases
+29. GUI APP               the one core, the windows, the one read loop
+30. MAIN                  argparse and the entry points
 """
 
 from __future__ import annotations
@@ -12735,7 +12736,9 @@ class ChatView(Drawing):
 
 class MemberList(Drawing):
     """The room's members with their avatars, "Everyone" first; a click
-    picks who a file goes to (the room, or one person)."""
+    picks a conversation: the room's, or a private one with that person
+    (what you type and the files you send then go to them alone). A
+    conversation with unread lines shows their count on its row."""
 
     def __init__(self, widget: Any, look: Look, images: Images, me: str,
                  post: Callable[[tuple, Any], None]) -> None:
@@ -12744,6 +12747,7 @@ class MemberList(Drawing):
         self.post = post
         self.members: list[str] = []        # in join order
         self.picked: str | None = None      # None = everyone
+        self.unread: dict[str | None, int] = {}     # id_key(user) (None: room) -> lines
         self._row = look.px(40)
         widget.configure(background=self.background, yscrollincrement=self._row)
         widget.bind("<Button-1>", self._on_click)
@@ -12796,8 +12800,19 @@ class MemberList(Drawing):
                 self.avatar("row", px(10), y, size, "", COLOURS["muted"], "All", row)
             else:
                 self.avatar("row", px(10), y, size, user, background=row)
+            unread = self.unread.get(None if user is None else id_key(user), 0)
+            badge = 0
+            if unread:                      # a pill at the row's right end
+                count = "99+" if unread > 99 else str(unread)
+                badge = max(px(20), self.fonts["name"].measure(count) + px(12))
+                self.box("row", width - px(8) - badge, top + (self._row - px(20)) / 2,
+                         width - px(8), top + (self._row + px(20)) / 2, px(10),
+                         COLOURS["accent"])     # (a shown row has none: no blend)
+                draw.create_text(width - px(8) - badge / 2, top + self._row / 2, text=count,
+                                 font=self.fonts["name"], fill=COLOURS["mine_text"])
+                badge += px(8)
             draw.create_text(px(10) + size + px(10), top + self._row / 2, anchor="w",
-                             text=self.elide(label, "body", width - size - px(34)),
+                             text=self.elide(label, "body", width - size - px(34) - badge),
                              font=self.fonts["body"], fill=COLOURS["text"])
         draw.configure(scrollregion=(0, 0, width, len(self._rows()) * self._row))
 
@@ -12824,14 +12839,14 @@ class MemberList(Drawing):
 
 
 # =============================================================================
-# 25. GUI WINDOWS: the launcher and the chat window
+# 25. GUI WINDOWS: widgets shared by the windows, and the launcher
 # =============================================================================
-# The two windows a person sees, built from 14 and 15: the launcher (hosts
-# on the LAN, the address and the IDs, Join, "Host a room here") and the
-# chat window (the conversation, the members, the input line). A window
-# shows what the app (18) tells it and reports what was clicked; it never
-# calls the core, and it checks only what can be checked here (an ID's
-# shape), leaving the last word to the host.
+# The first window a person sees, built from GUI LOOK and GUI CONVERSATION:
+# the launcher (hosts on the LAN, the address and the IDs, Join, "Host a
+# room here"), and the widgets every window uses. A window shows what the
+# app (GUI APP) tells it and reports what was clicked; it never calls the
+# core, and it checks only what can be checked here (an ID's shape),
+# leaving the last word to the host.
 
 # --- Widgets shared by the windows -------------------------------------------
 
@@ -13183,9 +13198,38 @@ def _row_text(host: dict, room: dict | None) -> list[str]:
 
 # --- The chat window ---------------------------------------------------------
 
+# =============================================================================
+# 26. GUI CHAT WINDOW: a room's conversations, its members, the input line
+# =============================================================================
+# The window of one room (split from GUI WINDOWS when private conversations
+# took it past 900 lines): the room's conversation and one per person
+# talked to privately, the members list that picks between them, the line
+# to type in, the banners of a dropped connection, and the close-anyway
+# question. Like the launcher, it shows what the app tells it and reports
+# what was clicked; it never calls the core.
+
+class _ConversationTrace(GuiTrace):
+    """The window's trace, each record naming its conversation: None for
+    the room's, else the other person's ID (tests tell them apart)."""
+
+    def __init__(self, trace: GuiTrace, conversation: str | None) -> None:
+        super().__init__(trace.enabled, trace.stream)
+        self.conversation = conversation
+
+    def __call__(self, what: str, **fields: Any) -> None:
+        super().__call__(what, conversation=self.conversation, **fields)
+
+
 class ChatWindow:
-    """One room: the conversation, the members, a line to type in, and
-    buttons to send a file or (later) start a video call."""
+    """One room: its conversations, the members, a line to type in, and
+    buttons to send a file or start a video call.
+
+    The room's conversation and one per person talked to privately, each
+    its own ChatView on its own canvas; one is shown at a time, and what
+    is typed goes there. `view` is the one shown (notes and echoes of
+    commands go to it), `room_view` the room's. A line for a conversation
+    not shown raises its unread count, on its row in the members list and,
+    all of them together, in the window's title; showing it clears it."""
 
     def __init__(self, look: Look, images: Images, ready: dict, trace: GuiTrace,
                  max_shown: int = GUI_MAX_SHOWN) -> None:
@@ -13242,9 +13286,20 @@ class ChatWindow:
         banner = sg.Text("", key=(_CHAT, "banner"), font=look.font(10, "bold"),
                          text_color=COLOURS["error_text"], background_color=COLOURS["error"],
                          expand_x=True, visible=False, pad=(0, (px(8), 0)))
+        # Over a private conversation: whose it is, and the way back to the room.
+        private_bar = sg.Column([[
+            sg.Text("", key=(_CHAT, "with"), font=look.font(10, "bold"),
+                    text_color=COLOURS["info_text"], background_color=COLOURS["info"],
+                    pad=(px(10), px(6))),
+            sg.Push(background_color=COLOURS["info"]),
+            _button("\u2190 Back to the room", (_CHAT, "room"), look, primary=False,
+                    pad=(px(6), px(4)))]],
+            key=(_CHAT, "private"), visible=False, expand_x=True, pad=(0, (px(8), 0)),
+            background_color=COLOURS["info"])
         layout = [
             header,
             [banner],
+            [private_bar],
             [sg.Column([[sg.Canvas(key=(_CHAT, "view"), size=(px(420), px(260)), pad=0,
                                    background_color=COLOURS["chat"], expand_x=True,
                                    expand_y=True)]], expand_x=True, expand_y=True,
@@ -13255,7 +13310,7 @@ class ChatWindow:
                      "members · /send PATH sends a file", font=look.font(8),
                      text_color=COLOURS["faint"], pad=0, key=(_CHAT, "hint"))],
         ]
-        self.window = sg.Window(f"{printable(self.room)} · chatroom", layout, finalize=True,
+        self.window = sg.Window(self._title(0), layout, finalize=True,
                                 enable_close_attempted_event=True, resizable=True,
                                 icon=images.icon(64), font=look.font(10))
         _polish_buttons(self.window, look)
@@ -13281,8 +13336,20 @@ class ChatWindow:
         self.pending: dict[str, ChatEntry] = {}     # our lines the host hasn't echoed
         post = self.window.write_event_value
         view = self.window[(_CHAT, "view")].Widget
-        self._add_scrollbar(view)
-        self.view = ChatView(view, look, images, post, trace, max_shown)
+        self._bar = self._add_scrollbar(view)
+        self._images, self._post, self._max_shown = images, post, max_shown
+        self.view = ChatView(view, look, images, post, _ConversationTrace(trace, None),
+                             max_shown)
+        self.room_view = self.view
+        # id_key(user) (None: the room) -> its conversation, the other's ID,
+        # the lines not read yet; and which conversation each of our own
+        # unconfirmed lines and ringing cards is drawn in.
+        self.views: dict[str | None, ChatView] = {None: self.view}
+        self.names: dict[str | None, str | None] = {None: None}
+        self.unread: dict[str | None, int] = {}
+        self.shown: str | None = None
+        self._pending_views: dict[str, ChatView] = {}
+        self._invite_views: dict[str, ChatView] = {}
         self.members = MemberList(self.window[(_CHAT, "members")].Widget, look, images,
                                   self.me, post)
         self.members.set(ready["members"])
@@ -13302,7 +13369,7 @@ class ChatWindow:
         self._resize_job = None
         self.trace_layout()
 
-    def _add_scrollbar(self, canvas: Any) -> None:
+    def _add_scrollbar(self, canvas: Any) -> Any:
         """A slim scrollbar beside the conversation (PySimpleGUI's Canvas has
         none): a thumb in a trough, no arrows."""
         from tkinter import ttk
@@ -13320,46 +13387,132 @@ class ChatWindow:
                             style="Chat.Vertical.TScrollbar")
         canvas.configure(yscrollcommand=bar.set)
         bar.pack(side="right", fill="y", before=canvas)
+        return bar
+
+    # --- conversations ---
+
+    def _title(self, unread: int) -> str:
+        return (f"({unread}) " if unread else "") + f"{printable(self.room)} · chatroom"
+
+    @property
+    def talking_to(self) -> str | None:
+        """The person whose conversation is shown (None: the room's)."""
+        return self.names[self.shown]
+
+    def conversation(self, user: str | None) -> ChatView:
+        """The conversation with `user` (None: the room's), made if new."""
+        key = None if user is None else id_key(user)
+        view = self.views.get(key)
+        if view is None:
+            import tkinter
+            first = self.room_view.widget
+            canvas = tkinter.Canvas(first.master, width=first.cget("width"),
+                                    height=first.cget("height"), highlightthickness=0,
+                                    borderwidth=0, background=COLOURS["chat"])
+            view = ChatView(canvas, self.look, self._images, self._post,
+                            _ConversationTrace(self.trace, user), self._max_shown)
+            self.views[key], self.names[key] = view, user
+            view.add("notice", style="info", text=f"Private conversation with "
+                     f"{printable(user or '')}: only the two of you see what is written "
+                     "here, and nobody who joins later.")
+        return view
+
+    def member_named(self, user: str) -> str:
+        """`user` as the members list spells it (IDs ignore case), or as given."""
+        return next((m for m in self.members.members if id_key(m) == id_key(user)), user)
+
+    def _arrived(self, view: ChatView) -> None:
+        """A line for `view`: one more unread unless it is shown."""
+        key = next(k for k, v in self.views.items() if v is view)
+        if key != self.shown:
+            self.unread[key] = self.unread.get(key, 0) + 1
+            self._show_unread()
+
+    def _show_unread(self) -> None:
+        total = sum(self.unread.values())
+        self.members.unread = dict(self.unread)
+        self.members._paint()
+        self.window.set_title(self._title(total))
+        self.trace("unread", counts={self.names[k] or "": n for k, n in self.unread.items()
+                                     if n}, total=total, title=self._title(total))
+
+    def _switch(self, user: str | None) -> None:
+        """Show the conversation with `user` (None: the room's)."""
+        view = self.conversation(user)
+        key = None if user is None else id_key(user)
+        if view is not self.view:
+            old = self.view.widget
+            packing = {k: v for k, v in old.pack_info().items() if k != "in"}
+            old.pack_forget()
+            view.widget.pack(**packing)
+            view.widget.configure(yscrollcommand=self._bar.set)
+            self._bar.configure(command=view.widget.yview)
+            self.view = view
+        self.shown = key
+        if self.unread.pop(key, 0):
+            self._show_unread()
+        private = self.window[(_CHAT, "private")]
+        if user is not None:
+            self.window[(_CHAT, "with")].update(
+                f"Private conversation with {printable(user)}")
+        private.update(visible=user is not None)
+        self.trace("conversation", user=user)
 
     # --- events from the room ---
 
-    def sending(self, text: str, msg_id: str) -> None:
-        """Our line is on its way: shown at once, marked until the host's
-        echo confirms it (so a line typed into a frozen host never vanishes)."""
-        self.pending[msg_id] = self.view.add("message", **{
+    def sending(self, text: str, msg_id: str, to: str | None = None) -> None:
+        """Our line is on its way: shown at once in its conversation (the
+        room's, or the one with `to`), marked until the host's echo
+        confirms it (so a line typed into a frozen host never vanishes)."""
+        view = self.conversation(to)
+        self._pending_views[msg_id] = view
+        self.pending[msg_id] = view.add("message", **{
             "from": self.me, "text": text, "ts": unix_now(), "mine": True, "seq": 0,
             "history": False, "id": msg_id, "state": "sending"})
+
+    def _mark(self, msg_id: str, entry: ChatEntry, **changes: Any) -> None:
+        """Redraw our line `msg_id` in its conversation with `changes`."""
+        self._pending_views.get(msg_id, self.view).update(entry, "message_state", **changes)
 
     def unconfirmed(self, older_than_s: float) -> None:
         """Lines the host hasn't confirmed for a while: say so on them."""
         now = unix_now()
-        for entry in self.pending.values():
+        for msg_id, entry in self.pending.items():
             if entry.data["state"] == "sending" and now - entry.data["ts"] > older_than_s:
-                self.view.update(entry, "message_state", state="late")
+                self._mark(msg_id, entry, state="late")
 
     def on_message(self, event: dict) -> None:
         if event.get("seq") in self.seen:
             return                          # shown already (a resent confirmation)
         self.seen.append(event.get("seq"))
+        mine = id_key(event["from"]) == id_key(self.me)
+        to = event.get("to")                # a private line: the other one's conversation
+        view = self.conversation((to if mine else event["from"]) if to else None)
         if event.get("history") and not self.history_started:
             self.history_started = True
-            self.view.add("divider", text="Earlier messages")
-        mine = self.pending.pop(event.get("id", ""), None)
-        if mine is not None and id_key(event["from"]) == id_key(self.me):
-            self.view.update(mine, "message_state", state="sent", ts=event.get("ts"),
-                             seq=event.get("seq", 0))
+            view.add("divider", text="Earlier messages")
+        msg_id = event.get("id", "")
+        sent = self.pending.pop(msg_id, None)
+        if sent is not None and mine:
+            self._mark(msg_id, sent, state="sent", ts=event.get("ts"), seq=event.get("seq", 0))
+            self._pending_views.pop(msg_id, None)
             return
-        self.view.add("message", **{"from": event["from"], "text": event["text"],
-                                    "ts": event.get("ts"), "seq": event.get("seq", 0),
-                                    "history": bool(event.get("history")),
-                                    "mine": id_key(event["from"]) == id_key(self.me)})
+        view.add("message", **{"from": event["from"], "text": event["text"],
+                               "ts": event.get("ts"), "seq": event.get("seq", 0),
+                               "history": bool(event.get("history")), "mine": mine})
+        if not mine and not event.get("history"):
+            self._arrived(view)
 
     def on_system(self, event: dict) -> None:
-        self.view.add("notice", style="system", text=event["text"], ts=event.get("ts"))
+        self.room_view.add("notice", style="system", text=event["text"], ts=event.get("ts"))
         if event.get("event") == "enter":
             self.members.add(event["user"])
         elif event.get("event") == "leave":
             self.members.remove(event["user"])
+            private = self.views.get(id_key(event["user"]))
+            if private is not None:         # said where we talked with them, too
+                private.add("notice", style="system", text=event["text"],
+                            ts=event.get("ts"))
         self.count()
 
     def on_members(self, event: dict) -> None:
@@ -13372,9 +13525,11 @@ class ChatWindow:
         self.view.add("help", text=event["text"])
 
     def on_error(self, event: dict) -> None:
-        mine = self.pending.pop(event.get("id") or "", None)
+        msg_id = event.get("id") or ""
+        mine = self.pending.pop(msg_id, None)
         if mine is not None:                # our line was refused (rate_limited, too long)
-            self.view.update(mine, "message_state", state="refused")
+            self._mark(msg_id, mine, state="refused")
+            self._pending_views.pop(msg_id, None)
         self.note(_sentence(event["message"]), "error")
 
     def on_call_invite(self, event: dict) -> None:
@@ -13385,24 +13540,28 @@ class ChatWindow:
         expires = time.monotonic() + (event.get("expires") or CALL_TIMEOUT_S)
         old = self.invites.pop(id_key(user), None)
         if old is not None:                 # a renewed invitation: one card is enough
-            self.view.update(old, "call_card", state="renewed", status="Called again below")
+            self._invite_views.pop(id_key(user), self.view).update(
+                old, "call_card", state="renewed", status="Called again below")
+        self._invite_views[id_key(user)] = self.view    # where we look now
         self.invites[id_key(user)] = self.view.add(
             "call", user=user, ts=unix_now(), state="ringing", expires=expires,
             title=f"{printable(user)} is calling you", status=_time_left(expires))
 
     def tick_invites(self) -> bool:
         """Count the ringing cards down; True while any rings."""
-        for entry in self.invites.values():
+        for key, entry in self.invites.items():
             status = _time_left(entry.data["expires"])
             if status != entry.data["status"]:
-                self.view.update(entry, "call_card", status=status)
+                self._invite_views.get(key, self.view).update(entry, "call_card",
+                                                              status=status)
         return bool(self.invites)
 
     def invite_over(self, user: str, state: str, status: str) -> None:
         """The call from `user` was answered, declined or missed."""
         entry = self.invites.pop(id_key(user), None)
         if entry is not None:
-            self.view.update(entry, "call_card", state=state, status=status)
+            self._invite_views.pop(id_key(user), self.view).update(
+                entry, "call_card", state=state, status=status)
 
     def on_call_missed(self, event: dict) -> None:
         self.on_call_event(event)
@@ -13427,13 +13586,17 @@ class ChatWindow:
                        rows=self.members.screen_rows())
 
     def pick(self, user: str | None) -> None:
-        """Files now go to `user` alone, or to the room (None)."""
+        """Show the conversation with `user`, or the room's (None): what is
+        typed and the files sent now go to `user` alone, or to the room."""
+        if user is not None:
+            user = self.member_named(user)
         self.members.pick(user)
+        self._switch(user)
         self.trace("picked", user=user)
         self.window[(_CHAT, "target")].update(
-            "Files you send go to everyone in the room." if user is None else
-            f'Files you send go to {printable(user)} only. Pick "Everyone" '
-            "to send to all.")
+            "What you write and send goes to everyone in the room." if user is None
+            else f"What you write and send goes to {printable(user)} only.")
+        self.trace_layout()
 
     def reconnecting(self, event: dict) -> None:
         """The connection dropped and the core is getting back: a banner
@@ -13475,9 +13638,10 @@ class ChatWindow:
         self.window[(_CHAT, "input")].Widget.configure(
             disabledbackground=COLOURS["track"])
         self.window[(_CHAT, "leave")].update("Back to hosts")
-        for entry in self.pending.values():
-            self.view.update(entry, "message_state", state="unsent")
+        for msg_id, entry in self.pending.items():
+            self._mark(msg_id, entry, state="unsent")
         self.pending.clear()
+        self._pending_views.clear()
         self.trace("ended", reason=reason)
         self.trace_layout()
 
@@ -13495,62 +13659,79 @@ class ChatWindow:
 
     # --- files: one card per transfer ---
 
+    # A file for one person is in the conversation with them, a file for
+    # everyone in the room's.
+
+    def _files(self, key: tuple[str, int]) -> ChatView:
+        """The conversation that shows the card of transfer `key`."""
+        return next((v for v in self.views.values() if key in v.files), self.room_view)
+
     def on_file_offer(self, event: dict) -> None:
         size = human_size(event["size"])
         self._card("receive", event["transfer"], event["name"], event["from"],
-                   f"{size} · {'for you only' if event.get('to') else 'for everyone'}")
+                   f"{size} · {'for you only' if event.get('to') else 'for everyone'}",
+                   event["from"] if event.get("to") else None)
 
     def on_file_progress(self, event: dict) -> None:
         key = (event["direction"], event["transfer"])
-        if key not in self.view.files and event["direction"] == "send":
+        view = self._files(key)
+        if key not in view.files and event["direction"] == "send":
             to = event.get("to")
             self._card("send", event["transfer"], event["name"], self.me,
                        f"{human_size(event['size'])} · to "
-                       f"{printable(to) if to else 'everyone'}")
-        if self.view.files.get(key) is None or self.view.files[key].data["state"] != "moving":
+                       f"{printable(to) if to else 'everyone'}", to or None)
+            view = self._files(key)
+        if view.files.get(key) is None or view.files[key].data["state"] != "moving":
             return
         eta = event.get("eta")
         moving = eta is not None and event["bytes"] < event["size"]
         left = f" · {eta:.0f} s left" if moving else ""
-        self.view.update_file(key, percent=event["percent"], status=(
+        view.update_file(key, percent=event["percent"], status=(
             f"{event['percent']:.0f}% · {human_size(event['rate'])}/s{left}"
             if event["bytes"] else "Starting..."))
 
     def on_file_received(self, event: dict) -> None:
-        self.view.update_file(("receive", event["transfer"]), state="done", percent=100.0,
-                              path=event["path"], name=event["name"],
-                              status=f"Saved · {human_size(event['size'])}")
+        key = ("receive", event["transfer"])
+        self._files(key).update_file(key, state="done", percent=100.0, path=event["path"],
+                                     name=event["name"],
+                                     status=f"Saved · {human_size(event['size'])}")
 
     def on_file_sent(self, event: dict) -> None:
-        self.view.update_file(("send", event["transfer"]), state="done", percent=100.0,
-                              status="Sent · the host has it all")
+        key = ("send", event["transfer"])
+        self._files(key).update_file(key, state="done", percent=100.0,
+                                     status="Sent · the host has it all")
 
     def on_file_delivered(self, event: dict) -> None:
-        entry = self.view.files.get(("send", event["transfer"]))
+        key = ("send", event["transfer"])
+        view = self._files(key)
+        entry = view.files.get(key)
         if entry is not None:
             saved = entry.data.get("saved_by", []) + [printable(event["user"])]
-            self.view.update_file(("send", event["transfer"]), saved_by=saved,
-                                  status="Saved by " + ", ".join(saved))
+            view.update_file(key, saved_by=saved, status="Saved by " + ", ".join(saved))
 
     def on_file_failed(self, event: dict) -> None:
         if event.get("transfer") is None:
             return                          # refused at once: its `error` said why
         key = (event["direction"], event["transfer"])
-        entry = self.view.files.get(key)
+        view = self._files(key)
+        entry = view.files.get(key)
         if entry is None:
             return
         if event.get("user"):               # one recipient failed; the others go on
             self.note(f"{printable(event['name'])}: {printable(event['user'])} didn't get "
                       f"it: {printable(event['reason'])}", "error")
             return
-        self.view.update_file(key, state="failed",
-                              status="Failed: " + printable(event["reason"]))
+        view.update_file(key, state="failed", status="Failed: " + printable(event["reason"]))
 
-    def _card(self, direction: str, transfer: int, name: str, user: str, detail: str) -> None:
-        entry = self.view.add("file", direction=direction, transfer=transfer, name=name,
-                              user=user, ts=unix_now(), detail=detail, percent=0.0,
-                              status="Waiting...", state="moving", path="")
-        self.view.files[(direction, transfer)] = entry
+    def _card(self, direction: str, transfer: int, name: str, user: str, detail: str,
+              conversation: str | None = None) -> None:
+        view = self.conversation(conversation)
+        entry = view.add("file", direction=direction, transfer=transfer, name=name,
+                         user=user, ts=unix_now(), detail=detail, percent=0.0,
+                         status="Waiting...", state="moving", path="")
+        view.files[(direction, transfer)] = entry
+        if direction == "receive":
+            self._arrived(view)
 
     def trace_layout(self) -> None:
         if not self.trace.enabled:
@@ -13559,9 +13740,13 @@ class ChatWindow:
         banner = self.window[(_CHAT, "banner")]
         self.trace("window", name="chat", xid=int(self.window.TKroot.wm_frame(), 16),
                    box=_screen_box(self.window.TKroot),
-                   elements={name: _screen_box(self.window[(_CHAT, name)].Widget)
-                             for name in ("input", "send", "file", "video", "leave",
-                                          "view", "members")},
+                   elements={**{name: _screen_box(self.window[(_CHAT, name)].Widget)
+                                for name in ("input", "send", "file", "video", "leave",
+                                             "members")},
+                             "view": _screen_box(self.view.widget),
+                             **({"room": _screen_box(self.window[(_CHAT, "room")].Widget)}
+                                if self.shown is not None else {})},
+                   conversation=self.talking_to,
                    disabled={name: str(self.window[(_CHAT, name)].Widget.cget("state"))
                              in ("disabled", "readonly") for name in ("input", "send")},
                    banner=banner.get() if banner.visible else "", protected=self.protected,
@@ -13572,7 +13757,8 @@ class ChatWindow:
     def close(self) -> None:
         if self._resize_job is not None:
             self.window.TKroot.after_cancel(self._resize_job)
-        self.view.close()
+        for view in self.views.values():
+            view.close()
         self.window.close()
 
 
@@ -13620,7 +13806,7 @@ def _sentence(text: str) -> str:
 
 
 # =============================================================================
-# 26. GUI CALLS: the call window, a tile per person, ESC and Backspace
+# 27. GUI CALLS: the call window, a tile per person, ESC and Backspace
 # =============================================================================
 # One window holds every call in progress: your own camera first, then a
 # tile per peer, in a grid that reflows as people join and leave, each
@@ -14001,7 +14187,7 @@ class CallWindows:
 
 
 # =============================================================================
-# 27. GUI PLUMBING: settings, the bridge from the core, opening files, phases
+# 28. GUI PLUMBING: settings, the bridge from the core, opening files, phases
 # =============================================================================
 # What the app (next section) stands on: the settings remembered between
 # runs, GuiBridge (the core's thread reaches the window only through it,
@@ -14170,7 +14356,7 @@ class LoopStats:
 
 
 # =============================================================================
-# 28. GUI APP: the one core, the windows, the one read loop
+# 29. GUI APP: the one core, the windows, the one read loop
 # =============================================================================
 # GuiApp owns one ClientCore, the launcher (which lives as long as the
 # program and receives every core event), the chat window while in a room,
@@ -14273,6 +14459,7 @@ class GuiApp:
             (_CHAT, "file"): in_room(self.on_send_file_button),
             (_CHAT, "video"): in_room(self.on_video_button),
             (_CHAT, "leave"): in_room(self.on_leave),
+            (_CHAT, "room"): in_room(lambda chat, _values: chat.pick(None)),
             (_CALL, "mute"): lambda values: self._quietly("mute", self.core.set_media(
                 muted=not self.core.calls.media.muted)),
             (_CALL, "camera"): lambda values: self._quietly("camera", self.core.set_media(
@@ -14287,7 +14474,8 @@ class GuiApp:
             (_CALL, "decline"): lambda values: self.decline_in_call_window(),
         }
         self.typed: dict[type[Command], Callable[[ChatWindow, Any], None]] = {
-            ChatLine: lambda chat, command: self.say(command.text),
+            ChatLine: lambda chat, command: self.say(command.text, chat.talking_to),
+            PrivateLine: self.on_private_line,
             ListMembers: lambda chat, command: self._quietly("who", self.core.who()),
             Quit: lambda chat, command: self.on_leave(chat, {}),
             SendFile: lambda chat, command: self.send_file(command.path, command.to),
@@ -14571,15 +14759,24 @@ class GuiApp:
         if command is not None:
             self.typed[type(command)](chat, command)
 
-    def say(self, text: str) -> None:
-        self.bridge.report("said", self.core.say(text), lambda msg_id: (text, msg_id))
+    def say(self, text: str, to: str | None = None) -> None:
+        """A line to the room, or to `to` alone (the conversation shown)."""
+        self.bridge.report("said", self.core.say(text, to or ""),
+                           lambda msg_id: (text, msg_id, to))
 
-    def on_said(self, chat: ChatWindow, outcome: tuple[str, str | None]) -> None:
-        text, msg_id = outcome
+    def on_private_line(self, chat: ChatWindow, command: PrivateLine) -> None:
+        """/msg USER TEXT: to the conversation with USER, and the line there."""
+        user = chat.member_named(command.user)
+        if id_key(user) != id_key(chat.me):     # (to oneself: the host's error says why)
+            chat.pick(user)
+        self.say(command.text, user)
+
+    def on_said(self, chat: ChatWindow, outcome: tuple[str, str | None, str | None]) -> None:
+        text, msg_id, to = outcome
         if msg_id is None:                  # refused: an `error` says why
             chat.restore_input(text)
         else:                               # on its way: shown until the host confirms
-            chat.sending(text, msg_id)
+            chat.sending(text, msg_id, to)
 
     def on_mistyped(self, chat: ChatWindow, command: Mistyped) -> None:
         chat.view.add("echo", text=command.line)
@@ -14938,7 +15135,7 @@ def run_gui(args: argparse.Namespace, limits: Limits, media: MediaOptions) -> in
 
 
 # =============================================================================
-# 29. MAIN: argparse and the entry points
+# 30. MAIN: argparse and the entry points
 # =============================================================================
 # Builds every object from the flags and passes them down; nothing above
 # reads a global that main() sets. `python chatroom.py` with no mode opens
