@@ -13597,6 +13597,7 @@ class ChatWindow:
             "What you write and send goes to everyone in the room." if user is None
             else f"What you write and send goes to {printable(user)} only.")
         self.trace_layout()
+        self.count()                        # (the bar moved the members' rows: trace them)
 
     def reconnecting(self, event: dict) -> None:
         """The connection dropped and the core is getting back: a banner
@@ -14478,7 +14479,8 @@ class GuiApp:
             PrivateLine: self.on_private_line,
             ListMembers: lambda chat, command: self._quietly("who", self.core.who()),
             Quit: lambda chat, command: self.on_leave(chat, {}),
-            SendFile: lambda chat, command: self.send_file(command.path, command.to),
+            SendFile: lambda chat, command: self.send_file(    # in a private conversation:
+                command.path, command.to or chat.talking_to),   # to that person
             CallUser: lambda chat, command: self._call(chat, command.line,
                                                        self.core.call(command.user)),
             CallAddress: lambda chat, command: self._call(chat, command.line,

@@ -20,9 +20,11 @@ from guidriver import LOOPBACK, Cli, Host
 
 
 def member_row(gui, user: str) -> list[int]:
-    """The screen box of `user`'s row in the members list (None: Everyone)."""
-    record = gui.wait_for(lambda e: e.get("gui") == "members"
-                          and any(row["user"] == user for row in e["rows"]))
+    """The screen box of `user`'s row in the members list (None: Everyone),
+    as the newest trace of the list gives it (rows move with the layout)."""
+    gui.wait_for(lambda e: e.get("gui") == "members"
+                 and any(row["user"] == user for row in e["rows"]))
+    record = [e for e in list(gui.lines) if e.get("gui") == "members"][-1]
     return next(row["box"] for row in record["rows"] if row["user"] == user)
 
 
@@ -111,6 +113,51 @@ def test_a_private_line_shows_in_its_conversation_only_and_counts_as_unread(
     back = gui.wait_for(lambda e: e.get("gui") == "unread" and e["total"] == 0, start=mark)
     assert back["counts"] == {} and back["title"] == "lobby · chatroom"
     assert "room" not in gui.window("chat", start=mark)["elements"]
+
+    gui.close("chat")
+    assert_exits_cleanly(gui)
+
+
+def test_in_a_private_conversation_a_file_and_msg_go_to_that_person(x, tmp_path, procs):
+    """A file sent while bob's conversation is shown goes to bob alone (its
+    card in that conversation); /msg typed in the window opens the
+    conversation with that person and sends there."""
+    host = Host(unique("private"), advertise=False)
+    procs.append(host)
+    gui = start_gui(x, tmp_path, procs, "--server", f"{LOOPBACK}:{host.port}",
+                    "--room", "lobby", "--user", "alice")
+    join_from_launcher(gui, x)
+    bob = Cli(host.port, "lobby", "bob", downloads=tmp_path / "bob")
+    procs.append(bob)
+    carol = Cli(host.port, "lobby", "carol", downloads=tmp_path / "carol")
+    procs.append(carol)
+    gui.wait_for(lambda e: e.get("gui") == "members"
+                 and e["members"] == ["alice", "bob", "carol"])
+
+    mark = gui.mark()
+    gui.type_into("chat", "input", "/msg carol 私信 hello carol", enter=True)
+    gui.wait_for(lambda e: e.get("gui") == "conversation" and e["user"] == "carol",
+                 start=mark)
+    mine = gui.wait_for(lambda e: e.get("gui") == "shown" and e.get("text") == "私信 hello carol",
+                        start=mark)
+    assert mine["conversation"] == "carol" and mine["mine"] is True
+    got = carol.wait_for(lambda e: e.get("type") == "message" and e["from"] == "alice")
+    assert (got["text"], got["to"]) == ("私信 hello carol", "carol")
+
+    click(x, member_row(gui, "bob"))
+    gui.wait_for(lambda e: e.get("gui") == "conversation" and e["user"] == "bob", start=mark)
+    report = tmp_path / "只给bob.txt"
+    report.write_bytes(b"for bob only\n" * 100)
+    gui.type_into("chat", "input", f"/send {report}", enter=True)
+    card = gui.wait_for(lambda e: e.get("gui") == "shown" and e.get("kind") == "file",
+                        start=mark)
+    assert card["conversation"] == "bob" and card["detail"].endswith("to bob")
+    saved = bob.wait_for(lambda e: e.get("type") == "file_received", timeout=30)
+    assert saved["name"] == "只给bob.txt"
+    carol.say("sentinel")
+    carol.wait_for(lambda e: e.get("type") == "message" and e["text"] == "sentinel")
+    assert not [e for e in carol.lines if e.get("type", "").startswith("file")]
+    assert not [e for e in bob.lines if e.get("text") == "私信 hello carol"]
 
     gui.close("chat")
     assert_exits_cleanly(gui)
