@@ -186,6 +186,8 @@ def test_msg_in_the_terminal_marks_message_to_and_reaches_one_person(host, join)
     assert alice.wait_for("error")["code"] == "bad_message"
     alice.send("/msg bob")
     assert alice.wait_for("error")["code"] == "bad_message"
+    alice.send("/msg a/b hello")            # not an ID at all: the client says so
+    assert alice.wait_for("error")["code"] == "bad_user_id"
 
 
 def test_a_private_line_reads_as_private_for_a_person(host, join):
