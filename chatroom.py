@@ -12774,6 +12774,11 @@ class MemberList(Drawing):
         self.picked = user
         self._paint()
 
+    def set_unread(self, counts: dict[str | None, int]) -> None:
+        """Unread lines per conversation: id_key(user), or None for the room."""
+        self.unread = dict(counts)
+        self._paint()
+
     def _rows(self) -> list[tuple[str | None, str]]:
         rows: list[tuple[str | None, str]] = [(None, "Everyone in the room")]
         for member in self.members:
@@ -13272,7 +13277,7 @@ class ChatWindow:
                      text_color=COLOURS["faint"], background_color=COLOURS["panel"])],
             [sg.Canvas(key=(_CHAT, "members"), size=(px(210), px(160)), pad=0,
                        background_color=COLOURS["panel"], expand_y=True, expand_x=True)],
-            [sg.Text("", key=(_CHAT, "target"), font=look.font(9), size=(28, 2),
+            [sg.Text("", key=(_CHAT, "target"), font=look.font(9), size=(28, 3),
                      text_color=COLOURS["muted"], background_color=COLOURS["panel"],
                      pad=(px(12), (px(6), px(12))))],
         ], background_color=COLOURS["panel"], expand_y=True, pad=((px(12), 0), 0),
@@ -13430,8 +13435,7 @@ class ChatWindow:
 
     def _show_unread(self) -> None:
         total = sum(self.unread.values())
-        self.members.unread = dict(self.unread)
-        self.members._paint()
+        self.members.set_unread(self.unread)
         self.window.set_title(self._title(total))
         self.trace("unread", counts={self.names[k] or "": n for k, n in self.unread.items()
                                      if n}, total=total, title=self._title(total))
@@ -13456,6 +13460,8 @@ class ChatWindow:
             self.window[(_CHAT, "with")].update(
                 f"Private conversation with {printable(user)}")
         private.update(visible=user is not None)
+        if user is None:                    # Tk keeps an emptied frame's size: let it go
+            private.ParentRowFrame.configure(height=1)
         self.trace("conversation", user=user)
 
     # --- events from the room ---
@@ -13513,6 +13519,8 @@ class ChatWindow:
             if private is not None:         # said where we talked with them, too
                 private.add("notice", style="system", text=event["text"],
                             ts=event.get("ts"))
+            if self.unread.pop(id_key(event["user"]), 0):
+                self._show_unread()         # their row is gone: no count to clear there
         self.count()
 
     def on_members(self, event: dict) -> None:
@@ -13594,7 +13602,8 @@ class ChatWindow:
         self._switch(user)
         self.trace("picked", user=user)
         self.window[(_CHAT, "target")].update(
-            "What you write and send goes to everyone in the room." if user is None
+            "What you write and send goes to everyone in the room. Click a member "
+            "to talk to them alone." if user is None
             else f"What you write and send goes to {printable(user)} only.")
         self.trace_layout()
         self.count()                        # (the bar moved the members' rows: trace them)

@@ -44,7 +44,7 @@ def test_a_private_line_shows_in_its_conversation_only_and_counts_as_unread(
     procs.append(host)
     gui = start_gui(x, tmp_path, procs, "--server", f"{LOOPBACK}:{host.port}",
                     "--room", "lobby", "--user", "alice")
-    join_from_launcher(gui, x)
+    first = join_from_launcher(gui, x)["elements"]["view"]
     bob = Cli(host.port, "lobby", "bob")
     procs.append(bob)
     carol = Cli(host.port, "lobby", "小红")
@@ -112,7 +112,14 @@ def test_a_private_line_shows_in_its_conversation_only_and_counts_as_unread(
     gui.wait_for(lambda e: e.get("gui") == "conversation" and e["user"] is None, start=mark)
     back = gui.wait_for(lambda e: e.get("gui") == "unread" and e["total"] == 0, start=mark)
     assert back["counts"] == {} and back["title"] == "lobby · chatroom"
-    assert "room" not in gui.window("chat", start=mark)["elements"]
+    layout = gui.window("chat", start=mark)
+    assert "room" not in layout["elements"]
+    assert layout["elements"]["view"][1] == first[1], "the hidden bar left a gap"
+    if shot:
+        record = gui.wait_for(lambda e: e.get("gui") == "picked" and e["user"] is None,
+                              start=mark)
+        layout = gui.window("chat", start=mark)
+        x.screenshot(Path(shot) / "chat-private-back.png", layout["xid"])
 
     gui.close("chat")
     assert_exits_cleanly(gui)
@@ -158,6 +165,17 @@ def test_in_a_private_conversation_a_file_and_msg_go_to_that_person(x, tmp_path,
     carol.wait_for(lambda e: e.get("type") == "message" and e["text"] == "sentinel")
     assert not [e for e in carol.lines if e.get("type", "").startswith("file")]
     assert not [e for e in bob.lines if e.get("text") == "私信 hello carol"]
+
+    # carol writes while bob's conversation is shown, then leaves: her count
+    # goes with her row, so the title's total can always be cleared.
+    mark = gui.mark()
+    carol.say("/msg alice 再见 bye")
+    gui.wait_for(lambda e: e.get("gui") == "unread" and e["counts"] == {"": 1, "carol": 1},
+                 start=mark)                # (the room: carol's sentinel above)
+    assert carol.quit() == 0
+    gone = gui.wait_for(lambda e: e.get("gui") == "unread" and "carol" not in e["counts"],
+                        start=mark)
+    assert gone["counts"] == {"": 1} and gone["title"] == "(1) lobby · chatroom"
 
     gui.close("chat")
     assert_exits_cleanly(gui)
