@@ -2036,6 +2036,10 @@ _IGNORABLE_TABLE = (
 # - Flood control per member (FloodGate, in LIMITS AND DEFAULTS; README.md
 #   "Limits"): a burst past the rate gets rate_limited line by line; a
 #   flood, a disconnect.
+# - "The host delivers a private line to its sender, as the confirmation,
+#   and to that one member. No other connection carries it." It is never
+#   room history; a resume gives it to those two alone (README.md "Private
+#   messages").
 
 Delivery = tuple[Any, Event]
 
