@@ -2316,8 +2316,9 @@ class Rooms:
         goes back to the sender alone as the help text. A refused text comes
         back to the sender as an Error naming `msg_id`.
 
-        With `to`, a private line: "the host sends it to the sender and to
-        that member, nobody else"; it is never room history, and a resume
+        With `to`, a private line: "The host delivers a private line to its
+        sender, as the confirmation, and to that one member. No other
+        connection carries it." It is never room history, and a resume
         gives it to those two alone. Refused with no_such_user when nobody
         in the room has that ID, bad_message when it is the sender's own.
         """
@@ -2348,9 +2349,10 @@ class Rooms:
         room.said[(id_key(sender), msg_id)] = (room.seq, now, to)
         if len(room.said) > SAID_IDS_KEPT:
             room.said.popitem(last=False)
+        if target is not None:              # first: the log may let it go at once
+            room.private[room.seq] = (member, target)
         self._log(room, message)
         if target is not None:
-            room.private[room.seq] = (member, target)
             return [(member, message), (target, message)]
         room.history.append(message)
         return [(m, message) for m in room.members]

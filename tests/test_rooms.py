@@ -628,3 +628,10 @@ def test_a_private_line_is_forgotten_with_the_log():
     for i in range(3):
         rooms.say("m-alice", f"m{i}", f"a-{i + 2}", T0)
     assert rooms.room_of("m-alice").private == {}
+
+
+def test_a_private_line_too_big_for_the_log_leaves_nothing_behind():
+    # It used to be marked private after the log had already let it go.
+    rooms = room_with("alice", "bob", log_bytes=3)
+    rooms.say("m-alice", "longer than the log", "a-1", T0, to="bob")
+    assert rooms.room_of("m-alice").private == {}
