@@ -21,33 +21,35 @@ The file reads top to bottom; each section uses only the sections above it
 (tests/test_map.py holds this map and that rule true):
 
  1. LIMITS AND DEFAULTS   every tunable, error classes, small helpers
- 2. WIRE PROTOCOL         frames, events, the Wire state machine (sans-I/O)
- 3. NAMES AND TEXT        IDs, look-alikes, messages, file names (pure)
- 4. ROOMS                 members, history, help, passwords (pure)
- 5. CALLS                 invitations, links and groups (pure)
- 6. MEDIA PACKETS         sealing, key agreement, fragments, reassembly (pure)
- 7. MEDIA FLOW            control messages, repair, rate, statistics (pure)
- 8. PLAYOUT               the jitter buffer, lip sync, voice levels (pure)
- 9. DISCOVERY             mDNS advertise and browse (zeroconf)
-10. VIDEO DEVICES         test pattern, cameras, files; VP8 and JPEG
-11. SOUND DEVICES         Opus and PCM, microphones, speakers, recording
-12. CONNECTIONS           Link (framed TCP, three lanes, one writer), UDP sockets
-13. HOST RELAYS           files and calls between the members of a room
-14. HOST                  the listener, sessions, rooms, shutdown (asyncio)
-15. CLIENT FILES          files we send and receive, beside the client core
-16. CLIENT MEDIA          links, sealed packets in and out, the media threads
-17. CLIENT CALLS          host-arranged and direct calls over the engine
-18. CLIENT PLACE          where a client is, on disk too; host frames to events
-19. CLIENT CORE           one asyncio loop in a thread, one event stream
-20. COMMANDS              one parser for what a person types
-21. TERMINAL CLIENT       --cli: stdin lines in, events out (text or JSON)
-22. GUI LOOK              theme, fonts, --scale, the trace hook, drawing
-23. GUI CONVERSATION      bubbles, notices and file cards; the members list
-24. GUI WINDOWS           the launcher and the chat window
-25. GUI CALLS             the call window: tiles, who speaks, ESC and Backspace
-26. GUI PLUMBING          settings, the bridge from the core, opening, phases
-27. GUI APP               the one core, the windows, the one read loop
-28. MAIN                  argparse and the entry points
+ 2. FIELD RULES           one rule per field name, for every event (pure)
+ 3. WIRE PROTOCOL         frames, events, the Wire state machine (sans-I/O)
+ 4. NAMES AND TEXT        IDs, look-alikes, messages, file names (pure)
+ 5. ROOMS                 members, history, help, passwords (pure)
+ 6. CALLS                 invitations, links and groups (pure)
+ 7. MEDIA PACKETS         sealing, key agreement, fragments, reassembly (pure)
+ 8. MEDIA FLOW            control messages, repair, rate, statistics (pure)
+ 9. PLAYOUT               the jitter buffer, lip sync, voice levels (pure)
+10. DISCOVERY             mDNS advertise and browse (zeroconf)
+11. VIDEO DEVICES         test pattern, cameras, files; VP8 and JPEG
+12. SOUND DEVICES         Opus and PCM, microphones, speakers, recording
+13. CONNECTIONS           Link (framed TCP, three lanes, one writer), UDP sockets
+14. HOST RELAYS           files and calls between the members of a room
+15. HOST                  the listener, sessions, rooms, shutdown (asyncio)
+16. CLIENT FILES          files we send and receive, beside the client core
+17. CLIENT MEDIA          links, sealed packets in and out, the media threads
+18. CLIENT CALLS          host-arranged and direct calls over the engine
+19. CLIENT PLACE          where a client is, on disk too; host frames to events
+20. CLIENT CORE           one asyncio loop in a thread, one event stream
+21. COMMANDS              one parser for what a person types
+22. TERMINAL CLIENT       --cli: stdin lines in, events out (text or JSON)
+23. GUI LOOK              theme, fonts, --scale, the trace hook, drawing
+24. GUI CONVERSATION      bubbles, notices and file cards; the members list
+25. GUI WINDOWS           shared widgets and the launcher
+26. GUI CHAT WINDOW       conversations, the members, the input line
+27. GUI CALLS             the call window: tiles, who speaks, ESC and Backspace
+28. GUI PLUMBING          settings, the bridge from the core, opening, phases
+29. GUI APP               the one core, the windows, the one read loop
+30. MAIN                  argparse and the entry points
 """
 
 from __future__ import annotations
@@ -509,49 +511,14 @@ class FloodGate:
 
 
 # =============================================================================
-# 2. WIRE PROTOCOL: frames, events, the Wire state machine (sans-I/O)
+# 2. FIELD RULES: one check per field name, used by every event that has it
 # =============================================================================
-# Bytes in -> events out; events in -> bytes out. Nothing in this section
-# touches a socket, a clock or a thread, so every rule here is tested (and
-# fuzzed) without a network. Need I/O? You are in the wrong section: see
-# the HOST and CLIENT CORE sections.
-#
-# Theory of operation. A connection carries frames. A frame is a 4-byte
-# big-endian body length, then the body. A body that starts with "{" is one
-# UTF-8 JSON object with a "type" field naming an Event class below; a body
-# that starts with 0x00 is binary data for a file transfer (issue: files),
-# never base64. A header announcing more than MAX_FRAME_BYTES is refused
-# before anything is buffered. Every field of every event is checked (type,
-# length, characters) by the rule named after the field, so a value that
-# reaches the rooms or the screen has a known shape. Unknown fields are
-# ignored (a newer minor peer may add some); unknown types, missing fields,
-# and fields of the wrong shape are protocol errors.
-#
-# The Wire keeps one state per connection; TRANSITIONS says which event each
-# side may send in each state. The table is keyed by the sender's role, not
-# "us/them", so the same table serves the host end and the client end.
+# What a value of each protocol field may be: type, length, characters.
+# WIRE PROTOCOL (next section) applies these rules to every event it
+# decodes, so a value that reaches the rooms or the screen has a known
+# shape. Pure: no I/O, no state. (Split from WIRE PROTOCOL when it reached
+# 895 of its 900 lines.)
 
-_HEADER = struct.Struct(">I")
-_DATA_TAG = 0x00
-_MEDIA_TAG = 0x01
-_JSON_TAG = ord("{")
-MAX_MEDIA_PACKET_BYTES = 1400       # a relayed media packet (MEDIA PACKETS: ~1200)
-
-
-class Role(enum.Enum):
-    CLIENT = "client"
-    HOST = "host"
-
-
-class State(enum.Enum):
-    AWAITING_HELLO = "awaiting hello"       # client has not logged in yet
-    AWAITING_WELCOME = "awaiting welcome"   # login sent, answer pending
-    READY = "ready"                         # in a room
-    CLOSING = "closing"                     # client said bye; host may finish
-    CLOSED = "closed"                       # nothing more may be sent
-
-
-# --- Field rules -------------------------------------------------------------
 # One rule per field name, used by every event that has the field: a `user`
 # is checked the same way wherever it appears. A rule returns the value
 # (possibly normalised) or raises ValueError with the reason.
@@ -700,6 +667,49 @@ FIELD_RULES: dict[str, Callable[[Any], Any]] = {
 WIRE_NAMES = {"sender": "from"}
 
 
+# =============================================================================
+# 3. WIRE PROTOCOL: frames, events, the Wire state machine (sans-I/O)
+# =============================================================================
+# Bytes in -> events out; events in -> bytes out. Nothing in this section
+# touches a socket, a clock or a thread, so every rule here is tested (and
+# fuzzed) without a network. Need I/O? You are in the wrong section: see
+# the HOST and CLIENT CORE sections.
+#
+# Theory of operation. A connection carries frames. A frame is a 4-byte
+# big-endian body length, then the body. A body that starts with "{" is one
+# UTF-8 JSON object with a "type" field naming an Event class below; a body
+# that starts with 0x00 is binary data for a file transfer (issue: files),
+# never base64. A header announcing more than MAX_FRAME_BYTES is refused
+# before anything is buffered. Every field of every event is checked (type,
+# length, characters) by the rule named after the field, so a value that
+# reaches the rooms or the screen has a known shape. Unknown fields are
+# ignored (a newer minor peer may add some); unknown types, missing fields,
+# and fields of the wrong shape are protocol errors.
+#
+# The Wire keeps one state per connection; TRANSITIONS says which event each
+# side may send in each state. The table is keyed by the sender's role, not
+# "us/them", so the same table serves the host end and the client end.
+
+_HEADER = struct.Struct(">I")
+_DATA_TAG = 0x00
+_MEDIA_TAG = 0x01
+_JSON_TAG = ord("{")
+MAX_MEDIA_PACKET_BYTES = 1400       # a relayed media packet (MEDIA PACKETS: ~1200)
+
+
+class Role(enum.Enum):
+    CLIENT = "client"
+    HOST = "host"
+
+
+class State(enum.Enum):
+    AWAITING_HELLO = "awaiting hello"       # client has not logged in yet
+    AWAITING_WELCOME = "awaiting welcome"   # login sent, answer pending
+    READY = "ready"                         # in a room
+    CLOSING = "closing"                     # client said bye; host may finish
+    CLOSED = "closed"                       # nothing more may be sent
+
+
 # --- Events ------------------------------------------------------------------
 
 EVENT_TYPES: dict[str, type[Event]] = {}
@@ -778,11 +788,13 @@ class Hello(Event):
 @_event
 @dataclasses.dataclass(frozen=True)
 class Say(Event):
-    """Send `text` to the room. `id` is chosen by the sender and comes back
-    in the host's confirmation, so a resend is recognised, never doubled."""
+    """Send `text` to the room, or with `to` to that member alone. `id` is
+    chosen by the sender and comes back in the host's confirmation, so a
+    resend is recognised, never doubled."""
     TYPE = "say"
     id: str
     text: str
+    to: str = ""
 
 
 @_event
@@ -865,7 +877,9 @@ class Resumed(Event):
 @_event
 @dataclasses.dataclass(frozen=True)
 class Message(Event):
-    """A chat message, stamped by the host. `seq` counts per room."""
+    """A chat message, stamped by the host. `seq` counts per room. `to`
+    names the one member a private line went to ("" = the room): only the
+    sender and that member are sent it."""
     TYPE = "message"
     seq: int
     id: str
@@ -873,6 +887,7 @@ class Message(Event):
     text: str
     ts: float
     history: bool = False
+    to: str = ""
 
 
 @_event
@@ -1404,7 +1419,7 @@ class Wire:
 
 
 # =============================================================================
-# 3. NAMES AND TEXT: IDs, messages and file names as Unicode sees them (pure)
+# 4. NAMES AND TEXT: IDs, messages and file names as Unicode sees them (pure)
 # =============================================================================
 # What a name or a line of text may be, and when two names are one: the
 # rules people can be deceived by, kept apart from the rooms that use them.
@@ -2017,7 +2032,7 @@ _IGNORABLE_TABLE = (
 )
 
 # =============================================================================
-# 4. ROOMS: members, history, help and passwords, as pure rules
+# 5. ROOMS: members, history, help and passwords, as pure rules
 # =============================================================================
 # Decides what goes to whom and returns it as data: a list of Deliveries,
 # (member handle, Event). It never sends anything, never reads a clock (time
@@ -2038,6 +2053,10 @@ _IGNORABLE_TABLE = (
 # - Flood control per member (FloodGate, in LIMITS AND DEFAULTS; README.md
 #   "Limits"): a burst past the rate gets rate_limited line by line; a
 #   flood, a disconnect.
+# - "The host delivers a private line to its sender, as the confirmation,
+#   and to that one member. No other connection carries it." It is never
+#   room history; a resume gives it to those two alone (README.md "Private
+#   messages").
 
 Delivery = tuple[Any, Event]
 
@@ -2046,6 +2065,9 @@ HELP
 1. Text chat: type a line and press Enter (or Send). Everyone in this room
    sees it with your name and the time. Rooms are independent: nothing you
    say reaches another room.
+   /msg USERID text sends a private line to that person alone (an ID with
+   a space goes in quotes: /msg "li lei" hi); in the window, click them in
+   the member list. Nobody else sees it, now or after joining later.
 2. Video and voice calls:
    2.1 Type /CHECK USERID to call someone in this room; the host arranges
        the ports for you. Only the person you call is told "<you> CALL YOU".
@@ -2178,9 +2200,13 @@ class Room:
     log: collections.deque = dataclasses.field(default_factory=collections.deque)
     log_bytes: int = 0          # text held in `log`
     lock: Lock | None = None    # set by whoever opened the room; None: open to all
-    # (sender's id_key, message id) -> (seq, ts) of the newest SAID_IDS_KEPT
+    # (sender's id_key, message id) -> (seq, ts, to) of the newest SAID_IDS_KEPT
     # messages: a resend is confirmed from here, even after the log let it go.
     said: collections.OrderedDict = dataclasses.field(default_factory=collections.OrderedDict)
+    # seq -> (sender, recipient) handles of each private line in `log`: a
+    # resume gives it to those two alone. Handles, not IDs: an ID is taken
+    # again by someone else once its owner leaves.
+    private: dict[int, tuple[Any, Any]] = dataclasses.field(default_factory=dict)
 
     def user_list(self) -> tuple[str, ...]:
         return tuple(m.user for m in self.members.values())   # dicts keep join order
@@ -2300,14 +2326,21 @@ class Rooms:
         out += self._notice(room, "enter", user, f"{user} entered the room", now)
         return out
 
-    def say(self, member: Any, text: str, msg_id: str, now: float) -> list[Delivery]:
+    def say(self, member: Any, text: str, msg_id: str, now: float,
+            to: str = "") -> list[Delivery]:
         """A member's chat line: to everyone in the room, the sender included
         (that copy is the host's confirmation). `help` in any letter case
         goes back to the sender alone as the help text. A refused text comes
         back to the sender as an Error naming `msg_id`.
+
+        With `to`, a private line: "The host delivers a private line to its
+        sender, as the confirmation, and to that one member. No other
+        connection carries it." It is never room history, and a resume
+        gives it to those two alone. Refused with no_such_user when nobody
+        in the room has that ID, bad_message when it is the sender's own.
         """
         room = self._where[member]
-        if text.strip().casefold() == "help":
+        if not to and text.strip().casefold() == "help":
             return [(member, Help(HELP_TEXT))]
         try:
             text = check_text(text, self.max_message_bytes)
@@ -2316,14 +2349,29 @@ class Rooms:
         sender = room.members[member].user
         earlier = room.said.get((id_key(sender), msg_id))
         if earlier is not None:             # a resend: confirmed again, never doubled
-            return [(member, Message(earlier[0], msg_id, sender, text, earlier[1]))]
+            seq, ts, was_to = earlier       # (its recipient may have left since)
+            return [(member, Message(seq, msg_id, sender, text, ts, to=was_to))]
+        target = None
+        if to:
+            target = room.by_key.get(id_key(to)) or room.by_look.get(look_key(to))
+            if target is None:
+                return [(member, Error("no_such_user", f"{printable(to)!r} is not in room "
+                                       f"{room.name!r}; the message was not sent", msg_id))]
+            if target == member:            # handles are any hashable (ROOMS' contract)
+                return [(member, Error("bad_message", "a private message goes to someone "
+                                       "else: this one was not sent", msg_id))]
+            to = room.members[target].user
         room.seq += 1
-        message = Message(room.seq, msg_id, sender, text, now)
-        room.said[(id_key(sender), msg_id)] = (room.seq, now)
+        message = Message(room.seq, msg_id, sender, text, now, to=to)
+        room.said[(id_key(sender), msg_id)] = (room.seq, now, to)
         if len(room.said) > SAID_IDS_KEPT:
             room.said.popitem(last=False)
-        room.history.append(message)
+        if target is not None:              # first: the log may let it go at once
+            room.private[room.seq] = (member, target)
         self._log(room, message)
+        if target is not None:
+            return [(member, message), (target, message)]
+        room.history.append(message)
         return [(m, message) for m in room.members]
 
     def resume(self, member: Any, seen: int) -> list[Delivery]:
@@ -2332,9 +2380,10 @@ class Rooms:
         they were sent: history=False). Events too old to be in the log are
         counted in Resumed's `lost`."""
         room = self._where[member]
-        events = [e for e in room.log if e.seq > seen]
-        first_kept = events[0].seq if events else room.seq + 1
+        newer = [e for e in room.log if e.seq > seen]
+        first_kept = newer[0].seq if newer else room.seq + 1
         lost = max(0, first_kept - seen - 1)
+        events = [e for e in newer if member in room.private.get(e.seq, (member,))]
         return [(member, Resumed(room.name, room.members[member].user, room.user_list(),
                                  self.host_name, self.max_file_size, len(events), lost))] \
             + [(member, event) for event in events]
@@ -2344,7 +2393,9 @@ class Rooms:
         room.log.append(event)
         room.log_bytes += len(event.text)
         while room.log and (len(room.log) > self.log_events or room.log_bytes > self.log_bytes):
-            room.log_bytes -= len(room.log.popleft().text)
+            gone = room.log.popleft()
+            room.log_bytes -= len(gone.text)
+            room.private.pop(gone.seq, None)
 
     def who(self, member: Any) -> list[Delivery]:
         return [(member, Members(self._where[member].user_list()))]
@@ -2420,7 +2471,7 @@ def _check_lock(room: Room, password: bool, lock: Lock | None = None) -> None:
         raise Refused("wrong_password", f"wrong password for room {room.name!r}")
 
 # =============================================================================
-# 5. CALLS: invitations, links and groups, as a pure state machine
+# 6. CALLS: invitations, links and groups, as a pure state machine
 # =============================================================================
 # The host's rules for calls, free of I/O like ROOMS: member handles are
 # whatever the caller picks (the host uses its Session objects), time
@@ -2627,7 +2678,7 @@ class Calls:
 
 
 # =============================================================================
-# 6. MEDIA PACKETS: sealing, key agreement, payloads, fragments and reassembly
+# 7. MEDIA PACKETS: sealing, key agreement, payloads, fragments and reassembly
 # =============================================================================
 # Pure code for calls: what crosses UDP between two clients, and how video
 # frames are cut into packets and put back together. No sockets, clocks or
@@ -3427,7 +3478,7 @@ class Reassembler:
 
 
 # =============================================================================
-# 7. MEDIA FLOW: control messages, repair, rate, the keyframe gate, statistics
+# 8. MEDIA FLOW: control messages, repair, rate, the keyframe gate, statistics
 # =============================================================================
 # Pure code for calls, like 5: what each end decides as packets come in and
 # clocks tick, and the control messages that carry it. A receiver's
@@ -4038,7 +4089,7 @@ class RateController:
 
 
 # =============================================================================
-# 8. PLAYOUT: the jitter buffer and lip sync, on the playback clock
+# 9. PLAYOUT: the jitter buffer and lip sync, on the playback clock
 # =============================================================================
 # Pure, like 5 and 6: when what came in is played. The jitter buffer turns
 # audio packets that arrive unevenly into one frame every 20 ms, which
@@ -4386,7 +4437,7 @@ class LipSync:
 
 
 # =============================================================================
-# 9. DISCOVERY: advertise a host and browse for hosts with mDNS (zeroconf)
+# 10. DISCOVERY: advertise a host and browse for hosts with mDNS (zeroconf)
 # =============================================================================
 # A host registers one `_chatroom._tcp.local.` service whose TXT record says
 # the protocol version (`v`), the host's name (`n`), how many rooms are open
@@ -4780,7 +4831,7 @@ async def discover(timeout: float = DISCOVERY_TIMEOUT_S, *, interface: str | Non
 
 
 # =============================================================================
-# 10. VIDEO DEVICES: test pattern, cameras and files, VP8 and JPEG
+# 11. VIDEO DEVICES: test pattern, cameras and files, VP8 and JPEG
 # =============================================================================
 # What a call needs below the network for pictures: frames from a camera, a
 # video file (looped) or a test pattern stamped with a frame counter that
@@ -5390,7 +5441,7 @@ def make_video_decoder(name: str) -> VideoDecoder:
 
 
 # =============================================================================
-# 11. SOUND DEVICES: Opus and PCM, microphones and speakers, devices, recording
+# 12. SOUND DEVICES: Opus and PCM, microphones and speakers, devices, recording
 # =============================================================================
 # Voice below the network: Opus through the libopus inside PyAV's wheel
 # (ctypes: PyAV's own API has no loss concealment), or 16 kHz PCM; PyAudio
@@ -6160,7 +6211,7 @@ class Recorder:
 
 
 # =============================================================================
-# 12. CONNECTIONS: Link (framed TCP, three lanes, one writer) and UDP sockets
+# 13. CONNECTIONS: Link (framed TCP, three lanes, one writer) and UDP sockets
 # =============================================================================
 # What the host and the client core both talk through. A Link owns one TCP
 # connection: what arrives goes through its Wire (WIRE PROTOCOL) and waits,
@@ -6970,7 +7021,7 @@ class UdpSocket:
 
 
 # =============================================================================
-# 13. HOST RELAYS: files and calls between the members of a room
+# 14. HOST RELAYS: files and calls between the members of a room
 # =============================================================================
 # The host's two relays, each one object beside the host (next section),
 # which hands them their events and tells them when a session goes:
@@ -7709,7 +7760,7 @@ class HostCalls:
 
 
 # =============================================================================
-# 14. HOST: the listener, sessions, rooms, shutdown (asyncio)
+# 15. HOST: the listener, sessions, rooms, shutdown (asyncio)
 # =============================================================================
 # The room host: accepts connections, gives each a Session over a Link
 # (CONNECTIONS), runs every room decision through Rooms (ROOMS), hands files
@@ -8426,7 +8477,7 @@ class Host:
         gate = seat.flood
         verdict = gate.take(asyncio.get_running_loop().time()) if gate else Verdict.PASS
         if verdict is Verdict.PASS:
-            self.deliver(self.rooms.say(seat, say.text, say.id, unix_now()))
+            self.deliver(self.rooms.say(seat, say.text, say.id, unix_now(), say.to))
         elif verdict is Verdict.REFUSE and gate:    # the line, not the person: nothing
             self.deliver([(seat, Error(                 # is stamped, logged or relayed
                 "rate_limited", f"too many messages: at most {gate.burst} at once, then "
@@ -8512,7 +8563,7 @@ class Host:
 
 
 # =============================================================================
-# 15. CLIENT FILES: files we send and receive, beside the client core
+# 16. CLIENT FILES: files we send and receive, beside the client core
 # =============================================================================
 # ClientFiles does for one client what HostFiles does for the host: it
 # offers our files, streams them from disk in chunks that chat overtakes,
@@ -9284,7 +9335,7 @@ def _discard_part(dl: IncomingFile) -> None:
         pass
 
 # =============================================================================
-# 16. CLIENT MEDIA: the links of a call and the threads that move their media
+# 17. CLIENT MEDIA: the links of a call and the threads that move their media
 # =============================================================================
 # A call's media, under the signalling of CLIENT CALLS (next section): the
 # table of links, each with its keys, where its media goes and what has
@@ -9968,7 +10019,7 @@ class MediaEngine:
 
 
 # =============================================================================
-# 17. CLIENT CALLS: calls with the host and direct ones, over the media engine
+# 18. CLIENT CALLS: calls with the host and direct ones, over the media engine
 # =============================================================================
 # ClientCalls is to calls what ClientFiles is to files: ClientCore (next
 # section) owns it, hands it the host's call events and the commands a
@@ -10300,7 +10351,7 @@ def _address_key(link: PeerLink) -> str:
 
 
 # =============================================================================
-# 18. CLIENT PLACE: where a client is, across connections and crashes
+# 19. CLIENT PLACE: where a client is, across connections and crashes
 # =============================================================================
 # What the client core (next section) knows and keeps, apart from the
 # loop that keeps it: the Place (the host's addresses, the room, the user,
@@ -10349,6 +10400,8 @@ class Place:
     seated: bool = False            # a welcome came: a drop now means getting back
     accept_key: str = ""            # a changed host key to accept: "*" any, or this one
     pending: dict[str, str] = dataclasses.field(default_factory=dict)  # id -> text
+    # id -> recipient of each pending line that was private (a resend keeps it).
+    pending_to: dict[str, str] = dataclasses.field(default_factory=dict)
     # The room's password, "" = none: sent again when the host forgot our seat.
     # In memory only: PlaceStore never writes it, and no repr shows it.
     password: str = dataclasses.field(default="", repr=False)
@@ -10403,6 +10456,7 @@ class PlaceStore:
         text = json.dumps({"pid": os.getpid(), "addresses": place.addresses,
                            "token": place.token,
                            "seen": place.seen, "pending": place.pending,
+                           "pending_to": place.pending_to,
                            "downloads": downloads}, ensure_ascii=False, sort_keys=True)
         if text == self._written:
             return None
@@ -10426,6 +10480,10 @@ def restore_place(place: Place, record: dict) -> list[dict]:
     if type(pending) is dict:
         place.pending = {k: v for k, v in pending.items()
                          if type(k) is str and type(v) is str}
+    pending_to = record.get("pending_to")
+    if type(pending_to) is dict:
+        place.pending_to = {k: v for k, v in pending_to.items()
+                            if k in place.pending and type(v) is str}
     downloads = record.get("downloads")
     return [d for d in downloads if type(d) is dict and type(d.get("transfer")) is int
             and type(d.get("part")) is str and type(d.get("size")) is int] \
@@ -10499,6 +10557,8 @@ def ui_event(event: Event) -> dict:
     elif isinstance(event, Resumed):        # files carrying on: their own events
         del out["uploads"], out["downloads"]
         out["files"] = len(event.uploads) + len(event.downloads)
+    elif isinstance(event, Message):
+        out["to"] = event.to or None        # "message{to}": null for the room
     elif isinstance(event, Error):
         if event.id == "-":
             del out["id"]
@@ -10508,7 +10568,7 @@ def ui_event(event: Event) -> dict:
 
 
 # =============================================================================
-# 19. CLIENT CORE: one asyncio loop in a thread, one event stream
+# 20. CLIENT CORE: one asyncio loop in a thread, one event stream
 # =============================================================================
 # What every front end shares: the terminal client and the window
 # call the thread-safe methods of ClientCore and receive plain dict events
@@ -10664,9 +10724,10 @@ class ClientCore:
         return self.submit(self._join(hosts, port, room, user, found_on_lan, password,
                                       host_name, accept_key))
 
-    def say(self, text: str) -> concurrent.futures.Future:
-        """Send a chat line. Future -> the message id, or None if refused."""
-        return self.submit(self._say(text))
+    def say(self, text: str, to: str = "") -> concurrent.futures.Future:
+        """Send a chat line to the room, or with `to` to that member alone
+        (a private line). Future -> the message id, or None if refused."""
+        return self.submit(self._say(text, to))
 
     def who(self) -> concurrent.futures.Future:
         return self.submit(self._send(Who()))
@@ -11104,12 +11165,14 @@ class ClientCore:
         if isinstance(event, (Message, System)) and place is not None:
             if isinstance(event, Message) and id_key(event.sender) == id_key(place.user):
                 place.pending.pop(event.id, None)   # confirmed
+                place.pending_to.pop(event.id, None)
             history = isinstance(event, Message) and event.history
             if not history and event.seq <= place.seen:
                 return None                 # seen before a drop, or a re-confirmation
             place.seen = max(place.seen, event.seq)
         if isinstance(event, Error) and place is not None and event.id:
             place.pending.pop(event.id, None)   # refused: not to be sent again
+            place.pending_to.pop(event.id, None)
         out = ui_event(event)
         if isinstance(event, (Welcome, Resumed)):
             self._seated(link, event, out, host, port)
@@ -11172,7 +11235,7 @@ class ClientCore:
                 if place is None or link is None or not link.accepting:
                     return
                 if msg_id in place.pending:
-                    link.offer(Say(msg_id, text))
+                    link.offer(Say(msg_id, text, place.pending_to.get(msg_id, "")))
 
     def _to_host(self, event: Event) -> bool:
         """Queue `event` for the host now, if we are in a room (core thread)."""
@@ -11230,9 +11293,11 @@ class ClientCore:
             return False
         return True
 
-    async def _say(self, text: str) -> str | None:
+    async def _say(self, text: str, to: str = "") -> str | None:
         try:
             text = check_text(text, self.limits.max_message_bytes)
+            if to:                          # the host refuses it too; say why here
+                to = check_id(to, "user")
         except Refused as refusal:
             self._error(refusal.code, refusal.message)
             return None
@@ -11240,14 +11305,16 @@ class ClientCore:
         msg_id = f"{self._id_prefix}-{self._next_id}"
         place, link = self._place, self._link
         if place is None or not place.seated:
-            return msg_id if await self._send(Say(msg_id, text)) else None
+            return msg_id if await self._send(Say(msg_id, text, to)) else None
         if len(place.pending) < MAX_UNCONFIRMED:
             place.pending[msg_id] = text    # until the host confirms it
+            if to:
+                place.pending_to[msg_id] = to
         async with self._pacing:            # in order, and never over the host's rate
             await self._keep_pace()
             link = self._link
             if link is not None and self._ready and link.accepting:
-                await link.offer_when_room(Say(msg_id, text))
+                await link.offer_when_room(Say(msg_id, text, to))
         return msg_id                       # or, away or dropping: it goes once back
 
     async def _keep_pace(self) -> None:
@@ -11286,7 +11353,7 @@ class ClientCore:
 
 
 # =============================================================================
-# 20. COMMANDS: one parser for what a person types
+# 21. COMMANDS: one parser for what a person types
 # =============================================================================
 # A line typed in the terminal or in the chat window becomes one Command
 # value; each front end acts on it through its own table (Command class ->
@@ -11306,6 +11373,13 @@ class Command:
 @dataclasses.dataclass(frozen=True)
 class ChatLine(Command):
     """Send `text` to the room (what most lines are)."""
+    text: str
+
+
+@dataclasses.dataclass(frozen=True)
+class PrivateLine(Command):
+    """/msg USER TEXT: send `text` to `user` alone (a private line)."""
+    user: str
     text: str
 
 
@@ -11389,6 +11463,13 @@ def parse_command(line: str) -> Command | None:
         return Quit(line)
     if name == "/who":
         return ListMembers(line)
+    if name == "/msg":
+        user, text = parse_msg(rest)
+        if not user:
+            return Mistyped(line, "no_such_user", _MSG_USAGE)
+        if not text.strip():
+            return Mistyped(line, "bad_message", _MSG_USAGE)
+        return PrivateLine(line, user, text)
     if name == "/send":
         path, to = parse_send(line)
         if not path:
@@ -11416,6 +11497,20 @@ def parse_command(line: str) -> Command | None:
         return Mistyped(line, "unknown_command", "usage: /video off  or  /video on")
     return Mistyped(line, "unknown_command", f"unknown command {name}; type help for "
                     "help (start a line with // to send a literal /)")
+
+
+_MSG_USAGE = 'usage: /msg USER TEXT  (a User ID with a space in quotes: /msg "li lei" hi)'
+
+
+def parse_msg(rest: str) -> tuple[str, str]:
+    """(user, text) from what follows "/msg ": the first word, or a quoted
+    ID (IDs may hold spaces), then the text as typed; ("", "") if no user."""
+    rest = rest.lstrip(" ")
+    quoted = re.match(r"""(["'])(.+?)\1(?: |\Z)""", rest)
+    if quoted:
+        return quoted.group(2).strip(), rest[quoted.end():]
+    user, _, text = rest.partition(" ")
+    return user, text
 
 
 def parse_call_address(text: str) -> tuple[str, int, int]:
@@ -11456,7 +11551,7 @@ def parse_send(line: str) -> tuple[str, str | None]:
 
 
 # =============================================================================
-# 21. TERMINAL CLIENT: --cli, stdin lines in, events out (text or JSON)
+# 22. TERMINAL CLIENT: --cli, stdin lines in, events out (text or JSON)
 # =============================================================================
 # A thin front end over CLIENT CORE. Each event is printed as one JSON
 # object per line (--json, flushed as written) or as a line for a person;
@@ -11538,7 +11633,9 @@ class Printer:
         if kind == "message":
             lines = printable_lines(event["text"])
             mark = "  (earlier)" if event.get("history") else ""
-            head = f"[{clock}] {printable(event['from'])}: {lines[0]}{mark}"
+            who = printable(event["from"]) + (f" → {printable(event['to'])} (private)"
+                                              if event.get("to") else "")
+            head = f"[{clock}] {who}: {lines[0]}{mark}"
             return "\n".join([head] + ["    | " + line for line in lines[1:]])
         if kind == "system":
             return f"[{clock}] {printable(event['text'])}"
@@ -11712,6 +11809,7 @@ def handle_line(core: ClientCore, line: str, emit: Callable[[dict], None]) -> bo
 # outbox is full.
 _TERMINAL_COMMANDS: dict[type[Command], Callable[[ClientCore, Any, Callable], Any]] = {
     ChatLine: lambda core, command, emit: core.say(command.text).result(),
+    PrivateLine: lambda core, command, emit: core.say(command.text, command.user).result(),
     ListMembers: lambda core, command, emit: core.who().result(),
     SendFile: lambda core, command, emit: log_failure(
         core.send_file(command.path, command.to), f"sending {command.path}"),
@@ -11873,12 +11971,13 @@ def run_discover(args: argparse.Namespace) -> int:
 
 
 # =============================================================================
-# 22. GUI LOOK: theme, fonts, --scale, the trace hook, anti-aliased drawing
+# 23. GUI LOOK: theme, fonts, --scale, the trace hook, anti-aliased drawing
 # =============================================================================
 # The desktop window is a front end over CLIENT CORE beside the TERMINAL
-# CLIENT, spread over five sections: GUI LOOK (this one) how things look and
+# CLIENT, spread over seven sections: GUI LOOK (this one) how things look and
 # how they are drawn, GUI CONVERSATION the conversation and the members
-# list, GUI WINDOWS the windows, GUI CALLS the call window, GUI APP the app
+# list, GUI WINDOWS the launcher, GUI CHAT WINDOW a room's window, GUI
+# CALLS the call window, GUI APP the app
 # that owns them and the one read loop. Together they read the core's event
 # dicts and decide nothing the core decides; they own the main thread and
 # never block it.
@@ -12248,7 +12347,7 @@ class Drawing:
 
 
 # =============================================================================
-# 23. GUI CONVERSATION: bubbles, notices and file cards; the members list
+# 24. GUI CONVERSATION: bubbles, notices and file cards; the members list
 # =============================================================================
 # Two canvases of the chat window, drawn with 14's helpers. ChatView is the
 # conversation: a person's message is always a bubble with an avatar, and a
@@ -12649,7 +12748,9 @@ class ChatView(Drawing):
 
 class MemberList(Drawing):
     """The room's members with their avatars, "Everyone" first; a click
-    picks who a file goes to (the room, or one person)."""
+    picks a conversation: the room's, or a private one with that person
+    (what you type and the files you send then go to them alone). A
+    conversation with unread lines shows their count on its row."""
 
     def __init__(self, widget: Any, look: Look, images: Images, me: str,
                  post: Callable[[tuple, Any], None]) -> None:
@@ -12658,6 +12759,7 @@ class MemberList(Drawing):
         self.post = post
         self.members: list[str] = []        # in join order
         self.picked: str | None = None      # None = everyone
+        self.unread: dict[str | None, int] = {}     # id_key(user) (None: room) -> lines
         self._row = look.px(40)
         widget.configure(background=self.background, yscrollincrement=self._row)
         widget.bind("<Button-1>", self._on_click)
@@ -12682,6 +12784,11 @@ class MemberList(Drawing):
 
     def pick(self, user: str | None) -> None:
         self.picked = user
+        self._paint()
+
+    def set_unread(self, counts: dict[str | None, int]) -> None:
+        """Unread lines per conversation: id_key(user), or None for the room."""
+        self.unread = dict(counts)
         self._paint()
 
     def _rows(self) -> list[tuple[str | None, str]]:
@@ -12710,8 +12817,19 @@ class MemberList(Drawing):
                 self.avatar("row", px(10), y, size, "", COLOURS["muted"], "All", row)
             else:
                 self.avatar("row", px(10), y, size, user, background=row)
+            unread = self.unread.get(None if user is None else id_key(user), 0)
+            badge = 0
+            if unread:                      # a pill at the row's right end
+                count = "99+" if unread > 99 else str(unread)
+                badge = max(px(20), self.fonts["name"].measure(count) + px(12))
+                self.box("row", width - px(8) - badge, top + (self._row - px(20)) / 2,
+                         width - px(8), top + (self._row + px(20)) / 2, px(10),
+                         COLOURS["accent"])     # (a shown row has none: no blend)
+                draw.create_text(width - px(8) - badge / 2, top + self._row / 2, text=count,
+                                 font=self.fonts["name"], fill=COLOURS["mine_text"])
+                badge += px(8)
             draw.create_text(px(10) + size + px(10), top + self._row / 2, anchor="w",
-                             text=self.elide(label, "body", width - size - px(34)),
+                             text=self.elide(label, "body", width - size - px(34) - badge),
                              font=self.fonts["body"], fill=COLOURS["text"])
         draw.configure(scrollregion=(0, 0, width, len(self._rows()) * self._row))
 
@@ -12738,14 +12856,14 @@ class MemberList(Drawing):
 
 
 # =============================================================================
-# 24. GUI WINDOWS: the launcher and the chat window
+# 25. GUI WINDOWS: widgets shared by the windows, and the launcher
 # =============================================================================
-# The two windows a person sees, built from 14 and 15: the launcher (hosts
-# on the LAN, the address and the IDs, Join, "Host a room here") and the
-# chat window (the conversation, the members, the input line). A window
-# shows what the app (18) tells it and reports what was clicked; it never
-# calls the core, and it checks only what can be checked here (an ID's
-# shape), leaving the last word to the host.
+# The first window a person sees, built from GUI LOOK and GUI CONVERSATION:
+# the launcher (hosts on the LAN, the address and the IDs, Join, "Host a
+# room here"), and the widgets every window uses. A window shows what the
+# app (GUI APP) tells it and reports what was clicked; it never calls the
+# core, and it checks only what can be checked here (an ID's shape),
+# leaving the last word to the host.
 
 # --- Widgets shared by the windows -------------------------------------------
 
@@ -13097,9 +13215,38 @@ def _row_text(host: dict, room: dict | None) -> list[str]:
 
 # --- The chat window ---------------------------------------------------------
 
+# =============================================================================
+# 26. GUI CHAT WINDOW: a room's conversations, its members, the input line
+# =============================================================================
+# The window of one room (split from GUI WINDOWS when private conversations
+# took it past 900 lines): the room's conversation and one per person
+# talked to privately, the members list that picks between them, the line
+# to type in, the banners of a dropped connection, and the close-anyway
+# question. Like the launcher, it shows what the app tells it and reports
+# what was clicked; it never calls the core.
+
+class _ConversationTrace(GuiTrace):
+    """The window's trace, each record naming its conversation: None for
+    the room's, else the other person's ID (tests tell them apart)."""
+
+    def __init__(self, trace: GuiTrace, conversation: str | None) -> None:
+        super().__init__(trace.enabled, trace.stream)
+        self.conversation = conversation
+
+    def __call__(self, what: str, **fields: Any) -> None:
+        super().__call__(what, conversation=self.conversation, **fields)
+
+
 class ChatWindow:
-    """One room: the conversation, the members, a line to type in, and
-    buttons to send a file or (later) start a video call."""
+    """One room: its conversations, the members, a line to type in, and
+    buttons to send a file or start a video call.
+
+    The room's conversation and one per person talked to privately, each
+    its own ChatView on its own canvas; one is shown at a time, and what
+    is typed goes there. `view` is the one shown (notes and echoes of
+    commands go to it), `room_view` the room's. A line for a conversation
+    not shown raises its unread count, on its row in the members list and,
+    all of them together, in the window's title; showing it clears it."""
 
     def __init__(self, look: Look, images: Images, ready: dict, trace: GuiTrace,
                  max_shown: int = GUI_MAX_SHOWN) -> None:
@@ -13142,7 +13289,7 @@ class ChatWindow:
                      text_color=COLOURS["faint"], background_color=COLOURS["panel"])],
             [sg.Canvas(key=(_CHAT, "members"), size=(px(210), px(160)), pad=0,
                        background_color=COLOURS["panel"], expand_y=True, expand_x=True)],
-            [sg.Text("", key=(_CHAT, "target"), font=look.font(9), size=(28, 2),
+            [sg.Text("", key=(_CHAT, "target"), font=look.font(9), size=(28, 3),
                      text_color=COLOURS["muted"], background_color=COLOURS["panel"],
                      pad=(px(12), (px(6), px(12))))],
         ], background_color=COLOURS["panel"], expand_y=True, pad=((px(12), 0), 0),
@@ -13156,9 +13303,20 @@ class ChatWindow:
         banner = sg.Text("", key=(_CHAT, "banner"), font=look.font(10, "bold"),
                          text_color=COLOURS["error_text"], background_color=COLOURS["error"],
                          expand_x=True, visible=False, pad=(0, (px(8), 0)))
+        # Over a private conversation: whose it is, and the way back to the room.
+        private_bar = sg.Column([[
+            sg.Text("", key=(_CHAT, "with"), font=look.font(10, "bold"),
+                    text_color=COLOURS["info_text"], background_color=COLOURS["info"],
+                    pad=(px(10), px(6))),
+            sg.Push(background_color=COLOURS["info"]),
+            _button("\u2190 Back to the room", (_CHAT, "room"), look, primary=False,
+                    pad=(px(6), px(4)))]],
+            key=(_CHAT, "private"), visible=False, expand_x=True, pad=(0, (px(8), 0)),
+            background_color=COLOURS["info"])
         layout = [
             header,
             [banner],
+            [private_bar],
             [sg.Column([[sg.Canvas(key=(_CHAT, "view"), size=(px(420), px(260)), pad=0,
                                    background_color=COLOURS["chat"], expand_x=True,
                                    expand_y=True)]], expand_x=True, expand_y=True,
@@ -13169,7 +13327,7 @@ class ChatWindow:
                      "members · /send PATH sends a file", font=look.font(8),
                      text_color=COLOURS["faint"], pad=0, key=(_CHAT, "hint"))],
         ]
-        self.window = sg.Window(f"{printable(self.room)} · chatroom", layout, finalize=True,
+        self.window = sg.Window(self._title(0), layout, finalize=True,
                                 enable_close_attempted_event=True, resizable=True,
                                 icon=images.icon(64), font=look.font(10))
         _polish_buttons(self.window, look)
@@ -13195,8 +13353,20 @@ class ChatWindow:
         self.pending: dict[str, ChatEntry] = {}     # our lines the host hasn't echoed
         post = self.window.write_event_value
         view = self.window[(_CHAT, "view")].Widget
-        self._add_scrollbar(view)
-        self.view = ChatView(view, look, images, post, trace, max_shown)
+        self._bar = self._add_scrollbar(view)
+        self._images, self._post, self._max_shown = images, post, max_shown
+        self.view = ChatView(view, look, images, post, _ConversationTrace(trace, None),
+                             max_shown)
+        self.room_view = self.view
+        # id_key(user) (None: the room) -> its conversation, the other's ID,
+        # the lines not read yet; and which conversation each of our own
+        # unconfirmed lines and ringing cards is drawn in.
+        self.views: dict[str | None, ChatView] = {None: self.view}
+        self.names: dict[str | None, str | None] = {None: None}
+        self.unread: dict[str | None, int] = {}
+        self.shown: str | None = None
+        self._pending_views: dict[str, ChatView] = {}
+        self._invite_views: dict[str, ChatView] = {}
         self.members = MemberList(self.window[(_CHAT, "members")].Widget, look, images,
                                   self.me, post)
         self.members.set(ready["members"])
@@ -13216,7 +13386,7 @@ class ChatWindow:
         self._resize_job = None
         self.trace_layout()
 
-    def _add_scrollbar(self, canvas: Any) -> None:
+    def _add_scrollbar(self, canvas: Any) -> Any:
         """A slim scrollbar beside the conversation (PySimpleGUI's Canvas has
         none): a thumb in a trough, no arrows."""
         from tkinter import ttk
@@ -13234,46 +13404,135 @@ class ChatWindow:
                             style="Chat.Vertical.TScrollbar")
         canvas.configure(yscrollcommand=bar.set)
         bar.pack(side="right", fill="y", before=canvas)
+        return bar
+
+    # --- conversations ---
+
+    def _title(self, unread: int) -> str:
+        return (f"({unread}) " if unread else "") + f"{printable(self.room)} · chatroom"
+
+    @property
+    def talking_to(self) -> str | None:
+        """The person whose conversation is shown (None: the room's)."""
+        return self.names[self.shown]
+
+    def conversation(self, user: str | None) -> ChatView:
+        """The conversation with `user` (None: the room's), made if new."""
+        key = None if user is None else id_key(user)
+        view = self.views.get(key)
+        if view is None:
+            import tkinter
+            first = self.room_view.widget
+            canvas = tkinter.Canvas(first.master, width=first.cget("width"),
+                                    height=first.cget("height"), highlightthickness=0,
+                                    borderwidth=0, background=COLOURS["chat"])
+            view = ChatView(canvas, self.look, self._images, self._post,
+                            _ConversationTrace(self.trace, user), self._max_shown)
+            self.views[key], self.names[key] = view, user
+            view.add("notice", style="info", text=f"Private conversation with "
+                     f"{printable(user or '')}: only the two of you see what is written "
+                     "here, and nobody who joins later.")
+        return view
+
+    def member_named(self, user: str) -> str:
+        """`user` as the members list spells it (IDs ignore case), or as given."""
+        return next((m for m in self.members.members if id_key(m) == id_key(user)), user)
+
+    def _arrived(self, view: ChatView) -> None:
+        """A line for `view`: one more unread unless it is shown."""
+        key = next(k for k, v in self.views.items() if v is view)
+        if key != self.shown:
+            self.unread[key] = self.unread.get(key, 0) + 1
+            self._show_unread()
+
+    def _show_unread(self) -> None:
+        total = sum(self.unread.values())
+        self.members.set_unread(self.unread)
+        self.window.set_title(self._title(total))
+        self.trace("unread", counts={self.names[k] or "": n for k, n in self.unread.items()
+                                     if n}, total=total, title=self._title(total))
+
+    def _switch(self, user: str | None) -> None:
+        """Show the conversation with `user` (None: the room's)."""
+        view = self.conversation(user)
+        key = None if user is None else id_key(user)
+        if view is not self.view:
+            old = self.view.widget
+            packing = {k: v for k, v in old.pack_info().items() if k != "in"}
+            old.pack_forget()
+            view.widget.pack(**packing)
+            view.widget.configure(yscrollcommand=self._bar.set)
+            self._bar.configure(command=view.widget.yview)
+            self.view = view
+        self.shown = key
+        if self.unread.pop(key, 0):
+            self._show_unread()
+        private = self.window[(_CHAT, "private")]
+        if user is not None:
+            self.window[(_CHAT, "with")].update(
+                f"Private conversation with {printable(user)}")
+        private.update(visible=user is not None)
+        if user is None:                    # Tk keeps an emptied frame's size: let it go
+            private.ParentRowFrame.configure(height=1)
+        self.trace("conversation", user=user)
 
     # --- events from the room ---
 
-    def sending(self, text: str, msg_id: str) -> None:
-        """Our line is on its way: shown at once, marked until the host's
-        echo confirms it (so a line typed into a frozen host never vanishes)."""
-        self.pending[msg_id] = self.view.add("message", **{
+    def sending(self, text: str, msg_id: str, to: str | None = None) -> None:
+        """Our line is on its way: shown at once in its conversation (the
+        room's, or the one with `to`), marked until the host's echo
+        confirms it (so a line typed into a frozen host never vanishes)."""
+        view = self.conversation(to)
+        self._pending_views[msg_id] = view
+        self.pending[msg_id] = view.add("message", **{
             "from": self.me, "text": text, "ts": unix_now(), "mine": True, "seq": 0,
             "history": False, "id": msg_id, "state": "sending"})
+
+    def _mark(self, msg_id: str, entry: ChatEntry, **changes: Any) -> None:
+        """Redraw our line `msg_id` in its conversation with `changes`."""
+        self._pending_views.get(msg_id, self.view).update(entry, "message_state", **changes)
 
     def unconfirmed(self, older_than_s: float) -> None:
         """Lines the host hasn't confirmed for a while: say so on them."""
         now = unix_now()
-        for entry in self.pending.values():
+        for msg_id, entry in self.pending.items():
             if entry.data["state"] == "sending" and now - entry.data["ts"] > older_than_s:
-                self.view.update(entry, "message_state", state="late")
+                self._mark(msg_id, entry, state="late")
 
     def on_message(self, event: dict) -> None:
         if event.get("seq") in self.seen:
             return                          # shown already (a resent confirmation)
         self.seen.append(event.get("seq"))
+        mine = id_key(event["from"]) == id_key(self.me)
+        to = event.get("to")                # a private line: the other one's conversation
+        view = self.conversation((to if mine else event["from"]) if to else None)
         if event.get("history") and not self.history_started:
             self.history_started = True
-            self.view.add("divider", text="Earlier messages")
-        mine = self.pending.pop(event.get("id", ""), None)
-        if mine is not None and id_key(event["from"]) == id_key(self.me):
-            self.view.update(mine, "message_state", state="sent", ts=event.get("ts"),
-                             seq=event.get("seq", 0))
+            view.add("divider", text="Earlier messages")
+        msg_id = event.get("id", "")
+        sent = self.pending.pop(msg_id, None)
+        if sent is not None and mine:
+            self._mark(msg_id, sent, state="sent", ts=event.get("ts"), seq=event.get("seq", 0))
+            self._pending_views.pop(msg_id, None)
             return
-        self.view.add("message", **{"from": event["from"], "text": event["text"],
-                                    "ts": event.get("ts"), "seq": event.get("seq", 0),
-                                    "history": bool(event.get("history")),
-                                    "mine": id_key(event["from"]) == id_key(self.me)})
+        view.add("message", **{"from": event["from"], "text": event["text"],
+                               "ts": event.get("ts"), "seq": event.get("seq", 0),
+                               "history": bool(event.get("history")), "mine": mine})
+        if not mine and not event.get("history"):
+            self._arrived(view)
 
     def on_system(self, event: dict) -> None:
-        self.view.add("notice", style="system", text=event["text"], ts=event.get("ts"))
+        self.room_view.add("notice", style="system", text=event["text"], ts=event.get("ts"))
         if event.get("event") == "enter":
             self.members.add(event["user"])
         elif event.get("event") == "leave":
             self.members.remove(event["user"])
+            private = self.views.get(id_key(event["user"]))
+            if private is not None:         # said where we talked with them, too
+                private.add("notice", style="system", text=event["text"],
+                            ts=event.get("ts"))
+            if self.unread.pop(id_key(event["user"]), 0):
+                self._show_unread()         # their row is gone: no count to clear there
         self.count()
 
     def on_members(self, event: dict) -> None:
@@ -13286,9 +13545,11 @@ class ChatWindow:
         self.view.add("help", text=event["text"])
 
     def on_error(self, event: dict) -> None:
-        mine = self.pending.pop(event.get("id") or "", None)
+        msg_id = event.get("id") or ""
+        mine = self.pending.pop(msg_id, None)
         if mine is not None:                # our line was refused (rate_limited, too long)
-            self.view.update(mine, "message_state", state="refused")
+            self._mark(msg_id, mine, state="refused")
+            self._pending_views.pop(msg_id, None)
         self.note(_sentence(event["message"]), "error")
 
     def on_call_invite(self, event: dict) -> None:
@@ -13299,24 +13560,28 @@ class ChatWindow:
         expires = time.monotonic() + (event.get("expires") or CALL_TIMEOUT_S)
         old = self.invites.pop(id_key(user), None)
         if old is not None:                 # a renewed invitation: one card is enough
-            self.view.update(old, "call_card", state="renewed", status="Called again below")
+            self._invite_views.pop(id_key(user), self.view).update(
+                old, "call_card", state="renewed", status="Called again below")
+        self._invite_views[id_key(user)] = self.view    # where we look now
         self.invites[id_key(user)] = self.view.add(
             "call", user=user, ts=unix_now(), state="ringing", expires=expires,
             title=f"{printable(user)} is calling you", status=_time_left(expires))
 
     def tick_invites(self) -> bool:
         """Count the ringing cards down; True while any rings."""
-        for entry in self.invites.values():
+        for key, entry in self.invites.items():
             status = _time_left(entry.data["expires"])
             if status != entry.data["status"]:
-                self.view.update(entry, "call_card", status=status)
+                self._invite_views.get(key, self.view).update(entry, "call_card",
+                                                              status=status)
         return bool(self.invites)
 
     def invite_over(self, user: str, state: str, status: str) -> None:
         """The call from `user` was answered, declined or missed."""
         entry = self.invites.pop(id_key(user), None)
         if entry is not None:
-            self.view.update(entry, "call_card", state=state, status=status)
+            self._invite_views.pop(id_key(user), self.view).update(
+                entry, "call_card", state=state, status=status)
 
     def on_call_missed(self, event: dict) -> None:
         self.on_call_event(event)
@@ -13341,13 +13606,19 @@ class ChatWindow:
                        rows=self.members.screen_rows())
 
     def pick(self, user: str | None) -> None:
-        """Files now go to `user` alone, or to the room (None)."""
+        """Show the conversation with `user`, or the room's (None): what is
+        typed and the files sent now go to `user` alone, or to the room."""
+        if user is not None:
+            user = self.member_named(user)
         self.members.pick(user)
+        self._switch(user)
         self.trace("picked", user=user)
         self.window[(_CHAT, "target")].update(
-            "Files you send go to everyone in the room." if user is None else
-            f'Files you send go to {printable(user)} only. Pick "Everyone" '
-            "to send to all.")
+            "What you write and send goes to everyone in the room. Click a member "
+            "to talk to them alone." if user is None
+            else f"What you write and send goes to {printable(user)} only.")
+        self.trace_layout()
+        self.count()                        # (the bar moved the members' rows: trace them)
 
     def reconnecting(self, event: dict) -> None:
         """The connection dropped and the core is getting back: a banner
@@ -13389,9 +13660,10 @@ class ChatWindow:
         self.window[(_CHAT, "input")].Widget.configure(
             disabledbackground=COLOURS["track"])
         self.window[(_CHAT, "leave")].update("Back to hosts")
-        for entry in self.pending.values():
-            self.view.update(entry, "message_state", state="unsent")
+        for msg_id, entry in self.pending.items():
+            self._mark(msg_id, entry, state="unsent")
         self.pending.clear()
+        self._pending_views.clear()
         self.trace("ended", reason=reason)
         self.trace_layout()
 
@@ -13409,62 +13681,79 @@ class ChatWindow:
 
     # --- files: one card per transfer ---
 
+    # A file for one person is in the conversation with them, a file for
+    # everyone in the room's.
+
+    def _files(self, key: tuple[str, int]) -> ChatView:
+        """The conversation that shows the card of transfer `key`."""
+        return next((v for v in self.views.values() if key in v.files), self.room_view)
+
     def on_file_offer(self, event: dict) -> None:
         size = human_size(event["size"])
         self._card("receive", event["transfer"], event["name"], event["from"],
-                   f"{size} · {'for you only' if event.get('to') else 'for everyone'}")
+                   f"{size} · {'for you only' if event.get('to') else 'for everyone'}",
+                   event["from"] if event.get("to") else None)
 
     def on_file_progress(self, event: dict) -> None:
         key = (event["direction"], event["transfer"])
-        if key not in self.view.files and event["direction"] == "send":
+        view = self._files(key)
+        if key not in view.files and event["direction"] == "send":
             to = event.get("to")
             self._card("send", event["transfer"], event["name"], self.me,
                        f"{human_size(event['size'])} · to "
-                       f"{printable(to) if to else 'everyone'}")
-        if self.view.files.get(key) is None or self.view.files[key].data["state"] != "moving":
+                       f"{printable(to) if to else 'everyone'}", to or None)
+            view = self._files(key)
+        if view.files.get(key) is None or view.files[key].data["state"] != "moving":
             return
         eta = event.get("eta")
         moving = eta is not None and event["bytes"] < event["size"]
         left = f" · {eta:.0f} s left" if moving else ""
-        self.view.update_file(key, percent=event["percent"], status=(
+        view.update_file(key, percent=event["percent"], status=(
             f"{event['percent']:.0f}% · {human_size(event['rate'])}/s{left}"
             if event["bytes"] else "Starting..."))
 
     def on_file_received(self, event: dict) -> None:
-        self.view.update_file(("receive", event["transfer"]), state="done", percent=100.0,
-                              path=event["path"], name=event["name"],
-                              status=f"Saved · {human_size(event['size'])}")
+        key = ("receive", event["transfer"])
+        self._files(key).update_file(key, state="done", percent=100.0, path=event["path"],
+                                     name=event["name"],
+                                     status=f"Saved · {human_size(event['size'])}")
 
     def on_file_sent(self, event: dict) -> None:
-        self.view.update_file(("send", event["transfer"]), state="done", percent=100.0,
-                              status="Sent · the host has it all")
+        key = ("send", event["transfer"])
+        self._files(key).update_file(key, state="done", percent=100.0,
+                                     status="Sent · the host has it all")
 
     def on_file_delivered(self, event: dict) -> None:
-        entry = self.view.files.get(("send", event["transfer"]))
+        key = ("send", event["transfer"])
+        view = self._files(key)
+        entry = view.files.get(key)
         if entry is not None:
             saved = entry.data.get("saved_by", []) + [printable(event["user"])]
-            self.view.update_file(("send", event["transfer"]), saved_by=saved,
-                                  status="Saved by " + ", ".join(saved))
+            view.update_file(key, saved_by=saved, status="Saved by " + ", ".join(saved))
 
     def on_file_failed(self, event: dict) -> None:
         if event.get("transfer") is None:
             return                          # refused at once: its `error` said why
         key = (event["direction"], event["transfer"])
-        entry = self.view.files.get(key)
+        view = self._files(key)
+        entry = view.files.get(key)
         if entry is None:
             return
         if event.get("user"):               # one recipient failed; the others go on
             self.note(f"{printable(event['name'])}: {printable(event['user'])} didn't get "
                       f"it: {printable(event['reason'])}", "error")
             return
-        self.view.update_file(key, state="failed",
-                              status="Failed: " + printable(event["reason"]))
+        view.update_file(key, state="failed", status="Failed: " + printable(event["reason"]))
 
-    def _card(self, direction: str, transfer: int, name: str, user: str, detail: str) -> None:
-        entry = self.view.add("file", direction=direction, transfer=transfer, name=name,
-                              user=user, ts=unix_now(), detail=detail, percent=0.0,
-                              status="Waiting...", state="moving", path="")
-        self.view.files[(direction, transfer)] = entry
+    def _card(self, direction: str, transfer: int, name: str, user: str, detail: str,
+              conversation: str | None = None) -> None:
+        view = self.conversation(conversation)
+        entry = view.add("file", direction=direction, transfer=transfer, name=name,
+                         user=user, ts=unix_now(), detail=detail, percent=0.0,
+                         status="Waiting...", state="moving", path="")
+        view.files[(direction, transfer)] = entry
+        if direction == "receive":
+            self._arrived(view)
 
     def trace_layout(self) -> None:
         if not self.trace.enabled:
@@ -13473,9 +13762,13 @@ class ChatWindow:
         banner = self.window[(_CHAT, "banner")]
         self.trace("window", name="chat", xid=int(self.window.TKroot.wm_frame(), 16),
                    box=_screen_box(self.window.TKroot),
-                   elements={name: _screen_box(self.window[(_CHAT, name)].Widget)
-                             for name in ("input", "send", "file", "video", "leave",
-                                          "view", "members")},
+                   elements={**{name: _screen_box(self.window[(_CHAT, name)].Widget)
+                                for name in ("input", "send", "file", "video", "leave",
+                                             "members")},
+                             "view": _screen_box(self.view.widget),
+                             **({"room": _screen_box(self.window[(_CHAT, "room")].Widget)}
+                                if self.shown is not None else {})},
+                   conversation=self.talking_to,
                    disabled={name: str(self.window[(_CHAT, name)].Widget.cget("state"))
                              in ("disabled", "readonly") for name in ("input", "send")},
                    banner=banner.get() if banner.visible else "", protected=self.protected,
@@ -13486,7 +13779,8 @@ class ChatWindow:
     def close(self) -> None:
         if self._resize_job is not None:
             self.window.TKroot.after_cancel(self._resize_job)
-        self.view.close()
+        for view in self.views.values():
+            view.close()
         self.window.close()
 
 
@@ -13534,7 +13828,7 @@ def _sentence(text: str) -> str:
 
 
 # =============================================================================
-# 25. GUI CALLS: the call window, a tile per person, ESC and Backspace
+# 27. GUI CALLS: the call window, a tile per person, ESC and Backspace
 # =============================================================================
 # One window holds every call in progress: your own camera first, then a
 # tile per peer, in a grid that reflows as people join and leave, each
@@ -13915,7 +14209,7 @@ class CallWindows:
 
 
 # =============================================================================
-# 26. GUI PLUMBING: settings, the bridge from the core, opening files, phases
+# 28. GUI PLUMBING: settings, the bridge from the core, opening files, phases
 # =============================================================================
 # What the app (next section) stands on: the settings remembered between
 # runs, GuiBridge (the core's thread reaches the window only through it,
@@ -14084,7 +14378,7 @@ class LoopStats:
 
 
 # =============================================================================
-# 27. GUI APP: the one core, the windows, the one read loop
+# 29. GUI APP: the one core, the windows, the one read loop
 # =============================================================================
 # GuiApp owns one ClientCore, the launcher (which lives as long as the
 # program and receives every core event), the chat window while in a room,
@@ -14187,6 +14481,7 @@ class GuiApp:
             (_CHAT, "file"): in_room(self.on_send_file_button),
             (_CHAT, "video"): in_room(self.on_video_button),
             (_CHAT, "leave"): in_room(self.on_leave),
+            (_CHAT, "room"): in_room(lambda chat, _values: chat.pick(None)),
             (_CALL, "mute"): lambda values: self._quietly("mute", self.core.set_media(
                 muted=not self.core.calls.media.muted)),
             (_CALL, "camera"): lambda values: self._quietly("camera", self.core.set_media(
@@ -14201,10 +14496,12 @@ class GuiApp:
             (_CALL, "decline"): lambda values: self.decline_in_call_window(),
         }
         self.typed: dict[type[Command], Callable[[ChatWindow, Any], None]] = {
-            ChatLine: lambda chat, command: self.say(command.text),
+            ChatLine: lambda chat, command: self.say(command.text, chat.talking_to),
+            PrivateLine: self.on_private_line,
             ListMembers: lambda chat, command: self._quietly("who", self.core.who()),
             Quit: lambda chat, command: self.on_leave(chat, {}),
-            SendFile: lambda chat, command: self.send_file(command.path, command.to),
+            SendFile: lambda chat, command: self.send_file(    # in a private conversation:
+                command.path, command.to or chat.talking_to),   # to that person
             CallUser: lambda chat, command: self._call(chat, command.line,
                                                        self.core.call(command.user)),
             CallAddress: lambda chat, command: self._call(chat, command.line,
@@ -14485,15 +14782,24 @@ class GuiApp:
         if command is not None:
             self.typed[type(command)](chat, command)
 
-    def say(self, text: str) -> None:
-        self.bridge.report("said", self.core.say(text), lambda msg_id: (text, msg_id))
+    def say(self, text: str, to: str | None = None) -> None:
+        """A line to the room, or to `to` alone (the conversation shown)."""
+        self.bridge.report("said", self.core.say(text, to or ""),
+                           lambda msg_id: (text, msg_id, to))
 
-    def on_said(self, chat: ChatWindow, outcome: tuple[str, str | None]) -> None:
-        text, msg_id = outcome
+    def on_private_line(self, chat: ChatWindow, command: PrivateLine) -> None:
+        """/msg USER TEXT: to the conversation with USER, and the line there."""
+        user = chat.member_named(command.user)
+        if id_key(user) != id_key(chat.me):     # (to oneself: the host's error says why)
+            chat.pick(user)
+        self.say(command.text, user)
+
+    def on_said(self, chat: ChatWindow, outcome: tuple[str, str | None, str | None]) -> None:
+        text, msg_id, to = outcome
         if msg_id is None:                  # refused: an `error` says why
             chat.restore_input(text)
         else:                               # on its way: shown until the host confirms
-            chat.sending(text, msg_id)
+            chat.sending(text, msg_id, to)
 
     def on_mistyped(self, chat: ChatWindow, command: Mistyped) -> None:
         chat.view.add("echo", text=command.line)
@@ -14852,7 +15158,7 @@ def run_gui(args: argparse.Namespace, limits: Limits, media: MediaOptions) -> in
 
 
 # =============================================================================
-# 28. MAIN: argparse and the entry points
+# 30. MAIN: argparse and the entry points
 # =============================================================================
 # Builds every object from the flags and passes them down; nothing above
 # reads a global that main() sets. `python chatroom.py` with no mode opens

@@ -336,7 +336,7 @@ def test_not_quite_help_is_a_message(text):
 
 
 @pytest.mark.parametrize("topic", ["text chat", "/check", "1 minute",
-                                   "file to everyone", "[system]", "/who", "/quit"])
+                                   "file to everyone", "[system]", "/who", "/quit", "/msg"])
 def test_help_text_mentions(topic):
     assert topic in HELP_TEXT.casefold()
 
@@ -550,3 +550,88 @@ def test_printable_leaves_no_control_characters():
     everything = "".join(chr(c) for c in range(0x20)) + "\x7f\u202e\u2066\ufeff"
     out = printable(everything)
     assert all(unicodedata.category(ch)[0] != "C" or ch == "\t" for ch in out)
+
+
+# --- private lines (issue 15) ---------------------------------------------------
+
+def test_a_private_line_goes_to_the_sender_and_its_recipient_only():
+    rooms = room_with("alice", "bob", "carol")
+    out = rooms.say("m-alice", "只给你 only you", "a-1", T0 + 5, to="BOB")
+    assert recipients(out) == {"m-alice", "m-bob"}      # carol gets nothing
+    message = events(out)[0]
+    assert message == Message(4, "a-1", "alice", "只给你 only you", T0 + 5, False, to="bob")
+    assert to(out, "m-alice") == to(out, "m-bob") == [message]   # bob's display form
+
+
+def test_a_room_line_says_no_recipient():
+    rooms = room_with("alice", "bob")
+    assert events(rooms.say("m-alice", "hi all", "a-1", T0))[0].to == ""
+
+
+def test_a_private_line_to_nobody_here_is_refused_and_not_counted():
+    rooms = room_with("alice", "bob")
+    out = rooms.say("m-alice", "psst", "a-1", T0, to="zed")
+    assert out == [("m-alice", Error("no_such_user", out[0][1].message, "a-1"))]
+    assert "'zed'" in out[0][1].message
+    assert events(rooms.say("m-alice", "next", "a-2", T0))[0].seq == 3   # no seq taken
+
+
+def test_a_private_line_to_oneself_is_a_bad_message():
+    rooms = room_with("alice", "bob")
+    out = rooms.say("m-alice", "note to self", "a-1", T0, to="Alice")
+    assert [(who, e.code, e.id) for who, e in out] == [("m-alice", "bad_message", "a-1")]
+    assert "someone else" in out[0][1].message
+
+
+def test_help_sent_privately_is_a_private_line_not_the_help_text():
+    rooms = room_with("alice", "bob")
+    out = rooms.say("m-alice", "help", "a-1", T0, to="bob")
+    assert recipients(out) == {"m-alice", "m-bob"} and events(out)[0].text == "help"
+
+
+def test_private_lines_are_not_history_for_a_later_joiner():
+    # bob leaves and someone else comes in as "bob": the first bob's private
+    # lines must not reach the new one, nor anyone else who joins.
+    rooms = room_with("alice", "bob")
+    rooms.say("m-alice", "secret", "a-1", T0, to="bob")
+    rooms.say("m-alice", "public", "a-2", T0)
+    rooms.leave("m-bob", T0 + 1)
+    out = rooms.join("m-bob2", "lobby", "bob", T0 + 2)
+    assert [e.text for e in to(out, "m-bob2") if isinstance(e, Message)] == ["public"]
+
+
+def test_a_private_resend_is_confirmed_with_its_recipient_not_doubled():
+    rooms = room_with("alice", "bob", "carol")
+    first = events(rooms.say("m-alice", "psst", "a-1", T0, to="bob"))[0]
+    again = rooms.say("m-alice", "psst", "a-1", T0 + 1, to="bob")
+    assert again == [("m-alice", first)]        # to the sender alone, to="bob" kept
+    rooms.leave("m-bob", T0 + 2)                # gone since: still a confirmation
+    assert rooms.say("m-alice", "psst", "a-1", T0 + 3, to="bob") == [("m-alice", first)]
+
+
+def test_a_resume_gives_private_lines_to_their_two_members_only():
+    rooms = room_with("alice", "bob", "carol")
+    seen = rooms.room_of("m-alice").seq
+    secret = events(rooms.say("m-alice", "secret", "a-1", T0, to="bob"))[0]
+    public = events(rooms.say("m-carol", "public", "c-1", T0))[0]
+    back = {member: to(rooms.resume(member, seen), member)
+            for member in ("m-alice", "m-bob", "m-carol")}
+    for member in ("m-alice", "m-bob"):
+        assert back[member][1:] == [secret, public]
+        assert back[member][0].missed == 2
+    assert back["m-carol"][1:] == [public] and back["m-carol"][0].missed == 1
+
+
+def test_a_private_line_is_forgotten_with_the_log():
+    rooms = room_with("alice", "bob", log_events=2)
+    rooms.say("m-alice", "secret", "a-1", T0, to="bob")
+    for i in range(3):
+        rooms.say("m-alice", f"m{i}", f"a-{i + 2}", T0)
+    assert rooms.room_of("m-alice").private == {}
+
+
+def test_a_private_line_too_big_for_the_log_leaves_nothing_behind():
+    # It used to be marked private after the log had already let it go.
+    rooms = room_with("alice", "bob", log_bytes=3)
+    rooms.say("m-alice", "longer than the log", "a-1", T0, to="bob")
+    assert rooms.room_of("m-alice").private == {}
