@@ -265,6 +265,7 @@ ERROR_CODES = frozenset({
     "ambiguous_host", "unknown_command", "not_connected",
     "missing_package", "file_too_large", "not_a_file", "disk_full", "checksum_mismatch",
     "sender_left", "recipient_left", "file_io", "busy", "cancelled", "cannot_resume",
+    "declined", "no_such_transfer",
     "host_shutdown", "too_many_connections", "rate_limited",
     "call_self", "already_in_call", "no_invitation", "not_in_call", "bad_call_address",
     "no_camera", "no_audio_device", "port_taken",
@@ -669,6 +670,7 @@ FIELD_RULES: dict[str, Callable[[Any], Any]] = {
     "rate": _rule_seconds,                  # chat lines a second a host takes (0: any)
     "burst": _rule_int(0, 2 ** 31),         # ... and at once
     "password": _rule_str(MAX_PASSWORD_CHARS),  # a room's password, "" = none
+    "ask": _rule_bool,                      # files wait for the recipient's answer
     "retry_after": _rule_seconds,           # an error's "try again in", 0 = whenever
     "missed": _rule_int(0, 2 ** 53),
     "lost": _rule_int(0, 2 ** 53),
@@ -747,7 +749,9 @@ class Hello(Event):
     `seen` the last room seq received: the host then answers Resumed.
     `password` opens a protected room, or protects the room this login
     opens ("" = none); a resume with a valid token doesn't need it. Never
-    shown in a repr, so never in a log."""
+    shown in a repr, so never in a log. `ask`: hold every file coming to
+    me until I answer its FileAnnounce with FileAccept or FileRefuse (an
+    older host ignores it and sends at once)."""
     TYPE = "hello"
     version: int
     room: str
@@ -756,6 +760,7 @@ class Hello(Event):
     resume: str = ""
     seen: int = 0
     password: str = dataclasses.field(default="", repr=False)
+    ask: bool = False
 
 
 @_event
@@ -925,7 +930,9 @@ class FileOffer(Event):
 @_event
 @dataclasses.dataclass(frozen=True)
 class FileAccept(Event):
-    """host -> client: send the data of your transfer now."""
+    """The receiver of the bytes says: send the data of `transfer` now.
+    host -> client answers a FileOffer; client -> host answers a
+    FileAnnounce that said `ask` (the recipient took the file)."""
     TYPE = "file_accept"
     transfer: int
 
@@ -955,13 +962,17 @@ class FileResume(Event):
 @_event
 @dataclasses.dataclass(frozen=True)
 class FileAnnounce(Event):
-    """host -> client: a file is coming to you as transfer `transfer`."""
+    """host -> client: a file is coming to you as transfer `transfer`.
+    `ask`: no data comes until you answer FileAccept (take it) or
+    FileRefuse (e.g. code "declined"); only to a client whose hello said
+    `ask`."""
     TYPE = "file"
     transfer: int
     sender: str
     name: str
     size: int
     to: str = ""
+    ask: bool = False
 
 
 @_event
@@ -1159,8 +1170,8 @@ def _allow(state: State, role: Role, events: Iterable[type[Event]],
 
 
 _CLIENT_IN_ROOM = (Say, Who, Ping, Pong, FileOffer, FileEnd, FileAbort, FileRefuse,
-                   FileSaved, FileGot, FileResume, Chunk, MediaPort, Call, Decline, Hangup,
-                   RelayMedia, MediaData)
+                   FileSaved, FileGot, FileResume, FileAccept, Chunk, MediaPort, Call,
+                   Decline, Hangup, RelayMedia, MediaData)
 _HOST_IN_ROOM = (Message, System, Help, Members, Error, Ping, Pong, FileAccept,
                  FileAnnounce, FileEnd, FileAbort, FileRefuse, FileStored, FileDelivered,
                  Chunk, CallInvite, CallMissed, CallFailed, CallStart, CallEnded, RelayMedia,
@@ -6986,6 +6997,7 @@ class PeerFiles:
     uploads: dict[int, Upload] = dataclasses.field(default_factory=dict)   # its numbers
     downloads: dict[int, Relay] = dataclasses.field(default_factory=dict)  # our numbers
     next_download: int = 0
+    asks: bool = False                  # its hello said `ask`: files wait for its word
 
 
 # --- File relay --------------------------------------------------------------
@@ -7249,6 +7261,9 @@ class Relay:
         self.state = RelayState.SENDING
         self.offset = 0                     # bytes handed to the recipient's link
         self.acked = 0                      # bytes the recipient has on disk (FileGot)
+        # A recipient that asks first gets no data until it says FileAccept
+        # (or FileResume); until then what it needs is kept like a laggard's.
+        self.wanted = not upload.files.of(recipient).asks
         upload.relays.append(self)
         upload.readers += 1
         self.task = asyncio.get_running_loop().create_task(
@@ -7283,6 +7298,12 @@ class Relay:
             self.task.cancel()
             self.task.add_done_callback(lambda _: self.upload.release())
 
+    def want(self) -> None:
+        """The recipient took the file (FileAccept, or a FileResume): send it."""
+        if not self.wanted:
+            self.wanted = True
+            self.upload._wake()
+
     def confirm(self, offset: int) -> None:
         """The recipient has the first `offset` bytes on its disk (FileGot)."""
         if offset > self.acked:
@@ -7297,6 +7318,7 @@ class Relay:
         if state is None or upload.failure is not None or \
                 not self.acked <= offset <= upload.received:
             return False
+        self.wanted = True                  # asking to go on is taking the file
         self.confirm(offset)
         before = self.task
         before.cancel()                     # a connection the resume replaced
@@ -7314,7 +7336,8 @@ class Relay:
         offer, limits = upload.offer, upload.limits
         if announce:
             files.deliver([(self.recipient, FileAnnounce(
-                self.number, upload.sender_name, offer.name, offer.size, offer.to))])
+                self.number, upload.sender_name, offer.name, offer.size, offer.to,
+                not self.wanted))])
         loop = asyncio.get_running_loop()
         spool = None                        # our read handle, once we need the disk
         failed = False
@@ -7325,6 +7348,9 @@ class Relay:
                         upload.failure, transfer=self.number))])
                     failed = True
                     return
+                if not self.wanted:         # the recipient has not answered yet
+                    await upload.grown()
+                    continue
                 if self.offset < upload.received:
                     if not await link.bulk_room():
                         return
@@ -7463,9 +7489,28 @@ class HostFiles:
 
     def on_abort(self, session: Peer, abort: FileAbort) -> None:
         upload = self.of(session).uploads.pop(abort.transfer, None)
-        if upload is not None:
-            upload.sender = None            # it knows; don't answer its abort
-            upload.fail(abort.code, f"{upload.sender_name} cancelled: {abort.reason}")
+        if upload is None:
+            return
+        upload.sender = None                # it knows; don't answer its abort
+        reason = f"{upload.sender_name} cancelled: {abort.reason}"
+        if upload.state is UploadState.COMPLETE:
+            # Every byte is here, but recipients still downloading stop too:
+            # "either side can cancel a transfer in flight" (README, Files).
+            for relay in upload.relays:
+                if relay.answered():
+                    theirs = self.peers.get(relay.recipient)
+                    if theirs is not None:
+                        theirs.downloads.pop(relay.number, None)
+                    self.deliver([(relay.recipient, FileAbort(relay.number, abort.code,
+                                                              reason))])
+            return
+        upload.fail(abort.code, reason)
+
+    def on_take(self, session: Peer, event: FileAccept) -> None:
+        """A recipient that asks first took download `transfer`."""
+        relay = self.of(session).downloads.get(event.transfer)
+        if relay is not None:
+            relay.want()
 
     def on_answer(self, session: Peer, event: FileSaved | FileRefuse) -> None:
         """A recipient saved (FileSaved) or gave up on (FileRefuse) a download."""
@@ -7988,6 +8033,7 @@ class Host:
             FileEnd: self.files.on_end, FileAbort: self.files.on_abort,
             FileSaved: self.files.on_answer, FileRefuse: self.files.on_answer,
             FileGot: self.files.on_got, FileResume: self.files.on_resume,
+            FileAccept: self.files.on_take,
             MediaPort: self.calls.on_media_port, Call: self.calls.on_call,
             Decline: self.calls.on_decline, Hangup: self.calls.on_hangup,
             RelayMedia: self.calls.on_relay, MediaData: self.calls.on_media,
@@ -8379,6 +8425,7 @@ class Host:
             link.close_with(error, refusal.code)
             return
         session.seat = seat
+        self.files.of(seat).asks = hello.ask
         self._logged_in(session)
         self.seats[seat.token] = seat
         log.info("%s joined %r as %r%s", link.name, hello.room, hello.user,
@@ -8407,6 +8454,7 @@ class Host:
             old.link.abort("replaced")      # the client knows it's dead before we do
         seat.session, seat.away_since = session, None
         session.seat = seat
+        self.files.of(seat).asks = hello.ask
         self._logged_in(session)
         log.info("%s resumed %r in %r", session.link.name, hello.user, room.name)
         uploads, downloads = self.files.held(seat)
@@ -8627,6 +8675,7 @@ class SendState(enum.Enum):
 
 
 class ReceiveState(enum.Enum):
+    WAITING = "waiting"             # asked: nothing comes until the person answers
     RECEIVING = "receiving"         # data is arriving, written to the .part file
     VERIFYING = "verifying"         # all arrived; hashing and naming it
     SAVED = "saved"                 # under its final name (file_received said so)
@@ -8646,8 +8695,15 @@ SEND_MOVES: dict[tuple[SendState, str], SendState] = {
     (SendState.OFFERED, "failed"): SendState.FAILED,
     (SendState.SENDING, "failed"): SendState.FAILED,
     (SendState.ENDED, "failed"): SendState.FAILED,
+    # /cancel: also once the host has it all, while recipients still fetch it
+    (SendState.OFFERED, "cancelled"): SendState.FAILED,
+    (SendState.SENDING, "cancelled"): SendState.FAILED,
+    (SendState.ENDED, "cancelled"): SendState.FAILED,
+    (SendState.STORED, "cancelled"): SendState.FAILED,
 }
 RECEIVE_MOVES: dict[tuple[ReceiveState, str], ReceiveState] = {
+    (ReceiveState.WAITING, "accepted"): ReceiveState.RECEIVING,
+    (ReceiveState.WAITING, "failed"): ReceiveState.FAILED,
     (ReceiveState.RECEIVING, "ended"): ReceiveState.VERIFYING,
     (ReceiveState.VERIFYING, "saved"): ReceiveState.SAVED,
     (ReceiveState.RECEIVING, "failed"): ReceiveState.FAILED,
@@ -8670,6 +8726,7 @@ class OutgoingFile:
     sent: int = 0
     sha256: str = ""
     generation: int = 0                     # counts resumes: an older stream stops
+    done: bool = False                      # one-to-one: its recipient answered
 
     def move(self, what: str) -> bool:
         """Take the lifecycle step `what`; False if it doesn't apply now."""
@@ -8708,6 +8765,7 @@ class IncomingFile:
     batch: list = dataclasses.field(default_factory=list)
     batch_bytes: int = 0
     writes: collections.deque = dataclasses.field(default_factory=collections.deque)
+    stale: bool = False                     # WAITING across a drop: accept with FileResume
 
     def move(self, what: str) -> bool:
         """Take the lifecycle step `what`; False if it doesn't apply now."""
@@ -8749,6 +8807,10 @@ class ClientFiles:
         self.emit = emit
         self.link: Link | None = None       # while logged in
         self.host_max_file = 0              # the host's --max-file-size, from ready
+        self.user = ""                      # our User ID, from ready (a cancel's `by`)
+        # Files larger than this wait for /accept or /decline (--ask-above,
+        # the window's setting); None: never ask, and the hello says so.
+        self.ask_above: int | None = None
         self.uploads: dict[int, OutgoingFile] = {}
         self.downloads_by_number: dict[int, IncomingFile] = {}
         self._saved: dict[int, None] = {}   # downloads saved lately (a resume may ask)
@@ -8774,10 +8836,12 @@ class ClientFiles:
             up.state in (SendState.OFFERED, SendState.SENDING, SendState.ENDED)
             for up in list(self.uploads.values()))
 
-    def attach(self, link: Link, host_max_file: int) -> None:
-        """Logged in on `link`; the host takes files of at most `host_max_file`."""
+    def attach(self, link: Link, host_max_file: int, user: str = "") -> None:
+        """Logged in on `link` as `user`; the host takes files of at most
+        `host_max_file`."""
         self.link = link
         self.host_max_file = host_max_file
+        self.user = user or self.user
 
     def connection_lost(self) -> None:
         """The connection is gone: files wait (what arrived is written)
@@ -8828,7 +8892,9 @@ class ClientFiles:
                 self._fail_download(dl, "cancelled", gone, tell_host=False)
         for number, sender, name, size, to in coming.values():
             known = self.downloads_by_number.get(number)
-            if known is not None:
+            if known is not None and known.state is ReceiveState.WAITING:
+                known.stale = True          # the person's answer says FileResume
+            elif known is not None:
                 link.offer(FileResume(number, known.received if
                                       known.state is ReceiveState.RECEIVING else known.size))
             elif number in self._saved:     # saved as the connection dropped
@@ -8837,8 +8903,13 @@ class ClientFiles:
                 self._adopt(FileAnnounce(number, sender, name, size, to),
                             self.orphans[number]["part"])
             else:                           # its announcement was lost in the drop
-                self._on_announce(FileAnnounce(number, sender, name, size, to))
-                link.offer(FileResume(number, 0))
+                dl = self._announced(FileAnnounce(number, sender, name, size, to,
+                                                    self.ask_above is not None),
+                                       answer=False)
+                if dl.state is ReceiveState.WAITING:
+                    dl.stale = True
+                else:
+                    link.offer(FileResume(number, 0))
 
     async def settle_uploads(self, until: asyncio.Future) -> None:
         """Wait until every file we asked to send has reached the host (or
@@ -9008,7 +9079,11 @@ class ClientFiles:
         if up is None:
             return
         if event.recipient:                 # one recipient failed; others go on
-            self._file_failed(up.base(), event.code, event.reason, user=event.recipient)
+            # "cancelled" from a recipient is only ever its person's /cancel
+            extra = {"by": event.recipient} if event.code == "cancelled" else {}
+            up.done = bool(up.to)
+            self._file_failed(up.base(), event.code, event.reason, user=event.recipient,
+                              **extra)
             return
         refused_at_once = up.state is SendState.OFFERED
         if up.move("failed"):
@@ -9025,20 +9100,39 @@ class ClientFiles:
     def _on_delivered(self, event: FileDelivered) -> None:
         up = self.uploads.get(event.transfer)
         if up is not None:
+            up.done = bool(up.to)
             self.emit({"type": "file_delivered", "transfer": up.transfer,
                        "name": up.name, "user": event.user})
 
     # --- files we receive (disk work on the write thread) ---
 
     def _on_announce(self, event: FileAnnounce) -> None:
+        self._announced(event)              # a handler: what it returns is awaited
+
+    def _announced(self, event: FileAnnounce, answer: bool = True) -> IncomingFile:
+        """A file is coming. One the host holds for our word (`ask`) waits
+        for `accept` or `decline` if it is larger than `ask_above`, else is
+        taken at once (FileAccept, unless not `answer`: a resume says it)."""
         safe = safe_filename(event.name)
         tag = f"chatroom-{os.getpid()}-{secrets.token_hex(4)}"
         part = self.downloads / f".{safe}.{tag}.part"
         dl = IncomingFile(event.transfer, event.sender, event.name, safe, event.size,
                           event.to, part, Progress(event.size, self.limits.progress_interval_s))
         self.downloads_by_number[dl.transfer] = dl
+        ask = event.ask and self.ask_above is not None and event.size > self.ask_above
+        if ask:
+            dl.state = ReceiveState.WAITING
         self.emit({"type": "file_offer", "transfer": dl.transfer, "from": dl.sender,
-                   "name": safe, "size": dl.size, "to": dl.to or None})
+                   "name": safe, "size": dl.size, "to": dl.to or None, "ask": ask})
+        if ask:
+            return dl                       # no .part until the person says yes
+        if event.ask and answer and self.link is not None:
+            self.link.offer(FileAccept(dl.transfer))
+        self._open(dl)
+        return dl
+
+    def _open(self, dl: IncomingFile) -> None:
+        """Make `dl`'s .part file (on the write thread)."""
         first = not self._downloads_checked
         self._downloads_checked = True
         keep = frozenset(str(entry["part"]) for entry in self.orphans.values())
@@ -9063,7 +9157,7 @@ class ClientFiles:
                           event.to, part, Progress(event.size, self.limits.progress_interval_s))
         self.downloads_by_number[dl.transfer] = dl
         self.emit({"type": "file_offer", "transfer": dl.transfer, "from": dl.sender,
-                   "name": safe, "size": dl.size, "to": dl.to or None})
+                   "name": safe, "size": dl.size, "to": dl.to or None, "ask": False})
 
         def reopened(future: asyncio.Future) -> None:
             if future.cancelled() or dl.failed:
@@ -9171,10 +9265,80 @@ class ClientFiles:
     def _on_abort(self, event: FileAbort) -> None:
         dl = self.downloads_by_number.get(event.transfer)
         if dl is not None:
-            self._fail_download(dl, event.code, event.reason, tell_host=False)
+            # "cancelled" in a FileAbort is only ever the sender's /cancel
+            extra = {"by": dl.sender} if event.code == "cancelled" else {}
+            self._fail_download(dl, event.code, event.reason, tell_host=False, **extra)
+
+    # --- what the person decides (on the loop; the core's thread-safe API) ---
+
+    def _find(self, transfer: int, direction: str | None,
+              waiting: bool = False) -> OutgoingFile | IncomingFile | None:
+        """The file numbered `transfer` that a person may act on now (a
+        download waiting for an answer, if `waiting`), or None after an
+        `error{no_such_transfer}`."""
+        dl = self.downloads_by_number.get(transfer)
+        if dl is not None and waiting and dl.state is not ReceiveState.WAITING:
+            dl = None
+        up = None if waiting else self.uploads.get(transfer)
+        if up is not None and (up.done or up.state is SendState.FAILED):
+            up = None
+        if direction == "send":
+            dl = None
+        elif direction == "receive":
+            up = None
+        if dl is not None and up is not None:
+            self.emit({"type": "error", "code": "no_such_transfer", "message":
+                       f"both a file you send and one you receive are number {transfer}: "
+                       f"say /cancel send {transfer} or /cancel receive {transfer}"})
+            return None
+        if dl is None and up is None:
+            what = "no file waits for your answer" if waiting else "no file is on its way"
+            self.emit({"type": "error", "code": "no_such_transfer",
+                       "message": f"{what} as number {transfer} (the `transfer` of its "
+                       "file_offer or file_progress)"})
+            return None
+        return dl or up
+
+    def accept(self, transfer: int) -> bool:
+        """Take download `transfer`, which waits for an answer: it comes now."""
+        dl = self._find(transfer, "receive", waiting=True)
+        if not isinstance(dl, IncomingFile) or not dl.move("accepted"):
+            return False
+        if self.link is not None:           # else a resume asks for it
+            self.link.offer(FileResume(dl.transfer, 0) if dl.stale
+                            else FileAccept(dl.transfer))
+        dl.stale = False
+        self._open(dl)
+        self.emit(dl.progress.event(dl.base(), 0, force=True))
+        return True
+
+    def decline(self, transfer: int) -> bool:
+        """Refuse download `transfer`, which waits for an answer: nothing of
+        it touches the disk; the sender is told (file_failed, declined)."""
+        dl = self._find(transfer, "receive", waiting=True)
+        if not isinstance(dl, IncomingFile):
+            return False
+        self._fail_download(dl, "declined", "declined the file", by=self.user)
+        return True
+
+    def cancel(self, transfer: int, direction: str | None = None) -> bool:
+        """Stop file `transfer` we send or receive, wherever it is: the
+        other side is told at once, a download's .part is deleted."""
+        found = self._find(transfer, direction)
+        if found is None:
+            return False
+        if isinstance(found, IncomingFile):
+            self._fail_download(found, "cancelled", "cancelled the download", by=self.user)
+            return True
+        if not found.move("cancelled"):
+            return False
+        if self.link is not None:
+            self.link.offer(FileAbort(found.transfer, "cancelled", "the file will not come"))
+        self._file_failed(found.base(), "cancelled", "cancelled the upload", by=self.user)
+        return True
 
     def _fail_download(self, dl: IncomingFile, code: str, reason: str,
-                       tell_host: bool = True) -> None:
+                       tell_host: bool = True, **extra: Any) -> None:
         """Give up on a download: delete its .part, tell the host and the UI."""
         if not dl.move("failed"):
             return
@@ -9184,7 +9348,7 @@ class ClientFiles:
             self._write_io, _discard_part, dl), f"removing {dl.part}")
         if tell_host and self.link is not None:
             self.link.offer(FileRefuse(dl.transfer, code, reason))
-        self._file_failed(dl.base(), code, reason)
+        self._file_failed(dl.base(), code, reason, **extra)
 
 
 # --- Disk work (on ClientFiles' threads, never the loop) ---------------------
@@ -10685,6 +10849,34 @@ class ClientCore:
         Future -> the transfer number, or None if it was refused at once."""
         return self.submit(self.files.send(Path(path), to or ""))
 
+    def accept_file(self, transfer: int) -> concurrent.futures.Future:
+        """/accept: take file `transfer`, which waits for an answer (its
+        file_offer said `ask`). Future -> True, or False after an `error`."""
+        return self.submit(self._run(self.files.accept, transfer))
+
+    def decline_file(self, transfer: int) -> concurrent.futures.Future:
+        """/decline: refuse file `transfer`, which waits for an answer.
+        Future -> True, or False after an `error`."""
+        return self.submit(self._run(self.files.decline, transfer))
+
+    def cancel_file(self, transfer: int,
+                    direction: str | None = None) -> concurrent.futures.Future:
+        """/cancel: stop file `transfer` (`direction` "send" or "receive"
+        when both kinds have that number). Future -> True, or False after
+        an `error`."""
+        return self.submit(self._run(self.files.cancel, transfer, direction))
+
+    def waiting_file(self, transfer: int) -> bool:
+        """Does download `transfer` wait for an answer? (Any thread: a glance.)"""
+        dl = self.files.downloads_by_number.get(transfer)
+        return dl is not None and dl.state is ReceiveState.WAITING
+
+    def set_ask_above(self, size: int | None) -> None:
+        """Files larger than `size` bytes wait for an answer (None: never
+        ask); from the next file on. Takes effect in the hello of the next
+        connection when it turns asking on or off."""
+        self.loop.call_soon_threadsafe(setattr, self.files, "ask_above", size)
+
     def call(self, user: str) -> concurrent.futures.Future:
         """/CHECK `user`: invite them, or answer their invitation.
         Future -> True if the host got it (what follows arrives as events)."""
@@ -10911,7 +11103,7 @@ class ClientCore:
         try:
             link.offer(Hello(PROTOCOL_VERSION, place.room, place.user,
                              f"chatroom/{__version__}", place.token, place.seen,
-                             place.password))
+                             place.password, self.files.ask_above is not None))
         except LocalError:                  # undecodable text, e.g. from argv
             link.abort("refused")
             self._error("bad_user_id", "the Room ID, User ID and password must be valid text")
@@ -11139,7 +11331,7 @@ class ClientCore:
             self._gate = None
         elif self._gate is None or (self._gate.rate_per_s, self._gate.burst) != (rate, burst):
             self._gate = FloodGate(rate, burst, 0)
-        self.files.attach(link, event.max_file_size)
+        self.files.attach(link, event.max_file_size, event.user)
         self.calls.attach(link, event.user)
         if self._call_ticker is not None:
             self._call_ticker.cancel()
@@ -11321,6 +11513,25 @@ class SendFile(Command):
 
 
 @dataclasses.dataclass(frozen=True)
+class AnswerFile(Command):
+    """/accept TRANSFER, /decline TRANSFER: take or refuse a file that waits
+    for an answer (TRANSFER: the number in its file_offer). A /decline
+    whose word is a number names a file if one by that number waits (the
+    front end asks the core), else it declines a call from `user`, as
+    /decline USER always did."""
+    transfer: int
+    accept: bool
+    user: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class CancelFile(Command):
+    """/cancel [send|receive] TRANSFER: stop a file on its way, either way."""
+    transfer: int
+    direction: str | None
+
+
+@dataclasses.dataclass(frozen=True)
 class CallUser(Command):
     """/CHECK USER: call someone in the room, or answer their call."""
     user: str
@@ -11388,6 +11599,20 @@ def parse_command(line: str) -> Command | None:
         if not path:
             return Mistyped(line, "not_a_file", "usage: /send PATH  or  /send PATH @USER")
         return SendFile(line, path, to)
+    if name == "/accept" or (name == "/decline" and _transfer_number(rest) is not None):
+        number = _transfer_number(rest)
+        if number is None:
+            return Mistyped(line, "no_such_transfer", "usage: /accept TRANSFER (the "
+                            "number in the file's offer)")
+        return AnswerFile(line, number, name == "/accept", rest.strip())
+    if name == "/cancel":
+        words = rest.split()
+        direction = words.pop(0).casefold() if len(words) == 2 else None
+        number = _transfer_number(words[0]) if len(words) == 1 else None
+        if number is None or direction not in (None, "send", "receive"):
+            return Mistyped(line, "no_such_transfer", "usage: /cancel TRANSFER  or  "
+                            "/cancel send TRANSFER  or  /cancel receive TRANSFER")
+        return CancelFile(line, number, direction)
     if name in ("/check", "/decline"):
         user = rest.strip()
         if not user:
@@ -11410,6 +11635,14 @@ def parse_command(line: str) -> Command | None:
         return Mistyped(line, "unknown_command", "usage: /video off  or  /video on")
     return Mistyped(line, "unknown_command", f"unknown command {name}; type help for "
                     "help (start a line with // to send a literal /)")
+
+
+def _transfer_number(text: str) -> int | None:
+    """A transfer number typed (ASCII digits, 1 to 2**31), else None."""
+    text = text.strip()
+    if not (text.isascii() and text.isdigit()) or not 0 < int(text) <= 2 ** 31:
+        return None
+    return int(text)
 
 
 def parse_call_address(text: str) -> tuple[str, int, int]:
@@ -11571,8 +11804,10 @@ class Printer:
                     f"rooms: {rooms or 'none yet'}  key: {key}")
         if kind == "file_offer":
             whom = "you" if event.get("to") else "the room"
+            ask = f"; /accept {event['transfer']} or /decline {event['transfer']}" \
+                if event.get("ask") else ""
             return (f"[{clock}] {printable(event['from'])} is sending {whom} "
-                    f"{printable(event['name'])} ({human_size(event['size'])})")
+                    f"{printable(event['name'])} ({human_size(event['size'])}){ask}")
         if kind == "file_progress":
             arrow = "->" if event["direction"] == "send" else "<-"
             if not event["bytes"] and event["size"]:
@@ -11701,6 +11936,16 @@ def handle_line(core: ClientCore, line: str, emit: Callable[[dict], None]) -> bo
     return True
 
 
+def answer_file(core: ClientCore, command: AnswerFile) -> concurrent.futures.Future:
+    """/accept or /decline TRANSFER; a /decline of a number no file waits
+    under declines a call from the user of that name, as it always did."""
+    if command.accept:
+        return core.accept_file(command.transfer)
+    if not core.waiting_file(command.transfer) and command.user:
+        return core.decline(command.user)
+    return core.decline_file(command.transfer)
+
+
 # What the terminal does for each command but Quit (which ends the session).
 # Commands whose outcome arrives as events don't wait; text waits while our
 # outbox is full.
@@ -11714,6 +11959,10 @@ _TERMINAL_COMMANDS: dict[type[Command], Callable[[ClientCore, Any, Callable], An
         core.call_address(command.address, command.listen, command.port), "calling"),
     DeclineCall: lambda core, command, emit: log_failure(core.decline(command.user),
                                                          "declining"),
+    AnswerFile: lambda core, command, emit: log_failure(answer_file(core, command),
+                                                        "answering a file"),
+    CancelFile: lambda core, command, emit: log_failure(
+        core.cancel_file(command.transfer, command.direction), "cancelling a file"),
     HangUp: lambda core, command, emit: log_failure(core.hang_up(command.user), "hanging up"),
     Mute: lambda core, command, emit: log_failure(core.set_media(muted=command.muted),
                                                   "muting"),
@@ -11792,6 +12041,7 @@ def run_terminal(args: argparse.Namespace, limits: Limits, media: MediaOptions) 
     core = ClientCore(on_event, limits, args.downloads, media,
                       args.state_dir or config_dir(), known_hosts_from(args))
     core.interface = args.interface
+    core.files.ask_above = args.ask_above   # before the loop runs: no thread yet
     core.start()
     _leave_on_signals()
     try:
@@ -14937,6 +15187,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-room-members", type=int, default=MAX_ROOM_MEMBERS,
                         metavar="N", help=f"people one room holds, 2 to "
                         f"{MAX_ROOM_MEMBERS_CAP} (default {MAX_ROOM_MEMBERS})")
+    parser.add_argument("--ask-above", type=parse_size, default=None, metavar="SIZE",
+                        help="--cli: a file larger than SIZE (e.g. 100M) waits for "
+                        "/accept or /decline (default: never ask)")
     parser.add_argument("--downloads", metavar="DIR", help="where received files go "
                         "(default: a chatroom folder in your downloads folder)")
     parser.add_argument("--state-dir", metavar="DIR", type=Path,
