@@ -193,6 +193,7 @@ KEEPALIVE_S = 1.0                   # with nothing else to send, a keepalive thi
 
 GUI_MAX_SHOWN = 1000                # chat entries kept on screen; older ones go
 GUI_STOP_WAIT_S = 4.0               # closing: wait this long for the core, then go
+GUI_ASK_ABOVE = 100 * 1024 ** 2     # the window asks before files larger than this
 
 
 @dataclasses.dataclass(frozen=True)
@@ -12833,10 +12834,18 @@ class ChatView(Drawing):
             x1 + pad, status_y, anchor="nw", font=self.fonts["small"], tags=tag,
             fill=COLOURS["error_text"] if data["state"] == "failed" else COLOURS["muted"],
             text=self.elide(data["status"], "small", x2 - x1 - 2 * pad))
+        links: tuple[tuple[str, str, Any], ...] = ()
         if data.get("path"):
-            right = self._links(entry, x2 - pad, status_y, (
-                ("Show in folder", "folder", str(Path(data["path"]).parent)),
-                ("Open", "open", data["path"])))
+            links = (("Show in folder", "folder", str(Path(data["path"]).parent)),
+                     ("Open", "open", data["path"]))
+        elif data["state"] == "asking":     # waits for the person's answer
+            links = (("Decline", "file_decline", data["transfer"]),
+                     ("Accept", "file_accept", data["transfer"]))
+        elif data["state"] == "moving" or (mine and data["state"] == "done"
+                                           and not data.get("settled")):
+            links = (("Cancel", "file_cancel", (data["direction"], data["transfer"])),)
+        if links:
+            right = self._links(entry, x2 - pad, status_y, links)
             draw.itemconfigure(status, text=self.elide(data["status"], "small",
                                                       right - x1 - pad))
         return bottom
@@ -13657,6 +13666,14 @@ class ChatWindow:
         size = human_size(event["size"])
         self._card("receive", event["transfer"], event["name"], event["from"],
                    f"{size} · {'for you only' if event.get('to') else 'for everyone'}")
+        if event.get("ask"):
+            self.view.update_file(("receive", event["transfer"]), state="asking",
+                                  status="Take this file?")
+
+    def file_answered(self, transfer: int, accept: bool) -> None:
+        """Accept or Decline was clicked: the card stops asking at once."""
+        if accept:
+            self.view.update_file(("receive", transfer), state="moving", status="Starting...")
 
     def on_file_progress(self, event: dict) -> None:
         key = (event["direction"], event["transfer"])
@@ -13664,7 +13681,7 @@ class ChatWindow:
             to = event.get("to")
             self._card("send", event["transfer"], event["name"], self.me,
                        f"{human_size(event['size'])} · to "
-                       f"{printable(to) if to else 'everyone'}")
+                       f"{printable(to) if to else 'everyone'}", to or "")
         if self.view.files.get(key) is None or self.view.files[key].data["state"] != "moving":
             return
         eta = event.get("eta")
@@ -13687,7 +13704,9 @@ class ChatWindow:
         entry = self.view.files.get(("send", event["transfer"]))
         if entry is not None:
             saved = entry.data.get("saved_by", []) + [printable(event["user"])]
+            # A file for one person is over once that one has it: no Cancel.
             self.view.update_file(("send", event["transfer"]), saved_by=saved,
+                                  settled=bool(entry.data.get("to")),
                                   status="Saved by " + ", ".join(saved))
 
     def on_file_failed(self, event: dict) -> None:
@@ -13697,17 +13716,30 @@ class ChatWindow:
         entry = self.view.files.get(key)
         if entry is None:
             return
+        by = event.get("by")
+        stopped = {"declined": "Declined", "cancelled": "Cancelled"}.get(event["code"])
         if event.get("user"):               # one recipient failed; the others go on
-            self.note(f"{printable(event['name'])}: {printable(event['user'])} didn't get "
-                      f"it: {printable(event['reason'])}", "error")
+            if stopped and by:
+                self.note(f"{printable(event['name'])}: {printable(event['user'])} "
+                          f"{stopped.lower()} it", "info")
+            else:
+                self.note(f"{printable(event['name'])}: {printable(event['user'])} didn't "
+                          f"get it: {printable(event['reason'])}", "error")
+            if entry.data.get("to"):        # the one it was for: nothing more to cancel
+                self.view.update_file(key, settled=True)
+            return
+        if stopped and by:
+            whom = "you" if by == self.me else printable(by)
+            self.view.update_file(key, state="failed", status=f"{stopped} by {whom}")
             return
         self.view.update_file(key, state="failed",
                               status="Failed: " + printable(event["reason"]))
 
-    def _card(self, direction: str, transfer: int, name: str, user: str, detail: str) -> None:
+    def _card(self, direction: str, transfer: int, name: str, user: str, detail: str,
+              to: str = "") -> None:
         entry = self.view.add("file", direction=direction, transfer=transfer, name=name,
                               user=user, ts=unix_now(), detail=detail, percent=0.0,
-                              status="Waiting...", state="moving", path="")
+                              status="Waiting...", state="moving", path="", to=to)
         self.view.files[(direction, transfer)] = entry
 
     def trace_layout(self) -> None:
@@ -14169,7 +14201,7 @@ class CallWindows:
 
 # --- Settings remembered between runs ----------------------------------------
 
-_SETTINGS_KEYS = ("room", "user", "address")
+_SETTINGS_KEYS = ("room", "user", "address", "ask_above")
 _SETTINGS_MAX_CHARS = 256
 
 
@@ -14191,6 +14223,20 @@ def load_settings(path: Path) -> dict[str, str]:
         return {}
     return {key: value for key, value in data.items() if key in _SETTINGS_KEYS
             and isinstance(value, str) and len(value) <= _SETTINGS_MAX_CHARS}
+
+
+def window_ask_above(flag: int | None, setting: str) -> int:
+    """The size above which the window asks before a file comes: the
+    --ask-above flag, else the setting ("100M", "never"), else GUI_ASK_ABOVE.
+    "never" is the largest size: the window still holds files for its word."""
+    if flag is not None:
+        return flag
+    if setting.strip().casefold() == "never":
+        return 2 ** 63
+    match = re.fullmatch(r"\s*(\d+)\s*([KMGT]?)i?B?\s*", setting, re.IGNORECASE)
+    if not match:
+        return GUI_ASK_ABOVE
+    return int(match.group(1)) * 1024 ** " KMGT".index(match.group(2).upper() or " ")
 
 
 def save_settings(path: Path, settings: dict[str, str]) -> bool:
@@ -14373,6 +14419,12 @@ class GuiApp:
                                args.state_dir or config_dir(), known_hosts_from(args),
                                args.state_dir or config_dir())
         self.core.interface = args.interface
+        # Files larger than this wait for Accept or Decline: --ask-above,
+        # else settings.json's "ask_above" ("100M", or "never"), else 100 MiB.
+        # "never" still holds files for an answer, which comes at once: the
+        # hello's `ask` is fixed for a connection, the setting may change.
+        self.ask_above = window_ask_above(args.ask_above, prefill.get("ask_above", ""))
+        self.core.files.ask_above = self.ask_above   # before the core's loop runs
         self.chat: ChatWindow | None = None  # exactly while the phase is IN_ROOM
         self.calls = CallWindows()
         self.phase = Phase.CHOOSING
@@ -14420,6 +14472,9 @@ class GuiApp:
             (_CHAT, "pick"): in_room(ChatWindow.pick),
             (_CHAT, "open"): self.on_open,
             (_CHAT, "folder"): self.on_open,
+            (_CHAT, "file_accept"): in_room(self.on_file_accept),
+            (_CHAT, "file_decline"): in_room(self.on_file_decline),
+            (_CHAT, "file_cancel"): in_room(self.on_file_cancel),
         }
         self.clicked: dict[Any, Callable[[dict], None]] = {
             (_ROOM, "join"): self.on_join,
@@ -14449,6 +14504,10 @@ class GuiApp:
             ListMembers: lambda chat, command: self._quietly("who", self.core.who()),
             Quit: lambda chat, command: self.on_leave(chat, {}),
             SendFile: lambda chat, command: self.send_file(command.path, command.to),
+            AnswerFile: lambda chat, command: self._quietly("answer", answer_file(
+                self.core, command)),
+            CancelFile: lambda chat, command: self._quietly("cancel", self.core.cancel_file(
+                command.transfer, command.direction)),
             CallUser: lambda chat, command: self._call(chat, command.line,
                                                        self.core.call(command.user)),
             CallAddress: lambda chat, command: self._call(chat, command.line,
@@ -14667,6 +14726,9 @@ class GuiApp:
         settings = {"room": event["room"], "user": event["user"]}
         if self.joining.get("address"):
             settings["address"] = self.joining["address"]
+        asked = load_settings(self.settings_file).get("ask_above")
+        if asked:                           # a person's choice: kept as written
+            settings["ask_above"] = asked
         save_settings(self.settings_file, settings)
         chat = ChatWindow(self.look, self.images, event, self.trace,
                           self.limits.gui_max_shown)
@@ -14825,6 +14887,20 @@ class GuiApp:
     def on_call_back(self, chat: ChatWindow, user: str) -> None:
         """"Call back" on a ringing card: /CHECK them."""
         self._call(chat, f"/CHECK {user}", self.core.call(user))
+
+    def on_file_accept(self, chat: ChatWindow, transfer: int) -> None:
+        self.bridge.report("accept", self.core.accept_file(transfer), quiet=True)
+        chat.file_answered(transfer, True)
+
+    def on_file_decline(self, chat: ChatWindow, transfer: int) -> None:
+        self.bridge.report("decline", self.core.decline_file(transfer), quiet=True)
+        chat.file_answered(transfer, False)
+
+    def on_file_cancel(self, chat: ChatWindow, key: tuple[str, int]) -> None:
+        """Cancel on a file card: the core tells the other side; the card
+        changes with the file_failed that follows."""
+        direction, transfer = key
+        self.bridge.report("cancel", self.core.cancel_file(transfer, direction), quiet=True)
 
     def on_decline_click(self, chat: ChatWindow, user: str) -> None:
         self._call(chat, f"/decline {user}", self.core.decline(user))
