@@ -750,9 +750,7 @@ class Hello(Event):
     `seen` the last room seq received: the host then answers Resumed.
     `password` opens a protected room, or protects the room this login
     opens ("" = none); a resume with a valid token doesn't need it. Never
-    shown in a repr, so never in a log. `ask`: hold every file coming to
-    me until I answer its FileAnnounce with FileAccept or FileRefuse (an
-    older host ignores it and sends at once)."""
+    shown in a repr, so never in a log. `ask`: see FileAnnounce."""
     TYPE = "hello"
     version: int
     room: str
@@ -931,9 +929,8 @@ class FileOffer(Event):
 @_event
 @dataclasses.dataclass(frozen=True)
 class FileAccept(Event):
-    """The receiver of the bytes says: send the data of `transfer` now.
-    host -> client answers a FileOffer; client -> host answers a
-    FileAnnounce that said `ask` (the recipient took the file)."""
+    """The receiver of the bytes: send the data of `transfer` now (the
+    host's answer to a FileOffer, a client's to a FileAnnounce with ask)."""
     TYPE = "file_accept"
     transfer: int
 
@@ -963,10 +960,8 @@ class FileResume(Event):
 @_event
 @dataclasses.dataclass(frozen=True)
 class FileAnnounce(Event):
-    """host -> client: a file is coming to you as transfer `transfer`.
-    `ask`: no data comes until you answer FileAccept (take it) or
-    FileRefuse (e.g. code "declined"); only to a client whose hello said
-    `ask`."""
+    """host -> client: a file is coming to you as transfer `transfer`. With `ask` (your
+    hello said it), no data comes until you answer FileAccept, or FileRefuse."""
     TYPE = "file"
     transfer: int
     sender: str
@@ -1170,9 +1165,9 @@ def _allow(state: State, role: Role, events: Iterable[type[Event]],
         TRANSITIONS[(state, event_cls, role)] = then or state
 
 
-_CLIENT_IN_ROOM = (Say, Who, Ping, Pong, FileOffer, FileEnd, FileAbort, FileRefuse,
-                   FileSaved, FileGot, FileResume, FileAccept, Chunk, MediaPort, Call,
-                   Decline, Hangup, RelayMedia, MediaData)
+_CLIENT_IN_ROOM = (Say, Who, Ping, Pong, FileOffer, FileEnd, FileAbort, FileRefuse, FileSaved,
+                   FileGot, FileResume, FileAccept, Chunk, MediaPort, Call, Decline, Hangup,
+                   RelayMedia, MediaData)
 _HOST_IN_ROOM = (Message, System, Help, Members, Error, Ping, Pong, FileAccept,
                  FileAnnounce, FileEnd, FileAbort, FileRefuse, FileStored, FileDelivered,
                  Chunk, CallInvite, CallMissed, CallFailed, CallStart, CallEnded, RelayMedia,
@@ -7108,6 +7103,7 @@ class Upload:
             self._over.set()
             if self.window_bytes > self.limits.relay_window_max_bytes:
                 self._room.clear()
+                self._moved.set()           # the evicting task looks again: spill?
                 return self._room.wait()
         return None
 
@@ -7277,8 +7273,11 @@ class Relay:
 
     @property
     def active(self) -> bool:
-        """Sending now (not finished, not waiting for its recipient to be back)?"""
-        return self.state is RelayState.SENDING and not self.task.done()
+        """Sending now (not finished, not waiting for its recipient to be
+        back, nor for its answer)? One that waits is served from the spool
+        later: waiting for it would stop reading the sender's connection,
+        its chat and its /cancel with it."""
+        return self.state is RelayState.SENDING and self.wanted and not self.task.done()
 
     def answered(self) -> bool:
         """The recipient saved, refused or left: True if that is news (the

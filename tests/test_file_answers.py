@@ -121,22 +121,28 @@ def test_decline_leaves_nothing_tells_the_sender_and_others_still_get_it(
     assert bob.wait_for("error")["code"] == "no_such_user"
 
 
-def test_one_to_one_file_waits_with_its_sender_until_answered(room_host, member, tmp_path):  # noqa: F811
-    """A one-to-one file nobody answers yet waits, and so does its sender
-    (no file_sent); the sender may /cancel it, and the recipient is told
-    (file_failed cancelled, by alice) with nothing on disk."""
+def test_an_unanswered_file_waits_in_the_spool_and_its_sender_can_cancel(
+        room_host, member, tmp_path, spool):  # noqa: F811
+    """A 40 MiB one-to-one file nobody answers yet: the host takes it all
+    into its spool (file_sent) rather than stop reading alice, so her chat
+    still gets through; her /cancel then reaches bob (file_failed
+    cancelled, by alice), who keeps nothing, and the spool empties.
+
+    Regression: with the sender paused for a recipient who had not
+    answered, the host stopped reading alice: her chat and her /cancel
+    waited behind her file for ever."""
     alice = member(room_host.port, "alice")
     bob = member(room_host.port, "bob", "--ask-above", "1M")
     source = tmp_path / "src" / "movie.mkv"
-    write_big(source, 12 * MiB)         # more than the host's window: alice must wait
+    write_big(source, 40 * MiB)         # past the host's largest window (16 MiB)
 
     alice.send(f"/send {source} @bob")
     number = sent_number(alice)
     offer = bob.wait_for(ev("file_offer", name="movie.mkv"))
     assert offer["ask"] is True and offer["to"] == "bob", offer
+    alice.wait_for("file_sent", timeout=SECONDS)
+    assert spool_files(spool), "the host kept the unanswered file nowhere"
     exchange(alice, [bob], "still waiting")
-    assert not [e for e in alice.seen() if e["type"] == "file_sent"], \
-        "the host took the whole file for a recipient who has not answered"
     alice.send(f"/cancel {number}")
     mine = alice.wait_for("file_failed")
     assert mine["code"] == "cancelled" and mine["by"] == "alice", mine
@@ -145,6 +151,7 @@ def test_one_to_one_file_waits_with_its_sender_until_answered(room_host, member,
     assert told["transfer"] == offer["transfer"], told
     exchange(alice, [bob], "after the cancel")
     assert listing(bob.downloads) == []
+    wait_until(lambda: not spool_files(spool), f"spool empty: {spool_files(spool)}")
     bob.send(f"/accept {offer['transfer']}")
     assert bob.wait_for("error")["code"] == "no_such_transfer"
 
