@@ -13680,7 +13680,8 @@ class ChatWindow:
             to = event.get("to")
             self._card("send", event["transfer"], event["name"], self.me,
                        f"{human_size(event['size'])} · to "
-                       f"{printable(to) if to else 'everyone'}", to or "")
+                       f"{printable(to) if to else 'everyone'}",
+                       1 if to else len(self.members.members) - 1)
         if self.view.files.get(key) is None or self.view.files[key].data["state"] != "moving":
             return
         eta = event.get("eta")
@@ -13703,9 +13704,8 @@ class ChatWindow:
         entry = self.view.files.get(("send", event["transfer"]))
         if entry is not None:
             saved = entry.data.get("saved_by", []) + [printable(event["user"])]
-            # A file for one person is over once that one has it: no Cancel.
             self.view.update_file(("send", event["transfer"]), saved_by=saved,
-                                  settled=bool(entry.data.get("to")),
+                                  settled=self._answered(entry, event["user"]),
                                   status="Saved by " + ", ".join(saved))
 
     def on_file_failed(self, event: dict) -> None:
@@ -13724,8 +13724,7 @@ class ChatWindow:
             else:
                 self.note(f"{printable(event['name'])}: {printable(event['user'])} didn't "
                           f"get it: {printable(event['reason'])}", "error")
-            if entry.data.get("to"):        # the one it was for: nothing more to cancel
-                self.view.update_file(key, settled=True)
+            self.view.update_file(key, settled=self._answered(entry, event["user"]))
             return
         if stopped and by:
             whom = "you" if by == self.me else printable(by)
@@ -13734,11 +13733,19 @@ class ChatWindow:
         self.view.update_file(key, state="failed",
                               status="Failed: " + printable(event["reason"]))
 
+    @staticmethod
+    def _answered(entry: ChatEntry, user: str) -> bool:
+        """`user` has (or won't have) the file we send: was that the last
+        of the members it went to? Then Cancel has nothing left to stop."""
+        entry.data["answered"] = entry.data.get("answered", 0) + 1
+        return entry.data["answered"] >= entry.data["recipients"]
+
     def _card(self, direction: str, transfer: int, name: str, user: str, detail: str,
-              to: str = "") -> None:
+              recipients: int = 1) -> None:
         entry = self.view.add("file", direction=direction, transfer=transfer, name=name,
                               user=user, ts=unix_now(), detail=detail, percent=0.0,
-                              status="Waiting...", state="moving", path="", to=to)
+                              status="Waiting...", state="moving", path="",
+                              recipients=recipients)
         self.view.files[(direction, transfer)] = entry
 
     def trace_layout(self) -> None:

@@ -1021,6 +1021,21 @@ def test_decline_on_a_file_card_leaves_nothing_and_cancel_tells_the_sender(x, tm
     downloads = tmp_path / "gui-downloads"
     assert not downloads.exists() or os.listdir(downloads) == []
 
+    # Accept brings the next one, verified.
+    data = os.urandom(2 * 1024 * 1024)
+    (tmp_path / "second.bin").write_bytes(data)
+    mark = gui.mark()
+    bob.say(f"/send {tmp_path / 'second.bin'}")
+    asking = gui.wait_for(lambda e: e.get("gui") == "file_card" and e["state"] == "asking",
+                          start=mark)
+    gui.painted(asking)
+    box = on_screen(asking, asking["links"]["file_accept"])
+    x.click(box[0] + box[2] / 2, box[1] + box[3] / 2)
+    done = gui.wait_for(lambda e: e.get("gui") == "file_card" and e["state"] == "done",
+                        30, mark)
+    assert Path(done["path"]).read_bytes() == data
+    assert os.listdir(downloads) == ["second.bin"]
+
     # The other way: bob asks first, so alice's file waits for him, and her
     # card offers Cancel meanwhile.
     (tmp_path / "notes.bin").write_bytes(os.urandom(2 * 1024 * 1024))
