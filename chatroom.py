@@ -2053,6 +2053,8 @@ HELP
        /unmute, /video off and /video on are for your own side.
 3. Files: /send PATH sends a file to everyone in the room; /send PATH @USER
    sends it to that person only. Chat keeps flowing while files move.
+   /cancel N stops file N either way; a big file that asks first (see
+   --ask-above) waits for /accept N or /decline N.
 4. System notices: entering and leaving the room, and incoming calls, are
    announced by [SYSTEM] lines. Only the host can send them: a user's text
    that starts with [SYSTEM] is still shown as that user's message, and

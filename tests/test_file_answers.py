@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 
+from faults import FaultProxy
 from test_files import (  # noqa: F401 (fixtures are found by name)
     ROOM,
     KiB,
@@ -154,6 +155,32 @@ def test_an_unanswered_file_waits_in_the_spool_and_its_sender_can_cancel(
     wait_until(lambda: not spool_files(spool), f"spool empty: {spool_files(spool)}")
     bob.send(f"/accept {offer['transfer']}")
     assert bob.wait_for("error")["code"] == "no_such_transfer"
+
+
+def test_a_question_open_across_a_drop_is_answered_after_it(start_host, join, tmp_path):
+    """bob's connection drops while a file waits for his answer: back in his
+    seat, it still waits (nothing on disk), and /accept then brings it."""
+    host = start_host("--grace", "60")
+    gate = FaultProxy(host.port)
+    try:
+        alice = join(host.port, ROOM, "alice", "--downloads", str(tmp_path / "dl-alice"))
+        bob = join(gate.port, ROOM, "bob", "--downloads", str(tmp_path / "dl-bob"),
+                   "--ask-above", "1M")
+        source = tmp_path / "src" / "later.bin"
+        digest = write_big(source, 3 * MiB)
+        alice.send(f"/send {source} @bob")
+        offer = bob.wait_for(ev("file_offer", name="later.bin"))
+        assert offer["ask"] is True, offer
+        gate.cut()
+        bob.wait_for("resumed", timeout=SECONDS)
+        exchange(alice, [bob], "back again")
+        assert listing(tmp_path / "dl-bob") == []
+        bob.send(f"/accept {offer['transfer']}")
+        got = bob.wait_for("file_received", timeout=SECONDS)
+        check_received(got, tmp_path / "dl-bob", 3 * MiB, digest, source)
+        alice.wait_for(ev("file_delivered", user="bob"), timeout=SECONDS)
+    finally:
+        gate.close()
 
 
 # --- cancelling in flight ----------------------------------------------------
