@@ -8833,8 +8833,10 @@ class ClientFiles:
 
     @property
     def busy(self) -> bool:
-        """Is a file still on its way, either way? (Any thread: a glance.)"""
-        return bool(self.downloads_by_number) or any(
+        """Is a file still on its way, either way? (Any thread: a glance.)
+        One that waits for our answer is not: leaving answers it."""
+        return any(dl.state is not ReceiveState.WAITING
+                   for dl in list(self.downloads_by_number.values())) or any(
             up.state in (SendState.OFFERED, SendState.SENDING, SendState.ENDED)
             for up in list(self.uploads.values()))
 
