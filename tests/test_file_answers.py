@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 
 from faults import FaultProxy
 from test_files import (  # noqa: F401 (fixtures are found by name)
@@ -311,3 +313,13 @@ def test_wire_ask_fields_round_trip():
     assert chatroom.decode_body(old).ask is False
     assert (chatroom.State.READY, chatroom.FileAccept, chatroom.Role.CLIENT) \
         in chatroom.TRANSITIONS
+
+
+def test_a_bad_ask_above_size_is_refused_with_a_sentence():
+    """--ask-above takes --max-file-size's sizes; anything else exits 2 and
+    says why on stderr, before any connection."""
+    done = subprocess.run([sys.executable, chatroom.__file__, "--cli", "--room", ROOM,
+                           "--user", "bob", "--server", "127.0.0.1:1", "--ask-above",
+                           "lots"], capture_output=True, text=True, timeout=30)
+    assert done.returncode == 2, done
+    assert "--ask-above" in done.stderr and "not a size: 'lots'" in done.stderr, done.stderr
