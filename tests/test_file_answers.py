@@ -47,6 +47,12 @@ def json_only(body: bytes) -> bool:
     return body[:1] == b"{"
 
 
+def no_file_rest(body: bytes) -> bool:
+    """release(keep=): events but the file's data and file_end (the rest of
+    a file that was cancelled behind them, whatever had been queued)."""
+    return json_only(body) and json.loads(body).get("type") != "file_end"
+
+
 def sent_number(client) -> int:
     """The transfer number of the file `client` just began to send."""
     return client.wait_for(ev("file_progress", direction="send"))["transfer"]
@@ -205,7 +211,7 @@ def test_sender_cancels_mid_transfer(room_host, member, proxy, tmp_path):  # noq
         client.wait_for(ev("file_offer", name="eight.bin"))
     wait_until(lambda: part_files(bob.downloads), "bob's .part exists")
     alice.send(f"/cancel {number}")
-    gate.release(keep=json_only)            # the cancel goes up; the rest never does
+    gate.release(keep=no_file_rest)         # the cancel goes up; the rest never does
     mine = alice.wait_for("file_failed")
     assert (mine["code"], mine["direction"], mine["by"]) == ("cancelled", "send", "alice")
     for client in (bob, carol):
@@ -265,10 +271,7 @@ def test_sender_cancels_after_the_host_has_it_all(room_host, member, proxy, tmp_
     assert gate.holding.wait(SECONDS), "no file data reached bob's proxy"
     alice.send(f"/cancel send {number}")
     assert alice.wait_for("file_failed")["code"] == "cancelled"
-
-    def keep(body: bytes) -> bool:          # drop data and file_end, keep the rest
-        return json_only(body) and json.loads(body).get("type") != "file_end"
-    gate.release(keep=keep)
+    gate.release(keep=no_file_rest)
     told = bob.wait_for("file_failed", timeout=SECONDS)
     assert told["code"] == "cancelled" and told["by"] == "alice", told
     wait_until(lambda: listing(bob.downloads) == [],
