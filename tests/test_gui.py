@@ -740,8 +740,9 @@ def test_closing_the_launcher_while_the_host_starts(x, tmp_path, procs, delay):
 def test_closing_the_chat_window_during_a_file_transfer(x, tmp_path, procs):
     host = Host(unique("busy"), advertise=False)
     procs.append(host)
+    # --ask-above: the window asks before files over 100 MiB; this one should just come.
     gui = start_gui(x, tmp_path, procs, "--server", f"{LOOPBACK}:{host.port}", "--room", "r",
-                    "--user", "alice")
+                    "--user", "alice", "--ask-above", "2G")
     join_from_launcher(gui, x)
     cli = Cli(host.port, "r", "bob")
     procs.append(cli)

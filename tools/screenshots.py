@@ -84,7 +84,8 @@ def shoot(scale: float, out: Path, suffix: str) -> None:
         # a resolve started before an update finishes after it.
         time.sleep(2)
         gui = Gui(x, work / "config", ["--room", "学习小组", "--user", "alice", "--scale",
-                                       str(scale), "--downloads", str(work / "alice")])
+                                       str(scale), "--downloads", str(work / "alice"),
+                                       "--ask-above", "4G"])   # the 3 GiB file just comes
         started.append(gui)
 
         def launcher_shows_both(event: dict) -> bool:
