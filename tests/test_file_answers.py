@@ -326,3 +326,16 @@ def test_a_bad_ask_above_size_is_refused_with_a_sentence():
                            "lots"], capture_output=True, text=True, timeout=30)
     assert done.returncode == 2, done
     assert "--ask-above" in done.stderr and "not a size: 'lots'" in done.stderr, done.stderr
+
+
+def test_the_windows_limit_comes_from_the_flag_else_the_setting_else_100_mib(tmp_path):
+    """--ask-above wins; settings.json's ask_above ("2G", "never") comes
+    next, kept by load_settings; anything else is the 100 MiB default."""
+    pick = chatroom.window_ask_above
+    assert pick(5 * KiB, "2G") == 5 * KiB
+    assert pick(None, "2G") == 2 * 1024 * MiB
+    assert pick(None, " Never ") >= 2 ** 62
+    assert pick(None, "") == pick(None, "lots") == 100 * MiB == chatroom.GUI_ASK_ABOVE
+    settings = tmp_path / "settings.json"
+    settings.write_text(json.dumps({"room": "r", "ask_above": "250M", "other": "x"}))
+    assert chatroom.load_settings(settings) == {"room": "r", "ask_above": "250M"}
