@@ -929,8 +929,7 @@ class FileOffer(Event):
 @_event
 @dataclasses.dataclass(frozen=True)
 class FileAccept(Event):
-    """The receiver of the bytes: send the data of `transfer` now (the
-    host's answer to a FileOffer, a client's to a FileAnnounce with ask)."""
+    """The receiver of the bytes: send them now (answers FileOffer, or FileAnnounce's ask)."""
     TYPE = "file_accept"
     transfer: int
 
