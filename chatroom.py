@@ -10874,12 +10874,6 @@ class ClientCore:
         dl = self.files.downloads_by_number.get(transfer)
         return dl is not None and dl.state is ReceiveState.WAITING
 
-    def set_ask_above(self, size: int | None) -> None:
-        """Files larger than `size` bytes wait for an answer (None: never
-        ask); from the next file on. Takes effect in the hello of the next
-        connection when it turns asking on or off."""
-        self.loop.call_soon_threadsafe(setattr, self.files, "ask_above", size)
-
     def call(self, user: str) -> concurrent.futures.Future:
         """/CHECK `user`: invite them, or answer their invitation.
         Future -> True if the host got it (what follows arrives as events)."""
