@@ -195,6 +195,7 @@ KEEPALIVE_S = 1.0                   # with nothing else to send, a keepalive thi
 
 GUI_MAX_SHOWN = 1000                # chat entries kept on screen; older ones go
 GUI_STOP_WAIT_S = 4.0               # closing: wait this long for the core, then go
+GUI_ASK_ABOVE = 100 * 1024 ** 2     # the window asks before files larger than this
 
 
 @dataclasses.dataclass(frozen=True)
@@ -267,6 +268,7 @@ ERROR_CODES = frozenset({
     "ambiguous_host", "unknown_command", "not_connected",
     "missing_package", "file_too_large", "not_a_file", "disk_full", "checksum_mismatch",
     "sender_left", "recipient_left", "file_io", "busy", "cancelled", "cannot_resume",
+    "declined", "no_such_transfer",
     "host_shutdown", "too_many_connections", "rate_limited",
     "call_self", "already_in_call", "no_invitation", "not_in_call", "bad_call_address",
     "no_camera", "no_audio_device", "port_taken",
@@ -653,6 +655,7 @@ FIELD_RULES: dict[str, Callable[[Any], Any]] = {
     "rate": _rule_seconds,                  # chat lines a second a host takes (0: any)
     "burst": _rule_int(0, 2 ** 31),         # ... and at once
     "password": _rule_str(MAX_PASSWORD_CHARS),  # a room's password, "" = none
+    "ask": _rule_bool,                      # files wait for the recipient's answer
     "retry_after": _rule_seconds,           # an error's "try again in", 0 = whenever
     "missed": _rule_int(0, 2 ** 53),
     "lost": _rule_int(0, 2 ** 53),
@@ -774,7 +777,7 @@ class Hello(Event):
     `seen` the last room seq received: the host then answers Resumed.
     `password` opens a protected room, or protects the room this login
     opens ("" = none); a resume with a valid token doesn't need it. Never
-    shown in a repr, so never in a log."""
+    shown in a repr, so never in a log. `ask`: see FileAnnounce."""
     TYPE = "hello"
     version: int
     room: str
@@ -783,6 +786,7 @@ class Hello(Event):
     resume: str = ""
     seen: int = 0
     password: str = dataclasses.field(default="", repr=False)
+    ask: bool = False
 
 
 @_event
@@ -957,7 +961,7 @@ class FileOffer(Event):
 @_event
 @dataclasses.dataclass(frozen=True)
 class FileAccept(Event):
-    """host -> client: send the data of your transfer now."""
+    """The receiver of the bytes: send them now (answers FileOffer, or FileAnnounce's ask)."""
     TYPE = "file_accept"
     transfer: int
 
@@ -987,13 +991,15 @@ class FileResume(Event):
 @_event
 @dataclasses.dataclass(frozen=True)
 class FileAnnounce(Event):
-    """host -> client: a file is coming to you as transfer `transfer`."""
+    """host -> client: a file is coming to you as transfer `transfer`. With `ask` (your
+    hello said it), no data comes until you answer FileAccept, or FileRefuse."""
     TYPE = "file"
     transfer: int
     sender: str
     name: str
     size: int
     to: str = ""
+    ask: bool = False
 
 
 @_event
@@ -1190,8 +1196,8 @@ def _allow(state: State, role: Role, events: Iterable[type[Event]],
         TRANSITIONS[(state, event_cls, role)] = then or state
 
 
-_CLIENT_IN_ROOM = (Say, Who, Ping, Pong, FileOffer, FileEnd, FileAbort, FileRefuse,
-                   FileSaved, FileGot, FileResume, Chunk, MediaPort, Call, Decline, Hangup,
+_CLIENT_IN_ROOM = (Say, Who, Ping, Pong, FileOffer, FileEnd, FileAbort, FileRefuse, FileSaved,
+                   FileGot, FileResume, FileAccept, Chunk, MediaPort, Call, Decline, Hangup,
                    RelayMedia, MediaData)
 _HOST_IN_ROOM = (Message, System, Help, Members, Error, Ping, Pong, FileAccept,
                  FileAnnounce, FileEnd, FileAbort, FileRefuse, FileStored, FileDelivered,
@@ -2085,6 +2091,8 @@ HELP
        /unmute, /video off and /video on are for your own side.
 3. Files: /send PATH sends a file to everyone in the room; /send PATH @USER
    sends it to that person only. Chat keeps flowing while files move.
+   /cancel N stops file N either way; a big file that asks first (see
+   --ask-above) waits for /accept N or /decline N.
 4. System notices: entering and leaving the room, and incoming calls, are
    announced by [SYSTEM] lines. Only the host can send them: a user's text
    that starts with [SYSTEM] is still shown as that user's message, and
@@ -7044,6 +7052,7 @@ class PeerFiles:
     uploads: dict[int, Upload] = dataclasses.field(default_factory=dict)   # its numbers
     downloads: dict[int, Relay] = dataclasses.field(default_factory=dict)  # our numbers
     next_download: int = 0
+    asks: bool = False                  # its hello said `ask`: files wait for its word
 
 
 # --- File relay --------------------------------------------------------------
@@ -7153,6 +7162,7 @@ class Upload:
             self._over.set()
             if self.window_bytes > self.limits.relay_window_max_bytes:
                 self._room.clear()
+                self._moved.set()           # the evicting task looks again: spill?
                 return self._room.wait()
         return None
 
@@ -7307,6 +7317,9 @@ class Relay:
         self.state = RelayState.SENDING
         self.offset = 0                     # bytes handed to the recipient's link
         self.acked = 0                      # bytes the recipient has on disk (FileGot)
+        # A recipient that asks first gets no data until it says FileAccept
+        # (or FileResume); until then what it needs is kept like a laggard's.
+        self.wanted = not upload.files.of(recipient).asks
         upload.relays.append(self)
         upload.readers += 1
         self.task = asyncio.get_running_loop().create_task(
@@ -7319,8 +7332,11 @@ class Relay:
 
     @property
     def active(self) -> bool:
-        """Sending now (not finished, not waiting for its recipient to be back)?"""
-        return self.state is RelayState.SENDING and not self.task.done()
+        """Sending now (not finished, not waiting for its recipient to be
+        back, nor for its answer)? One that waits is served from the spool
+        later: waiting for it would stop reading the sender's connection,
+        its chat and its /cancel with it."""
+        return self.state is RelayState.SENDING and self.wanted and not self.task.done()
 
     def answered(self) -> bool:
         """The recipient saved, refused or left: True if that is news (the
@@ -7341,6 +7357,12 @@ class Relay:
             self.task.cancel()
             self.task.add_done_callback(lambda _: self.upload.release())
 
+    def want(self) -> None:
+        """The recipient took the file (FileAccept, or a FileResume): send it."""
+        if not self.wanted:
+            self.wanted = True
+            self.upload._wake()
+
     def confirm(self, offset: int) -> None:
         """The recipient has the first `offset` bytes on its disk (FileGot)."""
         if offset > self.acked:
@@ -7355,6 +7377,7 @@ class Relay:
         if state is None or upload.failure is not None or \
                 not self.acked <= offset <= upload.received:
             return False
+        self.wanted = True                  # asking to go on is taking the file
         self.confirm(offset)
         before = self.task
         before.cancel()                     # a connection the resume replaced
@@ -7372,7 +7395,8 @@ class Relay:
         offer, limits = upload.offer, upload.limits
         if announce:
             files.deliver([(self.recipient, FileAnnounce(
-                self.number, upload.sender_name, offer.name, offer.size, offer.to))])
+                self.number, upload.sender_name, offer.name, offer.size, offer.to,
+                not self.wanted))])
         loop = asyncio.get_running_loop()
         spool = None                        # our read handle, once we need the disk
         failed = False
@@ -7383,6 +7407,9 @@ class Relay:
                         upload.failure, transfer=self.number))])
                     failed = True
                     return
+                if not self.wanted:         # the recipient has not answered yet
+                    await upload.grown()
+                    continue
                 if self.offset < upload.received:
                     if not await link.bulk_room():
                         return
@@ -7521,9 +7548,28 @@ class HostFiles:
 
     def on_abort(self, session: Peer, abort: FileAbort) -> None:
         upload = self.of(session).uploads.pop(abort.transfer, None)
-        if upload is not None:
-            upload.sender = None            # it knows; don't answer its abort
-            upload.fail(abort.code, f"{upload.sender_name} cancelled: {abort.reason}")
+        if upload is None:
+            return
+        upload.sender = None                # it knows; don't answer its abort
+        reason = f"{upload.sender_name} cancelled: {abort.reason}"
+        if upload.state is UploadState.COMPLETE:
+            # Every byte is here, but recipients still downloading stop too:
+            # "either side can cancel a transfer in flight" (README, Files).
+            for relay in upload.relays:
+                if relay.answered():
+                    theirs = self.peers.get(relay.recipient)
+                    if theirs is not None:
+                        theirs.downloads.pop(relay.number, None)
+                    self.deliver([(relay.recipient, FileAbort(relay.number, abort.code,
+                                                              reason))])
+            return
+        upload.fail(abort.code, reason)
+
+    def on_take(self, session: Peer, event: FileAccept) -> None:
+        """A recipient that asks first took download `transfer`."""
+        relay = self.of(session).downloads.get(event.transfer)
+        if relay is not None:
+            relay.want()
 
     def on_answer(self, session: Peer, event: FileSaved | FileRefuse) -> None:
         """A recipient saved (FileSaved) or gave up on (FileRefuse) a download."""
@@ -8046,6 +8092,7 @@ class Host:
             FileEnd: self.files.on_end, FileAbort: self.files.on_abort,
             FileSaved: self.files.on_answer, FileRefuse: self.files.on_answer,
             FileGot: self.files.on_got, FileResume: self.files.on_resume,
+            FileAccept: self.files.on_take,
             MediaPort: self.calls.on_media_port, Call: self.calls.on_call,
             Decline: self.calls.on_decline, Hangup: self.calls.on_hangup,
             RelayMedia: self.calls.on_relay, MediaData: self.calls.on_media,
@@ -8437,6 +8484,7 @@ class Host:
             link.close_with(error, refusal.code)
             return
         session.seat = seat
+        self.files.of(seat).asks = hello.ask
         self._logged_in(session)
         self.seats[seat.token] = seat
         log.info("%s joined %r as %r%s", link.name, hello.room, hello.user,
@@ -8465,6 +8513,7 @@ class Host:
             old.link.abort("replaced")      # the client knows it's dead before we do
         seat.session, seat.away_since = session, None
         session.seat = seat
+        self.files.of(seat).asks = hello.ask
         self._logged_in(session)
         log.info("%s resumed %r in %r", session.link.name, hello.user, room.name)
         uploads, downloads = self.files.held(seat)
@@ -8685,6 +8734,7 @@ class SendState(enum.Enum):
 
 
 class ReceiveState(enum.Enum):
+    WAITING = "waiting"             # asked: nothing comes until the person answers
     RECEIVING = "receiving"         # data is arriving, written to the .part file
     VERIFYING = "verifying"         # all arrived; hashing and naming it
     SAVED = "saved"                 # under its final name (file_received said so)
@@ -8704,8 +8754,15 @@ SEND_MOVES: dict[tuple[SendState, str], SendState] = {
     (SendState.OFFERED, "failed"): SendState.FAILED,
     (SendState.SENDING, "failed"): SendState.FAILED,
     (SendState.ENDED, "failed"): SendState.FAILED,
+    # /cancel: also once the host has it all, while recipients still fetch it
+    (SendState.OFFERED, "cancelled"): SendState.FAILED,
+    (SendState.SENDING, "cancelled"): SendState.FAILED,
+    (SendState.ENDED, "cancelled"): SendState.FAILED,
+    (SendState.STORED, "cancelled"): SendState.FAILED,
 }
 RECEIVE_MOVES: dict[tuple[ReceiveState, str], ReceiveState] = {
+    (ReceiveState.WAITING, "accepted"): ReceiveState.RECEIVING,
+    (ReceiveState.WAITING, "failed"): ReceiveState.FAILED,
     (ReceiveState.RECEIVING, "ended"): ReceiveState.VERIFYING,
     (ReceiveState.VERIFYING, "saved"): ReceiveState.SAVED,
     (ReceiveState.RECEIVING, "failed"): ReceiveState.FAILED,
@@ -8728,6 +8785,7 @@ class OutgoingFile:
     sent: int = 0
     sha256: str = ""
     generation: int = 0                     # counts resumes: an older stream stops
+    done: bool = False                      # one-to-one: its recipient answered
 
     def move(self, what: str) -> bool:
         """Take the lifecycle step `what`; False if it doesn't apply now."""
@@ -8766,6 +8824,7 @@ class IncomingFile:
     batch: list = dataclasses.field(default_factory=list)
     batch_bytes: int = 0
     writes: collections.deque = dataclasses.field(default_factory=collections.deque)
+    stale: bool = False                     # WAITING across a drop: accept with FileResume
 
     def move(self, what: str) -> bool:
         """Take the lifecycle step `what`; False if it doesn't apply now."""
@@ -8807,6 +8866,10 @@ class ClientFiles:
         self.emit = emit
         self.link: Link | None = None       # while logged in
         self.host_max_file = 0              # the host's --max-file-size, from ready
+        self.user = ""                      # our User ID, from ready (a cancel's `by`)
+        # Files larger than this wait for /accept or /decline (--ask-above,
+        # the window's setting); None: never ask, and the hello says so.
+        self.ask_above: int | None = None
         self.uploads: dict[int, OutgoingFile] = {}
         self.downloads_by_number: dict[int, IncomingFile] = {}
         self._saved: dict[int, None] = {}   # downloads saved lately (a resume may ask)
@@ -8827,15 +8890,19 @@ class ClientFiles:
 
     @property
     def busy(self) -> bool:
-        """Is a file still on its way, either way? (Any thread: a glance.)"""
-        return bool(self.downloads_by_number) or any(
+        """Is a file still on its way, either way? (Any thread: a glance.)
+        One that waits for our answer is not: leaving answers it."""
+        return any(dl.state is not ReceiveState.WAITING
+                   for dl in list(self.downloads_by_number.values())) or any(
             up.state in (SendState.OFFERED, SendState.SENDING, SendState.ENDED)
             for up in list(self.uploads.values()))
 
-    def attach(self, link: Link, host_max_file: int) -> None:
-        """Logged in on `link`; the host takes files of at most `host_max_file`."""
+    def attach(self, link: Link, host_max_file: int, user: str = "") -> None:
+        """Logged in on `link` as `user`; the host takes files of at most
+        `host_max_file`."""
         self.link = link
         self.host_max_file = host_max_file
+        self.user = user or self.user
 
     def connection_lost(self) -> None:
         """The connection is gone: files wait (what arrived is written)
@@ -8886,7 +8953,9 @@ class ClientFiles:
                 self._fail_download(dl, "cancelled", gone, tell_host=False)
         for number, sender, name, size, to in coming.values():
             known = self.downloads_by_number.get(number)
-            if known is not None:
+            if known is not None and known.state is ReceiveState.WAITING:
+                known.stale = True          # the person's answer says FileResume
+            elif known is not None:
                 link.offer(FileResume(number, known.received if
                                       known.state is ReceiveState.RECEIVING else known.size))
             elif number in self._saved:     # saved as the connection dropped
@@ -8895,8 +8964,13 @@ class ClientFiles:
                 self._adopt(FileAnnounce(number, sender, name, size, to),
                             self.orphans[number]["part"])
             else:                           # its announcement was lost in the drop
-                self._on_announce(FileAnnounce(number, sender, name, size, to))
-                link.offer(FileResume(number, 0))
+                dl = self._announced(FileAnnounce(number, sender, name, size, to,
+                                                    self.ask_above is not None),
+                                       answer=False)
+                if dl.state is ReceiveState.WAITING:
+                    dl.stale = True
+                else:
+                    link.offer(FileResume(number, 0))
 
     async def settle_uploads(self, until: asyncio.Future) -> None:
         """Wait until every file we asked to send has reached the host (or
@@ -9066,7 +9140,11 @@ class ClientFiles:
         if up is None:
             return
         if event.recipient:                 # one recipient failed; others go on
-            self._file_failed(up.base(), event.code, event.reason, user=event.recipient)
+            # "cancelled" from a recipient is only ever its person's /cancel
+            extra = {"by": event.recipient} if event.code == "cancelled" else {}
+            up.done = bool(up.to)
+            self._file_failed(up.base(), event.code, event.reason, user=event.recipient,
+                              **extra)
             return
         refused_at_once = up.state is SendState.OFFERED
         if up.move("failed"):
@@ -9083,20 +9161,39 @@ class ClientFiles:
     def _on_delivered(self, event: FileDelivered) -> None:
         up = self.uploads.get(event.transfer)
         if up is not None:
+            up.done = bool(up.to)
             self.emit({"type": "file_delivered", "transfer": up.transfer,
                        "name": up.name, "user": event.user})
 
     # --- files we receive (disk work on the write thread) ---
 
     def _on_announce(self, event: FileAnnounce) -> None:
+        self._announced(event)              # a handler: what it returns is awaited
+
+    def _announced(self, event: FileAnnounce, answer: bool = True) -> IncomingFile:
+        """A file is coming. One the host holds for our word (`ask`) waits
+        for `accept` or `decline` if it is larger than `ask_above`, else is
+        taken at once (FileAccept, unless not `answer`: a resume says it)."""
         safe = safe_filename(event.name)
         tag = f"chatroom-{os.getpid()}-{secrets.token_hex(4)}"
         part = self.downloads / f".{safe}.{tag}.part"
         dl = IncomingFile(event.transfer, event.sender, event.name, safe, event.size,
                           event.to, part, Progress(event.size, self.limits.progress_interval_s))
         self.downloads_by_number[dl.transfer] = dl
+        ask = event.ask and self.ask_above is not None and event.size > self.ask_above
+        if ask:
+            dl.state = ReceiveState.WAITING
         self.emit({"type": "file_offer", "transfer": dl.transfer, "from": dl.sender,
-                   "name": safe, "size": dl.size, "to": dl.to or None})
+                   "name": safe, "size": dl.size, "to": dl.to or None, "ask": ask})
+        if ask:
+            return dl                       # no .part until the person says yes
+        if event.ask and answer and self.link is not None:
+            self.link.offer(FileAccept(dl.transfer))
+        self._open(dl)
+        return dl
+
+    def _open(self, dl: IncomingFile) -> None:
+        """Make `dl`'s .part file (on the write thread)."""
         first = not self._downloads_checked
         self._downloads_checked = True
         keep = frozenset(str(entry["part"]) for entry in self.orphans.values())
@@ -9121,7 +9218,7 @@ class ClientFiles:
                           event.to, part, Progress(event.size, self.limits.progress_interval_s))
         self.downloads_by_number[dl.transfer] = dl
         self.emit({"type": "file_offer", "transfer": dl.transfer, "from": dl.sender,
-                   "name": safe, "size": dl.size, "to": dl.to or None})
+                   "name": safe, "size": dl.size, "to": dl.to or None, "ask": False})
 
         def reopened(future: asyncio.Future) -> None:
             if future.cancelled() or dl.failed:
@@ -9229,10 +9326,80 @@ class ClientFiles:
     def _on_abort(self, event: FileAbort) -> None:
         dl = self.downloads_by_number.get(event.transfer)
         if dl is not None:
-            self._fail_download(dl, event.code, event.reason, tell_host=False)
+            # "cancelled" in a FileAbort is only ever the sender's /cancel
+            extra = {"by": dl.sender} if event.code == "cancelled" else {}
+            self._fail_download(dl, event.code, event.reason, tell_host=False, **extra)
+
+    # --- what the person decides (on the loop; the core's thread-safe API) ---
+
+    def _find(self, transfer: int, direction: str | None,
+              waiting: bool = False) -> OutgoingFile | IncomingFile | None:
+        """The file numbered `transfer` that a person may act on now (a
+        download waiting for an answer, if `waiting`), or None after an
+        `error{no_such_transfer}`."""
+        dl = self.downloads_by_number.get(transfer)
+        if dl is not None and waiting and dl.state is not ReceiveState.WAITING:
+            dl = None
+        up = None if waiting else self.uploads.get(transfer)
+        if up is not None and (up.done or up.state is SendState.FAILED):
+            up = None
+        if direction == "send":
+            dl = None
+        elif direction == "receive":
+            up = None
+        if dl is not None and up is not None:
+            self.emit({"type": "error", "code": "no_such_transfer", "message":
+                       f"both a file you send and one you receive are number {transfer}: "
+                       f"say /cancel send {transfer} or /cancel receive {transfer}"})
+            return None
+        if dl is None and up is None:
+            what = "no file waits for your answer" if waiting else "no file is on its way"
+            self.emit({"type": "error", "code": "no_such_transfer",
+                       "message": f"{what} as number {transfer} (the `transfer` of its "
+                       "file_offer or file_progress)"})
+            return None
+        return dl or up
+
+    def accept(self, transfer: int) -> bool:
+        """Take download `transfer`, which waits for an answer: it comes now."""
+        dl = self._find(transfer, "receive", waiting=True)
+        if not isinstance(dl, IncomingFile) or not dl.move("accepted"):
+            return False
+        if self.link is not None:           # else a resume asks for it
+            self.link.offer(FileResume(dl.transfer, 0) if dl.stale
+                            else FileAccept(dl.transfer))
+        dl.stale = False
+        self._open(dl)
+        self.emit(dl.progress.event(dl.base(), 0, force=True))
+        return True
+
+    def decline(self, transfer: int) -> bool:
+        """Refuse download `transfer`, which waits for an answer: nothing of
+        it touches the disk; the sender is told (file_failed, declined)."""
+        dl = self._find(transfer, "receive", waiting=True)
+        if not isinstance(dl, IncomingFile):
+            return False
+        self._fail_download(dl, "declined", "declined the file", by=self.user)
+        return True
+
+    def cancel(self, transfer: int, direction: str | None = None) -> bool:
+        """Stop file `transfer` we send or receive, wherever it is: the
+        other side is told at once, a download's .part is deleted."""
+        found = self._find(transfer, direction)
+        if found is None:
+            return False
+        if isinstance(found, IncomingFile):
+            self._fail_download(found, "cancelled", "cancelled the download", by=self.user)
+            return True
+        if not found.move("cancelled"):
+            return False
+        if self.link is not None:
+            self.link.offer(FileAbort(found.transfer, "cancelled", "the file will not come"))
+        self._file_failed(found.base(), "cancelled", "cancelled the upload", by=self.user)
+        return True
 
     def _fail_download(self, dl: IncomingFile, code: str, reason: str,
-                       tell_host: bool = True) -> None:
+                       tell_host: bool = True, **extra: Any) -> None:
         """Give up on a download: delete its .part, tell the host and the UI."""
         if not dl.move("failed"):
             return
@@ -9242,7 +9409,7 @@ class ClientFiles:
             self._write_io, _discard_part, dl), f"removing {dl.part}")
         if tell_host and self.link is not None:
             self.link.offer(FileRefuse(dl.transfer, code, reason))
-        self._file_failed(dl.base(), code, reason)
+        self._file_failed(dl.base(), code, reason, **extra)
 
 
 # --- Disk work (on ClientFiles' threads, never the loop) ---------------------
@@ -10752,6 +10919,28 @@ class ClientCore:
         Future -> the transfer number, or None if it was refused at once."""
         return self.submit(self.files.send(Path(path), to or ""))
 
+    def accept_file(self, transfer: int) -> concurrent.futures.Future:
+        """/accept: take file `transfer`, which waits for an answer (its
+        file_offer said `ask`). Future -> True, or False after an `error`."""
+        return self.submit(self._run(self.files.accept, transfer))
+
+    def decline_file(self, transfer: int) -> concurrent.futures.Future:
+        """/decline: refuse file `transfer`, which waits for an answer.
+        Future -> True, or False after an `error`."""
+        return self.submit(self._run(self.files.decline, transfer))
+
+    def cancel_file(self, transfer: int,
+                    direction: str | None = None) -> concurrent.futures.Future:
+        """/cancel: stop file `transfer` (`direction` "send" or "receive"
+        when both kinds have that number). Future -> True, or False after
+        an `error`."""
+        return self.submit(self._run(self.files.cancel, transfer, direction))
+
+    def waiting_file(self, transfer: int) -> bool:
+        """Does download `transfer` wait for an answer? (Any thread: a glance.)"""
+        dl = self.files.downloads_by_number.get(transfer)
+        return dl is not None and dl.state is ReceiveState.WAITING
+
     def call(self, user: str) -> concurrent.futures.Future:
         """/CHECK `user`: invite them, or answer their invitation.
         Future -> True if the host got it (what follows arrives as events)."""
@@ -10978,7 +11167,7 @@ class ClientCore:
         try:
             link.offer(Hello(PROTOCOL_VERSION, place.room, place.user,
                              f"chatroom/{__version__}", place.token, place.seen,
-                             place.password))
+                             place.password, self.files.ask_above is not None))
         except LocalError:                  # undecodable text, e.g. from argv
             link.abort("refused")
             self._error("bad_user_id", "the Room ID, User ID and password must be valid text")
@@ -11208,7 +11397,7 @@ class ClientCore:
             self._gate = None
         elif self._gate is None or (self._gate.rate_per_s, self._gate.burst) != (rate, burst):
             self._gate = FloodGate(rate, burst, 0)
-        self.files.attach(link, event.max_file_size)
+        self.files.attach(link, event.max_file_size, event.user)
         self.calls.attach(link, event.user)
         if self._call_ticker is not None:
             self._call_ticker.cancel()
@@ -11401,6 +11590,25 @@ class SendFile(Command):
 
 
 @dataclasses.dataclass(frozen=True)
+class AnswerFile(Command):
+    """/accept TRANSFER, /decline TRANSFER: take or refuse a file that waits
+    for an answer (TRANSFER: the number in its file_offer). A /decline
+    whose word is a number names a file if one by that number waits (the
+    front end asks the core), else it declines a call from `user`, as
+    /decline USER always did."""
+    transfer: int
+    accept: bool
+    user: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class CancelFile(Command):
+    """/cancel [send|receive] TRANSFER: stop a file on its way, either way."""
+    transfer: int
+    direction: str | None
+
+
+@dataclasses.dataclass(frozen=True)
 class CallUser(Command):
     """/CHECK USER: call someone in the room, or answer their call."""
     user: str
@@ -11475,6 +11683,20 @@ def parse_command(line: str) -> Command | None:
         if not path:
             return Mistyped(line, "not_a_file", "usage: /send PATH  or  /send PATH @USER")
         return SendFile(line, path, to)
+    if name == "/accept" or (name == "/decline" and _transfer_number(rest) is not None):
+        number = _transfer_number(rest)
+        if number is None:
+            return Mistyped(line, "no_such_transfer", "usage: /accept TRANSFER (the "
+                            "number in the file's offer)")
+        return AnswerFile(line, number, name == "/accept", rest.strip())
+    if name == "/cancel":
+        words = rest.split()
+        direction = words.pop(0).casefold() if len(words) == 2 else None
+        number = _transfer_number(words[0]) if len(words) == 1 else None
+        if number is None or direction not in (None, "send", "receive"):
+            return Mistyped(line, "no_such_transfer", "usage: /cancel TRANSFER  or  "
+                            "/cancel send TRANSFER  or  /cancel receive TRANSFER")
+        return CancelFile(line, number, direction)
     if name in ("/check", "/decline"):
         user = rest.strip()
         if not user:
@@ -11511,6 +11733,14 @@ def parse_msg(rest: str) -> tuple[str, str]:
         return quoted.group(2).strip(), rest[quoted.end():]
     user, _, text = rest.partition(" ")
     return user, text
+
+
+def _transfer_number(text: str) -> int | None:
+    """A transfer number typed (ASCII digits, 1 to 2**31), else None."""
+    text = text.strip()
+    if not (text.isascii() and text.isdigit()) or not 0 < int(text) <= 2 ** 31:
+        return None
+    return int(text)
 
 
 def parse_call_address(text: str) -> tuple[str, int, int]:
@@ -11674,8 +11904,10 @@ class Printer:
                     f"rooms: {rooms or 'none yet'}  key: {key}")
         if kind == "file_offer":
             whom = "you" if event.get("to") else "the room"
+            ask = f"; /accept {event['transfer']} or /decline {event['transfer']}" \
+                if event.get("ask") else ""
             return (f"[{clock}] {printable(event['from'])} is sending {whom} "
-                    f"{printable(event['name'])} ({human_size(event['size'])})")
+                    f"{printable(event['name'])} ({human_size(event['size'])}){ask}")
         if kind == "file_progress":
             arrow = "->" if event["direction"] == "send" else "<-"
             if not event["bytes"] and event["size"]:
@@ -11804,6 +12036,16 @@ def handle_line(core: ClientCore, line: str, emit: Callable[[dict], None]) -> bo
     return True
 
 
+def answer_file(core: ClientCore, command: AnswerFile) -> concurrent.futures.Future:
+    """/accept or /decline TRANSFER; a /decline of a number no file waits
+    under declines a call from the user of that name, as it always did."""
+    if command.accept:
+        return core.accept_file(command.transfer)
+    if not core.waiting_file(command.transfer) and command.user:
+        return core.decline(command.user)
+    return core.decline_file(command.transfer)
+
+
 # What the terminal does for each command but Quit (which ends the session).
 # Commands whose outcome arrives as events don't wait; text waits while our
 # outbox is full.
@@ -11818,6 +12060,10 @@ _TERMINAL_COMMANDS: dict[type[Command], Callable[[ClientCore, Any, Callable], An
         core.call_address(command.address, command.listen, command.port), "calling"),
     DeclineCall: lambda core, command, emit: log_failure(core.decline(command.user),
                                                          "declining"),
+    AnswerFile: lambda core, command, emit: log_failure(answer_file(core, command),
+                                                        "answering a file"),
+    CancelFile: lambda core, command, emit: log_failure(
+        core.cancel_file(command.transfer, command.direction), "cancelling a file"),
     HangUp: lambda core, command, emit: log_failure(core.hang_up(command.user), "hanging up"),
     Mute: lambda core, command, emit: log_failure(core.set_media(muted=command.muted),
                                                   "muting"),
@@ -11896,6 +12142,7 @@ def run_terminal(args: argparse.Namespace, limits: Limits, media: MediaOptions) 
     core = ClientCore(on_event, limits, args.downloads, media,
                       args.state_dir or config_dir(), known_hosts_from(args))
     core.interface = args.interface
+    core.files.ask_above = args.ask_above   # before the loop runs: no thread yet
     core.start()
     _leave_on_signals()
     try:
@@ -12688,10 +12935,18 @@ class ChatView(Drawing):
             x1 + pad, status_y, anchor="nw", font=self.fonts["small"], tags=tag,
             fill=COLOURS["error_text"] if data["state"] == "failed" else COLOURS["muted"],
             text=self.elide(data["status"], "small", x2 - x1 - 2 * pad))
+        links: tuple[tuple[str, str, Any], ...] = ()
         if data.get("path"):
-            right = self._links(entry, x2 - pad, status_y, (
-                ("Show in folder", "folder", str(Path(data["path"]).parent)),
-                ("Open", "open", data["path"])))
+            links = (("Show in folder", "folder", str(Path(data["path"]).parent)),
+                     ("Open", "open", data["path"]))
+        elif data["state"] == "asking":     # waits for the person's answer
+            links = (("Decline", "file_decline", data["transfer"]),
+                     ("Accept", "file_accept", data["transfer"]))
+        elif data["state"] == "moving" or (mine and data["state"] == "done"
+                                           and not data.get("settled")):
+            links = (("Cancel", "file_cancel", (data["direction"], data["transfer"])),)
+        if links:
+            right = self._links(entry, x2 - pad, status_y, links)
             draw.itemconfigure(status, text=self.elide(data["status"], "small",
                                                       right - x1 - pad))
         return bottom
@@ -13693,6 +13948,15 @@ class ChatWindow:
         self._card("receive", event["transfer"], event["name"], event["from"],
                    f"{size} · {'for you only' if event.get('to') else 'for everyone'}",
                    event["from"] if event.get("to") else None)
+        if event.get("ask"):
+            key = ("receive", event["transfer"])
+            self._files(key).update_file(key, state="asking", status="Take this file?")
+
+    def file_answered(self, transfer: int, accept: bool) -> None:
+        """Accept or Decline was clicked: the card stops asking at once."""
+        if accept:
+            key = ("receive", transfer)
+            self._files(key).update_file(key, state="moving", status="Starting...")
 
     def on_file_progress(self, event: dict) -> None:
         key = (event["direction"], event["transfer"])
@@ -13701,7 +13965,8 @@ class ChatWindow:
             to = event.get("to")
             self._card("send", event["transfer"], event["name"], self.me,
                        f"{human_size(event['size'])} · to "
-                       f"{printable(to) if to else 'everyone'}", to or None)
+                       f"{printable(to) if to else 'everyone'}", to or None,
+                       1 if to else len(self.members.members) - 1)
             view = self._files(key)
         if view.files.get(key) is None or view.files[key].data["state"] != "moving":
             return
@@ -13729,7 +13994,8 @@ class ChatWindow:
         entry = view.files.get(key)
         if entry is not None:
             saved = entry.data.get("saved_by", []) + [printable(event["user"])]
-            view.update_file(key, saved_by=saved, status="Saved by " + ", ".join(saved))
+            view.update_file(key, saved_by=saved, settled=self._answered(entry, event["user"]),
+                             status="Saved by " + ", ".join(saved))
 
     def on_file_failed(self, event: dict) -> None:
         if event.get("transfer") is None:
@@ -13739,18 +14005,37 @@ class ChatWindow:
         entry = view.files.get(key)
         if entry is None:
             return
+        by = event.get("by")
+        stopped = {"declined": "Declined", "cancelled": "Cancelled"}.get(event["code"])
         if event.get("user"):               # one recipient failed; the others go on
-            self.note(f"{printable(event['name'])}: {printable(event['user'])} didn't get "
-                      f"it: {printable(event['reason'])}", "error")
+            if stopped and by:
+                self.note(f"{printable(event['name'])}: {printable(event['user'])} "
+                          f"{stopped.lower()} it", "info")
+            else:
+                self.note(f"{printable(event['name'])}: {printable(event['user'])} didn't "
+                          f"get it: {printable(event['reason'])}", "error")
+            view.update_file(key, settled=self._answered(entry, event["user"]))
+            return
+        if stopped and by:
+            whom = "you" if by == self.me else printable(by)
+            view.update_file(key, state="failed", status=f"{stopped} by {whom}")
             return
         view.update_file(key, state="failed", status="Failed: " + printable(event["reason"]))
 
+    @staticmethod
+    def _answered(entry: ChatEntry, user: str) -> bool:
+        """`user` has (or won't have) the file we send: was that the last
+        of the members it went to? Then Cancel has nothing left to stop."""
+        entry.data["answered"] = entry.data.get("answered", 0) + 1
+        return entry.data["answered"] >= entry.data["recipients"]
+
     def _card(self, direction: str, transfer: int, name: str, user: str, detail: str,
-              conversation: str | None = None) -> None:
+              conversation: str | None = None, recipients: int = 1) -> None:
         view = self.conversation(conversation)
         entry = view.add("file", direction=direction, transfer=transfer, name=name,
                          user=user, ts=unix_now(), detail=detail, percent=0.0,
-                         status="Waiting...", state="moving", path="")
+                         status="Waiting...", state="moving", path="",
+                         recipients=recipients)
         view.files[(direction, transfer)] = entry
         if direction == "receive":
             self._arrived(view)
@@ -14219,7 +14504,7 @@ class CallWindows:
 
 # --- Settings remembered between runs ----------------------------------------
 
-_SETTINGS_KEYS = ("room", "user", "address")
+_SETTINGS_KEYS = ("room", "user", "address", "ask_above")
 _SETTINGS_MAX_CHARS = 256
 
 
@@ -14241,6 +14526,20 @@ def load_settings(path: Path) -> dict[str, str]:
         return {}
     return {key: value for key, value in data.items() if key in _SETTINGS_KEYS
             and isinstance(value, str) and len(value) <= _SETTINGS_MAX_CHARS}
+
+
+def window_ask_above(flag: int | None, setting: str) -> int:
+    """The size above which the window asks before a file comes: the
+    --ask-above flag, else the setting ("100M", "never"), else GUI_ASK_ABOVE.
+    "never" is the largest size: the window still holds files for its word."""
+    if flag is not None:
+        return flag
+    if setting.strip().casefold() == "never":
+        return 2 ** 63
+    match = re.fullmatch(r"\s*(\d+)\s*([KMGT]?)i?B?\s*", setting, re.IGNORECASE)
+    if not match:
+        return GUI_ASK_ABOVE
+    return int(match.group(1)) * 1024 ** " KMGT".index(match.group(2).upper() or " ")
 
 
 def save_settings(path: Path, settings: dict[str, str]) -> bool:
@@ -14423,6 +14722,12 @@ class GuiApp:
                                args.state_dir or config_dir(), known_hosts_from(args),
                                args.state_dir or config_dir())
         self.core.interface = args.interface
+        # Files larger than this wait for Accept or Decline: --ask-above,
+        # else settings.json's "ask_above" ("100M", or "never"), else 100 MiB.
+        # "never" still holds files for an answer, which comes at once: the
+        # hello's `ask` is fixed for a connection, the setting may change.
+        self.ask_above = window_ask_above(args.ask_above, prefill.get("ask_above", ""))
+        self.core.files.ask_above = self.ask_above   # before the core's loop runs
         self.chat: ChatWindow | None = None  # exactly while the phase is IN_ROOM
         self.calls = CallWindows()
         self.phase = Phase.CHOOSING
@@ -14470,6 +14775,9 @@ class GuiApp:
             (_CHAT, "pick"): in_room(ChatWindow.pick),
             (_CHAT, "open"): self.on_open,
             (_CHAT, "folder"): self.on_open,
+            (_CHAT, "file_accept"): in_room(self.on_file_accept),
+            (_CHAT, "file_decline"): in_room(self.on_file_decline),
+            (_CHAT, "file_cancel"): in_room(self.on_file_cancel),
         }
         self.clicked: dict[Any, Callable[[dict], None]] = {
             (_ROOM, "join"): self.on_join,
@@ -14502,6 +14810,10 @@ class GuiApp:
             Quit: lambda chat, command: self.on_leave(chat, {}),
             SendFile: lambda chat, command: self.send_file(    # in a private conversation:
                 command.path, command.to or chat.talking_to),   # to that person
+            AnswerFile: lambda chat, command: self._quietly("answer", answer_file(
+                self.core, command)),
+            CancelFile: lambda chat, command: self._quietly("cancel", self.core.cancel_file(
+                command.transfer, command.direction)),
             CallUser: lambda chat, command: self._call(chat, command.line,
                                                        self.core.call(command.user)),
             CallAddress: lambda chat, command: self._call(chat, command.line,
@@ -14720,6 +15032,9 @@ class GuiApp:
         settings = {"room": event["room"], "user": event["user"]}
         if self.joining.get("address"):
             settings["address"] = self.joining["address"]
+        asked = load_settings(self.settings_file).get("ask_above")
+        if asked:                           # a person's choice: kept as written
+            settings["ask_above"] = asked
         save_settings(self.settings_file, settings)
         chat = ChatWindow(self.look, self.images, event, self.trace,
                           self.limits.gui_max_shown)
@@ -14887,6 +15202,20 @@ class GuiApp:
     def on_call_back(self, chat: ChatWindow, user: str) -> None:
         """"Call back" on a ringing card: /CHECK them."""
         self._call(chat, f"/CHECK {user}", self.core.call(user))
+
+    def on_file_accept(self, chat: ChatWindow, transfer: int) -> None:
+        self.bridge.report("accept", self.core.accept_file(transfer), quiet=True)
+        chat.file_answered(transfer, True)
+
+    def on_file_decline(self, chat: ChatWindow, transfer: int) -> None:
+        self.bridge.report("decline", self.core.decline_file(transfer), quiet=True)
+        chat.file_answered(transfer, False)
+
+    def on_file_cancel(self, chat: ChatWindow, key: tuple[str, int]) -> None:
+        """Cancel on a file card: the core tells the other side; the card
+        changes with the file_failed that follows."""
+        direction, transfer = key
+        self.bridge.report("cancel", self.core.cancel_file(transfer, direction), quiet=True)
 
     def on_decline_click(self, chat: ChatWindow, user: str) -> None:
         self._call(chat, f"/decline {user}", self.core.decline(user))
@@ -15249,6 +15578,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-room-members", type=int, default=MAX_ROOM_MEMBERS,
                         metavar="N", help=f"people one room holds, 2 to "
                         f"{MAX_ROOM_MEMBERS_CAP} (default {MAX_ROOM_MEMBERS})")
+    parser.add_argument("--ask-above", type=parse_size, default=None, metavar="SIZE",
+                        help="--cli: a file larger than SIZE (e.g. 100M) waits for "
+                        "/accept or /decline (default: never ask)")
     parser.add_argument("--downloads", metavar="DIR", help="where received files go "
                         "(default: a chatroom folder in your downloads folder)")
     parser.add_argument("--state-dir", metavar="DIR", type=Path,

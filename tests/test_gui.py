@@ -735,8 +735,9 @@ def test_closing_the_launcher_while_the_host_starts(x, tmp_path, procs, delay):
 def test_closing_the_chat_window_during_a_file_transfer(x, tmp_path, procs):
     host = Host(unique("busy"), advertise=False)
     procs.append(host)
+    # --ask-above: the window asks before files over 100 MiB; this one should just come.
     gui = start_gui(x, tmp_path, procs, "--server", f"{LOOPBACK}:{host.port}", "--room", "r",
-                    "--user", "alice")
+                    "--user", "alice", "--ask-above", "2G")
     join_from_launcher(gui, x)
     cli = Cli(host.port, "r", "bob")
     procs.append(cli)
@@ -980,5 +981,76 @@ def test_host_keys_show_and_a_changed_key_is_accepted_only_by_its_button(x, tmp_
     accepted = gui.wait_for(lambda e: e.get("gui") == "event"
                             and e["event"]["type"] == "host_key", 10, mark)["event"]
     assert (accepted["status"], accepted["fingerprint"]) == ("accepted", new)
+    gui.close("chat")
+    assert_exits_cleanly(gui)
+
+
+def test_decline_on_a_file_card_leaves_nothing_and_cancel_tells_the_sender(x, tmp_path,
+                                                                            procs):
+    """A file over the window's --ask-above waits on its card with Accept and
+    Decline; Decline leaves nothing in the downloads folder and bob is told
+    (file_failed declined). A file the window sends bob, who asks first,
+    waits for him; Cancel on its card tells him (file_failed cancelled, by
+    alice)."""
+    host = Host(unique("answers"), advertise=False)
+    procs.append(host)
+    gui = start_gui(x, tmp_path, procs, "--server", f"{LOOPBACK}:{host.port}", "--room", "r",
+                    "--user", "alice", "--ask-above", "1M")
+    join_from_launcher(gui, x)
+    bob = Cli(host.port, "r", "bob", downloads=tmp_path / "bob-downloads",
+              extra=["--ask-above", "1M"])
+    procs.append(bob)
+    (tmp_path / "假期 photos.zip").write_bytes(os.urandom(3 * 1024 * 1024))
+    bob.say(f"/send {tmp_path / '假期 photos.zip'}")
+
+    asking = gui.wait_for(lambda e: e.get("gui") == "file_card" and e["state"] == "asking")
+    assert asking["name"] == "假期 photos.zip" and asking["status"] == "Take this file?"
+    assert set(asking["links"]) == {"file_accept", "file_decline"}, asking
+    gui.painted(asking)
+    x.screenshot(tmp_path / "file-card-asking.png")
+    box = on_screen(asking, asking["links"]["file_decline"])
+    x.click(box[0] + box[2] / 2, box[1] + box[3] / 2)
+    told = bob.wait_for(lambda e: e.get("type") == "file_failed" and e.get("user") == "alice")
+    assert told["code"] == "declined", told
+    declined = gui.wait_for(lambda e: e.get("gui") == "file_card" and e["state"] == "failed")
+    assert declined["status"] == "Declined by you" and not declined["links"], declined
+    downloads = tmp_path / "gui-downloads"
+    assert not downloads.exists() or os.listdir(downloads) == []
+
+    # Accept brings the next one, verified.
+    data = os.urandom(2 * 1024 * 1024)
+    (tmp_path / "second.bin").write_bytes(data)
+    mark = gui.mark()
+    bob.say(f"/send {tmp_path / 'second.bin'}")
+    asking = gui.wait_for(lambda e: e.get("gui") == "file_card" and e["state"] == "asking",
+                          start=mark)
+    gui.painted(asking)
+    box = on_screen(asking, asking["links"]["file_accept"])
+    x.click(box[0] + box[2] / 2, box[1] + box[3] / 2)
+    done = gui.wait_for(lambda e: e.get("gui") == "file_card" and e["state"] == "done",
+                        30, mark)
+    assert Path(done["path"]).read_bytes() == data
+    assert os.listdir(downloads) == ["second.bin"]
+
+    # The other way: bob asks first, so alice's file waits for him, and her
+    # card offers Cancel meanwhile.
+    (tmp_path / "notes.bin").write_bytes(os.urandom(2 * 1024 * 1024))
+    mark, bob_mark = gui.mark(), bob.mark()
+    gui.type_into("chat", "input", f"/send {tmp_path / 'notes.bin'} @bob", enter=True)
+    offer = bob.wait_for(lambda e: e.get("type") == "file_offer", start=bob_mark)
+    assert offer["ask"] is True, offer
+    card = gui.wait_for(lambda e: e.get("gui") == "file_card" and e["direction"] == "send"
+                        and "file_cancel" in e["links"], start=mark)
+    gui.painted(card)
+    box = on_screen(card, card["links"]["file_cancel"])
+    x.click(box[0] + box[2] / 2, box[1] + box[3] / 2)
+    told = bob.wait_for(lambda e: e.get("type") == "file_failed", start=bob_mark)
+    assert told["code"] == "cancelled" and told["by"] == "alice", told
+    assert told["transfer"] == offer["transfer"], told
+    cancelled = gui.wait_for(lambda e: e.get("gui") == "file_card" and e["direction"] == "send"
+                             and e["state"] == "failed", start=mark)
+    assert cancelled["status"] == "Cancelled by you", cancelled
+    assert not (tmp_path / "bob-downloads").exists() or \
+        os.listdir(tmp_path / "bob-downloads") == []
     gui.close("chat")
     assert_exits_cleanly(gui)

@@ -16,7 +16,6 @@ import pytest
 from test_cli import is_system, of_type
 from test_host import RawClient
 from test_host import clients as clients  # a fixture
-from test_reconnect import faulty as faulty  # a fixture
 from test_resume import Watcher, come_back, drop, host_saw_it_go, seated
 
 import chatroom

@@ -15,6 +15,8 @@ and types through the window with xdotool and saves, by window id:
     docs/call-group.png    a four-person call's grid
     docs/call-speaking.png a call where both speak: each tile lit (a tone, a
                            WAV file of speech as the microphone)
+    docs/file-ask.png      a file that waits for Accept or Decline, and one
+                           its sender cancelled while it waited
 
 It also writes the program's icon to assets/icon.png (and assets/icon.ico
 when ImageMagick's convert is there). Everything it starts, it stops by PID.
@@ -82,7 +84,8 @@ def shoot(scale: float, out: Path, suffix: str) -> None:
         # a resolve started before an update finishes after it.
         time.sleep(2)
         gui = Gui(x, work / "config", ["--room", "学习小组", "--user", "alice", "--scale",
-                                       str(scale), "--downloads", str(work / "alice")])
+                                       str(scale), "--downloads", str(work / "alice"),
+                                       "--ask-above", "4G"])   # the 3 GiB file just comes
         started.append(gui)
 
         def launcher_shows_both(event: dict) -> bool:
@@ -203,6 +206,42 @@ def shoot_speaking(out: Path) -> None:
     print(f"wrote {out / 'call-speaking.png'}")
 
 
+def shoot_file_ask(out: Path) -> None:
+    """The window asks above 1 MiB: carol's file, cancelled by her while it
+    waited, then 小明's, waiting with Accept and Decline."""
+    with stage() as (x, started, work):
+        host = Host("Lab-PC", advertise=False)
+        started.append(host)
+        gui = Gui(x, work / "config", ["--server", f"127.0.0.1:{host.port}", "--room",
+                                       "学习小组", "--user", "alice", "--downloads",
+                                       str(work / "alice"), "--ask-above", "1M"])
+        started.append(gui)
+        gui.window("launcher")
+        gui.click("launcher", "join")
+        gui.phase("chatting")
+        carol = Cli(host.port, "学习小组", "carol", downloads=work / "carol")
+        started.append(carol)
+        xiaoming = Cli(host.port, "学习小组", "小明", downloads=work / "xm")
+        started.append(xiaoming)
+        (work / "demo.mp4").write_bytes(os.urandom(3 * 1024 * 1024))
+        (work / "假期照片.zip").write_bytes(os.urandom(5 * 1024 * 1024))
+        carol.say(f"/send {work / 'demo.mp4'}")
+        sent = carol.wait_for(lambda e: e.get("type") == "file_progress")
+        gui.wait_for(lambda e: e.get("gui") == "file_card" and e["state"] == "asking")
+        carol.say(f"/cancel {sent['transfer']}")
+        gui.wait_for(lambda e: e.get("gui") == "file_card" and e["state"] == "failed")
+        mark = gui.mark()
+        xiaoming.say("这是上周的照片")
+        xiaoming.say(f"/send {work / '假期照片.zip'}")
+        asking = gui.wait_for(lambda e: e.get("gui") == "file_card" and e["state"] == "asking",
+                              start=mark)
+        gui.painted(asking)
+        x.screenshot(out / "file-ask.png", gui.window("chat")["xid"])
+        gui.close("chat")
+        gui.wait_exit(10)
+    print(f"wrote {out / 'file-ask.png'}")
+
+
 def write_icon(assets: Path) -> None:
     assets.mkdir(exist_ok=True)
     (assets / "icon.png").write_bytes(chatroom.app_icon_png(256))
@@ -227,6 +266,7 @@ def main() -> int:
     if not args.no_calls:
         shoot_calls(args.out)
         shoot_speaking(args.out)
+    shoot_file_ask(args.out)
     return 0
 
 
