@@ -12241,6 +12241,159 @@ class Drawing:
         return text[:low] + "..."
 
 
+# --- Text and pictures in the conversation (pure, or off the GUI thread) -------
+# What ChatView needs to know about what it draws: where the links in a text
+# are, what to call a day, and whether a received file is a picture, with a
+# thumbnail made from it. None of it touches Tk, so a worker thread may run it.
+
+# A link is http:// or https:// and what follows up to a space or a quote;
+# nothing else (file:, javascript:) is ever a link here.
+_LINK_RE = re.compile(r"(?<![A-Za-z0-9+.-])https?://[^\s<>\"'`\u3000-\u303f\uff01-\uff5e]+",
+                      re.IGNORECASE)
+_LINK_TAIL = ".,;:!?*'\"-"          # punctuation after a link ends the sentence, not the link
+_LINK_PAIRS = {")": "(", "]": "[", "}": "{"}
+
+PICTURE_MAX_BYTES = 64 * 1024 * 1024    # a bigger "picture" shows as a plain card
+PICTURE_MAX_PIXELS = 40_000_000         # width x height read from its header, before decoding
+_PICTURE_HEAD_BYTES = 256 * 1024        # where a JPEG's size must appear (after its EXIF)
+
+
+def find_links(text: str) -> list[tuple[int, int, str]]:
+    """The http/https links in `text`: (start, end, url) in order, each
+    without the punctuation that ends a sentence, and with a closing bracket
+    only when the link opened it ("(see https://x.org/a_(b))" keeps "(b)")."""
+    links = []
+    for match in _LINK_RE.finditer(text):
+        url = match.group()
+        while url:
+            last = url[-1]
+            if not (last in _LINK_TAIL or (last in _LINK_PAIRS and url.count(
+                    _LINK_PAIRS[last]) < url.count(last))):
+                break
+            url = url[:-1]
+        if len(url) > len("https://") and "://" in url and url.split("://", 1)[1]:
+            links.append((match.start(), match.start() + len(url), url))
+    return links
+
+
+def day_label(ts: float, now: float | None = None) -> str:
+    """What a date divider says for a message sent at `ts`: "Today",
+    "Yesterday", "Monday 2 March" this year, else "2 March 2025"."""
+    day = datetime.date.fromtimestamp(ts)
+    today = datetime.date.fromtimestamp(time.time() if now is None else now)
+    if day == today:
+        return "Today"
+    if day == today - datetime.timedelta(days=1):
+        return "Yesterday"
+    if day.year == today.year:
+        return f"{day:%A} {day.day} {day:%B}"
+    return f"{day.day} {day:%B %Y}"
+
+
+def picture_kind(head: bytes) -> str | None:
+    """"png", "jpeg", "gif", "bmp" or "webp" from a file's first bytes (its
+    content, never its name), or None."""
+    if head.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "png"
+    if head.startswith(b"\xff\xd8\xff"):
+        return "jpeg"
+    if head[:6] in (b"GIF87a", b"GIF89a"):
+        return "gif"
+    if head.startswith(b"BM") and len(head) >= 26:
+        return "bmp"
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "webp"
+    return None
+
+
+def picture_size(head: bytes) -> tuple[int, int] | None:
+    """(width, height) as a picture's header states it, read without
+    decoding it (so a decompression bomb is refused before it explodes), or
+    None if the header is broken or not where it must be."""
+    kind = picture_kind(head)
+    try:
+        if kind == "png" and head[12:16] == b"IHDR":
+            return struct.unpack(">II", head[16:24])
+        if kind == "gif":
+            return struct.unpack("<HH", head[6:10])
+        if kind == "bmp":
+            width, height = struct.unpack("<ii", head[18:26])
+            return abs(width), abs(height)
+        if kind == "webp":
+            chunk = head[12:16]
+            if chunk == b"VP8 " and head[23:26] == b"\x9d\x01\x2a":
+                width, height = struct.unpack("<HH", head[26:30])
+                return width & 0x3FFF, height & 0x3FFF
+            if chunk == b"VP8L" and head[20] == 0x2F:
+                bits = int.from_bytes(head[21:25], "little")
+                return (bits & 0x3FFF) + 1, ((bits >> 14) & 0x3FFF) + 1
+            if chunk == b"VP8X":
+                return (int.from_bytes(head[24:27], "little") + 1,
+                        int.from_bytes(head[27:30], "little") + 1)
+        if kind == "jpeg":
+            at = 2
+            while at + 9 < len(head):       # markers up to the frame header (SOFn)
+                if head[at] != 0xFF:
+                    return None
+                marker = head[at + 1]
+                if marker == 0xFF:          # fill byte
+                    at += 1
+                    continue
+                length = struct.unpack(">H", head[at + 2:at + 4])[0]
+                if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
+                    height, width = struct.unpack(">HH", head[at + 5:at + 9])
+                    return width, height
+                at += 2 + length
+    except (struct.error, IndexError):
+        pass
+    return None
+
+
+def picture_thumbnail(path: str | Path, max_width: int, max_height: int
+                      ) -> tuple[int, int, bytes] | None:
+    """A thumbnail of the picture at `path`, at most max_width x max_height
+    and never enlarged, as (width, height, PPM bytes) for a Tk PhotoImage;
+    None if it isn't a picture (by content), is too big (PICTURE_MAX_BYTES,
+    or PICTURE_MAX_PIXELS by its header), or doesn't decode. Blocks (file
+    I/O and OpenCV): call it off the GUI thread. Never raises for a bad file."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(_PICTURE_HEAD_BYTES)
+            if picture_kind(head) is None or os.fstat(f.fileno()).st_size > PICTURE_MAX_BYTES:
+                return None
+            size = picture_size(head)
+            if size is None or not 0 < size[0] * size[1] <= PICTURE_MAX_PIXELS:
+                return None
+            data = head + f.read()
+    except OSError:
+        return None
+    try:
+        import cv2
+        import numpy
+    except ImportError:                     # pragma: no cover (cv2 ships with the window)
+        return None
+    width, height = size
+    scale = min(max_width / width, max_height / height, 1.0)
+    # JPEG decodes straight at 1/2, 1/4 or 1/8 of its size: less memory and time.
+    flags = cv2.IMREAD_COLOR
+    for factor, flag in ((8, cv2.IMREAD_REDUCED_COLOR_8), (4, cv2.IMREAD_REDUCED_COLOR_4),
+                         (2, cv2.IMREAD_REDUCED_COLOR_2)):
+        if scale * factor <= 1:
+            flags = flag
+            break
+    try:
+        image = cv2.imdecode(numpy.frombuffer(data, numpy.uint8), flags)
+    except cv2.error:
+        return None
+    if image is None or image.ndim != 3 or image.shape[0] < 1 or image.shape[1] < 1:
+        return None
+    out_w, out_h = max(1, round(width * scale)), max(1, round(height * scale))
+    if (image.shape[1], image.shape[0]) != (out_w, out_h):
+        image = cv2.resize(image, (out_w, out_h), interpolation=cv2.INTER_AREA)
+    rgb = cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+    return out_w, out_h, b"P6 %d %d 255\n" % (out_w, out_h) + rgb.tobytes()
+
+
 # =============================================================================
 # 23. GUI CONVERSATION: bubbles, notices and file cards; the members list
 # =============================================================================
