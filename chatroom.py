@@ -12409,6 +12409,10 @@ _MESSAGE_MARKS = {"sending": "Sending...", "late": "Not confirmed by the host ye
                   "unsent": "Not sent: the connection ended",
                   "refused": "Not sent: the host refused it (see below)"}
 _PAINT_EVERY_S = 0.1                # during a flood, make Tk paint at least this often
+_GROUP_GAP_S = 5 * 60               # a sender's next message after this gap gets its head again
+_GROUPED_KINDS = ("message", "file")    # entries that a sender's name and avatar head
+_THUMB_SIZE = (276, 200)            # a picture's thumbnail at most, at 100%
+_THUMB_POLL_MS = 40                 # how often the view looks for finished thumbnails
 
 
 @dataclasses.dataclass(eq=False)
@@ -12422,6 +12426,10 @@ class ChatEntry:
     bottom: int = 0
     text_item: int = 0              # the item holding its main text
     links: dict[str, int] = dataclasses.field(default_factory=dict)  # clickable items
+    grouped: bool = False           # under the previous entry's name and avatar
+    urls: dict[str, str] = dataclasses.field(default_factory=dict)   # link name -> URL
+    shown_text: str = ""            # the text as drawn (wrapped by us where it has links)
+    origin: list[int] | None = None     # shown_text index -> text index (None: a break we made)
 
 
 class ChatView(Drawing):
@@ -12450,36 +12458,114 @@ class ChatView(Drawing):
         self._relayout_job: str | None = None
         self._painted = 0.0                 # when we last made Tk paint (see add)
         self._paint_report_job: str | None = None   # trace: a `painted` record to come
-        widget.configure(yscrollincrement=look.px(24), background=self.background)
+        self._by_tag: dict[str, ChatEntry] = {}     # entry.tag -> entry, for clicks
+        self._day: datetime.date | None = None      # the day of the last dated entry
+        self._in_history = False            # the last message was from a history replay
+        self._unseen = 0                    # messages arrived below while scrolled up
+        self._pill: Any = None              # the "↓ N new messages" button, made when needed
+        self._press: tuple[ChatEntry, float, float] | None = None   # where a drag began
+        self._dragged = False
+        self._menu: Any = None              # the right-click menu while it is up
+        self._photos: dict[str, Any] = {}   # entry.tag -> its thumbnail (a Tk PhotoImage)
+        self._thumbs: list[tuple[ChatEntry, concurrent.futures.Future]] = []
+        self._thumb_pool: concurrent.futures.ThreadPoolExecutor | None = None
+        self._thumb_job: str | None = None
+        import tkinter.font
+        self.fonts["link"] = tkinter.font.Font(root=widget, font=look.font(11, "underline"))
+        widget.configure(yscrollincrement=look.px(24), background=self.background,
+                         selectbackground=COLOURS["accent_soft"],
+                         selectforeground=COLOURS["text"], selectborderwidth=0)
         widget.bind("<Configure>", self._on_configure)
         for sequence in ("<MouseWheel>", "<Button-4>", "<Button-5>"):
             widget.bind(sequence, self._on_wheel)
+        widget.bind("<ButtonPress-1>", self._on_press)
+        widget.bind("<B1-Motion>", self._on_drag)
+        widget.bind("<ButtonRelease-1>", self._on_release)
+        widget.bind("<Button-3>", self._on_menu)
+        for sequence in ("<Control-c>", "<Control-C>", "<<Copy>>"):
+            widget.bind(sequence, lambda _e: self.copy())
+        # Whoever scrolls the view (wheel, scrollbar, a jump), its scrollbar
+        # hears of it here first: the new-messages pill goes at the bottom.
+        scrolled = widget.cget("yscrollcommand")
+        widget.configure(yscrollcommand=lambda first, last: self._on_scrolled(
+            scrolled, first, last))
 
     # --- what the chat window calls ---
 
     def add(self, kind: str, **data: Any) -> ChatEntry:
-        """Draw a new entry at the bottom; returns it."""
-        entry = ChatEntry(kind, data, f"e{next(self._names)}")
+        """Draw a new entry at the bottom; returns it. A message or card
+        from another day than the one before gets a date divider above it
+        ("Today", "Yesterday", a date); the first live message after a
+        history replay gets "New messages" above it; a sender's next
+        message within _GROUP_GAP_S goes under the same name and avatar."""
         follow = self._at_bottom() or data.get("mine")
-        self._paint(entry, self._y)
-        self.entries.append(entry)
-        self._y = entry.bottom
+        ts = data.get("ts")
+        added = []
+        if ts is not None:
+            day = datetime.date.fromtimestamp(ts)
+            if day != self._day:
+                self._day = day
+                added.append(self._append(ChatEntry(
+                    "day", {"ts": ts, "text": day_label(ts)}, f"e{next(self._names)}")))
+        if kind == "message":
+            if data.get("history"):
+                self._in_history = True
+            elif self._in_history:
+                self._in_history = False
+                added.append(self._append(ChatEntry("divider", {"text": "New messages"},
+                                                    f"e{next(self._names)}")))
+        entry = self._append(ChatEntry(kind, data, f"e{next(self._names)}"))
+        added.append(entry)
         while len(self.entries) > self.max_shown:
             self._forget(self.entries.popleft())
         self._set_scrollregion()
         if follow:
             self.widget.yview_moveto(1.0)
+        elif kind in _GROUPED_KINDS:
+            self._unseen += 1               # arrived below, out of sight
+            self._show_pill()
         if time.monotonic() - self._painted > _PAINT_EVERY_S:
             # Tk paints when it has nothing else to do; a flood of events
             # would leave the screen stale until it ends. Paint now and then.
             self._painted = time.monotonic()
             self.widget.update_idletasks()
         if self.trace.enabled:
-            self.trace("shown", kind=kind, **{k: v for k, v in data.items()
-                                              if isinstance(v, (str, int, float, bool))},
-                       **self.where(entry))
+            for shown in added:
+                self.trace("shown", kind=shown.kind, **{
+                    k: v for k, v in shown.data.items()
+                    if isinstance(v, (str, int, float, bool))},
+                    grouped=shown.grouped, top=shown.top, bottom=shown.bottom,
+                    links={name: self.widget.bbox(item) for name, item in shown.links.items()},
+                    **self.where(shown))
             self._report_painted()
         return entry
+
+    def _append(self, entry: ChatEntry) -> ChatEntry:
+        """Paint `entry` below the last one, grouped with it if it may be."""
+        entry.grouped = bool(self.entries) and self._groups_with(self.entries[-1], entry)
+        self._paint(entry, self._y)
+        self.entries.append(entry)
+        self._by_tag[entry.tag] = entry
+        self._y = entry.bottom
+        return entry
+
+    @staticmethod
+    def _groups_with(before: ChatEntry, entry: ChatEntry) -> bool:
+        """True if `entry` goes under `before`'s name and avatar: both a
+        message or card, from one sender on the same side, within
+        _GROUP_GAP_S (no day divider can fall between them then: one comes
+        before any entry of a new day)."""
+        if before.kind not in _GROUPED_KINDS or entry.kind not in _GROUPED_KINDS:
+            return False
+
+        def who(e: ChatEntry) -> tuple[str, bool]:
+            if e.kind == "message":
+                return id_key(e.data["from"]), bool(e.data["mine"])
+            return id_key(e.data["user"]), e.data["direction"] == "send"
+
+        first, then = before.data.get("ts"), entry.data.get("ts")
+        return (who(before) == who(entry) and first is not None and then is not None
+                and abs(then - first) < _GROUP_GAP_S)
 
     def update_file(self, key: tuple[str, int], **changes: Any) -> ChatEntry | None:
         """Change a file card (progress, status) and draw it again in place."""
@@ -12492,6 +12578,10 @@ class ChatView(Drawing):
         """Change an entry's data and draw it again in place (`what` names
         it in the trace)."""
         entry.data.update(changes)
+        if (entry.kind == "file" and entry.data.get("path") and entry.tag not in self._photos
+                and entry.data["direction"] == "receive" and "picture" not in entry.data):
+            entry.data["picture"] = False   # asked once; True if a thumbnail comes
+            self._make_thumbnail(entry)
         self.widget.delete(entry.tag)
         bottom = entry.bottom
         self._paint(entry, entry.top)
@@ -12534,6 +12624,8 @@ class ChatView(Drawing):
 
     def _forget(self, entry: ChatEntry) -> None:
         self.widget.delete(entry.tag)
+        self._by_tag.pop(entry.tag, None)
+        self._photos.pop(entry.tag, None)
         if entry.kind == "file":
             self.files.pop((entry.data["direction"], entry.data["transfer"]), None)
 
@@ -12557,19 +12649,25 @@ class ChatView(Drawing):
         follow = self._at_bottom()
         self.widget.delete("all")
         self._y = self._margin
+        before = None
         for entry in self.entries:
+            entry.grouped = before is not None and self._groups_with(before, entry)
             self._paint(entry, self._y)
             self._y = entry.bottom
+            before = entry
         self._set_scrollregion()
         if follow:
             self.widget.yview_moveto(1.0)
 
     def close(self) -> None:
         """The window is going: a pending redraw must not find it gone."""
-        for job in (self._relayout_job, self._paint_report_job):
+        for job in (self._relayout_job, self._paint_report_job, self._thumb_job):
             if job is not None:
                 self.widget.after_cancel(job)
-        self._relayout_job = self._paint_report_job = None
+        self._relayout_job = self._paint_report_job = self._thumb_job = None
+        if self._thumb_pool is not None:    # a decode under way ends by itself
+            self._thumb_pool.shutdown(wait=False, cancel_futures=True)
+            self._thumb_pool = None
 
     def _on_wheel(self, event: Any) -> None:
         if event.num == 4 or getattr(event, "delta", 0) > 0:
@@ -12583,6 +12681,272 @@ class ChatView(Drawing):
         room = self._width - 2 * self._margin - 2 * (px(36) + px(10))
         return max(px(160), min(px(520), int(room * 0.78)))
 
+    # --- links: wrapped by us, drawn over the text, opened in the browser ---
+
+    def _wrap(self, text: str, width: int) -> tuple[str, list[int]]:
+        """`text` broken into lines no wider than `width` pixels (at spaces,
+        or inside a word too long for a line, as Tk does); returns the text
+        with its line breaks, and for each of its characters the index in
+        `text` it came from (-1: a break we made)."""
+        measure = self.fonts["body"].measure
+        shown: list[str] = []
+        origin: list[int] = []
+        line = ""
+        for token in re.finditer(r"\n|[^\S\n]*[^\s]+|[^\S\n]+", text):
+            piece, start = token.group(), token.start()
+            if piece == "\n":
+                line = ""
+            elif line and measure(line + piece) > width:
+                stripped = piece.lstrip()   # the space before the word ends this line
+                for i in range(len(piece) - len(stripped)):
+                    shown.append(piece[i])
+                    origin.append(start + i)
+                shown.append("\n")
+                origin.append(-1)
+                line = ""
+                start += len(piece) - len(stripped)
+                piece = stripped
+            for i, char in enumerate(piece):
+                if piece != "\n" and line and measure(line + char) > width:
+                    shown.append("\n")
+                    origin.append(-1)
+                    line = ""
+                shown.append(char)
+                origin.append(start + i)
+                line = "" if char == "\n" else line + char
+        return "".join(shown), origin
+
+    def _draw_links(self, entry: ChatEntry, links: list[tuple[int, int, str]], left: float,
+                    top: float, fill: str, ink: str) -> None:
+        """Each link of a message drawn over its text in `ink`, underlined,
+        on the bubble's `fill`; a click opens it (see open_link)."""
+        draw, tag, measure = self.widget, entry.tag, self.fonts["body"].measure
+        assert entry.origin is not None
+        line_height = self.fonts["body"].metrics("linespace")
+        where = {source: shown for shown, source in enumerate(entry.origin) if source >= 0}
+        starts = [0] + [i + 1 for i, char in enumerate(entry.shown_text) if char == "\n"]
+        for number, (start, end, url) in enumerate(links):
+            name = f"link{number}"
+            entry.urls[name] = url
+            first, last = where[start], where[end - 1] + 1
+            for row, row_start in enumerate(starts):
+                row_end = starts[row + 1] - 1 if row + 1 < len(starts) else len(entry.shown_text)
+                a, b = max(first, row_start), min(last, row_end)
+                if a >= b:
+                    continue
+                line = entry.shown_text[row_start:row_end]
+                x = left + measure(line[:a - row_start])
+                y = top + row * line_height
+                part = line[a - row_start:b - row_start]
+                draw.create_rectangle(x, y, x + measure(part), y + line_height, fill=fill,
+                                      outline="", tags=(tag, f"{tag}-{name}", "link"))
+                item = draw.create_text(x, y, anchor="nw", text=part, fill=ink,
+                                        font=self.fonts["link"],
+                                        tags=(tag, f"{tag}-{name}", "link"))
+                entry.links.setdefault(name, item)
+            draw.tag_bind(f"{tag}-{name}", "<ButtonRelease-1>",
+                          lambda _e, u=url: self.open_link(u))
+            draw.tag_bind(f"{tag}-{name}", "<Enter>",
+                          lambda _e: self.widget.configure(cursor="hand2"))
+            draw.tag_bind(f"{tag}-{name}", "<Leave>",
+                          lambda _e: self.widget.configure(cursor=""))
+
+    def open_link(self, url: str) -> None:
+        """Open `url` in the browser, on a thread of its own (webbrowser may
+        wait for the browser it starts). Only http and https: a link is
+        never file:, javascript: or anything else."""
+        if not re.match(r"https?://", url, re.IGNORECASE):
+            return
+        import webbrowser
+        threading.Thread(target=webbrowser.open, args=(url,), name="browser",
+                         daemon=True).start()
+        self.trace("link_opened", url=url)
+
+    # --- selecting and copying text ---
+
+    def _entry_at(self, x: float, y: float) -> ChatEntry | None:
+        """The entry drawn at canvas point (x, y), if any."""
+        for item in reversed(self.widget.find_overlapping(x - 1, y - 1, x + 1, y + 1)):
+            for tag in self.widget.gettags(item):
+                if tag in self._by_tag:
+                    return self._by_tag[tag]
+        return None
+
+    def _link_at(self, entry: ChatEntry, x: float, y: float) -> str | None:
+        """The URL of the link of `entry` drawn at canvas point (x, y)."""
+        for item in self.widget.find_overlapping(x, y, x, y):
+            for tag in self.widget.gettags(item):
+                name = tag.removeprefix(entry.tag + "-")
+                if name in entry.urls:
+                    return entry.urls[name]
+        return None
+
+    def _on_press(self, event: Any) -> None:
+        self.widget.focus_set()             # so Ctrl+C comes here
+        x, y = self.widget.canvasx(event.x), self.widget.canvasy(event.y)
+        entry = self._entry_at(x, y)
+        self._press = (entry, x, y) if entry is not None and entry.text_item else None
+        self._dragged = False
+
+    def _on_drag(self, event: Any) -> None:
+        """Select from where the button went down to the pointer, inside one
+        entry's text (a canvas selects within one text item)."""
+        if self._press is None:
+            return
+        entry, x0, y0 = self._press
+        x, y = self.widget.canvasx(event.x), self.widget.canvasy(event.y)
+        if not self._dragged:
+            self.widget.select_from(entry.text_item, f"@{round(x0)},{round(y0)}")
+            self._dragged = True
+        self.widget.select_to(entry.text_item, f"@{round(x)},{round(y)}")
+
+    def _on_release(self, event: Any) -> None:
+        """A click (no drag) on a bubble selects all its text; on a link, the
+        link opens instead (its own binding)."""
+        if self._press is None or self._dragged:
+            return
+        entry, x, y = self._press
+        self._press = None
+        if self._link_at(entry, x, y) is None:
+            self.select(entry)
+
+    def select(self, entry: ChatEntry) -> None:
+        """Select all the text of `entry`."""
+        self.widget.select_from(entry.text_item, 0)
+        self.widget.select_to(entry.text_item, "end")
+        self.trace("selected", tag=entry.tag, text=self.selected_text())
+
+    def selected_text(self) -> str:
+        """The selected text, as it was written (line breaks we made for
+        links taken out), or "" if nothing is selected."""
+        draw = self.widget
+        item = draw.select_item()
+        entry = next((e for e in self.entries if e.text_item == item), None) if item else None
+        if entry is None:
+            return ""
+        shown = str(draw.itemcget(item, "text"))
+        # Tcl counts characters past U+FFFF twice (UTF-16); Python once.
+        units = shown.encode("utf-16-le")
+        first, last = int(draw.index(item, "sel.first")), int(draw.index(item, "sel.last"))
+        start = len(units[:2 * first].decode("utf-16-le", "ignore"))
+        end = len(units[:2 * (last + 1)].decode("utf-16-le", "ignore"))
+        if entry.origin is None:
+            return shown[start:end]
+        return "".join(shown[i] for i in range(start, end) if entry.origin[i] >= 0)
+
+    def copy(self, text: str | None = None) -> None:
+        """Put `text` (by default what is selected) on the clipboard."""
+        text = self.selected_text() if text is None else text
+        if text:
+            self.widget.clipboard_clear()
+            self.widget.clipboard_append(text)
+            self.trace("copied", text=text)
+
+    def _on_menu(self, event: Any) -> None:
+        """Right click: Copy (the selection, or the whole entry under the
+        pointer), and on a link Copy link and Open link."""
+        import tkinter
+        x, y = self.widget.canvasx(event.x), self.widget.canvasy(event.y)
+        entry = self._entry_at(x, y)
+        if entry is None or not entry.text_item:
+            return
+        if self.widget.select_item() != entry.text_item:
+            self.select(entry)
+        url = self._link_at(entry, x, y)
+        if self._menu is not None:
+            self._menu.destroy()
+        menu = self._menu = tkinter.Menu(self.widget, tearoff=0, font=self.fonts["body"],
+                                         background=COLOURS["panel"],
+                                         foreground=COLOURS["text"],
+                                         activebackground=COLOURS["accent_soft"],
+                                         activeforeground=COLOURS["text"], borderwidth=1,
+                                         activeborderwidth=0)
+        items = ["Copy"]
+        menu.add_command(label="Copy", command=self.copy)
+        if url is not None:
+            items += ["Copy link", "Open link"]
+            menu.add_command(label="Copy link", command=lambda: self.copy(url))
+            menu.add_command(label="Open link", command=lambda: self.open_link(url))
+        menu.tk_popup(event.x_root, event.y_root)
+        if self.trace.enabled:
+            menu.update_idletasks()
+            self.trace("menu", items={label: [menu.winfo_rootx(),
+                                              menu.winfo_rooty() + menu.yposition(i),
+                                              menu.winfo_width(),
+                                              (menu.yposition(i + 1) if i + 1 < len(items)
+                                               else menu.winfo_height()) - menu.yposition(i)]
+                                      for i, label in enumerate(items)})
+
+    # --- pictures: thumbnails made on a worker thread ---
+
+    def _make_thumbnail(self, entry: ChatEntry) -> None:
+        """Start making `entry`'s thumbnail; _poll_thumbnails shows it."""
+        if self._thumb_pool is None:
+            self._thumb_pool = concurrent.futures.ThreadPoolExecutor(
+                1, thread_name_prefix="thumbnail")
+        width, height = (self.look.px(side) for side in _THUMB_SIZE)
+        self._thumbs.append((entry, self._thumb_pool.submit(
+            picture_thumbnail, entry.data["path"], width, height)))
+        if self._thumb_job is None:
+            self._thumb_job = self.widget.after(_THUMB_POLL_MS, self._poll_thumbnails)
+
+    def _poll_thumbnails(self) -> None:
+        import tkinter
+        self._thumb_job = None
+        waiting = []
+        for entry, future in self._thumbs:
+            if not future.done():
+                waiting.append((entry, future))
+                continue
+            try:
+                made = future.result()
+            except Exception:               # a bug in decoding: the plain card stays
+                log.exception("thumbnail of %s", entry.data.get("path"))
+                made = None
+            if made is not None and self._by_tag.get(entry.tag) is entry:
+                width, height, ppm = made
+                photo = tkinter.PhotoImage(master=self.widget, width=width, height=height)
+                photo.configure(data=ppm, format="ppm")
+                self._photos[entry.tag] = photo
+            if self._by_tag.get(entry.tag) is entry:
+                self.update(entry, "thumbnail", picture=made is not None)
+        self._thumbs = waiting
+        if waiting:
+            self._thumb_job = self.widget.after(_THUMB_POLL_MS, self._poll_thumbnails)
+
+    # --- "↓ N new messages": what arrived below while you read above ---
+
+    def _show_pill(self) -> None:
+        import tkinter
+        if self._pill is None:
+            self._pill = tkinter.Button(
+                self.widget, font=self.fonts["name"], relief="flat", borderwidth=0,
+                cursor="hand2", background=COLOURS["accent"], foreground=COLOURS["mine_text"],
+                activebackground=COLOURS["accent_dark"], activeforeground=COLOURS["mine_text"],
+                highlightthickness=0, padx=self.look.px(12), pady=self.look.px(4),
+                command=self.to_bottom)
+        plural = "s" if self._unseen != 1 else ""
+        self._pill.configure(text=f"↓ {self._unseen} new message{plural}")
+        self._pill.place(relx=0.5, rely=1.0, y=-self.look.px(12), anchor="s")
+        if self.trace.enabled:
+            self._pill.update_idletasks()
+            self.trace("new_messages", count=self._unseen,
+                       box=[self._pill.winfo_rootx(), self._pill.winfo_rooty(),
+                            self._pill.winfo_width(), self._pill.winfo_height()])
+
+    def to_bottom(self) -> None:
+        """Jump to the newest entry (the pill goes as the view gets there)."""
+        self.widget.yview_moveto(1.0)
+
+    def _on_scrolled(self, scrollbar: str, first: str, last: str) -> None:
+        if scrollbar:
+            self.widget.tk.eval(f"{scrollbar} {first} {last}")
+        if float(last) >= 0.999 and self._unseen:
+            self._unseen = 0
+            if self._pill is not None:
+                self._pill.place_forget()
+            self.trace("new_messages", count=0, box=None)
+
     # --- painters: each draws an entry from `top` down and returns its bottom ---
 
     def _head(self, entry: ChatEntry, top: int, user: str, ts: float | None,
@@ -12594,6 +12958,8 @@ class ChatView(Drawing):
         size, gap = px(36), px(10)
         x_avatar = self._width - self._margin - size if mine else self._margin
         edge = x_avatar - gap if mine else x_avatar + size + gap
+        if entry.grouped:                   # under the name and avatar above
+            return edge, top - px(7)
         anchor = "ne" if mine else "nw"
         self.avatar(tag, x_avatar, top, size, user)
         name = draw.create_text(edge, top, text=printable(user), anchor=anchor,
@@ -12610,11 +12976,19 @@ class ChatView(Drawing):
         mine = data["mine"]
         edge, y = self._head(entry, top, data["from"], data.get("ts"), mine)
         pad_x, pad_y = px(12), px(8)
+        text = printable_block(data["text"])
+        links = find_links(text)
+        # Tk can't colour part of a text item, nor say where a character is
+        # drawn: a text with links is wrapped here, so each link's place is
+        # known and a link-coloured copy of it can be drawn over it.
+        entry.shown_text, entry.origin = (self._wrap(text, self._text_width()) if links
+                                          else (text, None))
+        ink = COLOURS["mine_text"] if mine else COLOURS["text"]
         entry.text_item = draw.create_text(
             edge - pad_x if mine else edge + pad_x, y + pad_y,
-            text=printable_block(data["text"]), anchor="ne" if mine else "nw",
-            width=self._text_width(), font=self.fonts["body"],
-            fill=COLOURS["mine_text"] if mine else COLOURS["text"], tags=entry.tag)
+            text=entry.shown_text, anchor="ne" if mine else "nw",
+            width=0 if links else self._text_width(), font=self.fonts["body"],
+            fill=ink, tags=(entry.tag, "text"))
         x1, y1, x2, y2 = draw.bbox(entry.text_item)
         state = data.get("state", "sent")
         fill = COLOURS["mine"] if mine else COLOURS["theirs"]
@@ -12623,13 +12997,15 @@ class ChatView(Drawing):
         self.box((entry.tag, entry.tag + "-box"), x1 - pad_x, y1 - pad_y, x2 + pad_x,
                  y2 + pad_y, px(14), fill)
         draw.tag_lower(entry.tag + "-box", entry.text_item)
+        if links:
+            self._draw_links(entry, links, x1, y1, fill, ink if mine else COLOURS["accent"])
         mark = _MESSAGE_MARKS.get(state)
         if mark is not None:                # beside the bubble: its height never changes
             draw.create_text(x1 - pad_x - px(8), y2 + pad_y, anchor="se", text=mark,
                              font=self.fonts["small"], tags=entry.tag,
                              fill=COLOURS["error_text"] if state in ("unsent", "refused")
                              else COLOURS["muted"])
-        return max(y2 + pad_y, top + px(36))
+        return y2 + pad_y if entry.grouped else max(y2 + pad_y, top + px(36))
 
     _NOTICE_COLOURS: ClassVar[dict[str, tuple[str, str]]] = {
         "system": ("system", "system_text"), "info": ("info", "info_text"),
@@ -12702,12 +13078,21 @@ class ChatView(Drawing):
         state, and, once it is saved here, Open and Show in folder."""
         px, draw, data, tag = self.look.px, self.widget, entry.data, entry.tag
         mine = data["direction"] == "send"
-        edge, y = self._head(entry, top, data["user"], data.get("ts"), mine)
+        edge, card_y = self._head(entry, top, data["user"], data.get("ts"), mine)
         pad, width, icon_w, icon_h = px(12), px(300), px(34), px(42)
         x1 = edge - width if mine else edge
         x2 = x1 + width
+        photo = self._photos.get(tag)       # a received picture's thumbnail, once made
+        y = card_y + (int(photo.height()) + pad if photo is not None else 0)
         bottom = y + 2 * pad + icon_h + px(34)
-        self.box(tag, x1, y, x2, bottom, px(14), COLOURS["theirs"])
+        self.box(tag, x1, card_y, x2, bottom, px(14), COLOURS["theirs"])
+        if photo is not None:               # a click on it opens the picture
+            thumb = entry.links["thumb"] = draw.create_image(
+                (x1 + x2) / 2, card_y + pad, anchor="n", image=photo, tags=(tag, f"{tag}-thumb"))
+            draw.tag_bind(thumb, "<Button-1>",
+                          lambda _e, path=data["path"]: self.post((_CHAT, "open"), path))
+            draw.tag_bind(thumb, "<Enter>", lambda _e: self.widget.configure(cursor="hand2"))
+            draw.tag_bind(thumb, "<Leave>", lambda _e: self.widget.configure(cursor=""))
         # The file's "icon": a tinted tile with its extension.
         self.box(tag, x1 + pad, y + pad, x1 + pad + icon_w, y + pad + icon_h, px(5),
                  COLOURS["accent_soft"])
@@ -12788,9 +13173,16 @@ class ChatView(Drawing):
                          text=self.elide(data["status"], "small", right - x1 - pad))
         return bottom
 
+    def _paint_day(self, entry: ChatEntry, top: int) -> int:
+        """A date divider: "Today", "Yesterday" or the date, said again at
+        each redraw (a window open past midnight says "Yesterday" then)."""
+        entry.data["text"] = day_label(entry.data["ts"])
+        return self._paint_divider(entry, top + self.look.px(4))
+
     painters: ClassVar[dict[str, Callable]] = {
         "message": _paint_message, "notice": _paint_notice, "divider": _paint_divider,
         "echo": _paint_echo, "help": _paint_help, "file": _paint_file, "call": _paint_call,
+        "day": _paint_day,
     }
 
 

@@ -987,3 +987,162 @@ def test_host_keys_show_and_a_changed_key_is_accepted_only_by_its_button(x, tmp_
     assert (accepted["status"], accepted["fingerprint"]) == ("accepted", new)
     gui.close("chat")
     assert_exits_cleanly(gui)
+
+
+# --- the conversation: groups, dates, copying, links, pictures, new messages ----
+
+def test_links_are_http_and_https_only_without_the_sentence_around_them():
+    assert chatroom.find_links("see https://x.org/a_(b)). and (http://e.com/q?a=1, ok") == [
+        (4, 23, "https://x.org/a_(b)"), (31, 49, "http://e.com/q?a=1")]
+    assert chatroom.find_links("打开https://例子.com/路径。好") == [
+        (2, 19, "https://例子.com/路径")]
+    for text in ("javascript:alert(1)", "file:///etc/passwd", "ftp://x.org/", "https://",
+                 "xhttps://x.org", "data:text/html,https"):
+        assert chatroom.find_links(text) == [], text
+
+
+def test_day_labels_say_today_yesterday_or_the_date():
+    now = time.mktime((2026, 3, 4, 12, 0, 0, 0, 0, -1))
+    at = [time.mktime((2026, 3, day, 9, 30, 0, 0, 0, -1)) for day in (4, 3, 1)]
+    assert [chatroom.day_label(ts, now) for ts in at] == [
+        "Today", "Yesterday", "Sunday 1 March"]
+    assert chatroom.day_label(time.mktime((2025, 12, 31, 23, 0, 0, 0, 0, -1)), now) \
+        == "31 December 2025"
+
+
+def _picture(kind: str, width: int = 64, height: int = 48) -> bytes:
+    """A gradient with a red square, encoded by OpenCV as `kind` ("png"...)."""
+    import cv2
+    import numpy
+    image = numpy.zeros((height, width, 3), numpy.uint8)
+    image[:, :, 0] = numpy.linspace(0, 255, width, dtype=numpy.uint8)[None, :]
+    image[:, :, 1] = numpy.linspace(255, 0, height, dtype=numpy.uint8)[:, None]
+    image[height // 4: height // 2, width // 4: width // 2] = (0, 0, 255)
+    ok, data = cv2.imencode("." + kind, image)
+    assert ok
+    return data.tobytes()
+
+
+@pytest.mark.parametrize("kind", ["png", "jpg", "gif", "bmp", "webp"])
+def test_pictures_are_known_by_content_and_their_size_by_header(kind, tmp_path):
+    data = _picture(kind, 640, 480)
+    assert chatroom.picture_size(data) == (640, 480)
+    path = tmp_path / "no-extension"                # by content, never by name
+    path.write_bytes(data)
+    width, height, ppm = chatroom.picture_thumbnail(path, 200, 200)
+    assert (width, height) == (200, 150)
+    assert ppm.startswith(b"P6 200 150 255\n") and len(ppm) == 15 + 200 * 150 * 3
+    small = chatroom.picture_thumbnail(path, 2000, 2000)
+    assert small is not None and small[:2] == (640, 480)     # never enlarged
+
+
+def test_a_corrupt_or_huge_picture_gets_no_thumbnail(tmp_path):
+    png = _picture("png")
+    cases = {
+        "text": b"just some text, named .png",
+        "truncated": png[:40],
+        "corrupt": png[:33] + os.urandom(len(png) - 33),
+        # A bomb: a header that says 100000 x 100000, refused before decoding.
+        "bomb": png[:16] + (100_000).to_bytes(4, "big") * 2 + png[24:],
+    }
+    for name, data in cases.items():
+        (tmp_path / f"{name}.png").write_bytes(data)
+        assert chatroom.picture_thumbnail(tmp_path / f"{name}.png", 100, 100) is None, name
+    assert chatroom.picture_size(cases["bomb"]) == (100_000, 100_000)
+    assert chatroom.picture_thumbnail(tmp_path / "missing.png", 100, 100) is None
+
+
+def clipboard(x) -> str:
+    """What the display's clipboard holds, read by a Tk of another process."""
+    return subprocess.run(
+        [sys.executable, "-c", "import tkinter; r = tkinter.Tk(); r.withdraw(); "
+         "print(r.clipboard_get(), end='')"],
+        env=x.env(), capture_output=True, text=True, timeout=20, check=True).stdout
+
+
+def centre(box) -> tuple[float, float]:
+    return box[0] + box[2] / 2, box[1] + box[3] / 2
+
+
+def test_messages_group_by_sender_under_a_date_and_copy_and_links_work(x, tmp_path, procs):
+    host = Host(unique("group"), advertise=False, extra=["--rate-limit", "0"])
+    procs.append(host)
+    opened = tmp_path / "browser.txt"
+    browser = tmp_path / "browser"
+    browser.write_text(f"#!/bin/sh\necho \"$1\" >> {opened}\n")
+    browser.chmod(0o755)
+    gui = start_gui(x, tmp_path, procs, "--server", f"{LOOPBACK}:{host.port}", "--room", "r",
+                    "--user", "alice", env={"BROWSER": str(browser)})
+    chat = join_from_launcher(gui, x)
+    bob = Cli(host.port, "r", "bob")
+    procs.append(bob)
+    gui.shown(lambda e: e["kind"] == "notice" and "bob entered" in e["text"])
+    mark = gui.mark()
+    count = 30
+    for n in range(count):
+        bob.say(f"line {n}")
+    last = gui.shown(lambda e: e.get("text") == f"line {count - 1}", 20, mark)
+    shown = [e for e in gui.lines[mark:] if e.get("gui") == "shown" and e["kind"] == "message"]
+    # One name and avatar for the run: every message after the first is grouped.
+    assert [e["grouped"] for e in shown] == [False] + [True] * (count - 1)
+    days = [e for e in gui.lines if e.get("gui") == "shown" and e["kind"] == "day"]
+    assert [e["text"] for e in days] == ["Today"]
+    # How many messages fit in the view now (the README reports it).
+    vx, vy, vw, vh = chat["elements"]["view"]
+    oy = last["origin"][1]
+    fit = sum(1 for e in shown if oy + e["top"] >= vy and oy + e["bottom"] <= vy + vh)
+    print(f"\n{fit} one-line messages of one sender fit in the view ({vw} x {vh} px)")
+    assert fit >= 11                 # 7 before grouping (the README)
+
+    # Another sender starts a new group; a notice ends one too.
+    gui.type_into("chat", "input", "mine, a reply", enter=True)
+    reply = gui.shown(lambda e: e.get("text") == "mine, a reply")
+    assert reply["grouped"] is False
+    bob.say("bob again https://example.org/a_(b)?q=1 and more")
+    linked = gui.shown(lambda e: e.get("text", "").startswith("bob again"))
+    assert linked["grouped"] is False and "link0" in linked["links"]
+
+    # A click on a bubble selects it whole; Ctrl+C copies it.
+    gui.painted(linked)
+    target = shown[-1]
+    box = on_screen(linked, target["bbox"])
+    mark = gui.mark()
+    x.click(box[0] + 3, box[1] + box[3] / 2)
+    assert gui.wait_for(lambda e: e.get("gui") == "selected", start=mark)["text"] \
+        == f"line {count - 1}"
+    x.key("ctrl+c")
+    assert gui.wait_for(lambda e: e.get("gui") == "copied", start=mark)["text"] \
+        == f"line {count - 1}"
+    assert clipboard(x) == f"line {count - 1}"
+
+    # A link opens in the browser with a click.
+    link = on_screen(linked, linked["links"]["link0"])
+    x.click(*centre(link))
+    assert gui.wait_for(lambda e: e.get("gui") == "link_opened", start=mark)["url"] \
+        == "https://example.org/a_(b)?q=1"
+    deadline = time.monotonic() + 10
+    while not opened.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert opened.read_text() == "https://example.org/a_(b)?q=1\n"
+
+    # Right click on the link: Copy link puts the link on the clipboard...
+    mark = gui.mark()
+    x.run("xdotool", "mousemove", str(round(centre(link)[0])), str(round(centre(link)[1])),
+          "click", "3")
+    menu = gui.wait_for(lambda e: e.get("gui") == "menu", start=mark)["items"]
+    assert list(menu) == ["Copy", "Copy link", "Open link"]
+    x.click(*centre(menu["Copy link"]))
+    assert gui.wait_for(lambda e: e.get("gui") == "copied", start=mark)["text"] \
+        == "https://example.org/a_(b)?q=1"
+    assert clipboard(x) == "https://example.org/a_(b)?q=1"
+    # ... and Copy the bubble's text as it was written (our line breaks out).
+    mark = gui.mark()
+    x.run("xdotool", "mousemove", str(round(centre(link)[0])), str(round(centre(link)[1])),
+          "click", "3")
+    menu = gui.wait_for(lambda e: e.get("gui") == "menu", start=mark)["items"]
+    x.click(*centre(menu["Copy"]))
+    assert gui.wait_for(lambda e: e.get("gui") == "copied", start=mark)["text"] \
+        == "bob again https://example.org/a_(b)?q=1 and more"
+    x.screenshot(Path("/tmp/h/shot2.png"), chat["xid"])  # TEMP
+    gui.close("chat")
+    assert_exits_cleanly(gui)
