@@ -1143,6 +1143,95 @@ def test_messages_group_by_sender_under_a_date_and_copy_and_links_work(x, tmp_pa
     x.click(*centre(menu["Copy"]))
     assert gui.wait_for(lambda e: e.get("gui") == "copied", start=mark)["text"] \
         == "bob again https://example.org/a_(b)?q=1 and more"
-    x.screenshot(Path("/tmp/h/shot2.png"), chat["xid"])  # TEMP
+    gui.close("chat")
+    assert_exits_cleanly(gui)
+
+
+def test_a_received_picture_shows_as_a_thumbnail_that_opens(x, tmp_path, procs):
+    host = Host(unique("picture"), advertise=False)
+    procs.append(host)
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    opened = tmp_path / "opened.txt"
+    (bin_dir / "xdg-open").write_text(f"#!/bin/sh\necho \"$1\" >> {opened}\n")
+    (bin_dir / "xdg-open").chmod(0o755)
+    gui = start_gui(x, tmp_path, procs, "--server", f"{LOOPBACK}:{host.port}", "--room", "r",
+                    "--user", "alice", env={"PATH": f"{bin_dir}:{os.environ['PATH']}"})
+    chat = join_from_launcher(gui, x)
+    bob = Cli(host.port, "r", "bob")
+    procs.append(bob)
+    # A picture named as no picture (by content, not name), and a "picture"
+    # that isn't one (a PNG's name and first bytes, then noise).
+    (tmp_path / "photo.dat").write_bytes(_picture("jpg", 800, 600))
+    png = _picture("png")
+    (tmp_path / "broken.png").write_bytes(png[:33] + os.urandom(4000))
+    verdicts = {}
+    for name in ("photo.dat", "broken.png"):
+        bob.say(f"/send {tmp_path / name}")
+        verdicts[name] = gui.wait_for(lambda e, n=name: e.get("gui") == "thumbnail"
+                                      and e["name"] == n, 30)
+    assert verdicts["broken.png"]["picture"] is False
+    assert "thumb" not in verdicts["broken.png"]["links"]          # the ordinary card
+    photo = verdicts["photo.dat"]
+    assert photo["picture"] is True
+    gui.painted(photo)
+    # The view may have scrolled since: take the newest origin.
+    now = [e for e in gui.lines if e.get("gui") == "thumbnail"][-1]
+    box = on_screen(now, photo["links"]["thumb"])
+    assert box[2] >= 100 and abs(box[2] / box[3] - 4 / 3) < 0.05, box
+    width, height, pixels = x.pixels(box)
+    colours = {pixels[i:i + 3] for i in range(0, len(pixels), 3)}
+    assert len(colours) > 50, "the thumbnail is uniform: no picture drawn"
+    assert (255, 0, 0) in {tuple(c) for c in colours} or any(
+        c[0] > 200 and c[1] < 60 and c[2] < 60 for c in colours), "the red square is missing"
+    x.click(*centre(box))
+    deadline = time.monotonic() + 10
+    while not opened.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert opened.read_text().splitlines() == [photo["path"]]
+    gui.close("chat")
+    assert_exits_cleanly(gui)
+
+
+def test_new_messages_below_show_a_pill_and_history_a_divider(x, tmp_path, procs):
+    host = Host(unique("unseen"), advertise=False, extra=["--rate-limit", "0"])
+    procs.append(host)
+    bob = Cli(host.port, "r", "bob")
+    procs.append(bob)
+    for n in range(25):
+        bob.say(f"before {n}")
+    bob.wait_for(lambda e: e.get("type") == "message" and e["text"] == "before 24")
+    gui = start_gui(x, tmp_path, procs, "--server", f"{LOOPBACK}:{host.port}", "--room", "r",
+                    "--user", "alice")
+    chat = join_from_launcher(gui, x)
+    gui.shown(lambda e: e.get("text") == "before 24")
+    mark = gui.mark()
+    bob.say("after you came")
+    after = gui.shown(lambda e: e.get("text") == "after you came", start=mark)
+    # Between what was said before you came and what is said now: a divider.
+    kinds = [(e["kind"], e.get("text")) for e in gui.lines if e.get("gui") == "shown"]
+    at = kinds.index(("message", "after you came"))
+    assert kinds[at - 1] == ("divider", "New messages")
+    assert kinds.index(("divider", "Earlier messages")) < kinds.index(("message", "before 0"))
+    assert after["grouped"] is False        # a divider ends a group
+
+    # Scrolled up, a new message doesn't move the view: a pill counts it.
+    vx, vy, vw, vh = chat["elements"]["view"]
+    x.run("xdotool", "mousemove", str(vx + vw // 2), str(vy + vh // 2),
+          "click", "--repeat", "6", "4")
+    mark = gui.mark()
+    bob.say("while you read")
+    bob.say("and another")
+    pill = gui.wait_for(lambda e: e.get("gui") == "new_messages" and e["count"] == 2,
+                        start=mark)
+    x.click(*centre(pill["box"]))
+    gui.wait_for(lambda e: e.get("gui") == "new_messages" and e["count"] == 0, start=mark)
+    # At the bottom again, the next message is followed, with no pill.
+    mark = gui.mark()
+    bob.say("followed")
+    gui.shown(lambda e: e.get("text") == "followed", start=mark)
+    gui.type_into("chat", "input", "/who", enter=True)
+    gui.shown(lambda e: e.get("text", "").startswith("In the room"), start=mark)
+    assert not [e for e in gui.lines[mark:] if e.get("gui") == "new_messages"]
     gui.close("chat")
     assert_exits_cleanly(gui)
