@@ -1157,7 +1157,7 @@ def test_a_received_picture_shows_as_a_thumbnail_that_opens(x, tmp_path, procs):
     (bin_dir / "xdg-open").chmod(0o755)
     gui = start_gui(x, tmp_path, procs, "--server", f"{LOOPBACK}:{host.port}", "--room", "r",
                     "--user", "alice", env={"PATH": f"{bin_dir}:{os.environ['PATH']}"})
-    chat = join_from_launcher(gui, x)
+    join_from_launcher(gui, x)
     bob = Cli(host.port, "r", "bob")
     procs.append(bob)
     # A picture named as no picture (by content, not name), and a "picture"
