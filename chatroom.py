@@ -13186,6 +13186,61 @@ class ChatView(Drawing):
     }
 
 
+# One code point each (no variation selectors or joiners: Tk 8.6 draws
+# those as boxes), the ones people reach for first on a LAN chat.
+PICKER_EMOJI = ("😀", "😂", "🤣", "😊", "🙂", "😍", "😘", "😎", "🤔", "😅", "😴", "😢",
+                "😭", "😡", "😱", "🥳", "👍", "👎", "👏", "🙏", "💪", "👌", "👋", "🤝",
+                "🎉", "🔥", "✨", "⭐", "💯", "✅", "❌", "❓", "☕", "🍺", "🍰", "🎂",
+                "🌹", "🌞", "🌙", "⚡", "💡", "📎")
+
+
+class EmojiPicker:
+    """The small button beside the message box: a click opens a grid of
+    emoji; picking one inserts it at the message box's cursor. Drawn in the
+    window's font, as the bubbles draw them: the system's font fallback finds
+    the emoji font (naming Noto Color Emoji itself made Xft draw its 109-pixel
+    bitmaps unscaled)."""
+
+    COLUMNS = 8
+
+    def __init__(self, button: Any, field: Any, look: Look, trace: GuiTrace) -> None:
+        import tkinter.font
+        self.button = button
+        self.field = field                  # the tk Entry (or Text) typed into
+        self.trace = trace
+        self.font = tkinter.font.Font(root=button, font=look.font(16))
+        self.menu: Any = None
+        button.configure(command=self.open)
+
+    def open(self) -> None:
+        import tkinter
+        if self.menu is not None:
+            self.menu.destroy()
+        menu = self.menu = tkinter.Menu(self.button, tearoff=0, font=self.font,
+                                        background=COLOURS["panel"],
+                                        activebackground=COLOURS["accent_soft"],
+                                        borderwidth=1, activeborderwidth=0)
+        for index, emoji in enumerate(PICKER_EMOJI):
+            menu.add_command(label=emoji, columnbreak=bool(index) and index % self.COLUMNS == 0,
+                             command=functools.partial(self.insert, emoji))
+        # Above the button, its right edge on the button's: the message box stays in view.
+        menu.tk_popup(self.button.winfo_rootx() + self.button.winfo_width()
+                      - menu.winfo_reqwidth(), self.button.winfo_rooty() - menu.winfo_reqheight())
+        if self.trace.enabled:
+            menu.update_idletasks()
+            row = menu.yposition(1) - menu.yposition(0)
+            self.trace("emoji_picker", items={
+                emoji: [menu.winfo_rootx() + menu.xposition(i), menu.winfo_rooty()
+                        + menu.yposition(i), self.font.measure(emoji), row]
+                for i, emoji in enumerate(PICKER_EMOJI[:self.COLUMNS])})
+
+    def insert(self, emoji: str) -> None:
+        """`emoji` into the message box at its cursor, which stays after it."""
+        self.field.insert("insert", emoji)
+        self.field.focus_set()
+        self.trace("emoji_inserted", emoji=emoji, text=self.field.get())
+
+
 class MemberList(Drawing):
     """The room's members with their avatars, "Everyone" first; a click
     picks who a file goes to (the room, or one person)."""
@@ -13691,6 +13746,8 @@ class ChatWindow:
             _button("Video call", (_CHAT, "video"), look, primary=False),
             sg.Column([[_field((_CHAT, "input"), look, focus=True, size=(12, 1))]],
                       expand_x=True, pad=(px(8), 0)),
+            _button("☺", (_CHAT, "emoji"), look, primary=False,
+                    tooltip="Insert an emoji"),
             _button("Send", (_CHAT, "send"), look, bind_return_key=True)]
         banner = sg.Text("", key=(_CHAT, "banner"), font=look.font(10, "bold"),
                          text_color=COLOURS["error_text"], background_color=COLOURS["error"],
@@ -13736,6 +13793,8 @@ class ChatWindow:
         view = self.window[(_CHAT, "view")].Widget
         self._add_scrollbar(view)
         self.view = ChatView(view, look, images, post, trace, max_shown)
+        self.emoji = EmojiPicker(self.window[(_CHAT, "emoji")].Widget,
+                                 self.window[(_CHAT, "input")].Widget, look, trace)
         self.members = MemberList(self.window[(_CHAT, "members")].Widget, look, images,
                                   self.me, post)
         self.members.set(ready["members"])
@@ -13923,7 +13982,7 @@ class ChatWindow:
         self.note(why, "error")
         self.window[(_CHAT, "banner")].update(f"  {why} Nothing you type now is sent.",
                                                visible=True)
-        for name in ("input", "send", "file", "video"):
+        for name in ("input", "send", "file", "video", "emoji"):
             self.window[(_CHAT, name)].update(disabled=True)
         self.window[(_CHAT, "input")].Widget.configure(
             disabledbackground=COLOURS["track"])
@@ -14014,7 +14073,7 @@ class ChatWindow:
                    box=_screen_box(self.window.TKroot),
                    elements={name: _screen_box(self.window[(_CHAT, name)].Widget)
                              for name in ("input", "send", "file", "video", "leave",
-                                          "view", "members")},
+                                          "view", "members", "emoji")},
                    disabled={name: str(self.window[(_CHAT, name)].Widget.cget("state"))
                              in ("disabled", "readonly") for name in ("input", "send")},
                    banner=banner.get() if banner.visible else "", protected=self.protected,

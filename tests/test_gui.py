@@ -1235,3 +1235,47 @@ def test_new_messages_below_show_a_pill_and_history_a_divider(x, tmp_path, procs
     assert not [e for e in gui.lines[mark:] if e.get("gui") == "new_messages"]
     gui.close("chat")
     assert_exits_cleanly(gui)
+
+
+def test_emoji_draw_as_glyphs_and_the_picker_inserts_them(x, tmp_path, procs):
+    host = Host(unique("emoji"), advertise=False, extra=["--rate-limit", "0"])
+    procs.append(host)
+    gui = start_gui(x, tmp_path, procs, "--server", f"{LOOPBACK}:{host.port}", "--room", "r",
+                    "--user", "alice")
+    join_from_launcher(gui, x)
+    bob = Cli(host.port, "r", "bob")
+    procs.append(bob)
+    # As for Chinese: the emoji's pixels must not be the box of a missing
+    # glyph, which two different letters of a script no font here has share.
+    texts = ["😀👍🎉🔥", "\u0f40" * 4, "\u0f41" * 4]
+    for text in texts:
+        bob.say(text)
+    shown = {t: gui.shown(lambda e, t=t: e["kind"] == "message" and e["text"] == t)
+             for t in texts}
+    now = shown[texts[-1]]
+    gui.painted(now)
+    pixels = {t: x.pixels(on_screen(now, shown[t]["bbox"])) for t in texts}
+    assert pixels[texts[1]] == pixels[texts[2]], "Tibetan has a font here: pick another"
+    emoji = pixels[texts[0]][2]
+    background = emoji[:3]
+    assert sum(1 for i in range(0, len(emoji), 3) if emoji[i:i + 3] != background) > 100, \
+        "nothing drawn where the emoji are"
+    assert pixels[texts[0]] != pixels[texts[1]], \
+        "emoji render as missing-glyph boxes: is fonts-noto-color-emoji installed?"
+    # In colour (Tk 8.6.13 with Xft 2.3.6 draws Noto Color Emoji): 😀 is yellow.
+    assert any(emoji[i] > 200 and emoji[i + 1] > 140 and emoji[i + 2] < 90
+               for i in range(0, len(emoji), 3)), "emoji drawn, but not in colour"
+
+    # The picker: a click on the button, a click on an emoji: it is typed in.
+    mark = gui.mark()
+    gui.type_into("chat", "input", "hi ")
+    gui.click("chat", "emoji")
+    items = gui.wait_for(lambda e: e.get("gui") == "emoji_picker", start=mark)["items"]
+    x.click(*centre(items["😊"]))
+    assert gui.wait_for(lambda e: e.get("gui") == "emoji_inserted", start=mark)["text"] \
+        == "hi 😊"
+    gui.click("chat", "send")
+    assert bob.wait_for(lambda e: e.get("type") == "message" and e["from"] == "alice")[
+        "text"] == "hi 😊"
+    gui.close("chat")
+    assert_exits_cleanly(gui)
