@@ -42,12 +42,13 @@ The file reads top to bottom; each section uses only the sections above it
 20. COMMANDS              one parser for what a person types
 21. TERMINAL CLIENT       --cli: stdin lines in, events out (text or JSON)
 22. GUI LOOK              theme, fonts, --scale, the trace hook, drawing
-23. GUI CONVERSATION      bubbles, notices and file cards; the members list
-24. GUI WINDOWS           the launcher and the chat window
-25. GUI CALLS             the call window: tiles, who speaks, ESC and Backspace
-26. GUI PLUMBING          settings, the bridge from the core, opening, phases
-27. GUI APP               the one core, the windows, the one read loop
-28. MAIN                  argparse and the entry points
+23. GUI CONVERSATION      bubbles, notices, file cards, links, pictures, copying
+24. GUI MEMBERS           the members list and the emoji picker
+25. GUI WINDOWS           the launcher and the chat window
+26. GUI CALLS             the call window: tiles, who speaks, ESC and Backspace
+27. GUI PLUMBING          settings, the bridge from the core, opening, phases
+28. GUI APP               the one core, the windows, the one read loop
+29. MAIN                  argparse and the entry points
 """
 
 from __future__ import annotations
@@ -11870,12 +11871,13 @@ def run_discover(args: argparse.Namespace) -> int:
 # 22. GUI LOOK: theme, fonts, --scale, the trace hook, anti-aliased drawing
 # =============================================================================
 # The desktop window is a front end over CLIENT CORE beside the TERMINAL
-# CLIENT, spread over five sections: GUI LOOK (this one) how things look and
-# how they are drawn, GUI CONVERSATION the conversation and the members
-# list, GUI WINDOWS the windows, GUI CALLS the call window, GUI APP the app
-# that owns them and the one read loop. Together they read the core's event
-# dicts and decide nothing the core decides; they own the main thread and
-# never block it.
+# CLIENT, spread over seven sections: GUI LOOK (this one) how things look
+# and how they are drawn, GUI CONVERSATION the conversation, GUI MEMBERS the
+# members list and the emoji picker, GUI WINDOWS the windows, GUI CALLS the
+# call window, GUI PLUMBING settings and the bridge from the core, GUI APP
+# the app that owns them and the one read loop.
+# Together they read the core's event dicts and decide nothing the core
+# decides; they own the main thread and never block it.
 #
 # This section owns the look (one theme, a font that draws Chinese, colours,
 # --scale), the trace hook the tests follow the window through, and drawing
@@ -12395,14 +12397,15 @@ def picture_thumbnail(path: str | Path, max_width: int, max_height: int
 
 
 # =============================================================================
-# 23. GUI CONVERSATION: bubbles, notices and file cards; the members list
+# 23. GUI CONVERSATION: bubbles, notices, file cards, links, pictures, copying
 # =============================================================================
-# Two canvases of the chat window, drawn with 14's helpers. ChatView is the
-# conversation: a person's message is always a bubble with an avatar, and a
-# [SYSTEM] notice is drawn only from the host's `system` events, so no text
-# a user sends can look like one. MemberList is the room's members, where a
-# click picks who a file goes to. Both report clicks by posting an event
-# to the read loop (GUI APP); neither talks to the core.
+# The chat window's conversation canvas, drawn with GUI LOOK's helpers.
+# ChatView is the conversation: a person's message is always a bubble with
+# an avatar (one per run of a sender's messages), and a [SYSTEM] notice is
+# drawn only from the host's `system` events, so no text a user sends can
+# look like one. It selects and copies text, opens links, and shows
+# received pictures as thumbnails made on a worker thread. It reports clicks
+# by posting an event to the read loop (GUI APP) and never talks to the core.
 
 _RELAYOUT_DELAY_MS = 80             # a resize redraws once the edge rests this long
 _MESSAGE_MARKS = {"sending": "Sending...", "late": "Not confirmed by the host yet",
@@ -13186,6 +13189,15 @@ class ChatView(Drawing):
     }
 
 
+# =============================================================================
+# 24. GUI MEMBERS: the members list and the emoji picker
+# =============================================================================
+# Two small parts of the chat window beside the conversation. MemberList is
+# the room's members on a canvas, where a click picks who a file goes to (it
+# posts an event to the read loop, GUI APP); EmojiPicker is the button beside
+# the message box whose grid of emoji types one at the cursor. Neither talks
+# to the core.
+
 # One code point each (no variation selectors or joiners: Tk 8.6 draws
 # those as boxes), the ones people reach for first on a LAN chat.
 PICKER_EMOJI = ("😀", "😂", "🤣", "😊", "🙂", "😍", "😘", "😎", "🤔", "😅", "😴", "😢",
@@ -13332,7 +13344,7 @@ class MemberList(Drawing):
 
 
 # =============================================================================
-# 24. GUI WINDOWS: the launcher and the chat window
+# 25. GUI WINDOWS: the launcher and the chat window
 # =============================================================================
 # The two windows a person sees, built from 14 and 15: the launcher (hosts
 # on the LAN, the address and the IDs, Join, "Host a room here") and the
@@ -14132,7 +14144,7 @@ def _sentence(text: str) -> str:
 
 
 # =============================================================================
-# 25. GUI CALLS: the call window, a tile per person, ESC and Backspace
+# 26. GUI CALLS: the call window, a tile per person, ESC and Backspace
 # =============================================================================
 # One window holds every call in progress: your own camera first, then a
 # tile per peer, in a grid that reflows as people join and leave, each
@@ -14513,7 +14525,7 @@ class CallWindows:
 
 
 # =============================================================================
-# 26. GUI PLUMBING: settings, the bridge from the core, opening files, phases
+# 27. GUI PLUMBING: settings, the bridge from the core, opening files, phases
 # =============================================================================
 # What the app (next section) stands on: the settings remembered between
 # runs, GuiBridge (the core's thread reaches the window only through it,
@@ -14682,7 +14694,7 @@ class LoopStats:
 
 
 # =============================================================================
-# 27. GUI APP: the one core, the windows, the one read loop
+# 28. GUI APP: the one core, the windows, the one read loop
 # =============================================================================
 # GuiApp owns one ClientCore, the launcher (which lives as long as the
 # program and receives every core event), the chat window while in a room,
@@ -15450,7 +15462,7 @@ def run_gui(args: argparse.Namespace, limits: Limits, media: MediaOptions) -> in
 
 
 # =============================================================================
-# 28. MAIN: argparse and the entry points
+# 29. MAIN: argparse and the entry points
 # =============================================================================
 # Builds every object from the flags and passes them down; nothing above
 # reads a global that main() sets. `python chatroom.py` with no mode opens
