@@ -1114,6 +1114,16 @@ def test_messages_group_by_sender_under_a_date_and_copy_and_links_work(x, tmp_pa
     assert gui.wait_for(lambda e: e.get("gui") == "copied", start=mark)["text"] \
         == f"line {count - 1}"
     assert clipboard(x) == f"line {count - 1}"
+    # A drag selects part of it: from its first letter to its middle.
+    mark = gui.mark()
+    left, middle = box[0] + 1, box[0] + box[2] // 2
+    x.run("xdotool", "mousemove", str(left), str(round(box[1] + box[3] / 2)), "mousedown", "1",
+          "mousemove", str(left + 4), str(round(box[1] + box[3] / 2)),
+          "mousemove", str(middle), str(round(box[1] + box[3] / 2)), "mouseup", "1")
+    x.key("ctrl+c")
+    part = gui.wait_for(lambda e: e.get("gui") == "copied", start=mark)["text"]
+    assert part and f"line {count - 1}".startswith(part) and part != f"line {count - 1}"
+    assert clipboard(x) == part
 
     # A link opens in the browser with a click.
     link = on_screen(linked, linked["links"]["link0"])
