@@ -12469,6 +12469,7 @@ class ChatView(Drawing):
         self._press: tuple[ChatEntry, float, float] | None = None   # where a drag began
         self._dragged = False
         self._menu: Any = None              # the right-click menu while it is up
+        self._lit: tuple[str, str, str] | None = None   # (tag, under, over): links drawn selected
         self._photos: dict[str, Any] = {}   # entry.tag -> its thumbnail (a Tk PhotoImage)
         self._thumbs: list[tuple[ChatEntry, concurrent.futures.Future]] = []
         self._thumb_pool: concurrent.futures.ThreadPoolExecutor | None = None
@@ -12742,10 +12743,10 @@ class ChatView(Drawing):
                 y = top + row * line_height
                 part = line[a - row_start:b - row_start]
                 draw.create_rectangle(x, y, x + measure(part), y + line_height, fill=fill,
-                                      outline="", tags=(tag, f"{tag}-{name}", "link"))
+                                      outline="", tags=(tag, f"{tag}-{name}", f"{tag}-under"))
                 item = draw.create_text(x, y, anchor="nw", text=part, fill=ink,
                                         font=self.fonts["link"],
-                                        tags=(tag, f"{tag}-{name}", "link"))
+                                        tags=(tag, f"{tag}-{name}", f"{tag}-over"))
                 entry.links.setdefault(name, item)
             draw.tag_bind(f"{tag}-{name}", "<ButtonRelease-1>",
                           lambda _e, u=url: self.open_link(u))
@@ -12784,8 +12785,27 @@ class ChatView(Drawing):
                     return entry.urls[name]
         return None
 
+    def _light_links(self, entry: ChatEntry | None) -> None:
+        """The links drawn over `entry`'s text take the selection's colours
+        (they hide the text's own highlight); those of the last one lit
+        take their own again. None: only the latter."""
+        draw = self.widget
+        if self._lit is not None:
+            tag, under, over = self._lit
+            draw.itemconfigure(f"{tag}-under", fill=under)
+            draw.itemconfigure(f"{tag}-over", fill=over)
+            self._lit = None
+        if entry is not None and entry.urls:
+            under = draw.find_withtag(f"{entry.tag}-under")
+            over = draw.find_withtag(f"{entry.tag}-over")
+            self._lit = (entry.tag, str(draw.itemcget(under[0], "fill")),
+                         str(draw.itemcget(over[0], "fill")))
+            draw.itemconfigure(f"{entry.tag}-under", fill=COLOURS["accent_soft"])
+            draw.itemconfigure(f"{entry.tag}-over", fill=COLOURS["accent"])
+
     def _on_press(self, event: Any) -> None:
         self.widget.focus_set()             # so Ctrl+C comes here
+        self._light_links(None)
         x, y = self.widget.canvasx(event.x), self.widget.canvasy(event.y)
         entry = self._entry_at(x, y)
         self._press = (entry, x, y) if entry is not None and entry.text_item else None
@@ -12817,6 +12837,7 @@ class ChatView(Drawing):
         """Select all the text of `entry`."""
         self.widget.select_from(entry.text_item, 0)
         self.widget.select_to(entry.text_item, "end")
+        self._light_links(entry)
         self.trace("selected", tag=entry.tag, text=self.selected_text())
 
     def selected_text(self) -> str:
