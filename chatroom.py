@@ -12465,7 +12465,6 @@ class ChatView(Drawing):
         self._day: datetime.date | None = None      # the day of the last dated entry
         self._in_history = False            # the last message was from a history replay
         self._unseen = 0                    # messages arrived below while scrolled up
-        self._pill: Any = None              # the "↓ N new messages" button, made when needed
         self._press: tuple[ChatEntry, float, float] | None = None   # where a drag began
         self._dragged = False
         self._menu: Any = None              # the right-click menu while it is up
@@ -12486,6 +12485,9 @@ class ChatView(Drawing):
         widget.bind("<B1-Motion>", self._on_drag)
         widget.bind("<ButtonRelease-1>", self._on_release)
         widget.bind("<Button-3>", self._on_menu)
+        widget.tag_bind("pill", "<ButtonRelease-1>", lambda _e: self.to_bottom())
+        widget.tag_bind("pill", "<Enter>", lambda _e: widget.configure(cursor="hand2"))
+        widget.tag_bind("pill", "<Leave>", lambda _e: widget.configure(cursor=""))
         for sequence in ("<Control-c>", "<Control-C>", "<<Copy>>"):
             widget.bind(sequence, lambda _e: self.copy())
         # Whoever scrolls the view (wheel, scrollbar, a jump), its scrollbar
@@ -12771,7 +12773,10 @@ class ChatView(Drawing):
     def _entry_at(self, x: float, y: float) -> ChatEntry | None:
         """The entry drawn at canvas point (x, y), if any."""
         for item in reversed(self.widget.find_overlapping(x - 1, y - 1, x + 1, y + 1)):
-            for tag in self.widget.gettags(item):
+            tags = self.widget.gettags(item)
+            if "pill" in tags:
+                return None                 # the pill covers what is below it
+            for tag in tags:
                 if tag in self._by_tag:
                     return self._by_tag[tag]
         return None
@@ -12941,22 +12946,30 @@ class ChatView(Drawing):
     # --- "↓ N new messages": what arrived below while you read above ---
 
     def _show_pill(self) -> None:
-        import tkinter
-        if self._pill is None:
-            self._pill = tkinter.Button(
-                self.widget, font=self.fonts["name"], relief="flat", borderwidth=0,
-                cursor="hand2", background=COLOURS["accent"], foreground=COLOURS["mine_text"],
-                activebackground=COLOURS["accent_dark"], activeforeground=COLOURS["mine_text"],
-                highlightthickness=0, padx=self.look.px(12), pady=self.look.px(4),
-                command=self.to_bottom)
-        plural = "s" if self._unseen != 1 else ""
-        self._pill.configure(text=f"↓ {self._unseen} new message{plural}")
-        self._pill.place(relx=0.5, rely=1.0, y=-self.look.px(12), anchor="s")
+        self._draw_pill()
         if self.trace.enabled:
-            self._pill.update_idletasks()
+            x1, y1, x2, y2 = self.widget.bbox("pill")
+            ox, oy = self.where(self.entries[-1])["origin"]
             self.trace("new_messages", count=self._unseen,
-                       box=[self._pill.winfo_rootx(), self._pill.winfo_rooty(),
-                            self._pill.winfo_width(), self._pill.winfo_height()])
+                       box=[x1 + ox, y1 + oy, x2 - x1, y2 - y1])
+            self._report_painted()
+
+    def _draw_pill(self) -> None:
+        """The pill, a rounded button drawn on the canvas at the bottom of
+        what the view shows now (so again after each scroll)."""
+        draw, px = self.widget, self.look.px
+        draw.delete("pill")
+        if not self._unseen:
+            return
+        plural = "s" if self._unseen != 1 else ""
+        bottom = draw.canvasy(int(draw.winfo_height())) - px(18)
+        label = draw.create_text(self._width / 2, bottom, anchor="s", font=self.fonts["name"],
+                                 text=f"↓ {self._unseen} new message{plural}",
+                                 fill=COLOURS["mine_text"], tags="pill")
+        x1, y1, x2, y2 = draw.bbox(label)
+        self.box("pill", x1 - px(14), y1 - px(6), x2 + px(14), y2 + px(6), px(14),
+                 COLOURS["accent"])
+        draw.tag_raise(label)
 
     def to_bottom(self) -> None:
         """Jump to the newest entry (the pill goes as the view gets there)."""
@@ -12965,11 +12978,14 @@ class ChatView(Drawing):
     def _on_scrolled(self, scrollbar: str, first: str, last: str) -> None:
         if scrollbar:
             self.widget.tk.eval(f"{scrollbar} {first} {last}")
-        if float(last) >= 0.999 and self._unseen:
+        if not self._unseen:
+            return
+        if float(last) >= 0.999:
             self._unseen = 0
-            if self._pill is not None:
-                self._pill.place_forget()
+            self.widget.delete("pill")
             self.trace("new_messages", count=0, box=None)
+        else:
+            self._draw_pill()               # it stays at the bottom of the view
 
     # --- painters: each draws an entry from `top` down and returns its bottom ---
 
