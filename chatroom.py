@@ -6700,7 +6700,9 @@ def show_fingerprint(fingerprint: str, full: bool = False) -> str:
 def _write_private(path: Path, data: bytes) -> None:
     """Write `data` to `path` readable by its owner only, atomically."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_suffix(f".{os.getpid()}.tmp")
+    # Per thread too: two saves of known-hosts.json at once (a host first met
+    # by address and by name) shared one name, and the second found it gone.
+    temporary = path.with_suffix(f".{os.getpid()}.{threading.get_ident()}.tmp")
     descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(descriptor, "wb") as out:
         out.write(data)
