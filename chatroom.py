@@ -13289,7 +13289,9 @@ class EmojiPicker:
         """`emoji` into the message box at its cursor, which stays after it."""
         self.field.insert("insert", emoji)
         self.field.focus_set()
-        self.trace("emoji_inserted", emoji=emoji, text=self.field.get())
+        if self.trace.enabled:              # an Entry, or a Text for several lines
+            self.trace("emoji_inserted", emoji=emoji, text=self.field.get(
+                *(("1.0", "end-1c") if self.field.winfo_class() == "Text" else ())))
 
 
 class MemberList(Drawing):
