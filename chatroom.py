@@ -11883,9 +11883,12 @@ def run_discover(args: argparse.Namespace) -> int:
 #
 # This section owns the look (one theme, a font that draws Chinese, colours,
 # --scale), the trace hook the tests follow the window through, and drawing
-# helpers that Tk lacks (anti-aliased discs and rounded boxes). It makes no
-# window and handles no event. PySimpleGUI and tkinter are imported inside
-# the functions that need them, so `import chatroom` works with no display.
+# helpers that Tk lacks (anti-aliased discs and rounded boxes); and, pure,
+# what the conversation needs to know of text and files: links, day names,
+# pictures by content and their thumbnails (OpenCV, off the GUI thread). It
+# makes no window and handles no event. PySimpleGUI, tkinter and cv2 are
+# imported inside the functions that need them, so `import chatroom` works
+# with no display.
 
 GUI_TRACE_ENV = "CHATROOM_GUI_TRACE"  # test hook, see GuiTrace
 
