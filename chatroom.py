@@ -12437,18 +12437,21 @@ class ChatEntry:
     grouped: bool = False           # under the previous entry's name and avatar
     urls: dict[str, str] = dataclasses.field(default_factory=dict)   # link name -> URL
     shown_text: str = ""            # the text as drawn (wrapped by us where it has links)
-    origin: list[int] | None = None     # shown_text index -> text index (None: a break we made)
+    origin: list[int] | None = None     # shown_text index -> text index (-1: a break we made)
 
 
 class ChatView(Drawing):
     """The conversation, drawn on a tk Canvas, newest at the bottom.
 
-    A person's message is always a bubble with an avatar, a name and a time:
-    mine on the right, everyone else's on the left. A [SYSTEM] notice is a
-    centred grey line and nothing else is drawn that way, so no text a user
-    sends can look like one. Notes from this program (errors, the answer to
-    /who) are centred too, in their own colours. Keeps the last `max_shown`
-    entries; follows new ones while you are at the bottom.
+    A person's message is always a bubble under an avatar, a name and a
+    time (one for each run of a sender's messages): mine on the right,
+    everyone else's on the left. A [SYSTEM] notice is a centred grey line and
+    nothing else is drawn that way, so no text a user sends can look like
+    one. Notes from this program (errors, the answer to /who) are centred
+    too, in their own colours. Keeps the last `max_shown` entries; follows
+    new ones while you are at the bottom, and counts them in a "↓ N new
+    messages" pill while you are not. A click selects a bubble's text, Ctrl+C
+    or the right-click menu copies it; links open in the browser.
     """
 
     def __init__(self, widget: Any, look: Look, images: Images,
@@ -12564,8 +12567,8 @@ class ChatView(Drawing):
     def _groups_with(before: ChatEntry, entry: ChatEntry) -> bool:
         """True if `entry` goes under `before`'s name and avatar: both a
         message or card, from one sender on the same side, within
-        _GROUP_GAP_S (no day divider can fall between them then: one comes
-        before any entry of a new day)."""
+        _GROUP_GAP_S (a divider or notice between them is `before`, and
+        ends the run)."""
         if before.kind not in _GROUPED_KINDS or entry.kind not in _GROUPED_KINDS:
             return False
 
