@@ -43,13 +43,14 @@ The file reads top to bottom; each section uses only the sections above it
 21. COMMANDS              one parser for what a person types
 22. TERMINAL CLIENT       --cli: stdin lines in, events out (text or JSON)
 23. GUI LOOK              theme, fonts, --scale, the trace hook, drawing
-24. GUI CONVERSATION      bubbles, notices and file cards; the members list
-25. GUI WINDOWS           shared widgets and the launcher
-26. GUI CHAT WINDOW       conversations, the members, the input line
-27. GUI CALLS             the call window: tiles, who speaks, ESC and Backspace
-28. GUI PLUMBING          settings, the bridge from the core, opening, phases
-29. GUI APP               the one core, the windows, the one read loop
-30. MAIN                  argparse and the entry points
+24. GUI CONVERSATION      bubbles, notices, file cards, links, pictures, copying
+25. GUI MEMBERS           the members list and the emoji picker
+26. GUI WINDOWS           shared widgets and the launcher
+27. GUI CHAT WINDOW       conversations, the members, the input line
+28. GUI CALLS             the call window: tiles, who speaks, ESC and Backspace
+29. GUI PLUMBING          settings, the bridge from the core, opening, phases
+30. GUI APP               the one core, the windows, the one read loop
+31. MAIN                  argparse and the entry points
 """
 
 from __future__ import annotations
@@ -12221,19 +12222,22 @@ def run_discover(args: argparse.Namespace) -> int:
 # 23. GUI LOOK: theme, fonts, --scale, the trace hook, anti-aliased drawing
 # =============================================================================
 # The desktop window is a front end over CLIENT CORE beside the TERMINAL
-# CLIENT, spread over seven sections: GUI LOOK (this one) how things look and
-# how they are drawn, GUI CONVERSATION the conversation and the members
-# list, GUI WINDOWS the launcher, GUI CHAT WINDOW a room's window, GUI
-# CALLS the call window, GUI APP the app
-# that owns them and the one read loop. Together they read the core's event
-# dicts and decide nothing the core decides; they own the main thread and
-# never block it.
+# CLIENT, spread over seven sections: GUI LOOK (this one) how things look
+# and how they are drawn, GUI CONVERSATION the conversation, GUI MEMBERS the
+# members list and the emoji picker, GUI WINDOWS the windows, GUI CALLS the
+# call window, GUI PLUMBING settings and the bridge from the core, GUI APP
+# the app that owns them and the one read loop.
+# Together they read the core's event dicts and decide nothing the core
+# decides; they own the main thread and never block it.
 #
 # This section owns the look (one theme, a font that draws Chinese, colours,
 # --scale), the trace hook the tests follow the window through, and drawing
-# helpers that Tk lacks (anti-aliased discs and rounded boxes). It makes no
-# window and handles no event. PySimpleGUI and tkinter are imported inside
-# the functions that need them, so `import chatroom` works with no display.
+# helpers that Tk lacks (anti-aliased discs and rounded boxes); and, pure,
+# what the conversation needs to know of text and files: links, day names,
+# pictures by content and their thumbnails (OpenCV, off the GUI thread). It
+# makes no window and handles no event. PySimpleGUI, tkinter and cv2 are
+# imported inside the functions that need them, so `import chatroom` works
+# with no display.
 
 GUI_TRACE_ENV = "CHATROOM_GUI_TRACE"  # test hook, see GuiTrace
 
@@ -12593,21 +12597,179 @@ class Drawing:
         return text[:low] + "..."
 
 
+# --- Text and pictures in the conversation (pure, or off the GUI thread) -------
+# What ChatView needs to know about what it draws: where the links in a text
+# are, what to call a day, and whether a received file is a picture, with a
+# thumbnail made from it. None of it touches Tk, so a worker thread may run it.
+
+# A link is http:// or https:// and what follows up to a space or a quote;
+# nothing else (file:, javascript:) is ever a link here.
+_LINK_RE = re.compile(r"(?<![A-Za-z0-9+.-])https?://[^\s<>\"'`\u3000-\u303f\uff01-\uff5e]+",
+                      re.IGNORECASE)
+_LINK_TAIL = ".,;:!?*'\"-"          # punctuation after a link ends the sentence, not the link
+_LINK_PAIRS = {")": "(", "]": "[", "}": "{"}
+
+PICTURE_MAX_BYTES = 64 * 1024 * 1024    # a bigger "picture" shows as a plain card
+PICTURE_MAX_PIXELS = 40_000_000         # width x height read from its header, before decoding
+_PICTURE_HEAD_BYTES = 256 * 1024        # where a JPEG's size must appear (after its EXIF)
+
+
+def find_links(text: str) -> list[tuple[int, int, str]]:
+    """The http/https links in `text`: (start, end, url) in order, each
+    without the punctuation that ends a sentence, and with a closing bracket
+    only when the link opened it ("(see https://x.org/a_(b))" keeps "(b)")."""
+    links = []
+    for match in _LINK_RE.finditer(text):
+        url = match.group()
+        while url:
+            last = url[-1]
+            if not (last in _LINK_TAIL or (last in _LINK_PAIRS and url.count(
+                    _LINK_PAIRS[last]) < url.count(last))):
+                break
+            url = url[:-1]
+        if len(url) > len("https://") and "://" in url and url.split("://", 1)[1]:
+            links.append((match.start(), match.start() + len(url), url))
+    return links
+
+
+def day_label(ts: float, now: float | None = None) -> str:
+    """What a date divider says for a message sent at `ts`: "Today",
+    "Yesterday", "Monday 2 March" this year, else "2 March 2025"."""
+    day = datetime.date.fromtimestamp(ts)
+    today = datetime.date.fromtimestamp(time.time() if now is None else now)
+    if day == today:
+        return "Today"
+    if day == today - datetime.timedelta(days=1):
+        return "Yesterday"
+    if day.year == today.year:
+        return f"{day:%A} {day.day} {day:%B}"
+    return f"{day.day} {day:%B %Y}"
+
+
+def picture_kind(head: bytes) -> str | None:
+    """"png", "jpeg", "gif", "bmp" or "webp" from a file's first bytes (its
+    content, never its name), or None."""
+    if head.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "png"
+    if head.startswith(b"\xff\xd8\xff"):
+        return "jpeg"
+    if head[:6] in (b"GIF87a", b"GIF89a"):
+        return "gif"
+    if head.startswith(b"BM") and len(head) >= 26:
+        return "bmp"
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "webp"
+    return None
+
+
+def picture_size(head: bytes) -> tuple[int, int] | None:
+    """(width, height) as a picture's header states it, read without
+    decoding it (so a decompression bomb is refused before it explodes), or
+    None if the header is broken or not where it must be."""
+    kind = picture_kind(head)
+    try:
+        if kind == "png" and head[12:16] == b"IHDR":
+            return struct.unpack(">II", head[16:24])
+        if kind == "gif":
+            return struct.unpack("<HH", head[6:10])
+        if kind == "bmp":
+            width, height = struct.unpack("<ii", head[18:26])
+            return abs(width), abs(height)
+        if kind == "webp":
+            chunk = head[12:16]
+            if chunk == b"VP8 " and head[23:26] == b"\x9d\x01\x2a":
+                width, height = struct.unpack("<HH", head[26:30])
+                return width & 0x3FFF, height & 0x3FFF
+            if chunk == b"VP8L" and head[20] == 0x2F:
+                bits = int.from_bytes(head[21:25], "little")
+                return (bits & 0x3FFF) + 1, ((bits >> 14) & 0x3FFF) + 1
+            if chunk == b"VP8X":
+                return (int.from_bytes(head[24:27], "little") + 1,
+                        int.from_bytes(head[27:30], "little") + 1)
+        if kind == "jpeg":
+            at = 2
+            while at + 9 < len(head):       # markers up to the frame header (SOFn)
+                if head[at] != 0xFF:
+                    return None
+                marker = head[at + 1]
+                if marker == 0xFF:          # fill byte
+                    at += 1
+                    continue
+                length = struct.unpack(">H", head[at + 2:at + 4])[0]
+                if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
+                    height, width = struct.unpack(">HH", head[at + 5:at + 9])
+                    return width, height
+                at += 2 + length
+    except (struct.error, IndexError):
+        pass
+    return None
+
+
+def picture_thumbnail(path: str | Path, max_width: int, max_height: int
+                      ) -> tuple[int, int, bytes] | None:
+    """A thumbnail of the picture at `path`, at most max_width x max_height
+    and never enlarged, as (width, height, PPM bytes) for a Tk PhotoImage;
+    None if it isn't a picture (by content), is too big (PICTURE_MAX_BYTES,
+    or PICTURE_MAX_PIXELS by its header), or doesn't decode. Blocks (file
+    I/O and OpenCV): call it off the GUI thread. Never raises for a bad file."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(_PICTURE_HEAD_BYTES)
+            if picture_kind(head) is None or os.fstat(f.fileno()).st_size > PICTURE_MAX_BYTES:
+                return None
+            size = picture_size(head)
+            if size is None or not 0 < size[0] * size[1] <= PICTURE_MAX_PIXELS:
+                return None
+            data = head + f.read()
+    except OSError:
+        return None
+    try:
+        import cv2
+        import numpy
+    except ImportError:                     # pragma: no cover (cv2 ships with the window)
+        return None
+    width, height = size
+    scale = min(max_width / width, max_height / height, 1.0)
+    # JPEG decodes straight at 1/2, 1/4 or 1/8 of its size: less memory and time.
+    flags = cv2.IMREAD_COLOR
+    for factor, flag in ((8, cv2.IMREAD_REDUCED_COLOR_8), (4, cv2.IMREAD_REDUCED_COLOR_4),
+                         (2, cv2.IMREAD_REDUCED_COLOR_2)):
+        if scale * factor <= 1:
+            flags = flag
+            break
+    try:
+        image = cv2.imdecode(numpy.frombuffer(data, numpy.uint8), flags)
+    except cv2.error:
+        return None
+    if image is None or image.ndim != 3 or image.shape[0] < 1 or image.shape[1] < 1:
+        return None
+    out_w, out_h = max(1, round(width * scale)), max(1, round(height * scale))
+    if (image.shape[1], image.shape[0]) != (out_w, out_h):
+        image = cv2.resize(image, (out_w, out_h), interpolation=cv2.INTER_AREA)
+    rgb = cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+    return out_w, out_h, b"P6 %d %d 255\n" % (out_w, out_h) + rgb.tobytes()
+
+
 # =============================================================================
-# 24. GUI CONVERSATION: bubbles, notices and file cards; the members list
+# 24. GUI CONVERSATION: bubbles, notices, file cards, links, pictures, copying
 # =============================================================================
-# Two canvases of the chat window, drawn with 14's helpers. ChatView is the
-# conversation: a person's message is always a bubble with an avatar, and a
-# [SYSTEM] notice is drawn only from the host's `system` events, so no text
-# a user sends can look like one. MemberList is the room's members, where a
-# click picks who a file goes to. Both report clicks by posting an event
-# to the read loop (GUI APP); neither talks to the core.
+# The chat window's conversation canvas, drawn with GUI LOOK's helpers.
+# ChatView is the conversation: a person's message is always a bubble with
+# an avatar (one per run of a sender's messages), and a [SYSTEM] notice is
+# drawn only from the host's `system` events, so no text a user sends can
+# look like one. It selects and copies text, opens links, and shows
+# received pictures as thumbnails made on a worker thread. It reports clicks
+# by posting an event to the read loop (GUI APP) and never talks to the core.
 
 _RELAYOUT_DELAY_MS = 80             # a resize redraws once the edge rests this long
 _MESSAGE_MARKS = {"sending": "Sending...", "late": "Not confirmed by the host yet",
                   "unsent": "Not sent: the connection ended",
                   "refused": "Not sent: the host refused it (see below)"}
 _PAINT_EVERY_S = 0.1                # during a flood, make Tk paint at least this often
+_GROUP_GAP_S = 5 * 60               # a sender's next message after this gap gets its head again
+_GROUPED_KINDS = ("message", "file")    # entries that a sender's name and avatar head
+_THUMB_SIZE = (276, 200)            # a picture's thumbnail at most, at 100%
+_THUMB_POLL_MS = 40                 # how often the view looks for finished thumbnails
 
 
 @dataclasses.dataclass(eq=False)
@@ -12621,17 +12783,24 @@ class ChatEntry:
     bottom: int = 0
     text_item: int = 0              # the item holding its main text
     links: dict[str, int] = dataclasses.field(default_factory=dict)  # clickable items
+    grouped: bool = False           # under the previous entry's name and avatar
+    urls: dict[str, str] = dataclasses.field(default_factory=dict)   # link name -> URL
+    shown_text: str = ""            # the text as drawn (wrapped by us where it has links)
+    origin: list[int] | None = None     # shown_text index -> text index (-1: a break we made)
 
 
 class ChatView(Drawing):
     """The conversation, drawn on a tk Canvas, newest at the bottom.
 
-    A person's message is always a bubble with an avatar, a name and a time:
-    mine on the right, everyone else's on the left. A [SYSTEM] notice is a
-    centred grey line and nothing else is drawn that way, so no text a user
-    sends can look like one. Notes from this program (errors, the answer to
-    /who) are centred too, in their own colours. Keeps the last `max_shown`
-    entries; follows new ones while you are at the bottom.
+    A person's message is always a bubble under an avatar, a name and a
+    time (one for each run of a sender's messages): mine on the right,
+    everyone else's on the left. A [SYSTEM] notice is a centred grey line and
+    nothing else is drawn that way, so no text a user sends can look like
+    one. Notes from this program (errors, the answer to /who) are centred
+    too, in their own colours. Keeps the last `max_shown` entries; follows
+    new ones while you are at the bottom, and counts them in a "↓ N new
+    messages" pill while you are not. A click selects a bubble's text, Ctrl+C
+    or the right-click menu copies it; links open in the browser.
     """
 
     def __init__(self, widget: Any, look: Look, images: Images,
@@ -12649,36 +12818,117 @@ class ChatView(Drawing):
         self._relayout_job: str | None = None
         self._painted = 0.0                 # when we last made Tk paint (see add)
         self._paint_report_job: str | None = None   # trace: a `painted` record to come
-        widget.configure(yscrollincrement=look.px(24), background=self.background)
+        self._by_tag: dict[str, ChatEntry] = {}     # entry.tag -> entry, for clicks
+        self._day: datetime.date | None = None      # the day of the last dated entry
+        self._in_history = False            # the last message was from a history replay
+        self._unseen = 0                    # messages arrived below while scrolled up
+        self._press: tuple[ChatEntry, float, float] | None = None   # where a drag began
+        self._dragged = False
+        self._menu: Any = None              # the right-click menu while it is up
+        self._lit: tuple[str, str, str] | None = None   # (tag, under, over): links drawn selected
+        self._photos: dict[str, Any] = {}   # entry.tag -> its thumbnail (a Tk PhotoImage)
+        self._thumbs: list[tuple[ChatEntry, concurrent.futures.Future]] = []
+        self._thumb_pool: concurrent.futures.ThreadPoolExecutor | None = None
+        self._thumb_job: str | None = None
+        import tkinter.font
+        self.fonts["link"] = tkinter.font.Font(root=widget, font=look.font(11, "underline"))
+        widget.configure(yscrollincrement=look.px(24), background=self.background,
+                         selectbackground=COLOURS["accent_soft"],
+                         selectforeground=COLOURS["text"], selectborderwidth=0)
         widget.bind("<Configure>", self._on_configure)
         for sequence in ("<MouseWheel>", "<Button-4>", "<Button-5>"):
             widget.bind(sequence, self._on_wheel)
+        widget.bind("<ButtonPress-1>", self._on_press)
+        widget.bind("<B1-Motion>", self._on_drag)
+        widget.bind("<ButtonRelease-1>", self._on_release)
+        widget.bind("<Button-3>", self._on_menu)
+        widget.tag_bind("pill", "<ButtonRelease-1>", lambda _e: self.to_bottom())
+        widget.tag_bind("pill", "<Enter>", lambda _e: widget.configure(cursor="hand2"))
+        widget.tag_bind("pill", "<Leave>", lambda _e: widget.configure(cursor=""))
+        for sequence in ("<Control-c>", "<Control-C>", "<<Copy>>"):
+            widget.bind(sequence, lambda _e: self.copy())
+        # Whoever scrolls the view (wheel, scrollbar, a jump), its scrollbar
+        # hears of it here first: the new-messages pill goes at the bottom.
+        scrolled = widget.cget("yscrollcommand")
+        widget.configure(yscrollcommand=lambda first, last: self._on_scrolled(
+            scrolled, first, last))
 
     # --- what the chat window calls ---
 
     def add(self, kind: str, **data: Any) -> ChatEntry:
-        """Draw a new entry at the bottom; returns it."""
-        entry = ChatEntry(kind, data, f"e{next(self._names)}")
+        """Draw a new entry at the bottom; returns it. A message or card
+        from another day than the one before gets a date divider above it
+        ("Today", "Yesterday", a date); the first live message after a
+        history replay gets "New messages" above it; a sender's next
+        message within _GROUP_GAP_S goes under the same name and avatar."""
         follow = self._at_bottom() or data.get("mine")
-        self._paint(entry, self._y)
-        self.entries.append(entry)
-        self._y = entry.bottom
+        ts = data.get("ts")
+        added = []
+        if ts is not None:
+            day = datetime.date.fromtimestamp(ts)
+            if day != self._day:
+                self._day = day
+                added.append(self._append(ChatEntry(
+                    "day", {"ts": ts, "text": day_label(ts)}, f"e{next(self._names)}")))
+        if kind == "message":
+            if data.get("history"):
+                self._in_history = True
+            elif self._in_history:
+                self._in_history = False
+                added.append(self._append(ChatEntry("divider", {"text": "New messages"},
+                                                    f"e{next(self._names)}")))
+        entry = self._append(ChatEntry(kind, data, f"e{next(self._names)}"))
+        added.append(entry)
         while len(self.entries) > self.max_shown:
             self._forget(self.entries.popleft())
         self._set_scrollregion()
         if follow:
             self.widget.yview_moveto(1.0)
+        elif kind in _GROUPED_KINDS:
+            self._unseen += 1               # arrived below, out of sight
+            self._show_pill()
         if time.monotonic() - self._painted > _PAINT_EVERY_S:
             # Tk paints when it has nothing else to do; a flood of events
             # would leave the screen stale until it ends. Paint now and then.
             self._painted = time.monotonic()
             self.widget.update_idletasks()
         if self.trace.enabled:
-            self.trace("shown", kind=kind, **{k: v for k, v in data.items()
-                                              if isinstance(v, (str, int, float, bool))},
-                       **self.where(entry))
+            for shown in added:
+                self.trace("shown", kind=shown.kind, **{
+                    k: v for k, v in shown.data.items()
+                    if isinstance(v, (str, int, float, bool))},
+                    grouped=shown.grouped, top=shown.top, bottom=shown.bottom,
+                    links={name: self.widget.bbox(item) for name, item in shown.links.items()},
+                    **self.where(shown))
             self._report_painted()
         return entry
+
+    def _append(self, entry: ChatEntry) -> ChatEntry:
+        """Paint `entry` below the last one, grouped with it if it may be."""
+        entry.grouped = bool(self.entries) and self._groups_with(self.entries[-1], entry)
+        self._paint(entry, self._y)
+        self.entries.append(entry)
+        self._by_tag[entry.tag] = entry
+        self._y = entry.bottom
+        return entry
+
+    @staticmethod
+    def _groups_with(before: ChatEntry, entry: ChatEntry) -> bool:
+        """True if `entry` goes under `before`'s name and avatar: both a
+        message or card, from one sender on the same side, within
+        _GROUP_GAP_S (a divider or notice between them is `before`, and
+        ends the run)."""
+        if before.kind not in _GROUPED_KINDS or entry.kind not in _GROUPED_KINDS:
+            return False
+
+        def who(e: ChatEntry) -> tuple[str, bool]:
+            if e.kind == "message":
+                return id_key(e.data["from"]), bool(e.data["mine"])
+            return id_key(e.data["user"]), e.data["direction"] == "send"
+
+        first, then = before.data.get("ts"), entry.data.get("ts")
+        return (who(before) == who(entry) and first is not None and then is not None
+                and abs(then - first) < _GROUP_GAP_S)
 
     def update_file(self, key: tuple[str, int], **changes: Any) -> ChatEntry | None:
         """Change a file card (progress, status) and draw it again in place."""
@@ -12691,6 +12941,10 @@ class ChatView(Drawing):
         """Change an entry's data and draw it again in place (`what` names
         it in the trace)."""
         entry.data.update(changes)
+        if (entry.kind == "file" and entry.data.get("path") and entry.tag not in self._photos
+                and entry.data["direction"] == "receive" and "picture" not in entry.data):
+            entry.data["picture"] = False   # asked once; True if a thumbnail comes
+            self._make_thumbnail(entry)
         self.widget.delete(entry.tag)
         bottom = entry.bottom
         self._paint(entry, entry.top)
@@ -12733,6 +12987,8 @@ class ChatView(Drawing):
 
     def _forget(self, entry: ChatEntry) -> None:
         self.widget.delete(entry.tag)
+        self._by_tag.pop(entry.tag, None)
+        self._photos.pop(entry.tag, None)
         if entry.kind == "file":
             self.files.pop((entry.data["direction"], entry.data["transfer"]), None)
 
@@ -12756,19 +13012,25 @@ class ChatView(Drawing):
         follow = self._at_bottom()
         self.widget.delete("all")
         self._y = self._margin
+        before = None
         for entry in self.entries:
+            entry.grouped = before is not None and self._groups_with(before, entry)
             self._paint(entry, self._y)
             self._y = entry.bottom
+            before = entry
         self._set_scrollregion()
         if follow:
             self.widget.yview_moveto(1.0)
 
     def close(self) -> None:
         """The window is going: a pending redraw must not find it gone."""
-        for job in (self._relayout_job, self._paint_report_job):
+        for job in (self._relayout_job, self._paint_report_job, self._thumb_job):
             if job is not None:
                 self.widget.after_cancel(job)
-        self._relayout_job = self._paint_report_job = None
+        self._relayout_job = self._paint_report_job = self._thumb_job = None
+        if self._thumb_pool is not None:    # a decode under way ends by itself
+            self._thumb_pool.shutdown(wait=False, cancel_futures=True)
+            self._thumb_pool = None
 
     def _on_wheel(self, event: Any) -> None:
         if event.num == 4 or getattr(event, "delta", 0) > 0:
@@ -12782,6 +13044,306 @@ class ChatView(Drawing):
         room = self._width - 2 * self._margin - 2 * (px(36) + px(10))
         return max(px(160), min(px(520), int(room * 0.78)))
 
+    # --- links: wrapped by us, drawn over the text, opened in the browser ---
+
+    def _wrap(self, text: str, width: int) -> tuple[str, list[int]]:
+        """`text` broken into lines no wider than `width` pixels (at spaces,
+        or inside a word too long for a line, as Tk does); returns the text
+        with its line breaks, and for each of its characters the index in
+        `text` it came from (-1: a break we made)."""
+        measure = self.fonts["body"].measure
+        shown: list[str] = []
+        origin: list[int] = []
+        line = ""
+        for token in re.finditer(r"\n|[^\S\n]*[^\s]+|[^\S\n]+", text):
+            piece, start = token.group(), token.start()
+            if piece == "\n":
+                line = ""
+            elif line and measure(line + piece) > width:
+                stripped = piece.lstrip()   # the space before the word ends this line
+                for i in range(len(piece) - len(stripped)):
+                    shown.append(piece[i])
+                    origin.append(start + i)
+                shown.append("\n")
+                origin.append(-1)
+                line = ""
+                start += len(piece) - len(stripped)
+                piece = stripped
+            for i, char in enumerate(piece):
+                if piece != "\n" and line and measure(line + char) > width:
+                    shown.append("\n")
+                    origin.append(-1)
+                    line = ""
+                shown.append(char)
+                origin.append(start + i)
+                line = "" if char == "\n" else line + char
+        return "".join(shown), origin
+
+    def _draw_links(self, entry: ChatEntry, links: list[tuple[int, int, str]], left: float,
+                    top: float, fill: str, ink: str) -> None:
+        """Each link of a message drawn over its text in `ink`, underlined,
+        on the bubble's `fill`; a click opens it (see open_link)."""
+        draw, tag, measure = self.widget, entry.tag, self.fonts["body"].measure
+        assert entry.origin is not None
+        line_height = self.fonts["body"].metrics("linespace")
+        where = {source: shown for shown, source in enumerate(entry.origin) if source >= 0}
+        starts = [0] + [i + 1 for i, char in enumerate(entry.shown_text) if char == "\n"]
+        for number, (start, end, url) in enumerate(links):
+            name = f"link{number}"
+            entry.urls[name] = url
+            first, last = where[start], where[end - 1] + 1
+            for row, row_start in enumerate(starts):
+                row_end = starts[row + 1] - 1 if row + 1 < len(starts) else len(entry.shown_text)
+                a, b = max(first, row_start), min(last, row_end)
+                if a >= b:
+                    continue
+                line = entry.shown_text[row_start:row_end]
+                x = left + measure(line[:a - row_start])
+                y = top + row * line_height
+                part = line[a - row_start:b - row_start]
+                draw.create_rectangle(x, y, x + measure(part), y + line_height, fill=fill,
+                                      outline="", tags=(tag, f"{tag}-{name}", f"{tag}-under"))
+                item = draw.create_text(x, y, anchor="nw", text=part, fill=ink,
+                                        font=self.fonts["link"],
+                                        tags=(tag, f"{tag}-{name}", f"{tag}-over"))
+                entry.links.setdefault(name, item)
+            draw.tag_bind(f"{tag}-{name}", "<ButtonRelease-1>",
+                          lambda _e, u=url: self.open_link(u))
+            draw.tag_bind(f"{tag}-{name}", "<Enter>",
+                          lambda _e: self.widget.configure(cursor="hand2"))
+            draw.tag_bind(f"{tag}-{name}", "<Leave>",
+                          lambda _e: self.widget.configure(cursor=""))
+
+    def open_link(self, url: str) -> None:
+        """Open `url` in the browser, on a thread of its own (webbrowser may
+        wait for the browser it starts). Only http and https: a link is
+        never file:, javascript: or anything else."""
+        if not re.match(r"https?://", url, re.IGNORECASE):
+            return
+        import webbrowser
+        threading.Thread(target=webbrowser.open, args=(url,), name="browser",
+                         daemon=True).start()
+        self.trace("link_opened", url=url)
+
+    # --- selecting and copying text ---
+
+    def _entry_at(self, x: float, y: float) -> ChatEntry | None:
+        """The entry drawn at canvas point (x, y), if any."""
+        for item in reversed(self.widget.find_overlapping(x - 1, y - 1, x + 1, y + 1)):
+            tags = self.widget.gettags(item)
+            if "pill" in tags:
+                return None                 # the pill covers what is below it
+            for tag in tags:
+                if tag in self._by_tag:
+                    return self._by_tag[tag]
+        return None
+
+    def _link_at(self, entry: ChatEntry, x: float, y: float) -> str | None:
+        """The URL of the link of `entry` drawn at canvas point (x, y)."""
+        for item in self.widget.find_overlapping(x, y, x, y):
+            for tag in self.widget.gettags(item):
+                name = tag.removeprefix(entry.tag + "-")
+                if name in entry.urls:
+                    return entry.urls[name]
+        return None
+
+    def _light_links(self, entry: ChatEntry | None) -> None:
+        """The links drawn over `entry`'s text take the selection's colours
+        (they hide the text's own highlight); those of the last one lit
+        take their own again. None: only the latter."""
+        draw = self.widget
+        if self._lit is not None:
+            tag, under, over = self._lit
+            draw.itemconfigure(f"{tag}-under", fill=under)
+            draw.itemconfigure(f"{tag}-over", fill=over)
+            self._lit = None
+        if entry is not None and entry.urls:
+            under = draw.find_withtag(f"{entry.tag}-under")
+            over = draw.find_withtag(f"{entry.tag}-over")
+            self._lit = (entry.tag, str(draw.itemcget(under[0], "fill")),
+                         str(draw.itemcget(over[0], "fill")))
+            draw.itemconfigure(f"{entry.tag}-under", fill=COLOURS["accent_soft"])
+            draw.itemconfigure(f"{entry.tag}-over", fill=COLOURS["accent"])
+
+    def _on_press(self, event: Any) -> None:
+        self.widget.focus_set()             # so Ctrl+C comes here
+        self._light_links(None)
+        x, y = self.widget.canvasx(event.x), self.widget.canvasy(event.y)
+        entry = self._entry_at(x, y)
+        self._press = (entry, x, y) if entry is not None and entry.text_item else None
+        self._dragged = False
+
+    def _on_drag(self, event: Any) -> None:
+        """Select from where the button went down to the pointer, inside one
+        entry's text (a canvas selects within one text item)."""
+        if self._press is None:
+            return
+        entry, x0, y0 = self._press
+        x, y = self.widget.canvasx(event.x), self.widget.canvasy(event.y)
+        if not self._dragged:
+            self.widget.select_from(entry.text_item, f"@{round(x0)},{round(y0)}")
+            self._dragged = True
+        self.widget.select_to(entry.text_item, f"@{round(x)},{round(y)}")
+
+    def _on_release(self, event: Any) -> None:
+        """A click (no drag) on a bubble selects all its text; on a link, the
+        link opens instead (its own binding)."""
+        if self._press is None or self._dragged:
+            return
+        entry, x, y = self._press
+        self._press = None
+        if self._link_at(entry, x, y) is None:
+            self.select(entry)
+
+    def select(self, entry: ChatEntry) -> None:
+        """Select all the text of `entry`."""
+        self.widget.select_from(entry.text_item, 0)
+        self.widget.select_to(entry.text_item, "end")
+        self._light_links(entry)
+        self.trace("selected", tag=entry.tag, text=self.selected_text())
+
+    def selected_text(self) -> str:
+        """The selected text, as it was written (line breaks we made for
+        links taken out), or "" if nothing is selected."""
+        draw = self.widget
+        item = draw.select_item()
+        entry = next((e for e in self.entries if e.text_item == item), None) if item else None
+        if entry is None:
+            return ""
+        shown = str(draw.itemcget(item, "text"))
+        # Tcl counts characters past U+FFFF twice (UTF-16); Python once.
+        units = shown.encode("utf-16-le")
+        first, last = int(draw.index(item, "sel.first")), int(draw.index(item, "sel.last"))
+        start = len(units[:2 * first].decode("utf-16-le", "ignore"))
+        end = len(units[:2 * (last + 1)].decode("utf-16-le", "ignore"))
+        if entry.origin is None:
+            return shown[start:end]
+        return "".join(shown[i] for i in range(start, end) if entry.origin[i] >= 0)
+
+    def copy(self, text: str | None = None) -> None:
+        """Put `text` (by default what is selected) on the clipboard."""
+        text = self.selected_text() if text is None else text
+        if text:
+            self.widget.clipboard_clear()
+            self.widget.clipboard_append(text)
+            self.trace("copied", text=text)
+
+    def _on_menu(self, event: Any) -> None:
+        """Right click: Copy (the selection, or the whole entry under the
+        pointer), and on a link Copy link and Open link."""
+        import tkinter
+        x, y = self.widget.canvasx(event.x), self.widget.canvasy(event.y)
+        entry = self._entry_at(x, y)
+        if entry is None or not entry.text_item:
+            return
+        if self.widget.select_item() != entry.text_item:
+            self.select(entry)
+        url = self._link_at(entry, x, y)
+        if self._menu is not None:
+            self._menu.destroy()
+        menu = self._menu = tkinter.Menu(self.widget, tearoff=0, font=self.fonts["body"],
+                                         background=COLOURS["panel"],
+                                         foreground=COLOURS["text"],
+                                         activebackground=COLOURS["accent_soft"],
+                                         activeforeground=COLOURS["text"], borderwidth=1,
+                                         activeborderwidth=0)
+        items = ["Copy"]
+        menu.add_command(label="Copy", command=self.copy)
+        if url is not None:
+            items += ["Copy link", "Open link"]
+            menu.add_command(label="Copy link", command=lambda: self.copy(url))
+            menu.add_command(label="Open link", command=lambda: self.open_link(url))
+        menu.tk_popup(event.x_root, event.y_root)
+        if self.trace.enabled:
+            menu.update_idletasks()
+            self.trace("menu", items={label: [menu.winfo_rootx(),
+                                              menu.winfo_rooty() + menu.yposition(i),
+                                              menu.winfo_width(),
+                                              (menu.yposition(i + 1) if i + 1 < len(items)
+                                               else menu.winfo_height()) - menu.yposition(i)]
+                                      for i, label in enumerate(items)})
+
+    # --- pictures: thumbnails made on a worker thread ---
+
+    def _make_thumbnail(self, entry: ChatEntry) -> None:
+        """Start making `entry`'s thumbnail; _poll_thumbnails shows it."""
+        if self._thumb_pool is None:
+            self._thumb_pool = concurrent.futures.ThreadPoolExecutor(
+                1, thread_name_prefix="thumbnail")
+        width, height = (self.look.px(side) for side in _THUMB_SIZE)
+        self._thumbs.append((entry, self._thumb_pool.submit(
+            picture_thumbnail, entry.data["path"], width, height)))
+        if self._thumb_job is None:
+            self._thumb_job = self.widget.after(_THUMB_POLL_MS, self._poll_thumbnails)
+
+    def _poll_thumbnails(self) -> None:
+        import tkinter
+        self._thumb_job = None
+        waiting = []
+        for entry, future in self._thumbs:
+            if not future.done():
+                waiting.append((entry, future))
+                continue
+            try:
+                made = future.result()
+            except Exception:               # a bug in decoding: the plain card stays
+                log.exception("thumbnail of %s", entry.data.get("path"))
+                made = None
+            if made is not None and self._by_tag.get(entry.tag) is entry:
+                width, height, ppm = made
+                photo = tkinter.PhotoImage(master=self.widget, width=width, height=height)
+                photo.configure(data=ppm, format="ppm")
+                self._photos[entry.tag] = photo
+            if self._by_tag.get(entry.tag) is entry:
+                self.update(entry, "thumbnail", picture=made is not None)
+        self._thumbs = waiting
+        if waiting:
+            self._thumb_job = self.widget.after(_THUMB_POLL_MS, self._poll_thumbnails)
+
+    # --- "↓ N new messages": what arrived below while you read above ---
+
+    def _show_pill(self) -> None:
+        self._draw_pill()
+        if self.trace.enabled:
+            x1, y1, x2, y2 = self.widget.bbox("pill")
+            ox, oy = self.where(self.entries[-1])["origin"]
+            self.trace("new_messages", count=self._unseen,
+                       box=[x1 + ox, y1 + oy, x2 - x1, y2 - y1])
+            self._report_painted()
+
+    def _draw_pill(self) -> None:
+        """The pill, a rounded button drawn on the canvas at the bottom of
+        what the view shows now (so again after each scroll)."""
+        draw, px = self.widget, self.look.px
+        draw.delete("pill")
+        if not self._unseen:
+            return
+        plural = "s" if self._unseen != 1 else ""
+        bottom = draw.canvasy(int(draw.winfo_height())) - px(18)
+        label = draw.create_text(self._width / 2, bottom, anchor="s", font=self.fonts["name"],
+                                 text=f"↓ {self._unseen} new message{plural}",
+                                 fill=COLOURS["mine_text"], tags="pill")
+        x1, y1, x2, y2 = draw.bbox(label)
+        self.box("pill", x1 - px(14), y1 - px(6), x2 + px(14), y2 + px(6), px(14),
+                 COLOURS["accent"])
+        draw.tag_raise(label)
+
+    def to_bottom(self) -> None:
+        """Jump to the newest entry (the pill goes as the view gets there)."""
+        self.widget.yview_moveto(1.0)
+
+    def _on_scrolled(self, scrollbar: str, first: str, last: str) -> None:
+        if scrollbar:
+            self.widget.tk.eval(f"{scrollbar} {first} {last}")
+        if not self._unseen:
+            return
+        if float(last) >= 0.999:
+            self._unseen = 0
+            self.widget.delete("pill")
+            self.trace("new_messages", count=0, box=None)
+        else:
+            self._draw_pill()               # it stays at the bottom of the view
+
     # --- painters: each draws an entry from `top` down and returns its bottom ---
 
     def _head(self, entry: ChatEntry, top: int, user: str, ts: float | None,
@@ -12793,6 +13355,8 @@ class ChatView(Drawing):
         size, gap = px(36), px(10)
         x_avatar = self._width - self._margin - size if mine else self._margin
         edge = x_avatar - gap if mine else x_avatar + size + gap
+        if entry.grouped:                   # under the name and avatar above
+            return edge, top - px(7)
         anchor = "ne" if mine else "nw"
         self.avatar(tag, x_avatar, top, size, user)
         name = draw.create_text(edge, top, text=printable(user), anchor=anchor,
@@ -12809,11 +13373,19 @@ class ChatView(Drawing):
         mine = data["mine"]
         edge, y = self._head(entry, top, data["from"], data.get("ts"), mine)
         pad_x, pad_y = px(12), px(8)
+        text = printable_block(data["text"])
+        links = find_links(text)
+        # Tk can't colour part of a text item, nor say where a character is
+        # drawn: a text with links is wrapped here, so each link's place is
+        # known and a link-coloured copy of it can be drawn over it.
+        entry.shown_text, entry.origin = (self._wrap(text, self._text_width()) if links
+                                          else (text, None))
+        ink = COLOURS["mine_text"] if mine else COLOURS["text"]
         entry.text_item = draw.create_text(
             edge - pad_x if mine else edge + pad_x, y + pad_y,
-            text=printable_block(data["text"]), anchor="ne" if mine else "nw",
-            width=self._text_width(), font=self.fonts["body"],
-            fill=COLOURS["mine_text"] if mine else COLOURS["text"], tags=entry.tag)
+            text=entry.shown_text, anchor="ne" if mine else "nw",
+            width=0 if links else self._text_width(), font=self.fonts["body"],
+            fill=ink, tags=(entry.tag, "text"))
         x1, y1, x2, y2 = draw.bbox(entry.text_item)
         state = data.get("state", "sent")
         fill = COLOURS["mine"] if mine else COLOURS["theirs"]
@@ -12822,13 +13394,15 @@ class ChatView(Drawing):
         self.box((entry.tag, entry.tag + "-box"), x1 - pad_x, y1 - pad_y, x2 + pad_x,
                  y2 + pad_y, px(14), fill)
         draw.tag_lower(entry.tag + "-box", entry.text_item)
+        if links:
+            self._draw_links(entry, links, x1, y1, fill, ink if mine else COLOURS["accent"])
         mark = _MESSAGE_MARKS.get(state)
         if mark is not None:                # beside the bubble: its height never changes
             draw.create_text(x1 - pad_x - px(8), y2 + pad_y, anchor="se", text=mark,
                              font=self.fonts["small"], tags=entry.tag,
                              fill=COLOURS["error_text"] if state in ("unsent", "refused")
                              else COLOURS["muted"])
-        return max(y2 + pad_y, top + px(36))
+        return y2 + pad_y if entry.grouped else max(y2 + pad_y, top + px(36))
 
     _NOTICE_COLOURS: ClassVar[dict[str, tuple[str, str]]] = {
         "system": ("system", "system_text"), "info": ("info", "info_text"),
@@ -12901,12 +13475,21 @@ class ChatView(Drawing):
         state, and, once it is saved here, Open and Show in folder."""
         px, draw, data, tag = self.look.px, self.widget, entry.data, entry.tag
         mine = data["direction"] == "send"
-        edge, y = self._head(entry, top, data["user"], data.get("ts"), mine)
+        edge, card_y = self._head(entry, top, data["user"], data.get("ts"), mine)
         pad, width, icon_w, icon_h = px(12), px(300), px(34), px(42)
         x1 = edge - width if mine else edge
         x2 = x1 + width
+        photo = self._photos.get(tag)       # a received picture's thumbnail, once made
+        y = card_y + (int(photo.height()) + pad if photo is not None else 0)
         bottom = y + 2 * pad + icon_h + px(34)
-        self.box(tag, x1, y, x2, bottom, px(14), COLOURS["theirs"])
+        self.box(tag, x1, card_y, x2, bottom, px(14), COLOURS["theirs"])
+        if photo is not None:               # a click on it opens the picture
+            thumb = entry.links["thumb"] = draw.create_image(
+                (x1 + x2) / 2, card_y + pad, anchor="n", image=photo, tags=(tag, f"{tag}-thumb"))
+            draw.tag_bind(thumb, "<Button-1>",
+                          lambda _e, path=data["path"]: self.post((_CHAT, "open"), path))
+            draw.tag_bind(thumb, "<Enter>", lambda _e: self.widget.configure(cursor="hand2"))
+            draw.tag_bind(thumb, "<Leave>", lambda _e: self.widget.configure(cursor=""))
         # The file's "icon": a tinted tile with its extension.
         self.box(tag, x1 + pad, y + pad, x1 + pad + icon_w, y + pad + icon_h, px(5),
                  COLOURS["accent_soft"])
@@ -12995,10 +13578,83 @@ class ChatView(Drawing):
                          text=self.elide(data["status"], "small", right - x1 - pad))
         return bottom
 
+    def _paint_day(self, entry: ChatEntry, top: int) -> int:
+        """A date divider: "Today", "Yesterday" or the date, said again at
+        each redraw (a window open past midnight says "Yesterday" then)."""
+        entry.data["text"] = day_label(entry.data["ts"])
+        return self._paint_divider(entry, top + self.look.px(4))
+
     painters: ClassVar[dict[str, Callable]] = {
         "message": _paint_message, "notice": _paint_notice, "divider": _paint_divider,
         "echo": _paint_echo, "help": _paint_help, "file": _paint_file, "call": _paint_call,
+        "day": _paint_day,
     }
+
+
+# =============================================================================
+# 25. GUI MEMBERS: the members list and the emoji picker
+# =============================================================================
+# Two small parts of the chat window beside the conversation. MemberList is
+# the room's members on a canvas, where a click picks who a file goes to (it
+# posts an event to the read loop, GUI APP); EmojiPicker is the button beside
+# the message box whose grid of emoji types one at the cursor. Neither talks
+# to the core.
+
+# One code point each (no variation selectors or joiners: Tk 8.6 draws
+# those as boxes), the ones people reach for first on a LAN chat.
+PICKER_EMOJI = ("😀", "😂", "🤣", "😊", "🙂", "😍", "😘", "😎", "🤔", "😅", "😴", "😢",
+                "😭", "😡", "😱", "🥳", "👍", "👎", "👏", "🙏", "💪", "👌", "👋", "🤝",
+                "🎉", "🔥", "✨", "⭐", "💯", "✅", "❌", "❓", "☕", "🍺", "🍰", "🎂",
+                "🌹", "🌞", "🌙", "⚡", "💡", "📎")
+
+
+class EmojiPicker:
+    """The small button beside the message box: a click opens a grid of
+    emoji; picking one inserts it at the message box's cursor. Drawn in the
+    window's font, as the bubbles draw them: the system's font fallback finds
+    the emoji font (naming Noto Color Emoji itself made Xft draw its 109-pixel
+    bitmaps unscaled)."""
+
+    COLUMNS = 8
+
+    def __init__(self, button: Any, field: Any, look: Look, trace: GuiTrace) -> None:
+        import tkinter.font
+        self.button = button
+        self.field = field                  # the tk Entry (or Text) typed into
+        self.trace = trace
+        self.font = tkinter.font.Font(root=button, font=look.font(16))
+        self.menu: Any = None
+        button.configure(command=self.open)
+
+    def open(self) -> None:
+        import tkinter
+        if self.menu is not None:
+            self.menu.destroy()
+        menu = self.menu = tkinter.Menu(self.button, tearoff=0, font=self.font,
+                                        background=COLOURS["panel"],
+                                        activebackground=COLOURS["accent_soft"],
+                                        borderwidth=1, activeborderwidth=0)
+        for index, emoji in enumerate(PICKER_EMOJI):
+            menu.add_command(label=emoji, columnbreak=bool(index) and index % self.COLUMNS == 0,
+                             command=functools.partial(self.insert, emoji))
+        # Above the button, its right edge on the button's: the message box stays in view.
+        menu.tk_popup(self.button.winfo_rootx() + self.button.winfo_width()
+                      - menu.winfo_reqwidth(), self.button.winfo_rooty() - menu.winfo_reqheight())
+        if self.trace.enabled:
+            menu.update_idletasks()
+            row = menu.yposition(1) - menu.yposition(0)
+            self.trace("emoji_picker", items={
+                emoji: [menu.winfo_rootx() + menu.xposition(i), menu.winfo_rooty()
+                        + menu.yposition(i), self.font.measure(emoji), row]
+                for i, emoji in enumerate(PICKER_EMOJI[:self.COLUMNS])})
+
+    def insert(self, emoji: str) -> None:
+        """`emoji` into the message box at its cursor, which stays after it."""
+        self.field.insert("insert", emoji)
+        self.field.focus_set()
+        if self.trace.enabled:              # an Entry, or a Text for several lines
+            self.trace("emoji_inserted", emoji=emoji, text=self.field.get(
+                *(("1.0", "end-1c") if self.field.winfo_class() == "Text" else ())))
 
 
 class MemberList(Drawing):
@@ -13111,7 +13767,7 @@ class MemberList(Drawing):
 
 
 # =============================================================================
-# 25. GUI WINDOWS: widgets shared by the windows, and the launcher
+# 26. GUI WINDOWS: widgets shared by the windows, and the launcher
 # =============================================================================
 # The first window a person sees, built from GUI LOOK and GUI CONVERSATION:
 # the launcher (hosts on the LAN, the address and the IDs, Join, "Host a
@@ -13471,7 +14127,7 @@ def _row_text(host: dict, room: dict | None) -> list[str]:
 # --- The chat window ---------------------------------------------------------
 
 # =============================================================================
-# 26. GUI CHAT WINDOW: a room's conversations, its members, the input line
+# 27. GUI CHAT WINDOW: a room's conversations, its members, the input line
 # =============================================================================
 # The window of one room (split from GUI WINDOWS when private conversations
 # took it past 900 lines): the room's conversation and one per person
@@ -13554,6 +14210,8 @@ class ChatWindow:
             _button("Video call", (_CHAT, "video"), look, primary=False),
             sg.Column([[_field((_CHAT, "input"), look, focus=True, size=(12, 1))]],
                       expand_x=True, pad=(px(8), 0)),
+            _button("☺", (_CHAT, "emoji"), look, primary=False,
+                    tooltip="Insert an emoji"),
             _button("Send", (_CHAT, "send"), look, bind_return_key=True)]
         banner = sg.Text("", key=(_CHAT, "banner"), font=look.font(10, "bold"),
                          text_color=COLOURS["error_text"], background_color=COLOURS["error"],
@@ -13622,6 +14280,8 @@ class ChatWindow:
         self.shown: str | None = None
         self._pending_views: dict[str, ChatView] = {}
         self._invite_views: dict[str, ChatView] = {}
+        self.emoji = EmojiPicker(self.window[(_CHAT, "emoji")].Widget,
+                                 self.window[(_CHAT, "input")].Widget, look, trace)
         self.members = MemberList(self.window[(_CHAT, "members")].Widget, look, images,
                                   self.me, post)
         self.members.set(ready["members"])
@@ -13910,7 +14570,7 @@ class ChatWindow:
         self.note(why, "error")
         self.window[(_CHAT, "banner")].update(f"  {why} Nothing you type now is sent.",
                                                visible=True)
-        for name in ("input", "send", "file", "video"):
+        for name in ("input", "send", "file", "video", "emoji"):
             self.window[(_CHAT, name)].update(disabled=True)
         self.window[(_CHAT, "input")].Widget.configure(
             disabledbackground=COLOURS["track"])
@@ -14049,7 +14709,7 @@ class ChatWindow:
                    box=_screen_box(self.window.TKroot),
                    elements={**{name: _screen_box(self.window[(_CHAT, name)].Widget)
                                 for name in ("input", "send", "file", "video", "leave",
-                                             "members")},
+                                             "members", "emoji")},
                              "view": _screen_box(self.view.widget),
                              **({"room": _screen_box(self.window[(_CHAT, "room")].Widget)}
                                 if self.shown is not None else {})},
@@ -14113,7 +14773,7 @@ def _sentence(text: str) -> str:
 
 
 # =============================================================================
-# 27. GUI CALLS: the call window, a tile per person, ESC and Backspace
+# 28. GUI CALLS: the call window, a tile per person, ESC and Backspace
 # =============================================================================
 # One window holds every call in progress: your own camera first, then a
 # tile per peer, in a grid that reflows as people join and leave, each
@@ -14494,7 +15154,7 @@ class CallWindows:
 
 
 # =============================================================================
-# 28. GUI PLUMBING: settings, the bridge from the core, opening files, phases
+# 29. GUI PLUMBING: settings, the bridge from the core, opening files, phases
 # =============================================================================
 # What the app (next section) stands on: the settings remembered between
 # runs, GuiBridge (the core's thread reaches the window only through it,
@@ -14677,7 +15337,7 @@ class LoopStats:
 
 
 # =============================================================================
-# 29. GUI APP: the one core, the windows, the one read loop
+# 30. GUI APP: the one core, the windows, the one read loop
 # =============================================================================
 # GuiApp owns one ClientCore, the launcher (which lives as long as the
 # program and receives every core event), the chat window while in a room,
@@ -15487,7 +16147,7 @@ def run_gui(args: argparse.Namespace, limits: Limits, media: MediaOptions) -> in
 
 
 # =============================================================================
-# 30. MAIN: argparse and the entry points
+# 31. MAIN: argparse and the entry points
 # =============================================================================
 # Builds every object from the flags and passes them down; nothing above
 # reads a global that main() sets. `python chatroom.py` with no mode opens

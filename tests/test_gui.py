@@ -1054,3 +1054,346 @@ def test_decline_on_a_file_card_leaves_nothing_and_cancel_tells_the_sender(x, tm
         os.listdir(tmp_path / "bob-downloads") == []
     gui.close("chat")
     assert_exits_cleanly(gui)
+
+
+# --- the conversation: groups, dates, copying, links, pictures, new messages ----
+
+def test_links_are_http_and_https_only_without_the_sentence_around_them():
+    assert chatroom.find_links("see https://x.org/a_(b)). and (http://e.com/q?a=1, ok") == [
+        (4, 23, "https://x.org/a_(b)"), (31, 49, "http://e.com/q?a=1")]
+    assert chatroom.find_links("打开https://例子.com/路径。好") == [
+        (2, 19, "https://例子.com/路径")]
+    for text in ("javascript:alert(1)", "file:///etc/passwd", "ftp://x.org/", "https://",
+                 "xhttps://x.org", "data:text/html,https"):
+        assert chatroom.find_links(text) == [], text
+
+
+def test_day_labels_say_today_yesterday_or_the_date():
+    now = time.mktime((2026, 3, 4, 12, 0, 0, 0, 0, -1))
+    at = [time.mktime((2026, 3, day, 9, 30, 0, 0, 0, -1)) for day in (4, 3, 1)]
+    assert [chatroom.day_label(ts, now) for ts in at] == [
+        "Today", "Yesterday", "Sunday 1 March"]
+    assert chatroom.day_label(time.mktime((2025, 12, 31, 23, 0, 0, 0, 0, -1)), now) \
+        == "31 December 2025"
+
+
+def _picture(kind: str, width: int = 64, height: int = 48) -> bytes:
+    """A gradient with a red square, encoded by OpenCV as `kind` ("png"...)."""
+    import cv2
+    import numpy
+    image = numpy.zeros((height, width, 3), numpy.uint8)
+    image[:, :, 0] = numpy.linspace(0, 255, width, dtype=numpy.uint8)[None, :]
+    image[:, :, 1] = numpy.linspace(255, 0, height, dtype=numpy.uint8)[:, None]
+    image[height // 4: height // 2, width // 4: width // 2] = (0, 0, 255)
+    ok, data = cv2.imencode("." + kind, image)
+    assert ok
+    return data.tobytes()
+
+
+@pytest.mark.parametrize("kind", ["png", "jpg", "gif", "bmp", "webp"])
+def test_pictures_are_known_by_content_and_their_size_by_header(kind, tmp_path):
+    data = _picture(kind, 640, 480)
+    assert chatroom.picture_size(data) == (640, 480)
+    path = tmp_path / "no-extension"                # by content, never by name
+    path.write_bytes(data)
+    width, height, ppm = chatroom.picture_thumbnail(path, 200, 200)
+    assert (width, height) == (200, 150)
+    assert ppm.startswith(b"P6 200 150 255\n") and len(ppm) == 15 + 200 * 150 * 3
+    small = chatroom.picture_thumbnail(path, 2000, 2000)
+    assert small is not None and small[:2] == (640, 480)     # never enlarged
+
+
+def test_a_corrupt_or_huge_picture_gets_no_thumbnail(tmp_path):
+    png = _picture("png")
+    cases = {
+        "text": b"just some text, named .png",
+        "truncated": png[:40],
+        "corrupt": png[:33] + os.urandom(len(png) - 33),
+        # A bomb: a header that says 100000 x 100000, refused before decoding.
+        "bomb": png[:16] + (100_000).to_bytes(4, "big") * 2 + png[24:],
+    }
+    for name, data in cases.items():
+        (tmp_path / f"{name}.png").write_bytes(data)
+        assert chatroom.picture_thumbnail(tmp_path / f"{name}.png", 100, 100) is None, name
+    assert chatroom.picture_size(cases["bomb"]) == (100_000, 100_000)
+    assert chatroom.picture_thumbnail(tmp_path / "missing.png", 100, 100) is None
+
+
+def clipboard(x) -> str:
+    """What the display's clipboard holds, read by a Tk of another process."""
+    return subprocess.run(
+        [sys.executable, "-c", "import tkinter; r = tkinter.Tk(); r.withdraw(); "
+         "print(r.clipboard_get(), end='')"],
+        env=x.env(), capture_output=True, text=True, timeout=20, check=True).stdout
+
+
+def centre(box) -> tuple[float, float]:
+    return box[0] + box[2] / 2, box[1] + box[3] / 2
+
+
+def test_messages_group_by_sender_under_a_date_and_copy_and_links_work(x, tmp_path, procs):
+    host = Host(unique("group"), advertise=False, extra=["--rate-limit", "0"])
+    procs.append(host)
+    opened = tmp_path / "browser.txt"
+    browser = tmp_path / "browser"
+    browser.write_text(f"#!/bin/sh\necho \"$1\" >> {opened}\n")
+    browser.chmod(0o755)
+    gui = start_gui(x, tmp_path, procs, "--server", f"{LOOPBACK}:{host.port}", "--room", "r",
+                    "--user", "alice", env={"BROWSER": str(browser)})
+    chat = join_from_launcher(gui, x)
+    bob = Cli(host.port, "r", "bob")
+    procs.append(bob)
+    gui.shown(lambda e: e["kind"] == "notice" and "bob entered" in e["text"])
+    mark = gui.mark()
+    count = 30
+    for n in range(count):
+        bob.say(f"line {n}")
+    last = gui.shown(lambda e: e.get("text") == f"line {count - 1}", 20, mark)
+    shown = [e for e in gui.lines[mark:] if e.get("gui") == "shown" and e["kind"] == "message"]
+    # One name and avatar for the run: every message after the first is grouped.
+    assert [e["grouped"] for e in shown] == [False] + [True] * (count - 1)
+    days = [e for e in gui.lines if e.get("gui") == "shown" and e["kind"] == "day"]
+    assert [e["text"] for e in days] == ["Today"]
+    # How many messages fit in the view now (the README reports it).
+    vx, vy, vw, vh = chat["elements"]["view"]
+    oy = last["origin"][1]
+    fit = sum(1 for e in shown if oy + e["top"] >= vy and oy + e["bottom"] <= vy + vh)
+    print(f"\n{fit} one-line messages of one sender fit in the view ({vw} x {vh} px)")
+    assert fit >= 11                 # 7 before grouping (the README)
+
+    # Another sender starts a new group; a notice ends one too.
+    gui.type_into("chat", "input", "mine, a reply", enter=True)
+    reply = gui.shown(lambda e: e.get("text") == "mine, a reply")
+    assert reply["grouped"] is False
+    bob.say("bob again https://example.org/a_(b)?q=1 and more")
+    linked = gui.shown(lambda e: e.get("text", "").startswith("bob again"))
+    assert linked["grouped"] is False and "link0" in linked["links"]
+
+    # A click on a bubble selects it whole; Ctrl+C copies it.
+    gui.painted(linked)
+    target = shown[-1]
+    box = on_screen(linked, target["bbox"])
+    mark = gui.mark()
+    x.click(box[0] + 3, box[1] + box[3] / 2)
+    assert gui.wait_for(lambda e: e.get("gui") == "selected", start=mark)["text"] \
+        == f"line {count - 1}"
+    x.key("ctrl+c")
+    assert gui.wait_for(lambda e: e.get("gui") == "copied", start=mark)["text"] \
+        == f"line {count - 1}"
+    assert clipboard(x) == f"line {count - 1}"
+    # A drag selects part of it: from its first letter to its middle.
+    mark = gui.mark()
+    left, middle = box[0] + 1, box[0] + box[2] // 2
+    x.run("xdotool", "mousemove", str(left), str(round(box[1] + box[3] / 2)), "mousedown", "1",
+          "mousemove", str(left + 4), str(round(box[1] + box[3] / 2)),
+          "mousemove", str(middle), str(round(box[1] + box[3] / 2)), "mouseup", "1")
+    x.key("ctrl+c")
+    part = gui.wait_for(lambda e: e.get("gui") == "copied", start=mark)["text"]
+    assert part and f"line {count - 1}".startswith(part) and part != f"line {count - 1}"
+    assert clipboard(x) == part
+
+    # A link opens in the browser with a click.
+    link = on_screen(linked, linked["links"]["link0"])
+    x.click(*centre(link))
+    assert gui.wait_for(lambda e: e.get("gui") == "link_opened", start=mark)["url"] \
+        == "https://example.org/a_(b)?q=1"
+    deadline = time.monotonic() + 10
+    while not opened.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert opened.read_text() == "https://example.org/a_(b)?q=1\n"
+
+    # Right click on the link: Copy link puts the link on the clipboard...
+    mark = gui.mark()
+    x.run("xdotool", "mousemove", str(round(centre(link)[0])), str(round(centre(link)[1])),
+          "click", "3")
+    menu = gui.wait_for(lambda e: e.get("gui") == "menu", start=mark)["items"]
+    assert list(menu) == ["Copy", "Copy link", "Open link"]
+    x.click(*centre(menu["Copy link"]))
+    assert gui.wait_for(lambda e: e.get("gui") == "copied", start=mark)["text"] \
+        == "https://example.org/a_(b)?q=1"
+    assert clipboard(x) == "https://example.org/a_(b)?q=1"
+    # ... and Copy the bubble's text as it was written (our line breaks out).
+    mark = gui.mark()
+    x.run("xdotool", "mousemove", str(round(centre(link)[0])), str(round(centre(link)[1])),
+          "click", "3")
+    menu = gui.wait_for(lambda e: e.get("gui") == "menu", start=mark)["items"]
+    x.click(*centre(menu["Copy"]))
+    assert gui.wait_for(lambda e: e.get("gui") == "copied", start=mark)["text"] \
+        == "bob again https://example.org/a_(b)?q=1 and more"
+    gui.close("chat")
+    assert_exits_cleanly(gui)
+
+
+def test_a_received_picture_shows_as_a_thumbnail_that_opens(x, tmp_path, procs):
+    host = Host(unique("picture"), advertise=False)
+    procs.append(host)
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    opened = tmp_path / "opened.txt"
+    (bin_dir / "xdg-open").write_text(f"#!/bin/sh\necho \"$1\" >> {opened}\n")
+    (bin_dir / "xdg-open").chmod(0o755)
+    gui = start_gui(x, tmp_path, procs, "--server", f"{LOOPBACK}:{host.port}", "--room", "r",
+                    "--user", "alice", env={"PATH": f"{bin_dir}:{os.environ['PATH']}"})
+    join_from_launcher(gui, x)
+    bob = Cli(host.port, "r", "bob")
+    procs.append(bob)
+    # A picture named as no picture (by content, not name), and a "picture"
+    # that isn't one (a PNG's name and first bytes, then noise).
+    (tmp_path / "photo.dat").write_bytes(_picture("jpg", 800, 600))
+    png = _picture("png")
+    (tmp_path / "broken.png").write_bytes(png[:33] + os.urandom(4000))
+    verdicts = {}
+    for name in ("photo.dat", "broken.png"):
+        bob.say(f"/send {tmp_path / name}")
+        verdicts[name] = gui.wait_for(lambda e, n=name: e.get("gui") == "thumbnail"
+                                      and e["name"] == n, 30)
+    assert verdicts["broken.png"]["picture"] is False
+    assert "thumb" not in verdicts["broken.png"]["links"]          # the ordinary card
+    photo = verdicts["photo.dat"]
+    assert photo["picture"] is True
+    gui.painted(photo)
+    # The view may have scrolled since: take the newest origin.
+    now = [e for e in gui.lines if e.get("gui") == "thumbnail"][-1]
+    box = on_screen(now, photo["links"]["thumb"])
+    assert box[2] >= 100 and abs(box[2] / box[3] - 4 / 3) < 0.05, box
+    width, height, pixels = x.pixels(box)
+    colours = {pixels[i:i + 3] for i in range(0, len(pixels), 3)}
+    assert len(colours) > 50, "the thumbnail is uniform: no picture drawn"
+    assert (255, 0, 0) in {tuple(c) for c in colours} or any(
+        c[0] > 200 and c[1] < 60 and c[2] < 60 for c in colours), "the red square is missing"
+    x.click(*centre(box))
+    deadline = time.monotonic() + 10
+    while not opened.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert opened.read_text().splitlines() == [photo["path"]]
+    gui.close("chat")
+    assert_exits_cleanly(gui)
+
+
+def test_new_messages_below_show_a_pill_and_history_a_divider(x, tmp_path, procs):
+    host = Host(unique("unseen"), advertise=False, extra=["--rate-limit", "0"])
+    procs.append(host)
+    bob = Cli(host.port, "r", "bob")
+    procs.append(bob)
+    for n in range(25):
+        bob.say(f"before {n}")
+    bob.wait_for(lambda e: e.get("type") == "message" and e["text"] == "before 24")
+    gui = start_gui(x, tmp_path, procs, "--server", f"{LOOPBACK}:{host.port}", "--room", "r",
+                    "--user", "alice")
+    chat = join_from_launcher(gui, x)
+    gui.shown(lambda e: e.get("text") == "before 24")
+    mark = gui.mark()
+    bob.say("after you came")
+    after = gui.shown(lambda e: e.get("text") == "after you came", start=mark)
+    # Between what was said before you came and what is said now: a divider.
+    kinds = [(e["kind"], e.get("text")) for e in gui.lines if e.get("gui") == "shown"]
+    at = kinds.index(("message", "after you came"))
+    assert kinds[at - 1] == ("divider", "New messages")
+    assert kinds.index(("divider", "Earlier messages")) < kinds.index(("message", "before 0"))
+    assert after["grouped"] is False        # a divider ends a group
+
+    # Scrolled up, a new message doesn't move the view: a pill counts it.
+    vx, vy, vw, vh = chat["elements"]["view"]
+    x.run("xdotool", "mousemove", str(vx + vw // 2), str(vy + vh // 2),
+          "click", "--repeat", "6", "4")
+    mark = gui.mark()
+    bob.say("while you read")
+    bob.say("and another")
+    pill = gui.wait_for(lambda e: e.get("gui") == "new_messages" and e["count"] == 2,
+                        start=mark)
+    x.click(*centre(pill["box"]))
+    gui.wait_for(lambda e: e.get("gui") == "new_messages" and e["count"] == 0, start=mark)
+    # At the bottom again, the next message is followed, with no pill.
+    mark = gui.mark()
+    bob.say("followed")
+    gui.shown(lambda e: e.get("text") == "followed", start=mark)
+    gui.type_into("chat", "input", "/who", enter=True)
+    gui.shown(lambda e: e.get("text", "").startswith("In the room"), start=mark)
+    assert not [e for e in gui.lines[mark:] if e.get("gui") == "new_messages"]
+    gui.close("chat")
+    assert_exits_cleanly(gui)
+
+
+def test_emoji_draw_as_glyphs_and_the_picker_inserts_them(x, tmp_path, procs):
+    host = Host(unique("emoji"), advertise=False, extra=["--rate-limit", "0"])
+    procs.append(host)
+    gui = start_gui(x, tmp_path, procs, "--server", f"{LOOPBACK}:{host.port}", "--room", "r",
+                    "--user", "alice")
+    join_from_launcher(gui, x)
+    bob = Cli(host.port, "r", "bob")
+    procs.append(bob)
+    # As for Chinese: the emoji's pixels must not be the box of a missing
+    # glyph, which two different letters of a script no font here has share.
+    texts = ["😀👍🎉🔥", "\u0f40" * 4, "\u0f41" * 4]
+    for text in texts:
+        bob.say(text)
+    shown = {t: gui.shown(lambda e, t=t: e["kind"] == "message" and e["text"] == t)
+             for t in texts}
+    now = shown[texts[-1]]
+    gui.painted(now)
+    pixels = {t: x.pixels(on_screen(now, shown[t]["bbox"])) for t in texts}
+    assert pixels[texts[1]] == pixels[texts[2]], "Tibetan has a font here: pick another"
+    emoji = pixels[texts[0]][2]
+    background = emoji[:3]
+    assert sum(1 for i in range(0, len(emoji), 3) if emoji[i:i + 3] != background) > 100, \
+        "nothing drawn where the emoji are"
+    assert pixels[texts[0]] != pixels[texts[1]], \
+        "emoji render as missing-glyph boxes: is fonts-noto-color-emoji installed?"
+    # In colour (Tk 8.6.13 with Xft 2.3.6 draws Noto Color Emoji): 😀 is yellow.
+    assert any(emoji[i] > 200 and emoji[i + 1] > 140 and emoji[i + 2] < 90
+               for i in range(0, len(emoji), 3)), "emoji drawn, but not in colour"
+
+    # The picker: a click on the button, a click on an emoji: it is typed in.
+    mark = gui.mark()
+    gui.type_into("chat", "input", "hi ")
+    gui.click("chat", "emoji")
+    items = gui.wait_for(lambda e: e.get("gui") == "emoji_picker", start=mark)["items"]
+    x.click(*centre(items["😊"]))
+    assert gui.wait_for(lambda e: e.get("gui") == "emoji_inserted", start=mark)["text"] \
+        == "hi 😊"
+    gui.click("chat", "send")
+    assert bob.wait_for(lambda e: e.get("type") == "message" and e["from"] == "alice")[
+        "text"] == "hi 😊"
+    gui.close("chat")
+    assert_exits_cleanly(gui)
+
+
+def test_history_across_days_gets_date_dividers_and_a_pause_starts_a_new_group(x):
+    """ChatView alone, in this process, on the session's Xvfb: the host
+    stamps messages with its own clock, so days past are given here."""
+    import tkinter
+    root = tkinter.Tk(screenName=x.display)
+    try:
+        root.withdraw()
+        canvas = tkinter.Canvas(root, width=600, height=400)
+        look = chatroom.Look(family="Noto Sans CJK SC", scaling=1.333, unit=1.0)
+        view = chatroom.ChatView(canvas, look, chatroom.Images(), lambda *_: None,
+                                 chatroom.GuiTrace(False))
+        now = time.time()
+        day = 24 * 3600
+
+        def say(who: str, ts: float, history: bool = True) -> None:
+            view.add("message", **{"from": who, "text": "hi", "ts": ts, "mine": False,
+                                   "history": history})
+
+        say("bob", now - 3 * day)
+        say("bob", now - 3 * day + 60)              # a minute later: grouped
+        say("bob", now - day)                       # another day: a divider first
+        say("bob", now - day + 11 * 60)             # eleven minutes later: its own head
+        say("carol", now - day + 11 * 60 + 5)       # another sender: its own head
+        say("carol", now, history=False)            # today, said after we joined
+        shown = [(e.kind, e.data.get("text") if e.kind != "message" else e.data["from"],
+                  e.grouped) for e in view.entries]
+        assert shown == [
+            ("day", chatroom.day_label(now - 3 * day), False), ("message", "bob", False),
+            ("message", "bob", True), ("day", "Yesterday", False), ("message", "bob", False),
+            ("message", "bob", False), ("message", "carol", False),
+            ("day", "Today", False), ("divider", "New messages", False),
+            ("message", "carol", False)]
+        # The whole bubble of a grouped message sits closer to the one above.
+        first, second = list(view.entries)[1:3]
+        assert second.top == first.bottom
+        assert canvas.bbox(second.tag)[1] - canvas.bbox(first.tag)[3] < look.px(10)
+        view.close()
+    finally:
+        root.destroy()

@@ -17,6 +17,10 @@ and types through the window with xdotool and saves, by window id:
                            WAV file of speech as the microphone)
     docs/file-ask.png      a file that waits for Accept or Decline, and one
                            its sender cancelled while it waited
+    docs/conversation.png  a conversation: runs of messages under one name,
+                           a date divider, a link with its right-click menu,
+                           a picture's thumbnail, emoji
+    docs/conversation-new.png  scrolled up: "↓ 2 new messages"
 
 It also writes the program's icon to assets/icon.png (and assets/icon.ico
 when ImageMagick's convert is there). Everything it starts, it stops by PID.
@@ -242,6 +246,84 @@ def shoot_file_ask(out: Path) -> None:
     print(f"wrote {out / 'file-ask.png'}")
 
 
+def _sample_picture(path: Path) -> None:
+    """A small landscape drawn with OpenCV, saved as a JPEG."""
+    import cv2
+    import numpy
+    height, width = 360, 480
+    sky = numpy.linspace((235, 190, 120), (250, 230, 200), height // 2).astype(numpy.uint8)
+    image = numpy.zeros((height, width, 3), numpy.uint8)
+    image[:height // 2] = sky[:, None, :]
+    image[height // 2:] = (90, 160, 80)
+    cv2.circle(image, (360, 90), 40, (80, 200, 250), -1, cv2.LINE_AA)
+    hill = numpy.array([(0, 200), (140, 120), (300, 210), (480, 150), (480, 360), (0, 360)])
+    cv2.fillPoly(image, [hill], (70, 130, 60), cv2.LINE_AA)
+    cv2.imwrite(str(path), image)
+
+
+def shoot_conversation(out: Path) -> None:
+    """The conversation view: groups, a date divider, a link and its menu,
+    a picture's thumbnail, emoji; then the new-messages pill."""
+    with stage() as (x, started, work):
+        host = Host("Lab-PC", advertise=False, extra=["--rate-limit", "0"])
+        started.append(host)
+        gui = Gui(x, work / "config", ["--server", f"127.0.0.1:{host.port}", "--room",
+                                       "学习小组", "--user", "alice", "--downloads",
+                                       str(work / "alice")])
+        started.append(gui)
+        gui.window("launcher")
+        gui.click("launcher", "join")
+        gui.phase("chatting")
+        xiaoming = Cli(host.port, "学习小组", "小明", downloads=work / "xm")
+        bob = Cli(host.port, "学习小组", "bob", downloads=work / "bob")
+        started += [xiaoming, bob]
+        lines = [(xiaoming, "大家好！今天下午三点在图书馆开会。"),
+                 (xiaoming, "别忘了带笔记本 📒"),
+                 (xiaoming, "我已经订好了房间 👍"),
+                 (bob, "The whiteboard from last time:")]
+        for who, text in lines:
+            who.say(text)
+            gui.shown(lambda e, t=text: e.get("text") == t)
+        picture = work / "whiteboard.jpg"
+        _sample_picture(picture)
+        bob.say(f"/send {picture}")
+        gui.wait_for(lambda e: e.get("gui") == "thumbnail" and e["picture"], 20)
+        text = "and the slides: https://example.org/course/week-7 (PDF inside)"
+        bob.say(text)
+        gui.shown(lambda e: e.get("text") == text)
+        for text in ("Thanks! 谢谢 🎉", "See you at three."):
+            gui.type_into("chat", "input", text, enter=True)
+            gui.shown(lambda e, t=text: e.get("text") == t)
+        last = gui.shown(lambda e: e.get("text") == "See you at three.")
+        link = next(e for e in gui.lines if e.get("gui") == "shown"
+                    and e.get("text", "").startswith("and the slides"))
+        gui.painted(last)
+        ox, oy = last["origin"]
+        x1, y1, x2, y2 = link["links"]["link0"]
+        mark = gui.mark()
+        x.run("xdotool", "mousemove", str(ox + (x1 + x2) // 2), str(oy + (y1 + y2) // 2),
+              "click", "3")
+        gui.wait_for(lambda e: e.get("gui") == "menu", start=mark)
+        time.sleep(0.3)                     # the menu maps, then the shot
+        layout = gui.window("chat")
+        wx, wy, ww, wh = layout["box"]
+        x.run("import", "-window", "root", "-crop", f"{ww}x{wh}+{wx}+{wy}", "+repage",
+              str(out / "conversation.png"))
+        x.key("Escape")
+        view = layout["elements"]["view"]
+        x.run("xdotool", "mousemove", str(view[0] + view[2] // 2), str(view[1] + view[3] // 2),
+              "click", "--repeat", "4", "4")
+        mark = gui.mark()
+        xiaoming.say("房间是 302。")
+        xiaoming.say("Room 302, second floor.")
+        gui.wait_for(lambda e: e.get("gui") == "new_messages" and e["count"] == 2, start=mark)
+        time.sleep(0.3)
+        x.screenshot(out / "conversation-new.png", layout["xid"])
+        gui.close("chat")
+        gui.wait_exit(10)
+    print(f"wrote {out / 'conversation.png'} and {out / 'conversation-new.png'}")
+
+
 def write_icon(assets: Path) -> None:
     assets.mkdir(exist_ok=True)
     (assets / "icon.png").write_bytes(chatroom.app_icon_png(256))
@@ -258,11 +340,17 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=ROOT / "docs")
     parser.add_argument("--scales", type=float, nargs="*", default=[1.0, 1.5])
     parser.add_argument("--no-calls", action="store_true", help="skip docs/call*.png")
+    parser.add_argument("--only-conversation", action="store_true",
+                        help="make docs/conversation*.png alone")
     args = parser.parse_args()
     args.out.mkdir(exist_ok=True)
+    if args.only_conversation:
+        shoot_conversation(args.out)
+        return 0
     write_icon(ROOT / "assets")
     for scale in args.scales:
         shoot(scale, args.out, "" if scale == 1 else f"-{round(scale * 100)}")
+    shoot_conversation(args.out)
     if not args.no_calls:
         shoot_calls(args.out)
         shoot_speaking(args.out)
