@@ -11893,34 +11893,83 @@ GUI_TRACE_ENV = "CHATROOM_GUI_TRACE"  # test hook, see GuiTrace
 CJK_FONT_FAMILIES = ("Noto Sans CJK SC", "Microsoft YaHei", "PingFang SC",
                      "Source Han Sans SC", "WenQuanYi Micro Hei")
 
-COLOURS = {
-    "window": "#F5F6FA",            # window background
-    "chat": "#ECEFF5",              # behind the bubbles
-    "panel": "#FFFFFF",             # fields, cards, the members list
-    "text": "#1F2430",
-    "muted": "#6B7385",
-    "faint": "#A3A9B5",
-    "line": "#DCE0E8",
-    "accent": "#3367D6",
-    "accent_dark": "#2853B0",
-    "accent_soft": "#DCE6FB",
-    "mine": "#3367D6",              # my bubbles
-    "mine_text": "#FFFFFF",
-    "mine_pending": "#7FA0E6",      # my bubble before the host confirms it
-    "theirs": "#FFFFFF",            # everyone else's
-    "system": "#DEE2EA",            # [SYSTEM] notices from the host
-    "system_text": "#4A5263",
-    "info": "#E1E9FA",              # notes from this program
-    "info_text": "#2C4A8A",
-    "error": "#FBE3E1",
-    "error_text": "#A8261B",
-    "ok": "#2E9B5F",
-    "track": "#E3E7EE",             # an empty progress bar
+# Two palettes of the same names. Every colour text is drawn in reaches
+# WCAG AA (4.5:1) on each background it is drawn on, in both: TEXT_ON lists
+# those pairs and tests/test_gui.py checks every one with contrast_ratio.
+PALETTES: dict[str, dict[str, str]] = {
+    "light": {
+        "window": "#F5F6FA",        # window background
+        "chat": "#ECEFF5",          # behind the bubbles
+        "panel": "#FFFFFF",         # fields, cards, the members list
+        "text": "#1F2430",
+        "muted": "#5A6170",
+        "faint": "#676A72",         # hints, timestamps (was #A3A9B5: 2.2:1)
+        "line": "#DCE0E8",
+        "accent": "#2D5CBE",
+        "accent_dark": "#2853B0",
+        "accent_soft": "#DCE6FB",
+        "mine": "#2D5CBE",          # my bubbles
+        "mine_text": "#FFFFFF",
+        "mine_pending": "#5B73A6",  # my bubble before the host confirms it
+        "theirs": "#FFFFFF",        # everyone else's
+        "system": "#DEE2EA",        # [SYSTEM] notices from the host
+        "system_text": "#4A5263",
+        "info": "#E1E9FA",          # notes from this program
+        "info_text": "#2C4A8A",
+        "error": "#FBE3E1",
+        "error_text": "#A8261B",
+        "ok": "#2E9B5F",
+        "track": "#E3E7EE",         # an empty progress bar
+        "found": "#E0A100",         # the frame around a search match
+    },
+    "dark": {
+        "window": "#16181D",
+        "chat": "#1C1F26",
+        "panel": "#242831",
+        "text": "#E6E8EE",
+        "muted": "#A6ADBB",
+        "faint": "#8A919F",
+        "line": "#343A46",
+        "accent": "#7EA6F2",
+        "accent_dark": "#9DBBF5",   # hover: lighter on a dark window
+        "accent_soft": "#2B3A5C",
+        "mine": "#7EA6F2",
+        "mine_text": "#0E1A33",     # dark ink on the light blue
+        "mine_pending": "#A7BCE3",
+        "theirs": "#2A2F39",
+        "system": "#2A2F38",
+        "system_text": "#B8BFCC",
+        "info": "#1F2C47",
+        "info_text": "#A9C2F5",
+        "error": "#4A2326",
+        "error_text": "#F2887E",
+        "ok": "#4CC38A",
+        "track": "#343A46",
+        "found": "#F2C14E",
+    },
 }
+COLOURS = dict(PALETTES["light"])   # the palette in use; use_palette() changes it in place
+THEMES = ("light", "dark", "system")    # --theme; "system" asks the desktop (system_theme)
 
-# Avatar backgrounds: saturated enough for white initials, distinct in pairs.
-AVATAR_COLOURS = ("#E0605E", "#E28A3B", "#C49A1D", "#4FA56B", "#2F9E97", "#3D8BD9",
-                  "#5C6BD6", "#8E62D0", "#C45BB0", "#D65B86", "#6F8A3C", "#7A7F8C")
+# (text, background): each colour text is drawn in, on each background it
+# is drawn on, by any window (labels, bubbles, cards, buttons, hovers, the
+# picked member, the unsent bubble whose fill is `faint`).
+TEXT_ON: tuple[tuple[str, str], ...] = (
+    ("text", "window"), ("text", "panel"), ("text", "theirs"), ("text", "accent_soft"),
+    ("muted", "window"), ("muted", "chat"), ("muted", "panel"), ("muted", "theirs"),
+    ("muted", "accent_soft"), ("faint", "window"), ("faint", "chat"), ("faint", "panel"),
+    ("accent", "window"), ("accent", "panel"), ("accent", "theirs"),
+    ("accent", "accent_soft"), ("accent", "line"), ("mine_text", "accent"),
+    ("mine_text", "accent_dark"), ("mine_text", "mine"), ("mine_text", "mine_pending"),
+    ("mine_text", "faint"), ("system_text", "system"), ("info_text", "info"),
+    ("error_text", "error"), ("error_text", "window"), ("error_text", "chat"),
+    ("error_text", "theirs"), ("error_text", "accent_soft"))
+WCAG_AA = 4.5                       # the least contrast for text (WCAG 2.1, 1.4.3)
+
+# Avatar backgrounds: dark enough for white initials (4.5:1), distinct in pairs.
+AVATAR_COLOURS = ("#BE5250", "#A5652B", "#8F7015", "#3E8255", "#26807A", "#3478BB",
+                  "#5C6BD6", "#885EC8", "#B0529E", "#BC5076", "#647C36", "#707581")
+AVATAR_INK = "#FFFFFF"              # the initials on an avatar
 
 _ROOM = "-LAUNCHER-"                # the launcher's element keys: (_ROOM, name)
 _CHAT = "-CHAT-"                    # the chat window's: (_CHAT, name)
@@ -12026,6 +12075,137 @@ def apply_theme(look: Look) -> None:
                    element_padding=(look.px(4), look.px(3)),
                    margins=(look.px(18), look.px(14)), border_width=0,
                    use_ttk_buttons=False, suppress_error_popups=True)
+
+
+# --- Themes: contrast, the system's choice, switching while windows show -----
+
+def contrast_ratio(ink: str, paper: str) -> float:
+    """WCAG 2.1's contrast ratio of two "#RRGGBB" colours, from 1 (the
+    same) to 21 (black on white): (L1 + 0.05) / (L2 + 0.05), L1 the
+    relative luminance of the lighter one. Raises ValueError for a colour
+    that is not "#RRGGBB"."""
+    def luminance(colour: str) -> float:
+        if not re.fullmatch(r"#[0-9A-Fa-f]{6}", colour):
+            raise ValueError(f"not a #RRGGBB colour: {colour!r}")
+        linear = [(c / 12.92 if c <= 0.04045 else ((c + 0.055) / 1.055) ** 2.4)
+                  for c in (value / 255 for value in _rgb(colour))]
+        return 0.2126 * linear[0] + 0.7152 * linear[1] + 0.0722 * linear[2]
+    light, dark = sorted((luminance(ink), luminance(paper)), reverse=True)
+    return (light + 0.05) / (dark + 0.05)
+
+
+def _ask_command(argv: list[str]) -> str:
+    """A desktop setting from a command's output; "" if it can't say."""
+    import subprocess  # here: only the window asks the desktop
+    try:
+        return subprocess.run(argv, capture_output=True, text=True, timeout=2,
+                              stdin=subprocess.DEVNULL, check=False).stdout
+    except (OSError, subprocess.SubprocessError, ValueError):
+        return ""
+
+
+def _windows_theme() -> str:  # pragma: no cover (Windows only)
+    """"dark" when Windows' apps are set to dark (AppsUseLightTheme = 0)."""
+    import winreg  # type: ignore[import-not-found,unused-ignore]
+    with winreg.OpenKey(winreg.HKEY_CURRENT_USER,  # type: ignore[attr-defined,unused-ignore]
+                        r"Software\Microsoft\Windows\CurrentVersion\Themes\Personalize") \
+            as key:
+        value, _kind = winreg.QueryValueEx(key, "AppsUseLightTheme")  # type: ignore[attr-defined,unused-ignore]
+    return "light" if value else "dark"
+
+
+def system_theme(platform: str | None = None, environ: typing.Mapping[str, str] | None = None,
+                 ask: Callable[[list[str]], str] = _ask_command) -> str:
+    """"dark" or "light", as the desktop is set where that can be read:
+    Windows' AppsUseLightTheme, macOS' AppleInterfaceStyle, GTK_THEME ending
+    in ":dark" or GNOME's color-scheme on Linux. Anything that fails or
+    can't say means "light"; nothing here raises."""
+    platform = platform or sys.platform
+    environ = os.environ if environ is None else environ
+    try:
+        if platform == "win32":
+            return _windows_theme()
+        if platform == "darwin":
+            answer = ask(["defaults", "read", "-g", "AppleInterfaceStyle"])
+            return "dark" if answer.strip().lower() == "dark" else "light"
+        if environ.get("GTK_THEME", "").lower().endswith(":dark"):
+            return "dark"
+        answer = ask(["gsettings", "get", "org.gnome.desktop.interface", "color-scheme"])
+        return "dark" if "dark" in answer.lower() else "light"
+    except (OSError, ValueError, ImportError):
+        return "light"
+
+
+def resolve_theme(flag: str | None, remembered: str | None,
+                  system: Callable[[], str] = system_theme) -> str:
+    """The palette to start with: --theme if given, else the one last
+    toggled (settings), else the system's; "system" asks `system`."""
+    choice = flag or remembered or "system"
+    return choice if choice in PALETTES else system()
+
+
+def use_palette(name: str) -> dict[str, str]:
+    """Make `name` the palette in use (COLOURS, changed in place: every
+    painter reads it when it draws); returns the one it replaces."""
+    old = dict(COLOURS)
+    COLOURS.clear()
+    COLOURS.update(PALETTES[name])
+    return old
+
+
+def theme_button_text() -> str:
+    """The theme toggle's label: the theme it switches to."""
+    return "Light theme" if PALETTES["dark"] == COLOURS else "Dark theme"
+
+
+# Which palette name a Tk colour option stands for when two names share a
+# value (in light, `panel`, `theirs` and `mine_text` are all white): text
+# options mean ink, the others paper.
+_INK_OPTIONS = ("foreground", "activeforeground", "disabledforeground", "insertbackground",
+                "selectforeground")
+_PAPER_OPTIONS = ("background", "activebackground", "disabledbackground",
+                  "readonlybackground", "selectbackground", "highlightbackground",
+                  "troughcolor", "selectcolor")
+_WIDGET_INKS = ("text", "muted", "faint", "accent", "mine_text", "error_text")
+_WIDGET_PAPERS = ("window", "panel", "chat", "accent", "accent_soft", "error", "line",
+                  "track", "accent_dark")
+
+
+def recolour_map(old: dict[str, str], new: dict[str, str]) -> dict[str, dict[str, str]]:
+    """{"ink": {old value: new value}, "paper": {...}} for switching
+    palettes: where names share a value, the ones widgets use win."""
+    out: dict[str, dict[str, str]] = {}
+    for role, preferred in (("ink", _WIDGET_INKS), ("paper", _WIDGET_PAPERS)):
+        table = out[role] = {}
+        for name in sorted(old, key=lambda n: n in preferred):     # preferred last: they win
+            table[old[name].upper()] = new[name]
+    return out
+
+
+def recolour_widgets(root: Any, old: dict[str, str], new: dict[str, str]) -> int:
+    """Give `root` and every widget in it the colours of `new` where they
+    had those of `old`; returns how many options changed. Canvas drawings
+    are not touched (their owners paint them again)."""
+    import tkinter
+    table = recolour_map(old, new)
+    changed = 0
+    stack = [root]
+    while stack:
+        widget = stack.pop()
+        stack.extend(widget.winfo_children())
+        try:
+            options = widget.configure() or {}
+        except tkinter.TclError:        # a widget that refuses the query: skip it
+            continue
+        for role, names in (("ink", _INK_OPTIONS), ("paper", _PAPER_OPTIONS)):
+            for option in names:
+                if option not in options:
+                    continue
+                value = str(widget.cget(option)).upper()
+                if value in table[role] and table[role][value].upper() != value:
+                    widget.configure(**{option: table[role][value]})
+                    changed += 1
+    return changed
 
 
 # --- The trace hook ----------------------------------------------------------
@@ -12224,7 +12404,7 @@ class Drawing:
         self.widget.create_image(round(x), round(y), anchor="nw", tags=tags, image=disc)
         font = "initials" if size >= self.look.px(30) else "initials_small"
         self.widget.create_text(x + size / 2, y + size / 2, text=text or initials(user),
-                                fill="#FFFFFF", font=self.fonts[font], tags=tags)
+                                fill=AVATAR_INK, font=self.fonts[font], tags=tags)
 
     def elide(self, text: str, font: str, width: int) -> str:
         """`text` cut to `width` pixels in `font`, with an ellipsis if cut."""
@@ -12410,6 +12590,12 @@ class ChatView(Drawing):
         self._set_scrollregion()
         if follow:
             self.widget.yview_moveto(1.0)
+
+    def redraw(self) -> None:
+        """Draw every entry again (after a theme switch: new colours)."""
+        self._relayout()
+        if self.trace.enabled:
+            self._report_painted()
 
     def close(self) -> None:
         """The window is going: a pending redraw must not find it gone."""
@@ -12869,7 +13055,9 @@ class Launcher:
              sg.Column([[sg.Text("chatroom", font=look.font(18, "bold"),
                                  text_color=COLOURS["accent"], pad=0)],
                         [sg.Text("Chat with the people on your network.",
-                                 text_color=COLOURS["muted"], pad=0)]], pad=0)],
+                                 text_color=COLOURS["muted"], pad=0)]], pad=0),
+             sg.Push(), _button(theme_button_text(), (_ROOM, "theme"), look,
+                                primary=False)],
             [sg.Text("HOSTS ON YOUR NETWORK", font=look.font(9, "bold"),
                      text_color=COLOURS["muted"], pad=(0, (px(16), 0)))],
             [table],
@@ -13025,6 +13213,21 @@ class Launcher:
             return None
         return checked[0], checked[1]
 
+    def recolour(self) -> None:
+        """After a theme switch (recolour_widgets did the plain widgets):
+        the host table's ttk style, its rows, the toggle's label."""
+        table = self.window[(_ROOM, "hosts")]
+        table.ttk_style.configure(table.table_ttk_style_name, background=COLOURS["panel"],
+                                  fieldbackground=COLOURS["panel"],
+                                  foreground=COLOURS["text"])
+        table.ttk_style.configure(table.table_ttk_style_name + ".Heading",
+                                  background=COLOURS["window"], foreground=COLOURS["muted"])
+        table.ttk_style.map(table.table_ttk_style_name, foreground=[
+            ("selected", COLOURS["mine_text"])], background=[("selected", COLOURS["accent"])])
+        if self.hosts:
+            self.show_hosts({"hosts": self.hosts})
+        self.window[(_ROOM, "theme")].update(theme_button_text())
+
     def error(self, text: str) -> None:
         self.window[(_ROOM, "status")].update(text, text_color=COLOURS["error_text"])
         self.trace("launcher_status", text=text, error=True)
@@ -13068,7 +13271,7 @@ class Launcher:
                    password=bool(self.password()),     # whether one is typed, never what
                    elements={name: _screen_box(window[(_ROOM, name)].Widget)
                              for name in ("join", "host", "address", "room", "user",
-                                          "password", "accept_key")},
+                                          "password", "accept_key", "theme")},
                    key_box=self.changed_key is not None, key=window[(_ROOM, "key")].get())
 
 
@@ -13128,6 +13331,8 @@ class ChatWindow:
                                 else COLOURS["error_text"])]],
                       pad=0),
             sg.Push(),
+            _button(theme_button_text(), (_CHAT, "theme"), look, primary=False,
+                    pad=((0, px(8)), 0)),
             _button("Leave", (_CHAT, "leave"), look, primary=False)]
         side = sg.Column([
             [sg.Text("MEMBERS", font=look.font(9, "bold"), text_color=COLOURS["muted"],
@@ -13218,16 +13423,33 @@ class ChatWindow:
         trough: Any = {"sticky": "ns", "children": [("Vertical.Scrollbar.thumb",
                                                      {"expand": "1", "sticky": "nswe"})]}
         style.layout("Chat.Vertical.TScrollbar", [("Vertical.Scrollbar.trough", trough)])
+        self._style_scrollbar(style)
+        bar = ttk.Scrollbar(canvas.master, orient="vertical", command=canvas.yview,
+                            style="Chat.Vertical.TScrollbar")
+        canvas.configure(yscrollcommand=bar.set)
+        bar.pack(side="right", fill="y", before=canvas)
+
+    def _style_scrollbar(self, style: Any) -> None:
         style.configure("Chat.Vertical.TScrollbar", troughcolor=COLOURS["chat"],
                         background=COLOURS["line"], bordercolor=COLOURS["chat"],
                         lightcolor=COLOURS["line"], darkcolor=COLOURS["line"],
                         troughrelief="flat", relief="flat", borderwidth=0,
                         width=self.look.px(8))
         style.map("Chat.Vertical.TScrollbar", background=[("active", COLOURS["faint"])])
-        bar = ttk.Scrollbar(canvas.master, orient="vertical", command=canvas.yview,
-                            style="Chat.Vertical.TScrollbar")
-        canvas.configure(yscrollcommand=bar.set)
-        bar.pack(side="right", fill="y", before=canvas)
+
+    def recolour(self) -> None:
+        """After a theme switch (recolour_widgets did the plain widgets):
+        the scrollbar's style, the toggle's label, and both canvases drawn
+        again in the new colours."""
+        from tkinter import ttk
+        self._style_scrollbar(ttk.Style(self.view.widget))
+        self.window[(_CHAT, "theme")].update(theme_button_text())
+        for drawing, colour in ((self.view, COLOURS["chat"]), (self.members, COLOURS["panel"])):
+            drawing.background = colour
+            drawing.widget.configure(background=colour)
+        self.view.redraw()
+        self.members.set(self.members.members)
+        self.trace_layout()
 
     # --- events from the room ---
 
@@ -13469,7 +13691,7 @@ class ChatWindow:
                    box=_screen_box(self.window.TKroot),
                    elements={name: _screen_box(self.window[(_CHAT, name)].Widget)
                              for name in ("input", "send", "file", "video", "leave",
-                                          "view", "members")},
+                                          "view", "members", "theme")},
                    disabled={name: str(self.window[(_CHAT, name)].Widget.cget("state"))
                              in ("disabled", "readonly") for name in ("input", "send")},
                    banner=banner.get() if banner.visible else "", protected=self.protected,
@@ -13919,14 +14141,15 @@ class CallWindows:
 
 # --- Settings remembered between runs ----------------------------------------
 
-_SETTINGS_KEYS = ("room", "user", "address")
+_SETTINGS_KEYS = ("room", "user", "address", "theme", "sound")
 _SETTINGS_MAX_CHARS = 256
 
 
 def settings_path(platform: str | None = None,
                   environ: typing.Mapping[str, str] | None = None,
                   home: Path | None = None) -> Path:
-    """Where the launcher remembers the last Room ID, User ID and address."""
+    """Where the launcher remembers the last Room ID, User ID and address,
+    and the window its theme and whether notifications make a sound."""
     return config_dir(platform, environ, home) / "settings.json"
 
 
@@ -14181,6 +14404,8 @@ class GuiApp:
             (_CHAT, "file"): in_room(self.on_send_file_button),
             (_CHAT, "video"): in_room(self.on_video_button),
             (_CHAT, "leave"): in_room(self.on_leave),
+            (_CHAT, "theme"): lambda values: self.toggle_theme(),
+            (_ROOM, "theme"): lambda values: self.toggle_theme(),
             (_CALL, "mute"): lambda values: self._quietly("mute", self.core.set_media(
                 muted=not self.core.calls.media.muted)),
             (_CALL, "camera"): lambda values: self._quietly("camera", self.core.set_media(
@@ -14417,7 +14642,7 @@ class GuiApp:
         settings = {"room": event["room"], "user": event["user"]}
         if self.joining.get("address"):
             settings["address"] = self.joining["address"]
-        save_settings(self.settings_file, settings)
+        self.remember(settings, replace=("room", "user", "address"))
         chat = ChatWindow(self.look, self.images, event, self.trace,
                           self.limits.gui_max_shown)
         self.launcher.window.hide()
@@ -14431,6 +14656,28 @@ class GuiApp:
         for notice in self.joining.pop("notices", []):  # a key met, or --insecure
             chat.note(_sentence(notice["message"]),
                       "error" if notice["type"] == "warning" else "info")
+
+    def remember(self, changes: dict[str, str], replace: Iterable[str] = ()) -> None:
+        """Save `changes` in the settings, keeping what else is there
+        (the keys in `replace` go unless `changes` has them)."""
+        kept = {key: value for key, value in load_settings(self.settings_file).items()
+                if key not in replace}
+        save_settings(self.settings_file, {**kept, **changes})
+
+    def toggle_theme(self) -> None:
+        """The theme button (launcher or chat window): the other palette,
+        now, in every window, and remembered for next time."""
+        theme = "light" if PALETTES["dark"] == COLOURS else "dark"
+        old = use_palette(theme)
+        apply_theme(self.look)              # for windows opened from now on
+        for window in self.windows():
+            recolour_widgets(window.TKroot, old, COLOURS)
+        self.launcher.recolour()
+        if self.chat is not None:
+            self.chat.recolour()
+        self.remember({"theme": theme})
+        self.trace("theme", theme=theme)
+        self.launcher.trace_layout()
 
     def on_notice_to_keep(self, event: dict) -> None:
         """`host_key` (a key pinned, or accepted) and `warning` (--insecure)
@@ -14834,6 +15081,7 @@ def run_gui(args: argparse.Namespace, limits: Limits, media: MediaOptions) -> in
         print(f"chatroom: can't open a window ({exc}); use --cli in a terminal, "
               "or --host to run a host.", file=sys.stderr)
         return EXIT_REFUSED
+    use_palette(resolve_theme(args.theme, load_settings(settings_path()).get("theme")))
     apply_theme(look)
     log.info("font: %s, tk scaling %.2f", look.family, look.scaling)
     hide_own_console()
@@ -14996,6 +15244,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--scale", type=parse_scale, default=1.0, metavar="FACTOR",
                         help="the window's size: text and spacing times FACTOR "
                         "(default 1.0; 1.5 = 150%%)")
+    parser.add_argument("--theme", choices=THEMES, default=None,
+                        help="the window's colours: light, dark, or system (as the desktop "
+                        "is set). Default: the one last picked in the window, else system")
     parser.add_argument("-v", "--verbose", action="store_true", help="log more to stderr")
     return parser
 

@@ -1,0 +1,190 @@
+"""The window's look (issue 15, polish): contrast, the dark theme, the
+members list, the file dialog, the message box, help, search,
+notifications. Pure helpers first, with no display; then the real window
+on Xvfb, driven as tests/test_gui.py drives it (its fixtures and helpers
+are reused from there)."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import pytest
+from test_gui import assert_exits_cleanly, join_from_launcher, procs, start_gui, unique, x
+
+import chatroom
+from guidriver import LOOPBACK, Host
+
+__all__ = ["procs", "x"]                # fixtures, used by name
+
+
+# --- contrast ------------------------------------------------------------------
+
+def test_contrast_ratio_matches_wcag_examples():
+    assert chatroom.contrast_ratio("#000000", "#FFFFFF") == pytest.approx(21)
+    assert chatroom.contrast_ratio("#FFFFFF", "#FFFFFF") == pytest.approx(1)
+    assert chatroom.contrast_ratio("#FFFFFF", "#000000") == pytest.approx(21)   # either order
+    # The issue's example: the old hint grey on the old window, 2.2:1.
+    assert chatroom.contrast_ratio("#A3A9B5", "#F5F6FA") == pytest.approx(2.2, abs=0.05)
+    assert chatroom.contrast_ratio("#777777", "#FFFFFF") == pytest.approx(4.48, abs=0.01)
+
+
+@pytest.mark.parametrize("colour", ["#FFF", "white", "#GG0000", "", "#1234567"])
+def test_contrast_ratio_refuses_what_is_not_a_colour(colour):
+    with pytest.raises(ValueError, match="not a #RRGGBB colour"):
+        chatroom.contrast_ratio(colour, "#FFFFFF")
+
+
+@pytest.mark.parametrize("theme", sorted(chatroom.PALETTES))
+def test_every_text_colour_reaches_aa_on_every_background_it_is_drawn_on(theme):
+    palette = chatroom.PALETTES[theme]
+    assert set(palette) == set(chatroom.PALETTES["light"]), "the palettes name the same colours"
+    weak = [(ink, paper, round(chatroom.contrast_ratio(palette[ink], palette[paper]), 2))
+            for ink, paper in chatroom.TEXT_ON
+            if chatroom.contrast_ratio(palette[ink], palette[paper]) < chatroom.WCAG_AA]
+    assert not weak, f"{theme}: below 4.5:1: {weak}"
+    avatars = [(colour, round(chatroom.contrast_ratio(chatroom.AVATAR_INK, colour), 2))
+               for colour in chatroom.AVATAR_COLOURS
+               if chatroom.contrast_ratio(chatroom.AVATAR_INK, colour) < chatroom.WCAG_AA]
+    assert not avatars, f"initials below 4.5:1 on {avatars}"
+
+
+# --- following the system ---------------------------------------------------------
+
+def _asker(answers: dict[str, str], asked: list | None = None):
+    def ask(argv):
+        if asked is not None:
+            asked.append(argv)
+        if argv[0] not in answers:
+            return ""                   # as _ask_command when the command is missing
+        return answers[argv[0]]
+    return ask
+
+
+@pytest.mark.parametrize(("platform", "environ", "answers", "expected"), [
+    ("linux", {}, {"gsettings": "'prefer-dark'\n"}, "dark"),
+    ("linux", {}, {"gsettings": "'default'\n"}, "light"),
+    ("linux", {}, {}, "light"),                                  # no gsettings: light
+    ("linux", {"GTK_THEME": "Adwaita:dark"}, {}, "dark"),
+    ("linux", {"GTK_THEME": "Adwaita"}, {"gsettings": "'prefer-light'"}, "light"),
+    ("darwin", {}, {"defaults": "Dark\n"}, "dark"),
+    ("darwin", {}, {}, "light"),                                 # the key is unset in light
+])
+def test_the_system_theme_is_read_where_it_can_be(platform, environ, answers, expected):
+    assert chatroom.system_theme(platform, environ, _asker(answers)) == expected
+
+
+def test_a_failing_system_query_means_light():
+    def broken(argv):
+        raise OSError("no such program")
+    assert chatroom.system_theme("linux", {}, broken) == "light"
+    assert chatroom.system_theme("darwin", {}, broken) == "light"
+
+
+def test_the_flag_wins_over_the_remembered_theme_which_wins_over_the_system():
+    def dark():
+        return "dark"
+    assert chatroom.resolve_theme("light", "dark", dark) == "light"
+    assert chatroom.resolve_theme(None, "light", dark) == "light"
+    assert chatroom.resolve_theme(None, None, dark) == "dark"
+    assert chatroom.resolve_theme("system", "light", dark) == "dark"
+    assert chatroom.resolve_theme(None, "purple", dark) == "dark"   # a hand-edited setting
+
+
+def test_the_theme_flag_takes_light_dark_or_system():
+    parser = chatroom.build_parser()
+    assert parser.parse_args([]).theme is None
+    assert parser.parse_args(["--theme", "dark"]).theme == "dark"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--theme", "blue"])
+
+
+def test_recolouring_maps_shared_values_by_what_widgets_use():
+    table = chatroom.recolour_map(chatroom.PALETTES["light"], chatroom.PALETTES["dark"])
+    dark = chatroom.PALETTES["dark"]
+    assert table["paper"]["#FFFFFF"] == dark["panel"]          # not `theirs`
+    assert table["ink"]["#FFFFFF"] == dark["mine_text"]
+    assert table["paper"]["#F5F6FA"] == dark["window"]
+
+
+# --- the theme in the window ---------------------------------------------------
+
+def _stub(tmp_path: Path, name: str, script: str) -> dict[str, str]:
+    """A stand-in for a desktop command, first on PATH: the env to run with."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    (bin_dir / name).write_text("#!/bin/sh\n" + script + "\n")
+    (bin_dir / name).chmod(0o755)
+    return {"PATH": f"{bin_dir}:{os.environ['PATH']}", "GTK_THEME": ""}
+
+
+def _hex(pixel: bytes) -> str:
+    return "#" + pixel[:3].hex().upper()
+
+
+def wait_pixel(x, point: tuple[int, int], colour: str, timeout: float = 10) -> None:
+    """Wait until the screen at `point` is `colour` (the X server draws
+    after the window asks): a deadline for a failure, not a speed test."""
+    deadline = time.monotonic() + timeout
+    while True:
+        seen = _hex(x.pixels((point[0], point[1], 1, 1))[2])
+        if seen == colour:
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{point} is {seen}, not {colour}")
+        time.sleep(0.1)
+
+
+def _corner(box: list[int]) -> tuple[int, int]:
+    return box[0] + 3, box[1] + 3
+
+
+def test_the_theme_follows_the_system_when_nothing_was_picked(x, tmp_path, procs):
+    env = _stub(tmp_path, "gsettings", "echo \"'prefer-dark'\"")
+    gui = start_gui(x, tmp_path, procs, env=env)
+    layout = gui.window("launcher")
+    x.wait_viewable(layout["xid"])
+    wait_pixel(x, _corner(layout["box"]), chatroom.PALETTES["dark"]["window"])
+    gui.close("launcher")
+    assert_exits_cleanly(gui)
+
+
+def test_the_theme_toggle_recolours_the_windows_and_is_remembered(x, tmp_path, procs):
+    light, dark = chatroom.PALETTES["light"], chatroom.PALETTES["dark"]
+    env = _stub(tmp_path, "gsettings", "echo \"'default'\"")
+    host = Host(unique("theme"), advertise=False)
+    procs.append(host)
+    gui = start_gui(x, tmp_path, procs, "--server", f"{LOOPBACK}:{host.port}", "--room", "r",
+                    "--user", "alice", env=env)
+    chat = join_from_launcher(gui, x)
+    x.wait_viewable(chat["xid"])
+    view, window = _corner(chat["elements"]["view"]), _corner(chat["box"])
+    wait_pixel(x, view, light["chat"])
+    wait_pixel(x, window, light["window"])
+
+    mark = gui.mark()
+    gui.click("chat", "theme")
+    assert gui.wait_for(lambda e: e.get("gui") == "theme", start=mark)["theme"] == "dark"
+    wait_pixel(x, view, dark["chat"])
+    wait_pixel(x, window, dark["window"])
+    settings = json.loads((tmp_path / "config/chatroom/settings.json").read_text())
+    assert settings["theme"] == "dark" and settings["room"] == "r"
+    gui.close("chat")
+    assert_exits_cleanly(gui)
+
+    # Next time: dark, though the system says light; the launcher's toggle goes back.
+    again = start_gui(x, tmp_path, procs, env=env)
+    layout = again.window("launcher")
+    x.wait_viewable(layout["xid"])
+    wait_pixel(x, _corner(layout["box"]), dark["window"])
+    mark = again.mark()
+    again.click("launcher", "theme")
+    assert again.wait_for(lambda e: e.get("gui") == "theme", start=mark)["theme"] == "light"
+    wait_pixel(x, _corner(layout["box"]), light["window"])
+    settings = json.loads((tmp_path / "config/chatroom/settings.json").read_text())
+    assert settings == {"room": "r", "user": "alice", "address": f"{LOOPBACK}:{host.port}",
+                        "theme": "light"}
+    again.close("launcher")
+    assert_exits_cleanly(again)
