@@ -12406,19 +12406,28 @@ class Drawing:
         self.widget.create_text(x + size / 2, y + size / 2, text=text or initials(user),
                                 fill=AVATAR_INK, font=self.fonts[font], tags=tags)
 
-    def elide(self, text: str, font: str, width: int) -> str:
-        """`text` cut to `width` pixels in `font`, with an ellipsis if cut."""
-        measure = self.fonts[font].measure
-        if measure(text) <= width:
-            return text
-        low, high = 0, len(text)
-        while low < high:
-            middle = (low + high + 1) // 2
-            if measure(text[:middle] + "...") <= width:
-                low = middle
-            else:
-                high = middle - 1
-        return text[:low] + "..."
+    def elide(self, text: str, font: str, width: int, keep: str = "") -> str:
+        """`text` cut to `width` pixels in `font`, with an ellipsis if cut;
+        `keep` follows it whole (see elide_text)."""
+        return elide_text(text, width, self.fonts[font].measure, keep)
+
+
+def elide_text(text: str, width: int, measure: Callable[[str], int], keep: str = "") -> str:
+    """`text` + `keep`, fitting `width` as `measure` counts: `text` is cut
+    (with "...") so that `keep`, a marker such as "  (you)", always shows
+    whole. Only if `keep` alone is too wide is it cut too."""
+    if measure(text + keep) <= width:
+        return text + keep
+    if measure("..." + keep) > width:
+        return elide_text(text + keep, width, measure)
+    low, high = 0, len(text)
+    while low < high:
+        middle = (low + high + 1) // 2
+        if measure(text[:middle] + "..." + keep) <= width:
+            low = middle
+        else:
+            high = middle - 1
+    return text[:low].rstrip() + "..." + keep
 
 
 # =============================================================================
@@ -12827,6 +12836,9 @@ class ChatView(Drawing):
     }
 
 
+_YOU = "  (you)"                    # after your own name in the members list
+
+
 class MemberList(Drawing):
     """The room's members with their avatars, "Everyone" first; a click
     picks who a file goes to (the room, or one person)."""
@@ -12838,6 +12850,7 @@ class MemberList(Drawing):
         self.post = post
         self.members: list[str] = []        # in join order
         self.picked: str | None = None      # None = everyone
+        self.labels: list[str] = []         # each row's text as last drawn (cut to fit)
         self._row = look.px(40)
         widget.configure(background=self.background, yscrollincrement=self._row)
         widget.bind("<Button-1>", self._on_click)
@@ -12867,16 +12880,21 @@ class MemberList(Drawing):
     def _rows(self) -> list[tuple[str | None, str]]:
         rows: list[tuple[str | None, str]] = [(None, "Everyone in the room")]
         for member in self.members:
-            mine = id_key(member) == id_key(self.me)
-            rows.append((member, printable(member) + ("  (you)" if mine else "")))
+            rows.append((member, printable(member)))
         return rows
+
+    def _label(self, user: str | None, name: str, width: int) -> str:
+        """A row's text: the name cut to `width`, but "(you)" kept whole."""
+        mine = user is not None and id_key(user) == id_key(self.me)
+        return self.elide(name, "body", width, _YOU if mine else "")
 
     def _paint(self) -> None:
         px, draw = self.look.px, self.widget
         draw.delete("all")
         width = max(int(draw.winfo_width()), int(draw.cget("width")))
         size = px(28)
-        for index, (user, label) in enumerate(self._rows()):
+        self.labels = []
+        for index, (user, name) in enumerate(self._rows()):
             top = index * self._row
             picked = (user is None and self.picked is None) or (
                 user is not None and self.picked is not None
@@ -12886,13 +12904,14 @@ class MemberList(Drawing):
                                       fill=COLOURS["accent_soft"], outline="")
             row = COLOURS["accent_soft"] if picked else COLOURS["panel"]
             y = top + (self._row - size) / 2
-            if user is None:
-                self.avatar("row", px(10), y, size, "", COLOURS["muted"], "All", row)
+            if user is None:                # a grey of the avatars': white "All" reads on it
+                self.avatar("row", px(10), y, size, "", AVATAR_COLOURS[-1], "All", row)
             else:
                 self.avatar("row", px(10), y, size, user, background=row)
+            label = self._label(user, name, width - size - px(34))
+            self.labels.append(label)
             draw.create_text(px(10) + size + px(10), top + self._row / 2, anchor="w",
-                             text=self.elide(label, "body", width - size - px(34)),
-                             font=self.fonts["body"], fill=COLOURS["text"])
+                             text=label, font=self.fonts["body"], fill=COLOURS["text"])
         draw.configure(scrollregion=(0, 0, width, len(self._rows()) * self._row))
 
     def screen_rows(self) -> list[dict]:
@@ -12900,8 +12919,8 @@ class MemberList(Drawing):
         draw = self.widget
         x, y = draw.winfo_rootx(), draw.winfo_rooty() - round(draw.canvasy(0))
         return [{"user": user, "box": [x, y + index * self._row, draw.winfo_width(),
-                                       self._row]}
-                for index, (user, _label) in enumerate(self._rows())]
+                                       self._row], "label": label}
+                for index, ((user, _name), label) in enumerate(zip(self._rows(), self.labels))]
 
     def _on_click(self, event: Any) -> None:
         index = int(self.widget.canvasy(event.y) // self._row)

@@ -15,7 +15,7 @@ import pytest
 from test_gui import assert_exits_cleanly, join_from_launcher, procs, start_gui, unique, x
 
 import chatroom
-from guidriver import LOOPBACK, Host
+from guidriver import LOOPBACK, Cli, Host
 
 __all__ = ["procs", "x"]                # fixtures, used by name
 
@@ -188,3 +188,39 @@ def test_the_theme_toggle_recolours_the_windows_and_is_remembered(x, tmp_path, p
                         "theme": "light"}
     again.close("launcher")
     assert_exits_cleanly(again)
+
+
+# --- the members list -----------------------------------------------------------
+
+def _width(text: str) -> int:
+    return 7 * len(text)                # a fixed-width stand-in for a font's measure
+
+
+@pytest.mark.parametrize(("name", "keep", "width", "expected"), [
+    ("bob", "  (you)", 200, "bob  (you)"),                         # fits: untouched
+    ("Maximilian Alexander", "  (you)", 100, "Maxi...  (you)"),    # the name is cut
+    ("Maximilian Alexander", "", 100, "Maximilian..."),
+    ("Maximilian", "  (you)", 50, "Maxi..."),                      # too narrow even for "(you)"
+])
+def test_a_cut_name_keeps_its_marker(name, keep, width, expected):
+    shown = chatroom.elide_text(name, width, _width, keep)
+    assert shown == expected
+    assert _width(shown) <= width
+
+
+def test_a_long_name_in_the_members_list_keeps_you_visible(x, tmp_path, procs):
+    host = Host(unique("members"), advertise=False)
+    procs.append(host)
+    me = "Maximilian-Alexander-Konstantin"       # 31 characters: an ID may have 32
+    gui = start_gui(x, tmp_path, procs, "--server", f"{LOOPBACK}:{host.port}", "--room", "r",
+                    "--user", me)
+    join_from_launcher(gui, x)
+    cli = Cli(host.port, "r", "Bartholomew-Fitzgerald-Oppenheimer"[:32])
+    procs.append(cli)
+    members = gui.wait_for(lambda e: e.get("gui") == "members" and len(e["members"]) == 2)
+    labels = {row["user"]: row["label"] for row in members["rows"]}
+    assert labels[me].endswith("...  (you)"), labels     # cut, and still says it is you
+    assert labels[me].startswith("Maximilian")
+    assert not labels[cli.user].endswith("(you)")
+    gui.close("chat")
+    assert_exits_cleanly(gui)
