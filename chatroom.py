@@ -14769,9 +14769,11 @@ class GuiApp:
         if self.phase is not Phase.CHATTING:
             return
         from tkinter import filedialog
+        _hide_dot_folders(chat.window.TKroot)
         if self.trace.enabled:
             _trace_dialog_when_ready(chat.window.TKroot, self.trace)
-        path = filedialog.askopenfilename(parent=chat.window.TKroot, title="Send a file")
+        path = filedialog.askopenfilename(parent=chat.window.TKroot, title="Send a file",
+                                          initialdir=str(Path.home()))
         if path:
             self.send_file(path, chat.members.picked)
 
@@ -15040,11 +15042,41 @@ def _trace_dialog_when_ready(parent: Any, trace: GuiTrace) -> None:
                     and str(parent.tk.call("focus", "-lastfor", child)).endswith(".ent"):
                 box = [int(parent.tk.call("winfo", what, child))
                        for what in ("rootx", "rooty", "width", "height")]
-                trace("dialog", ready=True, box=box)
+                trace("dialog", ready=True, box=box, folder=str(parent.tk.call(
+                    "set", "::tk::dialog::file::__tk_filedialog(selectPath)")))
+                parent.after(_DIALOG_POLL_MS, listed, child)
                 return
         if tries < _DIALOG_POLLS:
             parent.after(_DIALOG_POLL_MS, check, tries + 1)
+
+    def listed(child: str, tries: int = 0) -> None:
+        """Then, once the dialog lists the folder, what it lists."""
+        icons = f"{child}.contents.icons"
+        if not parent.tk.call("winfo", "exists", icons):
+            return                          # closed already (or not Tk's own dialog)
+        count = int(parent.tk.call(icons, "index", "end"))
+        if count:
+            trace("dialog_listed", names=[str(parent.tk.call(icons, "get", index))
+                                          for index in range(count)])
+        elif tries < _DIALOG_POLLS:
+            parent.after(_DIALOG_POLL_MS, listed, child, tries + 1)
     parent.after(_DIALOG_POLL_MS, check)
+
+
+def _hide_dot_folders(root: Any) -> None:
+    """Tk's own file dialog (X11; Windows and macOS use the system's) lists
+    dot folders unless its namespace says otherwise: load the dialog's code
+    (asking for an option it lacks fails before any window opens), then
+    hide them and show its "Show hidden" box (tkfbox.tcl's showHiddenVar,
+    showHiddenBtn)."""
+    import tkinter
+    try:
+        root.tk.call("tk_getOpenFile", "-no-such-option")
+    except tkinter.TclError:
+        pass                                # expected: the code is loaded now
+    if root.tk.call("namespace", "exists", "::tk::dialog::file"):
+        root.tk.call("set", "::tk::dialog::file::showHiddenBtn", "1")
+        root.tk.call("set", "::tk::dialog::file::showHiddenVar", "0")
 
 
 _DIALOG_POLL_MS = 50

@@ -224,3 +224,30 @@ def test_a_long_name_in_the_members_list_keeps_you_visible(x, tmp_path, procs):
     assert not labels[cli.user].endswith("(you)")
     gui.close("chat")
     assert_exits_cleanly(gui)
+
+
+# --- the file dialog ----------------------------------------------------------------
+
+def test_send_file_opens_in_the_home_folder_without_dot_folders(x, tmp_path, procs):
+    home = tmp_path / "home"
+    for folder in ("Documents", ".cache", ".config"):
+        (home / folder).mkdir(parents=True)
+    (home / "photo.jpg").write_bytes(b"\xff\xd8")
+    (home / ".bashrc").write_text("# hidden\n")
+    host = Host(unique("dialog"), advertise=False)
+    procs.append(host)
+    gui = start_gui(x, tmp_path, procs, "--server", f"{LOOPBACK}:{host.port}", "--room", "r",
+                    "--user", "alice", env={"HOME": str(home)})
+    join_from_launcher(gui, x)
+    mark = gui.mark()
+    gui.click("chat", "file")
+    dialog = gui.wait_for(lambda e: e.get("gui") == "dialog", 20, mark)
+    assert Path(dialog["folder"]) == home
+    names = gui.wait_for(lambda e: e.get("gui") == "dialog_listed", 20, mark)["names"]
+    assert "Documents" in names and "photo.jpg" in names, names
+    assert not [name for name in names if name.startswith(".")], names
+    dx, dy, dw, dh = dialog["box"]
+    x.run("xdotool", "mousemove", str(dx + dw // 2), str(dy + dh // 2))
+    x.key("Escape")                     # nothing chosen: nothing sent
+    gui.close("chat")
+    assert_exits_cleanly(gui)
