@@ -12961,6 +12961,22 @@ def _field(key: tuple, look: Look, default: str = "", **options: Any) -> Any:
                      pad=(0, (look.px(2), look.px(8))))
 
 
+INPUT_MAX_LINES = 5                 # the message box grows to this many lines, then scrolls
+
+
+def _message_box(key: tuple, look: Look) -> Any:
+    """The message box: a Text (so it can hold several lines) in a white
+    box like _field's; ChatWindow binds its keys."""
+    import PySimpleGUI as sg
+    return sg.Column([[sg.Multiline("", key=key, size=(12, 1), no_scrollbar=True,
+                                    border_width=0, expand_x=True, focus=True, rstrip=False,
+                                    background_color=COLOURS["panel"],
+                                    text_color=COLOURS["text"], font=look.font(10),
+                                    pad=(look.px(8), look.px(7)))]],
+                     background_color=COLOURS["panel"], expand_x=True,
+                     pad=(0, (look.px(2), look.px(8))))
+
+
 def _label(text: str, look: Look, **options: Any) -> Any:
     import PySimpleGUI as sg
     return sg.Text(text, font=look.font(9, "bold"), text_color=COLOURS["muted"],
@@ -13368,8 +13384,7 @@ class ChatWindow:
         footer = [
             _button("Send file", (_CHAT, "file"), look, primary=False),
             _button("Video call", (_CHAT, "video"), look, primary=False),
-            sg.Column([[_field((_CHAT, "input"), look, focus=True, size=(12, 1))]],
-                      expand_x=True, pad=(px(8), 0)),
+            sg.Column([[_message_box((_CHAT, "input"), look)]], expand_x=True, pad=(px(8), 0)),
             _button("Send", (_CHAT, "send"), look, bind_return_key=True)]
         banner = sg.Text("", key=(_CHAT, "banner"), font=look.font(10, "bold"),
                          text_color=COLOURS["error_text"], background_color=COLOURS["error"],
@@ -13383,8 +13398,8 @@ class ChatWindow:
                        pad=(0, (px(10), px(8)))),
              side],
             footer,
-            [sg.Text("Enter sends · help shows what you can do · /who lists the "
-                     "members · /send PATH sends a file", font=look.font(8),
+            [sg.Text("Enter sends · Shift+Enter starts a new line · Ctrl+F searches · help "
+                     "shows what you can do · /send PATH sends a file", font=look.font(8),
                      text_color=COLOURS["faint"], pad=0, key=(_CHAT, "hint"))],
         ]
         self.window = sg.Window(f"{printable(self.room)} · chatroom", layout, finalize=True,
@@ -13415,6 +13430,7 @@ class ChatWindow:
         view = self.window[(_CHAT, "view")].Widget
         self._add_scrollbar(view)
         self.view = ChatView(view, look, images, post, trace, max_shown)
+        self._bind_message_box()
         self.members = MemberList(self.window[(_CHAT, "members")].Widget, look, images,
                                   self.me, post)
         self.members.set(ready["members"])
@@ -13447,6 +13463,52 @@ class ChatWindow:
                             style="Chat.Vertical.TScrollbar")
         canvas.configure(yscrollcommand=bar.set)
         bar.pack(side="right", fill="y", before=canvas)
+
+    def _bind_message_box(self) -> None:
+        """Enter sends, Shift+Enter starts a new line, and the box grows
+        with its lines (up to INPUT_MAX_LINES); PageUp and PageDown scroll
+        the conversation; Tab leaves the box, as it left the old line."""
+        element = self.window[(_CHAT, "input")]
+        element.element_frame.configure(background=COLOURS["panel"])
+        box = element.Widget
+        box.configure(height=1, wrap="word", undo=True, insertbackground=COLOURS["text"],
+                      selectbackground=COLOURS["accent"], selectforeground=COLOURS["mine_text"])
+
+        def send(_event: Any) -> str:
+            self.window.write_event_value((_CHAT, "send"), None)
+            return "break"
+
+        def newline(_event: Any) -> str:
+            box.insert("insert", "\n")
+            box.see("insert")
+            self.fit_message_box()
+            return "break"
+
+        def page(step: int) -> str:
+            self.view.widget.yview_scroll(step, "pages")
+            self.trace("scrolled", view=list(self.view.widget.yview()))
+            return "break"
+
+        def leave(_event: Any) -> str:
+            box.tk_focusNext().focus_set()
+            return "break"
+        for sequence in ("<Return>", "<KP_Enter>"):
+            box.bind(sequence, send)
+        box.bind("<Shift-Return>", newline)
+        box.bind("<Shift-KP_Enter>", newline)
+        box.bind("<Prior>", lambda _e: page(-1))
+        box.bind("<Next>", lambda _e: page(1))
+        box.bind("<Tab>", leave)
+        box.bind("<KeyRelease>", lambda _e: self.fit_message_box(), add="+")
+
+    def fit_message_box(self) -> None:
+        """As many rows as the text takes, 1 to INPUT_MAX_LINES (then it scrolls)."""
+        box = self.window[(_CHAT, "input")].Widget
+        counted = box.count("1.0", "end-1c", "displaylines")
+        lines = min(INPUT_MAX_LINES, 1 + (int(counted[0]) if counted else 0))
+        if int(box.cget("height")) != lines:
+            box.configure(height=lines)
+            self.trace("message_box", lines=lines)
 
     def _style_scrollbar(self, style: Any) -> None:
         style.configure("Chat.Vertical.TScrollbar", troughcolor=COLOURS["chat"],
@@ -13621,8 +13683,7 @@ class ChatWindow:
                                                visible=True)
         for name in ("input", "send", "file", "video"):
             self.window[(_CHAT, name)].update(disabled=True)
-        self.window[(_CHAT, "input")].Widget.configure(
-            disabledbackground=COLOURS["track"])
+        self.window[(_CHAT, "input")].Widget.configure(background=COLOURS["track"])
         self.window[(_CHAT, "leave")].update("Back to hosts")
         for entry in self.pending.values():
             self.view.update(entry, "message_state", state="unsent")
@@ -13631,16 +13692,19 @@ class ChatWindow:
         self.trace_layout()
 
     def take_input(self) -> str:
+        """What the message box holds (Text adds a last newline: not ours); empties it."""
         element = self.window[(_CHAT, "input")]
-        text = element.get()
+        text = element.get().rstrip("\n")
         element.update("")
+        self.fit_message_box()
         return text
 
     def restore_input(self, text: str) -> None:
         """A refused line comes back to the field, unless you typed on."""
         element = self.window[(_CHAT, "input")]
-        if not element.get():
+        if not element.get().strip():
             element.update(text)
+            self.fit_message_box()
 
     # --- files: one card per transfer ---
 

@@ -251,3 +251,43 @@ def test_send_file_opens_in_the_home_folder_without_dot_folders(x, tmp_path, pro
     x.key("Escape")                     # nothing chosen: nothing sent
     gui.close("chat")
     assert_exits_cleanly(gui)
+
+
+# --- the message box ------------------------------------------------------------------
+
+def test_shift_enter_starts_a_line_enter_sends_and_page_keys_scroll(x, tmp_path, procs):
+    host = Host(unique("box"), advertise=False)
+    procs.append(host)
+    gui = start_gui(x, tmp_path, procs, "--server", f"{LOOPBACK}:{host.port}", "--room", "r",
+                    "--user", "alice")
+    join_from_launcher(gui, x)
+    cli = Cli(host.port, "r", "bob")
+    procs.append(cli)
+    mark = gui.mark()
+    gui.type_into("chat", "input", "first line")
+    x.key("shift+Return")
+    x.type("第二行 second")
+    assert gui.wait_for(lambda e: e.get("gui") == "message_box", start=mark)["lines"] == 2
+    x.key("Return")
+    said = cli.wait_for(lambda e: e.get("type") == "message" and e["from"] == "alice")
+    assert said["text"] == "first line\n第二行 second"
+    gui.shown(lambda e: e["kind"] == "message" and e["text"] == "first line\n第二行 second",
+              start=mark)
+    gui.wait_for(lambda e: e.get("gui") == "message_box" and e["lines"] == 1, start=mark)
+
+    # Enough lines to scroll, then PageUp and PageDown from the message box.
+    for n in range(40):
+        cli.say(f"line {n}")
+    last = gui.shown(lambda e: e["kind"] == "message" and e["text"] == "line 39")
+    gui.painted(last)
+    mark = gui.mark()
+    gui.click("chat", "input")
+    x.key("Prior")
+    up = gui.wait_for(lambda e: e.get("gui") == "scrolled", start=mark)["view"]
+    assert up[1] < 0.999, up                # no longer at the bottom
+    mark = gui.mark()
+    x.key("Next")
+    down = gui.wait_for(lambda e: e.get("gui") == "scrolled", start=mark)["view"]
+    assert down[0] > up[0], (up, down)
+    gui.close("chat")
+    assert_exits_cleanly(gui)
