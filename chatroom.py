@@ -43,11 +43,12 @@ The file reads top to bottom; each section uses only the sections above it
 21. TERMINAL CLIENT       --cli: stdin lines in, events out (text or JSON)
 22. GUI LOOK              theme, fonts, --scale, the trace hook, drawing
 23. GUI CONVERSATION      bubbles, notices and file cards; the members list
-24. GUI WINDOWS           the launcher and the chat window
-25. GUI CALLS             the call window: tiles, who speaks, ESC and Backspace
-26. GUI PLUMBING          settings, the bridge from the core, opening, phases
-27. GUI APP               the one core, the windows, the one read loop
-28. MAIN                  argparse and the entry points
+24. GUI PANELS            the message box, help, search, notifications, drops
+25. GUI WINDOWS           the launcher and the chat window
+26. GUI CALLS             the call window: tiles, who speaks, ESC and Backspace
+27. GUI PLUMBING          settings, the bridge from the core, opening, phases
+28. GUI APP               the one core, the windows, the one read loop
+29. MAIN                  argparse and the entry points
 """
 
 from __future__ import annotations
@@ -12937,7 +12938,139 @@ class MemberList(Drawing):
 
 
 # =============================================================================
-# 24. GUI WINDOWS: the launcher and the chat window
+# 24. GUI PANELS: the message box, help, search, notifications, dropped files
+# =============================================================================
+# The small parts around the conversation that the chat window (next
+# section) builds on: the message box, the help panel (the host's answer
+# to `help` as a table, in a window of its own rather than in the
+# conversation), the search bar (Ctrl+F), desktop notifications (off the
+# GUI thread, failing quietly), and files dropped on the window (tkdnd,
+# when tkinterdnd2 is installed). None of them talks to the core: they
+# post events to the read loop (GUI APP) like the canvases do.
+
+INPUT_MAX_LINES = 5                 # the message box grows to this many lines, then scrolls
+
+
+def _message_box(key: tuple, look: Look) -> Any:
+    """The message box: a Text (so it can hold several lines) in a white
+    box like _field's; ChatWindow binds its keys."""
+    import PySimpleGUI as sg
+    return sg.Column([[sg.Multiline("", key=key, size=(12, 1), no_scrollbar=True,
+                                    border_width=0, expand_x=True, focus=True, rstrip=False,
+                                    background_color=COLOURS["panel"],
+                                    text_color=COLOURS["text"], font=look.font(10),
+                                    pad=(look.px(8), look.px(7)))]],
+                     background_color=COLOURS["panel"], expand_x=True,
+                     pad=(0, (look.px(2), look.px(8))))
+
+
+
+# --- The help panel ----------------------------------------------------------
+
+_HELP_ITEM = re.compile(r"^\s*(\d+(?:\.\d+)*)\.?\s+(.*)$")
+_HELP_COMMAND = re.compile(r"(?<![\w/])/[A-Za-z]+|\bhelp\b")
+
+
+def help_rows(text: str) -> list[tuple[str, str, str]]:
+    """The host's help text as table rows (number, title, text): "1. Text
+    chat: type..." -> ("1", "Text chat", "type..."), "2.1 Type..." ->
+    ("2.1", "", "Type..."). Lines that continue an item join it (the host
+    wraps at 75 columns; the panel wraps to its own width). A line before
+    the first number (the "HELP" heading) is dropped; text with no
+    numbered line at all becomes one row, so nothing is ever lost."""
+    rows: list[list[str]] = []
+    for line in text.splitlines():
+        item = _HELP_ITEM.match(line)
+        if item:
+            number, rest = item.groups()
+            title = ""
+            if "." not in number:           # a top-level item: "Title: what it does"
+                head, colon, tail = rest.partition(":")
+                if colon and len(head) <= 40:
+                    title, rest = head.strip(), tail.strip()
+            rows.append([number, title, rest])
+        elif rows and line.strip():
+            rows[-1][2] = (rows[-1][2] + " " + line.strip()).strip()
+    if not rows:
+        return [("", "", " ".join(text.split()))]
+    return [(number, title, body) for number, title, body in rows]
+
+
+class HelpPanel:
+    """The answer to `help`, in a window of its own beside the chat: the
+    numbered items as a table (number, then the title in bold and the text
+    wrapped under it), commands in the accent colour. Escape or Close
+    shuts it; a new `help` refreshes it. A plain Tk Toplevel of the chat
+    window, which the read loop never sees: it closes with its window."""
+
+    def __init__(self, parent: Any, look: Look, text: str, trace: GuiTrace) -> None:
+        import tkinter
+        import tkinter.font
+        self.trace = trace
+        px = look.px
+        top = tkinter.Toplevel(parent, background=COLOURS["panel"])
+        self.window: Any = top              # None once closed
+        top.title("Help · chatroom")
+        top.transient(parent)
+        self.rows = help_rows(text)
+        body = tkinter.font.Font(root=top, font=look.font(10))
+        bold = tkinter.font.Font(root=top, font=look.font(10, "bold"))
+        indent = px(44)
+        self.text = view = tkinter.Text(
+            top, wrap="word", width=70, height=min(24, 4 + 3 * len(self.rows)),
+            background=COLOURS["panel"], foreground=COLOURS["text"], font=body,
+            relief="flat", borderwidth=0, highlightthickness=0, padx=px(18), pady=px(14),
+            spacing1=px(2), spacing3=px(4), tabs=(indent,), cursor="arrow")
+        view.tag_configure("row", lmargin1=0, lmargin2=indent)
+        view.tag_configure("section", spacing1=px(10))
+        view.tag_configure("number", foreground=COLOURS["muted"], font=bold)
+        view.tag_configure("title", font=bold)
+        view.tag_configure("command", foreground=COLOURS["accent"], font=bold)
+        view.insert("end", "Help · only you see this\n", ("title",))
+        for number, title, words in self.rows:
+            tags: tuple[str, ...] = ("row",) if "." in number else ("row", "section")
+            view.insert("end", number + "\t", tags + ("number",))
+            if title:
+                view.insert("end", title + "\n", tags + ("title",))
+                tags = ("row",)
+                view.insert("end", "\t", tags)
+            start = view.index("end-1c")
+            view.insert("end", words + "\n", tags)
+            for match in _HELP_COMMAND.finditer(words):
+                view.tag_add("command", f"{start}+{match.start()}c", f"{start}+{match.end()}c")
+        view.configure(state="disabled")
+        close = tkinter.Button(top, text="Close", command=self.close, relief="flat",
+                               background=COLOURS["accent"], foreground=COLOURS["mine_text"],
+                               activebackground=COLOURS["accent_dark"],
+                               activeforeground=COLOURS["mine_text"], font=bold,
+                               padx=px(14), pady=px(5), borderwidth=0, highlightthickness=0,
+                               cursor="hand2")
+        close.pack(side="bottom", anchor="e", padx=px(14), pady=(0, px(12)))
+        view.pack(side="top", fill="both", expand=True)
+        top.bind("<Escape>", lambda _e: self.close())
+        top.protocol("WM_DELETE_WINDOW", self.close)
+        top.update_idletasks()
+        top.geometry(f"+{parent.winfo_rootx() + px(40)}+{parent.winfo_rooty() + px(40)}")
+        view.focus_set()
+        if trace.enabled:
+            top.update_idletasks()
+            trace("help_panel", open=True, rows=self.rows, xid=int(top.wm_frame(), 16),
+                  box=[top.winfo_rootx(), top.winfo_rooty(), top.winfo_width(),
+                       top.winfo_height()])
+
+    def close(self) -> None:
+        if self.window is not None:
+            self.window.destroy()
+            self.window = None
+            self.trace("help_panel", open=False)
+
+    @property
+    def open(self) -> bool:
+        return self.window is not None and bool(self.window.winfo_exists())
+
+
+# =============================================================================
+# 25. GUI WINDOWS: the launcher and the chat window
 # =============================================================================
 # The two windows a person sees, built from 14 and 15: the launcher (hosts
 # on the LAN, the address and the IDs, Join, "Host a room here") and the
@@ -12957,22 +13090,6 @@ def _field(key: tuple, look: Look, default: str = "", **options: Any) -> Any:
                                 disabled_readonly_background_color=COLOURS["panel"],
                                 disabled_readonly_text_color=COLOURS["faint"],
                                 pad=(look.px(8), look.px(7)), **options)]],
-                     background_color=COLOURS["panel"], expand_x=True,
-                     pad=(0, (look.px(2), look.px(8))))
-
-
-INPUT_MAX_LINES = 5                 # the message box grows to this many lines, then scrolls
-
-
-def _message_box(key: tuple, look: Look) -> Any:
-    """The message box: a Text (so it can hold several lines) in a white
-    box like _field's; ChatWindow binds its keys."""
-    import PySimpleGUI as sg
-    return sg.Column([[sg.Multiline("", key=key, size=(12, 1), no_scrollbar=True,
-                                    border_width=0, expand_x=True, focus=True, rstrip=False,
-                                    background_color=COLOURS["panel"],
-                                    text_color=COLOURS["text"], font=look.font(10),
-                                    pad=(look.px(8), look.px(7)))]],
                      background_color=COLOURS["panel"], expand_x=True,
                      pad=(0, (look.px(2), look.px(8))))
 
@@ -13342,6 +13459,7 @@ class ChatWindow:
         self.room = ready["room"]
         self.seen: collections.deque[Any] = collections.deque(maxlen=1024)  # seqs shown
         self.invites: dict[str, ChatEntry] = {}     # id_key(caller) -> its ringing card
+        self.help: HelpPanel | None = None          # the help panel, once asked for
         self.history_started = False
         px = look.px
         where = (f"on {printable(ready.get('host') or ready['address'])} · "
@@ -13580,7 +13698,11 @@ class ChatWindow:
                   + ", ".join(printable(m) for m in event["members"]))
 
     def on_help(self, event: dict) -> None:
-        self.view.add("help", text=event["text"])
+        """The host's help, as a table in its own panel (a new answer
+        replaces the one showing)."""
+        if self.help is not None:
+            self.help.close()
+        self.help = HelpPanel(self.window.TKroot, self.look, event["text"], self.trace)
 
     def on_error(self, event: dict) -> None:
         mine = self.pending.pop(event.get("id") or "", None)
@@ -13833,7 +13955,7 @@ def _sentence(text: str) -> str:
 
 
 # =============================================================================
-# 25. GUI CALLS: the call window, a tile per person, ESC and Backspace
+# 26. GUI CALLS: the call window, a tile per person, ESC and Backspace
 # =============================================================================
 # One window holds every call in progress: your own camera first, then a
 # tile per peer, in a grid that reflows as people join and leave, each
@@ -14214,7 +14336,7 @@ class CallWindows:
 
 
 # =============================================================================
-# 26. GUI PLUMBING: settings, the bridge from the core, opening files, phases
+# 27. GUI PLUMBING: settings, the bridge from the core, opening files, phases
 # =============================================================================
 # What the app (next section) stands on: the settings remembered between
 # runs, GuiBridge (the core's thread reaches the window only through it,
@@ -14384,7 +14506,7 @@ class LoopStats:
 
 
 # =============================================================================
-# 27. GUI APP: the one core, the windows, the one read loop
+# 28. GUI APP: the one core, the windows, the one read loop
 # =============================================================================
 # GuiApp owns one ClientCore, the launcher (which lives as long as the
 # program and receives every core event), the chat window while in a room,
@@ -15209,7 +15331,7 @@ def run_gui(args: argparse.Namespace, limits: Limits, media: MediaOptions) -> in
 
 
 # =============================================================================
-# 28. MAIN: argparse and the entry points
+# 29. MAIN: argparse and the entry points
 # =============================================================================
 # Builds every object from the flags and passes them down; nothing above
 # reads a global that main() sets. `python chatroom.py` with no mode opens

@@ -15,7 +15,7 @@ import pytest
 from test_gui import assert_exits_cleanly, join_from_launcher, procs, start_gui, unique, x
 
 import chatroom
-from guidriver import LOOPBACK, Cli, Host
+from guidriver import LOOPBACK, Cli, Host, ink
 
 __all__ = ["procs", "x"]                # fixtures, used by name
 
@@ -289,5 +289,44 @@ def test_shift_enter_starts_a_line_enter_sends_and_page_keys_scroll(x, tmp_path,
     x.key("Next")
     down = gui.wait_for(lambda e: e.get("gui") == "scrolled", start=mark)["view"]
     assert down[0] > up[0], (up, down)
+    gui.close("chat")
+    assert_exits_cleanly(gui)
+
+
+# --- help -------------------------------------------------------------------------------
+
+def test_help_becomes_table_rows_with_the_hard_wraps_joined():
+    rows = chatroom.help_rows(chatroom.HELP_TEXT)
+    numbers = [number for number, _title, _text in rows]
+    assert numbers[:3] == ["1", "2", "2.1"] and numbers[-1] == "5"
+    assert rows[0][1] == "Text chat" and rows[0][2].startswith("type a line and press Enter")
+    assert "nothing you say reaches another room." in rows[0][2]     # its wrapped lines joined
+    assert rows[1] == ("2", "Video and voice calls", "")
+    check = next(text for number, _title, text in rows if number == "2.1")
+    assert check.startswith("Type /CHECK USERID") and "\n" not in check
+    assert not any(text == "HELP" for _n, _t, text in rows)        # the heading is the panel's
+
+
+def test_help_text_without_numbers_is_kept_whole():
+    assert chatroom.help_rows("just\nsome words") == [("", "", "just some words")]
+
+
+def test_help_opens_a_panel_not_lines_in_the_conversation(x, tmp_path, procs):
+    host = Host(unique("help"), advertise=False)
+    procs.append(host)
+    gui = start_gui(x, tmp_path, procs, "--server", f"{LOOPBACK}:{host.port}", "--room", "r",
+                    "--user", "alice")
+    join_from_launcher(gui, x)
+    mark = gui.mark()
+    gui.type_into("chat", "input", "help", enter=True)
+    panel = gui.wait_for(lambda e: e.get("gui") == "help_panel" and e["open"], start=mark)
+    assert [tuple(row) for row in panel["rows"]] == chatroom.help_rows(chatroom.HELP_TEXT)
+    x.wait_viewable(panel["xid"])
+    assert ink(x.pixels(tuple(panel["box"]))[2]) > 500, "the panel shows no text"
+    assert not [e for e in gui.lines[mark:] if e.get("gui") == "shown" and e["kind"] == "help"]
+    px, py, pw, ph = panel["box"]
+    x.run("xdotool", "mousemove", str(px + pw // 2), str(py + ph // 2))
+    x.key("Escape")
+    gui.wait_for(lambda e: e.get("gui") == "help_panel" and not e["open"], start=mark)
     gui.close("chat")
     assert_exits_cleanly(gui)
