@@ -12601,6 +12601,38 @@ class ChatView(Drawing):
         if follow:
             self.widget.yview_moveto(1.0)
 
+    def find(self, query: str, after: ChatEntry | None) -> tuple[ChatEntry | None, int]:
+        """The next entry older than `after` (None: from the newest) whose
+        text or sender holds `query`, case-insensitively, going round to the
+        newest after the oldest; and how many entries match in all."""
+        needle = query.casefold()
+        matches = [entry for entry in self.entries
+                   if needle in str(entry.data.get("text", "")).casefold()
+                   or needle in str(entry.data.get("from", entry.data.get("user", ""))).casefold()
+                   or needle in str(entry.data.get("name", "")).casefold()]
+        if not matches:
+            return None, 0
+        older = [entry for entry in matches if after is not None and entry.top < after.top]
+        return (older or matches)[-1], len(matches)
+
+    def highlight(self, entry: ChatEntry | None) -> None:
+        """Frame `entry` and scroll it into the middle of the view (None:
+        no frame)."""
+        draw = self.widget
+        draw.delete("found")
+        if entry is None or not draw.find_withtag(entry.tag):
+            return
+        x1, y1, x2, y2 = draw.bbox(entry.tag)
+        gap = self.look.px(4)
+        draw.create_rectangle(x1 - gap, y1 - gap, x2 + gap, y2 + gap, tags="found",
+                              outline=COLOURS["found"], width=self.look.px(2))
+        top, bottom = float(self.entries[0].top - self._margin), float(self._y + self._margin)
+        seen = draw.winfo_height()
+        middle = (y1 + y2) / 2 - seen / 2
+        draw.yview_moveto(max(0.0, (middle - top) / max(1.0, bottom - top)))
+        if self.trace.enabled:
+            self._report_painted()
+
     def redraw(self) -> None:
         """Draw every entry again (after a theme switch: new colours)."""
         self._relayout()
@@ -12963,6 +12995,158 @@ def _message_box(key: tuple, look: Look) -> Any:
                      background_color=COLOURS["panel"], expand_x=True,
                      pad=(0, (look.px(2), look.px(8))))
 
+
+
+class MessageBox:
+    """The keys of the message box (a Text): Enter sends, Shift+Enter
+    starts a new line, the box grows with its lines (up to
+    INPUT_MAX_LINES, then it scrolls); PageUp and PageDown scroll the
+    conversation `view`; Tab leaves the box, as it left the old line."""
+
+    def __init__(self, element: Any, view: Any, post: Callable[[tuple, Any], None],
+                 trace: GuiTrace) -> None:
+        self.element = element
+        self.trace = trace
+        element.element_frame.configure(background=COLOURS["panel"])
+        self.widget = box = element.Widget
+        box.configure(height=1, wrap="word", undo=True, insertbackground=COLOURS["text"],
+                      selectbackground=COLOURS["accent"], selectforeground=COLOURS["mine_text"])
+
+        def send(_event: Any) -> str:
+            post((_CHAT, "send"), None)
+            return "break"
+
+        def newline(_event: Any) -> str:
+            box.insert("insert", "\n")
+            box.see("insert")
+            self.fit()
+            return "break"
+
+        def page(step: int) -> str:
+            view.yview_scroll(step, "pages")
+            trace("scrolled", view=list(view.yview()))
+            return "break"
+
+        def leave(_event: Any) -> str:
+            box.tk_focusNext().focus_set()
+            return "break"
+        for sequence in ("<Return>", "<KP_Enter>"):
+            box.bind(sequence, send)
+        for sequence in ("<Shift-Return>", "<Shift-KP_Enter>"):
+            box.bind(sequence, newline)
+        box.bind("<Prior>", lambda _e: page(-1))
+        box.bind("<Next>", lambda _e: page(1))
+        box.bind("<Tab>", leave)
+        box.bind("<KeyRelease>", lambda _e: self.fit(), add="+")
+
+    def fit(self) -> None:
+        """As many rows as the text takes, 1 to INPUT_MAX_LINES."""
+        counted = self.widget.count("1.0", "end-1c", "displaylines")
+        lines = min(INPUT_MAX_LINES, 1 + (int(counted[0]) if counted else 0))
+        if int(self.widget.cget("height")) != lines:
+            self.widget.configure(height=lines)
+            self.trace("message_box", lines=lines)
+
+    def take(self) -> str:
+        """What the box holds (a Text adds a last newline: not ours); empties it."""
+        text = self.element.get().rstrip("\n")
+        self.element.update("")
+        self.fit()
+        return text
+
+    def restore(self, text: str) -> None:
+        """A refused line comes back, unless something was typed since."""
+        if not self.element.get().strip():
+            self.element.update(text)
+            self.fit()
+
+
+# --- Search (Ctrl+F) ---------------------------------------------------------
+
+class SearchBar:
+    """Ctrl+F in the chat window: a field above the message box. Enter (or
+    Next) finds the next older match of what is typed, case-insensitively,
+    in the conversation's texts and names, scrolls to it and frames it;
+    after the oldest it starts again from the newest. Escape (or x) closes
+    it and gives the message box the focus back. Plain Tk widgets, packed
+    (at the bottom) just above `above`; the read loop never sees them."""
+
+    def __init__(self, above: Any, look: Look, view: Any, message_box: Any,
+                 trace: GuiTrace) -> None:
+        import tkinter
+        self.view = view                    # the ChatView searched
+        self.message_box = message_box      # the focus goes back there
+        self.trace = trace
+        self.above = above
+        self.found: Any = None              # the ChatEntry framed now
+        px = look.px
+        font, bold = look.font(10), look.font(10, "bold")
+        self.frame = frame = tkinter.Frame(above.master, background=COLOURS["window"])
+        tkinter.Label(frame, text="Find", font=bold, background=COLOURS["window"],
+                      foreground=COLOURS["muted"]).pack(side="left", padx=(0, px(8)))
+        self.query = tkinter.StringVar(frame)
+        self.entry = tkinter.Entry(frame, textvariable=self.query, font=font, relief="flat",
+                                   background=COLOURS["panel"], foreground=COLOURS["text"],
+                                   insertbackground=COLOURS["text"], highlightthickness=0,
+                                   borderwidth=px(5), width=30)
+        self.entry.pack(side="left", fill="x", expand=True)
+        self.status = tkinter.Label(frame, text="", font=look.font(9),
+                                    background=COLOURS["window"], foreground=COLOURS["muted"])
+        for text, command in (("x", self.close), ("Next", self.next)):
+            tkinter.Button(frame, text=text, command=command, font=bold, relief="flat",
+                           background=COLOURS["accent_soft"], foreground=COLOURS["accent"],
+                           activebackground=COLOURS["line"], activeforeground=COLOURS["accent"],
+                           borderwidth=0, highlightthickness=0, padx=px(10), pady=px(3),
+                           cursor="hand2").pack(side="right", padx=(px(6), 0))
+        self.status.pack(side="right", padx=(px(8), 0))
+        def key(action: Callable[[], None]) -> Callable[[Any], str]:
+            def handler(_event: Any) -> str:
+                action()
+                return "break"
+            return handler
+        self.entry.bind("<Return>", key(self.next))
+        self.entry.bind("<KP_Enter>", key(self.next))
+        self.entry.bind("<Escape>", key(self.close))
+        self.query.trace_add("write", lambda *_a: self._restart())
+        self._pad = (px(4), px(6))
+
+    @property
+    def shown(self) -> bool:
+        return bool(self.frame.winfo_manager())
+
+    def open(self) -> None:
+        """Show the bar (or, shown, select what it holds) and focus it."""
+        if not self.shown:
+            self.frame.pack(side="bottom", fill="x", after=self.above, pady=self._pad)
+        self.entry.focus_set()
+        self.entry.select_range(0, "end")
+        self.trace("search", open=True)
+
+    def close(self) -> None:
+        self.frame.pack_forget()
+        self.view.highlight(None)
+        self.found = None
+        self.message_box.focus_set()
+        self.trace("search", open=False)
+
+    def _restart(self) -> None:
+        """The query changed: the next Enter starts from the newest again."""
+        self.found = None
+        self.status.configure(text="")
+
+    def next(self) -> None:
+        query = self.query.get().strip()
+        if not query:
+            return
+        entry, count = self.view.find(query, self.found)
+        self.found = entry
+        self.view.highlight(entry)
+        self.status.configure(text="No match" if entry is None else
+                              f"{count} match{'es' if count != 1 else ''}")
+        self.trace("found", query=query, count=count,
+                   text=None if entry is None else entry.data.get("text"),
+                   **(self.view.where(entry) if entry is not None else {}),
+                   frame=self.view.widget.bbox("found"), view=list(self.view.widget.yview()))
 
 
 # --- The help panel ----------------------------------------------------------
@@ -13548,7 +13732,9 @@ class ChatWindow:
         view = self.window[(_CHAT, "view")].Widget
         self._add_scrollbar(view)
         self.view = ChatView(view, look, images, post, trace, max_shown)
-        self._bind_message_box()
+        self.box = MessageBox(self.window[(_CHAT, "input")], view, post, trace)
+        self.search = SearchBar(footer_row, look, self.view, self.box.widget, trace)
+        self.window.TKroot.bind("<Control-f>", lambda _e: self.search.open())
         self.members = MemberList(self.window[(_CHAT, "members")].Widget, look, images,
                                   self.me, post)
         self.members.set(ready["members"])
@@ -13581,52 +13767,6 @@ class ChatWindow:
                             style="Chat.Vertical.TScrollbar")
         canvas.configure(yscrollcommand=bar.set)
         bar.pack(side="right", fill="y", before=canvas)
-
-    def _bind_message_box(self) -> None:
-        """Enter sends, Shift+Enter starts a new line, and the box grows
-        with its lines (up to INPUT_MAX_LINES); PageUp and PageDown scroll
-        the conversation; Tab leaves the box, as it left the old line."""
-        element = self.window[(_CHAT, "input")]
-        element.element_frame.configure(background=COLOURS["panel"])
-        box = element.Widget
-        box.configure(height=1, wrap="word", undo=True, insertbackground=COLOURS["text"],
-                      selectbackground=COLOURS["accent"], selectforeground=COLOURS["mine_text"])
-
-        def send(_event: Any) -> str:
-            self.window.write_event_value((_CHAT, "send"), None)
-            return "break"
-
-        def newline(_event: Any) -> str:
-            box.insert("insert", "\n")
-            box.see("insert")
-            self.fit_message_box()
-            return "break"
-
-        def page(step: int) -> str:
-            self.view.widget.yview_scroll(step, "pages")
-            self.trace("scrolled", view=list(self.view.widget.yview()))
-            return "break"
-
-        def leave(_event: Any) -> str:
-            box.tk_focusNext().focus_set()
-            return "break"
-        for sequence in ("<Return>", "<KP_Enter>"):
-            box.bind(sequence, send)
-        box.bind("<Shift-Return>", newline)
-        box.bind("<Shift-KP_Enter>", newline)
-        box.bind("<Prior>", lambda _e: page(-1))
-        box.bind("<Next>", lambda _e: page(1))
-        box.bind("<Tab>", leave)
-        box.bind("<KeyRelease>", lambda _e: self.fit_message_box(), add="+")
-
-    def fit_message_box(self) -> None:
-        """As many rows as the text takes, 1 to INPUT_MAX_LINES (then it scrolls)."""
-        box = self.window[(_CHAT, "input")].Widget
-        counted = box.count("1.0", "end-1c", "displaylines")
-        lines = min(INPUT_MAX_LINES, 1 + (int(counted[0]) if counted else 0))
-        if int(box.cget("height")) != lines:
-            box.configure(height=lines)
-            self.trace("message_box", lines=lines)
 
     def _style_scrollbar(self, style: Any) -> None:
         style.configure("Chat.Vertical.TScrollbar", troughcolor=COLOURS["chat"],
@@ -13814,19 +13954,11 @@ class ChatWindow:
         self.trace_layout()
 
     def take_input(self) -> str:
-        """What the message box holds (Text adds a last newline: not ours); empties it."""
-        element = self.window[(_CHAT, "input")]
-        text = element.get().rstrip("\n")
-        element.update("")
-        self.fit_message_box()
-        return text
+        return self.box.take()
 
     def restore_input(self, text: str) -> None:
         """A refused line comes back to the field, unless you typed on."""
-        element = self.window[(_CHAT, "input")]
-        if not element.get().strip():
-            element.update(text)
-            self.fit_message_box()
+        self.box.restore(text)
 
     # --- files: one card per transfer ---
 

@@ -330,3 +330,53 @@ def test_help_opens_a_panel_not_lines_in_the_conversation(x, tmp_path, procs):
     gui.wait_for(lambda e: e.get("gui") == "help_panel" and not e["open"], start=mark)
     gui.close("chat")
     assert_exits_cleanly(gui)
+
+
+# --- search -------------------------------------------------------------------------------
+
+def test_ctrl_f_finds_scrolls_to_and_frames_each_match_then_escape_closes(x, tmp_path, procs):
+    host = Host(unique("search"), advertise=False)
+    procs.append(host)
+    gui = start_gui(x, tmp_path, procs, "--server", f"{LOOPBACK}:{host.port}", "--room", "r",
+                    "--user", "alice")
+    join_from_launcher(gui, x)
+    cli = Cli(host.port, "r", "bob")
+    procs.append(cli)
+    cli.say("apple pie, 苹果派")
+    for n in range(30):
+        cli.say(f"filler {n}")
+    cli.say("Apple juice")
+    for n in range(5):
+        cli.say(f"more {n}")
+    gui.painted(gui.shown(lambda e: e["kind"] == "message" and e["text"] == "more 4"))
+
+    mark = gui.mark()
+    gui.click("chat", "input")
+    x.key("ctrl+f")
+    gui.wait_for(lambda e: e.get("gui") == "search" and e["open"], start=mark)
+    x.type("APPLE")
+    x.key("Return")
+    first = gui.wait_for(lambda e: e.get("gui") == "found", start=mark)
+    assert first["text"] == "Apple juice" and first["count"] == 2
+    mark = gui.mark()
+    x.key("Return")
+    second = gui.wait_for(lambda e: e.get("gui") == "found", start=mark)
+    assert second["text"] == "apple pie, 苹果派"
+    assert second["view"][0] < first["view"][0], "it did not scroll up to the older match"
+    # The match is framed where it now shows.
+    gui.painted(second)
+    fx1, fy1, fx2, fy2 = second["frame"]
+    ox, oy = second["origin"]
+    edge = _hex(x.pixels((fx1 + ox + 1, (fy1 + fy2) // 2 + oy, 1, 1))[2])
+    assert edge == chatroom.PALETTES["light"]["found"], edge
+    mark = gui.mark()
+    x.key("Return")                     # round again, to the newest
+    assert gui.wait_for(lambda e: e.get("gui") == "found", start=mark)["text"] == "Apple juice"
+    mark = gui.mark()
+    x.type("zebra")                     # a new query: none
+    x.key("Return")
+    assert gui.wait_for(lambda e: e.get("gui") == "found", start=mark)["count"] == 0
+    x.key("Escape")
+    gui.wait_for(lambda e: e.get("gui") == "search" and not e["open"], start=mark)
+    gui.close("chat")
+    assert_exits_cleanly(gui)
