@@ -13149,6 +13149,94 @@ class SearchBar:
                    frame=self.view.widget.bbox("found"), view=list(self.view.widget.yview()))
 
 
+# --- Desktop notifications ---------------------------------------------------
+
+NOTIFY_BODY_CHARS = 200             # a notification shows the start of a long message
+
+
+def notification_command(title: str, body: str, platform: str | None = None,
+                         which: Callable[[str], str | None] | None = None) -> list[str] | None:
+    """The command that shows a desktop notification here, or None when
+    there is none: notify-send (libnotify) on Linux and the BSDs, osascript
+    on macOS, PowerShell's toast on Windows."""
+    import shutil
+    platform = platform or sys.platform
+    which = which or shutil.which
+    if platform == "darwin":
+        if which("osascript") is None:
+            return None
+        def quoted(text: str) -> str:
+            return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        return ["osascript", "-e", f"display notification {quoted(body)} with title "
+                f"{quoted(title)}"]
+    if platform == "win32":
+        shell = which("powershell")
+        if shell is None:
+            return None
+        script = (  # a toast through the WinRT API PowerShell can reach; untested here
+            "$t=[Windows.UI.Notifications.ToastNotificationManager,Windows.UI.Notifications,"
+            "ContentType=WindowsRuntime]::GetTemplateContent(1);"
+            "$x=$t.GetElementsByTagName('text');"
+            "$x.Item(0).AppendChild($t.CreateTextNode($env:CHATROOM_TITLE))>$null;"
+            "$x.Item(1).AppendChild($t.CreateTextNode($env:CHATROOM_BODY))>$null;"
+            "[Windows.UI.Notifications.ToastNotificationManager]::CreateToastNotifier("
+            "'chatroom').Show([Windows.UI.Notifications.ToastNotification]::new($t))")
+        return [shell, "-NoProfile", "-NonInteractive", "-Command", script]
+    if which("notify-send") is None:
+        return None
+    return ["notify-send", "--app-name=chatroom", "--", title, body]
+
+
+def sound_button_text(sound: bool) -> str:
+    """The sound toggle's label: what notifications do now."""
+    return "Sound: on" if sound else "Sound: off"
+
+
+class Notifier:
+    """Desktop notifications, never blocking the GUI thread and never
+    failing loudly: the command runs on a thread of its own, and a system
+    with no notification service (no notify-send, no D-Bus session, as on
+    a server) just shows none, logged once. `sound` rings the display's
+    bell with each one (the "sound" setting; off by default)."""
+
+    def __init__(self, trace: GuiTrace, sound: bool = False) -> None:
+        self.trace = trace
+        self.sound = sound
+        self._warned = False
+
+    def notify(self, root: Any, title: str, body: str) -> None:
+        body = body if len(body) <= NOTIFY_BODY_CHARS else body[:NOTIFY_BODY_CHARS] + "..."
+        command = notification_command(title, body)
+        self.trace("notify", title=title, body=body, command=command is not None,
+                   sound=self.sound)
+        if self.sound:
+            root.bell()
+        if command is None:
+            self._quiet("no notification command on this system")
+            return
+        threading.Thread(target=self._run, args=(command, title, body),
+                         name="chatroom-notify", daemon=True).start()
+
+    def _run(self, command: list[str], title: str, body: str) -> None:
+        import subprocess  # here: only notifications run it, on this thread
+        try:
+            done = subprocess.run(command, stdin=subprocess.DEVNULL, capture_output=True,
+                                  timeout=10, check=False,
+                                  env=dict(os.environ, CHATROOM_TITLE=title, CHATROOM_BODY=body))
+        except (OSError, subprocess.SubprocessError) as exc:
+            self._quiet(f"{command[0]}: {exc}")
+            return
+        if done.returncode:
+            self._quiet(f"{command[0]} exited {done.returncode}: "
+                        f"{done.stderr.decode('utf-8', 'replace').strip()[:200]}")
+
+    def _quiet(self, why: str) -> None:
+        """Say once, in the log, why no notification shows."""
+        if not self._warned:
+            self._warned = True
+            log.info("desktop notifications are off: %s", why)
+
+
 # --- The help panel ----------------------------------------------------------
 
 _HELP_ITEM = re.compile(r"^\s*(\d+(?:\.\d+)*)\.?\s+(.*)$")
@@ -13635,7 +13723,7 @@ class ChatWindow:
     buttons to send a file or (later) start a video call."""
 
     def __init__(self, look: Look, images: Images, ready: dict, trace: GuiTrace,
-                 max_shown: int = GUI_MAX_SHOWN) -> None:
+                 max_shown: int = GUI_MAX_SHOWN, sound: bool = False) -> None:
         import PySimpleGUI as sg
         self.look = look
         self.trace = trace
@@ -13668,6 +13756,8 @@ class ChatWindow:
                                 else COLOURS["error_text"])]],
                       pad=0),
             sg.Push(),
+            _button(sound_button_text(sound), (_CHAT, "sound"), look, primary=False,
+                    pad=((0, px(8)), 0)),
             _button(theme_button_text(), (_CHAT, "theme"), look, primary=False,
                     pad=((0, px(8)), 0)),
             _button("Leave", (_CHAT, "leave"), look, primary=False)]
@@ -14028,7 +14118,7 @@ class ChatWindow:
                    box=_screen_box(self.window.TKroot),
                    elements={name: _screen_box(self.window[(_CHAT, name)].Widget)
                              for name in ("input", "send", "file", "video", "leave",
-                                          "view", "members", "theme")},
+                                          "view", "members", "theme", "sound")},
                    disabled={name: str(self.window[(_CHAT, name)].Widget.cget("state"))
                              in ("disabled", "readonly") for name in ("input", "send")},
                    banner=banner.get() if banner.visible else "", protected=self.protected,
@@ -14692,6 +14782,7 @@ class GuiApp:
         self.stats = LoopStats()
         self._invites_ticked = 0.0          # when ringing cards were last counted down
         self.confirm: ConfirmWindow | None = None   # "close anyway?" while it asks
+        self.notifier = Notifier(trace, sound=prefill.get("sound") == "on")
         self._paths: dict[str, str] = {}    # peer: "direct" or "relay", as last told
         in_room = self._in_room
         self.posted: dict[tuple, Callable[[Any], None]] = {
@@ -14742,6 +14833,7 @@ class GuiApp:
             (_CHAT, "video"): in_room(self.on_video_button),
             (_CHAT, "leave"): in_room(self.on_leave),
             (_CHAT, "theme"): lambda values: self.toggle_theme(),
+            (_CHAT, "sound"): in_room(self.toggle_sound),
             (_ROOM, "theme"): lambda values: self.toggle_theme(),
             (_CALL, "mute"): lambda values: self._quietly("mute", self.core.set_media(
                 muted=not self.core.calls.media.muted)),
@@ -14756,6 +14848,8 @@ class GuiApp:
             (_CALL, "answer"): lambda values: self.answer_in_call_window(),
             (_CALL, "decline"): lambda values: self.decline_in_call_window(),
         }
+        for kind in ("message", "call_invite"):     # a desktop notification too
+            self.posted[(NET_EVENT, kind)] = self._notifying(self.posted[(NET_EVENT, kind)])
         self.typed: dict[type[Command], Callable[[ChatWindow, Any], None]] = {
             ChatLine: lambda chat, command: self.say(command.text),
             ListMembers: lambda chat, command: self._quietly("who", self.core.who()),
@@ -14981,7 +15075,7 @@ class GuiApp:
             settings["address"] = self.joining["address"]
         self.remember(settings, replace=("room", "user", "address"))
         chat = ChatWindow(self.look, self.images, event, self.trace,
-                          self.limits.gui_max_shown)
+                          self.limits.gui_max_shown, self.notifier.sound)
         self.launcher.window.hide()
         self.launcher.busy(False)
         self.launcher.status("")
@@ -14993,6 +15087,37 @@ class GuiApp:
         for notice in self.joining.pop("notices", []):  # a key met, or --insecure
             chat.note(_sentence(notice["message"]),
                       "error" if notice["type"] == "warning" else "info")
+
+    def _notifying(self, handler: Callable[[Any], None]) -> Callable[[Any], None]:
+        """`handler`, then a desktop notification if the event is a message
+        from someone else, live, or a call for you, and no window of ours
+        has the focus (the person is looking elsewhere)."""
+        def handle(event: dict) -> None:
+            handler(event)
+            chat = self.chat
+            if chat is None or self.phase is not Phase.CHATTING:
+                return
+            if event["type"] == "message":
+                if event.get("history") or id_key(event["from"]) == id_key(chat.me):
+                    return
+                title = f"{printable(event['from'])} · {printable(chat.room)}"
+                body = printable_block(event["text"])
+            else:
+                title, body = f"{printable(event['from'])} is calling you", \
+                    "Call back in the chat window to answer."
+            away = all(window.TKroot.focus_displayof() is None for window in self.windows()
+                       if window.TKroot is not None)
+            self.trace("attention", away=away)
+            if away:
+                self.notifier.notify(chat.window.TKroot, title, body)
+        return handle
+
+    def toggle_sound(self, chat: ChatWindow, values: dict) -> None:
+        """Sound on or off with each desktop notification; remembered."""
+        self.notifier.sound = not self.notifier.sound
+        chat.window[(_CHAT, "sound")].update(sound_button_text(self.notifier.sound))
+        self.remember({"sound": "on" if self.notifier.sound else "off"})
+        self.trace("sound", on=self.notifier.sound)
 
     def remember(self, changes: dict[str, str], replace: Iterable[str] = ()) -> None:
         """Save `changes` in the settings, keeping what else is there

@@ -380,3 +380,67 @@ def test_ctrl_f_finds_scrolls_to_and_frames_each_match_then_escape_closes(x, tmp
     gui.wait_for(lambda e: e.get("gui") == "search" and not e["open"], start=mark)
     gui.close("chat")
     assert_exits_cleanly(gui)
+
+
+# --- notifications ------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("platform", "found", "first"), [
+    ("linux", {"notify-send"}, "notify-send"),
+    ("linux", set(), None),                                  # no libnotify: no notifications
+    ("darwin", {"osascript"}, "osascript"),
+    ("win32", {"powershell"}, "powershell"),
+])
+def test_the_notification_command_is_each_systems_own(platform, found, first):
+    command = chatroom.notification_command('Bob "B" · r', "hi", platform,
+                                            lambda name: name if name in found else None)
+    assert (command[0] if command else None) == first
+    if platform == "linux" and command:
+        assert command[-2:] == ['Bob "B" · r', "hi"]         # arguments, never a shell line
+    if platform == "darwin":
+        assert '\\"B\\"' in command[2]                       # quoted for AppleScript
+
+
+def test_a_message_while_the_window_is_not_focused_notifies(x, tmp_path, procs):
+    record = tmp_path / "notified.txt"
+    env = _stub(tmp_path, "notify-send", f'printf "%s|" "$@" >> {record}; echo >> {record}')
+    host = Host(unique("notify"), advertise=False)
+    procs.append(host)
+    gui = start_gui(x, tmp_path, procs, "--server", f"{LOOPBACK}:{host.port}", "--room", "r",
+                    "--user", "alice", env=env)
+    join_from_launcher(gui, x)
+    cli = Cli(host.port, "r", "bob")
+    procs.append(cli)
+    gui.click("chat", "input")                  # here, with the focus
+    mark = gui.mark()
+    cli.say("while you look")
+    assert gui.wait_for(lambda e: e.get("gui") == "attention", start=mark)["away"] is False
+    x.run("xdotool", "mousemove", "0", "0")    # away from every window (no window manager)
+    mark = gui.mark()
+    cli.say("while you are away 你好")
+    assert gui.wait_for(lambda e: e.get("gui") == "attention", start=mark)["away"] is True
+    note = gui.wait_for(lambda e: e.get("gui") == "notify", start=mark)
+    assert note["title"] == "bob · r" and note["sound"] is False
+    deadline = time.monotonic() + 10
+    while not record.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert record.read_text().splitlines() == ["--app-name=chatroom|--|bob · r|"
+                                               "while you are away 你好|"]
+    # The sound toggle: on, remembered, and the next notification rings.
+    mark = gui.mark()
+    gui.click("chat", "sound")
+    assert gui.wait_for(lambda e: e.get("gui") == "sound", start=mark)["on"] is True
+    assert json.loads((tmp_path / "config/chatroom/settings.json").read_text())["sound"] == "on"
+    x.run("xdotool", "mousemove", "0", "0")
+    cli.say("again")
+    assert gui.wait_for(lambda e: e.get("gui") == "notify", start=mark)["sound"] is True
+    gui.close("chat")
+    assert_exits_cleanly(gui)
+
+
+def test_a_notification_service_that_fails_is_logged_once_and_nothing_breaks(caplog):
+    notifier = chatroom.Notifier(chatroom.GuiTrace(False))
+    with caplog.at_level("INFO", logger=chatroom.log.name):
+        notifier._run(["false"], "t", "b")                      # exits 1, as with no D-Bus
+        notifier._run(["/nonexistent/notify-send"], "t", "b")   # not there at all
+    said = [r.getMessage() for r in caplog.records if "notifications are off" in r.getMessage()]
+    assert len(said) == 1 and "false exited 1" in said[0]
