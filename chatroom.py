@@ -13237,6 +13237,39 @@ class Notifier:
             log.info("desktop notifications are off: %s", why)
 
 
+# --- Files dropped on the window ---------------------------------------------
+
+def accept_file_drops(window: Any, post: Callable[[tuple, Any], None], trace: GuiTrace) -> bool:
+    """Let files be dropped anywhere on `window` (a Tk toplevel): each drop
+    posts ((_CHAT, "drop"), [paths]). Uses tkdnd, which tkinterdnd2 ships
+    for Linux, Windows and macOS, loaded into PySimpleGUI's own Tcl
+    interpreter. False (logged) without the package or when tkdnd won't
+    load; the window works on, with Send file and /send."""
+    import tkinter
+    try:
+        from tkinterdnd2 import TkinterDnD  # optional: pip install tkinterdnd2
+    except ImportError:
+        log.info("no tkinterdnd2: files can't be dropped on the window")
+        return False
+    try:
+        TkinterDnD._require(window)         # package require tkdnd, from the wheel
+        tk = window.tk
+
+        def dropped(data: str) -> str:
+            post((_CHAT, "drop"), list(tk.splitlist(data)))
+            return "copy"
+        command = window.register(dropped)
+        # tkdnd looks up from the widget under the pointer to the first one
+        # registered: registering the toplevel takes drops on all of it.
+        tk.call("tkdnd::drop_target", "register", window, "DND_Files")
+        tk.call("bind", window, "<<Drop:DND_Files>>", f"{command} %D")
+    except (RuntimeError, tkinter.TclError) as exc:
+        log.info("files can't be dropped on the window: %s", exc)
+        return False
+    trace("drops", window=str(window), interp=str(window.tk.call("tk", "appname")))
+    return True
+
+
 # --- The help panel ----------------------------------------------------------
 
 _HELP_ITEM = re.compile(r"^\s*(\d+(?:\.\d+)*)\.?\s+(.*)$")
@@ -13825,6 +13858,7 @@ class ChatWindow:
         self.box = MessageBox(self.window[(_CHAT, "input")], view, post, trace)
         self.search = SearchBar(footer_row, look, self.view, self.box.widget, trace)
         self.window.TKroot.bind("<Control-f>", lambda _e: self.search.open())
+        accept_file_drops(self.window.TKroot, post, trace)
         self.members = MemberList(self.window[(_CHAT, "members")].Widget, look, images,
                                   self.me, post)
         self.members.set(ready["members"])
@@ -14819,6 +14853,7 @@ class GuiApp:
             (CORE_EVENT, "failed"): self.on_failed,
             (CORE_EVENT, "stopped"): lambda _value: self.finish(),
             (_CHAT, "pick"): in_room(ChatWindow.pick),
+            (_CHAT, "drop"): in_room(self.on_drop),
             (_CHAT, "open"): self.on_open,
             (_CHAT, "folder"): self.on_open,
         }
@@ -15219,6 +15254,19 @@ class GuiApp:
                                           initialdir=str(Path.home()))
         if path:
             self.send_file(path, chat.members.picked)
+
+    def on_drop(self, chat: ChatWindow, paths: list[str]) -> None:
+        """Files dropped on the chat window: each goes as Send file would
+        send it (to whoever the members list has picked); a folder can't."""
+        if self.phase is not Phase.CHATTING:
+            return
+        self.trace("dropped", paths=paths)
+        for path in paths:
+            if os.path.isdir(path):
+                chat.note(f"{printable(os.path.basename(path) or path)} is a folder: drop "
+                          "files (a folder can't be sent).", "error")
+            else:
+                self.send_file(path, chat.members.picked)
 
     def _call(self, chat: ChatWindow, line: str, future: Any) -> None:
         """A call command: shown as typed; what follows comes as events."""

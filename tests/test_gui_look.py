@@ -444,3 +444,51 @@ def test_a_notification_service_that_fails_is_logged_once_and_nothing_breaks(cap
         notifier._run(["/nonexistent/notify-send"], "t", "b")   # not there at all
     said = [r.getMessage() for r in caplog.records if "notifications are off" in r.getMessage()]
     assert len(said) == 1 and "false exited 1" in said[0]
+
+
+# --- drag and drop ----------------------------------------------------------------------
+
+def _drop(x, interp: str, window: str, point: tuple[int, int], paths: list[str]) -> None:
+    """Drop `paths` on `window` of the Tk interpreter `interp`, as tkdnd's
+    X11 code does when an XDND drop arrives: its generic enter, position
+    and drop steps, from a made-up source window (0x1), with the data
+    already read. Xvfb has no file manager to drag from; Tk's `send`
+    carries the script to the window's process."""
+    import tkinter
+    root = tkinter.Tk(screenName=x.display)
+    root.withdraw()
+    try:
+        data = " ".join("{" + path + "}" for path in paths)     # a Tcl list (no braces in them)
+        script = "; ".join([
+            f"tkdnd::generic::HandleEnter {window} 0x1 text/uri-list text/uri-list copy {{}}",
+            f"tkdnd::generic::SetDroppedData [list {data}]",
+            f"tkdnd::generic::HandlePosition {window} {{}} {{}} {point[0]} {point[1]} copy",
+            f"tkdnd::generic::HandleDrop {window} {{}} {{}} {point[0]} {point[1]} 0"])
+        root.tk.call("send", interp, script)
+    finally:
+        root.destroy()
+
+
+def test_files_dropped_on_the_window_are_sent(x, tmp_path, procs):
+    host = Host(unique("drop"), advertise=False)
+    procs.append(host)
+    gui = start_gui(x, tmp_path, procs, "--server", f"{LOOPBACK}:{host.port}", "--room", "r",
+                    "--user", "alice")
+    chat = join_from_launcher(gui, x)
+    drops = gui.wait_for(lambda e: e.get("gui") == "drops")
+    cli = Cli(host.port, "r", "bob", downloads=tmp_path / "bob")
+    procs.append(cli)
+    (tmp_path / "拖放 dropped.txt").write_text("dropped 拖放")
+    (tmp_path / "folder").mkdir()
+    vx, vy, vw, vh = chat["elements"]["view"]
+    mark = gui.mark()
+    _drop(x, drops["interp"], drops["window"], (vx + vw // 2, vy + vh // 2),
+          [str(tmp_path / "拖放 dropped.txt"), str(tmp_path / "folder")])
+    assert gui.wait_for(lambda e: e.get("gui") == "dropped", start=mark)["paths"] == [
+        str(tmp_path / "拖放 dropped.txt"), str(tmp_path / "folder")]
+    got = cli.wait_for(lambda e: e.get("type") == "file_received", 20)
+    assert Path(got["path"]).read_text() == "dropped 拖放" and got["from"] == "alice"
+    gui.shown(lambda e: e["kind"] == "notice" and e["style"] == "error"
+              and "folder is a folder" in e["text"], start=mark)
+    gui.close("chat")
+    assert_exits_cleanly(gui)
