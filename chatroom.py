@@ -13321,8 +13321,10 @@ class HelpPanel:
         body = tkinter.font.Font(root=top, font=look.font(10))
         bold = tkinter.font.Font(root=top, font=look.font(10, "bold"))
         indent = px(44)
+        # As tall as the chat window allows (it scrolls beyond), never past it.
+        room = max(body.metrics("linespace") * 6, parent.winfo_height() - px(150))
         self.text = view = tkinter.Text(
-            top, wrap="word", width=70, height=min(24, 4 + 3 * len(self.rows)),
+            top, wrap="word", width=70, height=room // (body.metrics("linespace") + px(4)),
             background=COLOURS["panel"], foreground=COLOURS["text"], font=body,
             relief="flat", borderwidth=0, highlightthickness=0, padx=px(18), pady=px(14),
             spacing1=px(2), spacing3=px(4), tabs=(indent,), cursor="arrow")
@@ -13337,6 +13339,8 @@ class HelpPanel:
             view.insert("end", number + "\t", tags + ("number",))
             if title:
                 view.insert("end", title + "\n", tags + ("title",))
+                if not words:
+                    continue
                 tags = ("row",)
                 view.insert("end", "\t", tags)
             start = view.index("end-1c")
@@ -13350,12 +13354,19 @@ class HelpPanel:
                                activeforeground=COLOURS["mine_text"], font=bold,
                                padx=px(14), pady=px(5), borderwidth=0, highlightthickness=0,
                                cursor="hand2")
-        close.pack(side="bottom", anchor="e", padx=px(14), pady=(0, px(12)))
+        close.pack(side="bottom", anchor="e", padx=px(14), pady=(px(6), px(12)))
+        bar = tkinter.Scrollbar(top, orient="vertical", command=view.yview, width=px(10),
+                                relief="flat", borderwidth=0, highlightthickness=0,
+                                troughcolor=COLOURS["panel"], background=COLOURS["line"],
+                                activebackground=COLOURS["faint"], elementborderwidth=0)
+        view.configure(yscrollcommand=bar.set)
+        bar.pack(side="right", fill="y")
         view.pack(side="top", fill="both", expand=True)
         top.bind("<Escape>", lambda _e: self.close())
         top.protocol("WM_DELETE_WINDOW", self.close)
         top.update_idletasks()
-        top.geometry(f"+{parent.winfo_rootx() + px(40)}+{parent.winfo_rooty() + px(40)}")
+        x = parent.winfo_rootx() + max(0, (parent.winfo_width() - top.winfo_reqwidth()) // 2)
+        top.geometry(f"+{x}+{parent.winfo_rooty() + px(40)}")
         view.focus_set()
         if trace.enabled:
             top.update_idletasks()

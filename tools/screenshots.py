@@ -131,7 +131,14 @@ def shoot(scale: float, out: Path, suffix: str, theme: str = "light") -> None:
                      and 25 < e["percent"] < 75, 60)
         time.sleep(0.3)
         x.screenshot(out / f"chat{suffix}.png", gui.window("chat")["xid"])
+        mark = gui.mark()
         gui.close("chat")
+        try:                                # the recording still moves: "Close anyway?"
+            gui.wait_for(lambda e: e.get("gui") == "window" and e["name"] == "confirm", 5,
+                         mark)
+            gui.click("confirm", "yes")
+        except AssertionError:
+            pass                            # it had arrived: the window just closed
         gui.wait_exit(10)
     print(f"wrote {out / f'launcher{suffix}.png'} and {out / f'chat{suffix}.png'}")
 
