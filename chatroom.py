@@ -13108,6 +13108,9 @@ class SearchBar:
         self.entry.bind("<KP_Enter>", key(self.next))
         self.entry.bind("<Escape>", key(self.close))
         self.query.trace_add("write", lambda *_a: self._restart())
+        # Said once the field has the keyboard: keys typed before that went
+        # to the message box (a test failed so on a busy machine).
+        self.entry.bind("<FocusIn>", lambda _e: self.trace("search", open=True))
         self._pad = (px(4), px(6))
 
     @property
@@ -13120,7 +13123,6 @@ class SearchBar:
             self.frame.pack(side="bottom", fill="x", after=self.above, pady=self._pad)
         self.entry.focus_set()
         self.entry.select_range(0, "end")
-        self.trace("search", open=True)
 
     def close(self) -> None:
         self.frame.pack_forget()
@@ -13317,6 +13319,7 @@ class HelpPanel:
         self.window: Any = top              # None once closed
         top.title("Help · chatroom")
         top.transient(parent)
+        self.source = text                  # the host's text, to draw it again
         self.rows = help_rows(text)
         body = tkinter.font.Font(root=top, font=look.font(10))
         bold = tkinter.font.Font(root=top, font=look.font(10, "bold"))
@@ -13367,12 +13370,19 @@ class HelpPanel:
         top.update_idletasks()
         x = parent.winfo_rootx() + max(0, (parent.winfo_width() - top.winfo_reqwidth()) // 2)
         top.geometry(f"+{x}+{parent.winfo_rooty() + px(40)}")
+        if trace.enabled:                   # said once it has the keyboard (Escape works)
+            view.bind("<FocusIn>", lambda _e: self._report(), add="+")
         view.focus_set()
-        if trace.enabled:
-            top.update_idletasks()
-            trace("help_panel", open=True, rows=self.rows, xid=int(top.wm_frame(), 16),
-                  box=[top.winfo_rootx(), top.winfo_rooty(), top.winfo_width(),
-                       top.winfo_height()])
+
+    def _report(self) -> None:
+        top = self.window
+        if top is None or getattr(self, "_reported", False):
+            return
+        self._reported = True
+        top.update_idletasks()
+        self.trace("help_panel", open=True, rows=self.rows, xid=int(top.wm_frame(), 16),
+                   box=[top.winfo_rootx(), top.winfo_rooty(), top.winfo_width(),
+                        top.winfo_height()])
 
     def close(self) -> None:
         if self.window is not None:
@@ -13923,6 +13933,8 @@ class ChatWindow:
             drawing.widget.configure(background=colour)
         self.view.redraw()
         self.members.set(self.members.members)
+        if self.help is not None and self.help.open:    # its tags hold the old colours
+            self.on_help({"text": self.help.source})
         self.trace_layout()
 
     # --- events from the room ---
