@@ -13,9 +13,10 @@ get through, every media packet sealed; client and host speak TLS 1.3, the
 host's key pinned on first use. Only the standard library is needed to
 import this file; zeroconf enables discovery, PySimpleGUI the window,
 cryptography a host's first key, and cryptography, numpy, OpenCV, PyAV and
-PyAudio the calls, and livekit their echo cancelling (each is imported
-where it is used, and a missing one is named in a friendly error; calls go
-on without livekit).
+PyAudio the calls, livekit their echo cancelling, and tkinterdnd2 files
+dropped on the window (each is imported where it is used, and a missing
+one is named in a friendly error; calls go on without livekit, the window
+without drops).
 
 The file reads top to bottom; each section uses only the sections above it
 (tests/test_map.py holds this map and that rule true):
