@@ -11872,14 +11872,16 @@ def run_discover(args: argparse.Namespace) -> int:
 # 22. GUI LOOK: theme, fonts, --scale, the trace hook, anti-aliased drawing
 # =============================================================================
 # The desktop window is a front end over CLIENT CORE beside the TERMINAL
-# CLIENT, spread over five sections: GUI LOOK (this one) how things look and
+# CLIENT, spread over seven sections: GUI LOOK (this one) how things look and
 # how they are drawn, GUI CONVERSATION the conversation and the members
-# list, GUI WINDOWS the windows, GUI CALLS the call window, GUI APP the app
-# that owns them and the one read loop. Together they read the core's event
-# dicts and decide nothing the core decides; they own the main thread and
-# never block it.
+# list, GUI PANELS the message box, help, search, notifications and drops,
+# GUI WINDOWS the windows, GUI CALLS the call window, GUI PLUMBING what the
+# app stands on, GUI APP the app that owns them and the one read loop.
+# Together they read the core's event dicts and decide nothing the core
+# decides; they own the main thread and never block it.
 #
-# This section owns the look (one theme, a font that draws Chinese, colours,
+# This section owns the look (a light and a dark palette whose text reaches
+# WCAG AA, the system's choice between them, a font that draws Chinese,
 # --scale), the trace hook the tests follow the window through, and drawing
 # helpers that Tk lacks (anti-aliased discs and rounded boxes). It makes no
 # window and handles no event. PySimpleGUI and tkinter are imported inside
