@@ -15,7 +15,7 @@ import pytest
 from test_gui import assert_exits_cleanly, join_from_launcher, procs, start_gui, unique, x
 
 import chatroom
-from guidriver import LOOPBACK, Cli, Host, ink
+from guidriver import LOOPBACK, Cli, Host, drop_files, ink
 
 __all__ = ["procs", "x"]                # fixtures, used by name
 
@@ -448,27 +448,6 @@ def test_a_notification_service_that_fails_is_logged_once_and_nothing_breaks(cap
 
 # --- drag and drop ----------------------------------------------------------------------
 
-def _drop(x, interp: str, window: str, point: tuple[int, int], paths: list[str]) -> None:
-    """Drop `paths` on `window` of the Tk interpreter `interp`, as tkdnd's
-    X11 code does when an XDND drop arrives: its generic enter, position
-    and drop steps, from a made-up source window (0x1), with the data
-    already read. Xvfb has no file manager to drag from; Tk's `send`
-    carries the script to the window's process."""
-    import tkinter
-    root = tkinter.Tk(screenName=x.display)
-    root.withdraw()
-    try:
-        data = " ".join("{" + path + "}" for path in paths)     # a Tcl list (no braces in them)
-        script = "; ".join([
-            f"tkdnd::generic::HandleEnter {window} 0x1 text/uri-list text/uri-list copy {{}}",
-            f"tkdnd::generic::SetDroppedData [list {data}]",
-            f"tkdnd::generic::HandlePosition {window} {{}} {{}} {point[0]} {point[1]} copy",
-            f"tkdnd::generic::HandleDrop {window} {{}} {{}} {point[0]} {point[1]} 0"])
-        root.tk.call("send", interp, script)
-    finally:
-        root.destroy()
-
-
 def test_files_dropped_on_the_window_are_sent(x, tmp_path, procs):
     host = Host(unique("drop"), advertise=False)
     procs.append(host)
@@ -482,8 +461,8 @@ def test_files_dropped_on_the_window_are_sent(x, tmp_path, procs):
     (tmp_path / "folder").mkdir()
     vx, vy, vw, vh = chat["elements"]["view"]
     mark = gui.mark()
-    _drop(x, drops["interp"], drops["window"], (vx + vw // 2, vy + vh // 2),
-          [str(tmp_path / "拖放 dropped.txt"), str(tmp_path / "folder")])
+    drop_files(x, drops["interp"], drops["window"], (vx + vw // 2, vy + vh // 2),
+               [str(tmp_path / "拖放 dropped.txt"), str(tmp_path / "folder")])
     assert gui.wait_for(lambda e: e.get("gui") == "dropped", start=mark)["paths"] == [
         str(tmp_path / "拖放 dropped.txt"), str(tmp_path / "folder")]
     got = cli.wait_for(lambda e: e.get("type") == "file_received", 20)
