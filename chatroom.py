@@ -13,9 +13,10 @@ get through, every media packet sealed; client and host speak TLS 1.3, the
 host's key pinned on first use. Only the standard library is needed to
 import this file; zeroconf enables discovery, PySimpleGUI the window,
 cryptography a host's first key, and cryptography, numpy, OpenCV, PyAV and
-PyAudio the calls, and livekit their echo cancelling (each is imported
-where it is used, and a missing one is named in a friendly error; calls go
-on without livekit).
+PyAudio the calls, livekit their echo cancelling, and tkinterdnd2 files
+dropped on the window (each is imported where it is used, and a missing
+one is named in a friendly error; calls go on without livekit, the window
+without drops).
 
 The file reads top to bottom; each section uses only the sections above it
 (tests/test_map.py holds this map and that rule true):
@@ -45,12 +46,13 @@ The file reads top to bottom; each section uses only the sections above it
 23. GUI LOOK              theme, fonts, --scale, the trace hook, drawing
 24. GUI CONVERSATION      bubbles, notices, file cards, links, pictures, copying
 25. GUI MEMBERS           the members list and the emoji picker
-26. GUI WINDOWS           shared widgets and the launcher
-27. GUI CHAT WINDOW       conversations, the members, the input line
-28. GUI CALLS             the call window: tiles, who speaks, ESC and Backspace
-29. GUI PLUMBING          settings, the bridge from the core, opening, phases
-30. GUI APP               the one core, the windows, the one read loop
-31. MAIN                  argparse and the entry points
+26. GUI PANELS            message box, help panel, search, notifications, drops
+27. GUI WINDOWS           shared widgets and the launcher
+28. GUI CHAT WINDOW       conversations, the members, the input line
+29. GUI CALLS             the call window: tiles, who speaks, ESC and Backspace
+30. GUI PLUMBING          settings, the bridge from the core, opening, phases
+31. GUI APP               the one core, the windows, the one read loop
+32. MAIN                  argparse and the entry points
 """
 
 from __future__ import annotations
@@ -12222,15 +12224,17 @@ def run_discover(args: argparse.Namespace) -> int:
 # 23. GUI LOOK: theme, fonts, --scale, the trace hook, anti-aliased drawing
 # =============================================================================
 # The desktop window is a front end over CLIENT CORE beside the TERMINAL
-# CLIENT, spread over seven sections: GUI LOOK (this one) how things look
+# CLIENT, spread over nine sections: GUI LOOK (this one) how things look
 # and how they are drawn, GUI CONVERSATION the conversation, GUI MEMBERS the
-# members list and the emoji picker, GUI WINDOWS the windows, GUI CALLS the
-# call window, GUI PLUMBING settings and the bridge from the core, GUI APP
-# the app that owns them and the one read loop.
+# members list and the emoji picker, GUI PANELS the message box, help,
+# search, notifications and drops, GUI WINDOWS the launcher, GUI CHAT WINDOW
+# a room's window, GUI CALLS the call window, GUI PLUMBING settings and the
+# bridge from the core, GUI APP the app that owns them and the one read loop.
 # Together they read the core's event dicts and decide nothing the core
 # decides; they own the main thread and never block it.
 #
-# This section owns the look (one theme, a font that draws Chinese, colours,
+# This section owns the look (a light and a dark palette whose text reaches
+# WCAG AA, the system's choice between them, a font that draws Chinese,
 # --scale), the trace hook the tests follow the window through, and drawing
 # helpers that Tk lacks (anti-aliased discs and rounded boxes); and, pure,
 # what the conversation needs to know of text and files: links, day names,
@@ -12249,34 +12253,83 @@ GUI_TRACE_ENV = "CHATROOM_GUI_TRACE"  # test hook, see GuiTrace
 CJK_FONT_FAMILIES = ("Noto Sans CJK SC", "Microsoft YaHei", "PingFang SC",
                      "Source Han Sans SC", "WenQuanYi Micro Hei")
 
-COLOURS = {
-    "window": "#F5F6FA",            # window background
-    "chat": "#ECEFF5",              # behind the bubbles
-    "panel": "#FFFFFF",             # fields, cards, the members list
-    "text": "#1F2430",
-    "muted": "#6B7385",
-    "faint": "#A3A9B5",
-    "line": "#DCE0E8",
-    "accent": "#3367D6",
-    "accent_dark": "#2853B0",
-    "accent_soft": "#DCE6FB",
-    "mine": "#3367D6",              # my bubbles
-    "mine_text": "#FFFFFF",
-    "mine_pending": "#7FA0E6",      # my bubble before the host confirms it
-    "theirs": "#FFFFFF",            # everyone else's
-    "system": "#DEE2EA",            # [SYSTEM] notices from the host
-    "system_text": "#4A5263",
-    "info": "#E1E9FA",              # notes from this program
-    "info_text": "#2C4A8A",
-    "error": "#FBE3E1",
-    "error_text": "#A8261B",
-    "ok": "#2E9B5F",
-    "track": "#E3E7EE",             # an empty progress bar
+# Two palettes of the same names. Every colour text is drawn in reaches
+# WCAG AA (4.5:1) on each background it is drawn on, in both: TEXT_ON lists
+# those pairs and tests/test_gui.py checks every one with contrast_ratio.
+PALETTES: dict[str, dict[str, str]] = {
+    "light": {
+        "window": "#F5F6FA",        # window background
+        "chat": "#ECEFF5",          # behind the bubbles
+        "panel": "#FFFFFF",         # fields, cards, the members list
+        "text": "#1F2430",
+        "muted": "#5A6170",
+        "faint": "#676A72",         # hints, timestamps (was #A3A9B5: 2.2:1)
+        "line": "#DCE0E8",
+        "accent": "#2D5CBE",
+        "accent_dark": "#2853B0",
+        "accent_soft": "#DCE6FB",
+        "mine": "#2D5CBE",          # my bubbles
+        "mine_text": "#FFFFFF",
+        "mine_pending": "#5B73A6",  # my bubble before the host confirms it
+        "theirs": "#FFFFFF",        # everyone else's
+        "system": "#DEE2EA",        # [SYSTEM] notices from the host
+        "system_text": "#4A5263",
+        "info": "#E1E9FA",          # notes from this program
+        "info_text": "#2C4A8A",
+        "error": "#FBE3E1",
+        "error_text": "#A8261B",
+        "ok": "#2E9B5F",
+        "track": "#E3E7EE",         # an empty progress bar
+        "found": "#E0A100",         # the frame around a search match
+    },
+    "dark": {
+        "window": "#16181D",
+        "chat": "#1C1F26",
+        "panel": "#242831",
+        "text": "#E6E8EE",
+        "muted": "#A6ADBB",
+        "faint": "#8A919F",
+        "line": "#343A46",
+        "accent": "#7EA6F2",
+        "accent_dark": "#9DBBF5",   # hover: lighter on a dark window
+        "accent_soft": "#2B3A5C",
+        "mine": "#7EA6F2",
+        "mine_text": "#0E1A33",     # dark ink on the light blue
+        "mine_pending": "#A7BCE3",
+        "theirs": "#2A2F39",
+        "system": "#2A2F38",
+        "system_text": "#B8BFCC",
+        "info": "#1F2C47",
+        "info_text": "#A9C2F5",
+        "error": "#4A2326",
+        "error_text": "#F2887E",
+        "ok": "#4CC38A",
+        "track": "#343A46",
+        "found": "#F2C14E",
+    },
 }
+COLOURS = dict(PALETTES["light"])   # the palette in use; use_palette() changes it in place
+THEMES = ("light", "dark", "system")    # --theme; "system" asks the desktop (system_theme)
 
-# Avatar backgrounds: saturated enough for white initials, distinct in pairs.
-AVATAR_COLOURS = ("#E0605E", "#E28A3B", "#C49A1D", "#4FA56B", "#2F9E97", "#3D8BD9",
-                  "#5C6BD6", "#8E62D0", "#C45BB0", "#D65B86", "#6F8A3C", "#7A7F8C")
+# (text, background): each colour text is drawn in, on each background it
+# is drawn on, by any window (labels, bubbles, cards, buttons, hovers, the
+# picked member, the unsent bubble whose fill is `faint`).
+TEXT_ON: tuple[tuple[str, str], ...] = (
+    ("text", "window"), ("text", "panel"), ("text", "theirs"), ("text", "accent_soft"),
+    ("muted", "window"), ("muted", "chat"), ("muted", "panel"), ("muted", "theirs"),
+    ("muted", "accent_soft"), ("faint", "window"), ("faint", "chat"), ("faint", "panel"),
+    ("accent", "window"), ("accent", "panel"), ("accent", "theirs"),
+    ("accent", "accent_soft"), ("accent", "line"), ("mine_text", "accent"),
+    ("mine_text", "accent_dark"), ("mine_text", "mine"), ("mine_text", "mine_pending"),
+    ("mine_text", "faint"), ("system_text", "system"), ("info_text", "info"),
+    ("error_text", "error"), ("error_text", "window"), ("error_text", "chat"),
+    ("error_text", "theirs"), ("error_text", "accent_soft"))
+WCAG_AA = 4.5                       # the least contrast for text (WCAG 2.1, 1.4.3)
+
+# Avatar backgrounds: dark enough for white initials (4.5:1), distinct in pairs.
+AVATAR_COLOURS = ("#BE5250", "#A5652B", "#8F7015", "#3E8255", "#26807A", "#3478BB",
+                  "#5C6BD6", "#885EC8", "#B0529E", "#BC5076", "#647C36", "#707581")
+AVATAR_INK = "#FFFFFF"              # the initials on an avatar
 
 _ROOM = "-LAUNCHER-"                # the launcher's element keys: (_ROOM, name)
 _CHAT = "-CHAT-"                    # the chat window's: (_CHAT, name)
@@ -12382,6 +12435,137 @@ def apply_theme(look: Look) -> None:
                    element_padding=(look.px(4), look.px(3)),
                    margins=(look.px(18), look.px(14)), border_width=0,
                    use_ttk_buttons=False, suppress_error_popups=True)
+
+
+# --- Themes: contrast, the system's choice, switching while windows show -----
+
+def contrast_ratio(ink: str, paper: str) -> float:
+    """WCAG 2.1's contrast ratio of two "#RRGGBB" colours, from 1 (the
+    same) to 21 (black on white): (L1 + 0.05) / (L2 + 0.05), L1 the
+    relative luminance of the lighter one. Raises ValueError for a colour
+    that is not "#RRGGBB"."""
+    def luminance(colour: str) -> float:
+        if not re.fullmatch(r"#[0-9A-Fa-f]{6}", colour):
+            raise ValueError(f"not a #RRGGBB colour: {colour!r}")
+        linear = [(c / 12.92 if c <= 0.04045 else ((c + 0.055) / 1.055) ** 2.4)
+                  for c in (value / 255 for value in _rgb(colour))]
+        return 0.2126 * linear[0] + 0.7152 * linear[1] + 0.0722 * linear[2]
+    light, dark = sorted((luminance(ink), luminance(paper)), reverse=True)
+    return (light + 0.05) / (dark + 0.05)
+
+
+def _ask_command(argv: list[str]) -> str:
+    """A desktop setting from a command's output; "" if it can't say."""
+    import subprocess  # here: only the window asks the desktop
+    try:
+        return subprocess.run(argv, capture_output=True, text=True, timeout=2,
+                              stdin=subprocess.DEVNULL, check=False).stdout
+    except (OSError, subprocess.SubprocessError, ValueError):
+        return ""
+
+
+def _windows_theme() -> str:  # pragma: no cover (Windows only)
+    """"dark" when Windows' apps are set to dark (AppsUseLightTheme = 0)."""
+    import winreg  # type: ignore[import-not-found,unused-ignore]
+    with winreg.OpenKey(winreg.HKEY_CURRENT_USER,  # type: ignore[attr-defined,unused-ignore]
+                        r"Software\Microsoft\Windows\CurrentVersion\Themes\Personalize") \
+            as key:
+        value, _kind = winreg.QueryValueEx(key, "AppsUseLightTheme")  # type: ignore[attr-defined,unused-ignore]
+    return "light" if value else "dark"
+
+
+def system_theme(platform: str | None = None, environ: typing.Mapping[str, str] | None = None,
+                 ask: Callable[[list[str]], str] = _ask_command) -> str:
+    """"dark" or "light", as the desktop is set where that can be read:
+    Windows' AppsUseLightTheme, macOS' AppleInterfaceStyle, GTK_THEME ending
+    in ":dark" or GNOME's color-scheme on Linux. Anything that fails or
+    can't say means "light"; nothing here raises."""
+    platform = platform or sys.platform
+    environ = os.environ if environ is None else environ
+    try:
+        if platform == "win32":
+            return _windows_theme()
+        if platform == "darwin":
+            answer = ask(["defaults", "read", "-g", "AppleInterfaceStyle"])
+            return "dark" if answer.strip().lower() == "dark" else "light"
+        if environ.get("GTK_THEME", "").lower().endswith(":dark"):
+            return "dark"
+        answer = ask(["gsettings", "get", "org.gnome.desktop.interface", "color-scheme"])
+        return "dark" if "dark" in answer.lower() else "light"
+    except (OSError, ValueError, ImportError):
+        return "light"
+
+
+def resolve_theme(flag: str | None, remembered: str | None,
+                  system: Callable[[], str] = system_theme) -> str:
+    """The palette to start with: --theme if given, else the one last
+    toggled (settings), else the system's; "system" asks `system`."""
+    choice = flag or remembered or "system"
+    return choice if choice in PALETTES else system()
+
+
+def use_palette(name: str) -> dict[str, str]:
+    """Make `name` the palette in use (COLOURS, changed in place: every
+    painter reads it when it draws); returns the one it replaces."""
+    old = dict(COLOURS)
+    COLOURS.clear()
+    COLOURS.update(PALETTES[name])
+    return old
+
+
+def theme_button_text() -> str:
+    """The theme toggle's label: the theme it switches to."""
+    return "Light theme" if PALETTES["dark"] == COLOURS else "Dark theme"
+
+
+# Which palette name a Tk colour option stands for when two names share a
+# value (in light, `panel`, `theirs` and `mine_text` are all white): text
+# options mean ink, the others paper.
+_INK_OPTIONS = ("foreground", "activeforeground", "disabledforeground", "insertbackground",
+                "selectforeground")
+_PAPER_OPTIONS = ("background", "activebackground", "disabledbackground",
+                  "readonlybackground", "selectbackground", "highlightbackground",
+                  "troughcolor", "selectcolor")
+_WIDGET_INKS = ("text", "muted", "faint", "accent", "mine_text", "error_text")
+_WIDGET_PAPERS = ("window", "panel", "chat", "accent", "accent_soft", "error", "line",
+                  "track", "accent_dark")
+
+
+def recolour_map(old: dict[str, str], new: dict[str, str]) -> dict[str, dict[str, str]]:
+    """{"ink": {old value: new value}, "paper": {...}} for switching
+    palettes: where names share a value, the ones widgets use win."""
+    out: dict[str, dict[str, str]] = {}
+    for role, preferred in (("ink", _WIDGET_INKS), ("paper", _WIDGET_PAPERS)):
+        table = out[role] = {}
+        for name in sorted(old, key=lambda n: n in preferred):     # preferred last: they win
+            table[old[name].upper()] = new[name]
+    return out
+
+
+def recolour_widgets(root: Any, old: dict[str, str], new: dict[str, str]) -> int:
+    """Give `root` and every widget in it the colours of `new` where they
+    had those of `old`; returns how many options changed. Canvas drawings
+    are not touched (their owners paint them again)."""
+    import tkinter
+    table = recolour_map(old, new)
+    changed = 0
+    stack = [root]
+    while stack:
+        widget = stack.pop()
+        stack.extend(widget.winfo_children())
+        try:
+            options = widget.configure() or {}
+        except tkinter.TclError:        # a widget that refuses the query: skip it
+            continue
+        for role, names in (("ink", _INK_OPTIONS), ("paper", _PAPER_OPTIONS)):
+            for option in names:
+                if option not in options:
+                    continue
+                value = str(widget.cget(option)).upper()
+                if value in table[role] and table[role][value].upper() != value:
+                    widget.configure(**{option: table[role][value]})
+                    changed += 1
+    return changed
 
 
 # --- The trace hook ----------------------------------------------------------
@@ -12580,21 +12764,30 @@ class Drawing:
         self.widget.create_image(round(x), round(y), anchor="nw", tags=tags, image=disc)
         font = "initials" if size >= self.look.px(30) else "initials_small"
         self.widget.create_text(x + size / 2, y + size / 2, text=text or initials(user),
-                                fill="#FFFFFF", font=self.fonts[font], tags=tags)
+                                fill=AVATAR_INK, font=self.fonts[font], tags=tags)
 
-    def elide(self, text: str, font: str, width: int) -> str:
-        """`text` cut to `width` pixels in `font`, with an ellipsis if cut."""
-        measure = self.fonts[font].measure
-        if measure(text) <= width:
-            return text
-        low, high = 0, len(text)
-        while low < high:
-            middle = (low + high + 1) // 2
-            if measure(text[:middle] + "...") <= width:
-                low = middle
-            else:
-                high = middle - 1
-        return text[:low] + "..."
+    def elide(self, text: str, font: str, width: int, keep: str = "") -> str:
+        """`text` cut to `width` pixels in `font`, with an ellipsis if cut;
+        `keep` follows it whole (see elide_text)."""
+        return elide_text(text, width, self.fonts[font].measure, keep)
+
+
+def elide_text(text: str, width: int, measure: Callable[[str], int], keep: str = "") -> str:
+    """`text` + `keep`, fitting `width` as `measure` counts: `text` is cut
+    (with "...") so that `keep`, a marker such as "  (you)", always shows
+    whole. Only if `keep` alone is too wide is it cut too."""
+    if measure(text + keep) <= width:
+        return text + keep
+    if measure("..." + keep) > width:
+        return elide_text(text + keep, width, measure)
+    low, high = 0, len(text)
+    while low < high:
+        middle = (low + high + 1) // 2
+        if measure(text[:middle] + "..." + keep) <= width:
+            low = middle
+        else:
+            high = middle - 1
+    return text[:low].rstrip() + "..." + keep
 
 
 # --- Text and pictures in the conversation (pure, or off the GUI thread) -------
@@ -13021,6 +13214,44 @@ class ChatView(Drawing):
         self._set_scrollregion()
         if follow:
             self.widget.yview_moveto(1.0)
+
+    def find(self, query: str, after: ChatEntry | None) -> tuple[ChatEntry | None, int]:
+        """The next entry older than `after` (None: from the newest) whose
+        text or sender holds `query`, case-insensitively, going round to the
+        newest after the oldest; and how many entries match in all."""
+        needle = query.casefold()
+        matches = [entry for entry in self.entries
+                   if needle in str(entry.data.get("text", "")).casefold()
+                   or needle in str(entry.data.get("from", entry.data.get("user", ""))).casefold()
+                   or needle in str(entry.data.get("name", "")).casefold()]
+        if not matches:
+            return None, 0
+        older = [entry for entry in matches if after is not None and entry.top < after.top]
+        return (older or matches)[-1], len(matches)
+
+    def highlight(self, entry: ChatEntry | None) -> None:
+        """Frame `entry` and scroll it into the middle of the view (None:
+        no frame)."""
+        draw = self.widget
+        draw.delete("found")
+        if entry is None or not draw.find_withtag(entry.tag):
+            return
+        x1, y1, x2, y2 = draw.bbox(entry.tag)
+        gap = self.look.px(4)
+        draw.create_rectangle(x1 - gap, y1 - gap, x2 + gap, y2 + gap, tags="found",
+                              outline=COLOURS["found"], width=self.look.px(2))
+        top, bottom = float(self.entries[0].top - self._margin), float(self._y + self._margin)
+        seen = draw.winfo_height()
+        middle = (y1 + y2) / 2 - seen / 2
+        draw.yview_moveto(max(0.0, (middle - top) / max(1.0, bottom - top)))
+        if self.trace.enabled:
+            self._report_painted()
+
+    def redraw(self) -> None:
+        """Draw every entry again (after a theme switch: new colours)."""
+        self._relayout()
+        if self.trace.enabled:
+            self._report_painted()
 
     def close(self) -> None:
         """The window is going: a pending redraw must not find it gone."""
@@ -13655,6 +13886,7 @@ class EmojiPicker:
         if self.trace.enabled:              # an Entry, or a Text for several lines
             self.trace("emoji_inserted", emoji=emoji, text=self.field.get(
                 *(("1.0", "end-1c") if self.field.winfo_class() == "Text" else ())))
+_YOU = "  (you)"                    # after your own name in the members list
 
 
 class MemberList(Drawing):
@@ -13671,6 +13903,7 @@ class MemberList(Drawing):
         self.members: list[str] = []        # in join order
         self.picked: str | None = None      # None = everyone
         self.unread: dict[str | None, int] = {}     # id_key(user) (None: room) -> lines
+        self.labels: list[str] = []         # each row's text as last drawn (cut to fit)
         self._row = look.px(40)
         widget.configure(background=self.background, yscrollincrement=self._row)
         widget.bind("<Button-1>", self._on_click)
@@ -13705,16 +13938,21 @@ class MemberList(Drawing):
     def _rows(self) -> list[tuple[str | None, str]]:
         rows: list[tuple[str | None, str]] = [(None, "Everyone in the room")]
         for member in self.members:
-            mine = id_key(member) == id_key(self.me)
-            rows.append((member, printable(member) + ("  (you)" if mine else "")))
+            rows.append((member, printable(member)))
         return rows
+
+    def _label(self, user: str | None, name: str, width: int) -> str:
+        """A row's text: the name cut to `width`, but "(you)" kept whole."""
+        mine = user is not None and id_key(user) == id_key(self.me)
+        return self.elide(name, "body", width, _YOU if mine else "")
 
     def _paint(self) -> None:
         px, draw = self.look.px, self.widget
         draw.delete("all")
         width = max(int(draw.winfo_width()), int(draw.cget("width")))
         size = px(28)
-        for index, (user, label) in enumerate(self._rows()):
+        self.labels = []
+        for index, (user, name) in enumerate(self._rows()):
             top = index * self._row
             picked = (user is None and self.picked is None) or (
                 user is not None and self.picked is not None
@@ -13724,8 +13962,8 @@ class MemberList(Drawing):
                                       fill=COLOURS["accent_soft"], outline="")
             row = COLOURS["accent_soft"] if picked else COLOURS["panel"]
             y = top + (self._row - size) / 2
-            if user is None:
-                self.avatar("row", px(10), y, size, "", COLOURS["muted"], "All", row)
+            if user is None:                # a grey of the avatars': white "All" reads on it
+                self.avatar("row", px(10), y, size, "", AVATAR_COLOURS[-1], "All", row)
             else:
                 self.avatar("row", px(10), y, size, user, background=row)
             unread = self.unread.get(None if user is None else id_key(user), 0)
@@ -13739,9 +13977,10 @@ class MemberList(Drawing):
                 draw.create_text(width - px(8) - badge / 2, top + self._row / 2, text=count,
                                  font=self.fonts["name"], fill=COLOURS["mine_text"])
                 badge += px(8)
+            label = self._label(user, name, width - size - px(34) - badge)
+            self.labels.append(label)
             draw.create_text(px(10) + size + px(10), top + self._row / 2, anchor="w",
-                             text=self.elide(label, "body", width - size - px(34) - badge),
-                             font=self.fonts["body"], fill=COLOURS["text"])
+                             text=label, font=self.fonts["body"], fill=COLOURS["text"])
         draw.configure(scrollregion=(0, 0, width, len(self._rows()) * self._row))
 
     def screen_rows(self) -> list[dict]:
@@ -13749,8 +13988,8 @@ class MemberList(Drawing):
         draw = self.widget
         x, y = draw.winfo_rootx(), draw.winfo_rooty() - round(draw.canvasy(0))
         return [{"user": user, "box": [x, y + index * self._row, draw.winfo_width(),
-                                       self._row]}
-                for index, (user, _label) in enumerate(self._rows())]
+                                       self._row], "label": label}
+                for index, ((user, _name), label) in enumerate(zip(self._rows(), self.labels))]
 
     def _on_click(self, event: Any) -> None:
         index = int(self.widget.canvasy(event.y) // self._row)
@@ -13767,7 +14006,442 @@ class MemberList(Drawing):
 
 
 # =============================================================================
-# 26. GUI WINDOWS: widgets shared by the windows, and the launcher
+# 26. GUI PANELS: the message box, help, search, notifications, dropped files
+# =============================================================================
+# The small parts around the conversation that the chat window (next
+# section) builds on: the message box, the help panel (the host's answer
+# to `help` as a table, in a window of its own rather than in the
+# conversation), the search bar (Ctrl+F), desktop notifications (off the
+# GUI thread, failing quietly), and files dropped on the window (tkdnd,
+# when tkinterdnd2 is installed). None of them talks to the core: they
+# post events to the read loop (GUI APP) like the canvases do.
+
+INPUT_MAX_LINES = 5                 # the message box grows to this many lines, then scrolls
+
+
+def _message_box(key: tuple, look: Look) -> Any:
+    """The message box: a Text (so it can hold several lines) in a white
+    box like _field's; ChatWindow binds its keys."""
+    import PySimpleGUI as sg
+    return sg.Column([[sg.Multiline("", key=key, size=(12, 1), no_scrollbar=True,
+                                    border_width=0, expand_x=True, focus=True, rstrip=False,
+                                    background_color=COLOURS["panel"],
+                                    text_color=COLOURS["text"], font=look.font(10),
+                                    pad=(look.px(8), look.px(7)))]],
+                     background_color=COLOURS["panel"], expand_x=True,
+                     pad=(0, (look.px(2), look.px(8))))
+
+
+
+class MessageBox:
+    """The keys of the message box (a Text): Enter sends, Shift+Enter
+    starts a new line, the box grows with its lines (up to
+    INPUT_MAX_LINES, then it scrolls); PageUp and PageDown scroll the
+    conversation on screen (the canvas `shown()` gives); Tab leaves the
+    box, as it left the old line."""
+
+    def __init__(self, element: Any, shown: Callable[[], Any],
+                 post: Callable[[tuple, Any], None], trace: GuiTrace) -> None:
+        self.element = element
+        self.trace = trace
+        element.element_frame.configure(background=COLOURS["panel"])
+        self.widget = box = element.Widget
+        box.configure(height=1, wrap="word", undo=True, insertbackground=COLOURS["text"],
+                      selectbackground=COLOURS["accent"], selectforeground=COLOURS["mine_text"])
+
+        def send(_event: Any) -> str:
+            post((_CHAT, "send"), None)
+            return "break"
+
+        def newline(_event: Any) -> str:
+            box.insert("insert", "\n")
+            box.see("insert")
+            self.fit()
+            return "break"
+
+        def page(step: int) -> str:
+            view = shown()                  # the conversation on screen
+            view.yview_scroll(step, "pages")
+            trace("scrolled", view=list(view.yview()))
+            return "break"
+
+        def leave(_event: Any) -> str:
+            box.tk_focusNext().focus_set()
+            return "break"
+        for sequence in ("<Return>", "<KP_Enter>"):
+            box.bind(sequence, send)
+        for sequence in ("<Shift-Return>", "<Shift-KP_Enter>"):
+            box.bind(sequence, newline)
+        box.bind("<Prior>", lambda _e: page(-1))
+        box.bind("<Next>", lambda _e: page(1))
+        box.bind("<Tab>", leave)
+        box.bind("<KeyRelease>", lambda _e: self.fit(), add="+")
+
+    def fit(self) -> None:
+        """As many rows as the text takes, 1 to INPUT_MAX_LINES."""
+        counted = self.widget.count("1.0", "end-1c", "displaylines")
+        lines = min(INPUT_MAX_LINES, 1 + (int(counted[0]) if counted else 0))
+        if int(self.widget.cget("height")) != lines:
+            self.widget.configure(height=lines)
+            self.trace("message_box", lines=lines)
+
+    def take(self) -> str:
+        """What the box holds (a Text adds a last newline: not ours); empties it."""
+        text = self.element.get().rstrip("\n")
+        self.element.update("")
+        self.fit()
+        return text
+
+    def restore(self, text: str) -> None:
+        """A refused line comes back, unless something was typed since."""
+        if not self.element.get().strip():
+            self.element.update(text)
+            self.fit()
+
+
+# --- Search (Ctrl+F) ---------------------------------------------------------
+
+class SearchBar:
+    """Ctrl+F in the chat window: a field above the message box. Enter (or
+    Next) finds the next older match of what is typed, case-insensitively,
+    in the conversation's texts and names, scrolls to it and frames it;
+    after the oldest it starts again from the newest. Escape (or x) closes
+    it and gives the message box the focus back. Plain Tk widgets, packed
+    (at the bottom) just above `above`; the read loop never sees them."""
+
+    def __init__(self, above: Any, look: Look, view: Any, message_box: Any,
+                 trace: GuiTrace) -> None:
+        import tkinter
+        self.view = view                    # the ChatView searched
+        self.message_box = message_box      # the focus goes back there
+        self.trace = trace
+        self.above = above
+        self.found: Any = None              # the ChatEntry framed now
+        px = look.px
+        font, bold = look.font(10), look.font(10, "bold")
+        self.frame = frame = tkinter.Frame(above.master, background=COLOURS["window"])
+        tkinter.Label(frame, text="Find", font=bold, background=COLOURS["window"],
+                      foreground=COLOURS["muted"]).pack(side="left", padx=(0, px(8)))
+        self.query = tkinter.StringVar(frame)
+        self.entry = tkinter.Entry(frame, textvariable=self.query, font=font, relief="flat",
+                                   background=COLOURS["panel"], foreground=COLOURS["text"],
+                                   insertbackground=COLOURS["text"], highlightthickness=0,
+                                   borderwidth=px(5), width=30)
+        self.entry.pack(side="left", fill="x", expand=True)
+        self.status = tkinter.Label(frame, text="", font=look.font(9),
+                                    background=COLOURS["window"], foreground=COLOURS["muted"])
+        for text, command in (("x", self.close), ("Next", self.next)):
+            tkinter.Button(frame, text=text, command=command, font=bold, relief="flat",
+                           background=COLOURS["accent_soft"], foreground=COLOURS["accent"],
+                           activebackground=COLOURS["line"], activeforeground=COLOURS["accent"],
+                           borderwidth=0, highlightthickness=0, padx=px(10), pady=px(3),
+                           cursor="hand2").pack(side="right", padx=(px(6), 0))
+        self.status.pack(side="right", padx=(px(8), 0))
+        def key(action: Callable[[], None]) -> Callable[[Any], str]:
+            def handler(_event: Any) -> str:
+                action()
+                return "break"
+            return handler
+        self.entry.bind("<Return>", key(self.next))
+        self.entry.bind("<KP_Enter>", key(self.next))
+        self.entry.bind("<Escape>", key(self.close))
+        self.query.trace_add("write", lambda *_a: self._restart())
+        # Said once the field has the keyboard: keys typed before that went
+        # to the message box (a test failed so on a busy machine).
+        self.entry.bind("<FocusIn>", lambda _e: self.trace("search", open=True))
+        self._pad = (px(4), px(6))
+
+    @property
+    def shown(self) -> bool:
+        return bool(self.frame.winfo_manager())
+
+    def open(self) -> None:
+        """Show the bar (or, shown, select what it holds) and focus it."""
+        if not self.shown:
+            self.frame.pack(side="bottom", fill="x", after=self.above, pady=self._pad)
+        self.entry.focus_set()
+        self.entry.select_range(0, "end")
+
+    def close(self) -> None:
+        self.frame.pack_forget()
+        self.view.highlight(None)
+        self.found = None
+        self.message_box.focus_set()
+        self.trace("search", open=False)
+
+    def follow(self, view: Any) -> None:
+        """Another conversation is on screen: search that one, from its
+        newest line (the old one's frame goes)."""
+        self.view.highlight(None)
+        self.view = view
+        self._restart()
+
+    def _restart(self) -> None:
+        """The query changed: the next Enter starts from the newest again."""
+        self.found = None
+        self.status.configure(text="")
+
+    def next(self) -> None:
+        query = self.query.get().strip()
+        if not query:
+            return
+        entry, count = self.view.find(query, self.found)
+        self.found = entry
+        self.view.highlight(entry)
+        self.status.configure(text="No match" if entry is None else
+                              f"{count} match{'es' if count != 1 else ''}")
+        self.trace("found", query=query, count=count,
+                   text=None if entry is None else entry.data.get("text"),
+                   **(self.view.where(entry) if entry is not None else {}),
+                   frame=self.view.widget.bbox("found"), view=list(self.view.widget.yview()))
+
+
+# --- Desktop notifications ---------------------------------------------------
+
+NOTIFY_BODY_CHARS = 200             # a notification shows the start of a long message
+
+
+def notification_command(title: str, body: str, platform: str | None = None,
+                         which: Callable[[str], str | None] | None = None) -> list[str] | None:
+    """The command that shows a desktop notification here, or None when
+    there is none: notify-send (libnotify) on Linux and the BSDs, osascript
+    on macOS, PowerShell's toast on Windows."""
+    import shutil
+    platform = platform or sys.platform
+    which = which or shutil.which
+    if platform == "darwin":
+        if which("osascript") is None:
+            return None
+        def quoted(text: str) -> str:
+            return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        return ["osascript", "-e", f"display notification {quoted(body)} with title "
+                f"{quoted(title)}"]
+    if platform == "win32":
+        shell = which("powershell")
+        if shell is None:
+            return None
+        script = (  # a toast through the WinRT API PowerShell can reach; untested here
+            "$t=[Windows.UI.Notifications.ToastNotificationManager,Windows.UI.Notifications,"
+            "ContentType=WindowsRuntime]::GetTemplateContent(1);"
+            "$x=$t.GetElementsByTagName('text');"
+            "$x.Item(0).AppendChild($t.CreateTextNode($env:CHATROOM_TITLE))>$null;"
+            "$x.Item(1).AppendChild($t.CreateTextNode($env:CHATROOM_BODY))>$null;"
+            "[Windows.UI.Notifications.ToastNotificationManager]::CreateToastNotifier("
+            "'chatroom').Show([Windows.UI.Notifications.ToastNotification]::new($t))")
+        return [shell, "-NoProfile", "-NonInteractive", "-Command", script]
+    if which("notify-send") is None:
+        return None
+    return ["notify-send", "--app-name=chatroom", "--", title, body]
+
+
+def sound_button_text(sound: bool) -> str:
+    """The sound toggle's label: what notifications do now."""
+    return "Sound: on" if sound else "Sound: off"
+
+
+class Notifier:
+    """Desktop notifications, never blocking the GUI thread and never
+    failing loudly: the command runs on a thread of its own, and a system
+    with no notification service (no notify-send, no D-Bus session, as on
+    a server) just shows none, logged once. `sound` rings the display's
+    bell with each one (the "sound" setting; off by default)."""
+
+    def __init__(self, trace: GuiTrace, sound: bool = False) -> None:
+        self.trace = trace
+        self.sound = sound
+        self._warned = False
+
+    def notify(self, root: Any, title: str, body: str) -> None:
+        body = body if len(body) <= NOTIFY_BODY_CHARS else body[:NOTIFY_BODY_CHARS] + "..."
+        command = notification_command(title, body)
+        self.trace("notify", title=title, body=body, command=command is not None,
+                   sound=self.sound)
+        if self.sound:
+            root.bell()
+        if command is None:
+            self._quiet("no notification command on this system")
+            return
+        threading.Thread(target=self._run, args=(command, title, body),
+                         name="chatroom-notify", daemon=True).start()
+
+    def _run(self, command: list[str], title: str, body: str) -> None:
+        import subprocess  # here: only notifications run it, on this thread
+        try:
+            done = subprocess.run(command, stdin=subprocess.DEVNULL, capture_output=True,
+                                  timeout=10, check=False,
+                                  env=dict(os.environ, CHATROOM_TITLE=title, CHATROOM_BODY=body))
+        except (OSError, subprocess.SubprocessError) as exc:
+            self._quiet(f"{command[0]}: {exc}")
+            return
+        if done.returncode:
+            self._quiet(f"{command[0]} exited {done.returncode}: "
+                        f"{done.stderr.decode('utf-8', 'replace').strip()[:200]}")
+
+    def _quiet(self, why: str) -> None:
+        """Say once, in the log, why no notification shows."""
+        if not self._warned:
+            self._warned = True
+            log.info("desktop notifications are off: %s", why)
+
+
+# --- Files dropped on the window ---------------------------------------------
+
+def accept_file_drops(window: Any, post: Callable[[tuple, Any], None], trace: GuiTrace) -> bool:
+    """Let files be dropped anywhere on `window` (a Tk toplevel): each drop
+    posts ((_CHAT, "drop"), [paths]). Uses tkdnd, which tkinterdnd2 ships
+    for Linux, Windows and macOS, loaded into PySimpleGUI's own Tcl
+    interpreter. False (logged) without the package or when tkdnd won't
+    load; the window works on, with Send file and /send."""
+    import tkinter
+    try:
+        from tkinterdnd2 import TkinterDnD  # optional: pip install tkinterdnd2
+    except ImportError:
+        log.info("no tkinterdnd2: files can't be dropped on the window")
+        return False
+    try:
+        TkinterDnD._require(window)         # package require tkdnd, from the wheel
+        tk = window.tk
+
+        def dropped(data: str) -> str:
+            post((_CHAT, "drop"), list(tk.splitlist(data)))
+            return "copy"
+        command = window.register(dropped)
+        # tkdnd looks up from the widget under the pointer to the first one
+        # registered: registering the toplevel takes drops on all of it.
+        tk.call("tkdnd::drop_target", "register", window, "DND_Files")
+        tk.call("bind", window, "<<Drop:DND_Files>>", f"{command} %D")
+    except (RuntimeError, tkinter.TclError) as exc:
+        log.info("files can't be dropped on the window: %s", exc)
+        return False
+    trace("drops", window=str(window), interp=str(window.tk.call("tk", "appname")))
+    return True
+
+
+# --- The help panel ----------------------------------------------------------
+
+_HELP_ITEM = re.compile(r"^\s*(\d+(?:\.\d+)*)\.?\s+(.*)$")
+_HELP_COMMAND = re.compile(r"(?<![\w/])/[A-Za-z]+|\bhelp\b")
+
+
+def help_rows(text: str) -> list[tuple[str, str, str]]:
+    """The host's help text as table rows (number, title, text): "1. Text
+    chat: type..." -> ("1", "Text chat", "type..."), "2.1 Type..." ->
+    ("2.1", "", "Type..."). Lines that continue an item join it (the host
+    wraps at 75 columns; the panel wraps to its own width). A line before
+    the first number (the "HELP" heading) is dropped; text with no
+    numbered line at all becomes one row, so nothing is ever lost."""
+    rows: list[list[str]] = []
+    for line in text.splitlines():
+        item = _HELP_ITEM.match(line)
+        if item:
+            number, rest = item.groups()
+            title = ""
+            if "." not in number:           # a top-level item: "Title: what it does"
+                head, colon, tail = rest.partition(":")
+                if colon and len(head) <= 40:
+                    title, rest = head.strip(), tail.strip()
+            rows.append([number, title, rest])
+        elif rows and line.strip():
+            rows[-1][2] = (rows[-1][2] + " " + line.strip()).strip()
+    if not rows:
+        return [("", "", " ".join(text.split()))]
+    return [(number, title, body) for number, title, body in rows]
+
+
+class HelpPanel:
+    """The answer to `help`, in a window of its own beside the chat: the
+    numbered items as a table (number, then the title in bold and the text
+    wrapped under it), commands in the accent colour. Escape or Close
+    shuts it; a new `help` refreshes it. A plain Tk Toplevel of the chat
+    window, which the read loop never sees: it closes with its window."""
+
+    def __init__(self, parent: Any, look: Look, text: str, trace: GuiTrace) -> None:
+        import tkinter
+        import tkinter.font
+        self.trace = trace
+        px = look.px
+        top = tkinter.Toplevel(parent, background=COLOURS["panel"])
+        self.window: Any = top              # None once closed
+        top.title("Help · chatroom")
+        top.transient(parent)
+        self.source = text                  # the host's text, to draw it again
+        self.rows = help_rows(text)
+        body = tkinter.font.Font(root=top, font=look.font(10))
+        bold = tkinter.font.Font(root=top, font=look.font(10, "bold"))
+        indent = px(44)
+        # As tall as the chat window allows (it scrolls beyond), never past it.
+        room = max(body.metrics("linespace") * 6, parent.winfo_height() - px(150))
+        self.text = view = tkinter.Text(
+            top, wrap="word", width=70, height=room // (body.metrics("linespace") + px(4)),
+            background=COLOURS["panel"], foreground=COLOURS["text"], font=body,
+            relief="flat", borderwidth=0, highlightthickness=0, padx=px(18), pady=px(14),
+            spacing1=px(2), spacing3=px(4), tabs=(indent,), cursor="arrow")
+        view.tag_configure("row", lmargin1=0, lmargin2=indent)
+        view.tag_configure("section", spacing1=px(10))
+        view.tag_configure("number", foreground=COLOURS["muted"], font=bold)
+        view.tag_configure("title", font=bold)
+        view.tag_configure("command", foreground=COLOURS["accent"], font=bold)
+        view.insert("end", "Help · only you see this\n", ("title",))
+        for number, title, words in self.rows:
+            tags: tuple[str, ...] = ("row",) if "." in number else ("row", "section")
+            view.insert("end", number + "\t", tags + ("number",))
+            if title:
+                view.insert("end", title + "\n", tags + ("title",))
+                if not words:
+                    continue
+                tags = ("row",)
+                view.insert("end", "\t", tags)
+            start = view.index("end-1c")
+            view.insert("end", words + "\n", tags)
+            for match in _HELP_COMMAND.finditer(words):
+                view.tag_add("command", f"{start}+{match.start()}c", f"{start}+{match.end()}c")
+        view.configure(state="disabled")
+        close = tkinter.Button(top, text="Close", command=self.close, relief="flat",
+                               background=COLOURS["accent"], foreground=COLOURS["mine_text"],
+                               activebackground=COLOURS["accent_dark"],
+                               activeforeground=COLOURS["mine_text"], font=bold,
+                               padx=px(14), pady=px(5), borderwidth=0, highlightthickness=0,
+                               cursor="hand2")
+        close.pack(side="bottom", anchor="e", padx=px(14), pady=(px(6), px(12)))
+        bar = tkinter.Scrollbar(top, orient="vertical", command=view.yview, width=px(10),
+                                relief="flat", borderwidth=0, highlightthickness=0,
+                                troughcolor=COLOURS["panel"], background=COLOURS["line"],
+                                activebackground=COLOURS["faint"], elementborderwidth=0)
+        view.configure(yscrollcommand=bar.set)
+        bar.pack(side="right", fill="y")
+        view.pack(side="top", fill="both", expand=True)
+        top.bind("<Escape>", lambda _e: self.close())
+        top.protocol("WM_DELETE_WINDOW", self.close)
+        top.update_idletasks()
+        x = parent.winfo_rootx() + max(0, (parent.winfo_width() - top.winfo_reqwidth()) // 2)
+        top.geometry(f"+{x}+{parent.winfo_rooty() + px(40)}")
+        if trace.enabled:                   # said once it has the keyboard (Escape works)
+            view.bind("<FocusIn>", lambda _e: self._report(), add="+")
+        view.focus_set()
+
+    def _report(self) -> None:
+        top = self.window
+        if top is None or getattr(self, "_reported", False):
+            return
+        self._reported = True
+        top.update_idletasks()
+        self.trace("help_panel", open=True, rows=self.rows, xid=int(top.wm_frame(), 16),
+                   box=[top.winfo_rootx(), top.winfo_rooty(), top.winfo_width(),
+                        top.winfo_height()])
+
+    def close(self) -> None:
+        if self.window is not None:
+            self.window.destroy()
+            self.window = None
+            self.trace("help_panel", open=False)
+
+    @property
+    def open(self) -> bool:
+        return self.window is not None and bool(self.window.winfo_exists())
+
+
+# =============================================================================
+# 27. GUI WINDOWS: widgets shared by the windows, and the launcher
 # =============================================================================
 # The first window a person sees, built from GUI LOOK and GUI CONVERSATION:
 # the launcher (hosts on the LAN, the address and the IDs, Join, "Host a
@@ -13904,7 +14578,9 @@ class Launcher:
              sg.Column([[sg.Text("chatroom", font=look.font(18, "bold"),
                                  text_color=COLOURS["accent"], pad=0)],
                         [sg.Text("Chat with the people on your network.",
-                                 text_color=COLOURS["muted"], pad=0)]], pad=0)],
+                                 text_color=COLOURS["muted"], pad=0)]], pad=0),
+             sg.Push(), _button(theme_button_text(), (_ROOM, "theme"), look,
+                                primary=False)],
             [sg.Text("HOSTS ON YOUR NETWORK", font=look.font(9, "bold"),
                      text_color=COLOURS["muted"], pad=(0, (px(16), 0)))],
             [table],
@@ -14060,6 +14736,21 @@ class Launcher:
             return None
         return checked[0], checked[1]
 
+    def recolour(self) -> None:
+        """After a theme switch (recolour_widgets did the plain widgets):
+        the host table's ttk style, its rows, the toggle's label."""
+        table = self.window[(_ROOM, "hosts")]
+        table.ttk_style.configure(table.table_ttk_style_name, background=COLOURS["panel"],
+                                  fieldbackground=COLOURS["panel"],
+                                  foreground=COLOURS["text"])
+        table.ttk_style.configure(table.table_ttk_style_name + ".Heading",
+                                  background=COLOURS["window"], foreground=COLOURS["muted"])
+        table.ttk_style.map(table.table_ttk_style_name, foreground=[
+            ("selected", COLOURS["mine_text"])], background=[("selected", COLOURS["accent"])])
+        if self.hosts:
+            self.show_hosts({"hosts": self.hosts})
+        self.window[(_ROOM, "theme")].update(theme_button_text())
+
     def error(self, text: str) -> None:
         self.window[(_ROOM, "status")].update(text, text_color=COLOURS["error_text"])
         self.trace("launcher_status", text=text, error=True)
@@ -14103,7 +14794,7 @@ class Launcher:
                    password=bool(self.password()),     # whether one is typed, never what
                    elements={name: _screen_box(window[(_ROOM, name)].Widget)
                              for name in ("join", "host", "address", "room", "user",
-                                          "password", "accept_key")},
+                                          "password", "accept_key", "theme")},
                    key_box=self.changed_key is not None, key=window[(_ROOM, "key")].get())
 
 
@@ -14127,7 +14818,7 @@ def _row_text(host: dict, room: dict | None) -> list[str]:
 # --- The chat window ---------------------------------------------------------
 
 # =============================================================================
-# 27. GUI CHAT WINDOW: a room's conversations, its members, the input line
+# 28. GUI CHAT WINDOW: a room's conversations, its members, the input line
 # =============================================================================
 # The window of one room (split from GUI WINDOWS when private conversations
 # took it past 900 lines): the room's conversation and one per person
@@ -14160,7 +14851,7 @@ class ChatWindow:
     all of them together, in the window's title; showing it clears it."""
 
     def __init__(self, look: Look, images: Images, ready: dict, trace: GuiTrace,
-                 max_shown: int = GUI_MAX_SHOWN) -> None:
+                 max_shown: int = GUI_MAX_SHOWN, sound: bool = False) -> None:
         import PySimpleGUI as sg
         self.look = look
         self.trace = trace
@@ -14168,6 +14859,7 @@ class ChatWindow:
         self.room = ready["room"]
         self.seen: collections.deque[Any] = collections.deque(maxlen=1024)  # seqs shown
         self.invites: dict[str, ChatEntry] = {}     # id_key(caller) -> its ringing card
+        self.help: HelpPanel | None = None          # the help panel, once asked for
         self.history_started = False
         px = look.px
         where = (f"on {printable(ready.get('host') or ready['address'])} · "
@@ -14192,6 +14884,10 @@ class ChatWindow:
                                 else COLOURS["error_text"])]],
                       pad=0),
             sg.Push(),
+            _button(sound_button_text(sound), (_CHAT, "sound"), look, primary=False,
+                    pad=((0, px(8)), 0)),
+            _button(theme_button_text(), (_CHAT, "theme"), look, primary=False,
+                    pad=((0, px(8)), 0)),
             _button("Leave", (_CHAT, "leave"), look, primary=False)]
         side = sg.Column([
             [sg.Text("MEMBERS", font=look.font(9, "bold"), text_color=COLOURS["muted"],
@@ -14208,8 +14904,7 @@ class ChatWindow:
         footer = [
             _button("Send file", (_CHAT, "file"), look, primary=False),
             _button("Video call", (_CHAT, "video"), look, primary=False),
-            sg.Column([[_field((_CHAT, "input"), look, focus=True, size=(12, 1))]],
-                      expand_x=True, pad=(px(8), 0)),
+            sg.Column([[_message_box((_CHAT, "input"), look)]], expand_x=True, pad=(px(8), 0)),
             _button("☺", (_CHAT, "emoji"), look, primary=False,
                     tooltip="Insert an emoji"),
             _button("Send", (_CHAT, "send"), look, bind_return_key=True)]
@@ -14236,8 +14931,8 @@ class ChatWindow:
                        pad=(0, (px(10), px(8)))),
              side],
             footer,
-            [sg.Text("Enter sends · help shows what you can do · /who lists the "
-                     "members · /send PATH sends a file", font=look.font(8),
+            [sg.Text("Enter sends · Shift+Enter starts a new line · Ctrl+F searches · help "
+                     "shows what you can do · /send PATH sends a file", font=look.font(8),
                      text_color=COLOURS["faint"], pad=0, key=(_CHAT, "hint"))],
         ]
         self.window = sg.Window(self._title(0), layout, finalize=True,
@@ -14282,6 +14977,11 @@ class ChatWindow:
         self._invite_views: dict[str, ChatView] = {}
         self.emoji = EmojiPicker(self.window[(_CHAT, "emoji")].Widget,
                                  self.window[(_CHAT, "input")].Widget, look, trace)
+        self.box = MessageBox(self.window[(_CHAT, "input")], lambda: self.view.widget,
+                              post, trace)
+        self.search = SearchBar(footer_row, look, self.view, self.box.widget, trace)
+        self.window.TKroot.bind("<Control-f>", lambda _e: self.search.open())
+        accept_file_drops(self.window.TKroot, post, trace)
         self.members = MemberList(self.window[(_CHAT, "members")].Widget, look, images,
                                   self.me, post)
         self.members.set(ready["members"])
@@ -14309,17 +15009,20 @@ class ChatWindow:
         trough: Any = {"sticky": "ns", "children": [("Vertical.Scrollbar.thumb",
                                                      {"expand": "1", "sticky": "nswe"})]}
         style.layout("Chat.Vertical.TScrollbar", [("Vertical.Scrollbar.trough", trough)])
+        self._style_scrollbar(style)
+        bar = ttk.Scrollbar(canvas.master, orient="vertical", command=canvas.yview,
+                            style="Chat.Vertical.TScrollbar")
+        canvas.configure(yscrollcommand=bar.set)
+        bar.pack(side="right", fill="y", before=canvas)
+        return bar
+
+    def _style_scrollbar(self, style: Any) -> None:
         style.configure("Chat.Vertical.TScrollbar", troughcolor=COLOURS["chat"],
                         background=COLOURS["line"], bordercolor=COLOURS["chat"],
                         lightcolor=COLOURS["line"], darkcolor=COLOURS["line"],
                         troughrelief="flat", relief="flat", borderwidth=0,
                         width=self.look.px(8))
         style.map("Chat.Vertical.TScrollbar", background=[("active", COLOURS["faint"])])
-        bar = ttk.Scrollbar(canvas.master, orient="vertical", command=canvas.yview,
-                            style="Chat.Vertical.TScrollbar")
-        canvas.configure(yscrollcommand=bar.set)
-        bar.pack(side="right", fill="y", before=canvas)
-        return bar
 
     # --- conversations ---
 
@@ -14379,6 +15082,7 @@ class ChatWindow:
             view.widget.configure(yscrollcommand=self._bar.set)
             self._bar.configure(command=view.widget.yview)
             self.view = view
+            self.search.follow(view)
         self.shown = key
         if self.unread.pop(key, 0):
             self._show_unread()
@@ -14390,6 +15094,24 @@ class ChatWindow:
         if user is None:                    # Tk keeps an emptied frame's size: let it go
             private.ParentRowFrame.configure(height=1)
         self.trace("conversation", user=user)
+
+    def recolour(self) -> None:
+        """After a theme switch (recolour_widgets did the plain widgets):
+        the scrollbar's style, the toggle's label, and the canvases (every
+        conversation, and the members) drawn again in the new colours."""
+        from tkinter import ttk
+        self._style_scrollbar(ttk.Style(self.view.widget))
+        self.window[(_CHAT, "theme")].update(theme_button_text())
+        drawings = [(view, COLOURS["chat"]) for view in self.views.values()]
+        for drawing, colour in drawings + [(self.members, COLOURS["panel"])]:
+            drawing.background = colour
+            drawing.widget.configure(background=colour)
+        for view in self.views.values():    # every conversation, shown or not
+            view.redraw()
+        self.members.set(self.members.members)
+        if self.help is not None and self.help.open:    # its tags hold the old colours
+            self.on_help({"text": self.help.source})
+        self.trace_layout()
 
     # --- events from the room ---
 
@@ -14457,7 +15179,11 @@ class ChatWindow:
                   + ", ".join(printable(m) for m in event["members"]))
 
     def on_help(self, event: dict) -> None:
-        self.view.add("help", text=event["text"])
+        """The host's help, as a table in its own panel (a new answer
+        replaces the one showing)."""
+        if self.help is not None:
+            self.help.close()
+        self.help = HelpPanel(self.window.TKroot, self.look, event["text"], self.trace)
 
     def on_error(self, event: dict) -> None:
         msg_id = event.get("id") or ""
@@ -14572,8 +15298,7 @@ class ChatWindow:
                                                visible=True)
         for name in ("input", "send", "file", "video", "emoji"):
             self.window[(_CHAT, name)].update(disabled=True)
-        self.window[(_CHAT, "input")].Widget.configure(
-            disabledbackground=COLOURS["track"])
+        self.window[(_CHAT, "input")].Widget.configure(background=COLOURS["track"])
         self.window[(_CHAT, "leave")].update("Back to hosts")
         for msg_id, entry in self.pending.items():
             self._mark(msg_id, entry, state="unsent")
@@ -14583,16 +15308,11 @@ class ChatWindow:
         self.trace_layout()
 
     def take_input(self) -> str:
-        element = self.window[(_CHAT, "input")]
-        text = element.get()
-        element.update("")
-        return text
+        return self.box.take()
 
     def restore_input(self, text: str) -> None:
         """A refused line comes back to the field, unless you typed on."""
-        element = self.window[(_CHAT, "input")]
-        if not element.get():
-            element.update(text)
+        self.box.restore(text)
 
     # --- files: one card per transfer ---
 
@@ -14709,7 +15429,7 @@ class ChatWindow:
                    box=_screen_box(self.window.TKroot),
                    elements={**{name: _screen_box(self.window[(_CHAT, name)].Widget)
                                 for name in ("input", "send", "file", "video", "leave",
-                                             "members", "emoji")},
+                                             "members", "emoji", "theme", "sound")},
                              "view": _screen_box(self.view.widget),
                              **({"room": _screen_box(self.window[(_CHAT, "room")].Widget)}
                                 if self.shown is not None else {})},
@@ -14773,7 +15493,7 @@ def _sentence(text: str) -> str:
 
 
 # =============================================================================
-# 28. GUI CALLS: the call window, a tile per person, ESC and Backspace
+# 29. GUI CALLS: the call window, a tile per person, ESC and Backspace
 # =============================================================================
 # One window holds every call in progress: your own camera first, then a
 # tile per peer, in a grid that reflows as people join and leave, each
@@ -15154,24 +15874,26 @@ class CallWindows:
 
 
 # =============================================================================
-# 29. GUI PLUMBING: settings, the bridge from the core, opening files, phases
+# 30. GUI PLUMBING: settings, the bridge from the core, opening files, phases
 # =============================================================================
 # What the app (next section) stands on: the settings remembered between
 # runs, GuiBridge (the core's thread reaches the window only through it,
 # as `window.write_event_value(("-NET-", type), event)`), handing a file
-# to the system's opener, and the Phase the app is in, with the moves it
-# may make. No window is drawn here.
+# to the system's opener, the Phase the app is in, with the moves it
+# may make, and the file dialog's setup and the sentences a refused join
+# shows. No window is drawn here.
 
 # --- Settings remembered between runs ----------------------------------------
 
-_SETTINGS_KEYS = ("room", "user", "address", "ask_above")
+_SETTINGS_KEYS = ("room", "user", "address", "ask_above", "theme", "sound")
 _SETTINGS_MAX_CHARS = 256
 
 
 def settings_path(platform: str | None = None,
                   environ: typing.Mapping[str, str] | None = None,
                   home: Path | None = None) -> Path:
-    """Where the launcher remembers the last Room ID, User ID and address."""
+    """Where the launcher remembers the last Room ID, User ID and address,
+    and the window its theme and whether notifications make a sound."""
     return config_dir(platform, environ, home) / "settings.json"
 
 
@@ -15336,8 +16058,77 @@ class LoopStats:
         return out
 
 
+# --- Dialogs and sentences the app shows ---------------------------------------
+
+def _trace_dialog_when_ready(parent: Any, trace: GuiTrace) -> None:
+    """Test hook: once Tk's file dialog (a child of `parent`) is on screen
+    with its file name entry focused, so that typed keys land there, say
+    so in the trace with where it is. Polls with Tk's own timer, which runs
+    under the dialog's modal loop."""
+    def check(tries: int = 0) -> None:
+        for child in parent.tk.splitlist(parent.tk.call("winfo", "children", parent)):
+            if "__tk_filedialog" in child and parent.tk.call("winfo", "viewable", child) \
+                    and str(parent.tk.call("focus", "-lastfor", child)).endswith(".ent"):
+                box = [int(parent.tk.call("winfo", what, child))
+                       for what in ("rootx", "rooty", "width", "height")]
+                trace("dialog", ready=True, box=box, folder=str(parent.tk.call(
+                    "set", "::tk::dialog::file::__tk_filedialog(selectPath)")))
+                parent.after(_DIALOG_POLL_MS, listed, child)
+                return
+        if tries < _DIALOG_POLLS:
+            parent.after(_DIALOG_POLL_MS, check, tries + 1)
+
+    def listed(child: str, tries: int = 0) -> None:
+        """Then, once the dialog lists the folder, what it lists."""
+        icons = f"{child}.contents.icons"
+        if not parent.tk.call("winfo", "exists", icons):
+            return                          # closed already (or not Tk's own dialog)
+        count = int(parent.tk.call(icons, "index", "end"))
+        if count:
+            trace("dialog_listed", names=[str(parent.tk.call(icons, "get", index))
+                                          for index in range(count)])
+        elif tries < _DIALOG_POLLS:
+            parent.after(_DIALOG_POLL_MS, listed, child, tries + 1)
+    parent.after(_DIALOG_POLL_MS, check)
+
+
+def _hide_dot_folders(root: Any) -> None:
+    """Tk's own file dialog (X11; Windows and macOS use the system's) lists
+    dot folders unless its namespace says otherwise: load the dialog's code
+    (asking for an option it lacks fails before any window opens), then
+    hide them and show its "Show hidden" box (tkfbox.tcl's showHiddenVar,
+    showHiddenBtn)."""
+    import tkinter
+    try:
+        root.tk.call("tk_getOpenFile", "-no-such-option")
+    except tkinter.TclError:
+        pass                                # expected: the code is loaded now
+    if root.tk.call("namespace", "exists", "::tk::dialog::file"):
+        root.tk.call("set", "::tk::dialog::file::showHiddenBtn", "1")
+        root.tk.call("set", "::tk::dialog::file::showHiddenVar", "0")
+
+
+_DIALOG_POLL_MS = 50
+_DIALOG_POLLS = 400                 # 20 s of looking, then give up
+
+
+# What the launcher says when a join fails, by error code; the host's own
+# sentence is kept where it says more than we could.
+_JOIN_ERRORS: dict[str, Callable[[str], str]] = {
+    "user_taken": lambda m: "That User ID is already in this room. Pick another one.",
+    "version_mismatch": lambda m: "This host runs a different version of chatroom: "
+                                  + _sentence(m),
+    "host_unreachable": _sentence,
+    "wrong_password": lambda m: "This room is protected: type its password in Password, "
+                                "and Join again." if "needs its password" in m
+                                else _sentence(m),
+    "room_not_protected": lambda m: "This room is open to everyone (it has no password): "
+                                    "empty Password to join it, or pick another Room ID.",
+}
+
+
 # =============================================================================
-# 30. GUI APP: the one core, the windows, the one read loop
+# 31. GUI APP: the one core, the windows, the one read loop
 # =============================================================================
 # GuiApp owns one ClientCore, the launcher (which lives as long as the
 # program and receives every core event), the chat window while in a room,
@@ -15397,6 +16188,7 @@ class GuiApp:
         self.stats = LoopStats()
         self._invites_ticked = 0.0          # when ringing cards were last counted down
         self.confirm: ConfirmWindow | None = None   # "close anyway?" while it asks
+        self.notifier = Notifier(trace, sound=prefill.get("sound") == "on")
         self._paths: dict[str, str] = {}    # peer: "direct" or "relay", as last told
         in_room = self._in_room
         self.posted: dict[tuple, Callable[[Any], None]] = {
@@ -15433,6 +16225,7 @@ class GuiApp:
             (CORE_EVENT, "failed"): self.on_failed,
             (CORE_EVENT, "stopped"): lambda _value: self.finish(),
             (_CHAT, "pick"): in_room(ChatWindow.pick),
+            (_CHAT, "drop"): in_room(self.on_drop),
             (_CHAT, "open"): self.on_open,
             (_CHAT, "folder"): self.on_open,
             (_CHAT, "file_accept"): in_room(self.on_file_accept),
@@ -15450,6 +16243,9 @@ class GuiApp:
             (_CHAT, "video"): in_room(self.on_video_button),
             (_CHAT, "leave"): in_room(self.on_leave),
             (_CHAT, "room"): in_room(lambda chat, _values: chat.pick(None)),
+            (_CHAT, "theme"): lambda values: self.toggle_theme(),
+            (_CHAT, "sound"): in_room(self.toggle_sound),
+            (_ROOM, "theme"): lambda values: self.toggle_theme(),
             (_CALL, "mute"): lambda values: self._quietly("mute", self.core.set_media(
                 muted=not self.core.calls.media.muted)),
             (_CALL, "camera"): lambda values: self._quietly("camera", self.core.set_media(
@@ -15463,6 +16259,8 @@ class GuiApp:
             (_CALL, "answer"): lambda values: self.answer_in_call_window(),
             (_CALL, "decline"): lambda values: self.decline_in_call_window(),
         }
+        for kind in ("message", "call_invite"):     # a desktop notification too
+            self.posted[(NET_EVENT, kind)] = self._notifying(self.posted[(NET_EVENT, kind)])
         self.typed: dict[type[Command], Callable[[ChatWindow, Any], None]] = {
             ChatLine: lambda chat, command: self.say(command.text, chat.talking_to),
             PrivateLine: self.on_private_line,
@@ -15692,12 +16490,9 @@ class GuiApp:
         settings = {"room": event["room"], "user": event["user"]}
         if self.joining.get("address"):
             settings["address"] = self.joining["address"]
-        asked = load_settings(self.settings_file).get("ask_above")
-        if asked:                           # a person's choice: kept as written
-            settings["ask_above"] = asked
-        save_settings(self.settings_file, settings)
+        self.remember(settings, replace=("room", "user", "address"))
         chat = ChatWindow(self.look, self.images, event, self.trace,
-                          self.limits.gui_max_shown)
+                          self.limits.gui_max_shown, self.notifier.sound)
         self.launcher.window.hide()
         self.launcher.busy(False)
         self.launcher.status("")
@@ -15709,6 +16504,59 @@ class GuiApp:
         for notice in self.joining.pop("notices", []):  # a key met, or --insecure
             chat.note(_sentence(notice["message"]),
                       "error" if notice["type"] == "warning" else "info")
+
+    def _notifying(self, handler: Callable[[Any], None]) -> Callable[[Any], None]:
+        """`handler`, then a desktop notification if the event is a message
+        from someone else, live, or a call for you, and no window of ours
+        has the focus (the person is looking elsewhere)."""
+        def handle(event: dict) -> None:
+            handler(event)
+            chat = self.chat
+            if chat is None or self.phase is not Phase.CHATTING:
+                return
+            if event["type"] == "message":
+                if event.get("history") or id_key(event["from"]) == id_key(chat.me):
+                    return
+                title = f"{printable(event['from'])} · {printable(chat.room)}"
+                body = printable_block(event["text"])
+            else:
+                title, body = f"{printable(event['from'])} is calling you", \
+                    "Call back in the chat window to answer."
+            away = all(window.TKroot.focus_displayof() is None for window in self.windows()
+                       if window.TKroot is not None)
+            self.trace("attention", away=away)
+            if away:
+                self.notifier.notify(chat.window.TKroot, title, body)
+        return handle
+
+    def toggle_sound(self, chat: ChatWindow, values: dict) -> None:
+        """Sound on or off with each desktop notification; remembered."""
+        self.notifier.sound = not self.notifier.sound
+        chat.window[(_CHAT, "sound")].update(sound_button_text(self.notifier.sound))
+        self.remember({"sound": "on" if self.notifier.sound else "off"})
+        self.trace("sound", on=self.notifier.sound)
+
+    def remember(self, changes: dict[str, str], replace: Iterable[str] = ()) -> None:
+        """Save `changes` in the settings, keeping what else is there
+        (the keys in `replace` go unless `changes` has them)."""
+        kept = {key: value for key, value in load_settings(self.settings_file).items()
+                if key not in replace}
+        save_settings(self.settings_file, {**kept, **changes})
+
+    def toggle_theme(self) -> None:
+        """The theme button (launcher or chat window): the other palette,
+        now, in every window, and remembered for next time."""
+        theme = "light" if PALETTES["dark"] == COLOURS else "dark"
+        old = use_palette(theme)
+        apply_theme(self.look)              # for windows opened from now on
+        for window in self.windows():
+            recolour_widgets(window.TKroot, old, COLOURS)
+        self.launcher.recolour()
+        if self.chat is not None:
+            self.chat.recolour()
+        self.remember({"theme": theme})
+        self.trace("theme", theme=theme)
+        self.launcher.trace_layout()
 
     def on_notice_to_keep(self, event: dict) -> None:
         """`host_key` (a key pinned, or accepted) and `warning` (--insecure)
@@ -15790,11 +16638,26 @@ class GuiApp:
         if self.phase is not Phase.CHATTING:
             return
         from tkinter import filedialog
+        _hide_dot_folders(chat.window.TKroot)
         if self.trace.enabled:
             _trace_dialog_when_ready(chat.window.TKroot, self.trace)
-        path = filedialog.askopenfilename(parent=chat.window.TKroot, title="Send a file")
+        path = filedialog.askopenfilename(parent=chat.window.TKroot, title="Send a file",
+                                          initialdir=str(Path.home()))
         if path:
             self.send_file(path, chat.members.picked)
+
+    def on_drop(self, chat: ChatWindow, paths: list[str]) -> None:
+        """Files dropped on the chat window: each goes as Send file would
+        send it (to whoever the members list has picked); a folder can't."""
+        if self.phase is not Phase.CHATTING:
+            return
+        self.trace("dropped", paths=paths)
+        for path in paths:
+            if os.path.isdir(path):
+                chat.note(f"{printable(os.path.basename(path) or path)} is a folder: drop "
+                          "files (a folder can't be sent).", "error")
+            else:
+                self.send_file(path, chat.members.picked)
 
     def _call(self, chat: ChatWindow, line: str, future: Any) -> None:
         """A call command: shown as typed; what follows comes as events."""
@@ -16064,43 +16927,6 @@ _UNCONFIRMED_S = 5.0                # a line the host hasn't confirmed after thi
 _LOOP_STATS_EVERY = 500             # reads per `loop` trace record
 
 
-def _trace_dialog_when_ready(parent: Any, trace: GuiTrace) -> None:
-    """Test hook: once Tk's file dialog (a child of `parent`) is on screen
-    with its file name entry focused, so that typed keys land there, say
-    so in the trace with where it is. Polls with Tk's own timer, which runs
-    under the dialog's modal loop."""
-    def check(tries: int = 0) -> None:
-        for child in parent.tk.splitlist(parent.tk.call("winfo", "children", parent)):
-            if "__tk_filedialog" in child and parent.tk.call("winfo", "viewable", child) \
-                    and str(parent.tk.call("focus", "-lastfor", child)).endswith(".ent"):
-                box = [int(parent.tk.call("winfo", what, child))
-                       for what in ("rootx", "rooty", "width", "height")]
-                trace("dialog", ready=True, box=box)
-                return
-        if tries < _DIALOG_POLLS:
-            parent.after(_DIALOG_POLL_MS, check, tries + 1)
-    parent.after(_DIALOG_POLL_MS, check)
-
-
-_DIALOG_POLL_MS = 50
-_DIALOG_POLLS = 400                 # 20 s of looking, then give up
-
-
-# What the launcher says when a join fails, by error code; the host's own
-# sentence is kept where it says more than we could.
-_JOIN_ERRORS: dict[str, Callable[[str], str]] = {
-    "user_taken": lambda m: "That User ID is already in this room. Pick another one.",
-    "version_mismatch": lambda m: "This host runs a different version of chatroom: "
-                                  + _sentence(m),
-    "host_unreachable": _sentence,
-    "wrong_password": lambda m: "This room is protected: type its password in Password, "
-                                "and Join again." if "needs its password" in m
-                                else _sentence(m),
-    "room_not_protected": lambda m: "This room is open to everyone (it has no password): "
-                                    "empty Password to join it, or pick another Room ID.",
-}
-
-
 def hide_own_console() -> None:  # pragma: no cover (Windows only)
     """Hide the console window Windows opened for a double-clicked executable.
 
@@ -16135,6 +16961,7 @@ def run_gui(args: argparse.Namespace, limits: Limits, media: MediaOptions) -> in
         print(f"chatroom: can't open a window ({exc}); use --cli in a terminal, "
               "or --host to run a host.", file=sys.stderr)
         return EXIT_REFUSED
+    use_palette(resolve_theme(args.theme, load_settings(settings_path()).get("theme")))
     apply_theme(look)
     log.info("font: %s, tk scaling %.2f", look.family, look.scaling)
     hide_own_console()
@@ -16147,7 +16974,7 @@ def run_gui(args: argparse.Namespace, limits: Limits, media: MediaOptions) -> in
 
 
 # =============================================================================
-# 31. MAIN: argparse and the entry points
+# 32. MAIN: argparse and the entry points
 # =============================================================================
 # Builds every object from the flags and passes them down; nothing above
 # reads a global that main() sets. `python chatroom.py` with no mode opens
@@ -16300,6 +17127,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--scale", type=parse_scale, default=1.0, metavar="FACTOR",
                         help="the window's size: text and spacing times FACTOR "
                         "(default 1.0; 1.5 = 150%%)")
+    parser.add_argument("--theme", choices=THEMES, default=None,
+                        help="the window's colours: light, dark, or system (as the desktop "
+                        "is set). Default: the one last picked in the window, else system")
     parser.add_argument("-v", "--verbose", action="store_true", help="log more to stderr")
     return parser
 

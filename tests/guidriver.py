@@ -4,11 +4,13 @@
 - `Gui`: `chatroom.py` with no mode, run with CHATROOM_GUI_TRACE=1 so it prints
   what it does as JSON lines (windows and where their buttons are, events
   handled, what it drew); driven like a person would with xdotool (clicks,
-  typing) and closed like a window manager would (WM_DELETE_WINDOW).
+  typing) and closed like a window manager would (WM_DELETE_WINDOW);
+  `drop_files` drops files on it as tkdnd would (Tk's `send`).
 - `Host` and `Cli`: `--host --json` and `--cli --json` beside it.
 
 Every process here is started by us and stopped by its PID, never by name.
-Not a test module: tests/test_gui.py and tools/screenshots.py import it.
+Not a test module: tests/test_gui.py, tests/test_gui_look.py,
+tests/test_binary.py and tools/screenshots.py import it.
 """
 
 from __future__ import annotations
@@ -374,6 +376,30 @@ def on_screen(record: dict, bbox: list[int]) -> tuple[int, int, int, int]:
     """A canvas bbox as a screen box, with the view origin of `record`."""
     ox, oy = record["origin"]
     return bbox[0] + ox, bbox[1] + oy, bbox[2] - bbox[0], bbox[3] - bbox[1]
+
+
+def drop_files(x: Xvfb, interp: str, window: str, point: tuple[int, int],
+               paths: list[str]) -> None:
+    """Drop `paths` on `window` (a Tk path) of the Tk interpreter `interp`
+    (both from the window's "drops" trace line) at `point` (screen
+    coordinates), as tkdnd's X11 code does when an XDND drop arrives: its
+    generic enter, position and drop steps, from a made-up source window
+    (0x1), with the data already read. Xvfb has no file manager to drag
+    from; Tk's `send` (X properties on display `x`) carries the script to
+    the window's process, whether that runs chatroom.py or the executable."""
+    import tkinter
+    root = tkinter.Tk(screenName=x.display)
+    root.withdraw()
+    try:
+        data = " ".join("{" + path + "}" for path in paths)     # a Tcl list (no braces in them)
+        script = "; ".join([
+            f"tkdnd::generic::HandleEnter {window} 0x1 text/uri-list text/uri-list copy {{}}",
+            f"tkdnd::generic::SetDroppedData [list {data}]",
+            f"tkdnd::generic::HandlePosition {window} {{}} {{}} {point[0]} {point[1]} copy",
+            f"tkdnd::generic::HandleDrop {window} {{}} {{}} {point[0]} {point[1]} 0"])
+        root.tk.call("send", interp, script)
+    finally:
+        root.destroy()
 
 
 def ink(pixels: bytes) -> int:

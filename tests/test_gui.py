@@ -440,8 +440,12 @@ def test_two_people_chat_in_chinese_and_english(x, tmp_path, procs):
 
     # help works as in the terminal: the host answers, to us alone.
     gui.type_into("chat", "input", "hElp", enter=True)
-    help_card = gui.shown(lambda e: e["kind"] == "help")
-    assert "/CHECK" in help_card["text"]
+    panel = gui.wait_for(lambda e: e.get("gui") == "help_panel" and e["open"])
+    assert any("/CHECK" in text for _number, _title, text in panel["rows"])
+    px, py, pw, ph = panel["box"]           # Escape closes it (keys go under the pointer)
+    x.run("xdotool", "mousemove", str(px + pw // 2), str(py + ph // 2))
+    x.key("Escape")
+    gui.wait_for(lambda e: e.get("gui") == "help_panel" and not e["open"])
     # /CHECK from the window calls: only the terminal's 小明 is invited.
     gui.type_into("chat", "input", "/CHECK 小明", enter=True)
     gui.shown(lambda e: e["kind"] == "echo" and e["text"] == "/CHECK 小明")

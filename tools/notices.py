@@ -46,6 +46,8 @@ BUNDLED = [
      "FFmpeg, libvpx, libaom, dav1d, openh264, opus, rnnoise, ...: its LICENSE.md, below)",
      "Apache-2.0 (WebRTC: BSD-3-Clause; the bundled parts: each its own, below)"),
     ("protobuf", "livekit's messages to its native library", "BSD-3-Clause"),
+    ("tkinterdnd2", "files dropped on the window; bundles George Petasis' tkdnd for the "
+     "platform built on", "MIT (tkdnd: its own BSD-style terms, below)"),
 ]
 PLATFORM = [
     ("Python", sys.version.split()[0], "PSF-2.0"),
@@ -79,6 +81,24 @@ def licence_files(distribution: str) -> list[Path]:
     return sorted(set(found))
 
 
+def tkdnd_terms() -> str:
+    """tkdnd's licence: the terms at the head of its tkdnd.tcl (it ships no
+    licence file), from the folder of any platform in tkinterdnd2's wheel."""
+    try:
+        dist = importlib.metadata.distribution("tkinterdnd2")
+    except importlib.metadata.PackageNotFoundError:
+        return ""
+    for file in dist.files or []:
+        if file.name == "tkdnd.tcl":
+            head = []
+            for line in Path(file.locate()).read_text(encoding="utf-8").splitlines():
+                if not line.startswith("#"):
+                    break
+                head.append(line.lstrip("#")[1:] if line.startswith("# ") else "")
+            return "\n".join(head).strip()
+    return ""
+
+
 def main() -> int:
     lines = ["Third-party software in the chatroom executable",
              "================================================", "",
@@ -105,6 +125,8 @@ def main() -> int:
             if text not in seen:
                 seen.add(text)
                 lines += ["", "", f"===== {name}: {path.name} =====", "", text]
+    if terms := tkdnd_terms():
+        lines += ["", "", "===== tkinterdnd2: tkdnd (tkdnd.tcl) =====", "", terms]
     if UNICODE_COPYRIGHT.is_file():         # apt-get install unicode-data
         text = UNICODE_COPYRIGHT.read_text(encoding="utf-8", errors="replace")
         start = text.find("UNICODE, INC. LICENSE AGREEMENT")

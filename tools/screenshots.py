@@ -11,6 +11,7 @@ and types through the window with xdotool and saves, by window id:
     docs/chat.png          a room: Chinese and English bubbles, [SYSTEM]
                            notices, a file saved and one still arriving
     docs/launcher-150.png, docs/chat-150.png   the same at --scale 1.5
+    docs/launcher-dark.png, docs/chat-dark.png the same in the dark theme
     docs/call.png          a call in the window, with the test-pattern camera
     docs/call-group.png    a four-person call's grid
     docs/call-speaking.png a call where both speak: each tile lit (a tone, a
@@ -73,7 +74,7 @@ def stage(width: int = 1280, height: int = 800) -> Iterator[tuple[Xvfb, list, Pa
         shutil.rmtree(work, ignore_errors=True)
 
 
-def shoot(scale: float, out: Path, suffix: str) -> None:
+def shoot(scale: float, out: Path, suffix: str, theme: str = "light") -> None:
     size = (1280, 800) if scale <= 1 else (round(1280 * scale), round(800 * scale))
     with stage(*size) as (x, started, work):
         lab = Host("Lab-PC")
@@ -89,6 +90,7 @@ def shoot(scale: float, out: Path, suffix: str) -> None:
         time.sleep(2)
         gui = Gui(x, work / "config", ["--room", "学习小组", "--user", "alice", "--scale",
                                        str(scale), "--downloads", str(work / "alice"),
+                                       "--theme", theme,
                                        "--ask-above", "4G"])   # the 3 GiB file just comes
         started.append(gui)
 
@@ -106,7 +108,8 @@ def shoot(scale: float, out: Path, suffix: str) -> None:
                 break
             if time.monotonic() > deadline:
                 raise RuntimeError(f"the launcher never settled: {layout['rows']}")
-        row = next(r for r in layout["rows"] if r["name"] == "Lab-PC")
+        row = next(r for r in layout["rows"]        # the rooms come in any order
+                   if r["name"] == "Lab-PC" and r["room"] == "学习小组")
         x.wait_viewable(layout["xid"])
         x.click(row["box"][0] + row["box"][2] / 3, row["box"][1] + row["box"][3] / 2)
         time.sleep(0.6)
@@ -135,7 +138,14 @@ def shoot(scale: float, out: Path, suffix: str) -> None:
                      and 25 < e["percent"] < 75, 60)
         time.sleep(0.3)
         x.screenshot(out / f"chat{suffix}.png", gui.window("chat")["xid"])
+        mark = gui.mark()
         gui.close("chat")
+        try:                                # the recording still moves: "Close anyway?"
+            gui.wait_for(lambda e: e.get("gui") == "window" and e["name"] == "confirm", 5,
+                         mark)
+            gui.click("confirm", "yes")
+        except AssertionError:
+            pass                            # it had arrived: the window just closed
         gui.wait_exit(10)
     print(f"wrote {out / f'launcher{suffix}.png'} and {out / f'chat{suffix}.png'}")
 
@@ -342,6 +352,7 @@ def main() -> int:
     parser.add_argument("--no-calls", action="store_true", help="skip docs/call*.png")
     parser.add_argument("--only-conversation", action="store_true",
                         help="make docs/conversation*.png alone")
+    parser.add_argument("--no-dark", action="store_true", help="skip docs/*-dark.png")
     args = parser.parse_args()
     args.out.mkdir(exist_ok=True)
     if args.only_conversation:
@@ -351,6 +362,8 @@ def main() -> int:
     for scale in args.scales:
         shoot(scale, args.out, "" if scale == 1 else f"-{round(scale * 100)}")
     shoot_conversation(args.out)
+    if not args.no_dark:
+        shoot(1.0, args.out, "-dark", theme="dark")
     if not args.no_calls:
         shoot_calls(args.out)
         shoot_speaking(args.out)
