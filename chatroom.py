@@ -10965,6 +10965,13 @@ class ClientCore:
         """/mute, /unmute, /video off, /video on: emits `media_state`."""
         return self.submit(self._set_media(muted, video))
 
+    def set_ask_above(self, size: int) -> concurrent.futures.Future:
+        """Files offered from now on that are larger than `size` wait for
+        /accept or /decline (0: every file). It takes effect on a
+        connection whose hello asked the host to hold files (--ask-above,
+        or the window, which always does)."""
+        return self.submit(self._run(setattr, self.files, "ask_above", size))
+
     def leave(self, wait_for_uploads: bool = False) -> concurrent.futures.Future:
         """Leave the room, first letting our uploads reach the host if
         `wait_for_uploads`. Future -> None once `closed` has been emitted."""
@@ -14851,7 +14858,8 @@ class ChatWindow:
     all of them together, in the window's title; showing it clears it."""
 
     def __init__(self, look: Look, images: Images, ready: dict, trace: GuiTrace,
-                 max_shown: int = GUI_MAX_SHOWN, sound: bool = False) -> None:
+                 max_shown: int = GUI_MAX_SHOWN, sound: bool = False,
+                 ask_above: int = GUI_ASK_ABOVE) -> None:
         import PySimpleGUI as sg
         self.look = look
         self.trace = trace
@@ -14884,6 +14892,9 @@ class ChatWindow:
                                 else COLOURS["error_text"])]],
                       pad=0),
             sg.Push(),
+            _button(ask_button_text(ask_above), (_CHAT, "ask"), look, primary=False,
+                    pad=((0, px(8)), 0),
+                    tooltip="Files larger than this wait for Accept or Decline; click to change"),
             _button(sound_button_text(sound), (_CHAT, "sound"), look, primary=False,
                     pad=((0, px(8)), 0)),
             _button(theme_button_text(), (_CHAT, "theme"), look, primary=False,
@@ -15429,7 +15440,8 @@ class ChatWindow:
                    box=_screen_box(self.window.TKroot),
                    elements={**{name: _screen_box(self.window[(_CHAT, name)].Widget)
                                 for name in ("input", "send", "file", "video", "leave",
-                                             "members", "emoji", "theme", "sound")},
+                                             "members", "emoji", "theme", "sound",
+                                             "ask")},
                              "view": _screen_box(self.view.widget),
                              **({"room": _screen_box(self.window[(_CHAT, "room")].Widget)}
                                 if self.shown is not None else {})},
@@ -15924,6 +15936,32 @@ def window_ask_above(flag: int | None, setting: str) -> int:
     return int(match.group(1)) * 1024 ** " KMGT".index(match.group(2).upper() or " ")
 
 
+# The sizes the chat window's "Ask" button goes through, and how each is
+# written in settings.json.
+ASK_CHOICES = ((0, "0"), (10 * 1024 ** 2, "10M"), (GUI_ASK_ABOVE, "100M"),
+               (1024 ** 3, "1G"), (2 ** 63, "never"))
+
+
+def ask_button_text(size: int) -> str:
+    """The Ask button's label: which incoming files wait for Accept."""
+    if size <= 0:
+        return "Ask: every file"
+    if size >= 2 ** 63:
+        return "Ask: never"
+    for unit, scale in (("GB", 1024 ** 3), ("MB", 1024 ** 2), ("KB", 1024)):
+        if size >= scale:
+            return f"Ask: over {size / scale:g} {unit}"
+    return f"Ask: over {size} B"
+
+
+def next_ask_choice(size: int) -> tuple[int, str]:
+    """The Ask button's next choice after `size` (size, setting)."""
+    for choice in ASK_CHOICES:
+        if choice[0] > size:
+            return choice
+    return ASK_CHOICES[0]
+
+
 def save_settings(path: Path, settings: dict[str, str]) -> bool:
     """Write the settings atomically (a crash leaves the old file or the new
     one, never half of one). False, logged, if the disk says no."""
@@ -16245,6 +16283,7 @@ class GuiApp:
             (_CHAT, "room"): in_room(lambda chat, _values: chat.pick(None)),
             (_CHAT, "theme"): lambda values: self.toggle_theme(),
             (_CHAT, "sound"): in_room(self.toggle_sound),
+            (_CHAT, "ask"): in_room(self.next_ask_above),
             (_ROOM, "theme"): lambda values: self.toggle_theme(),
             (_CALL, "mute"): lambda values: self._quietly("mute", self.core.set_media(
                 muted=not self.core.calls.media.muted)),
@@ -16492,7 +16531,7 @@ class GuiApp:
             settings["address"] = self.joining["address"]
         self.remember(settings, replace=("room", "user", "address"))
         chat = ChatWindow(self.look, self.images, event, self.trace,
-                          self.limits.gui_max_shown, self.notifier.sound)
+                          self.limits.gui_max_shown, self.notifier.sound, self.ask_above)
         self.launcher.window.hide()
         self.launcher.busy(False)
         self.launcher.status("")
@@ -16535,6 +16574,16 @@ class GuiApp:
         chat.window[(_CHAT, "sound")].update(sound_button_text(self.notifier.sound))
         self.remember({"sound": "on" if self.notifier.sound else "off"})
         self.trace("sound", on=self.notifier.sound)
+
+    def next_ask_above(self, chat: ChatWindow, values: dict) -> None:
+        """The Ask button: the next size above which files wait for
+        Accept or Decline (every file, 10 MB, 100 MB, 1 GB, never); from
+        the next offer on, and remembered."""
+        self.ask_above, setting = next_ask_choice(self.ask_above)
+        self._quietly("ask_above", self.core.set_ask_above(self.ask_above))
+        chat.window[(_CHAT, "ask")].update(ask_button_text(self.ask_above))
+        self.remember({"ask_above": setting})
+        self.trace("ask_above", size=self.ask_above, setting=setting)
 
     def remember(self, changes: dict[str, str], replace: Iterable[str] = ()) -> None:
         """Save `changes` in the settings, keeping what else is there

@@ -471,3 +471,58 @@ def test_files_dropped_on_the_window_are_sent(x, tmp_path, procs):
               and "folder is a folder" in e["text"], start=mark)
     gui.close("chat")
     assert_exits_cleanly(gui)
+
+
+def test_the_ask_button_goes_through_its_sizes():
+    sizes = [0]
+    for _ in chatroom.ASK_CHOICES:
+        sizes.append(chatroom.next_ask_choice(sizes[-1])[0])
+    assert sizes == [0, 10 << 20, 100 << 20, 1 << 30, 2 ** 63, 0]
+    assert chatroom.next_ask_choice(5 << 20) == (10 << 20, "10M")    # a flag's odd size
+    assert [chatroom.ask_button_text(size) for size in sizes[:5]] == [
+        "Ask: every file", "Ask: over 10 MB", "Ask: over 100 MB", "Ask: over 1 GB",
+        "Ask: never"]
+    assert chatroom.ask_button_text(1536 * 1024) == "Ask: over 1.5 MB"
+    for size, setting in chatroom.ASK_CHOICES:     # each setting reads back as its size
+        assert chatroom.window_ask_above(None, setting) == size
+
+
+def test_the_ask_button_changes_which_files_wait_and_is_remembered(x, tmp_path, procs):
+    """The window asks above 100 MB at first; three clicks on the Ask
+    button (1 GB, never, every file) and a 2 KB file waits for Accept; the
+    choice is in settings.json, and a restarted window starts with it."""
+    host = Host(unique("ask"), advertise=False)
+    procs.append(host)
+    gui = start_gui(x, tmp_path, procs, "--server", f"{LOOPBACK}:{host.port}", "--room", "r",
+                    "--user", "alice")
+    join_from_launcher(gui, x)
+    bob = Cli(host.port, "r", "bob", downloads=tmp_path / "bob-downloads")
+    procs.append(bob)
+    small = tmp_path / "small.txt"
+    small.write_bytes(b"x" * 2048)
+    bob.say(f"/send {small}")                           # under 100 MB: it just comes
+    gui.wait_for(lambda e: e.get("gui") == "file_card" and e["state"] == "done")
+    for expected in ("1G", "never", "0"):
+        mark = gui.mark()
+        gui.click("chat", "ask")
+        assert gui.wait_for(lambda e: e.get("gui") == "ask_above",
+                            start=mark)["setting"] == expected
+    settings = json.loads((tmp_path / "config/chatroom/settings.json").read_text())
+    assert settings["ask_above"] == "0"
+    mark = gui.mark()
+    bob.say(f"/send {small}")
+    asking = gui.wait_for(lambda e: e.get("gui") == "file_card" and e["state"] == "asking",
+                          start=mark)
+    assert asking["status"] == "Take this file?"
+    gui.close("chat")
+    assert_exits_cleanly(gui)
+    again = start_gui(x, tmp_path, procs, "--server", f"{LOOPBACK}:{host.port}", "--room",
+                      "r", "--user", "alice")
+    chat = join_from_launcher(again, x)
+    assert chat["elements"]["ask"][2] > 0
+    mark = again.mark()
+    again.click("chat", "ask")                          # from "every file" on to 10 MB
+    assert again.wait_for(lambda e: e.get("gui") == "ask_above",
+                          start=mark)["setting"] == "10M"
+    again.close("chat")
+    assert_exits_cleanly(again)
