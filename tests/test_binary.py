@@ -5,8 +5,9 @@ into a temporary folder (or takes the one named by $CHATROOM_BINARY), and
 every test here runs that executable, never chatroom.py: --version and
 --help, a host and two terminal clients chatting on loopback, discovery on
 127.0.0.1 finding the host, a file crossing, calls, and test_voice.py's
-laptop on a table (echo cancelling from inside it). The launcher window is
-tested from the executable in test_gui.py's binary test.
+laptop on a table (echo cancelling from inside it). Under Xvfb: the
+launcher and the chat window, a file dropped on that window (tkdnd from
+inside it), and the window working on without drops when tkdnd won't load.
 """
 
 from __future__ import annotations
@@ -254,3 +255,85 @@ def test_the_launcher_opens_and_a_person_joins_from_it(binary, tmp_path):
         for process in started:
             process.stop()
         x.stop()
+
+
+@pytest.fixture
+def desktop(tmp_path):
+    """An Xvfb of this test's and a list of the guidriver processes it
+    starts; all stopped at the end, by PID."""
+    from guidriver import Xvfb
+    x = Xvfb(1280, 800).start()
+    started: list = []
+    yield x, started
+    for process in started:
+        process.stop()
+    x.stop()
+
+
+def _chatting(binary: Path, desktop, tmp_path: Path, env: dict[str, str] | None = None):
+    """A host, and the executable's window joined to it as alice from the
+    launcher (fields filled by flags): (host, gui, chat window layout)."""
+    from guidriver import Gui, Host
+    x, started = desktop
+    program = [str(binary)]
+    host = Host(f"binary-drop-{uuid.uuid4().hex[:8]}", advertise=False, program=program)
+    started.append(host)
+    gui = Gui(x, tmp_path / "config", ["--downloads", str(tmp_path / "gui"),
+                                       "--server", f"{LOOPBACK}:{host.port}", "--room", "r",
+                                       "--user", "alice"], env=env, program=program)
+    started.append(gui)
+    gui.window("launcher", 30)              # the one-file executable unpacks first
+    gui.click("launcher", "join")
+    gui.phase("chatting", 20)
+    return host, gui, gui.window("chat")
+
+
+def test_a_file_dropped_on_the_executables_window_is_sent(binary, desktop, tmp_path):
+    """tkinterdnd2 and its tkdnd library for this system are inside the
+    executable and load into its Tk: a file dropped on the chat window
+    (tkdnd's enter, position and drop steps, through Tk's `send`, as
+    tests/test_gui_look.py does from source) reaches the room."""
+    from guidriver import Cli, drop_files
+    x, started = desktop
+    host, gui, chat = _chatting(binary, desktop, tmp_path)
+    drops = gui.wait_for(lambda e: e.get("gui") == "drops")
+    bob = Cli(host.port, "r", "bob", downloads=tmp_path / "bob", program=[str(binary)])
+    started.append(bob)
+    source = tmp_path / "拖放 dropped.txt"
+    source.write_text("dropped on the executable 拖放")
+    vx, vy, vw, vh = chat["elements"]["view"]
+    mark = gui.mark()
+    drop_files(x, drops["interp"], drops["window"], (vx + vw // 2, vy + vh // 2), [str(source)])
+    assert gui.wait_for(lambda e: e.get("gui") == "dropped", start=mark)["paths"] == [str(source)]
+    got = bob.wait_for(lambda e: e.get("type") == "file_received", 30)
+    assert got["from"] == "alice"
+    assert Path(got["path"]).read_text() == "dropped on the executable 拖放"
+    gui.close("chat")
+    assert gui.wait_exit(15) == 0
+    assert "Traceback" not in "".join(gui.stderr), "".join(gui.stderr)[-3000:]
+
+
+def test_the_executables_window_works_on_when_tkdnd_wont_load(binary, desktop, tmp_path):
+    """tkdnd that won't load inside the executable costs drops only: a log
+    line says why, and the window chats and sends files with /send. tkdnd's
+    own loader is made to fail: its pkgIndex.tcl reads TKDND_DEBUG_LEVEL
+    and `package require tkdnd` errors on a value that is not a number, as
+    it would for a library that can't be loaded."""
+    from guidriver import Cli
+    x, started = desktop
+    host, gui, chat = _chatting(binary, desktop, tmp_path, env={"TKDND_DEBUG_LEVEL": "broken"})
+    bob = Cli(host.port, "r", "bob", downloads=tmp_path / "bob", program=[str(binary)])
+    started.append(bob)
+    bob.say("still chatting")
+    gui.shown(lambda e: e["kind"] == "message" and e["text"] == "still chatting", 15)
+    source = tmp_path / "sent.txt"
+    source.write_text("sent without drag and drop")
+    gui.type_into("chat", "input", f"/send {source}", enter=True)
+    got = bob.wait_for(lambda e: e.get("type") == "file_received", 30)
+    assert Path(got["path"]).read_text() == "sent without drag and drop"
+    assert not [e for e in gui.lines if e.get("gui") == "drops"]
+    log = "".join(gui.stderr)               # written as the chat window opened
+    assert "files can't be dropped on the window: Unable to load tkdnd library." in log, log
+    gui.close("chat")
+    assert gui.wait_exit(15) == 0
+    assert "Traceback" not in "".join(gui.stderr), "".join(gui.stderr)[-3000:]
