@@ -16305,8 +16305,7 @@ class GuiApp:
             PrivateLine: self.on_private_line,
             ListMembers: lambda chat, command: self._quietly("who", self.core.who()),
             Quit: lambda chat, command: self.on_leave(chat, {}),
-            SendFile: lambda chat, command: self.send_file(    # in a private conversation:
-                command.path, command.to or chat.talking_to),   # to that person
+            SendFile: self.on_send_file,
             AnswerFile: lambda chat, command: self._quietly("answer", answer_file(
                 self.core, command)),
             CancelFile: lambda chat, command: self._quietly("cancel", self.core.cancel_file(
@@ -16665,6 +16664,15 @@ class GuiApp:
         if id_key(user) != id_key(chat.me):     # (to oneself: the host's error says why)
             chat.pick(user)
         self.say(command.text, user)
+
+    def on_send_file(self, chat: ChatWindow, command: SendFile) -> None:
+        """/send PATH: to the conversation on screen (the room, or the
+        person of a private one); /send PATH @USER: to USER, and, as /msg
+        does, to the conversation with USER, where its card is."""
+        to = command.to and chat.member_named(command.to)
+        if to and to in chat.members.members and id_key(to) != id_key(chat.me):
+            chat.pick(to)
+        self.send_file(command.path, to or chat.talking_to)
 
     def on_said(self, chat: ChatWindow, outcome: tuple[str, str | None, str | None]) -> None:
         text, msg_id, to = outcome
