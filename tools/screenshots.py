@@ -78,7 +78,7 @@ def shoot(scale: float, out: Path, suffix: str, theme: str = "light") -> None:
     size = (1280, 800) if scale <= 1 else (round(1280 * scale), round(800 * scale))
     with stage(*size) as (x, started, work):
         lab = Host("Lab-PC")
-        library = Host("Library")
+        library = Host("Library", extra=["--state-dir", str(work / "library-host")])  # its own key
         started += [lab, library]
         # People already in rooms, so the launcher has something to show.
         for port, room, user in ((lab.port, "学习小组", "小明"), (lab.port, "lobby", "bob"),
