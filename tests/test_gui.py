@@ -80,6 +80,20 @@ def join_from_launcher(gui: Gui, x) -> dict:
     return gui.window("chat")
 
 
+def window_and_cli(x, tmp_path: Path, procs: list, stem: str, user: str = "bob",
+                   host_extra: list[str] = ()) -> tuple[Host, Gui, Cli]:
+    """A host of our own, the window joined to its room "r" as alice, and
+    `user` there too through --cli."""
+    host = Host(unique(stem), advertise=False, extra=list(host_extra))
+    procs.append(host)
+    gui = start_gui(x, tmp_path, procs, "--server", f"{LOOPBACK}:{host.port}", "--room", "r",
+                    "--user", "alice")
+    join_from_launcher(gui, x)
+    cli = Cli(host.port, "r", user)
+    procs.append(cli)
+    return host, gui, cli
+
+
 def assert_exits_cleanly(gui: Gui) -> float:
     """The window process ends by itself, status 0, leaving no child behind;
     returns how long it took (printed: the README reports it; a deadline
@@ -1319,13 +1333,7 @@ def test_new_messages_below_show_a_pill_and_history_a_divider(x, tmp_path, procs
 
 
 def test_emoji_draw_as_glyphs_and_the_picker_inserts_them(x, tmp_path, procs):
-    host = Host(unique("emoji"), advertise=False, extra=["--rate-limit", "0"])
-    procs.append(host)
-    gui = start_gui(x, tmp_path, procs, "--server", f"{LOOPBACK}:{host.port}", "--room", "r",
-                    "--user", "alice")
-    join_from_launcher(gui, x)
-    bob = Cli(host.port, "r", "bob")
-    procs.append(bob)
+    host, gui, bob = window_and_cli(x, tmp_path, procs, "emoji", host_extra=["--rate-limit", "0"])
     # As for Chinese: the emoji's pixels must not be the box of a missing
     # glyph, which two different letters of a script no font here has share.
     texts = ["😀👍🎉🔥", "\u0f40" * 4, "\u0f41" * 4]

@@ -12,7 +12,15 @@ import time
 from pathlib import Path
 
 import pytest
-from test_gui import assert_exits_cleanly, join_from_launcher, procs, start_gui, unique, x
+from test_gui import (
+    assert_exits_cleanly,
+    join_from_launcher,
+    procs,
+    start_gui,
+    unique,
+    window_and_cli,
+    x,
+)
 
 import chatroom
 from guidriver import LOOPBACK, Cli, Host, drop_files, ink
@@ -256,13 +264,7 @@ def test_send_file_opens_in_the_home_folder_without_dot_folders(x, tmp_path, pro
 # --- the message box ------------------------------------------------------------------
 
 def test_shift_enter_starts_a_line_enter_sends_and_page_keys_scroll(x, tmp_path, procs):
-    host = Host(unique("box"), advertise=False)
-    procs.append(host)
-    gui = start_gui(x, tmp_path, procs, "--server", f"{LOOPBACK}:{host.port}", "--room", "r",
-                    "--user", "alice")
-    join_from_launcher(gui, x)
-    cli = Cli(host.port, "r", "bob")
-    procs.append(cli)
+    host, gui, cli = window_and_cli(x, tmp_path, procs, "box")
     mark = gui.mark()
     gui.type_into("chat", "input", "first line")
     x.key("shift+Return")
@@ -335,13 +337,7 @@ def test_help_opens_a_panel_not_lines_in_the_conversation(x, tmp_path, procs):
 # --- search -------------------------------------------------------------------------------
 
 def test_ctrl_f_finds_scrolls_to_and_frames_each_match_then_escape_closes(x, tmp_path, procs):
-    host = Host(unique("search"), advertise=False)
-    procs.append(host)
-    gui = start_gui(x, tmp_path, procs, "--server", f"{LOOPBACK}:{host.port}", "--room", "r",
-                    "--user", "alice")
-    join_from_launcher(gui, x)
-    cli = Cli(host.port, "r", "bob")
-    procs.append(cli)
+    host, gui, cli = window_and_cli(x, tmp_path, procs, "search")
     cli.say("apple pie, 苹果派")
     for n in range(30):
         cli.say(f"filler {n}")
