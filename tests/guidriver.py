@@ -19,7 +19,7 @@ import ctypes
 import ctypes.util
 import json
 import os
-import random
+import select
 import subprocess
 import sys
 import tempfile
@@ -63,25 +63,27 @@ class Xvfb:
         self.display = ""
 
     def start(self) -> Xvfb:
-        first = random.randrange(100, 900)
-        for number in range(first, first + 50):
-            if Path(f"/tmp/.X{number}-lock").exists() or \
-                    Path(f"/tmp/.X11-unix/X{number}").exists():
-                continue                    # somebody else's display
+        """Start it on a display number it picks itself (-displayfd: it
+        writes the number once it accepts connections), so two runs at once
+        can never both believe one display is theirs. Picking a number here
+        and waiting for its socket did: the loser of a race saw the winner's
+        socket, and lost its display when the winner stopped."""
+        read_end, write_end = os.pipe()
+        try:
             proc = subprocess.Popen(
-                ["Xvfb", f":{number}", "-screen", "0", f"{self.size[0]}x{self.size[1]}x24",
-                 "-nolisten", "tcp"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            deadline = time.monotonic() + 5
-            while time.monotonic() < deadline and proc.poll() is None:
-                if Path(f"/tmp/.X11-unix/X{number}").exists():
-                    self.proc, self.display = proc, f":{number}"
-                    time.sleep(0.1)
-                    return self
-                time.sleep(0.05)
-            if proc.poll() is None:         # never came up: not ours to wait for
-                proc.kill()
-            proc.wait()
-        raise RuntimeError("no free X display number for Xvfb")
+                ["Xvfb", "-displayfd", str(write_end), "-screen", "0",
+                 f"{self.size[0]}x{self.size[1]}x24", "-nolisten", "tcp"],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, pass_fds=(write_end,))
+        finally:
+            os.close(write_end)
+        with os.fdopen(read_end, "rb") as numbers:
+            ready, _, _ = select.select([numbers], [], [], START_DEADLINE_S)
+            line = numbers.readline() if ready else b""
+        if not line.strip().isdigit():
+            end_process(proc)
+            raise RuntimeError("Xvfb did not start (is it installed? apt-get install xvfb)")
+        self.proc, self.display = proc, f":{int(line)}"
+        return self
 
     def stop(self) -> None:
         if self.proc is not None:
