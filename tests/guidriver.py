@@ -27,6 +27,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "chatroom.py"
@@ -380,6 +381,36 @@ def on_screen(record: dict, bbox: list[int]) -> tuple[int, int, int, int]:
     return bbox[0] + ox, bbox[1] + oy, bbox[2] - bbox[0], bbox[3] - bbox[1]
 
 
+def in_tk_child(x: Xvfb, source: str, *args: str, timeout: float = 60.0) -> Any:
+    """Run `source` in a child Python on display `x` and return what its
+    `main(root, *args)` returns (JSON). `root` is a withdrawn Tk. The test
+    process itself never holds an X connection: when a display it knew went
+    away, Xlib's I/O error handler would end the whole pytest run with
+    exit status 1 and no word (it did, mid-suite)."""
+    runner = (source + "\n\nimport json, sys, tkinter\n"
+              "root = tkinter.Tk()\nroot.withdraw()\n"
+              "try:\n    result = main(root, *sys.argv[1:])\n"
+              "finally:\n    root.destroy()\n"
+              "print(json.dumps(result))\n")
+    done = subprocess.run([sys.executable, "-c", runner, *args], env=dict(
+        x.env(), PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests")])),
+        capture_output=True, text=True, timeout=timeout)
+    if done.returncode != 0:
+        raise AssertionError(f"the Tk child failed ({done.returncode}):\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.splitlines()[-1])
+
+
+_DROP = """
+def main(root, interp, window, x, y, *paths):
+    data = " ".join("{" + path + "}" for path in paths)     # a Tcl list (no braces in them)
+    root.tk.call("send", interp, "; ".join([
+        f"tkdnd::generic::HandleEnter {window} 0x1 text/uri-list text/uri-list copy {{}}",
+        f"tkdnd::generic::SetDroppedData [list {data}]",
+        f"tkdnd::generic::HandlePosition {window} {{}} {{}} {x} {y} copy",
+        f"tkdnd::generic::HandleDrop {window} {{}} {{}} {x} {y} 0"]))
+"""
+
+
 def drop_files(x: Xvfb, interp: str, window: str, point: tuple[int, int],
                paths: list[str]) -> None:
     """Drop `paths` on `window` (a Tk path) of the Tk interpreter `interp`
@@ -389,19 +420,7 @@ def drop_files(x: Xvfb, interp: str, window: str, point: tuple[int, int],
     (0x1), with the data already read. Xvfb has no file manager to drag
     from; Tk's `send` (X properties on display `x`) carries the script to
     the window's process, whether that runs chatroom.py or the executable."""
-    import tkinter
-    root = tkinter.Tk(screenName=x.display)
-    root.withdraw()
-    try:
-        data = " ".join("{" + path + "}" for path in paths)     # a Tcl list (no braces in them)
-        script = "; ".join([
-            f"tkdnd::generic::HandleEnter {window} 0x1 text/uri-list text/uri-list copy {{}}",
-            f"tkdnd::generic::SetDroppedData [list {data}]",
-            f"tkdnd::generic::HandlePosition {window} {{}} {{}} {point[0]} {point[1]} copy",
-            f"tkdnd::generic::HandleDrop {window} {{}} {{}} {point[0]} {point[1]} 0"])
-        root.tk.call("send", interp, script)
-    finally:
-        root.destroy()
+    in_tk_child(x, _DROP, interp, window, str(point[0]), str(point[1]), *paths)
 
 
 def ink(pixels: bytes) -> int:

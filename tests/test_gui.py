@@ -32,7 +32,7 @@ import pytest
 
 import chatroom
 from conftest import free_udp_port
-from guidriver import LOOPBACK, Cli, Gui, Host, Proc, Xvfb, ink, on_screen
+from guidriver import LOOPBACK, Cli, Gui, Host, Proc, Xvfb, in_tk_child, ink, on_screen
 
 RUN = f"guitest-{os.getpid()}"            # unique host names: the machine is shared
 _names = itertools.count(1)
@@ -1370,42 +1370,46 @@ def test_emoji_draw_as_glyphs_and_the_picker_inserts_them(x, tmp_path, procs):
     assert_exits_cleanly(gui)
 
 
+_HISTORY_ACROSS_DAYS = """
+import time, tkinter
+import chatroom
+
+def main(root):
+    canvas = tkinter.Canvas(root, width=600, height=400)
+    look = chatroom.Look(family="Noto Sans CJK SC", scaling=1.333, unit=1.0)
+    view = chatroom.ChatView(canvas, look, chatroom.Images(), lambda *_: None,
+                             chatroom.GuiTrace(False))
+    now, day = time.time(), 24 * 3600
+    def say(who, ts, history=True):
+        view.add("message", **{"from": who, "text": "hi", "ts": ts, "mine": False,
+                               "history": history})
+    say("bob", now - 3 * day)
+    say("bob", now - 3 * day + 60)              # a minute later: grouped
+    say("bob", now - day)                       # another day: a divider first
+    say("bob", now - day + 11 * 60)             # eleven minutes later: its own head
+    say("carol", now - day + 11 * 60 + 5)       # another sender: its own head
+    say("carol", now, history=False)            # today, said after we joined
+    first, second = list(view.entries)[1:3]
+    out = {"now": now,
+           "shown": [[e.kind, e.data.get("text") if e.kind != "message" else e.data["from"],
+                      e.grouped] for e in view.entries],
+           "touching": second.top == first.bottom,
+           "gap": canvas.bbox(second.tag)[1] - canvas.bbox(first.tag)[3],
+           "ten": look.px(10)}
+    view.close()
+    return out
+"""
+
+
 def test_history_across_days_gets_date_dividers_and_a_pause_starts_a_new_group(x):
-    """ChatView alone, in this process, on the session's Xvfb: the host
+    """ChatView alone, in a child process on the session's Xvfb: the host
     stamps messages with its own clock, so days past are given here."""
-    import tkinter
-    root = tkinter.Tk(screenName=x.display)
-    try:
-        root.withdraw()
-        canvas = tkinter.Canvas(root, width=600, height=400)
-        look = chatroom.Look(family="Noto Sans CJK SC", scaling=1.333, unit=1.0)
-        view = chatroom.ChatView(canvas, look, chatroom.Images(), lambda *_: None,
-                                 chatroom.GuiTrace(False))
-        now = time.time()
-        day = 24 * 3600
-
-        def say(who: str, ts: float, history: bool = True) -> None:
-            view.add("message", **{"from": who, "text": "hi", "ts": ts, "mine": False,
-                                   "history": history})
-
-        say("bob", now - 3 * day)
-        say("bob", now - 3 * day + 60)              # a minute later: grouped
-        say("bob", now - day)                       # another day: a divider first
-        say("bob", now - day + 11 * 60)             # eleven minutes later: its own head
-        say("carol", now - day + 11 * 60 + 5)       # another sender: its own head
-        say("carol", now, history=False)            # today, said after we joined
-        shown = [(e.kind, e.data.get("text") if e.kind != "message" else e.data["from"],
-                  e.grouped) for e in view.entries]
-        assert shown == [
-            ("day", chatroom.day_label(now - 3 * day), False), ("message", "bob", False),
-            ("message", "bob", True), ("day", "Yesterday", False), ("message", "bob", False),
-            ("message", "bob", False), ("message", "carol", False),
-            ("day", "Today", False), ("divider", "New messages", False),
-            ("message", "carol", False)]
-        # The whole bubble of a grouped message sits closer to the one above.
-        first, second = list(view.entries)[1:3]
-        assert second.top == first.bottom
-        assert canvas.bbox(second.tag)[1] - canvas.bbox(first.tag)[3] < look.px(10)
-        view.close()
-    finally:
-        root.destroy()
+    got = in_tk_child(x, _HISTORY_ACROSS_DAYS)
+    assert got["shown"] == [
+        ["day", chatroom.day_label(got["now"] - 3 * 24 * 3600), False],
+        ["message", "bob", False], ["message", "bob", True], ["day", "Yesterday", False],
+        ["message", "bob", False], ["message", "bob", False], ["message", "carol", False],
+        ["day", "Today", False], ["divider", "New messages", False],
+        ["message", "carol", False]]
+    # The whole bubble of a grouped message sits closer to the one above.
+    assert got["touching"] and got["gap"] < got["ten"], got
