@@ -14246,6 +14246,32 @@ def sound_button_text(sound: bool) -> str:
     return "Sound: on" if sound else "Sound: off"
 
 
+# The sizes the chat window's "Ask" button goes through, and how each is
+# written in settings.json.
+ASK_CHOICES = ((0, "0"), (10 * 1024 ** 2, "10M"), (GUI_ASK_ABOVE, "100M"),
+               (1024 ** 3, "1G"), (2 ** 63, "never"))
+
+
+def ask_button_text(size: int) -> str:
+    """The Ask button's label: which incoming files wait for Accept."""
+    if size <= 0:
+        return "Ask: every file"
+    if size >= 2 ** 63:
+        return "Ask: never"
+    for unit, scale in (("GB", 1024 ** 3), ("MB", 1024 ** 2), ("KB", 1024)):
+        if size >= scale:
+            return f"Ask: over {size / scale:g} {unit}"
+    return f"Ask: over {size} B"
+
+
+def next_ask_choice(size: int) -> tuple[int, str]:
+    """The Ask button's next choice after `size` (size, setting)."""
+    for choice in ASK_CHOICES:
+        if choice[0] > size:
+            return choice
+    return ASK_CHOICES[0]
+
+
 class Notifier:
     """Desktop notifications, never blocking the GUI thread and never
     failing loudly: the command runs on a thread of its own, and a system
@@ -15934,32 +15960,6 @@ def window_ask_above(flag: int | None, setting: str) -> int:
     if not match:
         return GUI_ASK_ABOVE
     return int(match.group(1)) * 1024 ** " KMGT".index(match.group(2).upper() or " ")
-
-
-# The sizes the chat window's "Ask" button goes through, and how each is
-# written in settings.json.
-ASK_CHOICES = ((0, "0"), (10 * 1024 ** 2, "10M"), (GUI_ASK_ABOVE, "100M"),
-               (1024 ** 3, "1G"), (2 ** 63, "never"))
-
-
-def ask_button_text(size: int) -> str:
-    """The Ask button's label: which incoming files wait for Accept."""
-    if size <= 0:
-        return "Ask: every file"
-    if size >= 2 ** 63:
-        return "Ask: never"
-    for unit, scale in (("GB", 1024 ** 3), ("MB", 1024 ** 2), ("KB", 1024)):
-        if size >= scale:
-            return f"Ask: over {size / scale:g} {unit}"
-    return f"Ask: over {size} B"
-
-
-def next_ask_choice(size: int) -> tuple[int, str]:
-    """The Ask button's next choice after `size` (size, setting)."""
-    for choice in ASK_CHOICES:
-        if choice[0] > size:
-            return choice
-    return ASK_CHOICES[0]
 
 
 def save_settings(path: Path, settings: dict[str, str]) -> bool:
