@@ -13572,7 +13572,7 @@ class ChatView(Drawing):
 
     def _on_scrolled(self, scrollbar: str, first: str, last: str) -> None:
         if scrollbar:
-            self.widget.tk.eval(f"{scrollbar} {first} {last}")
+            self.widget.tk.call(*self.widget.tk.splitlist(scrollbar), first, last)
         if not self._unseen:
             return
         if float(last) >= 0.999:

@@ -80,6 +80,17 @@ def join_from_launcher(gui: Gui, x) -> dict:
     return gui.window("chat")
 
 
+def opener_stub(tmp_path: Path) -> tuple[Path, dict[str, str]]:
+    """A stand-in for xdg-open, first on PATH: it writes down what it was
+    asked to open. (the file it writes to, the environment for the window)"""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    opened = tmp_path / "opened.txt"
+    (bin_dir / "xdg-open").write_text(f"#!/bin/sh\necho \"$1\" >> {opened}\n")
+    (bin_dir / "xdg-open").chmod(0o755)
+    return opened, {"PATH": f"{bin_dir}:{os.environ['PATH']}"}
+
+
 def window_and_cli(x, tmp_path: Path, procs: list, stem: str, user: str = "bob",
                    host_extra: list[str] = ()) -> tuple[Host, Gui, Cli]:
     """A host of our own, the window joined to its room "r" as alice, and
@@ -537,14 +548,9 @@ def test_scale_makes_the_window_bigger(x, tmp_path, procs):
 def test_a_file_arrives_with_its_progress_bar_and_opens(x, tmp_path, procs):
     host = Host(unique("files"), advertise=False)
     procs.append(host)
-    # A stand-in for xdg-open, first on PATH: it writes down what it was asked to open.
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    opened = tmp_path / "opened.txt"
-    (bin_dir / "xdg-open").write_text(f"#!/bin/sh\necho \"$1\" >> {opened}\n")
-    (bin_dir / "xdg-open").chmod(0o755)
+    opened, env = opener_stub(tmp_path)
     gui = start_gui(x, tmp_path, procs, "--server", f"{LOOPBACK}:{host.port}", "--room", "r",
-                    "--user", "alice", env={"PATH": f"{bin_dir}:{os.environ['PATH']}"})
+                    "--user", "alice", env=env)
     join_from_launcher(gui, x)
     cli = Cli(host.port, "r", "bob", downloads=tmp_path / "cli-downloads")
     procs.append(cli)
@@ -1245,13 +1251,9 @@ def test_messages_group_by_sender_under_a_date_and_copy_and_links_work(x, tmp_pa
 def test_a_received_picture_shows_as_a_thumbnail_that_opens(x, tmp_path, procs):
     host = Host(unique("picture"), advertise=False)
     procs.append(host)
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    opened = tmp_path / "opened.txt"
-    (bin_dir / "xdg-open").write_text(f"#!/bin/sh\necho \"$1\" >> {opened}\n")
-    (bin_dir / "xdg-open").chmod(0o755)
+    opened, env = opener_stub(tmp_path)
     gui = start_gui(x, tmp_path, procs, "--server", f"{LOOPBACK}:{host.port}", "--room", "r",
-                    "--user", "alice", env={"PATH": f"{bin_dir}:{os.environ['PATH']}"})
+                    "--user", "alice", env=env)
     join_from_launcher(gui, x)
     bob = Cli(host.port, "r", "bob")
     procs.append(bob)
