@@ -214,9 +214,19 @@ def test_the_launcher_opens_and_a_person_joins_from_it(binary, tmp_path):
         listed = gui.wait_for(lambda e: e.get("gui") == "window" and e["name"] == "launcher"
                               and any(r["name"] == name and r["box"] for r in e["rows"]), 30)
         x.screenshot(tmp_path / "launcher.png", listed["xid"])
-        row = next(r for r in listed["rows"] if r["name"] == name)
         x.wait_viewable(listed["xid"])
-        x.click(row["box"][0] + row["box"][2] / 2, row["box"][1] + row["box"][3] / 2)
+        for _ in range(3):      # other hosts on 127.0.0.1 can move rows under the pointer
+            row = next(r for r in listed["rows"] if r["name"] == name)
+            mark = gui.mark()
+            x.click(row["box"][0] + row["box"][2] / 2, row["box"][1] + row["box"][3] / 2)
+            listed = gui.wait_for(lambda e: e.get("gui") == "window" and e["name"] == "launcher"
+                                  and e["fields"]["address"]
+                                  and any(r["name"] == name and r["box"] for r in e["rows"]),
+                                  15, mark)
+            if listed["fields"]["address"].endswith(f":{host.port}"):
+                break
+        else:
+            pytest.fail(f"clicking our host's row filled in {listed['fields']['address']}")
         gui.type_into("launcher", "room", "大厅")
         gui.type_into("launcher", "user", "alice")
         gui.click("launcher", "join")
