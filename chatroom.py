@@ -141,6 +141,7 @@ GRACE_S = 60.0                      # a dropped member's seat is held this long
 RETRY_FOR_S = 300.0                 # a terminal client tries to get back this long
 RECONNECT_FIRST_S = 0.5             # the first retry comes within this, jittered
 RECONNECT_MAX_S = 10.0              # the backoff between retries stops growing here
+REDISCOVER_S = 1.5                  # a reconnecting client looks for its host by name this long
 SAID_IDS_KEPT = 20000               # per room: message ids confirmed again, never doubled
 RESUME_LOG_EVENTS = 5000            # room events kept for members who come back
 RESUME_LOG_BYTES = 8 * 1024 * 1024  # ... and at most this much of their text
@@ -200,6 +201,12 @@ GUI_MAX_SHOWN = 1000                # chat entries kept on screen; older ones go
 GUI_STOP_WAIT_S = 4.0               # closing: wait this long for the core, then go
 GUI_ASK_ABOVE = 100 * 1024 ** 2     # the window asks before files larger than this
 
+# --- Fixed by design: named, but not worth a knob ----------------------------
+
+RECONNECT_JITTER = (0.5, 1.0)       # each backoff is scaled by a random factor in this range
+OWN_RATE_SHARE = 0.9                # our client paces itself this far under the host's rate,
+OWN_BURST_MARGIN = 2                # ... and this many lines under its burst
+
 
 @dataclasses.dataclass(frozen=True)
 class Limits:
@@ -220,10 +227,15 @@ class Limits:
     history_limit: int = HISTORY_LIMIT
     grace_s: float = GRACE_S
     retry_for_s: float = RETRY_FOR_S    # 0: don't retry; math.inf: for ever (the window)
+    reconnect_first_s: float = RECONNECT_FIRST_S
+    reconnect_max_s: float = RECONNECT_MAX_S
+    rediscover_s: float = REDISCOVER_S
+    said_ids_kept: int = SAID_IDS_KEPT
     resume_log_events: int = RESUME_LOG_EVENTS
     resume_log_bytes: int = RESUME_LOG_BYTES
     password_delay_s: float = PASSWORD_DELAY_S
     password_delay_max_s: float = PASSWORD_DELAY_MAX_S
+    password_threads: int = PASSWORD_THREADS
     hello_timeout_s: float = HELLO_TIMEOUT_S
     connect_timeout_s: float = CONNECT_TIMEOUT_S
     ping_interval_s: float = PING_INTERVAL_S
@@ -259,6 +271,7 @@ class Limits:
     keepalive_s: float = KEEPALIVE_S
     gui_max_shown: int = GUI_MAX_SHOWN
     gui_stop_wait_s: float = GUI_STOP_WAIT_S
+    gui_ask_above: int = GUI_ASK_ABOVE
 
 
 # Codes a peer or a script may see, in `error{code,message}` events (and
@@ -2069,7 +2082,7 @@ _IGNORABLE_TABLE = (
 
 Delivery = tuple[Any, Event]
 
-HELP_TEXT = """\
+HELP_TEMPLATE = """\
 HELP
 1. Text chat: type a line and press Enter (or Send). Everyone in this room
    sees it with your name and the time. Rooms are independent: nothing you
@@ -2080,15 +2093,15 @@ HELP
 2. Video and voice calls:
    2.1 Type /CHECK USERID to call someone in this room; the host arranges
        the ports for you. Only the person you call is told "<you> CALL YOU".
-   2.2 The call connects when they call you back within 1 minute (they
+   2.2 The call connects when they call you back within {call_timeout} (they
        type /CHECK with your ID); if they don't, the call fails and you are
        told they are busy. /decline USERID refuses a call at once.
    2.3 Or call an address directly, no host needed: /call IP PORT1 PORT2
        (in the window: type "ip port1 port2" and press Video call) receives
        on your UDP PORT1 and sends to their PORT2; they type the mirror.
        Both of you see a safety code: compare it by voice.
-   2.4 Calling someone who is already in a call joins that call (up to 6
-       people, everyone sees and hears everyone).
+   2.4 Calling someone who is already in a call joins that call (up to
+       {max_call_size} people, everyone sees and hears everyone).
    2.5 /hangup USERID ends your call with that person, /hangup ends all
        (in a video window: ESC on theirs, Backspace on your own). /mute,
        /unmute, /video off and /video on are for your own side.
@@ -2102,6 +2115,20 @@ HELP
    nobody can be called SYSTEM.
 5. Commands: /who lists the members, /quit leaves, help shows this text
    (to you alone)."""
+
+
+def help_text(call_timeout_s: float = CALL_TIMEOUT_S, max_call_size: int = MAX_CALL_SIZE) -> str:
+    """The host's answer to `help`, telling the truth about its own limits
+    (--call-timeout, --max-call-size)."""
+    if call_timeout_s >= 60 and call_timeout_s % 60 == 0:
+        minutes = int(call_timeout_s // 60)
+        timeout = "1 minute" if minutes == 1 else f"{minutes} minutes"
+    else:
+        timeout = "1 second" if call_timeout_s == 1 else f"{call_timeout_s:g} seconds"
+    return HELP_TEMPLATE.format(call_timeout=timeout, max_call_size=max_call_size)
+
+
+HELP_TEXT = help_text()     # with the default limits
 
 
 # --- Room passwords ----------------------------------------------------------
@@ -2234,8 +2261,12 @@ class Rooms:
                  max_message_bytes: int = MAX_MESSAGE_BYTES,
                  max_members: int = MAX_ROOM_MEMBERS, max_file_size: int = 0,
                  grace_s: float = 0, log_events: int = RESUME_LOG_EVENTS,
-                 log_bytes: int = RESUME_LOG_BYTES) -> None:
+                 log_bytes: int = RESUME_LOG_BYTES, said_ids_kept: int = SAID_IDS_KEPT,
+                 call_timeout_s: float = CALL_TIMEOUT_S,
+                 max_call_size: int = MAX_CALL_SIZE) -> None:
         self.host_name = host_name
+        self.said_ids_kept = said_ids_kept
+        self.help = help_text(call_timeout_s, max_call_size)
         self.max_file_size = max_file_size
         self.grace_s = grace_s              # said in the welcome (the host holds seats)
         self.log_events = log_events
@@ -2352,7 +2383,7 @@ class Rooms:
         """
         room = self._where[member]
         if not to and text.strip().casefold() == "help":
-            return [(member, Help(HELP_TEXT))]
+            return [(member, Help(self.help))]
         try:
             text = check_text(text, self.max_message_bytes)
         except Refused as refusal:
@@ -2375,7 +2406,7 @@ class Rooms:
         room.seq += 1
         message = Message(room.seq, msg_id, sender, text, now, to=to)
         room.said[(id_key(sender), msg_id)] = (room.seq, now, to)
-        if len(room.said) > SAID_IDS_KEPT:
+        if len(room.said) > self.said_ids_kept:
             room.said.popitem(last=False)
         if target is not None:              # first: the log may let it go at once
             room.private[room.seq] = (member, target)
@@ -3057,7 +3088,9 @@ def _video_problem(f: VideoFragment) -> str | None:
 
 def pack_video(fragment: VideoFragment) -> bytes:
     """The inner payload for `fragment`. Raises ValueError if a field is out of range or
-    inconsistent, or the payload would not fit in one packet."""
+    inconsistent, or the payload would not fit in one packet. The format's
+    reference, one fragment at a time: unpack_video's inverse, for tests and
+    fuzzing; the sender (`fragment`) packs a whole frame in one go."""
     problem = _video_problem(fragment)
     if problem is None and len(fragment.data) > VIDEO_FRAGMENT_BYTES:
         problem = f"{len(fragment.data)} data bytes; at most {VIDEO_FRAGMENT_BYTES}"
@@ -3794,14 +3827,12 @@ class LinkStats:
         self._latencies: list[float] = []
         self._shown_ms: float | None = None     # when the last frame was shown
         self._freeze: float | None = None       # the longest gap ending this interval
-        self.last_packet_ms: float | None = None    # silent too long: the link is dead
 
     def packet(self, seq: int, size_bytes: int, now_ms: float) -> None:
         self._packets += 1
         self._bytes += size_bytes
         self._high = seq if self._high is None else max(self._high, seq)
         self._low = seq if self._low is None else min(self._low, seq)
-        self.last_packet_ms = now_ms
 
     def refused(self) -> None:
         self._refused += 1
@@ -4239,10 +4270,6 @@ class JitterBuffer:
             return ("lost", None)
         self.played += 1
         return ("frame", payload)
-
-    def peek_fec(self, seq: int) -> bytes | None:
-        """The payload of seq + 1 if buffered: Opus in-band FEC can rebuild seq from it."""
-        return self._frames.get(seq + 1)
 
     def _drop_oldest(self) -> None:
         oldest = min(self._frames)
@@ -4885,7 +4912,6 @@ STOP_TIMEOUT_S = 2.0                # waiting for a media thread to end
 
 RECORD_PNG_INTERVAL_S = 1.0         # at most one picture per peer this often
 RECORD_FLUSH_S = 1.0                # a killed process loses at most this much sound
-MAX_FILE_STEM_CHARS = 64
 
 class DeviceError(ChatError):
     """A device or codec can't be used. `code` is for machines: "no_camera",
@@ -6106,9 +6132,14 @@ def echo_canceller_check() -> dict:
 
 def list_devices() -> dict:
     """{"cameras": [indexes that open], "audio_inputs": [{"index", "name",
-    "channels"}], "audio_outputs": [same], "echo_cancel": echo_canceller_check()}.
-    Never raises: a missing package or a failing probe gives empty lists."""
+    "channels"}], "audio_outputs": [same], "video_codecs": [...],
+    "audio_codecs": [...], "echo_cancel": echo_canceller_check()}. The
+    codecs are those that really load here, best first (an executable that
+    lacks a library shows it). Never raises: a missing package or a failing
+    probe gives empty lists."""
     found: dict = {"cameras": [], "audio_inputs": [], "audio_outputs": [],
+                   "video_codecs": available_video_codecs(),
+                   "audio_codecs": available_audio_codecs(),
                    "echo_cancel": echo_canceller_check()}
     try:
         cv2 = _cv2()
@@ -7072,6 +7103,7 @@ class UploadState(enum.Enum):
 
 
 class RelayState(enum.Enum):
+    ASKING = "asking"               # offered to one who asks first: no data until it takes it
     SENDING = "sending"             # handing the file to the recipient's link
     SENT = "sent"                   # sent all it will send; awaiting the answer
     FINISHED = "finished"           # the recipient saved it, refused it, or left
@@ -7084,6 +7116,9 @@ UPLOAD_MOVES: dict[tuple[UploadState, str], UploadState] = {
     (UploadState.RECEIVING, "failed"): UploadState.FAILED,
 }
 RELAY_MOVES: dict[tuple[RelayState, str], RelayState] = {
+    (RelayState.ASKING, "wanted"): RelayState.SENDING,      # FileAccept
+    (RelayState.ASKING, "answered"): RelayState.FINISHED,   # declined, cancelled, left
+    (RelayState.ASKING, "resumed"): RelayState.SENDING,     # going on is taking it
     (RelayState.SENDING, "sent"): RelayState.SENT,
     (RelayState.SENDING, "answered"): RelayState.FINISHED,
     (RelayState.SENT, "answered"): RelayState.FINISHED,
@@ -7317,12 +7352,12 @@ class Relay:
         self.upload = upload
         self.recipient = recipient
         self.number = number                # the recipient's transfer number
-        self.state = RelayState.SENDING
-        self.offset = 0                     # bytes handed to the recipient's link
-        self.acked = 0                      # bytes the recipient has on disk (FileGot)
         # A recipient that asks first gets no data until it says FileAccept
         # (or FileResume); until then what it needs is kept like a laggard's.
-        self.wanted = not upload.files.of(recipient).asks
+        self.state = RelayState.ASKING if upload.files.of(recipient).asks else \
+            RelayState.SENDING
+        self.offset = 0                     # bytes handed to the recipient's link
+        self.acked = 0                      # bytes the recipient has on disk (FileGot)
         upload.relays.append(self)
         upload.readers += 1
         self.task = asyncio.get_running_loop().create_task(
@@ -7330,16 +7365,12 @@ class Relay:
         log_failure(self.task, f"relaying {upload.offer.name!r} to {recipient.link.name}")
 
     @property
-    def sending(self) -> bool:
-        return self.state is RelayState.SENDING
-
-    @property
     def active(self) -> bool:
         """Sending now (not finished, not waiting for its recipient to be
         back, nor for its answer)? One that waits is served from the spool
         later: waiting for it would stop reading the sender's connection,
         its chat and its /cancel with it."""
-        return self.state is RelayState.SENDING and self.wanted and not self.task.done()
+        return self.state is RelayState.SENDING and not self.task.done()
 
     def answered(self) -> bool:
         """The recipient saved, refused or left: True if that is news (the
@@ -7362,8 +7393,9 @@ class Relay:
 
     def want(self) -> None:
         """The recipient took the file (FileAccept, or a FileResume): send it."""
-        if not self.wanted:
-            self.wanted = True
+        state = RELAY_MOVES.get((self.state, "wanted"))
+        if state is not None:
+            self.state = state
             self.upload._wake()
 
     def confirm(self, offset: int) -> None:
@@ -7380,7 +7412,6 @@ class Relay:
         if state is None or upload.failure is not None or \
                 not self.acked <= offset <= upload.received:
             return False
-        self.wanted = True                  # asking to go on is taking the file
         self.confirm(offset)
         before = self.task
         before.cancel()                     # a connection the resume replaced
@@ -7399,7 +7430,7 @@ class Relay:
         if announce:
             files.deliver([(self.recipient, FileAnnounce(
                 self.number, upload.sender_name, offer.name, offer.size, offer.to,
-                not self.wanted))])
+                self.state is RelayState.ASKING))])
         loop = asyncio.get_running_loop()
         spool = None                        # our read handle, once we need the disk
         failed = False
@@ -7410,7 +7441,7 @@ class Relay:
                         upload.failure, transfer=self.number))])
                     failed = True
                     return
-                if not self.wanted:         # the recipient has not answered yet
+                if self.state is RelayState.ASKING:     # the recipient has not answered
                     await upload.grown()
                     continue
                 if self.offset < upload.received:
@@ -8065,7 +8096,10 @@ class Host:
                            log_bytes=limits.resume_log_bytes,
                            max_message_bytes=limits.max_message_bytes,
                            max_members=limits.max_room_members,
-                           max_file_size=limits.max_file_size)
+                           max_file_size=limits.max_file_size,
+                           said_ids_kept=limits.said_ids_kept,
+                           call_timeout_s=limits.call_timeout_s,
+                           max_call_size=limits.max_call_size)
         self.files = HostFiles(limits, self.rooms, self.deliver, spool_dir)
         self.calls = HostCalls(limits, self.rooms, self.deliver)
         self.sessions: set[Session] = set()
@@ -8074,7 +8108,7 @@ class Host:
         self.guesses = Guesses(limits.password_delay_s, limits.password_delay_max_s)
         self._hashing: set[str] = set()     # addresses with a password being hashed
         self._hasher = concurrent.futures.ThreadPoolExecutor(
-            PASSWORD_THREADS, thread_name_prefix="host-scrypt")     # started when used
+            limits.password_threads, thread_name_prefix="host-scrypt")     # started when used
         self.advertiser = Advertiser(self.name, port, interface, limits.advertise_debounce_s,
                                      self.fingerprint) if advertise else None
         self._tls: ssl.SSLContext | None = None     # the server's, once started (None: --insecure)
@@ -8788,7 +8822,9 @@ class OutgoingFile:
     sent: int = 0
     sha256: str = ""
     generation: int = 0                     # counts resumes: an older stream stops
-    done: bool = False                      # one-to-one: its recipient answered
+    recipient_answered: bool = False        # one-to-one: its recipient saved or refused it;
+                                            # nothing is left to /cancel (the host may still
+                                            # be STORING it: a separate fact from `state`)
 
     def move(self, what: str) -> bool:
         """Take the lifecycle step `what`; False if it doesn't apply now."""
@@ -9145,7 +9181,7 @@ class ClientFiles:
         if event.recipient:                 # one recipient failed; others go on
             # "cancelled" from a recipient is only ever its person's /cancel
             extra = {"by": event.recipient} if event.code == "cancelled" else {}
-            up.done = bool(up.to)
+            up.recipient_answered = bool(up.to)
             self._file_failed(up.base(), event.code, event.reason, user=event.recipient,
                               **extra)
             return
@@ -9164,7 +9200,7 @@ class ClientFiles:
     def _on_delivered(self, event: FileDelivered) -> None:
         up = self.uploads.get(event.transfer)
         if up is not None:
-            up.done = bool(up.to)
+            up.recipient_answered = bool(up.to)
             self.emit({"type": "file_delivered", "transfer": up.transfer,
                        "name": up.name, "user": event.user})
 
@@ -9226,7 +9262,11 @@ class ClientFiles:
         def reopened(future: asyncio.Future) -> None:
             if future.cancelled() or dl.failed:
                 return
-            have = future.result() if future.exception() is None else 0
+            error = future.exception()
+            if error is not None:           # unreadable: begin it again from nothing
+                log.warning("could not reopen %s; downloading it again", dl.part,
+                            exc_info=error)
+            have = future.result() if error is None else 0
             if have > dl.size:
                 self._fail_download(dl, "file_io", f"{safe}: the partial file is "
                                     "larger than the file")
@@ -9237,7 +9277,8 @@ class ClientFiles:
             if self.link is not None:
                 self.link.offer(FileResume(dl.transfer, have))
         loop = asyncio.get_running_loop()
-        future = loop.run_in_executor(self._write_io, _reopen_part, dl)
+        future = loop.run_in_executor(self._write_io, _reopen_part, dl,
+                                      self.limits.file_io_bytes)
         future.add_done_callback(reopened)
 
     def _on_chunk(self, chunk: Chunk) -> Any:
@@ -9344,7 +9385,7 @@ class ClientFiles:
         if dl is not None and waiting and dl.state is not ReceiveState.WAITING:
             dl = None
         up = None if waiting else self.uploads.get(transfer)
-        if up is not None and (up.done or up.state is SendState.FAILED):
+        if up is not None and (up.recipient_answered or up.state is SendState.FAILED):
             up = None
         if direction == "send":
             dl = None
@@ -9481,12 +9522,12 @@ def _finish_part(dl: IncomingFile, expected: str, folder: Path) -> tuple[Path | 
     return claim_name(dl.part, folder, dl.safe_name), digest
 
 
-def _reopen_part(dl: IncomingFile) -> int:
+def _reopen_part(dl: IncomingFile, io_bytes: int) -> int:
     """Open the .part of a download a previous run of ours began, to go on
     writing it; its bytes are hashed again. Returns how many there are."""
     dl.file = open(dl.part, "r+b", buffering=0)    # noqa: SIM115 (closed when done)
     try:
-        while data := dl.file.read(FILE_IO_BYTES):
+        while data := dl.file.read(io_bytes):
             dl.hasher.update(data)
         return dl.file.tell()
     except BaseException:
@@ -10181,7 +10222,7 @@ class MediaEngine:
         with self.lock:
             threads = list(self._threads)
         for thread in threads:
-            thread.join(2)
+            thread.join(STOP_TIMEOUT_S)
         for link in self.links():
             self.forget(link)
         if self._recorder is not None:
@@ -10419,7 +10460,11 @@ class ClientCalls:
 
     def _say_hello(self) -> None:
         """Repeat every waiting direct call's hello (and, once we know their
-        key, a keepalive they can open) until it connects (core's loop)."""
+        key, a keepalive they can open) until it connects (core's loop).
+        Called again for a new direct call, it restarts the one timer rather
+        than start a second round of hellos beside it."""
+        if self._hello_timer is not None:
+            self._hello_timer.cancel()
         self._hello_timer = None
         for call in list(self._direct):
             if call.link is None or not call.link.connected:
@@ -11302,8 +11347,9 @@ class ClientCore:
         started = loop.time()
         try:
             for attempt in itertools.count(1):
-                delay = random.uniform(0.5, 1.0) * min(
-                    RECONNECT_MAX_S, RECONNECT_FIRST_S * 2 ** (attempt - 1))
+                delay = random.uniform(*RECONNECT_JITTER) * min(
+                    self.limits.reconnect_max_s,
+                    self.limits.reconnect_first_s * 2 ** (attempt - 1))
                 if loop.time() + delay - started > self.limits.retry_for_s:
                     break
                 self._emit({"type": "reconnecting", "attempt": attempt,
@@ -11327,7 +11373,8 @@ class ClientCore:
         """Look for the host by name on the LAN; a new address or port, if
         it moved, is where the next try goes."""
         try:
-            found = await discover(1.5, interface=self.interface, name=place.host_name,
+            found = await discover(self.limits.rediscover_s, interface=self.interface,
+                                   name=place.host_name,
                                    settle=self.limits.discovery_settle_s)
         except (MissingPackage, OSError):
             return
@@ -11402,7 +11449,7 @@ class ClientCore:
         # Our own gate, a little under the host's, so that no line is refused
         # for its rate however fast it is typed, pasted or piped in. Kept
         # across a resume: what it counted is at least what the host saw.
-        rate, burst = event.rate * 0.9, max(1, event.burst - 2)
+        rate, burst = event.rate * OWN_RATE_SHARE, max(1, event.burst - OWN_BURST_MARGIN)
         if event.rate <= 0 or event.burst <= 0:
             self._gate = None
         elif self._gate is None or (self._gate.rate_per_s, self._gate.burst) != (rate, burst):
@@ -15235,6 +15282,8 @@ class ChatWindow:
         counting down; it stays, saying what became of the call."""
         self.on_call_event(event)
         user = event["from"]
+        # A host says how long an invitation lasts; one that doesn't (no
+        # `expires`) keeps the protocol's default, so that is what is shown.
         expires = time.monotonic() + (event.get("expires") or CALL_TIMEOUT_S)
         old = self.invites.pop(id_key(user), None)
         if old is not None:                 # a renewed invitation: one card is enough
@@ -15948,9 +15997,9 @@ def load_settings(path: Path) -> dict[str, str]:
             and isinstance(value, str) and len(value) <= _SETTINGS_MAX_CHARS}
 
 
-def window_ask_above(flag: int | None, setting: str) -> int:
+def window_ask_above(flag: int | None, setting: str, default: int = GUI_ASK_ABOVE) -> int:
     """The size above which the window asks before a file comes: the
-    --ask-above flag, else the setting ("100M", "never"), else GUI_ASK_ABOVE.
+    --ask-above flag, else the setting ("100M", "never"), else `default`.
     "never" is the largest size: the window still holds files for its word."""
     if flag is not None:
         return flag
@@ -15958,7 +16007,7 @@ def window_ask_above(flag: int | None, setting: str) -> int:
         return 2 ** 63
     match = re.fullmatch(r"\s*(\d+)\s*([KMGT]?)i?B?\s*", setting, re.IGNORECASE)
     if not match:
-        return GUI_ASK_ABOVE
+        return default
     return int(match.group(1)) * 1024 ** " KMGT".index(match.group(2).upper() or " ")
 
 
@@ -16215,9 +16264,13 @@ class GuiApp:
         # else settings.json's "ask_above" ("100M", or "never"), else 100 MiB.
         # "never" still holds files for an answer, which comes at once: the
         # hello's `ask` is fixed for a connection, the setting may change.
-        self.ask_above = window_ask_above(args.ask_above, prefill.get("ask_above", ""))
+        self.ask_above = window_ask_above(args.ask_above, prefill.get("ask_above", ""),
+                                          limits.gui_ask_above)
         self.core.files.ask_above = self.ask_above   # before the core's loop runs
-        self.chat: ChatWindow | None = None  # exactly while the phase is IN_ROOM
+        # The chat window: set on entering CHATTING, kept while ENDED and,
+        # hidden, through STOPPING; closed on leaving for the launcher or on
+        # STOPPED. Only _set_phase and finish() change it.
+        self.chat: ChatWindow | None = None
         self.calls = CallWindows()
         self.phase = Phase.CHOOSING
         self.hosted_port: int | None = None  # our in-process host, once it listens
@@ -16727,17 +16780,19 @@ class GuiApp:
         if self.phase is not Phase.CHATTING:
             return
         line = chat.take_input().strip()
-        if line:
-            try:
-                address, listen, port = parse_call_address(line)
-            except ValueError as exc:
+        if line:                            # "ip p1 p2", or a typed /call or /CHECK
+            command = parse_command(line if line.startswith("/") else f"/call {line}")
+            if isinstance(command, CallAddress):
+                self._call(chat, f"Video call {line}", self.core.call_address(
+                    command.address, command.listen, command.port))
+            elif isinstance(command, CallUser):
+                self._call(chat, f"Video call {command.user}", self.core.call(command.user))
+            else:
+                why = command.message if isinstance(command, Mistyped) else "not a call"
                 chat.view.add("echo", text=f"Video call {line}")
-                chat.note(_sentence(f"{exc}: type \"ip port1 port2\", or pick someone in "
-                                    "the members list"), "error")
+                chat.note(_sentence(f"{why.split('; usage')[0]}: type \"ip port1 port2\", "
+                                    "or pick someone in the members list"), "error")
                 chat.restore_input(line)
-                return
-            self._call(chat, f"Video call {line}",
-                       self.core.call_address(address, listen, port))
         elif chat.members.picked is not None:
             self._call(chat, f"Video call {chat.members.picked}",
                        self.core.call(chat.members.picked))
@@ -17271,6 +17326,8 @@ def run_list_devices(args: argparse.Namespace) -> int:
         print(f"{label} (--audio N):" + ("" if found[kind] else " none"))
         for device in found[kind]:
             print(f"  {device['index']}: {printable(device['name'])}")
+    print(f"Codecs: video {', '.join(found['video_codecs']) or 'none'}; "
+          f"audio {', '.join(found['audio_codecs']) or 'none'}")
     echo = found["echo_cancel"]
     print("Echo cancelling: " + ("works (livekit)" if echo["works"] else
                                  f"no ({echo['why']}); with speakers, use headphones"))

@@ -176,6 +176,9 @@ def test_a_call_with_video_and_sound(binary, processes, tmp_path):
     # livekit's native library is inside, loads, and runs a frame each way.
     assert json.loads(devices.stdout)["echo_cancel"] == {"works": True, "why": ""}, \
         devices.stdout
+    # ... and so are the codecs: VP8 and Opus, not only the fallbacks.
+    assert json.loads(devices.stdout)["video_codecs"] == ["vp8", "jpeg"], devices.stdout
+    assert json.loads(devices.stdout)["audio_codecs"] == ["opus", "pcm"], devices.stdout
     assert not [e for e in alice.seen() + bob.seen() if e["type"] == "error"]
 
 

@@ -486,6 +486,12 @@ def test_two_people_chat_in_chinese_and_english(x, tmp_path, procs):
     gui.click("chat", "video")
     gui.shown(lambda e: e["kind"] == "notice" and e["style"] == "error"
               and "two ports" in e["text"], start=mark)
+    # The button reads the line as Enter would: "/call ip p1 p2" is the same call.
+    more = [free_udp_port() for _ in range(2)]
+    gui.type_into("chat", "input", f"/call 127.0.0.1 {more[0]} {more[1]}")
+    gui.click("chat", "video")
+    gui.shown(lambda e: e["kind"] == "echo"
+              and e["text"] == f"Video call /call 127.0.0.1 {more[0]} {more[1]}", start=mark)
     gui.type_into("chat", "input", "/who", enter=True)
     gui.shown(lambda e: e["kind"] == "notice" and e["text"] == "In the room (2): alice, 小明")
 

@@ -436,7 +436,9 @@ def test_pyaudio_against_alsa_null_pcm_is_rate_limited(tmp_path):
 
 def test_list_devices_never_raises():
     found = md.list_devices()
-    assert set(found) == {"cameras", "audio_inputs", "audio_outputs", "echo_cancel"}
+    assert set(found) == {"cameras", "audio_inputs", "audio_outputs", "video_codecs",
+                          "audio_codecs", "echo_cancel"}
+    assert found["video_codecs"] == ["vp8", "jpeg"] and found["audio_codecs"] == ["opus", "pcm"]
     assert found["cameras"] == []                           # no camera on this machine
     assert found["echo_cancel"] == {"works": True, "why": ""}   # livekit is installed
 

@@ -644,12 +644,6 @@ def test_random_pushes_and_pops_keep_the_buffer_sane(events, jitter):
     assert buffer.played == len(played_seqs)
 
 
-def test_peek_fec():
-    buffer = mp.JitterBuffer()
-    buffer.push(7, b"seven", 0)
-    assert buffer.peek_fec(6) == b"seven" and buffer.peek_fec(7) is None
-
-
 def test_bad_jitter_buffer_settings_raise():
     for kwargs in ({"frame_ms": 0}, {"min_delay_ms": 90}, {"capacity": 0}):
         with pytest.raises(ValueError):
