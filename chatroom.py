@@ -5066,10 +5066,12 @@ def read_stamp(frame: Any) -> int | None:
 class TestPattern:
     """Draws frame n of a moving picture for `user`: a colour gradient that
     pans with n (consecutive frames differ like a slow camera pan), a bar that
-    sweeps across, the user's ID (non-ASCII shown as '?') and n at the top
-    right, and n again in a stamp that `read_stamp` reads back after lossy
-    compression. Pure: frame(n) is
-    the same picture every time it is asked for."""
+    sweeps across, the user's ID and n at the top right on a dark band (the
+    bar passes under it), and n again in a stamp that `read_stamp` reads
+    back after lossy compression. OpenCV's own font has ASCII only, so a
+    character outside it is stamped as its code point ("小明" as
+    "U+5C0F U+660E"). Pure: frame(n) is the same picture every time it is
+    asked for."""
 
     __test__ = False                # pytest: not a test class despite the name
 
@@ -5079,7 +5081,8 @@ class TestPattern:
         self.user = user
         self.width = width
         self.height = height
-        self.label = "".join(c if " " <= c <= "~" else "?" for c in user)[:40]
+        self.label = re.sub(r"  +", " ", "".join(
+            c if " " <= c <= "~" else f" U+{ord(c):04X} " for c in user).strip())[:40]
         x = np.arange(width, dtype=np.float32) * (2 * math.pi / width)
         y = np.arange(height, dtype=np.float32)[:, None] / max(1, height - 1)
         background = np.empty((height, width, 3), np.uint8)
@@ -5099,7 +5102,11 @@ class TestPattern:
         bar_x = (8 * n) % w
         image[:, bar_x:bar_x + max(2, w // 16)] = (255, 255, 255)
         scale = max(0.4, w / 640)
-        for text, y in ((self.label, 40), (f"#{n}", 80)):   # top right: a call window
+        texts = ((self.label, 40), (f"#{n}", 80))
+        widest = max(cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, scale, int(4 * scale))[0][0]
+                     for text, _y in texts)
+        image[:int(96 * scale), w - widest - int(24 * scale):] //= 4   # a dark band
+        for text, y in texts:               # top right: a call window
             (text_w, _h), _base = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, scale,
                                                   int(4 * scale))
             org = (w - text_w - int(12 * scale), int(y * scale))   # names tiles top left
