@@ -5068,9 +5068,9 @@ class TestPattern:
     pans with n (consecutive frames differ like a slow camera pan), a bar that
     sweeps across, the user's ID and n at the top right on a dark band (the
     bar passes under it), and n again in a stamp that `read_stamp` reads
-    back after lossy compression. OpenCV's own font has ASCII only, so a
-    character outside it is stamped as its code point ("小明" as
-    "U+5C0F U+660E"). Pure: frame(n) is the same picture every time it is
+    back after lossy compression. OpenCV's own font has ASCII only, so
+    accents are dropped and any other character outside it is stamped as
+    its code point ("小明" as "U+5C0F U+660E"). Pure: frame(n) is the same picture every time it is
     asked for."""
 
     __test__ = False                # pytest: not a test class despite the name
@@ -5081,8 +5081,10 @@ class TestPattern:
         self.user = user
         self.width = width
         self.height = height
+        plain = "".join(c for c in unicodedata.normalize("NFKD", user)
+                        if not unicodedata.combining(c))      # "Zoë" as "Zoe"
         self.label = re.sub(r"  +", " ", "".join(
-            c if " " <= c <= "~" else f" U+{ord(c):04X} " for c in user).strip())[:40]
+            c if " " <= c <= "~" else f" U+{ord(c):04X} " for c in plain).strip())[:40]
         x = np.arange(width, dtype=np.float32) * (2 * math.pi / width)
         y = np.arange(height, dtype=np.float32)[:, None] / max(1, height - 1)
         background = np.empty((height, width, 3), np.uint8)

@@ -94,7 +94,8 @@ def test_pattern_frames_move_and_carry_their_number():
 
 
 def test_pattern_label_is_ascii():
-    assert md.TestPattern("Zoë 你好").label == "Zo? ??"
+    assert md.TestPattern("Zoë 你好").label == "Zoe U+4F60 U+597D"
+    assert md.TestPattern("小明").label == "U+5C0F U+660E"
 
 
 def test_read_stamp_rejects_frames_without_a_stamp():
