@@ -2096,9 +2096,10 @@ HELP
    2.2 The call connects when they call you back within {call_timeout} (they
        type /CHECK with your ID); if they don't, the call fails and you are
        told they are busy. /decline USERID refuses a call at once.
-   2.3 Or call an address directly, no host needed: /call IP PORT1 PORT2
-       (in the window: type "ip port1 port2" and press Video call) receives
-       on your UDP PORT1 and sends to their PORT2; they type the mirror.
+   2.3 Or call an address directly, the host playing no part in the call:
+       /call IP PORT1 PORT2 (in the window: type "ip port1 port2" and press
+       Video call) receives on your UDP PORT1 and sends to their PORT2;
+       they type the mirror.
        Both of you see a safety code: compare it by voice.
    2.4 Calling someone who is already in a call joins that call (up to
        {max_call_size} people, everyone sees and hears everyone).
@@ -3812,10 +3813,12 @@ class LinkStats:
     video_fps (frames shown per second), audio_frames (received), loss (fraction
     0..1 of packets missing, as RTCP's "fraction lost": from the highest sequence
     number at the last snapshot to the highest now), latency_ms (median of now -
-    capture time of the frames shown; the two clocks' offset included; None if no
-    frame), kbps (received), dropped (packets refused since the start), freeze_ms
-    (the longest the picture stood still: time between two frames shown, for those
-    shown this interval, the first counted from the one before it; None if none).
+    capture time of the frames shown, less the time lip sync held each frame for
+    its sound: capture to decode; the two clocks' offset included; None if no
+    frame), delay_ms (the same with the hold: capture to shown), kbps (received),
+    dropped (packets refused since the start), freeze_ms (the longest the picture
+    stood still: time between two frames shown, for those shown this interval, the
+    first counted from the one before it; None if none).
     """
 
     def __init__(self, now_ms: float) -> None:
@@ -3825,6 +3828,7 @@ class LinkStats:
         self._low: int | None = None    # lowest this interval
         self._packets = self._bytes = self._shown = self._audio = self._refused = 0
         self._latencies: list[float] = []
+        self._delays: list[float] = []
         self._shown_ms: float | None = None     # when the last frame was shown
         self._freeze: float | None = None       # the longest gap ending this interval
 
@@ -3837,10 +3841,11 @@ class LinkStats:
     def refused(self) -> None:
         self._refused += 1
 
-    def frame_shown(self, capture_ms: float, now_ms: float) -> None:
+    def frame_shown(self, capture_ms: float, now_ms: float, held_ms: float = 0.0) -> None:
         self._shown += 1
         if len(self._latencies) < _MAX_LATENCY_SAMPLES:
-            self._latencies.append(now_ms - capture_ms)
+            self._latencies.append(now_ms - capture_ms - held_ms)
+            self._delays.append(now_ms - capture_ms)
         if self._shown_ms is not None:
             self._freeze = max(self._freeze or 0.0, now_ms - self._shown_ms)
         self._shown_ms = now_ms
@@ -3858,18 +3863,20 @@ class LinkStats:
             if expected > 0:
                 loss = round(max(0, expected - self._packets) / expected, 3)
             self._top = max(base, self._high)
-        latency = None
-        if self._latencies:
-            ordered, middle = sorted(self._latencies), len(self._latencies) // 2
-            latency = round(ordered[middle] if len(ordered) % 2
-                            else (ordered[middle - 1] + ordered[middle]) / 2, 1)
+        def median(values: list[float]) -> float | None:
+            if not values:
+                return None
+            ordered, middle = sorted(values), len(values) // 2
+            return round(ordered[middle] if len(ordered) % 2
+                         else (ordered[middle - 1] + ordered[middle]) / 2, 1)
         result = {"video_fps": round(self._shown * 1000 / elapsed_ms, 1),
-                  "audio_frames": self._audio, "loss": loss, "latency_ms": latency,
+                  "audio_frames": self._audio, "loss": loss,
+                  "latency_ms": median(self._latencies), "delay_ms": median(self._delays),
                   "kbps": round(self._bytes * 8 / elapsed_ms, 1), "dropped": self._refused,
                   "freeze_ms": None if self._freeze is None else round(self._freeze)}
         self._since, self._high, self._low, self._freeze = now_ms, None, None, None
         self._packets = self._bytes = self._shown = self._audio = 0
-        self._latencies = []
+        self._latencies, self._delays = [], []
         return result
 
 
@@ -6982,6 +6989,31 @@ class KnownHosts:
 
 MEDIA_SOCKET_BUFFER_BYTES = 4 * 1024 * 1024  # "unpaced bursts lost 80% without it"
 _UDP_POLL_S = 0.25                  # how soon a receiving thread notices close()
+_small_buffer_said = False          # a system cap on buffers is logged once a process
+_LINUX = sys.platform.startswith("linux")   # Python names neither of these:
+SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33 if _LINUX else None)
+SO_SNDBUFFORCE = getattr(socket, "SO_SNDBUFFORCE", 32 if _LINUX else None)
+
+
+def _grow_buffer(sock: socket.socket, option: int, forced: int | None, size: int) -> int:
+    """Ask for a `size`-byte socket buffer (SO_RCVBUF or SO_SNDBUF); where
+    the system caps it lower (Linux: net.core.rmem_max, 208 KiB on many
+    machines), ask again with the privileged `forced` option (SO_RCVBUFFORCE,
+    which needs CAP_NET_ADMIN), and say once in the log what was granted.
+    Returns the size the system reports (Linux reports twice what it keeps)."""
+    global _small_buffer_said
+    sock.setsockopt(socket.SOL_SOCKET, option, size)
+    granted = sock.getsockopt(socket.SOL_SOCKET, option)
+    if granted < size and forced is not None:
+        with contextlib.suppress(OSError):      # not privileged: the cap stays
+            sock.setsockopt(socket.SOL_SOCKET, forced, size)
+            granted = sock.getsockopt(socket.SOL_SOCKET, option)
+    if granted < size and not _small_buffer_said:
+        _small_buffer_said = True
+        log.warning("media socket buffers are %d KiB, not the %d KiB asked for: bursts "
+                    "of video may be lost (on Linux, raise net.core.rmem_max and "
+                    "net.core.wmem_max)", granted // 1024, size // 1024)
+    return granted
 
 
 class UdpSocket:
@@ -7001,10 +7033,9 @@ class UdpSocket:
         family = socket.AF_INET6 if ":" in bind else socket.AF_INET
         self.sock = socket.socket(family, socket.SOCK_DGRAM)
         try:
-            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF,
-                                 MEDIA_SOCKET_BUFFER_BYTES)
-            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF,
-                                 MEDIA_SOCKET_BUFFER_BYTES)
+            self.receive_buffer = _grow_buffer(
+                self.sock, socket.SO_RCVBUF, SO_RCVBUFFORCE, MEDIA_SOCKET_BUFFER_BYTES)
+            _grow_buffer(self.sock, socket.SO_SNDBUF, SO_SNDBUFFORCE, MEDIA_SOCKET_BUFFER_BYTES)
             self.sock.bind((bind, port))    # OSError (a port in use) goes to the caller
         except OSError:
             self.sock.close()
@@ -9654,7 +9685,8 @@ class PeerLink:
         self.sync = LipSync()               # their video against their voice
         self.stats = LinkStats(now * 1000)
         # (when to decode it, ms; the frame), in order: a frame waits for its sound.
-        self.to_decode: collections.deque[tuple[float, Frame]] = collections.deque()
+        # (when to decode it, the frame, how long lip sync holds it back)
+        self.to_decode: collections.deque[tuple[float, Frame, float]] = collections.deque()
         self.video_decoder: Any = None      # made on the decoding thread
         self.audio_decoder: Any = None      # made on the audio sink's thread
         self.latest_frame: Any = None       # the newest decoded frame (a BGR array)
@@ -9924,13 +9956,15 @@ class MediaEngine:
         return []
 
     def _schedule(self, link: PeerLink, frames: list[Frame],
-                  now_ms: float) -> list[tuple[float, Frame]]:
-        """When to decode each frame: with its sound (recv_lock held)."""
+                  now_ms: float) -> list[tuple[float, Frame, float]]:
+        """When to decode each frame: with its sound (recv_lock held); and
+        how long that holds it back."""
         if not self.options.lip_sync:
-            return [(now_ms, frame) for frame in frames]
-        return [(link.sync.video_due(frame.capture_ms, now_ms), frame) for frame in frames]
+            return [(now_ms, frame, 0.0) for frame in frames]
+        due = [(link.sync.video_due(frame.capture_ms, now_ms), frame) for frame in frames]
+        return [(when, frame, max(0.0, when - now_ms)) for when, frame in due]
 
-    def _take_frames(self, link: PeerLink, frames: list[tuple[float, Frame]],
+    def _take_frames(self, link: PeerLink, frames: list[tuple[float, Frame, float]],
                      controls: list[bytes], now_ms: float) -> None:
         """Queue frames for the decoder; send the control messages (any thread)."""
         if frames:
@@ -10071,7 +10105,8 @@ class MediaEngine:
                 for link in links:
                     queue = link.to_decode
                     while queue and queue[0][0] <= now_ms:
-                        work.append((link, queue.popleft()[1]))
+                        _due, frame, held_ms = queue.popleft()
+                        work.append((link, frame, held_ms))
                     if queue:               # the next frame waits for its sound
                         wait_s = min(wait_s, (queue[0][0] - now_ms) / 1000)
                 if not work and not self._closed.is_set() and links:
@@ -10081,10 +10116,10 @@ class MediaEngine:
                 if self._retire():
                     return
                 continue
-            for link, frame in work:
-                self._decode(link, frame)
+            for link, frame, held_ms in work:
+                self._decode(link, frame, held_ms)
 
-    def _decode(self, link: PeerLink, frame: Frame) -> None:
+    def _decode(self, link: PeerLink, frame: Frame, held_ms: float = 0.0) -> None:
         if link.video_decoder is None:
             try:
                 link.video_decoder = make_video_decoder(link.video)
@@ -10102,7 +10137,7 @@ class MediaEngine:
         link.latest_frame = image
         link.frames_shown += 1
         with link.recv_lock:
-            link.stats.frame_shown(frame.capture_ms, time.time() * 1000)
+            link.stats.frame_shown(frame.capture_ms, time.time() * 1000, held_ms)
             link.sync.video_shown(frame.capture_ms, now * 1000)
         if self._recorder is not None:
             self._recorder.frame(link.peer, image, now)

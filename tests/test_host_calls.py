@@ -192,3 +192,51 @@ async def test_the_media_lane_drops_the_oldest_and_never_delays_chat(make_host):
             if isinstance(event, MediaData):
                 numbers.append(int.from_bytes(bytes(event.data)[6:10], "big"))
     assert numbers == sorted(numbers) and len(numbers) < 200
+
+
+class _CappedSocket:
+    """A socket stand-in whose system caps buffers at 208 KiB, as many Linux
+    machines do, unless the privileged FORCE option asks (`privileged`)."""
+
+    def __init__(self, privileged: bool) -> None:
+        self.privileged, self.sizes = privileged, {}
+
+    def setsockopt(self, _level, option, size):
+        if option in (chatroom.SO_RCVBUFFORCE, chatroom.SO_SNDBUFFORCE):
+            if not self.privileged:
+                raise PermissionError(1, "Operation not permitted")
+            import socket
+            plain = {chatroom.SO_RCVBUFFORCE: socket.SO_RCVBUF,
+                     chatroom.SO_SNDBUFFORCE: socket.SO_SNDBUF}[option]
+            self.sizes[plain] = size
+            return
+        self.sizes[option] = min(size, 212992)
+
+    def getsockopt(self, _level, option):
+        return self.sizes[option]
+
+
+@pytest.mark.skipif(chatroom.SO_RCVBUFFORCE is None, reason="Linux's option")
+def test_media_buffers_ask_past_the_systems_cap_and_say_when_they_cannot(monkeypatch, caplog):
+    import socket
+    monkeypatch.setattr(chatroom, "_small_buffer_said", False)
+    want = chatroom.MEDIA_SOCKET_BUFFER_BYTES
+    assert (chatroom.SO_RCVBUFFORCE, chatroom.SO_SNDBUFFORCE) == (33, 32)
+    assert chatroom._grow_buffer(_CappedSocket(True), socket.SO_RCVBUF,
+                                 chatroom.SO_RCVBUFFORCE, want) == want
+    assert not caplog.records
+    with caplog.at_level("WARNING", logger="chatroom"):
+        assert chatroom._grow_buffer(_CappedSocket(False), socket.SO_RCVBUF,
+                                     chatroom.SO_RCVBUFFORCE, want) == 212992
+        chatroom._grow_buffer(_CappedSocket(False), socket.SO_SNDBUF,
+                              chatroom.SO_SNDBUFFORCE, want)
+    said = [r.getMessage() for r in caplog.records]
+    assert len(said) == 1 and "208 KiB" in said[0] and "rmem_max" in said[0]   # once
+
+
+def test_a_media_socket_gets_its_big_receive_buffer():
+    sock = chatroom.UdpSocket("127.0.0.1", 0, lambda data, source: None, "test")
+    try:
+        assert sock.receive_buffer >= chatroom.MEDIA_SOCKET_BUFFER_BYTES
+    finally:
+        sock.close(wait=True)

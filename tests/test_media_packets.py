@@ -685,7 +685,7 @@ def test_latency_median_fps_audio_and_dropped():
     stats.refused()
     snap = stats.snapshot(2000)
     assert snap == {"video_fps": 3.0, "audio_frames": 50, "loss": 0.0, "latency_ms": 40.0,
-                    "kbps": 0.0, "dropped": 1, "freeze_ms": 60}
+                    "delay_ms": 40.0, "kbps": 0.0, "dropped": 1, "freeze_ms": 60}
     stats.frame_shown(0, 1110)
     stats.frame_shown(0, 1130)
     stats.refused()
@@ -693,3 +693,14 @@ def test_latency_median_fps_audio_and_dropped():
     assert snap["latency_ms"] == 1120.0 and snap["video_fps"] == 4.0 and snap["dropped"] == 2
     assert snap["freeze_ms"] == 24                      # from 1086, the last frame before
     assert stats.snapshot(3000)["freeze_ms"] is None    # no frame: video_fps 0 says it
+
+
+def test_latency_leaves_out_lip_syncs_hold_and_delay_keeps_it():
+    """latency_ms is capture to decode; a frame lip sync held back for its
+    sound counts that wait in delay_ms (capture to shown) only."""
+    stats = mp.LinkStats(0)
+    stats.frame_shown(1000, 1090, held_ms=60)
+    stats.frame_shown(1033, 1113, held_ms=50)
+    stats.frame_shown(1066, 1146, held_ms=50)
+    snap = stats.snapshot(2000)
+    assert snap["latency_ms"] == 30.0 and snap["delay_ms"] == 80.0
