@@ -638,7 +638,9 @@ def sync_rows(run: Run, codec: str, holds_ms: list[float], seconds: float) -> li
     default) and, as the baseline in the same run, not (--no-lip-sync). Per
     row, over the window once video flows: b's av_skew_ms (median of the
     per-second medians; positive: the sound came first), the share of seconds
-    within ITU-R BT.1359's +45/-125 ms, and b's capture-to-decode latency."""
+    within ITU-R BT.1359's +45/-125 ms, and b's capture-to-shown delay (lip
+    sync's wait for the sound included: delay_ms) and capture-to-decode
+    latency (without it: latency_ms)."""
     rows = []
     for synced in (True, False):
         for hold in holds_ms:
@@ -662,6 +664,7 @@ def sync_rows(run: Run, codec: str, holds_ms: list[float], seconds: float) -> li
                     raise SetupError(b.failure("no av_skew_ms in the window"))
                 skews = sorted(e["av_skew_ms"] for e in seen)
                 latencies = sorted(e["latency_ms"] for e in seen if e["latency_ms"] is not None)
+                delays = sorted(e["delay_ms"] for e in seen if e.get("delay_ms") is not None)
                 rows.append({
                     "type": "sync", "codec": codec, "hold_ms": hold, "lip_sync": synced,
                     "skew_p50_ms": skews[len(skews) // 2], "skew_min_ms": skews[0],
@@ -669,6 +672,7 @@ def sync_rows(run: Run, codec: str, holds_ms: list[float], seconds: float) -> li
                     "in_range_pct": round(100 * sum(-125 <= x <= 45 for x in skews)
                                           / len(skews)),
                     "latency_p50_ms": latencies[len(latencies) // 2] if latencies else None,
+                    "delay_p50_ms": delays[len(delays) // 2] if delays else None,
                     "shown_fps": round(statistics.mean(e["video_fps"] for e in seen), 1)})
             finally:
                 proxy.stop()
@@ -682,20 +686,90 @@ def report_sync(syncs: list[dict]) -> None:
     base = {(r["codec"], r["hold_ms"]): r for r in syncs if not r["lip_sync"]}
     print(f"\nlip sync (one direct call; the proxy holds a's video, or its sound: a "
           f"negative hold):\n{'codec':<5}{'held':>7} {'sync':<5}|{'skew p50':>9}{'min':>6}"
-          f"{'max':>6} ms |{'in range':>9} |{'latency p50':>12}{'x off':>6} |{'fps':>6}")
+          f"{'max':>6} ms |{'in range':>9} |{'delay p50':>10}{'x off':>6} |"
+          f"{'decode p50':>11} |{'fps':>6}")
     for r in syncs:
         b = base.get((r["codec"], r["hold_ms"]))
-        ratio = (f"{r['latency_p50_ms'] / b['latency_p50_ms']:.2f}"
-                 if b and r["latency_p50_ms"] and b["latency_p50_ms"] else "-")
+        ratio = (f"{r['delay_p50_ms'] / b['delay_p50_ms']:.2f}"
+                 if b and r.get("delay_p50_ms") and b.get("delay_p50_ms") else "-")
         print(f"{r['codec']:<5}{r['hold_ms']:>5g}ms {'on' if r['lip_sync'] else 'off':<5}|"
               f"{r['skew_p50_ms']:>9.0f}{r['skew_min_ms']:>6.0f}{r['skew_max_ms']:>6.0f}    |"
-              f"{r['in_range_pct']:>8}% |{show(r['latency_p50_ms'], digits=0, unit=' ms'):>12}"
-              f"{ratio:>6} |{r['shown_fps']:>6.1f}")
+              f"{r['in_range_pct']:>8}% |{show(r.get('delay_p50_ms'), digits=0, unit=' ms'):>10}"
+              f"{ratio:>6} |{show(r['latency_p50_ms'], digits=0, unit=' ms'):>11} |"
+              f"{r['shown_fps']:>6.1f}")
     print("""
 lip sync: b's av_skew_ms (shown - played, per-second medians: positive = the sound first),
-  in range = share of seconds within ITU-R BT.1359's -125..+45 ms; latency p50: capture to
-  decode of b's frames (a frame waits for its sound); x off = over the same hold with lip
-  sync off (--no-lip-sync, the baseline).""")
+  in range = share of seconds within ITU-R BT.1359's -125..+45 ms; delay p50: capture to
+  shown of b's frames (a frame waits for its sound: media_stats' delay_ms); x off = over
+  the same hold with lip sync off (--no-lip-sync, the baseline); decode p50: capture to
+  decode, that wait left out (latency_ms).""")
+
+
+def chat_rows(run: Run, codec: str, counts: list[int], lines: int, file_mib: int) -> list:
+    """Do chat and files keep their speed during calls? Two members of a room
+    of their own, with no camera or sound, pass `lines` chat lines one at a
+    time (each timed from typing to the other's `message`) and one file of
+    `file_mib` MiB (typing /send to the other's `file_received`), first with
+    no call anywhere (the baseline, same run), then with 1 and 3 calls at
+    once through the same host."""
+    print(f"  {codec}: chat and a file, with and without calls", file=sys.stderr, flush=True)
+    a, b = run.join(codec, [("chat-a", "chat"), ("chat-b", "chat")],
+                    ("--camera", "none", "--audio", "null",
+                     "--downloads", str(run.tmp / "chat-downloads")))
+    path = run.tmp / "payload.bin"
+    with open(path, "wb") as out:
+        for _ in range(file_mib):
+            out.write(os.urandom(1 << 20))
+    pairs: list[tuple[Proc, Proc]] = []
+    rows = []
+    for calls in [0, *sorted(counts)]:
+        new = run.join(codec, [(f"{codec}-c{side}{i}", f"{codec}-call{i}")
+                               for i in range(len(pairs), calls) for side in "ab"])
+        for x, y in zip(new[::2], new[1::2]):
+            connect(x, y, codec)
+            pairs.append((x, y))
+        warm_up([(y, x) for x, y in pairs] + [(x, y) for x, y in pairs])
+        waits, busy0, w0 = [], machine_busy_s(), time.monotonic()
+        for n in range(lines):
+            text, mark, t0 = f"line {calls}.{n}", len(b.events), time.monotonic()
+            a.send(text)
+            got = b.wait_for(lambda e, t=text: e.get("type") == "message" and e.get("text") == t,
+                             mark)
+            waits.append(1000 * (b.events[got][0] - t0))
+        mark, t0 = len(b.events), time.monotonic()
+        a.send(f"/send {path}")
+        got = b.wait_for(lambda e: e.get("type") == "file_received", mark, timeout=300)
+        spent = b.events[got][0] - t0
+        busy = 100 * (machine_busy_s() - busy0) / (time.monotonic() - w0) / (os.cpu_count() or 1)
+        with contextlib.suppress(OSError):          # room for the next one
+            os.unlink(b.events[got][1]["path"])
+        waits.sort()
+        rows.append({"type": "chat", "codec": codec, "calls": calls,
+                     "chat_p50_ms": round(statistics.median(waits), 1),
+                     "chat_p99_ms": round(waits[math.ceil(0.99 * len(waits)) - 1], 1),
+                     "file_mb_s": round(file_mib * 1.048576 / spent, 1),
+                     "machine_busy_pct": round(busy)})
+    run.stop_clients()
+    return rows
+
+
+def report_chat(chats: list[dict]) -> None:
+    if not chats:
+        return
+    print(f"\nchat and a file during calls (baseline: no call, same run):\n"
+          f"{'codec':<5}{'calls':>6} |{'chat p50':>9}{'p99':>7} ms{'x none':>7} |"
+          f"{'file MB/s':>10}{'x none':>7} |{'CPU busy':>9}")
+    base = {r["codec"]: r for r in chats if r["calls"] == 0}
+    for r in chats:
+        b = base[r["codec"]]
+        print(f"{r['codec']:<5}{r['calls']:>6} |{r['chat_p50_ms']:>9.1f}{r['chat_p99_ms']:>7.1f}"
+              f"   {r['chat_p50_ms'] / b['chat_p50_ms']:>7.2f} |{r['file_mb_s']:>10.1f}"
+              f"{r['file_mb_s'] / b['file_mb_s']:>7.2f} |{r['machine_busy_pct']:>8}%")
+    print("""
+chat: typing a line to the other member's `message`, one line at a time; file: /send to
+  the other's `file_received` (written, SHA-256 checked); calls run in other rooms of the
+  same host, through it (host-arranged, direct UDP); CPU busy: the whole machine's, all
+  cores, over the row (what else runs on it counts too).""")
 
 
 def report_issue12(repairs: list[dict], bursts: list[dict], caps: list[dict]) -> None:
@@ -812,8 +886,12 @@ def main() -> int:
     parser.add_argument("--codecs", type=lambda t: t.split(","), default=["vp8", "jpeg"],
                         help="default vp8,jpeg")
     parser.add_argument("--phases", type=lambda t: t.split(","),
-                        default=["calls", "loss", "repair", "burst", "cap", "sync"],
-                        help="which parts (default calls,loss,repair,burst,cap,sync)")
+                        default=["calls", "loss", "repair", "burst", "cap", "sync", "chat"],
+                        help="which parts (default calls,loss,repair,burst,cap,sync,chat)")
+    parser.add_argument("--chat-lines", type=int, default=40,
+                        help="chat lines timed per row of the chat phase (default 40)")
+    parser.add_argument("--file-mib", type=int, default=64,
+                        help="the file sent in each row of the chat phase (default 64 MiB)")
     parser.add_argument("--holds", default=[0.0, 150.0, 300.0, -300.0],
                         type=lambda text: [float(x) for x in text.split(",") if x],
                         help="ms the proxy holds a's video back in the sync rows, negative: "
@@ -843,6 +921,7 @@ def main() -> int:
         bursts: list[dict] = []
         caps: list[dict] = []
         syncs: list[dict] = []
+        chats: list[dict] = []
         phases = set(args.phases)
         for codec, base in zip(args.codecs, bases):
             if "calls" in phases:
@@ -858,19 +937,22 @@ def main() -> int:
                 caps += cap_rows(run, codec, args.caps, args.cap_seconds)
             if "sync" in phases:
                 syncs += sync_rows(run, codec, args.holds, args.seconds)
+            if "chat" in phases:
+                chats += chat_rows(run, codec, args.calls, args.chat_lines, args.file_mib)
     except (SetupError, chatroom.ChatError) as exc:
         print(f"bench/media.py: the setup broke: {exc}", file=sys.stderr)
         return 1
     finally:
         if run is not None:
             run.close()
-    for line in bases + rows + repairs + bursts + caps + syncs if args.json else []:
+    for line in bases + rows + repairs + bursts + caps + syncs + chats if args.json else []:
         print(json.dumps(line))
     if not args.json:
         if rows:
             report(bases, rows, args.codecs)
         report_issue12(repairs, bursts, caps)
         report_sync(syncs)
+        report_chat(chats)
     return 0
 
 
