@@ -23,7 +23,7 @@ import pytest
 from pulse import pulse_server
 from test_gui import assert_exits_cleanly, unique
 
-from guidriver import LOOPBACK, Cli, Gui, Host, Xvfb, ink, on_screen
+from guidriver import LOOPBACK, Cli, Gui, Host, Xvfb, in_tk_child, ink, on_screen
 
 MEDIA = ["--camera", "test", "--audio", "null"]
 
@@ -51,10 +51,11 @@ def caller(host: Host, user: str, procs: list) -> Cli:
     return cli
 
 
-def window_in_room(x, tmp_path, procs, host: Host, user: str = "alice") -> Gui:
+def window_in_room(x, tmp_path, procs, host: Host, user: str = "alice",
+                   extra: tuple[str, ...] = ()) -> Gui:
     gui = Gui(x, tmp_path / "config", ["--downloads", str(tmp_path / "dl"), "--server",
                                        f"{LOOPBACK}:{host.port}", "--room", "r", "--user",
-                                       user, *MEDIA])
+                                       user, *MEDIA, *extra])
     procs.append(gui)
     gui.window("launcher")
     gui.click("launcher", "join")
@@ -210,6 +211,67 @@ def test_a_four_person_grid_backspace_ends_all_and_closing_the_window_hangs_up(
     wait_no_media_threads(gui)              # no thread behind, camera and sound closed
     gui.type_into("chat", "input", "after the call", enter=True)
     bob.wait_for(lambda e: e.get("type") == "message" and e["text"] == "after the call")
+    gui.close("chat")
+    assert_exits_cleanly(gui)
+
+
+_SEND = "def main(root, interp, script):\n    root.tk.call('send', interp, script)\n"
+
+
+def shrink_to_minimum(gui: Gui, x: Xvfb, layout: dict) -> dict:
+    """Ask the call window's Tk for a 1 x 1 window (Tk's send, as
+    guidriver.drop_files does): Tk keeps it at its minimum size (wm
+    minsize). The layout traced at that size."""
+    mark = gui.mark()
+    in_tk_child(x, _SEND, layout["interp"], f"wm geometry {layout['path']} 1x1")
+    return gui.wait_for(lambda e: e.get("gui") == "window" and e["name"] == "call"
+                        and e["box"][2:] == e["min"], 20, mark)
+
+
+def inside(box: list[int], window: list[int]) -> bool:
+    x, y, w, h = box
+    wx, wy, ww, wh = window
+    return w > 0 and h > 0 and wx <= x and x + w <= wx + ww and wy <= y and y + h <= wy + wh
+
+
+@pytest.mark.parametrize("scale", ["1", "1.5"])
+def test_at_its_minimum_size_the_call_window_keeps_its_status_line_and_buttons(
+        scale, x, tmp_path, procs):
+    """The tiles give way, never the lines under them: every button whole
+    and inside the window, the status line too; and the bar that rings
+    when someone else calls fits as well."""
+    host = Host(unique("small"), advertise=False)
+    procs.append(host)
+    gui = window_in_room(x, tmp_path, procs, host, extra=("--scale", scale))
+    bob, carol = caller(host, "bob", procs), caller(host, "carol", procs)
+    bob.say("/CHECK alice")
+    answer_from_the_card(gui, x, "bob")
+    roomy = call_window(gui, {"alice", "bob"})
+    gui.wait_for(lambda e: e.get("gui") == "call_status", 10)
+    small = shrink_to_minimum(gui, x, roomy)
+    assert small["box"][3] < roomy["box"][3], (small["box"], roomy["box"])
+    buttons = ("mute", "camera", "hangup", "end")
+    for name in (*buttons, "status"):
+        assert inside(small["elements"][name], small["box"]), \
+            f"{name} is cut off at the minimum size: {small['elements'][name]} in {small['box']}"
+    for name in buttons:                    # whole: as large as in the roomy window
+        assert small["elements"][name][2:] == roomy["elements"][name][2:], name
+    x.screenshot(tmp_path / f"call-minimum-{scale}.png", small["xid"])
+    # Carol calls: the bar with Call back and Decline takes room from the tiles too.
+    mark = gui.mark()
+    carol.say("/CHECK alice")
+    bar = gui.wait_for(lambda e: e.get("gui") == "call_ringing" and e["user"] == "carol",
+                       15, mark)
+    squeezed = gui.wait_for(lambda e: e.get("gui") == "window" and e["name"] == "call"
+                            and e["elements"]["tiles"][3] < small["elements"]["tiles"][3],
+                            15, mark)
+    assert squeezed["box"] == small["box"]
+    for name, box in (*bar["elements"].items(),
+                      *((n, squeezed["elements"][n]) for n in (*buttons, "status"))):
+        assert inside(box, squeezed["box"]), f"{name} is cut off with the bar up: {box}"
+    x.screenshot(tmp_path / f"call-minimum-ringing-{scale}.png", squeezed["xid"])
+    gui.close("call")
+    bob.wait_for(lambda e: e.get("type") == "call_ended" and e["peer"] == "alice", 15)
     gui.close("chat")
     assert_exits_cleanly(gui)
 
