@@ -16943,11 +16943,17 @@ class GuiApp:
                           "(UDP doesn't get through).")
 
     def hang_up_picked(self) -> None:
-        """ESC or Hang up: end the call with the peer whose tile is picked."""
+        """ESC or Hang up: end the call with the peer whose tile is picked,
+        or, with no tile picked, with the only peer. Never with your own
+        tile picked: Backspace is that tile's key (it ends every call)."""
         window = self.calls.window
         if window is None:
             return
-        peer = window.picked_peer() or (window.peers[0] if len(window.peers) == 1 else None)
+        if window.own_tile_picked():
+            window.status("That is your own tile: Backspace or End all calls ends every call.")
+            return
+        peer = window.picked_peer() or (window.peers[0] if len(window.peers) == 1
+                                        and window.selected is None else None)
         if peer is None:
             window.status("Click the tile of the person to hang up on first.")
             return

@@ -153,7 +153,20 @@ def test_video_moves_in_the_call_window_and_esc_hangs_up_on_that_peer(x, tmp_pat
     assert first[2] != second[2], "bob's tile shows the same picture: the video is frozen"
     assert len(set(second[2][i:i + 3] for i in range(0, len(second[2]), 3 * 97))) > 20, \
         "bob's tile is one flat colour: no video"
+    # ESC with our own tile picked hangs up on nobody (Backspace is that
+    # tile's key): a hint. A line typed after it reaches bob first, before
+    # any hang-up (one connection to the host, in order).
+    click_tile(gui, x, layout, "alice")
+    mark = gui.mark()
+    x.key("Escape")
+    said = gui.wait_for(lambda e: e.get("gui") == "call_status" and "own tile" in e["text"],
+                        10, mark)
+    assert "Backspace" in said["text"]
+    gui.type_into("chat", "input", "still in the call", enter=True)
+    bob.wait_for(lambda e: e.get("type") == "message" and e["text"] == "still in the call")
+    assert not [e for e in bob.lines if e.get("type") == "call_ended"]
     # ESC with bob's tile picked: that link only ends; the window closes with the last.
+    layout = call_window(gui, {"alice", "bob"})
     click_tile(gui, x, layout, "bob")
     x.key("Escape")
     ended = bob.wait_for(lambda e: e.get("type") == "call_ended", 15)
@@ -173,7 +186,7 @@ def test_video_moves_in_the_call_window_and_esc_hangs_up_on_that_peer(x, tmp_pat
     assert_exits_cleanly(gui)
 
 
-def test_a_four_person_grid_backspace_ends_all_and_closing_the_window_hangs_up(
+def test_a_four_person_grid_esc_ends_one_backspace_all_closing_the_window_hangs_up(
         x, tmp_path, procs):
     host = Host(unique("grid"), advertise=False)
     procs.append(host)
@@ -193,10 +206,27 @@ def test_a_four_person_grid_backspace_ends_all_and_closing_the_window_hangs_up(
     assert gui.wait_for(lambda e: e.get("gui") == "call_status", 5)  # said who is in it
     said = [e["text"] for e in gui.lines if e.get("gui") == "call_status"][-1]
     assert said.startswith("In a call with ") and all(n in said for n in ("bob", "carol", "dave"))
+    # ESC with bob's tile picked hangs up on bob alone: three tiles stay, and
+    # carol and dave, told nothing, get a line typed after it (a hang-up on
+    # them would have come first: one connection to the host, in order).
+    click_tile(gui, x, layout, "bob")
+    mark = gui.mark()
+    x.key("Escape")
+    assert bob.wait_for(lambda e: e.get("type") == "call_ended" and e["peer"] == "alice",
+                        15)["reason"] == "hangup"
+    layout = call_window(gui, {"alice", "carol", "dave"}, mark)
+    gui.wait_for(lambda e: e.get("gui") == "call_status"
+                 and e["text"].endswith("In a call with carol and dave."), 10, mark)
+    gui.type_into("chat", "input", "bob has gone", enter=True)
+    for other in (carol, dave):
+        other.wait_for(lambda e: e.get("type") == "message" and e["text"] == "bob has gone")
+        assert not [e for e in other.lines if e.get("type") == "call_ended"
+                    and e["peer"] == "alice"], f"{other.user} was hung up on too"
     # Backspace with our own tile picked ends every call.
+    layout = call_window(gui, {"alice", "carol", "dave"}, mark)
     click_tile(gui, x, layout, "alice")
     x.key("BackSpace")
-    for other in (bob, carol, dave):
+    for other in (carol, dave):
         assert other.wait_for(lambda e: e.get("type") == "call_ended"
                               and e["peer"] == "alice", 15)["reason"] == "hangup"
     gui.wait_for(lambda e: e.get("gui") == "call_window_closed", 15)
