@@ -15312,6 +15312,8 @@ class ChatWindow:
 
     def on_call_missed(self, event: dict) -> None:
         self.on_call_event(event)
+        if (card := self.invites.get(id_key(event["from"]))) is not None:   # no longer rings
+            card.data["title"] = f"{printable(event['from'])} called you"
         self.invite_over(event["from"], "missed", f"Missed call · {_clock(unix_now())}")
 
     def on_call_event(self, event: dict) -> None:

@@ -245,6 +245,27 @@ def test_a_four_person_grid_esc_ends_one_backspace_all_closing_the_window_hangs_
     assert_exits_cleanly(gui)
 
 
+def test_a_missed_call_card_says_they_called(x, tmp_path, procs):
+    """An invitation nobody answered (the host's --call-timeout, short
+    here) ends the ringing card: no Call back any more, and it says in the
+    past tense who called."""
+    host = Host(unique("missed"), advertise=False, extra=["--call-timeout", "2"])
+    procs.append(host)
+    gui = window_in_room(x, tmp_path, procs, host)
+    bob = caller(host, "bob", procs)
+    bob.say("/CHECK alice")
+    ringing = gui.wait_for(lambda e: e.get("gui") == "call_card" and e["user"] == "bob"
+                           and e["state"] == "ringing", 15)
+    assert ringing["title"] == "bob is calling you"
+    missed = gui.wait_for(lambda e: e.get("gui") == "call_card" and e["user"] == "bob"
+                          and e["state"] == "missed", 20)
+    assert missed["title"] == "bob called you"
+    assert missed["status"].startswith("Missed call") and "callback" not in missed["links"]
+    bob.wait_for(lambda e: e.get("type") == "call_failed" and e["peer"] == "alice", 10)
+    gui.close("chat")
+    assert_exits_cleanly(gui)
+
+
 _SEND = "def main(root, interp, script):\n    root.tk.call('send', interp, script)\n"
 
 
