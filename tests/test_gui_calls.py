@@ -245,6 +245,78 @@ def test_a_four_person_grid_esc_ends_one_backspace_all_closing_the_window_hangs_
     assert_exits_cleanly(gui)
 
 
+def call_window_is_closed(gui: Gui) -> bool:
+    """Was the call window's last word that it closed (or did it never open)?"""
+    said = [e for e in gui.lines if e.get("gui") == "call_window_closed"
+            or (e.get("gui") == "window" and e["name"] == "call")]
+    return not said or said[-1]["gui"] == "call_window_closed"
+
+
+@pytest.mark.parametrize("moment", ["as_it_opens", "after_call_back_on_the_bar"])
+def test_closing_the_call_window_at_once_hangs_up_and_leaves_no_media_thread(
+        moment, x, tmp_path, procs):
+    """The call window's close button, pressed the moment the window is up
+    (bob, stopped, hasn't even heard that the call connected), or right
+    after Call back on the bar while carol's link is still being made:
+    every call ends, no media thread stays behind, the chat goes on."""
+    host = Host(unique("close"), advertise=False)
+    procs.append(host)
+    gui = window_in_room(x, tmp_path, procs, host)
+    bob = caller(host, "bob", procs)
+    bob.say("/CHECK alice")
+    if moment == "as_it_opens":
+        gui.wait_for(lambda e: e.get("gui") == "call_card" and e["user"] == "bob"
+                     and e["state"] == "ringing", 15)
+        bob.proc.send_signal(signal.SIGSTOP)    # ours, by PID: he reads nothing now
+        try:
+            answer_from_the_card(gui, x, "bob")
+            gui.window("call", 20)
+            gui.close("call")
+            gui.wait_for(lambda e: e.get("gui") == "call_window_closed", 15)
+            assert not [e for e in bob.lines if e.get("type") == "call_connected"]
+        finally:
+            bob.proc.send_signal(signal.SIGCONT)
+        connected = bob.wait_for(lambda e: e.get("type") == "call_connected"
+                                 and e["peer"] == "alice", 15)
+        bob.wait_for(lambda e: e.get("type") == "call_ended" and e["peer"] == "alice", 15,
+                     bob.lines.index(connected))
+    else:
+        carol = caller(host, "carol", procs)
+        answer_from_the_card(gui, x, "bob")
+        call_window(gui, {"alice", "bob"})
+        mark = gui.mark()
+        carol.say("/CHECK alice")
+        bar = gui.wait_for(lambda e: e.get("gui") == "call_ringing" and e["user"] == "carol",
+                           15, mark)
+        host.proc.send_signal(signal.SIGSTOP)   # ours, by PID: the call back waits in it
+        try:
+            bx, by, bw, bh = bar["elements"]["answer"]
+            x.click(bx + bw / 2, by + bh / 2)
+            gui.wait_for(lambda e: e.get("gui") == "call_ringing" and e["user"] is None,
+                         10, mark)              # Call back was pressed: the bar went
+            gui.close("call")
+            gui.wait_for(lambda e: e.get("gui") == "call_window_closed", 15, mark)
+        finally:
+            host.proc.send_signal(signal.SIGCONT)
+        for other in (bob, carol):
+            other.wait_for(lambda e: e.get("type") == "call_ended" and e["peer"] == "alice", 20)
+        # The host links carol (the call back came first), then ends her
+        # link with everyone else's (the hang-up); the call window comes
+        # back with her tile for that moment.
+        gui.wait_for(lambda e: e.get("gui") == "event" and e["event"]["type"] == "call_ended"
+                     and e["event"]["peer"] == "carol", 20, mark)
+    # A line typed now is handled after every event above: then the call
+    # window must be closed, and every media thread gone.
+    gui.type_into("chat", "input", "no call now", enter=True)
+    bob.wait_for(lambda e: e.get("type") == "message" and e["text"] == "no call now")
+    assert call_window_is_closed(gui)
+    wait_no_media_threads(gui)
+    assert not [e for e in bob.lines if e.get("type") == "call_ended"
+                and e["peer"] == "alice" and e["reason"] != "hangup"]
+    gui.close("chat")
+    assert_exits_cleanly(gui)
+
+
 def test_a_missed_call_card_says_they_called(x, tmp_path, procs):
     """An invitation nobody answered (the host's --call-timeout, short
     here) ends the ringing card: no Call back any more, and it says in the
