@@ -23,6 +23,7 @@ import pytest
 from pulse import pulse_server
 from test_gui import assert_exits_cleanly, unique
 
+from conftest import free_udp_port
 from guidriver import LOOPBACK, Cli, Gui, Host, Xvfb, in_tk_child, ink, on_screen
 
 MEDIA = ["--camera", "test", "--audio", "null"]
@@ -241,6 +242,69 @@ def test_a_four_person_grid_esc_ends_one_backspace_all_closing_the_window_hangs_
     wait_no_media_threads(gui)              # no thread behind, camera and sound closed
     gui.type_into("chat", "input", "after the call", enter=True)
     bob.wait_for(lambda e: e.get("type") == "message" and e["text"] == "after the call")
+    gui.close("chat")
+    assert_exits_cleanly(gui)
+
+
+def test_video_call_calls_the_member_picked_and_a_relayed_peer_is_said(x, tmp_path, procs):
+    """Pick bob in the members list, press Video call: bob (only) is
+    invited. His client sends its media through the host (--media-path
+    relay): the call window says so in its status line."""
+    host = Host(unique("pick"), advertise=False)
+    procs.append(host)
+    gui = window_in_room(x, tmp_path, procs, host)
+    bob = Cli(host.port, "r", "bob", extra=[*MEDIA, "--media-path", "relay"])
+    procs.append(bob)
+    carol = caller(host, "carol", procs)
+    members = gui.wait_for(lambda e: e.get("gui") == "members" and len(e["members"]) == 3, 15)
+    row = next(r for r in members["rows"] if r["user"] == "bob")["box"]
+    x.click(row[0] + row[2] / 2, row[1] + row[3] / 2)
+    gui.wait_for(lambda e: e.get("gui") == "picked" and e["user"] == "bob")
+    gui.click("chat", "video")
+    assert bob.wait_for(lambda e: e.get("type") == "call_invite", 15)["from"] == "alice"
+    # Back to everyone (bob's private conversation moved the list down):
+    # a line to all, typed after the invitation, reaches carol after it would.
+    members = [e for e in gui.lines if e.get("gui") == "members"][-1]
+    row = next(r for r in members["rows"] if r["user"] is None)["box"]    # "Everyone"
+    mark = gui.mark()
+    x.click(row[0] + row[2] / 2, row[1] + row[3] / 2)
+    gui.wait_for(lambda e: e.get("gui") == "picked" and e["user"] is None, 10, mark)
+    gui.type_into("chat", "input", "only bob", enter=True)
+    carol.wait_for(lambda e: e.get("type") == "message" and e["text"] == "only bob")
+    assert not [e for e in carol.lines if e.get("type") == "call_invite"]
+    bob.say("/CHECK alice")
+    call_window(gui, {"alice", "bob"})
+    said = gui.wait_for(lambda e: e.get("gui") == "call_status" and "host" in e["text"], 30)
+    assert said["text"] == "bob's video and sound go through the host (UDP doesn't get through)."
+    frames_after(gui, "bob", 3, 0)          # and they do come
+    gui.close("call")
+    bob.wait_for(lambda e: e.get("type") == "call_ended" and e["peer"] == "alice", 15)
+    gui.close("chat")
+    assert_exits_cleanly(gui)
+
+
+def test_a_direct_call_from_the_video_call_button_shows_the_safety_code(x, tmp_path, procs):
+    """"127.0.0.1 P1 P2" and Video call in the window, "/call 127.0.0.1 P2
+    P1" in a terminal: they connect, and the peer's tile shows the safety
+    code the terminal shows."""
+    host = Host(unique("direct"), advertise=False)
+    procs.append(host)
+    gui = window_in_room(x, tmp_path, procs, host)
+    bob = caller(host, "bob", procs)
+    mine, theirs = free_udp_port(), free_udp_port()
+    gui.type_into("chat", "input", f"127.0.0.1 {mine} {theirs}")
+    gui.click("chat", "video")
+    gui.shown(lambda e: e["kind"] == "echo"
+              and e["text"] == f"Video call 127.0.0.1 {mine} {theirs}", 10)
+    bob.say(f"/call 127.0.0.1 {theirs} {mine}")
+    code = bob.wait_for(lambda e: e.get("type") == "call_connected", 30)["safety_code"]
+    assert code
+    layout = gui.wait_for(lambda e: e.get("gui") == "window" and e["name"] == "call"
+                          and any(t["detail"] for t in e["tiles"] if not t["mine"]), 30)
+    assert [t["detail"] for t in layout["tiles"] if not t["mine"]] == [code]
+    gui.close("call")
+    bob.wait_for(lambda e: e.get("type") == "call_ended", 20)
+    wait_no_media_threads(gui)
     gui.close("chat")
     assert_exits_cleanly(gui)
 
