@@ -15356,6 +15356,8 @@ class ChatWindow:
 
     def on_call_missed(self, event: dict) -> None:
         self.on_call_event(event)
+        if (card := self.invites.get(id_key(event["from"]))) is not None:   # no longer rings
+            card.data["title"] = f"{printable(event['from'])} called you"
         self.invite_over(event["from"], "missed", f"Missed call · {_clock(unix_now())}")
 
     def on_call_event(self, event: dict) -> None:
@@ -15744,15 +15746,18 @@ class CallWindow:
              _button("End all calls", (_CALL, "end"), look)],
             [sg.Text("Click a tile to pick it: Esc hangs up on that person, Backspace on "
                      "your own tile ends every call.", font=look.font(8),
-                     text_color=COLOURS["faint"], pad=0)],
+                     text_color=COLOURS["faint"], pad=0, key=(_CALL, "keys"))],
         ]
         self.window = sg.Window(f"Call · {printable(me)} · chatroom", layout, finalize=True,
                                 enable_close_attempted_event=True, resizable=True,
                                 icon=images.icon(64), font=look.font(10), alpha_channel=0)
         _polish_buttons(self.window, look)
         _close_button_posts(self.window)
-        self.window[(_CALL, "status")].Widget.configure(   # long lines wrap, the window
-            wraplength=px(560), justify="left", anchor="w")  # never grows off screen
+        # Long lines wrap (at the canvas's width: _on_resize), so the window
+        # never grows off screen.
+        for name in ("status", "hint"):
+            self.window[(_CALL, name)].Widget.configure(wraplength=px(560), justify="left",
+                                                        anchor="w")
         # Top right of the screen, all of it on screen: beside the chat,
         # whose newest lines and members list stay in view (a window
         # manager may still move it). Shown once it is in place.
@@ -15761,12 +15766,24 @@ class CallWindow:
         screen_w, _screen_h = sg.Window.get_screen_size()
         self.window.move(max(0, screen_w - root.winfo_reqwidth()), 0)
         self.window.set_alpha(1)
-        self.window.set_min_size((px(520), px(360)))
+        # Tk shrinks what was packed last first: the rows under the tiles go
+        # at the bottom, packed before the canvas, so a small window squeezes
+        # the tiles, never the status line or the buttons (as the chat's
+        # footer). The window is never narrower than the buttons' row.
+        tiles_row = self.window[(_CALL, "tiles")].Widget.master
+        for key in ("keys", "end", "hint", "status"):      # bottom up
+            row = self.window[(_CALL, key)].Widget
+            while row.master is not tiles_row.master:       # the hint sits in a pin
+                row = row.master
+            row.pack_configure(side="bottom", before=tiles_row)
+        root.update_idletasks()
+        buttons_w = self.window[(_CALL, "end")].Widget.master.winfo_reqwidth()
+        self.window.set_min_size((max(px(520), buttons_w), px(360)))
         self.window.bind("<Escape>", (_CALL, "escape"))
         self.window.bind("<BackSpace>", (_CALL, "backspace"))
         self.canvas = self.window[(_CALL, "tiles")].Widget
         self.canvas.bind("<Button-1>", self._on_click)
-        self.canvas.bind("<Configure>", lambda _event: self._layout())
+        self.canvas.bind("<Configure>", self._on_resize)
         self.fonts = {"name": (look.family, max(8, round(10 * look.unit / 1.33)), "bold"),
                       "small": (look.family, max(7, round(9 * look.unit / 1.33)))}
         self.tiles: list[Tile] = [self._tile(me, True)]
@@ -15821,6 +15838,14 @@ class CallWindow:
         self.window[(_CALL, "camera")].update("Camera on" if not video else "Camera off")
 
     # --- drawing ---
+
+    def _on_resize(self, event: Any) -> None:
+        """The canvas has a new size (so has the window): the lines under it
+        wrap at its width, and the tiles are placed again."""
+        for name in ("status", "hint"):
+            self.window[(_CALL, name)].Widget.configure(
+                wraplength=max(self.look.px(200), event.width - self.look.px(8)))
+        self._layout()
 
     def _layout(self) -> None:
         """Place the tiles in the canvas: 4:3 each, as large as the canvas
@@ -15969,15 +15994,18 @@ class CallWindow:
             return
         self.window.TKroot.update_idletasks()
         origin = (self.canvas.winfo_rootx(), self.canvas.winfo_rooty())
-        self.trace("window", name="call", xid=int(self.window.TKroot.wm_frame(), 16),
-                   box=_screen_box(self.window.TKroot),
+        root = self.window.TKroot
+        self.trace("window", name="call", xid=int(root.wm_frame(), 16), box=_screen_box(root),
+                   min=list(root.wm_minsize()), path=str(root),    # for Tk's send
+                   interp=str(root.tk.call("tk", "appname")),
                    tiles=[{"name": t.name, "mine": t.mine, "detail": t.detail,
                            "speaking": t.speaking,
                            "box": [origin[0] + t.box[0], origin[1] + t.box[1],
                                    t.box[2], t.box[3]]} for t in self.tiles],
                    hint=self.hint_shown,
                    elements={name: _screen_box(self.window[(_CALL, name)].Widget)
-                             for name in ("mute", "camera", "hangup", "end", "tiles")})
+                             for name in ("mute", "camera", "hangup", "end", "tiles",
+                                          "status")})
 
     def close(self) -> None:
         self.window.close()
@@ -16961,11 +16989,17 @@ class GuiApp:
                           "(UDP doesn't get through).")
 
     def hang_up_picked(self) -> None:
-        """ESC or Hang up: end the call with the peer whose tile is picked."""
+        """ESC or Hang up: end the call with the peer whose tile is picked,
+        or, with no tile picked, with the only peer. Never with your own
+        tile picked: Backspace is that tile's key (it ends every call)."""
         window = self.calls.window
         if window is None:
             return
-        peer = window.picked_peer() or (window.peers[0] if len(window.peers) == 1 else None)
+        if window.own_tile_picked():
+            window.status("That is your own tile: Backspace or End all calls ends every call.")
+            return
+        peer = window.picked_peer() or (window.peers[0] if len(window.peers) == 1
+                                        and window.selected is None else None)
         if peer is None:
             window.status("Click the tile of the person to hang up on first.")
             return

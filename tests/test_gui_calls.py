@@ -23,7 +23,8 @@ import pytest
 from pulse import pulse_server
 from test_gui import assert_exits_cleanly, unique
 
-from guidriver import LOOPBACK, Cli, Gui, Host, Xvfb, ink, on_screen
+from conftest import free_udp_port
+from guidriver import LOOPBACK, Cli, Gui, Host, Xvfb, in_tk_child, ink, on_screen
 
 MEDIA = ["--camera", "test", "--audio", "null"]
 
@@ -51,10 +52,11 @@ def caller(host: Host, user: str, procs: list) -> Cli:
     return cli
 
 
-def window_in_room(x, tmp_path, procs, host: Host, user: str = "alice") -> Gui:
+def window_in_room(x, tmp_path, procs, host: Host, user: str = "alice",
+                   extra: tuple[str, ...] = ()) -> Gui:
     gui = Gui(x, tmp_path / "config", ["--downloads", str(tmp_path / "dl"), "--server",
                                        f"{LOOPBACK}:{host.port}", "--room", "r", "--user",
-                                       user, *MEDIA])
+                                       user, *MEDIA, *extra])
     procs.append(gui)
     gui.window("launcher")
     gui.click("launcher", "join")
@@ -152,7 +154,20 @@ def test_video_moves_in_the_call_window_and_esc_hangs_up_on_that_peer(x, tmp_pat
     assert first[2] != second[2], "bob's tile shows the same picture: the video is frozen"
     assert len(set(second[2][i:i + 3] for i in range(0, len(second[2]), 3 * 97))) > 20, \
         "bob's tile is one flat colour: no video"
+    # ESC with our own tile picked hangs up on nobody (Backspace is that
+    # tile's key): a hint. A line typed after it reaches bob first, before
+    # any hang-up (one connection to the host, in order).
+    click_tile(gui, x, layout, "alice")
+    mark = gui.mark()
+    x.key("Escape")
+    said = gui.wait_for(lambda e: e.get("gui") == "call_status" and "own tile" in e["text"],
+                        10, mark)
+    assert "Backspace" in said["text"]
+    gui.type_into("chat", "input", "still in the call", enter=True)
+    bob.wait_for(lambda e: e.get("type") == "message" and e["text"] == "still in the call")
+    assert not [e for e in bob.lines if e.get("type") == "call_ended"]
     # ESC with bob's tile picked: that link only ends; the window closes with the last.
+    layout = call_window(gui, {"alice", "bob"})
     click_tile(gui, x, layout, "bob")
     x.key("Escape")
     ended = bob.wait_for(lambda e: e.get("type") == "call_ended", 15)
@@ -172,7 +187,7 @@ def test_video_moves_in_the_call_window_and_esc_hangs_up_on_that_peer(x, tmp_pat
     assert_exits_cleanly(gui)
 
 
-def test_a_four_person_grid_backspace_ends_all_and_closing_the_window_hangs_up(
+def test_a_four_person_grid_esc_ends_one_backspace_all_closing_the_window_hangs_up(
         x, tmp_path, procs):
     host = Host(unique("grid"), advertise=False)
     procs.append(host)
@@ -192,10 +207,27 @@ def test_a_four_person_grid_backspace_ends_all_and_closing_the_window_hangs_up(
     assert gui.wait_for(lambda e: e.get("gui") == "call_status", 5)  # said who is in it
     said = [e["text"] for e in gui.lines if e.get("gui") == "call_status"][-1]
     assert said.startswith("In a call with ") and all(n in said for n in ("bob", "carol", "dave"))
+    # ESC with bob's tile picked hangs up on bob alone: three tiles stay, and
+    # carol and dave, told nothing, get a line typed after it (a hang-up on
+    # them would have come first: one connection to the host, in order).
+    click_tile(gui, x, layout, "bob")
+    mark = gui.mark()
+    x.key("Escape")
+    assert bob.wait_for(lambda e: e.get("type") == "call_ended" and e["peer"] == "alice",
+                        15)["reason"] == "hangup"
+    layout = call_window(gui, {"alice", "carol", "dave"}, mark)
+    gui.wait_for(lambda e: e.get("gui") == "call_status"
+                 and e["text"].endswith("In a call with carol and dave."), 10, mark)
+    gui.type_into("chat", "input", "bob has gone", enter=True)
+    for other in (carol, dave):
+        other.wait_for(lambda e: e.get("type") == "message" and e["text"] == "bob has gone")
+        assert not [e for e in other.lines if e.get("type") == "call_ended"
+                    and e["peer"] == "alice"], f"{other.user} was hung up on too"
     # Backspace with our own tile picked ends every call.
+    layout = call_window(gui, {"alice", "carol", "dave"}, mark)
     click_tile(gui, x, layout, "alice")
     x.key("BackSpace")
-    for other in (bob, carol, dave):
+    for other in (carol, dave):
         assert other.wait_for(lambda e: e.get("type") == "call_ended"
                               and e["peer"] == "alice", 15)["reason"] == "hangup"
     gui.wait_for(lambda e: e.get("gui") == "call_window_closed", 15)
@@ -210,6 +242,223 @@ def test_a_four_person_grid_backspace_ends_all_and_closing_the_window_hangs_up(
     wait_no_media_threads(gui)              # no thread behind, camera and sound closed
     gui.type_into("chat", "input", "after the call", enter=True)
     bob.wait_for(lambda e: e.get("type") == "message" and e["text"] == "after the call")
+    gui.close("chat")
+    assert_exits_cleanly(gui)
+
+
+def test_video_call_calls_the_member_picked_and_a_relayed_peer_is_said(x, tmp_path, procs):
+    """Pick bob in the members list, press Video call: bob (only) is
+    invited. His client sends its media through the host (--media-path
+    relay): the call window says so in its status line."""
+    host = Host(unique("pick"), advertise=False)
+    procs.append(host)
+    gui = window_in_room(x, tmp_path, procs, host)
+    bob = Cli(host.port, "r", "bob", extra=[*MEDIA, "--media-path", "relay"])
+    procs.append(bob)
+    carol = caller(host, "carol", procs)
+    members = gui.wait_for(lambda e: e.get("gui") == "members" and len(e["members"]) == 3, 15)
+    row = next(r for r in members["rows"] if r["user"] == "bob")["box"]
+    x.click(row[0] + row[2] / 2, row[1] + row[3] / 2)
+    gui.wait_for(lambda e: e.get("gui") == "picked" and e["user"] == "bob")
+    gui.click("chat", "video")
+    assert bob.wait_for(lambda e: e.get("type") == "call_invite", 15)["from"] == "alice"
+    # Back to everyone (bob's private conversation moved the list down):
+    # a line to all, typed after the invitation, reaches carol after it would.
+    members = [e for e in gui.lines if e.get("gui") == "members"][-1]
+    row = next(r for r in members["rows"] if r["user"] is None)["box"]    # "Everyone"
+    mark = gui.mark()
+    x.click(row[0] + row[2] / 2, row[1] + row[3] / 2)
+    gui.wait_for(lambda e: e.get("gui") == "picked" and e["user"] is None, 10, mark)
+    gui.type_into("chat", "input", "only bob", enter=True)
+    carol.wait_for(lambda e: e.get("type") == "message" and e["text"] == "only bob")
+    assert not [e for e in carol.lines if e.get("type") == "call_invite"]
+    bob.say("/CHECK alice")
+    call_window(gui, {"alice", "bob"})
+    said = gui.wait_for(lambda e: e.get("gui") == "call_status" and "host" in e["text"], 30)
+    assert said["text"] == "bob's video and sound go through the host (UDP doesn't get through)."
+    frames_after(gui, "bob", 3, 0)          # and they do come
+    gui.close("call")
+    bob.wait_for(lambda e: e.get("type") == "call_ended" and e["peer"] == "alice", 15)
+    gui.close("chat")
+    assert_exits_cleanly(gui)
+
+
+def test_a_direct_call_from_the_video_call_button_shows_the_safety_code(x, tmp_path, procs):
+    """"127.0.0.1 P1 P2" and Video call in the window, "/call 127.0.0.1 P2
+    P1" in a terminal: they connect, and the peer's tile shows the safety
+    code the terminal shows."""
+    host = Host(unique("direct"), advertise=False)
+    procs.append(host)
+    gui = window_in_room(x, tmp_path, procs, host)
+    bob = caller(host, "bob", procs)
+    mine, theirs = free_udp_port(), free_udp_port()
+    gui.type_into("chat", "input", f"127.0.0.1 {mine} {theirs}")
+    gui.click("chat", "video")
+    gui.shown(lambda e: e["kind"] == "echo"
+              and e["text"] == f"Video call 127.0.0.1 {mine} {theirs}", 10)
+    bob.say(f"/call 127.0.0.1 {theirs} {mine}")
+    code = bob.wait_for(lambda e: e.get("type") == "call_connected", 30)["safety_code"]
+    assert code
+    layout = gui.wait_for(lambda e: e.get("gui") == "window" and e["name"] == "call"
+                          and any(t["detail"] for t in e["tiles"] if not t["mine"]), 30)
+    assert [t["detail"] for t in layout["tiles"] if not t["mine"]] == [code]
+    gui.close("call")
+    bob.wait_for(lambda e: e.get("type") == "call_ended", 20)
+    wait_no_media_threads(gui)
+    gui.close("chat")
+    assert_exits_cleanly(gui)
+
+
+def call_window_is_closed(gui: Gui) -> bool:
+    """Was the call window's last word that it closed (or did it never open)?"""
+    said = [e for e in gui.lines if e.get("gui") == "call_window_closed"
+            or (e.get("gui") == "window" and e["name"] == "call")]
+    return not said or said[-1]["gui"] == "call_window_closed"
+
+
+@pytest.mark.parametrize("moment", ["as_it_opens", "after_call_back_on_the_bar"])
+def test_closing_the_call_window_at_once_hangs_up_and_leaves_no_media_thread(
+        moment, x, tmp_path, procs):
+    """The call window's close button, pressed the moment the window is up
+    (bob, stopped, hasn't even heard that the call connected), or right
+    after Call back on the bar while carol's link is still being made:
+    every call ends, no media thread stays behind, the chat goes on."""
+    host = Host(unique("close"), advertise=False)
+    procs.append(host)
+    gui = window_in_room(x, tmp_path, procs, host)
+    bob = caller(host, "bob", procs)
+    bob.say("/CHECK alice")
+    if moment == "as_it_opens":
+        gui.wait_for(lambda e: e.get("gui") == "call_card" and e["user"] == "bob"
+                     and e["state"] == "ringing", 15)
+        bob.proc.send_signal(signal.SIGSTOP)    # ours, by PID: he reads nothing now
+        try:
+            answer_from_the_card(gui, x, "bob")
+            gui.window("call", 20)
+            gui.close("call")
+            gui.wait_for(lambda e: e.get("gui") == "call_window_closed", 15)
+            assert not [e for e in bob.lines if e.get("type") == "call_connected"]
+        finally:
+            bob.proc.send_signal(signal.SIGCONT)
+        connected = bob.wait_for(lambda e: e.get("type") == "call_connected"
+                                 and e["peer"] == "alice", 15)
+        bob.wait_for(lambda e: e.get("type") == "call_ended" and e["peer"] == "alice", 15,
+                     bob.lines.index(connected))
+    else:
+        carol = caller(host, "carol", procs)
+        answer_from_the_card(gui, x, "bob")
+        call_window(gui, {"alice", "bob"})
+        mark = gui.mark()
+        carol.say("/CHECK alice")
+        bar = gui.wait_for(lambda e: e.get("gui") == "call_ringing" and e["user"] == "carol",
+                           15, mark)
+        host.proc.send_signal(signal.SIGSTOP)   # ours, by PID: the call back waits in it
+        try:
+            bx, by, bw, bh = bar["elements"]["answer"]
+            x.click(bx + bw / 2, by + bh / 2)
+            gui.wait_for(lambda e: e.get("gui") == "call_ringing" and e["user"] is None,
+                         10, mark)              # Call back was pressed: the bar went
+            gui.close("call")
+            gui.wait_for(lambda e: e.get("gui") == "call_window_closed", 15, mark)
+        finally:
+            host.proc.send_signal(signal.SIGCONT)
+        for other in (bob, carol):
+            other.wait_for(lambda e: e.get("type") == "call_ended" and e["peer"] == "alice", 20)
+        # The host links carol (the call back came first), then ends her
+        # link with everyone else's (the hang-up); the call window comes
+        # back with her tile for that moment.
+        gui.wait_for(lambda e: e.get("gui") == "event" and e["event"]["type"] == "call_ended"
+                     and e["event"]["peer"] == "carol", 20, mark)
+    # A line typed now is handled after every event above: then the call
+    # window must be closed, and every media thread gone.
+    gui.type_into("chat", "input", "no call now", enter=True)
+    bob.wait_for(lambda e: e.get("type") == "message" and e["text"] == "no call now")
+    assert call_window_is_closed(gui)
+    wait_no_media_threads(gui)
+    assert not [e for e in bob.lines if e.get("type") == "call_ended"
+                and e["peer"] == "alice" and e["reason"] != "hangup"]
+    gui.close("chat")
+    assert_exits_cleanly(gui)
+
+
+def test_a_missed_call_card_says_they_called(x, tmp_path, procs):
+    """An invitation nobody answered (the host's --call-timeout, short
+    here) ends the ringing card: no Call back any more, and it says in the
+    past tense who called."""
+    host = Host(unique("missed"), advertise=False, extra=["--call-timeout", "2"])
+    procs.append(host)
+    gui = window_in_room(x, tmp_path, procs, host)
+    bob = caller(host, "bob", procs)
+    bob.say("/CHECK alice")
+    ringing = gui.wait_for(lambda e: e.get("gui") == "call_card" and e["user"] == "bob"
+                           and e["state"] == "ringing", 15)
+    assert ringing["title"] == "bob is calling you"
+    missed = gui.wait_for(lambda e: e.get("gui") == "call_card" and e["user"] == "bob"
+                          and e["state"] == "missed", 20)
+    assert missed["title"] == "bob called you"
+    assert missed["status"].startswith("Missed call") and "callback" not in missed["links"]
+    bob.wait_for(lambda e: e.get("type") == "call_failed" and e["peer"] == "alice", 10)
+    gui.close("chat")
+    assert_exits_cleanly(gui)
+
+
+_SEND = "def main(root, interp, script):\n    root.tk.call('send', interp, script)\n"
+
+
+def shrink_to_minimum(gui: Gui, x: Xvfb, layout: dict) -> dict:
+    """Ask the call window's Tk for a 1 x 1 window (Tk's send, as
+    guidriver.drop_files does): Tk keeps it at its minimum size (wm
+    minsize). The layout traced at that size."""
+    mark = gui.mark()
+    in_tk_child(x, _SEND, layout["interp"], f"wm geometry {layout['path']} 1x1")
+    return gui.wait_for(lambda e: e.get("gui") == "window" and e["name"] == "call"
+                        and e["box"][2:] == e["min"], 20, mark)
+
+
+def inside(box: list[int], window: list[int]) -> bool:
+    x, y, w, h = box
+    wx, wy, ww, wh = window
+    return w > 0 and h > 0 and wx <= x and x + w <= wx + ww and wy <= y and y + h <= wy + wh
+
+
+@pytest.mark.parametrize("scale", ["1", "1.5"])
+def test_at_its_minimum_size_the_call_window_keeps_its_status_line_and_buttons(
+        scale, x, tmp_path, procs):
+    """The tiles give way, never the lines under them: every button whole
+    and inside the window, the status line too; and the bar that rings
+    when someone else calls fits as well."""
+    host = Host(unique("small"), advertise=False)
+    procs.append(host)
+    gui = window_in_room(x, tmp_path, procs, host, extra=("--scale", scale))
+    bob, carol = caller(host, "bob", procs), caller(host, "carol", procs)
+    bob.say("/CHECK alice")
+    answer_from_the_card(gui, x, "bob")
+    roomy = call_window(gui, {"alice", "bob"})
+    gui.wait_for(lambda e: e.get("gui") == "call_status", 10)
+    small = shrink_to_minimum(gui, x, roomy)
+    assert small["box"][3] < roomy["box"][3], (small["box"], roomy["box"])
+    buttons = ("mute", "camera", "hangup", "end")
+    for name in (*buttons, "status"):
+        assert inside(small["elements"][name], small["box"]), \
+            f"{name} is cut off at the minimum size: {small['elements'][name]} in {small['box']}"
+    for name in buttons:                    # whole: as large as in the roomy window
+        assert small["elements"][name][2:] == roomy["elements"][name][2:], name
+    x.screenshot(tmp_path / f"call-minimum-{scale}.png", small["xid"])
+    # Carol calls: the bar with Call back and Decline takes room from the tiles too.
+    mark = gui.mark()
+    carol.say("/CHECK alice")
+    bar = gui.wait_for(lambda e: e.get("gui") == "call_ringing" and e["user"] == "carol",
+                       15, mark)
+    squeezed = gui.wait_for(lambda e: e.get("gui") == "window" and e["name"] == "call"
+                            and e["elements"]["tiles"][3] < small["elements"]["tiles"][3],
+                            15, mark)
+    assert squeezed["box"] == small["box"]
+    for name, box in (*bar["elements"].items(),
+                      *((n, squeezed["elements"][n]) for n in (*buttons, "status"))):
+        assert inside(box, squeezed["box"]), f"{name} is cut off with the bar up: {box}"
+    x.screenshot(tmp_path / f"call-minimum-ringing-{scale}.png", squeezed["xid"])
+    gui.close("call")
+    bob.wait_for(lambda e: e.get("type") == "call_ended" and e["peer"] == "alice", 15)
     gui.close("chat")
     assert_exits_cleanly(gui)
 
