@@ -15331,6 +15331,7 @@ class ChatWindow:
         expires = time.monotonic() + (event.get("expires") or CALL_TIMEOUT_S)
         old = self.invites.pop(id_key(user), None)
         if old is not None:                 # a renewed invitation: one card is enough
+            old.data["title"] = f"{printable(user)} called you"
             self._invite_views.pop(id_key(user), self.view).update(
                 old, "call_card", state="renewed", status="Called again below")
         self._invite_views[id_key(user)] = self.view    # where we look now
@@ -15348,16 +15349,16 @@ class ChatWindow:
         return bool(self.invites)
 
     def invite_over(self, user: str, state: str, status: str) -> None:
-        """The call from `user` was answered, declined or missed."""
+        """The call from `user` was answered, declined or missed: its card
+        no longer rings, so it says "called you"."""
         entry = self.invites.pop(id_key(user), None)
         if entry is not None:
+            entry.data["title"] = f"{printable(user)} called you"
             self._invite_views.pop(id_key(user), self.view).update(
                 entry, "call_card", state=state, status=status)
 
     def on_call_missed(self, event: dict) -> None:
         self.on_call_event(event)
-        if (card := self.invites.get(id_key(event["from"]))) is not None:   # no longer rings
-            card.data["title"] = f"{printable(event['from'])} called you"
         self.invite_over(event["from"], "missed", f"Missed call · {_clock(unix_now())}")
 
     def on_call_event(self, event: dict) -> None:
@@ -16985,8 +16986,8 @@ class GuiApp:
         if window is not None and event["path"] == "relay" and \
                 self._paths.get(event["peer"]) == "direct":
             self._paths[event["peer"]] = "relay"
-            window.status(f"{printable(event['peer'])}'s video and sound go through the host "
-                          "(UDP doesn't get through).")
+            window.status(f"{printable(event['peer'])}'s video and sound go through the host, "
+                          "not straight over UDP.")   # blocked, or --media-path relay
 
     def hang_up_picked(self) -> None:
         """ESC or Hang up: end the call with the peer whose tile is picked,

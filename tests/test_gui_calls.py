@@ -71,7 +71,11 @@ def answer_from_the_card(gui: Gui, x, user: str, start: int = 0) -> None:
                         and e["state"] == "ringing", 15, start)  # the countdown redraws it
     gui.painted(card)
     box = on_screen(card, card["links"]["callback"])
+    mark = gui.mark()
     x.click(box[0] + box[2] / 2, box[1] + box[3] / 2)
+    answered = gui.wait_for(lambda e: e.get("gui") == "call_card" and e["user"] == user
+                            and e["state"] == "answered", 15, mark)
+    assert answered["title"] == f"{user} called you"        # no longer "is calling you"
 
 
 def answer_from_the_bar(gui: Gui, x, other: Cli) -> None:
@@ -275,7 +279,7 @@ def test_video_call_calls_the_member_picked_and_a_relayed_peer_is_said(x, tmp_pa
     bob.say("/CHECK alice")
     call_window(gui, {"alice", "bob"})
     said = gui.wait_for(lambda e: e.get("gui") == "call_status" and "host" in e["text"], 30)
-    assert said["text"] == "bob's video and sound go through the host (UDP doesn't get through)."
+    assert said["text"] == "bob's video and sound go through the host, not straight over UDP."
     frames_after(gui, "bob", 3, 0)          # and they do come
     gui.close("call")
     bob.wait_for(lambda e: e.get("type") == "call_ended" and e["peer"] == "alice", 15)
