@@ -10243,9 +10243,11 @@ class MediaEngine:
 # =============================================================================
 # ClientCalls is to calls what ClientFiles is to files: ClientCore (next
 # section) owns it, hands it the host's call events and the commands a
-# person types, and ticks it once a second; it talks to the host through
-# the core and to the front end through `emit`. It sets up every link this
-# client is in, host-arranged (/CHECK) or direct ("ip port1 port2": the
+# person types, and ticks it once a second while logged in or `busy` (a
+# call needs its clock with no host connection too: direct calls never use
+# one, host-arranged ones go on through a drop); it talks to the host
+# through the core and to the front end through `emit`. It sets up every
+# link this client is in, host-arranged (/CHECK) or direct ("ip port1 port2": the
 # hello and key agreement of MEDIA PACKETS), hands each to the MediaEngine
 # (CLIENT MEDIA), and watches them: the UDP sockets' traffic goes to the
 # engine, the clock checks that each link is alive, falls back to the
@@ -10386,6 +10388,12 @@ class ClientCalls:
     def peers(self) -> list[str]:
         return [link.peer for link in self.media.links()]
 
+    @property
+    def busy(self) -> bool:
+        """Is there a link, or a direct call waiting? Then the clock must
+        run (`tick`), whether the host connection is up or not."""
+        return bool(self._direct) or bool(self.media.links())
+
     # --- events from the host (core's loop) ---
 
     def on_call_start(self, event: CallStart) -> None:
@@ -10425,7 +10433,8 @@ class ClientCalls:
     # --- the clock (core's loop, once per media_stats_s) ---
 
     def tick(self) -> None:
-        """Liveness, the relay fallback, keepalives, and media_stats."""
+        """Liveness, the relay fallback, keepalives, and media_stats; the
+        core calls it while `busy`, with or without a host connection."""
         limits, now = self.limits, time.monotonic()
         for call in list(self._direct):             # not connected yet
             if now - call.started > limits.call_timeout_s:
@@ -10440,8 +10449,9 @@ class ClientCalls:
                 continue
             if not link.direct and not link.relay_asked and self.options.media_path == "auto" \
                     and now - max(link.heard_udp, link.started) > limits.media_fallback_s:
-                link.relay_asked = True     # no UDP from them: a firewall, most likely
-                self.to_host(RelayMedia(link.peer))
+                # No UDP from them: a firewall, most likely. Asked again next
+                # tick if the host connection is down just now.
+                link.relay_asked = self.to_host(RelayMedia(link.peer))
             if now - link.sent > limits.keepalive_s:
                 self.media.send(link, KIND_CONTROL, pack_control(Control(CONTROL_KEEPALIVE)))
             self.emit(self.media.stats(link, now))
@@ -10856,7 +10866,8 @@ class ClientCore:
         self.files = ClientFiles(limits, Path(os.path.abspath(os.path.expanduser(
             downloads or default_downloads_dir()))), self._emit)
         self.calls = ClientCalls(limits, media, self._emit, self._to_host, self.loop)
-        self._call_ticker: asyncio.TimerHandle | None = None
+        self._call_ticker: asyncio.TimerHandle | None = None    # the calls' clock
+        self._closing = False               # stop() began: the clock stays stopped
         # Call events from the host that ClientCalls acts on; the rest of
         # them (call_invite, call_missed, call_failed) go out as they came.
         self._call_handlers: dict[type[Event], Callable[[Any], Any]] = {
@@ -11008,7 +11019,7 @@ class ClientCore:
 
     def call_address(self, address: str, listen: int, port: int) -> concurrent.futures.Future:
         """A direct call: receive on UDP `listen`, send to `address`:`port`."""
-        return self.submit(self._run(self.calls.call_address, address, listen, port))
+        return self.submit(self._run(self._call_address, address, listen, port))
 
     def hang_up(self, user: str | None = None) -> concurrent.futures.Future:
         """End the call with `user`, or every call (and withdraw invitations)."""
@@ -11136,8 +11147,13 @@ class ClientCore:
         return host.port
 
     async def _shutdown(self) -> None:
-        """Everything `stop()` ends: the room, the LAN watch, the host."""
+        """Everything `stop()` ends: the room, the calls' clock, the LAN
+        watch, the host."""
         await self._leave()
+        self._closing = True
+        if self._call_ticker is not None:
+            self._call_ticker.cancel()
+            self._call_ticker = None
         browser, self._browser = self._browser, None
         if self._checker is not None:
             self._checker.cancel()
@@ -11520,14 +11536,26 @@ class ClientCore:
         self._emit({"type": "media_state", "muted": self.calls.media.muted,
                     "video": self.calls.media.camera_on})
 
+    def _call_address(self, address: str, listen: int, port: int) -> None:
+        self.calls.call_address(address, listen, port)
+        self._keep_ticking()                # logged in or not: direct calls need no host
+
     def _tick_calls(self) -> None:
-        """Once per media_stats_s while logged in: the calls' clock, and
-        the place on disk brought up to date."""
+        """Once per media_stats_s while logged in, or while there is a call
+        (a link, or a direct call waiting), whatever the host connection
+        does: direct calls need no host, and host-arranged ones go on
+        through a drop. The calls' clock (liveness, keepalives, the direct
+        call timeout, media_stats), and the place on disk brought up to
+        date. Stops when neither holds; `_keep_ticking` starts it again."""
         self._call_ticker = None
         self.calls.tick()
         if self._place is not None:
             self._on_disk(self._store.save(self._place, self.files.in_progress()))
-        if self._ready:
+        self._keep_ticking()
+
+    def _keep_ticking(self) -> None:
+        """Schedule the next tick, unless one is due or nothing needs it."""
+        if self._call_ticker is None and not self._closing and (self._ready or self.calls.busy):
             self._call_ticker = self.loop.call_later(self.limits.media_stats_s,
                                                      self._tick_calls)
 

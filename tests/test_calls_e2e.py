@@ -343,6 +343,32 @@ def test_a_direct_call_connects_with_equal_safety_codes(host, join, tmp_path):
     assert bob.wait_for("call_ended", CALL_DEADLINE)["reason"] in ("lost", "hangup")
 
 
+def test_a_direct_call_goes_on_when_the_host_dies(start_host, join):
+    """Direct calls work with no help from the host: with the host killed
+    mid-call (both clients trying to get back to it), media_stats keep
+    coming on both sides, and a /hangup still reaches the peer."""
+    host = start_host()
+    alice = join(host.port, "r", "alice", *MEDIA)
+    bob = join(host.port, "r", "bob", *MEDIA)
+    pa, pb = free_udp_port(), free_udp_port()
+    alice.send(f"/call {LOOPBACK} {pa} {pb}")
+    bob.send(f"/call {LOOPBACK} {pb} {pa}")
+    for me in (alice, bob):
+        me.wait_for("call_connected", CALL_DEADLINE)
+    host.proc.kill()                        # kill -9: no goodbye to anyone
+    host.proc.wait(CALL_DEADLINE)
+    for me, peer in ((alice, "bob"), (bob, "alice")):
+        me.wait_for("reconnecting", CALL_DEADLINE)
+        for _ in range(3):                  # the calls' clock runs on, and media flows
+            stats(me, peer, lambda e: e["video_fps"] > 0 and e["audio_frames"] > 0)
+    alice.send("/hangup bob")
+    ended = bob.wait_for("call_ended", 20)
+    assert ended["peer"] == "alice"
+    assert alice.wait_for("call_ended", CALL_DEADLINE)["peer"] == "bob"
+    for me in (alice, bob):
+        assert not [e for e in me.seen() if e.get("type") == "closed"]
+
+
 def test_a_direct_call_nobody_answers_fails(start_host, join):
     host = start_host()
     alice = join(host.port, "r", "alice", "--camera", "none", "--audio", "null",
