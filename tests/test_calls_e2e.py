@@ -339,8 +339,15 @@ def test_a_direct_call_connects_with_equal_safety_codes(host, join, tmp_path):
     wait_for_files(record, "alice-*.png", 2)
     assert stamps(record, "alice")
     assert abs(tone_peak_hz(record / "alice.wav") - 440) < 5
-    alice.send("/hangup bob")
-    assert bob.wait_for("call_ended", CALL_DEADLINE)["reason"] in ("lost", "hangup")
+    alice.send("/hangup bob")               # a sealed bye tells bob at once: no host
+    ended = bob.wait_for("call_ended", CALL_DEADLINE)   # here, and no 5 s of silence
+    assert (ended["peer"], ended["reason"]) == ("alice", "hangup")
+    assert alice.wait_for("call_ended", CALL_DEADLINE)["peer"] == "bob"
+    alice.send("/who")                      # and once: the other byes change nothing
+    bob.send("/who")
+    for me in (alice, bob):
+        me.wait_for("members")
+        assert len([e for e in me.seen() if e.get("type") == "call_ended"]) == 1
 
 
 def test_a_direct_call_goes_on_when_the_host_dies(start_host, join):
@@ -363,10 +370,26 @@ def test_a_direct_call_goes_on_when_the_host_dies(start_host, join):
             stats(me, peer, lambda e: e["video_fps"] > 0 and e["audio_frames"] > 0)
     alice.send("/hangup bob")
     ended = bob.wait_for("call_ended", 20)
-    assert ended["peer"] == "alice"
+    assert (ended["peer"], ended["reason"]) == ("alice", "hangup")
     assert alice.wait_for("call_ended", CALL_DEADLINE)["peer"] == "bob"
     for me in (alice, bob):
         assert not [e for e in me.seen() if e.get("type") == "closed"]
+
+
+def test_quitting_in_a_direct_call_hangs_up(host, join):
+    """/quit says bye to a direct peer too: it hears `hangup` at once, not
+    `lost` after seconds of silence."""
+    alice = join(host.port, "r", "alice", "--camera", "none", "--audio", "tone")
+    bob = join(host.port, "r", "bob", "--camera", "none", "--audio", "tone")
+    pa, pb = free_udp_port(), free_udp_port()
+    alice.send(f"/call {LOOPBACK} {pa} {pb}")
+    bob.send(f"/call {LOOPBACK} {pb} {pa}")
+    alice.wait_for("call_connected", CALL_DEADLINE)
+    stats(bob, "alice", lambda e: e["audio_frames"] > 0)
+    alice.send("/quit")
+    assert alice.wait() == 0
+    ended = bob.wait_for("call_ended", CALL_DEADLINE)
+    assert (ended["peer"], ended["reason"]) == ("alice", "hangup")
 
 
 def test_a_direct_call_nobody_answers_fails(start_host, join):
