@@ -14,9 +14,11 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import signal
 import socket
 import threading
+import time
 import wave
 from pathlib import Path
 
@@ -190,6 +192,73 @@ def test_chat_and_a_file_keep_flowing_during_a_call(host, join, tmp_path):
     got = bob.wait_for("file_received", CALL_DEADLINE)
     assert Path(got["path"]).read_bytes() == data
     stats(bob, "alice", lambda e: e["video_fps"] > 5)            # and the call goes on
+
+
+def test_video_off_and_on_and_mute_keep_the_call(host, join):
+    """/video off stops the video bob sees and /video on brings it back;
+    /mute stops the sound, /unmute brings it back. Each answers media_state,
+    and the link stays up throughout (keepalives and the other medium)."""
+    alice = join(host.port, "r", "alice", *MEDIA)
+    bob = join(host.port, "r", "bob", *MEDIA)
+    connect(alice, bob)
+    stats(bob, "alice", lambda e: e["video_fps"] > 0 and e["audio_frames"] > 0)
+
+    def state(muted: bool, video: bool) -> None:
+        alice.wait_for(lambda e: e.get("type") == "media_state"
+                       and (e["muted"], e["video"]) == (muted, video))
+
+    alice.send("/video off")
+    state(muted=False, video=False)
+    stats(bob, "alice", lambda e: e["video_fps"] == 0)
+    for _ in range(2):                      # and it stays off: a second with no frame
+        assert stats(bob, "alice")["video_fps"] == 0
+    alice.send("/video on")
+    state(muted=False, video=True)
+    stats(bob, "alice", lambda e: e["video_fps"] > 0)
+    alice.send("/mute")
+    state(muted=True, video=True)
+    stats(bob, "alice", lambda e: e["audio_frames"] == 0)
+    for _ in range(2):
+        assert stats(bob, "alice")["audio_frames"] == 0
+    stats(bob, "alice", lambda e: e["video_fps"] > 0)          # the video goes on
+    alice.send("/unmute")
+    state(muted=False, video=True)
+    stats(bob, "alice", lambda e: e["audio_frames"] > 0)
+    stats(alice, "bob", lambda e: e["video_fps"] > 0)          # bob's side never changed
+    for me in (alice, bob):
+        assert not [e for e in me.seen() if e.get("type") in ("call_ended", "closed")]
+
+
+def test_a_call_as_a_person_sees_it(host, join):
+    """Without --json: the callee is told `[SYSTEM] <alice> CALL YOU`, gets
+    one line when the call connects, and then a status line now and then
+    (at most one every STATS_LINE_EVERY_S), not one a second."""
+    alice = join(host.port, "r", "alice", *MEDIA)
+    bob = join(host.port, "r", "bob", *MEDIA, json_mode=False)
+    bob.wait_for("Joined room")
+    alice.wait_for(lambda e: e.get("type") == "system" and e["user"] == "bob")
+    alice.send("/CHECK bob")
+    invite = bob.wait_for("CALL YOU")
+    assert re.fullmatch(r"\[\d\d:\d\d:\d\d\] \[SYSTEM\] <alice> CALL YOU  "
+                        r"\(/CHECK alice to answer, /decline alice to refuse\)", invite), invite
+    bob.send("/CHECK alice")
+    alice.wait_for(lambda e: e.get("type") == "call_connected" and e["peer"] == "bob",
+                   CALL_DEADLINE)
+    connected = bob.wait_for("In a call with alice", CALL_DEADLINE)
+    assert re.match(r"\[\d\d:\d\d:\d\d\] In a call with alice \(127\.0\.0\.1:\d+, "
+                    r"direct, vp8/opus\)$", connected), connected
+    since = time.monotonic()
+    for _ in range(6):                      # some seconds of the call, by alice's stats
+        stats(alice, "bob", lambda e: e["video_fps"] > 0)
+    bob.send("/who")                        # a sentinel: bob's lines so far are all read
+    bob.wait_for("In the room (2)")
+    lasted = time.monotonic() - since
+    lines = bob.seen()
+    status = [line for line in lines if line.startswith("  ~ alice: ")]
+    assert status and len(status) <= 2 + lasted / chatroom.STATS_LINE_EVERY_S, (lasted, status)
+    assert re.match(r"  ~ alice: [\d.]+ fps, \d+ audio frames/s, [\d.]+% lost, ", status[0])
+    assert [line for line in lines if "In a call with" in line] == [connected]
+    assert len([line for line in lines if "CALL YOU" in line]) == 1
 
 
 def test_kill_9_of_a_peer_ends_its_links(host, join):
