@@ -14,9 +14,11 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import signal
 import socket
 import threading
+import time
 import wave
 from pathlib import Path
 
@@ -192,6 +194,73 @@ def test_chat_and_a_file_keep_flowing_during_a_call(host, join, tmp_path):
     stats(bob, "alice", lambda e: e["video_fps"] > 5)            # and the call goes on
 
 
+def test_video_off_and_on_and_mute_keep_the_call(host, join):
+    """/video off stops the video bob sees and /video on brings it back;
+    /mute stops the sound, /unmute brings it back. Each answers media_state,
+    and the link stays up throughout (keepalives and the other medium)."""
+    alice = join(host.port, "r", "alice", *MEDIA)
+    bob = join(host.port, "r", "bob", *MEDIA)
+    connect(alice, bob)
+    stats(bob, "alice", lambda e: e["video_fps"] > 0 and e["audio_frames"] > 0)
+
+    def state(muted: bool, video: bool) -> None:
+        alice.wait_for(lambda e: e.get("type") == "media_state"
+                       and (e["muted"], e["video"]) == (muted, video))
+
+    alice.send("/video off")
+    state(muted=False, video=False)
+    stats(bob, "alice", lambda e: e["video_fps"] == 0)
+    for _ in range(2):                      # and it stays off: a second with no frame
+        assert stats(bob, "alice")["video_fps"] == 0
+    alice.send("/video on")
+    state(muted=False, video=True)
+    stats(bob, "alice", lambda e: e["video_fps"] > 0)
+    alice.send("/mute")
+    state(muted=True, video=True)
+    stats(bob, "alice", lambda e: e["audio_frames"] == 0)
+    for _ in range(2):
+        assert stats(bob, "alice")["audio_frames"] == 0
+    stats(bob, "alice", lambda e: e["video_fps"] > 0)          # the video goes on
+    alice.send("/unmute")
+    state(muted=False, video=True)
+    stats(bob, "alice", lambda e: e["audio_frames"] > 0)
+    stats(alice, "bob", lambda e: e["video_fps"] > 0)          # bob's side never changed
+    for me in (alice, bob):
+        assert not [e for e in me.seen() if e.get("type") in ("call_ended", "closed")]
+
+
+def test_a_call_as_a_person_sees_it(host, join):
+    """Without --json: the callee is told `[SYSTEM] <alice> CALL YOU`, gets
+    one line when the call connects, and then a status line now and then
+    (at most one every STATS_LINE_EVERY_S), not one a second."""
+    alice = join(host.port, "r", "alice", *MEDIA)
+    bob = join(host.port, "r", "bob", *MEDIA, json_mode=False)
+    bob.wait_for("Joined room")
+    alice.wait_for(lambda e: e.get("type") == "system" and e["user"] == "bob")
+    alice.send("/CHECK bob")
+    invite = bob.wait_for("CALL YOU")
+    assert re.fullmatch(r"\[\d\d:\d\d:\d\d\] \[SYSTEM\] <alice> CALL YOU  "
+                        r"\(/CHECK alice to answer, /decline alice to refuse\)", invite), invite
+    bob.send("/CHECK alice")
+    alice.wait_for(lambda e: e.get("type") == "call_connected" and e["peer"] == "bob",
+                   CALL_DEADLINE)
+    connected = bob.wait_for("In a call with alice", CALL_DEADLINE)
+    assert re.match(r"\[\d\d:\d\d:\d\d\] In a call with alice \(127\.0\.0\.1:\d+, "
+                    r"direct, vp8/opus\)$", connected), connected
+    since = time.monotonic()
+    for _ in range(6):                      # some seconds of the call, by alice's stats
+        stats(alice, "bob", lambda e: e["video_fps"] > 0)
+    bob.send("/who")                        # a sentinel: bob's lines so far are all read
+    bob.wait_for("In the room (2)")
+    lasted = time.monotonic() - since
+    lines = bob.seen()
+    status = [line for line in lines if line.startswith("  ~ alice: ")]
+    assert status and len(status) <= 2 + lasted / chatroom.STATS_LINE_EVERY_S, (lasted, status)
+    assert re.match(r"  ~ alice: [\d.]+ fps, \d+ audio frames/s, [\d.]+% lost, ", status[0])
+    assert [line for line in lines if "In a call with" in line] == [connected]
+    assert len([line for line in lines if "CALL YOU" in line]) == 1
+
+
 def test_kill_9_of_a_peer_ends_its_links(host, join):
     alice = join(host.port, "r", "alice", "--camera", "test", "--audio", "null")
     bob = join(host.port, "r", "bob", "--camera", "test", "--audio", "null")
@@ -339,8 +408,57 @@ def test_a_direct_call_connects_with_equal_safety_codes(host, join, tmp_path):
     wait_for_files(record, "alice-*.png", 2)
     assert stamps(record, "alice")
     assert abs(tone_peak_hz(record / "alice.wav") - 440) < 5
+    alice.send("/hangup bob")               # a sealed bye tells bob at once: no host
+    ended = bob.wait_for("call_ended", CALL_DEADLINE)   # here, and no 5 s of silence
+    assert (ended["peer"], ended["reason"]) == ("alice", "hangup")
+    assert alice.wait_for("call_ended", CALL_DEADLINE)["peer"] == "bob"
+    alice.send("/who")                      # and once: the other byes change nothing
+    bob.send("/who")
+    for me in (alice, bob):
+        me.wait_for("members")
+        assert len([e for e in me.seen() if e.get("type") == "call_ended"]) == 1
+
+
+def test_a_direct_call_goes_on_when_the_host_dies(start_host, join):
+    """Direct calls work with no help from the host: with the host killed
+    mid-call (both clients trying to get back to it), media_stats keep
+    coming on both sides, and a /hangup still reaches the peer."""
+    host = start_host()
+    alice = join(host.port, "r", "alice", *MEDIA)
+    bob = join(host.port, "r", "bob", *MEDIA)
+    pa, pb = free_udp_port(), free_udp_port()
+    alice.send(f"/call {LOOPBACK} {pa} {pb}")
+    bob.send(f"/call {LOOPBACK} {pb} {pa}")
+    for me in (alice, bob):
+        me.wait_for("call_connected", CALL_DEADLINE)
+    host.proc.kill()                        # kill -9: no goodbye to anyone
+    host.proc.wait(CALL_DEADLINE)
+    for me, peer in ((alice, "bob"), (bob, "alice")):
+        me.wait_for("reconnecting", CALL_DEADLINE)
+        for _ in range(3):                  # the calls' clock runs on, and media flows
+            stats(me, peer, lambda e: e["video_fps"] > 0 and e["audio_frames"] > 0)
     alice.send("/hangup bob")
-    assert bob.wait_for("call_ended", CALL_DEADLINE)["reason"] in ("lost", "hangup")
+    ended = bob.wait_for("call_ended", 20)
+    assert (ended["peer"], ended["reason"]) == ("alice", "hangup")
+    assert alice.wait_for("call_ended", CALL_DEADLINE)["peer"] == "bob"
+    for me in (alice, bob):
+        assert not [e for e in me.seen() if e.get("type") == "closed"]
+
+
+def test_quitting_in_a_direct_call_hangs_up(host, join):
+    """/quit says bye to a direct peer too: it hears `hangup` at once, not
+    `lost` after seconds of silence."""
+    alice = join(host.port, "r", "alice", "--camera", "none", "--audio", "tone")
+    bob = join(host.port, "r", "bob", "--camera", "none", "--audio", "tone")
+    pa, pb = free_udp_port(), free_udp_port()
+    alice.send(f"/call {LOOPBACK} {pa} {pb}")
+    bob.send(f"/call {LOOPBACK} {pb} {pa}")
+    alice.wait_for("call_connected", CALL_DEADLINE)
+    stats(bob, "alice", lambda e: e["audio_frames"] > 0)
+    alice.send("/quit")
+    assert alice.wait() == 0
+    ended = bob.wait_for("call_ended", CALL_DEADLINE)
+    assert (ended["peer"], ended["reason"]) == ("alice", "hangup")
 
 
 def test_a_direct_call_nobody_answers_fails(start_host, join):

@@ -300,6 +300,46 @@ def test_control_malformed():
             mp.pack_control(control)
 
 
+def test_bye_packs_to_one_byte_and_back():
+    bye = mp.Control(mp.CONTROL_BYE)
+    assert mp.pack_control(bye) == bytes([mp.CONTROL_BYE]) == b"\x05"
+    assert mp.unpack_control(b"\x05") == bye
+    assert mp.CONTROL_BYE not in (mp.CONTROL_KEYFRAME, mp.CONTROL_KEEPALIVE,
+                                  mp.CONTROL_NACK, mp.CONTROL_REPORT)
+    for inner in (b"\x05\x00", b"\x05" + bytes(4), b"\x05\x05"):    # a bye has no body
+        assert mp.unpack_control(inner) is None
+    with pytest.raises(ValueError):
+        mp.pack_control(mp.Control(mp.CONTROL_BYE, 1))
+    # A peer that predates a control type drops it, as unknown: so do we, for the
+    # types after the bye, which is how an older peer ignores a bye.
+    for unknown in (6, 7, 0x7F, 0xFF):
+        assert mp.unpack_control(bytes([unknown])) is None
+
+
+def test_only_an_authentic_new_bye_opens():
+    """A bye ends a direct call, so it counts only as sealed media does: one
+    sealed by the peer under this link's key, new. A replayed bye, a
+    forged one (another key, or this link's id with bytes changed), and our
+    own reflected back are all refused before the control is read."""
+    sa, oa, _, ob = link()
+    sealed = sa.seal(mp.KIND_CONTROL, mp.pack_control(mp.Control(mp.CONTROL_BYE)))
+    kind, _, inner = ob.open(sealed)
+    assert kind == mp.KIND_CONTROL and mp.unpack_control(inner) == mp.Control(mp.CONTROL_BYE)
+    assert ob.open(sealed) is None and ob.replayed == 1         # replayed
+    forger, _, _, _ = link(link_key=bytes(32))                   # same link id, wrong key
+    forged = forger.seal(mp.KIND_CONTROL, b"\x05")
+    assert mp.peek_header(forged)[:2] == (mp.KIND_CONTROL, LINK_ID)
+    assert ob.open(forged) is None
+    keepalive = sa.seal(mp.KIND_CONTROL, b"\x02")              # a keepalive made a bye
+    tampered = keepalive[:mp.PACKET_OVERHEAD_BYTES - 16] + bytes(
+        [keepalive[-17] ^ 0x02 ^ 0x05]) + keepalive[-16:]
+    assert len(tampered) == len(keepalive) and tampered != keepalive
+    assert ob.open(tampered) is None
+    assert oa.open(sealed) is None                              # reflected to its sender
+    assert ob.open(keepalive) is not None                       # the real one still opens
+    assert (ob.accepted, ob.refused) == (2, 3)
+
+
 def test_video_pack_unpack_and_refusals():
     frag = mp.VideoFragment(7, 123, True, False, mp.CODEC_VP8, 2, 3, 5, 0, b"abc")
     assert mp.unpack_video(mp.pack_video(frag)) == frag
