@@ -14919,6 +14919,9 @@ class _ConversationTrace(GuiTrace):
         super().__call__(what, conversation=self.conversation, **fields)
 
 
+_NAMES_MOST_PX = 420               # the widest the room's name and address keep the window
+
+
 class ChatWindow:
     """One room: its conversations, the members, a line to type in, and
     buttons to send a file or start a video call.
@@ -14963,7 +14966,7 @@ class ChatWindow:
                                 font=look.font(8), pad=0, key=(_CHAT, "key"),
                                 text_color=COLOURS["faint"] if ready.get("fingerprint")
                                 else COLOURS["error_text"])]],
-                      pad=0),
+                      pad=0, key=(_CHAT, "names")),
             sg.Push(),
             _button(ask_button_text(ask_above), (_CHAT, "ask"), look, primary=False,
                     pad=((0, px(8)), 0),
@@ -15012,7 +15015,7 @@ class ChatWindow:
             [sg.Column([[sg.Canvas(key=(_CHAT, "view"), size=(px(420), px(260)), pad=0,
                                    background_color=COLOURS["chat"], expand_x=True,
                                    expand_y=True)]], expand_x=True, expand_y=True,
-                       pad=(0, (px(10), px(8)))),
+                       pad=(0, (px(10), px(8))), key=(_CHAT, "middle")),
              side],
             footer,
             [sg.Text("Enter sends · Shift+Enter starts a new line · Ctrl+F searches · help "
@@ -15038,7 +15041,21 @@ class ChatWindow:
         footer_row = self.window[(_CHAT, "send")].Widget.master
         hint.pack_configure(side="bottom", before=middle)
         footer_row.pack_configure(side="bottom", before=middle)
-        _fit_on_screen(self.window, (px(620), px(420)), (px(900), px(700)))
+        # Sideways the same way: the header's buttons (from the right) before
+        # the room's name and address, the members before the conversation,
+        # so a narrow window cuts those, never Leave or the members. And the
+        # window is never narrower than what the header's buttons and the
+        # members ask for (a review found Leave off screen at the minimum).
+        names = self.window[(_CHAT, "names")].Widget
+        for name in ("leave", "theme", "sound", "ask"):
+            self.window[(_CHAT, name)].Widget.pack_configure(side="right", before=names)
+        side.pack_configure(side="right", before=self.window[(_CHAT, "middle")].Widget)
+        # And down the members' column: the list shrinks before the line
+        # under it that says who you write to.
+        self.window[(_CHAT, "target")].Widget.master.pack_configure(
+            side="bottom", before=self.window[(_CHAT, "members")].Widget.master)
+        _fit_on_screen(self.window, (max(px(620), self._least_width()), px(420)),
+                       (px(900), px(700)))
         if trace.enabled:                   # tests follow resizes through the trace
             self.window.TKroot.bind("<Configure>", self._on_resize, add="+")
         self._resize_job: str | None = None
@@ -15072,6 +15089,21 @@ class ChatWindow:
         self.pick(None)
         self.count()
         self.trace_layout()
+
+    def _least_width(self) -> int:
+        """The narrowest the window may be: each row at the width it asks
+        for, except the room's name and address, which count for at most
+        _NAMES_MOST_PX (a long host name must not make the window wide; Tk
+        cuts them first, see __init__)."""
+        root = self.window.TKroot
+        root.update_idletasks()
+        names = self.window[(_CHAT, "names")].Widget
+        spare = max(0, names.winfo_reqwidth() - self.look.px(_NAMES_MOST_PX))
+        rows = [row for row in root.winfo_children() if row.winfo_manager() == "pack"]
+        asked = max(row.winfo_reqwidth() for row in rows)
+        least = max(row.winfo_reqwidth() - (spare if row is names.master else 0)
+                    for row in rows)
+        return root.winfo_reqwidth() - asked + least    # the window's own margins kept
 
     def _on_resize(self, event: Any) -> None:
         """Trace the layout again once a resize rests (trace mode only)."""
@@ -15516,7 +15548,7 @@ class ChatWindow:
                    elements={**{name: _screen_box(self.window[(_CHAT, name)].Widget)
                                 for name in ("input", "send", "file", "video", "leave",
                                              "members", "emoji", "theme", "sound",
-                                             "ask")},
+                                             "ask", "target")},
                              "view": _screen_box(self.view.widget),
                              **({"room": _screen_box(self.window[(_CHAT, "room")].Widget)}
                                 if self.shown is not None else {})},
@@ -15526,7 +15558,10 @@ class ChatWindow:
                    banner=banner.get() if banner.visible else "", protected=self.protected,
                    lock=_screen_box(self.window[(_CHAT, "lock")].Widget)
                    if self.protected else None,
-                   key=self.window[(_CHAT, "key")].get())
+                   key=self.window[(_CHAT, "key")].get(),
+                   # For Tk's `send` from a test: this interpreter, this toplevel.
+                   interp=str(self.window.TKroot.tk.call("tk", "appname")),
+                   toplevel=str(self.window.TKroot))
 
     def close(self) -> None:
         if self._resize_job is not None:

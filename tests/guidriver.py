@@ -423,6 +423,22 @@ def drop_files(x: Xvfb, interp: str, window: str, point: tuple[int, int],
     in_tk_child(x, _DROP, interp, window, str(point[0]), str(point[1]), *paths)
 
 
+_SHRINK = """
+def main(root, interp, toplevel):
+    root.tk.call("send", interp, f"wm geometry {toplevel} 1x1")
+    return [int(n) for n in str(root.tk.call("send", interp, f"wm minsize {toplevel}")).split()]
+"""
+
+
+def shrink_to_minimum(x: Xvfb, layout: dict) -> list[int]:
+    """Make a window as small as it lets itself be, as a person dragging
+    its corner would (Xvfb has no window manager to drag with): Tk's own
+    `wm geometry 1x1`, sent to the window's process with Tk's `send`
+    (`interp` and `toplevel` come from its "window" trace line), which Tk
+    clamps to the window's minimum size. Returns that [width, height]."""
+    return in_tk_child(x, _SHRINK, layout["interp"], layout["toplevel"])
+
+
 def ink(pixels: bytes) -> int:
     """How many pixels are dark (text on a light bubble)."""
     return sum(1 for i in range(0, len(pixels), 3)

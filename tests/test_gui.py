@@ -32,7 +32,18 @@ import pytest
 
 import chatroom
 from conftest import free_udp_port
-from guidriver import LOOPBACK, Cli, Gui, Host, Proc, Xvfb, in_tk_child, ink, on_screen
+from guidriver import (
+    LOOPBACK,
+    Cli,
+    Gui,
+    Host,
+    Proc,
+    Xvfb,
+    in_tk_child,
+    ink,
+    on_screen,
+    shrink_to_minimum,
+)
 
 RUN = f"guitest-{os.getpid()}"            # unique host names: the machine is shared
 _names = itertools.count(1)
@@ -857,17 +868,57 @@ def test_on_a_small_screen_the_window_fits_and_shows_the_message_box(tmp_path, p
             layout = join_from_launcher(gui, small)
             wx, wy, ww, wh = layout["box"]
             assert wx >= 0 and wx + ww <= 900 and wy >= 0 and wy + wh <= 560, layout["box"]
-            for name in ("input", "send", "file", "video"):
-                ex, ey, ew, eh = layout["elements"][name]
-                assert ew > 0 and eh > 0, (name, layout)
-                assert wx <= ex and ex + ew <= wx + ww and wy <= ey and ey + eh <= wy + wh, \
-                    f"{name} is cut off: window {layout['box']}, {name} {[ex, ey, ew, eh]}"
+            assert_all_shown(layout)       # the header's buttons too: the names give way
             gui.type_into("chat", "input", "fits", enter=True)      # and it works
             gui.shown(lambda e: e.get("text") == "fits")
             gui.close("chat")
             assert_exits_cleanly(gui)
     finally:
         small.stop()
+
+
+# What a chat window must always show whole, however small it is made.
+_CHAT_CONTROLS = ("ask", "sound", "theme", "leave", "members", "target", "file", "video",
+                  "input", "emoji", "send")
+
+
+def assert_all_shown(layout: dict) -> None:
+    """Each of _CHAT_CONTROLS lies whole inside the window (a "window"
+    trace line of the chat window)."""
+    wx, wy, ww, wh = layout["box"]
+    for name in _CHAT_CONTROLS:
+        ex, ey, ew, eh = layout["elements"][name]
+        assert ew > 1 and eh > 1, (name, layout)
+        assert wx <= ex and ex + ew <= wx + ww and wy <= ey and ey + eh <= wy + wh, \
+            f"{name} is cut off: window {layout['box']}, {name} {[ex, ey, ew, eh]}"
+
+
+def test_at_its_smallest_the_chat_window_still_shows_every_button(tmp_path, procs):
+    """A review shrank the window to its minimum (1920x980, --scale 1 and
+    1.5): "Sound: off" was cut, the theme button, Leave and part of the
+    members were off the window's edge. The minimum width now leaves the
+    header's buttons and the members what they ask for, and a narrower
+    window cuts the room's name and the conversation instead."""
+    screen = Xvfb(1920, 980).start()
+    try:
+        host = Host(unique("smallest"), advertise=False)
+        procs.append(host)
+        for scale in ("1", "1.5"):
+            gui = start_gui(screen, tmp_path, procs, "--server", f"{LOOPBACK}:{host.port}",
+                            "--room", "r", "--user", f"m{scale[0]}", "--scale", scale)
+            layout = join_from_launcher(gui, screen)
+            mark = gui.mark()
+            least = shrink_to_minimum(screen, layout)
+            assert least[0] < layout["box"][2] and least[1] < layout["box"][3], (least, layout)
+            smallest = gui.wait_for(lambda e, least=least: e.get("gui") == "window"
+                                    and e["name"] == "chat"
+                                    and e["box"][2:] == least, 30, mark)
+            assert_all_shown(smallest)
+            screen.screenshot(tmp_path / f"chat-smallest-{scale}.png", smallest["xid"])
+            gui.close("chat")
+            assert_exits_cleanly(gui)
+    finally:
+        screen.stop()
 
 
 def test_a_frozen_then_vanished_host_greys_the_input_and_marks_unsent_lines(
