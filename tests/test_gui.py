@@ -754,6 +754,22 @@ _PYTHON_WORDS = ("Errno", "Connect call failed", "('127.0.0.1'", "Traceback", "O
                  "ConnectionRefusedError", "Multiple exceptions", "Error(", "exception")
 
 
+def test_a_join_error_is_a_sentence_not_python_exception_text(x, tmp_path, procs):
+    """Nothing listens on the port: the launcher says so in words
+    (why_unreachable), never as the exception asyncio raised ("[Errno 111]
+    Connect call failed ('127.0.0.1', 4242)")."""
+    port = closed_port()
+    gui = start_gui(x, tmp_path, procs, "--server", f"{LOOPBACK}:{port}", "--room", "r",
+                    "--user", "u")
+    _before, status, _after = join_fails(gui)
+    text = status["text"]
+    assert text.startswith(f"Can't reach {LOOPBACK}:{port}: nothing is listening there"), text
+    assert text[0].isupper() and text.endswith("."), text
+    assert not [word for word in _PYTHON_WORDS if word.lower() in text.lower()], text
+    gui.close("launcher")
+    assert_exits_cleanly(gui)
+
+
 def test_the_longest_join_error_shows_whole_and_join_stays_put(x, tmp_path, procs):
     """A host found on the LAN whose port takes no connections gets the
     firewall hint: the longest error there is. It used to show in two
