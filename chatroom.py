@@ -14674,9 +14674,11 @@ class HelpPanel:
 
 def _field(key: tuple, look: Look, default: str = "", **options: Any) -> Any:
     """An input inside a white box: tk entries have no inner padding, so the
-    box gives them room to breathe."""
+    box gives them room to breathe. It asks for less width than the
+    window gives it (three in a row fit a small screen), but more than the
+    launcher's labels over it, so those three share the row evenly."""
     import PySimpleGUI as sg
-    return sg.Column([[sg.Input(default, key=key, border_width=0, expand_x=True,
+    return sg.Column([[sg.Input(default, key=key, border_width=0, expand_x=True, size=(20, 1),
                                 background_color=COLOURS["panel"],
                                 disabled_readonly_background_color=COLOURS["panel"],
                                 disabled_readonly_text_color=COLOURS["faint"],
@@ -14752,6 +14754,29 @@ def _screen_box(widget: Any) -> list[int]:
 
 # --- The launcher ------------------------------------------------------------
 
+_LAUNCHER_LEAST_LIST_PX = 100      # the hosts list at the smallest: headings, two rows
+_LAUNCHER_WIDTH_PX = 1156          # the launcher's width, where the screen has room
+_STATUS_MOST_CHARS = 720           # about 5 lines: the firewall hint fits, with room to spare
+_TOOLTIP_LINE_CHARS = 80           # tooltips don't wrap: we do
+
+
+def _inside(widget: Any, ancestor: Any) -> bool:
+    """Whether `widget` is `ancestor` or inside it."""
+    return str(widget) == str(ancestor) or str(widget).startswith(str(ancestor) + ".")
+
+
+def _wrapped(text: str, width: int) -> str:
+    """`text` in lines of at most `width` characters, broken between words
+    (a word longer than that gets a line of its own)."""
+    lines: list[str] = []
+    for word in text.split():
+        if lines and len(lines[-1]) + 1 + len(word) <= width:
+            lines[-1] += " " + word
+        else:
+            lines.append(word)
+    return "\n".join(lines)
+
+
 class Launcher:
     """The first window: hosts found on the LAN (live), an address field,
     the Room and User IDs, Join and "Host a room here". Problems show in
@@ -14780,7 +14805,7 @@ class Launcher:
             header_text_color=COLOURS["muted"], header_font=look.font(9, "bold"),
             header_relief="flat", header_border_width=0, border_width=0,
             selected_row_colors=(COLOURS["mine_text"], COLOURS["accent"]),
-            hide_vertical_scroll=True, pad=(0, (px(6), px(4))))
+            hide_vertical_scroll=True, pad=(0, (px(6), px(4))), expand_y=True)
         ids = sg.Column([[
             sg.Column([[_label("ROOM ID", look)], [_field((_ROOM, "room"), look,
                                                           prefill.get("room", ""))]],
@@ -14811,9 +14836,9 @@ class Launcher:
             [_label("ADDRESS  (pick a host above, or type host or host:port)", look)],
             [_field((_ROOM, "address"), look, prefill.get("address", ""))],
             [ids],
-            # Two lines, wrapped: a long error must not widen the window and
-            # move Join from under the pointer.
-            [sg.Text("", key=(_ROOM, "status"), font=look.font(10), size=(58, 2),
+            # Wrapped to the window's width (see _wrap_status): a long error
+            # must not widen the window and move Join from under the pointer.
+            [sg.Text("", key=(_ROOM, "status"), font=look.font(10), expand_x=True,
                      text_color=COLOURS["error_text"], pad=(0, (px(2), px(8))))],
             # Shown only when a host's key changed: accepting it is a deliberate click.
             [sg.pin(sg.Column([[
@@ -14839,7 +14864,47 @@ class Launcher:
         table.ttk_style.configure(table.table_ttk_style_name + ".Heading",
                                   padding=(look.px(3), look.px(2)))
         self.window[(_ROOM, "hosts")].bind("<Double-Button-1>", "double")
-        self.window.set_min_size(self.window.size)
+        self._fit()
+
+    def _fit(self) -> None:
+        """Size the window for its screen, with Join always on it. The rows
+        under the list are packed from the bottom before the list, and Join
+        and the theme button from the right, so Tk gives what is left to
+        the list: a short screen, a long error or the changed-key box
+        shrink the list, never move Join (a review found the launcher 991 px
+        tall at --scale 1.5 on a 980 px screen, and Join off a 1280x720 one)."""
+        root, px = self.window.TKroot, self.look.px
+        status = self.window[(_ROOM, "status")].Widget
+        status.configure(width=0, height=0, wraplength=px(300))    # see _wrap_status
+        status.bind("<Configure>", lambda event: self._wrap_status(event.width), add="+")
+        rows = root.pack_slaves()
+        table = next(row for row in rows if _inside(self.window[(_ROOM, "hosts")].Widget, row))
+        for row in reversed(rows[rows.index(table) + 1:]):
+            row.pack_configure(side="bottom", before=table)
+        host, join = self.window[(_ROOM, "host")].Widget, self.window[(_ROOM, "join")].Widget
+        join.pack_configure(side="right", before=host)
+        theme = self.window[(_ROOM, "theme")].Widget
+        theme.pack_configure(side="right", before=theme.master.pack_slaves()[0])
+        root.update_idletasks()
+        asked_w, asked_h = root.winfo_reqwidth(), root.winfo_reqheight()
+        # At least the list's headings and two rows of it.
+        least_h = asked_h - table.winfo_reqheight() + px(_LAUNCHER_LEAST_LIST_PX)
+        _fit_on_screen(self.window, (asked_w, least_h), (px(_LAUNCHER_WIDTH_PX), asked_h))
+        root.update_idletasks()
+        self._wrap_status(status.winfo_width())
+
+    def _wrap_status(self, width: int) -> None:
+        """The status line is `width` wide (it fills the window's width):
+        wrap its text there, in as many lines as it takes (the list makes
+        room, see _fit). Called again each time that width changes."""
+        label = self.window[(_ROOM, "status")].Widget
+
+        def pixels(option: str) -> int:     # cget gives Tcl objects: "1", "2m"...
+            return int(label.winfo_pixels(str(label.cget(option))))
+
+        wrap = width - 2 * (pixels("padx") + pixels("borderwidth") + pixels("highlightthickness"))
+        if wrap > 0 and pixels("wraplength") != wrap:
+            label.configure(wraplength=wrap)
 
     # --- the hosts found ---
 
@@ -14972,12 +15037,32 @@ class Launcher:
         self.window[(_ROOM, "theme")].update(theme_button_text())
 
     def error(self, text: str) -> None:
-        self.window[(_ROOM, "status")].update(text, text_color=COLOURS["error_text"])
-        self.trace("launcher_status", text=text, error=True)
+        self._status(text, True)
 
     def status(self, text: str) -> None:
-        self.window[(_ROOM, "status")].update(text, text_color=COLOURS["muted"])
-        self.trace("launcher_status", text=text, error=False)
+        self._status(text, False)
+
+    def _status(self, text: str, error: bool) -> None:
+        """Show `text` under the fields, in red if an `error`: whole, in as
+        many lines as it takes at the window's width (see _fit), unless it
+        is longer than _STATUS_MOST_CHARS (a host's message can be): then
+        cut with "…", and whole in the tooltip."""
+        element = self.window[(_ROOM, "status")]
+        shown = text if len(text) <= _STATUS_MOST_CHARS else \
+            text[:_STATUS_MOST_CHARS - 1].rstrip() + "…"
+        element.update(shown, text_color=COLOURS["error_text" if error else "muted"])
+        if shown != text:
+            element.set_tooltip(_wrapped(text, _TOOLTIP_LINE_CHARS))
+        else:
+            element.remove_tooltip()
+        if not self.trace.enabled:
+            return
+        # For the trace: where it shows and the height its lines ask for
+        # (whole if the box is that tall), then the layout.
+        self.window.TKroot.update_idletasks()       # not refresh(): see trace_layout
+        self.trace("launcher_status", text=text, shown=shown, error=error,
+                   box=_screen_box(element.Widget), asked=element.Widget.winfo_reqheight())
+        self.trace_layout()
 
     def busy(self, busy: bool) -> None:
         for name in ("join", "host"):
@@ -15059,6 +15144,9 @@ class _ConversationTrace(GuiTrace):
         super().__call__(what, conversation=self.conversation, **fields)
 
 
+_NAMES_MOST_PX = 420               # the widest the room's name and address keep the window
+
+
 class ChatWindow:
     """One room: its conversations, the members, a line to type in, and
     buttons to send a file or start a video call.
@@ -15103,7 +15191,7 @@ class ChatWindow:
                                 font=look.font(8), pad=0, key=(_CHAT, "key"),
                                 text_color=COLOURS["faint"] if ready.get("fingerprint")
                                 else COLOURS["error_text"])]],
-                      pad=0),
+                      pad=0, key=(_CHAT, "names")),
             sg.Push(),
             _button(ask_button_text(ask_above), (_CHAT, "ask"), look, primary=False,
                     pad=((0, px(8)), 0),
@@ -15152,7 +15240,7 @@ class ChatWindow:
             [sg.Column([[sg.Canvas(key=(_CHAT, "view"), size=(px(420), px(260)), pad=0,
                                    background_color=COLOURS["chat"], expand_x=True,
                                    expand_y=True)]], expand_x=True, expand_y=True,
-                       pad=(0, (px(10), px(8)))),
+                       pad=(0, (px(10), px(8))), key=(_CHAT, "middle")),
              side],
             footer,
             [sg.Text("Enter sends · Shift+Enter starts a new line · Ctrl+F searches · help "
@@ -15178,7 +15266,21 @@ class ChatWindow:
         footer_row = self.window[(_CHAT, "send")].Widget.master
         hint.pack_configure(side="bottom", before=middle)
         footer_row.pack_configure(side="bottom", before=middle)
-        _fit_on_screen(self.window, (px(620), px(420)), (px(900), px(700)))
+        # Sideways the same way: the header's buttons (from the right) before
+        # the room's name and address, the members before the conversation,
+        # so a narrow window cuts those, never Leave or the members. And the
+        # window is never narrower than what the header's buttons and the
+        # members ask for (a review found Leave off screen at the minimum).
+        names = self.window[(_CHAT, "names")].Widget
+        for name in ("leave", "theme", "sound", "ask"):
+            self.window[(_CHAT, name)].Widget.pack_configure(side="right", before=names)
+        side.pack_configure(side="right", before=self.window[(_CHAT, "middle")].Widget)
+        # And down the members' column: the list shrinks before the line
+        # under it that says who you write to.
+        self.window[(_CHAT, "target")].Widget.master.pack_configure(
+            side="bottom", before=self.window[(_CHAT, "members")].Widget.master)
+        _fit_on_screen(self.window, (max(px(620), self._least_width()), px(420)),
+                       (px(900), px(700)))
         if trace.enabled:                   # tests follow resizes through the trace
             self.window.TKroot.bind("<Configure>", self._on_resize, add="+")
         self._resize_job: str | None = None
@@ -15212,6 +15314,21 @@ class ChatWindow:
         self.pick(None)
         self.count()
         self.trace_layout()
+
+    def _least_width(self) -> int:
+        """The narrowest the window may be: each row at the width it asks
+        for, except the room's name and address, which count for at most
+        _NAMES_MOST_PX (a long host name must not make the window wide; Tk
+        cuts them first, see __init__)."""
+        root = self.window.TKroot
+        root.update_idletasks()
+        names = self.window[(_CHAT, "names")].Widget
+        spare = max(0, names.winfo_reqwidth() - self.look.px(_NAMES_MOST_PX))
+        rows = [row for row in root.winfo_children() if row.winfo_manager() == "pack"]
+        asked = max(row.winfo_reqwidth() for row in rows)
+        least = max(row.winfo_reqwidth() - (spare if row is names.master else 0)
+                    for row in rows)
+        return root.winfo_reqwidth() - asked + least    # the window's own margins kept
 
     def _on_resize(self, event: Any) -> None:
         """Trace the layout again once a resize rests (trace mode only)."""
@@ -15659,7 +15776,7 @@ class ChatWindow:
                    elements={**{name: _screen_box(self.window[(_CHAT, name)].Widget)
                                 for name in ("input", "send", "file", "video", "leave",
                                              "members", "emoji", "theme", "sound",
-                                             "ask")},
+                                             "ask", "target")},
                              "view": _screen_box(self.view.widget),
                              **({"room": _screen_box(self.window[(_CHAT, "room")].Widget)}
                                 if self.shown is not None else {})},
@@ -15669,7 +15786,10 @@ class ChatWindow:
                    banner=banner.get() if banner.visible else "", protected=self.protected,
                    lock=_screen_box(self.window[(_CHAT, "lock")].Widget)
                    if self.protected else None,
-                   key=self.window[(_CHAT, "key")].get())
+                   key=self.window[(_CHAT, "key")].get(),
+                   # For Tk's `send` from a test: this interpreter, this toplevel.
+                   interp=str(self.window.TKroot.tk.call("tk", "appname")),
+                   toplevel=str(self.window.TKroot))
 
     def close(self) -> None:
         if self._resize_job is not None:

@@ -144,6 +144,18 @@ class Xvfb:
         assert magic == b"P6" and maxval == b"255", data[:20]
         return int(width), int(height), pixels
 
+    def look_away(self) -> None:
+        """What a person does by clicking another program: the pointer
+        leaves our windows and the keyboard focus goes with it. Xvfb has no
+        other program, nor a window manager, to give the focus to: it goes
+        back to following the pointer (X's PointerRoot), here onto the root
+        window. Moving the pointer alone is not enough: once Tk has set the
+        focus on one of its windows, that window keeps it."""
+        self.run("xdotool", "mousemove", "0", "0")
+        with _XDisplay(self.display) as (x11, display):
+            x11.XSetInputFocus(display, 1, 1, 0)    # PointerRoot, RevertToPointerRoot, now
+            x11.XFlush(display)
+
     def close_window(self, xid: int) -> None:
         """What a window manager does when you click a window's X: send it a
         WM_DELETE_WINDOW client message (Xvfb has no window manager)."""
@@ -204,6 +216,8 @@ class _XDisplay:
         x11.XSendEvent.argtypes = [ctypes.c_void_p, ctypes.c_ulong, ctypes.c_int,
                                    ctypes.c_long, ctypes.c_void_p]
         x11.XGetWindowAttributes.argtypes = [ctypes.c_void_p, ctypes.c_ulong, ctypes.c_void_p]
+        x11.XSetInputFocus.argtypes = [ctypes.c_void_p, ctypes.c_ulong, ctypes.c_int,
+                                       ctypes.c_ulong]
         x11.XFlush.argtypes = x11.XCloseDisplay.argtypes = [ctypes.c_void_p]
 
     def __enter__(self):
@@ -421,6 +435,22 @@ def drop_files(x: Xvfb, interp: str, window: str, point: tuple[int, int],
     from; Tk's `send` (X properties on display `x`) carries the script to
     the window's process, whether that runs chatroom.py or the executable."""
     in_tk_child(x, _DROP, interp, window, str(point[0]), str(point[1]), *paths)
+
+
+_SHRINK = """
+def main(root, interp, toplevel):
+    root.tk.call("send", interp, f"wm geometry {toplevel} 1x1")
+    return [int(n) for n in str(root.tk.call("send", interp, f"wm minsize {toplevel}")).split()]
+"""
+
+
+def shrink_to_minimum(x: Xvfb, layout: dict) -> list[int]:
+    """Make a window as small as it lets itself be, as a person dragging
+    its corner would (Xvfb has no window manager to drag with): Tk's own
+    `wm geometry 1x1`, sent to the window's process with Tk's `send`
+    (`interp` and `toplevel` come from its "window" trace line), which Tk
+    clamps to the window's minimum size. Returns that [width, height]."""
+    return in_tk_child(x, _SHRINK, layout["interp"], layout["toplevel"])
 
 
 def ink(pixels: bytes) -> int:

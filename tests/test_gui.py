@@ -32,7 +32,18 @@ import pytest
 
 import chatroom
 from conftest import free_udp_port
-from guidriver import LOOPBACK, Cli, Gui, Host, Proc, Xvfb, in_tk_child, ink, on_screen
+from guidriver import (
+    LOOPBACK,
+    Cli,
+    Gui,
+    Host,
+    Proc,
+    Xvfb,
+    in_tk_child,
+    ink,
+    on_screen,
+    shrink_to_minimum,
+)
 
 RUN = f"guitest-{os.getpid()}"            # unique host names: the machine is shared
 _names = itertools.count(1)
@@ -541,10 +552,12 @@ def test_leave_goes_back_to_the_launcher_and_a_late_joiner_gets_history(x, tmp_p
 
 
 def test_scale_makes_the_window_bigger(x, tmp_path, procs):
+    """What it draws, that is: the window itself fits the screen (at 1.5
+    the launcher is wider than this 1280x800 one), so measure a button."""
     sizes = []
     for scale in ("1", "1.5"):
         gui = start_gui(x, tmp_path, procs, "--scale", scale)
-        sizes.append(gui.window("launcher")["box"][2:])
+        sizes.append(gui.window("launcher")["elements"]["host"][2:])
         gui.close("launcher")
         assert_exits_cleanly(gui)
     ratio = [big / small for small, big in zip(*sizes)]
@@ -695,16 +708,124 @@ def test_join_problems_show_inline_and_the_launcher_stays(x, tmp_path, procs):
     assert "User ID" in attempt("user", "a/b", network=False)            # checked here
     assert "SYSTEM" in attempt("user", "Ѕystem", network=False)          # a look-alike
     gui.type_into("launcher", "user", "carol")
-    closed = socket.create_server((LOOPBACK, 0))
-    port = closed.getsockname()[1]
-    closed.close()
-    assert "Can't reach" in attempt("address", f"{LOOPBACK}:{port}")     # unreachable
+    assert "Can't reach" in attempt("address", f"{LOOPBACK}:{closed_port()}")  # unreachable
     _server, port = _version_mismatch_server(tmp_path / "future-key")
     assert "different version" in attempt("address", f"{LOOPBACK}:{port}")
     gui.type_into("launcher", "address", f"{LOOPBACK}:{host.port}")
     join_from_launcher(gui, x)                                            # then it works
     gui.close("chat")
     assert_exits_cleanly(gui)
+
+
+def closed_port() -> int:
+    """A port on 127.0.0.1 that nothing listens on (it did a moment ago)."""
+    closed = socket.create_server((LOOPBACK, 0))
+    port = closed.getsockname()[1]
+    closed.close()
+    return port
+
+
+def join_fails(gui: Gui) -> tuple[dict, dict, dict]:
+    """Click Join and wait for the error it ends in: (the launcher's
+    layout before, the error's trace line, the layout after it)."""
+    before = gui.window("launcher")
+    mark = gui.mark()
+    gui.click("launcher", "join")
+    status = gui.wait_for(lambda e: e.get("gui") == "launcher_status" and e["error"], 30, mark)
+    after = gui.wait_for(lambda e: e.get("gui") == "window" and e["name"] == "launcher", 30,
+                         gui.lines.index(status))
+    return before, status, after
+
+
+def assert_shown_whole(status: dict, layout: dict) -> None:
+    """The error of `status` shows whole in the launcher of `layout`: its
+    box is as tall as its wrapped lines ask, inside the window, and about
+    as wide as the window (it wraps there, not at a fixed width)."""
+    sx, sy, sw, sh = status["box"]
+    wx, wy, ww, wh = layout["box"]
+    assert status["shown"] == status["text"], status
+    assert sh >= status["asked"] > 0, f"the error is cut: {status}"
+    assert wx <= sx and sx + sw <= wx + ww and wy <= sy and sy + sh <= wy + wh, (status, layout)
+    assert sw > 0.8 * ww, f"the error wraps short of the window's width: {status}, {layout}"
+
+
+# What a person should never have to read: Python's words for a failure.
+_PYTHON_WORDS = ("Errno", "Connect call failed", "('127.0.0.1'", "Traceback", "OSError",
+                 "ConnectionRefusedError", "Multiple exceptions", "Error(", "exception")
+
+
+def test_a_join_error_is_a_sentence_not_python_exception_text(x, tmp_path, procs):
+    """Nothing listens on the port: the launcher says so in words
+    (why_unreachable), never as the exception asyncio raised ("[Errno 111]
+    Connect call failed ('127.0.0.1', 4242)")."""
+    port = closed_port()
+    gui = start_gui(x, tmp_path, procs, "--server", f"{LOOPBACK}:{port}", "--room", "r",
+                    "--user", "u")
+    _before, status, _after = join_fails(gui)
+    text = status["text"]
+    assert text.startswith(f"Can't reach {LOOPBACK}:{port}: nothing is listening there"), text
+    assert text[0].isupper() and text.endswith("."), text
+    assert not [word for word in _PYTHON_WORDS if word.lower() in text.lower()], text
+    gui.close("launcher")
+    assert_exits_cleanly(gui)
+
+
+def test_the_longest_join_error_shows_whole_and_join_stays_put(x, tmp_path, procs):
+    """A host found on the LAN whose port takes no connections gets the
+    firewall hint: the longest error there is. It used to show in two
+    lines of a fixed width, cut at "...but its". Now it wraps to the
+    window's width, whole, and the list makes room: Join doesn't move."""
+    host = Host(unique("firewalled"))
+    procs.append(host)
+    gui = start_gui(x, tmp_path, procs, "--room", "r", "--user", "u")
+    gui.wait_for(lambda e: e.get("gui") == "window" and e["name"] == "launcher"
+                 and any(r["name"] == host.name for r in e["rows"]), 30)
+    host.proc.kill()                        # no goodbye: it stays listed, its port closed
+    host.proc.wait(10)
+    gui.type_into("launcher", "address", f"{LOOPBACK}:{host.port}")
+    before, status, after = join_fails(gui)
+    assert status["text"].endswith(chatroom.firewall_hint(host.port) + "."), status
+    assert not [word for word in _PYTHON_WORDS if word.lower() in status["text"].lower()]
+    assert_shown_whole(status, after)
+    assert after["box"] == before["box"], "the error resized the window"
+    assert after["elements"]["join"] == before["elements"]["join"], "Join moved"
+    x.screenshot(tmp_path / "launcher-long-error.png", after["xid"])
+    gui.close("launcher")
+    assert_exits_cleanly(gui)
+
+
+def test_on_a_small_screen_the_launcher_fits_with_join_on_it(tmp_path, procs):
+    """At --scale 1.5 the launcher was 991 px tall (on a 980 px screen),
+    and Join was off a 1280x720 one. Now the window fits the screen and the
+    hosts list is what shrinks, for an error too."""
+    small = Xvfb(1280, 720).start()
+    try:
+        port = closed_port()
+        for scale in ("1", "1.5"):
+            gui = start_gui(small, tmp_path, procs, "--server", f"{LOOPBACK}:{port}",
+                            "--room", "r", "--user", "u", "--scale", scale)
+            before, status, after = join_fails(gui)
+            for layout in (before, after):
+                wx, wy, ww, wh = layout["box"]
+                assert wx >= 0 and wy >= 0 and wx + ww <= 1280 and wy + wh <= 720, layout
+                jx, jy, jw, jh = layout["elements"]["join"]
+                assert wx <= jx and jx + jw <= wx + ww and wy <= jy and jy + jh <= wy + wh, \
+                    f"Join is cut off: {layout}"
+            assert after["elements"]["join"] == before["elements"]["join"], "Join moved"
+            assert_shown_whole(status, after)
+            small.screenshot(tmp_path / f"launcher-small-{scale}.png", after["xid"])
+            gui.close("launcher")
+            assert_exits_cleanly(gui)
+    finally:
+        small.stop()
+
+
+def test_tooltips_get_lines_broken_between_words():
+    """A launcher error past _STATUS_MOST_CHARS is cut, and whole in its
+    tooltip, which doesn't wrap by itself."""
+    assert chatroom._wrapped("one two three four", 9) == "one two\nthree\nfour"
+    assert chatroom._wrapped("a " + "x" * 12 + " b", 5) == "a\n" + "x" * 12 + "\nb"
+    assert chatroom._wrapped("", 5) == ""
 
 
 def test_hosting_on_a_taken_port_says_so_in_the_launcher(x, tmp_path, procs):
@@ -857,17 +978,57 @@ def test_on_a_small_screen_the_window_fits_and_shows_the_message_box(tmp_path, p
             layout = join_from_launcher(gui, small)
             wx, wy, ww, wh = layout["box"]
             assert wx >= 0 and wx + ww <= 900 and wy >= 0 and wy + wh <= 560, layout["box"]
-            for name in ("input", "send", "file", "video"):
-                ex, ey, ew, eh = layout["elements"][name]
-                assert ew > 0 and eh > 0, (name, layout)
-                assert wx <= ex and ex + ew <= wx + ww and wy <= ey and ey + eh <= wy + wh, \
-                    f"{name} is cut off: window {layout['box']}, {name} {[ex, ey, ew, eh]}"
+            assert_all_shown(layout)       # the header's buttons too: the names give way
             gui.type_into("chat", "input", "fits", enter=True)      # and it works
             gui.shown(lambda e: e.get("text") == "fits")
             gui.close("chat")
             assert_exits_cleanly(gui)
     finally:
         small.stop()
+
+
+# What a chat window must always show whole, however small it is made.
+_CHAT_CONTROLS = ("ask", "sound", "theme", "leave", "members", "target", "file", "video",
+                  "input", "emoji", "send")
+
+
+def assert_all_shown(layout: dict) -> None:
+    """Each of _CHAT_CONTROLS lies whole inside the window (a "window"
+    trace line of the chat window)."""
+    wx, wy, ww, wh = layout["box"]
+    for name in _CHAT_CONTROLS:
+        ex, ey, ew, eh = layout["elements"][name]
+        assert ew > 1 and eh > 1, (name, layout)
+        assert wx <= ex and ex + ew <= wx + ww and wy <= ey and ey + eh <= wy + wh, \
+            f"{name} is cut off: window {layout['box']}, {name} {[ex, ey, ew, eh]}"
+
+
+def test_at_its_smallest_the_chat_window_still_shows_every_button(tmp_path, procs):
+    """A review shrank the window to its minimum (1920x980, --scale 1 and
+    1.5): "Sound: off" was cut, the theme button, Leave and part of the
+    members were off the window's edge. The minimum width now leaves the
+    header's buttons and the members what they ask for, and a narrower
+    window cuts the room's name and the conversation instead."""
+    screen = Xvfb(1920, 980).start()
+    try:
+        host = Host(unique("smallest"), advertise=False)
+        procs.append(host)
+        for scale in ("1", "1.5"):
+            gui = start_gui(screen, tmp_path, procs, "--server", f"{LOOPBACK}:{host.port}",
+                            "--room", "r", "--user", f"m{scale[0]}", "--scale", scale)
+            layout = join_from_launcher(gui, screen)
+            mark = gui.mark()
+            least = shrink_to_minimum(screen, layout)
+            assert least[0] < layout["box"][2] and least[1] < layout["box"][3], (least, layout)
+            smallest = gui.wait_for(lambda e, least=least: e.get("gui") == "window"
+                                    and e["name"] == "chat"
+                                    and e["box"][2:] == least, 30, mark)
+            assert_all_shown(smallest)
+            screen.screenshot(tmp_path / f"chat-smallest-{scale}.png", smallest["xid"])
+            gui.close("chat")
+            assert_exits_cleanly(gui)
+    finally:
+        screen.stop()
 
 
 def test_a_frozen_then_vanished_host_greys_the_input_and_marks_unsent_lines(

@@ -410,7 +410,7 @@ def test_a_message_while_the_window_is_not_focused_notifies(x, tmp_path, procs):
     mark = gui.mark()
     cli.say("while you look")
     assert gui.wait_for(lambda e: e.get("gui") == "attention", start=mark)["away"] is False
-    x.run("xdotool", "mousemove", "0", "0")    # away from every window (no window manager)
+    x.look_away()                               # to another program
     mark = gui.mark()
     cli.say("while you are away 你好")
     assert gui.wait_for(lambda e: e.get("gui") == "attention", start=mark)["away"] is True
@@ -426,7 +426,7 @@ def test_a_message_while_the_window_is_not_focused_notifies(x, tmp_path, procs):
     gui.click("chat", "sound")
     assert gui.wait_for(lambda e: e.get("gui") == "sound", start=mark)["on"] is True
     assert json.loads((tmp_path / "config/chatroom/settings.json").read_text())["sound"] == "on"
-    x.run("xdotool", "mousemove", "0", "0")
+    x.look_away()
     cli.say("again")
     assert gui.wait_for(lambda e: e.get("gui") == "notify", start=mark)["sound"] is True
     gui.close("chat")
