@@ -106,9 +106,15 @@ def main() -> int:
              "(LICENSE). The executable bundles the software below; each keeps its own",
              "licence, whose text follows. PyAV's wheel carries an FFmpeg built with GPL",
              "parts (libx264, libx265), which is why the whole is distributed under the",
-             "GPL. Sources: https://pypi.org/project/<name>/, https://ffmpeg.org,",
-             "https://github.com/PyAV-Org/pyav-ffmpeg (the FFmpeg build in PyAV's wheel),",
-             "https://www.python.org, https://www.tcl.tk.", ""]
+             "GPL.", "",
+             "Where the source is, at exactly the versions listed: chatroom's own is",
+             "the chatroom.py this was built from (--version names it). Each package's",
+             "source release is at https://pypi.org/project/NAME/VERSION/#files (the",
+             "line under each entry); the FFmpeg build inside PyAV's wheel, with the",
+             "scripts that configure it, at https://github.com/PyAV-Org/pyav-ffmpeg",
+             "(its release for the av version listed); Python at",
+             "https://www.python.org/downloads/source/ and Tcl/Tk at",
+             "https://www.tcl.tk/software/tcltk/download.html.", ""]
     for name, version, licence in PLATFORM:
         lines.append(f"- {name} {version}: {licence}")
     for name, what, licence in BUNDLED:
@@ -117,6 +123,8 @@ def main() -> int:
         except importlib.metadata.PackageNotFoundError:
             version = "(not installed when this was written)"
         lines.append(f"- {name} {version}: {what}. Licence: {licence}")
+        if not version.startswith("("):
+            lines.append(f"  source: https://pypi.org/project/{name}/{version}/#files")
     lines.append(f"- {UNICODE_DATA}")
     seen: set[str] = set()                  # a wheel may ship one text twice
     for name, _what, _licence in BUNDLED:
