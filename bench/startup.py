@@ -6,7 +6,8 @@ size, the median time to `--version`, and the median time from launch to the
 launcher window being on screen (under an Xvfb this script starts), for the
 executable and, measured in the same run, for `python chatroom.py` from
 source, with the ratios. With --trims it also builds once without build.spec's
-EXCLUDES and prints what they save; with --livekit, once without livekit (no
+EXCLUDES and prints what they save; with --strip, once without its stripping of
+debug symbols, and prints what that saves; with --livekit, once without livekit (no
 echo cancelling) and prints what it costs: size, start-up, and the time the
 first call's echo canceller takes to load (livekit is imported only then).
 
@@ -94,6 +95,8 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--trims", action="store_true",
                         help="also build without EXCLUDES and report the difference")
+    parser.add_argument("--strip", action="store_true",
+                        help="also build without stripping libraries and report the difference")
     parser.add_argument("--livekit", action="store_true",
                         help="also build without livekit and report what it costs")
     args = parser.parse_args()
@@ -118,6 +121,19 @@ def main() -> None:
             result["trims_save_mib"] = round(result["untrimmed_mib"]
                                              - result["executable_mib"], 1)
             result["untrimmed_version_s"] = round(time_version([str(full)], args.runs), 3)
+        if args.strip:
+            spec = (ROOT / "build.spec").read_text()
+            line = 'a.binaries = strip_selected(a.binaries, Path(workpath) / "stripped")'
+            if line not in spec:
+                raise SystemExit("bench/startup.py: build.spec no longer strips as it did")
+            unstripped = work / "unstripped.spec"
+            unstripped.write_text(spec.replace(line, "pass")
+                                  .replace("Path(SPECPATH)", f"Path({str(ROOT)!r})"))
+            full = build(work / "unstripped", unstripped)
+            result["unstripped_mib"] = round(full.stat().st_size / 2 ** 20, 1)
+            result["strip_saves_mib"] = round(result["unstripped_mib"]
+                                              - result["executable_mib"], 1)
+            result["unstripped_version_s"] = round(time_version([str(full)], args.runs), 3)
         if args.livekit:
             spec = (ROOT / "build.spec").read_text()
             bare = work / "no-livekit.spec"
