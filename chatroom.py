@@ -10620,7 +10620,12 @@ class ClientCalls:
         self.media.add(call.link)
 
     def _direct_connected(self, link: PeerLink) -> None:
+        """Their first packet came (queued from a receiving thread): the
+        call is up, unless a /hangup or the timeout took it off the
+        waiting list meanwhile, which said call_failed and forgot the link."""
         with self._lock:
+            if not any(c.link is link for c in self._direct):
+                return
             self._direct = [c for c in self._direct if c.link is not link]
         self.emit({"type": "call_connected", "peer": link.peer,
                    "address": _address_key(link), "path": "direct",

@@ -498,3 +498,37 @@ def test_list_devices_never_fails(tmp_path):
     assert out.returncode == 0, out.stderr
     found = json.loads(out.stdout)
     assert found["type"] == "devices" and isinstance(found["cameras"], list)
+
+
+def test_a_direct_call_hung_up_as_its_first_packet_comes_never_connects():
+    """The first packet's "connected" is queued from a receiving thread; a
+    /hangup (or the timeout) that ran first has already said call_failed
+    and forgotten the link, so the queued news must not say call_connected
+    after it (one outcome per call, never both)."""
+    import asyncio
+
+    class Sock:
+        closed = False
+
+        def close(self, wait=False):
+            self.closed = True
+
+    loop = asyncio.new_event_loop()
+    try:
+        events: list[dict] = []
+        calls = chatroom.ClientCalls(chatroom.Limits(),
+                                     chatroom.MediaOptions(camera="none", audio="null"),
+                                     events.append, lambda event: True, loop)
+        keys = chatroom.KeyExchange()
+        agreed = keys.agree(chatroom.KeyExchange().public)
+        sock = Sock()
+        link = chatroom.PeerLink("bob", agreed.link_id, agreed.link_key, agreed.i_am_a, "vp8",
+                                 "opus", sock, ("127.0.0.1", 9), True, agreed.safety_code)
+        call = chatroom.DirectCall("127.0.0.1:9", ("127.0.0.1", 9), sock, keys, 0.0, link)
+        calls._direct.append(call)
+        calls._drop_direct(call, "cancelled")       # /hangup, on the loop, first
+        calls._direct_connected(link)               # then the receiving thread's news
+        assert [e["type"] for e in events] == ["call_failed"] and sock.closed
+        calls.media.close()
+    finally:
+        loop.close()
