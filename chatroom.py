@@ -1425,6 +1425,10 @@ class Wire:
         self.check_send(event)
         return frame
 
+    def allows(self, event: Event) -> bool:
+        """May we send `event` now? (Nothing changes; `check_send` moves.)"""
+        return (self.state, type(event), self.role) in TRANSITIONS
+
     def check_send(self, event: Event) -> None:
         """Advance the state for an event we are about to send (see `send`).
 
@@ -6449,8 +6453,10 @@ class Link:
     def offer_media(self, event: MediaData) -> None:
         """Queue a relayed media packet in the media lane, written after chat
         and before file data. When the lane is full the oldest packet goes:
-        late media is worth less than the newest, and never delays chat."""
-        if not self.accepting:
+        late media is worth less than the newest, and never delays chat. For
+        the same reason a packet the protocol no longer allows (we have said
+        Bye; a call's threads may still relay a few) is dropped, not an error."""
+        if not self.accepting or not self.wire.allows(event):
             return
         frame = encode(event)
         self.wire.check_send(event)
@@ -9718,6 +9724,15 @@ class Heard:
     bye: bool
 
 
+def call_soon(loop: asyncio.AbstractEventLoop, function: Callable[..., Any],
+              *args: Any) -> None:
+    """Hand `function(*args)` to the core's loop from a media thread. Once the
+    loop is closed (the client is ending, the threads not yet joined) there
+    is nobody to tell: the call is dropped, not raised into the thread."""
+    with contextlib.suppress(RuntimeError):     # "Event loop is closed"
+        loop.call_soon_threadsafe(function, *args)
+
+
 class MediaEngine:
     """The media of every link of one client. Thread-safe throughout.
 
@@ -9808,7 +9823,7 @@ class MediaEngine:
             link.sent_bytes += len(packet)
         link.sent = time.monotonic()
         if link.relay_out and not link.direct:
-            self.loop.call_soon_threadsafe(self.relay, packet)
+            call_soon(self.loop, self.relay, packet)
         elif link.sock is not None and link.address is not None:
             link.sock.send(packet, link.address)
 
@@ -10034,8 +10049,8 @@ class MediaEngine:
         """A device problem, said once a call (any thread)."""
         if code not in self._reported:
             self._reported.add(code)
-            self.loop.call_soon_threadsafe(self.emit, {"type": "error", "code": code,
-                                                       "message": message})
+            call_soon(self.loop, self.emit, {"type": "error", "code": code,
+                                             "message": message})
 
     def _video_loop(self) -> None:
         source: Any = None
@@ -10061,7 +10076,7 @@ class MediaEngine:
                         self._report("no_camera", f"no video: {_why(exc)}; the call goes on "
                                      "without it")
                         self.camera_on = False
-                        self.loop.call_soon_threadsafe(self.emit, {
+                        call_soon(self.loop, self.emit, {
                             "type": "media_state", "muted": self.muted, "video": False})
                         continue
                 frame = source.read()
@@ -10561,9 +10576,9 @@ class ClientCalls:
         if heard is None or not heard.link.direct:      # the host says when one it
             return                                      # arranged ends: no bye there
         if heard.first:                     # they have our hello: connected
-            self.loop.call_soon_threadsafe(self._direct_connected, heard.link)
+            call_soon(self.loop, self._direct_connected, heard.link)
         if heard.bye:                       # they hung up: at once, not after the silence
-            self.loop.call_soon_threadsafe(self._end, heard.link, "hangup")
+            call_soon(self.loop, self._end, heard.link, "hangup")
 
     # --- direct calls ---
 
@@ -16189,6 +16204,10 @@ class CallWindow:
     # --- picking a tile ---
 
     def _on_click(self, event: Any) -> None:
+        """Picking a tile takes the keyboard too, so that ESC and Backspace
+        reach this window (as a window manager would give it; without one,
+        the focus would stay in the chat window where it was last set)."""
+        self.canvas.focus_set()
         for tile in self.tiles:
             x, y, w, h = tile.box
             if x <= event.x < x + w and y <= event.y < y + h:

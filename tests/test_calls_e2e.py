@@ -532,3 +532,16 @@ def test_a_direct_call_hung_up_as_its_first_packet_comes_never_connects():
         calls.media.close()
     finally:
         loop.close()
+
+
+def test_a_media_thread_outliving_the_loop_drops_its_news_quietly():
+    """The core's loop closes before the media threads are joined; a packet
+    to relay or an error to say in between must not kill the thread."""
+    import asyncio
+    loop = asyncio.new_event_loop()
+    said: list[str] = []
+    chatroom.call_soon(loop, said.append, "before")
+    loop.run_until_complete(asyncio.sleep(0))
+    loop.close()
+    chatroom.call_soon(loop, said.append, "after")       # no RuntimeError
+    assert said == ["before"]

@@ -875,3 +875,16 @@ def test_media_frames_round_trip_both_ways_and_refuse_bad_sizes():
 def test_chunk_before_login_is_refused():
     host = Wire(Role.HOST)
     bad_frame(host, b"\x00\x00\x00\x06\x00\x00\x00\x00\x01x")
+
+
+def test_allows_says_what_may_be_sent_now_without_moving():
+    """A Link drops relayed media the wire no longer allows (a call's threads
+    may relay a packet after our Bye) instead of failing: `allows` asks."""
+    media = chatroom.MediaData(b"\x00" * 40)
+    ready = pair_in(State.READY)
+    assert ready.client.allows(media) and ready.client.state is State.READY
+    closing = pair_in(State.CLOSING)
+    assert not closing.client.allows(media) and closing.client.state is State.CLOSING
+    with pytest.raises(chatroom.LocalError):
+        closing.client.check_send(media)
+    assert closing.host.allows(media)       # the host may still relay to a leaver
