@@ -1322,7 +1322,17 @@ def centre(box) -> tuple[float, float]:
     return box[0] + box[2] / 2, box[1] + box[3] / 2
 
 
+def clear_of_midnight(margin_s: float = 120) -> None:
+    """Wait until local midnight is more than `margin_s` away, if it is
+    near: a test that says one day's divider must not see the date change."""
+    t = time.localtime()
+    to_midnight = (24 - t.tm_hour) * 3600 - t.tm_min * 60 - t.tm_sec
+    if to_midnight < margin_s:
+        time.sleep(to_midnight + 1)         # the clock is what we wait on here
+
+
 def test_messages_group_by_sender_under_a_date_and_copy_and_links_work(x, tmp_path, procs):
+    clear_of_midnight()
     host = Host(unique("group"), advertise=False, extra=["--rate-limit", "0"])
     procs.append(host)
     opened = tmp_path / "browser.txt"
@@ -1548,7 +1558,10 @@ def main(root):
     look = chatroom.Look(family="Noto Sans CJK SC", scaling=1.333, unit=1.0)
     view = chatroom.ChatView(canvas, look, chatroom.Images(), lambda *_: None,
                              chatroom.GuiTrace(False))
-    now, day = time.time(), 24 * 3600
+    # Noon today, not the time now: run near midnight, "a day ago plus
+    # eleven minutes" would be today (the test once failed at 23:52).
+    t = time.localtime()
+    now, day = time.mktime((t.tm_year, t.tm_mon, t.tm_mday, 12, 0, 0, 0, 0, -1)), 24 * 3600
     def say(who, ts, history=True):
         view.add("message", **{"from": who, "text": "hi", "ts": ts, "mine": False,
                                "history": history})
