@@ -51,6 +51,7 @@ import chatroom  # noqa: E402  (the real codecs and test pattern, for the baseli
 LOOPBACK = "127.0.0.1"
 FPS, AUDIO_FPS = chatroom.VIDEO_FPS, 50         # what the test pattern and the tone send
 TARGET_FPS, TARGET_P50_MS, TARGET_KBPS, TARGET_SHOWN = 0.95 * FPS, 50, 1500, 95
+CHAT_EVERY_S = 0.15         # the chat rows type a line this often, under the rate limit
 DEADLINE_S = 45.0           # start-up, a call or a warm-up taking longer: the setup broke
 
 
@@ -85,12 +86,13 @@ class Proc:
     """A chatroom.py process; threads keep its stdout events, with their arrival
     times, and the tail of its stderr, to say why it died."""
 
-    def __init__(self, name: str, args: list[str]) -> None:
+    def __init__(self, name: str, args: list[str], cpus: set[int] | None = None) -> None:
         self.name, self.events, self.eof = name, [], False
         self.proc = subprocess.Popen(
             [sys.executable, str(ROOT / "chatroom.py"), *args], stdin=subprocess.PIPE,
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-            env=dict(os.environ, PYTHONUNBUFFERED="1"))
+            env=dict(os.environ, PYTHONUNBUFFERED="1"),
+            preexec_fn=None if cpus is None else lambda: os.sched_setaffinity(0, cpus))
         self.stderr: collections.deque[str] = collections.deque(maxlen=15)
         self.cond = threading.Condition()
         threading.Thread(target=self._read_out, daemon=True).start()
@@ -319,12 +321,13 @@ class Run:
             raise
 
     def join(self, codec: str, users: list[tuple[str, str]],
-             flags: tuple[str, ...] = ()) -> list[Proc]:
-        """Start (user, room) clients at once, then wait until each is in its room."""
+             flags: tuple[str, ...] = (), cpus: set[int] | None = None) -> list[Proc]:
+        """Start (user, room) clients at once (on `cpus` only, if given), then
+        wait until each is in its room."""
         started = [Proc(user, ["--cli", "--json", "--server", f"{LOOPBACK}:{self.port}",
                                "--room", room, "--user", user, "--camera", "test", "--audio",
                                "tone", "--video-codec", codec, "--call-timeout", "20",
-                               "--record", str(self.tmp / user), *flags])
+                               "--record", str(self.tmp / user), *flags], cpus)
                    for user, room in users]
         self.clients += started
         for client in started:
@@ -705,17 +708,25 @@ lip sync: b's av_skew_ms (shown - played, per-second medians: positive = the sou
   decode, that wait left out (latency_ms).""")
 
 
-def chat_rows(run: Run, codec: str, counts: list[int], lines: int, file_mib: int) -> list:
+def chat_rows(run: Run, codec: str, counts: list[int], lines: int, file_mib: int,
+              pinned: bool = False) -> list:
     """Do chat and files keep their speed during calls? Two members of a room
     of their own, with no camera or sound, pass `lines` chat lines one at a
     time (each timed from typing to the other's `message`) and one file of
     `file_mib` MiB (typing /send to the other's `file_received`), first with
     no call anywhere (the baseline, same run), then with 1 and 3 calls at
-    once through the same host."""
-    print(f"  {codec}: chat and a file, with and without calls", file=sys.stderr, flush=True)
-    a, b = run.join(codec, [("chat-a", "chat"), ("chat-b", "chat")],
+    once through the same host. `pinned`: the two members on the first
+    core, the calls on the others, so that what calls cost the CPU is not
+    what is measured (on a LAN each person's computer is their own)."""
+    cores = sorted(os.sched_getaffinity(0))
+    chat_cpus, call_cpus = ({cores[0]}, set(cores[1:])) if pinned and len(cores) > 1 \
+        else (None, None)
+    print(f"  {codec}: chat and a file, with and without calls"
+          f"{' (pinned)' if chat_cpus else ''}", file=sys.stderr, flush=True)
+    a, b = run.join(codec, [(f"chat-a{'-p' * pinned}", "chat"),
+                            (f"chat-b{'-p' * pinned}", "chat")],
                     ("--camera", "none", "--audio", "null",
-                     "--downloads", str(run.tmp / "chat-downloads")))
+                     "--downloads", str(run.tmp / "chat-downloads")), chat_cpus)
     path = run.tmp / "payload.bin"
     with open(path, "wb") as out:
         for _ in range(file_mib):
@@ -724,7 +735,8 @@ def chat_rows(run: Run, codec: str, counts: list[int], lines: int, file_mib: int
     rows = []
     for calls in [0, *sorted(counts)]:
         new = run.join(codec, [(f"{codec}-c{side}{i}", f"{codec}-call{i}")
-                               for i in range(len(pairs), calls) for side in "ab"])
+                               for i in range(len(pairs), calls) for side in "ab"],
+                       cpus=call_cpus)
         for x, y in zip(new[::2], new[1::2]):
             connect(x, y, codec)
             pairs.append((x, y))
@@ -736,6 +748,9 @@ def chat_rows(run: Run, codec: str, counts: list[int], lines: int, file_mib: int
             got = b.wait_for(lambda e, t=text: e.get("type") == "message" and e.get("text") == t,
                              mark)
             waits.append(1000 * (b.events[got][0] - t0))
+            # Type under the host's rate limit (10 lines a second; our client
+            # keeps to 9), or the timing is our own pacing, not the network.
+            time.sleep(max(0.0, t0 + CHAT_EVERY_S - time.monotonic()))
         mark, t0 = len(b.events), time.monotonic()
         a.send(f"/send {path}")
         got = b.wait_for(lambda e: e.get("type") == "file_received", mark, timeout=300)
@@ -745,6 +760,7 @@ def chat_rows(run: Run, codec: str, counts: list[int], lines: int, file_mib: int
             os.unlink(b.events[got][1]["path"])
         waits.sort()
         rows.append({"type": "chat", "codec": codec, "calls": calls,
+                     "pinned": chat_cpus is not None,
                      "chat_p50_ms": round(statistics.median(waits), 1),
                      "chat_p99_ms": round(waits[math.ceil(0.99 * len(waits)) - 1], 1),
                      "file_mb_s": round(file_mib * 1.048576 / spent, 1),
@@ -759,17 +775,19 @@ def report_chat(chats: list[dict]) -> None:
     print(f"\nchat and a file during calls (baseline: no call, same run):\n"
           f"{'codec':<5}{'calls':>6} |{'chat p50':>9}{'p99':>7} ms{'x none':>7} |"
           f"{'file MB/s':>10}{'x none':>7} |{'CPU busy':>9}")
-    base = {r["codec"]: r for r in chats if r["calls"] == 0}
+    base = {(r["codec"], r["pinned"]): r for r in chats if r["calls"] == 0}
     for r in chats:
-        b = base[r["codec"]]
-        print(f"{r['codec']:<5}{r['calls']:>6} |{r['chat_p50_ms']:>9.1f}{r['chat_p99_ms']:>7.1f}"
+        b = base[r["codec"], r["pinned"]]
+        codec = r["codec"] + "*" * r["pinned"]
+        print(f"{codec:<5}{r['calls']:>6} |{r['chat_p50_ms']:>9.1f}{r['chat_p99_ms']:>7.1f}"
               f"   {r['chat_p50_ms'] / b['chat_p50_ms']:>7.2f} |{r['file_mb_s']:>10.1f}"
               f"{r['file_mb_s'] / b['file_mb_s']:>7.2f} |{r['machine_busy_pct']:>8}%")
     print("""
-chat: typing a line to the other member's `message`, one line at a time; file: /send to
+chat: typing a line to the other member's `message`, a line every 0.15 s; file: /send to
   the other's `file_received` (written, SHA-256 checked); calls run in other rooms of the
   same host, through it (host-arranged, direct UDP); CPU busy: the whole machine's, all
-  cores, over the row (what else runs on it counts too).""")
+  cores, over the row (what else runs on it counts too). *: pinned, the two members on
+  one core, the calls on the others (--pin), as on a LAN where each computer is its own.""")
 
 
 def report_issue12(repairs: list[dict], bursts: list[dict], caps: list[dict]) -> None:
@@ -890,6 +908,9 @@ def main() -> int:
                         help="which parts (default calls,loss,repair,burst,cap,sync,chat)")
     parser.add_argument("--chat-lines", type=int, default=40,
                         help="chat lines timed per row of the chat phase (default 40)")
+    parser.add_argument("--pin", action="store_true",
+                        help="also run the chat phase with the members and the calls on "
+                        "separate cores")
     parser.add_argument("--file-mib", type=int, default=64,
                         help="the file sent in each row of the chat phase (default 64 MiB)")
     parser.add_argument("--holds", default=[0.0, 150.0, 300.0, -300.0],
@@ -939,6 +960,9 @@ def main() -> int:
                 syncs += sync_rows(run, codec, args.holds, args.seconds)
             if "chat" in phases:
                 chats += chat_rows(run, codec, args.calls, args.chat_lines, args.file_mib)
+                if args.pin:
+                    chats += chat_rows(run, codec, args.calls, args.chat_lines,
+                                       args.file_mib, pinned=True)
     except (SetupError, chatroom.ChatError) as exc:
         print(f"bench/media.py: the setup broke: {exc}", file=sys.stderr)
         return 1
