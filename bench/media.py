@@ -15,6 +15,7 @@ figure is computed; the targets are the issue's.
 
     .venv/bin/python bench/media.py                   # about 3 minutes
     .venv/bin/python bench/media.py --seconds 5 --calls 1 --loss 2 --codecs vp8 --json
+    .venv/bin/python bench/media.py --phases chat --codecs vp8 --pin   # chat during calls
 
 Loopback only; every process it starts, it stops. Exit 1 only if the setup
 broke: a number that misses its target is reported, never failed.

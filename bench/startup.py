@@ -43,6 +43,20 @@ def build(out: Path, spec: Path) -> Path:
     return out / "dist" / ("chatroom.exe" if os.name == "nt" else "chatroom")
 
 
+def build_variant(work: Path, name: str, edits: list[tuple[str, str]]) -> Path:
+    """Build build.spec with each (old, new) of `edits` replaced in it: the
+    executable without one of its trims or parts, to measure what that
+    part costs or saves."""
+    spec = (ROOT / "build.spec").read_text()
+    for old, new in edits:
+        if old not in spec:
+            raise SystemExit(f"bench/startup.py: build.spec has no {old!r} any more")
+        spec = spec.replace(old, new)
+    variant = work / f"{name}.spec"
+    variant.write_text(spec.replace("Path(SPECPATH)", f"Path({str(ROOT)!r})"))
+    return build(work / name, variant)
+
+
 def time_version(program: list[str], runs: int) -> float:
     times = []
     for _ in range(runs):
@@ -111,37 +125,21 @@ def main() -> None:
         result.update({f"executable_{k}": v for k, v in exe.items()})
         result.update({f"source_{k}": v for k, v in source.items()})
         result.update({f"ratio_{k}": round(exe[k] / source[k], 2) for k in exe})
-        if args.trims:
-            spec = (ROOT / "build.spec").read_text()
-            untrimmed = work / "untrimmed.spec"
-            untrimmed.write_text(spec.replace("excludes=EXCLUDES", "excludes=[]")
-                                 .replace("Path(SPECPATH)", f"Path({str(ROOT)!r})"))
-            full = build(work / "untrimmed", untrimmed)
-            result["untrimmed_mib"] = round(full.stat().st_size / 2 ** 20, 1)
-            result["trims_save_mib"] = round(result["untrimmed_mib"]
-                                             - result["executable_mib"], 1)
-            result["untrimmed_version_s"] = round(time_version([str(full)], args.runs), 3)
-        if args.strip:
-            spec = (ROOT / "build.spec").read_text()
-            line = 'a.binaries = strip_selected(a.binaries, Path(workpath) / "stripped")'
-            if line not in spec:
-                raise SystemExit("bench/startup.py: build.spec no longer strips as it did")
-            unstripped = work / "unstripped.spec"
-            unstripped.write_text(spec.replace(line, "pass")
-                                  .replace("Path(SPECPATH)", f"Path({str(ROOT)!r})"))
-            full = build(work / "unstripped", unstripped)
-            result["unstripped_mib"] = round(full.stat().st_size / 2 ** 20, 1)
-            result["strip_saves_mib"] = round(result["unstripped_mib"]
-                                              - result["executable_mib"], 1)
-            result["unstripped_version_s"] = round(time_version([str(full)], args.runs), 3)
+        saving = [("untrimmed", "trims", [("excludes=EXCLUDES", "excludes=[]")])] \
+            if args.trims else []
+        saving += [("unstripped", "strip", [('a.binaries = strip_selected(a.binaries, '
+                                             'Path(workpath) / "stripped")', "pass")])] \
+            if args.strip else []
+        for name, what, edits in saving:     # each without one trim: what it saves
+            full = build_variant(work, name, edits)
+            result[f"{name}_mib"] = round(full.stat().st_size / 2 ** 20, 1)
+            result[f"{what}_save_mib"] = round(result[f"{name}_mib"]
+                                               - result["executable_mib"], 1)
+            result[f"{name}_version_s"] = round(time_version([str(full)], args.runs), 3)
         if args.livekit:
-            spec = (ROOT / "build.spec").read_text()
-            bare = work / "no-livekit.spec"
-            bare.write_text(spec.replace('LIVEKIT = sorted(set(collect_dynamic_libs("livekit")))',
-                                         "LIVEKIT = []")
-                            .replace("excludes=EXCLUDES", 'excludes=EXCLUDES + ["livekit"]')
-                            .replace("Path(SPECPATH)", f"Path({str(ROOT)!r})"))
-            without = build(work / "no-livekit", bare)
+            without = build_variant(work, "no-livekit", [
+                ('LIVEKIT = sorted(set(collect_dynamic_libs("livekit")))', "LIVEKIT = []"),
+                ("excludes=EXCLUDES", 'excludes=EXCLUDES + ["livekit"]')])
             result["no_livekit_mib"] = round(without.stat().st_size / 2 ** 20, 1)
             result.update({f"no_livekit_{k}": v for k, v in
                            measure([str(without)], args.runs, x, work / "config").items()})

@@ -964,18 +964,25 @@ def test_a_flood_of_messages_keeps_the_window_responsive(x, tmp_path, procs):
           f"(worst of {len(loops)} windows of 500 reads)")
 
 
+def chats_at_each_scale(screen: Xvfb, tmp_path, procs, name: str):
+    """On `screen`, a host, then for --scale 1 and 1.5 in turn a window
+    joined to it: yields (scale, gui, its chat window's layout); the test
+    closes each window before asking for the next."""
+    host = Host(unique(name), advertise=False)
+    procs.append(host)
+    for scale in ("1", "1.5"):
+        gui = start_gui(screen, tmp_path, procs, "--server", f"{LOOPBACK}:{host.port}",
+                        "--room", "r", "--user", f"{name[0]}{scale[0]}", "--scale", scale)
+        yield scale, gui, join_from_launcher(gui, screen)
+
+
 def test_on_a_small_screen_the_window_fits_and_shows_the_message_box(tmp_path, procs):
     """The message box and Send were cut off first when the window was
     shorter than it wanted (a 150% scale on a smaller screen): now the window
     fits the screen and the conversation shrinks instead."""
     small = Xvfb(900, 560).start()
     try:
-        host = Host(unique("small"), advertise=False)
-        procs.append(host)
-        for scale in ("1", "1.5"):
-            gui = start_gui(small, tmp_path, procs, "--server", f"{LOOPBACK}:{host.port}",
-                            "--room", "r", "--user", f"s{scale[0]}", "--scale", scale)
-            layout = join_from_launcher(gui, small)
+        for _scale, gui, layout in chats_at_each_scale(small, tmp_path, procs, "small"):
             wx, wy, ww, wh = layout["box"]
             assert wx >= 0 and wx + ww <= 900 and wy >= 0 and wy + wh <= 560, layout["box"]
             assert_all_shown(layout)       # the header's buttons too: the names give way
@@ -1011,12 +1018,7 @@ def test_at_its_smallest_the_chat_window_still_shows_every_button(tmp_path, proc
     window cuts the room's name and the conversation instead."""
     screen = Xvfb(1920, 980).start()
     try:
-        host = Host(unique("smallest"), advertise=False)
-        procs.append(host)
-        for scale in ("1", "1.5"):
-            gui = start_gui(screen, tmp_path, procs, "--server", f"{LOOPBACK}:{host.port}",
-                            "--room", "r", "--user", f"m{scale[0]}", "--scale", scale)
-            layout = join_from_launcher(gui, screen)
+        for scale, gui, layout in chats_at_each_scale(screen, tmp_path, procs, "min"):
             mark = gui.mark()
             least = shrink_to_minimum(screen, layout)
             assert least[0] < layout["box"][2] and least[1] < layout["box"][3], (least, layout)
