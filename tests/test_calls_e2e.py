@@ -109,6 +109,34 @@ def test_check_call_back_connects_with_video_and_sound(host, join, tmp_path):
     assert abs(tone_peak_hz(record / "alice.wav") - 440) < 5
 
 
+def test_jpeg_is_agreed_per_link_when_one_side_offers_only_it(host, join, tmp_path):
+    """The fallback for a side without PyAV, negotiated per link: in one
+    group, alice (JPEG only) gets JPEG both ways with bob and carol, while
+    bob and carol keep VP8 between them; alice's pictures still decode to
+    her rising test-pattern counters."""
+    record = tmp_path / "bob-plays"
+    alice = join(host.port, "r", "alice", *MEDIA, "--video-codec", "jpeg")
+    bob = join(host.port, "r", "bob", *MEDIA, "--record", str(record))
+    carol = join(host.port, "r", "carol", *MEDIA)
+    on_alice, on_bob = connect(alice, bob)
+    assert on_alice["codec"] == on_bob["codec"] == "jpeg"
+    marks = alice.mark(), carol.mark()
+    carol.send("/CHECK bob")                # bob is in a call: carol joins it
+    bob.wait_for("call_invite")
+    bob.send("/CHECK carol")
+    codecs = {p: carol.wait_for(lambda e, p=p: e.get("type") == "call_connected"
+                                and e["peer"] == p, CALL_DEADLINE, since=marks[1])["codec"]
+              for p in ("alice", "bob")}
+    assert codecs == {"alice": "jpeg", "bob": "vp8"}
+    assert alice.wait_for(lambda e: e.get("type") == "call_connected" and e["peer"] == "carol",
+                          CALL_DEADLINE, since=marks[0])["codec"] == "jpeg"
+    stats(bob, "alice", lambda e: e["video_fps"] > 5)
+    stats(carol, "bob", lambda e: e["video_fps"] > 5)
+    wait_for_files(record, "alice-*.png", 3)
+    counters = stamps(record, "alice")
+    assert len(counters) >= 2 and counters == sorted(counters) and counters[-1] > counters[0]
+
+
 def test_an_unanswered_call_fails_busy_after_the_call_timeout(start_host, join):
     host = start_host("--call-timeout", "1")
     alice = join(host.port, "r", "alice", *MEDIA)
